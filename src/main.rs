@@ -1,1 +1,154 @@
-fn main() {}
+//! The `pohmelfs` command: parse arguments, call into the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use pohmelfs::device::{self, DeviceConfig, ServeConfig};
+use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
+use pohmelfs::metrics::Metrics;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "pohmelfs",
+    version,
+    about = "virtio-fs backend whose files live on a transactional store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The vhost-user socket the VMM connects to.
+    #[arg(long)]
+    socket_path: PathBuf,
+    /// The mount tag, served through the device config space (cloud-hypervisor
+    /// reads it there; QEMU takes it from its own `tag=`).
+    #[arg(long)]
+    tag: Option<String>,
+    /// The volume: `mem:` (in memory, does not persist; `mem:?capacity=8G`).
+    #[arg(long, default_value = "mem:")]
+    store: String,
+    /// Worker threads serving requests.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    thread_pool_size: u16,
+    /// Request queues offered to the guest (besides the hiprio queue).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    request_queues: u16,
+    /// Descriptors per virtqueue at most.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
+    queue_size: u16,
+    /// Guest caching of attributes, entries and data.
+    #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
+    cache: CachePolicy,
+    /// Let the guest cache writes and send them later (FUSE writeback cache).
+    #[arg(long)]
+    writeback_cache: bool,
+    /// Allow the guest to create character and block device nodes.
+    #[arg(long)]
+    allow_device_nodes: bool,
+    /// Open files and directories at most.
+    #[arg(long, default_value_t = 65_536)]
+    max_handles: usize,
+    /// Exit when the frontend disconnects instead of waiting for the next one.
+    #[arg(long)]
+    once: bool,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    if let Err(e) = result {
+        // One line: what failed and why, the whole chain.
+        eprintln!("pohmelfs: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(level: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("parse log level {level:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("install logger: {e}"))
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    init_logging(&args.log_level)?;
+    if let Some(tag) = &args.tag {
+        if tag.is_empty() || tag.len() > device::TAG_MAX {
+            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
+        }
+    }
+    let store = pohmelfs::store::open(&args.store).context("open store")?;
+    let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
+    let metrics = Arc::new(Metrics::default());
+    let fs_cfg = FsConfig {
+        cache: args.cache,
+        writeback_cache: args.writeback_cache,
+        allow_device_nodes: args.allow_device_nodes,
+        max_handles: args.max_handles,
+    };
+    let fs = Arc::new(
+        PohmelFs::new(Arc::clone(&store), fs_cfg, Arc::clone(&metrics)).context("open volume")?,
+    );
+    info!(store = %store.describe(), "volume open");
+    install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
+    let cfg = ServeConfig {
+        socket_path: args.socket_path.clone(),
+        device: DeviceConfig {
+            tag: args.tag,
+            request_queues: args.request_queues.into(),
+            queue_size: args.queue_size.into(),
+        },
+        threads: args.thread_pool_size.into(),
+        queue_depth: usize::from(args.queue_size) * 2,
+        once: args.once,
+    };
+    device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
+    fs.sync_all().context("sync volume")?;
+    let _ = std::fs::remove_file(&args.socket_path);
+    Ok(())
+}
+
+/// SIGTERM and SIGINT: make the volume durable, remove the socket, exit.
+fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("install signal handlers")?;
+    std::thread::Builder::new()
+        .name("pohmelfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, "shutting down");
+                let code = match fs.sync_all() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        warn!(error = %pohmelfs::ErrorChain(&e), "could not make the volume durable before exit");
+                        1
+                    }
+                };
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(code);
+            }
+        })
+        .context("start signal thread")?;
+    Ok(())
+}

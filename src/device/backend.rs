@@ -1,0 +1,338 @@
+//! The vhost-user-fs backend of one frontend connection: features, device
+//! config (the tag), guest memory, and the virtqueue event loop that hands
+//! descriptor chains to the worker pool.
+//!
+//! Queue 0 is the hiprio queue (FORGET, INTERRUPT); queues 1.. are request
+//! queues, as many as the frontend enables (MQ). With EVENT_IDX the queue is
+//! drained with the disable / process / enable loop so no kick is missed.
+//!
+//! It must never return an error from `handle_event` for anything a guest
+//! can cause: vhost-user-backend stops the queue thread on error.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::pool::WorkerPool;
+use crate::fs::PohmelFs;
+use crate::metrics::Metrics;
+
+/// The longest tag virtio-fs carries in its config space.
+pub const TAG_MAX: usize = 36;
+
+/// Index of the hiprio queue.
+const HIPRIO_QUEUE: usize = 0;
+
+type Mem = GuestMemoryMmap<()>;
+type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<Mem>>;
+
+/// Settings of the device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// The mount tag, served through the device config space.
+    pub tag: Option<String>,
+    /// Request queues offered (in addition to the hiprio queue).
+    pub request_queues: usize,
+    /// Descriptors per queue at most.
+    pub queue_size: usize,
+}
+
+/// The backend of one frontend connection.
+pub struct FsBackend {
+    cfg: DeviceConfig,
+    server: Arc<Server<Arc<PohmelFs>>>,
+    pool: Arc<WorkerPool>,
+    metrics: Arc<Metrics>,
+    mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
+    event_idx: AtomicBool,
+}
+
+impl FsBackend {
+    pub fn new(
+        cfg: DeviceConfig,
+        server: Arc<Server<Arc<PohmelFs>>>,
+        pool: Arc<WorkerPool>,
+        metrics: Arc<Metrics>,
+    ) -> FsBackend {
+        FsBackend {
+            cfg,
+            server,
+            pool,
+            metrics,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    /// The virtio-fs config space: the tag, NUL-padded to 36 bytes, then the
+    /// number of request queues (little endian).
+    fn config_space(&self) -> [u8; TAG_MAX + 4] {
+        let mut cfg = [0u8; TAG_MAX + 4];
+        if let Some(tag) = &self.cfg.tag {
+            let n = tag.len().min(TAG_MAX);
+            cfg[..n].copy_from_slice(&tag.as_bytes()[..n]);
+        }
+        let queues = u32::try_from(self.cfg.request_queues).unwrap_or(u32::MAX);
+        cfg[TAG_MAX..].copy_from_slice(&queues.to_le_bytes());
+        cfg
+    }
+
+    /// Take every available chain off `vring` and hand it to the pool.
+    fn process_queue(&self, queue: usize, vring: &Vring) {
+        let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            warn!(queue, "kick before the guest memory table; ignored");
+            return;
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(queue, error = %e, "could not disable queue notifications");
+                }
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.memory());
+                let Some(chain) = chain else { break };
+                self.metrics.chains.inc();
+                let server = Arc::clone(&self.server);
+                let metrics = Arc::clone(&self.metrics);
+                let vring = vring.clone();
+                self.pool
+                    .submit(move || complete(&server, &metrics, &vring, chain, queue, event_idx));
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                // More chains arrived while notifications were off.
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue, error = %e, "could not enable queue notifications");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Serve one chain and return it to the guest with the bytes written.
+fn complete(
+    server: &Server<Arc<PohmelFs>>,
+    metrics: &Metrics,
+    vring: &Vring,
+    chain: Chain,
+    queue: usize,
+    event_idx: bool,
+) {
+    let head = chain.head_index();
+    let used_len = serve_chain(server, metrics, chain, queue);
+    if let Err(e) = vring.add_used(head, used_len) {
+        warn!(queue, head, error = %e, "could not return a descriptor chain to the guest");
+        return;
+    }
+    let notify = !event_idx || vring.needs_notification().unwrap_or(true);
+    if notify {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(queue, error = %e, "could not signal the guest");
+        }
+    }
+}
+
+/// Decode and answer the FUSE request in `chain`; the number of bytes
+/// written into the guest's buffers.
+fn serve_chain(
+    server: &Server<Arc<PohmelFs>>,
+    metrics: &Metrics,
+    chain: Chain,
+    queue: usize,
+) -> u32 {
+    let mem = chain.memory();
+    let (reader, writer) = match (
+        Reader::from_descriptor_chain(mem, chain.clone()),
+        VirtioFsWriter::new(mem, chain.clone()),
+    ) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => {
+            metrics.chains_malformed.inc();
+            warn!(queue, error = %e, "malformed descriptor chain; returned unanswered");
+            return 0;
+        }
+    };
+    let header = peek_in_header(&chain);
+    // Where the reply header lands, to tell afterwards whether the server
+    // replied at all.
+    let reply_addr = chain.clone().writable().next().map(|d| d.addr());
+    match server.handle_message(reader, writer.into(), None, None) {
+        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        Err(e) => {
+            metrics.fuse_decode_errors.inc();
+            warn!(queue, opcode = header.map(|h| h.opcode), error = %e, "could not serve FUSE request");
+            let (Some(h), Some(addr)) = (header, reply_addr) else {
+                return 0;
+            };
+            match mem.read_obj::<OutHeader>(addr) {
+                // The server answered before it failed: keep its answer.
+                Ok(out) if out.unique == h.unique && h.unique != 0 => out.len,
+                // Otherwise answer EIO, so the guest's request completes.
+                _ => reply_error(chain, h.unique, libc::EIO),
+            }
+        }
+    }
+}
+
+/// The FUSE header at the start of the chain's readable buffers, if whole.
+fn peek_in_header(chain: &Chain) -> Option<InHeader> {
+    let mut r = Reader::from_descriptor_chain(chain.memory(), chain.clone()).ok()?;
+    r.read_obj::<InHeader>().ok()
+}
+
+/// Write a bare error reply into the chain; the bytes written.
+fn reply_error(chain: Chain, unique: u64, errno: i32) -> u32 {
+    let out = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    let mem = chain.memory();
+    let Ok(mut w) = VirtioFsWriter::new(mem, chain.clone()) else {
+        return 0;
+    };
+    match w.write_obj(out) {
+        Ok(()) => out.len,
+        Err(_) => 0,
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        1 + self.cfg.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config_space();
+        let start = (offset as usize).min(cfg.len());
+        let end = start.saturating_add(size as usize).min(cfg.len());
+        cfg[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(|e| warn!(error = %e, "could not create the queue thread's exit event"))
+            .ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            debug!(device_event, ?evset, "ignoring queue event");
+            return Ok(());
+        }
+        let queue = device_event as usize;
+        match vrings.get(queue) {
+            Some(vring) => {
+                if queue == HIPRIO_QUEUE {
+                    debug!("hiprio kick");
+                }
+                self.process_queue(queue, vring);
+            }
+            None => warn!(queue, "event for a queue that does not exist"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::FsConfig;
+    use crate::store::mem::MemStore;
+
+    fn backend(tag: Option<&str>) -> FsBackend {
+        let metrics = Arc::new(Metrics::default());
+        let fs = PohmelFs::new(
+            Arc::new(MemStore::new(1 << 20)),
+            FsConfig::default(),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        FsBackend::new(
+            DeviceConfig {
+                tag: tag.map(str::to_string),
+                request_queues: 2,
+                queue_size: 1024,
+            },
+            Arc::new(Server::new(Arc::new(fs))),
+            Arc::new(WorkerPool::new(1, 4).unwrap()),
+            metrics,
+        )
+    }
+
+    #[test]
+    fn config_space_carries_the_tag_and_queue_count() {
+        let b = backend(Some("myfs"));
+        let cfg = b.get_config(0, 40);
+        assert_eq!(&cfg[..4], b"myfs");
+        assert!(cfg[4..36].iter().all(|&c| c == 0));
+        assert_eq!(u32::from_le_bytes(cfg[36..40].try_into().unwrap()), 2);
+        // Reads past the end are clipped, never a panic.
+        assert_eq!(b.get_config(38, 100).len(), 2);
+        assert!(b.get_config(1000, 4).is_empty());
+        assert_eq!(b.num_queues(), 3);
+    }
+}

@@ -1,0 +1,352 @@
+//! File data and attributes: open, read, write, setattr (truncate, chmod,
+//! chown, times), fallocate, lseek and statfs.
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, OpenOptions, SetattrValid, WRITE_KILL_PRIV,
+};
+use fuse_backend_rs::api::filesystem::{Context, ZeroCopyReader, ZeroCopyWriter};
+
+use super::attr::{check_access, is_owner, MAY_READ, MAY_WRITE};
+use super::error::{errno, FsError, FsResult};
+use super::handles::OpenFile;
+use super::{lock, CachePolicy, PohmelFs};
+use crate::store::{FileKind, Inode, Op, Timestamp, Txn};
+
+/// The largest read or write the daemon serves in one request (the FUSE
+/// MAX_PAGES limit: 256 pages of 4 KiB).
+pub const MAX_IO_BYTES: usize = 1 << 20;
+
+/// The largest file offset (Linux's MAX_LFS_FILESIZE).
+const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+
+impl PohmelFs {
+    pub(super) fn open_options(&self) -> OpenOptions {
+        match self.cfg.cache {
+            CachePolicy::Never => OpenOptions::DIRECT_IO,
+            CachePolicy::Auto => OpenOptions::empty(),
+            CachePolicy::Always => OpenOptions::KEEP_CACHE,
+        }
+    }
+
+    pub(super) fn do_open(&self, ctx: &Context, ino: u64, flags: u32) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        let acc = flags & libc::O_ACCMODE as u32;
+        let writes = acc == libc::O_WRONLY as u32 || acc == libc::O_RDWR as u32;
+        let mut mask = 0;
+        if acc == libc::O_RDONLY as u32 || acc == libc::O_RDWR as u32 {
+            mask |= MAY_READ;
+        }
+        if writes || flags & libc::O_TRUNC as u32 != 0 {
+            mask |= MAY_WRITE;
+        }
+        if inode.kind == FileKind::Directory && writes {
+            return errno!(EISDIR);
+        }
+        check_access(ctx, &inode, mask)?;
+        if writes && flags & libc::O_TRUNC as u32 != 0 && inode.kind == FileKind::Regular {
+            self.truncate(ino, 0)?;
+        }
+        lock(&self.handles).insert(OpenFile {
+            ino,
+            append: self.append_mode(flags),
+        })
+    }
+
+    /// Set the size of a regular file (O_TRUNC).
+    fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
+        let _m = lock(&self.mutate);
+        let mut inode = self.inode(ino)?;
+        let now = Timestamp::now();
+        inode.size = size;
+        inode.mtime = now;
+        inode.ctime = now;
+        let mut txn = Txn::new();
+        txn.push(Op::Truncate { ino, size });
+        txn.push(Op::PutInode(inode));
+        self.commit(txn)
+    }
+
+    pub(super) fn do_read(
+        &self,
+        ino: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+    ) -> FsResult<usize> {
+        let inode = self.inode(ino)?;
+        match inode.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => return errno!(EISDIR),
+            _ => return errno!(EINVAL),
+        }
+        if offset >= inode.size {
+            return Ok(0);
+        }
+        // Never allocate more than the request may carry, whatever it asks.
+        let len = (size as usize)
+            .min(w.available_bytes())
+            .min(MAX_IO_BYTES)
+            .min((inode.size - offset).try_into().unwrap_or(usize::MAX));
+        let mut buf = vec![0u8; len];
+        self.store.read(ino, offset, &mut buf)?;
+        w.write_all(&buf)
+            .map_err(|e| FsError::Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        self.metrics.bytes_read.add(len as u64);
+        Ok(len)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn do_write(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        fuse_flags: u32,
+    ) -> FsResult<usize> {
+        let len = size as usize;
+        // The server bounds the whole message; bound the allocation here too,
+        // and refuse a size the message does not actually carry.
+        if len > MAX_IO_BYTES {
+            return errno!(EINVAL);
+        }
+        let mut data = vec![0u8; len];
+        r.read_exact(&mut data)
+            .map_err(|_| FsError::Errno(libc::EINVAL))?;
+        let append = lock(&self.handles)
+            .get(handle)
+            .is_some_and(|h| h.append && h.ino == ino);
+
+        let _m = lock(&self.mutate);
+        let mut inode = self.inode(ino)?;
+        if inode.kind != FileKind::Regular {
+            return errno!(EINVAL);
+        }
+        let offset = if append { inode.size } else { offset };
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::Errno(libc::EFBIG))?;
+        let now = Timestamp::now();
+        inode.size = inode.size.max(end);
+        inode.mtime = now;
+        inode.ctime = now;
+        if (fuse_flags & WRITE_KILL_PRIV != 0 || ctx.uid != 0)
+            && inode.perm & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            kill_suid_sgid(&mut inode);
+        }
+        let mut txn = Txn::new();
+        txn.push(Op::Write { ino, offset, data });
+        txn.push(Op::PutInode(inode));
+        self.commit(txn)?;
+        self.metrics.bytes_written.add(len as u64);
+        Ok(len)
+    }
+
+    pub(super) fn do_setattr(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        attr: &stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> FsResult<Inode> {
+        let _m = lock(&self.mutate);
+        let mut inode = self.inode(ino)?;
+        let now = Timestamp::now();
+        let mut txn = Txn::new();
+
+        if valid.contains(SetattrValid::MODE) {
+            if !is_owner(ctx, &inode) {
+                return errno!(EPERM);
+            }
+            inode.perm = attr.st_mode & 0o7777;
+            if ctx.uid != 0 && ctx.gid != inode.gid {
+                inode.perm &= !libc::S_ISGID;
+            }
+        }
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            let uid = valid.contains(SetattrValid::UID).then_some(attr.st_uid);
+            let gid = valid.contains(SetattrValid::GID).then_some(attr.st_gid);
+            Self::check_chown(ctx, &inode, uid, gid)?;
+            let changes =
+                uid.is_some_and(|u| u != inode.uid) || gid.is_some_and(|g| g != inode.gid);
+            if changes && inode.kind != FileKind::Directory && ctx.uid != 0 {
+                kill_suid_sgid(&mut inode);
+            }
+            inode.uid = uid.unwrap_or(inode.uid);
+            inode.gid = gid.unwrap_or(inode.gid);
+        }
+        if valid.contains(SetattrValid::SIZE) {
+            match inode.kind {
+                FileKind::Regular => {}
+                FileKind::Directory => return errno!(EISDIR),
+                _ => return errno!(EINVAL),
+            }
+            // ftruncate on a handle was checked at open; truncate by path
+            // needs write permission now.
+            if handle.is_none() {
+                check_access(ctx, &inode, MAY_WRITE)?;
+            }
+            let size = u64::try_from(attr.st_size).map_err(|_| FsError::Errno(libc::EINVAL))?;
+            if size > MAX_FILE_SIZE {
+                return errno!(EFBIG);
+            }
+            txn.push(Op::Truncate { ino, size });
+            inode.size = size;
+            inode.mtime = now;
+            if ctx.uid != 0 {
+                kill_suid_sgid(&mut inode);
+            }
+        }
+        let times = [
+            (
+                SetattrValid::ATIME,
+                SetattrValid::ATIME_NOW,
+                ts(attr.st_atime, attr.st_atime_nsec),
+            ),
+            (
+                SetattrValid::MTIME,
+                SetattrValid::MTIME_NOW,
+                ts(attr.st_mtime, attr.st_mtime_nsec),
+            ),
+        ];
+        for (i, (set, set_now, value)) in times.into_iter().enumerate() {
+            if !valid.contains(set) {
+                continue;
+            }
+            let to_now = valid.contains(set_now);
+            // Setting "now" needs ownership or write access; any other time
+            // needs ownership.
+            if !is_owner(ctx, &inode) && (!to_now || check_access(ctx, &inode, MAY_WRITE).is_err())
+            {
+                return errno!(EPERM);
+            }
+            let t = if to_now { now } else { value };
+            if i == 0 {
+                inode.atime = t;
+            } else {
+                inode.mtime = t;
+            }
+        }
+        inode.ctime = if valid.contains(SetattrValid::CTIME) {
+            ts(attr.st_ctime, attr.st_ctime_nsec)
+        } else {
+            now
+        };
+        txn.push(Op::PutInode(inode.clone()));
+        self.commit(txn)?;
+        Ok(inode)
+    }
+
+    pub(super) fn do_fallocate(
+        &self,
+        ino: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> FsResult<()> {
+        if length == 0 {
+            return errno!(EINVAL);
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::Errno(libc::EFBIG))?;
+        let _m = lock(&self.mutate);
+        let mut inode = self.inode(ino)?;
+        match inode.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => return errno!(EISDIR),
+            _ => return errno!(ENODEV),
+        }
+        let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+        let mut txn = Txn::new();
+        match mode & !FALLOC_FL_KEEP_SIZE {
+            0 => {}
+            FALLOC_FL_PUNCH_HOLE if keep_size => {
+                txn.push(Op::PunchHole {
+                    ino,
+                    offset,
+                    len: length.min(inode.size.saturating_sub(offset)),
+                });
+            }
+            FALLOC_FL_ZERO_RANGE => {
+                txn.push(Op::PunchHole {
+                    ino,
+                    offset,
+                    len: length.min(inode.size.saturating_sub(offset)),
+                });
+            }
+            _ => return errno!(EOPNOTSUPP),
+        }
+        let now = Timestamp::now();
+        let old_size = inode.size;
+        if !keep_size && end > inode.size {
+            inode.size = end;
+        }
+        if !txn.ops.is_empty() || inode.size != old_size {
+            inode.mtime = now;
+            inode.ctime = now;
+        }
+        txn.push(Op::PutInode(inode));
+        self.commit(txn)
+    }
+
+    pub(super) fn do_lseek(&self, ino: u64, offset: u64, whence: u32) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        if inode.kind != FileKind::Regular {
+            return errno!(EINVAL);
+        }
+        if offset >= inode.size {
+            return errno!(ENXIO);
+        }
+        match whence as i32 {
+            libc::SEEK_DATA => match self.store.next_data(ino, offset)? {
+                Some(d) if d < inode.size => Ok(d),
+                _ => errno!(ENXIO),
+            },
+            libc::SEEK_HOLE => Ok(self.store.next_hole(ino, offset)?.min(inode.size)),
+            _ => errno!(EINVAL),
+        }
+    }
+
+    pub(super) fn do_statfs(&self) -> FsResult<statvfs64> {
+        const FRSIZE: u64 = 4096;
+        let s = self.store.statfs()?;
+        // SAFETY: statvfs64 is a plain C struct of integers; all-zero is valid.
+        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+        st.f_bsize = crate::store::BLOCK_SIZE;
+        st.f_frsize = FRSIZE;
+        st.f_blocks = s.capacity_bytes / FRSIZE;
+        st.f_bfree = s.capacity_bytes.saturating_sub(s.used_bytes) / FRSIZE;
+        st.f_bavail = st.f_bfree;
+        st.f_files = s.capacity_inodes;
+        st.f_ffree = s.capacity_inodes.saturating_sub(s.used_inodes);
+        st.f_favail = st.f_ffree;
+        st.f_namemax = crate::store::NAME_MAX as u64;
+        Ok(st)
+    }
+}
+
+/// Clear setuid, and setgid where it means "setgid" (group-executable).
+fn kill_suid_sgid(inode: &mut Inode) {
+    inode.perm &= !libc::S_ISUID;
+    if inode.perm & 0o010 != 0 {
+        inode.perm &= !libc::S_ISGID;
+    }
+}
+
+fn ts(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp {
+        sec,
+        nsec: u32::try_from(nsec).unwrap_or(0).min(999_999_999),
+    }
+}

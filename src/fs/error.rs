@@ -1,0 +1,69 @@
+//! Errors of the filesystem layer. Every failed request becomes one errno
+//! reply to the guest; the store's failures are kept as the source so the log
+//! line names the real cause.
+
+use thiserror::Error;
+
+use crate::store::StoreError;
+
+/// Why a filesystem operation failed.
+#[derive(Debug, Error)]
+pub enum FsError {
+    /// A POSIX error decided by the filesystem layer (ENOENT, EEXIST, ...).
+    #[error("errno {0}")]
+    Errno(i32),
+    /// The store failed under the operation.
+    #[error("store operation failed")]
+    Store(#[from] StoreError),
+}
+
+impl FsError {
+    /// The errno the guest sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Errno(e) => *e,
+            FsError::Store(StoreError::NoSpace) => libc::ENOSPC,
+            FsError::Store(_) => libc::EIO,
+        }
+    }
+
+    /// True for errors that are part of normal operation (a lookup of a
+    /// missing name) rather than a sign of trouble worth a warning.
+    pub fn is_routine(&self) -> bool {
+        matches!(
+            self,
+            FsError::Errno(
+                libc::ENOENT
+                    | libc::EEXIST
+                    | libc::ENOTEMPTY
+                    | libc::ENODATA
+                    | libc::ERANGE
+                    | libc::EACCES
+                    | libc::EPERM
+                    | libc::ENOTDIR
+                    | libc::EISDIR
+                    | libc::ENXIO
+                    | libc::ENAMETOOLONG
+                    | libc::EINVAL
+                    | libc::EOPNOTSUPP
+            )
+        )
+    }
+}
+
+impl From<FsError> for std::io::Error {
+    fn from(e: FsError) -> std::io::Error {
+        std::io::Error::from_raw_os_error(e.errno())
+    }
+}
+
+/// Shorthand for the result of a filesystem operation.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// `Err(FsError::Errno(libc::NAME))`.
+macro_rules! errno {
+    ($e:ident) => {
+        Err($crate::fs::error::FsError::Errno(libc::$e))
+    };
+}
+pub(crate) use errno;

@@ -1,0 +1,678 @@
+//! The filesystem layer: a read-write [`FileSystem`] served to the guest,
+//! built on the [`Store`] seam (never a passthrough of a host directory).
+//!
+//! It owns what only the daemon can know: the guest's lookup counts, open
+//! handles, and the POSIX decisions (names, permissions, link counts,
+//! emptiness, rename rules). Every mutation is computed and committed to the
+//! store while holding `mutate`, so two guest requests never interleave their
+//! read-check-write steps; reads take no lock and see committed state.
+//!
+//! It must never trust a guest-supplied size or name before checking it, and
+//! never panic on guest input: a failed request is an errno reply, a counter
+//! and (for unexpected failures) a log line.
+//!
+//! Lookup-count contract (the FUSE one, as virtiofsd documents it): every
+//! reply that hands the guest an inode (lookup, create, mknod, mkdir,
+//! symlink, link, each readdirplus entry) adds one reference; forget and
+//! batch_forget drop them. An unlinked inode stays in the store, with
+//! `nlink == 0`, until the guest has forgotten it.
+
+mod attr;
+mod data;
+pub mod error;
+mod handles;
+mod namespace;
+mod xattr;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use tracing::{debug, trace, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{FileKind, Inode, Store, Timestamp, Txn, ROOT_INO};
+use error::{errno, FsError, FsResult};
+use handles::HandleTable;
+
+/// How long the guest may cache attributes and entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CachePolicy {
+    /// No caching: every access asks the daemon (direct I/O).
+    Never,
+    /// Cache attributes and entries for one second (virtiofsd's default).
+    Auto,
+    /// Cache for a day and keep page cache across opens: the daemon is the
+    /// only writer of the volume.
+    Always,
+}
+
+/// Settings of the filesystem layer.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    pub cache: CachePolicy,
+    /// Let the guest cache writes and send them later (FUSE writeback cache).
+    pub writeback_cache: bool,
+    /// Allow mknod of character and block devices.
+    pub allow_device_nodes: bool,
+    /// The most files and directories open at once.
+    pub max_handles: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> FsConfig {
+        FsConfig {
+            cache: CachePolicy::Auto,
+            writeback_cache: false,
+            allow_device_nodes: false,
+            max_handles: 65_536,
+        }
+    }
+}
+
+impl FsConfig {
+    fn timeout(&self) -> Duration {
+        match self.cache {
+            CachePolicy::Never => Duration::ZERO,
+            CachePolicy::Auto => Duration::from_secs(1),
+            CachePolicy::Always => Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// How many ids to reserve from the store at a time.
+const ID_BATCH: u64 = 4096;
+
+/// Guest references to inodes, and the unlinked inodes they keep alive.
+#[derive(Default)]
+struct Refs {
+    lookups: HashMap<u64, u64>,
+    orphans: HashSet<u64>,
+}
+
+/// A range of reserved ids not handed out yet.
+#[derive(Default)]
+struct IdRange {
+    next: u64,
+    end: u64,
+}
+
+/// The filesystem served to the guest.
+pub struct PohmelFs {
+    store: Arc<dyn Store>,
+    cfg: FsConfig,
+    metrics: Arc<Metrics>,
+    /// Held while a mutation is computed and committed.
+    mutate: Mutex<()>,
+    refs: Mutex<Refs>,
+    ids: Mutex<IdRange>,
+    handles: Mutex<HandleTable>,
+}
+
+/// Lock a mutex, treating poisoning as harmless: every critical section here
+/// leaves its data consistent before it can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PohmelFs {
+    /// Serve the volume in `store`, creating its root directory if the volume
+    /// is new.
+    pub fn new(store: Arc<dyn Store>, cfg: FsConfig, metrics: Arc<Metrics>) -> FsResult<PohmelFs> {
+        let fs = PohmelFs {
+            store,
+            handles: Mutex::new(HandleTable::new(cfg.max_handles)),
+            cfg,
+            metrics,
+            mutate: Mutex::new(()),
+            refs: Mutex::new(Refs::default()),
+            ids: Mutex::new(IdRange::default()),
+        };
+        if fs.store.get_inode(ROOT_INO)?.is_none() {
+            let now = Timestamp::now();
+            let root = Inode {
+                ino: ROOT_INO,
+                kind: FileKind::Directory,
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                rdev: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                parent: ROOT_INO,
+            };
+            let mut txn = Txn::new();
+            txn.push(crate::store::Op::PutInode(root));
+            fs.commit(txn)?;
+        }
+        Ok(fs)
+    }
+
+    /// The store this filesystem serves.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Forget everything a guest session held (lookup counts, handles) and
+    /// remove the unlinked inodes only it kept alive. Called when a new FUSE
+    /// session starts and when the frontend disconnects.
+    pub fn reset_session(&self) {
+        let _m = lock(&self.mutate);
+        let orphans: Vec<u64> = {
+            let mut refs = lock(&self.refs);
+            refs.lookups.clear();
+            refs.orphans.drain().collect()
+        };
+        lock(&self.handles).clear();
+        if !orphans.is_empty() {
+            let mut txn = Txn::new();
+            for ino in &orphans {
+                txn.push(crate::store::Op::RemoveInode { ino: *ino });
+            }
+            if let Err(e) = self.commit(txn) {
+                warn!(count = orphans.len(), error = %e, "could not remove unlinked inodes at session end");
+            }
+        }
+    }
+
+    /// Make everything committed so far durable.
+    pub fn sync_all(&self) -> FsResult<()> {
+        Ok(self.store.sync(None)?)
+    }
+
+    fn commit(&self, txn: Txn) -> FsResult<()> {
+        self.store.commit(txn)?;
+        self.metrics.store_commits.inc();
+        Ok(())
+    }
+
+    /// The inode `ino`, or ENOENT.
+    fn inode(&self, ino: u64) -> FsResult<Inode> {
+        self.store
+            .get_inode(ino)?
+            .ok_or(FsError::Errno(libc::ENOENT))
+    }
+
+    /// The directory `ino`, or ENOENT / ENOTDIR.
+    fn dir(&self, ino: u64) -> FsResult<Inode> {
+        let inode = self.inode(ino)?;
+        if inode.kind != FileKind::Directory {
+            return errno!(ENOTDIR);
+        }
+        Ok(inode)
+    }
+
+    /// A fresh id from the volume's id space.
+    fn alloc_id(&self) -> FsResult<u64> {
+        let mut ids = lock(&self.ids);
+        if ids.next == ids.end {
+            let first = self.store.reserve_ids(ID_BATCH)?;
+            ids.next = first;
+            ids.end = first + ID_BATCH;
+        }
+        let id = ids.next;
+        ids.next += 1;
+        Ok(id)
+    }
+
+    /// The reply entry for `inode`; the caller adds the lookup reference.
+    fn entry(&self, inode: &Inode) -> Entry {
+        Entry {
+            inode: inode.ino,
+            generation: 0,
+            attr: attr::to_stat(inode),
+            attr_flags: 0,
+            attr_timeout: self.cfg.timeout(),
+            entry_timeout: self.cfg.timeout(),
+        }
+    }
+
+    /// Add one guest reference to `ino`.
+    fn remember(&self, ino: u64) {
+        if ino != ROOT_INO {
+            *lock(&self.refs).lookups.entry(ino).or_insert(0) += 1;
+        }
+    }
+
+    /// Drop `count` guest references to `ino`; remove it from the store if it
+    /// was unlinked and this was the last reference.
+    fn drop_refs(&self, ino: u64, count: u64) {
+        let last = {
+            let mut refs = lock(&self.refs);
+            match refs.lookups.get_mut(&ino) {
+                Some(n) if *n > count => {
+                    *n -= count;
+                    false
+                }
+                Some(_) => {
+                    refs.lookups.remove(&ino);
+                    refs.orphans.contains(&ino)
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        let _m = lock(&self.mutate);
+        let still_orphan = {
+            let mut refs = lock(&self.refs);
+            !refs.lookups.contains_key(&ino) && refs.orphans.remove(&ino)
+        };
+        if still_orphan {
+            let mut txn = Txn::new();
+            txn.push(crate::store::Op::RemoveInode { ino });
+            if let Err(e) = self.commit(txn) {
+                warn!(ino, error = %e, "could not remove unlinked inode");
+            }
+        }
+    }
+
+    /// Called with `mutate` held when `inode` lost its last link: remove it
+    /// now, or keep it as an orphan while the guest still references it.
+    fn unlinked(&self, inode: &Inode, txn: &mut Txn) {
+        let mut refs = lock(&self.refs);
+        if refs.lookups.contains_key(&inode.ino) {
+            refs.orphans.insert(inode.ino);
+            txn.push(crate::store::Op::PutInode(inode.clone()));
+        } else {
+            txn.push(crate::store::Op::RemoveInode { ino: inode.ino });
+        }
+    }
+
+    /// Turn an operation's result into a reply, counting and logging errors.
+    fn reply<T>(&self, op: &'static str, ino: u64, r: FsResult<T>) -> io::Result<T> {
+        r.map_err(|e| {
+            self.metrics.fs_errors.inc();
+            if e.is_routine() {
+                trace!(op, ino, errno = e.errno(), "request failed");
+            } else {
+                self.metrics.fs_internal_errors.inc();
+                warn!(op, ino, errno = e.errno(), error = %crate::ErrorChain(&e), "request failed");
+            }
+            e.into()
+        })
+    }
+}
+
+impl FileSystem for PohmelFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let mut want = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::CACHE_SYMLINKS;
+        if self.cfg.writeback_cache {
+            want |= FsOptions::WRITEBACK_CACHE;
+        }
+        debug!(?capable, ?want, "FUSE init");
+        // A new FUSE session: the guest holds no references any more.
+        self.reset_session();
+        Ok(want & capable)
+    }
+
+    fn destroy(&self) {
+        self.reset_session();
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.reply("lookup", parent, self.do_lookup(_ctx, parent, name))
+    }
+
+    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        self.drop_refs(inode, count);
+    }
+
+    fn batch_forget(&self, _ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in requests {
+            self.drop_refs(inode, count);
+        }
+    }
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _h: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let r = self
+            .inode(inode)
+            .map(|i| (attr::to_stat(&i), self.cfg.timeout()));
+        self.reply("getattr", inode, r)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        let r = self
+            .do_setattr(ctx, inode, &attr, handle, valid)
+            .map(|i| (attr::to_stat(&i), self.cfg.timeout()));
+        self.reply("setattr", inode, r)
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let r = self.inode(inode).and_then(|i| {
+            if i.kind != FileKind::Symlink {
+                return errno!(EINVAL);
+            }
+            self.store.readlink(inode)?.ok_or(FsError::Errno(libc::EIO))
+        });
+        self.reply("readlink", inode, r)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        let r = self.do_symlink(ctx, linkname, parent, name);
+        self.reply("symlink", parent, r)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        let r = self.do_mknod(ctx, parent, name, mode, rdev);
+        self.reply("mknod", parent, r)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        let r = self.create_node(ctx, parent, name, FileKind::Directory, mode, 0, None);
+        self.reply("mkdir", parent, r)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.reply("unlink", parent, self.do_remove(ctx, parent, name, false))
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.reply("rmdir", parent, self.do_remove(ctx, parent, name, true))
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        let r = self.do_rename(ctx, olddir, oldname, newdir, newname, flags);
+        self.reply("rename", olddir, r)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.reply("link", inode, self.do_link(ctx, inode, newparent, newname))
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let r = self
+            .do_open(ctx, inode, flags)
+            .map(|h| (Some(h), self.open_options(), None));
+        self.reply("open", inode, r)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let r = self
+            .do_create(ctx, parent, name, args.mode, args.flags)
+            .map(|(e, h)| (e, Some(h), self.open_options(), None));
+        self.reply("create", parent, r)
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        self.reply("read", inode, self.do_read(inode, w, size, offset))
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        let res = self.do_write(ctx, inode, handle, r, size, offset, fuse_flags);
+        self.reply("write", inode, res)
+    }
+
+    fn flush(&self, _ctx: &Context, inode: u64, _handle: u64, _lock_owner: u64) -> io::Result<()> {
+        self.reply(
+            "flush",
+            inode,
+            self.store.sync(Some(inode)).map_err(FsError::from),
+        )
+    }
+
+    fn fsync(&self, _ctx: &Context, inode: u64, _datasync: bool, _handle: u64) -> io::Result<()> {
+        self.reply(
+            "fsync",
+            inode,
+            self.store.sync(Some(inode)).map_err(FsError::from),
+        )
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.reply(
+            "fallocate",
+            inode,
+            self.do_fallocate(inode, mode, offset, length),
+        )
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+        handle: u64,
+        flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        lock(&self.handles).remove(handle);
+        let r = if flush {
+            self.store.sync(Some(inode)).map_err(FsError::from)
+        } else {
+            Ok(())
+        };
+        self.reply("release", inode, r)
+    }
+
+    fn statfs(&self, _ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        self.reply("statfs", inode, self.do_statfs())
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.reply(
+            "setxattr",
+            inode,
+            self.do_setxattr(ctx, inode, name, value, flags),
+        )
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.reply("getxattr", inode, self.do_getxattr(ctx, inode, name, size))
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.reply("listxattr", inode, self.do_listxattr(inode, size))
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.reply("removexattr", inode, self.do_removexattr(ctx, inode, name))
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let r = self.do_opendir(ctx, inode).map(|h| {
+            let opts = if self.cfg.cache == CachePolicy::Always {
+                OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE
+            } else {
+                OpenOptions::empty()
+            };
+            (Some(h), opts)
+        });
+        self.reply("opendir", inode, r)
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let r = self.do_readdir(inode, size, offset, &mut |d, _| add_entry(d), false);
+        self.reply("readdir", inode, r)
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let r = self.do_readdir(inode, size, offset, add_entry, true);
+        self.reply("readdirplus", inode, r)
+    }
+
+    fn fsyncdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _datasync: bool,
+        _handle: u64,
+    ) -> io::Result<()> {
+        self.reply(
+            "fsyncdir",
+            inode,
+            self.store.sync(Some(inode)).map_err(FsError::from),
+        )
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        lock(&self.handles).remove(handle);
+        Ok(())
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let r = self.inode(inode).and_then(|i| {
+            if mask == libc::F_OK as u32 {
+                Ok(())
+            } else {
+                attr::check_access(ctx, &i, mask & 7)
+            }
+        });
+        self.reply("access", inode, r)
+    }
+
+    fn lseek(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.reply("lseek", inode, self.do_lseek(inode, offset, whence))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,417 @@
+//! The store seam: what the filesystem layer needs from a volume, and the
+//! contract every store implementation keeps.
+//!
+//! A volume holds inodes, directory entries, symlink targets, extended
+//! attributes and file data in fixed-size blocks ([`BLOCK_SIZE`]). The
+//! filesystem layer above decides POSIX semantics (it checks names,
+//! permissions, emptiness, link counts) while it holds its mutation lock; the
+//! store applies what it is told, atomically, and never second-guesses it.
+//!
+//! # Contract
+//!
+//! * [`Store::commit`] applies every [`Op`] of a [`Txn`] in order, all or
+//!   nothing. It returns `Ok` only once the whole transaction is durable for
+//!   this store's notion of durability (for `mem:` that is "in memory"; for a
+//!   durable engine it is "flushed to the medium"). A caller that sees `Err`
+//!   must assume nothing of the transaction was applied.
+//! * Reads see every transaction whose `commit` has returned `Ok`.
+//! * [`Store::sync`] returns `Ok` once everything committed before the call
+//!   (for one inode, or for the whole volume) is durable. Stores that make
+//!   `commit` durable before returning may answer at once; a write-back layer
+//!   placed between the filesystem and a remote store resolves it by finding
+//!   and resending the transactions that carry the inode's pages.
+//! * Ids handed out by [`Store::reserve_ids`] are never handed out again, even
+//!   across restarts of a durable store.
+//! * A store must never panic on the contents of a transaction: an op that
+//!   names a missing inode or entry is applied as a no-op.
+
+pub mod mem;
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// The inode number of the volume's root directory.
+pub const ROOT_INO: u64 = 1;
+
+/// The first id [`Store::reserve_ids`] may return; lower ids are reserved.
+pub const FIRST_FREE_ID: u64 = 16;
+
+/// The size of one data block of a file, in bytes.
+pub const BLOCK_SIZE: u64 = 64 * 1024;
+
+/// The longest name of a directory entry, in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// The longest symlink target, in bytes (Linux's PATH_MAX less the NUL).
+pub const SYMLINK_MAX: usize = 4095;
+
+/// The longest extended attribute name, in bytes.
+pub const XATTR_NAME_MAX: usize = 255;
+
+/// The largest extended attribute value, in bytes (Linux's XATTR_SIZE_MAX).
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+
+/// Errors a store reports. Callers branch on them: `NoSpace` becomes ENOSPC,
+/// everything else EIO.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The volume has no room for the data of a transaction.
+    #[error("volume is full")]
+    NoSpace,
+    /// The store's medium or engine failed.
+    #[error("store I/O failed")]
+    Io(#[source] std::io::Error),
+    /// The store found data it cannot decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// The type of an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::Regular => libc::S_IFREG,
+            FileKind::Directory => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`, if any.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Some(FileKind::Regular),
+            libc::S_IFDIR => Some(FileKind::Directory),
+            libc::S_IFLNK => Some(FileKind::Symlink),
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDevice),
+            libc::S_IFBLK => Some(FileKind::BlockDevice),
+            _ => None,
+        }
+    }
+
+    /// The `d_type` value readdir reports for this kind.
+    pub fn dirent_type(self) -> u32 {
+        self.mode_bits() >> 12
+    }
+}
+
+/// A point in time, as seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// The attributes of one inode, as the store keeps them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits, including setuid, setgid and sticky (07777).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    /// For directories, the inode of the parent (`..`); 0 otherwise.
+    pub parent: u64,
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dirent {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: FileKind,
+    /// A position in the directory that stays valid while other entries come
+    /// and go: readdir resumes after it. Unique within the volume.
+    pub cookie: u64,
+}
+
+/// One mutation of a volume. Ops are blind: they say what the volume must
+/// look like afterwards, not what it looked like before.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create or replace an inode's attributes.
+    PutInode(Inode),
+    /// Remove an inode with its data, symlink target and extended attributes.
+    RemoveInode { ino: u64 },
+    /// Create or replace the entry `name` in directory `parent`.
+    PutDirent { parent: u64, dirent: Dirent },
+    /// Remove the entry `name` from directory `parent`.
+    RemoveDirent { parent: u64, name: Vec<u8> },
+    /// Write `data` at `offset` of the file's blocks. Does not change the
+    /// inode's size: the caller puts the inode too.
+    Write {
+        ino: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Drop the file's data at and beyond `size`.
+    Truncate { ino: u64, size: u64 },
+    /// Zero `len` bytes at `offset`, freeing whole blocks.
+    PunchHole { ino: u64, offset: u64, len: u64 },
+    /// Set a symlink's target.
+    SetSymlink { ino: u64, target: Vec<u8> },
+    /// Create or replace an extended attribute.
+    SetXattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Remove an extended attribute.
+    RemoveXattr { ino: u64, name: Vec<u8> },
+}
+
+impl fmt::Debug for Op {
+    // Data payloads are summarised by length: a log line must not carry a
+    // megabyte of file contents.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Write { ino, offset, data } => f
+                .debug_struct("Write")
+                .field("ino", ino)
+                .field("offset", offset)
+                .field("len", &data.len())
+                .finish(),
+            Op::PutInode(i) => f.debug_tuple("PutInode").field(i).finish(),
+            Op::RemoveInode { ino } => f.debug_struct("RemoveInode").field("ino", ino).finish(),
+            Op::PutDirent { parent, dirent } => f
+                .debug_struct("PutDirent")
+                .field("parent", parent)
+                .field("dirent", dirent)
+                .finish(),
+            Op::RemoveDirent { parent, name } => f
+                .debug_struct("RemoveDirent")
+                .field("parent", parent)
+                .field("name", &String::from_utf8_lossy(name))
+                .finish(),
+            Op::Truncate { ino, size } => f
+                .debug_struct("Truncate")
+                .field("ino", ino)
+                .field("size", size)
+                .finish(),
+            Op::PunchHole { ino, offset, len } => f
+                .debug_struct("PunchHole")
+                .field("ino", ino)
+                .field("offset", offset)
+                .field("len", len)
+                .finish(),
+            Op::SetSymlink { ino, target } => f
+                .debug_struct("SetSymlink")
+                .field("ino", ino)
+                .field("len", &target.len())
+                .finish(),
+            Op::SetXattr { ino, name, value } => f
+                .debug_struct("SetXattr")
+                .field("ino", ino)
+                .field("name", &String::from_utf8_lossy(name))
+                .field("len", &value.len())
+                .finish(),
+            Op::RemoveXattr { ino, name } => f
+                .debug_struct("RemoveXattr")
+                .field("ino", ino)
+                .field("name", &String::from_utf8_lossy(name))
+                .finish(),
+        }
+    }
+}
+
+/// A batch of ops applied atomically, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    pub fn push(&mut self, op: Op) -> &mut Txn {
+        self.ops.push(op);
+        self
+    }
+
+    /// The bytes of file data this transaction carries.
+    pub fn data_bytes(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Space accounting of a volume, for statfs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Bytes the volume may hold in all.
+    pub capacity_bytes: u64,
+    /// Bytes of file data blocks in use.
+    pub used_bytes: u64,
+    /// Inodes the volume may hold in all.
+    pub capacity_inodes: u64,
+    /// Inodes in use.
+    pub used_inodes: u64,
+}
+
+/// A volume the filesystem layer stores its files in. See the module
+/// documentation for the contract.
+pub trait Store: Send + Sync {
+    /// The attributes of `ino`, or `None` if it does not exist.
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError>;
+
+    /// The entry `name` in directory `parent`, or `None`.
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError>;
+
+    /// Up to `max` entries of `parent` whose cookie is greater than `after`,
+    /// in increasing cookie order.
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError>;
+
+    /// Fill `buf` with the file's bytes at `offset`; holes and bytes past the
+    /// last block read as zeros. The caller clips reads to the file size.
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
+
+    /// The smallest offset `>= offset` inside a stored block, if any.
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError>;
+
+    /// The smallest offset `>= offset` not inside a stored block.
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError>;
+
+    /// A symlink's target.
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The value of extended attribute `name` of `ino`.
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The names of all extended attributes of `ino`.
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Space accounting.
+    fn statfs(&self) -> Result<StoreStats, StoreError>;
+
+    /// Reserve `count` fresh ids (inode numbers and entry cookies) and return
+    /// the first; the range `first..first + count` is the caller's.
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError>;
+
+    /// Apply `txn` atomically; `Ok` means applied and durable.
+    fn commit(&self, txn: Txn) -> Result<(), StoreError>;
+
+    /// Wait until everything committed before the call (for `ino`, or for
+    /// the whole volume when `None`) is durable.
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;
+
+    /// A one-line description for logs ("mem: (does not persist)").
+    fn describe(&self) -> String;
+}
+
+/// Open the store named by `url`. Known schemes: `mem:`.
+pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
+    let (scheme, rest) = url
+        .split_once(':')
+        .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
+    match scheme {
+        "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
+        other => Err(OpenError::UnknownScheme(other.to_string())),
+    }
+}
+
+/// Why a store could not be opened from its URL.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("store URL {0:?} has no scheme (expected e.g. mem:)")]
+    BadUrl(String),
+    #[error("unknown store URL scheme {0:?} (known: mem)")]
+    UnknownScheme(String),
+    #[error("bad store option {0:?}")]
+    BadOption(String),
+}
+
+/// Parse a size such as `512M`, `8G` or `4096` into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        (i, 't' | 'T') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("8g"), Some(8 << 30));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn kinds_round_trip_through_mode() {
+        for k in [
+            FileKind::Regular,
+            FileKind::Directory,
+            FileKind::Symlink,
+            FileKind::Fifo,
+            FileKind::Socket,
+            FileKind::CharDevice,
+            FileKind::BlockDevice,
+        ] {
+            assert_eq!(FileKind::from_mode(k.mode_bits() | 0o644), Some(k));
+        }
+        assert_eq!(FileKind::from_mode(0o644), None);
+    }
+
+    #[test]
+    fn open_rejects_unknown_schemes() {
+        assert!(matches!(open("nfs://x"), Err(OpenError::UnknownScheme(_))));
+        assert!(matches!(open("nothing"), Err(OpenError::BadUrl(_))));
+        assert!(open("mem:").is_ok());
+    }
+}
