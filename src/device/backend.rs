@@ -244,10 +244,16 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        // Offer the config space only with a tag to serve: QEMU brings its
+        // own tag and warns about a CONFIG it does not use.
+        if self.cfg.tag.is_some() {
+            base | VhostUserProtocolFeatures::CONFIG
+        } else {
+            base
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
