@@ -1,0 +1,390 @@
+//! The vhost-user-fs daemon a guest talks to: pohmelfs itself, or virtiofsd as the reference.
+//!
+//! A [`Daemon`] owns its child process, socket and log file inside the test's directory. It is
+//! started by [`DaemonBuilder::start`] and (re)started before each guest by
+//! [`Daemon::ensure_running`]: pohmelfs keeps serving after a frontend disconnects and must still
+//! be alive, while virtiofsd exits after each connection and is restarted on the same shared
+//! directory. The child is killed in `Drop`; this module never touches anything outside the test
+//! directory.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{log_tail, target_dir, wait_until, Failure, Result};
+
+/// How long a daemon may take to create its socket.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long virtiofsd may take to exit after its guest went away.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// `sun_path` holds 108 bytes including the NUL.
+const SOCKET_PATH_MAX: usize = 107;
+/// Lines of the daemon log quoted in failure messages.
+pub const LOG_TAIL_LINES: usize = 40;
+
+/// Which daemon serves the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonKind {
+    /// `pohmelfs serve`, the daemon under test (built by cargo for this test binary).
+    Pohmelfs,
+    /// The reference virtiofsd (`target/tools/bin/virtiofsd` or `$VIRTIOFSD`), sharing a
+    /// directory of the test.
+    Virtiofsd,
+}
+
+impl DaemonKind {
+    /// Whether the daemon exits once its frontend disconnects (and is restarted for the next).
+    fn exits_after_disconnect(self) -> bool {
+        self == DaemonKind::Virtiofsd
+    }
+}
+
+impl fmt::Display for DaemonKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DaemonKind::Pohmelfs => "pohmelfs",
+            DaemonKind::Virtiofsd => "virtiofsd",
+        })
+    }
+}
+
+/// Arguments of a daemon before it starts.
+pub struct DaemonBuilder {
+    kind: DaemonKind,
+    dir: PathBuf,
+    tag: String,
+    store: String,
+    extra_args: Vec<OsString>,
+}
+
+impl DaemonBuilder {
+    /// The store URL passed to pohmelfs (`mem:` unless set); ignored by virtiofsd.
+    #[allow(dead_code)] // for tests of persistent stores (`file:///...`)
+    pub fn store(mut self, url: impl Into<String>) -> Self {
+        self.store = url.into();
+        self
+    }
+
+    /// Appends one argument to the daemon's command line.
+    #[allow(dead_code)] // for tests of daemon options
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Starts the daemon and waits for its socket.
+    pub fn start(self) -> Result<Daemon> {
+        let socket = self.dir.join("daemon.sock");
+        let socket_len = socket.as_os_str().len();
+        if socket_len > SOCKET_PATH_MAX {
+            return Err(Failure::new(format!(
+                "socket path {} is {socket_len} bytes, more than a unix socket allows \
+                 ({SOCKET_PATH_MAX}): move the checkout to a shorter path",
+                socket.display()
+            )));
+        }
+        let (program, mut args): (PathBuf, Vec<OsString>) = match self.kind {
+            DaemonKind::Pohmelfs => (
+                PathBuf::from(env!("CARGO_BIN_EXE_pohmelfs")),
+                vec![
+                    "serve".into(),
+                    "--socket-path".into(),
+                    socket.clone().into(),
+                    "--tag".into(),
+                    self.tag.clone().into(),
+                    "--store".into(),
+                    self.store.into(),
+                ],
+            ),
+            DaemonKind::Virtiofsd => {
+                let shared = self.dir.join("shared");
+                fs::create_dir_all(&shared)
+                    .map_err(|e| Failure::new(format!("create {}: {e}", shared.display())))?;
+                (
+                    virtiofsd_binary()?,
+                    vec![
+                        "--socket-path".into(),
+                        socket.clone().into(),
+                        "--shared-dir".into(),
+                        shared.into(),
+                        "--cache=auto".into(),
+                        "--sandbox=none".into(),
+                        "--xattr".into(),
+                    ],
+                )
+            }
+        };
+        args.extend(self.extra_args);
+        let daemon = Daemon {
+            kind: self.kind,
+            dir: self.dir.clone(),
+            program,
+            args,
+            socket,
+            tag: self.tag,
+            log: self.dir.join(format!("{}.log", self.kind)),
+            state: Mutex::new(State::default()),
+        };
+        daemon.spawn(&mut daemon.state())?;
+        Ok(daemon)
+    }
+}
+
+/// The reference virtiofsd: `$VIRTIOFSD`, else the one scripts/test installs under target/tools.
+fn virtiofsd_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("tools/bin/virtiofsd"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Failure::new(format!(
+            "virtiofsd not found at {}: run scripts/test, or \
+             `cargo install --locked --root target/tools virtiofsd` (needs apt packages \
+             libseccomp-dev libcap-ng-dev), or set VIRTIOFSD=/path/to/virtiofsd; \
+             set POHMELFS_SKIP_VIRTIOFSD=1 to skip the reference runs",
+            path.display()
+        )))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    child: Option<Child>,
+    /// Guests started against this daemon so far.
+    guests: u32,
+    /// Processes spawned so far (virtiofsd is respawned per guest).
+    spawns: u32,
+}
+
+/// A running daemon; killed on drop.
+pub struct Daemon {
+    kind: DaemonKind,
+    dir: PathBuf,
+    program: PathBuf,
+    args: Vec<OsString>,
+    socket: PathBuf,
+    tag: String,
+    log: PathBuf,
+    state: Mutex<State>,
+}
+
+impl Daemon {
+    /// A builder with the default arguments of `kind`; files go to `dir`.
+    pub fn builder(kind: DaemonKind, dir: &Path) -> DaemonBuilder {
+        DaemonBuilder {
+            kind,
+            dir: dir.to_path_buf(),
+            tag: "testfs".to_owned(),
+            store: "mem:".to_owned(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn kind(&self) -> DaemonKind {
+        self.kind
+    }
+
+    /// The test directory the daemon's files (and its guests' files) live in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The vhost-user socket QEMU connects to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The virtio-fs tag the guest mounts.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The daemon's stdout and stderr, across restarts.
+    #[allow(dead_code)] // for tests that check what the daemon logged
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The end of the daemon log, headed by its path, for failure messages.
+    pub fn log_report(&self) -> String {
+        format!(
+            "--- {} log, last {LOG_TAIL_LINES} lines ({}) ---\n{}",
+            self.kind,
+            self.log.display(),
+            log_tail(&self.log, LOG_TAIL_LINES)
+        )
+    }
+
+    /// Makes sure a daemon process is listening for the next guest; returns the guest's number
+    /// (1 for the first guest of this daemon).
+    ///
+    /// virtiofsd serves one connection per process: after a guest it is awaited and respawned
+    /// on the same shared directory. pohmelfs must still be running: if it died, that is the
+    /// failure reported, since restarting it would hide the crash (and lose a `mem:` store).
+    pub fn ensure_running(&self) -> Result<u32> {
+        let mut state = self.state();
+        let served_before = state.guests > 0;
+        state.guests += 1;
+        let exited = match state.child.as_mut() {
+            None => None,
+            Some(child) => match child.try_wait() {
+                Ok(status) => status,
+                Err(e) => return Err(Failure::new(format!("wait for {}: {e}", self.kind))),
+            },
+        };
+        let guest = state.guests;
+        match (state.child.is_some(), exited) {
+            (true, None) if !(served_before && self.kind.exits_after_disconnect()) => Ok(guest),
+            (true, None) => {
+                self.await_exit(&mut state)?;
+                self.spawn(&mut state).map(|()| guest)
+            }
+            (true, Some(_)) | (false, _) if self.kind.exits_after_disconnect() => {
+                self.spawn(&mut state).map(|()| guest)
+            }
+            (_, status) => Err(Failure::new(format!(
+                "{} is not running before guest #{} (exit status: {}): it must keep serving \
+                 after a frontend disconnects\n{}",
+                self.kind,
+                state.guests,
+                status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                self.log_report()
+            ))),
+        }
+    }
+
+    /// Whether the daemon process is alive, or how it ended.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        let mut state = self.state();
+        state
+            .child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state usable: it is only a child handle.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for a one-connection daemon to exit after its guest, killing it past the timeout.
+    fn await_exit(&self, state: &mut State) -> Result<()> {
+        let Some(mut child) = state.child.take() else {
+            return Ok(());
+        };
+        let exited = wait_until(EXIT_TIMEOUT, POLL_INTERVAL, || {
+            child.try_wait().ok().flatten()
+        });
+        if exited.is_none() {
+            kill(&mut child);
+            return Err(Failure::new(format!(
+                "{} did not exit within {EXIT_TIMEOUT:?} after its guest disconnected\n{}",
+                self.kind,
+                self.log_report()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Spawns a process and waits until its socket exists.
+    fn spawn(&self, state: &mut State) -> Result<()> {
+        if let Some(mut old) = state.child.take() {
+            kill(&mut old);
+        }
+        match fs::remove_file(&self.socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Failure::new(format!(
+                    "remove stale socket {}: {e}",
+                    self.socket.display()
+                )))
+            }
+        }
+        state.spawns += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| Failure::new(format!("open {}: {e}", self.log.display())))?;
+        let command_line = std::iter::once(self.program.as_os_str())
+            .chain(self.args.iter().map(|arg| arg.as_os_str()))
+            .map(|arg| arg.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        writeln!(log, "=== harness: start #{}: {command_line}", state.spawns)
+            .map_err(|e| Failure::new(format!("write {}: {e}", self.log.display())))?;
+        let stderr = clone_log(&log, &self.log)?;
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| Failure::new(format!("cannot start {}: {e}", self.program.display())))?;
+        let socket_ready = wait_until(SOCKET_TIMEOUT, POLL_INTERVAL, || {
+            if is_socket(&self.socket) {
+                return Some(Ok(()));
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => Some(Err(status.to_string())),
+                Ok(None) => None,
+                Err(e) => Some(Err(e.to_string())),
+            }
+        });
+        let problem = match socket_ready {
+            Some(Ok(())) => {
+                state.child = Some(child);
+                return Ok(());
+            }
+            Some(Err(status)) => format!("exited before creating its socket ({status})"),
+            None => {
+                kill(&mut child);
+                format!("created no socket within {SOCKET_TIMEOUT:?}")
+            }
+        };
+        Err(Failure::new(format!(
+            "{} {problem}: {command_line}\n{}",
+            self.kind,
+            self.log_report()
+        )))
+    }
+
+    /// Kills the daemon now (also done on drop).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.state().child.take() {
+            kill(&mut child);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn clone_log(log: &File, path: &Path) -> Result<File> {
+    log.try_clone()
+        .map_err(|e| Failure::new(format!("duplicate {}: {e}", path.display())))
+}
+
+fn is_socket(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.file_type().is_socket())
+}
+
+/// Kills and reaps a child; errors only mean it is already gone.
+pub(crate) fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,176 @@
+//! Harness of the VM tests: boots a guest under QEMU against a vhost-user-fs daemon.
+//!
+//! # Layout
+//! - [`image`]: builds the guest kernel and initramfs once per test process (`images/build-guest`).
+//! - [`daemon`]: the daemon under test, [`DaemonKind::Pohmelfs`] or the reference
+//!   [`DaemonKind::Virtiofsd`], started on a socket in the test's own directory.
+//! - [`qemu`]: the [`Guest`] builder: runs one guest with a shell script as its workload and
+//!   returns its console and exit status.
+//! - [`cpio`]: the newc archive writer that hands the script to the guest.
+//!
+//! Every test gets a [`VmTest`]: its own directory under `target/vm-tests/`, removed when the test
+//! passes and kept (with the daemon, QEMU and console logs) when it fails. Child processes are
+//! killed in `Drop`, so a failing or panicking test leaves nothing running.
+//!
+//! Environment: `POHMELFS_SKIP_VM_TESTS=1` skips every VM test, `POHMELFS_SKIP_VIRTIOFSD=1` skips
+//! the reference runs, `VIRTIOFSD` and `QEMU` name the binaries, `POHMELFS_VM_ACCEL=kvm|tcg`
+//! bypasses the KVM probe.
+
+pub mod cpio;
+pub mod daemon;
+pub mod image;
+pub mod qemu;
+
+use std::cell::Cell;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use daemon::{Daemon, DaemonKind};
+pub use qemu::Guest;
+
+/// Why a VM test failed: a message meant to be read as is, with log tails and the fix.
+///
+/// `Debug` prints the message verbatim, so a test returning `Err(Failure)` shows it unquoted.
+pub struct Failure(String);
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure(message.into())
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+/// The repository root (where `Cargo.toml` is).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/` of the repository: everything the tests create lives below it.
+pub fn target_dir() -> PathBuf {
+    repo_root().join("target")
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|value| !value.is_empty() && value != "0")
+}
+
+/// Polls `condition` every `interval` until it yields a value or `timeout` has passed.
+pub fn wait_until<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut condition: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            let mut tail = all[start..].join("\n");
+            tail.retain(|c| c != '\r');
+            tail
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+/// One VM test run against one daemon: its name, daemon kind and scratch directory.
+///
+/// The directory is `target/vm-tests/<daemon>-<test>-<pid>/`; it is removed on drop once
+/// [`VmTest::pass`] was called, and kept for inspection otherwise.
+pub struct VmTest {
+    kind: DaemonKind,
+    name: String,
+    dir: PathBuf,
+    passed: Cell<bool>,
+}
+
+impl VmTest {
+    /// Prepares the test, or returns `None` (after saying so) when the environment asks to skip it.
+    pub fn setup(kind: DaemonKind, name: &str) -> Result<Option<VmTest>> {
+        if env_flag("POHMELFS_SKIP_VM_TESTS") {
+            eprintln!("{kind}::{name}: skipped (POHMELFS_SKIP_VM_TESTS is set)");
+            return Ok(None);
+        }
+        if kind == DaemonKind::Virtiofsd && env_flag("POHMELFS_SKIP_VIRTIOFSD") {
+            eprintln!("{kind}::{name}: skipped (POHMELFS_SKIP_VIRTIOFSD is set)");
+            return Ok(None);
+        }
+        let dir = target_dir()
+            .join("vm-tests")
+            .join(format!("{kind}-{name}-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| Failure::new(format!("remove stale {}: {e}", dir.display())))?;
+        }
+        fs::create_dir_all(&dir)
+            .map_err(|e| Failure::new(format!("create {}: {e}", dir.display())))?;
+        Ok(Some(VmTest {
+            kind,
+            name: name.to_owned(),
+            dir,
+            passed: Cell::new(false),
+        }))
+    }
+
+    /// The test's scratch directory (e.g. for a `file://` store).
+    #[allow(dead_code)] // for tests of persistent stores
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A builder for this test's daemon, with the default arguments for its kind.
+    pub fn daemon(&self) -> daemon::DaemonBuilder {
+        Daemon::builder(self.kind, &self.dir)
+    }
+
+    /// Marks the test as passed: its directory is removed on drop.
+    pub fn pass(&self) {
+        self.passed.set(true);
+    }
+}
+
+impl Drop for VmTest {
+    fn drop(&mut self) {
+        if self.passed.get() && !std::thread::panicking() {
+            if let Err(error) = fs::remove_dir_all(&self.dir) {
+                eprintln!("cannot remove {}: {error}", self.dir.display());
+            }
+        } else {
+            eprintln!(
+                "{}::{}: logs kept in {}",
+                self.kind,
+                self.name,
+                self.dir.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! One guest boot under QEMU: the [`Guest`] builder and what it returns, [`GuestOutput`].
+//!
+//! A guest gets the test's shell script as `/test.sh` (a newc archive appended to the base
+//! initramfs), mounts nothing by itself, and reports the script's status on its serial console
+//! as `POHMELFS-EXIT=<status>` before powering off. QEMU uses KVM only when a probe boot showed
+//! that KVM really runs this guest, and TCG otherwise. QEMU is killed when the run times out
+//! and in `Drop`, so a failing test never leaves a guest behind.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::cpio::{self, Entry};
+use super::daemon::{self, Daemon};
+use super::image::{guest_image, GuestImage};
+use super::{log_tail, target_dir, wait_until, Failure, Result};
+
+/// Default bound on one guest run, boot to power-off, under TCG.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_MEMORY_MB: u32 = 512;
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Console lines quoted in failure messages.
+const CONSOLE_TAIL_LINES: usize = 60;
+const EXIT_MARKER: &str = "POHMELFS-EXIT=";
+/// Bound on the KVM probe boot. A working KVM boots this guest in about a second and TCG in
+/// about three; a KVM slower than this is not worth using.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shell prelude of every guest script: `$TAG`, `step`, `fail`, `expect_eq`, `set -e`, and a
+/// trap that names the step that failed.
+const PRELUDE: &str = r#"#!/bin/sh
+STEP=start
+step() { STEP="$*"; echo "== $*"; }
+fail() { echo "FAIL: $*"; exit 1; }
+expect_eq() { [ "$1" = "$2" ] || fail "$3: expected '$2', got '$1'"; }
+trap 'status=$?; [ $status = 0 ] || echo "FAIL: status $status in step: $STEP"' EXIT
+set -e
+"#;
+
+/// A guest run being configured.
+pub struct Guest<'a> {
+    daemon: &'a Daemon,
+    memory_mb: u32,
+    timeout: Duration,
+    script: String,
+    fio: bool,
+}
+
+/// What a guest run left behind.
+#[derive(Debug)]
+pub struct GuestOutput {
+    /// Exit status of `/test.sh`, from the console marker; `None` when the guest never printed
+    /// it (kernel panic, script killed, ...).
+    pub exit_status: Option<i32>,
+    /// The whole serial console.
+    pub console: String,
+    /// What to quote when the run counts as failed: console tail, QEMU log, daemon log.
+    report: String,
+}
+
+impl GuestOutput {
+    /// Fails unless the guest script exited with status 0.
+    pub fn expect_success(self) -> Result<GuestOutput> {
+        if self.exit_status == Some(0) {
+            Ok(self)
+        } else {
+            let status = self
+                .exit_status
+                .map_or_else(|| "no exit marker".to_owned(), |s| format!("status {s}"));
+            Err(Failure::new(format!(
+                "guest script failed ({status}); expected status 0\n{}",
+                self.report
+            )))
+        }
+    }
+
+    /// The value of the last console line `KEY=value`, for results a script reports.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.console
+            .lines()
+            .filter_map(|line| line.trim_end_matches('\r').strip_prefix(key))
+            .filter_map(|rest| rest.strip_prefix('='))
+            .last()
+    }
+}
+
+impl<'a> Guest<'a> {
+    /// A guest with the defaults: 512 MiB, 300 s, an empty script, no fio.
+    pub fn new(daemon: &'a Daemon) -> Self {
+        Guest {
+            daemon,
+            memory_mb: DEFAULT_MEMORY_MB,
+            timeout: DEFAULT_TIMEOUT,
+            script: String::new(),
+            fio: false,
+        }
+    }
+
+    #[allow(dead_code)] // all current workloads fit the default
+    pub fn memory_mb(mut self, memory_mb: u32) -> Self {
+        self.memory_mb = memory_mb;
+        self
+    }
+
+    /// Bound on the whole run; QEMU is killed past it.
+    #[allow(dead_code)] // all current workloads fit the default
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The workload: busybox `sh` run after the [`PRELUDE`]. `$TAG` holds the virtio-fs tag.
+    pub fn script(mut self, script: &str) -> Self {
+        self.script = script.to_owned();
+        self
+    }
+
+    /// Adds fio (and its ~80 MiB of libraries) to this guest.
+    pub fn with_fio(mut self) -> Self {
+        self.fio = true;
+        self
+    }
+
+    /// Boots the guest, waits for it to power off, and returns its console and exit status.
+    ///
+    /// Errors are failures of the run itself (no QEMU, no image, timeout, QEMU error); a
+    /// script that fails is reported in [`GuestOutput::exit_status`].
+    pub fn run(self) -> Result<GuestOutput> {
+        let qemu = qemu_binary()?;
+        let image = guest_image()?;
+        let accel = accelerator()?;
+        let number = self.daemon.ensure_running()?;
+        let dir = self.daemon.dir();
+        let prefix = dir.join(format!("guest-{number}"));
+        let console = prefix.with_extension("console.log");
+        let qemu_log = prefix.with_extension("qemu.log");
+        let initrd = prefix.with_extension("initrd");
+        let script = format!("{PRELUDE}TAG='{}'\n{}\n", self.daemon.tag(), self.script);
+        write_initrd(&initrd, image, self.fio, &script)?;
+
+        let memory = format!("{}M", self.memory_mb);
+        let mut command = base_command(&qemu, accel, image, &initrd, &console, &qemu_log)?;
+        command
+            .args(["-m", &memory])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={memory},share=on"
+            ))
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=char0,path={}",
+                self.daemon.socket().display()
+            ))
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={}",
+                self.daemon.tag()
+            ));
+        let started = Instant::now();
+        let mut qemu_process = KillOnDrop::spawn(&mut command, &qemu)?;
+        let status = wait_until(self.timeout, POLL_INTERVAL, || qemu_process.try_wait());
+        let elapsed = started.elapsed();
+        let _ = fs::remove_file(&initrd);
+
+        let console_text = fs::read(&console)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
+        let exit_status = parse_exit_status(&console_text);
+        let report = |headline: String| {
+            let daemon_state = match self.daemon.exit_status() {
+                None => "still running".to_owned(),
+                Some(status) => format!("exited: {status}"),
+            };
+            format!(
+                "{headline}\n\
+                 --- guest console, last {CONSOLE_TAIL_LINES} lines ({}) ---\n{}\n\
+                 --- QEMU log ({}) ---\n{}\n\
+                 --- daemon: {daemon_state} ---\n{}",
+                console.display(),
+                log_tail(&console, CONSOLE_TAIL_LINES),
+                qemu_log.display(),
+                log_tail(&qemu_log, 20),
+                self.daemon.log_report()
+            )
+        };
+        let Some(status) = status else {
+            qemu_process.kill();
+            return Err(Failure::new(report(format!(
+                "guest #{number} did not power off within {:?} ({accel:?}); QEMU killed",
+                self.timeout
+            ))));
+        };
+        if !status.success() && exit_status.is_none() {
+            return Err(Failure::new(report(format!(
+                "QEMU failed ({status}) after {elapsed:.1?}"
+            ))));
+        }
+        eprintln!(
+            "{}: guest #{number} ran {elapsed:.1?} ({accel:?}), status {exit_status:?}",
+            self.daemon.kind()
+        );
+        let report = report(format!("guest #{number} ran {elapsed:.1?} ({accel:?})"));
+        Ok(GuestOutput {
+            exit_status,
+            console: console_text,
+            report,
+        })
+    }
+}
+
+/// QEMU arguments shared by test guests and the KVM probe; the caller adds memory and devices.
+fn base_command(
+    qemu: &Path,
+    accel: Accel,
+    image: &GuestImage,
+    initrd: &Path,
+    console: &Path,
+    qemu_log: &Path,
+) -> Result<Command> {
+    let log = File::create(qemu_log)
+        .map_err(|e| Failure::new(format!("create {}: {e}", qemu_log.display())))?;
+    let (accel_name, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let mut command = Command::new(qemu);
+    command
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-machine", "q35", "-accel", accel_name, "-cpu", cpu])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(|e| Failure::new(format!("duplicate {}: {e}", qemu_log.display())))?,
+        )
+        .stderr(log);
+    Ok(command)
+}
+
+/// Writes base image [+ fio] + an archive holding `/test.sh` into one initrd file.
+fn write_initrd(initrd: &Path, image: &GuestImage, fio: bool, script: &str) -> Result<()> {
+    let write = || -> io::Result<()> {
+        let mut out = File::create(initrd)?;
+        io::copy(&mut File::open(&image.initramfs)?, &mut out)?;
+        if fio {
+            io::copy(&mut File::open(&image.fio)?, &mut out)?;
+        }
+        let archive = cpio::archive(&[Entry {
+            name: "test.sh",
+            mode: 0o755,
+            data: script.as_bytes(),
+        }]);
+        io::Write::write_all(&mut out, &archive)
+    };
+    write().map_err(|e| Failure::new(format!("write {}: {e}", initrd.display())))
+}
+
+fn parse_exit_status(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix(EXIT_MARKER))
+        .last()
+        .and_then(|status| status.parse().ok())
+}
+
+/// QEMU: `$QEMU`, else `qemu-system-x86_64` from `PATH`.
+fn qemu_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("QEMU") {
+        return Ok(PathBuf::from(path));
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("qemu-system-x86_64"))
+        .find(|path| path.is_file())
+        .ok_or_else(|| {
+            Failure::new(
+                "qemu-system-x86_64 not found: run scripts/test, or apt-get install \
+                 qemu-system-x86 (or set QEMU=/path/to/qemu-system-x86_64); set \
+                 POHMELFS_SKIP_VM_TESTS=1 to skip the VM tests",
+            )
+        })
+}
+
+/// How QEMU runs guest code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator for this process: `$POHMELFS_VM_ACCEL`, else KVM if a probe guest boots
+/// under it, else TCG. Probed once per process.
+pub fn accelerator() -> Result<Accel> {
+    static ACCEL: OnceLock<std::result::Result<Accel, String>> = OnceLock::new();
+    let choose = || match std::env::var("POHMELFS_VM_ACCEL").as_deref() {
+        Ok("kvm") => Ok(Accel::Kvm),
+        Ok("tcg") => Ok(Accel::Tcg),
+        Ok(other) => Err(format!("POHMELFS_VM_ACCEL={other}: expected kvm or tcg")),
+        Err(_) => {
+            let (accel, why) = cached_probe().map_err(|failure| failure.to_string())?;
+            eprintln!("VM tests run under {accel:?}: {why}");
+            Ok(accel)
+        }
+    };
+    ACCEL.get_or_init(choose).clone().map_err(Failure::new)
+}
+
+/// The KVM probe's verdict, remembered in `target/vm-tests/kvm-probe` for the current boot of
+/// the host (KVM does not change under a running kernel) and the same QEMU.
+fn cached_probe() -> Result<(Accel, String)> {
+    let cache = target_dir().join("vm-tests/kvm-probe");
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let key = format!("{} {}", boot_id.trim(), qemu_binary()?.display());
+    if let Ok(text) = fs::read_to_string(&cache) {
+        let mut lines = text.lines();
+        if lines.next() == Some(key.as_str()) {
+            let accel = match lines.next() {
+                Some("Kvm") => Some(Accel::Kvm),
+                Some("Tcg") => Some(Accel::Tcg),
+                _ => None,
+            };
+            if let Some(accel) = accel {
+                let why = lines.next().unwrap_or_default();
+                return Ok((accel, format!("{why} (cached in {})", cache.display())));
+            }
+        }
+    }
+    let (accel, why) = probe_kvm()?;
+    // Without the cache the next process probes again: not worth failing a test for.
+    let _ = fs::write(&cache, format!("{key}\n{accel:?}\n{why}\n"));
+    Ok((accel, why))
+}
+
+/// Boots the guest once under KVM with an empty script. KVM that opens but cannot run a real
+/// kernel (nested virtualization without support) fails with "KVM internal error" or hangs;
+/// both mean TCG.
+fn probe_kvm() -> Result<(Accel, String)> {
+    if let Err(e) = File::options().read(true).write(true).open("/dev/kvm") {
+        return Ok((Accel::Tcg, format!("cannot open /dev/kvm: {e}")));
+    }
+    let qemu = qemu_binary()?;
+    let image = guest_image()?;
+    let dir = target_dir()
+        .join("vm-tests")
+        .join(format!("kvm-probe-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| Failure::new(format!("create {}: {e}", dir.display())))?;
+    let console = dir.join("console.log");
+    let qemu_log = dir.join("qemu.log");
+    let initrd = dir.join("initrd");
+    write_initrd(&initrd, image, false, "exit 0\n")?;
+    let mut command = base_command(&qemu, Accel::Kvm, image, &initrd, &console, &qemu_log)?;
+    command.args(["-m", "256"]);
+    let mut process = KillOnDrop::spawn(&mut command, &qemu)?;
+    let outcome = wait_until(KVM_PROBE_TIMEOUT, POLL_INTERVAL, || {
+        let console_text = fs::read_to_string(&console).unwrap_or_default();
+        if parse_exit_status(&console_text) == Some(0) {
+            return Some((Accel::Kvm, "a probe guest booted under KVM".to_owned()));
+        }
+        let log = fs::read_to_string(&qemu_log).unwrap_or_default();
+        if log.contains("KVM internal error") || log.contains("failed to initialize kvm") {
+            let first = log.lines().find(|l| l.contains("KVM")).unwrap_or_default();
+            return Some((Accel::Tcg, format!("KVM probe failed: {}", first.trim())));
+        }
+        process
+            .try_wait()
+            .map(|status| (Accel::Tcg, format!("KVM probe QEMU exited: {status}")))
+    })
+    .unwrap_or_else(|| {
+        (
+            Accel::Tcg,
+            format!("KVM probe guest did not boot within {KVM_PROBE_TIMEOUT:?}"),
+        )
+    });
+    process.kill();
+    let _ = fs::remove_dir_all(&dir);
+    Ok(outcome)
+}
+
+/// A QEMU process that is killed when dropped.
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn spawn(command: &mut Command, qemu: &Path) -> Result<KillOnDrop> {
+        command
+            .spawn()
+            .map(KillOnDrop)
+            .map_err(|e| Failure::new(format!("cannot start {}: {e}", qemu.display())))
+    }
+
+    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+
+    fn kill(&mut self) {
+        daemon::kill(&mut self.0);
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_exit_status;
+
+    #[test]
+    fn exit_marker_is_parsed_from_the_console() {
+        let console = "booting\r\nPOHMELFS-EXIT=3\r\n[    1.8] reboot: Power down\r\n";
+        assert_eq!(parse_exit_status(console), Some(3));
+        assert_eq!(parse_exit_status("panic\n"), None);
+    }
+}

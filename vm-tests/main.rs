@@ -1,0 +1,59 @@
+//! Guest boot tests: a Linux guest under QEMU mounts the file system over virtio-fs and runs a
+//! workload against it.
+//!
+//! Every test runs twice, against pohmelfs and against the reference virtiofsd, as
+//! `pohmelfs::<test>` and `virtiofsd::<test>` (e.g. `cargo test --test vm virtiofsd`). A test is
+//! a function taking the [`harness::VmTest`] of its run; the workloads live in [`boot`],
+//! [`files`] and [`durability`], the machinery in [`harness`].
+//!
+//! The guest image is built by `images/build-guest` on first use; QEMU, the image tools and
+//! virtiofsd are installed by `scripts/test`. Missing tools fail the tests with the fix;
+//! `POHMELFS_SKIP_VM_TESTS=1` skips them all and `POHMELFS_SKIP_VIRTIOFSD=1` skips the
+//! reference runs.
+
+mod boot;
+mod durability;
+mod files;
+mod harness;
+
+/// Emits one `#[test]` per listed workload for one daemon.
+macro_rules! tests_for_daemon {
+    ($kind:ident; $($module:ident :: $test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() -> crate::harness::Result<()> {
+                let kind = crate::harness::DaemonKind::$kind;
+                let Some(vm) = crate::harness::VmTest::setup(kind, stringify!($test))? else {
+                    return Ok(());
+                };
+                crate::$module::$test(&vm)?;
+                vm.pass();
+                Ok(())
+            }
+        )*
+    };
+}
+
+/// Emits the `pohmelfs` and `virtiofsd` test modules, each with every listed workload.
+macro_rules! vm_tests {
+    ($($module:ident :: $test:ident),* $(,)?) => {
+        /// The workloads against `pohmelfs serve`.
+        mod pohmelfs {
+            tests_for_daemon!(Pohmelfs; $($module::$test),*);
+        }
+        /// The same workloads against the reference virtiofsd.
+        mod virtiofsd {
+            tests_for_daemon!(Virtiofsd; $($module::$test),*);
+        }
+    };
+}
+
+vm_tests! {
+    boot::boot_and_mount,
+    files::round_trip,
+    files::many_small_files,
+    files::fio_verify,
+    durability::big_file_fsync,
+    durability::remount,
+    durability::reboot,
+}
