@@ -22,6 +22,7 @@
 pub mod device;
 pub mod fs;
 pub mod metrics;
+pub mod proto;
 pub mod store;
 
 use std::fmt;

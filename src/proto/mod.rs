@@ -1,0 +1,182 @@
+//! The wire protocol between the daemon and `pohmelfs store` (see
+//! `docs/protocol.md`): frames with a fixed 24-byte header (magic, version,
+//! opcode, flags, request id, payload length, crc32c over header and
+//! payload), a versioned handshake with mutual HMAC authentication, and the
+//! store operations as messages.
+//!
+//! Everything received is hostile until checked: the header is validated
+//! before the payload is read, the payload length is capped before anything
+//! is allocated, the checksum is verified before the payload is decoded, and
+//! every decoded message goes through its validation function. A bad frame
+//! is an error value, never a panic.
+
+pub mod auth;
+pub mod codec;
+pub mod msg;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// "POHM", little endian.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"POHM");
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 24;
+/// The largest payload either side accepts: a transaction of up to 8 MiB of
+/// data plus its metadata.
+pub const MAX_PAYLOAD: u32 = (8 << 20) + (256 << 10);
+/// The most ops one transaction may carry.
+pub const MAX_OPS: usize = 65_536;
+/// The most bytes one read request may ask for.
+pub const MAX_READ: u32 = 4 << 20;
+/// The most entries one readdir request may ask for.
+pub const MAX_READDIR: u32 = 4096;
+/// The most ids one reserve request may ask for.
+pub const MAX_RESERVE: u64 = 1 << 20;
+
+/// Why a frame or message was refused.
+#[derive(Debug, Error)]
+pub enum ProtoError {
+    #[error("connection I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("bad magic {0:#x}: not a pohmelfs peer")]
+    BadMagic(u32),
+    #[error("peer speaks protocol version {0}, this build speaks {VERSION}")]
+    BadVersion(u8),
+    #[error("payload of {0} bytes exceeds the limit of {1}")]
+    TooLarge(u32, u32),
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u8),
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    #[error("invalid message: {0}")]
+    Invalid(&'static str),
+}
+
+/// The fixed header of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub opcode: u8,
+    pub flags: u16,
+    pub request_id: u64,
+    pub payload_len: u32,
+}
+
+/// One frame: a header and its payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub opcode: u8,
+    pub flags: u16,
+    pub request_id: u64,
+    pub payload: Vec<u8>,
+}
+
+fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    let mut h = *header;
+    h[20..24].fill(0);
+    crc32c::crc32c_append(crc32c::crc32c(&h), payload)
+}
+
+impl Frame {
+    /// The frame as bytes, header first.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.push(VERSION);
+        out.push(self.opcode);
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.request_id.to_le_bytes());
+        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&out[..HEADER_LEN]);
+        let crc = checksum(&header, &self.payload);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Validate a received header (magic, version, length) before its
+    /// payload is read.
+    pub fn decode_header(h: &[u8; HEADER_LEN], max_payload: u32) -> Result<Header, ProtoError> {
+        let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        if magic != MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        if h[4] != VERSION {
+            return Err(ProtoError::BadVersion(h[4]));
+        }
+        let payload_len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+        if payload_len > max_payload {
+            return Err(ProtoError::TooLarge(payload_len, max_payload));
+        }
+        Ok(Header {
+            opcode: h[5],
+            flags: u16::from_le_bytes([h[6], h[7]]),
+            request_id: u64::from_le_bytes(h[8..16].try_into().unwrap_or_default()),
+            payload_len,
+        })
+    }
+
+    /// Decode a frame from a complete buffer (tests, fuzzing).
+    pub fn decode(buf: &[u8], max_payload: u32) -> Result<Frame, ProtoError> {
+        let header: &[u8; HEADER_LEN] = buf
+            .get(..HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(ProtoError::Malformed("frame shorter than its header"))?;
+        let h = Frame::decode_header(header, max_payload)?;
+        let payload = &buf[HEADER_LEN..];
+        if payload.len() != h.payload_len as usize {
+            return Err(ProtoError::Malformed(
+                "payload length does not match the header",
+            ));
+        }
+        Frame::check(header, h, payload.to_vec())
+    }
+
+    fn check(header: &[u8; HEADER_LEN], h: Header, payload: Vec<u8>) -> Result<Frame, ProtoError> {
+        let crc = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
+        if crc != checksum(header, &payload) {
+            return Err(ProtoError::BadChecksum);
+        }
+        Ok(Frame {
+            opcode: h.opcode,
+            flags: h.flags,
+            request_id: h.request_id,
+            payload,
+        })
+    }
+}
+
+/// Read one frame. Returns `Ok(None)` on a clean end of stream between
+/// frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_payload: u32,
+) -> Result<Option<Frame>, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let h = Frame::decode_header(&header, max_payload)?;
+    let mut payload = vec![0u8; h.payload_len as usize];
+    r.read_exact(&mut payload).await?;
+    Frame::check(&header, h, payload).map(Some)
+}
+
+/// Write one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), ProtoError> {
+    w.write_all(&frame.encode()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,590 @@
+//! The messages: what a client asks ([`Request`]) and what a server answers
+//! ([`Response`]), their opcodes, encoding, and the one validation function
+//! every received message goes through ([`Request::validate`],
+//! [`Response::validate`]).
+
+use super::codec::{Dec, Enc};
+use super::{Frame, ProtoError, MAX_OPS, MAX_PAYLOAD, MAX_READ, MAX_READDIR, MAX_RESERVE};
+use crate::store::{Dirent, Inode, Op, StoreStats, Txn, NAME_MAX, XATTR_NAME_MAX};
+
+/// Bytes in a handshake nonce.
+pub const NONCE_LEN: usize = 32;
+/// Bytes in an HMAC-SHA256 proof.
+pub const PROOF_LEN: usize = 32;
+/// The longest volume name.
+pub const VOLUME_NAME_MAX: usize = 64;
+/// The longest error message carried on the wire.
+pub const ERROR_MESSAGE_MAX: usize = 1024;
+
+/// A client's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// First frame of a connection.
+    Hello {
+        version: u8,
+        session: u64,
+        volume: String,
+        client_nonce: [u8; NONCE_LEN],
+        /// The largest payload the client accepts.
+        max_payload: u32,
+        /// Requests the client keeps in flight at most.
+        max_in_flight: u32,
+    },
+    /// The client's proof of the shared secret, answering the challenge.
+    Auth {
+        proof: [u8; PROOF_LEN],
+    },
+    /// Apply a transaction once; `low_water` is the client's mark below
+    /// which it never resends.
+    Txn {
+        txn_id: u64,
+        low_water: u64,
+        txn: Txn,
+    },
+    GetInode {
+        ino: u64,
+    },
+    Lookup {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Readdir {
+        parent: u64,
+        after: u64,
+        max: u32,
+    },
+    Read {
+        ino: u64,
+        offset: u64,
+        len: u32,
+    },
+    NextData {
+        ino: u64,
+        offset: u64,
+    },
+    NextHole {
+        ino: u64,
+        offset: u64,
+    },
+    Readlink {
+        ino: u64,
+    },
+    GetXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: u64,
+    },
+    Statfs,
+    ReserveIds {
+        count: u64,
+    },
+}
+
+/// Error codes carried by [`Response::Error`]; clients branch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request could not be decoded or is invalid.
+    BadRequest = 1,
+    /// Authentication failed.
+    AuthFailed = 2,
+    /// The volume name is not valid or cannot be opened.
+    NoSuchVolume = 3,
+    /// Another server took the volume over: go elsewhere.
+    Fenced = 4,
+    /// The volume is full.
+    NoSpace = 5,
+    /// The store's medium failed.
+    Io = 6,
+    /// Stored data is corrupt.
+    Corrupt = 7,
+    /// The server is at its connection or request limit.
+    Busy = 8,
+    /// The server is shutting down.
+    ShuttingDown = 9,
+    /// Protocol versions do not match.
+    Version = 10,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => BadRequest,
+            2 => AuthFailed,
+            3 => NoSuchVolume,
+            4 => Fenced,
+            5 => NoSpace,
+            6 => Io,
+            7 => Corrupt,
+            8 => Busy,
+            9 => ShuttingDown,
+            10 => Version,
+            _ => return None,
+        })
+    }
+}
+
+/// A server's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Challenge {
+        server_nonce: [u8; NONCE_LEN],
+    },
+    /// The handshake succeeded.
+    Welcome {
+        /// The server's proof of the same secret (mutual authentication).
+        proof: [u8; PROOF_LEN],
+        /// The volume's durability epoch.
+        epoch: u64,
+        max_payload: u32,
+        max_in_flight: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The transaction is durable (or was applied before: `duplicate`).
+    TxnAck {
+        txn_id: u64,
+        duplicate: bool,
+        epoch: u64,
+    },
+    Inode(Option<Inode>),
+    Dirent(Option<Dirent>),
+    Dirents(Vec<Dirent>),
+    Data(Vec<u8>),
+    Offset(Option<u64>),
+    Bytes(Option<Vec<u8>>),
+    Names(Vec<Vec<u8>>),
+    Stats(StoreStats),
+    Ids {
+        first: u64,
+    },
+}
+
+impl Request {
+    fn opcode(&self) -> u8 {
+        match self {
+            Request::Hello { .. } => 1,
+            Request::Auth { .. } => 2,
+            Request::Txn { .. } => 16,
+            Request::GetInode { .. } => 32,
+            Request::Lookup { .. } => 33,
+            Request::Readdir { .. } => 34,
+            Request::Read { .. } => 35,
+            Request::NextData { .. } => 36,
+            Request::NextHole { .. } => 37,
+            Request::Readlink { .. } => 38,
+            Request::GetXattr { .. } => 39,
+            Request::ListXattr { .. } => 40,
+            Request::Statfs => 41,
+            Request::ReserveIds { .. } => 42,
+        }
+    }
+
+    /// True for requests that change the volume.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Request::Txn { .. } | Request::ReserveIds { .. })
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut e = Enc::default();
+        match self {
+            Request::Hello {
+                version,
+                session,
+                volume,
+                client_nonce,
+                max_payload,
+                max_in_flight,
+            } => {
+                e.u8(*version)
+                    .u64(*session)
+                    .bytes(volume.as_bytes())
+                    .fixed(client_nonce)
+                    .u32(*max_payload)
+                    .u32(*max_in_flight);
+            }
+            Request::Auth { proof } => {
+                e.fixed(proof);
+            }
+            Request::Txn {
+                txn_id,
+                low_water,
+                txn,
+            } => {
+                e.u64(*txn_id).u64(*low_water).txn(txn);
+            }
+            Request::GetInode { ino } | Request::Readlink { ino } | Request::ListXattr { ino } => {
+                e.u64(*ino);
+            }
+            Request::Lookup { parent, name } => {
+                e.u64(*parent).bytes(name);
+            }
+            Request::Readdir { parent, after, max } => {
+                e.u64(*parent).u64(*after).u32(*max);
+            }
+            Request::Read { ino, offset, len } => {
+                e.u64(*ino).u64(*offset).u32(*len);
+            }
+            Request::NextData { ino, offset } | Request::NextHole { ino, offset } => {
+                e.u64(*ino).u64(*offset);
+            }
+            Request::GetXattr { ino, name } => {
+                e.u64(*ino).bytes(name);
+            }
+            Request::Statfs => {}
+            Request::ReserveIds { count } => {
+                e.u64(*count);
+            }
+        }
+        Frame {
+            opcode: self.opcode(),
+            flags: 0,
+            request_id,
+            payload: e.buf,
+        }
+    }
+
+    /// Decode and validate a request frame.
+    pub fn from_frame(f: &Frame) -> Result<Request, ProtoError> {
+        let mut d = Dec::new(&f.payload);
+        let r = match f.opcode {
+            1 => Request::Hello {
+                version: d.u8()?,
+                session: d.u64()?,
+                volume: String::from_utf8(d.bytes(VOLUME_NAME_MAX)?)
+                    .map_err(|_| ProtoError::Malformed("volume name is not UTF-8"))?,
+                client_nonce: d.fixed()?,
+                max_payload: d.u32()?,
+                max_in_flight: d.u32()?,
+            },
+            2 => Request::Auth { proof: d.fixed()? },
+            16 => Request::Txn {
+                txn_id: d.u64()?,
+                low_water: d.u64()?,
+                txn: d.txn()?,
+            },
+            32 => Request::GetInode { ino: d.u64()? },
+            33 => Request::Lookup {
+                parent: d.u64()?,
+                name: d.bytes(NAME_MAX)?,
+            },
+            34 => Request::Readdir {
+                parent: d.u64()?,
+                after: d.u64()?,
+                max: d.u32()?,
+            },
+            35 => Request::Read {
+                ino: d.u64()?,
+                offset: d.u64()?,
+                len: d.u32()?,
+            },
+            36 => Request::NextData {
+                ino: d.u64()?,
+                offset: d.u64()?,
+            },
+            37 => Request::NextHole {
+                ino: d.u64()?,
+                offset: d.u64()?,
+            },
+            38 => Request::Readlink { ino: d.u64()? },
+            39 => Request::GetXattr {
+                ino: d.u64()?,
+                name: d.bytes(XATTR_NAME_MAX)?,
+            },
+            40 => Request::ListXattr { ino: d.u64()? },
+            41 => Request::Statfs,
+            42 => Request::ReserveIds { count: d.u64()? },
+            op => return Err(ProtoError::UnknownOpcode(op)),
+        };
+        d.finish()?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// The one validation function for requests: every bound a server
+    /// relies on is checked here, on receive.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Request::Hello {
+                volume,
+                max_payload,
+                max_in_flight,
+                ..
+            } => {
+                if !valid_volume_name(volume) {
+                    return Err(ProtoError::Invalid(
+                        "volume name must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                    ));
+                }
+                if *max_payload < 64 << 10 || *max_in_flight == 0 {
+                    return Err(ProtoError::Invalid("client limits too small"));
+                }
+            }
+            Request::Txn {
+                txn_id,
+                low_water,
+                txn,
+            } => {
+                if *txn_id == 0 || *low_water > *txn_id {
+                    return Err(ProtoError::Invalid(
+                        "transaction id 0 or low-water mark above it",
+                    ));
+                }
+                if txn.ops.is_empty() || txn.ops.len() > MAX_OPS {
+                    return Err(ProtoError::Invalid("transaction with no ops or too many"));
+                }
+                for op in &txn.ops {
+                    validate_op(op)?;
+                }
+            }
+            Request::Lookup { name, .. }
+                if name.is_empty() || name.contains(&b'/') || name.contains(&0) =>
+            {
+                return Err(ProtoError::Invalid("bad entry name"));
+            }
+            Request::Readdir { max, .. } if *max == 0 || *max > MAX_READDIR => {
+                return Err(ProtoError::Invalid("readdir count out of range"));
+            }
+            Request::Read { offset, len, .. }
+                if *len > MAX_READ || offset.checked_add(u64::from(*len)).is_none() =>
+            {
+                return Err(ProtoError::Invalid("read length or range out of range"));
+            }
+            Request::ReserveIds { count } if *count == 0 || *count > MAX_RESERVE => {
+                return Err(ProtoError::Invalid("reserve count out of range"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn validate_op(op: &Op) -> Result<(), ProtoError> {
+    let name_ok = |n: &[u8]| {
+        !n.is_empty()
+            && n.len() <= NAME_MAX
+            && !n.contains(&b'/')
+            && !n.contains(&0)
+            && n != b"."
+            && n != b".."
+    };
+    match op {
+        Op::PutDirent { dirent, .. } if !name_ok(&dirent.name) => {
+            Err(ProtoError::Invalid("bad entry name in op"))
+        }
+        Op::RemoveDirent { name, .. } if !name_ok(name) => {
+            Err(ProtoError::Invalid("bad entry name in op"))
+        }
+        Op::Write { offset, data, .. }
+            if offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|e| e > i64::MAX as u64) =>
+        {
+            Err(ProtoError::Invalid("write beyond the largest file offset"))
+        }
+        Op::PutInode(i) if i.perm & !0o7777 != 0 || i.size > i64::MAX as u64 => {
+            Err(ProtoError::Invalid("bad inode attributes"))
+        }
+        Op::SetXattr { name, .. } | Op::RemoveXattr { name, .. } if name.is_empty() => {
+            Err(ProtoError::Invalid("empty xattr name"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Volume names become object-store path segments: keep them plain.
+pub fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= VOLUME_NAME_MAX
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl Response {
+    fn opcode(&self) -> u8 {
+        match self {
+            Response::Challenge { .. } => 128,
+            Response::Welcome { .. } => 129,
+            Response::Error { .. } => 130,
+            Response::TxnAck { .. } => 144,
+            Response::Inode(_) => 160,
+            Response::Dirent(_) => 161,
+            Response::Dirents(_) => 162,
+            Response::Data(_) => 163,
+            Response::Offset(_) => 164,
+            Response::Bytes(_) => 165,
+            Response::Names(_) => 166,
+            Response::Stats(_) => 167,
+            Response::Ids { .. } => 168,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        let mut message: String = message.into();
+        if message.len() > ERROR_MESSAGE_MAX {
+            let mut cut = ERROR_MESSAGE_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Response::Error { code, message }
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut e = Enc::default();
+        match self {
+            Response::Challenge { server_nonce } => {
+                e.fixed(server_nonce);
+            }
+            Response::Welcome {
+                proof,
+                epoch,
+                max_payload,
+                max_in_flight,
+            } => {
+                e.fixed(proof)
+                    .u64(*epoch)
+                    .u32(*max_payload)
+                    .u32(*max_in_flight);
+            }
+            Response::Error { code, message } => {
+                e.u16(*code as u16).bytes(message.as_bytes());
+            }
+            Response::TxnAck {
+                txn_id,
+                duplicate,
+                epoch,
+            } => {
+                e.u64(*txn_id).bool(*duplicate).u64(*epoch);
+            }
+            Response::Inode(i) => {
+                e.opt(i.as_ref(), |e, i| {
+                    e.inode(i);
+                });
+            }
+            Response::Dirent(d) => {
+                e.opt(d.as_ref(), |e, d| {
+                    e.dirent(d);
+                });
+            }
+            Response::Dirents(ds) => {
+                e.u32(ds.len() as u32);
+                for d in ds {
+                    e.dirent(d);
+                }
+            }
+            Response::Data(b) => {
+                e.bytes(b);
+            }
+            Response::Offset(o) => {
+                e.opt(o.as_ref(), |e, o| {
+                    e.u64(*o);
+                });
+            }
+            Response::Bytes(b) => {
+                e.opt(b.as_ref(), |e, b| {
+                    e.bytes(b);
+                });
+            }
+            Response::Names(ns) => {
+                e.u32(ns.len() as u32);
+                for n in ns {
+                    e.bytes(n);
+                }
+            }
+            Response::Stats(s) => {
+                e.stats(s);
+            }
+            Response::Ids { first } => {
+                e.u64(*first);
+            }
+        }
+        Frame {
+            opcode: self.opcode(),
+            flags: 0,
+            request_id,
+            payload: e.buf,
+        }
+    }
+
+    /// Decode and validate a response frame.
+    pub fn from_frame(f: &Frame) -> Result<Response, ProtoError> {
+        let mut d = Dec::new(&f.payload);
+        let r = match f.opcode {
+            128 => Response::Challenge {
+                server_nonce: d.fixed()?,
+            },
+            129 => Response::Welcome {
+                proof: d.fixed()?,
+                epoch: d.u64()?,
+                max_payload: d.u32()?,
+                max_in_flight: d.u32()?,
+            },
+            130 => {
+                let code = ErrorCode::from_u16(d.u16()?)
+                    .ok_or(ProtoError::Malformed("unknown error code"))?;
+                let message = String::from_utf8_lossy(&d.bytes(ERROR_MESSAGE_MAX)?).into_owned();
+                Response::Error { code, message }
+            }
+            144 => Response::TxnAck {
+                txn_id: d.u64()?,
+                duplicate: d.bool()?,
+                epoch: d.u64()?,
+            },
+            160 => Response::Inode(d.opt(|d| d.inode())?),
+            161 => Response::Dirent(d.opt(|d| d.dirent())?),
+            162 => {
+                // The smallest entry: empty name length, ino, kind, cookie.
+                let n = d.count(21, MAX_READDIR as usize)?;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(d.dirent()?);
+                }
+                Response::Dirents(v)
+            }
+            163 => Response::Data(d.bytes(MAX_READ as usize)?),
+            164 => Response::Offset(d.opt(|d| d.u64())?),
+            165 => Response::Bytes(d.opt(|d| d.bytes(MAX_PAYLOAD as usize))?),
+            166 => {
+                let n = d.count(4, MAX_PAYLOAD as usize / 4)?;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(d.bytes(XATTR_NAME_MAX)?);
+                }
+                Response::Names(v)
+            }
+            167 => Response::Stats(d.stats()?),
+            168 => Response::Ids { first: d.u64()? },
+            op => return Err(ProtoError::UnknownOpcode(op)),
+        };
+        d.finish()?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// The one validation function for responses.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Response::Welcome {
+                max_payload,
+                max_in_flight,
+                ..
+            } if *max_payload < 64 << 10 || *max_in_flight == 0 => {
+                Err(ProtoError::Invalid("server limits too small"))
+            }
+            Response::TxnAck { txn_id: 0, .. } => Err(ProtoError::Invalid("ack for transaction 0")),
+            Response::Ids { first } if *first < crate::store::FIRST_FREE_ID => {
+                Err(ProtoError::Invalid("reserved id range"))
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Frame and message tests: round trips, and every way a hostile peer can
+//! break a frame (truncation, bad magic, version, checksum, oversize lengths,
+//! lying counts) answered with an error, never a panic.
+
+use super::msg::{ErrorCode, Request, Response};
+use super::*;
+use crate::store::{Dirent, FileKind, Inode, Op, StoreStats, Timestamp, Txn};
+
+fn inode() -> Inode {
+    Inode {
+        ino: 42,
+        kind: FileKind::Regular,
+        perm: 0o644,
+        uid: 1,
+        gid: 2,
+        nlink: 1,
+        size: 10,
+        rdev: 0,
+        atime: Timestamp { sec: 1, nsec: 2 },
+        mtime: Timestamp { sec: 3, nsec: 4 },
+        ctime: Timestamp { sec: 5, nsec: 6 },
+        parent: 0,
+    }
+}
+
+fn sample_txn() -> Txn {
+    let mut t = Txn::new();
+    t.push(Op::PutInode(inode()));
+    t.push(Op::PutDirent {
+        parent: 1,
+        dirent: Dirent {
+            name: b"f".to_vec(),
+            ino: 42,
+            kind: FileKind::Regular,
+            cookie: 99,
+        },
+    });
+    t.push(Op::Write {
+        ino: 42,
+        offset: 0,
+        data: vec![7; 100],
+    });
+    t.push(Op::Truncate { ino: 42, size: 5 });
+    t.push(Op::PunchHole {
+        ino: 42,
+        offset: 1,
+        len: 2,
+    });
+    t.push(Op::SetSymlink {
+        ino: 43,
+        target: b"/x".to_vec(),
+    });
+    t.push(Op::SetXattr {
+        ino: 42,
+        name: b"user.a".to_vec(),
+        value: b"v".to_vec(),
+    });
+    t.push(Op::RemoveXattr {
+        ino: 42,
+        name: b"user.a".to_vec(),
+    });
+    t.push(Op::RemoveDirent {
+        parent: 1,
+        name: b"f".to_vec(),
+    });
+    t.push(Op::RemoveInode { ino: 42 });
+    t
+}
+
+fn requests() -> Vec<Request> {
+    vec![
+        Request::Hello {
+            version: VERSION,
+            session: 9,
+            volume: "vol-1".into(),
+            client_nonce: [3; 32],
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 64,
+        },
+        Request::Auth { proof: [4; 32] },
+        Request::Txn {
+            txn_id: 5,
+            low_water: 3,
+            txn: sample_txn(),
+        },
+        Request::GetInode { ino: 1 },
+        Request::Lookup {
+            parent: 1,
+            name: b"name".to_vec(),
+        },
+        Request::Readdir {
+            parent: 1,
+            after: 0,
+            max: 128,
+        },
+        Request::Read {
+            ino: 42,
+            offset: 4096,
+            len: 65536,
+        },
+        Request::NextData { ino: 42, offset: 0 },
+        Request::NextHole { ino: 42, offset: 0 },
+        Request::Readlink { ino: 43 },
+        Request::GetXattr {
+            ino: 42,
+            name: b"user.a".to_vec(),
+        },
+        Request::ListXattr { ino: 42 },
+        Request::Statfs,
+        Request::ReserveIds { count: 4096 },
+    ]
+}
+
+fn responses() -> Vec<Response> {
+    vec![
+        Response::Challenge {
+            server_nonce: [1; 32],
+        },
+        Response::Welcome {
+            proof: [2; 32],
+            epoch: 77,
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 16,
+        },
+        Response::error(ErrorCode::Fenced, "fenced"),
+        Response::TxnAck {
+            txn_id: 5,
+            duplicate: true,
+            epoch: 77,
+        },
+        Response::Inode(Some(inode())),
+        Response::Inode(None),
+        Response::Dirent(Some(Dirent {
+            name: b"x".to_vec(),
+            ino: 3,
+            kind: FileKind::Directory,
+            cookie: 17,
+        })),
+        Response::Dirents(vec![Dirent {
+            name: b"x".to_vec(),
+            ino: 3,
+            kind: FileKind::Symlink,
+            cookie: 17,
+        }]),
+        Response::Data(vec![1, 2, 3]),
+        Response::Offset(Some(5)),
+        Response::Offset(None),
+        Response::Bytes(Some(b"abc".to_vec())),
+        Response::Names(vec![b"user.a".to_vec(), b"user.b".to_vec()]),
+        Response::Stats(StoreStats {
+            capacity_bytes: 1,
+            used_bytes: 2,
+            capacity_inodes: 3,
+            used_inodes: 4,
+        }),
+        Response::Ids { first: 4096 },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_through_a_frame() {
+    for (i, r) in requests().into_iter().enumerate() {
+        let bytes = r.to_frame(i as u64).encode();
+        let f = Frame::decode(&bytes, MAX_PAYLOAD).unwrap();
+        assert_eq!(f.request_id, i as u64);
+        assert_eq!(Request::from_frame(&f).unwrap(), r);
+    }
+    for r in responses() {
+        let f = Frame::decode(&r.to_frame(1).encode(), MAX_PAYLOAD).unwrap();
+        assert_eq!(Response::from_frame(&f).unwrap(), r);
+    }
+}
+
+#[test]
+fn every_truncation_is_an_error_not_a_panic() {
+    for r in requests() {
+        let bytes = r.to_frame(1).encode();
+        for cut in 0..bytes.len() {
+            assert!(
+                Frame::decode(&bytes[..cut], MAX_PAYLOAD).is_err(),
+                "{r:?} cut at {cut}"
+            );
+        }
+        // A payload cut short but with a matching header and checksum still
+        // fails to decode as a message.
+        let f = r.to_frame(1);
+        for cut in 0..f.payload.len() {
+            let short = Frame {
+                payload: f.payload[..cut].to_vec(),
+                ..f.clone()
+            };
+            assert!(
+                Request::from_frame(&short).is_err(),
+                "{r:?} payload cut at {cut}"
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupted_frames_are_refused() {
+    let good = Request::GetInode { ino: 1 }.to_frame(7).encode();
+    let mut bad_magic = good.clone();
+    bad_magic[0] ^= 1;
+    assert!(matches!(
+        Frame::decode(&bad_magic, MAX_PAYLOAD),
+        Err(ProtoError::BadMagic(_))
+    ));
+    let mut bad_version = good.clone();
+    bad_version[4] = 99;
+    assert!(matches!(
+        Frame::decode(&bad_version, MAX_PAYLOAD),
+        Err(ProtoError::BadVersion(99))
+    ));
+    for i in [5, 8, 20, HEADER_LEN] {
+        let mut flipped = good.clone();
+        flipped[i] ^= 0x40;
+        assert!(
+            matches!(
+                Frame::decode(&flipped, MAX_PAYLOAD),
+                Err(ProtoError::BadChecksum)
+            ),
+            "byte {i}"
+        );
+    }
+    let mut huge = good.clone();
+    huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        Frame::decode(&huge, MAX_PAYLOAD),
+        Err(ProtoError::TooLarge(..))
+    ));
+}
+
+#[test]
+fn lying_lengths_and_counts_do_not_allocate() {
+    // A readdir reply that claims four billion entries in a few bytes.
+    let mut payload = u32::MAX.to_le_bytes().to_vec();
+    payload.extend_from_slice(&[0; 8]);
+    let f = Frame {
+        opcode: 162,
+        flags: 0,
+        request_id: 1,
+        payload,
+    };
+    assert!(matches!(
+        Response::from_frame(&f),
+        Err(ProtoError::Malformed(_))
+    ));
+    // A lookup whose name claims a gigabyte.
+    let mut payload = 1u64.to_le_bytes().to_vec();
+    payload.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    let f = Frame {
+        opcode: 33,
+        flags: 0,
+        request_id: 1,
+        payload,
+    };
+    assert!(matches!(
+        Request::from_frame(&f),
+        Err(ProtoError::Malformed(_))
+    ));
+    // A transaction that claims more ops than its bytes can hold.
+    let mut payload = 5u64.to_le_bytes().to_vec();
+    payload.extend_from_slice(&0u64.to_le_bytes());
+    payload.extend_from_slice(&1000u32.to_le_bytes());
+    let f = Frame {
+        opcode: 16,
+        flags: 0,
+        request_id: 1,
+        payload,
+    };
+    assert!(matches!(
+        Request::from_frame(&f),
+        Err(ProtoError::Malformed(_))
+    ));
+}
+
+#[test]
+fn invalid_requests_are_refused_by_validation() {
+    let bad = [
+        Request::Hello {
+            version: 1,
+            session: 1,
+            volume: "../etc".into(),
+            client_nonce: [0; 32],
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 1,
+        },
+        Request::Hello {
+            version: 1,
+            session: 1,
+            volume: "".into(),
+            client_nonce: [0; 32],
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 1,
+        },
+        Request::Txn {
+            txn_id: 0,
+            low_water: 0,
+            txn: sample_txn(),
+        },
+        Request::Txn {
+            txn_id: 5,
+            low_water: 6,
+            txn: sample_txn(),
+        },
+        Request::Txn {
+            txn_id: 5,
+            low_water: 0,
+            txn: Txn::new(),
+        },
+        Request::Lookup {
+            parent: 1,
+            name: b"a/b".to_vec(),
+        },
+        Request::Readdir {
+            parent: 1,
+            after: 0,
+            max: 0,
+        },
+        Request::Read {
+            ino: 1,
+            offset: u64::MAX,
+            len: 10,
+        },
+        Request::Read {
+            ino: 1,
+            offset: 0,
+            len: MAX_READ + 1,
+        },
+        Request::ReserveIds { count: 0 },
+    ];
+    for r in bad {
+        let f = r.to_frame(1);
+        assert!(
+            matches!(Request::from_frame(&f), Err(ProtoError::Invalid(_))),
+            "{r:?}"
+        );
+    }
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: 1,
+        dirent: Dirent {
+            name: b"..".to_vec(),
+            ino: 2,
+            kind: FileKind::Regular,
+            cookie: 20,
+        },
+    });
+    let f = Request::Txn {
+        txn_id: 1,
+        low_water: 0,
+        txn: t,
+    }
+    .to_frame(1);
+    assert!(Request::from_frame(&f).is_err());
+}
+
+#[test]
+fn unknown_opcodes_and_trailing_bytes_are_refused() {
+    let f = Frame {
+        opcode: 250,
+        flags: 0,
+        request_id: 1,
+        payload: vec![],
+    };
+    assert!(matches!(
+        Request::from_frame(&f),
+        Err(ProtoError::UnknownOpcode(250))
+    ));
+    let mut f = Request::GetInode { ino: 1 }.to_frame(1);
+    f.payload.push(0);
+    assert!(matches!(
+        Request::from_frame(&f),
+        Err(ProtoError::Malformed(_))
+    ));
+}
+
+#[tokio::test]
+async fn frames_stream_over_a_pipe() {
+    let (mut a, mut b) = tokio::io::duplex(1 << 20);
+    for r in requests() {
+        write_frame(&mut a, &r.to_frame(3)).await.unwrap();
+    }
+    drop(a);
+    let mut n = 0;
+    while let Some(f) = read_frame(&mut b, MAX_PAYLOAD).await.unwrap() {
+        Request::from_frame(&f).unwrap();
+        n += 1;
+    }
+    assert_eq!(n, requests().len());
+}
