@@ -13,8 +13,8 @@
 //! killed in `Drop`, so a failing or panicking test leaves nothing running.
 //!
 //! Environment: `POHMELFS_SKIP_VM_TESTS=1` skips every VM test, `POHMELFS_SKIP_VIRTIOFSD=1` skips
-//! the reference runs, `VIRTIOFSD` and `QEMU` name the binaries, `POHMELFS_VM_ACCEL=kvm|tcg`
-//! bypasses the KVM probe.
+//! the reference runs, `POHMELFS_KEEP_VM_LOGS=1` keeps the directories of passed tests too,
+//! `VIRTIOFSD` and `QEMU` name the binaries, `POHMELFS_VM_ACCEL=kvm|tcg` bypasses the KVM probe.
 
 pub mod cpio;
 pub mod daemon;
@@ -105,7 +105,8 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// One VM test run against one daemon: its name, daemon kind and scratch directory.
 ///
 /// The directory is `target/vm-tests/<daemon>-<test>-<pid>/`; it is removed on drop once
-/// [`VmTest::pass`] was called, and kept for inspection otherwise.
+/// [`VmTest::pass`] was called (unless `POHMELFS_KEEP_VM_LOGS` is set), and kept for
+/// inspection otherwise.
 pub struct VmTest {
     kind: DaemonKind,
     name: String,
@@ -160,7 +161,7 @@ impl VmTest {
 
 impl Drop for VmTest {
     fn drop(&mut self) {
-        if self.passed.get() && !std::thread::panicking() {
+        if self.passed.get() && !std::thread::panicking() && !env_flag("POHMELFS_KEEP_VM_LOGS") {
             if let Err(error) = fs::remove_dir_all(&self.dir) {
                 eprintln!("cannot remove {}: {error}", self.dir.display());
             }
