@@ -25,6 +25,35 @@ struct Cli {
 enum Command {
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
     Serve(ServeArgs),
+    /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
+    Store(StoreArgs),
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free one;
+    /// the bound address is logged).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Where the volumes live: file:///DIR, s3://BUCKET/PREFIX?endpoint=...,
+    /// or mem: (tests). Volume NAME is kept at DATA/NAME.
+    #[arg(long)]
+    data: String,
+    /// File holding the shared secret clients must prove (HMAC handshake).
+    #[arg(long)]
+    secret_file: Option<String>,
+    /// Client connections at most.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Requests in flight per connection at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_in_flight: u32,
+    /// Write the bound address to this file once listening (for scripts).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 #[derive(clap::Args)]
@@ -36,7 +65,11 @@ struct ServeArgs {
     /// reads it there; QEMU takes it from its own `tag=`).
     #[arg(long)]
     tag: Option<String>,
-    /// The volume: `mem:` (in memory, does not persist; `mem:?capacity=8G`).
+    /// The volume: file:///DIR (embedded engine on a local directory),
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=R&allow_http=true (embedded
+    /// engine on object storage), pohmel://HOST:PORT[,HOST:PORT...]/VOLUME
+    /// (store servers, failover in order), or mem: (daemon memory; does not
+    /// persist).
     #[arg(long, default_value = "mem:")]
     store: String,
     /// Worker threads serving requests.
@@ -72,6 +105,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Store(args) => store(args),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.
@@ -152,4 +186,53 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
         })
         .context("start signal thread")?;
     Ok(())
+}
+
+fn store(args: StoreArgs) -> Result<()> {
+    use pohmelfs::store::server::{Server, ServerConfig};
+    init_logging(&args.log_level)?;
+    let secret = match &args.secret_file {
+        Some(path) => pohmelfs::store::remote::read_secret(path)
+            .with_context(|| format!("read secret file {path}"))?,
+        None => Vec::new(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pohmelfs-store")
+        .build()
+        .context("start runtime")?;
+    rt.block_on(async move {
+        let cfg = ServerConfig {
+            listen: args.listen,
+            data_url: args.data.clone(),
+            secret,
+            max_connections: args.max_connections,
+            max_in_flight: args.max_in_flight,
+        };
+        let server = Server::bind(cfg).await.context("bind store server")?;
+        let addr = server.local_addr().context("read bound address")?;
+        info!(%addr, data = %args.data, "store server listening");
+        if let Some(path) = &args.addr_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, addr.to_string()).context("write address file")?;
+            std::fs::rename(&tmp, path).context("write address file")?;
+        }
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+            }
+        };
+        server.run(shutdown).await;
+        Ok::<(), anyhow::Error>(())
+    })
 }

@@ -1,0 +1,596 @@
+//! `pohmel://host:port[,host:port...]/volume`: a volume served by one of a
+//! list of `pohmelfs store` servers, reached over the wire protocol.
+//!
+//! Every transaction carries this client's session and a transaction id
+//! that is monotonic per session and never wraps. Until its durable ack
+//! arrives the transaction is kept, and on a timeout, a lost connection or
+//! an error that says "go elsewhere" (fenced, busy, shutting down) it is
+//! resent — with the same id, so the store applies it exactly once — to the
+//! same server or the next one in the list. A transaction is never dropped
+//! silently: after `give_up_after` the caller gets an error and decides.
+//!
+//! Requests from many threads share one connection; the store batches their
+//! commits (group commit).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
+use crate::proto::auth::{self, Side, Transcript};
+use crate::proto::msg::{ErrorCode, Request, Response};
+use crate::proto::{read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION};
+
+/// Settings of a remote volume.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// `host:port` of each server, in failover order.
+    pub servers: Vec<String>,
+    pub volume: String,
+    pub secret: Vec<u8>,
+    /// How long one request may wait for its answer before it is resent.
+    pub request_timeout: Duration,
+    /// How long a request is retried across servers before it fails.
+    pub give_up_after: Duration,
+    /// Requests in flight at most, whatever the server allows.
+    pub max_in_flight: u32,
+}
+
+impl RemoteConfig {
+    /// Parse `pohmel://a:7000,b:7000/volume?secret_file=PATH&timeout_ms=N`.
+    /// Without `secret_file`, `$POHMELFS_SECRET_FILE` is used if set.
+    pub fn from_url(url: &str) -> Result<RemoteConfig, OpenError> {
+        let rest = url
+            .strip_prefix("pohmel://")
+            .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (hosts, volume) = rest
+            .split_once('/')
+            .ok_or_else(|| OpenError::BadOption(format!("{url}: no /VOLUME after the servers")))?;
+        if !crate::proto::msg::valid_volume_name(volume) {
+            return Err(OpenError::BadOption(format!(
+                "{url}: bad volume name {volume:?}"
+            )));
+        }
+        let servers: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect();
+        if servers.is_empty() || servers.iter().any(|s| !s.contains(':')) {
+            return Err(OpenError::BadOption(format!(
+                "{url}: servers must be HOST:PORT[,HOST:PORT...]"
+            )));
+        }
+        let mut cfg = RemoteConfig {
+            servers,
+            volume: volume.to_string(),
+            secret: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(120),
+            max_in_flight: 64,
+        };
+        let mut secret_file = std::env::var("POHMELFS_SECRET_FILE").ok();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("secret_file", v)) => secret_file = Some(v.to_string()),
+                Some(("timeout_ms", v)) => {
+                    let ms: u64 = v
+                        .parse()
+                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
+                    cfg.request_timeout = Duration::from_millis(ms.max(1));
+                }
+                Some(("give_up_ms", v)) => {
+                    let ms: u64 = v
+                        .parse()
+                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
+                    cfg.give_up_after = Duration::from_millis(ms);
+                }
+                _ => return Err(OpenError::BadOption(pair.to_string())),
+            }
+        }
+        if let Some(path) = secret_file {
+            cfg.secret = read_secret(&path)
+                .map_err(|e| OpenError::BadOption(format!("secret_file {path}: {e}")))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Read a shared secret: the file's bytes, trailing newline dropped.
+pub fn read_secret(path: &str) -> std::io::Result<Vec<u8>> {
+    let mut s = std::fs::read(path)?;
+    while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        s.pop();
+    }
+    if s.is_empty() {
+        return Err(std::io::Error::other("secret file is empty"));
+    }
+    Ok(s)
+}
+
+/// Why one attempt at a request failed.
+enum Attempt {
+    /// Try again, here or elsewhere.
+    Retry(String),
+    /// A final answer for the caller.
+    Fail(StoreError),
+}
+
+/// One authenticated connection to a server.
+struct Conn {
+    server: String,
+    tx: mpsc::Sender<Frame>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl Conn {
+    async fn request(&self, req: &Request, timeout: Duration) -> Result<Response, Attempt> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Attempt::Retry("connection closed".into()))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let frame = req.to_frame(id);
+        if frame.payload.len() > MAX_PAYLOAD as usize {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(Attempt::Fail(StoreError::Io(std::io::Error::other(
+                "request larger than the protocol allows",
+            ))));
+        }
+        if self.tx.send(frame).await.is_err() {
+            return Err(Attempt::Retry(format!(
+                "connection to {} closed",
+                self.server
+            )));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(Attempt::Retry(format!(
+                "connection to {} lost",
+                self.server
+            ))),
+            Err(_) => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                Err(Attempt::Retry(format!(
+                    "no answer from {} in {timeout:?}",
+                    self.server
+                )))
+            }
+        }
+    }
+}
+
+struct Inner {
+    cfg: RemoteConfig,
+    session: u64,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    server_index: AtomicUsize,
+    next_txn: AtomicU64,
+    /// Transactions sent and not yet acknowledged: the smallest is the
+    /// low-water mark the store may prune below.
+    outstanding: Mutex<BTreeSet<u64>>,
+    epoch: AtomicU64,
+}
+
+/// A volume on remote store servers.
+pub struct RemoteStore {
+    rt: tokio::runtime::Runtime,
+    inner: Arc<Inner>,
+}
+
+impl RemoteStore {
+    /// Connect to the first server that answers and authenticate.
+    pub fn connect(cfg: RemoteConfig) -> Result<RemoteStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pohmelfs-remote")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Io)?;
+        let mut session = [0u8; 8];
+        getrandom::fill(&mut session)
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        let inner = Arc::new(Inner {
+            cfg,
+            session: u64::from_le_bytes(session),
+            conn: tokio::sync::Mutex::new(None),
+            server_index: AtomicUsize::new(0),
+            next_txn: AtomicU64::new(1),
+            outstanding: Mutex::new(BTreeSet::new()),
+            epoch: AtomicU64::new(0),
+        });
+        // Fail fast at start-up when no server is reachable at all.
+        let first = Arc::clone(&inner);
+        rt.block_on(async move {
+            let mut last = String::new();
+            for _ in 0..first.cfg.servers.len() {
+                match first.connection().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        last = e;
+                        first.next_server();
+                    }
+                }
+            }
+            Err(StoreError::Io(std::io::Error::other(format!(
+                "no store server answered: {last}"
+            ))))
+        })?;
+        Ok(RemoteStore { rt, inner })
+    }
+
+    fn call(&self, req: Request) -> Result<Response, StoreError> {
+        self.rt.block_on(self.inner.call(req))
+    }
+}
+
+impl Inner {
+    fn next_server(&self) {
+        self.server_index.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn current_server(&self) -> String {
+        let i = self.server_index.load(Ordering::Relaxed) % self.cfg.servers.len();
+        self.cfg.servers[i].clone()
+    }
+
+    /// The live connection, or a new one to the current server.
+    async fn connection(&self) -> Result<Arc<Conn>, String> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.alive.load(Ordering::Acquire) {
+                return Ok(Arc::clone(c));
+            }
+        }
+        *guard = None;
+        let server = self.current_server();
+        let conn = tokio::time::timeout(self.cfg.request_timeout, self.open(&server))
+            .await
+            .map_err(|_| format!("{server}: connect timed out"))??;
+        let conn = Arc::new(conn);
+        *guard = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    async fn open(&self, server: &str) -> Result<Conn, String> {
+        let stream = TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("{server}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let client_nonce = auth::nonce().map_err(|e| e.to_string())?;
+        let volume = self.cfg.volume.clone();
+        let hello = Request::Hello {
+            version: VERSION,
+            session: self.session,
+            volume: volume.clone(),
+            client_nonce,
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: self.cfg.max_in_flight,
+        };
+        let proto = |e: crate::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
+        write_frame(&mut wr, &hello.to_frame(0))
+            .await
+            .map_err(proto)?;
+        let server_nonce = match read_response(&mut rd).await.map_err(proto)? {
+            Response::Challenge { server_nonce } => server_nonce,
+            Response::Error { code, message } => {
+                return Err(format!("{server}: refused ({code:?}): {message}"))
+            }
+            other => {
+                return Err(format!(
+                    "{server}: unexpected {other:?} instead of a challenge"
+                ))
+            }
+        };
+        let t = Transcript {
+            client_nonce: &client_nonce,
+            server_nonce: &server_nonce,
+            session: self.session,
+            volume: &volume,
+        };
+        let auth = Request::Auth {
+            proof: auth::prove(&self.cfg.secret, Side::Client, &t),
+        };
+        write_frame(&mut wr, &auth.to_frame(0))
+            .await
+            .map_err(proto)?;
+        let (epoch, max_in_flight) = match read_response(&mut rd).await.map_err(proto)? {
+            Response::Welcome {
+                proof,
+                epoch,
+                max_in_flight,
+                ..
+            } => {
+                if !auth::verify(&self.cfg.secret, Side::Server, &t, &proof) {
+                    return Err(format!(
+                        "{server}: the server could not prove the shared secret"
+                    ));
+                }
+                (epoch, max_in_flight)
+            }
+            Response::Error { code, message } => {
+                return Err(format!("{server}: refused ({code:?}): {message}"))
+            }
+            other => return Err(format!("{server}: unexpected {other:?} instead of welcome")),
+        };
+        let old = self.epoch.swap(epoch, Ordering::AcqRel);
+        if old != 0 && old != epoch {
+            warn!(
+                server,
+                old,
+                new = epoch,
+                "store durability epoch changed: the store restarted or failed over"
+            );
+        }
+        info!(server, volume = %volume, session = self.session, epoch, "connected to store");
+
+        let alive = Arc::new(AtomicBool::new(true));
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
+        let (tx, mut rx) = mpsc::channel::<Frame>(256);
+        let writer_alive = Arc::clone(&alive);
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if write_frame(&mut wr, &f).await.is_err() {
+                    break;
+                }
+            }
+            writer_alive.store(false, Ordering::Release);
+        });
+        let (reader_alive, reader_pending, name) =
+            (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut rd, MAX_PAYLOAD).await {
+                    Ok(Some(f)) => match Response::from_frame(&f) {
+                        Ok(r) => {
+                            let waiter = reader_pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&f.request_id);
+                            if let Some(w) = waiter {
+                                let _ = w.send(r);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(server = %name, error = %crate::ErrorChain(&e), "bad frame from store; reconnecting");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(server = %name, error = %crate::ErrorChain(&e), "store connection failed");
+                        break;
+                    }
+                }
+            }
+            reader_alive.store(false, Ordering::Release);
+            // Dropping the waiters tells every pending request to resend.
+            reader_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        });
+        Ok(Conn {
+            server: server.to_string(),
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+            slots: tokio::sync::Semaphore::new(max_in_flight.min(self.cfg.max_in_flight) as usize),
+        })
+    }
+
+    /// Send `req` until it is answered, failing over between servers.
+    async fn call(&self, req: Request) -> Result<Response, StoreError> {
+        let deadline = Instant::now() + self.cfg.give_up_after;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let failure = match self.connection().await {
+                Err(e) => e,
+                Ok(conn) => match conn.request(&req, self.cfg.request_timeout).await {
+                    Ok(Response::Error { code, message }) => match code {
+                        ErrorCode::Fenced | ErrorCode::Busy | ErrorCode::ShuttingDown => {
+                            conn.alive.store(false, Ordering::Release);
+                            format!("{}: {code:?}: {message}", conn.server)
+                        }
+                        ErrorCode::NoSpace => return Err(StoreError::NoSpace),
+                        ErrorCode::Corrupt => return Err(StoreError::Corrupt(message)),
+                        _ => {
+                            return Err(StoreError::Io(std::io::Error::other(format!(
+                                "{}: {code:?}: {message}",
+                                conn.server
+                            ))))
+                        }
+                    },
+                    Ok(r) => return Ok(r),
+                    Err(Attempt::Fail(e)) => return Err(e),
+                    Err(Attempt::Retry(why)) => {
+                        conn.alive.store(false, Ordering::Release);
+                        why
+                    }
+                },
+            };
+            if Instant::now() >= deadline {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "store unreachable for {:?}: {failure}",
+                    self.cfg.give_up_after
+                ))));
+            }
+            self.next_server();
+            warn!(reason = %failure, next = %self.current_server(), "store request failed; resending");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+async fn read_response<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+) -> Result<Response, crate::proto::ProtoError> {
+    match read_frame(rd, MAX_PAYLOAD).await? {
+        Some(f) => Response::from_frame(&f),
+        None => Err(crate::proto::ProtoError::Io(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        )),
+    }
+}
+
+fn unexpected(r: Response) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!(
+        "unexpected answer from store: {r:?}"
+    )))
+}
+
+impl Store for RemoteStore {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        match self.call(Request::GetInode { ino })? {
+            Response::Inode(i) => Ok(i),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        match self.call(Request::Lookup {
+            parent,
+            name: name.to_vec(),
+        })? {
+            Response::Dirent(d) => Ok(d),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        let max = max.clamp(1, MAX_READDIR as usize) as u32;
+        match self.call(Request::Readdir { parent, after, max })? {
+            Response::Dirents(d) => Ok(d),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        for (i, chunk) in buf.chunks_mut(MAX_READ as usize).enumerate() {
+            let off = offset + (i * MAX_READ as usize) as u64;
+            match self.call(Request::Read {
+                ino,
+                offset: off,
+                len: chunk.len() as u32,
+            })? {
+                Response::Data(d) if d.len() == chunk.len() => chunk.copy_from_slice(&d),
+                r => return Err(unexpected(r)),
+            }
+        }
+        Ok(())
+    }
+
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        match self.call(Request::NextData { ino, offset })? {
+            Response::Offset(o) => Ok(o),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        match self.call(Request::NextHole { ino, offset })? {
+            Response::Offset(Some(o)) => Ok(o),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.call(Request::Readlink { ino })? {
+            Response::Bytes(b) => Ok(b),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.call(Request::GetXattr {
+            ino,
+            name: name.to_vec(),
+        })? {
+            Response::Bytes(b) => Ok(b),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        match self.call(Request::ListXattr { ino })? {
+            Response::Names(n) => Ok(n),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        match self.call(Request::Statfs)? {
+            Response::Stats(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        match self.call(Request::ReserveIds { count })? {
+            Response::Ids { first } => Ok(first),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let txn_id = inner.next_txn.fetch_add(1, Ordering::Relaxed);
+        let low_water = {
+            let mut out = inner.outstanding.lock().unwrap_or_else(|e| e.into_inner());
+            out.insert(txn_id);
+            out.first().copied().unwrap_or(txn_id)
+        };
+        let result = self.call(Request::Txn {
+            txn_id,
+            low_water,
+            txn,
+        });
+        inner
+            .outstanding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&txn_id);
+        match result? {
+            Response::TxnAck { txn_id: acked, .. } if acked == txn_id => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn sync(&self, _ino: Option<u64>) -> Result<(), StoreError> {
+        // Every commit returned only after its durable ack.
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "pohmel://{}/{} (session {:016x})",
+            self.inner.cfg.servers.join(","),
+            self.inner.cfg.volume,
+            self.inner.session
+        )
+    }
+}

@@ -1,0 +1,396 @@
+//! The store server as a real process on 127.0.0.1: durable acks across
+//! `kill -9`, exactly-once apply of resent transactions, authentication,
+//! and failover from a fenced server, driven through the real client
+//! (`pohmel://`) and through raw protocol frames.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pohmelfs::proto::auth::{self, Side, Transcript};
+use pohmelfs::proto::msg::{ErrorCode, Request, Response};
+use pohmelfs::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
+use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+
+const SECRET: &str = "test-secret-123";
+
+/// A `pohmelfs store` process, killed on drop.
+struct StoreProc {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl StoreProc {
+    fn start(dir: &Path, name: &str, data_url: &str) -> StoreProc {
+        let addr_file = dir.join(format!("{name}.addr"));
+        let _ = std::fs::remove_file(&addr_file);
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_pohmelfs"))
+            .args([
+                "store",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                data_url,
+                "--log-level",
+                "debug",
+            ])
+            .arg("--secret-file")
+            .arg(dir.join("secret"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start pohmelfs store");
+        let mut p = StoreProc {
+            child,
+            addr: String::new(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                p.addr = a;
+                return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!(
+                    "store exited with {status}: {}",
+                    std::fs::read_to_string(&p.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "store did not report its address: {}",
+            std::fs::read_to_string(&p.log).unwrap_or_default()
+        );
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for StoreProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pohmelfs-it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("secret"), SECRET).unwrap();
+    d
+}
+
+fn remote(dir: &Path, servers: &[&str], volume: &str) -> std::sync::Arc<dyn Store> {
+    let url = format!(
+        "pohmel://{}/{volume}?secret_file={}&timeout_ms=2000&give_up_ms=30000",
+        servers.join(","),
+        dir.join("secret").display()
+    );
+    store::open(&url).expect("open remote volume")
+}
+
+fn file_inode(ino: u64, size: u64) -> Inode {
+    Inode {
+        ino,
+        kind: FileKind::Regular,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        nlink: 1,
+        size,
+        rdev: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        parent: 0,
+    }
+}
+
+fn write_txn(ino: u64, data: &[u8]) -> Txn {
+    let mut t = Txn::new();
+    t.push(Op::PutInode(file_inode(ino, data.len() as u64)));
+    t.push(Op::Write {
+        ino,
+        offset: 0,
+        data: data.to_vec(),
+    });
+    t
+}
+
+fn read_all(s: &dyn Store, ino: u64) -> Vec<u8> {
+    let size = s.get_inode(ino).unwrap().expect("inode exists").size;
+    let mut buf = vec![0u8; size as usize];
+    s.read(ino, 0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn acked_transactions_survive_kill_9() {
+    let dir = workdir("kill9");
+    let data = format!("file://{}/volumes", dir.display());
+    let mut server = StoreProc::start(&dir, "a", &data);
+    let s = remote(&dir, &[&server.addr], "vol");
+    let mut expected = Vec::new();
+    for i in 0..50u64 {
+        let body: Vec<u8> = (0..(1000 + i * 3000)).map(|b| (b * 7 + i) as u8).collect();
+        s.commit(write_txn(100 + i, &body)).unwrap();
+        expected.push(body);
+    }
+    server.kill9();
+    drop(s);
+    let server = StoreProc::start(&dir, "b", &data);
+    let s = remote(&dir, &[&server.addr], "vol");
+    for (i, body) in expected.iter().enumerate() {
+        assert_eq!(
+            &read_all(&*s, 100 + i as u64),
+            body,
+            "file {i} after kill -9"
+        );
+    }
+}
+
+/// A raw protocol client for what the real client never does on purpose.
+struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    fn connect(
+        addr: &str,
+        secret: &str,
+        session: u64,
+        volume: &str,
+    ) -> Result<Raw, (ErrorCode, String)> {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut raw = Raw { stream };
+        let client_nonce = [9u8; 32];
+        let hello = Request::Hello {
+            version: VERSION,
+            session,
+            volume: volume.into(),
+            client_nonce,
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 8,
+        };
+        let Response::Challenge { server_nonce } = raw.call(&hello) else {
+            panic!("no challenge")
+        };
+        let t = Transcript {
+            client_nonce: &client_nonce,
+            server_nonce: &server_nonce,
+            session,
+            volume,
+        };
+        match raw.call(&Request::Auth {
+            proof: auth::prove(secret.as_bytes(), Side::Client, &t),
+        }) {
+            Response::Welcome { .. } => Ok(raw),
+            Response::Error { code, message } => Err((code, message)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn recv(&mut self) -> Option<Response> {
+        let mut header = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut header).ok()?;
+        let len = u32::from_le_bytes(header[16..20].try_into().unwrap()) as usize;
+        let mut all = header.to_vec();
+        all.resize(HEADER_LEN + len, 0);
+        self.stream.read_exact(&mut all[HEADER_LEN..]).ok()?;
+        Some(Response::from_frame(&Frame::decode(&all, MAX_PAYLOAD).unwrap()).unwrap())
+    }
+
+    fn call(&mut self, req: &Request) -> Response {
+        self.send_bytes(&req.to_frame(1).encode());
+        self.recv().expect("answer")
+    }
+}
+
+#[test]
+fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
+    let dir = workdir("once");
+    let server = StoreProc::start(&dir, "a", &format!("file://{}/volumes", dir.display()));
+    let mut raw = Raw::connect(&server.addr, SECRET, 42, "vol").unwrap();
+    let first = raw.call(&Request::Txn {
+        txn_id: 5,
+        low_water: 5,
+        txn: write_txn(200, b"AAAA"),
+    });
+    assert!(
+        matches!(
+            first,
+            Response::TxnAck {
+                txn_id: 5,
+                duplicate: false,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    let second = raw.call(&Request::Txn {
+        txn_id: 6,
+        low_water: 5,
+        txn: write_txn(200, b"BBBB"),
+    });
+    assert!(
+        matches!(
+            second,
+            Response::TxnAck {
+                txn_id: 6,
+                duplicate: false,
+                ..
+            }
+        ),
+        "{second:?}"
+    );
+    // Resend 5 (as after a lost ack): it must not overwrite BBBB again.
+    let again = raw.call(&Request::Txn {
+        txn_id: 5,
+        low_water: 5,
+        txn: write_txn(200, b"AAAA"),
+    });
+    assert!(
+        matches!(
+            again,
+            Response::TxnAck {
+                txn_id: 5,
+                duplicate: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    let Response::Data(d) = raw.call(&Request::Read {
+        ino: 200,
+        offset: 0,
+        len: 4,
+    }) else {
+        panic!()
+    };
+    assert_eq!(d, b"BBBB");
+    // A resend on a new connection of the same session is a duplicate too.
+    drop(raw);
+    let mut raw = Raw::connect(&server.addr, SECRET, 42, "vol").unwrap();
+    let again = raw.call(&Request::Txn {
+        txn_id: 6,
+        low_water: 5,
+        txn: write_txn(200, b"BBBB"),
+    });
+    assert!(
+        matches!(
+            again,
+            Response::TxnAck {
+                duplicate: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    // Another session's id 5 is a different transaction.
+    let mut other = Raw::connect(&server.addr, SECRET, 43, "vol").unwrap();
+    let r = other.call(&Request::Txn {
+        txn_id: 5,
+        low_water: 5,
+        txn: write_txn(201, b"C"),
+    });
+    assert!(
+        matches!(
+            r,
+            Response::TxnAck {
+                duplicate: false,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn clients_without_the_secret_are_refused() {
+    let dir = workdir("auth");
+    let server = StoreProc::start(&dir, "a", "mem:");
+    let err = Raw::connect(&server.addr, "wrong", 1, "vol")
+        .err()
+        .expect("refused");
+    assert_eq!(err.0, ErrorCode::AuthFailed);
+    let url = format!("pohmel://{}/vol?give_up_ms=0", server.addr);
+    assert!(
+        store::open(&url).is_err(),
+        "a client without the secret must not connect"
+    );
+}
+
+#[test]
+fn malformed_frames_get_an_error_and_the_server_lives_on() {
+    let dir = workdir("malformed");
+    let server = StoreProc::start(&dir, "a", "mem:");
+    let mut raw = Raw::connect(&server.addr, SECRET, 1, "vol").unwrap();
+    let mut bad = Request::GetInode { ino: 1 }.to_frame(3).encode();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff; // checksum no longer matches
+    raw.send_bytes(&bad);
+    match raw.recv() {
+        Some(Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }) => {}
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+    // An oversize length claim, garbage, then a clean client still works.
+    let mut raw = Raw::connect(&server.addr, SECRET, 2, "vol").unwrap();
+    let mut huge = Request::Statfs.to_frame(1).encode();
+    huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    raw.send_bytes(&huge);
+    assert!(matches!(
+        raw.recv(),
+        Some(Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        })
+    ));
+    let mut garbage = TcpStream::connect(&server.addr).unwrap();
+    garbage.write_all(&[0xAB; 4096]).unwrap();
+    let mut raw = Raw::connect(&server.addr, SECRET, 3, "vol").unwrap();
+    assert!(matches!(raw.call(&Request::Statfs), Response::Stats(_)));
+}
+
+#[test]
+fn a_fenced_server_sends_the_client_elsewhere() {
+    let dir = workdir("fence");
+    let data = format!("file://{}/volumes", dir.display());
+    let a = StoreProc::start(&dir, "a", &data);
+    let b = StoreProc::start(&dir, "b", &data);
+    let s = remote(&dir, &[&a.addr, &b.addr], "vol");
+    s.commit(write_txn(300, b"before")).unwrap();
+    // Another client opens the volume on b: b takes it over and fences a.
+    let other = remote(&dir, &[&b.addr], "vol");
+    other.commit(write_txn(301, b"taken over")).unwrap();
+    // The first client's next write is refused by a (fenced) and resent to b.
+    s.commit(write_txn(302, b"after")).unwrap();
+    assert_eq!(read_all(&*other, 300), b"before");
+    assert_eq!(read_all(&*other, 302), b"after");
+    assert_eq!(read_all(&*s, 301), b"taken over");
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(
+        log.contains("fenced") || log.contains("Fenced"),
+        "server a did not report being fenced:\n{log}"
+    );
+}
