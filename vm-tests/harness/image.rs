@@ -50,7 +50,7 @@ fn build() -> std::result::Result<GuestImage, String> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let dir = stdout
         .lines()
-        .last()
+        .next_back()
         .map(|line| Path::new(line.trim()).to_path_buf())
         .ok_or_else(|| format!("images/build-guest printed no directory; stderr:\n{stderr}"))?;
     let image = GuestImage {

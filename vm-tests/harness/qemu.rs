@@ -79,11 +79,11 @@ impl GuestOutput {
 
     /// The value of the last console line `KEY=value`, for results a script reports.
     pub fn value(&self, key: &str) -> Option<&str> {
-        self.console
-            .lines()
-            .filter_map(|line| line.trim_end_matches('\r').strip_prefix(key))
-            .filter_map(|rest| rest.strip_prefix('='))
-            .last()
+        self.console.lines().rev().find_map(|line| {
+            line.trim_end_matches('\r')
+                .strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
     }
 }
 
@@ -269,15 +269,22 @@ fn write_initrd(initrd: &Path, image: &GuestImage, fio: bool, script: &str) -> R
 fn parse_exit_status(console: &str) -> Option<i32> {
     console
         .lines()
-        .filter_map(|line| line.trim().strip_prefix(EXIT_MARKER))
-        .last()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix(EXIT_MARKER))
         .and_then(|status| status.parse().ok())
 }
 
 /// QEMU: `$QEMU`, else `qemu-system-x86_64` from `PATH`.
 fn qemu_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("QEMU") {
-        return Ok(PathBuf::from(path));
+    if let Some(path) = std::env::var_os("QEMU").map(PathBuf::from) {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Failure::new(format!(
+                "QEMU={} is not a file: point it at qemu-system-x86_64, or unset it",
+                path.display()
+            )))
+        };
     }
     std::env::var_os("PATH")
         .iter()
@@ -416,7 +423,19 @@ impl Drop for KillOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_exit_status;
+    use super::{parse_exit_status, GuestOutput};
+
+    #[test]
+    fn reported_values_are_read_from_the_console() {
+        let output = GuestOutput {
+            exit_status: Some(0),
+            console: "== write\r\nSUM=1\r\nSUMMARY=x\r\nSUM=2\r\n".to_owned(),
+            report: String::new(),
+        };
+        assert_eq!(output.value("SUM"), Some("2"));
+        assert_eq!(output.value("SUMMARY"), Some("x"));
+        assert_eq!(output.value("MISSING"), None);
+    }
 
     #[test]
     fn exit_marker_is_parsed_from_the_console() {
