@@ -24,7 +24,21 @@
 //!   across restarts of a durable store.
 //! * A store must never panic on the contents of a transaction: an op that
 //!   names a missing inode or entry is applied as a no-op.
+//! * A store that another writer has taken over (fenced) fails every later
+//!   write with [`StoreError::Fenced`]; it never applies one.
+//!
+//! # Exactly once
+//!
+//! [`OnceStore::commit_once`] names a transaction by `(session, txn_id)`.
+//! The record that it was applied is written in the same atomic batch as
+//! the transaction, so after a crash either both exist or neither does. A
+//! resent transaction whose record exists applies nothing, and is
+//! acknowledged (`duplicate: true`) only once the first copy is durable.
+//! A client drops the records it will never resend with
+//! [`OnceStore::prune_applied`], and detects that the store restarted (and
+//! may have lost what it had not acknowledged) by [`OnceStore::epoch`].
 
+pub mod engine;
 pub mod mem;
 
 use std::fmt;
@@ -65,6 +79,10 @@ pub enum StoreError {
     /// The store found data it cannot decode.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Another writer has opened the volume; this instance may no longer
+    /// write to it.
+    #[error("volume was opened by another writer (fenced)")]
+    Fenced,
 }
 
 /// The type of an inode.
@@ -343,15 +361,119 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Open the store named by `url`. Known schemes: `mem:`.
+/// What [`OnceStore::commit_once`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The transaction had been applied before; this call applied nothing.
+    pub duplicate: bool,
+}
+
+/// A store that applies each named transaction at most once. See "Exactly
+/// once" in the module documentation.
+pub trait OnceStore: Store {
+    /// Apply `txn` atomically and durably unless `(session, txn_id)` was
+    /// applied before, in which case apply nothing and report a duplicate
+    /// (once the earlier copy is durable).
+    fn commit_once(&self, session: u64, txn_id: u64, txn: Txn)
+        -> Result<CommitOutcome, StoreError>;
+
+    /// Forget the applied records of `session` with `txn_id < below`: the
+    /// client's low-water mark, below which it never resends.
+    fn prune_applied(&self, session: u64, below: u64) -> Result<(), StoreError>;
+
+    /// A durability epoch: it changes whenever the store is reopened, so a
+    /// client that sees it change knows unacknowledged work may be gone.
+    fn epoch(&self) -> u64;
+}
+
+/// The reserved inode under which `mem:` keeps its applied records, as
+/// extended attributes named by `(session, txn_id)`: a mem volume then needs
+/// nothing but [`Store::commit`] to write them atomically with the txn.
+const MEM_APPLIED_INO: u64 = 2;
+
+/// Serializes `commit_once` on mem volumes between its check and its commit.
+static MEM_ONCE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn mem_applied_name(session: u64, txn_id: u64) -> Vec<u8> {
+    let mut name = session.to_be_bytes().to_vec();
+    name.extend_from_slice(&txn_id.to_be_bytes());
+    name
+}
+
+impl OnceStore for mem::MemStore {
+    fn commit_once(
+        &self,
+        session: u64,
+        txn_id: u64,
+        mut txn: Txn,
+    ) -> Result<CommitOutcome, StoreError> {
+        let _serial = MEM_ONCE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let name = mem_applied_name(session, txn_id);
+        if self.get_xattr(MEM_APPLIED_INO, &name)?.is_some() {
+            return Ok(CommitOutcome { duplicate: true });
+        }
+        txn.push(Op::SetXattr {
+            ino: MEM_APPLIED_INO,
+            name,
+            value: Vec::new(),
+        });
+        self.commit(txn)?;
+        Ok(CommitOutcome { duplicate: false })
+    }
+
+    fn prune_applied(&self, session: u64, below: u64) -> Result<(), StoreError> {
+        let _serial = MEM_ONCE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut txn = Txn::new();
+        for name in self.list_xattr(MEM_APPLIED_INO)? {
+            let (s, t) = name.split_at(8.min(name.len()));
+            let s = u64::from_be_bytes(s.try_into().unwrap_or_default());
+            let t = u64::from_be_bytes(t.try_into().unwrap_or_default());
+            if s == session && t < below {
+                txn.push(Op::RemoveXattr {
+                    ino: MEM_APPLIED_INO,
+                    name,
+                });
+            }
+        }
+        self.commit(txn)
+    }
+
+    fn epoch(&self) -> u64 {
+        // A mem volume is never reopened: it has one epoch.
+        1
+    }
+}
+
+/// Open the store named by `url`. Known schemes: `mem:`, `file:`, `s3:`.
 pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     let (scheme, rest) = url
         .split_once(':')
         .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
     match scheme {
         "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
+        "file" | "s3" => Ok(std::sync::Arc::new(open_volume(url)?)),
         other => Err(OpenError::UnknownScheme(other.to_string())),
     }
+}
+
+/// Open the store named by `url` for exactly-once commits. Same schemes as
+/// [`open`].
+pub fn open_once(url: &str) -> Result<std::sync::Arc<dyn OnceStore>, OpenError> {
+    let (scheme, rest) = url
+        .split_once(':')
+        .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
+    match scheme {
+        "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
+        "file" | "s3" => Ok(std::sync::Arc::new(open_volume(url)?)),
+        other => Err(OpenError::UnknownScheme(other.to_string())),
+    }
+}
+
+fn open_volume(url: &str) -> Result<engine::SlateStore, OpenError> {
+    engine::SlateStore::open(url).map_err(|source| OpenError::Volume {
+        url: url.to_string(),
+        source,
+    })
 }
 
 /// Why a store could not be opened from its URL.
@@ -359,10 +481,16 @@ pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
 pub enum OpenError {
     #[error("store URL {0:?} has no scheme (expected e.g. mem:)")]
     BadUrl(String),
-    #[error("unknown store URL scheme {0:?} (known: mem)")]
+    #[error("unknown store URL scheme {0:?} (known: mem, file, s3)")]
     UnknownScheme(String),
     #[error("bad store option {0:?}")]
     BadOption(String),
+    #[error("open volume {url:?}")]
+    Volume {
+        url: String,
+        #[source]
+        source: engine::OpenVolumeError,
+    },
 }
 
 /// Parse a size such as `512M`, `8G` or `4096` into bytes.

@@ -1,0 +1,627 @@
+//! The durable volume engine: a [`Store`] on SlateDB, an LSM tree whose WAL
+//! and tables live in an object store (a local directory or an S3 bucket).
+//!
+//! One [`Txn`] becomes one SlateDB write batch, so it is atomic. Commits are
+//! serialized while their batch is built and appended to the in-memory WAL
+//! (building reads what earlier commits left, see `apply.rs`) and then wait
+//! for durability together, sharing WAL flushes (`group.rs`). A commit is
+//! acknowledged only once its batch is in the object store.
+//!
+//! The key layout is in `keys.rs`, value encodings in `codec.rs`; both are
+//! described in `docs/store-layout.md`.
+//!
+//! This module owns the engine instance, its tokio runtime, the superblock,
+//! the id counter and the exactly-once records. The sync [`Store`] methods
+//! block on the runtime, so they must never be called from one of its
+//! threads. It never interprets POSIX semantics: ops are applied blind.
+//!
+//! Reads see every commit that has returned `Ok`; they may also see a commit
+//! that has been appended to the WAL but is still waiting for durability.
+//! Should that wait fail (the volume was fenced by another writer, or the
+//! engine closed) the commit returns `Err` and the instance is unusable.
+
+mod apply;
+mod codec;
+mod config;
+mod group;
+mod keys;
+
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod s3_tests;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use slatedb::config::ScanOptions;
+use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
+use thiserror::Error;
+
+use crate::store::{
+    CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
+    FIRST_FREE_ID,
+};
+use codec::{Counters, Superblock, FORMAT_VERSION};
+pub use group::CommitMode;
+
+/// Ids are reserved durably this many at a time beyond what a caller asks
+/// for, so most `reserve_ids` calls touch no disk. A restart skips the
+/// unused rest.
+const ID_CHUNK: u64 = 4096;
+
+/// The most applied-transaction records one prune batch deletes.
+const PRUNE_BATCH_MAX: usize = 16 * 1024;
+
+/// Why a volume could not be opened.
+#[derive(Debug, Error)]
+pub enum OpenVolumeError {
+    #[error("bad volume URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("create volume directory {0}")]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("configure object store")]
+    ObjectStore(#[source] object_store::Error),
+    #[error("start engine runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("open engine")]
+    Engine(#[source] slatedb::Error),
+    #[error("volume has format version {found}; this build reads version {expected}")]
+    FormatVersion { found: u32, expected: u32 },
+    #[error("the store holds data but no pohmelfs superblock: not a pohmelfs volume")]
+    NotAVolume,
+    #[error("read or write the superblock")]
+    Superblock(#[source] StoreError),
+}
+
+/// An engine error as the store reports it: fencing is its own variant
+/// (another writer owns the volume now), everything else is I/O.
+pub(crate) fn map_engine_error(e: slatedb::Error) -> StoreError {
+    if e.kind() == ErrorKind::Closed(CloseReason::Fenced) {
+        StoreError::Fenced
+    } else {
+        StoreError::Io(std::io::Error::other(e))
+    }
+}
+
+/// What `reserve_ids` hands out from.
+struct IdRange {
+    /// The next id to hand out.
+    next: u64,
+    /// The superblock's durable high-water mark: ids below it may be handed
+    /// out without writing.
+    limit: u64,
+}
+
+/// A volume on SlateDB.
+pub struct SlateStore {
+    db: Db,
+    superblock: Superblock,
+    capacity_bytes: u64,
+    capacity_inodes: u64,
+    describe: String,
+    /// Held while a commit reads, builds and appends its batch: commits
+    /// apply in this order. Holds the space counters as of the last append.
+    commit_lock: tokio::sync::Mutex<Counters>,
+    /// Copies of the counters for statfs, which must not wait behind a
+    /// commit.
+    used_blocks: AtomicU64,
+    used_inodes: AtomicU64,
+    ids: tokio::sync::Mutex<IdRange>,
+    group: group::GroupCommit,
+    /// Set once the engine reports that another writer fenced this one.
+    fenced: AtomicBool,
+    closed: AtomicBool,
+    /// Declared last: dropped after the engine, which spawned its tasks here.
+    runtime: tokio::runtime::Runtime,
+}
+
+fn random_volume_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let from_os = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
+    if from_os.is_err() {
+        // Not secret, only distinct: time and pid will do.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        id.copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
+    }
+    id
+}
+
+impl SlateStore {
+    /// Open (creating if empty) the volume named by a `file://` or `s3://`
+    /// URL.
+    pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
+        let cfg = config::parse(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pohmelfs-engine")
+            .enable_all()
+            .build()
+            .map_err(OpenVolumeError::Runtime)?;
+        let db = runtime
+            .block_on(
+                Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
+                    .with_settings(cfg.settings.clone())
+                    .build(),
+            )
+            .map_err(OpenVolumeError::Engine)?;
+        let opened = runtime.block_on(Self::open_superblock(&db));
+        let (superblock, counters) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                // Best effort: the error we report is the one that stopped
+                // the open.
+                let _ = runtime.block_on(db.close());
+                return Err(e);
+            }
+        };
+        let store = SlateStore {
+            db,
+            capacity_bytes: cfg.capacity_bytes,
+            capacity_inodes: cfg.capacity_inodes,
+            describe: format!(
+                "{} (slatedb, volume {}, epoch {}, commit={})",
+                cfg.describe,
+                superblock
+                    .volume_id
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+                superblock.open_count,
+                cfg.commit_mode.name()
+            ),
+            commit_lock: tokio::sync::Mutex::new(counters),
+            used_blocks: AtomicU64::new(counters.blocks),
+            used_inodes: AtomicU64::new(counters.inodes),
+            ids: tokio::sync::Mutex::new(IdRange {
+                next: superblock.next_id,
+                limit: superblock.next_id,
+            }),
+            superblock,
+            group: group::GroupCommit::new(cfg.commit_mode),
+            fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            runtime,
+        };
+        tracing::info!(volume = %store.describe, "opened volume");
+        Ok(store)
+    }
+
+    /// Read and check the superblock, or write the first one into an empty
+    /// store; either way count this open in it, durably.
+    async fn open_superblock(db: &Db) -> Result<(Superblock, Counters), OpenVolumeError> {
+        let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
+        let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
+            Some(bytes) => {
+                let mut sb =
+                    codec::decode_superblock(&bytes).map_err(OpenVolumeError::Superblock)?;
+                if sb.format_version != FORMAT_VERSION {
+                    return Err(OpenVolumeError::FormatVersion {
+                        found: sb.format_version,
+                        expected: FORMAT_VERSION,
+                    });
+                }
+                sb.open_count = sb.open_count.checked_add(1).ok_or_else(|| {
+                    OpenVolumeError::Superblock(StoreError::Corrupt("open count overflow".into()))
+                })?;
+                sb
+            }
+            None => {
+                let mut any = db.scan::<std::ops::RangeFull>(..).await.map_err(sb_err)?;
+                if any.next().await.map_err(sb_err)?.is_some() {
+                    return Err(OpenVolumeError::NotAVolume);
+                }
+                Superblock {
+                    format_version: FORMAT_VERSION,
+                    volume_id: random_volume_id(),
+                    next_id: FIRST_FREE_ID,
+                    open_count: 1,
+                }
+            }
+        };
+        let counters = match db.get(keys::stats()).await.map_err(sb_err)? {
+            Some(bytes) => codec::decode_counters(&bytes).map_err(OpenVolumeError::Superblock)?,
+            None => Counters::default(),
+        };
+        db.put(keys::superblock(), codec::encode_superblock(&superblock))
+            .await
+            .map_err(sb_err)?;
+        db.flush().await.map_err(sb_err)?;
+        Ok((superblock, counters))
+    }
+
+    /// Close the engine, flushing what it holds in memory. Later calls of
+    /// any method fail.
+    pub fn close(&self) -> Result<(), StoreError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(self.db.close())
+            .map_err(map_engine_error)
+    }
+
+    /// How many WAL flushes commits have asked for (group commit shares
+    /// them, so under load this stays well below the commit count).
+    pub fn flushes(&self) -> u64 {
+        self.group.flushes()
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(StoreError::Fenced);
+        }
+        Ok(())
+    }
+
+    /// Remember fencing so every later write fails fast.
+    fn note<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Fenced) = r {
+            if !self.fenced.swap(true, Ordering::AcqRel) {
+                tracing::error!(volume = %self.describe, "another writer opened the volume; this instance is fenced");
+            }
+        }
+        r
+    }
+
+    async fn get(&self, key: Vec<u8>) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.db.get(key).await.map_err(map_engine_error)
+    }
+
+    /// Collect up to `max` key-value pairs of `range`.
+    async fn scan(
+        &self,
+        range: std::ops::Range<Vec<u8>>,
+        max: usize,
+    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 || range.is_empty() {
+            return Ok(out);
+        }
+        let mut iter = self
+            .db
+            .scan_with_options(range, &ScanOptions::default())
+            .await
+            .map_err(map_engine_error)?;
+        while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
+            out.push((kv.key, kv.value));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Apply `txn` (once, when `once` names it) and wait until durable.
+    async fn commit_inner(
+        &self,
+        once: Option<(u64, u64)>,
+        txn: Txn,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.check_writable()?;
+        let handle = {
+            let mut counters = self.commit_lock.lock().await;
+            let mut view = apply::TxnView::new(&self.db);
+            if let Some((session, txn_id)) = once {
+                if view.get(&keys::applied(session, txn_id)).await?.is_some() {
+                    drop(counters);
+                    // The first copy may still be on its way to the medium:
+                    // acknowledge the duplicate only once it has arrived.
+                    self.group
+                        .wait_all(&self.db)
+                        .await
+                        .map_err(map_engine_error)?;
+                    return Ok(CommitOutcome { duplicate: true });
+                }
+            }
+            for op in txn.ops {
+                apply::apply(&mut view, op).await?;
+            }
+            if let Some((session, txn_id)) = once {
+                view.put(keys::applied(session, txn_id), codec::encode_bytes(&[]))
+                    .await?;
+            }
+            let (batch, after) = view.finish(*counters)?;
+            if after.blocks > counters.blocks
+                && after.blocks.saturating_mul(BLOCK_SIZE) > self.capacity_bytes
+            {
+                return Err(StoreError::NoSpace);
+            }
+            if after.inodes > counters.inodes && after.inodes > self.capacity_inodes {
+                return Err(StoreError::NoSpace);
+            }
+            if batch.is_empty() {
+                None
+            } else {
+                let handle = self.db.write(batch).await.map_err(map_engine_error)?;
+                self.group.written(&handle);
+                *counters = after;
+                self.used_blocks.store(after.blocks, Ordering::Release);
+                self.used_inodes.store(after.inodes, Ordering::Release);
+                Some(handle)
+            }
+        };
+        match handle {
+            Some(h) => self.group.wait(&self.db, &h).await,
+            // Nothing to write, but what this transaction saw may still be
+            // on its way to the medium.
+            None => self.group.wait_all(&self.db).await,
+        }
+        .map_err(map_engine_error)?;
+        Ok(CommitOutcome { duplicate: false })
+    }
+
+    async fn reserve_ids_inner(&self, count: u64) -> Result<u64, StoreError> {
+        let mut ids = self.ids.lock().await;
+        let end = ids
+            .next
+            .checked_add(count)
+            .ok_or_else(|| StoreError::Corrupt("id space exhausted".into()))?;
+        if end > ids.limit {
+            self.check_writable()?;
+            let limit = end.saturating_add(ID_CHUNK);
+            let sb = Superblock {
+                next_id: limit,
+                ..self.superblock.clone()
+            };
+            let handle = self
+                .db
+                .put(keys::superblock(), codec::encode_superblock(&sb))
+                .await
+                .map_err(map_engine_error)?;
+            self.group.written(&handle);
+            self.group
+                .wait(&self.db, &handle)
+                .await
+                .map_err(map_engine_error)?;
+            ids.limit = limit;
+        }
+        let first = ids.next;
+        ids.next = end;
+        Ok(first)
+    }
+
+    async fn prune_inner(&self, session: u64, below: u64) -> Result<(), StoreError> {
+        self.check_writable()?;
+        loop {
+            let serial = self.commit_lock.lock().await;
+            let doomed = self
+                .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
+                .await?;
+            if doomed.is_empty() {
+                return Ok(());
+            }
+            let mut batch = WriteBatch::new();
+            for (key, _) in &doomed {
+                keys::decode_applied(key)?;
+                batch.delete(key);
+            }
+            let handle = self.db.write(batch).await.map_err(map_engine_error)?;
+            self.group.written(&handle);
+            drop(serial);
+            self.group
+                .wait(&self.db, &handle)
+                .await
+                .map_err(map_engine_error)?;
+            if doomed.len() < PRUNE_BATCH_MAX {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn read_inner(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let mut pos = offset;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let index = pos / BLOCK_SIZE;
+            let in_block = (pos % BLOCK_SIZE) as usize;
+            let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_block);
+            let out = &mut buf[done..done + n];
+            out.fill(0);
+            if let Some(v) = self.get(keys::block(ino, index)).await? {
+                let data = codec::decode_block(&v)?;
+                if data.len() > in_block {
+                    let m = (data.len() - in_block).min(n);
+                    out[..m].copy_from_slice(&data[in_block..in_block + m]);
+                }
+            }
+            done += n;
+            pos = match pos.checked_add(n as u64) {
+                Some(p) => p,
+                // Past the largest offset nothing is stored: zeros.
+                None => break,
+            };
+        }
+        Ok(())
+    }
+
+    async fn next_hole_inner(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        let mut want = offset / BLOCK_SIZE;
+        let mut iter = self
+            .db
+            .scan(keys::blocks_from(ino, want))
+            .await
+            .map_err(map_engine_error)?;
+        while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
+            let (_, index) = keys::decode_block(&kv.key)?;
+            if index != want {
+                break;
+            }
+            want = match want.checked_add(1) {
+                Some(w) => w,
+                None => return Ok(u64::MAX),
+            };
+        }
+        Ok(want.saturating_mul(BLOCK_SIZE).max(offset))
+    }
+
+    /// Stop as a crash would: no final flush, the runtime's tasks dropped
+    /// wherever they are.
+    #[cfg(test)]
+    fn crash(self) {
+        self.closed.store(true, Ordering::Release);
+        drop(self);
+    }
+
+    #[cfg(test)]
+    fn raw_db(&self) -> &Db {
+        &self.db
+    }
+
+    #[cfg(test)]
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+impl Drop for SlateStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            if !matches!(e, StoreError::Fenced) {
+                tracing::warn!(volume = %self.describe, error = %e, "closing volume failed");
+            }
+        }
+    }
+}
+
+impl Store for SlateStore {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        self.runtime.block_on(async {
+            match self.get(keys::inode(ino)).await? {
+                Some(v) => Ok(Some(codec::decode_inode(ino, &v)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        self.runtime.block_on(async {
+            match self.get(keys::dirent_by_name(parent, name)).await? {
+                Some(v) => Ok(Some(codec::decode_dirent_by_name(name, &v)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        self.runtime.block_on(async {
+            self.scan(keys::cookies_after(parent, after), max)
+                .await?
+                .iter()
+                .map(|(k, v)| {
+                    let (_, cookie) = keys::decode_dirent_by_cookie(k)?;
+                    codec::decode_dirent_by_cookie(cookie, v)
+                })
+                .collect()
+        })
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.runtime.block_on(self.read_inner(ino, offset, buf))
+    }
+
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        self.runtime.block_on(async {
+            let first = self
+                .scan(keys::blocks_from(ino, offset / BLOCK_SIZE), 1)
+                .await?;
+            match first.first() {
+                Some((k, _)) => {
+                    let (_, index) = keys::decode_block(k)?;
+                    Ok(Some(index.saturating_mul(BLOCK_SIZE).max(offset)))
+                }
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        self.runtime.block_on(self.next_hole_inner(ino, offset))
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.runtime.block_on(async {
+            match self.get(keys::symlink(ino)).await? {
+                Some(v) => Ok(Some(codec::decode_bytes("symlink", &v)?.to_vec())),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.runtime.block_on(async {
+            match self.get(keys::xattr(ino, name)).await? {
+                Some(v) => Ok(Some(codec::decode_bytes("xattr", &v)?.to_vec())),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.runtime.block_on(async {
+            self.scan(keys::xattrs_of(ino), usize::MAX)
+                .await?
+                .iter()
+                .map(|(k, _)| Ok(keys::decode_xattr(k)?.1.to_vec()))
+                .collect()
+        })
+    }
+
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        Ok(StoreStats {
+            capacity_bytes: self.capacity_bytes,
+            used_bytes: self
+                .used_blocks
+                .load(Ordering::Acquire)
+                .saturating_mul(BLOCK_SIZE),
+            capacity_inodes: self.capacity_inodes,
+            used_inodes: self.used_inodes.load(Ordering::Acquire),
+        })
+    }
+
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.note(self.runtime.block_on(self.reserve_ids_inner(count)))
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.note(self.runtime.block_on(self.commit_inner(None, txn)))
+            .map(|_| ())
+    }
+
+    fn sync(&self, _ino: Option<u64>) -> Result<(), StoreError> {
+        // Every commit was durable before it returned.
+        self.check_writable()
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl OnceStore for SlateStore {
+    fn commit_once(
+        &self,
+        session: u64,
+        txn_id: u64,
+        txn: Txn,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.note(
+            self.runtime
+                .block_on(self.commit_inner(Some((session, txn_id)), txn)),
+        )
+    }
+
+    fn prune_applied(&self, session: u64, below: u64) -> Result<(), StoreError> {
+        self.note(self.runtime.block_on(self.prune_inner(session, below)))
+    }
+
+    fn epoch(&self) -> u64 {
+        self.superblock.open_count
+    }
+}
