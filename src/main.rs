@@ -27,6 +27,27 @@ enum Command {
     Serve(ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
     Store(StoreArgs),
+    /// Measure transaction commit latency and throughput against a store.
+    BenchStore(BenchStoreArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchStoreArgs {
+    /// The store: file://, s3://, pohmel:// or mem: (as for serve).
+    #[arg(long)]
+    store: String,
+    /// Transaction sizes to measure, comma separated (4k,64k,1m).
+    #[arg(long, default_value = "4k,64k,1m")]
+    sizes: String,
+    /// Transactions per size.
+    #[arg(long, default_value_t = 500)]
+    count: usize,
+    /// Committing threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// A label for the printed rows.
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +127,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Store(args) => store(args),
+        Command::BenchStore(args) => bench_store(args),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.
@@ -235,4 +257,49 @@ fn store(args: StoreArgs) -> Result<()> {
         server.run(shutdown).await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+fn bench_store(args: BenchStoreArgs) -> Result<()> {
+    init_logging("warn")?;
+    let store = pohmelfs::store::open(&args.store).context("open store")?;
+    let label = if args.label.is_empty() {
+        args.store.clone()
+    } else {
+        args.label.clone()
+    };
+    println!(
+        "| store | txn size | threads | commits | p50 ms | p99 ms | max ms | commits/s | MiB/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut first_ino = 1 << 40;
+    for size in args.sizes.split(',') {
+        let bytes = pohmelfs::store::parse_size(size)
+            .with_context(|| format!("parse size {size:?}"))? as usize;
+        // Fewer big transactions: keep every run to a bounded amount of data.
+        let count = args
+            .count
+            .min(((2u64 << 30) / bytes.max(1) as u64) as usize)
+            .max(1);
+        let f = pohmelfs::store::bench::commit_bench(
+            std::sync::Arc::clone(&store),
+            bytes,
+            count,
+            args.threads,
+            first_ino,
+        )
+        .with_context(|| format!("run {size} transactions"))?;
+        first_ino += count as u64;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "| {label} | {size} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            f.threads,
+            f.commits,
+            ms(f.p50),
+            ms(f.p99),
+            ms(f.max),
+            f.commits_per_sec,
+            f.mib_per_sec
+        );
+    }
+    Ok(())
 }
