@@ -15,6 +15,7 @@ mod boot;
 mod durability;
 mod files;
 mod harness;
+mod persistence;
 
 /// Emits one `#[test]` per listed workload for one daemon.
 macro_rules! tests_for_daemon {
@@ -56,4 +57,9 @@ vm_tests! {
     durability::big_file_fsync,
     durability::remount,
     durability::reboot,
+}
+
+/// Tests of persistent stores; virtiofsd has no store to restart.
+mod pohmelfs_store {
+    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart);
 }

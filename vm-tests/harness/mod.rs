@@ -20,6 +20,7 @@ pub mod cpio;
 pub mod daemon;
 pub mod image;
 pub mod qemu;
+pub mod store;
 
 use std::cell::Cell;
 use std::fmt;
