@@ -7,12 +7,15 @@
 //! `Db::flush`, which makes every write appended so far durable; the others
 //! wait for the leader and find themselves covered, or lead the next flush.
 //! In [`CommitMode::Interval`] each waiter awaits its own write handle and the
-//! engine's `flush_interval` timer does the flushing.
+//! engine's `flush_interval` timer does the flushing. [`CommitMode::Adaptive`]
+//! flushes explicitly when a commit is the only one in flight (nothing to
+//! group with, so waiting for the timer is pure latency) and leaves grouping
+//! to the timer otherwise.
 //!
 //! This module owns the durable watermark. It must never report a sequence
 //! number durable before a flush that covers it has returned.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use slatedb::{Db, WriteHandle};
 
@@ -25,6 +28,8 @@ pub enum CommitMode {
     /// `WriteHandle::await_durable`, with the engine flushing its WAL every
     /// `flush_interval`.
     Interval,
+    /// `Flush` for a commit that is alone in flight, `Interval` otherwise.
+    Adaptive,
 }
 
 impl CommitMode {
@@ -32,6 +37,7 @@ impl CommitMode {
         match self {
             CommitMode::Flush => "flush",
             CommitMode::Interval => "interval",
+            CommitMode::Adaptive => "adaptive",
         }
     }
 }
@@ -49,6 +55,17 @@ pub struct GroupCommit {
     leader: tokio::sync::Mutex<()>,
     /// How many WAL flushes this instance asked for, for tests and logs.
     flushes: AtomicU64,
+    /// Commits between [`GroupCommit::begin`] and the end of their wait.
+    in_flight: AtomicUsize,
+}
+
+/// A commit in flight; see [`GroupCommit::begin`].
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl GroupCommit {
@@ -59,7 +76,16 @@ impl GroupCommit {
             durable: AtomicU64::new(0),
             leader: tokio::sync::Mutex::new(()),
             flushes: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Count a commit as in flight until the guard drops (after its wait).
+    /// Taken before the commit queues for the commit lock, so commits
+    /// waiting for it count too.
+    pub fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(&self.in_flight)
     }
 
     /// Record that the write `handle` names has returned.
@@ -76,6 +102,15 @@ impl GroupCommit {
                 Ok(())
             }
             CommitMode::Flush => self.wait_seq(db, handle.seqnum()).await,
+            CommitMode::Adaptive => {
+                if self.in_flight.load(Ordering::Acquire) <= 1 {
+                    self.wait_seq(db, handle.seqnum()).await
+                } else {
+                    handle.await_durable().await?;
+                    self.durable.fetch_max(handle.seqnum(), Ordering::AcqRel);
+                    Ok(())
+                }
+            }
         }
     }
 

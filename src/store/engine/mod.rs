@@ -305,6 +305,7 @@ impl SlateStore {
         txn: Txn,
     ) -> Result<CommitOutcome, StoreError> {
         self.check_writable()?;
+        let _in_flight = self.group.begin();
         let handle = {
             let mut counters = self.commit_lock.lock().await;
             let mut view = apply::TxnView::new(&self.db);
