@@ -115,7 +115,8 @@ pub struct SlateStore {
     fenced: AtomicBool,
     closed: AtomicBool,
     /// Declared last: dropped after the engine, which spawned its tasks here.
-    runtime: tokio::runtime::Runtime,
+    /// `None` only inside `drop`.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 fn random_volume_id() -> [u8; 16] {
@@ -187,7 +188,7 @@ impl SlateStore {
             group: group::GroupCommit::new(cfg.commit_mode),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            runtime,
+            runtime: Some(runtime),
         };
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
@@ -242,9 +243,15 @@ impl SlateStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.runtime
+        self.rt()
             .block_on(self.db.close())
             .map_err(map_engine_error)
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the engine runtime lives until the store is dropped")
     }
 
     /// How many WAL flushes commits have asked for (group commit shares
@@ -477,15 +484,30 @@ impl SlateStore {
 
     #[cfg(test)]
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.runtime.block_on(f)
+        self.rt().block_on(f)
     }
 }
 
 impl Drop for SlateStore {
     fn drop(&mut self) {
-        if let Err(e) = self.close() {
+        // Inside another runtime's worker this thread may not block on our
+        // runtime nor wait for it to stop: close from a thread of our own,
+        // then let the runtime's threads wind down in the background.
+        let in_async = tokio::runtime::Handle::try_current().is_ok();
+        let closed = if in_async {
+            std::thread::scope(|scope| scope.spawn(|| self.close()).join())
+                .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("close panicked"))))
+        } else {
+            self.close()
+        };
+        if let Err(e) = closed {
             if !matches!(e, StoreError::Fenced) {
                 tracing::warn!(volume = %self.describe, error = %e, "closing volume failed");
+            }
+        }
+        if in_async {
+            if let Some(runtime) = self.runtime.take() {
+                runtime.shutdown_background();
             }
         }
     }
@@ -493,7 +515,7 @@ impl Drop for SlateStore {
 
 impl Store for SlateStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             match self.get(keys::inode(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_inode(ino, &v)?)),
                 None => Ok(None),
@@ -502,7 +524,7 @@ impl Store for SlateStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             match self.get(keys::dirent_by_name(parent, name)).await? {
                 Some(v) => Ok(Some(codec::decode_dirent_by_name(name, &v)?)),
                 None => Ok(None),
@@ -511,7 +533,7 @@ impl Store for SlateStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             self.scan(keys::cookies_after(parent, after), max)
                 .await?
                 .iter()
@@ -524,11 +546,11 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.runtime.block_on(self.read_inner(ino, offset, buf))
+        self.rt().block_on(self.read_inner(ino, offset, buf))
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             let first = self
                 .scan(keys::blocks_from(ino, offset / BLOCK_SIZE), 1)
                 .await?;
@@ -543,11 +565,11 @@ impl Store for SlateStore {
     }
 
     fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.runtime.block_on(self.next_hole_inner(ino, offset))
+        self.rt().block_on(self.next_hole_inner(ino, offset))
     }
 
     fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             match self.get(keys::symlink(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("symlink", &v)?.to_vec())),
                 None => Ok(None),
@@ -556,7 +578,7 @@ impl Store for SlateStore {
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             match self.get(keys::xattr(ino, name)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("xattr", &v)?.to_vec())),
                 None => Ok(None),
@@ -565,7 +587,7 @@ impl Store for SlateStore {
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             self.scan(keys::xattrs_of(ino), usize::MAX)
                 .await?
                 .iter()
@@ -587,11 +609,11 @@ impl Store for SlateStore {
     }
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.note(self.runtime.block_on(self.reserve_ids_inner(count)))
+        self.note(self.rt().block_on(self.reserve_ids_inner(count)))
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        self.note(self.runtime.block_on(self.commit_inner(None, txn)))
+        self.note(self.rt().block_on(self.commit_inner(None, txn)))
             .map(|_| ())
     }
 
@@ -613,13 +635,13 @@ impl OnceStore for SlateStore {
         txn: Txn,
     ) -> Result<CommitOutcome, StoreError> {
         self.note(
-            self.runtime
+            self.rt()
                 .block_on(self.commit_inner(Some((session, txn_id)), txn)),
         )
     }
 
     fn prune_applied(&self, session: u64, below: u64) -> Result<(), StoreError> {
-        self.note(self.runtime.block_on(self.prune_inner(session, below)))
+        self.note(self.rt().block_on(self.prune_inner(session, below)))
     }
 
     fn epoch(&self) -> u64 {

@@ -114,6 +114,27 @@ fn a_second_writer_fences_the_first() {
 }
 
 #[test]
+fn usable_from_and_droppable_inside_another_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(temp_volume(&dir, ""));
+    let outer = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let pool = Arc::clone(&s);
+    outer.block_on(async move {
+        tokio::task::spawn_blocking(move || commit(&*pool, vec![write_op(40, 0, b"from a pool")]))
+            .await
+            .unwrap();
+    });
+    // The last reference goes on a worker of the other runtime: closing must
+    // neither panic nor lose anything.
+    outer.block_on(async move { tokio::spawn(async move { drop(s) }).await.unwrap() });
+    let s = temp_volume(&dir, "");
+    assert_eq!(read(&s, 40, 0, 11), b"from a pool");
+}
+
+#[test]
 fn corrupt_values_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let s = temp_volume(&dir, "");
