@@ -19,11 +19,13 @@
 //!   same trait.
 //! * [`metrics`] — every counter the daemon keeps.
 
+pub mod control;
 pub mod device;
 pub mod fs;
 pub mod metrics;
 pub mod proto;
 pub mod store;
+pub mod txn;
 
 use std::fmt;
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
+use pohmelfs::txn::{OverwritePolicy, TxnConfig};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -29,6 +30,18 @@ enum Command {
     Store(StoreArgs),
     /// Measure transaction commit latency and throughput against a store.
     BenchStore(BenchStoreArgs),
+    /// Print a running daemon's counters (through its control socket).
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's vhost-user socket (the control socket is PATH.ctl).
+    #[arg(long)]
+    socket_path: PathBuf,
+    /// Print in the Prometheus text format.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +130,29 @@ struct ServeArgs {
     /// Exit when the frontend disconnects instead of waiting for the next one.
     #[arg(long)]
     once: bool,
+    /// What a write does to a page whose transaction is in flight: wait for
+    /// its ack, or copy the page (copy-on-write).
+    #[arg(long, value_enum, default_value_t = OverwritePolicy::Cow)]
+    overwrite: OverwritePolicy,
+    /// Page cache memory at most (clean and dirty), e.g. 256M.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Dirty plus in-flight bytes at most; writes beyond wait for acks.
+    #[arg(long, default_value = "128M", value_parser = parse_bytes)]
+    dirty_max: u64,
+    /// Transactions in flight to the store at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_in_flight: u32,
+    /// Milliseconds to wait for an ack before resending a transaction.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    ack_timeout_ms: u64,
+    /// Milliseconds fsync (and a drain at shutdown) waits before giving up
+    /// with EIO.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
+    fsync_timeout_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -128,6 +164,7 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),
+        Command::Status(args) => status(args),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.
@@ -154,9 +191,35 @@ fn serve(args: ServeArgs) -> Result<()> {
             bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
         }
     }
-    let store = pohmelfs::store::open(&args.store).context("open store")?;
+    if args.dirty_max > args.cache_size {
+        bail!(
+            "--dirty-max ({}) must not exceed --cache-size ({})",
+            args.dirty_max,
+            args.cache_size
+        );
+    }
     let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
     let metrics = Arc::new(Metrics::default());
+    let txn_cfg = TxnConfig {
+        overwrite: args.overwrite,
+        cache_bytes: args.cache_size,
+        dirty_max_bytes: args.dirty_max,
+        max_in_flight: args.max_in_flight as usize,
+        ack_timeout: std::time::Duration::from_millis(args.ack_timeout_ms),
+        fsync_timeout: std::time::Duration::from_millis(args.fsync_timeout_ms),
+        ..TxnConfig::default()
+    };
+    let store: Arc<dyn pohmelfs::store::Store> =
+        pohmelfs::txn::open(&args.store, txn_cfg, Arc::clone(&metrics)).context("open store")?;
+    pohmelfs::control::spawn_control_socket(
+        &pohmelfs::control::control_path(&args.socket_path),
+        Arc::clone(&metrics),
+    )
+    .context("bind control socket")?;
+    if let Some(addr) = args.metrics_listen {
+        pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
+            .context("bind metrics endpoint")?;
+    }
     let fs_cfg = FsConfig {
         cache: args.cache,
         writeback_cache: args.writeback_cache,
@@ -182,6 +245,28 @@ fn serve(args: ServeArgs) -> Result<()> {
     device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
     fs.sync_all().context("sync volume")?;
     let _ = std::fs::remove_file(&args.socket_path);
+    let _ = std::fs::remove_file(pohmelfs::control::control_path(&args.socket_path));
+    Ok(())
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    pohmelfs::store::parse_size(s)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 512M, 2G)"))
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let command = if args.prometheus {
+        "prometheus"
+    } else {
+        "status"
+    };
+    let text = pohmelfs::control::query(&args.socket_path, command).with_context(|| {
+        format!(
+            "ask {}",
+            pohmelfs::control::control_path(&args.socket_path).display()
+        )
+    })?;
+    print!("{text}");
     Ok(())
 }
 
@@ -203,6 +288,7 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
                     }
                 };
                 let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(pohmelfs::control::control_path(&socket));
                 std::process::exit(code);
             }
         })

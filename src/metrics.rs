@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])+ $name:ident ),* $(,)?) => {
-        /// The daemon's counters.
+        /// The daemon's counters, gauges and histograms.
         #[derive(Debug, Default)]
         pub struct Metrics {
             $( $(#[doc = $doc])+ pub $name: Counter, )*
+            /// Gauges and histograms.
+            pub levels: Levels,
         }
 
         impl Metrics {
@@ -41,6 +43,121 @@ counters! {
     bytes_read,
     /// Store transactions committed.
     store_commits,
+    /// Transactions formed by the transaction layer (data and metadata).
+    txn_formed,
+    /// Attempts at sending a transaction (first sends and resends).
+    txn_sent,
+    /// Transactions acknowledged durable.
+    txn_acked,
+    /// Resends after a timeout, an error or a store epoch change.
+    txn_resent,
+    /// Moves of a transaction to the next store server.
+    txn_failovers,
+    /// Acknowledgements that said the store had applied the transaction before.
+    txn_duplicate_acks,
+    /// Guest writes that waited for an in-flight transaction's ack
+    /// (`--overwrite wait`).
+    overwrite_waits,
+    /// Guest writes that copied a page pinned by an in-flight transaction
+    /// (`--overwrite cow`).
+    overwrite_copies,
+    /// Guest writes that waited because dirty and in-flight bytes reached
+    /// `--dirty-max`.
+    backpressure_waits,
+    /// Page reads served from the daemon's cache.
+    cache_hits,
+    /// Page reads that went to the store.
+    cache_misses,
+    /// Clean pages evicted to stay within `--cache-size`.
+    cache_evictions,
+    /// fsync (and flush, fsyncdir, syncfs) requests that reached the store layer.
+    fsync_calls,
+    /// fsyncs answered EIO because the data was not acknowledged in time.
+    fsync_errors,
+}
+
+/// A value that goes up and down (bytes held, transactions in flight).
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A latency histogram with fixed bucket bounds in microseconds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_us: &'static [u64],
+    /// One count per bound, plus one for "above the last bound".
+    counts: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+}
+
+/// Bucket bounds for fsync latency: 100 µs to 10 s.
+pub const LATENCY_BOUNDS_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    10_000_000,
+];
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram {
+            bounds_us: LATENCY_BOUNDS_US,
+            counts: (0..=LATENCY_BOUNDS_US.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = self
+            .bounds_us
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(self.bounds_us.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// `(upper bound in µs or None for +Inf, cumulative count)` per bucket.
+    pub fn cumulative(&self) -> Vec<(Option<u64>, u64)> {
+        let mut total = 0;
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                total += c.load(Ordering::Relaxed);
+                (self.bounds_us.get(i).copied(), total)
+            })
+            .collect()
+    }
+
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+}
+
+/// The gauges and histograms, beside the counters.
+#[derive(Debug, Default)]
+pub struct Levels {
+    /// Bytes of dirty and in-flight file data held by the daemon.
+    pub dirty_bytes: Gauge,
+    /// Transactions sent and not yet acknowledged.
+    pub in_flight_txns: Gauge,
+    /// Bytes of page cache held (clean and dirty).
+    pub cache_bytes: Gauge,
+    /// Latency of fsync-like requests as the guest sees it.
+    pub fsync_latency: Histogram,
 }
 
 /// A monotonically increasing counter.
@@ -70,6 +187,48 @@ impl Metrics {
             .collect::<Vec<_>>()
             .join(" ")
     }
+
+    /// Everything in the Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, value, doc) in self.snapshot() {
+            out.push_str(&format!("# HELP pohmelfs_{name}_total {doc}\n# TYPE pohmelfs_{name}_total counter\npohmelfs_{name}_total {value}\n"));
+        }
+        let l = &self.levels;
+        for (name, value, doc) in [
+            (
+                "dirty_bytes",
+                l.dirty_bytes.get(),
+                "Bytes of dirty and in-flight file data held by the daemon.",
+            ),
+            (
+                "in_flight_txns",
+                l.in_flight_txns.get(),
+                "Transactions sent and not yet acknowledged.",
+            ),
+            (
+                "cache_bytes",
+                l.cache_bytes.get(),
+                "Bytes of page cache held.",
+            ),
+        ] {
+            out.push_str(&format!("# HELP pohmelfs_{name} {doc}\n# TYPE pohmelfs_{name} gauge\npohmelfs_{name} {value}\n"));
+        }
+        out.push_str("# HELP pohmelfs_fsync_latency_seconds Latency of fsync-like requests.\n# TYPE pohmelfs_fsync_latency_seconds histogram\n");
+        let buckets = l.fsync_latency.cumulative();
+        for (bound, count) in &buckets {
+            let le = bound.map_or("+Inf".to_string(), |b| format!("{}", b as f64 / 1e6));
+            out.push_str(&format!(
+                "pohmelfs_fsync_latency_seconds_bucket{{le=\"{le}\"}} {count}\n"
+            ));
+        }
+        let total = buckets.last().map_or(0, |b| b.1);
+        out.push_str(&format!(
+            "pohmelfs_fsync_latency_seconds_sum {}\npohmelfs_fsync_latency_seconds_count {total}\n",
+            l.fsync_latency.sum_us() as f64 / 1e6
+        ));
+        out
+    }
 }
 
 #[cfg(test)]
@@ -89,5 +248,24 @@ mod tests {
             "Descriptor chains taken from the request and hiprio queues."
         )));
         assert!(m.summary().contains("bytes_read=10"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_prometheus_renders_them() {
+        let m = Metrics::default();
+        m.levels
+            .fsync_latency
+            .observe(std::time::Duration::from_micros(300));
+        m.levels
+            .fsync_latency
+            .observe(std::time::Duration::from_secs(20));
+        let c = m.levels.fsync_latency.cumulative();
+        assert_eq!(c[1], (Some(250), 0));
+        assert_eq!(c[2], (Some(500), 1));
+        assert_eq!(c.last(), Some(&(None, 2)));
+        let text = m.prometheus();
+        assert!(text.contains("pohmelfs_fsync_latency_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(text.contains("pohmelfs_fsync_latency_seconds_count 2"));
+        assert!(text.contains("# TYPE pohmelfs_txn_acked_total counter"));
     }
 }

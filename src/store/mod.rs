@@ -38,8 +38,11 @@
 //! [`OnceStore::prune_applied`], and detects that the store restarted (and
 //! may have lost what it had not acknowledged) by [`OnceStore::epoch`].
 
+pub mod bench;
 pub mod engine;
 pub mod mem;
+pub mod remote;
+pub mod server;
 
 use std::fmt;
 
@@ -452,6 +455,14 @@ pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     match scheme {
         "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
         "file" | "s3" => Ok(std::sync::Arc::new(open_volume(url)?)),
+        "pohmel" => {
+            let cfg = remote::RemoteConfig::from_url(url)?;
+            let store = remote::RemoteStore::connect(cfg).map_err(|source| OpenError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+            Ok(std::sync::Arc::new(store))
+        }
         other => Err(OpenError::UnknownScheme(other.to_string())),
     }
 }
@@ -481,10 +492,16 @@ fn open_volume(url: &str) -> Result<engine::SlateStore, OpenError> {
 pub enum OpenError {
     #[error("store URL {0:?} has no scheme (expected e.g. mem:)")]
     BadUrl(String),
-    #[error("unknown store URL scheme {0:?} (known: mem, file, s3)")]
+    #[error("unknown store URL scheme {0:?} (known: mem, file, s3, pohmel)")]
     UnknownScheme(String),
     #[error("bad store option {0:?}")]
     BadOption(String),
+    #[error("connect to store {url:?}")]
+    Connect {
+        url: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("open volume {url:?}")]
     Volume {
         url: String,

@@ -243,6 +243,42 @@ impl RemoteStore {
     fn call(&self, req: Request) -> Result<Response, StoreError> {
         self.rt.block_on(self.inner.call(req))
     }
+
+    /// The servers, in failover order.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.cfg.servers
+    }
+
+    /// This client's session id.
+    pub fn session(&self) -> u64 {
+        self.inner.session
+    }
+
+    /// One attempt at delivering a transaction to `server` (an index into
+    /// [`RemoteStore::servers`]), for the transaction layer, which owns the
+    /// transaction ids and decides about resends. Runs on this store's
+    /// runtime; the returned future may be awaited anywhere.
+    pub fn send_txn(
+        &self,
+        server: usize,
+        txn_id: u64,
+        low_water: u64,
+        txn: Txn,
+    ) -> impl std::future::Future<Output = Result<crate::txn::sink::Ack, crate::txn::sink::SendError>>
+           + Send
+           + 'static {
+        let inner = Arc::clone(&self.inner);
+        let task = self
+            .rt
+            .spawn(async move { inner.try_txn(server, txn_id, low_water, txn).await });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(crate::txn::sink::SendError::Retry(format!(
+                    "send task failed: {e}"
+                )))
+            })
+        }
+    }
 }
 
 impl Inner {
@@ -400,6 +436,68 @@ impl Inner {
             alive,
             slots: tokio::sync::Semaphore::new(max_in_flight.min(self.cfg.max_in_flight) as usize),
         })
+    }
+
+    /// Point the connection at `server`, dropping one to another server.
+    async fn use_server(&self, server: usize) {
+        let server = server % self.cfg.servers.len();
+        if self.server_index.load(Ordering::Relaxed) % self.cfg.servers.len() != server {
+            self.server_index.store(server, Ordering::Relaxed);
+            if let Some(c) = self.conn.lock().await.take() {
+                c.alive.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// One attempt at a transaction on `server`.
+    async fn try_txn(
+        &self,
+        server: usize,
+        txn_id: u64,
+        low_water: u64,
+        txn: Txn,
+    ) -> Result<crate::txn::sink::Ack, crate::txn::sink::SendError> {
+        use crate::txn::sink::{Ack, SendError};
+        self.use_server(server).await;
+        let conn = self.connection().await.map_err(SendError::Elsewhere)?;
+        let req = Request::Txn {
+            txn_id,
+            low_water,
+            txn,
+        };
+        match conn.request(&req, self.cfg.request_timeout).await {
+            Ok(Response::TxnAck {
+                txn_id: acked,
+                duplicate,
+                epoch,
+            }) if acked == txn_id => {
+                let old = self.epoch.swap(epoch, Ordering::AcqRel);
+                if old != 0 && old != epoch {
+                    warn!(server = %conn.server, old, new = epoch, "store durability epoch changed");
+                }
+                Ok(Ack { epoch, duplicate })
+            }
+            Ok(Response::Error { code, message }) => {
+                let why = format!("{}: {code:?}: {message}", conn.server);
+                match code {
+                    ErrorCode::Fenced | ErrorCode::Busy | ErrorCode::ShuttingDown => {
+                        conn.alive.store(false, Ordering::Release);
+                        Err(SendError::Elsewhere(why))
+                    }
+                    ErrorCode::NoSpace | ErrorCode::Corrupt => Err(SendError::Refused(why)),
+                    _ => Err(SendError::Retry(why)),
+                }
+            }
+            Ok(other) => Err(SendError::Retry(format!(
+                "{}: unexpected answer {other:?}",
+                conn.server
+            ))),
+            Err(Attempt::Fail(e)) => Err(SendError::Refused(crate::ErrorChain(&e).to_string())),
+            Err(Attempt::Retry(why)) => {
+                conn.alive.store(false, Ordering::Release);
+                Err(SendError::Retry(why))
+            }
+        }
     }
 
     /// Send `req` until it is answered, failing over between servers.

@@ -1,0 +1,338 @@
+//! The page cache: 4 KiB pages per inode, each tagged with the transactions
+//! that carry it. A page with tags is dirty and never evicted; a page
+//! without tags is clean and sits in the LRU list, from which it is evicted
+//! to stay within the cache size. A page buffer that a transaction has
+//! pinned (sent) is never written in place: the caller waits, or the cache
+//! copies it (copy-on-write).
+//!
+//! It never talks to the store and never blocks: the transaction layer
+//! holds it under its lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Bytes per page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A page buffer pinned by a sent transaction: (inode, page index, buffer).
+pub type Pinned = (u64, u64, Arc<[u8]>);
+
+struct Page {
+    buf: Arc<[u8]>,
+    /// Transactions carrying this page, oldest first.
+    tags: Vec<u64>,
+    /// Position in the LRU list while clean.
+    stamp: Option<u64>,
+}
+
+/// The pages of all inodes.
+pub struct PageCache {
+    pages: HashMap<u64, BTreeMap<u64, Page>>,
+    /// Clean pages by last use.
+    lru: BTreeMap<u64, (u64, u64)>,
+    clock: u64,
+    count: u64,
+    max_pages: u64,
+}
+
+fn zero_page() -> Arc<[u8]> {
+    Arc::from(vec![0u8; PAGE_SIZE as usize])
+}
+
+/// A writable view of a page's buffer: in place when nothing else holds
+/// it, otherwise a fresh copy replaces it (the old one stays with whoever
+/// pinned it).
+fn writable(buf: &mut Arc<[u8]>) -> &mut [u8] {
+    if Arc::get_mut(buf).is_none() {
+        *buf = Arc::from(buf.to_vec());
+    }
+    match Arc::get_mut(buf) {
+        Some(b) => b,
+        None => unreachable!("a freshly copied buffer has one owner"),
+    }
+}
+
+impl PageCache {
+    pub fn new(max_bytes: u64) -> PageCache {
+        PageCache {
+            pages: HashMap::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
+            count: 0,
+            max_pages: (max_bytes / PAGE_SIZE).max(16),
+        }
+    }
+
+    /// Bytes held in pages (not counting buffers only transactions pin).
+    pub fn bytes(&self) -> u64 {
+        self.count * PAGE_SIZE
+    }
+
+    pub fn contains(&self, ino: u64, idx: u64) -> bool {
+        self.pages.get(&ino).is_some_and(|p| p.contains_key(&idx))
+    }
+
+    /// True when an in-flight transaction holds this page's buffer.
+    pub fn is_pinned(&self, ino: u64, idx: u64) -> bool {
+        self.pages
+            .get(&ino)
+            .and_then(|p| p.get(&idx))
+            .is_some_and(|p| Arc::strong_count(&p.buf) > 1)
+    }
+
+    fn touch(&mut self, ino: u64, idx: u64) {
+        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+            return;
+        };
+        if let Some(old) = page.stamp.take() {
+            self.lru.remove(&old);
+        }
+        if page.tags.is_empty() {
+            self.clock += 1;
+            page.stamp = Some(self.clock);
+            self.lru.insert(self.clock, (ino, idx));
+        }
+    }
+
+    /// Write `data` at `offset` in page `idx` and tag it with `txn`.
+    /// Returns true when the page was not tagged with `txn` before.
+    pub fn write(&mut self, ino: u64, idx: u64, offset: usize, data: &[u8], txn: u64) -> bool {
+        let pages = self.pages.entry(ino).or_default();
+        let page = pages.entry(idx).or_insert_with(|| {
+            self.count += 1;
+            Page {
+                buf: zero_page(),
+                tags: Vec::new(),
+                stamp: None,
+            }
+        });
+        writable(&mut page.buf)[offset..offset + data.len()].copy_from_slice(data);
+        if let Some(old) = page.stamp.take() {
+            self.lru.remove(&old);
+        }
+        if page.tags.last() == Some(&txn) {
+            false
+        } else {
+            page.tags.push(txn);
+            true
+        }
+    }
+
+    /// Insert a clean page read from the store, unless one is there already
+    /// (a newer write wins over what the store had).
+    pub fn insert_clean(&mut self, ino: u64, idx: u64, data: &[u8]) {
+        if self.contains(ino, idx) {
+            self.touch(ino, idx);
+            return;
+        }
+        self.pages.entry(ino).or_default().insert(
+            idx,
+            Page {
+                buf: Arc::from(data.to_vec()),
+                tags: Vec::new(),
+                stamp: None,
+            },
+        );
+        self.count += 1;
+        self.touch(ino, idx);
+    }
+
+    /// Copy from page `idx` at `offset` into `out`; false when the page is
+    /// not cached.
+    pub fn read(&self, ino: u64, idx: u64, offset: usize, out: &mut [u8]) -> bool {
+        match self.pages.get(&ino).and_then(|p| p.get(&idx)) {
+            Some(page) => {
+                out.copy_from_slice(&page.buf[offset..offset + out.len()]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pin the buffers of `pages` for sending, in (inode, page) order.
+    /// Pages gone since (truncated, removed) are skipped: a later
+    /// transaction of the same inode says so to the store.
+    pub fn pin(&self, pages: &BTreeMap<u64, BTreeSet<u64>>) -> Vec<Pinned> {
+        let mut out = Vec::new();
+        for (ino, idxs) in pages {
+            let Some(p) = self.pages.get(ino) else {
+                continue;
+            };
+            for idx in idxs {
+                if let Some(page) = p.get(idx) {
+                    out.push((*ino, *idx, Arc::clone(&page.buf)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Remove `txn`'s tag from a page: its ack arrived.
+    pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) {
+        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+            return;
+        };
+        let before = page.tags.len();
+        page.tags.retain(|t| *t != txn);
+        debug_assert_eq!(
+            before,
+            page.tags.len() + 1,
+            "page {ino}:{idx} was not tagged with acked txn {txn}"
+        );
+        if page.tags.is_empty() {
+            self.touch(ino, idx);
+        }
+    }
+
+    fn drop_page(&mut self, ino: u64, idx: u64) {
+        if let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.remove(&idx)) {
+            if let Some(s) = page.stamp {
+                self.lru.remove(&s);
+            }
+            self.count -= 1;
+        }
+        if self.pages.get(&ino).is_some_and(|p| p.is_empty()) {
+            self.pages.remove(&ino);
+        }
+    }
+
+    /// Forget every page of a removed inode.
+    pub fn remove_inode(&mut self, ino: u64) {
+        let idxs: Vec<u64> = self
+            .pages
+            .get(&ino)
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default();
+        for idx in idxs {
+            self.drop_page(ino, idx);
+        }
+    }
+
+    /// Drop pages past `size` and zero the tail of the page holding it.
+    pub fn truncate(&mut self, ino: u64, size: u64) {
+        let keep = size.div_ceil(PAGE_SIZE);
+        let doomed: Vec<u64> = self
+            .pages
+            .get(&ino)
+            .map(|p| p.range(keep..).map(|(i, _)| *i).collect())
+            .unwrap_or_default();
+        for idx in doomed {
+            self.drop_page(ino, idx);
+        }
+        let tail = (size % PAGE_SIZE) as usize;
+        if tail != 0 {
+            if let Some(page) = self
+                .pages
+                .get_mut(&ino)
+                .and_then(|p| p.get_mut(&(size / PAGE_SIZE)))
+            {
+                writable(&mut page.buf)[tail..].fill(0);
+            }
+        }
+    }
+
+    /// Zero `len` bytes at `offset` in cached pages (a punched hole).
+    pub fn zero(&mut self, ino: u64, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let Some(pages) = self.pages.get_mut(&ino) else {
+            return;
+        };
+        let first = offset / PAGE_SIZE;
+        let last = end.div_ceil(PAGE_SIZE);
+        for (idx, page) in pages.range_mut(first..last) {
+            let start = idx * PAGE_SIZE;
+            let from = offset.max(start) - start;
+            let to = end.min(start + PAGE_SIZE) - start;
+            writable(&mut page.buf)[from as usize..to as usize].fill(0);
+        }
+    }
+
+    /// Evict clean pages, least recently used first, until within the
+    /// bound. Returns how many went.
+    pub fn evict(&mut self) -> u64 {
+        let mut evicted = 0;
+        while self.count > self.max_pages {
+            let Some((&stamp, &(ino, idx))) = self.lru.iter().next() else {
+                break;
+            };
+            self.lru.remove(&stamp);
+            if let Some(p) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) {
+                p.stamp = None;
+            }
+            self.drop_page(ino, idx);
+            evicted += 1;
+        }
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_make_pages_dirty_and_acks_make_them_clean() {
+        let mut c = PageCache::new(1 << 20);
+        assert!(c.write(1, 0, 10, b"abc", 7));
+        assert!(!c.write(1, 0, 20, b"d", 7), "same txn tags once");
+        assert!(c.write(1, 0, 0, b"x", 8));
+        let mut out = [0u8; 3];
+        assert!(c.read(1, 0, 10, &mut out));
+        assert_eq!(&out, b"abc");
+        c.untag(1, 0, 7);
+        c.untag(1, 0, 8);
+        assert_eq!(c.lru.len(), 1);
+    }
+
+    #[test]
+    fn pinned_buffers_are_copied_not_overwritten() {
+        let mut c = PageCache::new(1 << 20);
+        c.write(1, 0, 0, b"old", 1);
+        let pages = BTreeMap::from([(1, BTreeSet::from([0]))]);
+        let pinned = c.pin(&pages);
+        assert!(c.is_pinned(1, 0));
+        c.write(1, 0, 0, b"new", 2);
+        assert_eq!(&pinned[0].2[..3], b"old");
+        let mut out = [0u8; 3];
+        c.read(1, 0, 0, &mut out);
+        assert_eq!(&out, b"new");
+        assert!(!c.is_pinned(1, 0), "the page has a buffer of its own now");
+    }
+
+    #[test]
+    fn only_clean_pages_are_evicted_oldest_first() {
+        let mut c = PageCache::new(16 * PAGE_SIZE);
+        for i in 0..16 {
+            c.insert_clean(1, i, &[1u8; PAGE_SIZE as usize]);
+        }
+        c.write(2, 0, 0, b"dirty", 9);
+        assert_eq!(c.evict(), 1);
+        assert!(!c.contains(1, 0), "the least recently used clean page goes");
+        assert!(c.contains(2, 0), "dirty pages stay");
+        c.insert_clean(1, 100, &[0u8; PAGE_SIZE as usize]);
+        c.touch(1, 1);
+        assert_eq!(c.evict(), 1);
+        assert!(!c.contains(1, 2));
+        assert!(c.contains(1, 1));
+    }
+
+    #[test]
+    fn truncate_and_zero_respect_pins() {
+        let mut c = PageCache::new(1 << 20);
+        c.write(1, 0, 0, &[5u8; 4096], 1);
+        c.write(1, 1, 0, &[5u8; 4096], 1);
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([0, 1]))]));
+        c.truncate(1, 100);
+        assert!(!c.contains(1, 1));
+        let mut out = [9u8; 4096];
+        c.read(1, 0, 0, &mut out);
+        assert!(out[..100].iter().all(|&b| b == 5) && out[100..].iter().all(|&b| b == 0));
+        assert!(
+            pinned[0].2.iter().all(|&b| b == 5),
+            "the pinned copy keeps what was sent"
+        );
+        c.zero(1, 10, 20);
+        c.read(1, 0, 0, &mut out);
+        assert!(out[10..30].iter().all(|&b| b == 0) && out[..10].iter().all(|&b| b == 5));
+    }
+}

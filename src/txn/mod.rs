@@ -1,0 +1,1087 @@
+//! Transactions and the tagged page cache: the heart of POHMELFS, in the
+//! daemon. [`WritebackStore`] sits between the filesystem layer and a store
+//! and is itself a [`Store`], so the filesystem layer does not know it is
+//! there.
+//!
+//! * A guest WRITE is copied into 4 KiB daemon pages and completes once
+//!   copied (write-back). Every dirty page is tagged with the transaction
+//!   that carries it; a page can carry two tags while one version is in
+//!   flight and a newer one is queued.
+//! * A transaction is formed as soon as pages get dirty (one per write, or
+//!   merged into the inode's queued transaction up to `max_txn_bytes`), so
+//!   acks usually arrive before anyone waits for them. Metadata changes
+//!   (create, unlink, rename, setattr, xattrs, ...) travel in transactions
+//!   too, ordered with the data of the same inodes: a transaction is sent
+//!   only when it is the oldest unacknowledged one of every inode it
+//!   touches, so the store never applies an older version of a byte after
+//!   a newer one, across resends and failover. Metadata transactions are
+//!   write-through: their caller waits for the ack (hard-mount semantics).
+//! * When sent, a transaction pins the page buffers it carries. A guest
+//!   write to a pinned page either waits for the ack (`wait`, the original
+//!   POHMELFS choice) or copies the page into a new buffer (`cow`).
+//! * A transaction stays in memory until the store acknowledges it
+//!   durable. On a timeout it is resent (same id: the store applies it
+//!   once), after `attempts_per_server` timeouts or an error that says "go
+//!   elsewhere" it moves to the next server, and when an ack carries a new
+//!   durability epoch everything unacknowledged is resent. It is never
+//!   dropped: fsync reports EIO after `fsync_timeout`, and that error stays
+//!   until the inode's data is durable.
+//! * `sync` (fsync, flush, fsyncdir, release, syncfs, disconnect, SIGTERM)
+//!   finds the transactions that refer to the inode's pages (or all), sends
+//!   what is queued at once, resends what stalled, and waits for the acks.
+//!
+//! It must never report success for data that was not stored, and never
+//! lose a transaction without a log line.
+
+mod cache;
+pub mod sink;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn};
+use cache::{PageCache, PAGE_SIZE};
+use sink::{Ack, SendError, Sink};
+
+/// What a guest write does to a page an in-flight transaction carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverwritePolicy {
+    /// Wait until the transaction is acknowledged, then write in place.
+    Wait,
+    /// Copy the page into a new buffer; the old one stays with the
+    /// transaction until its ack.
+    Cow,
+}
+
+/// Settings of the transaction layer.
+#[derive(Clone, Debug)]
+pub struct TxnConfig {
+    pub overwrite: OverwritePolicy,
+    /// All page memory, clean and dirty.
+    pub cache_bytes: u64,
+    /// Dirty plus in-flight bytes; writes beyond wait for acks.
+    pub dirty_max_bytes: u64,
+    /// Transactions in flight at once.
+    pub max_in_flight: usize,
+    /// Data bytes one transaction carries at most.
+    pub max_txn_bytes: u64,
+    /// How long an attempt waits for its ack before the transaction is resent.
+    pub ack_timeout: Duration,
+    /// Timed-out attempts on one server before moving to the next.
+    pub attempts_per_server: u32,
+    /// How long fsync waits before answering EIO.
+    pub fsync_timeout: Duration,
+    /// Bytes read ahead of a sequential reader.
+    pub read_ahead_bytes: u64,
+}
+
+impl Default for TxnConfig {
+    fn default() -> TxnConfig {
+        TxnConfig {
+            overwrite: OverwritePolicy::Cow,
+            cache_bytes: 256 << 20,
+            dirty_max_bytes: 128 << 20,
+            max_in_flight: 64,
+            max_txn_bytes: 4 << 20,
+            ack_timeout: Duration::from_secs(5),
+            attempts_per_server: 3,
+            fsync_timeout: Duration::from_secs(60),
+            read_ahead_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Where a transaction is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TxnState {
+    /// Formed, not sent (or waiting to be resent after `not_before`).
+    Queued,
+    /// An attempt is on its way; `attempt` numbers it.
+    InFlight { attempt: u64 },
+}
+
+/// One unacknowledged transaction.
+struct TxnEntry {
+    id: u64,
+    /// Metadata ops, in order; data transactions end with the inode's
+    /// PutInode.
+    ops: Vec<Op>,
+    /// The pages it carries, by inode (its tags on those pages).
+    pages: BTreeMap<u64, BTreeSet<u64>>,
+    /// Page buffers pinned when first sent; resends carry exactly these.
+    pinned: Option<Vec<cache::Pinned>>,
+    /// Every inode it touches, for ordering.
+    inodes: BTreeSet<u64>,
+    /// Bytes it holds against `dirty_max_bytes`.
+    data_bytes: u64,
+    /// Only data of one inode: later writes may merge into it until sent.
+    mergeable: bool,
+    state: TxnState,
+    server: usize,
+    attempts_here: u32,
+    attempts: u32,
+    not_before: Option<Instant>,
+    last_error: Option<String>,
+    formed: Instant,
+}
+
+/// The inode attributes the store does not have yet.
+#[derive(Clone, Debug)]
+struct Overlay {
+    /// `None`: removed.
+    inode: Option<Inode>,
+    /// The newest transaction that set it; the entry retires with its ack.
+    txn: u64,
+}
+
+struct State {
+    cache: PageCache,
+    txns: BTreeMap<u64, TxnEntry>,
+    /// Unacknowledged transaction ids per inode, oldest first.
+    by_inode: HashMap<u64, VecDeque<u64>>,
+    attrs: HashMap<u64, Overlay>,
+    next_id: u64,
+    next_attempt: u64,
+    in_flight: usize,
+    dirty_bytes: u64,
+    /// The store's durability epoch as last acknowledged.
+    epoch: u64,
+    /// Inodes whose fsync failed; cleared when their data is durable.
+    sticky: HashMap<u64, String>,
+    /// Where each inode's last read ended, to spot sequential readers.
+    last_read_end: HashMap<u64, u64>,
+    shutdown: bool,
+}
+
+struct Shared {
+    cfg: TxnConfig,
+    store: Arc<dyn Store>,
+    sink: Arc<dyn Sink>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    /// Signalled on every ack and every change a waiter may care about.
+    changed: Condvar,
+    /// Wakes the pump.
+    pump: Notify,
+}
+
+/// The transaction layer over a store.
+pub struct WritebackStore {
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every inode an op touches.
+fn op_inodes(op: &Op, out: &mut BTreeSet<u64>) {
+    match op {
+        Op::PutInode(i) => {
+            out.insert(i.ino);
+        }
+        Op::RemoveInode { ino }
+        | Op::Write { ino, .. }
+        | Op::Truncate { ino, .. }
+        | Op::PunchHole { ino, .. }
+        | Op::SetSymlink { ino, .. }
+        | Op::SetXattr { ino, .. }
+        | Op::RemoveXattr { ino, .. } => {
+            out.insert(*ino);
+        }
+        Op::PutDirent { parent, dirent } => {
+            out.insert(*parent);
+            out.insert(dirent.ino);
+        }
+        Op::RemoveDirent { parent, .. } => {
+            out.insert(*parent);
+        }
+    }
+}
+
+/// Open the store named by `url` behind the transaction layer: `pohmel://`
+/// servers through their wire protocol, `file://`, `s3://` and `mem:`
+/// through the embedded engine (the ack is its durable commit).
+pub fn open(
+    url: &str,
+    cfg: TxnConfig,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    let io = |e: std::io::Error| crate::store::OpenError::Connect {
+        url: url.to_string(),
+        source: StoreError::Io(e),
+    };
+    let (reads, sink): (Arc<dyn Store>, Arc<dyn Sink>) = if url.starts_with("pohmel://") {
+        let cfg = crate::store::remote::RemoteConfig::from_url(url)?;
+        let remote = Arc::new(crate::store::remote::RemoteStore::connect(cfg).map_err(
+            |source| crate::store::OpenError::Connect {
+                url: url.to_string(),
+                source,
+            },
+        )?);
+        (remote.clone(), Arc::new(sink::RemoteSink::new(remote)))
+    } else {
+        let engine = crate::store::open_once(url)?;
+        (
+            engine.clone(),
+            Arc::new(sink::EngineSink::new(engine).map_err(io)?),
+        )
+    };
+    WritebackStore::new(cfg, reads, sink, metrics)
+        .map(Arc::new)
+        .map_err(io)
+}
+
+impl WritebackStore {
+    /// Put the transaction layer over `store` (reads) and `sink` (writes).
+    pub fn new(
+        cfg: TxnConfig,
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<WritebackStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pohmelfs-txn")
+            .enable_all()
+            .build()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                cache: PageCache::new(cfg.cache_bytes),
+                txns: BTreeMap::new(),
+                by_inode: HashMap::new(),
+                attrs: HashMap::new(),
+                next_id: 1,
+                next_attempt: 1,
+                in_flight: 0,
+                dirty_bytes: 0,
+                epoch: 0,
+                sticky: HashMap::new(),
+                last_read_end: HashMap::new(),
+                shutdown: false,
+            }),
+            cfg,
+            store,
+            sink,
+            metrics,
+            changed: Condvar::new(),
+            pump: Notify::new(),
+        });
+        rt.spawn(pump(Arc::clone(&shared)));
+        Ok(WritebackStore { shared, rt })
+    }
+
+    /// Transactions not yet acknowledged (for tests and status).
+    pub fn unacked(&self) -> usize {
+        lock(&self.shared.state).txns.len()
+    }
+}
+
+impl Drop for WritebackStore {
+    fn drop(&mut self) {
+        let left = {
+            let mut st = lock(&self.shared.state);
+            st.shutdown = true;
+            st.txns.len()
+        };
+        if left > 0 {
+            error!(
+                transactions = left,
+                "transaction layer dropped with unacknowledged transactions"
+            );
+        }
+        self.shared.pump.notify_one();
+    }
+}
+
+impl Shared {
+    /// Queue a transaction; returns its id. Called with the state locked.
+    fn enqueue(&self, st: &mut State, entry: TxnEntry) -> u64 {
+        let id = entry.id;
+        for ino in &entry.inodes {
+            st.by_inode.entry(*ino).or_default().push_back(id);
+        }
+        st.dirty_bytes += entry.data_bytes;
+        st.txns.insert(id, entry);
+        self.metrics.txn_formed.inc();
+        self.publish(st);
+        self.pump.notify_one();
+        id
+    }
+
+    fn new_entry(st: &mut State, ops: Vec<Op>, mergeable: bool) -> TxnEntry {
+        let id = st.next_id;
+        st.next_id += 1;
+        let mut inodes = BTreeSet::new();
+        for op in &ops {
+            op_inodes(op, &mut inodes);
+        }
+        TxnEntry {
+            id,
+            ops,
+            pages: BTreeMap::new(),
+            pinned: None,
+            inodes,
+            data_bytes: 0,
+            mergeable,
+            state: TxnState::Queued,
+            server: 0,
+            attempts_here: 0,
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            formed: Instant::now(),
+        }
+    }
+
+    fn publish(&self, st: &State) {
+        let l = &self.metrics.levels;
+        l.dirty_bytes.set(st.dirty_bytes);
+        l.in_flight_txns.set(st.in_flight as u64);
+        l.cache_bytes.set(st.cache.bytes());
+    }
+
+    /// The attributes of `ino` as the guest last set them.
+    fn current_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        if let Some(o) = lock(&self.state).attrs.get(&ino) {
+            return Ok(o.inode.clone());
+        }
+        self.store.get_inode(ino)
+    }
+
+    /// The write-back path: copy `data` into pages and tag them.
+    fn write(&self, ino: u64, offset: u64, data: &[u8], inode: Inode) -> Result<(), StoreError> {
+        if data.is_empty() {
+            let mut st = lock(&self.state);
+            let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
+            let id = self.enqueue(&mut st, entry);
+            st.attrs.insert(
+                ino,
+                Overlay {
+                    inode: Some(inode),
+                    txn: id,
+                },
+            );
+            return Ok(());
+        }
+        let size_before = self.current_inode(ino)?.map_or(0, |i| i.size);
+        let first = offset / PAGE_SIZE;
+        let end = offset + data.len() as u64;
+        let last = (end - 1) / PAGE_SIZE;
+        // Pages written only in part must hold their old bytes, where the
+        // store may have any.
+        let partial: Vec<u64> = [first, last]
+            .into_iter()
+            .filter(|&idx| {
+                let start = idx * PAGE_SIZE;
+                !(offset <= start && end >= start + PAGE_SIZE) && start < size_before
+            })
+            .collect();
+        let bytes = (last - first + 1) * PAGE_SIZE;
+        let mut st = lock(&self.state);
+        // Everything that makes this write wait happens before it touches a
+        // page, and after any wait it starts over: a transaction chosen
+        // before a wait may have been sent during it.
+        loop {
+            if st.shutdown {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "transaction layer shut down",
+                )));
+            }
+            if let Some(&idx) = partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
+                drop(st);
+                self.load_pages(ino, idx, 1)?;
+                st = lock(&self.state);
+                continue;
+            }
+            // Backpressure: dirty and in-flight bytes stay within their bound.
+            if st.dirty_bytes > 0 && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes {
+                self.metrics.backpressure_waits.inc();
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            if self.cfg.overwrite == OverwritePolicy::Wait
+                && (first..=last).any(|i| st.cache.is_pinned(ino, i))
+            {
+                self.metrics.overwrite_waits.inc();
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            break;
+        }
+        // The inode's queued data transaction, if it can take more.
+        let tail = st
+            .by_inode
+            .get(&ino)
+            .and_then(|q| q.back().copied())
+            .filter(|id| {
+                st.txns.get(id).is_some_and(|t| {
+                    t.mergeable
+                        && t.state == TxnState::Queued
+                        && t.pinned.is_none()
+                        && t.data_bytes + bytes <= self.cfg.max_txn_bytes
+                })
+            });
+        let txn_id = match tail {
+            Some(id) => id,
+            None => {
+                let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
+                self.enqueue(&mut st, entry)
+            }
+        };
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let idx = pos / PAGE_SIZE;
+            let in_page = (pos % PAGE_SIZE) as usize;
+            let n = rest.len().min(PAGE_SIZE as usize - in_page);
+            if st.cache.is_pinned(ino, idx) {
+                // Only under `cow`: `wait` waited above.
+                self.metrics.overwrite_copies.inc();
+            }
+            if st.cache.write(ino, idx, in_page, &rest[..n], txn_id) {
+                if let Some(t) = st.txns.get_mut(&txn_id) {
+                    t.pages.entry(ino).or_default().insert(idx);
+                    t.data_bytes += PAGE_SIZE;
+                }
+                st.dirty_bytes += PAGE_SIZE;
+            }
+            rest = &rest[n..];
+            pos += n as u64;
+        }
+        // The transaction carries the newest attributes.
+        if let Some(t) = st.txns.get_mut(&txn_id) {
+            for op in &mut t.ops {
+                if let Op::PutInode(i) = op {
+                    if i.ino == ino {
+                        *i = inode.clone();
+                    }
+                }
+            }
+        }
+        st.attrs.insert(
+            ino,
+            Overlay {
+                inode: Some(inode),
+                txn: txn_id,
+            },
+        );
+        let evicted = st.cache.evict();
+        self.metrics.cache_evictions.add(evicted);
+        self.publish(&st);
+        drop(st);
+        self.pump.notify_one();
+        Ok(())
+    }
+
+    /// Read `count` pages from `first` into the cache as clean pages, where
+    /// absent.
+    fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
+        let mut buf = vec![0u8; (count * PAGE_SIZE) as usize];
+        self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
+        let mut st = lock(&self.state);
+        for (i, chunk) in buf.chunks(PAGE_SIZE as usize).enumerate() {
+            st.cache.insert_clean(ino, first + i as u64, chunk);
+        }
+        let evicted = st.cache.evict();
+        self.metrics.cache_evictions.add(evicted);
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// A metadata transaction: apply its effects on the cache and overlay,
+    /// queue it, wait for its ack.
+    fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
+        let id = {
+            let mut st = lock(&self.state);
+            let entry = Self::new_entry(&mut st, txn.ops, false);
+            let id = entry.id;
+            for op in &entry.ops {
+                match op {
+                    Op::PutInode(i) => {
+                        st.attrs.insert(
+                            i.ino,
+                            Overlay {
+                                inode: Some(i.clone()),
+                                txn: id,
+                            },
+                        );
+                    }
+                    Op::RemoveInode { ino } => {
+                        st.attrs.insert(
+                            *ino,
+                            Overlay {
+                                inode: None,
+                                txn: id,
+                            },
+                        );
+                        st.cache.remove_inode(*ino);
+                    }
+                    Op::Truncate { ino, size } => st.cache.truncate(*ino, *size),
+                    Op::PunchHole { ino, offset, len } => st.cache.zero(*ino, *offset, *len),
+                    _ => {}
+                }
+            }
+            self.enqueue(&mut st, entry);
+            id
+        };
+        self.wait_for(&[id], None).map(|_| ())
+    }
+
+    /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
+    /// Returns the ids still unacknowledged on timeout as an error.
+    fn wait_for(&self, ids: &[u64], timeout: Option<Duration>) -> Result<(), StoreError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = lock(&self.state);
+        loop {
+            let pending: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| st.txns.contains_key(id))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if st.shutdown {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "transaction layer shut down",
+                )));
+            }
+            match deadline {
+                None => st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        let described: Vec<String> = pending
+                            .iter()
+                            .filter_map(|id| st.txns.get(id))
+                            .map(describe)
+                            .collect();
+                        return Err(StoreError::Io(std::io::Error::other(format!(
+                            "{} transaction(s) not acknowledged within {:?}: {}",
+                            pending.len(),
+                            timeout.unwrap_or_default(),
+                            described.join("; ")
+                        ))));
+                    }
+                    st = self
+                        .changed
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// The writeback contract: everything unacknowledged that touches `ino`
+    /// (or everything), sent now and waited for.
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        let start = Instant::now();
+        self.metrics.fsync_calls.inc();
+        let ids: Vec<u64> = {
+            let mut st = lock(&self.state);
+            let ids: Vec<u64> = match ino {
+                Some(i) => st
+                    .by_inode
+                    .get(&i)
+                    .map(|q| q.iter().copied().collect())
+                    .unwrap_or_default(),
+                None => st.txns.keys().copied().collect(),
+            };
+            if let Some(i) = ino {
+                if let Some(why) = st.sticky.get(&i) {
+                    if !ids.is_empty() {
+                        self.metrics.fsync_errors.inc();
+                        return Err(StoreError::Io(std::io::Error::other(format!(
+                            "earlier fsync failed and the data is still not durable: {why}"
+                        ))));
+                    }
+                }
+            }
+            // Resend at once whatever waits for a backoff.
+            let now = Instant::now();
+            for id in &ids {
+                if let Some(t) = st.txns.get_mut(id) {
+                    if t.state == TxnState::Queued && t.not_before.is_some_and(|nb| nb > now) {
+                        t.not_before = None;
+                    }
+                }
+            }
+            ids
+        };
+        self.pump.notify_one();
+        let result = self.wait_for(&ids, Some(self.cfg.fsync_timeout));
+        self.metrics.levels.fsync_latency.observe(start.elapsed());
+        if let Err(e) = &result {
+            self.metrics.fsync_errors.inc();
+            let why = crate::ErrorChain(e).to_string();
+            warn!(ino, error = %why, "fsync failed: data not acknowledged by the store in time");
+            let mut st = lock(&self.state);
+            match ino {
+                Some(i) => {
+                    st.sticky.insert(i, why);
+                }
+                None => {
+                    for t in st.txns.values() {
+                        error!(txn = %describe(t), "not stored");
+                    }
+                }
+            }
+        }
+        result
+    }
+}
+
+fn describe(t: &TxnEntry) -> String {
+    format!(
+        "txn {} (inodes {:?}, {} data bytes, {} ops, {:?}, {} attempts, server {}, age {:?}{})",
+        t.id,
+        t.inodes,
+        t.data_bytes,
+        t.ops.len(),
+        t.state,
+        t.attempts,
+        t.server,
+        t.formed.elapsed(),
+        t.last_error
+            .as_ref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The sender: picks transactions that may go (oldest of all their inodes,
+/// within the in-flight bound, past their backoff), pins their pages and
+/// sends them; resends on timeouts.
+async fn pump(shared: Arc<Shared>) {
+    loop {
+        let next_wake = {
+            let mut st = lock(&shared.state);
+            if st.shutdown {
+                return;
+            }
+            dispatch(&shared, &mut st)
+        };
+        let wait = next_wake.map_or(Duration::from_millis(100), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let _ =
+            tokio::time::timeout(wait.max(Duration::from_millis(1)), shared.pump.notified()).await;
+    }
+}
+
+/// Send every transaction that may go now; returns when to look again.
+fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
+    let now = Instant::now();
+    let mut wake: Option<Instant> = None;
+    let low_water = st.txns.keys().next().copied().unwrap_or(st.next_id);
+    let candidates: Vec<u64> = st
+        .txns
+        .values()
+        .filter(|t| t.state == TxnState::Queued)
+        .map(|t| t.id)
+        .collect();
+    for id in candidates {
+        if st.in_flight >= shared.cfg.max_in_flight {
+            break;
+        }
+        let Some(t) = st.txns.get(&id) else { continue };
+        if let Some(nb) = t.not_before {
+            if nb > now {
+                wake = Some(wake.map_or(nb, |w| w.min(nb)));
+                continue;
+            }
+        }
+        let oldest_everywhere = t
+            .inodes
+            .iter()
+            .all(|ino| st.by_inode.get(ino).and_then(|q| q.front()) == Some(&id));
+        if !oldest_everywhere {
+            continue;
+        }
+        // Pin the pages on the first send; resends carry the same buffers.
+        if t.pinned.is_none() {
+            let pages = t.pages.clone();
+            let pinned = st.cache.pin(&pages);
+            if let Some(t) = st.txns.get_mut(&id) {
+                t.pinned = Some(pinned);
+            }
+        }
+        let attempt = st.next_attempt;
+        st.next_attempt += 1;
+        st.in_flight += 1;
+        debug_assert!(st.in_flight <= shared.cfg.max_in_flight, "in-flight bound");
+        let Some(t) = st.txns.get_mut(&id) else {
+            continue;
+        };
+        t.state = TxnState::InFlight { attempt };
+        t.attempts += 1;
+        if t.attempts > 1 {
+            shared.metrics.txn_resent.inc();
+        }
+        shared.metrics.txn_sent.inc();
+        let wire = wire_txn(t);
+        let server = t.server;
+        let sh = Arc::clone(shared);
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(
+                sh.cfg.ack_timeout,
+                sh.sink.send(server, id, low_water, wire),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(SendError::Retry(format!(
+                    "no ack within {:?}",
+                    sh.cfg.ack_timeout
+                ))),
+            };
+            on_result(&sh, id, attempt, server, result);
+        });
+    }
+    shared.publish(st);
+    wake
+}
+
+/// The transaction as the store applies it: its metadata ops with the data
+/// extents (runs of contiguous pinned pages, clipped to the inode's size)
+/// before its attributes.
+fn wire_txn(t: &TxnEntry) -> Txn {
+    let mut ops = Vec::new();
+    if let Some(pinned) = &t.pinned {
+        let size_of = |ino: u64| {
+            t.ops.iter().rev().find_map(|op| match op {
+                Op::PutInode(i) if i.ino == ino => Some(i.size),
+                _ => None,
+            })
+        };
+        let mut i = 0;
+        while i < pinned.len() {
+            let (ino, start_idx, _) = pinned[i];
+            let mut j = i;
+            while j + 1 < pinned.len()
+                && pinned[j + 1].0 == ino
+                && pinned[j + 1].1 == pinned[j].1 + 1
+            {
+                j += 1;
+            }
+            let offset = start_idx * PAGE_SIZE;
+            let mut data = Vec::with_capacity((j - i + 1) * PAGE_SIZE as usize);
+            for (_, _, buf) in &pinned[i..=j] {
+                data.extend_from_slice(buf);
+            }
+            if let Some(size) = size_of(ino) {
+                data.truncate(size.saturating_sub(offset).min(data.len() as u64) as usize);
+            }
+            if !data.is_empty() {
+                ops.push(Op::Write { ino, offset, data });
+            }
+            i = j + 1;
+        }
+    }
+    ops.extend(t.ops.iter().cloned());
+    Txn { ops }
+}
+
+/// An attempt finished.
+fn on_result(
+    shared: &Arc<Shared>,
+    id: u64,
+    attempt: u64,
+    server: usize,
+    result: Result<Ack, SendError>,
+) {
+    let mut st = lock(&shared.state);
+    let current = st.txns.get(&id).map(|t| t.state);
+    if current == Some(TxnState::InFlight { attempt }) {
+        st.in_flight -= 1;
+    }
+    match result {
+        Ok(ack) => {
+            if current.is_none() {
+                // Acked already by an earlier attempt: a duplicate ack.
+                shared.metrics.txn_duplicate_acks.inc();
+                return;
+            }
+            if ack.duplicate {
+                shared.metrics.txn_duplicate_acks.inc();
+            }
+            if st.epoch != 0 && ack.epoch != st.epoch {
+                // The NFS write-verifier rule: the store restarted or failed
+                // over; whatever was sent before may be gone. Resend it all.
+                warn!(
+                    old = st.epoch,
+                    new = ack.epoch,
+                    "store epoch changed: resending every unacknowledged transaction"
+                );
+                let ids: Vec<u64> = st.txns.keys().copied().filter(|t| *t != id).collect();
+                for other in ids {
+                    if let Some(t) = st.txns.get_mut(&other) {
+                        if let TxnState::InFlight { .. } = t.state {
+                            t.state = TxnState::Queued;
+                            t.not_before = None;
+                            st.in_flight -= 1;
+                        }
+                    }
+                }
+            }
+            st.epoch = ack.epoch;
+            complete(shared, &mut st, id);
+        }
+        Err(e) => {
+            // A failure of a superseded attempt says nothing new.
+            if current != Some(TxnState::InFlight { attempt }) {
+                return;
+            }
+            let servers = shared.sink.servers().max(1);
+            let Some(t) = st.txns.get_mut(&id) else {
+                return;
+            };
+            t.state = TxnState::Queued;
+            t.last_error = Some(e.to_string());
+            let now = Instant::now();
+            match &e {
+                SendError::Retry(_) => {
+                    t.attempts_here += 1;
+                    if t.attempts_here >= shared.cfg.attempts_per_server && servers > 1 {
+                        t.server = (server + 1) % servers;
+                        t.attempts_here = 0;
+                        shared.metrics.txn_failovers.inc();
+                        t.not_before = None;
+                    } else {
+                        t.not_before = Some(now + backoff(t.attempts_here));
+                    }
+                }
+                SendError::Elsewhere(_) => {
+                    t.server = (server + 1) % servers;
+                    t.attempts_here = 0;
+                    if servers > 1 {
+                        shared.metrics.txn_failovers.inc();
+                    }
+                    // Every server said no: do not spin.
+                    t.not_before = Some(now + backoff(t.attempts / servers as u32));
+                }
+                SendError::Refused(_) => {
+                    t.not_before = Some(now + Duration::from_secs(1));
+                }
+            }
+            warn!(txn = id, server = %shared.sink.server_name(server), error = %e, next = %shared.sink.server_name(t.server), "transaction not acknowledged; will resend");
+            shared.changed.notify_all();
+            shared.pump.notify_one();
+        }
+    }
+}
+
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_millis(20u64.saturating_mul(1 << attempts.min(6))).min(Duration::from_secs(2))
+}
+
+/// A durable ack: untag the pages, free the transaction, wake the waiters.
+fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
+    let Some(t) = st.txns.remove(&id) else { return };
+    shared.metrics.txn_acked.inc();
+    for (ino, pages) in &t.pages {
+        for idx in pages {
+            st.cache.untag(*ino, *idx, id);
+        }
+    }
+    drop(t.pinned);
+    for ino in &t.inodes {
+        let now_empty = match st.by_inode.get_mut(ino) {
+            Some(q) => {
+                // Transactions of one inode are acknowledged in order.
+                debug_assert_eq!(
+                    q.front(),
+                    Some(&id),
+                    "ack of txn {id} out of order for inode {ino}"
+                );
+                q.retain(|x| *x != id);
+                q.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            st.by_inode.remove(ino);
+            st.sticky.remove(ino);
+        }
+        if st.attrs.get(ino).is_some_and(|o| o.txn == id) {
+            st.attrs.remove(ino);
+        }
+    }
+    debug_assert!(st.dirty_bytes >= t.data_bytes, "dirty byte accounting");
+    st.dirty_bytes = st.dirty_bytes.saturating_sub(t.data_bytes);
+    let evicted = st.cache.evict();
+    shared.metrics.cache_evictions.add(evicted);
+    shared.publish(st);
+    shared.changed.notify_all();
+    shared.pump.notify_one();
+    debug!(txn = id, age = ?t.formed.elapsed(), "transaction acknowledged");
+}
+
+impl Store for WritebackStore {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        self.shared.current_inode(ino)
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        self.shared.store.lookup(parent, name)
+    }
+
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        self.shared.store.readdir(parent, after, max)
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let sh = &self.shared;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / PAGE_SIZE;
+        let last = (offset + buf.len() as u64 - 1) / PAGE_SIZE;
+        // Pages missing from the cache, and how far to read ahead.
+        let (missing, sequential, size) = {
+            let mut st = lock(&sh.state);
+            let missing: Vec<u64> = (first..=last)
+                .filter(|i| !st.cache.contains(ino, *i))
+                .collect();
+            let sequential = st.last_read_end.get(&ino) == Some(&offset);
+            if st.last_read_end.len() > 4096 {
+                st.last_read_end.clear();
+            }
+            st.last_read_end.insert(ino, offset + buf.len() as u64);
+            let size = st
+                .attrs
+                .get(&ino)
+                .and_then(|o| o.inode.as_ref())
+                .map(|i| i.size);
+            (missing, sequential, size)
+        };
+        sh.metrics
+            .cache_hits
+            .add((last - first + 1) - missing.len() as u64);
+        sh.metrics.cache_misses.add(missing.len() as u64);
+        if let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) {
+            let mut count = hi - lo + 1;
+            if sequential {
+                let ahead = sh.cfg.read_ahead_bytes / PAGE_SIZE;
+                let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
+                count = (count + ahead)
+                    .min(limit.saturating_sub(lo))
+                    .max(hi - lo + 1);
+            }
+            sh.load_pages(ino, lo, count)?;
+        }
+        // Copy from the cache: it holds the newest bytes. A page evicted
+        // between loading and copying was clean, so the store has it.
+        let mut evicted = Vec::new();
+        {
+            let st = lock(&sh.state);
+            let mut pos = offset;
+            let mut done = 0usize;
+            while done < buf.len() {
+                let idx = pos / PAGE_SIZE;
+                let in_page = (pos % PAGE_SIZE) as usize;
+                let n = (buf.len() - done).min(PAGE_SIZE as usize - in_page);
+                if !st.cache.read(ino, idx, in_page, &mut buf[done..done + n]) {
+                    evicted.push((pos, done, n));
+                }
+                done += n;
+                pos += n as u64;
+            }
+        }
+        for (pos, done, n) in evicted {
+            sh.store.read(ino, pos, &mut buf[done..done + n])?;
+        }
+        Ok(())
+    }
+
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        // The store must know every dirty page before it can say where data is.
+        self.shared.sync(Some(ino))?;
+        self.shared.store.next_data(ino, offset)
+    }
+
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        self.shared.sync(Some(ino))?;
+        self.shared.store.next_hole(ino, offset)
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.shared.store.readlink(ino)
+    }
+
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.shared.store.get_xattr(ino, name)
+    }
+
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.shared.store.list_xattr(ino)
+    }
+
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        self.shared.store.statfs()
+    }
+
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.shared.store.reserve_ids(count)
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        // The filesystem layer's write: one Write and the inode's attributes.
+        if let [Op::Write { ino, offset, data }, Op::PutInode(inode)] = &txn.ops[..] {
+            if inode.ino == *ino {
+                return self.shared.write(*ino, *offset, data, inode.clone());
+            }
+        }
+        if txn.ops.iter().any(|op| matches!(op, Op::Write { .. })) {
+            // Writes in any other shape: keep them ordered, write-through.
+            info!("unusual transaction shape with data: sent write-through");
+        }
+        self.shared.commit_metadata(txn)
+    }
+
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        self.shared.sync(ino)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB)",
+            self.shared.store.describe(),
+            self.shared.cfg.overwrite,
+            self.shared.cfg.cache_bytes >> 20,
+            self.shared.cfg.dirty_max_bytes >> 20
+        )
+    }
+}
+
+impl WritebackStore {
+    /// Drain at shutdown or disconnect: wait at most `timeout` for every
+    /// transaction, and log each one that could not be stored.
+    pub fn drain(&self, timeout: Duration) -> Result<(), StoreError> {
+        let ids: Vec<u64> = lock(&self.shared.state).txns.keys().copied().collect();
+        self.shared.pump.notify_one();
+        let r = self.shared.wait_for(&ids, Some(timeout));
+        if r.is_err() {
+            let st = lock(&self.shared.state);
+            for t in st.txns.values() {
+                error!(txn = %describe(t), "could not be stored before shutdown");
+            }
+        }
+        r
+    }
+
+    /// The runtime the sender runs on (tests drive time through it).
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+}
