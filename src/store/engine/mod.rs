@@ -12,8 +12,10 @@
 //!
 //! This module owns the engine instance, its tokio runtime, the superblock,
 //! the id counter and the exactly-once records. The sync [`Store`] methods
-//! block on the runtime, so they must never be called from one of its
-//! threads. It never interprets POSIX semantics: ops are applied blind.
+//! block on the runtime, so they must never be called from a thread that
+//! drives async tasks (a worker of this or any runtime); plain threads and
+//! `spawn_blocking` are fine, and dropping is fine anywhere. It never
+//! interprets POSIX semantics: ops are applied blind.
 //!
 //! Reads see every commit that has returned `Ok`; they may also see a commit
 //! that has been appended to the WAL but is still waiting for durability.
