@@ -92,7 +92,7 @@ impl State {
                     continue;
                 }
                 let first = offset / BLOCK_SIZE;
-                let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
+                let last = offset.saturating_add(data.len() as u64 - 1) / BLOCK_SIZE;
                 for b in first..=last {
                     if !self.blocks.contains_key(&(*ino, b)) {
                         added.insert((*ino, b));
@@ -115,18 +115,24 @@ impl State {
     }
 
     fn zero_range(&mut self, ino: u64, offset: u64, len: u64) {
+        // Visit only the blocks that exist: a hole may be as long as the
+        // whole offset space.
         let end = offset.saturating_add(len);
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / BLOCK_SIZE;
-            let in_block = (pos % BLOCK_SIZE) as usize;
-            let n = ((BLOCK_SIZE - in_block as u64).min(end - pos)) as usize;
-            if in_block == 0 && n as u64 == BLOCK_SIZE {
+        let (first, last) = (offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+        let present: Vec<u64> = self
+            .blocks
+            .range((ino, first)..(ino, last))
+            .map(|((_, b), _)| *b)
+            .collect();
+        for b in present {
+            let start = b * BLOCK_SIZE;
+            let from = offset.max(start) - start;
+            let to = end.min(start + BLOCK_SIZE) - start;
+            if from == 0 && to == BLOCK_SIZE {
                 self.blocks.remove(&(ino, b));
             } else if let Some(block) = self.blocks.get_mut(&(ino, b)) {
-                block[in_block..in_block + n].fill(0);
+                block[from as usize..to as usize].fill(0);
             }
-            pos += n as u64;
         }
     }
 
@@ -307,6 +313,16 @@ impl Store for MemStore {
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        // Data past the largest file offset cannot be stored (and would
+        // overflow block arithmetic).
+        let past_end = txn.ops.iter().any(|op| {
+            matches!(op, Op::Write { offset, data, .. } if offset.checked_add(data.len() as u64).is_none_or(|e| e > i64::MAX as u64))
+        });
+        if past_end {
+            return Err(StoreError::Io(std::io::Error::other(
+                "write beyond the largest file offset",
+            )));
+        }
         let mut st = self.write_state();
         // Check the whole transaction before applying any of it: all or
         // nothing. Nothing below can fail or panic once we start applying.
@@ -489,6 +505,30 @@ mod tests {
         assert_eq!(s.list_xattr(20).unwrap().len(), 0);
         assert_eq!(s.statfs().unwrap().used_bytes, 0);
         assert_eq!(s.get_inode(20).unwrap(), None);
+    }
+
+    #[test]
+    fn huge_holes_and_offsets_neither_hang_nor_panic() {
+        let s = MemStore::new(1 << 30);
+        write(&s, 20, 0, &[1u8; 100]);
+        let mut t = Txn::new();
+        t.push(Op::PunchHole {
+            ino: 20,
+            offset: 50,
+            len: u64::MAX,
+        });
+        s.commit(t).unwrap();
+        assert_eq!(
+            &read(&s, 20, 0, 100)[..],
+            &[&[1u8; 50][..], &[0u8; 50][..]].concat()[..]
+        );
+        let mut t = Txn::new();
+        t.push(Op::Write {
+            ino: 20,
+            offset: u64::MAX - 1,
+            data: vec![1; 10],
+        });
+        assert!(s.commit(t).is_err());
     }
 
     #[test]

@@ -40,7 +40,9 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -175,7 +177,8 @@ struct Shared {
 /// The transaction layer over a store.
 pub struct WritebackStore {
     shared: Arc<Shared>,
-    rt: tokio::runtime::Runtime,
+    /// The thread driving the sender's runtime; it ends at shutdown.
+    driver: Option<std::thread::JoinHandle<()>>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -275,8 +278,14 @@ impl WritebackStore {
             changed: Condvar::new(),
             pump: Notify::new(),
         });
-        rt.spawn(pump(Arc::clone(&shared)));
-        Ok(WritebackStore { shared, rt })
+        let pumped = Arc::clone(&shared);
+        let driver = std::thread::Builder::new()
+            .name("pohmelfs-txn".into())
+            .spawn(move || rt.block_on(pump(pumped)))?;
+        Ok(WritebackStore {
+            shared,
+            driver: Some(driver),
+        })
     }
 
     /// Transactions not yet acknowledged (for tests and status).
@@ -299,6 +308,10 @@ impl Drop for WritebackStore {
             );
         }
         self.shared.pump.notify_one();
+        self.shared.changed.notify_all();
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
     }
 }
 
@@ -539,7 +552,8 @@ impl Shared {
     /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
     /// Returns the ids still unacknowledged on timeout as an error.
     fn wait_for(&self, ids: &[u64], timeout: Option<Duration>) -> Result<(), StoreError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // Real time: a guest's fsync deadline is wall-clock time.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut st = lock(&self.state);
         loop {
             let pending: Vec<u64> = ids
@@ -558,7 +572,7 @@ impl Shared {
             match deadline {
                 None => st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
+                    let left = d.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         let described: Vec<String> = pending
                             .iter()
@@ -585,7 +599,7 @@ impl Shared {
     /// The writeback contract: everything unacknowledged that touches `ino`
     /// (or everything), sent now and waited for.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         self.metrics.fsync_calls.inc();
         let ids: Vec<u64> = {
             let mut st = lock(&self.state);
@@ -1078,10 +1092,5 @@ impl WritebackStore {
             }
         }
         r
-    }
-
-    /// The runtime the sender runs on (tests drive time through it).
-    pub fn runtime(&self) -> &tokio::runtime::Runtime {
-        &self.rt
     }
 }
