@@ -251,11 +251,27 @@ impl WritebackStore {
         sink: Arc<dyn Sink>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<WritebackStore> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pohmelfs-txn")
-            .enable_all()
-            .build()?;
+        Self::with_clock(cfg, store, sink, metrics, false)
+    }
+
+    /// As [`WritebackStore::new`]; with `paused_clock` the sender's timers
+    /// run on tokio's paused clock, which jumps ahead whenever the sender is
+    /// idle (tests of timeouts and backoff take no real time).
+    pub fn with_clock(
+        cfg: TxnConfig,
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
+        paused_clock: bool,
+    ) -> std::io::Result<WritebackStore> {
+        // One thread drives the sender; sends are I/O (or blocking-pool
+        // commits), so it needs no more.
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_all();
+        if paused_clock {
+            builder.start_paused(true);
+        }
+        let rt = builder.build()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 cache: PageCache::new(cfg.cache_bytes),
