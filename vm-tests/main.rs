@@ -13,6 +13,7 @@
 
 mod boot;
 mod durability;
+mod failover;
 mod files;
 mod harness;
 mod persistence;
@@ -61,5 +62,5 @@ vm_tests! {
 
 /// Tests of persistent stores; virtiofsd has no store to restart.
 mod pohmelfs_store {
-    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart);
+    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart, failover::failover_store_restart_under_guest_fsyncs);
 }

@@ -45,6 +45,11 @@ impl StoreServer {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The server's log, across restarts.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
         let log = File::options()

@@ -1,0 +1,894 @@
+//! The transaction layer ([`pohmelfs::txn::WritebackStore`]) against real
+//! `pohmelfs store` processes on 127.0.0.1, driven as the filesystem layer
+//! drives it (one `[Write, PutInode]` transaction per guest write, fsync per
+//! inode) while a server dies under it:
+//!
+//! * a server on `file://` is killed with SIGKILL mid-workload and restarted
+//!   on the same port and data; while it is down the volume is opened
+//!   directly to check what a crash left behind;
+//! * two servers share one S3 bucket (`moto_server`); the primary is killed
+//!   and the layer fails over to the second, which takes the volume over.
+//!
+//! Every byte a successful fsync covered must be in the store, and after a
+//! final sync the volume must equal a model of the workload. Child
+//! processes are killed on drop, pass or fail.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pohmelfs::metrics::Metrics;
+use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+use pohmelfs::txn::{TxnConfig, WritebackStore};
+
+const SECRET: &str = "failover-secret";
+/// The inodes the workload writes, round robin.
+const INODES: [u64; 4] = [1001, 1002, 1003, 1004];
+/// Consecutive writes to one inode, as a guest writing a file in chunks.
+const WRITES_PER_BURST: u64 = 3;
+/// Writes between two fsyncs.
+const WRITES_PER_SYNC: u64 = 6;
+/// Files stop growing here; later writes overwrite.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+/// The workload pauses for the kill after this many writes: in the middle
+/// of a burst, after four fsyncs.
+const PAUSE_AT_WRITE: u64 = 4 * WRITES_PER_SYNC + 1;
+/// Fsyncs the workload completes after the fault before it stops.
+const SYNCS_AFTER_FAULT: u64 = 4;
+/// Bound on every wait for the workload or a process.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pohmelfs-failover-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("secret"), SECRET).unwrap();
+    d
+}
+
+/// A `pohmelfs store` process on a fixed loopback port, killed on drop and
+/// restartable on the same port and data.
+struct StoreProc {
+    child: Option<Child>,
+    dir: PathBuf,
+    name: String,
+    port: u16,
+    data_url: String,
+    env: Vec<(&'static str, &'static str)>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl StoreProc {
+    fn start(
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        env: &[(&'static str, &'static str)],
+    ) -> StoreProc {
+        let mut p = StoreProc {
+            child: None,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            port: free_port(),
+            data_url: data_url.to_string(),
+            env: env.to_vec(),
+            log: dir.join(format!("{name}.log")),
+            starts: 0,
+        };
+        p.spawn();
+        p
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pohmelfs"))
+            .args(["store", "--listen", &self.addr(), "--data", &self.data_url])
+            .args(["--log-level", "debug"])
+            .arg("--secret-file")
+            .arg(self.dir.join("secret"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .envs(self.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pohmelfs store");
+        self.child = Some(child);
+        let mut exited = None;
+        let up = wait_until(Duration::from_secs(60), || {
+            if addr_file.exists() {
+                return true;
+            }
+            exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            exited.is_some()
+        });
+        assert!(
+            up && exited.is_none(),
+            "store {} did not start listening on {} (exit: {exited:?}):\n{}",
+            self.name,
+            self.addr(),
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same port and data.
+    fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StoreProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The client URL of volume `vol` on `servers`, in failover order.
+fn pohmel_url(dir: &Path, servers: &[String]) -> String {
+    format!(
+        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=90000",
+        servers.join(","),
+        dir.join("secret").display()
+    )
+}
+
+fn file_inode(ino: u64, size: u64) -> Inode {
+    Inode {
+        ino,
+        kind: FileKind::Regular,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        nlink: 1,
+        size,
+        rdev: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        parent: 0,
+    }
+}
+
+/// A seeded xorshift64* generator, so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One guest write.
+#[derive(Clone)]
+struct Write {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+/// What the workload did to one inode, in order.
+#[derive(Clone, Default)]
+struct History {
+    writes: Vec<Write>,
+    /// How many of `writes` a successful fsync covered.
+    synced: usize,
+}
+
+/// The content `writes` leave behind, as a POSIX file would hold it.
+fn apply(content: &mut Vec<u8>, w: &Write) {
+    let end = (w.offset as usize) + w.data.len();
+    if content.len() < end {
+        content.resize(end, 0);
+    }
+    content[w.offset as usize..end].copy_from_slice(&w.data);
+}
+
+/// A store call of the workload that took long (it waited for a server).
+struct SlowCall {
+    what: &'static str,
+    start: Instant,
+    end: Instant,
+}
+
+/// What the workload thread shares with the test.
+#[derive(Default)]
+struct Progress {
+    histories: Mutex<BTreeMap<u64, History>>,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    stop: AtomicBool,
+    done: AtomicBool,
+    /// Completion times of the fsyncs.
+    sync_ends: Mutex<Vec<Instant>>,
+    /// The store call the workload is in, and since when.
+    current: Mutex<Option<(&'static str, Instant)>>,
+    slow: Mutex<Vec<SlowCall>>,
+    error: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn begin(&self, what: &'static str) -> Instant {
+        let start = Instant::now();
+        *self.current.lock().unwrap() = Some((what, start));
+        start
+    }
+
+    fn note(&self, what: &'static str, start: Instant) {
+        *self.current.lock().unwrap() = None;
+        let end = Instant::now();
+        if end - start >= Duration::from_millis(100) {
+            self.slow
+                .lock()
+                .unwrap()
+                .push(SlowCall { what, start, end });
+        }
+    }
+
+    /// Waits until the workload completed `syncs` fsyncs; panics if it failed
+    /// or stalled.
+    fn wait_for_syncs(&self, syncs: u64, why: &str) {
+        let ok = wait_until(WAIT, || {
+            self.syncs.load(Ordering::SeqCst) >= syncs || self.done.load(Ordering::SeqCst)
+        });
+        if let Some(e) = self.error.lock().unwrap().as_ref() {
+            panic!("the workload failed ({why}): {e}");
+        }
+        assert!(
+            ok && self.syncs.load(Ordering::SeqCst) >= syncs,
+            "the workload did not reach {syncs} fsyncs within {WAIT:?} ({why}); it has {}",
+            self.syncs.load(Ordering::SeqCst)
+        );
+    }
+
+    /// Waits until the workload has been stuck for `stuck` since `since` in
+    /// one store call; returns which call.
+    fn wait_until_stuck(&self, since: Instant, stuck: Duration) -> &'static str {
+        let mut call = None;
+        let ok = wait_until(WAIT, || {
+            call = self
+                .current
+                .lock()
+                .unwrap()
+                .filter(|(_, start)| (*start).max(since).elapsed() >= stuck)
+                .map(|(what, _)| what);
+            call.is_some() || self.done.load(Ordering::SeqCst)
+        });
+        if let Some(e) = self.error.lock().unwrap().as_ref() {
+            panic!("the workload failed while the store was down: {e}");
+        }
+        match call {
+            Some(what) if ok => what,
+            _ => panic!("the workload never waited {stuck:?} for the dead store within {WAIT:?}"),
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<u64, History> {
+        self.histories.lock().unwrap().clone()
+    }
+}
+
+/// The filesystem layer's write: read the attributes, then one transaction
+/// with the data and the new attributes.
+fn fs_write(s: &dyn Store, ino: u64, w: &Write) -> Result<(), String> {
+    let mut inode = s
+        .get_inode(ino)
+        .map_err(|e| format!("get_inode {ino}: {}", pohmelfs::ErrorChain(&e)))?
+        .ok_or_else(|| format!("inode {ino} vanished"))?;
+    inode.size = inode.size.max(w.offset + w.data.len() as u64);
+    let mut t = Txn::new();
+    t.push(Op::Write {
+        ino,
+        offset: w.offset,
+        data: w.data.clone(),
+    });
+    t.push(Op::PutInode(inode));
+    s.commit(t).map_err(|e| {
+        format!(
+            "write {} bytes at {} of {ino}: {}",
+            w.data.len(),
+            w.offset,
+            pohmelfs::ErrorChain(&e)
+        )
+    })
+}
+
+/// Where the workload stops for the test to break something.
+struct Pause {
+    /// After this many writes.
+    at: u64,
+    paused: mpsc::Sender<()>,
+    resume: mpsc::Receiver<()>,
+}
+
+/// Writes (mostly appends of odd lengths, some overwrites) in bursts of
+/// [`WRITES_PER_BURST`], round robin over [`INODES`], with an fsync of the
+/// inode just written every [`WRITES_PER_SYNC`] writes, until told to stop.
+/// It waits once at `pause` until the test lets it go on.
+fn workload(
+    s: &dyn Store,
+    p: &Progress,
+    seed: u64,
+    max_write: u64,
+    pause: Pause,
+) -> Result<(), String> {
+    let mut rng = Rng(seed | 1);
+    for ino in INODES {
+        let mut t = Txn::new();
+        t.push(Op::PutInode(file_inode(ino, 0)));
+        s.commit(t)
+            .map_err(|e| format!("create {ino}: {}", pohmelfs::ErrorChain(&e)))?;
+        p.histories.lock().unwrap().insert(ino, History::default());
+    }
+    let mut sizes: BTreeMap<u64, u64> = INODES.iter().map(|&i| (i, 0)).collect();
+    let mut n = 0u64;
+    while !p.stop.load(Ordering::SeqCst) {
+        let ino = INODES[((n / WRITES_PER_BURST) % INODES.len() as u64) as usize];
+        let size = sizes[&ino];
+        let len = 1 + rng.below(max_write);
+        let offset = if size + len > MAX_FILE_BYTES || (size > 0 && rng.below(4) == 0) {
+            rng.below(size.saturating_sub(len).max(1))
+        } else {
+            size
+        };
+        let data: Vec<u8> = (0..len)
+            .map(|i| (n.wrapping_mul(131) ^ i.wrapping_mul(7) ^ ino) as u8)
+            .collect();
+        let w = Write { offset, data };
+        // Recorded before the commit: a check allows any prefix of the
+        // history, and a write not yet committed is simply not in the store.
+        p.histories
+            .lock()
+            .unwrap()
+            .get_mut(&ino)
+            .expect("history")
+            .writes
+            .push(w.clone());
+        let start = p.begin("write");
+        fs_write(s, ino, &w)?;
+        p.note("write", start);
+        sizes.insert(ino, size.max(offset + len));
+        p.writes.fetch_add(1, Ordering::SeqCst);
+        n += 1;
+        if n == pause.at {
+            pause
+                .paused
+                .send(())
+                .map_err(|_| "the test went away".to_string())?;
+            pause
+                .resume
+                .recv_timeout(WAIT)
+                .map_err(|e| format!("not resumed after the pause: {e}"))?;
+        }
+        if n % WRITES_PER_SYNC == 0 {
+            let covered = p.histories.lock().unwrap()[&ino].writes.len();
+            let start = p.begin("fsync");
+            s.sync(Some(ino))
+                .map_err(|e| format!("fsync {ino}: {}", pohmelfs::ErrorChain(&e)))?;
+            p.note("fsync", start);
+            p.sync_ends.lock().unwrap().push(Instant::now());
+            if let Some(h) = p.histories.lock().unwrap().get_mut(&ino) {
+                h.synced = h.synced.max(covered);
+            }
+            p.syncs.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    Ok(())
+}
+
+/// The workload on its thread, and the handles to pause it.
+struct Worker {
+    thread: std::thread::JoinHandle<()>,
+    paused: mpsc::Receiver<()>,
+    resume: mpsc::Sender<()>,
+}
+
+impl Worker {
+    /// Runs [`workload`] on a thread, recording its error and its end.
+    fn spawn(wb: Arc<WritebackStore>, p: Arc<Progress>, seed: u64, max_write: u64) -> Worker {
+        let (paused_tx, paused) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel();
+        let pause = Pause {
+            at: PAUSE_AT_WRITE,
+            paused: paused_tx,
+            resume: resume_rx,
+        };
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = workload(&*wb, &p, seed, max_write, pause) {
+                *p.error.lock().unwrap() = Some(e);
+            }
+            p.done.store(true, Ordering::SeqCst);
+        });
+        Worker {
+            thread,
+            paused,
+            resume,
+        }
+    }
+
+    /// Waits until the workload reached its pause.
+    fn wait_paused(&self, p: &Progress) {
+        if let Err(e) = self.paused.recv_timeout(WAIT) {
+            panic!(
+                "the workload did not reach its pause ({e}); error: {:?}",
+                p.error.lock().unwrap()
+            );
+        }
+    }
+
+    fn resume(&self) {
+        self.resume.send(()).expect("resume the workload");
+    }
+
+    /// Stops the workload and fails the test if it failed.
+    fn finish(self, p: &Progress) {
+        p.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("workload thread");
+        if let Some(e) = p.error.lock().unwrap().as_ref() {
+            panic!("the workload failed: {e}");
+        }
+    }
+}
+
+/// The content of `ino` in `s`.
+fn content(s: &dyn Store, ino: u64) -> Vec<u8> {
+    let size = s
+        .get_inode(ino)
+        .unwrap_or_else(|e| panic!("get_inode {ino}: {}", pohmelfs::ErrorChain(&e)))
+        .unwrap_or_else(|| panic!("inode {ino} is not in the store"))
+        .size;
+    let mut buf = vec![0u8; size as usize];
+    s.read(ino, 0, &mut buf)
+        .unwrap_or_else(|e| panic!("read {ino}: {}", pohmelfs::ErrorChain(&e)));
+    buf
+}
+
+/// What a crash may leave: for each inode, the effect of a prefix of its
+/// writes (transactions apply whole and in order) at least as long as what
+/// fsync covered. Returns, per inode, the length of the prefix found.
+fn check_crash_state(s: &dyn Store, histories: &BTreeMap<u64, History>) -> Vec<(u64, usize)> {
+    let mut found = Vec::new();
+    for (&ino, h) in histories {
+        let got = content(s, ino);
+        let mut model = Vec::new();
+        let mut matched = None;
+        for k in 0..=h.writes.len() {
+            if k > 0 {
+                apply(&mut model, &h.writes[k - 1]);
+            }
+            if k >= h.synced && model == got {
+                matched = Some(k);
+                break;
+            }
+        }
+        let Some(k) = matched else {
+            let mut synced_model = Vec::new();
+            for w in &h.writes[..h.synced] {
+                apply(&mut synced_model, w);
+            }
+            let first_diff = got
+                .iter()
+                .zip(&synced_model)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(synced_model.len()));
+            panic!(
+                "inode {ino}: the store's {} bytes are no prefix of the {} writes at or past the \
+                 {} an fsync covered (fsynced content has {} bytes; first difference at byte \
+                 {first_diff})",
+                got.len(),
+                h.writes.len(),
+                h.synced,
+                synced_model.len()
+            );
+        };
+        found.push((ino, k));
+    }
+    found
+}
+
+/// The final check: every inode equals its whole history.
+fn check_final(s: &dyn Store, histories: &BTreeMap<u64, History>) {
+    for (&ino, h) in histories {
+        let mut model = Vec::new();
+        for w in &h.writes {
+            apply(&mut model, w);
+        }
+        let got = content(s, ino);
+        assert_eq!(
+            got.len(),
+            model.len(),
+            "inode {ino}: size after {} writes",
+            h.writes.len()
+        );
+        if let Some(at) = got.iter().zip(&model).position(|(a, b)| a != b) {
+            panic!(
+                "inode {ino}: content differs from the model at byte {at} (of {}) after {} writes",
+                model.len(),
+                h.writes.len()
+            );
+        }
+    }
+}
+
+fn layer_config(ack_timeout: Duration) -> TxnConfig {
+    TxnConfig {
+        cache_bytes: 64 << 20,
+        dirty_max_bytes: 32 << 20,
+        ack_timeout,
+        fsync_timeout: Duration::from_secs(90),
+        ..TxnConfig::default()
+    }
+}
+
+/// The workload's slow calls that `keep` selects, for the test output.
+fn slow_calls(p: &Progress, keep: impl Fn(&SlowCall) -> bool) -> Vec<String> {
+    p.slow
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| keep(c))
+        .map(|c| format!("{} waited {:?}", c.what, c.end - c.start))
+        .collect()
+}
+
+/// The epoch a server's log says it opened the volume at.
+fn opened_epoch(log: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("volume open"))
+        .filter_map(|l| l.split("epoch=").nth(1))
+        .filter_map(|e| e.split_whitespace().next()?.parse().ok())
+        .next_back()
+}
+
+#[test]
+fn store_killed_mid_workload_keeps_every_fsynced_byte() {
+    let dir = workdir("kill9");
+    let data = format!("file://{}/volumes", dir.display());
+    let mut server = StoreProc::start(&dir, "store", &data, &[]);
+    let metrics = Arc::new(Metrics::default());
+    let wb = pohmelfs::txn::open(
+        &pohmel_url(&dir, &[server.addr()]),
+        layer_config(Duration::from_millis(300)),
+        Arc::clone(&metrics),
+    )
+    .expect("open the volume through the transaction layer");
+    let progress = Arc::new(Progress::default());
+    let worker = Worker::spawn(
+        Arc::clone(&wb),
+        Arc::clone(&progress),
+        0x5eed_0001,
+        48 << 10,
+    );
+
+    // Kill in the middle of a burst, right after a write: its transaction
+    // most likely dies in flight, and the burst's next writes find the
+    // inode's attributes in the layer.
+    worker.wait_paused(&progress);
+    server.kill9();
+    let killed = Instant::now();
+    let unacked_at_kill = wb.unacked();
+    worker.resume();
+    let writes_at_kill = progress.writes.load(Ordering::SeqCst);
+    let syncs_at_kill = progress.syncs.load(Ordering::SeqCst);
+    // The outage lasts until the workload waits for the store, through
+    // several ack timeouts.
+    let stuck_in = progress.wait_until_stuck(killed, Duration::from_secs(1));
+
+    // While the server is down, what did the crash leave on the volume?
+    // Opening it directly takes it over; the restarted server takes it back.
+    let histories = progress.snapshot();
+    let prefixes = {
+        let engine = store::open(&format!("{data}/vol")).expect("open the volume after the crash");
+        check_crash_state(&*engine, &histories)
+    };
+    let writes_in_outage = progress.writes.load(Ordering::SeqCst) - writes_at_kill;
+    server.restart();
+    let restarted = Instant::now();
+    let outage = restarted - killed;
+
+    progress.wait_for_syncs(
+        progress.syncs.load(Ordering::SeqCst) + SYNCS_AFTER_FAULT,
+        "after the restart",
+    );
+    worker.finish(&progress);
+    wb.sync(None).expect("final sync");
+    assert_eq!(wb.unacked(), 0, "unacknowledged after the final sync");
+
+    let first_sync_after = progress
+        .sync_ends
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|&&t| t > restarted)
+        .map(|&t| t - restarted);
+    let waited = slow_calls(&progress, |c| c.start <= restarted && c.end >= restarted);
+    eprintln!(
+        "outage {outage:?} (kill -9 to restart, {unacked_at_kill} transactions unacknowledged \
+         at the kill); {writes_in_outage} writes completed into the cache meanwhile, then the \
+         workload waited in {stuck_in}; first fsync completed {first_sync_after:?} after the \
+         restart; calls that waited across the restart: {waited:?}; at the crash the store \
+         held write prefixes {prefixes:?}; {} writes and {} fsyncs before the kill, {} and {} \
+         in all; resent {}, duplicate acks {}",
+        writes_at_kill,
+        syncs_at_kill,
+        progress.writes.load(Ordering::SeqCst),
+        progress.syncs.load(Ordering::SeqCst),
+        metrics.txn_resent.get(),
+        metrics.txn_duplicate_acks.get()
+    );
+    assert!(
+        !waited.is_empty(),
+        "no workload call waited across the outage: the kill did not hit the workload"
+    );
+    assert_eq!(metrics.fsync_errors.get(), 0, "fsyncs answered EIO");
+
+    // Through a fresh client on a fresh server process.
+    let final_histories = progress.snapshot();
+    drop(wb);
+    server.restart();
+    let fresh = store::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
+    check_final(&*fresh, &final_histories);
+    drop((fresh, server));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `moto_server` on a free loopback port with one bucket, killed on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+const BUCKET: &str = "pohmelfs-failover";
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `moto_server` from PATH or from `target/venv/bin` (scripts/setup).
+fn find_moto() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin");
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::iter::once(venv))
+        .map(|d| d.join("moto_server"))
+        .find(|p| p.is_file())
+}
+
+/// One HTTP/1.1 request; the status code of the answer.
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:.200}")))
+}
+
+impl Moto {
+    /// Starts moto with the bucket, or `None` when S3 tests are skipped.
+    fn start(dir: &Path) -> Option<Moto> {
+        if std::env::var("POHMELFS_SKIP_S3_TESTS").as_deref() == Ok("1") {
+            eprintln!("POHMELFS_SKIP_S3_TESTS=1: skipping the S3 failover test");
+            return None;
+        }
+        let exe = find_moto().unwrap_or_else(|| {
+            panic!(
+                "moto_server is neither on PATH nor in target/venv/bin; install it with \
+                 `scripts/setup` (install_moto) or `pip install 'moto[server]'` \
+                 (or set POHMELFS_SKIP_S3_TESTS=1 to skip this test)"
+            )
+        });
+        let port = free_port();
+        let log = dir.join("moto.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { child, port, log };
+        let up = wait_until(Duration::from_secs(60), || {
+            http(port, "GET", "/").is_ok_and(|code| code < 500)
+        });
+        assert!(
+            up,
+            "moto_server did not come up:\n{}",
+            std::fs::read_to_string(&moto.log).unwrap_or_default()
+        );
+        let code = http(port, "PUT", &format!("/{BUCKET}")).expect("create bucket");
+        assert_eq!(code, 200, "creating the bucket");
+        Some(moto)
+    }
+
+    /// Where the servers keep their volumes; credentials come from the env.
+    fn data_url(&self) -> String {
+        format!(
+            "s3://{BUCKET}/volumes?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
+            self.port
+        )
+    }
+}
+
+/// Any credentials do for moto; the servers get them through the environment.
+const AWS_ENV: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", "failover-test"),
+    ("AWS_SECRET_ACCESS_KEY", "failover-test"),
+];
+
+#[test]
+fn two_servers_on_one_s3_bucket_fail_over() {
+    let dir = workdir("s3");
+    let Some(moto) = Moto::start(&dir) else {
+        return;
+    };
+    let data = moto.data_url();
+    let mut a = StoreProc::start(&dir, "a", &data, &AWS_ENV);
+    let b = StoreProc::start(&dir, "b", &data, &AWS_ENV);
+    let metrics = Arc::new(Metrics::default());
+    let wb = pohmelfs::txn::open(
+        &pohmel_url(&dir, &[a.addr(), b.addr()]),
+        layer_config(Duration::from_millis(500)),
+        Arc::clone(&metrics),
+    )
+    .expect("open the volume through the transaction layer");
+    let progress = Arc::new(Progress::default());
+    let worker = Worker::spawn(
+        Arc::clone(&wb),
+        Arc::clone(&progress),
+        0x5eed_0002,
+        16 << 10,
+    );
+
+    worker.wait_paused(&progress);
+    assert!(
+        a.log_text().contains("volume open"),
+        "the primary did not open the volume:\n{}",
+        a.log_text()
+    );
+    a.kill9();
+    let killed = Instant::now();
+    let unacked_at_kill = wb.unacked();
+    worker.resume();
+    let syncs_at_kill = progress.syncs.load(Ordering::SeqCst);
+    let acked_at_kill = metrics.txn_acked.get();
+    let mut first_ack_after = None;
+    let acked = wait_until(WAIT, || {
+        let now = metrics.txn_acked.get() > acked_at_kill;
+        if now {
+            first_ack_after = Some(killed.elapsed());
+        }
+        now || progress.done.load(Ordering::SeqCst)
+    });
+    assert!(
+        acked && first_ack_after.is_some(),
+        "no transaction was acknowledged within {WAIT:?} of the primary's death (error: {:?})\n\
+         --- b log ---\n{}",
+        progress.error.lock().unwrap(),
+        b.log_text()
+    );
+    progress.wait_for_syncs(syncs_at_kill + SYNCS_AFTER_FAULT, "after the failover");
+    worker.finish(&progress);
+    wb.sync(None).expect("final sync");
+    assert_eq!(wb.unacked(), 0, "unacknowledged after the final sync");
+
+    let first_sync_after = progress
+        .sync_ends
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|&&t| t > killed)
+        .map(|&t| t - killed);
+    let waited = slow_calls(&progress, |c| c.end >= killed);
+    let b_log = b.log_text();
+    let (epoch_a, epoch_b) = (opened_epoch(&a.log_text()), opened_epoch(&b_log));
+    let handshakes_b = b_log.matches("client authenticated").count();
+    eprintln!(
+        "failover: {unacked_at_kill} transactions unacknowledged at the kill of the primary; \
+         first ack after it in {:?}, first fsync completed \
+         {first_sync_after:?} after it; slow calls after the kill: {waited:?}; {} writes and \
+         {} fsyncs in all; {} transactions formed, failovers {}, resent {}, duplicate acks {}; \
+         volume opened at epoch {epoch_a:?} on the primary, {epoch_b:?} on the second, which \
+         saw {handshakes_b} handshakes of the client",
+        first_ack_after.unwrap_or_default(),
+        progress.writes.load(Ordering::SeqCst),
+        progress.syncs.load(Ordering::SeqCst),
+        metrics.txn_formed.get(),
+        metrics.txn_failovers.get(),
+        metrics.txn_resent.get(),
+        metrics.txn_duplicate_acks.get()
+    );
+    assert!(
+        metrics.txn_failovers.get() >= 1,
+        "no transaction moved to the second server"
+    );
+    assert_eq!(metrics.fsync_errors.get(), 0, "fsyncs answered EIO");
+    match (epoch_a, epoch_b) {
+        (Some(a), Some(b)) if b > a => {}
+        _ => panic!(
+            "the second server did not take the volume over (epochs {epoch_a:?} then \
+             {epoch_b:?}):\n{b_log}"
+        ),
+    }
+
+    // Through a fresh client of the second server.
+    let histories = progress.snapshot();
+    drop(wb);
+    let fresh = store::open(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
+    check_final(&*fresh, &histories);
+    drop((fresh, a, b, moto));
+    let _ = std::fs::remove_dir_all(&dir);
+}
