@@ -134,14 +134,19 @@ struct TxnEntry {
     formed: Instant,
 }
 
-/// The inode attributes the store does not have yet.
+/// The newest attributes of an inode: set by transactions the store may
+/// not have yet, or read from the store (`txn == 0`).
 #[derive(Clone, Debug)]
 struct Overlay {
     /// `None`: removed.
     inode: Option<Inode>,
-    /// The newest transaction that set it; the entry retires with its ack.
+    /// The newest transaction that set it (0: read from the store).
     txn: u64,
 }
+
+/// Inode attributes kept at most (beyond those of unacknowledged
+/// transactions, which are always kept).
+const ATTR_CACHE_MAX: usize = 100_000;
 
 struct State {
     cache: PageCache,
@@ -160,6 +165,9 @@ struct State {
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
     shutdown: bool,
+    /// The server that acknowledged last: new transactions start there, so
+    /// after a failover they do not knock on a dead server first.
+    preferred_server: usize,
 }
 
 struct Shared {
@@ -286,6 +294,7 @@ impl WritebackStore {
                 sticky: HashMap::new(),
                 last_read_end: HashMap::new(),
                 shutdown: false,
+                preferred_server: 0,
             }),
             cfg,
             store,
@@ -362,7 +371,7 @@ impl Shared {
             data_bytes: 0,
             mergeable,
             state: TxnState::Queued,
-            server: 0,
+            server: st.preferred_server,
             attempts_here: 0,
             attempts: 0,
             not_before: None,
@@ -378,12 +387,24 @@ impl Shared {
         l.cache_bytes.set(st.cache.bytes());
     }
 
-    /// The attributes of `ino` as the guest last set them.
+    /// The attributes of `ino` as the guest last set them. The daemon is
+    /// the volume's only writer and every change passes through here, so
+    /// attributes read from the store are kept (bounded) and a write needs
+    /// no round trip for them — nor a reachable store.
     fn current_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
         if let Some(o) = lock(&self.state).attrs.get(&ino) {
             return Ok(o.inode.clone());
         }
-        self.store.get_inode(ino)
+        let inode = self.store.get_inode(ino)?;
+        let mut st = lock(&self.state);
+        if st.attrs.len() >= ATTR_CACHE_MAX {
+            // Forget what the store has; keep what it does not yet.
+            let State { attrs, txns, .. } = &mut *st;
+            attrs.retain(|_, o| txns.contains_key(&o.txn));
+        }
+        // A newer change that raced in wins over what the store said.
+        let entry = st.attrs.entry(ino).or_insert(Overlay { inode, txn: 0 });
+        Ok(entry.inode.clone())
     }
 
     /// The write-back path: copy `data` into pages and tag them.
@@ -865,6 +886,7 @@ fn on_result(
                 }
             }
             st.epoch = ack.epoch;
+            st.preferred_server = server;
             complete(shared, &mut st, id);
         }
         Err(e) => {
@@ -942,9 +964,6 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
         if now_empty {
             st.by_inode.remove(ino);
             st.sticky.remove(ino);
-        }
-        if st.attrs.get(ino).is_some_and(|o| o.txn == id) {
-            st.attrs.remove(ino);
         }
     }
     debug_assert!(st.dirty_bytes >= t.data_bytes, "dirty byte accounting");
