@@ -1,5 +1,7 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
+mod mount;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ enum Command {
     BenchStore(BenchStoreArgs),
     /// Print a running daemon's counters (through its control socket).
     Status(StatusArgs),
+    /// Mount a volume on this host through /dev/fuse (for POSIX test suites).
+    Mount(mount::MountArgs),
 }
 
 #[derive(clap::Args)]
@@ -165,6 +169,7 @@ fn main() {
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),
         Command::Status(args) => status(args),
+        Command::Mount(args) => mount::run(args),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.

@@ -712,3 +712,7 @@ fn statfs_reports_capacity_and_use() {
     assert_eq!(st.f_bfree, st.f_blocks - crate::store::BLOCK_SIZE / 4096);
     assert_eq!(st.f_namemax, 255);
 }
+
+/// Regressions found by pjdfstest through `pohmelfs mount` (docs/posix.md).
+#[path = "posix_tests.rs"]
+mod posix;

@@ -1,0 +1,373 @@
+//! `pohmelfs mount`: the filesystem `serve` gives a guest, mounted on this
+//! host through the kernel's FUSE device instead of a guest's virtqueues, so
+//! host tools (pjdfstest, `tests/mount.rs`) exercise the very code a guest
+//! talks to.
+//!
+//! It owns the life of one mount: mount(2) with its own options (no
+//! `default_permissions` unless asked: pohmelfs decides permissions itself,
+//! which is what the tools should test), one FUSE channel per worker thread,
+//! and the way out. On SIGTERM or SIGINT, or when someone else unmounts it, it
+//! unmounts, stops the workers, drops what the kernel session held, makes the
+//! volume durable and exits 0. It must never leave a dead mount behind on an
+//! orderly exit, and never decide anything about files itself: every request
+//! goes to [`PohmelFs`] through the same `fuse-backend-rs` server as a guest's.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseChannel, FuseSession};
+use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
+use pohmelfs::metrics::Metrics;
+use pohmelfs::txn::{OverwritePolicy, TxnConfig};
+use tracing::{debug, info, warn};
+
+/// The character device the kernel serves FUSE mounts through.
+const FUSE_DEVICE: &str = "/dev/fuse";
+
+/// `pohmelfs mount` arguments.
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// Where to mount: an existing directory.
+    mountpoint: PathBuf,
+    /// The volume: file:///DIR, s3://..., pohmel://HOST:PORT/VOLUME or mem:
+    /// (as for serve).
+    #[arg(long)]
+    store: String,
+    /// Worker threads serving requests, each reading its own FUSE channel.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Let users other than the one mounting use the mount (pjdfstest
+    /// switches users). pohmelfs still checks every request's permissions.
+    #[arg(long)]
+    allow_other: bool,
+    /// Let the kernel check permissions too, as a virtio-fs guest does,
+    /// instead of relying on pohmelfs's checks alone.
+    #[arg(long)]
+    default_permissions: bool,
+    /// Kernel caching of attributes, entries and data.
+    #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
+    cache: CachePolicy,
+    /// Let the kernel cache writes and send them later (FUSE writeback cache).
+    #[arg(long)]
+    writeback_cache: bool,
+    /// Allow root to create character and block device nodes.
+    #[arg(long)]
+    allow_device_nodes: bool,
+    /// Open files and directories at most.
+    #[arg(long, default_value_t = 65_536)]
+    max_handles: usize,
+    /// What a write does to a page whose transaction is in flight: wait for
+    /// its ack, or copy the page (copy-on-write).
+    #[arg(long, value_enum, default_value_t = OverwritePolicy::Cow)]
+    overwrite: OverwritePolicy,
+    /// Page cache memory at most (clean and dirty), e.g. 256M.
+    #[arg(long, default_value = "256M", value_parser = super::parse_bytes)]
+    cache_size: u64,
+    /// Dirty plus in-flight bytes at most; writes beyond wait for acks.
+    #[arg(long, default_value = "128M", value_parser = super::parse_bytes)]
+    dirty_max: u64,
+    /// Transactions in flight to the store at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_in_flight: u32,
+    /// Milliseconds to wait for an ack before resending a transaction.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    ack_timeout_ms: u64,
+    /// Milliseconds fsync (and the drain at unmount) waits before giving up
+    /// with EIO.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
+    fsync_timeout_ms: u64,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// What ends the mount.
+enum Event {
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A worker saw the mount go away (unmounted from outside).
+    Unmounted,
+    /// A worker could not read its channel.
+    WorkerFailed(String),
+}
+
+type FuseServer = Server<Arc<PohmelFs>>;
+
+/// Mount the volume and serve it until a signal or an outside umount.
+pub fn run(args: MountArgs) -> Result<()> {
+    super::init_logging(&args.log_level)?;
+    if args.dirty_max > args.cache_size {
+        bail!(
+            "--dirty-max ({}) must not exceed --cache-size ({})",
+            args.dirty_max,
+            args.cache_size
+        );
+    }
+    // Check what the mount needs before opening (and maybe creating) a volume.
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let fuse_dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(FUSE_DEVICE)
+        .with_context(|| format!("open {FUSE_DEVICE}"))?;
+    // Signals are ours before the mount exists, so none can kill the process
+    // and leave the mount behind.
+    let (events, next_event) = mpsc::channel();
+    watch_signals(events.clone())?;
+
+    let fs = open_filesystem(&args)?;
+    let server = Arc::new(Server::new(Arc::clone(&fs)));
+
+    let mut session = FuseSession::new(&mountpoint, "pohmelfs", "pohmelfs", false)
+        .map_err(|e| anyhow!("{e}"))
+        .context("prepare FUSE session")?;
+    let opts = MountOptions {
+        allow_other: args.allow_other,
+        default_permissions: args.default_permissions,
+        max_read: session.bufsize(),
+    };
+    mount(&mountpoint, &fuse_dev, &opts)
+        .with_context(|| format!("mount {}", mountpoint.display()))?;
+    // From here on the session unmounts when dropped, even on an error path.
+    session.set_fuse_file(fuse_dev);
+    info!(mountpoint = %mountpoint.display(), store = %fs.store().describe(), threads = args.threads, "mounted");
+
+    let mut workers = Vec::new();
+    let mut failed = None;
+    for i in 0..args.threads {
+        let started = session
+            .new_channel()
+            .map_err(|e| anyhow!("{e}"))
+            .context("open FUSE channel")
+            .and_then(|channel| {
+                let server = Arc::clone(&server);
+                let events = events.clone();
+                std::thread::Builder::new()
+                    .name(format!("pohmelfs-fuse-{i}"))
+                    .spawn(move || serve_channel(channel, &server, &events))
+                    .context("start worker thread")
+            });
+        match started {
+            Ok(handle) => workers.push(handle),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(events);
+
+    if failed.is_none() {
+        match next_event.recv() {
+            Ok(Event::Signal(sig)) => info!(signal = sig, "unmounting"),
+            Ok(Event::Unmounted) => info!("unmounted from outside; shutting down"),
+            // An outside umount shows up as an epoll error on the channels.
+            Ok(Event::WorkerFailed(_)) if connection_gone(&session) => {
+                info!("unmounted from outside; shutting down")
+            }
+            Ok(Event::WorkerFailed(e)) => failed = Some(anyhow!(e).context("serve FUSE channel")),
+            // Unreachable while the signal thread lives; treat it as a stop.
+            Err(mpsc::RecvError) => warn!("no more events; unmounting"),
+        }
+    }
+    let unmounted = session
+        .umount()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("unmount {}", mountpoint.display()));
+    if let Err(e) = session.wake() {
+        warn!(error = %e, "could not wake the workers");
+    }
+    for w in workers {
+        if w.join().is_err() {
+            warn!("a worker thread panicked");
+        }
+    }
+    // The kernel session is gone: forget its references and handles, and
+    // remove the unlinked files only it kept alive.
+    fs.destroy();
+    fs.sync_all().context("sync volume")?;
+    unmounted?;
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            info!("volume durable; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// The canonical path of `path`, which must be an existing directory.
+fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(path).with_context(|| format!("mountpoint {}", path.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", path.display());
+    }
+    path.canonicalize()
+        .with_context(|| format!("resolve mountpoint {}", path.display()))
+}
+
+/// Open the volume and the filesystem on it, as `serve` does.
+fn open_filesystem(args: &MountArgs) -> Result<Arc<PohmelFs>> {
+    let metrics = Arc::new(Metrics::default());
+    let txn_cfg = TxnConfig {
+        overwrite: args.overwrite,
+        cache_bytes: args.cache_size,
+        dirty_max_bytes: args.dirty_max,
+        max_in_flight: args.max_in_flight as usize,
+        ack_timeout: std::time::Duration::from_millis(args.ack_timeout_ms),
+        fsync_timeout: std::time::Duration::from_millis(args.fsync_timeout_ms),
+        ..TxnConfig::default()
+    };
+    let store: Arc<dyn pohmelfs::store::Store> =
+        pohmelfs::txn::open(&args.store, txn_cfg, Arc::clone(&metrics)).context("open store")?;
+    let fs_cfg = FsConfig {
+        cache: args.cache,
+        writeback_cache: args.writeback_cache,
+        allow_device_nodes: args.allow_device_nodes,
+        max_handles: args.max_handles,
+    };
+    let fs = PohmelFs::new(store, fs_cfg, metrics).context("open volume")?;
+    Ok(Arc::new(fs))
+}
+
+/// Send SIGTERM and SIGINT to `events` from a thread of their own.
+fn watch_signals(events: mpsc::Sender<Event>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("install signal handlers")?;
+    std::thread::Builder::new()
+        .name("pohmelfs-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if events.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("start signal thread")?;
+    Ok(())
+}
+
+/// Options of the FUSE mount.
+struct MountOptions {
+    allow_other: bool,
+    default_permissions: bool,
+    /// The largest read the kernel may ask for: what a channel buffer holds.
+    max_read: usize,
+}
+
+/// mount(2) a FUSE filesystem served through `fuse_dev` at `mountpoint`.
+/// Done here rather than by `FuseSession::mount`, which always adds
+/// `default_permissions`.
+fn mount(mountpoint: &Path, fuse_dev: &File, opts: &MountOptions) -> Result<()> {
+    // SAFETY: getuid and getgid only read the caller's credentials.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},max_read={}",
+        fuse_dev.as_raw_fd(),
+        libc::S_IFDIR,
+        opts.max_read
+    );
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    if opts.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    debug!(options = %data, "mount options");
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).context("mountpoint has a NUL")?;
+    let data = CString::new(data).context("mount options have a NUL")?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call (the kernel copies them); `fuse_dev` stays open across it, so the
+    // `fd=` option names a live /dev/fuse descriptor.
+    let rc = unsafe {
+        libc::mount(
+            c"pohmelfs".as_ptr(),
+            target.as_ptr(),
+            c"fuse.pohmelfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // Every worker polls a duplicate of this descriptor and all wake for one
+    // request: the losers must see EAGAIN, not block in read.
+    set_nonblocking(fuse_dev).context("make /dev/fuse non-blocking")
+}
+
+fn set_nonblocking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `file` keeps open; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; F_SETFL takes an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// True when the kernel has ended the FUSE connection (the filesystem was
+/// unmounted or the connection aborted): its descriptor polls POLLERR.
+fn connection_gone(session: &FuseSession) -> bool {
+    let Some(file) = session.get_fuse_file() else {
+        return true;
+    };
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call, and a
+    // zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLERR != 0
+}
+
+/// One worker: read requests from `channel` and answer them until the
+/// session is woken for exit or the mount goes away.
+fn serve_channel(mut channel: FuseChannel, server: &FuseServer, events: &mpsc::Sender<Event>) {
+    loop {
+        match channel.get_request() {
+            Ok(Some((reader, writer))) => {
+                if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+                    if is_interrupted_reply(&e) {
+                        // The kernel gave up on the request before our reply
+                        // (the caller was interrupted): routine.
+                        debug!(error = %e, "reply to an abandoned request");
+                    } else {
+                        warn!(error = %e, "could not handle a FUSE request");
+                    }
+                }
+            }
+            Ok(None) => {
+                // Woken for exit (the main thread already knows), or the
+                // filesystem was unmounted (it may not).
+                let _ = events.send(Event::Unmounted);
+                return;
+            }
+            Err(e) => {
+                let _ = events.send(Event::WorkerFailed(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// True when writing a reply failed with ENOENT: the request was interrupted
+/// and the kernel no longer waits for it.
+fn is_interrupted_reply(e: &fuse_backend_rs::Error) -> bool {
+    use fuse_backend_rs::Error::{EncodeMessage, FailedToWrite};
+    matches!(e, EncodeMessage(io) | FailedToWrite(io) if io.raw_os_error() == Some(libc::ENOENT))
+}
