@@ -19,6 +19,9 @@ pub struct GuestImage {
     pub initramfs: PathBuf,
     /// fio and its shared libraries, a newc archive appended only for guests that run fio.
     pub fio: PathBuf,
+    /// pjdfstest with its libraries, users and configuration; present only when pjdfstest was
+    /// installed before the image was built.
+    pub pjdfstest: PathBuf,
 }
 
 /// The guest image, built on first use.
@@ -57,6 +60,7 @@ fn build() -> std::result::Result<GuestImage, String> {
         kernel: dir.join("vmlinuz"),
         initramfs: dir.join("initramfs.img"),
         fio: dir.join("fio.img"),
+        pjdfstest: dir.join("pjdfstest.img"),
     };
     for file in [&image.kernel, &image.initramfs, &image.fio] {
         if !file.is_file() {

@@ -143,6 +143,11 @@ impl VmTest {
         }))
     }
 
+    /// The daemon this run tests.
+    pub fn kind(&self) -> DaemonKind {
+        self.kind
+    }
+
     /// The test's scratch directory (e.g. for a `file://` store).
     #[allow(dead_code)] // for tests of persistent stores
     pub fn dir(&self) -> &Path {
