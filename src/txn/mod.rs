@@ -144,6 +144,9 @@ struct Overlay {
     txn: u64,
 }
 
+/// Unacknowledged transactions at most; metadata operations beyond wait.
+const MAX_QUEUED_TXNS: usize = 65_536;
+
 /// Inode attributes kept at most (beyond those of unacknowledged
 /// transactions, which are always kept).
 const ATTR_CACHE_MAX: usize = 100_000;
@@ -168,6 +171,13 @@ struct State {
     /// The server that acknowledged last: new transactions start there, so
     /// after a failover they do not knock on a dead server first.
     preferred_server: usize,
+    /// Namespace changes the store may not have yet: entries by directory
+    /// and name (`None`: removed), symlink targets, extended attributes.
+    /// Each remembers the newest transaction that set it and retires with
+    /// that transaction's ack.
+    dirents: HashMap<u64, BTreeMap<Vec<u8>, (Option<Dirent>, u64)>>,
+    symlinks: HashMap<u64, (Vec<u8>, u64)>,
+    xattrs: HashMap<u64, BTreeMap<Vec<u8>, (Option<Vec<u8>>, u64)>>,
 }
 
 struct Shared {
@@ -295,6 +305,9 @@ impl WritebackStore {
                 last_read_end: HashMap::new(),
                 shutdown: false,
                 preferred_server: 0,
+                dirents: HashMap::new(),
+                symlinks: HashMap::new(),
+                xattrs: HashMap::new(),
             }),
             cfg,
             store,
@@ -547,11 +560,23 @@ impl Shared {
         Ok(())
     }
 
-    /// A metadata transaction: apply its effects on the cache and overlay,
-    /// queue it, wait for its ack.
+    /// A metadata transaction: apply its effects to the cache and the
+    /// overlay (so reads see them at once), queue it, and return — the
+    /// write-back contract: fsync and fsyncdir wait for it. Truncate and
+    /// punch-hole wait for their ack: until the store has dropped the old
+    /// bytes, a read of a page the cache does not hold could return them.
     fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
+        let wait = txn
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Truncate { .. } | Op::PunchHole { .. }));
         let id = {
             let mut st = lock(&self.state);
+            // Bound the queue: metadata is small, but not free.
+            while st.txns.len() >= MAX_QUEUED_TXNS && !st.shutdown {
+                self.metrics.backpressure_waits.inc();
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
             let entry = Self::new_entry(&mut st, txn.ops, false);
             let id = entry.id;
             for op in &entry.ops {
@@ -574,16 +599,49 @@ impl Shared {
                             },
                         );
                         st.cache.remove_inode(*ino);
+                        st.symlinks.remove(ino);
+                        // Its attributes are gone with it: the store drops them.
+                        st.xattrs.remove(ino);
+                    }
+                    Op::PutDirent { parent, dirent } => {
+                        st.dirents
+                            .entry(*parent)
+                            .or_default()
+                            .insert(dirent.name.clone(), (Some(dirent.clone()), id));
+                    }
+                    Op::RemoveDirent { parent, name } => {
+                        st.dirents
+                            .entry(*parent)
+                            .or_default()
+                            .insert(name.clone(), (None, id));
+                    }
+                    Op::SetSymlink { ino, target } => {
+                        st.symlinks.insert(*ino, (target.clone(), id));
+                    }
+                    Op::SetXattr { ino, name, value } => {
+                        st.xattrs
+                            .entry(*ino)
+                            .or_default()
+                            .insert(name.clone(), (Some(value.clone()), id));
+                    }
+                    Op::RemoveXattr { ino, name } => {
+                        st.xattrs
+                            .entry(*ino)
+                            .or_default()
+                            .insert(name.clone(), (None, id));
                     }
                     Op::Truncate { ino, size } => st.cache.truncate(*ino, *size),
                     Op::PunchHole { ino, offset, len } => st.cache.zero(*ino, *offset, *len),
-                    _ => {}
+                    Op::Write { .. } => {}
                 }
             }
             self.enqueue(&mut st, entry);
             id
         };
-        self.wait_for(&[id], None).map(|_| ())
+        if wait {
+            self.wait_for(&[id], None)?;
+        }
+        Ok(())
     }
 
     /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
@@ -937,6 +995,40 @@ fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(20u64.saturating_mul(1 << attempts.min(6))).min(Duration::from_secs(2))
 }
 
+/// The store now has what `t` changed: drop the overlay entries it was the
+/// newest to set.
+fn retire_overlay(st: &mut State, t: &TxnEntry) {
+    for op in &t.ops {
+        match op {
+            Op::PutDirent { parent, dirent } => {
+                retire(&mut st.dirents, *parent, &dirent.name, t.id)
+            }
+            Op::RemoveDirent { parent, name } => retire(&mut st.dirents, *parent, name, t.id),
+            Op::SetXattr { ino, name, .. } | Op::RemoveXattr { ino, name } => {
+                retire(&mut st.xattrs, *ino, name, t.id)
+            }
+            Op::SetSymlink { ino, .. } => {
+                if st.symlinks.get(ino).is_some_and(|(_, id)| *id == t.id) {
+                    st.symlinks.remove(ino);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn retire<V>(map: &mut HashMap<u64, BTreeMap<Vec<u8>, (V, u64)>>, key: u64, name: &[u8], txn: u64) {
+    let Some(inner) = map.get_mut(&key) else {
+        return;
+    };
+    if inner.get(name).is_some_and(|(_, id)| *id == txn) {
+        inner.remove(name);
+    }
+    if inner.is_empty() {
+        map.remove(&key);
+    }
+}
+
 /// A durable ack: untag the pages, free the transaction, wake the waiters.
 fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
     let Some(t) = st.txns.remove(&id) else { return };
@@ -946,6 +1038,7 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
             st.cache.untag(*ino, *idx, id);
         }
     }
+    retire_overlay(st, &t);
     drop(t.pinned);
     for ino in &t.inodes {
         let now_empty = match st.by_inode.get_mut(ino) {
@@ -982,11 +1075,45 @@ impl Store for WritebackStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        if let Some((d, _)) = lock(&self.shared.state)
+            .dirents
+            .get(&parent)
+            .and_then(|m| m.get(name))
+        {
+            return Ok(d.clone());
+        }
         self.shared.store.lookup(parent, name)
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.shared.store.readdir(parent, after, max)
+        let overlay: Vec<(Vec<u8>, Option<Dirent>)> =
+            match lock(&self.shared.state).dirents.get(&parent) {
+                None => return self.shared.store.readdir(parent, after, max),
+                Some(m) => m.iter().map(|(n, (d, _))| (n.clone(), d.clone())).collect(),
+            };
+        // Ask the store for enough that, with the overlay's names filtered
+        // out, a full batch remains whenever the store has more.
+        let fetch = max.saturating_add(overlay.len());
+        let stored = self.shared.store.readdir(parent, after, fetch)?;
+        let exhausted = stored.len() < fetch;
+        let last = stored.last().map(|d| d.cookie);
+        let shadowed: std::collections::HashSet<&[u8]> =
+            overlay.iter().map(|(n, _)| n.as_slice()).collect();
+        let mut out: Vec<Dirent> = stored
+            .into_iter()
+            .filter(|d| !shadowed.contains(d.name.as_slice()))
+            .collect();
+        // Overlay entries past the last stored cookie wait for the next
+        // batch unless the store has nothing more: cookies stay in order.
+        out.extend(
+            overlay
+                .into_iter()
+                .filter_map(|(_, d)| d)
+                .filter(|d| d.cookie > after && (exhausted || last.is_some_and(|l| d.cookie <= l))),
+        );
+        out.sort_by_key(|d| d.cookie);
+        out.truncate(max);
+        Ok(out)
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
@@ -1065,15 +1192,40 @@ impl Store for WritebackStore {
     }
 
     fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some((t, _)) = lock(&self.shared.state).symlinks.get(&ino) {
+            return Ok(Some(t.clone()));
+        }
         self.shared.store.readlink(ino)
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some((v, _)) = lock(&self.shared.state)
+            .xattrs
+            .get(&ino)
+            .and_then(|m| m.get(name))
+        {
+            return Ok(v.clone());
+        }
         self.shared.store.get_xattr(ino, name)
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.shared.store.list_xattr(ino)
+        let overlay: Vec<(Vec<u8>, bool)> = match lock(&self.shared.state).xattrs.get(&ino) {
+            None => return self.shared.store.list_xattr(ino),
+            Some(m) => m
+                .iter()
+                .map(|(n, (v, _))| (n.clone(), v.is_some()))
+                .collect(),
+        };
+        let mut names: BTreeSet<Vec<u8>> = self.shared.store.list_xattr(ino)?.into_iter().collect();
+        for (name, present) in overlay {
+            if present {
+                names.insert(name);
+            } else {
+                names.remove(&name);
+            }
+        }
+        Ok(names.into_iter().collect())
     }
 
     fn statfs(&self) -> Result<StoreStats, StoreError> {

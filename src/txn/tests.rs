@@ -384,6 +384,7 @@ fn fsync_fails_after_its_deadline_and_stays_failed_until_durable() {
     let m = Arc::new(Metrics::default());
     let wb = WritebackStore::with_clock(c, store.clone(), sink.clone(), m.clone(), true).unwrap();
     create(&wb, 20);
+    wb.sync(None).unwrap();
     sink.set(Faults {
         error: 100,
         ..Faults::default()
@@ -421,6 +422,7 @@ fn overwrite_policies_differ_only_in_waiting() {
         let (wb, sink, store, m) = layer(policy, 1, 9);
         let wb = Arc::new(wb);
         create(&*wb, 20);
+        wb.sync(None).unwrap();
         // Hold the first version in flight (pinned) while the guest
         // overwrites it.
         sink.held.store(true, Ordering::SeqCst);
@@ -610,4 +612,210 @@ fn run_model(seed: u64, policy: OverwritePolicy) {
             "seed {seed} {policy:?}: final content of {ino}"
         );
     }
+}
+
+/// The filesystem layer over the transaction layer (write-back metadata
+/// and data, acks delayed and reordered) behaves exactly like the
+/// filesystem layer straight on a store: same answers, same tree after
+/// every step, and the same durable volume after a sync.
+#[test]
+fn the_filesystem_over_the_layer_matches_the_filesystem_on_the_store() {
+    use crate::fs::{FsConfig, PohmelFs};
+    use fuse_backend_rs::abi::fuse_abi::CreateIn;
+    use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyReader};
+    use std::ffi::CString;
+
+    struct Bytes(std::io::Cursor<Vec<u8>>);
+    impl std::io::Read for Bytes {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl ZeroCopyReader for Bytes {
+        fn read_to(
+            &mut self,
+            _f: &mut dyn fuse_backend_rs::common::file_traits::FileReadWriteVolatile,
+            _c: usize,
+            _o: u64,
+        ) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+    }
+
+    /// Every inode reachable from the root, as comparable text.
+    fn tree(s: &dyn Store) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![(crate::store::ROOT_INO, "/".to_string())];
+        while let Some((dir, path)) = dirs.pop() {
+            let mut after = 0;
+            loop {
+                let batch = s.readdir(dir, after, 7).unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                for d in batch {
+                    after = d.cookie;
+                    let i = s
+                        .get_inode(d.ino)
+                        .unwrap()
+                        .expect("entry names a live inode");
+                    let name = format!("{path}{}", String::from_utf8_lossy(&d.name));
+                    let mut line = format!(
+                        "{name} ino={} {:?} nlink={} size={} mode={:o}",
+                        i.ino, i.kind, i.nlink, i.size, i.perm
+                    );
+                    if i.kind == FileKind::Symlink {
+                        line += &format!(" -> {:?}", s.readlink(i.ino).unwrap());
+                    }
+                    line += &format!(" xattrs={:?}", s.list_xattr(i.ino).unwrap());
+                    if i.kind == FileKind::Regular {
+                        let mut buf = vec![0u8; i.size as usize];
+                        s.read(i.ino, 0, &mut buf).unwrap();
+                        line += &format!(" sum={}", buf.iter().map(|&b| b as u64).sum::<u64>());
+                    }
+                    if i.kind == FileKind::Directory {
+                        dirs.push((i.ino, format!("{name}/")));
+                    }
+                    out.push(line);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    let direct_store = Arc::new(MemStore::new(1 << 30));
+    let direct = PohmelFs::new(
+        direct_store.clone(),
+        FsConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let (wb, sink, durable, _) = layer(OverwritePolicy::Cow, 1, 21);
+    sink.set(Faults {
+        jitter: Duration::from_millis(20),
+        lose_ack: 3,
+        ..Faults::default()
+    });
+    let wb = Arc::new(wb);
+    let layered = PohmelFs::new(
+        wb.clone(),
+        FsConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let ctx = Context::new();
+    let c = |s: &str| CString::new(s).unwrap();
+    let mut rng = Rng(0xC0FFEE);
+    let names = ["a", "b", "c", "d", "e"];
+    let mut dirs = vec![crate::store::ROOT_INO];
+    let mut succeeded = 0;
+    for step in 0..1500 {
+        let parent = dirs[rng.below(dirs.len() as u64) as usize];
+        let name = c(names[rng.below(names.len() as u64) as usize]);
+        let other = dirs[rng.below(dirs.len() as u64) as usize];
+        let name2 = c(names[rng.below(names.len() as u64) as usize]);
+        let op = rng.below(9);
+        let data = vec![(step % 250) as u8 + 1; 1 + rng.below(9000) as usize];
+        let offset = rng.below(20_000);
+        let run = |fs: &PohmelFs| -> String {
+            let r: std::io::Result<String> = match op {
+                0 => fs
+                    .create(
+                        &ctx,
+                        parent,
+                        &name,
+                        CreateIn {
+                            flags: 2,
+                            mode: libc::S_IFREG | 0o644,
+                            umask: 0,
+                            fuse_flags: 0,
+                        },
+                    )
+                    .map(|(e, ..)| format!("ino {}", e.inode)),
+                1 => fs
+                    .mkdir(&ctx, parent, &name, 0o755, 0)
+                    .map(|e| format!("ino {}", e.inode)),
+                2 => fs.unlink(&ctx, parent, &name).map(|_| "ok".into()),
+                3 => fs.rmdir(&ctx, parent, &name).map(|_| "ok".into()),
+                4 => fs
+                    .rename(&ctx, parent, &name, other, &name2, 0)
+                    .map(|_| "ok".into()),
+                5 => fs
+                    .symlink(&ctx, &c("target"), parent, &name)
+                    .map(|e| format!("ino {}", e.inode)),
+                6 => match fs.lookup(&ctx, parent, &name) {
+                    Ok(e) => fs
+                        .setxattr(&ctx, e.inode, &c("user.k"), &data[..3], 0)
+                        .map(|_| "ok".into()),
+                    Err(e) => Err(e),
+                },
+                7 => match fs.lookup(&ctx, parent, &name) {
+                    Ok(e) => fs
+                        .link(&ctx, e.inode, other, &name2)
+                        .map(|e| format!("ino {}", e.inode)),
+                    Err(e) => Err(e),
+                },
+                _ => match fs.lookup(&ctx, parent, &name) {
+                    Ok(e) => fs
+                        .write(
+                            &ctx,
+                            e.inode,
+                            0,
+                            &mut Bytes(std::io::Cursor::new(data.clone())),
+                            data.len() as u32,
+                            offset,
+                            None,
+                            false,
+                            0,
+                            0,
+                        )
+                        .map(|n| format!("wrote {n}")),
+                    Err(e) => Err(e),
+                },
+            };
+            match r {
+                Ok(s) => s,
+                Err(e) => format!("errno {:?}", e.raw_os_error()),
+            }
+        };
+        let a = run(&direct);
+        let b = run(&layered);
+        assert_eq!(a, b, "step {step}: op {op} answers differ");
+        if !a.starts_with("errno") {
+            succeeded += 1;
+        }
+        if op == 1 && a.starts_with("ino ") {
+            dirs.push(a[4..].parse().unwrap());
+        }
+        dirs.retain(|d| {
+            direct_store
+                .get_inode(*d)
+                .unwrap()
+                .is_some_and(|i| i.nlink > 0)
+        });
+        if step % 20 == 0 {
+            assert_eq!(
+                tree(&*direct_store),
+                tree(&*wb),
+                "step {step}: trees differ"
+            );
+        }
+    }
+    sink.set(Faults::default());
+    wb.sync(None).unwrap();
+    assert_eq!(tree(&*direct_store), tree(&*wb), "trees differ at the end");
+    assert_eq!(
+        tree(&*direct_store),
+        tree(&*durable),
+        "the durable volume differs after sync"
+    );
+    assert!(
+        succeeded > 300,
+        "only {succeeded} operations succeeded: the test exercises too little"
+    );
+    assert!(
+        tree(&*durable).len() > 5,
+        "the final tree is too small to mean much"
+    );
 }
