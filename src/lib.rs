@@ -18,7 +18,10 @@
 //!   and the transaction layer with its tagged page cache slot in behind the
 //!   same trait.
 //! * [`metrics`] — every counter the daemon keeps.
+//! * [`check`] — correctness instruments from the outside: the volume
+//!   checker (`pohmelfs check`) and the model-based torture (`pohmelfs torture`).
 
+pub mod check;
 pub mod control;
 pub mod device;
 pub mod fs;

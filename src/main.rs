@@ -36,6 +36,10 @@ enum Command {
     Status(StatusArgs),
     /// Mount a volume on this host through /dev/fuse (for POSIX test suites).
     Mount(mount::MountArgs),
+    /// Check a volume's consistency, read-only (no daemon or server may have it open).
+    Check(CheckArgs),
+    /// Run seeded random file operations in a directory against an in-memory model.
+    Torture(TortureArgs),
 }
 
 #[derive(clap::Args)]
@@ -170,6 +174,8 @@ fn main() {
         Command::BenchStore(args) => bench_store(args),
         Command::Status(args) => status(args),
         Command::Mount(args) => mount::run(args),
+        Command::Check(args) => check(args),
+        Command::Torture(args) => torture(args),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.
@@ -390,6 +396,114 @@ fn bench_store(args: BenchStoreArgs) -> Result<()> {
             ms(f.max),
             f.commits_per_sec,
             f.mib_per_sec
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The volume: file:///DIR or s3://BUCKET/PREFIX?... (a pohmel:// volume
+    /// is DATA/NAME of its stopped store server).
+    #[arg(long)]
+    store: String,
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    use pohmelfs::store::engine::VolumeReader;
+    init_logging("warn")?;
+    if args.store.starts_with("pohmel://") || args.store.starts_with("mem:") {
+        bail!(
+            "check reads a volume directly: stop the store server and pass file:///DATA/NAME \
+             (or the s3:// URL) of the volume"
+        );
+    }
+    let started = std::time::Instant::now();
+    let reader = VolumeReader::open(&args.store).context("open volume read-only")?;
+    let report = pohmelfs::check::volume::check_volume(&reader).context("check volume")?;
+    println!(
+        "check: read {} in {:.2}s",
+        reader.describe(),
+        started.elapsed().as_secs_f64()
+    );
+    for line in report.lines() {
+        println!("{line}");
+    }
+    if !report.is_clean() {
+        bail!("{} problems in the volume", report.problems.len());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct TortureArgs {
+    /// The directory the run's own directory (seed-S) is made in; with
+    /// --verify, where to find seed-S instead of the saved path.
+    #[arg(long, required_unless_present = "verify")]
+    dir: Option<PathBuf>,
+    /// The seed: the same seed makes the same operations.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Operations to run (default 10000, or 2000000 with --long).
+    #[arg(long)]
+    ops: Option<u64>,
+    /// A long run: millions of operations, progress every 100000.
+    #[arg(long)]
+    long: bool,
+    /// Operations between full comparisons, bytes included.
+    #[arg(long)]
+    full_every: Option<u64>,
+    /// After the run, write the tree's expected state to FILE.
+    #[arg(long, value_name = "FILE")]
+    save_model: Option<PathBuf>,
+    /// Run nothing: compare the tree a saved model names with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["save_model", "long", "ops"])]
+    verify: Option<PathBuf>,
+    /// After a divergence, do not search for the shortest failing prefix.
+    #[arg(long)]
+    no_minimize: bool,
+}
+
+fn torture(args: TortureArgs) -> Result<()> {
+    use pohmelfs::check::torture;
+    let mut out = std::io::stdout().lock();
+    if let Some(model) = &args.verify {
+        let root = match &args.dir {
+            Some(dir) => {
+                let text = std::fs::read_to_string(model)
+                    .with_context(|| format!("read {}", model.display()))?;
+                let saved = torture::verify::Saved::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("parse {}: {e}", model.display()))?;
+                Some(dir.join(format!("seed-{}", saved.seed)))
+            }
+            None => None,
+        };
+        let differences =
+            torture::verify_saved(model, root.as_deref(), &mut out).context("verify the tree")?;
+        if differences > 0 {
+            bail!("{differences} differences from the saved model");
+        }
+        return Ok(());
+    }
+    let Some(dir) = args.dir else {
+        bail!("--dir is required");
+    };
+    let default_ops = if args.long { torture::LONG_OPS } else { 10_000 };
+    let mut cfg = torture::Config::new(dir, args.seed, args.ops.unwrap_or(default_ops));
+    if args.long {
+        cfg.full_every = 20_000;
+        cfg.progress_every = 100_000;
+    }
+    if let Some(n) = args.full_every {
+        cfg.full_every = n.max(1);
+    }
+    cfg.save_model = args.save_model;
+    cfg.minimize = !args.no_minimize;
+    let outcome = torture::run(&cfg, &mut out).context("run the torture")?;
+    if outcome.divergence.is_some() {
+        bail!(
+            "the filesystem diverged from the model (seed {})",
+            args.seed
         );
     }
     Ok(())

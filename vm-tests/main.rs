@@ -12,6 +12,7 @@
 //! reference runs.
 
 mod boot;
+mod crash;
 mod durability;
 mod failover;
 mod files;
@@ -62,5 +63,5 @@ vm_tests! {
 
 /// Tests of persistent stores; virtiofsd has no store to restart.
 mod pohmelfs_store {
-    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart, failover::failover_store_restart_under_guest_fsyncs);
+    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart, failover::failover_store_restart_under_guest_fsyncs, crash::crash_guest_power_cut, crash::crash_store_server_kill9, crash::crash_daemon_kill9, crash::crash_torture_across_restarts);
 }

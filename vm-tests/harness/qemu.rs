@@ -40,6 +40,9 @@ trap 'status=$?; [ $status = 0 ] || echo "FAIL: status $status in step: $STEP"' 
 set -e
 "#;
 
+/// Something the harness does while the guest runs, once the console shows a marker line.
+type ConsoleAction<'a> = (String, Box<dyn FnOnce() -> Result<()> + 'a>);
+
 /// A guest run being configured.
 pub struct Guest<'a> {
     daemon: &'a Daemon,
@@ -47,6 +50,10 @@ pub struct Guest<'a> {
     timeout: Duration,
     script: String,
     fio: bool,
+    pjdfstest: bool,
+    pohmelfs: bool,
+    actions: Vec<ConsoleAction<'a>>,
+    power_cut_at: Option<String>,
 }
 
 /// What a guest run left behind.
@@ -96,7 +103,36 @@ impl<'a> Guest<'a> {
             timeout: DEFAULT_TIMEOUT,
             script: String::new(),
             fio: false,
+            pjdfstest: false,
+            pohmelfs: false,
+            actions: Vec::new(),
+            power_cut_at: None,
         }
+    }
+
+    /// Adds this build's `pohmelfs` binary (stripped) as `/usr/bin/pohmelfs`, with the shared
+    /// libraries it links, from this host (where the base image's libc comes from too).
+    #[allow(dead_code)] // for the crash and torture tests
+    pub fn with_pohmelfs(mut self) -> Self {
+        self.pohmelfs = true;
+        self
+    }
+
+    /// Runs `action` once the console shows the line `marker`, while the guest goes on (it does
+    /// not wait for the action). Actions run in the order they were added; a failing action
+    /// ends the run with its failure.
+    #[allow(dead_code)] // for the crash tests
+    pub fn on_console(mut self, marker: &str, action: impl FnOnce() -> Result<()> + 'a) -> Self {
+        self.actions.push((marker.to_owned(), Box::new(action)));
+        self
+    }
+
+    /// Kills QEMU once the console shows the line `marker`, after the actions due by then: a
+    /// power cut, with nothing synced. The output then has no exit status.
+    #[allow(dead_code)] // for the crash tests
+    pub fn power_cut_at(mut self, marker: &str) -> Self {
+        self.power_cut_at = Some(marker.to_owned());
+        self
     }
 
     #[allow(dead_code)] // all current workloads fit the default
@@ -124,11 +160,17 @@ impl<'a> Guest<'a> {
         self
     }
 
+    /// Adds pjdfstest (its binary, libraries, users and /etc/pjdfstest.toml).
+    pub fn with_pjdfstest(mut self) -> Self {
+        self.pjdfstest = true;
+        self
+    }
+
     /// Boots the guest, waits for it to power off, and returns its console and exit status.
     ///
     /// Errors are failures of the run itself (no QEMU, no image, timeout, QEMU error); a
     /// script that fails is reported in [`GuestOutput::exit_status`].
-    pub fn run(self) -> Result<GuestOutput> {
+    pub fn run(mut self) -> Result<GuestOutput> {
         let qemu = qemu_binary()?;
         let image = guest_image()?;
         let accel = accelerator()?;
@@ -139,7 +181,27 @@ impl<'a> Guest<'a> {
         let qemu_log = prefix.with_extension("qemu.log");
         let initrd = prefix.with_extension("initrd");
         let script = format!("{PRELUDE}TAG='{}'\n{}\n", self.daemon.tag(), self.script);
-        write_initrd(&initrd, image, self.fio, &script)?;
+        let extra = if self.pohmelfs {
+            guest_pohmelfs()?
+        } else {
+            &[]
+        };
+        let mut images = Vec::new();
+        if self.fio {
+            images.push(image.fio.as_path());
+        }
+        if self.pjdfstest {
+            if !image.pjdfstest.is_file() {
+                return Err(Failure::new(format!(
+                    "{} is missing: the guest image carries pjdfstest only when it is installed \
+                     before the image is built (scripts/test does both; or scripts/pjdfstest, then \
+                     images/build-guest)",
+                    image.pjdfstest.display()
+                )));
+            }
+            images.push(image.pjdfstest.as_path());
+        }
+        write_initrd(&initrd, image, &images, &script, extra)?;
 
         let memory = format!("{}M", self.memory_mb);
         let mut command = base_command(&qemu, accel, image, &initrd, &console, &qemu_log)?;
@@ -162,7 +224,37 @@ impl<'a> Guest<'a> {
             ));
         let started = Instant::now();
         let mut qemu_process = KillOnDrop::spawn(&mut command, &qemu)?;
-        let status = wait_until(self.timeout, POLL_INTERVAL, || qemu_process.try_wait());
+        let mut actions = std::mem::take(&mut self.actions);
+        let mut action_failure = None;
+        let mut power_cut = false;
+        let status = wait_until(self.timeout, POLL_INTERVAL, || {
+            if !actions.is_empty() || (self.power_cut_at.is_some() && !power_cut) {
+                let text = fs::read(&console)
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                    .unwrap_or_default();
+                while actions
+                    .first()
+                    .is_some_and(|(marker, _)| has_line(&text, marker))
+                {
+                    let (marker, action) = actions.remove(0);
+                    if let Err(failure) = action() {
+                        action_failure = Some((marker, failure));
+                        qemu_process.kill();
+                        break;
+                    }
+                }
+                if action_failure.is_none()
+                    && self
+                        .power_cut_at
+                        .as_deref()
+                        .is_some_and(|marker| has_line(&text, marker))
+                {
+                    qemu_process.kill();
+                    power_cut = true;
+                }
+            }
+            qemu_process.try_wait()
+        });
         let elapsed = started.elapsed();
         let _ = fs::remove_file(&initrd);
 
@@ -187,6 +279,11 @@ impl<'a> Guest<'a> {
                 self.daemon.log_report()
             )
         };
+        if let Some((marker, failure)) = action_failure {
+            return Err(Failure::new(report(format!(
+                "the harness's action at console line {marker:?} failed: {failure}"
+            ))));
+        }
         let Some(status) = status else {
             qemu_process.kill();
             return Err(Failure::new(report(format!(
@@ -194,7 +291,12 @@ impl<'a> Guest<'a> {
                 self.timeout
             ))));
         };
-        if !status.success() && exit_status.is_none() {
+        if power_cut {
+            eprintln!(
+                "{}: guest #{number} power cut after {elapsed:.1?} ({accel:?})",
+                self.daemon.kind()
+            );
+        } else if !status.success() && exit_status.is_none() {
             return Err(Failure::new(report(format!(
                 "QEMU failed ({status}) after {elapsed:.1?}"
             ))));
@@ -248,19 +350,96 @@ fn base_command(
     Ok(command)
 }
 
-/// Writes base image [+ fio] + an archive holding `/test.sh` into one initrd file.
-fn write_initrd(initrd: &Path, image: &GuestImage, fio: bool, script: &str) -> Result<()> {
+/// Whether `console` has the line `marker` (a whole line, `\r` ignored).
+fn has_line(console: &str, marker: &str) -> bool {
+    console
+        .lines()
+        .any(|line| line.trim_end_matches('\r') == marker)
+}
+
+/// A file for the guest's initramfs: its path there, mode and bytes.
+struct ExtraFile {
+    name: String,
+    mode: u32,
+    data: Vec<u8>,
+}
+
+/// The stripped `pohmelfs` binary and the libraries `ldd` says it needs, read once per process.
+fn guest_pohmelfs() -> Result<&'static [ExtraFile]> {
+    static FILES: OnceLock<std::result::Result<Vec<ExtraFile>, String>> = OnceLock::new();
+    let load = || -> std::result::Result<Vec<ExtraFile>, String> {
+        let binary = Path::new(env!("CARGO_BIN_EXE_pohmelfs"));
+        let stripped = target_dir()
+            .join("vm-tests")
+            .join(format!("pohmelfs-guest-{}", std::process::id()));
+        let status = std::process::Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(binary)
+            .status()
+            .map_err(|e| format!("run strip (apt-get install binutils): {e}"))?;
+        if !status.success() {
+            return Err(format!("strip {} failed: {status}", binary.display()));
+        }
+        let data = fs::read(&stripped).map_err(|e| format!("read {}: {e}", stripped.display()));
+        let _ = fs::remove_file(&stripped);
+        let mut files = vec![ExtraFile {
+            name: "usr/bin/pohmelfs".to_owned(),
+            mode: 0o755,
+            data: data?,
+        }];
+        let ldd = std::process::Command::new("ldd")
+            .arg(binary)
+            .output()
+            .map_err(|e| format!("run ldd: {e}"))?;
+        let text = String::from_utf8_lossy(&ldd.stdout);
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" and the loader's own line.
+        for line in text.lines() {
+            let path = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [_, "=>", path, ..] | [path, ..] if path.starts_with('/') => (*path).to_owned(),
+                _ => continue,
+            };
+            let data = fs::read(&path).map_err(|e| format!("read {path}: {e}"))?;
+            files.push(ExtraFile {
+                name: path.trim_start_matches('/').to_owned(),
+                mode: 0o755,
+                data,
+            });
+        }
+        Ok(files)
+    };
+    FILES
+        .get_or_init(load)
+        .as_deref()
+        .map_err(|e| Failure::new(format!("put pohmelfs into the guest: {e}")))
+}
+
+/// Writes base image [+ optional images] + an archive holding `/test.sh` (and `extra`) into
+/// one initrd file.
+fn write_initrd(
+    initrd: &Path,
+    image: &GuestImage,
+    optional: &[&Path],
+    script: &str,
+    extra: &[ExtraFile],
+) -> Result<()> {
     let write = || -> io::Result<()> {
         let mut out = File::create(initrd)?;
         io::copy(&mut File::open(&image.initramfs)?, &mut out)?;
-        if fio {
-            io::copy(&mut File::open(&image.fio)?, &mut out)?;
+        for part in optional {
+            io::copy(&mut File::open(part)?, &mut out)?;
         }
-        let archive = cpio::archive(&[Entry {
+        let mut entries = vec![Entry {
             name: "test.sh",
             mode: 0o755,
             data: script.as_bytes(),
-        }]);
+        }];
+        entries.extend(extra.iter().map(|f| Entry {
+            name: &f.name,
+            mode: f.mode,
+            data: &f.data,
+        }));
+        let archive = cpio::archive(&entries);
         io::Write::write_all(&mut out, &archive)
     };
     write().map_err(|e| Failure::new(format!("write {}: {e}", initrd.display())))
@@ -366,7 +545,7 @@ fn probe_kvm() -> Result<(Accel, String)> {
     let console = dir.join("console.log");
     let qemu_log = dir.join("qemu.log");
     let initrd = dir.join("initrd");
-    write_initrd(&initrd, image, false, "exit 0\n")?;
+    write_initrd(&initrd, image, &[], "exit 0\n", &[])?;
     let mut command = base_command(&qemu, Accel::Kvm, image, &initrd, &console, &qemu_log)?;
     command.args(["-m", "256"]);
     let mut process = KillOnDrop::spawn(&mut command, &qemu)?;

@@ -27,6 +27,7 @@ mod codec;
 mod config;
 mod group;
 mod keys;
+mod scan;
 
 #[cfg(test)]
 mod conformance;
@@ -48,6 +49,10 @@ use crate::store::{
 };
 use codec::{Counters, Superblock, FORMAT_VERSION};
 pub use group::CommitMode;
+pub use scan::{
+    BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
+    VolumeScan, XattrRecord,
+};
 
 /// Ids are reserved durably this many at a time beyond what a caller asks
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the

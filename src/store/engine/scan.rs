@@ -1,0 +1,582 @@
+//! Whole-volume scans, record type by record type, for the volume checker
+//! (`pohmelfs check`, `src/check/`).
+//!
+//! [`VolumeScan`] decodes every record of one type in key order. It is
+//! implemented by [`SlateStore`] (a volume this process has open for
+//! writing) and by [`VolumeReader`], a read-only view opened with SlateDB's
+//! `DbReader` in `FollowLatest` mode: it writes nothing to the object store,
+//! so unlike opening a [`SlateStore`] it fences no writer and leaves the
+//! volume exactly as it found it.
+//!
+//! A record that does not decode is an item `Err(StoreError::Corrupt)` and
+//! the scan goes on with the next key; any other error (the engine failed)
+//! is the last item. This module never writes and never interprets POSIX
+//! semantics; that is the checker's job.
+
+use std::ops::{Bound, Range};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use slatedb::config::{DbReaderOptions, ScanOptions};
+use slatedb::{ByteRangeBounds, DbIterator, DbReadOps, DbReader, DbReaderMode};
+use thiserror::Error;
+
+use super::keys::{self, tag};
+use super::{codec, config, map_engine_error, OpenVolumeError, SlateStore};
+use crate::store::{Dirent, Inode, StoreError};
+
+/// What the superblock and the space counters say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub format_version: u32,
+    pub volume_id: [u8; 16],
+    /// Ids below this may have been handed out; none at or above it has.
+    pub next_id: u64,
+    /// Opens for writing so far (the durability epoch).
+    pub open_count: u64,
+    /// Data blocks in use, by the counters every commit keeps.
+    pub counted_blocks: u64,
+    /// Inodes in use, by the same counters.
+    pub counted_inodes: u64,
+}
+
+/// One data block, without its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub ino: u64,
+    pub index: u64,
+    /// Bytes stored (a block may be stored shorter than `BLOCK_SIZE`).
+    pub stored_len: usize,
+    /// One past the last nonzero stored byte (0 for an all-zero block):
+    /// bytes past a file's size must be zero, or growing the file would
+    /// bring them back.
+    pub nonzero_len: usize,
+}
+
+/// One extended attribute, without its value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XattrRecord {
+    pub ino: u64,
+    pub name: Vec<u8>,
+    pub value_len: usize,
+}
+
+/// A directory entry as one of its two index records holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirentRecord {
+    pub parent: u64,
+    pub dirent: Dirent,
+}
+
+/// A half-open or unbounded key range for the engine.
+#[derive(Clone, Debug)]
+pub struct KeyRange {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// Every key whose first byte is `tag`.
+    fn of_tag(tag: u8) -> KeyRange {
+        KeyRange {
+            start: vec![tag],
+            end: keys::prefix_end(&[tag]),
+        }
+    }
+}
+
+impl From<Range<Vec<u8>>> for KeyRange {
+    fn from(r: Range<Vec<u8>>) -> KeyRange {
+        KeyRange {
+            start: r.start,
+            end: Some(r.end),
+        }
+    }
+}
+
+impl ByteRangeBounds for KeyRange {
+    fn start_bound(&self) -> Bound<&[u8]> {
+        Bound::Included(&self.start)
+    }
+
+    fn end_bound(&self) -> Bound<&[u8]> {
+        match &self.end {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        }
+    }
+}
+
+/// The tags the layout defines, in key order.
+const KNOWN_TAGS: [u8; 9] = [
+    tag::SUPERBLOCK,
+    tag::STATS,
+    tag::INODE,
+    tag::SYMLINK,
+    tag::DIRENT_BY_NAME,
+    tag::DIRENT_BY_COOKIE,
+    tag::XATTR,
+    tag::BLOCK,
+    tag::APPLIED,
+];
+
+/// The key ranges between (and around) the known tags: whatever is stored
+/// there is no record of this layout.
+fn unknown_ranges() -> Vec<KeyRange> {
+    let mut out = Vec::new();
+    let mut from = 0u8;
+    for t in KNOWN_TAGS {
+        if t > from {
+            out.push(KeyRange {
+                start: vec![from],
+                end: Some(vec![t]),
+            });
+        }
+        from = t + 1;
+    }
+    out.push(KeyRange {
+        start: vec![from],
+        end: None,
+    });
+    out
+}
+
+/// Decodes one key-value pair of a scan into a record.
+type Decode<T> = fn(&[u8], &[u8]) -> Result<T, StoreError>;
+
+/// Key-value pairs of a range, fetched one at a time on a runtime.
+pub struct RawScan<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    iters: std::vec::IntoIter<DbIterator>,
+    current: Option<DbIterator>,
+    done: bool,
+}
+
+impl Iterator for RawScan<'_> {
+    type Item = Result<(Bytes, Bytes), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let Some(iter) = self.current.as_mut() else {
+                self.current = self.iters.next();
+                if self.current.is_none() {
+                    self.done = true;
+                }
+                continue;
+            };
+            match self.runtime.block_on(iter.next()) {
+                Ok(Some(kv)) => return Some(Ok((kv.key, kv.value))),
+                Ok(None) => self.current = None,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(map_engine_error(e)));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Decoded records of one type, in key order. See the module documentation
+/// for what an error item means.
+pub struct Scan<'a, T> {
+    raw: RawScan<'a>,
+    decode: Decode<T>,
+}
+
+impl<T> Iterator for Scan<'_, T> {
+    type Item = Result<T, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(match self.raw.next()? {
+            Ok((k, v)) => (self.decode)(&k, &v),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+fn decode_u64_key(what: &str, tag_byte: u8, key: &[u8]) -> Result<u64, StoreError> {
+    match key.split_first() {
+        Some((&t, rest)) if t == tag_byte && rest.len() == 8 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(rest);
+            Ok(u64::from_be_bytes(a))
+        }
+        _ => Err(StoreError::Corrupt(format!(
+            "malformed {what} key {key:02x?}"
+        ))),
+    }
+}
+
+/// The `(parent, name)` of a by-name entry key.
+fn decode_by_name_key(key: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    if key.len() < 9 || key[0] != tag::DIRENT_BY_NAME {
+        return Err(StoreError::Corrupt(format!(
+            "malformed dirent key {key:02x?}"
+        )));
+    }
+    let parent = decode_u64_key("dirent", tag::DIRENT_BY_NAME, &key[..9])?;
+    Ok((parent, &key[9..]))
+}
+
+fn decode_inode(k: &[u8], v: &[u8]) -> Result<Inode, StoreError> {
+    let ino = decode_u64_key("inode", tag::INODE, k)?;
+    codec::decode_inode(ino, v).map_err(|e| name_ino(e, "inode", ino))
+}
+
+fn decode_symlink(k: &[u8], v: &[u8]) -> Result<(u64, Vec<u8>), StoreError> {
+    let ino = decode_u64_key("symlink", tag::SYMLINK, k)?;
+    let target = codec::decode_bytes("symlink", v).map_err(|e| name_ino(e, "symlink", ino))?;
+    Ok((ino, target.to_vec()))
+}
+
+fn decode_by_name(k: &[u8], v: &[u8]) -> Result<DirentRecord, StoreError> {
+    let (parent, name) = decode_by_name_key(k)?;
+    let dirent = codec::decode_dirent_by_name(name, v).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "entry {:?} of directory {parent}: {e}",
+            String::from_utf8_lossy(name)
+        ))
+    })?;
+    Ok(DirentRecord { parent, dirent })
+}
+
+fn decode_by_cookie(k: &[u8], v: &[u8]) -> Result<DirentRecord, StoreError> {
+    let (parent, cookie) = keys::decode_dirent_by_cookie(k)?;
+    let dirent = codec::decode_dirent_by_cookie(cookie, v).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "entry with cookie {cookie} of directory {parent}: {e}"
+        ))
+    })?;
+    Ok(DirentRecord { parent, dirent })
+}
+
+fn decode_xattr(k: &[u8], v: &[u8]) -> Result<XattrRecord, StoreError> {
+    let (ino, name) = keys::decode_xattr(k)?;
+    let value = codec::decode_bytes("xattr", v).map_err(|e| name_ino(e, "xattr", ino))?;
+    Ok(XattrRecord {
+        ino,
+        name: name.to_vec(),
+        value_len: value.len(),
+    })
+}
+
+fn decode_block(k: &[u8], v: &[u8]) -> Result<BlockRecord, StoreError> {
+    let (ino, index) = keys::decode_block(k)?;
+    let data = codec::decode_block(v)
+        .map_err(|e| StoreError::Corrupt(format!("block {index} of inode {ino}: {e}")))?;
+    Ok(BlockRecord {
+        ino,
+        index,
+        stored_len: data.len(),
+        nonzero_len: data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1),
+    })
+}
+
+fn decode_applied(k: &[u8], _v: &[u8]) -> Result<(u64, u64), StoreError> {
+    keys::decode_applied(k)
+}
+
+fn decode_unknown(k: &[u8], _v: &[u8]) -> Result<Vec<u8>, StoreError> {
+    Ok(k.to_vec())
+}
+
+/// Say which inode a value error belongs to.
+fn name_ino(e: StoreError, what: &str, ino: u64) -> StoreError {
+    match e {
+        StoreError::Corrupt(m) => StoreError::Corrupt(format!("{what} of inode {ino}: {m}")),
+        other => other,
+    }
+}
+
+/// Reads a whole volume record type by record type. See the module
+/// documentation.
+pub trait VolumeScan {
+    /// The value of `key`.
+    fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
+
+    /// The key-value pairs of `ranges`, one range after the other.
+    fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError>;
+
+    /// The superblock and space counters.
+    fn volume_info(&self) -> Result<VolumeInfo, StoreError> {
+        let sb = self
+            .raw_get(&keys::superblock())?
+            .ok_or_else(|| StoreError::Corrupt("the volume has no superblock".into()))?;
+        let sb = codec::decode_superblock(&sb)?;
+        let counters = match self.raw_get(&keys::stats())? {
+            Some(v) => codec::decode_counters(&v)?,
+            None => codec::Counters::default(),
+        };
+        Ok(VolumeInfo {
+            format_version: sb.format_version,
+            volume_id: sb.volume_id,
+            next_id: sb.next_id,
+            open_count: sb.open_count,
+            counted_blocks: counters.blocks,
+            counted_inodes: counters.inodes,
+        })
+    }
+
+    /// Every inode.
+    fn scan_inodes(&self) -> Result<Scan<'_, Inode>, StoreError> {
+        scan_tag(self, tag::INODE, decode_inode)
+    }
+
+    /// Every symlink target, as `(ino, target)`.
+    fn scan_symlinks(&self) -> Result<Scan<'_, (u64, Vec<u8>)>, StoreError> {
+        scan_tag(self, tag::SYMLINK, decode_symlink)
+    }
+
+    /// Every directory entry of the by-name index.
+    fn scan_dirents_by_name(&self) -> Result<Scan<'_, DirentRecord>, StoreError> {
+        scan_tag(self, tag::DIRENT_BY_NAME, decode_by_name)
+    }
+
+    /// Every directory entry of the by-cookie index.
+    fn scan_dirents_by_cookie(&self) -> Result<Scan<'_, DirentRecord>, StoreError> {
+        scan_tag(self, tag::DIRENT_BY_COOKIE, decode_by_cookie)
+    }
+
+    /// Every extended attribute.
+    fn scan_xattrs(&self) -> Result<Scan<'_, XattrRecord>, StoreError> {
+        scan_tag(self, tag::XATTR, decode_xattr)
+    }
+
+    /// Every data block (its bytes are read, but not kept).
+    fn scan_blocks(&self) -> Result<Scan<'_, BlockRecord>, StoreError> {
+        scan_tag(self, tag::BLOCK, decode_block)
+    }
+
+    /// Every applied-transaction record, as `(session, txn_id)`.
+    fn scan_applied(&self) -> Result<Scan<'_, (u64, u64)>, StoreError> {
+        scan_tag(self, tag::APPLIED, decode_applied)
+    }
+
+    /// The keys of records no part of this layout defines.
+    fn scan_unknown(&self) -> Result<Scan<'_, Vec<u8>>, StoreError> {
+        Ok(Scan {
+            raw: self.raw_scan(unknown_ranges())?,
+            decode: decode_unknown,
+        })
+    }
+}
+
+fn scan_tag<S: VolumeScan + ?Sized, T>(
+    s: &S,
+    tag: u8,
+    decode: Decode<T>,
+) -> Result<Scan<'_, T>, StoreError> {
+    Ok(Scan {
+        raw: s.raw_scan(vec![KeyRange::of_tag(tag)])?,
+        decode,
+    })
+}
+
+/// Options for whole-volume scans: nothing is worth caching, and reading
+/// ahead pays off.
+fn scan_options() -> ScanOptions {
+    ScanOptions {
+        cache_blocks: false,
+        read_ahead_bytes: 1 << 20,
+        ..ScanOptions::default()
+    }
+}
+
+/// Open one iterator per range on `db`.
+async fn open_iters<D: DbReadOps + Sync>(
+    db: &D,
+    ranges: Vec<KeyRange>,
+) -> Result<Vec<DbIterator>, StoreError> {
+    let options = scan_options();
+    let mut iters = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        iters.push(
+            db.scan_with_options(r, &options)
+                .await
+                .map_err(map_engine_error)?,
+        );
+    }
+    Ok(iters)
+}
+
+impl VolumeScan for SlateStore {
+    fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        self.rt().block_on(self.get(key.to_vec()))
+    }
+
+    fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
+        let iters = self.rt().block_on(open_iters(&self.db, ranges))?;
+        Ok(RawScan {
+            runtime: self.rt(),
+            iters: iters.into_iter(),
+            current: None,
+            done: false,
+        })
+    }
+}
+
+/// Why a volume could not be opened for reading.
+#[derive(Debug, Error)]
+pub enum OpenReaderError {
+    #[error("no volume directory at {0}")]
+    Missing(PathBuf),
+    #[error("parse volume URL")]
+    Url(#[source] OpenVolumeError),
+    #[error("start engine runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("open engine read-only")]
+    Engine(#[source] slatedb::Error),
+}
+
+/// A volume opened read-only. See the module documentation.
+pub struct VolumeReader {
+    reader: DbReader,
+    describe: String,
+    /// Declared last: dropped after the reader, whose tasks run here.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl VolumeReader {
+    /// Open the volume named by a `file://` or `s3://` URL without writing
+    /// to it. A `file://` directory must exist (it is never created).
+    pub fn open(url: &str) -> Result<VolumeReader, OpenReaderError> {
+        if let Some(path) = url.strip_prefix("file://") {
+            let path = PathBuf::from(path.split_once('?').map_or(path, |(p, _)| p));
+            if !path.is_dir() {
+                return Err(OpenReaderError::Missing(path));
+            }
+        }
+        let cfg = config::parse(url).map_err(OpenReaderError::Url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pohmelfs-reader")
+            .enable_all()
+            .build()
+            .map_err(OpenReaderError::Runtime)?;
+        let options = DbReaderOptions {
+            // The reader reads once, soon after it opens: a slow poll is
+            // enough, and a missing object must fail rather than retry on.
+            manifest_poll_interval: Duration::from_secs(60),
+            object_store_max_retries: Some(3),
+            ..DbReaderOptions::default()
+        };
+        let reader = runtime
+            .block_on(DbReader::open(
+                cfg.db_path.clone(),
+                cfg.object_store.clone(),
+                DbReaderMode::FollowLatest,
+                options,
+            ))
+            .map_err(OpenReaderError::Engine)?;
+        Ok(VolumeReader {
+            reader,
+            describe: format!("{} (read-only)", cfg.describe),
+            runtime,
+        })
+    }
+
+    /// Where the volume lives, for messages.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+}
+
+impl Drop for VolumeReader {
+    fn drop(&mut self) {
+        // Nothing was written: a failed close loses nothing.
+        if let Err(e) = self.runtime.block_on(self.reader.close()) {
+            tracing::debug!(error = %e, "closing volume reader failed");
+        }
+    }
+}
+
+impl VolumeScan for VolumeReader {
+    fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        self.runtime
+            .block_on(self.reader.get(key))
+            .map_err(map_engine_error)
+    }
+
+    fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
+        let iters = self.runtime.block_on(open_iters(&self.reader, ranges))?;
+        Ok(RawScan {
+            runtime: &self.runtime,
+            iters: iters.into_iter(),
+            current: None,
+            done: false,
+        })
+    }
+}
+
+/// Test-only writes that no [`crate::store::Op`] can express: the checker's
+/// tests damage volumes with them.
+#[cfg(test)]
+impl SlateStore {
+    /// Put `dirent` into the by-cookie index of `parent` only.
+    pub(crate) fn raw_put_cookie_entry(&self, parent: u64, dirent: &Dirent) {
+        let db = &self.db;
+        self.rt()
+            .block_on(db.put(
+                keys::dirent_by_cookie(parent, dirent.cookie),
+                codec::encode_dirent_by_cookie(dirent),
+            ))
+            .expect("put by-cookie entry");
+    }
+
+    /// Delete the by-cookie index record `(parent, cookie)` only.
+    pub(crate) fn raw_delete_cookie_entry(&self, parent: u64, cookie: u64) {
+        self.rt()
+            .block_on(self.db.delete(keys::dirent_by_cookie(parent, cookie)))
+            .expect("delete by-cookie entry");
+    }
+
+    /// Store `value` under `key` as is.
+    pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) {
+        self.rt()
+            .block_on(self.db.put(key, value))
+            .expect("raw put");
+    }
+
+    /// Put an applied-transaction record.
+    pub(crate) fn raw_put_applied(&self, session: u64, txn_id: u64) {
+        self.raw_put(&keys::applied(session, txn_id), &codec::encode_bytes(&[]));
+    }
+
+    /// Set the space counters.
+    pub(crate) fn raw_put_counters(&self, blocks: u64, inodes: u64) {
+        self.raw_put(
+            &keys::stats(),
+            &codec::encode_counters(&codec::Counters { blocks, inodes }),
+        );
+    }
+
+    /// Stop as a crash would: no clean close.
+    pub(crate) fn crash_for_test(self) {
+        self.crash();
+    }
+
+    /// The key of inode `ino`'s record.
+    pub(crate) fn inode_key(ino: u64) -> Vec<u8> {
+        keys::inode(ino)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_ranges_cover_everything_but_the_known_tags() {
+        let ranges = unknown_ranges();
+        let covered = |t: u8| {
+            ranges
+                .iter()
+                .any(|r| r.start <= vec![t] && r.end.as_ref().is_none_or(|e| vec![t] < *e))
+        };
+        for t in 0..=255u8 {
+            assert_eq!(covered(t), !KNOWN_TAGS.contains(&t), "tag {t:#x}");
+        }
+    }
+}
