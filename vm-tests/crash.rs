@@ -25,6 +25,8 @@ const DONE: &str = "POHMELFS-MARK=done";
 /// Bound on `pohmelfs check`.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
+/// Bound on the store server's outage in the store server test.
+const OUTAGE_MAX: Duration = Duration::from_secs(60);
 /// Guest memory: the initramfs carries the pohmelfs binary.
 const GUEST_MB: u32 = 1024;
 
@@ -157,6 +159,17 @@ umount /mnt
     s
 }
 
+/// One counter of the daemon's `status` answer.
+fn counter(daemon: &Daemon, name: &str) -> Option<u64> {
+    let status = pohmelfs::control::query(daemon.socket(), "status").ok()?;
+    status.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some(name))
+            .then(|| words.next()?.parse().ok())
+            .flatten()
+    })
+}
+
 /// A child process killed on drop.
 struct ChildGuard(Child);
 
@@ -265,8 +278,9 @@ pub fn crash_guest_power_cut(vm: &VmTest) -> Result<()> {
     Ok(())
 }
 
-/// (b) The store server is killed with SIGKILL (and started again) while the guest has dirty
-/// data in flight; the guest goes on fsyncing through the restart, then loses power. Every
+/// (b) The store server is killed with SIGKILL while the guest goes on fsyncing; it is started
+/// again once the daemon has had to resend, and the guest's fsyncs complete; then the guest
+/// loses power. Every
 /// fsync before and after the kill holds, in a second guest and after the daemon restarted;
 /// the volume checks clean.
 pub fn crash_store_server_kill9(vm: &VmTest) -> Result<()> {
@@ -279,7 +293,32 @@ pub fn crash_store_server_kill9(vm: &VmTest) -> Result<()> {
         .arg("--ack-timeout-ms")
         .arg("500")
         .start()?;
-    let sums = first_guest(&daemon, true, DONE, || server.borrow_mut().restart())?;
+    // The server stays dead until the daemon has logged a resend: the guest's next fsyncs are
+    // then in flight to nobody.
+    let strike = || {
+        let mut server = server.borrow_mut();
+        let log_before = std::fs::metadata(daemon.log_path()).map_or(0, |m| m.len()) as usize;
+        server.kill9();
+        let resent = wait_until(OUTAGE_MAX, POLL, || {
+            let log = std::fs::read(daemon.log_path()).unwrap_or_default();
+            let new = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
+            new.lines().any(|l| l.contains("resend")).then_some(())
+        });
+        if resent.is_none() {
+            return Err(Failure::new(format!(
+                "the daemon logged no resend within {OUTAGE_MAX:?} of the store server's death\n{}",
+                daemon.log_report()
+            )));
+        }
+        server.restart()
+    };
+    let sums = first_guest(&daemon, true, DONE, strike)?;
+    let log = std::fs::read_to_string(daemon.log_path()).unwrap_or_default();
+    eprintln!(
+        "store server killed under the guest: {} resend lines in the daemon log, {} fsyncs",
+        log.lines().filter(|l| l.contains("resend")).count(),
+        counter(&daemon, "fsync_calls").unwrap_or(0)
+    );
     verify_guest(&daemon, &sums)?;
     daemon.stop();
     drop(daemon);
