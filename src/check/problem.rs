@@ -288,7 +288,7 @@ impl fmt::Display for Warning {
             Warning::Orphan { ino, kind, size, blocks } => write!(
                 f,
                 "orphan: {kind:?} inode {ino} (size {size}, {blocks} blocks) is unlinked but still stored \
-                 (a guest held it open when its daemon stopped)"
+                 (a guest holds it open, or held it when its daemon stopped)"
             ),
         }
     }
