@@ -18,6 +18,7 @@ mod failover;
 mod files;
 mod harness;
 mod persistence;
+mod posix;
 
 /// Emits one `#[test]` per listed workload for one daemon.
 macro_rules! tests_for_daemon {
@@ -59,6 +60,7 @@ vm_tests! {
     durability::big_file_fsync,
     durability::remount,
     durability::reboot,
+    posix::pjdfstest,
 }
 
 /// Tests of persistent stores; virtiofsd has no store to restart.
