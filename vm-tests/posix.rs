@@ -10,7 +10,7 @@ use crate::harness::{target_dir, DaemonKind, Failure, Guest, Result, VmTest};
 fn counts(summary: &str) -> Option<(u32, u32, u32)> {
     let number_before = |word: &str| -> Option<u32> {
         let words: Vec<&str> = summary
-            .split(|c: char| c == ' ' || c == ',')
+            .split([' ', ','])
             .filter(|w| !w.is_empty())
             .collect();
         let i = words.iter().position(|w| *w == word)?;

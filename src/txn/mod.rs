@@ -144,6 +144,10 @@ struct Overlay {
     txn: u64,
 }
 
+/// Per inode (a directory, or the owner of extended attributes), per name:
+/// the newest value (`None`: removed) and the transaction that set it.
+type NameOverlay<V> = HashMap<u64, BTreeMap<Vec<u8>, (Option<V>, u64)>>;
+
 /// Unacknowledged transactions at most; metadata operations beyond wait.
 const MAX_QUEUED_TXNS: usize = 65_536;
 
@@ -175,9 +179,9 @@ struct State {
     /// and name (`None`: removed), symlink targets, extended attributes.
     /// Each remembers the newest transaction that set it and retires with
     /// that transaction's ack.
-    dirents: HashMap<u64, BTreeMap<Vec<u8>, (Option<Dirent>, u64)>>,
+    dirents: NameOverlay<Dirent>,
     symlinks: HashMap<u64, (Vec<u8>, u64)>,
-    xattrs: HashMap<u64, BTreeMap<Vec<u8>, (Option<Vec<u8>>, u64)>>,
+    xattrs: NameOverlay<Vec<u8>>,
 }
 
 struct Shared {
@@ -1007,17 +1011,17 @@ fn retire_overlay(st: &mut State, t: &TxnEntry) {
             Op::SetXattr { ino, name, .. } | Op::RemoveXattr { ino, name } => {
                 retire(&mut st.xattrs, *ino, name, t.id)
             }
-            Op::SetSymlink { ino, .. } => {
-                if st.symlinks.get(ino).is_some_and(|(_, id)| *id == t.id) {
-                    st.symlinks.remove(ino);
-                }
+            Op::SetSymlink { ino, .. }
+                if st.symlinks.get(ino).is_some_and(|(_, id)| *id == t.id) =>
+            {
+                st.symlinks.remove(ino);
             }
             _ => {}
         }
     }
 }
 
-fn retire<V>(map: &mut HashMap<u64, BTreeMap<Vec<u8>, (V, u64)>>, key: u64, name: &[u8], txn: u64) {
+fn retire<V>(map: &mut NameOverlay<V>, key: u64, name: &[u8], txn: u64) {
     let Some(inner) = map.get_mut(&key) else {
         return;
     };
