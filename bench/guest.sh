@@ -1,0 +1,124 @@
+# Guest side of scripts/bench: runs inside the benchmark guest (busybox sh) as /test.sh, after
+# a header the host writes with the parameters:
+#   WORKLOADS   space-separated list, in order: warmup seqwrite seqread randwrite randread meta
+#               fsync overwrite4k overwrite1m bigwrite
+#   SEQ_MB      size of the sequential file (and the file the random workloads use)
+#   RAND_S      seconds of each random workload, after RAMP_S seconds of warm-up
+#   META_FILES  small files created, stat'ed and unlinked
+#   FSYNC_OPS   4 KiB appends, each followed by fsync
+#   OW_S        seconds of each overwrite workload
+#   BIG_MB      size of the big sequential write (daemon memory goal)
+# Results go to the console, one per line, for bench/report.py:
+#   BENCH <workload> <metric> <value>
+#   BENCH-JSON <workload> / <fio JSON> / BENCH-JSON-END
+# Any failure ends the script with a non-zero status (set -e); the harness prints it as
+# POHMELFS-EXIT=<status>.
+set -e
+STEP=start
+# shellcheck disable=SC2154 # status is set inside the trap
+trap 'status=$?; [ $status = 0 ] || echo "BENCH-FAIL status $status in step: $STEP"' EXIT
+
+mount -t virtiofs pohmelfs /mnt
+cd /mnt
+
+# Milliseconds since boot (/proc/uptime has 10 ms resolution; phases here last seconds).
+now_ms() {
+	read -r up _ </proc/uptime
+	# "12.05": the 1 prefix keeps a leading 0 of the fraction from reading as octal.
+	echo $((${up%.*} * 1000 + 1${up#*.} * 10 - 1000))
+}
+drop_caches() {
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+}
+# fio_json NAME ARGS...: one fio job, its JSON report printed between markers.
+fio_json() {
+	name=$1
+	shift
+	fio --name="$name" --ioengine=psync --eta=never --output-format=json --output="/tmp/$name.json" "$@"
+	echo
+	echo "BENCH-JSON $name"
+	cat "/tmp/$name.json"
+	echo "BENCH-JSON-END"
+}
+
+for w in $WORKLOADS; do
+	STEP=$w
+	echo "== $w"
+	case $w in
+	warmup)
+		# Warms the daemon's code paths and the guest's fio binary; nothing is reported.
+		fio --name=warmup --filename=/mnt/warmup --rw=write --bs=1M --size=16M --end_fsync=1 \
+			--eta=never --output=/dev/null
+		drop_caches
+		cat /mnt/warmup >/dev/null
+		rm /mnt/warmup
+		;;
+	seqwrite)
+		fio_json seqwrite --filename=/mnt/seq --rw=write --bs=1M --size="${SEQ_MB}M" --end_fsync=1
+		;;
+	seqread)
+		drop_caches
+		fio_json seqread --filename=/mnt/seq --rw=read --bs=1M --size="${SEQ_MB}M"
+		;;
+	randwrite)
+		fio_json randwrite --filename=/mnt/seq --rw=randwrite --bs=4k --size="${SEQ_MB}M" \
+			--fsync=32 --time_based --runtime="$RAND_S" --ramp_time="$RAMP_S"
+		;;
+	randread)
+		drop_caches
+		fio_json randread --filename=/mnt/seq --rw=randread --bs=4k --size="${SEQ_MB}M" \
+			--time_based --runtime="$RAND_S" --ramp_time="$RAMP_S"
+		;;
+	meta)
+		mkdir /mnt/meta
+		t0=$(now_ms)
+		i=0
+		while [ $i -lt "$META_FILES" ]; do
+			echo "$i" >/mnt/meta/f$i
+			i=$((i + 1))
+		done
+		t1=$(now_ms)
+		# Forget the dentries and inodes: every stat below is a LOOKUP to the daemon.
+		drop_caches
+		t2=$(now_ms)
+		i=0
+		while [ $i -lt "$META_FILES" ]; do
+			[ -e /mnt/meta/f$i ] || { echo "missing /mnt/meta/f$i"; exit 1; }
+			i=$((i + 1))
+		done
+		t3=$(now_ms)
+		rm -r /mnt/meta
+		t4=$(now_ms)
+		echo "BENCH meta files $META_FILES"
+		echo "BENCH meta create_ms $((t1 - t0))"
+		echo "BENCH meta stat_ms $((t3 - t2))"
+		echo "BENCH meta unlink_ms $((t4 - t3))"
+		;;
+	fsync)
+		fio_json fsync --filename=/mnt/fsync --rw=write --bs=4k --size="$((FSYNC_OPS * 4))k" --fsync=1
+		rm /mnt/fsync
+		;;
+	overwrite4k)
+		# 4 KiB writes at random offsets of one 1 MiB region, fsync every 256 writes.
+		fio_json overwrite4k --filename=/mnt/ow4k --size=1M --rw=randwrite --bs=4k \
+			--norandommap --fsync=256 --time_based --runtime="$OW_S" --ramp_time="$RAMP_S"
+		;;
+	overwrite1m)
+		# The whole 1 MiB region rewritten by each write, fsync every 16 writes.
+		fio_json overwrite1m --filename=/mnt/ow1m --size=1M --rw=write --bs=1M \
+			--fsync=16 --time_based --runtime="$OW_S" --ramp_time="$RAMP_S"
+		;;
+	bigwrite)
+		fio_json bigwrite --filename=/mnt/big --rw=write --bs=1M --size="${BIG_MB}M" --end_fsync=1
+		;;
+	*)
+		echo "unknown workload $w"
+		exit 2
+		;;
+	esac
+done
+STEP=finish
+cd /
+umount /mnt
+echo "BENCH-DONE"
