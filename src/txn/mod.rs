@@ -797,6 +797,12 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
     let now = Instant::now();
     let mut wake: Option<Instant> = None;
     let low_water = st.txns.keys().next().copied().unwrap_or(st.next_id);
+    let mut in_flight_bytes: u64 = st
+        .txns
+        .values()
+        .filter(|t| matches!(t.state, TxnState::InFlight { .. }))
+        .map(|t| t.data_bytes)
+        .sum();
     let candidates: Vec<u64> = st
         .txns
         .values()
@@ -813,6 +819,12 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
                 wake = Some(wake.map_or(nb, |w| w.min(nb)));
                 continue;
             }
+        }
+        // Bytes on the wire are copied once per attempt (the frame): keep
+        // them to a quarter of the dirty bound, but never block the only one.
+        let wire_cap = shared.cfg.dirty_max_bytes / 4;
+        if st.in_flight > 0 && in_flight_bytes + t.data_bytes > wire_cap {
+            continue;
         }
         let oldest_everywhere = t
             .inodes
@@ -832,6 +844,7 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
         let attempt = st.next_attempt;
         st.next_attempt += 1;
         st.in_flight += 1;
+        in_flight_bytes += st.txns.get(&id).map_or(0, |t| t.data_bytes);
         debug_assert!(st.in_flight <= shared.cfg.max_in_flight, "in-flight bound");
         let Some(t) = st.txns.get_mut(&id) else {
             continue;

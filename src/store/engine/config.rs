@@ -137,6 +137,11 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
     Ok(o)
 }
 
+/// Unflushed key/value bytes (WAL and memtables) before writers wait.
+const MAX_UNFLUSHED_BYTES: usize = 96 << 20;
+/// Memtable size at which it is written out as an L0 table.
+const L0_SST_SIZE_BYTES: usize = 16 << 20;
+
 fn settings(o: &CommonOptions, boundary_files: bool) -> Settings {
     let flush_ms = o.flush_interval_ms.unwrap_or(match o.commit_mode {
         CommitMode::Interval | CommitMode::Adaptive => DEFAULT_INTERVAL_FLUSH_MS,
@@ -144,6 +149,11 @@ fn settings(o: &CommonOptions, boundary_files: bool) -> Settings {
     });
     Settings {
         flush_interval: Some(Duration::from_millis(flush_ms)),
+        // SlateDB's defaults let a writer hold up to 1 GiB of unflushed
+        // data and 64 MiB memtables in memory; a daemon that promises a
+        // bounded footprint (--cache-size) flushes far sooner.
+        max_unflushed_bytes: MAX_UNFLUSHED_BYTES,
+        l0_sst_size_bytes: L0_SST_SIZE_BYTES,
         garbage_collector_options: Some(GarbageCollectorOptions {
             boundary_files_enabled: boundary_files,
             ..GarbageCollectorOptions::default()
