@@ -98,15 +98,9 @@ struct StoreArgs {
     log_level: String,
 }
 
+/// The volume and how the daemon caches it: shared by `serve` and `mount`.
 #[derive(clap::Args)]
-struct ServeArgs {
-    /// The vhost-user socket the VMM connects to.
-    #[arg(long)]
-    socket_path: PathBuf,
-    /// The mount tag, served through the device config space (cloud-hypervisor
-    /// reads it there; QEMU takes it from its own `tag=`).
-    #[arg(long)]
-    tag: Option<String>,
+struct VolumeArgs {
     /// The volume: file:///DIR (embedded engine on a local directory),
     /// s3://BUCKET/PREFIX?endpoint=URL&region=R&allow_http=true (embedded
     /// engine on object storage), pohmel://HOST:PORT[,HOST:PORT...]/VOLUME
@@ -114,30 +108,18 @@ struct ServeArgs {
     /// persist).
     #[arg(long, default_value = "mem:")]
     store: String,
-    /// Worker threads serving requests.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    thread_pool_size: u16,
-    /// Request queues offered to the guest (besides the hiprio queue).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    request_queues: u16,
-    /// Descriptors per virtqueue at most.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
-    queue_size: u16,
-    /// Guest caching of attributes, entries and data.
+    /// Guest (or kernel) caching of attributes, entries and data.
     #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
     cache: CachePolicy,
     /// Let the guest cache writes and send them later (FUSE writeback cache).
     #[arg(long)]
     writeback_cache: bool,
-    /// Allow the guest to create character and block device nodes.
+    /// Allow root to create character and block device nodes.
     #[arg(long)]
     allow_device_nodes: bool,
     /// Open files and directories at most.
     #[arg(long, default_value_t = 65_536)]
     max_handles: usize,
-    /// Exit when the frontend disconnects instead of waiting for the next one.
-    #[arg(long)]
-    once: bool,
     /// What a write does to a page whose transaction is in flight: wait for
     /// its ack, or copy the page (copy-on-write).
     #[arg(long, value_enum, default_value_t = OverwritePolicy::Cow)]
@@ -154,10 +136,83 @@ struct ServeArgs {
     /// Milliseconds to wait for an ack before resending a transaction.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     ack_timeout_ms: u64,
-    /// Milliseconds fsync (and a drain at shutdown) waits before giving up
+    /// Milliseconds fsync (and the drain at shutdown) waits before giving up
     /// with EIO.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
     fsync_timeout_ms: u64,
+}
+
+impl VolumeArgs {
+    /// Refuse settings that contradict each other.
+    fn check(&self) -> Result<()> {
+        if self.dirty_max > self.cache_size {
+            bail!(
+                "--dirty-max ({}) must not exceed --cache-size ({})",
+                self.dirty_max,
+                self.cache_size
+            );
+        }
+        Ok(())
+    }
+
+    fn txn_config(&self) -> TxnConfig {
+        TxnConfig {
+            overwrite: self.overwrite,
+            cache_bytes: self.cache_size,
+            dirty_max_bytes: self.dirty_max,
+            max_in_flight: self.max_in_flight as usize,
+            ack_timeout: std::time::Duration::from_millis(self.ack_timeout_ms),
+            fsync_timeout: std::time::Duration::from_millis(self.fsync_timeout_ms),
+            ..TxnConfig::default()
+        }
+    }
+
+    fn fs_config(&self) -> FsConfig {
+        FsConfig {
+            cache: self.cache,
+            writeback_cache: self.writeback_cache,
+            allow_device_nodes: self.allow_device_nodes,
+            max_handles: self.max_handles,
+        }
+    }
+
+    /// Open the store behind the transaction layer, and the filesystem on it.
+    fn open(
+        &self,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
+        let store: Arc<dyn pohmelfs::store::Store> =
+            pohmelfs::txn::open(&self.store, self.txn_config(), Arc::clone(metrics))
+                .context("open store")?;
+        let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
+            .context("open volume")?;
+        Ok((store, Arc::new(fs)))
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The vhost-user socket the VMM connects to.
+    #[arg(long)]
+    socket_path: PathBuf,
+    /// The mount tag, served through the device config space (cloud-hypervisor
+    /// reads it there; QEMU takes it from its own `tag=`).
+    #[arg(long)]
+    tag: Option<String>,
+    #[command(flatten)]
+    volume: VolumeArgs,
+    /// Worker threads serving requests.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    thread_pool_size: u16,
+    /// Request queues offered to the guest (besides the hiprio queue).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    request_queues: u16,
+    /// Descriptors per virtqueue at most.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
+    queue_size: u16,
+    /// Exit when the frontend disconnects instead of waiting for the next one.
+    #[arg(long)]
+    once: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -202,26 +257,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
         }
     }
-    if args.dirty_max > args.cache_size {
-        bail!(
-            "--dirty-max ({}) must not exceed --cache-size ({})",
-            args.dirty_max,
-            args.cache_size
-        );
-    }
+    args.volume.check()?;
     let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
     let metrics = Arc::new(Metrics::default());
-    let txn_cfg = TxnConfig {
-        overwrite: args.overwrite,
-        cache_bytes: args.cache_size,
-        dirty_max_bytes: args.dirty_max,
-        max_in_flight: args.max_in_flight as usize,
-        ack_timeout: std::time::Duration::from_millis(args.ack_timeout_ms),
-        fsync_timeout: std::time::Duration::from_millis(args.fsync_timeout_ms),
-        ..TxnConfig::default()
-    };
-    let store: Arc<dyn pohmelfs::store::Store> =
-        pohmelfs::txn::open(&args.store, txn_cfg, Arc::clone(&metrics)).context("open store")?;
+    let (store, fs) = args.volume.open(&metrics)?;
     pohmelfs::control::spawn_control_socket(
         &pohmelfs::control::control_path(&args.socket_path),
         Arc::clone(&metrics),
@@ -231,15 +270,6 @@ fn serve(args: ServeArgs) -> Result<()> {
         pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
             .context("bind metrics endpoint")?;
     }
-    let fs_cfg = FsConfig {
-        cache: args.cache,
-        writeback_cache: args.writeback_cache,
-        allow_device_nodes: args.allow_device_nodes,
-        max_handles: args.max_handles,
-    };
-    let fs = Arc::new(
-        PohmelFs::new(Arc::clone(&store), fs_cfg, Arc::clone(&metrics)).context("open volume")?,
-    );
     info!(store = %store.describe(), "volume open");
     install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
     let cfg = ServeConfig {

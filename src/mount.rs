@@ -23,9 +23,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
-use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
+use pohmelfs::fs::PohmelFs;
 use pohmelfs::metrics::Metrics;
-use pohmelfs::txn::{OverwritePolicy, TxnConfig};
 use tracing::{debug, info, warn};
 
 /// The character device the kernel serves FUSE mounts through.
@@ -36,10 +35,8 @@ const FUSE_DEVICE: &str = "/dev/fuse";
 pub struct MountArgs {
     /// Where to mount: an existing directory.
     mountpoint: PathBuf,
-    /// The volume: file:///DIR, s3://..., pohmel://HOST:PORT/VOLUME or mem:
-    /// (as for serve).
-    #[arg(long)]
-    store: String,
+    #[command(flatten)]
+    volume: super::VolumeArgs,
     /// Worker threads serving requests, each reading its own FUSE channel.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
@@ -51,38 +48,6 @@ pub struct MountArgs {
     /// instead of relying on pohmelfs's checks alone.
     #[arg(long)]
     default_permissions: bool,
-    /// Kernel caching of attributes, entries and data.
-    #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
-    cache: CachePolicy,
-    /// Let the kernel cache writes and send them later (FUSE writeback cache).
-    #[arg(long)]
-    writeback_cache: bool,
-    /// Allow root to create character and block device nodes.
-    #[arg(long)]
-    allow_device_nodes: bool,
-    /// Open files and directories at most.
-    #[arg(long, default_value_t = 65_536)]
-    max_handles: usize,
-    /// What a write does to a page whose transaction is in flight: wait for
-    /// its ack, or copy the page (copy-on-write).
-    #[arg(long, value_enum, default_value_t = OverwritePolicy::Cow)]
-    overwrite: OverwritePolicy,
-    /// Page cache memory at most (clean and dirty), e.g. 256M.
-    #[arg(long, default_value = "256M", value_parser = super::parse_bytes)]
-    cache_size: u64,
-    /// Dirty plus in-flight bytes at most; writes beyond wait for acks.
-    #[arg(long, default_value = "128M", value_parser = super::parse_bytes)]
-    dirty_max: u64,
-    /// Transactions in flight to the store at most.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    max_in_flight: u32,
-    /// Milliseconds to wait for an ack before resending a transaction.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
-    ack_timeout_ms: u64,
-    /// Milliseconds fsync (and the drain at unmount) waits before giving up
-    /// with EIO.
-    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
-    fsync_timeout_ms: u64,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -103,13 +68,7 @@ type FuseServer = Server<Arc<PohmelFs>>;
 /// Mount the volume and serve it until a signal or an outside umount.
 pub fn run(args: MountArgs) -> Result<()> {
     super::init_logging(&args.log_level)?;
-    if args.dirty_max > args.cache_size {
-        bail!(
-            "--dirty-max ({}) must not exceed --cache-size ({})",
-            args.dirty_max,
-            args.cache_size
-        );
-    }
+    args.volume.check()?;
     // Check what the mount needs before opening (and maybe creating) a volume.
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     let fuse_dev = OpenOptions::new()
@@ -122,7 +81,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let (events, next_event) = mpsc::channel();
     watch_signals(events.clone())?;
 
-    let fs = open_filesystem(&args)?;
+    let (_, fs) = args.volume.open(&Arc::new(Metrics::default()))?;
     let server = Arc::new(Server::new(Arc::clone(&fs)));
 
     let mut session = FuseSession::new(&mountpoint, "pohmelfs", "pohmelfs", false)
@@ -211,30 +170,6 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     }
     path.canonicalize()
         .with_context(|| format!("resolve mountpoint {}", path.display()))
-}
-
-/// Open the volume and the filesystem on it, as `serve` does.
-fn open_filesystem(args: &MountArgs) -> Result<Arc<PohmelFs>> {
-    let metrics = Arc::new(Metrics::default());
-    let txn_cfg = TxnConfig {
-        overwrite: args.overwrite,
-        cache_bytes: args.cache_size,
-        dirty_max_bytes: args.dirty_max,
-        max_in_flight: args.max_in_flight as usize,
-        ack_timeout: std::time::Duration::from_millis(args.ack_timeout_ms),
-        fsync_timeout: std::time::Duration::from_millis(args.fsync_timeout_ms),
-        ..TxnConfig::default()
-    };
-    let store: Arc<dyn pohmelfs::store::Store> =
-        pohmelfs::txn::open(&args.store, txn_cfg, Arc::clone(&metrics)).context("open store")?;
-    let fs_cfg = FsConfig {
-        cache: args.cache,
-        writeback_cache: args.writeback_cache,
-        allow_device_nodes: args.allow_device_nodes,
-        max_handles: args.max_handles,
-    };
-    let fs = PohmelFs::new(store, fs_cfg, metrics).context("open volume")?;
-    Ok(Arc::new(fs))
 }
 
 /// Send SIGTERM and SIGINT to `events` from a thread of their own.
