@@ -140,6 +140,10 @@ struct VolumeArgs {
     /// with EIO.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
     fsync_timeout_ms: u64,
+    /// Microseconds a new metadata transaction waits for more changes to
+    /// join it before it is sent (a sync sends it at once); 0 sends at once.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    meta_linger_us: u64,
 }
 
 impl VolumeArgs {
@@ -163,6 +167,7 @@ impl VolumeArgs {
             max_in_flight: self.max_in_flight as usize,
             ack_timeout: std::time::Duration::from_millis(self.ack_timeout_ms),
             fsync_timeout: std::time::Duration::from_millis(self.fsync_timeout_ms),
+            meta_linger: std::time::Duration::from_micros(self.meta_linger_us),
             ..TxnConfig::default()
         }
     }

@@ -45,6 +45,9 @@ counters! {
     store_commits,
     /// Transactions formed by the transaction layer (data and metadata).
     txn_formed,
+    /// Metadata changes that joined a queued, unsent transaction instead
+    /// of forming one (group commit in the daemon).
+    txn_joined,
     /// Attempts at sending a transaction (first sends and resends).
     txn_sent,
     /// Transactions acknowledged durable.

@@ -14,8 +14,12 @@
 //!   too, ordered with the data of the same inodes: a transaction is sent
 //!   only when it is the oldest unacknowledged one of every inode it
 //!   touches, so the store never applies an older version of a byte after
-//!   a newer one, across resends and failover. Metadata transactions are
-//!   write-through: their caller waits for the ack (hard-mount semantics).
+//!   a newer one, across resends and failover. Metadata changes are
+//!   write-back like data (reads see them at once through an overlay);
+//!   a new metadata transaction lingers `meta_linger` so that the changes
+//!   after it, and the first write of a file it creates, join it: a burst
+//!   of creates or unlinks is one commit. Truncate and punch-hole wait for
+//!   their ack.
 //! * When sent, a transaction pins the page buffers it carries. A guest
 //!   write to a pinned page either waits for the ack (`wait`, the original
 //!   POHMELFS choice) or copies the page into a new buffer (`cow`).
@@ -82,6 +86,13 @@ pub struct TxnConfig {
     pub fsync_timeout: Duration,
     /// Bytes read ahead of a sequential reader.
     pub read_ahead_bytes: u64,
+    /// How long a metadata transaction waits before it is sent, unless a
+    /// sync asks for it sooner: later metadata changes join it (one
+    /// commit for a burst of creates or unlinks), and so does the first
+    /// write of a file it creates (one commit for create, write, close).
+    pub meta_linger: Duration,
+    /// Operations one metadata transaction carries at most.
+    pub max_txn_ops: usize,
 }
 
 impl Default for TxnConfig {
@@ -96,6 +107,8 @@ impl Default for TxnConfig {
             attempts_per_server: 3,
             fsync_timeout: Duration::from_secs(60),
             read_ahead_bytes: 1 << 20,
+            meta_linger: Duration::from_millis(2),
+            max_txn_ops: 1024,
         }
     }
 }
@@ -132,6 +145,37 @@ struct TxnEntry {
     not_before: Option<Instant>,
     last_error: Option<String>,
     formed: Instant,
+}
+
+impl TxnEntry {
+    /// Metadata that was never sent: later metadata may join it (its
+    /// content is fixed from the first attempt on, since a resend must be
+    /// the same transaction).
+    fn is_unsent_metadata(&self) -> bool {
+        self.state == TxnState::Queued
+            && self.attempts == 0
+            && !self.mergeable
+            && self.pages.is_empty()
+            && self.pinned.is_none()
+    }
+
+    /// Whether a write of `ino` may join this queued transaction: it must
+    /// be unsent, and its data goes on the wire before its operations, so
+    /// none of them may be one that the data must follow (a truncate,
+    /// punch-hole, removal or write of the same inode).
+    fn data_may_join(&self, ino: u64) -> bool {
+        if self.state != TxnState::Queued || self.attempts != 0 || self.pinned.is_some() {
+            return false;
+        }
+        self.mergeable
+            || !self.ops.iter().any(|op| match op {
+                Op::Truncate { ino: i, .. }
+                | Op::PunchHole { ino: i, .. }
+                | Op::RemoveInode { ino: i }
+                | Op::Write { ino: i, .. } => *i == ino,
+                _ => false,
+            })
+    }
 }
 
 /// The newest attributes of an inode: set by transactions the store may
@@ -491,14 +535,24 @@ impl Shared {
             .and_then(|q| q.back().copied())
             .filter(|id| {
                 st.txns.get(id).is_some_and(|t| {
-                    t.mergeable
-                        && t.state == TxnState::Queued
-                        && t.pinned.is_none()
-                        && t.data_bytes + bytes <= self.cfg.max_txn_bytes
+                    t.data_may_join(ino) && t.data_bytes + bytes <= self.cfg.max_txn_bytes
                 })
             });
         let txn_id = match tail {
-            Some(id) => id,
+            Some(id) => {
+                // Joining a metadata transaction (the create of this file):
+                // it must carry the attributes the data is clipped to.
+                if let Some(t) = st.txns.get_mut(&id) {
+                    if !t
+                        .ops
+                        .iter()
+                        .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
+                    {
+                        t.ops.push(Op::PutInode(inode.clone()));
+                    }
+                }
+                id
+            }
             None => {
                 let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
                 self.enqueue(&mut st, entry)
@@ -569,6 +623,14 @@ impl Shared {
     /// write-back contract: fsync and fsyncdir wait for it. Truncate and
     /// punch-hole wait for their ack: until the store has dropped the old
     /// bytes, a read of a page the cache does not hold could return them.
+    ///
+    /// The operations join the newest transaction when it is metadata that
+    /// was never sent (group commit in the daemon: a burst of unlinks in one
+    /// directory is one commit, not one round trip each). Being the newest,
+    /// it is the last of every inode's queue, so appending keeps every
+    /// inode's order. A new metadata transaction lingers `meta_linger`
+    /// before it is sent, so that the burst can gather; a sync sends it at
+    /// once.
     fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
         let wait = txn
             .ops
@@ -581,9 +643,41 @@ impl Shared {
                 self.metrics.backpressure_waits.inc();
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            let entry = Self::new_entry(&mut st, txn.ops, false);
-            let id = entry.id;
-            for op in &entry.ops {
+            let join = st.txns.last_key_value().and_then(|(&id, t)| {
+                (t.is_unsent_metadata() && t.ops.len() + txn.ops.len() <= self.cfg.max_txn_ops)
+                    .then_some(id)
+            });
+            let id = match join {
+                Some(id) => {
+                    self.metrics.txn_joined.inc();
+                    id
+                }
+                None => {
+                    let mut entry = Self::new_entry(&mut st, Vec::new(), false);
+                    if !wait && !self.cfg.meta_linger.is_zero() {
+                        entry.not_before = Some(Instant::now() + self.cfg.meta_linger);
+                    }
+                    self.enqueue(&mut st, entry)
+                }
+            };
+            let mut inodes = BTreeSet::new();
+            for op in &txn.ops {
+                op_inodes(op, &mut inodes);
+            }
+            let State { txns, by_inode, .. } = &mut *st;
+            if let Some(t) = txns.get_mut(&id) {
+                for ino in inodes {
+                    if t.inodes.insert(ino) {
+                        by_inode.entry(ino).or_default().push_back(id);
+                    }
+                }
+                t.ops.extend(txn.ops.iter().cloned());
+                // Full, or waited for: no reason to linger.
+                if wait || t.ops.len() >= self.cfg.max_txn_ops {
+                    t.not_before = None;
+                }
+            }
+            for op in &txn.ops {
                 match op {
                     Op::PutInode(i) => {
                         st.attrs.insert(
@@ -639,7 +733,9 @@ impl Shared {
                     Op::Write { .. } => {}
                 }
             }
-            self.enqueue(&mut st, entry);
+            self.publish(&st);
+            drop(st);
+            self.pump.notify_one();
             id
         };
         if wait {
@@ -1286,7 +1382,14 @@ impl WritebackStore {
     /// Drain at shutdown or disconnect: wait at most `timeout` for every
     /// transaction, and log each one that could not be stored.
     pub fn drain(&self, timeout: Duration) -> Result<(), StoreError> {
-        let ids: Vec<u64> = lock(&self.shared.state).txns.keys().copied().collect();
+        let ids: Vec<u64> = {
+            let mut st = lock(&self.shared.state);
+            // Nothing lingers or backs off now.
+            for t in st.txns.values_mut() {
+                t.not_before = None;
+            }
+            st.txns.keys().copied().collect()
+        };
         self.shared.pump.notify_one();
         let r = self.shared.wait_for(&ids, Some(timeout));
         if r.is_err() {
