@@ -199,6 +199,21 @@ const MAX_QUEUED_TXNS: usize = 65_536;
 /// transactions, which are always kept).
 const ATTR_CACHE_MAX: usize = 100_000;
 
+/// Extended attributes remembered from the store at most (names and
+/// absences; values up to `XATTR_SEEN_VALUE_MAX` bytes).
+const XATTR_SEEN_MAX: usize = 65_536;
+const XATTR_SEEN_VALUE_MAX: usize = 256;
+
+impl State {
+    /// An extended attribute of `ino` changed: what was read is stale.
+    fn forget_xattrs_seen(&mut self, ino: u64) {
+        self.xattr_gen += 1;
+        if let Some(m) = self.xattr_seen.remove(&ino) {
+            self.xattr_seen_len -= m.len();
+        }
+    }
+}
+
 struct State {
     cache: PageCache,
     txns: BTreeMap<u64, TxnEntry>,
@@ -226,6 +241,12 @@ struct State {
     dirents: NameOverlay<Dirent>,
     symlinks: HashMap<u64, (Vec<u8>, u64)>,
     xattrs: NameOverlay<Vec<u8>>,
+    /// Extended attributes read from the store (`None`: absent), so that
+    /// the kernel's check for `security.capability` before every write
+    /// costs no round trip. Changes bump `xattr_gen` and drop the entry.
+    xattr_seen: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    xattr_seen_len: usize,
+    xattr_gen: u64,
 }
 
 struct Shared {
@@ -356,6 +377,9 @@ impl WritebackStore {
                 dirents: HashMap::new(),
                 symlinks: HashMap::new(),
                 xattrs: HashMap::new(),
+                xattr_seen: HashMap::new(),
+                xattr_seen_len: 0,
+                xattr_gen: 0,
             }),
             cfg,
             store,
@@ -700,6 +724,7 @@ impl Shared {
                         st.symlinks.remove(ino);
                         // Its attributes are gone with it: the store drops them.
                         st.xattrs.remove(ino);
+                        st.forget_xattrs_seen(*ino);
                     }
                     Op::PutDirent { parent, dirent } => {
                         st.dirents
@@ -717,12 +742,14 @@ impl Shared {
                         st.symlinks.insert(*ino, (target.clone(), id));
                     }
                     Op::SetXattr { ino, name, value } => {
+                        st.forget_xattrs_seen(*ino);
                         st.xattrs
                             .entry(*ino)
                             .or_default()
                             .insert(name.clone(), (Some(value.clone()), id));
                     }
                     Op::RemoveXattr { ino, name } => {
+                        st.forget_xattrs_seen(*ino);
                         st.xattrs
                             .entry(*ino)
                             .or_default()
@@ -1312,14 +1339,37 @@ impl Store for WritebackStore {
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some((v, _)) = lock(&self.shared.state)
-            .xattrs
-            .get(&ino)
-            .and_then(|m| m.get(name))
+        let gen = {
+            let st = lock(&self.shared.state);
+            if let Some((v, _)) = st.xattrs.get(&ino).and_then(|m| m.get(name)) {
+                return Ok(v.clone());
+            }
+            if let Some(v) = st.xattr_seen.get(&ino).and_then(|m| m.get(name)) {
+                return Ok(v.clone());
+            }
+            st.xattr_gen
+        };
+        let value = self.shared.store.get_xattr(ino, name)?;
+        let mut st = lock(&self.shared.state);
+        // Keep it only if nothing changed an attribute while we read.
+        if st.xattr_gen == gen
+            && value
+                .as_ref()
+                .is_none_or(|v| v.len() <= XATTR_SEEN_VALUE_MAX)
         {
-            return Ok(v.clone());
+            if st.xattr_seen_len >= XATTR_SEEN_MAX {
+                st.xattr_seen.clear();
+                st.xattr_seen_len = 0;
+            }
+            let added = st
+                .xattr_seen
+                .entry(ino)
+                .or_default()
+                .insert(name.to_vec(), value.clone())
+                .is_none();
+            st.xattr_seen_len += usize::from(added);
         }
-        self.shared.store.get_xattr(ino, name)
+        Ok(value)
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {

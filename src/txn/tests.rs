@@ -615,6 +615,55 @@ fn metadata_never_joins_a_transaction_already_sent() {
     assert!(store.lookup(1, b"y").unwrap().is_some());
 }
 
+#[test]
+fn remembered_xattrs_never_go_stale() {
+    let (wb, _, store, _) = layer(OverwritePolicy::Cow, 1, 16);
+    create(&wb, 50);
+    wb.sync(None).unwrap();
+    let name = b"user.k".as_slice();
+    // Absent, and remembered as absent.
+    assert_eq!(wb.get_xattr(50, name).unwrap(), None);
+    let set = |v: &[u8]| {
+        let mut t = Txn::new();
+        t.push(Op::SetXattr {
+            ino: 50,
+            name: name.to_vec(),
+            value: v.to_vec(),
+        });
+        wb.commit(t).unwrap();
+    };
+    set(b"one");
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    // Acked: the overlay retires, and what is remembered must not be the
+    // absence read before the change.
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    set(b"two");
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        store.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    let mut t = Txn::new();
+    t.push(Op::RemoveXattr {
+        ino: 50,
+        name: name.to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(wb.get_xattr(50, name).unwrap(), None);
+}
+
 /// Random writes, overwrites, truncates and fsyncs under random faults,
 /// for both policies. After every successful fsync the store holds exactly
 /// the model's bytes for that inode; at the end, for every inode.
