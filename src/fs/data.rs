@@ -2,7 +2,7 @@
 //! chown, times), fallocate, lseek and statfs.
 
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, OpenOptions, SetattrValid, WRITE_KILL_PRIV,
+    stat64, statvfs64, OpenOptions, SetattrValid, FOPEN_IN_KILL_SUIDGID, WRITE_KILL_PRIV,
 };
 use fuse_backend_rs::api::filesystem::{Context, ZeroCopyReader, ZeroCopyWriter};
 
@@ -32,7 +32,13 @@ impl PohmelFs {
         }
     }
 
-    pub(super) fn do_open(&self, ctx: &Context, ino: u64, flags: u32) -> FsResult<u64> {
+    pub(super) fn do_open(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         let acc = flags & libc::O_ACCMODE as u32;
         let writes = acc == libc::O_WRONLY as u32 || acc == libc::O_RDWR as u32;
@@ -48,7 +54,7 @@ impl PohmelFs {
         }
         check_access(ctx, &inode, mask)?;
         if writes && flags & libc::O_TRUNC as u32 != 0 && inode.kind == FileKind::Regular {
-            self.truncate(ino, 0)?;
+            self.truncate(ino, 0, fuse_flags & FOPEN_IN_KILL_SUIDGID != 0)?;
         }
         lock(&self.handles).insert(OpenFile {
             ino,
@@ -56,14 +62,19 @@ impl PohmelFs {
         })
     }
 
-    /// Set the size of a regular file (O_TRUNC).
-    fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
+    /// Set the size of a regular file (O_TRUNC); `kill`: the kernel asks
+    /// for setuid/setgid to be cleared (FUSE_HANDLE_KILLPRIV_V2).
+    fn truncate(&self, ino: u64, size: u64, kill: bool) -> FsResult<()> {
         let _m = lock(&self.mutate);
         let mut inode = self.inode(ino)?;
         let now = Timestamp::now();
         inode.size = size;
         inode.mtime = now;
         inode.ctime = now;
+        if kill {
+            kill_suid_sgid(&mut inode);
+        }
+        self.drop_capability(ino)?;
         let mut txn = Txn::new();
         txn.push(Op::Truncate { ino, size });
         txn.push(Op::PutInode(inode));
@@ -129,6 +140,7 @@ impl PohmelFs {
             return errno!(EINVAL);
         }
         let offset = if append { inode.size } else { offset };
+        self.drop_capability(ino)?;
         let end = offset
             .checked_add(len as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
@@ -181,6 +193,9 @@ impl PohmelFs {
             if changes && inode.kind != FileKind::Directory && ctx.uid != 0 {
                 kill_suid_sgid(&mut inode);
             }
+            if changes {
+                self.drop_capability(ino)?;
+            }
             inode.uid = uid.unwrap_or(inode.uid);
             inode.gid = gid.unwrap_or(inode.gid);
         }
@@ -202,9 +217,10 @@ impl PohmelFs {
             txn.push(Op::Truncate { ino, size });
             inode.size = size;
             inode.mtime = now;
-            if ctx.uid != 0 {
+            if ctx.uid != 0 || valid.contains(SetattrValid::KILL_SUIDGID) {
                 kill_suid_sgid(&mut inode);
             }
+            self.drop_capability(ino)?;
         }
         let times = [
             (
@@ -356,6 +372,28 @@ fn is_touch(attr: &stat64, valid: SetattrValid) -> bool {
         || (valid.contains(kernel_mtime)
             && !valid.contains(SetattrValid::MTIME_NOW)
             && (attr.st_mtime, attr.st_mtime_nsec) == (attr.st_ctime, attr.st_ctime_nsec))
+}
+
+/// The file capability attribute, which a write, truncate or chown drops
+/// (the kernel leaves that to us under FUSE_HANDLE_KILLPRIV_V2, and stops
+/// asking for it before every write).
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
+impl PohmelFs {
+    /// Drop `security.capability` if the file has one; the caller holds
+    /// the mutation lock. Cheap when absent: the transaction layer
+    /// remembers absences.
+    fn drop_capability(&self, ino: u64) -> FsResult<()> {
+        if self.store.get_xattr(ino, CAPABILITY_XATTR)?.is_some() {
+            let mut txn = Txn::new();
+            txn.push(Op::RemoveXattr {
+                ino,
+                name: CAPABILITY_XATTR.to_vec(),
+            });
+            self.commit(txn)?;
+        }
+        Ok(())
+    }
 }
 
 /// Clear setuid, and setgid where it means "setgid" (group-executable).

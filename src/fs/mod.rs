@@ -319,7 +319,11 @@ impl FileSystem for PohmelFs {
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::ATOMIC_O_TRUNC
-            | FsOptions::CACHE_SYMLINKS;
+            | FsOptions::CACHE_SYMLINKS
+            // We clear setuid/setgid and security.capability on write,
+            // truncate and chown; the kernel then stops asking for
+            // security.capability before every write (a round trip each).
+            | FsOptions::HANDLE_KILLPRIV_V2;
         if self.cfg.writeback_cache {
             want |= FsOptions::WRITEBACK_CACHE;
         }
@@ -449,10 +453,10 @@ impl FileSystem for PohmelFs {
         ctx: &Context,
         inode: u64,
         flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let r = self
-            .do_open(ctx, inode, flags)
+            .do_open(ctx, inode, flags, fuse_flags)
             .map(|h| (Some(h), self.open_options(), None));
         self.reply("open", inode, r)
     }

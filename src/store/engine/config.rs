@@ -137,6 +137,43 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
     Ok(o)
 }
 
+/// The engine's cache of data blocks read from tables. SlateDB's default
+/// (512 MiB, plus 128 MiB of index and filters) dwarfs the daemon's own
+/// `--cache-size`; the daemon's page cache sits in front of it anyway.
+const BLOCK_CACHE_BYTES: u64 = 64 << 20;
+/// The engine's cache of table indexes and bloom filters.
+const META_CACHE_BYTES: u64 = 32 << 20;
+
+/// The engine's block cache: bounded, split between data and metadata so
+/// that a stream of data blocks cannot evict the indexes.
+pub fn db_cache() -> Arc<dyn slatedb::db_cache::DbCache> {
+    use slatedb::db_cache::moka::{MokaCache, MokaCacheOptions};
+    use slatedb::db_cache::SplitCache;
+    let moka = |bytes| {
+        Arc::new(MokaCache::new_with_opts(MokaCacheOptions {
+            max_capacity: bytes,
+            ..MokaCacheOptions::default()
+        })) as Arc<dyn slatedb::db_cache::DbCache>
+    };
+    Arc::new(
+        SplitCache::new()
+            .with_block_cache(Some(moka(BLOCK_CACHE_BYTES)))
+            .with_meta_cache(Some(moka(META_CACHE_BYTES)))
+            .build(),
+    )
+}
+
+/// Which blocks a memtable flush puts into the cache: indexes and filters
+/// only. SlateDB's default also inserts every data block just written, so a
+/// long sequential write fills the cache with data nobody reads back (the
+/// daemon's page cache has it): measured, 1.56 GiB → 0.73 GiB peak for a
+/// 4 GiB write on the embedded store.
+pub fn block_cache_policy() -> slatedb::BlockCachePolicy {
+    use slatedb::CacheTarget;
+    slatedb::BlockCachePolicy::default()
+        .with_flush_targets(&[CacheTarget::Index, CacheTarget::Filters])
+}
+
 /// Unflushed key/value bytes (WAL and memtables) before writers wait.
 const MAX_UNFLUSHED_BYTES: usize = 96 << 20;
 /// Memtable size at which it is written out as an L0 table.
