@@ -247,6 +247,90 @@ struct State {
     xattr_seen: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
     xattr_seen_len: usize,
     xattr_gen: u64,
+    /// Every name of each directory created in this session, so that a
+    /// lookup of a new name (before every create) needs no store round
+    /// trip: ids come from `reserve_ids` and are never reused, so such a
+    /// directory holds exactly the entries put through here.
+    complete_dirs: CompleteDirs,
+}
+
+/// Names of directories created in this session (see `State::complete_dirs`).
+#[derive(Default)]
+struct CompleteDirs {
+    /// Id ranges reserved in this session, newest last (bounded).
+    reserved: VecDeque<(u64, u64)>,
+    names: HashMap<u64, std::collections::HashSet<Vec<u8>>>,
+    count: usize,
+    /// Set for good once the name bound was reached: a directory no longer
+    /// tracked can never be known complete again.
+    off: bool,
+}
+
+/// Names remembered in `CompleteDirs` at most.
+const COMPLETE_DIR_NAMES_MAX: usize = 1 << 20;
+/// Reserved id ranges remembered at most.
+const RESERVED_RANGES_MAX: usize = 1024;
+
+impl CompleteDirs {
+    fn reserved(&mut self, first: u64, count: u64) {
+        if self.reserved.len() >= RESERVED_RANGES_MAX {
+            self.reserved.pop_front();
+        }
+        self.reserved
+            .push_back((first, first.saturating_add(count)));
+    }
+
+    fn is_fresh(&self, ino: u64) -> bool {
+        self.reserved.iter().any(|&(a, b)| a <= ino && ino < b)
+    }
+
+    /// Follow one op; called for every metadata op, in order.
+    fn apply(&mut self, op: &Op) {
+        if self.off {
+            return;
+        }
+        match op {
+            Op::PutInode(i)
+                if i.kind == crate::store::FileKind::Directory
+                    && !self.names.contains_key(&i.ino)
+                    && self.is_fresh(i.ino) =>
+            {
+                self.names.insert(i.ino, Default::default());
+            }
+            Op::PutDirent { parent, dirent } => {
+                if let Some(set) = self.names.get_mut(parent) {
+                    if set.insert(dirent.name.clone()) {
+                        self.count += 1;
+                    }
+                }
+                if self.count > COMPLETE_DIR_NAMES_MAX {
+                    self.off = true;
+                    self.names.clear();
+                    self.count = 0;
+                }
+            }
+            Op::RemoveDirent { parent, name } => {
+                if let Some(set) = self.names.get_mut(parent) {
+                    if set.remove(name) {
+                        self.count -= 1;
+                    }
+                }
+            }
+            Op::RemoveInode { ino } => {
+                if let Some(set) = self.names.remove(ino) {
+                    self.count -= set.len();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether `name` is known absent from `parent`.
+    fn absent(&self, parent: u64, name: &[u8]) -> bool {
+        self.names
+            .get(&parent)
+            .is_some_and(|set| !set.contains(name))
+    }
 }
 
 struct Shared {
@@ -380,6 +464,7 @@ impl WritebackStore {
                 xattr_seen: HashMap::new(),
                 xattr_seen_len: 0,
                 xattr_gen: 0,
+                complete_dirs: CompleteDirs::default(),
             }),
             cfg,
             store,
@@ -702,6 +787,7 @@ impl Shared {
                 }
             }
             for op in &txn.ops {
+                st.complete_dirs.apply(op);
                 match op {
                     Op::PutInode(i) => {
                         st.attrs.insert(
@@ -1215,12 +1301,14 @@ impl Store for WritebackStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        if let Some((d, _)) = lock(&self.shared.state)
-            .dirents
-            .get(&parent)
-            .and_then(|m| m.get(name))
         {
-            return Ok(d.clone());
+            let st = lock(&self.shared.state);
+            if let Some((d, _)) = st.dirents.get(&parent).and_then(|m| m.get(name)) {
+                return Ok(d.clone());
+            }
+            if st.complete_dirs.absent(parent, name) {
+                return Ok(None);
+            }
         }
         self.shared.store.lookup(parent, name)
     }
@@ -1396,7 +1484,11 @@ impl Store for WritebackStore {
     }
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.shared.store.reserve_ids(count)
+        let first = self.shared.store.reserve_ids(count)?;
+        lock(&self.shared.state)
+            .complete_dirs
+            .reserved(first, count);
+        Ok(first)
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {

@@ -173,11 +173,19 @@ fn layer(
     servers: usize,
     seed: u64,
 ) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
+    layer_with(cfg(policy), servers, seed)
+}
+
+fn layer_with(
+    config: TxnConfig,
+    servers: usize,
+    seed: u64,
+) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
     let store = Arc::new(MemStore::new(1 << 30));
     let sink = Arc::new(FaultSink::new(Arc::clone(&store), servers, seed));
     let metrics = Arc::new(Metrics::default());
     let wb = WritebackStore::with_clock(
-        cfg(policy),
+        config,
         store.clone(),
         sink.clone(),
         Arc::clone(&metrics),
@@ -547,7 +555,11 @@ fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
 
 #[test]
 fn create_write_close_is_one_commit() {
-    let (wb, sink, store, m) = layer(OverwritePolicy::Cow, 1, 13);
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, m) = layer_with(config, 1, 13);
     sink.set(Faults {
         latency: Duration::from_millis(5),
         ..Faults::default()
@@ -567,7 +579,13 @@ fn create_write_close_is_one_commit() {
 
 #[test]
 fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
-    let (wb, sink, store, m) = layer(OverwritePolicy::Cow, 1, 14);
+    // Lingering long enough that no transaction leaves on its own, however
+    // slow this machine is.
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, m) = layer_with(config, 1, 14);
     sink.set(Faults {
         latency: Duration::from_millis(5),
         ..Faults::default()
@@ -662,6 +680,47 @@ fn remembered_xattrs_never_go_stale() {
     wb.commit(t).unwrap();
     wb.sync(None).unwrap();
     assert_eq!(wb.get_xattr(50, name).unwrap(), None);
+}
+
+#[test]
+fn a_directory_created_here_answers_lookups_of_new_names_itself() {
+    let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 17);
+    let dir = wb.reserve_ids(16).unwrap();
+    let mut d = inode(dir, 0);
+    d.kind = FileKind::Directory;
+    let mut t = Txn::new();
+    t.push(Op::PutInode(d));
+    wb.commit(t).unwrap();
+    create_in(&wb, dir, dir + 1, "a");
+    wb.sync(None).unwrap();
+    // The store stops answering: lookups of new names must not need it,
+    // while an acked name still comes from the store.
+    assert!(wb.lookup(dir, b"nope").unwrap().is_none());
+    assert_eq!(wb.lookup(dir, b"a").unwrap().map(|d| d.ino), Some(dir + 1));
+    // An entry the layer never saw in a directory it did not create is the
+    // store's to answer.
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: 1,
+        dirent: Dirent {
+            name: b"old".to_vec(),
+            ino: 99,
+            kind: FileKind::Regular,
+            cookie: 99,
+        },
+    });
+    store.commit(t).unwrap();
+    assert_eq!(wb.lookup(1, b"old").unwrap().map(|d| d.ino), Some(99));
+    // Removed, then absent again.
+    let mut t = Txn::new();
+    t.push(Op::RemoveDirent {
+        parent: dir,
+        name: b"a".to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert!(wb.lookup(dir, b"a").unwrap().is_none());
+    drop(sink);
 }
 
 /// Random writes, overwrites, truncates and fsyncs under random faults,
