@@ -52,7 +52,7 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
-use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn};
+use crate::store::{Dirent, FileKind, Inode, Op, Store, StoreError, StoreStats, Txn};
 use cache::{PageCache, PAGE_SIZE};
 use sink::{Ack, SendError, Sink};
 
@@ -208,6 +208,7 @@ impl State {
     /// An extended attribute of `ino` changed: what was read is stale.
     fn forget_xattrs_seen(&mut self, ino: u64) {
         self.xattr_gen += 1;
+        self.xattrs_none.remove(&ino);
         if let Some(m) = self.xattr_seen.remove(&ino) {
             self.xattr_seen_len -= m.len();
         }
@@ -247,6 +248,9 @@ struct State {
     xattr_seen: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
     xattr_seen_len: usize,
     xattr_gen: u64,
+    /// Inodes created in this session whose extended attributes were never
+    /// changed: they have none (bounded; forgotten on any change).
+    xattrs_none: std::collections::HashSet<u64>,
     /// Every name of each directory created in this session, so that a
     /// lookup of a new name (before every create) needs no store round
     /// trip: ids come from `reserve_ids` and are never reused, so such a
@@ -254,20 +258,24 @@ struct State {
     complete_dirs: CompleteDirs,
 }
 
-/// Names of directories created in this session (see `State::complete_dirs`).
+/// What this session created (see `State::complete_dirs`).
 #[derive(Default)]
 struct CompleteDirs {
     /// Id ranges reserved in this session, newest last (bounded).
     reserved: VecDeque<(u64, u64)>,
-    names: HashMap<u64, std::collections::HashSet<Vec<u8>>>,
+    /// Every entry of each directory created in this session.
+    entries: HashMap<u64, HashMap<Vec<u8>, Dirent>>,
     count: usize,
-    /// Set for good once the name bound was reached: a directory no longer
+    /// Set for good once the entry bound was reached: a directory no longer
     /// tracked can never be known complete again.
     off: bool,
+    /// The highest inode created in this session: a PutInode of a reserved
+    /// id above it is a creation (ids are handed out in increasing order).
+    max_created: u64,
 }
 
-/// Names remembered in `CompleteDirs` at most.
-const COMPLETE_DIR_NAMES_MAX: usize = 1 << 20;
+/// Entries remembered in `CompleteDirs` at most.
+const COMPLETE_DIR_ENTRIES_MAX: usize = 1 << 18;
 /// Reserved id ranges remembered at most.
 const RESERVED_RANGES_MAX: usize = 1024;
 
@@ -284,52 +292,56 @@ impl CompleteDirs {
         self.reserved.iter().any(|&(a, b)| a <= ino && ino < b)
     }
 
-    /// Follow one op; called for every metadata op, in order.
-    fn apply(&mut self, op: &Op) {
+    /// Follow one op; called for every metadata op, in order. Returns the
+    /// inode this op creates, if it is a creation.
+    fn apply(&mut self, op: &Op) -> Option<u64> {
+        let mut created = None;
+        if let Op::PutInode(i) = op {
+            if i.ino > self.max_created && self.is_fresh(i.ino) {
+                self.max_created = i.ino;
+                created = Some(i.ino);
+            }
+        }
         if self.off {
-            return;
+            return created;
         }
         match op {
-            Op::PutInode(i)
-                if i.kind == crate::store::FileKind::Directory
-                    && !self.names.contains_key(&i.ino)
-                    && self.is_fresh(i.ino) =>
-            {
-                self.names.insert(i.ino, Default::default());
+            Op::PutInode(i) if created.is_some() && i.kind == FileKind::Directory => {
+                self.entries.insert(i.ino, HashMap::new());
             }
             Op::PutDirent { parent, dirent } => {
-                if let Some(set) = self.names.get_mut(parent) {
-                    if set.insert(dirent.name.clone()) {
+                if let Some(dir) = self.entries.get_mut(parent) {
+                    if dir.insert(dirent.name.clone(), dirent.clone()).is_none() {
                         self.count += 1;
                     }
                 }
-                if self.count > COMPLETE_DIR_NAMES_MAX {
+                if self.count > COMPLETE_DIR_ENTRIES_MAX {
                     self.off = true;
-                    self.names.clear();
+                    self.entries.clear();
                     self.count = 0;
                 }
             }
             Op::RemoveDirent { parent, name } => {
-                if let Some(set) = self.names.get_mut(parent) {
-                    if set.remove(name) {
+                if let Some(dir) = self.entries.get_mut(parent) {
+                    if dir.remove(name).is_some() {
                         self.count -= 1;
                     }
                 }
             }
             Op::RemoveInode { ino } => {
-                if let Some(set) = self.names.remove(ino) {
-                    self.count -= set.len();
+                if let Some(dir) = self.entries.remove(ino) {
+                    self.count -= dir.len();
                 }
             }
             _ => {}
         }
+        created
     }
 
-    /// Whether `name` is known absent from `parent`.
-    fn absent(&self, parent: u64, name: &[u8]) -> bool {
-        self.names
-            .get(&parent)
-            .is_some_and(|set| !set.contains(name))
+    /// The entry `name` of `parent` when `parent` is a directory created in
+    /// this session: `Some(None)` is known absent; `None` is "ask the store".
+    fn lookup(&self, parent: u64, name: &[u8]) -> Option<Option<Dirent>> {
+        self.entries.get(&parent).map(|dir| dir.get(name).cloned())
     }
 }
 
@@ -465,6 +477,7 @@ impl WritebackStore {
                 xattr_seen_len: 0,
                 xattr_gen: 0,
                 complete_dirs: CompleteDirs::default(),
+                xattrs_none: Default::default(),
             }),
             cfg,
             store,
@@ -787,7 +800,13 @@ impl Shared {
                 }
             }
             for op in &txn.ops {
-                st.complete_dirs.apply(op);
+                if let Some(ino) = st.complete_dirs.apply(op) {
+                    // Created here: it has no extended attributes.
+                    st.xattrs_none.insert(ino);
+                    if st.xattrs_none.len() > XATTR_SEEN_MAX {
+                        st.xattrs_none.clear();
+                    }
+                }
                 match op {
                     Op::PutInode(i) => {
                         st.attrs.insert(
@@ -1306,8 +1325,8 @@ impl Store for WritebackStore {
             if let Some((d, _)) = st.dirents.get(&parent).and_then(|m| m.get(name)) {
                 return Ok(d.clone());
             }
-            if st.complete_dirs.absent(parent, name) {
-                return Ok(None);
+            if let Some(known) = st.complete_dirs.lookup(parent, name) {
+                return Ok(known);
             }
         }
         self.shared.store.lookup(parent, name)
@@ -1434,6 +1453,9 @@ impl Store for WritebackStore {
             }
             if let Some(v) = st.xattr_seen.get(&ino).and_then(|m| m.get(name)) {
                 return Ok(v.clone());
+            }
+            if st.xattrs_none.contains(&ino) {
+                return Ok(None);
             }
             st.xattr_gen
         };

@@ -693,10 +693,41 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     wb.commit(t).unwrap();
     create_in(&wb, dir, dir + 1, "a");
     wb.sync(None).unwrap();
-    // The store stops answering: lookups of new names must not need it,
-    // while an acked name still comes from the store.
+    // Whatever the store says behind the layer's back, the layer answers
+    // for what it created: entries of its directories (present and
+    // absent) and the extended attributes of its inodes (none).
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: dir,
+        dirent: Dirent {
+            name: b"nope".to_vec(),
+            ino: 98,
+            kind: FileKind::Regular,
+            cookie: 98,
+        },
+    });
+    t.push(Op::SetXattr {
+        ino: dir + 1,
+        name: b"user.x".to_vec(),
+        value: b"v".to_vec(),
+    });
+    store.commit(t).unwrap();
     assert!(wb.lookup(dir, b"nope").unwrap().is_none());
     assert_eq!(wb.lookup(dir, b"a").unwrap().map(|d| d.ino), Some(dir + 1));
+    assert_eq!(wb.get_xattr(dir + 1, b"user.x").unwrap(), None);
+    // A change of its attributes sends reads to the store again.
+    let mut t = Txn::new();
+    t.push(Op::SetXattr {
+        ino: dir + 1,
+        name: b"user.y".to_vec(),
+        value: b"w".to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(dir + 1, b"user.x").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
     // An entry the layer never saw in a directory it did not create is the
     // store's to answer.
     let mut t = Txn::new();
