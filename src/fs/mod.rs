@@ -506,10 +506,11 @@ impl FileSystem for PohmelFs {
     }
 
     fn flush(&self, _ctx: &Context, inode: u64, _handle: u64, _lock_owner: u64) -> io::Result<()> {
+        self.metrics.flush_calls.inc();
         self.reply(
             "flush",
             inode,
-            self.store.sync(Some(inode)).map_err(FsError::from),
+            self.store.flush(inode).map_err(FsError::from),
         )
     }
 
@@ -549,7 +550,7 @@ impl FileSystem for PohmelFs {
     ) -> io::Result<()> {
         lock(&self.handles).remove(handle);
         let r = if flush {
-            self.store.sync(Some(inode)).map_err(FsError::from)
+            self.store.flush(inode).map_err(FsError::from)
         } else {
             Ok(())
         };

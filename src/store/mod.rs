@@ -360,6 +360,15 @@ pub trait Store: Send + Sync {
     /// the whole volume when `None`) is durable.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;
 
+    /// FLUSH (a close of one of the guest's descriptors): write back the
+    /// data of `ino` written so far and wait until it is durable. Unlike
+    /// `sync`, a layer may return at once when `ino` has no data waiting —
+    /// only metadata, such as its own creation (a shell's `echo > f` closes
+    /// the new file once before it writes).
+    fn flush(&self, ino: u64) -> Result<(), StoreError> {
+        self.sync(Some(ino))
+    }
+
     /// A one-line description for logs ("mem: (does not persist)").
     fn describe(&self) -> String;
 }

@@ -1531,6 +1531,23 @@ impl Store for WritebackStore {
         self.shared.sync(ino)
     }
 
+    fn flush(&self, ino: u64) -> Result<(), StoreError> {
+        // The transactions that refer to the inode's pages; when there are
+        // any, everything of the inode before them goes too (its order).
+        let has_data = {
+            let st = lock(&self.shared.state);
+            st.by_inode.get(&ino).is_some_and(|q| {
+                q.iter()
+                    .any(|id| st.txns.get(id).is_some_and(|t| t.pages.contains_key(&ino)))
+            }) || st.sticky.contains_key(&ino)
+        };
+        if has_data {
+            self.shared.sync(Some(ino))
+        } else {
+            Ok(())
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB)",

@@ -578,6 +578,32 @@ fn create_write_close_is_one_commit() {
 }
 
 #[test]
+fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
+    // A shell's `echo > f`: open (create), close of the original descriptor
+    // (FLUSH), write through the duplicate, close again (FLUSH).
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, m) = layer_with(config, 1, 18);
+    sink.set(Faults {
+        latency: Duration::from_millis(5),
+        ..Faults::default()
+    });
+    create_in(&wb, 1, 31, "b");
+    wb.flush(31).unwrap();
+    assert_eq!(m.txn_sent.get(), 0, "no data to write back: nothing sent");
+    write(&wb, 31, 0, b"1\n", 2);
+    wb.flush(31).unwrap();
+    assert_eq!(m.txn_sent.get(), 1, "create and write in one commit");
+    assert_eq!(content(&*store, 31), b"1\n");
+    // fsync, unlike FLUSH, makes the metadata durable too.
+    create_in(&wb, 1, 32, "c");
+    wb.sync(Some(32)).unwrap();
+    assert!(store.lookup(1, b"c").unwrap().is_some());
+}
+
+#[test]
 fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
     // Lingering long enough that no transaction leaves on its own, however
     // slow this machine is.
