@@ -152,11 +152,12 @@ impl TxnEntry {
     /// content is fixed from the first attempt on, since a resend must be
     /// the same transaction).
     fn is_unsent_metadata(&self) -> bool {
-        self.state == TxnState::Queued
-            && self.attempts == 0
-            && !self.mergeable
-            && self.pages.is_empty()
-            && self.pinned.is_none()
+        self.is_unsent() && !self.mergeable && self.pages.is_empty()
+    }
+
+    /// Queued and never sent: its content may still change.
+    fn is_unsent(&self) -> bool {
+        self.state == TxnState::Queued && self.attempts == 0 && self.pinned.is_none()
     }
 
     /// Whether a write of `ino` may join this queued transaction: it must
@@ -164,7 +165,7 @@ impl TxnEntry {
     /// none of them may be one that the data must follow (a truncate,
     /// punch-hole, removal or write of the same inode).
     fn data_may_join(&self, ino: u64) -> bool {
-        if self.state != TxnState::Queued || self.attempts != 0 || self.pinned.is_some() {
+        if !self.is_unsent() {
             return false;
         }
         self.mergeable
@@ -199,22 +200,6 @@ const MAX_QUEUED_TXNS: usize = 65_536;
 /// transactions, which are always kept).
 const ATTR_CACHE_MAX: usize = 100_000;
 
-/// Extended attributes remembered from the store at most (names and
-/// absences; values up to `XATTR_SEEN_VALUE_MAX` bytes).
-const XATTR_SEEN_MAX: usize = 65_536;
-const XATTR_SEEN_VALUE_MAX: usize = 256;
-
-impl State {
-    /// An extended attribute of `ino` changed: what was read is stale.
-    fn forget_xattrs_seen(&mut self, ino: u64) {
-        self.xattr_gen += 1;
-        self.xattrs_none.remove(&ino);
-        if let Some(m) = self.xattr_seen.remove(&ino) {
-            self.xattr_seen_len -= m.len();
-        }
-    }
-}
-
 struct State {
     cache: PageCache,
     txns: BTreeMap<u64, TxnEntry>,
@@ -242,20 +227,83 @@ struct State {
     dirents: NameOverlay<Dirent>,
     symlinks: HashMap<u64, (Vec<u8>, u64)>,
     xattrs: NameOverlay<Vec<u8>>,
-    /// Extended attributes read from the store (`None`: absent), so that
-    /// the kernel's check for `security.capability` before every write
-    /// costs no round trip. Changes bump `xattr_gen` and drop the entry.
-    xattr_seen: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
-    xattr_seen_len: usize,
-    xattr_gen: u64,
-    /// Inodes created in this session whose extended attributes were never
-    /// changed: they have none (bounded; forgotten on any change).
-    xattrs_none: std::collections::HashSet<u64>,
+    /// Extended attributes known without the store (see `KnownXattrs`).
+    known_xattrs: KnownXattrs,
     /// Every name of each directory created in this session, so that a
     /// lookup of a new name (before every create) needs no store round
     /// trip: ids come from `reserve_ids` and are never reused, so such a
     /// directory holds exactly the entries put through here.
     complete_dirs: CompleteDirs,
+}
+
+/// Extended attributes known without asking the store, so that the
+/// kernel's question for `security.capability` before a write costs no
+/// round trip: values read from the store (`None`: absent), and inodes
+/// created in this session whose attributes never changed (they have none).
+/// Any change of an inode's attributes forgets what is known of it.
+#[derive(Default)]
+struct KnownXattrs {
+    read: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    read_len: usize,
+    none: std::collections::HashSet<u64>,
+    /// Bumped by every change: a store read that raced with one is not kept.
+    generation: u64,
+}
+
+/// Extended attributes (names and absences) and created inodes that
+/// `KnownXattrs` remembers at most, each; values up to
+/// `KNOWN_XATTR_VALUE_MAX` bytes.
+const KNOWN_XATTRS_MAX: usize = 65_536;
+const KNOWN_XATTR_VALUE_MAX: usize = 256;
+
+impl KnownXattrs {
+    /// `Some(value)` when known (`Some(None)`: absent); `None`: ask the store.
+    fn get(&self, ino: u64, name: &[u8]) -> Option<Option<Vec<u8>>> {
+        if let Some(v) = self.read.get(&ino).and_then(|m| m.get(name)) {
+            return Some(v.clone());
+        }
+        self.none.contains(&ino).then_some(None)
+    }
+
+    /// Keep what the store answered, unless something changed since
+    /// `generation` was taken (before the read).
+    fn remember(&mut self, generation: u64, ino: u64, name: &[u8], value: &Option<Vec<u8>>) {
+        if generation != self.generation
+            || value
+                .as_ref()
+                .is_some_and(|v| v.len() > KNOWN_XATTR_VALUE_MAX)
+        {
+            return;
+        }
+        if self.read_len >= KNOWN_XATTRS_MAX {
+            self.read.clear();
+            self.read_len = 0;
+        }
+        let added = self
+            .read
+            .entry(ino)
+            .or_default()
+            .insert(name.to_vec(), value.clone())
+            .is_none();
+        self.read_len += usize::from(added);
+    }
+
+    /// `ino` was created in this session: it has no extended attributes.
+    fn created(&mut self, ino: u64) {
+        if self.none.len() >= KNOWN_XATTRS_MAX {
+            self.none.clear();
+        }
+        self.none.insert(ino);
+    }
+
+    /// An extended attribute of `ino` changed (or `ino` was removed).
+    fn forget(&mut self, ino: u64) {
+        self.generation += 1;
+        self.none.remove(&ino);
+        if let Some(m) = self.read.remove(&ino) {
+            self.read_len -= m.len();
+        }
+    }
 }
 
 /// What this session created (see `State::complete_dirs`).
@@ -473,11 +521,8 @@ impl WritebackStore {
                 dirents: HashMap::new(),
                 symlinks: HashMap::new(),
                 xattrs: HashMap::new(),
-                xattr_seen: HashMap::new(),
-                xattr_seen_len: 0,
-                xattr_gen: 0,
+                known_xattrs: KnownXattrs::default(),
                 complete_dirs: CompleteDirs::default(),
-                xattrs_none: Default::default(),
             }),
             cfg,
             store,
@@ -801,11 +846,7 @@ impl Shared {
             }
             for op in &txn.ops {
                 if let Some(ino) = st.complete_dirs.apply(op) {
-                    // Created here: it has no extended attributes.
-                    st.xattrs_none.insert(ino);
-                    if st.xattrs_none.len() > XATTR_SEEN_MAX {
-                        st.xattrs_none.clear();
-                    }
+                    st.known_xattrs.created(ino);
                 }
                 match op {
                     Op::PutInode(i) => {
@@ -829,7 +870,7 @@ impl Shared {
                         st.symlinks.remove(ino);
                         // Its attributes are gone with it: the store drops them.
                         st.xattrs.remove(ino);
-                        st.forget_xattrs_seen(*ino);
+                        st.known_xattrs.forget(*ino);
                     }
                     Op::PutDirent { parent, dirent } => {
                         st.dirents
@@ -847,14 +888,14 @@ impl Shared {
                         st.symlinks.insert(*ino, (target.clone(), id));
                     }
                     Op::SetXattr { ino, name, value } => {
-                        st.forget_xattrs_seen(*ino);
+                        st.known_xattrs.forget(*ino);
                         st.xattrs
                             .entry(*ino)
                             .or_default()
                             .insert(name.clone(), (Some(value.clone()), id));
                     }
                     Op::RemoveXattr { ino, name } => {
-                        st.forget_xattrs_seen(*ino);
+                        st.known_xattrs.forget(*ino);
                         st.xattrs
                             .entry(*ino)
                             .or_default()
@@ -1446,39 +1487,20 @@ impl Store for WritebackStore {
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let gen = {
+        let generation = {
             let st = lock(&self.shared.state);
             if let Some((v, _)) = st.xattrs.get(&ino).and_then(|m| m.get(name)) {
                 return Ok(v.clone());
             }
-            if let Some(v) = st.xattr_seen.get(&ino).and_then(|m| m.get(name)) {
-                return Ok(v.clone());
+            if let Some(known) = st.known_xattrs.get(ino, name) {
+                return Ok(known);
             }
-            if st.xattrs_none.contains(&ino) {
-                return Ok(None);
-            }
-            st.xattr_gen
+            st.known_xattrs.generation
         };
         let value = self.shared.store.get_xattr(ino, name)?;
-        let mut st = lock(&self.shared.state);
-        // Keep it only if nothing changed an attribute while we read.
-        if st.xattr_gen == gen
-            && value
-                .as_ref()
-                .is_none_or(|v| v.len() <= XATTR_SEEN_VALUE_MAX)
-        {
-            if st.xattr_seen_len >= XATTR_SEEN_MAX {
-                st.xattr_seen.clear();
-                st.xattr_seen_len = 0;
-            }
-            let added = st
-                .xattr_seen
-                .entry(ino)
-                .or_default()
-                .insert(name.to_vec(), value.clone())
-                .is_none();
-            st.xattr_seen_len += usize::from(added);
-        }
+        lock(&self.shared.state)
+            .known_xattrs
+            .remember(generation, ino, name, &value);
         Ok(value)
     }
 

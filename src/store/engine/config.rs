@@ -190,9 +190,9 @@ fn settings(o: &CommonOptions, boundary_files: bool) -> Settings {
     });
     Settings {
         flush_interval: Some(Duration::from_millis(flush_ms)),
-        // SlateDB's defaults let a writer hold up to 1 GiB of unflushed
-        // data and 64 MiB memtables in memory; a daemon that promises a
-        // bounded footprint (--cache-size) flushes far sooner.
+        // SlateDB's default lets a writer hold 512 MiB of unflushed data;
+        // less keeps the engine's footprint near the daemon's --cache-size
+        // (the measured floor before writers stall is above).
         max_unflushed_bytes: MAX_UNFLUSHED_BYTES,
         l0_sst_size_bytes: L0_SST_SIZE_BYTES,
         garbage_collector_options: Some(GarbageCollectorOptions {
