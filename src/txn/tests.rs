@@ -173,13 +173,26 @@ fn layer(
     servers: usize,
     seed: u64,
 ) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
-    layer_with(cfg(policy), servers, seed)
+    layer_with(cfg(policy), servers, seed, true)
+}
+
+/// A layer whose metadata transactions linger long enough that none leaves
+/// on its own, however slow this machine is: tests that count transactions
+/// see only the sends that a sync asked for. Its clock is real: a paused
+/// clock jumps to the end of the linger whenever the sender idles.
+fn lingering_layer(seed: u64) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    layer_with(config, 1, seed, false)
 }
 
 fn layer_with(
     config: TxnConfig,
     servers: usize,
     seed: u64,
+    paused_clock: bool,
 ) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
     let store = Arc::new(MemStore::new(1 << 30));
     let sink = Arc::new(FaultSink::new(Arc::clone(&store), servers, seed));
@@ -189,7 +202,7 @@ fn layer_with(
         store.clone(),
         sink.clone(),
         Arc::clone(&metrics),
-        true,
+        paused_clock,
     )
     .unwrap();
     (wb, sink, store, metrics)
@@ -555,11 +568,7 @@ fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
 
 #[test]
 fn create_write_close_is_one_commit() {
-    let config = TxnConfig {
-        meta_linger: Duration::from_secs(600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let (wb, sink, store, m) = layer_with(config, 1, 13);
+    let (wb, sink, store, m) = lingering_layer(13);
     sink.set(Faults {
         latency: Duration::from_millis(5),
         ..Faults::default()
@@ -581,11 +590,7 @@ fn create_write_close_is_one_commit() {
 fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
     // A shell's `echo > f`: open (create), close of the original descriptor
     // (FLUSH), write through the duplicate, close again (FLUSH).
-    let config = TxnConfig {
-        meta_linger: Duration::from_secs(600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let (wb, sink, store, m) = layer_with(config, 1, 18);
+    let (wb, sink, store, m) = lingering_layer(18);
     sink.set(Faults {
         latency: Duration::from_millis(5),
         ..Faults::default()
@@ -605,13 +610,7 @@ fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
 
 #[test]
 fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
-    // Lingering long enough that no transaction leaves on its own, however
-    // slow this machine is.
-    let config = TxnConfig {
-        meta_linger: Duration::from_secs(600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let (wb, sink, store, m) = layer_with(config, 1, 14);
+    let (wb, sink, store, m) = lingering_layer(14);
     sink.set(Faults {
         latency: Duration::from_millis(5),
         ..Faults::default()
