@@ -35,8 +35,10 @@ use thiserror::Error;
 
 use super::problem::lossy;
 pub use super::problem::{Problem, Warning};
-use crate::store::engine::VolumeScan;
-use crate::store::{FileKind, Inode, StoreError, BLOCK_SIZE, FIRST_FREE_ID, NAME_MAX, ROOT_INO};
+use crate::store::engine::{BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan};
+use crate::store::{
+    Dirent, FileKind, Inode, StoreError, BLOCK_SIZE, FIRST_FREE_ID, NAME_MAX, ROOT_INO,
+};
 
 /// Applied-transaction records of one client session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,24 +107,6 @@ pub enum CheckError {
     Scan(&'static str, #[source] StoreError),
 }
 
-/// Collect one scan: records that do not decode become problems, an engine
-/// error ends the check.
-fn collect<T>(
-    what: &'static str,
-    scan: Result<crate::store::engine::Scan<'_, T>, StoreError>,
-    problems: &mut Vec<Problem>,
-    mut each: impl FnMut(T, &mut Vec<Problem>),
-) -> Result<(), CheckError> {
-    for item in scan.map_err(|e| CheckError::Scan(what, e))? {
-        match item {
-            Ok(v) => each(v, problems),
-            Err(StoreError::Corrupt(m)) => problems.push(Problem::Unreadable(m)),
-            Err(e) => return Err(CheckError::Scan(what, e)),
-        }
-    }
-    Ok(())
-}
-
 /// What the checker learns about one inode.
 struct Node {
     inode: Inode,
@@ -146,199 +130,284 @@ fn valid_name(name: &[u8]) -> bool {
 }
 
 /// Check the volume `v`. See the module documentation for what is checked.
+///
+/// One pass per record type, in key order of the layout, then the passes
+/// over what they gathered: counters, then links, parents and reachability.
 pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
-    let mut r = Report::default();
-    let mut p = Vec::new();
-
-    let info = match v.volume_info() {
-        Ok(info) => Some(info),
-        Err(StoreError::Corrupt(m)) if m.contains("no superblock") => {
-            p.push(Problem::NoSuperblock);
-            None
-        }
-        Err(StoreError::Corrupt(m)) => {
-            p.push(Problem::Unreadable(format!("superblock or counters: {m}")));
-            None
-        }
-        Err(e) => return Err(CheckError::Superblock(e)),
+    let mut c = Checker {
+        next_id: u64::MAX,
+        nodes: BTreeMap::new(),
+        problems: Vec::new(),
     };
+    let info = c.superblock(v)?;
+    let inodes = c.inodes(v)?;
+    c.root();
+    let entries = c.entries(v)?;
+    c.symlinks(v)?;
+    c.xattrs(v)?;
+    let blocks = c.blocks(v)?;
+    let sessions = c.applied(v)?;
+    c.unknown(v)?;
     if let Some(info) = &info {
-        if info.format_version != 1 {
-            p.push(Problem::FormatVersion(info.format_version));
-        }
+        c.counters(info, inodes, blocks);
     }
-    let next_id = info.as_ref().map_or(u64::MAX, |i| i.next_id);
+    let warnings = c.links();
+    Ok(Report {
+        volume: String::new(),
+        inodes,
+        entries,
+        blocks,
+        problems: c.problems,
+        warnings,
+        sessions,
+    })
+}
 
-    // Inodes.
-    let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
-    collect("inodes", v.scan_inodes(), &mut p, |inode, p| {
-        if inode.ino != ROOT_INO && inode.ino < FIRST_FREE_ID {
-            p.push(Problem::ReservedInode(inode.ino));
+/// One check under way: what it learned of each inode, and the problems
+/// found so far, in the order they were found.
+struct Checker {
+    /// The superblock's `next_id` (`u64::MAX` without a superblock).
+    next_id: u64,
+    nodes: BTreeMap<u64, Node>,
+    problems: Vec<Problem>,
+}
+
+/// The by-cookie entry index, and the owners of the cookies seen, while
+/// the by-name entries are matched against it.
+struct EntryIndex {
+    by_cookie: HashMap<(u64, u64), Dirent>,
+    cookie_owner: HashMap<u64, (u64, String)>,
+}
+
+impl Checker {
+    /// Run `each` on every record of one scan: records that do not decode
+    /// become problems, an engine error ends the check.
+    fn collect<T>(
+        &mut self,
+        what: &'static str,
+        scan: Result<Scan<'_, T>, StoreError>,
+        mut each: impl FnMut(&mut Self, T),
+    ) -> Result<(), CheckError> {
+        for item in scan.map_err(|e| CheckError::Scan(what, e))? {
+            match item {
+                Ok(v) => each(self, v),
+                Err(StoreError::Corrupt(m)) => self.problems.push(Problem::Unreadable(m)),
+                Err(e) => return Err(CheckError::Scan(what, e)),
+            }
         }
-        if inode.ino >= next_id {
-            p.push(Problem::IdNotReserved {
-                what: "inode",
-                id: inode.ino,
-                next_id,
+        Ok(())
+    }
+
+    /// The superblock and counters, if they can be read.
+    fn superblock(&mut self, v: &dyn VolumeScan) -> Result<Option<VolumeInfo>, CheckError> {
+        let info = match v.volume_info() {
+            Ok(info) => info,
+            Err(StoreError::Corrupt(m)) if m.contains("no superblock") => {
+                self.problems.push(Problem::NoSuperblock);
+                return Ok(None);
+            }
+            Err(StoreError::Corrupt(m)) => {
+                let m = format!("superblock or counters: {m}");
+                self.problems.push(Problem::Unreadable(m));
+                return Ok(None);
+            }
+            Err(e) => return Err(CheckError::Superblock(e)),
+        };
+        if info.format_version != 1 {
+            self.problems
+                .push(Problem::FormatVersion(info.format_version));
+        }
+        self.next_id = info.next_id;
+        Ok(Some(info))
+    }
+
+    /// Every inode, with its number checked; how many there are.
+    fn inodes(&mut self, v: &dyn VolumeScan) -> Result<u64, CheckError> {
+        self.collect("inodes", v.scan_inodes(), |c, inode| {
+            if inode.ino != ROOT_INO && inode.ino < FIRST_FREE_ID {
+                c.problems.push(Problem::ReservedInode(inode.ino));
+            }
+            if inode.ino >= c.next_id {
+                c.problems.push(Problem::IdNotReserved {
+                    what: "inode",
+                    id: inode.ino,
+                    next_id: c.next_id,
+                });
+            }
+            c.nodes.insert(
+                inode.ino,
+                Node {
+                    inode,
+                    named_by: Vec::new(),
+                    subdirs: 0,
+                    children: Vec::new(),
+                    has_target: false,
+                    blocks: 0,
+                },
+            );
+        })?;
+        Ok(self.nodes.len() as u64)
+    }
+
+    /// The root is a directory and its own parent.
+    fn root(&mut self) {
+        let problem = match self.nodes.get(&ROOT_INO) {
+            None => Problem::NoRoot,
+            Some(root) if root.inode.kind != FileKind::Directory => {
+                Problem::RootNotDirectory(root.inode.kind)
+            }
+            Some(root) if root.inode.parent != ROOT_INO => Problem::RootParent(root.inode.parent),
+            Some(_) => return,
+        };
+        self.problems.push(problem);
+    }
+
+    /// Entries: the by-cookie index first, then every by-name entry is
+    /// matched against it; how many by-name entries there are.
+    fn entries(&mut self, v: &dyn VolumeScan) -> Result<u64, CheckError> {
+        let mut index = EntryIndex {
+            by_cookie: HashMap::new(),
+            cookie_owner: HashMap::new(),
+        };
+        self.collect("entries by cookie", v.scan_dirents_by_cookie(), |_, d| {
+            index
+                .by_cookie
+                .insert((d.parent, d.dirent.cookie), d.dirent);
+        })?;
+        let mut entries = 0u64;
+        self.collect("entries by name", v.scan_dirents_by_name(), |c, d| {
+            entries += 1;
+            c.entry(&mut index, d);
+        })?;
+        let mut unmatched: Vec<_> = index.by_cookie.into_iter().collect();
+        unmatched.sort_by_key(|(k, _)| *k);
+        for ((parent, cookie), d) in unmatched {
+            self.problems.push(Problem::MissingNameIndex {
+                parent,
+                name: lossy(&d.name),
+                cookie,
             });
         }
-        nodes.insert(
-            inode.ino,
-            Node {
-                inode,
-                named_by: Vec::new(),
-                subdirs: 0,
-                children: Vec::new(),
-                has_target: false,
-                blocks: 0,
-            },
-        );
-    })?;
-    r.inodes = nodes.len() as u64;
-    match nodes.get(&ROOT_INO) {
-        None => p.push(Problem::NoRoot),
-        Some(root) if root.inode.kind != FileKind::Directory => {
-            p.push(Problem::RootNotDirectory(root.inode.kind))
-        }
-        Some(root) if root.inode.parent != ROOT_INO => {
-            p.push(Problem::RootParent(root.inode.parent))
-        }
-        Some(_) => {}
+        Ok(entries)
     }
 
-    // Entries: the by-cookie index first, then every by-name entry is
-    // matched against it.
-    let mut by_cookie: HashMap<(u64, u64), crate::store::Dirent> = HashMap::new();
-    collect(
-        "entries by cookie",
-        v.scan_dirents_by_cookie(),
-        &mut p,
-        |d, _| {
-            by_cookie.insert((d.parent, d.dirent.cookie), d.dirent);
-        },
-    )?;
-    let mut cookie_owner: HashMap<u64, (u64, String)> = HashMap::new();
-    let mut entries = 0u64;
-    collect(
-        "entries by name",
-        v.scan_dirents_by_name(),
-        &mut p,
-        |d, p| {
-            entries += 1;
-            let (parent, e) = (d.parent, d.dirent);
-            let name = lossy(&e.name);
-            if !valid_name(&e.name) {
-                p.push(Problem::BadName {
-                    parent,
-                    name: name.clone(),
-                });
-            }
-            match by_cookie.remove(&(parent, e.cookie)) {
-                None => p.push(Problem::MissingCookieIndex {
-                    parent,
-                    name: name.clone(),
-                    cookie: e.cookie,
-                }),
-                Some(twin) if twin != e => {
-                    let detail = format!(
-                        "by name: inode {} {:?} {:?}; by cookie: inode {} {:?} {:?}",
-                        e.ino,
-                        e.kind,
-                        name,
-                        twin.ino,
-                        twin.kind,
-                        lossy(&twin.name)
-                    );
-                    p.push(Problem::IndexMismatch {
-                        parent,
-                        name: name.clone(),
-                        cookie: e.cookie,
-                        detail,
-                    });
-                }
-                Some(_) => {}
-            }
-            if e.cookie < FIRST_FREE_ID {
-                p.push(Problem::ReservedCookie {
-                    parent,
-                    name: name.clone(),
-                    cookie: e.cookie,
-                });
-            }
-            if e.cookie >= next_id {
-                p.push(Problem::IdNotReserved {
-                    what: "cookie",
-                    id: e.cookie,
-                    next_id,
-                });
-            }
-            if let Some(first) = cookie_owner.insert(e.cookie, (parent, name.clone())) {
-                p.push(Problem::DuplicateCookie {
-                    cookie: e.cookie,
-                    first,
-                    second: (parent, name.clone()),
-                });
-            }
-            match nodes.get(&parent).map(|n| n.inode.kind) {
-                Some(FileKind::Directory) => {}
-                found => p.push(Problem::EntryOutsideDirectory {
-                    parent,
-                    name: name.clone(),
-                    found,
-                }),
-            }
-            let Some(target) = nodes.get_mut(&e.ino) else {
-                p.push(Problem::DanglingEntry {
-                    parent,
+    /// One by-name entry: its name, its cookie and its twin in the
+    /// by-cookie index, its directory, and the inode it names.
+    fn entry(&mut self, index: &mut EntryIndex, d: DirentRecord) {
+        let (parent, e) = (d.parent, d.dirent);
+        let name = lossy(&e.name);
+        if !valid_name(&e.name) {
+            self.problems.push(Problem::BadName {
+                parent,
+                name: name.clone(),
+            });
+        }
+        self.entry_cookie(index, parent, &e, &name);
+        match self.nodes.get(&parent).map(|n| n.inode.kind) {
+            Some(FileKind::Directory) => {}
+            found => self.problems.push(Problem::EntryOutsideDirectory {
+                parent,
+                name: name.clone(),
+                found,
+            }),
+        }
+        self.entry_target(parent, e, name);
+    }
+
+    /// An entry's cookie: its by-cookie twin, its range, its uniqueness.
+    fn entry_cookie(&mut self, index: &mut EntryIndex, parent: u64, e: &Dirent, name: &str) {
+        let p = &mut self.problems;
+        match index.by_cookie.remove(&(parent, e.cookie)) {
+            None => p.push(Problem::MissingCookieIndex {
+                parent,
+                name: name.to_string(),
+                cookie: e.cookie,
+            }),
+            Some(twin) if twin != *e => {
+                let detail = format!(
+                    "by name: inode {} {:?} {:?}; by cookie: inode {} {:?} {:?}",
+                    e.ino,
+                    e.kind,
                     name,
-                    ino: e.ino,
-                });
-                return;
-            };
-            if target.inode.kind != e.kind {
-                p.push(Problem::EntryKind {
+                    twin.ino,
+                    twin.kind,
+                    lossy(&twin.name)
+                );
+                p.push(Problem::IndexMismatch {
                     parent,
-                    name: name.clone(),
-                    ino: e.ino,
-                    entry: e.kind,
-                    inode: target.inode.kind,
+                    name: name.to_string(),
+                    cookie: e.cookie,
+                    detail,
                 });
             }
-            if e.ino == ROOT_INO {
-                p.push(Problem::RootNamed { parent, name });
-            }
-            target.named_by.push((parent, e.name));
-            let is_dir = target.inode.kind == FileKind::Directory;
-            let dir = nodes
-                .get_mut(&parent)
-                .filter(|d| d.inode.kind == FileKind::Directory);
-            if let Some(dir) = dir {
-                dir.children.push(e.ino);
-                if is_dir {
-                    dir.subdirs += 1;
-                }
-            }
-        },
-    )?;
-    r.entries = entries;
-    let mut unmatched: Vec<_> = by_cookie.into_iter().collect();
-    unmatched.sort_by_key(|(k, _)| *k);
-    for ((parent, cookie), d) in unmatched {
-        p.push(Problem::MissingNameIndex {
-            parent,
-            name: lossy(&d.name),
-            cookie,
-        });
+            Some(_) => {}
+        }
+        if e.cookie < FIRST_FREE_ID {
+            p.push(Problem::ReservedCookie {
+                parent,
+                name: name.to_string(),
+                cookie: e.cookie,
+            });
+        }
+        if e.cookie >= self.next_id {
+            p.push(Problem::IdNotReserved {
+                what: "cookie",
+                id: e.cookie,
+                next_id: self.next_id,
+            });
+        }
+        let owner = (parent, name.to_string());
+        if let Some(first) = index.cookie_owner.insert(e.cookie, owner.clone()) {
+            p.push(Problem::DuplicateCookie {
+                cookie: e.cookie,
+                first,
+                second: owner,
+            });
+        }
     }
 
-    // Symlink targets.
-    collect(
-        "symlink targets",
-        v.scan_symlinks(),
-        &mut p,
-        |(ino, target), p| {
-            let Some(n) = nodes.get_mut(&ino) else {
-                p.push(Problem::RecordOfMissingInode {
+    /// The inode an entry names: it exists, has the entry's kind, is not
+    /// the root; it learns its name and its directory learns a child.
+    fn entry_target(&mut self, parent: u64, e: Dirent, name: String) {
+        let Some(target) = self.nodes.get_mut(&e.ino) else {
+            self.problems.push(Problem::DanglingEntry {
+                parent,
+                name,
+                ino: e.ino,
+            });
+            return;
+        };
+        if target.inode.kind != e.kind {
+            self.problems.push(Problem::EntryKind {
+                parent,
+                name: name.clone(),
+                ino: e.ino,
+                entry: e.kind,
+                inode: target.inode.kind,
+            });
+        }
+        if e.ino == ROOT_INO {
+            self.problems.push(Problem::RootNamed { parent, name });
+        }
+        target.named_by.push((parent, e.name));
+        let is_dir = target.inode.kind == FileKind::Directory;
+        let dir = self
+            .nodes
+            .get_mut(&parent)
+            .filter(|d| d.inode.kind == FileKind::Directory);
+        if let Some(dir) = dir {
+            dir.children.push(e.ino);
+            if is_dir {
+                dir.subdirs += 1;
+            }
+        }
+    }
+
+    /// Symlink targets belong to symlinks of the target's length.
+    fn symlinks(&mut self, v: &dyn VolumeScan) -> Result<(), CheckError> {
+        self.collect("symlink targets", v.scan_symlinks(), |c, (ino, target)| {
+            let Some(n) = c.nodes.get_mut(&ino) else {
+                c.problems.push(Problem::RecordOfMissingInode {
                     what: "symlink target".into(),
                     ino,
                 });
@@ -346,36 +415,46 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
             };
             n.has_target = true;
             if n.inode.kind != FileKind::Symlink {
-                p.push(Problem::TargetOfNonSymlink {
+                c.problems.push(Problem::TargetOfNonSymlink {
                     ino,
                     kind: n.inode.kind,
                 });
             } else if n.inode.size != target.len() as u64 {
-                p.push(Problem::SymlinkSize {
+                c.problems.push(Problem::SymlinkSize {
                     ino,
                     size: n.inode.size,
                     target_len: target.len(),
                 });
             }
-        },
-    )?;
+        })
+    }
 
-    // Extended attributes.
-    collect("extended attributes", v.scan_xattrs(), &mut p, |x, p| {
-        if !nodes.contains_key(&x.ino) {
-            p.push(Problem::RecordOfMissingInode {
-                what: format!("extended attribute {:?}", lossy(&x.name)),
-                ino: x.ino,
-            });
-        }
-    })?;
+    /// Extended attributes belong to live inodes.
+    fn xattrs(&mut self, v: &dyn VolumeScan) -> Result<(), CheckError> {
+        self.collect("extended attributes", v.scan_xattrs(), |c, x| {
+            if !c.nodes.contains_key(&x.ino) {
+                c.problems.push(Problem::RecordOfMissingInode {
+                    what: format!("extended attribute {:?}", lossy(&x.name)),
+                    ino: x.ino,
+                });
+            }
+        })
+    }
 
-    // Data blocks.
-    let mut blocks = 0u64;
-    collect("data blocks", v.scan_blocks(), &mut p, |b, p| {
-        blocks += 1;
-        let Some(n) = nodes.get_mut(&b.ino) else {
-            p.push(Problem::RecordOfMissingInode {
+    /// Data blocks belong to regular files and hold nothing past their
+    /// size; how many blocks there are.
+    fn blocks(&mut self, v: &dyn VolumeScan) -> Result<u64, CheckError> {
+        let mut blocks = 0u64;
+        self.collect("data blocks", v.scan_blocks(), |c, b| {
+            blocks += 1;
+            c.block(b);
+        })?;
+        Ok(blocks)
+    }
+
+    fn block(&mut self, b: BlockRecord) {
+        let Some(n) = self.nodes.get_mut(&b.ino) else {
+            self.problems.push(Problem::RecordOfMissingInode {
                 what: format!("data block {}", b.index),
                 ino: b.ino,
             });
@@ -384,7 +463,7 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
         n.blocks += 1;
         let (ino, index, size) = (b.ino, b.index, n.inode.size);
         if n.inode.kind != FileKind::Regular {
-            p.push(Problem::BlockOfNonFile {
+            self.problems.push(Problem::BlockOfNonFile {
                 ino,
                 index,
                 kind: n.inode.kind,
@@ -393,25 +472,22 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
         }
         let start = index.saturating_mul(BLOCK_SIZE);
         if start >= size {
-            p.push(Problem::BlockPastSize { ino, index, size });
+            self.problems
+                .push(Problem::BlockPastSize { ino, index, size });
         } else if start.saturating_add(b.nonzero_len as u64) > size {
-            p.push(Problem::BytesPastSize {
+            self.problems.push(Problem::BytesPastSize {
                 ino,
                 index,
                 size,
                 stored_to: start + b.nonzero_len as u64,
             });
         }
-    })?;
-    r.blocks = blocks;
+    }
 
-    // Applied-transaction records, counted per session.
-    let mut sessions: BTreeMap<u64, SessionRecords> = BTreeMap::new();
-    collect(
-        "applied records",
-        v.scan_applied(),
-        &mut p,
-        |(session, txn), _| {
+    /// Applied-transaction records, counted per session.
+    fn applied(&mut self, v: &dyn VolumeScan) -> Result<Vec<SessionRecords>, CheckError> {
+        let mut sessions: BTreeMap<u64, SessionRecords> = BTreeMap::new();
+        self.collect("applied records", v.scan_applied(), |_, (session, txn)| {
             let s = sessions.entry(session).or_insert(SessionRecords {
                 session,
                 count: 0,
@@ -421,94 +497,108 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
             s.count += 1;
             s.lowest = s.lowest.min(txn);
             s.highest = s.highest.max(txn);
-        },
-    )?;
-    r.sessions = sessions.into_values().collect();
+        })?;
+        Ok(sessions.into_values().collect())
+    }
 
-    collect("unknown records", v.scan_unknown(), &mut p, |k, p| {
-        p.push(Problem::UnknownRecord(k));
-    })?;
+    /// Keys outside the layout.
+    fn unknown(&mut self, v: &dyn VolumeScan) -> Result<(), CheckError> {
+        self.collect("unknown records", v.scan_unknown(), |c, k| {
+            c.problems.push(Problem::UnknownRecord(k));
+        })
+    }
 
-    if let Some(info) = &info {
-        if info.counted_inodes != r.inodes {
-            p.push(Problem::Counter {
+    /// The space counters match the inodes and blocks found.
+    fn counters(&mut self, info: &VolumeInfo, inodes: u64, blocks: u64) {
+        if info.counted_inodes != inodes {
+            self.problems.push(Problem::Counter {
                 what: "inodes",
                 counted: info.counted_inodes,
-                found: r.inodes,
+                found: inodes,
             });
         }
-        if info.counted_blocks != r.blocks {
-            p.push(Problem::Counter {
+        if info.counted_blocks != blocks {
+            self.problems.push(Problem::Counter {
                 what: "blocks",
                 counted: info.counted_blocks,
-                found: r.blocks,
+                found: blocks,
             });
         }
     }
 
-    // Link counts, parents, targets, orphans.
-    let reachable = reachable_from_root(&nodes);
-    for (ino, n) in &nodes {
-        let (ino, i) = (*ino, &n.inode);
-        let orphan = i.nlink == 0 && n.named_by.is_empty() && ino != ROOT_INO;
-        if orphan {
-            r.warnings.push(Warning::Orphan {
-                ino,
-                kind: i.kind,
-                size: i.size,
-                blocks: n.blocks,
-            });
-        }
-        if i.kind == FileKind::Symlink && !n.has_target {
-            p.push(Problem::SymlinkWithoutTarget { ino });
-        }
-        if i.kind == FileKind::Directory {
-            if !orphan {
-                let expected = 2 + n.subdirs;
-                if i.nlink != expected {
-                    p.push(Problem::DirectoryLinks {
-                        ino,
-                        nlink: i.nlink,
-                        expected,
-                    });
-                }
-            }
-            if n.named_by.len() > 1 {
-                p.push(Problem::DirectoryHardLinked {
+    /// Link counts, parents, targets and reachability of every inode; the
+    /// orphans, as warnings.
+    fn links(&mut self) -> Vec<Warning> {
+        let reachable = reachable_from_root(&self.nodes);
+        let mut warnings = Vec::new();
+        for (&ino, n) in &self.nodes {
+            let i = &n.inode;
+            let orphan = i.nlink == 0 && n.named_by.is_empty() && ino != ROOT_INO;
+            if orphan {
+                warnings.push(Warning::Orphan {
                     ino,
-                    entries: n
-                        .named_by
-                        .iter()
-                        .map(|(d, name)| (*d, lossy(name)))
-                        .collect(),
+                    kind: i.kind,
+                    size: i.size,
+                    blocks: n.blocks,
                 });
-            } else if let Some((held_by, _)) = n.named_by.first() {
-                if i.parent != *held_by {
-                    p.push(Problem::DirectoryParent {
-                        ino,
-                        parent: i.parent,
-                        held_by: *held_by,
-                    });
-                }
             }
-        } else if !orphan && i.nlink as usize != n.named_by.len() {
-            p.push(Problem::FileLinks {
-                ino,
-                kind: i.kind,
-                nlink: i.nlink,
-                entries: n.named_by.len() as u32,
-            });
+            if i.kind == FileKind::Symlink && !n.has_target {
+                self.problems.push(Problem::SymlinkWithoutTarget { ino });
+            }
+            if i.kind == FileKind::Directory {
+                directory_links(ino, n, orphan, &mut self.problems);
+            } else if !orphan && i.nlink as usize != n.named_by.len() {
+                self.problems.push(Problem::FileLinks {
+                    ino,
+                    kind: i.kind,
+                    nlink: i.nlink,
+                    entries: n.named_by.len() as u32,
+                });
+            }
+            if !orphan && !reachable.contains(&ino) {
+                self.problems.push(Problem::Unreachable {
+                    ino,
+                    kind: i.kind,
+                    nlink: i.nlink,
+                });
+            }
         }
-        if !orphan && !reachable.contains(&ino) {
-            p.push(Problem::Unreachable {
+        warnings
+    }
+}
+
+/// A directory's link count (unless it is an orphan), and the one entry
+/// naming it, in the directory its `..` names.
+fn directory_links(ino: u64, n: &Node, orphan: bool, p: &mut Vec<Problem>) {
+    let i = &n.inode;
+    if !orphan {
+        let expected = 2 + n.subdirs;
+        if i.nlink != expected {
+            p.push(Problem::DirectoryLinks {
                 ino,
-                kind: i.kind,
                 nlink: i.nlink,
+                expected,
             });
         }
     }
-    r.problems = p;
-    Ok(r)
+    if n.named_by.len() > 1 {
+        p.push(Problem::DirectoryHardLinked {
+            ino,
+            entries: n
+                .named_by
+                .iter()
+                .map(|(d, name)| (*d, lossy(name)))
+                .collect(),
+        });
+    } else if let Some((held_by, _)) = n.named_by.first() {
+        if i.parent != *held_by {
+            p.push(Problem::DirectoryParent {
+                ino,
+                parent: i.parent,
+                held_by: *held_by,
+            });
+        }
+    }
 }
 
 /// The inodes the root reaches through entries.
