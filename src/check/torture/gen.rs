@@ -61,6 +61,19 @@ fn name(rng: &mut Rng) -> String {
 }
 
 impl View<'_> {
+    fn new<'a>(m: &'a Model, limits: &Limits) -> View<'a> {
+        let all = m.paths();
+        View {
+            m,
+            dirs: all
+                .iter()
+                .filter(|(p, id)| m.is_dir(*id) && p.len() < limits.depth)
+                .map(|(p, _)| p.clone())
+                .collect(),
+            named: all.into_iter().skip(1).collect(),
+        }
+    }
+
     fn new_path(&self, rng: &mut Rng) -> Path {
         let mut p = rng.pick(&self.dirs).clone();
         p.push(name(rng));
@@ -173,26 +186,31 @@ const WEIGHTS: [(&str, u64); 19] = [
     ("fsyncdir", 1),
 ];
 
-/// The next operation for the model's state.
+/// The next operation for the model's state: first its kind, within the
+/// limits, then its arguments.
 pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
-    let all = m.paths();
-    let view = View {
-        m,
-        dirs: all
-            .iter()
-            .filter(|(p, id)| m.is_dir(*id) && p.len() < limits.depth)
-            .map(|(p, _)| p.clone())
-            .collect(),
-        named: all.into_iter().skip(1).collect(),
-    };
-    let open: Vec<usize> = (0..SLOTS).filter(|s| m.fds[*s].is_some()).collect();
-    let free: Vec<usize> = (0..SLOTS).filter(|s| m.fds[*s].is_none()).collect();
-    let full = view.named.len() >= limits.nodes;
+    let view = View::new(m, limits);
     let heavy = m.stored_bytes() > limits.stored_bytes;
+    let (kind, slot) = choose(rng, &view, limits, heavy);
+    match kind {
+        "rename" | "link" | "unlink" | "mkdir" | "rmdir" | "symlink" => {
+            namespace_op(kind, rng, &view)
+        }
+        "setxattr" | "removexattr" | "chmod" | "fsyncdir" => attribute_op(kind, rng, &view),
+        _ => descriptor_op(kind, slot, rng, &view, limits, heavy),
+    }
+}
+
+/// The kind of the next operation and the descriptor slot it uses (0 for
+/// operations on paths): weighted, then kept within the limits (no growth
+/// when full or heavy) and to what the open slots allow.
+fn choose(rng: &mut Rng, view: &View, limits: &Limits, heavy: bool) -> (&'static str, usize) {
+    let m = view.m;
+    let open: Vec<usize> = (0..SLOTS).filter(|s| m.fds[*s].is_some()).collect();
+    let full = view.named.len() >= limits.nodes;
 
     let weights: Vec<u64> = WEIGHTS.iter().map(|(_, w)| *w).collect();
     let mut kind = WEIGHTS[rng.weighted(&weights)].0;
-    // Keep within the limits: no growth when full or heavy.
     if full && matches!(kind, "open" | "mkdir" | "symlink" | "link") {
         kind = if rng.percent(50) { "unlink" } else { "rmdir" };
     }
@@ -206,7 +224,7 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
     if fd_op && open.is_empty() {
         kind = "open";
     }
-    if kind == "open" && free.is_empty() {
+    if kind == "open" && open.len() == SLOTS {
         kind = "close";
     }
     let slot = if fd_op || kind == "close" {
@@ -214,23 +232,21 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
     } else {
         0
     };
+    (kind, slot)
+}
+
+/// open, and the operations on an open descriptor (and truncate, which
+/// sizes like ftruncate).
+fn descriptor_op(
+    kind: &str,
+    slot: usize,
+    rng: &mut Rng,
+    view: &View,
+    limits: &Limits,
+    heavy: bool,
+) -> Op {
     match kind {
-        "open" => {
-            let create = rng.percent(60);
-            Op::Open {
-                slot: *rng.pick(&free),
-                path: if create {
-                    view.any(rng)
-                } else {
-                    view.file(rng)
-                },
-                create,
-                excl: create && rng.percent(20),
-                trunc: rng.percent(10),
-                append: rng.percent(10),
-                mode: *rng.pick(&[0o600, 0o640, 0o644, 0o664, 0o666]),
-            }
-        }
+        "open" => open(rng, view),
         "close" => Op::Close { slot },
         "write" => {
             let len = length(rng);
@@ -249,9 +265,7 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             }
         }
         "read" => {
-            let size = m.fds[slot]
-                .and_then(|fd| m.content(fd.node).map(|c| c.size))
-                .unwrap_or(0);
+            let size = slot_size(view.m, slot);
             let off = if rng.percent(70) && size > 0 {
                 rng.below(size)
             } else {
@@ -264,13 +278,10 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             }
         }
         "truncate" | "ftruncate" => {
-            let current = m.fds[slot]
-                .and_then(|fd| m.content(fd.node).map(|c| c.size))
-                .unwrap_or(0);
             let size = if heavy {
                 rng.below(BLOCK)
             } else {
-                size_near(rng, current, limits)
+                size_near(rng, slot_size(view.m, slot), limits)
             };
             if kind == "truncate" {
                 Op::Truncate {
@@ -287,6 +298,39 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             offset: offset(rng, limits),
             len: length(rng).max(1),
         },
+        _ => Op::Fsync { slot },
+    }
+}
+
+/// The size of the file open in `slot` (0 when none is).
+fn slot_size(m: &Model, slot: usize) -> u64 {
+    m.fds[slot]
+        .and_then(|fd| m.content(fd.node).map(|c| c.size))
+        .unwrap_or(0)
+}
+
+/// open(2) into a free slot, creating mostly.
+fn open(rng: &mut Rng, view: &View) -> Op {
+    let free: Vec<usize> = (0..SLOTS).filter(|s| view.m.fds[*s].is_none()).collect();
+    let create = rng.percent(60);
+    Op::Open {
+        slot: *rng.pick(&free),
+        path: if create {
+            view.any(rng)
+        } else {
+            view.file(rng)
+        },
+        create,
+        excl: create && rng.percent(20),
+        trunc: rng.percent(10),
+        append: rng.percent(10),
+        mode: *rng.pick(&[0o600, 0o640, 0o644, 0o664, 0o666]),
+    }
+}
+
+/// The operations that add, move or remove names.
+fn namespace_op(kind: &str, rng: &mut Rng, view: &View) -> Op {
+    match kind {
         "rename" => {
             let from = view.any(rng);
             let to = view.any(rng);
@@ -308,7 +352,7 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             let dirs: Vec<&Path> = view
                 .named
                 .iter()
-                .filter(|(_, id)| m.is_dir(*id))
+                .filter(|(_, id)| view.m.is_dir(*id))
                 .map(|(p, _)| p)
                 .collect();
             let path = if dirs.is_empty() || rng.percent(20) {
@@ -318,21 +362,31 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             };
             Op::Rmdir { path }
         }
-        "symlink" => {
-            let len = if rng.percent(3) {
-                rng.range(200, 1000)
-            } else {
-                rng.range(1, 40)
-            };
-            let target = SYMLINK_PREFIX.to_string()
-                + &(0..len)
-                    .map(|_| char::from(*rng.pick(b"abcdefghijklmnopqrstuvwxyz0123456789._-")))
-                    .collect::<String>();
-            Op::Symlink {
-                target,
-                path: view.any(rng),
-            }
-        }
+        _ => symlink(rng, view),
+    }
+}
+
+/// symlink(2) to a target in `zz/`, rarely a long one.
+fn symlink(rng: &mut Rng, view: &View) -> Op {
+    let len = if rng.percent(3) {
+        rng.range(200, 1000)
+    } else {
+        rng.range(1, 40)
+    };
+    let target = SYMLINK_PREFIX.to_string()
+        + &(0..len)
+            .map(|_| char::from(*rng.pick(b"abcdefghijklmnopqrstuvwxyz0123456789._-")))
+            .collect::<String>();
+    Op::Symlink {
+        target,
+        path: view.any(rng),
+    }
+}
+
+/// The operations on what a path names: extended attributes, mode, and
+/// fsync of a directory.
+fn attribute_op(kind: &str, rng: &mut Rng, view: &View) -> Op {
+    match kind {
         "setxattr" => {
             let path = view.any(rng);
             let name = (*rng.pick(&XATTR_NAMES)).to_string();
@@ -353,7 +407,7 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
         },
         "chmod" => {
             let path = view.any(rng);
-            let dir = m.lookup(&path).is_ok_and(|id| m.is_dir(id));
+            let dir = view.m.lookup(&path).is_ok_and(|id| view.m.is_dir(id));
             // Owners keep their access, or the run could not go on as a
             // normal user.
             let mode = if dir {
@@ -363,7 +417,6 @@ pub fn generate(rng: &mut Rng, m: &Model, limits: &Limits) -> Op {
             };
             Op::Chmod { path, mode }
         }
-        "fsync" => Op::Fsync { slot },
         _ => {
             let path = if rng.percent(20) {
                 Vec::new()
