@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path as FsPath, PathBuf};
 
 use super::model::Value;
-use super::ops::{Op, Path, SLOTS};
+use super::ops::{Data, Op, Path, SLOTS};
 
 /// The last errno.
 fn errno() -> i32 {
@@ -138,42 +138,15 @@ impl Real {
                         flags |= f;
                     }
                 }
-                let p = self.c(path)?;
-                // SAFETY: `p` is a NUL-terminated path that outlives the call.
-                let fd = check(unsafe { libc::open(p.as_ptr(), flags, *mode as libc::c_uint) })?;
-                if let Some(old) = self.fds[*slot].replace(fd) {
-                    // SAFETY: the model only opens into free slots; this
-                    // closes a descriptor this `Real` owns, once.
-                    unsafe { libc::close(old) };
-                }
-                Ok(Value::Unit)
+                self.open(*slot, path, flags, *mode)
             }
             Op::Close { slot } => {
                 let fd = self.fds[*slot].take().ok_or(libc::EBADF)?;
                 // SAFETY: `fd` is owned by this `Real` and leaves its table here.
                 unit(check(unsafe { libc::close(fd) }))
             }
-            Op::Write { slot, data } => {
-                let bytes = data.bytes();
-                let fd = self.fd(*slot)?;
-                // SAFETY: `bytes` is valid for reads of its length.
-                let n = check_size(unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) })?;
-                Ok(Value::Count(n))
-            }
-            Op::Pwrite { slot, offset, data } => {
-                let bytes = data.bytes();
-                let fd = self.fd(*slot)?;
-                // SAFETY: `bytes` is valid for reads of its length.
-                let n = check_size(unsafe {
-                    libc::pwrite(
-                        fd,
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        *offset as libc::off_t,
-                    )
-                })?;
-                Ok(Value::Count(n))
-            }
+            Op::Write { slot, data } => self.write(*slot, None, data),
+            Op::Pwrite { slot, offset, data } => self.write(*slot, Some(*offset), data),
             Op::Read { slot, offset, len } => {
                 let fd = self.fd(*slot)?;
                 self.pread_all(fd, *offset, *len).map(Value::Bytes)
@@ -197,14 +170,10 @@ impl Real {
                 len,
             } => {
                 let fd = self.fd(*slot)?;
+                let (offset, len) = (*offset as libc::off_t, *len as libc::off_t);
                 // SAFETY: plain system call on an owned descriptor.
                 unit(check(unsafe {
-                    libc::fallocate(
-                        fd,
-                        mode.flags(),
-                        *offset as libc::off_t,
-                        *len as libc::off_t,
-                    )
+                    libc::fallocate(fd, mode.flags(), offset, len)
                 }))
             }
             Op::Rename { from, to } => {
@@ -212,14 +181,7 @@ impl Real {
                 // SAFETY: both are NUL-terminated paths.
                 unit(check(unsafe { libc::rename(a.as_ptr(), b.as_ptr()) }))
             }
-            Op::Link { from, to } => {
-                let (a, b) = (self.c(from)?, self.c(to)?);
-                // SAFETY: both are NUL-terminated paths; flags 0 does not
-                // follow a final symlink.
-                unit(check(unsafe {
-                    libc::linkat(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), 0)
-                }))
-            }
+            Op::Link { from, to } => self.link(from, to),
             Op::Unlink { path } => {
                 let p = self.c(path)?;
                 // SAFETY: `p` is a NUL-terminated path.
@@ -243,16 +205,7 @@ impl Real {
                 // SAFETY: both are NUL-terminated strings.
                 unit(check(unsafe { libc::symlink(t.as_ptr(), p.as_ptr()) }))
             }
-            Op::SetXattr { path, name, data } => {
-                let p = self.c(path)?;
-                let n = CString::new(name.as_bytes()).map_err(|_| libc::EINVAL)?;
-                let v = data.bytes();
-                // SAFETY: `p` and `n` are NUL-terminated, `v` is valid for
-                // reads of its length.
-                unit(check(unsafe {
-                    libc::setxattr(p.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0)
-                }))
-            }
+            Op::SetXattr { path, name, data } => self.setxattr(path, name, &data.bytes()),
             Op::RemoveXattr { path, name } => {
                 let p = self.c(path)?;
                 let n = CString::new(name.as_bytes()).map_err(|_| libc::EINVAL)?;
@@ -271,22 +224,78 @@ impl Real {
                 // SAFETY: plain system call on an owned descriptor.
                 unit(check(unsafe { libc::fsync(fd) }))
             }
-            Op::FsyncDir { path } => {
-                let p = self.c(path)?;
-                // SAFETY: `p` is a NUL-terminated path.
-                let fd = check(unsafe {
-                    libc::open(
-                        p.as_ptr(),
-                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                    )
-                })?;
-                // SAFETY: `fd` was just opened here and is closed once.
-                let r = check(unsafe { libc::fsync(fd) });
-                // SAFETY: as above.
-                unsafe { libc::close(fd) };
-                unit(r)
-            }
+            Op::FsyncDir { path } => self.fsync_dir(path),
         }
+    }
+
+    /// open(2) into `slot`.
+    fn open(&mut self, slot: usize, path: &Path, flags: i32, mode: u32) -> Result<Value, i32> {
+        let p = self.c(path)?;
+        // SAFETY: `p` is a NUL-terminated path that outlives the call.
+        let fd = check(unsafe { libc::open(p.as_ptr(), flags, mode as libc::c_uint) })?;
+        if let Some(old) = self.fds[slot].replace(fd) {
+            // SAFETY: the model only opens into free slots; this
+            // closes a descriptor this `Real` owns, once.
+            unsafe { libc::close(old) };
+        }
+        Ok(Value::Unit)
+    }
+
+    /// write(2) at the descriptor's position (`offset` None), or pwrite(2).
+    fn write(&mut self, slot: usize, offset: Option<u64>, data: &Data) -> Result<Value, i32> {
+        let bytes = data.bytes();
+        let fd = self.fd(slot)?;
+        let (buf, len) = (bytes.as_ptr().cast(), bytes.len());
+        let n = match offset {
+            // SAFETY: `bytes` is valid for reads of its length.
+            None => check_size(unsafe { libc::write(fd, buf, len) })?,
+            // SAFETY: `bytes` is valid for reads of its length.
+            Some(at) => check_size(unsafe { libc::pwrite(fd, buf, len, at as libc::off_t) })?,
+        };
+        Ok(Value::Count(n))
+    }
+
+    /// linkat(2) without following a final symlink.
+    fn link(&self, from: &Path, to: &Path) -> Result<Value, i32> {
+        let (a, b) = (self.c(from)?, self.c(to)?);
+        // SAFETY: both are NUL-terminated paths; flags 0 does not
+        // follow a final symlink.
+        check(unsafe { libc::linkat(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), 0) })?;
+        Ok(Value::Unit)
+    }
+
+    fn setxattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<Value, i32> {
+        let p = self.c(path)?;
+        let n = CString::new(name.as_bytes()).map_err(|_| libc::EINVAL)?;
+        // SAFETY: `p` and `n` are NUL-terminated, `value` is valid for
+        // reads of its length.
+        check(unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        })?;
+        Ok(Value::Unit)
+    }
+
+    /// fsync(2) of a directory, through a descriptor opened for the call.
+    fn fsync_dir(&self, path: &Path) -> Result<Value, i32> {
+        let p = self.c(path)?;
+        // SAFETY: `p` is a NUL-terminated path.
+        let fd = check(unsafe {
+            libc::open(
+                p.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `fd` was just opened here and is closed once.
+        let r = check(unsafe { libc::fsync(fd) });
+        // SAFETY: as above.
+        unsafe { libc::close(fd) };
+        r.map(|_| Value::Unit)
     }
 
     /// Read `len` bytes at `offset`, or fewer at the end of the file.
