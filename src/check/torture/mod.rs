@@ -453,7 +453,7 @@ fn replay_fails(cfg: &Config, n: u64) -> Result<bool, TortureError> {
 pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, TortureError> {
     let started = Instant::now();
     let root = cfg.root();
-    let mut s = steps(cfg, &root, Some(&mut *out))?;
+    let s = steps(cfg, &root, Some(&mut *out))?;
     let elapsed = started.elapsed();
     let features = s.model.features;
     let mut outcome = Outcome {
@@ -465,10 +465,8 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, TortureError> {
         replays: 0,
         features,
     };
-    let w =
-        |out: &mut dyn Write, line: String| writeln!(out, "{line}").map_err(TortureError::Report);
     if !features.xattrs || !features.dir_nlink || features.falloc.contains(&false) {
-        w(
+        say(
             out,
             format!(
                 "torture: note: {} lacks some features, their operations must fail: {features:?}",
@@ -477,77 +475,15 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, TortureError> {
         )?;
     }
     match outcome.divergence.clone() {
-        None => {
-            s.real.close_all();
-            for slot in s.model.fds.iter_mut() {
-                *slot = None;
-            }
-            if let Some(path) = &cfg.save_model {
-                let closed = close_model(&s.model);
-                let saved = verify::Saved {
-                    root: root.clone(),
-                    seed: cfg.seed,
-                    ops: s.done,
-                    features,
-                    records: verify::model_records(&closed),
-                };
-                write_synced(path, saved.to_text().as_bytes())
-                    .map_err(|e| TortureError::SaveModel(path.clone(), e))?;
-                w(
-                    out,
-                    format!(
-                        "torture: model of {} saved to {}",
-                        root.display(),
-                        path.display()
-                    ),
-                )?;
-            }
-        }
+        None => close_and_save(cfg, s, &root, out)?,
         Some(d) => {
-            w(
-                out,
-                format!(
-                    "torture: DIVERGENCE at step {} (seed {}): {}",
-                    d.step, cfg.seed, d.what
-                ),
-            )?;
-            w(out, "torture: operations up to it:".into())?;
-            for line in &d.recent {
-                w(out, format!("  {line}"))?;
-            }
-            w(
-                out,
-                format!("torture: the tree is kept in {}", root.display()),
-            )?;
-            drop(s);
-            if cfg.minimize {
-                let (prefix, replays) = shortest_prefix(cfg, &d)?;
-                outcome.replays = replays;
-                outcome.shortest_prefix = prefix;
-                match prefix {
-                    Some(n) => w(
-                        out,
-                        format!(
-                            "torture: shortest failing prefix: {n} operations ({replays} replays); re-run: \
-                             pohmelfs torture --dir {} --seed {} --ops {n}",
-                            cfg.dir.display(),
-                            cfg.seed
-                        ),
-                    )?,
-                    None => w(
-                        out,
-                        format!(
-                            "torture: the divergence did not recur when the first {} operations were replayed: \
-                             it depends on timing or on state outside the run",
-                            d.step + 1
-                        ),
-                    )?,
-                }
-            }
+            let (prefix, replays) = report_divergence(cfg, s, &d, &root, out)?;
+            outcome.shortest_prefix = prefix;
+            outcome.replays = replays;
         }
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
-    w(
+    say(
         out,
         format!(
             "torture: {:.1}s, {:.0} ops/s",
@@ -555,7 +491,7 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, TortureError> {
             outcome.ops as f64 / secs
         ),
     )?;
-    w(
+    say(
         out,
         format!(
             "torture: {} operations, {} divergences, seed {}",
@@ -565,6 +501,97 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, TortureError> {
         ),
     )?;
     Ok(outcome)
+}
+
+/// One line of the report.
+fn say(out: &mut dyn Write, line: String) -> Result<(), TortureError> {
+    writeln!(out, "{line}").map_err(TortureError::Report)
+}
+
+/// After a run without divergence: close every descriptor, and save the
+/// model when asked to.
+fn close_and_save(
+    cfg: &Config,
+    mut s: Steps,
+    root: &FsPath,
+    out: &mut dyn Write,
+) -> Result<(), TortureError> {
+    s.real.close_all();
+    for slot in s.model.fds.iter_mut() {
+        *slot = None;
+    }
+    let Some(path) = &cfg.save_model else {
+        return Ok(());
+    };
+    let closed = close_model(&s.model);
+    let saved = verify::Saved {
+        root: root.to_path_buf(),
+        seed: cfg.seed,
+        ops: s.done,
+        features: s.model.features,
+        records: verify::model_records(&closed),
+    };
+    write_synced(path, saved.to_text().as_bytes())
+        .map_err(|e| TortureError::SaveModel(path.clone(), e))?;
+    say(
+        out,
+        format!(
+            "torture: model of {} saved to {}",
+            root.display(),
+            path.display()
+        ),
+    )
+}
+
+/// Report divergence `d` and the operations before it, then (when asked)
+/// search the shortest failing prefix: `(prefix, replays)`.
+fn report_divergence(
+    cfg: &Config,
+    s: Steps,
+    d: &Divergence,
+    root: &FsPath,
+    out: &mut dyn Write,
+) -> Result<(Option<u64>, u64), TortureError> {
+    say(
+        out,
+        format!(
+            "torture: DIVERGENCE at step {} (seed {}): {}",
+            d.step, cfg.seed, d.what
+        ),
+    )?;
+    say(out, "torture: operations up to it:".into())?;
+    for line in &d.recent {
+        say(out, format!("  {line}"))?;
+    }
+    say(
+        out,
+        format!("torture: the tree is kept in {}", root.display()),
+    )?;
+    drop(s);
+    if !cfg.minimize {
+        return Ok((None, 0));
+    }
+    let (prefix, replays) = shortest_prefix(cfg, d)?;
+    match prefix {
+        Some(n) => say(
+            out,
+            format!(
+                "torture: shortest failing prefix: {n} operations ({replays} replays); re-run: \
+                 pohmelfs torture --dir {} --seed {} --ops {n}",
+                cfg.dir.display(),
+                cfg.seed
+            ),
+        )?,
+        None => say(
+            out,
+            format!(
+                "torture: the divergence did not recur when the first {} operations were replayed: \
+                 it depends on timing or on state outside the run",
+                d.step + 1
+            ),
+        )?,
+    }
+    Ok((prefix, replays))
 }
 
 /// The model with every descriptor closed (unlinked open files gone).

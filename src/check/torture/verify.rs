@@ -99,6 +99,122 @@ pub fn bytes_differ(offset: u64, want: &[u8], got: &[u8]) -> Option<String> {
     ))
 }
 
+/// Type, mode, link count and size of node `id` against `st`.
+fn attributes_match(m: &Model, id: NodeId, st: &Stat, at: &str) -> Result<(), String> {
+    let node = m.node(id);
+    let want_format = format_of(&node.kind);
+    if st.format != want_format {
+        return Err(format!(
+            "{at}: is a {}, model says {}",
+            format_name(st.format),
+            format_name(want_format)
+        ));
+    }
+    if !matches!(node.kind, Kind::Symlink(_)) && st.perm != node.perm {
+        return Err(format!(
+            "{at}: mode {:o}, model says {:o}",
+            st.perm, node.perm
+        ));
+    }
+    let dir = matches!(node.kind, Kind::Dir(_));
+    if (!dir || m.features.dir_nlink) && st.nlink != u64::from(m.nlink(id)) {
+        return Err(format!(
+            "{at}: link count {}, model says {}",
+            st.nlink,
+            m.nlink(id)
+        ));
+    }
+    let size = match &node.kind {
+        Kind::File(c) => Some(c.size),
+        Kind::Symlink(t) => Some(t.len() as u64),
+        Kind::Dir(_) => None,
+    };
+    if let Some(size) = size.filter(|s| *s != st.size) {
+        return Err(format!("{at}: size {}, model says {size}", st.size));
+    }
+    Ok(())
+}
+
+fn target_matches(real: &Real, path: &Path, target: &str, at: &str) -> Result<(), String> {
+    let got = real
+        .readlink(path)
+        .map_err(|e| format!("{at}: readlink: {}", errno(e)))?;
+    if got != target {
+        return Err(format!(
+            "{at}: symlink target {got:?}, model says {target:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A directory's entries, by name and type (a type of 0 is not known and
+/// matches any).
+fn listing_matches(
+    m: &Model,
+    real: &Real,
+    path: &Path,
+    entries: &BTreeMap<String, NodeId>,
+    at: &str,
+) -> Result<(), String> {
+    let got = real
+        .list(path)
+        .map_err(|e| format!("{at}: readdir: {}", errno(e)))?;
+    let want: Vec<(String, u32)> = entries
+        .iter()
+        .map(|(n, c)| (n.clone(), format_of(&m.node(*c).kind)))
+        .collect();
+    let same = got.len() == want.len()
+        && got
+            .iter()
+            .zip(&want)
+            .all(|((gn, gf), (wn, wf))| gn == wn && (*gf == 0 || gf == wf));
+    if !same {
+        let names = |v: &[(String, u32)]| {
+            v.iter()
+                .map(|(n, f)| format!("{}:{}", show(&vec![n.clone()]), format_name(*f)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Err(format!(
+            "{at}: lists [{}], model says [{}]",
+            names(&got),
+            names(&want)
+        ));
+    }
+    Ok(())
+}
+
+fn xattrs_match(
+    real: &Real,
+    path: &Path,
+    xattrs: &BTreeMap<String, Vec<u8>>,
+    at: &str,
+) -> Result<(), String> {
+    let got = real
+        .xattrs(path)
+        .map_err(|e| format!("{at}: xattrs: {}", errno(e)))?;
+    let want: Vec<(String, Vec<u8>)> = xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if got != want {
+        let show_x = |v: &[(String, Vec<u8>)]| {
+            v.iter()
+                .map(|(k, v)| format!("{k}({} bytes)", v.len()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Err(format!(
+            "{at}: extended attributes [{}], model says [{}]{}",
+            show_x(&got),
+            show_x(&want),
+            if got.len() == want.len() {
+                " (values differ)"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(())
+}
+
 /// What the verifier remembers between steps: which real inode number each
 /// model node has, so hard links must share one and distinct nodes differ.
 #[derive(Default)]
@@ -124,7 +240,9 @@ impl Via<'_> {
 }
 
 impl Verifier {
-    /// Check that `st` (of `via`) is what the model says of node `id`.
+    /// Check that `st` (of `via`) is what the model says of node `id`:
+    /// its attributes, its identity, and through a path what it holds (a
+    /// symlink's target, a directory's entries) and its extended attributes.
     fn node(
         &mut self,
         m: &Model,
@@ -133,39 +251,26 @@ impl Verifier {
         st: &Stat,
         via: Via<'_>,
     ) -> Result<(), String> {
-        let node = m.node(id);
         let at = via.name();
-        let want_format = format_of(&node.kind);
-        if st.format != want_format {
-            return Err(format!(
-                "{at}: is a {}, model says {}",
-                format_name(st.format),
-                format_name(want_format)
-            ));
-        }
-        if !matches!(node.kind, Kind::Symlink(_)) && st.perm != node.perm {
-            return Err(format!(
-                "{at}: mode {:o}, model says {:o}",
-                st.perm, node.perm
-            ));
-        }
-        let dir = matches!(node.kind, Kind::Dir(_));
-        if (!dir || m.features.dir_nlink) && st.nlink != u64::from(m.nlink(id)) {
-            return Err(format!(
-                "{at}: link count {}, model says {}",
-                st.nlink,
-                m.nlink(id)
-            ));
-        }
-        let size = match &node.kind {
-            Kind::File(c) => Some(c.size),
-            Kind::Symlink(t) => Some(t.len() as u64),
-            Kind::Dir(_) => None,
+        attributes_match(m, id, st, &at)?;
+        self.identity(m, id, st, &at)?;
+        let Via::Path(path) = via else {
+            return Ok(());
         };
-        if let Some(size) = size.filter(|s| *s != st.size) {
-            return Err(format!("{at}: size {}, model says {size}", st.size));
+        let node = m.node(id);
+        match &node.kind {
+            Kind::Symlink(target) => return target_matches(real, path, target, &at),
+            Kind::Dir(entries) => listing_matches(m, real, path, entries, &at)?,
+            Kind::File(_) => {}
         }
-        // Identity: one inode per node, one node per inode.
+        if m.features.xattrs {
+            xattrs_match(real, path, &node.xattrs, &at)?;
+        }
+        Ok(())
+    }
+
+    /// One inode per node, one node per inode.
+    fn identity(&mut self, m: &Model, id: NodeId, st: &Stat, at: &str) -> Result<(), String> {
         match self.ino_of.get(&id) {
             Some(&ino) if ino != st.ino => {
                 return Err(format!(
@@ -185,78 +290,6 @@ impl Verifier {
         }
         self.ino_of.insert(id, st.ino);
         self.node_of.insert(st.ino, id);
-        let Via::Path(path) = via else {
-            return Ok(());
-        };
-        match &node.kind {
-            Kind::Symlink(target) => {
-                let got = real
-                    .readlink(path)
-                    .map_err(|e| format!("{at}: readlink: {}", errno(e)))?;
-                if &got != target {
-                    return Err(format!(
-                        "{at}: symlink target {got:?}, model says {target:?}"
-                    ));
-                }
-                return Ok(());
-            }
-            Kind::Dir(entries) => {
-                let got = real
-                    .list(path)
-                    .map_err(|e| format!("{at}: readdir: {}", errno(e)))?;
-                let want: Vec<(String, u32)> = entries
-                    .iter()
-                    .map(|(n, c)| (n.clone(), format_of(&m.node(*c).kind)))
-                    .collect();
-                let same = got.len() == want.len()
-                    && got
-                        .iter()
-                        .zip(&want)
-                        .all(|((gn, gf), (wn, wf))| gn == wn && (*gf == 0 || gf == wf));
-                if !same {
-                    let names = |v: &[(String, u32)]| {
-                        v.iter()
-                            .map(|(n, f)| format!("{}:{}", show(&vec![n.clone()]), format_name(*f)))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    };
-                    return Err(format!(
-                        "{at}: lists [{}], model says [{}]",
-                        names(&got),
-                        names(&want)
-                    ));
-                }
-            }
-            Kind::File(_) => {}
-        }
-        if m.features.xattrs {
-            let got = real
-                .xattrs(path)
-                .map_err(|e| format!("{at}: xattrs: {}", errno(e)))?;
-            let want: Vec<(String, Vec<u8>)> = node
-                .xattrs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if got != want {
-                let show_x = |v: &[(String, Vec<u8>)]| {
-                    v.iter()
-                        .map(|(k, v)| format!("{k}({} bytes)", v.len()))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                };
-                return Err(format!(
-                    "{at}: extended attributes [{}], model says [{}]{}",
-                    show_x(&got),
-                    show_x(&want),
-                    if got.len() == want.len() {
-                        " (values differ)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-        }
         Ok(())
     }
 
