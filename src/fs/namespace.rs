@@ -23,6 +23,30 @@ const LINK_MAX: u32 = 65_000;
 /// How many entries readdir fetches from the store at a time.
 const READDIR_BATCH: usize = 128;
 
+/// A rename being planned: the source inode and the directories it
+/// changes, and the transaction that will say so.
+struct Renaming {
+    olddir: u64,
+    newdir: u64,
+    sinode: Inode,
+    odir: Inode,
+    /// The second directory, when it is not the first one.
+    other_dir: Option<Inode>,
+    now: Timestamp,
+    txn: Txn,
+}
+
+impl Renaming {
+    /// The directory the source moves to.
+    fn new_dir(&self) -> &Inode {
+        self.other_dir.as_ref().unwrap_or(&self.odir)
+    }
+
+    fn new_dir_mut(&mut self) -> &mut Inode {
+        self.other_dir.as_mut().unwrap_or(&mut self.odir)
+    }
+}
+
 impl PohmelFs {
     pub(super) fn do_lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> FsResult<Entry> {
         let name = check_name(name)?;
@@ -315,6 +339,9 @@ impl PohmelFs {
         )))
     }
 
+    /// rename(2) with RENAME_NOREPLACE or RENAME_EXCHANGE: validate the
+    /// names, flags and source; plan what changes (an exchange, or a move
+    /// that may replace the target); commit it in one transaction.
     pub(super) fn do_rename(
         &self,
         ctx: &Context,
@@ -336,10 +363,9 @@ impl PohmelFs {
             return errno!(EBUSY);
         }
         let _m = lock(&self.mutate);
-        let mut odir = self.dir(olddir)?;
+        let odir = self.dir(olddir)?;
         check_access(ctx, &odir, MAY_WRITE | MAY_EXEC)?;
-        // The second directory, when it is not the first one.
-        let mut other_dir = if newdir == olddir {
+        let other_dir = if newdir == olddir {
             None
         } else {
             let d = self.dir(newdir)?;
@@ -350,7 +376,7 @@ impl PohmelFs {
             .store
             .lookup(olddir, oldname)?
             .ok_or(FsError::Errno(libc::ENOENT))?;
-        let mut sinode = self.inode(src.ino)?;
+        let sinode = self.inode(src.ino)?;
         check_sticky(ctx, &odir, &sinode)?;
         let dst = self.store.lookup(newdir, newname)?;
         if olddir == newdir && oldname == newname {
@@ -360,109 +386,155 @@ impl PohmelFs {
                 Ok(())
             };
         }
-        let now = Timestamp::now();
-        let mut txn = Txn::new();
-        let sdir = sinode.kind == FileKind::Directory;
-
+        let mut r = Renaming {
+            olddir,
+            newdir,
+            sinode,
+            odir,
+            other_dir,
+            now: Timestamp::now(),
+            txn: Txn::new(),
+        };
         if exchange {
             let dst = dst.ok_or(FsError::Errno(libc::ENOENT))?;
-            let mut dinode = self.inode(dst.ino)?;
-            check_sticky(ctx, other_dir.as_ref().unwrap_or(&odir), &dinode)?;
-            let ddir = dinode.kind == FileKind::Directory;
-            if let Some(ndir) = other_dir.as_mut() {
-                if (sdir && self.is_ancestor(sinode.ino, newdir)?)
-                    || (ddir && self.is_ancestor(dinode.ino, olddir)?)
-                {
-                    return errno!(EINVAL);
-                }
-                if sdir {
-                    sinode.parent = newdir;
-                    odir.nlink -= 1;
-                    ndir.nlink += 1;
-                }
-                if ddir {
-                    dinode.parent = olddir;
-                    ndir.nlink -= 1;
-                    odir.nlink += 1;
-                }
-            }
-            txn.push(Op::PutDirent {
-                parent: olddir,
-                dirent: Dirent {
-                    name: oldname.to_vec(),
-                    ino: dinode.ino,
-                    kind: dinode.kind,
-                    cookie: self.alloc_id()?,
-                },
-            });
-            dinode.ctime = now;
-            txn.push(Op::PutInode(dinode));
+            self.plan_exchange(ctx, &mut r, oldname, dst.ino)?;
         } else {
             if let Some(dst) = &dst {
                 if noreplace {
                     return errno!(EEXIST);
                 }
-                if dst.ino == sinode.ino {
+                if dst.ino == r.sinode.ino {
                     // Two names of one inode: POSIX says do nothing.
                     return Ok(());
                 }
-                let mut dinode = self.inode(dst.ino)?;
-                check_sticky(ctx, other_dir.as_ref().unwrap_or(&odir), &dinode)?;
-                match (sdir, dinode.kind == FileKind::Directory) {
-                    (true, false) => return errno!(ENOTDIR),
-                    (false, true) => return errno!(EISDIR),
-                    (true, true) => {
-                        if !self.store.readdir(dinode.ino, 0, 1)?.is_empty() {
-                            return errno!(ENOTEMPTY);
-                        }
-                        dinode.nlink = 0;
-                        other_dir.as_mut().unwrap_or(&mut odir).nlink -= 1;
-                    }
-                    (false, false) => dinode.nlink -= 1,
-                }
-                dinode.ctime = now;
-                if dinode.nlink == 0 {
-                    self.unlinked(&dinode, &mut txn);
-                } else {
-                    txn.push(Op::PutInode(dinode));
-                }
+                self.plan_replace(ctx, &mut r, dst.ino)?;
             }
-            if let (true, Some(ndir)) = (sdir, other_dir.as_mut()) {
-                if self.is_ancestor(sinode.ino, newdir)? {
-                    return errno!(EINVAL);
-                }
-                // Moving a directory rewrites its `..`: the caller must be
-                // allowed to write it.
-                check_access(ctx, &sinode, MAY_WRITE)?;
-                sinode.parent = newdir;
-                odir.nlink -= 1;
-                ndir.nlink += 1;
-            }
-            txn.push(Op::RemoveDirent {
+            self.plan_move(ctx, &mut r)?;
+            r.txn.push(Op::RemoveDirent {
                 parent: olddir,
                 name: oldname.to_vec(),
             });
         }
-        txn.push(Op::PutDirent {
-            parent: newdir,
+        self.commit_rename(r, newname)
+    }
+
+    /// RENAME_EXCHANGE: the target takes the source's old name; a
+    /// directory that changes parent gets a new `..` and moves a link
+    /// count with it.
+    fn plan_exchange(
+        &self,
+        ctx: &Context,
+        r: &mut Renaming,
+        oldname: &[u8],
+        dst_ino: u64,
+    ) -> FsResult<()> {
+        let mut dinode = self.inode(dst_ino)?;
+        check_sticky(ctx, r.new_dir(), &dinode)?;
+        let sdir = r.sinode.kind == FileKind::Directory;
+        let ddir = dinode.kind == FileKind::Directory;
+        if let Some(ndir) = r.other_dir.as_mut() {
+            if (sdir && self.is_ancestor(r.sinode.ino, r.newdir)?)
+                || (ddir && self.is_ancestor(dinode.ino, r.olddir)?)
+            {
+                return errno!(EINVAL);
+            }
+            if sdir {
+                r.sinode.parent = r.newdir;
+                r.odir.nlink -= 1;
+                ndir.nlink += 1;
+            }
+            if ddir {
+                dinode.parent = r.olddir;
+                ndir.nlink -= 1;
+                r.odir.nlink += 1;
+            }
+        }
+        r.txn.push(Op::PutDirent {
+            parent: r.olddir,
             dirent: Dirent {
-                name: newname.to_vec(),
-                ino: sinode.ino,
-                kind: sinode.kind,
+                name: oldname.to_vec(),
+                ino: dinode.ino,
+                kind: dinode.kind,
                 cookie: self.alloc_id()?,
             },
         });
-        sinode.ctime = now;
-        txn.push(Op::PutInode(sinode));
-        for dir in std::iter::once(&mut odir).chain(other_dir.as_mut()) {
-            dir.mtime = now;
-            dir.ctime = now;
+        dinode.ctime = r.now;
+        r.txn.push(Op::PutInode(dinode));
+        Ok(())
+    }
+
+    /// The source replaces the target inode `dst_ino`, which loses that
+    /// name (a directory, which must be empty, its only one) and is
+    /// unlinked when it was its last.
+    fn plan_replace(&self, ctx: &Context, r: &mut Renaming, dst_ino: u64) -> FsResult<()> {
+        let mut dinode = self.inode(dst_ino)?;
+        check_sticky(ctx, r.new_dir(), &dinode)?;
+        let sdir = r.sinode.kind == FileKind::Directory;
+        match (sdir, dinode.kind == FileKind::Directory) {
+            (true, false) => return errno!(ENOTDIR),
+            (false, true) => return errno!(EISDIR),
+            (true, true) => {
+                if !self.store.readdir(dinode.ino, 0, 1)?.is_empty() {
+                    return errno!(ENOTEMPTY);
+                }
+                dinode.nlink = 0;
+                r.new_dir_mut().nlink -= 1;
+            }
+            (false, false) => dinode.nlink -= 1,
         }
-        txn.push(Op::PutInode(odir));
-        if let Some(ndir) = other_dir {
-            txn.push(Op::PutInode(ndir));
+        dinode.ctime = r.now;
+        if dinode.nlink == 0 {
+            self.unlinked(&dinode, &mut r.txn);
+        } else {
+            r.txn.push(Op::PutInode(dinode));
         }
-        self.commit(txn)
+        Ok(())
+    }
+
+    /// A directory moving to another parent: not below itself, and the
+    /// caller may write its `..`; the link count moves with it.
+    fn plan_move(&self, ctx: &Context, r: &mut Renaming) -> FsResult<()> {
+        let Some(ndir) = r.other_dir.as_mut() else {
+            return Ok(());
+        };
+        if r.sinode.kind != FileKind::Directory {
+            return Ok(());
+        }
+        if self.is_ancestor(r.sinode.ino, r.newdir)? {
+            return errno!(EINVAL);
+        }
+        // Moving a directory rewrites its `..`: the caller must be
+        // allowed to write it.
+        check_access(ctx, &r.sinode, MAY_WRITE)?;
+        r.sinode.parent = r.newdir;
+        r.odir.nlink -= 1;
+        ndir.nlink += 1;
+        Ok(())
+    }
+
+    /// The source's new entry and every inode the rename changed, in one
+    /// transaction.
+    fn commit_rename(&self, mut r: Renaming, newname: &[u8]) -> FsResult<()> {
+        r.txn.push(Op::PutDirent {
+            parent: r.newdir,
+            dirent: Dirent {
+                name: newname.to_vec(),
+                ino: r.sinode.ino,
+                kind: r.sinode.kind,
+                cookie: self.alloc_id()?,
+            },
+        });
+        r.sinode.ctime = r.now;
+        r.txn.push(Op::PutInode(r.sinode));
+        for dir in std::iter::once(&mut r.odir).chain(r.other_dir.as_mut()) {
+            dir.mtime = r.now;
+            dir.ctime = r.now;
+        }
+        r.txn.push(Op::PutInode(r.odir));
+        if let Some(ndir) = r.other_dir {
+            r.txn.push(Op::PutInode(ndir));
+        }
+        self.commit(r.txn)
     }
 
     pub(super) fn do_opendir(&self, ctx: &Context, ino: u64) -> FsResult<u64> {
