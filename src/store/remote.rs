@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -133,6 +134,66 @@ struct Conn {
 }
 
 impl Conn {
+    /// A connection over a stream that passed the handshake: one task
+    /// writes the frames of every request, one reads the answers and hands
+    /// each to its waiter; `slots` requests may be in flight.
+    fn start(server: &str, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, slots: usize) -> Conn {
+        let alive = Arc::new(AtomicBool::new(true));
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
+        let (tx, mut rx) = mpsc::channel::<Frame>(256);
+        let writer_alive = Arc::clone(&alive);
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if write_frame(&mut wr, &f).await.is_err() {
+                    break;
+                }
+            }
+            writer_alive.store(false, Ordering::Release);
+        });
+        let (reader_alive, reader_pending, name) =
+            (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut rd, MAX_PAYLOAD).await {
+                    Ok(Some(f)) => match Response::from_frame(&f) {
+                        Ok(r) => {
+                            let waiter = reader_pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&f.request_id);
+                            if let Some(w) = waiter {
+                                let _ = w.send(r);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(server = %name, error = %crate::ErrorChain(&e), "bad frame from store; reconnecting");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(server = %name, error = %crate::ErrorChain(&e), "store connection failed");
+                        break;
+                    }
+                }
+            }
+            reader_alive.store(false, Ordering::Release);
+            // Dropping the waiters tells every pending request to resend.
+            reader_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        });
+        Conn {
+            server: server.to_string(),
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+            slots: tokio::sync::Semaphore::new(slots),
+        }
+    }
+
     async fn request(&self, req: &Request, timeout: Duration) -> Result<Response, Attempt> {
         let _slot = self
             .slots
@@ -315,6 +376,29 @@ impl Inner {
             .map_err(|e| format!("{server}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
+        let (epoch, max_in_flight) = self.handshake(server, &mut rd, &mut wr).await?;
+        let old = self.epoch.swap(epoch, Ordering::AcqRel);
+        if old != 0 && old != epoch {
+            warn!(
+                server,
+                old,
+                new = epoch,
+                "store durability epoch changed: the store restarted or failed over"
+            );
+        }
+        info!(server, volume = %self.cfg.volume, session = self.session, epoch, "connected to store");
+        let slots = max_in_flight.min(self.cfg.max_in_flight) as usize;
+        Ok(Conn::start(server, rd, wr, slots))
+    }
+
+    /// Hello, challenge, proof, welcome: the server's durability epoch and
+    /// how many requests it lets in flight.
+    async fn handshake(
+        &self,
+        server: &str,
+        rd: &mut OwnedReadHalf,
+        wr: &mut OwnedWriteHalf,
+    ) -> Result<(u64, u32), String> {
         let client_nonce = auth::nonce().map_err(|e| e.to_string())?;
         let volume = self.cfg.volume.clone();
         let hello = Request::Hello {
@@ -326,10 +410,8 @@ impl Inner {
             max_in_flight: self.cfg.max_in_flight,
         };
         let proto = |e: crate::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
-        write_frame(&mut wr, &hello.to_frame(0))
-            .await
-            .map_err(proto)?;
-        let server_nonce = match read_response(&mut rd).await.map_err(proto)? {
+        write_frame(wr, &hello.to_frame(0)).await.map_err(proto)?;
+        let server_nonce = match read_response(rd).await.map_err(proto)? {
             Response::Challenge { server_nonce } => server_nonce,
             Response::Error { code, message } => {
                 return Err(format!("{server}: refused ({code:?}): {message}"))
@@ -349,10 +431,8 @@ impl Inner {
         let auth = Request::Auth {
             proof: auth::prove(&self.cfg.secret, Side::Client, &t),
         };
-        write_frame(&mut wr, &auth.to_frame(0))
-            .await
-            .map_err(proto)?;
-        let (epoch, max_in_flight) = match read_response(&mut rd).await.map_err(proto)? {
+        write_frame(wr, &auth.to_frame(0)).await.map_err(proto)?;
+        match read_response(rd).await.map_err(proto)? {
             Response::Welcome {
                 proof,
                 epoch,
@@ -364,78 +444,13 @@ impl Inner {
                         "{server}: the server could not prove the shared secret"
                     ));
                 }
-                (epoch, max_in_flight)
+                Ok((epoch, max_in_flight))
             }
             Response::Error { code, message } => {
-                return Err(format!("{server}: refused ({code:?}): {message}"))
+                Err(format!("{server}: refused ({code:?}): {message}"))
             }
-            other => return Err(format!("{server}: unexpected {other:?} instead of welcome")),
-        };
-        let old = self.epoch.swap(epoch, Ordering::AcqRel);
-        if old != 0 && old != epoch {
-            warn!(
-                server,
-                old,
-                new = epoch,
-                "store durability epoch changed: the store restarted or failed over"
-            );
+            other => Err(format!("{server}: unexpected {other:?} instead of welcome")),
         }
-        info!(server, volume = %volume, session = self.session, epoch, "connected to store");
-
-        let alive = Arc::new(AtomicBool::new(true));
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
-        let (tx, mut rx) = mpsc::channel::<Frame>(256);
-        let writer_alive = Arc::clone(&alive);
-        tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if write_frame(&mut wr, &f).await.is_err() {
-                    break;
-                }
-            }
-            writer_alive.store(false, Ordering::Release);
-        });
-        let (reader_alive, reader_pending, name) =
-            (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
-        tokio::spawn(async move {
-            loop {
-                match read_frame(&mut rd, MAX_PAYLOAD).await {
-                    Ok(Some(f)) => match Response::from_frame(&f) {
-                        Ok(r) => {
-                            let waiter = reader_pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&f.request_id);
-                            if let Some(w) = waiter {
-                                let _ = w.send(r);
-                            }
-                        }
-                        Err(e) => {
-                            warn!(server = %name, error = %crate::ErrorChain(&e), "bad frame from store; reconnecting");
-                            break;
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn!(server = %name, error = %crate::ErrorChain(&e), "store connection failed");
-                        break;
-                    }
-                }
-            }
-            reader_alive.store(false, Ordering::Release);
-            // Dropping the waiters tells every pending request to resend.
-            reader_pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-        });
-        Ok(Conn {
-            server: server.to_string(),
-            tx,
-            pending,
-            next_id: AtomicU64::new(1),
-            alive,
-            slots: tokio::sync::Semaphore::new(max_in_flight.min(self.cfg.max_in_flight) as usize),
-        })
     }
 
     /// Point the connection at `server`, dropping one to another server.
