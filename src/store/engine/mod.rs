@@ -252,15 +252,17 @@ impl SlateStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.rt()
+        self.rt()?
             .block_on(self.db.close())
             .map_err(map_engine_error)
     }
 
-    fn rt(&self) -> &tokio::runtime::Runtime {
+    /// The engine's runtime; it lives until the store is dropped, so the
+    /// error is only seen by a call that races the drop.
+    fn rt(&self) -> Result<&tokio::runtime::Runtime, StoreError> {
         self.runtime
             .as_ref()
-            .expect("the engine runtime lives until the store is dropped")
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("engine runtime stopped")))
     }
 
     /// How many WAL flushes commits have asked for (group commit shares
@@ -493,7 +495,7 @@ impl SlateStore {
 
     #[cfg(test)]
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt().block_on(f)
+        self.rt().expect("runtime of a live store").block_on(f)
     }
 }
 
@@ -524,7 +526,7 @@ impl Drop for SlateStore {
 
 impl Store for SlateStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             match self.get(keys::inode(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_inode(ino, &v)?)),
                 None => Ok(None),
@@ -533,7 +535,7 @@ impl Store for SlateStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             match self.get(keys::dirent_by_name(parent, name)).await? {
                 Some(v) => Ok(Some(codec::decode_dirent_by_name(name, &v)?)),
                 None => Ok(None),
@@ -542,7 +544,7 @@ impl Store for SlateStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             self.scan(keys::cookies_after(parent, after), max)
                 .await?
                 .iter()
@@ -555,11 +557,11 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.rt().block_on(self.read_inner(ino, offset, buf))
+        self.rt()?.block_on(self.read_inner(ino, offset, buf))
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             let first = self
                 .scan(keys::blocks_from(ino, offset / BLOCK_SIZE), 1)
                 .await?;
@@ -574,11 +576,11 @@ impl Store for SlateStore {
     }
 
     fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.rt().block_on(self.next_hole_inner(ino, offset))
+        self.rt()?.block_on(self.next_hole_inner(ino, offset))
     }
 
     fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             match self.get(keys::symlink(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("symlink", &v)?.to_vec())),
                 None => Ok(None),
@@ -587,7 +589,7 @@ impl Store for SlateStore {
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             match self.get(keys::xattr(ino, name)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("xattr", &v)?.to_vec())),
                 None => Ok(None),
@@ -596,7 +598,7 @@ impl Store for SlateStore {
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.rt().block_on(async {
+        self.rt()?.block_on(async {
             self.scan(keys::xattrs_of(ino), usize::MAX)
                 .await?
                 .iter()
@@ -618,11 +620,11 @@ impl Store for SlateStore {
     }
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.note(self.rt().block_on(self.reserve_ids_inner(count)))
+        self.note(self.rt()?.block_on(self.reserve_ids_inner(count)))
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        self.note(self.rt().block_on(self.commit_inner(None, txn)))
+        self.note(self.rt()?.block_on(self.commit_inner(None, txn)))
             .map(|_| ())
     }
 
@@ -644,13 +646,13 @@ impl OnceStore for SlateStore {
         txn: Txn,
     ) -> Result<CommitOutcome, StoreError> {
         self.note(
-            self.rt()
+            self.rt()?
                 .block_on(self.commit_inner(Some((session, txn_id)), txn)),
         )
     }
 
     fn prune_applied(&self, session: u64, below: u64) -> Result<(), StoreError> {
-        self.note(self.rt().block_on(self.prune_inner(session, below)))
+        self.note(self.rt()?.block_on(self.prune_inner(session, below)))
     }
 
     fn epoch(&self) -> u64 {

@@ -403,13 +403,14 @@ async fn open_iters<D: DbReadOps + Sync>(
 
 impl VolumeScan for SlateStore {
     fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        self.rt().block_on(self.get(key.to_vec()))
+        self.rt()?.block_on(self.get(key.to_vec()))
     }
 
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
-        let iters = self.rt().block_on(open_iters(&self.db, ranges))?;
+        let runtime = self.rt()?;
+        let iters = runtime.block_on(open_iters(&self.db, ranges))?;
         Ok(RawScan {
-            runtime: self.rt(),
+            runtime,
             iters: iters.into_iter(),
             current: None,
             done: false,
@@ -518,6 +519,7 @@ impl SlateStore {
     pub(crate) fn raw_put_cookie_entry(&self, parent: u64, dirent: &Dirent) {
         let db = &self.db;
         self.rt()
+            .expect("runtime of a live store")
             .block_on(db.put(
                 keys::dirent_by_cookie(parent, dirent.cookie),
                 codec::encode_dirent_by_cookie(dirent),
@@ -528,6 +530,7 @@ impl SlateStore {
     /// Delete the by-cookie index record `(parent, cookie)` only.
     pub(crate) fn raw_delete_cookie_entry(&self, parent: u64, cookie: u64) {
         self.rt()
+            .expect("runtime of a live store")
             .block_on(self.db.delete(keys::dirent_by_cookie(parent, cookie)))
             .expect("delete by-cookie entry");
     }
@@ -535,6 +538,7 @@ impl SlateStore {
     /// Store `value` under `key` as is.
     pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) {
         self.rt()
+            .expect("runtime of a live store")
             .block_on(self.db.put(key, value))
             .expect("raw put");
     }
