@@ -177,6 +177,7 @@ pub(super) fn lossy(name: &[u8]) -> String {
 }
 
 impl fmt::Display for Problem {
+    #[allow(clippy::too_many_lines)] // one arm per problem: a table of messages
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Problem::*;
         match self {

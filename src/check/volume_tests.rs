@@ -491,6 +491,7 @@ fn unreachable_inodes_and_a_missing_root_are_named() {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // independent cases, one wrong record each
 fn records_of_missing_or_wrong_inodes_are_named() {
     for (what, op, name) in [
         (
