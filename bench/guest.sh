@@ -1,16 +1,18 @@
 # Guest side of scripts/bench: runs inside the benchmark guest (busybox sh) as /test.sh, after
 # a header the host writes with the parameters:
 #   WORKLOADS   space-separated list, in order: warmup seqwrite seqread randwrite randread meta
-#               fsync overwrite4k overwrite1m bigwrite
+#               fsync overwrite4k overwrite1m bigwrite verify
 #   SEQ_MB      size of the sequential file (and the file the random workloads use)
 #   RAND_S      seconds of each random workload, after RAMP_S seconds of warm-up
 #   META_FILES  small files created, stat'ed and unlinked
 #   FSYNC_OPS   4 KiB appends, each followed by fsync
 #   OW_S        seconds of each overwrite workload
 #   BIG_MB      size of the big sequential write (daemon memory goal)
+#   VERIFY_MB   size of the file the data check writes
 # Results go to the console, one per line, for bench/report.py:
 #   BENCH <workload> <metric> <value>
 #   BENCH-JSON <workload> / <fio JSON> / BENCH-JSON-END
+#   BENCH-VERIFY ok <bytes> <sha256>   (the data check passed; scripts/bench requires it)
 # Any failure ends the script with a non-zero status (set -e); the harness prints it as
 # POHMELFS-EXIT=<status>.
 set -e
@@ -31,6 +33,40 @@ drop_caches() {
 	sync
 	echo 3 >/proc/sys/vm/drop_caches
 }
+# verify_data: the data check. Random bytes are written through the mount and into an
+# independent copy in the guest's /tmp (RAM, not the mount); both then get the same unaligned
+# overwrites (one write each), an extension past the end over a hole, and a truncation.
+# The mount's file must equal the copy after the guest's caches are dropped, and again after
+# an unmount and a new mount. Any difference fails the run.
+verify_data() {
+	ref=/tmp/verify.ref
+	f=/mnt/verify
+	head -c $((VERIFY_MB * 1048576)) /dev/urandom >$ref
+	dd if=$ref of=$f bs=1M 2>/dev/null
+	# "length seek": one write of length bytes at offset length * seek.
+	for piece in "4097 3" "70001 5" "1000003 2" "65536 $((VERIFY_MB * 16 + 3))"; do
+		# shellcheck disable=SC2086 # two words
+		set -- $piece
+		head -c "$1" /dev/urandom >/tmp/verify.piece
+		for out in $ref $f; do
+			dd if=/tmp/verify.piece of="$out" bs="$1" seek="$2" conv=notrunc 2>/dev/null
+		done
+	done
+	# Truncate both in the middle of the last write (dd without notrunc truncates at seek).
+	for out in $ref $f; do
+		dd if=/dev/null of="$out" bs=1 seek=$(((VERIFY_MB * 16 + 3) * 65536 + 12345)) 2>/dev/null
+	done
+	drop_caches
+	cmp $ref $f || { echo "verify: $f differs from the copy in /tmp"; exit 1; }
+	cd /
+	umount /mnt
+	mount -t virtiofs pohmelfs /mnt
+	cd /mnt
+	cmp $ref $f || { echo "verify: $f differs from the copy in /tmp after a new mount"; exit 1; }
+	echo "BENCH-VERIFY ok $(wc -c <$f) $(sha256sum <$f | cut -d' ' -f1)"
+	rm $f $ref /tmp/verify.piece
+}
+
 # fio_json NAME ARGS...: one fio job, its JSON report printed between markers.
 fio_json() {
 	name=$1
@@ -111,6 +147,9 @@ for w in $WORKLOADS; do
 		;;
 	bigwrite)
 		fio_json bigwrite --filename=/mnt/big --rw=write --bs=1M --size="${BIG_MB}M" --end_fsync=1
+		;;
+	verify)
+		verify_data
 		;;
 	*)
 		echo "unknown workload $w"

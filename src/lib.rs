@@ -6,20 +6,39 @@
 //!
 //! # Layout
 //!
-//! The modules follow a guest write from the virtqueue to the store:
+//! The first five modules follow a guest write from the virtqueue to the
+//! store:
 //!
 //! * [`device`] — the vhost-user-fs device: the frontend connection, the
 //!   virtqueues, descriptor chains handed to a worker pool and decoded as
 //!   FUSE requests by `fuse-backend-rs`.
 //! * [`fs`] — the filesystem the guest sees: inodes, lookup counts, handles,
-//!   directories, attributes, permissions, extended attributes.
-//! * [`store`] — the store seam (a trait with its contract) and its
-//!   implementations: `mem:` for now; the durable engine, the store server
-//!   and the transaction layer with its tagged page cache slot in behind the
-//!   same trait.
+//!   directories, attributes, permissions, extended attributes. Every
+//!   mutation becomes one transaction of blind ops on the [`store::Store`]
+//!   seam.
+//! * [`txn`] — the transaction layer between the filesystem and a store:
+//!   pages tagged with the transactions that carry them, write-back,
+//!   ordering, resends and failover, fsync waiting for durable acks
+//!   (`docs/design.md`). It is itself a [`store::Store`].
+//! * [`store`] — the store seam (traits with their contract) and its
+//!   implementations: `mem:` (daemon memory, for tests and trials), the
+//!   embedded SlateDB engine (`file://`, `s3://`), the client of store
+//!   servers (`pohmel://`) and the store server itself (`pohmelfs store`).
+//! * [`proto`] — the wire protocol between the store client and server:
+//!   frames, messages, their validation, the authenticated handshake
+//!   (`docs/protocol.md`).
+//!
+//! Beside the data path:
+//!
 //! * [`metrics`] — every counter the daemon keeps.
+//! * [`control`] — the control socket that `pohmelfs status` reads, and the
+//!   Prometheus endpoint.
 //! * [`check`] — correctness instruments from the outside: the volume
 //!   checker (`pohmelfs check`) and the model-based torture (`pohmelfs torture`).
+//!
+//! The `pohmelfs` binary (`src/main.rs`) parses the command line and calls
+//! into these; its `mount` module serves the same filesystem through the
+//! host's `/dev/fuse` (`pohmelfs mount`, for POSIX test suites).
 
 pub mod check;
 pub mod control;

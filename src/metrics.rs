@@ -1,6 +1,10 @@
 //! Every counter the daemon keeps, in one place, each with the line that
-//! says what it counts. Counters only go up; they are read as a snapshot
-//! (`Metrics::snapshot`) for logs and, later, the status socket.
+//! says what it counts, and the gauges and histograms beside them
+//! ([`Levels`]). Counters only go up. They are read by the log line at the
+//! end of each frontend session (`Metrics::summary`) and through
+//! `crate::control`: the control socket answers `pohmelfs status` with every
+//! value and its doc line, and serves the Prometheus text format
+//! (`Metrics::prometheus`), as does the optional HTTP endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -10,16 +10,22 @@
 //! # Contract
 //!
 //! * [`Store::commit`] applies every [`Op`] of a [`Txn`] in order, all or
-//!   nothing. It returns `Ok` only once the whole transaction is durable for
-//!   this store's notion of durability (for `mem:` that is "in memory"; for a
-//!   durable engine it is "flushed to the medium"). A caller that sees `Err`
-//!   must assume nothing of the transaction was applied.
+//!   nothing. The stores that hold a volume (`mem:`, the engine, the client
+//!   of store servers) return `Ok` only once the whole transaction is
+//!   durable for their notion of durability (for `mem:` that is "in
+//!   memory"; for the engine and a store server it is "flushed to the
+//!   medium"). The write-back layer ([`crate::txn::WritebackStore`]) is the
+//!   exception: its `Ok` means accepted (queued, and seen by reads), and the
+//!   transaction is durable only once a later [`Store::sync`] (or
+//!   [`Store::flush`] of its inode's data) has returned `Ok`. A caller that
+//!   sees `Err` must assume nothing of the transaction was applied.
 //! * Reads see every transaction whose `commit` has returned `Ok`.
 //! * [`Store::sync`] returns `Ok` once everything committed before the call
 //!   (for one inode, or for the whole volume) is durable. Stores that make
-//!   `commit` durable before returning may answer at once; a write-back layer
-//!   placed between the filesystem and a remote store resolves it by finding
-//!   and resending the transactions that carry the inode's pages.
+//!   `commit` durable before returning may answer at once; the write-back
+//!   layer, which the daemon puts in front of every store, resolves it by
+//!   finding the transactions that refer to the inode (or all of them),
+//!   sending or resending them, and waiting for their durable acks.
 //! * Ids handed out by [`Store::reserve_ids`] are never handed out again, even
 //!   across restarts of a durable store.
 //! * A store must never panic on the contents of a transaction: an op that
@@ -353,7 +359,10 @@ pub trait Store: Send + Sync {
     /// the first; the range `first..first + count` is the caller's.
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError>;
 
-    /// Apply `txn` atomically; `Ok` means applied and durable.
+    /// Apply `txn` atomically. For a store that holds the volume, `Ok` means
+    /// applied and durable; for the write-back layer it means accepted
+    /// (visible to reads), durable once a later `sync` or `flush` returns
+    /// `Ok` (see the module documentation).
     fn commit(&self, txn: Txn) -> Result<(), StoreError>;
 
     /// Wait until everything committed before the call (for `ino`, or for
@@ -456,7 +465,10 @@ impl OnceStore for mem::MemStore {
     }
 }
 
-/// Open the store named by `url`. Known schemes: `mem:`, `file:`, `s3:`.
+/// Open the store named by `url`. Known schemes: `mem:`, `file:`, `s3:`,
+/// `pohmel:` (store servers). The daemon does not use this directly: it opens
+/// its store through [`crate::txn::open`], which puts the write-back layer in
+/// front.
 pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     let (scheme, rest) = url
         .split_once(':')
@@ -476,8 +488,10 @@ pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     }
 }
 
-/// Open the store named by `url` for exactly-once commits. Same schemes as
-/// [`open`].
+/// Open the store named by `url` for exactly-once commits: `mem:`, `file:`
+/// and `s3:`, the stores that keep applied records themselves. `pohmel:` is
+/// an error here: its client names every transaction with its own session
+/// and id, and the store server applies each once.
 pub fn open_once(url: &str) -> Result<std::sync::Arc<dyn OnceStore>, OpenError> {
     let (scheme, rest) = url
         .split_once(':')

@@ -119,11 +119,11 @@ impl VmTest {
     /// Prepares the test, or returns `None` (after saying so) when the environment asks to skip it.
     pub fn setup(kind: DaemonKind, name: &str) -> Result<Option<VmTest>> {
         if env_flag("POHMELFS_SKIP_VM_TESTS") {
-            eprintln!("{kind}::{name}: skipped (POHMELFS_SKIP_VM_TESTS is set)");
+            eprintln!("SKIPPED: {kind}::{name}: POHMELFS_SKIP_VM_TESTS is set");
             return Ok(None);
         }
         if kind == DaemonKind::Virtiofsd && env_flag("POHMELFS_SKIP_VIRTIOFSD") {
-            eprintln!("{kind}::{name}: skipped (POHMELFS_SKIP_VIRTIOFSD is set)");
+            eprintln!("SKIPPED: {kind}::{name}: POHMELFS_SKIP_VIRTIOFSD is set");
             return Ok(None);
         }
         let dir = target_dir()
