@@ -26,6 +26,8 @@ use std::cell::Cell;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, DaemonKind};
@@ -113,6 +115,7 @@ pub struct VmTest {
     name: String,
     dir: PathBuf,
     passed: Cell<bool>,
+    guest_numbers: Arc<AtomicU32>,
 }
 
 impl VmTest {
@@ -140,6 +143,7 @@ impl VmTest {
             name: name.to_owned(),
             dir,
             passed: Cell::new(false),
+            guest_numbers: Arc::default(),
         }))
     }
 
@@ -156,7 +160,7 @@ impl VmTest {
 
     /// A builder for this test's daemon, with the default arguments for its kind.
     pub fn daemon(&self) -> daemon::DaemonBuilder {
-        Daemon::builder(self.kind, &self.dir)
+        Daemon::builder(self.kind, &self.dir, Arc::clone(&self.guest_numbers))
     }
 
     /// Marks the test as passed: its directory is removed on drop.
