@@ -5,7 +5,9 @@
 //! - [`daemon`]: the daemon under test, [`DaemonKind::Pohmelfs`] or the reference
 //!   [`DaemonKind::Virtiofsd`], started on a socket in the test's own directory.
 //! - [`qemu`]: the [`Guest`] builder: runs one guest with a shell script as its workload and
-//!   returns its console and exit status.
+//!   returns its console and exit status, after checking the daemon
+//!   ([`Daemon::check_health`]: no panic in its log; pohmelfs alive with `fs_internal_errors`
+//!   at 0). Every test so ends with that check after its last guest.
 //! - [`cpio`]: the newc archive writer that hands the script to the guest.
 //!
 //! Every test gets a [`VmTest`]: its own directory under `target/vm-tests/`, removed when the test
