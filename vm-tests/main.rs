@@ -11,6 +11,7 @@
 //! - [`persistence`]: fsynced data after the daemon's SIGKILL, and after a store server restart;
 //! - [`failover`]: a store server restarted under a guest's fsyncs;
 //! - [`crash`]: power cuts and SIGKILLs around fsynced and dirty files, torture across restarts;
+//! - [`space`]: a full volume answers ENOSPC;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -18,8 +19,9 @@
 //! Most tests run twice, against pohmelfs and against the reference virtiofsd, as
 //! `pohmelfs::<test>` and `virtiofsd::<test>` (e.g. `cargo test --test vm virtiofsd`). Those of
 //! store servers (`pohmel://` volumes: restart, failover, the store server crash, torture
-//! across restarts) run against pohmelfs only, as `pohmelfs_store::<test>`: virtiofsd has no
-//! store.
+//! across restarts) and of a volume's capacity run against pohmelfs only, as
+//! `pohmelfs_only::<test>`: virtiofsd has no store, and its shared directory has the host's
+//! capacity.
 //!
 //! The guest image is built by `images/build-guest` on first use; QEMU, the image tools and
 //! virtiofsd are installed by `scripts/test`. Missing tools fail the tests with the fix;
@@ -34,6 +36,7 @@ mod files;
 mod harness;
 mod persistence;
 mod posix;
+mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
 macro_rules! tests_for_daemon {
@@ -82,13 +85,15 @@ vm_tests! {
     crash::crash_daemon_kill9,
 }
 
-/// Tests of store servers (`pohmel://` volumes); virtiofsd has no store.
-mod pohmelfs_store {
+/// Tests of store servers (`pohmel://` volumes) and of a volume's capacity: virtiofsd has no
+/// store, and its shared directory has the host's capacity.
+mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
         persistence::store_server_restart,
         failover::failover_store_restart_under_guest_fsyncs,
         crash::crash_store_server_kill9,
         crash::crash_torture_across_restarts,
+        space::full_volume_says_enospc,
     );
 }
