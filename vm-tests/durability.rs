@@ -1,8 +1,13 @@
-//! Durability: data survives the page cache, an unmount, and a reboot of the guest.
+//! Durability: data survives the page cache, an unmount, a reboot of the guest, and a daemon
+//! killed with SIGKILL after a plain `sync`.
+//!
+//! Every reference checksum is taken from an independent copy of the data in the guest (its
+//! `/tmp`, or the stream as it was written), never by reading the file back through the daemon
+//! under test.
 
-use crate::harness::{Failure, Guest, Result, VmTest};
+use crate::harness::{DaemonKind, Failure, Guest, Result, VmTest};
 
-/// 256 MiB written with fsync, caches dropped, read back with the same checksum.
+/// 256 MiB written with fsync, caches dropped, read back with the checksum of what was written.
 pub fn big_file_fsync(vm: &VmTest) -> Result<()> {
     let daemon = vm.daemon().start()?;
     Guest::new(&daemon)
@@ -11,9 +16,15 @@ pub fn big_file_fsync(vm: &VmTest) -> Result<()> {
 step mount
 mount -t virtiofs "$TAG" /mnt
 step "write 256 MiB with fsync"
-dd if=/dev/urandom of=/mnt/big bs=1M count=256 iflag=fullblock conv=fsync
+# The stream is checksummed on its way to the file, through a FIFO.
+mkfifo /tmp/stream
+sha256sum < /tmp/stream | cut -d' ' -f1 > /tmp/written &
+dd if=/dev/urandom bs=1M count=256 iflag=fullblock 2>/dev/null | tee /tmp/stream \
+    | dd of=/mnt/big bs=1M iflag=fullblock conv=fsync
+wait
 expect_eq "$(stat -c %s /mnt/big)" 268435456 "size"
-written=$(sha256sum /mnt/big | cut -d' ' -f1)
+written=$(cat /tmp/written)
+expect_eq "${#written}" 64 "length of the checksum of the stream"
 step "drop caches and read back"
 echo 3 > /proc/sys/vm/drop_caches
 read_back=$(sha256sum /mnt/big | cut -d' ' -f1)
@@ -37,11 +48,12 @@ step mount
 mount -t virtiofs "$TAG" /mnt
 step write
 mkdir /mnt/keep
-head -c 8388608 /dev/urandom > /mnt/keep/data
+head -c 8388608 /dev/urandom > /tmp/data
+cp /tmp/data /mnt/keep/data
 printf 'small file\n' > /mnt/keep/small
 ln -s data /mnt/keep/link
 chmod 604 /mnt/keep/small
-sum=$(sha256sum /mnt/keep/data | cut -d' ' -f1)
+sum=$(sha256sum /tmp/data | cut -d' ' -f1)
 step umount
 umount /mnt
 grep -q " /mnt " /proc/mounts && fail "/mnt still mounted"
@@ -69,9 +81,10 @@ step mount
 mount -t virtiofs "$TAG" /mnt
 step write
 mkdir /mnt/boot1
-head -c 16777216 /dev/urandom > /mnt/boot1/data
+head -c 16777216 /dev/urandom > /tmp/data
+cp /tmp/data /mnt/boot1/data
 printf 'written by the first guest\n' > /mnt/boot1/note
-echo "DATA-SHA256=$(sha256sum /mnt/boot1/data | cut -d' ' -f1)"
+echo "DATA-SHA256=$(sha256sum /tmp/data | cut -d' ' -f1)"
 # No umount: init syncs and powers off, as a guest shutting down would.
 "#,
         )
@@ -90,6 +103,91 @@ step "read what the first guest wrote"
 expect_eq "$(cat /mnt/boot1/note)" "written by the first guest" "content of note"
 expect_eq "$(sha256sum /mnt/boot1/data | cut -d' ' -f1)" "{sum}" "sha256 of data"
 rm -r /mnt/boot1
+umount /mnt
+"#
+        ))
+        .run()?
+        .expect_success()?;
+    Ok(())
+}
+
+/// The console line at which the host kills the daemon.
+const SYNCED: &str = "POHMELFS-MARK=synced";
+/// Bytes the guest writes through its held descriptor.
+const SYNC_BYTES: u32 = 100_000;
+
+/// The first guest writes through a descriptor a process keeps open (no close, so no FLUSH),
+/// calls plain `sync` (no fsync) and prints [`SYNCED`]; the host then kills the daemon with
+/// SIGKILL and cuts the guest's power. A new daemon on the same volume serves the data with the checksum of
+/// the guest's copy in `/tmp`.
+///
+/// pohmelfs runs with the longest metadata linger it allows (1 s), so the new file's
+/// transaction stays in the daemon unless `sync` sends it: without SYNCFS handling the data is
+/// lost. virtiofsd writes through to its shared directory, where a SIGKILL loses nothing.
+pub fn plain_sync_survives_daemon_kill9(vm: &VmTest) -> Result<()> {
+    let url = format!("file://{}/volume", vm.dir().display());
+    let mut first = vm.daemon().store(&url);
+    if vm.kind() == DaemonKind::Pohmelfs {
+        first = first.arg("--meta-linger-us").arg("1000000");
+    }
+    let daemon = first.start()?;
+    let out = Guest::new(&daemon)
+        .script(&format!(
+            r#"
+step mount
+mount -t virtiofs "$TAG" /mnt
+step "write through a held descriptor"
+head -c {SYNC_BYTES} /dev/urandom > /tmp/data
+echo "SUM=$(sha256sum < /tmp/data | cut -d' ' -f1)"
+# dd opens the file itself and, its input never ending, never closes it: every close of a
+# descriptor (a shell's `>&3` included) would send FLUSH, which writes the inode back.
+(cat /tmp/data; sleep 100000) | dd of=/mnt/synced bs=1M 2>/dev/null &
+i=0
+until [ "$(stat -c %s /mnt/synced 2>/dev/null)" = {SYNC_BYTES} ]; do
+    i=$((i + 1))
+    [ $i -le 6000 ] || fail "dd did not write {SYNC_BYTES} bytes within 300 s"
+    sleep 0.05
+done
+step "plain sync, the descriptor still open"
+sync
+echo {SYNCED}
+step "wait for the host"
+while true; do sleep 1; done
+"#
+        ))
+        .on_console(SYNCED, || {
+            daemon.stop();
+            Ok(())
+        })
+        .power_cut_at(SYNCED)
+        .run()?;
+    let sum = out
+        .value("SUM")
+        .filter(|sum| sum.len() == 64)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "the first guest printed no SUM=<sha256> line:\n{}",
+                out.console
+            ))
+        })?;
+    if !out.console.lines().any(|l| l.trim_end() == SYNCED) {
+        return Err(Failure::new(format!(
+            "the first guest never reached its sync:\n{}",
+            out.console
+        )));
+    }
+    drop(daemon);
+    let daemon = vm.daemon().store(&url).start()?;
+    Guest::new(&daemon)
+        .script(&format!(
+            r#"
+step mount
+mount -t virtiofs "$TAG" /mnt
+step "the synced file is whole"
+[ -e /mnt/synced ] || fail "/mnt/synced is missing after the daemon's SIGKILL"
+expect_eq "$(stat -c %s /mnt/synced)" {SYNC_BYTES} "size of the synced file"
+expect_eq "$(sha256sum < /mnt/synced | cut -d' ' -f1)" "{sum}" "sha256 of the synced file"
 umount /mnt
 "#
         ))

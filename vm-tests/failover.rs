@@ -79,17 +79,6 @@ umount /mnt
     )
 }
 
-/// One counter of the daemon's `status` answer.
-fn counter(daemon: &Daemon, name: &str) -> Option<u64> {
-    let status = pohmelfs::control::query(daemon.socket(), "status").ok()?;
-    status.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(name))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
-}
-
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
@@ -119,8 +108,8 @@ fn restart_under_guest(
         if guest.is_finished() {
             return Some(false);
         }
-        let written = counter(daemon, "bytes_written")?;
-        let dirty = counter(daemon, "dirty_bytes")?;
+        let written = daemon.counter("bytes_written")?;
+        let dirty = daemon.counter("dirty_bytes")?;
         (written >= KILL_AFTER_BYTES && dirty > 0).then_some(true)
     });
     match writing {
@@ -141,7 +130,7 @@ fn restart_under_guest(
     let log_before = file_len(daemon.log_path());
     server.kill9();
     let killed = Instant::now();
-    let dirty_at_kill = counter(daemon, "dirty_bytes").unwrap_or(0);
+    let dirty_at_kill = daemon.counter("dirty_bytes").unwrap_or(0);
     let resends = wait_until(WAIT, POLL, || {
         let log = std::fs::read(daemon.log_path()).unwrap_or_default();
         let new = String::from_utf8_lossy(log.get(log_before as usize..).unwrap_or_default());
@@ -161,11 +150,11 @@ fn restart_under_guest(
             )))
         }
     };
-    let acked_before = counter(daemon, "txn_acked").unwrap_or(0);
+    let acked_before = daemon.counter("txn_acked").unwrap_or(0);
     server.restart()?;
     let restarted = Instant::now();
     let acked = wait_until(WAIT, POLL, || {
-        counter(daemon, "txn_acked").filter(|&n| n > acked_before)
+        daemon.counter("txn_acked").filter(|&n| n > acked_before)
     });
     if acked.is_none() {
         return Err(Failure::new(format!(
@@ -219,7 +208,7 @@ pub fn failover_store_restart_under_guest_fsyncs(vm: &VmTest) -> Result<()> {
         .filter(|s| s.len() == 64)
         .map(str::to_owned)
         .ok_or_else(|| Failure::new("the first guest printed no ALL=<sha256> line"))?;
-    let count = |name| counter(&daemon, name).unwrap_or(0);
+    let count = |name| daemon.counter(name).unwrap_or(0);
     eprintln!(
         "store restart under the guest: {} bytes unacknowledged at the kill; outage {:.2?} \
          (kill -9 until listening again); first ack {:.2?} after the restart; the daemon's \

@@ -1,10 +1,27 @@
 //! Guest boot tests: a Linux guest under QEMU mounts the file system over virtio-fs and runs a
 //! workload against it.
 //!
-//! Every test runs twice, against pohmelfs and against the reference virtiofsd, as
-//! `pohmelfs::<test>` and `virtiofsd::<test>` (e.g. `cargo test --test vm virtiofsd`). A test is
-//! a function taking the [`harness::VmTest`] of its run; the workloads live in [`boot`],
-//! [`files`] and [`durability`], the machinery in [`harness`].
+//! A test is a function taking the [`harness::VmTest`] of its run. The workloads:
+//! - [`boot`]: the guest finds the device and mounts it;
+//! - [`files`]: each POSIX operation with a check of its effect, many small files, fio with
+//!   verification;
+//! - [`durability`]: fsync through the page cache, remount, reboot, and a plain `sync` before
+//!   the daemon's SIGKILL;
+//! - [`posix`]: pjdfstest in the guest;
+//! - [`persistence`]: fsynced data after the daemon's SIGKILL, and after a store server restart;
+//! - [`failover`]: a store server restarted under a guest's fsyncs;
+//! - [`crash`]: power cuts and SIGKILLs around fsynced and dirty files, torture across restarts;
+//! - [`space`]: a full volume answers ENOSPC;
+//!
+//! the machinery lives in [`harness`], which also checks the daemon after every guest (no
+//! panic; pohmelfs alive, `fs_internal_errors` 0).
+//!
+//! Most tests run twice, against pohmelfs and against the reference virtiofsd, as
+//! `pohmelfs::<test>` and `virtiofsd::<test>` (e.g. `cargo test --test vm virtiofsd`). Those of
+//! store servers (`pohmel://` volumes: restart, failover, the store server crash, torture
+//! across restarts) and of a volume's capacity run against pohmelfs only, as
+//! `pohmelfs_only::<test>`: virtiofsd has no store, and its shared directory has the host's
+//! capacity.
 //!
 //! The guest image is built by `images/build-guest` on first use; QEMU, the image tools and
 //! virtiofsd are installed by `scripts/test`. Missing tools fail the tests with the fix;
@@ -19,6 +36,7 @@ mod files;
 mod harness;
 mod persistence;
 mod posix;
+mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
 macro_rules! tests_for_daemon {
@@ -60,10 +78,22 @@ vm_tests! {
     durability::big_file_fsync,
     durability::remount,
     durability::reboot,
+    durability::plain_sync_survives_daemon_kill9,
     posix::pjdfstest,
+    persistence::fsynced_data_survives_daemon_kill,
+    crash::crash_guest_power_cut,
+    crash::crash_daemon_kill9,
 }
 
-/// Tests of persistent stores; virtiofsd has no store to restart.
-mod pohmelfs_store {
-    tests_for_daemon!(Pohmelfs; persistence::embedded_store_survives_daemon_kill, persistence::store_server_restart, failover::failover_store_restart_under_guest_fsyncs, crash::crash_guest_power_cut, crash::crash_store_server_kill9, crash::crash_daemon_kill9, crash::crash_torture_across_restarts);
+/// Tests of store servers (`pohmel://` volumes) and of a volume's capacity: virtiofsd has no
+/// store, and its shared directory has the host's capacity.
+mod pohmelfs_only {
+    tests_for_daemon!(
+        Pohmelfs;
+        persistence::store_server_restart,
+        failover::failover_store_restart_under_guest_fsyncs,
+        crash::crash_store_server_kill9,
+        crash::crash_torture_across_restarts,
+        space::full_volume_says_enospc,
+    );
 }

@@ -12,25 +12,20 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::pool::WorkerPool;
-use crate::fs::PohmelFs;
+use super::request::{Chain, Requests};
 use crate::metrics::Metrics;
 
 /// The longest tag virtio-fs carries in its config space.
@@ -41,7 +36,6 @@ const HIPRIO_QUEUE: usize = 0;
 
 type Mem = GuestMemoryMmap<()>;
 type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
-type Chain = DescriptorChain<GuestMemoryLoadGuard<Mem>>;
 
 /// Settings of the device.
 #[derive(Clone, Debug)]
@@ -57,7 +51,7 @@ pub struct DeviceConfig {
 /// The backend of one frontend connection.
 pub struct FsBackend {
     cfg: DeviceConfig,
-    server: Arc<Server<Arc<PohmelFs>>>,
+    requests: Arc<Requests>,
     pool: Arc<WorkerPool>,
     metrics: Arc<Metrics>,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
@@ -67,13 +61,13 @@ pub struct FsBackend {
 impl FsBackend {
     pub fn new(
         cfg: DeviceConfig,
-        server: Arc<Server<Arc<PohmelFs>>>,
+        requests: Arc<Requests>,
         pool: Arc<WorkerPool>,
         metrics: Arc<Metrics>,
     ) -> FsBackend {
         FsBackend {
             cfg,
-            server,
+            requests,
             pool,
             metrics,
             mem: RwLock::new(None),
@@ -114,11 +108,10 @@ impl FsBackend {
                     .pop_descriptor_chain(mem.memory());
                 let Some(chain) = chain else { break };
                 self.metrics.chains.inc();
-                let server = Arc::clone(&self.server);
-                let metrics = Arc::clone(&self.metrics);
+                let requests = Arc::clone(&self.requests);
                 let vring = vring.clone();
                 self.pool
-                    .submit(move || complete(&server, &metrics, &vring, chain, queue, event_idx));
+                    .submit(move || complete(&requests, &vring, chain, queue, event_idx));
             }
             if !event_idx {
                 break;
@@ -137,16 +130,9 @@ impl FsBackend {
 }
 
 /// Serve one chain and return it to the guest with the bytes written.
-fn complete(
-    server: &Server<Arc<PohmelFs>>,
-    metrics: &Metrics,
-    vring: &Vring,
-    chain: Chain,
-    queue: usize,
-    event_idx: bool,
-) {
+fn complete(requests: &Requests, vring: &Vring, chain: Chain, queue: usize, event_idx: bool) {
     let head = chain.head_index();
-    let used_len = serve_chain(server, metrics, chain, queue);
+    let used_len = requests.serve(&chain, queue);
     if let Err(e) = vring.add_used(head, used_len) {
         warn!(queue, head, error = %e, "could not return a descriptor chain to the guest");
         return;
@@ -156,71 +142,6 @@ fn complete(
         if let Err(e) = vring.signal_used_queue() {
             warn!(queue, error = %e, "could not signal the guest");
         }
-    }
-}
-
-/// Decode and answer the FUSE request in `chain`; the number of bytes
-/// written into the guest's buffers.
-fn serve_chain(
-    server: &Server<Arc<PohmelFs>>,
-    metrics: &Metrics,
-    chain: Chain,
-    queue: usize,
-) -> u32 {
-    let mem = chain.memory();
-    let (reader, writer) = match (
-        Reader::from_descriptor_chain(mem, chain.clone()),
-        VirtioFsWriter::new(mem, chain.clone()),
-    ) {
-        (Ok(r), Ok(w)) => (r, w),
-        (Err(e), _) | (_, Err(e)) => {
-            metrics.chains_malformed.inc();
-            warn!(queue, error = %e, "malformed descriptor chain; returned unanswered");
-            return 0;
-        }
-    };
-    let header = peek_in_header(&chain);
-    // Where the reply header lands, to tell afterwards whether the server
-    // replied at all.
-    let reply_addr = chain.clone().writable().next().map(|d| d.addr());
-    match server.handle_message(reader, writer.into(), None, None) {
-        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
-        Err(e) => {
-            metrics.fuse_decode_errors.inc();
-            warn!(queue, opcode = header.map(|h| h.opcode), error = %e, "could not serve FUSE request");
-            let (Some(h), Some(addr)) = (header, reply_addr) else {
-                return 0;
-            };
-            match mem.read_obj::<OutHeader>(addr) {
-                // The server answered before it failed: keep its answer.
-                Ok(out) if out.unique == h.unique && h.unique != 0 => out.len,
-                // Otherwise answer EIO, so the guest's request completes.
-                _ => reply_error(chain, h.unique, libc::EIO),
-            }
-        }
-    }
-}
-
-/// The FUSE header at the start of the chain's readable buffers, if whole.
-fn peek_in_header(chain: &Chain) -> Option<InHeader> {
-    let mut r = Reader::from_descriptor_chain(chain.memory(), chain.clone()).ok()?;
-    r.read_obj::<InHeader>().ok()
-}
-
-/// Write a bare error reply into the chain; the bytes written.
-fn reply_error(chain: Chain, unique: u64, errno: i32) -> u32 {
-    let out = OutHeader {
-        len: std::mem::size_of::<OutHeader>() as u32,
-        error: -errno,
-        unique,
-    };
-    let mem = chain.memory();
-    let Ok(mut w) = VirtioFsWriter::new(mem, chain.clone()) else {
-        return 0;
-    };
-    match w.write_obj(out) {
-        Ok(()) => out.len,
-        Err(_) => 0,
     }
 }
 
@@ -306,7 +227,7 @@ impl VhostUserBackend for FsBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::FsConfig;
+    use crate::fs::{FsConfig, PohmelFs};
     use crate::store::mem::MemStore;
 
     fn backend(tag: Option<&str>) -> FsBackend {
@@ -323,7 +244,7 @@ mod tests {
                 request_queues: 2,
                 queue_size: 1024,
             },
-            Arc::new(Server::new(Arc::new(fs))),
+            Arc::new(Requests::new(Arc::new(fs), Arc::clone(&metrics))),
             Arc::new(WorkerPool::new(1, 4).unwrap()),
             metrics,
         )

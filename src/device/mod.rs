@@ -8,6 +8,7 @@
 
 mod backend;
 mod pool;
+mod request;
 
 pub use backend::{DeviceConfig, FsBackend, TAG_MAX};
 pub use pool::WorkerPool;
@@ -19,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_backend_rs::api::server::Server;
 use thiserror::Error;
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
@@ -28,6 +28,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::fs::PohmelFs;
 use crate::metrics::Metrics;
+use request::Requests;
 
 /// How long a disconnect waits for requests in flight to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,13 +104,13 @@ pub fn serve(
             return Err(DeviceError::BadTag(tag.clone()));
         }
     }
-    let server = Arc::new(Server::new(Arc::clone(&fs)));
+    let requests = Arc::new(Requests::new(Arc::clone(&fs), Arc::clone(&metrics)));
     let pool = Arc::new(WorkerPool::new(cfg.threads, cfg.queue_depth).map_err(DeviceError::Pool)?);
     info!(socket = %cfg.socket_path.display(), "waiting for a frontend");
     loop {
         let backend = Arc::new(FsBackend::new(
             cfg.device.clone(),
-            Arc::clone(&server),
+            Arc::clone(&requests),
             Arc::clone(&pool),
             Arc::clone(&metrics),
         ));

@@ -192,6 +192,13 @@ impl PohmelFs {
         Ok(self.store.sync(None)?)
     }
 
+    /// FUSE_SYNCFS (answered by the device layer: the FUSE server does not
+    /// know it): [`sync_all`](Self::sync_all) as a guest request, counted
+    /// and logged like any other.
+    pub fn syncfs(&self) -> io::Result<()> {
+        self.reply("syncfs", ROOT_INO, self.sync_all())
+    }
+
     fn commit(&self, txn: Txn) -> FsResult<()> {
         self.store.commit(txn)?;
         self.metrics.store_commits.inc();

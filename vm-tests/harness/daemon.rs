@@ -6,6 +6,10 @@
 //! be alive, while virtiofsd exits after each connection and is restarted on the same shared
 //! directory. The child is killed in `Drop`; this module never touches anything outside the test
 //! directory.
+//!
+//! After every guest the harness calls [`Daemon::check_health`], so every test ends with it: the
+//! daemon log holds no panic, and pohmelfs (unless the test stopped it on purpose) has ended the
+//! guest's session, is still running, and its counters in [`MUST_STAY_ZERO`] read 0.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -14,7 +18,8 @@ use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{log_tail, target_dir, wait_until, Failure, Result};
@@ -28,6 +33,18 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const SOCKET_PATH_MAX: usize = 107;
 /// Lines of the daemon log quoted in failure messages.
 pub const LOG_TAIL_LINES: usize = 40;
+/// How long pohmelfs may take to end a session (drain, sync) after its guest went away.
+const SESSION_END_TIMEOUT: Duration = Duration::from_secs(120);
+/// The line pohmelfs logs when it has ended a guest's session.
+const SESSION_ENDED: &str = "session ended";
+/// The line this harness writes into the log before each start of a daemon process.
+const START_MARKER: &str = "=== harness: start #";
+/// What the Rust runtime prints when a thread panics, caught or not.
+const PANIC_MARKER: &str = " panicked at ";
+
+/// pohmelfs counters that must read 0 after every guest. (A broken invariant of the
+/// transaction layer aborts the daemon, which the check finds dead.)
+pub const MUST_STAY_ZERO: &[&str] = &["fs_internal_errors"];
 
 /// Which daemon serves the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +79,7 @@ pub struct DaemonBuilder {
     tag: String,
     store: String,
     extra_args: Vec<OsString>,
+    guest_numbers: Arc<AtomicU32>,
 }
 
 impl DaemonBuilder {
@@ -130,6 +148,7 @@ impl DaemonBuilder {
             socket,
             tag: self.tag,
             log: self.dir.join(format!("{}.log", self.kind)),
+            guest_numbers: self.guest_numbers,
             state: Mutex::new(State::default()),
         };
         daemon.spawn(&mut daemon.state())?;
@@ -158,10 +177,12 @@ fn virtiofsd_binary() -> Result<PathBuf> {
 #[derive(Default)]
 struct State {
     child: Option<Child>,
-    /// Guests started against this daemon so far.
+    /// Guests started against this daemon so far (each one session of pohmelfs).
     guests: u32,
     /// Processes spawned so far (virtiofsd is respawned per guest).
     spawns: u32,
+    /// The test stopped the process on purpose ([`Daemon::stop`]).
+    stopped: bool,
 }
 
 /// A running daemon; killed on drop.
@@ -173,15 +194,19 @@ pub struct Daemon {
     socket: PathBuf,
     tag: String,
     log: PathBuf,
+    /// Numbers the guests of the whole test, across daemons, for their file names.
+    guest_numbers: Arc<AtomicU32>,
     state: Mutex<State>,
 }
 
 impl Daemon {
-    /// A builder with the default arguments of `kind`; files go to `dir`.
-    pub fn builder(kind: DaemonKind, dir: &Path) -> DaemonBuilder {
+    /// A builder with the default arguments of `kind`; files go to `dir`, guests are numbered
+    /// from `guest_numbers` (shared by the daemons of one test).
+    pub fn builder(kind: DaemonKind, dir: &Path, guest_numbers: Arc<AtomicU32>) -> DaemonBuilder {
         DaemonBuilder {
             kind,
             dir: dir.to_path_buf(),
+            guest_numbers,
             tag: "testfs".to_owned(),
             store: "mem:".to_owned(),
             extra_args: Vec::new(),
@@ -224,7 +249,7 @@ impl Daemon {
     }
 
     /// Makes sure a daemon process is listening for the next guest; returns the guest's number
-    /// (1 for the first guest of this daemon).
+    /// in the test (1 for its first guest, whichever daemon served it).
     ///
     /// virtiofsd serves one connection per process: after a guest it is awaited and respawned
     /// on the same shared directory. pohmelfs must still be running: if it died, that is the
@@ -240,7 +265,7 @@ impl Daemon {
                 Err(e) => return Err(Failure::new(format!("wait for {}: {e}", self.kind))),
             },
         };
-        let guest = state.guests;
+        let guest = self.guest_numbers.fetch_add(1, Ordering::Relaxed) + 1;
         match (state.child.is_some(), exited) {
             (true, None) if !(served_before && self.kind.exits_after_disconnect()) => Ok(guest),
             (true, None) => {
@@ -312,6 +337,7 @@ impl Daemon {
             }
         }
         state.spawns += 1;
+        state.stopped = false;
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -322,7 +348,7 @@ impl Daemon {
             .map(|arg| arg.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
-        writeln!(log, "=== harness: start #{}: {command_line}", state.spawns)
+        writeln!(log, "{START_MARKER}{}: {command_line}", state.spawns)
             .map_err(|e| Failure::new(format!("write {}: {e}", self.log.display())))?;
         let stderr = clone_log(&log, &self.log)?;
         let mut child = Command::new(&self.program)
@@ -360,12 +386,118 @@ impl Daemon {
         )))
     }
 
-    /// Kills the daemon now (also done on drop).
+    /// Kills the daemon now with SIGKILL, as a crash (also done on drop). The checks after the
+    /// guests that follow no longer expect this process to be alive.
     pub fn stop(&self) {
-        if let Some(mut child) = self.state().child.take() {
+        let mut state = self.state();
+        state.stopped = true;
+        if let Some(mut child) = state.child.take() {
             kill(&mut child);
         }
     }
+
+    /// One counter (or gauge) of pohmelfs's `status` answer on its control socket.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        let status = pohmelfs::control::query(&self.socket, "status").ok()?;
+        status_value(&status, name)
+    }
+
+    /// The checks every test makes after each of its guests (and so after its last): see the
+    /// module documentation. Fails with what was wrong; the caller adds the logs.
+    pub fn check_health(&self) -> Result<()> {
+        let log = fs::read(&self.log).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        let panics: Vec<&str> = log.lines().filter(|l| l.contains(PANIC_MARKER)).collect();
+        if !panics.is_empty() {
+            return Err(Failure::new(format!(
+                "{} panicked ({} in its log):\n{}",
+                self.kind,
+                self.log.display(),
+                panics.join("\n")
+            )));
+        }
+        let guests = {
+            let state = self.state();
+            if self.kind != DaemonKind::Pohmelfs || state.stopped {
+                return Ok(());
+            }
+            state.guests
+        };
+        let ended = wait_until(SESSION_END_TIMEOUT, POLL_INTERVAL, || {
+            if let Some(status) = self.exit_status() {
+                return Some(Err(status));
+            }
+            (sessions_ended(&self.log) >= guests).then_some(Ok(()))
+        });
+        match ended {
+            Some(Ok(())) => {}
+            Some(Err(status)) => {
+                return Err(Failure::new(format!(
+                    "{} died ({status}) after its guest: it must keep serving",
+                    self.kind
+                )))
+            }
+            None => {
+                return Err(Failure::new(format!(
+                    "{} did not log {SESSION_ENDED:?} {guests} times (once per guest) within \
+                     {SESSION_END_TIMEOUT:?} of its last guest's power-off",
+                    self.kind
+                )))
+            }
+        }
+        let status = pohmelfs::control::query(&self.socket, "status").map_err(|e| {
+            Failure::new(format!(
+                "{} does not answer on its control socket: {e}",
+                self.kind
+            ))
+        })?;
+        for &name in MUST_STAY_ZERO {
+            match status_value(&status, name) {
+                Some(0) => {}
+                Some(n) => {
+                    return Err(Failure::new(format!(
+                        "{} counted {name} = {n} after its guest; it must stay 0",
+                        self.kind
+                    )))
+                }
+                None => {
+                    return Err(Failure::new(format!(
+                        "{}'s status has no counter {name}:\n{status}",
+                        self.kind
+                    )))
+                }
+            }
+        }
+        match self.exit_status() {
+            None => Ok(()),
+            Some(status) => Err(Failure::new(format!(
+                "{} died ({status}) after its guest: it must keep serving",
+                self.kind
+            ))),
+        }
+    }
+}
+
+/// The value of counter `name` in a `status` answer (`name  value  doc` per line).
+fn status_value(status: &str, name: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some(name))
+            .then(|| words.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// How many sessions the daemon process started last in `log` has ended.
+fn sessions_ended(log: &Path) -> u32 {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let since_start = text.rfind(START_MARKER).map_or(&text[..], |i| &text[i..]);
+    let ended = since_start
+        .lines()
+        .filter(|l| l.contains(SESSION_ENDED))
+        .count();
+    u32::try_from(ended).unwrap_or(u32::MAX)
 }
 
 impl Drop for Daemon {
@@ -387,4 +519,36 @@ fn is_socket(path: &Path) -> bool {
 pub(crate) fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sessions_ended, status_value, START_MARKER};
+
+    #[test]
+    fn counters_are_read_from_the_status_answer() {
+        let status = "fs_errors                   3  Filesystem operations ...\n\
+                      fs_internal_errors          0  Filesystem operations that failed ...\n";
+        assert_eq!(status_value(status, "fs_internal_errors"), Some(0));
+        assert_eq!(status_value(status, "fs_errors"), Some(3));
+        assert_eq!(status_value(status, "fs"), None);
+    }
+
+    #[test]
+    fn sessions_are_counted_since_the_last_start() {
+        let dir = std::env::temp_dir().join(format!("pohmelfs-vm-sessions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("pohmelfs.log");
+        std::fs::write(
+            &log,
+            format!(
+                "{START_MARKER}1: serve\nINFO session ended counters=x\nINFO session ended\n\
+                 {START_MARKER}2: serve\nINFO frontend connected\nINFO session ended\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(sessions_ended(&log), 1);
+        assert_eq!(sessions_ended(&dir.join("missing.log")), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -5,7 +5,9 @@
 //! - [`daemon`]: the daemon under test, [`DaemonKind::Pohmelfs`] or the reference
 //!   [`DaemonKind::Virtiofsd`], started on a socket in the test's own directory.
 //! - [`qemu`]: the [`Guest`] builder: runs one guest with a shell script as its workload and
-//!   returns its console and exit status.
+//!   returns its console and exit status, after checking the daemon
+//!   ([`Daemon::check_health`]: no panic in its log; pohmelfs alive with `fs_internal_errors`
+//!   at 0). Every test so ends with that check after its last guest.
 //! - [`cpio`]: the newc archive writer that hands the script to the guest.
 //!
 //! Every test gets a [`VmTest`]: its own directory under `target/vm-tests/`, removed when the test
@@ -26,6 +28,8 @@ use std::cell::Cell;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, DaemonKind};
@@ -113,6 +117,7 @@ pub struct VmTest {
     name: String,
     dir: PathBuf,
     passed: Cell<bool>,
+    guest_numbers: Arc<AtomicU32>,
 }
 
 impl VmTest {
@@ -140,6 +145,7 @@ impl VmTest {
             name: name.to_owned(),
             dir,
             passed: Cell::new(false),
+            guest_numbers: Arc::default(),
         }))
     }
 
@@ -156,7 +162,7 @@ impl VmTest {
 
     /// A builder for this test's daemon, with the default arguments for its kind.
     pub fn daemon(&self) -> daemon::DaemonBuilder {
-        Daemon::builder(self.kind, &self.dir)
+        Daemon::builder(self.kind, &self.dir, Arc::clone(&self.guest_numbers))
     }
 
     /// Marks the test as passed: its directory is removed on drop.

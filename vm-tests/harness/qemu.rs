@@ -301,6 +301,10 @@ impl<'a> Guest<'a> {
                 "QEMU failed ({status}) after {elapsed:.1?}"
             ))));
         }
+        // Every test's closing check, after each of its guests (see `Daemon::check_health`).
+        self.daemon
+            .check_health()
+            .map_err(|f| Failure::new(report(format!("after guest #{number}: {f}"))))?;
         eprintln!(
             "{}: guest #{number} ran {elapsed:.1?} ({accel:?}), status {exit_status:?}",
             self.daemon.kind()
