@@ -192,10 +192,16 @@ fn metadata_without_room_fails_each_fsync_at_once_until_stored() {
         ..Faults::default()
     });
     create_in(&wb, ROOT_INO, 40, "x");
+    let deadline = super::tests::cfg(OverwritePolicy::Cow).fsync_timeout;
     for attempt in 1..=2 {
+        let start = std::time::Instant::now();
         assert!(
             matches!(wb.sync(Some(40)), Err(StoreError::NoSpace)),
             "fsync {attempt} of a create the volume has no room for"
+        );
+        assert!(
+            start.elapsed() < deadline,
+            "fsync {attempt} answered at its deadline, not at once"
         );
     }
     // Nothing to drop: the create is kept, visible, and retried.
