@@ -18,8 +18,8 @@
 //!   write-back like data (reads see them at once through an overlay);
 //!   a new metadata transaction lingers `meta_linger` so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
-//!   of creates or unlinks is one commit. Truncate and punch-hole wait for
-//!   their ack.
+//!   of creates or unlinks is one commit. Truncate, punch-hole and writes
+//!   in another shape than the filesystem layer's wait for their ack.
 //! * When sent, a transaction pins the page buffers it carries. A guest
 //!   write to a pinned page either waits for the ack (`wait`, the original
 //!   POHMELFS choice) or copies the page into a new buffer (`cow`).
@@ -29,13 +29,17 @@
 //!   elsewhere" it moves to the next server, and when an ack carries a new
 //!   durability epoch everything unacknowledged is resent. It is never
 //!   dropped: fsync reports EIO after `fsync_timeout`, and that error stays
-//!   until the inode's data is durable.
+//!   until the inode's data is durable. A transaction the store refuses for
+//!   lack of space loses its page data instead (`ack.rs`): the inode's next
+//!   fsync, flush or syncfs reports ENOSPC, and new writes get ENOSPC until
+//!   space is freed.
 //! * `sync` (fsync, flush, fsyncdir, release, syncfs, disconnect, SIGTERM)
 //!   finds the transactions that refer to the inode's pages (or all), sends
 //!   what is queued at once, resends what stalled, and waits for the acks.
 //!
 //! It must never report success for data that was not stored, and never
-//! lose a transaction without a log line.
+//! lose a transaction without a log line. When its own state contradicts
+//! itself it aborts the daemon rather than go on.
 
 mod ack;
 mod cache;
