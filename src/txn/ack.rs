@@ -201,7 +201,11 @@ fn refused_for_space(st: &mut State, id: u64) {
                 invariant_violated(format_args!("page {ino}:{idx} lacks refused txn {id}"));
             }
         }
-        st.no_space.insert(ino);
+        // A removal queued behind it takes the error with the inode.
+        let removed = st.attrs.get(&ino).is_some_and(|o| o.inode.is_none());
+        if !removed {
+            st.no_space.insert(ino);
+        }
     }
     if st.dirty_bytes < bytes {
         invariant_violated(format_args!(

@@ -898,6 +898,8 @@ impl Shared {
                         // Its attributes are gone with it: the store drops them.
                         st.xattrs.remove(ino);
                         st.known_xattrs.forget(*ino);
+                        // And so is the data it lost to a full volume.
+                        st.no_space.remove(ino);
                     }
                     Op::PutDirent { parent, dirent } => {
                         st.dirents

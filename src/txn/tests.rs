@@ -76,7 +76,7 @@ pub(super) struct Faults {
     pub(super) fenced: Vec<usize>,
     /// Sends answered with an error until this many have been seen.
     pub(super) fail_first: u64,
-    /// Every send is refused for lack of space, before applying.
+    /// Every send that passes the gate is refused for lack of space.
     pub(super) no_space: bool,
 }
 
@@ -205,7 +205,9 @@ impl Sink for FaultSink {
             if f.fenced.contains(&server) {
                 return Err(SendError::Elsewhere("fenced".into()));
             }
-            if f.no_space {
+            // Decided past the gate: a held send meets the volume as it is
+            // when the test lets it go.
+            if self.faults.lock().unwrap().no_space {
                 return Err(SendError::NoSpace("injected: volume full".into()));
             }
             if n < f.fail_first || error {
