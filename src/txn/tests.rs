@@ -771,12 +771,18 @@ fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
 
 #[test]
 fn metadata_never_joins_a_transaction_already_sent() {
-    let (wb, sink, store, m) = held_layer(OverwritePolicy::Cow, 15);
+    // Nothing leaves on its own: no linger ends, no ack timeout fires.
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, m) = layer_with(config, 1, 15, false);
     let wb = Arc::new(wb);
     sink.gate.close();
     create_in(&*wb, 1, 40, "x");
-    // A truncate joins the unsent create and sends it at once, then waits
-    // for its ack, which the gate holds.
+    // A truncate joins the lingering create and sends it at once, then
+    // waits for its ack, which the gate holds.
     let truncate = {
         let wb = Arc::clone(&wb);
         std::thread::spawn(move || {
@@ -789,6 +795,7 @@ fn metadata_never_joins_a_transaction_already_sent() {
         sink.gate.held() >= 1
     });
     let (formed, joined) = (m.txn_formed.get(), m.txn_joined.get());
+    assert_eq!((formed, joined), (1, 1), "the truncate joined the create");
     create_in(&*wb, 1, 41, "y");
     assert_eq!(
         (m.txn_formed.get(), m.txn_joined.get()),
