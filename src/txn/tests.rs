@@ -259,11 +259,13 @@ pub(super) fn layer(
 
 /// A layer whose metadata transactions linger long enough that none leaves
 /// on its own, however slow this machine is: tests that count transactions
-/// see only the sends that a sync asked for. Its clock is real: a paused
-/// clock jumps to the end of the linger whenever the sender idles.
+/// see only the sends that a sync asked for, and no ack timeout resends
+/// one. Its clock is real: a paused clock jumps to the end of the linger
+/// whenever the sender idles.
 fn lingering_layer(seed: u64) -> (WritebackStore, Arc<FaultSink>, Arc<MemStore>, Arc<Metrics>) {
     let config = TxnConfig {
         meta_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
         ..cfg(OverwritePolicy::Cow)
     };
     layer_with(config, 1, seed, false)
@@ -702,11 +704,7 @@ pub(super) fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
 
 #[test]
 fn create_write_close_is_one_commit() {
-    let (wb, sink, store, m) = lingering_layer(13);
-    sink.set(Faults {
-        latency: Duration::from_millis(5),
-        ..Faults::default()
-    });
+    let (wb, _sink, store, m) = lingering_layer(13);
     create_in(&wb, 1, 30, "a");
     write(&wb, 30, 0, b"0\n", 2);
     // FLUSH at close: sends the lingering transaction at once.
@@ -724,11 +722,7 @@ fn create_write_close_is_one_commit() {
 fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
     // A shell's `echo > f`: open (create), close of the original descriptor
     // (FLUSH), write through the duplicate, close again (FLUSH).
-    let (wb, sink, store, m) = lingering_layer(18);
-    sink.set(Faults {
-        latency: Duration::from_millis(5),
-        ..Faults::default()
-    });
+    let (wb, _sink, store, m) = lingering_layer(18);
     create_in(&wb, 1, 31, "b");
     wb.flush(31).unwrap();
     assert_eq!(m.txn_sent.get(), 0, "no data to write back: nothing sent");
@@ -744,11 +738,7 @@ fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
 
 #[test]
 fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
-    let (wb, sink, store, m) = lingering_layer(14);
-    sink.set(Faults {
-        latency: Duration::from_millis(5),
-        ..Faults::default()
-    });
+    let (wb, _sink, store, m) = lingering_layer(14);
     // 40 creates of two ops each: 16 ops per transaction at most.
     for i in 0..40 {
         create_in(&wb, 1, 100 + i, &format!("f{i}"));
@@ -771,13 +761,7 @@ fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
 
 #[test]
 fn metadata_never_joins_a_transaction_already_sent() {
-    // Nothing leaves on its own: no linger ends, no ack timeout fires.
-    let config = TxnConfig {
-        meta_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let (wb, sink, store, m) = layer_with(config, 1, 15, false);
+    let (wb, sink, store, m) = lingering_layer(15);
     let wb = Arc::new(wb);
     sink.gate.close();
     create_in(&*wb, 1, 40, "x");
