@@ -62,9 +62,7 @@ impl Rng {
 /// What the fault sink does to the sends it sees.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Faults {
-    /// Added to every send.
-    pub(super) latency: Duration,
-    /// Random extra latency up to this (reorders acks across inodes).
+    /// Random latency up to this (reorders acks across inodes).
     pub(super) jitter: Duration,
     /// Percent of sends applied but whose ack is lost (never answered).
     pub(super) lose_ack: u64,
@@ -191,7 +189,7 @@ impl Sink for FaultSink {
                 r.below(f.jitter.as_micros() as u64)
             };
             (
-                f.latency + Duration::from_micros(jitter),
+                Duration::from_micros(jitter),
                 r.chance(f.lose_ack),
                 r.chance(f.error),
                 r.chance(f.drop_after_apply),
