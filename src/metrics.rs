@@ -60,6 +60,9 @@ counters! {
     txn_resent,
     /// Moves of a transaction to the next store server.
     txn_failovers,
+    /// Attempts the store refused for lack of space: the transaction's page
+    /// data is dropped and its inodes' next fsync reports ENOSPC.
+    txn_no_space,
     /// Acknowledgements that said the store had applied the transaction before.
     txn_duplicate_acks,
     /// Guest writes that waited for an in-flight transaction's ack

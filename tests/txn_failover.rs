@@ -7,7 +7,8 @@
 //!   on the same port and data; while it is down the volume is opened
 //!   directly to check what a crash left behind;
 //! * two servers share one S3 bucket (`moto_server`); the primary is killed
-//!   and the layer fails over to the second, which takes the volume over.
+//!   and the layer fails over to the second, which takes the volume over;
+//! * a server's volume is full: its NoSpace reaches the layer as ENOSPC.
 //!
 //! Every byte a successful fsync covered must be in the store, and after a
 //! final sync the volume must equal a model of the workload. Child
@@ -687,6 +688,63 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     let fresh = store::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
     check_final(&*fresh, &final_histories);
     drop((fresh, server));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A store server on a volume of eight blocks: its NoSpace reaches the
+/// layer as such, so an fsync of more than fits answers ENOSPC instead of
+/// EIO at its deadline, and the layer shows what the volume holds.
+#[test]
+fn a_full_volume_on_a_store_server_answers_enospc() {
+    let dir = workdir("full");
+    let data = format!("file://{}/volumes?capacity=512K", dir.display());
+    let server = StoreProc::start(&dir, "store", &data, &[]);
+    let metrics = Arc::new(Metrics::default());
+    let url = pohmel_url(&dir, &[server.addr()]);
+    let wb = pohmelfs::txn::open(
+        &url,
+        layer_config(Duration::from_secs(60)),
+        Arc::clone(&metrics),
+    )
+    .expect("open the volume through the transaction layer");
+    let ino = INODES[0];
+    let mut t = Txn::new();
+    t.push(Op::PutInode(file_inode(ino, 0)));
+    wb.commit(t).expect("create");
+    // Four times what the volume holds, as the filesystem layer writes it.
+    const CHUNK: u64 = 64 << 10;
+    let mut refused_at_write = 0;
+    for i in 0..32u64 {
+        let mut t = Txn::new();
+        t.push(Op::Write {
+            ino,
+            offset: i * CHUNK,
+            data: vec![i as u8 + 1; CHUNK as usize],
+        });
+        t.push(Op::PutInode(file_inode(ino, (i + 1) * CHUNK)));
+        match wb.commit(t) {
+            Ok(()) => {}
+            Err(store::StoreError::NoSpace) => refused_at_write += 1,
+            Err(e) => panic!("write {i}: {}", pohmelfs::ErrorChain(&e)),
+        }
+    }
+    let fsync = wb.sync(Some(ino));
+    assert!(
+        matches!(fsync, Err(store::StoreError::NoSpace)),
+        "fsync of 2 MiB written to a 512 KiB volume: {fsync:?}"
+    );
+    assert!(metrics.txn_no_space.get() >= 1);
+    let fresh = store::open(&url).expect("open a fresh client");
+    assert_eq!(
+        content(&*wb, ino),
+        content(&*fresh, ino),
+        "the layer shows bytes the volume does not hold"
+    );
+    eprintln!(
+        "{refused_at_write} of 32 writes refused at once; the server refused {} transactions",
+        metrics.txn_no_space.get()
+    );
+    drop((fresh, wb, server));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -28,25 +28,27 @@ impl FsError {
     }
 
     /// True for errors that are part of normal operation (a lookup of a
-    /// missing name) rather than a sign of trouble worth a warning.
+    /// missing name, a full volume) rather than a sign of trouble worth a
+    /// warning.
     pub fn is_routine(&self) -> bool {
         matches!(
             self,
-            FsError::Errno(
-                libc::ENOENT
-                    | libc::EEXIST
-                    | libc::ENOTEMPTY
-                    | libc::ENODATA
-                    | libc::ERANGE
-                    | libc::EACCES
-                    | libc::EPERM
-                    | libc::ENOTDIR
-                    | libc::EISDIR
-                    | libc::ENXIO
-                    | libc::ENAMETOOLONG
-                    | libc::EINVAL
-                    | libc::EOPNOTSUPP
-            )
+            FsError::Store(StoreError::NoSpace)
+                | FsError::Errno(
+                    libc::ENOENT
+                        | libc::EEXIST
+                        | libc::ENOTEMPTY
+                        | libc::ENODATA
+                        | libc::ERANGE
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::ENOTDIR
+                        | libc::EISDIR
+                        | libc::ENXIO
+                        | libc::ENAMETOOLONG
+                        | libc::EINVAL
+                        | libc::EOPNOTSUPP
+                )
         )
     }
 }

@@ -499,7 +499,8 @@ impl Inner {
                         conn.alive.store(false, Ordering::Release);
                         Err(SendError::Elsewhere(why))
                     }
-                    ErrorCode::NoSpace | ErrorCode::Corrupt => Err(SendError::Refused(why)),
+                    ErrorCode::NoSpace => Err(SendError::NoSpace(why)),
+                    ErrorCode::Corrupt => Err(SendError::Refused(why)),
                     _ => Err(SendError::Retry(why)),
                 }
             }

@@ -167,20 +167,53 @@ impl PageCache {
         out
     }
 
-    /// Remove `txn`'s tag from a page: its ack arrived.
-    pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) {
+    /// Remove `txn`'s tag from a page: its ack arrived. False when the
+    /// page is cached without that tag (a page dropped since, by a truncate
+    /// or a removal, has nothing to untag).
+    pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
         let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
-            return;
+            return true;
         };
         let before = page.tags.len();
         page.tags.retain(|t| *t != txn);
-        debug_assert_eq!(
-            before,
-            page.tags.len() + 1,
-            "page {ino}:{idx} was not tagged with acked txn {txn}"
-        );
-        if page.tags.is_empty() {
+        let (tagged, clean) = (before == page.tags.len() + 1, page.tags.is_empty());
+        if clean {
             self.touch(ino, idx);
+        }
+        tagged
+    }
+
+    /// Remove `txn`'s tag from a page whose data the store refused: a page
+    /// no other transaction carries leaves the cache, since it holds bytes
+    /// the store does not have. False as for [`PageCache::untag`].
+    pub fn discard(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+            return true;
+        };
+        let before = page.tags.len();
+        page.tags.retain(|t| *t != txn);
+        let tagged = before == page.tags.len() + 1;
+        if page.tags.is_empty() {
+            self.drop_page(ino, idx);
+        }
+        tagged
+    }
+
+    /// Copy `data` at `offset` of `ino` into the pages the cache holds (a
+    /// write carried in a transaction's operations), leaving their tags;
+    /// pinned buffers are copied first.
+    pub fn overwrite(&mut self, ino: u64, offset: u64, data: &[u8]) {
+        let Some(pages) = self.pages.get_mut(&ino) else {
+            return;
+        };
+        let end = offset.saturating_add(data.len() as u64);
+        for (idx, page) in pages.range_mut(offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE)) {
+            let start = idx * PAGE_SIZE;
+            let from = offset.max(start);
+            let to = end.min(start + PAGE_SIZE);
+            let src = &data[(from - offset) as usize..(to - offset) as usize];
+            writable(&mut page.buf)[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(src);
         }
     }
 
@@ -279,8 +312,9 @@ mod tests {
         let mut out = [0u8; 3];
         assert!(c.read(1, 0, 10, &mut out));
         assert_eq!(&out, b"abc");
-        c.untag(1, 0, 7);
-        c.untag(1, 0, 8);
+        assert!(c.untag(1, 0, 7));
+        assert!(c.untag(1, 0, 8));
+        assert!(!c.untag(1, 0, 8), "the tag is gone");
         assert_eq!(c.lru.len(), 1);
     }
 
@@ -314,6 +348,40 @@ mod tests {
         assert_eq!(c.evict(), 1);
         assert!(!c.contains(1, 2));
         assert!(c.contains(1, 1));
+    }
+
+    #[test]
+    fn discarded_pages_leave_unless_a_newer_transaction_carries_them() {
+        let mut c = PageCache::new(1 << 20);
+        c.write(1, 0, 0, b"refused", 7);
+        c.write(1, 1, 0, b"refused", 7);
+        c.write(1, 1, 0, b"newer", 8);
+        assert!(c.discard(1, 0, 7));
+        assert!(!c.contains(1, 0), "only the refused transaction had it");
+        assert!(c.discard(1, 1, 7));
+        assert!(c.contains(1, 1), "a newer transaction carries it");
+        assert!(!c.discard(1, 1, 7), "the tag is gone");
+        assert!(c.discard(1, 5, 7), "an absent page has nothing to discard");
+    }
+
+    #[test]
+    fn overwrite_reaches_cached_pages_only_and_copies_pinned_ones() {
+        let mut c = PageCache::new(1 << 20);
+        c.insert_clean(1, 0, &[1u8; PAGE_SIZE as usize]);
+        c.write(1, 2, 0, &[1u8; PAGE_SIZE as usize], 9);
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([2]))]));
+        // From the end of page 0 to the start of page 2, page 1 not cached.
+        c.overwrite(1, PAGE_SIZE - 2, &[7u8; PAGE_SIZE as usize + 4]);
+        let mut out = [0u8; 4];
+        c.read(1, 0, PAGE_SIZE as usize - 4, &mut out);
+        assert_eq!(out, [1, 1, 7, 7]);
+        assert!(!c.contains(1, 1));
+        c.read(1, 2, 0, &mut out);
+        assert_eq!(out, [7, 7, 1, 1]);
+        assert!(
+            pinned[0].2.iter().all(|&b| b == 1),
+            "the pinned copy is kept"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //!   write-back like data (reads see them at once through an overlay);
 //!   a new metadata transaction lingers `meta_linger` so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
-//!   of creates or unlinks is one commit. Truncate and punch-hole wait for
-//!   their ack.
+//!   of creates or unlinks is one commit. Truncate, punch-hole and writes
+//!   in another shape than the filesystem layer's wait for their ack.
 //! * When sent, a transaction pins the page buffers it carries. A guest
 //!   write to a pinned page either waits for the ack (`wait`, the original
 //!   POHMELFS choice) or copies the page into a new buffer (`cow`).
@@ -29,32 +29,42 @@
 //!   elsewhere" it moves to the next server, and when an ack carries a new
 //!   durability epoch everything unacknowledged is resent. It is never
 //!   dropped: fsync reports EIO after `fsync_timeout`, and that error stays
-//!   until the inode's data is durable.
+//!   until the inode's data is durable. A transaction the store refuses for
+//!   lack of space loses its page data instead (`ack.rs`): the inode's next
+//!   fsync, flush or syncfs reports ENOSPC, and new writes get ENOSPC until
+//!   space is freed.
 //! * `sync` (fsync, flush, fsyncdir, release, syncfs, disconnect, SIGTERM)
 //!   finds the transactions that refer to the inode's pages (or all), sends
 //!   what is queued at once, resends what stalled, and waits for the acks.
 //!
 //! It must never report success for data that was not stored, and never
-//! lose a transaction without a log line.
+//! lose a transaction without a log line. When its own state contradicts
+//! itself it aborts the daemon rather than go on.
 
+mod ack;
 mod cache;
+#[cfg(test)]
+mod differential_tests;
+#[cfg(test)]
+mod no_space_tests;
 pub mod sink;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::sync::Notify;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 use crate::metrics::Metrics;
 use crate::store::{Dirent, FileKind, Inode, Op, Store, StoreError, StoreStats, Txn};
+use ack::{invariant_violated, lock, on_result, wait, wait_timeout};
 use cache::{PageCache, PAGE_SIZE};
-use sink::{Ack, SendError, Sink};
+use sink::{SendError, Sink};
 
 /// What a guest write does to a page an in-flight transaction carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -145,6 +155,9 @@ struct TxnEntry {
     not_before: Option<Instant>,
     last_error: Option<String>,
     formed: Instant,
+    /// The store refused it for lack of space and it had no page data to
+    /// drop: it is retried, and a sync of its inodes fails with ENOSPC.
+    waits_for_space: bool,
 }
 
 impl TxnEntry {
@@ -214,6 +227,12 @@ struct State {
     epoch: u64,
     /// Inodes whose fsync failed; cleared when their data is durable.
     sticky: HashMap<u64, String>,
+    /// Inodes whose page data the store refused for lack of space and was
+    /// dropped; the next fsync, flush or syncfs reports ENOSPC and clears it.
+    no_space: HashSet<u64>,
+    /// The store refused data for lack of space: writes get ENOSPC until a
+    /// transaction that frees space is acknowledged.
+    full: bool,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
     shutdown: bool,
@@ -245,7 +264,7 @@ struct State {
 struct KnownXattrs {
     read: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
     read_len: usize,
-    none: std::collections::HashSet<u64>,
+    none: HashSet<u64>,
     /// Bumped by every change: a store read that raced with one is not kept.
     generation: u64,
 }
@@ -412,10 +431,6 @@ pub struct WritebackStore {
     driver: Option<std::thread::JoinHandle<()>>,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Every inode an op touches.
 fn op_inodes(op: &Op, out: &mut BTreeSet<u64>) {
     match op {
@@ -442,8 +457,10 @@ fn op_inodes(op: &Op, out: &mut BTreeSet<u64>) {
 }
 
 /// Open the store named by `url` behind the transaction layer: `pohmel://`
-/// servers through their wire protocol, `file://`, `s3://` and `mem:`
-/// through the embedded engine (the ack is its durable commit).
+/// servers through their wire protocol (the ack is the server's durable
+/// commit), `file://` and `s3://` through the embedded engine (the ack is
+/// its durable commit), `mem:` in daemon memory (the ack is its commit,
+/// which nothing makes durable).
 pub fn open(
     url: &str,
     cfg: TxnConfig,
@@ -515,6 +532,8 @@ impl WritebackStore {
                 dirty_bytes: 0,
                 epoch: 0,
                 sticky: HashMap::new(),
+                no_space: HashSet::new(),
+                full: false,
                 last_read_end: HashMap::new(),
                 shutdown: false,
                 preferred_server: 0,
@@ -605,6 +624,7 @@ impl Shared {
             not_before: None,
             last_error: None,
             formed: Instant::now(),
+            waits_for_space: false,
         }
     }
 
@@ -674,6 +694,9 @@ impl Shared {
                     "transaction layer shut down",
                 )));
             }
+            if st.full {
+                return Err(StoreError::NoSpace);
+            }
             if let Some(&idx) = partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
                 drop(st);
                 self.load_pages(ino, idx, 1)?;
@@ -683,14 +706,14 @@ impl Shared {
             // Backpressure: dirty and in-flight bytes stay within their bound.
             if st.dirty_bytes > 0 && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes {
                 self.metrics.backpressure_waits.inc();
-                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&self.changed, st);
                 continue;
             }
             if self.cfg.overwrite == OverwritePolicy::Wait
                 && (first..=last).any(|i| st.cache.is_pinned(ino, i))
             {
                 self.metrics.overwrite_waits.inc();
-                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&self.changed, st);
                 continue;
             }
             break;
@@ -787,9 +810,11 @@ impl Shared {
 
     /// A metadata transaction: apply its effects to the cache and the
     /// overlay (so reads see them at once), queue it, and return — the
-    /// write-back contract: fsync and fsyncdir wait for it. Truncate and
-    /// punch-hole wait for their ack: until the store has dropped the old
-    /// bytes, a read of a page the cache does not hold could return them.
+    /// write-back contract: fsync and fsyncdir wait for it. Truncate,
+    /// punch-hole and writes carried in the operations (any write in
+    /// another shape than the filesystem layer's) wait for their ack: until
+    /// the store has the new bytes, a read of a page the cache does not hold
+    /// could return the old ones.
     ///
     /// The operations join the newest transaction when it is metadata that
     /// was never sent (group commit in the daemon: a burst of unlinks in one
@@ -799,16 +824,18 @@ impl Shared {
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
     fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
-        let wait = txn
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Truncate { .. } | Op::PunchHole { .. }));
+        let wait_ack = txn.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
+            )
+        });
         let id = {
             let mut st = lock(&self.state);
             // Bound the queue: metadata is small, but not free.
             while st.txns.len() >= MAX_QUEUED_TXNS && !st.shutdown {
                 self.metrics.backpressure_waits.inc();
-                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&self.changed, st);
             }
             let join = st.txns.last_key_value().and_then(|(&id, t)| {
                 (t.is_unsent_metadata() && t.ops.len() + txn.ops.len() <= self.cfg.max_txn_ops)
@@ -821,7 +848,7 @@ impl Shared {
                 }
                 None => {
                     let mut entry = Self::new_entry(&mut st, Vec::new(), false);
-                    if !wait && !self.cfg.meta_linger.is_zero() {
+                    if !wait_ack && !self.cfg.meta_linger.is_zero() {
                         entry.not_before = Some(Instant::now() + self.cfg.meta_linger);
                     }
                     self.enqueue(&mut st, entry)
@@ -840,7 +867,7 @@ impl Shared {
                 }
                 t.ops.extend(txn.ops.iter().cloned());
                 // Full, or waited for: no reason to linger.
-                if wait || t.ops.len() >= self.cfg.max_txn_ops {
+                if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
                     t.not_before = None;
                 }
             }
@@ -871,6 +898,8 @@ impl Shared {
                         // Its attributes are gone with it: the store drops them.
                         st.xattrs.remove(ino);
                         st.known_xattrs.forget(*ino);
+                        // And so is the data it lost to a full volume.
+                        st.no_space.remove(ino);
                     }
                     Op::PutDirent { parent, dirent } => {
                         st.dirents
@@ -903,7 +932,7 @@ impl Shared {
                     }
                     Op::Truncate { ino, size } => st.cache.truncate(*ino, *size),
                     Op::PunchHole { ino, offset, len } => st.cache.zero(*ino, *offset, *len),
-                    Op::Write { .. } => {}
+                    Op::Write { ino, offset, data } => st.cache.overwrite(*ino, *offset, data),
                 }
             }
             self.publish(&st);
@@ -911,15 +940,22 @@ impl Shared {
             self.pump.notify_one();
             id
         };
-        if wait {
-            self.wait_for(&[id], None)?;
+        if wait_ack {
+            self.wait_for(&[id], None, false)?;
         }
         Ok(())
     }
 
     /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
-    /// Returns the ids still unacknowledged on timeout as an error.
-    fn wait_for(&self, ids: &[u64], timeout: Option<Duration>) -> Result<(), StoreError> {
+    /// Returns the ids still unacknowledged on timeout as an error, or
+    /// `NoSpace` when one of them waits for space (at once if
+    /// `fail_on_no_space`, else at the timeout).
+    fn wait_for(
+        &self,
+        ids: &[u64],
+        timeout: Option<Duration>,
+        fail_on_no_space: bool,
+    ) -> Result<(), StoreError> {
         // Real time: a guest's fsync deadline is wall-clock time.
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut st = lock(&self.state);
@@ -932,15 +968,26 @@ impl Shared {
             if pending.is_empty() {
                 return Ok(());
             }
+            let waits_for_space = || {
+                pending
+                    .iter()
+                    .any(|id| st.txns.get(id).is_some_and(|t| t.waits_for_space))
+            };
+            if fail_on_no_space && waits_for_space() {
+                return Err(StoreError::NoSpace);
+            }
             if st.shutdown {
                 return Err(StoreError::Io(std::io::Error::other(
                     "transaction layer shut down",
                 )));
             }
             match deadline {
-                None => st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+                None => st = wait(&self.changed, st),
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() && waits_for_space() {
+                        return Err(StoreError::NoSpace);
+                    }
                     if left.is_zero() {
                         let described: Vec<String> = pending
                             .iter()
@@ -954,11 +1001,7 @@ impl Shared {
                             described.join("; ")
                         ))));
                     }
-                    st = self
-                        .changed
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    st = wait_timeout(&self.changed, st, left);
                 }
             }
         }
@@ -1001,25 +1044,42 @@ impl Shared {
             ids
         };
         self.pump.notify_one();
-        let result = self.wait_for(&ids, Some(self.cfg.fsync_timeout));
+        // A sync of one inode answers ENOSPC as soon as its data waits for
+        // space; a sync of everything (syncfs, shutdown) still waits for
+        // whatever else can be stored.
+        let result = self.wait_for(&ids, Some(self.cfg.fsync_timeout), ino.is_some());
         self.metrics.levels.fsync_latency.observe(start.elapsed());
-        if let Err(e) = &result {
-            self.metrics.fsync_errors.inc();
-            let why = crate::ErrorChain(e).to_string();
-            warn!(ino, error = %why, "fsync failed: data not acknowledged by the store in time");
-            let mut st = lock(&self.state);
-            match ino {
-                Some(i) => {
-                    st.sticky.insert(i, why);
+        let mut st = lock(&self.state);
+        match result {
+            Ok(()) | Err(StoreError::NoSpace) => {
+                // Data dropped for lack of space is reported once.
+                let dropped = match ino {
+                    Some(i) => st.no_space.remove(&i),
+                    None => !std::mem::take(&mut st.no_space).is_empty(),
+                };
+                if dropped || result.is_err() {
+                    warn!(ino, "fsync failed: the volume is full");
+                    return Err(StoreError::NoSpace);
                 }
-                None => {
-                    for t in st.txns.values() {
-                        error!(txn = %describe(t), "not stored");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.fsync_errors.inc();
+                let why = crate::ErrorChain(&e).to_string();
+                warn!(ino, error = %why, "fsync failed: data not acknowledged by the store in time");
+                match ino {
+                    Some(i) => {
+                        st.sticky.insert(i, why);
+                    }
+                    None => {
+                        for t in st.txns.values() {
+                            error!(txn = %describe(t), "not stored");
+                        }
                     }
                 }
+                Err(e)
             }
         }
-        result
     }
 }
 
@@ -1114,7 +1174,12 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
         st.next_attempt += 1;
         st.in_flight += 1;
         in_flight_bytes += st.txns.get(&id).map_or(0, |t| t.data_bytes);
-        debug_assert!(st.in_flight <= shared.cfg.max_in_flight, "in-flight bound");
+        if st.in_flight > shared.cfg.max_in_flight {
+            invariant_violated(format_args!(
+                "{} transactions in flight, bound {}",
+                st.in_flight, shared.cfg.max_in_flight
+            ));
+        }
         let Some(t) = st.txns.get_mut(&id) else {
             continue;
         };
@@ -1185,174 +1250,6 @@ fn wire_txn(t: &TxnEntry) -> Txn {
     }
     ops.extend(t.ops.iter().cloned());
     Txn { ops }
-}
-
-/// An attempt finished.
-fn on_result(
-    shared: &Arc<Shared>,
-    id: u64,
-    attempt: u64,
-    server: usize,
-    result: Result<Ack, SendError>,
-) {
-    let mut st = lock(&shared.state);
-    let current = st.txns.get(&id).map(|t| t.state);
-    if current == Some(TxnState::InFlight { attempt }) {
-        st.in_flight -= 1;
-    }
-    match result {
-        Ok(ack) => {
-            if current.is_none() {
-                // Acked already by an earlier attempt: a duplicate ack.
-                shared.metrics.txn_duplicate_acks.inc();
-                return;
-            }
-            if ack.duplicate {
-                shared.metrics.txn_duplicate_acks.inc();
-            }
-            if st.epoch != 0 && ack.epoch != st.epoch {
-                // The NFS write-verifier rule: the store restarted or failed
-                // over; whatever was sent before may be gone. Resend it all.
-                warn!(
-                    old = st.epoch,
-                    new = ack.epoch,
-                    "store epoch changed: resending every unacknowledged transaction"
-                );
-                let ids: Vec<u64> = st.txns.keys().copied().filter(|t| *t != id).collect();
-                for other in ids {
-                    if let Some(t) = st.txns.get_mut(&other) {
-                        if let TxnState::InFlight { .. } = t.state {
-                            t.state = TxnState::Queued;
-                            t.not_before = None;
-                            st.in_flight -= 1;
-                        }
-                    }
-                }
-            }
-            st.epoch = ack.epoch;
-            st.preferred_server = server;
-            complete(shared, &mut st, id);
-        }
-        Err(e) => {
-            // A failure of a superseded attempt says nothing new.
-            if current != Some(TxnState::InFlight { attempt }) {
-                return;
-            }
-            let servers = shared.sink.servers().max(1);
-            let Some(t) = st.txns.get_mut(&id) else {
-                return;
-            };
-            t.state = TxnState::Queued;
-            t.last_error = Some(e.to_string());
-            let now = Instant::now();
-            match &e {
-                SendError::Retry(_) => {
-                    t.attempts_here += 1;
-                    if t.attempts_here >= shared.cfg.attempts_per_server && servers > 1 {
-                        t.server = (server + 1) % servers;
-                        t.attempts_here = 0;
-                        shared.metrics.txn_failovers.inc();
-                        t.not_before = None;
-                    } else {
-                        t.not_before = Some(now + backoff(t.attempts_here));
-                    }
-                }
-                SendError::Elsewhere(_) => {
-                    t.server = (server + 1) % servers;
-                    t.attempts_here = 0;
-                    if servers > 1 {
-                        shared.metrics.txn_failovers.inc();
-                    }
-                    // Every server said no: do not spin.
-                    t.not_before = Some(now + backoff(t.attempts / servers as u32));
-                }
-                SendError::Refused(_) => {
-                    t.not_before = Some(now + Duration::from_secs(1));
-                }
-            }
-            warn!(txn = id, server = %shared.sink.server_name(server), error = %e, next = %shared.sink.server_name(t.server), "transaction not acknowledged; will resend");
-            shared.changed.notify_all();
-            shared.pump.notify_one();
-        }
-    }
-}
-
-fn backoff(attempts: u32) -> Duration {
-    Duration::from_millis(20u64.saturating_mul(1 << attempts.min(6))).min(Duration::from_secs(2))
-}
-
-/// The store now has what `t` changed: drop the overlay entries it was the
-/// newest to set.
-fn retire_overlay(st: &mut State, t: &TxnEntry) {
-    for op in &t.ops {
-        match op {
-            Op::PutDirent { parent, dirent } => {
-                retire(&mut st.dirents, *parent, &dirent.name, t.id)
-            }
-            Op::RemoveDirent { parent, name } => retire(&mut st.dirents, *parent, name, t.id),
-            Op::SetXattr { ino, name, .. } | Op::RemoveXattr { ino, name } => {
-                retire(&mut st.xattrs, *ino, name, t.id)
-            }
-            Op::SetSymlink { ino, .. }
-                if st.symlinks.get(ino).is_some_and(|(_, id)| *id == t.id) =>
-            {
-                st.symlinks.remove(ino);
-            }
-            _ => {}
-        }
-    }
-}
-
-fn retire<V>(map: &mut NameOverlay<V>, key: u64, name: &[u8], txn: u64) {
-    let Some(inner) = map.get_mut(&key) else {
-        return;
-    };
-    if inner.get(name).is_some_and(|(_, id)| *id == txn) {
-        inner.remove(name);
-    }
-    if inner.is_empty() {
-        map.remove(&key);
-    }
-}
-
-/// A durable ack: untag the pages, free the transaction, wake the waiters.
-fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
-    let Some(t) = st.txns.remove(&id) else { return };
-    shared.metrics.txn_acked.inc();
-    for (ino, pages) in &t.pages {
-        for idx in pages {
-            st.cache.untag(*ino, *idx, id);
-        }
-    }
-    retire_overlay(st, &t);
-    drop(t.pinned);
-    for ino in &t.inodes {
-        let now_empty = match st.by_inode.get_mut(ino) {
-            Some(q) => {
-                // Transactions of one inode are acknowledged in order.
-                debug_assert_eq!(
-                    q.front(),
-                    Some(&id),
-                    "ack of txn {id} out of order for inode {ino}"
-                );
-                q.retain(|x| *x != id);
-                q.is_empty()
-            }
-            None => false,
-        };
-        if now_empty {
-            st.by_inode.remove(ino);
-            st.sticky.remove(ino);
-        }
-    }
-    debug_assert!(st.dirty_bytes >= t.data_bytes, "dirty byte accounting");
-    st.dirty_bytes = st.dirty_bytes.saturating_sub(t.data_bytes);
-    let evicted = st.cache.evict();
-    shared.metrics.cache_evictions.add(evicted);
-    shared.publish(st);
-    shared.changed.notify_all();
-    shared.pump.notify_one();
-    debug!(txn = id, age = ?t.formed.elapsed(), "transaction acknowledged");
 }
 
 impl Store for WritebackStore {
@@ -1543,8 +1440,9 @@ impl Store for WritebackStore {
             }
         }
         if txn.ops.iter().any(|op| matches!(op, Op::Write { .. })) {
-            // Writes in any other shape: keep them ordered, write-through.
-            info!("unusual transaction shape with data: sent write-through");
+            // Writes in any other shape travel in the operations, ordered
+            // like metadata, and are waited for (write-through).
+            debug!("transaction with data in another shape: sent write-through");
         }
         self.shared.commit_metadata(txn)
     }
@@ -1562,6 +1460,7 @@ impl Store for WritebackStore {
                 q.iter()
                     .any(|id| st.txns.get(id).is_some_and(|t| t.pages.contains_key(&ino)))
             }) || st.sticky.contains_key(&ino)
+                || st.no_space.contains(&ino)
         };
         if has_data {
             self.shared.sync(Some(ino))
@@ -1578,29 +1477,5 @@ impl Store for WritebackStore {
             self.shared.cfg.cache_bytes >> 20,
             self.shared.cfg.dirty_max_bytes >> 20
         )
-    }
-}
-
-impl WritebackStore {
-    /// Drain at shutdown or disconnect: wait at most `timeout` for every
-    /// transaction, and log each one that could not be stored.
-    pub fn drain(&self, timeout: Duration) -> Result<(), StoreError> {
-        let ids: Vec<u64> = {
-            let mut st = lock(&self.shared.state);
-            // Nothing lingers or backs off now.
-            for t in st.txns.values_mut() {
-                t.not_before = None;
-            }
-            st.txns.keys().copied().collect()
-        };
-        self.shared.pump.notify_one();
-        let r = self.shared.wait_for(&ids, Some(timeout));
-        if r.is_err() {
-            let st = lock(&self.shared.state);
-            for t in st.txns.values() {
-                error!(txn = %describe(t), "could not be stored before shutdown");
-            }
-        }
-        r
     }
 }

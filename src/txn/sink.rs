@@ -36,10 +36,13 @@ pub enum SendError {
     /// the next one.
     #[error("go elsewhere: {0}")]
     Elsewhere(String),
-    /// The store refused the transaction itself (no space, corrupt volume):
-    /// resending elsewhere will not help soon; keep it and report.
+    /// The store refused the transaction itself (corrupt volume): resending
+    /// elsewhere will not help soon; keep it and report.
     #[error("refused: {0}")]
     Refused(String),
+    /// The volume has no room for the transaction; none of it was applied.
+    #[error("no space: {0}")]
+    NoSpace(String),
 }
 
 /// A boxed future, for the dyn-compatible trait.
@@ -60,7 +63,8 @@ pub trait Sink: Send + Sync + 'static {
 fn classify(e: &StoreError) -> SendError {
     let msg = crate::ErrorChain(e).to_string();
     match e {
-        StoreError::NoSpace | StoreError::Corrupt(_) => SendError::Refused(msg),
+        StoreError::NoSpace => SendError::NoSpace(msg),
+        StoreError::Corrupt(_) => SendError::Refused(msg),
         StoreError::Fenced => SendError::Elsewhere(msg),
         StoreError::Io(_) => SendError::Retry(msg),
     }
