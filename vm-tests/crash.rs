@@ -10,11 +10,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use pohmelfs_testkit::ChildGuard;
 
 use crate::harness::daemon::Daemon;
 use crate::harness::qemu::GuestOutput;
+use crate::harness::status::counter;
 use crate::harness::store::StoreServer;
 use crate::harness::{log_tail, wait_until, Failure, Guest, Result, VmTest};
 
@@ -157,27 +160,6 @@ umount /mnt
 "#,
     );
     s
-}
-
-/// One counter of the daemon's `status` answer.
-fn counter(daemon: &Daemon, name: &str) -> Option<u64> {
-    let status = pohmelfs::control::query(daemon.socket(), "status").ok()?;
-    status.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(name))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
-}
-
-/// A child process killed on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs `pohmelfs check` on the volume at `url` (nothing may have it open) and fails unless

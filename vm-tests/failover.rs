@@ -10,6 +10,7 @@ use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::harness::qemu::GuestOutput;
+use crate::harness::status::counter;
 use crate::harness::store::StoreServer;
 use crate::harness::{log_tail, wait_until, Daemon, Failure, Guest, Result, VmTest};
 
@@ -77,17 +78,6 @@ expect_eq "$(sha256sum < /tmp/sums | cut -d' ' -f1)" "{all}" "sha256 of the list
 umount /mnt
 "#
     )
-}
-
-/// One counter of the daemon's `status` answer.
-fn counter(daemon: &Daemon, name: &str) -> Option<u64> {
-    let status = pohmelfs::control::query(daemon.socket(), "status").ok()?;
-    status.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(name))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
 }
 
 fn file_len(path: &Path) -> u64 {

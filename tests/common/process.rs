@@ -1,0 +1,43 @@
+//! Child processes of a test: killed when their handle drops, so a failing or panicking test
+//! leaves nothing running; and the tail of their logs for failure messages.
+
+use std::fs;
+use std::path::Path;
+use std::process::Child;
+
+/// A child process, killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Kills the process now (SIGKILL, as a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// The exit status, once the process has exited on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            let mut tail = all[start..].join("\n");
+            tail.retain(|c| c != '\r');
+            tail
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
