@@ -231,6 +231,23 @@ impl PageCache {
         }
     }
 
+    /// Write `data` at byte `offset` into the cached pages of `ino`, leaving
+    /// their tags as they are (the bytes travel in a metadata transaction;
+    /// pages not cached are read from the store, which has them once it is
+    /// acknowledged).
+    pub fn overwrite(&mut self, ino: u64, offset: u64, data: &[u8]) {
+        let end = offset.saturating_add(data.len() as u64);
+        let Some(pages) = self.pages.get_mut(&ino) else {
+            return;
+        };
+        for (idx, page) in pages.range_mut(offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE)) {
+            let start = idx * PAGE_SIZE;
+            let (from, to) = (offset.max(start), end.min(start + PAGE_SIZE));
+            writable(&mut page.buf)[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+        }
+    }
+
     /// Zero `len` bytes at `offset` in cached pages (a punched hole).
     pub fn zero(&mut self, ino: u64, offset: u64, len: u64) {
         let end = offset.saturating_add(len);

@@ -799,10 +799,14 @@ impl Shared {
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
     fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
-        let wait = txn
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Truncate { .. } | Op::PunchHole { .. }));
+        // Data in a metadata transaction (any write shape but the filesystem
+        // layer's) goes write-through, like truncate and punch-hole.
+        let wait = txn.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
+            )
+        });
         let id = {
             let mut st = lock(&self.state);
             // Bound the queue: metadata is small, but not free.
@@ -903,7 +907,7 @@ impl Shared {
                     }
                     Op::Truncate { ino, size } => st.cache.truncate(*ino, *size),
                     Op::PunchHole { ino, offset, len } => st.cache.zero(*ino, *offset, *len),
-                    Op::Write { .. } => {}
+                    Op::Write { ino, offset, data } => st.cache.overwrite(*ino, *offset, data),
                 }
             }
             self.publish(&st);
