@@ -1071,3 +1071,19 @@ fn the_filesystem_over_the_layer_matches_the_filesystem_on_the_store() {
         "the final tree is too small to mean much"
     );
 }
+
+/// The layer over a two-server [`FaultSink`] that loses, fails, drops and
+/// reorders some sends, on the paused clock, and the store behind the sink:
+/// for the store conformance suite (`store::engine::conformance`), which
+/// checks that the layer keeps the store contract.
+pub(crate) fn faulty_layer(policy: OverwritePolicy, seed: u64) -> (WritebackStore, Arc<MemStore>) {
+    let (wb, sink, store, _) = layer(policy, 2, seed);
+    sink.set(Faults {
+        jitter: Duration::from_millis(5),
+        lose_ack: 5,
+        error: 5,
+        drop_after_apply: 5,
+        ..Faults::default()
+    });
+    (wb, store)
+}
