@@ -10,57 +10,34 @@ use std::time::Duration;
 use pohmelfs::proto::auth::{self, Side, Transcript};
 use pohmelfs::proto::msg::{ErrorCode, Request, Response};
 use pohmelfs::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
-use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+use pohmelfs::store::{self, Inode, Op, Store, Txn};
+use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{ScratchDir, StoreServer};
 
 const SECRET: &str = "test-secret-123";
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 
-/// A scratch directory with the shared secret in `secret`.
 fn workdir(name: &str) -> ScratchDir {
-    let dir = ScratchDir::new(&format!("it-{name}")).expect("scratch directory");
-    std::fs::write(dir.join("secret"), SECRET).expect("write the secret");
-    dir
+    ScratchDir::new(&format!("it-{name}")).expect("scratch directory")
 }
 
-/// A `pohmelfs store` process (killed on drop) named `name`, its secret and files in `dir`.
+/// A `pohmelfs store` process named `name` with the secret, killed on drop.
 fn start_server(dir: &ScratchDir, name: &str, data_url: &str) -> StoreServer {
-    StoreServer::builder(env!("CARGO_BIN_EXE_pohmelfs"), dir.path(), data_url)
-        .name(name)
-        .secret_file(dir.join("secret"))
-        .log_level("debug")
-        .start()
-        .expect("start pohmelfs store")
+    StoreServer::start(POHMELFS, dir.path(), name, data_url, Some(SECRET)).expect("start store")
 }
 
 fn remote(dir: &ScratchDir, servers: &[&str], volume: &str) -> std::sync::Arc<dyn Store> {
     let url = format!(
         "pohmel://{}/{volume}?secret_file={}&timeout_ms=2000&give_up_ms=30000",
         servers.join(","),
-        dir.join("secret").display()
+        secret_file(dir.path()).display()
     );
     store::open(&url).expect("open remote volume")
 }
 
-fn file_inode(ino: u64, size: u64) -> Inode {
-    Inode {
-        ino,
-        kind: FileKind::Regular,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size,
-        rdev: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        parent: 0,
-    }
-}
-
 fn write_txn(ino: u64, data: &[u8]) -> Txn {
     let mut t = Txn::new();
-    t.push(Op::PutInode(file_inode(ino, data.len() as u64)));
+    t.push(Op::PutInode(Inode::regular(ino, data.len() as u64)));
     t.push(Op::Write {
         ino,
         offset: 0,

@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use pohmelfs::check::torture::rng::Rng;
 use pohmelfs::metrics::Metrics;
-use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+use pohmelfs::store::{self, Inode, Op, Store, Txn};
 use pohmelfs::txn::{TxnConfig, WritebackStore};
+use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{skip_requested, wait_until, Moto, ScratchDir, StoreServer};
 
 const SECRET: &str = "failover-secret";
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 /// The inodes the workload writes, round robin.
 const INODES: [u64; 4] = [1001, 1002, 1003, 1004];
 /// Consecutive writes to one inode, as a guest writing a file in chunks.
@@ -44,21 +46,13 @@ const WAIT: Duration = Duration::from_secs(120);
 /// How often a wait polls its condition.
 const POLL: Duration = Duration::from_millis(5);
 
-/// A scratch directory with the shared secret in `secret`.
 fn workdir(name: &str) -> ScratchDir {
-    let dir = ScratchDir::new(&format!("failover-{name}")).expect("scratch directory");
-    std::fs::write(dir.join("secret"), SECRET).expect("write the secret");
-    dir
+    ScratchDir::new(&format!("failover-{name}")).expect("scratch directory")
 }
 
-/// A `pohmelfs store` process (killed on drop) named `name`, its secret and files in `dir`.
+/// A `pohmelfs store` process named `name` with the secret, killed on drop.
 fn start_server(dir: &ScratchDir, name: &str, data_url: &str) -> StoreServer {
-    StoreServer::builder(env!("CARGO_BIN_EXE_pohmelfs"), dir.path(), data_url)
-        .name(name)
-        .secret_file(dir.join("secret"))
-        .log_level("debug")
-        .start()
-        .expect("start pohmelfs store")
+    StoreServer::start(POHMELFS, dir.path(), name, data_url, Some(SECRET)).expect("start store")
 }
 
 /// The client URL of volume `vol` on `servers`, in failover order.
@@ -66,25 +60,8 @@ fn pohmel_url(dir: &ScratchDir, servers: &[&str]) -> String {
     format!(
         "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=90000",
         servers.join(","),
-        dir.join("secret").display()
+        secret_file(dir.path()).display()
     )
-}
-
-fn file_inode(ino: u64, size: u64) -> Inode {
-    Inode {
-        ino,
-        kind: FileKind::Regular,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size,
-        rdev: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        parent: 0,
-    }
 }
 
 /// One guest write.
@@ -244,7 +221,7 @@ fn workload(
     let mut rng = Rng::new(seed);
     for ino in INODES {
         let mut t = Txn::new();
-        t.push(Op::PutInode(file_inode(ino, 0)));
+        t.push(Op::PutInode(Inode::regular(ino, 0)));
         s.commit(t)
             .map_err(|e| format!("create {ino}: {}", pohmelfs::ErrorChain(&e)))?;
         p.histories.lock().unwrap().insert(ino, History::default());

@@ -5,8 +5,8 @@
 //! - [`wait`]: [`wait_until`], the only way a test waits: poll a condition, with a bound.
 //! - [`scratch`]: [`ScratchDir`], a test's own directory, removed when the test passes and kept
 //!   (with its logs) when it fails.
-//! - [`process`]: [`ChildGuard`], a child process killed on drop, and [`log_tail`] for failure
-//!   messages.
+//! - [`process`]: [`ChildGuard`], a child process killed on drop that can be waited for until
+//!   ready, and [`log_tail`] for failure messages.
 //! - [`store`]: [`StoreServer`], a `pohmelfs store` process on loopback, restartable on the
 //!   same port and data.
 //! - [`s3`]: [`Moto`], an S3-compatible `moto_server` on loopback with one bucket.

@@ -1,9 +1,16 @@
 //! Child processes of a test: killed when their handle drops, so a failing or panicking test
-//! leaves nothing running; and the tail of their logs for failure messages.
+//! leaves nothing running; waiting for one to become ready; the tail of their logs for failure
+//! messages.
 
 use std::fs;
 use std::path::Path;
 use std::process::Child;
+use std::time::Duration;
+
+use crate::{wait_until, Error, Result};
+
+/// Lines of a log a failure message shows.
+const TAIL_LINES: usize = 40;
 
 /// A child process, killed (SIGKILL) and reaped on drop.
 pub struct ChildGuard(pub Child);
@@ -18,6 +25,39 @@ impl ChildGuard {
     /// The exit status, once the process has exited on its own.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().ok().flatten()
+    }
+
+    /// Polls `ready` every `interval` until it yields a value; fails when the process exits
+    /// first or `timeout` passes, with the tail of its `log`. `what` names it in the error.
+    pub fn wait_ready<T>(
+        &mut self,
+        what: &str,
+        log: &Path,
+        timeout: Duration,
+        interval: Duration,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> Result<T> {
+        let outcome = wait_until(timeout, interval, || {
+            if let Some(status) = self.exited() {
+                return Some(Err(status));
+            }
+            ready().map(Ok)
+        });
+        match outcome {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(status)) => Err(Error::Exited {
+                what: what.to_owned(),
+                status,
+                log: log.to_owned(),
+                tail: log_tail(log, TAIL_LINES),
+            }),
+            None => Err(Error::NotReady {
+                what: what.to_owned(),
+                timeout,
+                log: log.to_owned(),
+                tail: log_tail(log, TAIL_LINES),
+            }),
+        }
     }
 }
 

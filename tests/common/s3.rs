@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{log_tail, wait_until, ChildGuard, Error, Result};
+use crate::{log_tail, ChildGuard, Error, Result};
 
 /// How long moto may take to answer HTTP.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -105,34 +105,17 @@ impl Moto {
                 .spawn()
                 .map_err(Error::io(format!("start {}", exe.display())))?,
         );
-        let what = format!("moto_server on port {port}");
-        let up = wait_until(START_TIMEOUT, POLL, || {
-            if let Some(status) = child.exited() {
-                return Some(Err(status));
-            }
-            http(port, "GET", "/")
-                .is_ok_and(|code| code < 500)
-                .then_some(Ok(()))
-        });
-        match up {
-            Some(Ok(())) => {}
-            Some(Err(status)) => {
-                return Err(Error::Exited {
-                    what,
-                    status,
-                    log: log.to_owned(),
-                    tail: log_tail(log, 30),
-                })
-            }
-            None => {
-                return Err(Error::NotReady {
-                    what,
-                    timeout: START_TIMEOUT,
-                    log: log.to_owned(),
-                    tail: log_tail(log, 30),
-                })
-            }
-        }
+        child.wait_ready(
+            &format!("moto_server on port {port}"),
+            log,
+            START_TIMEOUT,
+            POLL,
+            || {
+                http(port, "GET", "/")
+                    .is_ok_and(|code| code < 500)
+                    .then_some(())
+            },
+        )?;
         let code = http(port, "PUT", &format!("/{bucket}"))
             .map_err(Error::io(format!("create bucket {bucket}")))?;
         if code != 200 {

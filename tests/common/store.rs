@@ -1,80 +1,35 @@
 //! A `pohmelfs store` server process on loopback, for tests of `pohmel://` volumes: killed with
 //! SIGKILL on demand and on drop, restartable on the same port and data so that clients' URLs
-//! stay valid across a crash.
+//! stay valid across a crash. It logs at debug level to `<dir>/<name>.log`, across restarts.
 //!
 //! The first start listens on `127.0.0.1:0` and learns its port from `--addr-file` (written
 //! once listening, by rename), so no port is guessed; a restart binds that port again.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{log_tail, wait_until, ChildGuard, Error, Result};
+use crate::{ChildGuard, Error, Result};
 
 /// How long a server may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the start is polled.
 const POLL: Duration = Duration::from_millis(10);
-/// Lines of the log a failure message shows.
-const TAIL_LINES: usize = 40;
 
-/// How to start a [`StoreServer`]; see [`StoreServer::builder`].
-pub struct StoreServerBuilder {
-    exe: PathBuf,
-    dir: PathBuf,
-    data_url: String,
-    name: String,
-    secret_file: Option<PathBuf>,
-    log_level: Option<String>,
-    env: Vec<(OsString, OsString)>,
-}
-
-impl StoreServerBuilder {
-    /// Names the server's files in the directory: `<name>.log` (appended across restarts) and
-    /// `<name>.addrN`. Default `store`.
-    pub fn name(mut self, name: &str) -> Self {
-        name.clone_into(&mut self.name);
-        self
-    }
-
-    /// The shared secret clients must prove (`--secret-file`); default none.
-    pub fn secret_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.secret_file = Some(path.into());
-        self
-    }
-
-    /// `--log-level`; default the server's own.
-    pub fn log_level(mut self, level: &str) -> Self {
-        self.log_level = Some(level.to_owned());
-        self
-    }
-
-    /// An environment variable of the server process.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// Starts the server and waits until it listens.
-    pub fn start(self) -> Result<StoreServer> {
-        let log = self.dir.join(format!("{}.log", self.name));
-        let mut server = StoreServer {
-            builder: self,
-            child: None,
-            listen: "127.0.0.1:0".to_owned(),
-            log,
-            starts: 0,
-        };
-        server.spawn()?;
-        Ok(server)
-    }
+/// Where servers started in `dir` with a secret find it, and so do their clients'
+/// `secret_file=` options.
+pub fn secret_file(dir: &Path) -> PathBuf {
+    dir.join("secret")
 }
 
 /// A running `pohmelfs store` process.
 pub struct StoreServer {
-    builder: StoreServerBuilder,
+    exe: PathBuf,
+    dir: PathBuf,
+    name: String,
+    data_url: String,
+    secret: bool,
     child: Option<ChildGuard>,
     /// What `--listen` gets: port 0 until the first start has bound one.
     listen: String,
@@ -83,22 +38,34 @@ pub struct StoreServer {
 }
 
 impl StoreServer {
-    /// A server of the `pohmelfs` binary `exe` keeping its volumes under `data_url`, with its
-    /// files in `dir`.
-    pub fn builder(
+    /// Starts the `pohmelfs` binary `exe` as a store server named `name` (its files in `dir`)
+    /// keeping its volumes under `data_url`, and waits until it listens. With `secret`, clients
+    /// must prove it; it is written to [`secret_file`]`(dir)`.
+    pub fn start(
         exe: impl Into<PathBuf>,
-        dir: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
         data_url: &str,
-    ) -> StoreServerBuilder {
-        StoreServerBuilder {
-            exe: exe.into(),
-            dir: dir.into(),
-            data_url: data_url.to_owned(),
-            name: "store".to_owned(),
-            secret_file: None,
-            log_level: None,
-            env: Vec::new(),
+        secret: Option<&str>,
+    ) -> Result<StoreServer> {
+        if let Some(secret) = secret {
+            let path = secret_file(dir);
+            std::fs::write(&path, secret)
+                .map_err(Error::io(format!("write {}", path.display())))?;
         }
+        let mut server = StoreServer {
+            exe: exe.into(),
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            data_url: data_url.to_owned(),
+            secret: secret.is_some(),
+            child: None,
+            listen: "127.0.0.1:0".to_owned(),
+            log: dir.join(format!("{name}.log")),
+            starts: 0,
+        };
+        server.spawn()?;
+        Ok(server)
     }
 
     /// `127.0.0.1:PORT`, the same across restarts.
@@ -131,57 +98,35 @@ impl StoreServer {
 
     fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
-        let b = &self.builder;
         let log = File::options()
             .create(true)
             .append(true)
             .open(&self.log)
             .map_err(Error::io(format!("open {}", self.log.display())))?;
-        let addr_file = b.dir.join(format!("{}.addr{}", b.name, self.starts));
-        let mut cmd = Command::new(&b.exe);
-        cmd.args(["store", "--listen", &self.listen, "--data", &b.data_url])
-            .arg("--addr-file")
+        let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["store", "--listen", &self.listen, "--data", &self.data_url])
+            .args(["--log-level", "debug", "--addr-file"])
             .arg(&addr_file)
-            .envs(b.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(secret) = &b.secret_file {
-            cmd.arg("--secret-file").arg(secret);
+        if self.secret {
+            cmd.arg("--secret-file").arg(secret_file(&self.dir));
         }
-        if let Some(level) = &b.log_level {
-            cmd.args(["--log-level", level]);
-        }
-        let what = format!("store server {} (try {})", b.name, self.starts);
-        let child = ChildGuard(
-            cmd.spawn()
-                .map_err(Error::io(format!("start {}", b.exe.display())))?,
-        );
-        let child = self.child.insert(child);
+        let child = cmd
+            .spawn()
+            .map_err(Error::io(format!("start {}", self.exe.display())))?;
+        let what = format!("store server {} (start {})", self.name, self.starts);
         // The server writes the file by rename once it listens: it is whole when it exists.
-        let outcome = wait_until(START_TIMEOUT, POLL, || {
-            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                return Some(Ok(addr));
-            }
-            child.exited().map(Err)
-        });
-        match outcome {
-            Some(Ok(addr)) => {
-                self.listen = addr.trim().to_owned();
-                Ok(())
-            }
-            Some(Err(status)) => Err(Error::Exited {
-                what,
-                status,
-                log: self.log.clone(),
-                tail: log_tail(&self.log, TAIL_LINES),
-            }),
-            None => Err(Error::NotReady {
-                what,
-                timeout: START_TIMEOUT,
-                log: self.log.clone(),
-                tail: log_tail(&self.log, TAIL_LINES),
-            }),
-        }
+        let addr = self.child.insert(ChildGuard(child)).wait_ready(
+            &what,
+            &self.log,
+            START_TIMEOUT,
+            POLL,
+            || std::fs::read_to_string(&addr_file).ok(),
+        )?;
+        addr.trim().clone_into(&mut self.listen);
+        Ok(())
     }
 }

@@ -19,9 +19,8 @@ pub struct StoreServer(pohmelfs_testkit::StoreServer);
 impl StoreServer {
     /// Start a server keeping its volumes under `data_url`, its log in `dir/store.log`.
     pub fn start(dir: &Path, data_url: &str) -> Result<StoreServer> {
-        let server =
-            pohmelfs_testkit::StoreServer::builder(env!("CARGO_BIN_EXE_pohmelfs"), dir, data_url)
-                .start()?;
+        let exe = env!("CARGO_BIN_EXE_pohmelfs");
+        let server = pohmelfs_testkit::StoreServer::start(exe, dir, "store", data_url, None)?;
         Ok(StoreServer(server))
     }
 
