@@ -14,10 +14,10 @@
 //!   line `scripts/test` counts.
 //!
 //! Every process the kit starts is killed when its handle drops, pass or fail. The kit knows
-//! nothing of pohmelfs' types (it uses only `std`), so the library's own unit tests can use it
-//! without a second copy of the library; the `pohmelfs` binary is passed in by the caller
-//! (`env!("CARGO_BIN_EXE_pohmelfs")`). Its failures are [`Error`]s, for the caller to turn into
-//! a panic or its own failure type.
+//! nothing of pohmelfs' types (it uses `std` and `thiserror`), so the library's own unit tests
+//! use it without a second copy of the library; the `pohmelfs` binary is passed in by the
+//! caller (`env!("CARGO_BIN_EXE_pohmelfs")`). Its failures are [`Error`]s, for the caller to
+//! turn into a panic or its own failure type.
 
 pub mod process;
 pub mod s3;

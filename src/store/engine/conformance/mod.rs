@@ -514,12 +514,12 @@ fn snapshot(s: &dyn Store) -> Snapshot {
     Snapshot { facts, data }
 }
 
-/// Fails unless the snapshots taken after transaction `t` (`ops`) are
-/// equal, byte for byte.
-fn assert_same(a: &Snapshot, b: &Snapshot, t: usize, ops: &[Op]) {
+/// Fails unless the snapshots taken `after` something are equal, byte for
+/// byte.
+fn assert_same(a: &Snapshot, b: &Snapshot, after: &dyn std::fmt::Display) {
     assert_eq!(a.facts.len(), b.facts.len());
     for (x, y) in a.facts.iter().zip(&b.facts) {
-        assert_eq!(x, y, "stores disagree after txn {t}: {ops:?}");
+        assert_eq!(x, y, "stores disagree after {after}");
     }
     for ((ino, x), (_, y)) in a.data.iter().zip(&b.data) {
         if x != y {
@@ -533,8 +533,8 @@ fn assert_same(a: &Snapshot, b: &Snapshot, t: usize, ops: &[Op]) {
                 &y[at..(at + 16).min(y.len())],
             );
             panic!(
-                "stores disagree on the bytes of inode {ino} from offset {at} after txn {t} \
-                 ({ops:?}): {x:?} against {y:?}"
+                "stores disagree on the bytes of inode {ino} from offset {at} after {after}: \
+                 {x:?} against {y:?}"
             );
         }
     }
@@ -571,7 +571,11 @@ pub fn differential(a: &dyn Store, b: &dyn Store, seed: u64, txns: usize) {
         };
         a.commit(Txn { ops: ops.clone() }).unwrap();
         b.commit(Txn { ops: ops.clone() }).unwrap();
-        assert_same(&snapshot(a), &snapshot(b), t, &ops);
+        assert_same(
+            &snapshot(a),
+            &snapshot(b),
+            &format_args!("txn {t}: {ops:?}"),
+        );
     }
 }
 
