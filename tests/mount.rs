@@ -3,8 +3,11 @@
 //! with SIGTERM (clean exit, mount gone), mounted again to find every byte
 //! and attribute; an outside umount; and the one-line errors on bad input.
 //!
-//! Needs /dev/fuse and the right to mount (root); skipped with a notice only
-//! when /dev/fuse is missing.
+//! Needs /dev/fuse and the right to mount (root); skipped, with the line
+//! `SKIPPED: <test>: <reason>` on stderr, only when /dev/fuse is missing.
+
+// Test crate: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -13,10 +16,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use pohmelfs::check::torture::rng::Rng;
+use pohmelfs_testkit::{skipped, wait_until};
 
 /// How long a mount may take to appear, and a daemon to exit.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How often those waits poll.
+const POLL: Duration = Duration::from_millis(10);
 
 /// The size of the big file, written in 1 MiB pieces.
 const BIG_BYTES: usize = 20 << 20;
@@ -25,21 +33,8 @@ fn have_fuse() -> bool {
     if Path::new("/dev/fuse").exists() {
         return true;
     }
-    eprintln!("SKIP: /dev/fuse is missing; the mount tests need the FUSE device");
+    skipped("/dev/fuse is missing; the mount tests need the FUSE device");
     false
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// True when `path` is a mount point in this mount namespace.
@@ -100,12 +95,12 @@ impl Mounted {
             log: log.to_path_buf(),
         };
         let mut exited = None;
-        let up = wait_until(TIMEOUT, || {
+        let up = wait_until(TIMEOUT, POLL, || {
             exited = m.child.try_wait().expect("poll child");
             exited.is_some() || is_mounted(&m.mountpoint)
         });
         assert!(
-            up && exited.is_none(),
+            up.is_some() && exited.is_none(),
             "not mounted (exit: {exited:?}): {}",
             m.log_text()
         );
@@ -125,13 +120,8 @@ impl Mounted {
 
     /// Wait for the process to exit on its own.
     fn wait_exit(&mut self) -> ExitStatus {
-        let mut status = None;
-        let exited = wait_until(TIMEOUT, || {
-            status = self.child.try_wait().expect("poll child");
-            status.is_some()
-        });
-        assert!(exited, "did not exit: {}", self.log_text());
-        status.expect("exit status")
+        let status = wait_until(TIMEOUT, POLL, || self.child.try_wait().expect("poll child"));
+        status.unwrap_or_else(|| panic!("did not exit: {}", self.log_text()))
     }
 
     /// SIGTERM, then check the exit is clean and the mount is gone.
@@ -161,18 +151,11 @@ impl Drop for Mounted {
     }
 }
 
-/// A deterministic pseudo-random byte stream (xorshift), so a corrupted or
-/// shifted block cannot match by accident.
+/// A deterministic pseudo-random byte stream, so a corrupted or shifted
+/// block cannot match by accident.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0; len];
+    Rng::new(seed).fill(&mut out);
     out
 }
 
@@ -407,9 +390,7 @@ fn outside_umount_ends_the_daemon_cleanly() {
 
 #[test]
 fn bad_input_is_one_line_and_exit_1() {
-    if !have_fuse() {
-        return;
-    }
+    // Every case fails before /dev/fuse is opened: no skip without it.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     fs::write(&file, b"").unwrap();

@@ -3,123 +3,44 @@
 //! and failover from a fenced server, driven through the real client
 //! (`pohmel://`) and through raw protocol frames.
 
+// Test crate: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pohmelfs::proto::auth::{self, Side, Transcript};
 use pohmelfs::proto::msg::{ErrorCode, Request, Response};
 use pohmelfs::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
-use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+use pohmelfs::store::{self, Inode, Op, Store, Txn};
+use pohmelfs_testkit::store::secret_file;
+use pohmelfs_testkit::{ScratchDir, StoreServer};
 
 const SECRET: &str = "test-secret-123";
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 
-/// A `pohmelfs store` process, killed on drop.
-struct StoreProc {
-    child: Child,
-    addr: String,
-    log: PathBuf,
+fn workdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("it-{name}")).expect("scratch directory")
 }
 
-impl StoreProc {
-    fn start(dir: &Path, name: &str, data_url: &str) -> StoreProc {
-        let addr_file = dir.join(format!("{name}.addr"));
-        let _ = std::fs::remove_file(&addr_file);
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_pohmelfs"))
-            .args([
-                "store",
-                "--listen",
-                "127.0.0.1:0",
-                "--data",
-                data_url,
-                "--log-level",
-                "debug",
-            ])
-            .arg("--secret-file")
-            .arg(dir.join("secret"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start pohmelfs store");
-        let mut p = StoreProc {
-            child,
-            addr: String::new(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                p.addr = a;
-                return p;
-            }
-            if let Ok(Some(status)) = p.child.try_wait() {
-                panic!(
-                    "store exited with {status}: {}",
-                    std::fs::read_to_string(&p.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "store did not report its address: {}",
-            std::fs::read_to_string(&p.log).unwrap_or_default()
-        );
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
+/// A `pohmelfs store` process named `name` with the secret, killed on drop.
+fn start_server(dir: &ScratchDir, name: &str, data_url: &str) -> StoreServer {
+    StoreServer::start(POHMELFS, dir.path(), name, data_url, Some(SECRET)).expect("start store")
 }
 
-impl Drop for StoreProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pohmelfs-it-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("secret"), SECRET).unwrap();
-    d
-}
-
-fn remote(dir: &Path, servers: &[&str], volume: &str) -> std::sync::Arc<dyn Store> {
+fn remote(dir: &ScratchDir, servers: &[&str], volume: &str) -> std::sync::Arc<dyn Store> {
     let url = format!(
         "pohmel://{}/{volume}?secret_file={}&timeout_ms=2000&give_up_ms=30000",
         servers.join(","),
-        dir.join("secret").display()
+        secret_file(dir.path()).display()
     );
     store::open(&url).expect("open remote volume")
 }
 
-fn file_inode(ino: u64, size: u64) -> Inode {
-    Inode {
-        ino,
-        kind: FileKind::Regular,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size,
-        rdev: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        parent: 0,
-    }
-}
-
 fn write_txn(ino: u64, data: &[u8]) -> Txn {
     let mut t = Txn::new();
-    t.push(Op::PutInode(file_inode(ino, data.len() as u64)));
+    t.push(Op::PutInode(Inode::regular(ino, data.len() as u64)));
     t.push(Op::Write {
         ino,
         offset: 0,
@@ -138,9 +59,9 @@ fn read_all(s: &dyn Store, ino: u64) -> Vec<u8> {
 #[test]
 fn acked_transactions_survive_kill_9() {
     let dir = workdir("kill9");
-    let data = format!("file://{}/volumes", dir.display());
-    let mut server = StoreProc::start(&dir, "a", &data);
-    let s = remote(&dir, &[&server.addr], "vol");
+    let data = format!("file://{}/volumes", dir.path().display());
+    let mut server = start_server(&dir, "a", &data);
+    let s = remote(&dir, &[server.addr()], "vol");
     let mut expected = Vec::new();
     for i in 0..50u64 {
         let body: Vec<u8> = (0..(1000 + i * 3000)).map(|b| (b * 7 + i) as u8).collect();
@@ -149,8 +70,8 @@ fn acked_transactions_survive_kill_9() {
     }
     server.kill9();
     drop(s);
-    let server = StoreProc::start(&dir, "b", &data);
-    let s = remote(&dir, &[&server.addr], "vol");
+    let server = start_server(&dir, "b", &data);
+    let s = remote(&dir, &[server.addr()], "vol");
     for (i, body) in expected.iter().enumerate() {
         assert_eq!(
             &read_all(&*s, 100 + i as u64),
@@ -227,8 +148,12 @@ impl Raw {
 #[test]
 fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     let dir = workdir("once");
-    let server = StoreProc::start(&dir, "a", &format!("file://{}/volumes", dir.display()));
-    let mut raw = Raw::connect(&server.addr, SECRET, 42, "vol").unwrap();
+    let server = start_server(
+        &dir,
+        "a",
+        &format!("file://{}/volumes", dir.path().display()),
+    );
+    let mut raw = Raw::connect(server.addr(), SECRET, 42, "vol").unwrap();
     let first = raw.call(&Request::Txn {
         txn_id: 5,
         low_water: 5,
@@ -288,7 +213,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     assert_eq!(d, b"BBBB");
     // A resend on a new connection of the same session is a duplicate too.
     drop(raw);
-    let mut raw = Raw::connect(&server.addr, SECRET, 42, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, 42, "vol").unwrap();
     let again = raw.call(&Request::Txn {
         txn_id: 6,
         low_water: 5,
@@ -305,7 +230,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
         "{again:?}"
     );
     // Another session's id 5 is a different transaction.
-    let mut other = Raw::connect(&server.addr, SECRET, 43, "vol").unwrap();
+    let mut other = Raw::connect(server.addr(), SECRET, 43, "vol").unwrap();
     let r = other.call(&Request::Txn {
         txn_id: 5,
         low_water: 5,
@@ -326,12 +251,12 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
 #[test]
 fn clients_without_the_secret_are_refused() {
     let dir = workdir("auth");
-    let server = StoreProc::start(&dir, "a", "mem:");
-    let err = Raw::connect(&server.addr, "wrong", 1, "vol")
+    let server = start_server(&dir, "a", "mem:");
+    let err = Raw::connect(server.addr(), "wrong", 1, "vol")
         .err()
         .expect("refused");
     assert_eq!(err.0, ErrorCode::AuthFailed);
-    let url = format!("pohmel://{}/vol?give_up_ms=0", server.addr);
+    let url = format!("pohmel://{}/vol?give_up_ms=0", server.addr());
     assert!(
         store::open(&url).is_err(),
         "a client without the secret must not connect"
@@ -341,8 +266,8 @@ fn clients_without_the_secret_are_refused() {
 #[test]
 fn malformed_frames_get_an_error_and_the_server_lives_on() {
     let dir = workdir("malformed");
-    let server = StoreProc::start(&dir, "a", "mem:");
-    let mut raw = Raw::connect(&server.addr, SECRET, 1, "vol").unwrap();
+    let server = start_server(&dir, "a", "mem:");
+    let mut raw = Raw::connect(server.addr(), SECRET, 1, "vol").unwrap();
     let mut bad = Request::GetInode { ino: 1 }.to_frame(3).encode();
     let last = bad.len() - 1;
     bad[last] ^= 0xff; // checksum no longer matches
@@ -355,7 +280,7 @@ fn malformed_frames_get_an_error_and_the_server_lives_on() {
         other => panic!("expected BadRequest, got {other:?}"),
     }
     // An oversize length claim, garbage, then a clean client still works.
-    let mut raw = Raw::connect(&server.addr, SECRET, 2, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, 2, "vol").unwrap();
     let mut huge = Request::Statfs.to_frame(1).encode();
     huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     raw.send_bytes(&huge);
@@ -366,29 +291,29 @@ fn malformed_frames_get_an_error_and_the_server_lives_on() {
             ..
         })
     ));
-    let mut garbage = TcpStream::connect(&server.addr).unwrap();
+    let mut garbage = TcpStream::connect(server.addr()).unwrap();
     garbage.write_all(&[0xAB; 4096]).unwrap();
-    let mut raw = Raw::connect(&server.addr, SECRET, 3, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, 3, "vol").unwrap();
     assert!(matches!(raw.call(&Request::Statfs), Response::Stats(_)));
 }
 
 #[test]
 fn a_fenced_server_sends_the_client_elsewhere() {
     let dir = workdir("fence");
-    let data = format!("file://{}/volumes", dir.display());
-    let a = StoreProc::start(&dir, "a", &data);
-    let b = StoreProc::start(&dir, "b", &data);
-    let s = remote(&dir, &[&a.addr, &b.addr], "vol");
+    let data = format!("file://{}/volumes", dir.path().display());
+    let a = start_server(&dir, "a", &data);
+    let b = start_server(&dir, "b", &data);
+    let s = remote(&dir, &[a.addr(), b.addr()], "vol");
     s.commit(write_txn(300, b"before")).unwrap();
     // Another client opens the volume on b: b takes it over and fences a.
-    let other = remote(&dir, &[&b.addr], "vol");
+    let other = remote(&dir, &[b.addr()], "vol");
     other.commit(write_txn(301, b"taken over")).unwrap();
     // The first client's next write is refused by a (fenced) and resent to b.
     s.commit(write_txn(302, b"after")).unwrap();
     assert_eq!(read_all(&*other, 300), b"before");
     assert_eq!(read_all(&*other, 302), b"after");
     assert_eq!(read_all(&*s, 301), b"taken over");
-    let log = std::fs::read_to_string(&a.log).unwrap();
+    let log = a.log_text();
     assert!(
         log.contains("fenced") || log.contains("Fenced"),
         "server a did not report being fenced:\n{log}"

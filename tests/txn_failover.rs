@@ -14,20 +14,23 @@
 //! final sync the volume must equal a model of the workload. Child
 //! processes are killed on drop, pass or fail.
 
+// Test crate: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
-use std::io::{Read, Write as _};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pohmelfs::check::torture::rng::Rng;
 use pohmelfs::metrics::Metrics;
-use pohmelfs::store::{self, FileKind, Inode, Op, Store, Timestamp, Txn};
+use pohmelfs::store::{self, Inode, Op, Store, Txn};
 use pohmelfs::txn::{TxnConfig, WritebackStore};
+use pohmelfs_testkit::store::secret_file;
+use pohmelfs_testkit::{skip_requested, wait_until, Moto, ScratchDir, StoreServer};
 
 const SECRET: &str = "failover-secret";
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 /// The inodes the workload writes, round robin.
 const INODES: [u64; 4] = [1001, 1002, 1003, 1004];
 /// Consecutive writes to one inode, as a guest writing a file in chunks.
@@ -44,179 +47,25 @@ const SYNCS_AFTER_FAULT: u64 = 4;
 /// Bound on every wait for the workload or a process.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Polls `cond` every 5 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// How often a wait polls its condition.
+const POLL: Duration = Duration::from_millis(5);
+
+fn workdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("failover-{name}")).expect("scratch directory")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pohmelfs-failover-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("secret"), SECRET).unwrap();
-    d
-}
-
-/// A `pohmelfs store` process on a fixed loopback port, killed on drop and
-/// restartable on the same port and data.
-struct StoreProc {
-    child: Option<Child>,
-    dir: PathBuf,
-    name: String,
-    port: u16,
-    data_url: String,
-    env: Vec<(&'static str, &'static str)>,
-    log: PathBuf,
-    starts: u32,
-}
-
-impl StoreProc {
-    fn start(
-        dir: &Path,
-        name: &str,
-        data_url: &str,
-        env: &[(&'static str, &'static str)],
-    ) -> StoreProc {
-        let mut p = StoreProc {
-            child: None,
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-            port: free_port(),
-            data_url: data_url.to_string(),
-            env: env.to_vec(),
-            log: dir.join(format!("{name}.log")),
-            starts: 0,
-        };
-        p.spawn();
-        p
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        self.starts += 1;
-        let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pohmelfs"))
-            .args(["store", "--listen", &self.addr(), "--data", &self.data_url])
-            .args(["--log-level", "debug"])
-            .arg("--secret-file")
-            .arg(self.dir.join("secret"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .envs(self.env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start pohmelfs store");
-        self.child = Some(child);
-        let mut exited = None;
-        let up = wait_until(Duration::from_secs(60), || {
-            if addr_file.exists() {
-                return true;
-            }
-            exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            exited.is_some()
-        });
-        assert!(
-            up && exited.is_none(),
-            "store {} did not start listening on {} (exit: {exited:?}):\n{}",
-            self.name,
-            self.addr(),
-            self.log_text()
-        );
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Start again on the same port and data.
-    fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for StoreProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// A `pohmelfs store` process named `name` with the secret, killed on drop.
+fn start_server(dir: &ScratchDir, name: &str, data_url: &str) -> StoreServer {
+    StoreServer::start(POHMELFS, dir.path(), name, data_url, Some(SECRET)).expect("start store")
 }
 
 /// The client URL of volume `vol` on `servers`, in failover order.
-fn pohmel_url(dir: &Path, servers: &[String]) -> String {
+fn pohmel_url(dir: &ScratchDir, servers: &[&str]) -> String {
     format!(
         "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=90000",
         servers.join(","),
-        dir.join("secret").display()
+        secret_file(dir.path()).display()
     )
-}
-
-fn file_inode(ino: u64, size: u64) -> Inode {
-    Inode {
-        ino,
-        kind: FileKind::Regular,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size,
-        rdev: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        parent: 0,
-    }
-}
-
-/// A seeded xorshift64* generator, so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// One guest write.
@@ -287,9 +136,10 @@ impl Progress {
     /// Waits until the workload completed `syncs` fsyncs; panics if it failed
     /// or stalled.
     fn wait_for_syncs(&self, syncs: u64, why: &str) {
-        let ok = wait_until(WAIT, || {
+        let ok = wait_until(WAIT, POLL, || {
             self.syncs.load(Ordering::SeqCst) >= syncs || self.done.load(Ordering::SeqCst)
-        });
+        })
+        .is_some();
         if let Some(e) = self.error.lock().unwrap().as_ref() {
             panic!("the workload failed ({why}): {e}");
         }
@@ -304,7 +154,7 @@ impl Progress {
     /// one store call; returns which call.
     fn wait_until_stuck(&self, since: Instant, stuck: Duration) -> &'static str {
         let mut call = None;
-        let ok = wait_until(WAIT, || {
+        let ok = wait_until(WAIT, POLL, || {
             call = self
                 .current
                 .lock()
@@ -312,7 +162,8 @@ impl Progress {
                 .filter(|(_, start)| (*start).max(since).elapsed() >= stuck)
                 .map(|(what, _)| what);
             call.is_some() || self.done.load(Ordering::SeqCst)
-        });
+        })
+        .is_some();
         if let Some(e) = self.error.lock().unwrap().as_ref() {
             panic!("the workload failed while the store was down: {e}");
         }
@@ -371,10 +222,10 @@ fn workload(
     max_write: u64,
     pause: Pause,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     for ino in INODES {
         let mut t = Txn::new();
-        t.push(Op::PutInode(file_inode(ino, 0)));
+        t.push(Op::PutInode(Inode::regular(ino, 0)));
         s.commit(t)
             .map_err(|e| format!("create {ino}: {}", pohmelfs::ErrorChain(&e)))?;
         p.histories.lock().unwrap().insert(ino, History::default());
@@ -602,8 +453,8 @@ fn opened_epoch(log: &str) -> Option<u64> {
 #[test]
 fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     let dir = workdir("kill9");
-    let data = format!("file://{}/volumes", dir.display());
-    let mut server = StoreProc::start(&dir, "store", &data, &[]);
+    let data = format!("file://{}/volumes", dir.path().display());
+    let mut server = start_server(&dir, "store", &data);
     let metrics = Arc::new(Metrics::default());
     let wb = pohmelfs::txn::open(
         &pohmel_url(&dir, &[server.addr()]),
@@ -641,7 +492,7 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
         check_crash_state(&*engine, &histories)
     };
     let writes_in_outage = progress.writes.load(Ordering::SeqCst) - writes_at_kill;
-    server.restart();
+    server.restart().expect("restart the store");
     let restarted = Instant::now();
     let outage = restarted - killed;
 
@@ -684,11 +535,10 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     // Through a fresh client on a fresh server process.
     let final_histories = progress.snapshot();
     drop(wb);
-    server.restart();
+    server.restart().expect("restart the store");
     let fresh = store::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
     check_final(&*fresh, &final_histories);
     drop((fresh, server));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A store server on a volume of eight blocks: its NoSpace reaches the
@@ -697,8 +547,8 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
 #[test]
 fn a_full_volume_on_a_store_server_answers_enospc() {
     let dir = workdir("full");
-    let data = format!("file://{}/volumes?capacity=512K", dir.display());
-    let server = StoreProc::start(&dir, "store", &data, &[]);
+    let data = format!("file://{}/volumes?capacity=512K", dir.path().display());
+    let server = start_server(&dir, "store", &data);
     let metrics = Arc::new(Metrics::default());
     let url = pohmel_url(&dir, &[server.addr()]);
     let wb = pohmelfs::txn::open(
@@ -709,7 +559,7 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
     .expect("open the volume through the transaction layer");
     let ino = INODES[0];
     let mut t = Txn::new();
-    t.push(Op::PutInode(file_inode(ino, 0)));
+    t.push(Op::PutInode(Inode::regular(ino, 0)));
     wb.commit(t).expect("create");
     // Four times what the volume holds, as the filesystem layer writes it.
     const CHUNK: u64 = 64 << 10;
@@ -721,7 +571,7 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
             offset: i * CHUNK,
             data: vec![i as u8 + 1; CHUNK as usize],
         });
-        t.push(Op::PutInode(file_inode(ino, (i + 1) * CHUNK)));
+        t.push(Op::PutInode(Inode::regular(ino, (i + 1) * CHUNK)));
         match wb.commit(t) {
             Ok(()) => {}
             Err(store::StoreError::NoSpace) => refused_at_write += 1,
@@ -745,117 +595,27 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
         metrics.txn_no_space.get()
     );
     drop((fresh, wb, server));
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A `moto_server` on a free loopback port with one bucket, killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-    log: PathBuf,
 }
 
 const BUCKET: &str = "pohmelfs-failover";
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A `moto_server` with the bucket, or `None` when S3 tests are skipped.
+fn start_moto(dir: &ScratchDir) -> Option<Moto> {
+    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the S3 failover test") {
+        return None;
     }
+    Some(Moto::start(dir.path(), BUCKET).expect("start moto_server"))
 }
-
-/// `moto_server` from PATH or from `target/venv/bin` (scripts/setup).
-fn find_moto() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin");
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(std::iter::once(venv))
-        .map(|d| d.join("moto_server"))
-        .find(|p| p.is_file())
-}
-
-/// One HTTP/1.1 request; the status code of the answer.
-fn http(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        conn,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
-         Connection: close\r\n\r\n"
-    )?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)?;
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:.200}")))
-}
-
-impl Moto {
-    /// Starts moto with the bucket, or `None` when S3 tests are skipped.
-    fn start(dir: &Path) -> Option<Moto> {
-        if std::env::var("POHMELFS_SKIP_S3_TESTS").as_deref() == Ok("1") {
-            eprintln!("POHMELFS_SKIP_S3_TESTS=1: skipping the S3 failover test");
-            return None;
-        }
-        let exe = find_moto().unwrap_or_else(|| {
-            panic!(
-                "moto_server is neither on PATH nor in target/venv/bin; install it with \
-                 `scripts/setup` (install_moto) or `pip install 'moto[server]'` \
-                 (or set POHMELFS_SKIP_S3_TESTS=1 to skip this test)"
-            )
-        });
-        let port = free_port();
-        let log = dir.join("moto.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start moto_server");
-        let moto = Moto { child, port, log };
-        let up = wait_until(Duration::from_secs(60), || {
-            http(port, "GET", "/").is_ok_and(|code| code < 500)
-        });
-        assert!(
-            up,
-            "moto_server did not come up:\n{}",
-            std::fs::read_to_string(&moto.log).unwrap_or_default()
-        );
-        let code = http(port, "PUT", &format!("/{BUCKET}")).expect("create bucket");
-        assert_eq!(code, 200, "creating the bucket");
-        Some(moto)
-    }
-
-    /// Where the servers keep their volumes; credentials come from the env.
-    fn data_url(&self) -> String {
-        format!(
-            "s3://{BUCKET}/volumes?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
-            self.port
-        )
-    }
-}
-
-/// Any credentials do for moto; the servers get them through the environment.
-const AWS_ENV: [(&str, &str); 2] = [
-    ("AWS_ACCESS_KEY_ID", "failover-test"),
-    ("AWS_SECRET_ACCESS_KEY", "failover-test"),
-];
 
 #[test]
 fn two_servers_on_one_s3_bucket_fail_over() {
     let dir = workdir("s3");
-    let Some(moto) = Moto::start(&dir) else {
+    let Some(moto) = start_moto(&dir) else {
         return;
     };
-    let data = moto.data_url();
-    let mut a = StoreProc::start(&dir, "a", &data, &AWS_ENV);
-    let b = StoreProc::start(&dir, "b", &data, &AWS_ENV);
+    let data = moto.url("volumes");
+    let mut a = start_server(&dir, "a", &data);
+    let b = start_server(&dir, "b", &data);
     let metrics = Arc::new(Metrics::default());
     let wb = pohmelfs::txn::open(
         &pohmel_url(&dir, &[a.addr(), b.addr()]),
@@ -884,13 +644,14 @@ fn two_servers_on_one_s3_bucket_fail_over() {
     let syncs_at_kill = progress.syncs.load(Ordering::SeqCst);
     let acked_at_kill = metrics.txn_acked.get();
     let mut first_ack_after = None;
-    let acked = wait_until(WAIT, || {
+    let acked = wait_until(WAIT, POLL, || {
         let now = metrics.txn_acked.get() > acked_at_kill;
         if now {
             first_ack_after = Some(killed.elapsed());
         }
         now || progress.done.load(Ordering::SeqCst)
-    });
+    })
+    .is_some();
     assert!(
         acked && first_ack_after.is_some(),
         "no transaction was acknowledged within {WAIT:?} of the primary's death (error: {:?})\n\
@@ -948,5 +709,4 @@ fn two_servers_on_one_s3_bucket_fail_over() {
     let fresh = store::open(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
     check_final(&*fresh, &histories);
     drop((fresh, a, b, moto));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,8 +13,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use pohmelfs_testkit::ChildGuard;
 
 use crate::harness::daemon::Daemon;
 use crate::harness::qemu::GuestOutput;
@@ -164,16 +166,6 @@ umount /mnt
 "#,
     );
     s
-}
-
-/// A child process killed on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs `pohmelfs check` on the volume at `url` (nothing may have it open) and fails unless

@@ -28,6 +28,9 @@
 //! `POHMELFS_SKIP_VM_TESTS=1` skips them all and `POHMELFS_SKIP_VIRTIOFSD=1` skips the
 //! reference runs.
 
+// Test crate: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod boot;
 mod crash;
 mod durability;

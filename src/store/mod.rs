@@ -179,6 +179,27 @@ pub struct Inode {
     pub parent: u64,
 }
 
+impl Inode {
+    /// A regular file of `size` bytes: mode 0644, owned by root, one link,
+    /// every time zero, no parent.
+    pub fn regular(ino: u64, size: u64) -> Inode {
+        Inode {
+            ino,
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size,
+            rdev: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            parent: 0,
+        }
+    }
+}
+
 /// One directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dirent {

@@ -596,7 +596,10 @@ impl Store for RemoteStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        let max = max.clamp(1, MAX_READDIR as usize) as u32;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = max.min(MAX_READDIR as usize) as u32;
         match self.call(Request::Readdir { parent, after, max })? {
             Response::Dirents(d) => Ok(d),
             r => Err(unexpected(r)),

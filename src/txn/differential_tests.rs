@@ -90,6 +90,7 @@ fn the_filesystem_over_the_layer_matches_the_filesystem_on_the_store() {
     }
 }
 
+#[allow(clippy::too_many_lines)] // TEMP-SPLIT
 fn run(policy: OverwritePolicy) {
     let direct_store = Arc::new(MemStore::new(1 << 30));
     let direct = PohmelFs::new(

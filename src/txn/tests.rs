@@ -1066,3 +1066,41 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
         "no log line says why:\n{stderr}"
     );
 }
+
+/// The layer over a two-server [`FaultSink`] that fails and drops some
+/// sends, and the store behind the sink: for the store conformance suite
+/// (`store::engine::conformance`), which checks that the layer keeps the
+/// store contract. With `lingering`, metadata transactions wait (600 s, on a
+/// real clock) until a sync or a commit that waits sends them, so the layer
+/// answers reads from its overlays; without, they leave at once, on the
+/// paused clock, and the sink also loses and reorders acks.
+pub(crate) fn faulty_layer(
+    policy: OverwritePolicy,
+    seed: u64,
+    lingering: bool,
+) -> (WritebackStore, Arc<MemStore>) {
+    let faults = Faults {
+        error: 5,
+        drop_after_apply: 5,
+        ..Faults::default()
+    };
+    let (wb, sink, store, _) = if lingering {
+        let config = TxnConfig {
+            meta_linger: Duration::from_secs(600),
+            ..cfg(policy)
+        };
+        layer_with(config, 2, seed, false)
+    } else {
+        layer(policy, 2, seed)
+    };
+    sink.set(if lingering {
+        faults
+    } else {
+        Faults {
+            jitter: Duration::from_millis(5),
+            lose_ack: 5,
+            ..faults
+        }
+    });
+    (wb, store)
+}

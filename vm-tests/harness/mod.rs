@@ -9,6 +9,8 @@
 //!   ([`Daemon::check_health`]: no panic in its log; pohmelfs alive with `fs_internal_errors`
 //!   at 0). Every test so ends with that check after its last guest.
 //! - [`cpio`]: the newc archive writer that hands the script to the guest.
+//! - [`store`]: a `pohmelfs store` server for `pohmel://` volumes. The daemon's counters are
+//!   read by [`Daemon::counter`]. Waiting, log tails and processes come from the test kit (`pohmelfs_testkit`).
 //!
 //! Every test gets a [`VmTest`]: its own directory under `target/vm-tests/`, removed when the test
 //! passes and kept (with the daemon, QEMU and console logs) when it fails. Child processes are
@@ -30,9 +32,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, DaemonKind};
+pub use pohmelfs_testkit::{log_tail, wait_until};
 pub use qemu::Guest;
 
 /// Why a VM test failed: a message meant to be read as is, with log tails and the fix.
@@ -72,39 +74,6 @@ pub fn target_dir() -> PathBuf {
 
 fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|value| !value.is_empty() && value != "0")
-}
-
-/// Polls `condition` every `interval` until it yields a value or `timeout` has passed.
-pub fn wait_until<T>(
-    timeout: Duration,
-    interval: Duration,
-    mut condition: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = condition() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(interval);
-    }
-}
-
-/// The last `lines` lines of a log file, for failure messages.
-pub fn log_tail(path: &Path, lines: usize) -> String {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            let start = all.len().saturating_sub(lines);
-            let mut tail = all[start..].join("\n");
-            tail.retain(|c| c != '\r');
-            tail
-        }
-        Err(error) => format!("(cannot read {}: {error})", path.display()),
-    }
 }
 
 /// One VM test run against one daemon: its name, daemon kind and scratch directory.

@@ -1,0 +1,94 @@
+//! The one test kit of pohmelfs, shared by the unit tests (as a dev-dependency), the integration
+//! tests in `tests/` and the VM harness in `vm-tests/harness/`.
+//!
+//! # Layout
+//! - [`wait`]: [`wait_until`], the only way a test waits: poll a condition, with a bound.
+//! - [`scratch`]: [`ScratchDir`], a test's own directory, removed when the test passes and kept
+//!   (with its logs) when it fails.
+//! - [`process`]: [`ChildGuard`], a child process killed on drop that can be waited for until
+//!   ready, and [`log_tail`] for failure messages.
+//! - [`store`]: [`StoreServer`], a `pohmelfs store` process on loopback, restartable on the
+//!   same port and data.
+//! - [`s3`]: [`Moto`], an S3-compatible `moto_server` on loopback with one bucket.
+//! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
+//!   line `scripts/test` counts.
+//!
+//! Every process the kit starts is killed when its handle drops, pass or fail. The kit knows
+//! nothing of pohmelfs' types (it uses `std` and `thiserror`), so the library's own unit tests
+//! use it without a second copy of the library; the `pohmelfs` binary is passed in by the
+//! caller (`env!("CARGO_BIN_EXE_pohmelfs")`). Its failures are [`Error`]s, for the caller to
+//! turn into a panic or its own failure type.
+
+pub mod process;
+pub mod s3;
+pub mod scratch;
+pub mod skip;
+pub mod store;
+pub mod wait;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use process::{log_tail, ChildGuard};
+pub use s3::Moto;
+pub use scratch::ScratchDir;
+pub use skip::{skip_requested, skipped};
+pub use store::StoreServer;
+pub use wait::{wait_until, Ready};
+
+/// Why a kit helper failed. `Debug` prints the message as `Display` does, log tails included,
+/// so `expect` and `unwrap` on a kit result read well.
+#[derive(thiserror::Error)]
+pub enum Error {
+    /// A file or socket operation failed.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program the test needs is not installed.
+    #[error("{program} is not installed: {fix}")]
+    Missing { program: String, fix: String },
+    /// A process ended while the test still needed it.
+    #[error("{what} exited with {status}; {}:\n{tail}", log.display())]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    /// A process did not become ready in time.
+    #[error("{what} not ready within {timeout:?}; {}:\n{tail}", log.display())]
+    NotReady {
+        what: String,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    /// A process answered, but not as it should.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl Error {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,148 @@
+//! An S3-compatible server on loopback: `moto_server` (`pip install 'moto[server]'`, or
+//! `scripts/setup`, which installs it in `target/venv`), which enforces the conditional puts
+//! SlateDB relies on for fencing. One bucket, any credentials; killed on drop.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{log_tail, ChildGuard, Error, Result};
+
+/// How long moto may take to answer HTTP.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the start is polled.
+const POLL: Duration = Duration::from_millis(50);
+/// Ports tried: a free port found by binding can be taken by another process before moto binds
+/// it, and then moto exits at once.
+const PORT_TRIES: u32 = 3;
+
+/// A running `moto_server` with one bucket.
+pub struct Moto {
+    _child: ChildGuard,
+    port: u16,
+    bucket: String,
+    log: PathBuf,
+}
+
+/// `moto_server` from PATH, or from `target/venv/bin` where `scripts/setup` installs it.
+fn find_moto() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/venv/bin");
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::iter::once(venv))
+        .map(|dir| dir.join("moto_server"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(Error::io("find a free port"))
+}
+
+/// One HTTP/1.1 request without a body; the status code of the answer.
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:.200}")))
+}
+
+impl Moto {
+    /// Starts moto with its log in `dir` and creates `bucket`. A missing `moto_server` is an
+    /// error that says how to install it.
+    pub fn start(dir: &Path, bucket: &str) -> Result<Moto> {
+        let exe = find_moto().ok_or_else(|| Error::Missing {
+            program: "moto_server".into(),
+            fix: "neither on PATH nor in target/venv/bin; install it with `scripts/setup` or \
+                  `pip install 'moto[server]'` (or set POHMELFS_SKIP_S3_TESTS=1 to skip the S3 \
+                  tests)"
+                .into(),
+        })?;
+        let log = dir.join("moto.log");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Moto::spawn(&exe, &log, bucket) {
+                Err(Error::Exited { .. }) if tries < PORT_TRIES => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn spawn(exe: &Path, log: &Path, bucket: &str) -> Result<Moto> {
+        let port = free_port()?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(Error::io(format!("open {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(Error::io(format!("open {}", log.display())))?;
+        let mut child = ChildGuard(
+            Command::new(exe)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(Error::io(format!("start {}", exe.display())))?,
+        );
+        child.wait_ready(
+            &format!("moto_server on port {port}"),
+            log,
+            START_TIMEOUT,
+            POLL,
+            || {
+                http(port, "GET", "/")
+                    .is_ok_and(|code| code < 500)
+                    .then_some(())
+            },
+        )?;
+        let code = http(port, "PUT", &format!("/{bucket}"))
+            .map_err(Error::io(format!("create bucket {bucket}")))?;
+        if code != 200 {
+            return Err(Error::Unexpected(format!(
+                "creating bucket {bucket} answered {code}:\n{}",
+                log_tail(log, 30)
+            )));
+        }
+        Ok(Moto {
+            _child: child,
+            port,
+            bucket: bucket.to_owned(),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The `s3://` URL of `prefix` in the bucket, with the endpoint and (dummy) credentials.
+    pub fn url(&self, prefix: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true\
+             &access_key_id=test&secret_access_key=test",
+            self.bucket, self.port
+        )
+    }
+
+    /// The last lines of moto's log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 30)
+    }
+}

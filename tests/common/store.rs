@@ -1,0 +1,132 @@
+//! A `pohmelfs store` server process on loopback, for tests of `pohmel://` volumes: killed with
+//! SIGKILL on demand and on drop, restartable on the same port and data so that clients' URLs
+//! stay valid across a crash. It logs at debug level to `<dir>/<name>.log`, across restarts.
+//!
+//! The first start listens on `127.0.0.1:0` and learns its port from `--addr-file` (written
+//! once listening, by rename), so no port is guessed; a restart binds that port again.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{ChildGuard, Error, Result};
+
+/// How long a server may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the start is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Where servers started in `dir` with a secret find it, and so do their clients'
+/// `secret_file=` options.
+pub fn secret_file(dir: &Path) -> PathBuf {
+    dir.join("secret")
+}
+
+/// A running `pohmelfs store` process.
+pub struct StoreServer {
+    exe: PathBuf,
+    dir: PathBuf,
+    name: String,
+    data_url: String,
+    secret: bool,
+    child: Option<ChildGuard>,
+    /// What `--listen` gets: port 0 until the first start has bound one.
+    listen: String,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl StoreServer {
+    /// Starts the `pohmelfs` binary `exe` as a store server named `name` (its files in `dir`)
+    /// keeping its volumes under `data_url`, and waits until it listens. With `secret`, clients
+    /// must prove it; it is written to [`secret_file`]`(dir)`.
+    pub fn start(
+        exe: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        secret: Option<&str>,
+    ) -> Result<StoreServer> {
+        if let Some(secret) = secret {
+            let path = secret_file(dir);
+            std::fs::write(&path, secret)
+                .map_err(Error::io(format!("write {}", path.display())))?;
+        }
+        let mut server = StoreServer {
+            exe: exe.into(),
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            data_url: data_url.to_owned(),
+            secret: secret.is_some(),
+            child: None,
+            listen: "127.0.0.1:0".to_owned(),
+            log: dir.join(format!("{name}.log")),
+            starts: 0,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// `127.0.0.1:PORT`, the same across restarts.
+    pub fn addr(&self) -> &str {
+        &self.listen
+    }
+
+    /// The server's log, across restarts.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The whole log, across restarts (empty if unreadable).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash; a no-op when not running.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill();
+        }
+    }
+
+    /// Starts again on the same port and data (after a kill, or killing it first).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(Error::io(format!("open {}", self.log.display())))?;
+        let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["store", "--listen", &self.listen, "--data", &self.data_url])
+            .args(["--log-level", "debug", "--addr-file"])
+            .arg(&addr_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if self.secret {
+            cmd.arg("--secret-file").arg(secret_file(&self.dir));
+        }
+        let child = cmd
+            .spawn()
+            .map_err(Error::io(format!("start {}", self.exe.display())))?;
+        let what = format!("store server {} (start {})", self.name, self.starts);
+        // The server writes the file by rename once it listens: it is whole when it exists.
+        let addr = self.child.insert(ChildGuard(child)).wait_ready(
+            &what,
+            &self.log,
+            START_TIMEOUT,
+            POLL,
+            || std::fs::read_to_string(&addr_file).ok(),
+        )?;
+        addr.trim().clone_into(&mut self.listen);
+        Ok(())
+    }
+}
