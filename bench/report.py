@@ -3,12 +3,14 @@
 
     bench/report.py RESULT_DIR [--docs docs/benchmarks.md] [--chart docs/benchmarks.png]
 
-RESULT_DIR holds runs.tsv (one line per guest run: case, repetition, daemon memory and CPU),
-machine.txt, and one directory per run with the guest console (console.log), from which the
-workload figures are read (`BENCH ...` lines and fio JSON between `BENCH-JSON` markers), and
-the daemon's counters (status.txt). The report always goes to stdout; with --docs it also
-replaces the generated block of that file (between the GENERATED markers, appended when
-absent), and with --chart it draws the ratios and the overwrite study (needs matplotlib).
+RESULT_DIR holds runs.tsv (one line per guest run: case, repetition, daemon memory, CPU and
+disk writes), machine.txt, and one directory per run with the guest console (console.log),
+from which the workload figures are read (`BENCH ...` lines and fio JSON between `BENCH-JSON`
+markers), the daemon's counters (status.txt) and its memory samples (daemon.mon.series).
+Figures of the run as a whole (disk bytes per guest byte, daemon CPU) are filed under the
+pseudo-workload "run". The report always goes to stdout; with --docs it also replaces the
+generated block of that file (between the GENERATED markers, appended when absent), and with
+--chart it draws the ratios and the overwrite study (needs matplotlib).
 
 Every figure is min / median / max over the repetitions; a ratio to virtiofsd is computed
 repetition by repetition (pohmelfs run i against virtiofsd run i) before taking min / median /
@@ -41,6 +43,8 @@ METRICS = [
     ("meta", "unlink_s", "unlink small files (rm -r)", "files/s", True),
     ("fsync", "p50_ms", "fsync of a 4k append, p50", "ms", False),
     ("fsync", "p99_ms", "fsync of a 4k append, p99", "ms", False),
+    ("run", "disk_per_byte", "disk bytes written per guest byte (whole run)", "B/B", False),
+    ("run", "cpu_s", "daemon CPU per run (user + system)", "s", False),
 ]
 COUNTERS = [
     ("requests", "chains"),
@@ -96,6 +100,14 @@ def parse_console(path):
             ms = meta.get(f"{phase}_ms")
             if ms:
                 meta[f"{phase}_s"] = meta["files"] / (ms / 1000.0)
+    files = figures.get("files")
+    if files and "files" in files:
+        if files.get("create_ms"):
+            files["create_s"] = files["files"] / (files["create_ms"] / 1000.0)
+        tenth = max(files["files"] // 10, 1)
+        for part in ("first_tenth", "last_tenth"):
+            if files.get(f"{part}_ms"):
+                files[f"{part}_s"] = tenth / (files[f"{part}_ms"] / 1000.0)
     return figures
 
 
@@ -117,6 +129,35 @@ def fio_figures(job):
         out["p99_ms"] = pct.get("99.000000", 0) / 1e6
         out["fsyncs"] = sync["N"]
     return out
+
+
+def run_figures(row, figures):
+    """The run as a whole: guest bytes (the workloads' `written_bytes`), disk bytes and CPU
+    seconds (daemon + store, from runs.tsv), and disk bytes per guest byte."""
+    num = {k: float(row[k]) if re.fullmatch(r"[0-9.]+", row.get(k) or "") else None
+           for k in ("disk_write_bytes", "store_disk_write_bytes", "cpu_s", "store_cpu_s")}
+    guest = sum(w["written_bytes"] for w in figures.values() if "written_bytes" in w)
+    out = {}
+    if num["disk_write_bytes"] is not None:
+        out["disk_bytes"] = num["disk_write_bytes"] + (num["store_disk_write_bytes"] or 0.0)
+        if guest > 0:
+            out.update(guest_bytes=guest, disk_per_byte=out["disk_bytes"] / guest)
+    if num["cpu_s"] is not None:
+        out["cpu_s"] = num["cpu_s"] + (num["store_cpu_s"] or 0.0)
+    return out
+
+
+def parse_pairs(path, pattern):
+    """(first, second) of each line of two or more words whose first two match `pattern`."""
+    pairs = []
+    try:
+        for line in open(path):
+            parts = line.split()
+            if len(parts) >= 2 and re.fullmatch(pattern, f"{parts[0]} {parts[1]}"):
+                pairs.append((parts[0], parts[1]))
+    except OSError:
+        pass
+    return pairs
 
 
 def parse_status(path):
@@ -165,7 +206,14 @@ class Results:
             for row in csv.DictReader(f, delimiter="\t"):
                 run_dir = os.path.join(directory, row["dir"])
                 row["figures"] = parse_console(os.path.join(run_dir, "console.log"))
+                row["figures"]["run"] = run_figures(row, row["figures"])
                 row["counters"] = parse_status(os.path.join(run_dir, "status.txt"))
+                # The daemon's RssAnon samples ("host_time kB ...") and, for the files
+                # workload, the host times at which it started and ended ("start|end time").
+                series = parse_pairs(os.path.join(run_dir, "daemon.mon.series"), r"[0-9.]+ \d+")
+                row["anon_series_kb"] = [(float(t), int(kb)) for t, kb in series]
+                marks = parse_pairs(os.path.join(run_dir, "files.marks"), r"(start|end) [0-9.]+")
+                row["files_marks"] = {k: float(t) for k, t in marks}
                 self.runs.append(row)
         self.reps = sorted({int(r["rep"]) for r in self.runs})
 
@@ -195,6 +243,16 @@ class Results:
                     pass
         return out
 
+    def files_memory(self, case):
+        """Per repetition, the daemon's RssAnon (kB) when the files workload started and ended
+        (the last samples before those host times)."""
+        out = []
+        for r in filter(None, (self.run(case, rep) for rep in self.reps)):
+            at = [[kb for t, kb in r["anon_series_kb"] if t <= r["files_marks"].get(m, 0)] for m in ("start", "end")]
+            if at[0] and at[1]:
+                out.append((at[0][-1], at[1][-1]))
+        return out
+
     def counter(self, case, name):
         return [
             float(r["counters"][name])
@@ -214,6 +272,19 @@ class Results:
 
     def cases(self):
         return {r["case"] for r in self.runs}
+
+
+def reference_case(case, cases):
+    """The virtiofsd case that ran the same workloads as `case`, or None."""
+    if case in MAIN_BACKENDS:
+        ref = "virtiofsd"
+    elif case.startswith("ow-"):
+        ref = "ow-virtiofsd"
+    elif case.startswith("files-"):
+        ref = "files-virtiofsd"
+    else:
+        return None
+    return ref if ref != case and ref in cases else None
 
 
 def report(res, machine):
@@ -242,16 +313,17 @@ def report(res, machine):
     add("")
 
     # Figures.
-    add("### Figures")
-    add("")
-    add("| workload | unit | " + " | ".join(backends) + " |")
-    add("|---|---|" + "---|" * len(backends))
-    for workload, metric, label, unit, _ in METRICS:
-        cells = [triple(res.series(b, workload, metric)) for b in backends]
-        if all(c == "–" for c in cells):
-            continue
-        add(f"| {label} | {unit} | " + " | ".join(cells) + " |")
-    add("")
+    if backends:
+        add("### Figures")
+        add("")
+        add("| workload | unit | " + " | ".join(backends) + " |")
+        add("|---|---|" + "---|" * len(backends))
+        for workload, metric, label, unit, _ in METRICS:
+            cells = [triple(res.series(b, workload, metric)) for b in backends]
+            if all(c == "–" for c in cells):
+                continue
+            add(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+        add("")
 
     # Ratios.
     others = [b for b in backends if b != "virtiofsd"]
@@ -291,6 +363,71 @@ def report(res, machine):
             f"| {triple(res.field(c, 'store_disk_write_bytes', 1 / 2**20))} |"
         )
     add("")
+
+    # Disk writes and CPU, per case.
+    rows = [c for c in mem_cases if any(res.series(c, "run", "disk_per_byte"))]
+    if rows:
+        add("### Disk writes per guest byte and CPU per run")
+        add("")
+        add("Guest MiB is what the workloads passed to write(2) on the mount (`wchar` of the guest's")
+        add("`/proc/PID/io`), disk MiB and CPU the daemon's plus `pohmelfs store`'s (columns above).")
+        add("vs virtiofsd: against the virtiofsd case of the same workloads and repetition; > 1")
+        add("means pohmelfs wrote less or used less CPU. `write_bytes` counts whole folios when")
+        add("pages are dirtied, so virtiofsd's figure overstates its random and small writes.")
+        add("")
+        add("| case | guest MiB written | disk MiB | disk B per guest B | vs virtiofsd | CPU s | vs virtiofsd |")
+        add("|---|---|---|---|---|---|---|")
+        for c in rows:
+            ref = reference_case(c, cases)
+            disk_vs = cpu_vs = "–"
+            if ref is not None:
+                disk_vs = triple(res.ratios(c, ref, "run", "disk_per_byte", False))
+                cpu_vs = triple(res.ratios(c, ref, "run", "cpu_s", False))
+            guest_mib, disk_mib = (
+                [v / 2**20 for v in res.series(c, "run", k) if v is not None] for k in ("guest_bytes", "disk_bytes")
+            )
+            add(
+                f"| {c} | {triple(guest_mib)} | {triple(disk_mib)} "
+                f"| {triple(res.series(c, 'run', 'disk_per_byte'))} | {disk_vs} "
+                f"| {triple(res.series(c, 'run', 'cpu_s'))} | {cpu_vs} |"
+            )
+        add("")
+
+    # Many files.
+    files_cases = [c for c in mem_cases if any(res.series(c, "files", "create_s"))]
+    files_cases.sort(key=lambda c: (reference_case(c, cases) is not None, c))
+    if files_cases:
+        nfiles = median(res.series(files_cases[0], "files", "files"))
+        add("### Creating many files")
+        add("")
+        add(f"The files workload creates {fnum(nfiles)} one-byte files, 1000 to a directory")
+        add("(`printf x >f`: LOOKUP, CREATE, WRITE, FLUSH, RELEASE each), and leaves them there.")
+        add("The first and last tenth show whether creating slows down as the count grows. RssAnon")
+        add("before and after are sampled when the guest's console shows the creation begin and")
+        add("end; growth per file (their difference / files) is what the daemon keeps per inode the")
+        add("guest holds. The peak and VmHWM are the whole run's (warm-up and data check included).")
+        add("")
+        add("| case | files | files/s | vs virtiofsd | first tenth files/s | last tenth files/s "
+            "| RssAnon before MiB | RssAnon after MiB | growth KiB per file | RssAnon peak MiB "
+            "| VmHWM MiB | CPU s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for c in files_cases:
+            ref = reference_case(c, cases)
+            vs = "–" if ref is None else triple(res.ratios(c, ref, "files", "create_s"))
+            mem = res.files_memory(c)
+            nfiles = median(res.series(c, "files", "files")) or 1
+            add(
+                f"| {c} | {triple(res.series(c, 'files', 'files'))} "
+                f"| {triple(res.series(c, 'files', 'create_s'))} | {vs} "
+                f"| {triple(res.series(c, 'files', 'first_tenth_s'))} "
+                f"| {triple(res.series(c, 'files', 'last_tenth_s'))} "
+                f"| {triple([b / 1024 for b, _ in mem])} | {triple([a / 1024 for _, a in mem])} "
+                f"| {triple([(a - b) / nfiles for b, a in mem])} "
+                f"| {triple(res.field(c, 'anon_peak_kb', 1 / 1024))} "
+                f"| {triple(res.field(c, 'hwm_kb', 1 / 1024))} "
+                f"| {triple(res.series(c, 'run', 'cpu_s'))} |"
+            )
+        add("")
 
     # Counters.
     pohmelfs_cases = [c for c in mem_cases if c != "virtiofsd" and res.counter(c, "chains")]
@@ -421,6 +558,22 @@ def goals(res, cases):
                          f"{anon:.0f} MiB", "≤ 320 MiB", verdict(anon, anon <= 320)])
         if sanon is not None:
             rows.append(["(that run's `pohmelfs store`, the engine, RssAnon)", f"{sanon:.0f} MiB", "–", "–"])
+    for case, label in (("rss-4g", "sequential write (rss-4g)"), ("embedded", "embedded, whole run")):
+        per_byte = median(res.series(case, "run", "disk_per_byte"))
+        if per_byte is not None:
+            rows.append([f"disk bytes written per guest byte, {label}", f"{per_byte:.2f}",
+                         "≤ 1.3", verdict(per_byte, per_byte <= 1.3)])
+    cpu = res.ratios("embedded", "virtiofsd", "run", "cpu_s")
+    if cpu:
+        r = median(cpu)
+        rows.append(["daemon CPU per run, embedded / virtiofsd", f"{r:.2f}× ({triple(cpu)})", "≤ 1.5×",
+                     verdict(r, r <= 1.5)])
+    if "files-embedded" in cases:
+        anon = median(res.field("files-embedded", "anon_peak_kb", 1 / 1024))
+        nfiles = median(res.series("files-embedded", "files", "files"))
+        if anon is not None and nfiles is not None:
+            rows.append([f"daemon memory creating {nfiles:.0f} files, embedded (RssAnon peak)",
+                         f"{anon:.0f} MiB", "≤ 320 MiB", verdict(anon, anon <= 320)])
     return rows
 
 
@@ -434,6 +587,8 @@ SHORT = {
     ("meta", "unlink_s"): "unlink",
     ("fsync", "p50_ms"): "fsync\np50",
     ("fsync", "p99_ms"): "fsync\np99",
+    ("run", "disk_per_byte"): "disk B per\nguest B",
+    ("run", "cpu_s"): "daemon\nCPU s",
 }
 
 
