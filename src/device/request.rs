@@ -52,6 +52,11 @@ impl Requests {
         }
     }
 
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Check, decode and answer the FUSE request in `chain`; the number of
     /// bytes written into the guest's buffers.
     pub fn serve(&self, chain: &Chain, queue: usize) -> u32 {
