@@ -19,6 +19,13 @@
 //!
 //! Checking allocates nothing sized by the guest: the body is scanned
 //! through a small stack buffer.
+//!
+//! The guest can change its memory while a request is served, so the
+//! server reads the header and body again after these checks (a double
+//! fetch). What holds regardless is what the reader allows: it is cut to a
+//! length of at most [`REQUEST_BYTES_MAX`] before the server gets it, so
+//! no rewrite (of the opcode to IOCTL, of a length, of a name) makes the
+//! server read or allocate more than that.
 
 use std::io::Read as _;
 use std::mem::size_of;
@@ -237,6 +244,11 @@ pub fn check_request(reader: &mut Reader<'_, ()>) -> Result<InHeader, (Option<In
         .read_obj()
         .map_err(|_| (None, Invalid::NoHeader))?;
     let fail = |why| Err((Some(h), why));
+    // Again after mapping: the guest may have rewritten its descriptor
+    // table since `check_chain` read it.
+    if readable > REQUEST_BYTES_MAX {
+        return fail(Invalid::ChainTooLong(readable as u64));
+    }
     let len = h.len as usize;
     if !(IN_HEADER_LEN..=REQUEST_BYTES_MAX).contains(&len) {
         return fail(Invalid::BadLength(h.len));
