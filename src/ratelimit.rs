@@ -1,7 +1,7 @@
 //! Log hygiene for lines an outsider can cause. A guest decides how many
 //! bad requests it sends, so a line per request would let it fill the
 //! host's disk and drown every other line. Each call site that logs about
-//! a request goes through [`limited!`]: at most [`LINES_PER_WINDOW`] lines
+//! a request goes through `limited!`: at most [`LINES_PER_WINDOW`] lines
 //! per [`WINDOW`] from that call site, the rest counted (in the counter the
 //! call site names, `log_lines_suppressed` in practice) and reported as
 //! `suppressed=K` on the next line that goes out. Fields that carry text
@@ -25,7 +25,7 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 pub const FIELD_CHARS_MAX: usize = 256;
 
 /// A per-call-site limit of log lines. `const`-constructible, so
-/// [`limited!`] keeps one in a `static` at each call site.
+/// `limited!` keeps one in a `static` at each call site.
 #[derive(Debug)]
 pub struct LogLimit {
     state: Mutex<Window>,
@@ -33,7 +33,7 @@ pub struct LogLimit {
 
 #[derive(Debug)]
 struct Window {
-    /// When the current window began, in milliseconds since [`epoch`].
+    /// When the current window began, in milliseconds since the first use of any limit.
     start_ms: u64,
     /// Lines let through in the current window.
     lines: u32,
@@ -64,7 +64,7 @@ impl LogLimit {
         self.allow_at(now_ms())
     }
 
-    /// [`LogLimit::allow`] at `now_ms` milliseconds since [`epoch`].
+    /// [`LogLimit::allow`] at `now_ms` milliseconds since the first use of any limit.
     pub fn allow_at(&self, now_ms: u64) -> Option<u64> {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let window_ms = u64::try_from(WINDOW.as_millis()).unwrap_or(u64::MAX);
