@@ -31,6 +31,8 @@
 //! Beside the data path:
 //!
 //! * [`metrics`] — every counter the daemon keeps.
+//! * [`ratelimit`] — log hygiene for lines a guest or peer can cause: a
+//!   per-call-site limit and a length cap (`docs/security.md`).
 //! * [`control`] — the control socket that `pohmelfs status` reads, and the
 //!   Prometheus endpoint.
 //! * [`check`] — correctness instruments from the outside: the volume
@@ -46,6 +48,7 @@ pub mod device;
 pub mod fs;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
 pub mod store;
 pub mod txn;
 

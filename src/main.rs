@@ -272,7 +272,8 @@ fn init_logging(level: &str) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    init_logging(&args.log_level)?;
+    // fuse-backend-rs's own lines are off: see `device::log_filter`.
+    init_logging(&device::log_filter(&args.log_level))?;
     if let Some(tag) = &args.tag {
         if tag.is_empty() || tag.len() > device::TAG_MAX {
             bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);

@@ -36,6 +36,16 @@ counters! {
     chains_malformed,
     /// FUSE requests that fuse-backend-rs could not decode or answer.
     fuse_decode_errors,
+    /// FUSE requests the device refused before decoding: lengths that
+    /// disagree with the chain, oversized chains, short arguments, names
+    /// without a NUL (answered EINVAL or EPROTO where a reply fits).
+    requests_rejected,
+    /// FUSE requests answered ENOSYS by the device for an opcode the daemon
+    /// does not serve (IOCTL, POLL, BMAP, DAX mappings, locks, unknown).
+    requests_unsupported,
+    /// Log lines about guest requests held back by the per-call-site limit
+    /// (`src/ratelimit.rs`).
+    log_lines_suppressed,
     /// Filesystem operations answered with an errno.
     fs_errors,
     /// Filesystem operations that failed for a reason other than a routine

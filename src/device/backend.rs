@@ -7,7 +7,9 @@
 //! drained with the disable / process / enable loop so no kick is missed.
 //!
 //! It must never return an error from `handle_event` for anything a guest
-//! can cause: vhost-user-backend stops the queue thread on error.
+//! can cause: vhost-user-backend stops the queue thread on error. What a
+//! guest or VMM can repeat at will (kicks, ring faults) is logged through
+//! the per-call-site limit of [`crate::ratelimit`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -27,6 +29,7 @@ use vmm_sys_util::event::{
 use super::pool::WorkerPool;
 use super::request::{Chain, Requests};
 use crate::metrics::Metrics;
+use crate::ratelimit::limited;
 
 /// The longest tag virtio-fs carries in its config space.
 pub const TAG_MAX: usize = 36;
@@ -91,14 +94,25 @@ impl FsBackend {
     /// Take every available chain off `vring` and hand it to the pool.
     fn process_queue(&self, queue: usize, vring: &Vring) {
         let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            warn!(queue, "kick before the guest memory table; ignored");
+            limited!(
+                self.metrics.log_lines_suppressed,
+                WARN,
+                queue,
+                "kick before the guest memory table; ignored"
+            );
             return;
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    warn!(queue, error = %e, "could not disable queue notifications");
+                    limited!(
+                        self.metrics.log_lines_suppressed,
+                        WARN,
+                        queue,
+                        error = %e,
+                        "could not disable queue notifications"
+                    );
                 }
             }
             loop {
@@ -121,7 +135,13 @@ impl FsBackend {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!(queue, error = %e, "could not enable queue notifications");
+                    limited!(
+                        self.metrics.log_lines_suppressed,
+                        WARN,
+                        queue,
+                        error = %e,
+                        "could not enable queue notifications"
+                    );
                     break;
                 }
             }
@@ -134,13 +154,26 @@ fn complete(requests: &Requests, vring: &Vring, chain: Chain, queue: usize, even
     let head = chain.head_index();
     let used_len = requests.serve(&chain, queue);
     if let Err(e) = vring.add_used(head, used_len) {
-        warn!(queue, head, error = %e, "could not return a descriptor chain to the guest");
+        limited!(
+            requests.metrics().log_lines_suppressed,
+            WARN,
+            queue,
+            head,
+            error = %e,
+            "could not return a descriptor chain to the guest"
+        );
         return;
     }
     let notify = !event_idx || vring.needs_notification().unwrap_or(true);
     if notify {
         if let Err(e) = vring.signal_used_queue() {
-            warn!(queue, error = %e, "could not signal the guest");
+            limited!(
+                requests.metrics().log_lines_suppressed,
+                WARN,
+                queue,
+                error = %e,
+                "could not signal the guest"
+            );
         }
     }
 }
@@ -218,7 +251,12 @@ impl VhostUserBackend for FsBackend {
                 }
                 self.process_queue(queue, vring);
             }
-            None => warn!(queue, "event for a queue that does not exist"),
+            None => limited!(
+                self.metrics.log_lines_suppressed,
+                WARN,
+                queue,
+                "event for a queue that does not exist"
+            ),
         }
         Ok(())
     }

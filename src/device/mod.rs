@@ -6,9 +6,16 @@
 //! (`Store::sync`) and forgets the guest session; it never drops what the
 //! filesystem holds.
 
+#[cfg(test)]
+mod alloc_probe;
 mod backend;
+#[cfg(test)]
+mod hostile_tests;
 mod pool;
 mod request;
+#[cfg(test)]
+mod testkit;
+mod validate;
 
 pub use backend::{DeviceConfig, FsBackend, TAG_MAX};
 pub use pool::WorkerPool;
@@ -66,6 +73,22 @@ pub struct ServeConfig {
     pub queue_depth: usize,
     /// Exit after the first frontend disconnects.
     pub once: bool,
+}
+
+/// The tracing filter `serve` installs for the log level `level`: the
+/// given one, with fuse-backend-rs's own lines turned off unless `level`
+/// names that crate. Every line it logs on the virtio-fs path is about a
+/// guest request the device already counts and logs through its limit;
+/// its own lines are unthrottled, one per bad request at error level, and
+/// some echo the whole request body (up to 1 MiB, `{:?}`-formatted) when
+/// a name has no NUL (`docs/security.md`). `--log-level
+/// info,fuse_backend_rs=info` brings them back for debugging.
+pub fn log_filter(level: &str) -> String {
+    if level.contains("fuse_backend_rs") {
+        level.to_string()
+    } else {
+        format!("{level},fuse_backend_rs=off")
+    }
 }
 
 /// Check the socket path before binding: refuse one a live process listens
@@ -181,5 +204,25 @@ mod tests {
             Err(DeviceError::NotASocket(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn upstream_lines_are_off_unless_asked_for() {
+        use tracing::subscriber::with_default;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        assert_eq!(log_filter("info"), "info,fuse_backend_rs=off");
+        let asked = "debug,fuse_backend_rs=info";
+        assert_eq!(log_filter(asked), asked);
+        // The filter parses and silences exactly the upstream crate's targets.
+        let filter = tracing_subscriber::EnvFilter::try_new(log_filter("info")).unwrap();
+        let subscriber = tracing_subscriber::registry().with(filter);
+        with_default(subscriber, || {
+            assert!(tracing::enabled!(target: "pohmelfs::device", tracing::Level::WARN));
+            assert!(!tracing::enabled!(
+                target: "fuse_backend_rs::api::server::sync_io",
+                tracing::Level::ERROR
+            ));
+        });
     }
 }

@@ -1,40 +1,37 @@
-//! One descriptor chain in, one FUSE reply out: maps the chain's buffers,
-//! answers FUSE_SYNCFS itself (fuse-backend-rs 0.14 does not know opcode 50
-//! and would answer ENOSYS, which Linux takes as "nothing to sync"), and
-//! hands every other request to the fuse-backend-rs [`Server`].
+//! One descriptor chain in, one FUSE reply out: checks the chain and the
+//! request in it (`validate`), answers FUSE_SYNCFS itself (fuse-backend-rs
+//! 0.14 does not know opcode 50 and would answer ENOSYS, which Linux takes
+//! as "nothing to sync"), and hands every other request to the
+//! fuse-backend-rs [`Server`].
 //!
 //! Whatever the guest puts in a chain, the request is answered where a reply
-//! can be written: a chain whose buffers do not map, or a request the server
-//! cannot decode, gets an EIO reply in its first writable buffer when the
-//! request header can be read. Only a chain with no usable header or no
-//! writable buffer of a reply header's size (FORGET needs none) goes back
-//! unanswered. Guest faults are counted and logged at most once per
-//! [`FAULT_LOG_INTERVAL`].
+//! can be written: a malformed chain or request gets EINVAL (ENOSYS for an
+//! opcode the daemon does not serve), a chain whose buffers do not map or a
+//! request the server cannot decode gets EIO, each in the chain's first
+//! writable buffer when the request header can be read. Only a chain with
+//! no usable header or no writable buffer of a reply header's size (FORGET
+//! needs none) goes back unanswered. Every such fault is counted, and
+//! logged through the per-call-site limit of [`crate::ratelimit`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use tracing::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
 
+use super::validate::{self, Invalid};
 use crate::fs::PohmelFs;
 use crate::metrics::Metrics;
+use crate::ratelimit::{limited, Capped};
 
 /// FUSE_SYNCFS (Linux 5.14): make the whole filesystem durable. Its body is
 /// `struct fuse_syncfs_in { u64 padding; }`, its reply a bare header.
 pub const FUSE_SYNCFS: u32 = 50;
 
 /// The length of `struct fuse_syncfs_in`.
-const SYNCFS_IN_LEN: usize = 8;
-
-/// At most one log line per kind of guest fault in this interval; the lines
-/// in between are counted and reported with the next one.
-pub const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const SYNCFS_IN_LEN: usize = 8;
 
 type Mem = GuestMemoryMmap<()>;
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<Mem>>;
@@ -44,8 +41,6 @@ pub struct Requests {
     server: Server<Arc<PohmelFs>>,
     fs: Arc<PohmelFs>,
     metrics: Arc<Metrics>,
-    unmappable_log: LogLimit,
-    undecodable_log: LogLimit,
 }
 
 impl Requests {
@@ -54,39 +49,47 @@ impl Requests {
             server: Server::new(Arc::clone(&fs)),
             fs,
             metrics,
-            unmappable_log: LogLimit::default(),
-            undecodable_log: LogLimit::default(),
         }
     }
 
-    /// Decode and answer the FUSE request in `chain`; the number of bytes
-    /// written into the guest's buffers.
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Check, decode and answer the FUSE request in `chain`; the number of
+    /// bytes written into the guest's buffers.
     pub fn serve(&self, chain: &Chain, queue: usize) -> u32 {
+        if let Err(why) = validate::check_chain(chain) {
+            return self.refuse(chain, first_header(chain), why, queue);
+        }
         let mem = chain.memory();
         let mapped = Reader::from_descriptor_chain(mem, chain.clone())
             .and_then(|r| Ok((r, VirtioFsWriter::new(mem, chain.clone())?)));
-        let (reader, writer) = match mapped {
+        let (mut reader, writer) = match mapped {
             Ok(rw) => rw,
             Err(e) => {
                 self.metrics.chains_malformed.inc();
                 let header = first_header(chain);
                 let used = header.map_or(0, |h| reply_in_place(chain, h.unique, libc::EIO));
-                if let Some(suppressed) = self.unmappable_log.allow() {
-                    warn!(
-                        queue,
-                        opcode = header.map(|h| h.opcode),
-                        answered = used > 0,
-                        suppressed,
-                        error = %e,
-                        "descriptor chain does not map; answered EIO where a reply fits"
-                    );
-                }
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    WARN,
+                    queue,
+                    opcode = header.map(|h| h.opcode),
+                    answered = used > 0,
+                    error = %Capped(&e),
+                    "descriptor chain does not map; answered EIO where a reply fits"
+                );
                 return used;
             }
         };
-        let header = peek_in_header(chain);
-        if let Some(h) = header.filter(|h| h.opcode == FUSE_SYNCFS) {
-            return self.syncfs(reader, writer, h);
+        let h = match validate::check_request(&mut reader) {
+            Ok(h) => h,
+            Err((header, why)) => return self.refuse(chain, header, why, queue),
+        };
+        if h.opcode == FUSE_SYNCFS {
+            return self.syncfs(writer, h);
         }
         // Where the reply header lands, to tell afterwards whether the server
         // replied at all.
@@ -98,10 +101,15 @@ impl Requests {
             Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
             Err(e) => {
                 self.metrics.fuse_decode_errors.inc();
-                if let Some(suppressed) = self.undecodable_log.allow() {
-                    warn!(queue, opcode = header.map(|h| h.opcode), suppressed, error = %e, "could not serve FUSE request");
-                }
-                let (Some(h), Some(addr)) = (header, reply_addr) else {
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    WARN,
+                    queue,
+                    opcode = h.opcode,
+                    error = %Capped(&e),
+                    "could not serve FUSE request"
+                );
+                let Some(addr) = reply_addr else {
                     return 0;
                 };
                 match mem.read_obj::<OutHeader>(addr) {
@@ -114,41 +122,58 @@ impl Requests {
         }
     }
 
-    /// FUSE_SYNCFS: wait until everything written so far is durable; an
-    /// error becomes the reply's errno.
-    fn syncfs(
-        &self,
-        mut reader: Reader<'_, ()>,
-        mut writer: VirtioFsWriter<'_, ()>,
-        h: InHeader,
-    ) -> u32 {
-        let body_ok = reader.read_obj::<InHeader>().is_ok()
-            && h.len as usize >= std::mem::size_of::<InHeader>() + SYNCFS_IN_LEN
-            && reader.read_obj::<u64>().is_ok();
-        let errno = if body_ok {
-            match self.fs.syncfs() {
-                Ok(()) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            }
+    /// Answer a chain or request the checks refused: its errno where a reply
+    /// fits, a counter, a limited log line.
+    fn refuse(&self, chain: &Chain, header: Option<InHeader>, why: Invalid, queue: usize) -> u32 {
+        let used = header.map_or(0, |h| reply_in_place(chain, h.unique, why.errno()));
+        let opcode = header.map(|h| h.opcode);
+        if let Invalid::Unsupported(_) = why {
+            // Routine: Linux tries COPY_FILE_RANGE or TMPFILE once and falls
+            // back when told ENOSYS.
+            self.metrics.requests_unsupported.inc();
+            limited!(
+                self.metrics.log_lines_suppressed,
+                DEBUG,
+                queue,
+                opcode,
+                "answered ENOSYS to an opcode the daemon does not serve"
+            );
         } else {
-            self.metrics.fuse_decode_errors.inc();
-            libc::EINVAL
+            self.metrics.requests_rejected.inc();
+            limited!(
+                self.metrics.log_lines_suppressed,
+                WARN,
+                queue,
+                opcode,
+                answered = used > 0,
+                reason = %why,
+                "refused a malformed FUSE request"
+            );
+        }
+        used
+    }
+
+    /// FUSE_SYNCFS (already checked whole): wait until everything written so
+    /// far is durable; an error becomes the reply's errno.
+    fn syncfs(&self, mut writer: VirtioFsWriter<'_, ()>, h: InHeader) -> u32 {
+        let errno = match self.fs.syncfs() {
+            Ok(()) => 0,
+            Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
         };
         let out = out_header(h.unique, errno);
         match writer.write_obj(out) {
             Ok(()) => out.len,
             Err(e) => {
-                warn!(error = %e, "could not write the SYNCFS reply");
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    WARN,
+                    error = %e,
+                    "could not write the SYNCFS reply"
+                );
                 0
             }
         }
     }
-}
-
-/// The FUSE header at the start of the chain's readable buffers, if whole.
-fn peek_in_header(chain: &Chain) -> Option<InHeader> {
-    let mut r = Reader::from_descriptor_chain(chain.memory(), chain.clone()).ok()?;
-    r.read_obj::<InHeader>().ok()
 }
 
 /// The FUSE header read straight from the first readable descriptor, for a
@@ -186,48 +211,6 @@ fn reply_in_place(chain: &Chain, unique: u64, errno: i32) -> u32 {
     }
 }
 
-/// Lets one log line through per [`FAULT_LOG_INTERVAL`] and counts the rest.
-struct LogLimit {
-    start: Instant,
-    /// When the next line may go, in milliseconds since `start`.
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl Default for LogLimit {
-    fn default() -> LogLimit {
-        LogLimit {
-            start: Instant::now(),
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-}
-
-impl LogLimit {
-    /// `Some(lines suppressed since the last one)` when a line may be logged.
-    fn allow(&self) -> Option<u64> {
-        let now_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let next_ms = self.next_ms.load(Ordering::Relaxed);
-        let interval_ms = FAULT_LOG_INTERVAL.as_millis() as u64;
-        if now_ms < next_ms
-            || self
-                .next_ms
-                .compare_exchange(
-                    next_ms,
-                    now_ms + interval_ms,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,52 +219,10 @@ mod tests {
     use crate::store::{Store, Txn, ROOT_INO};
     use crate::txn::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::txn::{TxnConfig, WritebackStore};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::{Queue, QueueT};
+    use std::time::Duration;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-    const MEM_BYTES: u64 = 1 << 20;
-    const DESC_TABLE: u64 = 0x1000;
-    const AVAIL_RING: u64 = 0x2000;
-    const USED_RING: u64 = 0x3000;
-    const REQUEST: u64 = 0x10000;
-    const REPLY: u64 = 0x20000;
-    /// Past the end of guest memory: a buffer there does not map.
-    const NOWHERE: u64 = MEM_BYTES + 0x10000;
-    const OUT_LEN: u32 = std::mem::size_of::<OutHeader>() as u32;
-
-    fn guest_memory() -> GuestMemoryAtomic<Mem> {
-        GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_BYTES as usize)]).unwrap(),
-        )
-    }
-
-    /// The chain of buffers `(address, length, device-writable)` as a guest
-    /// posts it on a fresh split queue.
-    fn post(mem: &GuestMemoryAtomic<Mem>, bufs: &[(u64, u32, bool)]) -> Chain {
-        let m = mem.memory();
-        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let desc = Descriptor::new(addr, len, flags as u16, (i + 1) as u16);
-            m.write_obj(desc, GuestAddress(DESC_TABLE + 16 * i as u64))
-                .unwrap();
-        }
-        // avail ring: flags, idx = 1, ring[0] = head 0.
-        m.write_obj(0u16, GuestAddress(AVAIL_RING)).unwrap();
-        m.write_obj(1u16, GuestAddress(AVAIL_RING + 2)).unwrap();
-        m.write_obj(0u16, GuestAddress(AVAIL_RING + 4)).unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.set_size(16);
-        q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        q.set_ready(true);
-        q.pop_descriptor_chain(mem.memory()).unwrap()
-    }
+    use crate::device::testkit::{guest_memory, post, reply, NOWHERE, OUT_LEN, REPLY, REQUEST};
 
     /// A SYNCFS request at [`REQUEST`] (header and body) with `unique`.
     fn write_syncfs(mem: &GuestMemoryAtomic<Mem>, unique: u64) -> u32 {
@@ -298,10 +239,6 @@ mod tests {
             .write_obj(0u64, GuestAddress(REQUEST + 40))
             .unwrap();
         len
-    }
-
-    fn reply(mem: &GuestMemoryAtomic<Mem>) -> OutHeader {
-        mem.memory().read_obj(GuestAddress(REPLY)).unwrap()
     }
 
     /// A filesystem over the write-back layer with `sink`; metadata lingers
@@ -433,15 +370,5 @@ mod tests {
         );
         assert_eq!(requests.serve(&chain, 1), 0);
         assert_eq!(requests.metrics.chains_malformed.get(), 4);
-    }
-
-    #[test]
-    fn fault_log_lines_are_limited_and_counted() {
-        let limit = LogLimit::default();
-        assert_eq!(limit.allow(), Some(0));
-        assert_eq!(limit.allow(), None);
-        assert_eq!(limit.allow(), None);
-        limit.next_ms.store(0, Ordering::Relaxed);
-        assert_eq!(limit.allow(), Some(2));
     }
 }

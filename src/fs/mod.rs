@@ -24,6 +24,8 @@ mod handles;
 mod namespace;
 mod xattr;
 
+pub use data::MAX_IO_BYTES;
+
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
@@ -40,6 +42,7 @@ use fuse_backend_rs::api::filesystem::{
 use tracing::{debug, trace, warn};
 
 use crate::metrics::Metrics;
+use crate::ratelimit::{limited, Capped};
 use crate::store::{FileKind, Inode, Store, Timestamp, Txn, ROOT_INO};
 use error::{errno, FsError, FsResult};
 use handles::HandleTable;
@@ -299,7 +302,9 @@ impl PohmelFs {
         }
     }
 
-    /// Turn an operation's result into a reply, counting and logging errors.
+    /// Turn an operation's result into a reply, counting and logging errors
+    /// (a guest can repeat a failing request at will, so the warning goes
+    /// through the per-call-site limit).
     fn reply<T>(&self, op: &'static str, ino: u64, r: FsResult<T>) -> io::Result<T> {
         r.map_err(|e| {
             self.metrics.fs_errors.inc();
@@ -307,7 +312,15 @@ impl PohmelFs {
                 trace!(op, ino, errno = e.errno(), "request failed");
             } else {
                 self.metrics.fs_internal_errors.inc();
-                warn!(op, ino, errno = e.errno(), error = %crate::ErrorChain(&e), "request failed");
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    WARN,
+                    op,
+                    ino,
+                    errno = e.errno(),
+                    error = %Capped(crate::ErrorChain(&e)),
+                    "request failed"
+                );
             }
             e.into()
         })
