@@ -95,18 +95,17 @@ fn now_ms() -> u64 {
 /// Log an event through a limit of this call site's own:
 /// `limited!(metrics.log_lines_suppressed, WARN, queue, error = %e, "message")`.
 /// The line carries `suppressed = K`, the lines this call site held back
-/// since its last one; each held-back line increments the counter. A line
-/// whose level is disabled neither spends the budget nor counts.
+/// since its last one; each held-back line increments the counter. The
+/// budget is spent and the counter kept whatever the log filter says, so
+/// the counter tells how often the call site fired beyond its budget even
+/// when its level is off (and does not depend on tracing's per-call-site
+/// interest cache, which other threads' subscribers can change).
 macro_rules! limited {
     ($counter:expr, $level:ident, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::LogLimit = $crate::ratelimit::LogLimit::new();
-        if ::tracing::enabled!(::tracing::Level::$level) {
-            match LIMIT.allow() {
-                Some(suppressed) => {
-                    ::tracing::event!(::tracing::Level::$level, suppressed, $($arg)+)
-                }
-                None => $counter.inc(),
-            }
+        match LIMIT.allow() {
+            Some(suppressed) => ::tracing::event!(::tracing::Level::$level, suppressed, $($arg)+),
+            None => $counter.inc(),
         }
     }};
 }

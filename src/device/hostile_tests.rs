@@ -5,7 +5,7 @@
 
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, EntryOut, GetattrIn, InitIn, IoctlIn, Opcode, OpenOut, ReadIn, WriteIn, WriteOut,
@@ -450,6 +450,9 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
+/// The line the device logs for a request it refuses.
+const REFUSED_LINE: &str = "refused a malformed FUSE request";
+
 #[test]
 fn a_flood_of_bad_requests_logs_a_bounded_amount() {
     let (requests, metrics) = served_fs();
@@ -465,29 +468,46 @@ fn a_flood_of_bad_requests_logs_a_bounded_amount() {
         .with_max_level(tracing::Level::TRACE)
         .with_ansi(false)
         .finish();
-    let flood = 1000u64;
+    // The limit is per call site and shared with the other tests of this
+    // binary, which may spend a window's budget while the flood runs; so
+    // the flood goes on past 1,000 requests until a line of its own got
+    // out (a later window always has room), within a bound.
+    let min_flood = 1000u64;
+    let deadline = Duration::from_secs(30);
     let start = Instant::now();
+    let mut flood = 0u64;
+    let logged = || {
+        let text = log.0.lock().unwrap();
+        String::from_utf8_lossy(&text).contains(REFUSED_LINE)
+    };
     tracing::subscriber::with_default(subscriber, || {
-        for _ in 0..flood {
+        while flood < min_flood || !logged() {
+            assert!(start.elapsed() < deadline, "no line logged in {deadline:?}");
             assert_eq!(requests.serve(&chain, 1), OUT_LEN);
+            flood += 1;
         }
     });
     let elapsed = start.elapsed();
 
     let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let refused = lines
-        .iter()
-        .filter(|l| l.contains("refused a malformed FUSE request"))
-        .count() as u64;
-    // At most the budget of each window the flood touched.
+    let refused = lines.iter().filter(|l| l.contains(REFUSED_LINE)).count() as u64;
+    // The call site let out at most the budget of each window the flood
+    // touched (other tests share it, so this test's share may be less),
+    // counted every line it held back, and the lines let out reached the
+    // log (but for any the subscriber missed while tracing rebuilt its
+    // per-call-site interest, which other tests' subscribers trigger).
     let windows = elapsed.as_secs() + 2;
+    let let_out = flood - metrics.log_lines_suppressed.get();
     assert!(refused >= 1);
     assert!(
-        refused <= u64::from(LINES_PER_WINDOW) * windows,
-        "{refused} lines in {elapsed:?}"
+        let_out <= u64::from(LINES_PER_WINDOW) * windows,
+        "{let_out} lines let out in {elapsed:?}"
     );
-    assert_eq!(refused + metrics.log_lines_suppressed.get(), flood);
+    assert!(
+        refused <= let_out,
+        "{refused} lines logged, {let_out} let out"
+    );
     assert_eq!(metrics.requests_rejected.get(), flood);
     for line in &lines {
         assert!(line.len() < 1024, "long line: {line}");
