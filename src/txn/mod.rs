@@ -52,7 +52,7 @@ pub mod sink;
 pub(crate) mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -255,6 +255,69 @@ struct State {
     complete_dirs: CompleteDirs,
 }
 
+impl State {
+    /// Make `op`, carried by the unacknowledged transaction `txn`, visible
+    /// to reads at once: in the page cache and the namespace overlay.
+    fn reflect(&mut self, op: &Op, txn: u64) {
+        if let Some(ino) = self.complete_dirs.apply(op) {
+            self.known_xattrs.created(ino);
+        }
+        match op {
+            Op::PutInode(i) => {
+                self.attrs.insert(
+                    i.ino,
+                    Overlay {
+                        inode: Some(i.clone()),
+                        txn,
+                    },
+                );
+            }
+            Op::RemoveInode { ino } => {
+                self.attrs.insert(*ino, Overlay { inode: None, txn });
+                self.cache.remove_inode(*ino);
+                self.symlinks.remove(ino);
+                // Its attributes are gone with it: the store drops them.
+                self.xattrs.remove(ino);
+                self.known_xattrs.forget(*ino);
+                // And so is the data it lost to a full volume.
+                self.no_space.remove(ino);
+            }
+            Op::PutDirent { parent, dirent } => {
+                self.dirents
+                    .entry(*parent)
+                    .or_default()
+                    .insert(dirent.name.clone(), (Some(dirent.clone()), txn));
+            }
+            Op::RemoveDirent { parent, name } => {
+                self.dirents
+                    .entry(*parent)
+                    .or_default()
+                    .insert(name.clone(), (None, txn));
+            }
+            Op::SetSymlink { ino, target } => {
+                self.symlinks.insert(*ino, (target.clone(), txn));
+            }
+            Op::SetXattr { ino, name, value } => {
+                self.known_xattrs.forget(*ino);
+                self.xattrs
+                    .entry(*ino)
+                    .or_default()
+                    .insert(name.clone(), (Some(value.clone()), txn));
+            }
+            Op::RemoveXattr { ino, name } => {
+                self.known_xattrs.forget(*ino);
+                self.xattrs
+                    .entry(*ino)
+                    .or_default()
+                    .insert(name.clone(), (None, txn));
+            }
+            Op::Truncate { ino, size } => self.cache.truncate(*ino, *size),
+            Op::PunchHole { ino, offset, len } => self.cache.zero(*ino, *offset, *len),
+            Op::Write { ino, offset, data } => self.cache.overwrite(*ino, *offset, data),
+        }
+    }
+}
+
 /// Extended attributes known without asking the store, so that the
 /// kernel's question for `security.capability` before a write costs no
 /// round trip: values read from the store (`None`: absent), and inodes
@@ -410,6 +473,17 @@ impl CompleteDirs {
     fn lookup(&self, parent: u64, name: &[u8]) -> Option<Option<Dirent>> {
         self.entries.get(&parent).map(|dir| dir.get(name).cloned())
     }
+}
+
+/// The pages a write covers.
+struct PageSpan {
+    first: u64,
+    last: u64,
+    /// The first and last page where the write covers them only in part
+    /// and the file has bytes there before it.
+    partial: Vec<u64>,
+    /// Bytes of all its pages, as counted against `dirty_max_bytes`.
+    bytes: u64,
 }
 
 struct Shared {
@@ -656,39 +730,73 @@ impl Shared {
     }
 
     /// The write-back path: copy `data` into pages and tag them.
-    #[allow(clippy::too_many_lines)] // TEMP-SPLIT
     fn write(&self, ino: u64, offset: u64, data: &[u8], inode: Inode) -> Result<(), StoreError> {
         if data.is_empty() {
-            let mut st = lock(&self.state);
-            let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
-            let id = self.enqueue(&mut st, entry);
-            st.attrs.insert(
-                ino,
-                Overlay {
-                    inode: Some(inode),
-                    txn: id,
-                },
-            );
+            self.put_attributes(ino, inode);
             return Ok(());
         }
+        let span = self.span(ino, offset, data.len() as u64)?;
+        let mut st = self.wait_to_write(ino, &span)?;
+        let txn_id = self.data_txn(&mut st, ino, span.bytes, &inode);
+        self.copy_into_pages(&mut st, ino, offset, data, txn_id);
+        Self::carry_attributes(&mut st, ino, txn_id, inode);
+        let evicted = st.cache.evict();
+        self.metrics.cache_evictions.add(evicted);
+        self.publish(&st);
+        drop(st);
+        self.pump.notify_one();
+        Ok(())
+    }
+
+    /// A write of no bytes: only the attributes change, in a transaction
+    /// of their own.
+    fn put_attributes(&self, ino: u64, inode: Inode) {
+        let mut st = lock(&self.state);
+        let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
+        let id = self.enqueue(&mut st, entry);
+        st.attrs.insert(
+            ino,
+            Overlay {
+                inode: Some(inode),
+                txn: id,
+            },
+        );
+    }
+
+    /// The pages a write of `len > 0` bytes at `offset` covers.
+    fn span(&self, ino: u64, offset: u64, len: u64) -> Result<PageSpan, StoreError> {
         let size_before = self.current_inode(ino)?.map_or(0, |i| i.size);
         let first = offset / PAGE_SIZE;
-        let end = offset + data.len() as u64;
+        let end = offset + len;
         let last = (end - 1) / PAGE_SIZE;
         // Pages written only in part must hold their old bytes, where the
         // store may have any.
-        let partial: Vec<u64> = [first, last]
+        let partial = [first, last]
             .into_iter()
             .filter(|&idx| {
                 let start = idx * PAGE_SIZE;
                 !(offset <= start && end >= start + PAGE_SIZE) && start < size_before
             })
             .collect();
-        let bytes = (last - first + 1) * PAGE_SIZE;
+        Ok(PageSpan {
+            first,
+            last,
+            partial,
+            bytes: (last - first + 1) * PAGE_SIZE,
+        })
+    }
+
+    /// Lock the state once the write may touch its pages: the partial
+    /// pages are loaded, backpressure lets it through and (under `wait`)
+    /// none of its pages is pinned. Everything that makes a write wait
+    /// happens here, before it touches a page, and after any wait it starts
+    /// over: a transaction chosen before a wait may have been sent during it.
+    fn wait_to_write(
+        &self,
+        ino: u64,
+        span: &PageSpan,
+    ) -> Result<MutexGuard<'_, State>, StoreError> {
         let mut st = lock(&self.state);
-        // Everything that makes this write wait happens before it touches a
-        // page, and after any wait it starts over: a transaction chosen
-        // before a wait may have been sent during it.
         loop {
             if st.shutdown {
                 return Err(StoreError::Io(std::io::Error::other(
@@ -698,28 +806,32 @@ impl Shared {
             if st.full {
                 return Err(StoreError::NoSpace);
             }
-            if let Some(&idx) = partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
+            if let Some(&idx) = span.partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
                 drop(st);
                 self.load_pages(ino, idx, 1)?;
                 st = lock(&self.state);
                 continue;
             }
             // Backpressure: dirty and in-flight bytes stay within their bound.
-            if st.dirty_bytes > 0 && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes {
+            if st.dirty_bytes > 0 && st.dirty_bytes + span.bytes > self.cfg.dirty_max_bytes {
                 self.metrics.backpressure_waits.inc();
                 st = wait(&self.changed, st);
                 continue;
             }
             if self.cfg.overwrite == OverwritePolicy::Wait
-                && (first..=last).any(|i| st.cache.is_pinned(ino, i))
+                && (span.first..=span.last).any(|i| st.cache.is_pinned(ino, i))
             {
                 self.metrics.overwrite_waits.inc();
                 st = wait(&self.changed, st);
                 continue;
             }
-            break;
+            return Ok(st);
         }
-        // The inode's queued data transaction, if it can take more.
+    }
+
+    /// The transaction a write of `bytes` to `ino` joins: the inode's
+    /// queued one if it can take more, else a new one.
+    fn data_txn(&self, st: &mut State, ino: u64, bytes: u64, inode: &Inode) -> u64 {
         let tail = st
             .by_inode
             .get(&ino)
@@ -729,26 +841,27 @@ impl Shared {
                     t.data_may_join(ino) && t.data_bytes + bytes <= self.cfg.max_txn_bytes
                 })
             });
-        let txn_id = match tail {
-            Some(id) => {
-                // Joining a metadata transaction (the create of this file):
-                // it must carry the attributes the data is clipped to.
-                if let Some(t) = st.txns.get_mut(&id) {
-                    if !t
-                        .ops
-                        .iter()
-                        .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
-                    {
-                        t.ops.push(Op::PutInode(inode.clone()));
-                    }
-                }
-                id
-            }
-            None => {
-                let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
-                self.enqueue(&mut st, entry)
-            }
+        let Some(id) = tail else {
+            let entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            return self.enqueue(st, entry);
         };
+        // Joining a metadata transaction (the create of this file): it must
+        // carry the attributes the data is clipped to.
+        if let Some(t) = st.txns.get_mut(&id) {
+            if !t
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
+            {
+                t.ops.push(Op::PutInode(inode.clone()));
+            }
+        }
+        id
+    }
+
+    /// Copy `data` into the pages of `ino` from `offset`, tagging each
+    /// newly dirty page with `txn_id`.
+    fn copy_into_pages(&self, st: &mut State, ino: u64, offset: u64, data: &[u8], txn_id: u64) {
         let mut pos = offset;
         let mut rest = data;
         while !rest.is_empty() {
@@ -756,7 +869,7 @@ impl Shared {
             let in_page = (pos % PAGE_SIZE) as usize;
             let n = rest.len().min(PAGE_SIZE as usize - in_page);
             if st.cache.is_pinned(ino, idx) {
-                // Only under `cow`: `wait` waited above.
+                // Only under `cow`: `wait` waited before.
                 self.metrics.overwrite_copies.inc();
             }
             if st.cache.write(ino, idx, in_page, &rest[..n], txn_id) {
@@ -769,7 +882,11 @@ impl Shared {
             rest = &rest[n..];
             pos += n as u64;
         }
-        // The transaction carries the newest attributes.
+    }
+
+    /// The written inode's newest attributes: carried by its transaction
+    /// and seen by reads.
+    fn carry_attributes(st: &mut State, ino: u64, txn_id: u64, inode: Inode) {
         if let Some(t) = st.txns.get_mut(&txn_id) {
             for op in &mut t.ops {
                 if let Op::PutInode(i) = op {
@@ -786,12 +903,6 @@ impl Shared {
                 txn: txn_id,
             },
         );
-        let evicted = st.cache.evict();
-        self.metrics.cache_evictions.add(evicted);
-        self.publish(&st);
-        drop(st);
-        self.pump.notify_one();
-        Ok(())
     }
 
     /// Read `count` pages from `first` into the cache as clean pages, where
@@ -824,7 +935,6 @@ impl Shared {
     /// inode's order. A new metadata transaction lingers `meta_linger`
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
-    #[allow(clippy::too_many_lines)] // TEMP-SPLIT
     fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
         let wait_ack = txn.ops.iter().any(|op| {
             matches!(
@@ -839,103 +949,10 @@ impl Shared {
                 self.metrics.backpressure_waits.inc();
                 st = wait(&self.changed, st);
             }
-            let join = st.txns.last_key_value().and_then(|(&id, t)| {
-                (t.is_unsent_metadata() && t.ops.len() + txn.ops.len() <= self.cfg.max_txn_ops)
-                    .then_some(id)
-            });
-            let id = match join {
-                Some(id) => {
-                    self.metrics.txn_joined.inc();
-                    id
-                }
-                None => {
-                    let mut entry = Self::new_entry(&mut st, Vec::new(), false);
-                    if !wait_ack && !self.cfg.meta_linger.is_zero() {
-                        entry.not_before = Some(Instant::now() + self.cfg.meta_linger);
-                    }
-                    self.enqueue(&mut st, entry)
-                }
-            };
-            let mut inodes = BTreeSet::new();
+            let id = self.metadata_txn(&mut st, txn.ops.len(), wait_ack);
+            self.append_ops(&mut st, id, &txn.ops, wait_ack);
             for op in &txn.ops {
-                op_inodes(op, &mut inodes);
-            }
-            let State { txns, by_inode, .. } = &mut *st;
-            if let Some(t) = txns.get_mut(&id) {
-                for ino in inodes {
-                    if t.inodes.insert(ino) {
-                        by_inode.entry(ino).or_default().push_back(id);
-                    }
-                }
-                t.ops.extend(txn.ops.iter().cloned());
-                // Full, or waited for: no reason to linger.
-                if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
-                    t.not_before = None;
-                }
-            }
-            for op in &txn.ops {
-                if let Some(ino) = st.complete_dirs.apply(op) {
-                    st.known_xattrs.created(ino);
-                }
-                match op {
-                    Op::PutInode(i) => {
-                        st.attrs.insert(
-                            i.ino,
-                            Overlay {
-                                inode: Some(i.clone()),
-                                txn: id,
-                            },
-                        );
-                    }
-                    Op::RemoveInode { ino } => {
-                        st.attrs.insert(
-                            *ino,
-                            Overlay {
-                                inode: None,
-                                txn: id,
-                            },
-                        );
-                        st.cache.remove_inode(*ino);
-                        st.symlinks.remove(ino);
-                        // Its attributes are gone with it: the store drops them.
-                        st.xattrs.remove(ino);
-                        st.known_xattrs.forget(*ino);
-                        // And so is the data it lost to a full volume.
-                        st.no_space.remove(ino);
-                    }
-                    Op::PutDirent { parent, dirent } => {
-                        st.dirents
-                            .entry(*parent)
-                            .or_default()
-                            .insert(dirent.name.clone(), (Some(dirent.clone()), id));
-                    }
-                    Op::RemoveDirent { parent, name } => {
-                        st.dirents
-                            .entry(*parent)
-                            .or_default()
-                            .insert(name.clone(), (None, id));
-                    }
-                    Op::SetSymlink { ino, target } => {
-                        st.symlinks.insert(*ino, (target.clone(), id));
-                    }
-                    Op::SetXattr { ino, name, value } => {
-                        st.known_xattrs.forget(*ino);
-                        st.xattrs
-                            .entry(*ino)
-                            .or_default()
-                            .insert(name.clone(), (Some(value.clone()), id));
-                    }
-                    Op::RemoveXattr { ino, name } => {
-                        st.known_xattrs.forget(*ino);
-                        st.xattrs
-                            .entry(*ino)
-                            .or_default()
-                            .insert(name.clone(), (None, id));
-                    }
-                    Op::Truncate { ino, size } => st.cache.truncate(*ino, *size),
-                    Op::PunchHole { ino, offset, len } => st.cache.zero(*ino, *offset, *len),
-                    Op::Write { ino, offset, data } => st.cache.overwrite(*ino, *offset, data),
-                }
+                st.reflect(op, id);
             }
             self.publish(&st);
             drop(st);
@@ -946,6 +963,46 @@ impl Shared {
             self.wait_for(&[id], None, false)?;
         }
         Ok(())
+    }
+
+    /// The transaction `ops` more metadata operations go into: the newest
+    /// when it is unsent metadata with room for them, else a new one (which
+    /// lingers unless its ack is waited for).
+    fn metadata_txn(&self, st: &mut State, ops: usize, wait_ack: bool) -> u64 {
+        let join = st.txns.last_key_value().and_then(|(&id, t)| {
+            (t.is_unsent_metadata() && t.ops.len() + ops <= self.cfg.max_txn_ops).then_some(id)
+        });
+        if let Some(id) = join {
+            self.metrics.txn_joined.inc();
+            return id;
+        }
+        let mut entry = Self::new_entry(st, Vec::new(), false);
+        if !wait_ack && !self.cfg.meta_linger.is_zero() {
+            entry.not_before = Some(Instant::now() + self.cfg.meta_linger);
+        }
+        self.enqueue(st, entry)
+    }
+
+    /// Append `ops` to the queued transaction `id`, and queue it behind
+    /// every inode they touch that it did not touch yet.
+    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], wait_ack: bool) {
+        let mut inodes = BTreeSet::new();
+        for op in ops {
+            op_inodes(op, &mut inodes);
+        }
+        let State { txns, by_inode, .. } = st;
+        if let Some(t) = txns.get_mut(&id) {
+            for ino in inodes {
+                if t.inodes.insert(ino) {
+                    by_inode.entry(ino).or_default().push_back(id);
+                }
+            }
+            t.ops.extend(ops.iter().cloned());
+            // Full, or waited for: no reason to linger.
+            if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
+                t.not_before = None;
+            }
+        }
     }
 
     /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
