@@ -11,8 +11,9 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{layer, Bytes, Faults, Rng};
+use super::tests::{layer, Bytes, Faults};
 use super::OverwritePolicy;
+use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
@@ -112,7 +113,7 @@ fn run(policy: OverwritePolicy) {
     )
     .unwrap();
     let ctx = Context::new();
-    let mut rng = Rng(0xC0FFEE);
+    let mut rng = Rng::new(0xC0FFEE);
     let mut dirs = vec![crate::store::ROOT_INO];
     let mut succeeded = 0;
     for step in 0..1500 {
