@@ -233,8 +233,8 @@ mod tests {
     use super::*;
     use crate::fs::FsConfig;
     use crate::store::mem::MemStore;
+    use crate::store::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::store::{Store, Txn, ROOT_INO};
-    use crate::txn::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::txn::{TxnConfig, WritebackStore};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;

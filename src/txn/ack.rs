@@ -19,8 +19,8 @@ use tracing::{debug, error, warn};
 
 use super::overlay::NameOverlay;
 use super::queue::{TxnEntry, TxnState};
-use super::sink::{Ack, SendError};
 use super::{Shared, State};
+use crate::store::sink::{Ack, SendError};
 use crate::store::Op;
 
 /// How long a transaction the store refused waits before it is sent again

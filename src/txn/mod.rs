@@ -50,7 +50,10 @@
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, flush, syncfs);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
-//! * `cache.rs`: the tagged pages; `sink.rs`: the seam to the store.
+//! * `cache.rs`: the tagged pages.
+//!
+//! The layer sends through a [`Sink`] (`store/sink.rs`), which the stores
+//! implement: imports point one way, from here to the store.
 
 mod ack;
 mod cache;
@@ -62,7 +65,6 @@ mod overlay;
 mod queue;
 mod reads;
 mod sender;
-pub mod sink;
 mod sync;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -76,13 +78,13 @@ use tokio::sync::Notify;
 use tracing::error;
 
 use crate::metrics::Metrics;
+use crate::store::sink::{EngineSink, RemoteSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::lock;
 use cache::PageCache;
 use overlay::{CompleteDirs, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;
-use sink::Sink;
 
 /// What a guest write does to a page an in-flight transaction carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -224,12 +226,12 @@ pub fn open(
                 source,
             },
         )?);
-        (remote.clone(), Arc::new(sink::RemoteSink::new(remote)))
+        (remote.clone(), Arc::new(RemoteSink::new(remote)))
     } else {
         let engine = crate::store::open_once(url)?;
         (
             engine.clone(),
-            Arc::new(sink::EngineSink::new(engine).map_err(io)?),
+            Arc::new(EngineSink::new(engine).map_err(io)?),
         )
     };
     WritebackStore::new(cfg, reads, sink, metrics)

@@ -11,12 +11,12 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::sink::EngineSink;
 use super::tests::{self as layer_tests, create_in, eventually, held_layer, Bytes, Faults};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
+use crate::store::sink::EngineSink;
 use crate::store::{Op, Store, StoreError, Txn, BLOCK_SIZE, ROOT_INO};
 
 /// The daemon's stack over a `mem:` volume of `capacity` bytes, its acks

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use super::ack::{invariant_violated, lock, on_result};
 use super::cache::PAGE_SIZE;
 use super::queue::{TxnEntry, TxnState};
-use super::sink::SendError;
 use super::{Shared, State};
+use crate::store::sink::SendError;
 use crate::store::{Op, Txn};
 
 /// The sender: picks transactions that may go (oldest of all their inodes,

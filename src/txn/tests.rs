@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use pohmelfs_testkit::wait_until;
 
-use super::sink::{Ack, SendError, SendFuture, Sink};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::check::torture::rng::Rng;
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
+use crate::store::sink::{Ack, SendError, SendFuture, Sink};
 use crate::store::{Dirent, FileKind, Inode, OnceStore, Op, Store, Txn};
 
 /// Bound and poll interval of [`eventually`].
