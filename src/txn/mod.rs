@@ -58,6 +58,8 @@
 mod ack;
 mod cache;
 #[cfg(test)]
+mod conformance_tests;
+#[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
 mod no_space_tests;
@@ -67,7 +69,7 @@ mod reads;
 mod sender;
 mod sync;
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
 mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

@@ -1041,7 +1041,7 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
 /// real clock) until a sync or a commit that waits sends them, so the layer
 /// answers reads from its overlays; without, they leave at once, on the
 /// paused clock, and the sink also loses and reorders acks.
-pub(crate) fn faulty_layer(
+pub(super) fn faulty_layer(
     policy: OverwritePolicy,
     seed: u64,
     lingering: bool,
