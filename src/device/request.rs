@@ -216,8 +216,8 @@ mod tests {
     use super::*;
     use crate::fs::FsConfig;
     use crate::store::mem::MemStore;
+    use crate::store::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::store::{Store, Txn, ROOT_INO};
-    use crate::txn::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::txn::{TxnConfig, WritebackStore};
     use std::time::Duration;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};

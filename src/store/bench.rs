@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{FileKind, Inode, Op, Store, StoreError, Timestamp, Txn};
+use super::{Inode, Op, Store, StoreError, Txn};
 
 /// What one run measured.
 #[derive(Clone, Debug)]
@@ -40,20 +40,7 @@ pub fn commit_bench(
                 for i in (t..count).step_by(threads) {
                     let ino = first_ino + i as u64;
                     let mut txn = Txn::new();
-                    txn.push(Op::PutInode(Inode {
-                        ino,
-                        kind: FileKind::Regular,
-                        perm: 0o644,
-                        uid: 0,
-                        gid: 0,
-                        nlink: 1,
-                        size: txn_bytes as u64,
-                        rdev: 0,
-                        atime: Timestamp::default(),
-                        mtime: Timestamp::default(),
-                        ctime: Timestamp::default(),
-                        parent: 0,
-                    }));
+                    txn.push(Op::PutInode(Inode::regular(ino, txn_bytes as u64)));
                     txn.push(Op::Write {
                         ino,
                         offset: 0,

@@ -359,24 +359,7 @@ impl Store for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{FileKind, Timestamp};
-
-    fn file(ino: u64) -> Inode {
-        Inode {
-            ino,
-            kind: FileKind::Regular,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            nlink: 1,
-            size: 0,
-            rdev: 0,
-            atime: Timestamp::default(),
-            mtime: Timestamp::default(),
-            ctime: Timestamp::default(),
-            parent: 0,
-        }
-    }
+    use crate::store::FileKind;
 
     fn write(s: &MemStore, ino: u64, offset: u64, data: &[u8]) {
         let mut t = Txn::new();
@@ -443,7 +426,7 @@ mod tests {
     fn full_volume_refuses_the_whole_transaction() {
         let s = MemStore::new(2 * BLOCK_SIZE);
         let mut t = Txn::new();
-        t.push(Op::PutInode(file(20)));
+        t.push(Op::PutInode(Inode::regular(20, 0)));
         t.push(Op::Write {
             ino: 20,
             offset: 0,
@@ -487,7 +470,7 @@ mod tests {
     fn remove_inode_drops_data_and_xattrs() {
         let s = MemStore::new(1 << 30);
         let mut t = Txn::new();
-        t.push(Op::PutInode(file(20)));
+        t.push(Op::PutInode(Inode::regular(20, 0)));
         t.push(Op::SetXattr {
             ino: 20,
             name: b"user.a".to_vec(),

@@ -49,6 +49,7 @@ pub mod engine;
 pub mod mem;
 pub mod remote;
 pub mod server;
+pub mod sink;
 
 use std::fmt;
 

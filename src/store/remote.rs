@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::sink::{Ack, SendError};
 use super::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 use crate::proto::auth::{self, Side, Transcript};
 use crate::proto::msg::{ErrorCode, Request, Response};
@@ -325,19 +326,14 @@ impl RemoteStore {
         txn_id: u64,
         low_water: u64,
         txn: Txn,
-    ) -> impl std::future::Future<Output = Result<crate::txn::sink::Ack, crate::txn::sink::SendError>>
-           + Send
-           + 'static {
+    ) -> impl std::future::Future<Output = Result<Ack, SendError>> + Send + 'static {
         let inner = Arc::clone(&self.inner);
         let task = self
             .rt
             .spawn(async move { inner.try_txn(server, txn_id, low_water, txn).await });
         async move {
-            task.await.unwrap_or_else(|e| {
-                Err(crate::txn::sink::SendError::Retry(format!(
-                    "send task failed: {e}"
-                )))
-            })
+            task.await
+                .unwrap_or_else(|e| Err(SendError::Retry(format!("send task failed: {e}"))))
         }
     }
 }
@@ -471,8 +467,7 @@ impl Inner {
         txn_id: u64,
         low_water: u64,
         txn: Txn,
-    ) -> Result<crate::txn::sink::Ack, crate::txn::sink::SendError> {
-        use crate::txn::sink::{Ack, SendError};
+    ) -> Result<Ack, SendError> {
         self.use_server(server).await;
         let conn = self.connection().await.map_err(SendError::Elsewhere)?;
         let req = Request::Txn {

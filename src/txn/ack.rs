@@ -17,8 +17,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use super::sink::{Ack, SendError};
-use super::{NameOverlay, Shared, State, TxnEntry, TxnState};
+use super::overlay::NameOverlay;
+use super::queue::{TxnEntry, TxnState};
+use super::{Shared, State};
+use crate::store::sink::{Ack, SendError};
 use crate::store::Op;
 
 /// How long a transaction the store refused waits before it is sent again

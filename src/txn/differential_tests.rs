@@ -11,8 +11,9 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{layer, Bytes, Faults, Rng};
+use super::tests::{layer, Bytes, Faults};
 use super::OverwritePolicy;
+use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
@@ -90,7 +91,6 @@ fn the_filesystem_over_the_layer_matches_the_filesystem_on_the_store() {
     }
 }
 
-#[allow(clippy::too_many_lines)] // TEMP-SPLIT
 fn run(policy: OverwritePolicy) {
     let direct_store = Arc::new(MemStore::new(1 << 30));
     let direct = PohmelFs::new(
@@ -113,87 +113,18 @@ fn run(policy: OverwritePolicy) {
     )
     .unwrap();
     let ctx = Context::new();
-    let c = |s: &str| CString::new(s).unwrap();
-    let mut rng = Rng(0xC0FFEE);
-    let names = ["a", "b", "c", "d", "e"];
+    let mut rng = Rng::new(0xC0FFEE);
     let mut dirs = vec![crate::store::ROOT_INO];
     let mut succeeded = 0;
     for step in 0..1500 {
-        let parent = dirs[rng.below(dirs.len() as u64) as usize];
-        let name = c(names[rng.below(names.len() as u64) as usize]);
-        let other = dirs[rng.below(dirs.len() as u64) as usize];
-        let name2 = c(names[rng.below(names.len() as u64) as usize]);
-        let op = rng.below(9);
-        let data = vec![(step % 250) as u8 + 1; 1 + rng.below(9000) as usize];
-        let offset = rng.below(20_000);
-        let run = |fs: &PohmelFs| -> String {
-            let r: std::io::Result<String> = match op {
-                0 => fs
-                    .create(
-                        &ctx,
-                        parent,
-                        &name,
-                        CreateIn {
-                            flags: 2,
-                            mode: libc::S_IFREG | 0o644,
-                            umask: 0,
-                            fuse_flags: 0,
-                        },
-                    )
-                    .map(|(e, ..)| format!("ino {}", e.inode)),
-                1 => fs
-                    .mkdir(&ctx, parent, &name, 0o755, 0)
-                    .map(|e| format!("ino {}", e.inode)),
-                2 => fs.unlink(&ctx, parent, &name).map(|_| "ok".into()),
-                3 => fs.rmdir(&ctx, parent, &name).map(|_| "ok".into()),
-                4 => fs
-                    .rename(&ctx, parent, &name, other, &name2, 0)
-                    .map(|_| "ok".into()),
-                5 => fs
-                    .symlink(&ctx, &c("target"), parent, &name)
-                    .map(|e| format!("ino {}", e.inode)),
-                6 => match fs.lookup(&ctx, parent, &name) {
-                    Ok(e) => fs
-                        .setxattr(&ctx, e.inode, &c("user.k"), &data[..3], 0)
-                        .map(|_| "ok".into()),
-                    Err(e) => Err(e),
-                },
-                7 => match fs.lookup(&ctx, parent, &name) {
-                    Ok(e) => fs
-                        .link(&ctx, e.inode, other, &name2)
-                        .map(|e| format!("ino {}", e.inode)),
-                    Err(e) => Err(e),
-                },
-                _ => match fs.lookup(&ctx, parent, &name) {
-                    Ok(e) => fs
-                        .write(
-                            &ctx,
-                            e.inode,
-                            0,
-                            &mut Bytes(std::io::Cursor::new(data.clone())),
-                            data.len() as u32,
-                            offset,
-                            None,
-                            false,
-                            0,
-                            0,
-                        )
-                        .map(|n| format!("wrote {n}")),
-                    Err(e) => Err(e),
-                },
-            };
-            match r {
-                Ok(s) => s,
-                Err(e) => format!("errno {:?}", e.raw_os_error()),
-            }
-        };
-        let a = run(&direct);
-        let b = run(&layered);
-        assert_eq!(a, b, "{policy:?} step {step}: op {op} answers differ");
+        let s = Step::draw(&mut rng, &dirs, step);
+        let a = s.apply(&direct, &ctx);
+        let b = s.apply(&layered, &ctx);
+        assert_eq!(a, b, "{policy:?} step {step}: op {} answers differ", s.op);
         if !a.starts_with("errno") {
             succeeded += 1;
         }
-        if op == 1 && a.starts_with("ino ") {
+        if s.op == 1 && a.starts_with("ino ") {
             dirs.push(a[4..].parse().unwrap());
         }
         dirs.retain(|d| {
@@ -231,4 +162,100 @@ fn run(policy: OverwritePolicy) {
         files.len() > 5 && files.iter().any(|n| n.bytes.len() > 4096),
         "{policy:?}: the final tree is too small to mean much"
     );
+}
+
+/// The names steps choose from: few, so that steps meet each other.
+const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+/// One random step: an operation and its arguments, drawn once and applied
+/// to both filesystems.
+struct Step {
+    parent: u64,
+    name: CString,
+    other: u64,
+    name2: CString,
+    op: u64,
+    data: Vec<u8>,
+    offset: u64,
+}
+
+impl Step {
+    /// Step number `step`, in and between the live directories `dirs`.
+    fn draw(rng: &mut Rng, dirs: &[u64], step: usize) -> Step {
+        let dir = |rng: &mut Rng| dirs[rng.below(dirs.len() as u64) as usize];
+        let name =
+            |rng: &mut Rng| CString::new(NAMES[rng.below(NAMES.len() as u64) as usize]).unwrap();
+        Step {
+            parent: dir(rng),
+            name: name(rng),
+            other: dir(rng),
+            name2: name(rng),
+            op: rng.below(9),
+            data: vec![(step % 250) as u8 + 1; 1 + rng.below(9000) as usize],
+            offset: rng.below(20_000),
+        }
+    }
+
+    /// Apply the step to `fs`; its answer as text (`errno N` on failure).
+    fn apply(&self, fs: &PohmelFs, ctx: &Context) -> String {
+        let (parent, name, other, name2) = (self.parent, &self.name, self.other, &self.name2);
+        let r: std::io::Result<String> = match self.op {
+            0 => fs
+                .create(
+                    ctx,
+                    parent,
+                    name,
+                    CreateIn {
+                        flags: 2,
+                        mode: libc::S_IFREG | 0o644,
+                        umask: 0,
+                        fuse_flags: 0,
+                    },
+                )
+                .map(|(e, ..)| format!("ino {}", e.inode)),
+            1 => fs
+                .mkdir(ctx, parent, name, 0o755, 0)
+                .map(|e| format!("ino {}", e.inode)),
+            2 => fs.unlink(ctx, parent, name).map(|_| "ok".into()),
+            3 => fs.rmdir(ctx, parent, name).map(|_| "ok".into()),
+            4 => fs
+                .rename(ctx, parent, name, other, name2, 0)
+                .map(|_| "ok".into()),
+            5 => fs
+                .symlink(ctx, c"target", parent, name)
+                .map(|e| format!("ino {}", e.inode)),
+            6 => fs.lookup(ctx, parent, name).and_then(|e| {
+                fs.setxattr(ctx, e.inode, c"user.k", &self.data[..3], 0)
+                    .map(|_| "ok".into())
+            }),
+            7 => fs.lookup(ctx, parent, name).and_then(|e| {
+                fs.link(ctx, e.inode, other, name2)
+                    .map(|e| format!("ino {}", e.inode))
+            }),
+            _ => fs
+                .lookup(ctx, parent, name)
+                .and_then(|e| self.write(fs, ctx, e.inode)),
+        };
+        match r {
+            Ok(s) => s,
+            Err(e) => format!("errno {:?}", e.raw_os_error()),
+        }
+    }
+
+    /// Write the step's data at its offset into `ino`.
+    fn write(&self, fs: &PohmelFs, ctx: &Context, ino: u64) -> std::io::Result<String> {
+        fs.write(
+            ctx,
+            ino,
+            0,
+            &mut Bytes(std::io::Cursor::new(self.data.clone())),
+            self.data.len() as u32,
+            self.offset,
+            None,
+            false,
+            0,
+            0,
+        )
+        .map(|n| format!("wrote {n}"))
+    }
 }

@@ -11,12 +11,12 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::sink::EngineSink;
-use super::tests::{self as layer_tests, create_in, held_layer, wait_until, Bytes, Faults};
+use super::tests::{self as layer_tests, create_in, eventually, held_layer, Bytes, Faults};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
+use crate::store::sink::EngineSink;
 use crate::store::{Op, Store, StoreError, Txn, BLOCK_SIZE, ROOT_INO};
 
 /// The daemon's stack over a `mem:` volume of `capacity` bytes, its acks
@@ -234,21 +234,21 @@ fn a_removed_inode_takes_its_enospc_with_it() {
     // Removed after its data was refused.
     no_space(true);
     layer_tests::write(&wb, 20, 0, &[1u8; 4096], 4096);
-    wait_until("the refusal", || m.txn_no_space.get() >= 1);
+    eventually("the refusal", || m.txn_no_space.get() >= 1);
     no_space(false);
-    wait_until("the attributes to be stored", || wb.unacked() == 0);
+    eventually("the attributes to be stored", || wb.unacked() == 0);
     remove(20);
     wb.sync(Some(20))
         .expect("the inode that lost data is gone, and its error with it");
     // Removed while its data is in flight, then refused.
     sink.gate.close();
     layer_tests::write(&wb, 21, 0, &[1u8; 4096], 4096);
-    wait_until("the write to be sent", || sink.gate.held() >= 1);
+    eventually("the write to be sent", || sink.gate.held() >= 1);
     remove(21);
     no_space(true);
     let refused = m.txn_no_space.get();
     sink.gate.open();
-    wait_until("the refusal", || m.txn_no_space.get() > refused);
+    eventually("the refusal", || m.txn_no_space.get() > refused);
     no_space(false);
     wb.sync(None)
         .expect("the inodes that lost data are gone, and their errors with them");

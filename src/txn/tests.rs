@@ -15,11 +15,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::sink::{Ack, SendError, SendFuture, Sink};
+use pohmelfs_testkit::wait_until;
+
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
+use crate::check::torture::rng::Rng;
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
-use crate::store::{Dirent, FileKind, Inode, OnceStore, Op, Store, Timestamp, Txn};
+use crate::store::sink::{Ack, SendError, SendFuture, Sink};
+use crate::store::{Dirent, FileKind, Inode, OnceStore, Op, Store, Txn};
+
+/// Bound and poll interval of [`eventually`].
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(1);
 
 /// Guest data handed to a FUSE write.
 pub(super) struct Bytes(pub(super) std::io::Cursor<Vec<u8>>);
@@ -38,24 +45,6 @@ impl fuse_backend_rs::api::filesystem::ZeroCopyReader for Bytes {
         _o: u64,
     ) -> std::io::Result<usize> {
         Err(std::io::ErrorKind::Unsupported.into())
-    }
-}
-
-/// A tiny seeded generator (xorshift64*), so failures reproduce.
-pub(super) struct Rng(pub(super) u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub(super) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
     }
 }
 
@@ -146,7 +135,7 @@ impl FaultSink {
         FaultSink {
             store,
             faults: Mutex::new(Faults::default()),
-            rng: Mutex::new(Rng(seed | 1)),
+            rng: Mutex::new(Rng::new(seed)),
             servers,
             epoch: AtomicU64::new(1),
             sends: AtomicU64::new(0),
@@ -186,13 +175,13 @@ impl Sink for FaultSink {
             let jitter = if f.jitter.is_zero() {
                 0
             } else {
-                r.below(f.jitter.as_micros() as u64)
+                r.below((f.jitter.as_micros() as u64).max(1))
             };
             (
                 Duration::from_micros(jitter),
-                r.chance(f.lose_ack),
-                r.chance(f.error),
-                r.chance(f.drop_after_apply),
+                r.percent(f.lose_ack),
+                r.percent(f.error),
+                r.percent(f.drop_after_apply),
             )
         };
         Box::pin(async move {
@@ -303,23 +292,6 @@ pub(super) fn layer_with(
     (wb, sink, store, metrics)
 }
 
-pub(super) fn inode(ino: u64, size: u64) -> Inode {
-    Inode {
-        ino,
-        kind: FileKind::Regular,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size,
-        rdev: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        parent: 0,
-    }
-}
-
 /// The filesystem layer's write, as it commits it.
 pub(super) fn write(s: &dyn Store, ino: u64, offset: u64, data: &[u8], size: u64) {
     let mut t = Txn::new();
@@ -328,13 +300,13 @@ pub(super) fn write(s: &dyn Store, ino: u64, offset: u64, data: &[u8], size: u64
         offset,
         data: data.to_vec(),
     });
-    t.push(Op::PutInode(inode(ino, size)));
+    t.push(Op::PutInode(Inode::regular(ino, size)));
     s.commit(t).unwrap();
 }
 
 pub(super) fn create(s: &dyn Store, ino: u64) {
     let mut t = Txn::new();
-    t.push(Op::PutInode(inode(ino, 0)));
+    t.push(Op::PutInode(Inode::regular(ino, 0)));
     s.commit(t).unwrap();
 }
 
@@ -361,7 +333,7 @@ fn writes_complete_before_the_ack_and_fsync_waits_for_it() {
         let wb = Arc::clone(&wb);
         std::thread::spawn(move || wb.sync(Some(20)))
     };
-    wait_until("the fsync to send the transaction", || {
+    eventually("the fsync to send the transaction", || {
         sink.gate.held() >= 1
     });
     assert!(!fsync.is_finished(), "fsync returned before any ack");
@@ -387,7 +359,7 @@ fn lost_acks_are_resent_and_applied_once() {
     });
     write(&wb, 20, 0, b"first", 5);
     // Let a few timeouts pass (on the paused clock), then let acks through.
-    wait_until("two resends", || m.txn_resent.get() >= 2);
+    eventually("two resends", || m.txn_resent.get() >= 2);
     sink.set(Faults::default());
     wb.sync(None).unwrap();
     assert_eq!(content(&*store, 20), b"first");
@@ -445,7 +417,7 @@ fn timeouts_move_to_the_next_server_after_the_attempt_bound() {
         ..Faults::default()
     });
     write(&wb, 21, 0, b"x", 1);
-    wait_until("a failover", || m.txn_failovers.get() >= 1);
+    eventually("a failover", || m.txn_failovers.get() >= 1);
     sink.set(Faults::default());
     wb.sync(None).unwrap();
     assert_eq!(content(&*store, 21), b"x");
@@ -491,14 +463,14 @@ fn an_epoch_change_resends_everything_unacknowledged() {
     });
     let seen = sink.sends.load(Ordering::SeqCst);
     write(&wb, 20, 0, b"a", 1);
-    wait_until("the sink to take the write", || {
+    eventually("the sink to take the write", || {
         sink.sends.load(Ordering::SeqCst) > seen
     });
     assert_eq!(m.txn_resent.get(), 0);
     sink.epoch.store(2, Ordering::SeqCst);
     sink.set(Faults::default());
     write(&wb, 21, 0, b"b", 1);
-    wait_until("the epoch change to resend the lost one", || {
+    eventually("the epoch change to resend the lost one", || {
         m.txn_resent.get() >= 1
     });
     wb.sync(None).unwrap();
@@ -535,7 +507,7 @@ fn fsync_fails_after_its_deadline_and_stays_failed_until_durable() {
     );
     assert_eq!(wb.unacked(), 1, "the transaction is kept, not dropped");
     sink.gate.open();
-    wait_until("the held transaction to be acknowledged", || {
+    eventually("the held transaction to be acknowledged", || {
         wb.unacked() == 0
     });
     wb.sync(Some(20)).unwrap();
@@ -543,16 +515,11 @@ fn fsync_fails_after_its_deadline_and_stays_failed_until_durable() {
     assert_eq!(m.fsync_errors.get(), 2);
 }
 
-/// Wait (real time, bounded) until `cond` holds.
-pub(super) fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Wait with the kit's bounded [`wait_until`] (real time) until `cond`
+/// holds; fail the test, naming `what`, at the bound.
+pub(super) fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    let held = wait_until(WAIT, POLL, cond).is_some();
+    assert!(held, "timed out waiting for {what} ({WAIT:?})");
 }
 
 #[test]
@@ -566,22 +533,22 @@ fn overwrite_policies_differ_only_in_waiting() {
         // overwrites it.
         sink.gate.close();
         write(&*wb, 20, 0, &[1u8; 8192], 8192);
-        wait_until("the first version to be sent", || sink.gate.held() >= 1);
+        eventually("the first version to be sent", || sink.gate.held() >= 1);
         let writer = {
             let wb = Arc::clone(&wb);
             std::thread::spawn(move || write(&*wb, 20, 0, &[2u8; 8192], 8192))
         };
         match policy {
             OverwritePolicy::Wait => {
-                wait_until("the overwrite to wait", || m.overwrite_waits.get() >= 1);
+                eventually("the overwrite to wait", || m.overwrite_waits.get() >= 1);
                 assert!(
                     !writer.is_finished(),
                     "wait: the overwrite waits for the ack"
                 );
             }
             OverwritePolicy::Cow => {
-                wait_until("the overwrite to copy", || m.overwrite_copies.get() >= 1);
-                wait_until("the overwrite to finish", || writer.is_finished());
+                eventually("the overwrite to copy", || m.overwrite_copies.get() >= 1);
+                eventually("the overwrite to finish", || writer.is_finished());
                 assert_eq!(
                     content(&*wb, 20),
                     vec![2u8; 8192],
@@ -624,7 +591,7 @@ fn dirty_bytes_are_bounded_by_backpressure() {
             }
         })
     };
-    wait_until("the writer to meet backpressure", || {
+    eventually("the writer to meet backpressure", || {
         m.backpressure_waits.get() >= 1
     });
     assert_eq!(
@@ -671,7 +638,7 @@ fn truncate_is_ordered_after_the_data_it_cuts() {
     write(&wb, 20, 0, &[3u8; 10_000], 10_000);
     let mut t = Txn::new();
     t.push(Op::Truncate { ino: 20, size: 100 });
-    t.push(Op::PutInode(inode(20, 100)));
+    t.push(Op::PutInode(Inode::regular(20, 100)));
     wb.commit(t).unwrap();
     write(&wb, 20, 8000, b"end", 8003);
     wb.sync(None).unwrap();
@@ -687,7 +654,7 @@ fn truncate_is_ordered_after_the_data_it_cuts() {
 
 pub(super) fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
     let mut t = Txn::new();
-    t.push(Op::PutInode(inode(ino, 0)));
+    t.push(Op::PutInode(Inode::regular(ino, 0)));
     t.push(Op::PutDirent {
         parent,
         dirent: Dirent {
@@ -773,7 +740,7 @@ fn metadata_never_joins_a_transaction_already_sent() {
             wb.commit(t)
         })
     };
-    wait_until("the create and truncate to be sent", || {
+    eventually("the create and truncate to be sent", || {
         sink.gate.held() >= 1
     });
     let (formed, joined) = (m.txn_formed.get(), m.txn_joined.get());
@@ -844,7 +811,7 @@ fn remembered_xattrs_never_go_stale() {
 fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 17);
     let dir = wb.reserve_ids(16).unwrap();
-    let mut d = inode(dir, 0);
+    let mut d = Inode::regular(dir, 0);
     d.kind = FileKind::Directory;
     let mut t = Txn::new();
     t.push(Op::PutInode(d));
@@ -930,7 +897,7 @@ fn random_operations_under_faults_match_the_model() {
 
 fn run_model(seed: u64, policy: OverwritePolicy) {
     let (wb, sink, store, _) = layer(policy, 2, seed);
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     sink.set(Faults {
         jitter: Duration::from_millis(5),
         lose_ack: 5,
@@ -950,7 +917,7 @@ fn run_model(seed: u64, policy: OverwritePolicy) {
         match rng.below(10) {
             0..=5 => {
                 let offset = rng.below(64 << 10);
-                let max = if rng.chance(20) { 40_000 } else { 5000 };
+                let max = if rng.percent(20) { 40_000 } else { 5000 };
                 let len = 1 + rng.below(max) as usize;
                 let byte = (step % 251) as u8 + 1;
                 let data = vec![byte; len];
@@ -969,7 +936,7 @@ fn run_model(seed: u64, policy: OverwritePolicy) {
                     ino,
                     size: size as u64,
                 });
-                t.push(Op::PutInode(inode(ino, size as u64)));
+                t.push(Op::PutInode(Inode::regular(ino, size as u64)));
                 wb.commit(t).unwrap();
             }
             7 => {
@@ -1016,7 +983,7 @@ fn a_write_in_another_shape_is_read_back_at_once_and_written_through() {
             data: vec![byte; 10],
         });
     }
-    t.push(Op::PutInode(inode(20, 8192)));
+    t.push(Op::PutInode(Inode::regular(20, 8192)));
     wb.commit(t).unwrap();
     let mut want = vec![1u8; 8192];
     want[100..110].fill(2);
@@ -1074,7 +1041,7 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
 /// real clock) until a sync or a commit that waits sends them, so the layer
 /// answers reads from its overlays; without, they leave at once, on the
 /// paused clock, and the sink also loses and reorders acks.
-pub(crate) fn faulty_layer(
+pub(super) fn faulty_layer(
     policy: OverwritePolicy,
     seed: u64,
     lingering: bool,

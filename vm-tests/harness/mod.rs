@@ -8,7 +8,8 @@
 //!   returns its console and exit status, after checking the daemon
 //!   ([`Daemon::check_health`]: no panic in its log; pohmelfs alive with `fs_internal_errors`
 //!   at 0). Every test so ends with that check after its last guest.
-//! - [`cpio`]: the newc archive writer that hands the script to the guest.
+//! - [`initrd`]: the guest's initrd: base image, optional images, and the script (and, when
+//!   asked for, the `pohmelfs` binary) in a newc archive written by [`cpio`].
 //! - [`store`]: a `pohmelfs store` server for `pohmel://` volumes. The daemon's counters are
 //!   read by [`Daemon::counter`]. Waiting, log tails and processes come from the test kit (`pohmelfs_testkit`).
 //!
@@ -23,6 +24,7 @@
 pub mod cpio;
 pub mod daemon;
 pub mod image;
+pub mod initrd;
 pub mod qemu;
 pub mod store;
 

@@ -7,15 +7,14 @@
 //! and in `Drop`, so a failing test never leaves a guest behind.
 
 use std::fs::{self, File};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::cpio::{self, Entry};
 use super::daemon::{self, Daemon};
 use super::image::{guest_image, GuestImage};
+use super::initrd::{guest_pohmelfs, write_initrd};
 use super::{log_tail, target_dir, wait_until, Failure, Result};
 
 /// Default bound on one guest run, boot to power-off, under TCG.
@@ -170,17 +169,30 @@ impl<'a> Guest<'a> {
     ///
     /// Errors are failures of the run itself (no QEMU, no image, timeout, QEMU error); a
     /// script that fails is reported in [`GuestOutput::exit_status`].
-    #[allow(clippy::too_many_lines)] // TEMP-SPLIT
     pub fn run(mut self) -> Result<GuestOutput> {
         let qemu = qemu_binary()?;
         let image = guest_image()?;
         let accel = accelerator()?;
         let number = self.daemon.ensure_running()?;
-        let dir = self.daemon.dir();
-        let prefix = dir.join(format!("guest-{number}"));
-        let console = prefix.with_extension("console.log");
-        let qemu_log = prefix.with_extension("qemu.log");
-        let initrd = prefix.with_extension("initrd");
+        let files = RunFiles::new(self.daemon.dir(), number);
+        self.build_initrd(image, &files.initrd)?;
+        let mut command = self.qemu_command(&qemu, accel, image, &files)?;
+        let started = Instant::now();
+        let mut qemu_process = KillOnDrop::spawn(&mut command, &qemu)?;
+        let watched = self.watch(&mut qemu_process, &files.console);
+        let elapsed = started.elapsed();
+        let _ = fs::remove_file(&files.initrd);
+        let run = RunSummary {
+            number,
+            accel,
+            elapsed,
+        };
+        self.conclude(&files, &run, watched, &mut qemu_process)
+    }
+
+    /// Writes the initrd: the base image, the optional images this guest asked for, and an
+    /// archive with `/test.sh` (and the `pohmelfs` binary when asked for).
+    fn build_initrd(&self, image: &GuestImage, initrd: &Path) -> Result<()> {
         let script = format!("{PRELUDE}TAG='{}'\n{}\n", self.daemon.tag(), self.script);
         let extra = if self.pohmelfs {
             guest_pohmelfs()?
@@ -202,10 +214,27 @@ impl<'a> Guest<'a> {
             }
             images.push(image.pjdfstest.as_path());
         }
-        write_initrd(&initrd, image, &images, &script, extra)?;
+        write_initrd(initrd, image, &images, &script, extra)
+    }
 
+    /// The QEMU command line: the common part, this guest's memory (shared, as vhost-user
+    /// needs) and the vhost-user-fs device on the daemon's socket.
+    fn qemu_command(
+        &self,
+        qemu: &Path,
+        accel: Accel,
+        image: &GuestImage,
+        files: &RunFiles,
+    ) -> Result<Command> {
         let memory = format!("{}M", self.memory_mb);
-        let mut command = base_command(&qemu, accel, image, &initrd, &console, &qemu_log)?;
+        let mut command = base_command(
+            qemu,
+            accel,
+            image,
+            &files.initrd,
+            &files.console,
+            &files.qemu_log,
+        )?;
         command
             .args(["-m", &memory])
             .arg("-object")
@@ -223,14 +252,18 @@ impl<'a> Guest<'a> {
                 "vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={}",
                 self.daemon.tag()
             ));
-        let started = Instant::now();
-        let mut qemu_process = KillOnDrop::spawn(&mut command, &qemu)?;
+        Ok(command)
+    }
+
+    /// Waits for QEMU to exit, within the run's bound, running the console actions as their
+    /// markers appear and cutting the power at the power-cut marker.
+    fn watch(&mut self, qemu_process: &mut KillOnDrop, console: &Path) -> Watched {
         let mut actions = std::mem::take(&mut self.actions);
         let mut action_failure = None;
         let mut power_cut = false;
         let status = wait_until(self.timeout, POLL_INTERVAL, || {
             if !actions.is_empty() || (self.power_cut_at.is_some() && !power_cut) {
-                let text = fs::read(&console)
+                let text = fs::read(console)
                     .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
                     .unwrap_or_default();
                 while actions
@@ -256,43 +289,45 @@ impl<'a> Guest<'a> {
             }
             qemu_process.try_wait()
         });
-        let elapsed = started.elapsed();
-        let _ = fs::remove_file(&initrd);
+        Watched {
+            status,
+            action_failure,
+            power_cut,
+        }
+    }
 
-        let console_text = fs::read(&console)
+    /// Judges a finished run: a failed action, a timeout or a QEMU failure is an error, and so
+    /// is a daemon that is unhealthy after it; otherwise the guest's console and exit status.
+    fn conclude(
+        &self,
+        files: &RunFiles,
+        run: &RunSummary,
+        watched: Watched,
+        qemu_process: &mut KillOnDrop,
+    ) -> Result<GuestOutput> {
+        let RunSummary {
+            number,
+            accel,
+            elapsed,
+        } = *run;
+        let console_text = fs::read(&files.console)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default();
         let exit_status = parse_exit_status(&console_text);
-        let report = |headline: String| {
-            let daemon_state = match self.daemon.exit_status() {
-                None => "still running".to_owned(),
-                Some(status) => format!("exited: {status}"),
-            };
-            format!(
-                "{headline}\n\
-                 --- guest console, last {CONSOLE_TAIL_LINES} lines ({}) ---\n{}\n\
-                 --- QEMU log ({}) ---\n{}\n\
-                 --- daemon: {daemon_state} ---\n{}",
-                console.display(),
-                log_tail(&console, CONSOLE_TAIL_LINES),
-                qemu_log.display(),
-                log_tail(&qemu_log, 20),
-                self.daemon.log_report()
-            )
-        };
-        if let Some((marker, failure)) = action_failure {
+        let report = |headline: String| self.report(files, &headline);
+        if let Some((marker, failure)) = watched.action_failure {
             return Err(Failure::new(report(format!(
                 "the harness's action at console line {marker:?} failed: {failure}"
             ))));
         }
-        let Some(status) = status else {
+        let Some(status) = watched.status else {
             qemu_process.kill();
             return Err(Failure::new(report(format!(
                 "guest #{number} did not power off within {:?} ({accel:?}); QEMU killed",
                 self.timeout
             ))));
         };
-        if power_cut {
+        if watched.power_cut {
             eprintln!(
                 "{}: guest #{number} power cut after {elapsed:.1?} ({accel:?})",
                 self.daemon.kind()
@@ -317,6 +352,63 @@ impl<'a> Guest<'a> {
             report,
         })
     }
+
+    /// What to quote about a run: `headline`, the console tail, the QEMU log, the daemon's
+    /// state and log.
+    fn report(&self, files: &RunFiles, headline: &str) -> String {
+        let daemon_state = match self.daemon.exit_status() {
+            None => "still running".to_owned(),
+            Some(status) => format!("exited: {status}"),
+        };
+        format!(
+            "{headline}\n\
+             --- guest console, last {CONSOLE_TAIL_LINES} lines ({}) ---\n{}\n\
+             --- QEMU log ({}) ---\n{}\n\
+             --- daemon: {daemon_state} ---\n{}",
+            files.console.display(),
+            log_tail(&files.console, CONSOLE_TAIL_LINES),
+            files.qemu_log.display(),
+            log_tail(&files.qemu_log, 20),
+            self.daemon.log_report()
+        )
+    }
+}
+
+/// The files of one guest run, beside the daemon's.
+struct RunFiles {
+    console: PathBuf,
+    qemu_log: PathBuf,
+    initrd: PathBuf,
+}
+
+impl RunFiles {
+    /// The files of guest `number` in `dir`.
+    fn new(dir: &Path, number: u32) -> RunFiles {
+        let prefix = dir.join(format!("guest-{number}"));
+        RunFiles {
+            console: prefix.with_extension("console.log"),
+            qemu_log: prefix.with_extension("qemu.log"),
+            initrd: prefix.with_extension("initrd"),
+        }
+    }
+}
+
+/// Which guest ran, how, and for how long: for the messages about it.
+#[derive(Clone, Copy)]
+struct RunSummary {
+    number: u32,
+    accel: Accel,
+    elapsed: Duration,
+}
+
+/// How the wait for QEMU ended.
+struct Watched {
+    /// QEMU's exit status; `None` when it still ran at the run's bound.
+    status: Option<std::process::ExitStatus>,
+    /// The console action that failed, with its marker (QEMU was killed).
+    action_failure: Option<(String, Failure)>,
+    /// QEMU was killed at the power-cut marker.
+    power_cut: bool,
 }
 
 /// QEMU arguments shared by test guests and the KVM probe; the caller adds memory and devices.
@@ -360,94 +452,6 @@ fn has_line(console: &str, marker: &str) -> bool {
     console
         .lines()
         .any(|line| line.trim_end_matches('\r') == marker)
-}
-
-/// A file for the guest's initramfs: its path there, mode and bytes.
-struct ExtraFile {
-    name: String,
-    mode: u32,
-    data: Vec<u8>,
-}
-
-/// The stripped `pohmelfs` binary and the libraries `ldd` says it needs, read once per process.
-fn guest_pohmelfs() -> Result<&'static [ExtraFile]> {
-    static FILES: OnceLock<std::result::Result<Vec<ExtraFile>, String>> = OnceLock::new();
-    let load = || -> std::result::Result<Vec<ExtraFile>, String> {
-        let binary = Path::new(env!("CARGO_BIN_EXE_pohmelfs"));
-        let stripped = target_dir()
-            .join("vm-tests")
-            .join(format!("pohmelfs-guest-{}", std::process::id()));
-        let status = std::process::Command::new("strip")
-            .arg("-o")
-            .arg(&stripped)
-            .arg(binary)
-            .status()
-            .map_err(|e| format!("run strip (apt-get install binutils): {e}"))?;
-        if !status.success() {
-            return Err(format!("strip {} failed: {status}", binary.display()));
-        }
-        let data = fs::read(&stripped).map_err(|e| format!("read {}: {e}", stripped.display()));
-        let _ = fs::remove_file(&stripped);
-        let mut files = vec![ExtraFile {
-            name: "usr/bin/pohmelfs".to_owned(),
-            mode: 0o755,
-            data: data?,
-        }];
-        let ldd = std::process::Command::new("ldd")
-            .arg(binary)
-            .output()
-            .map_err(|e| format!("run ldd: {e}"))?;
-        let text = String::from_utf8_lossy(&ldd.stdout);
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" and the loader's own line.
-        for line in text.lines() {
-            let path = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-                [_, "=>", path, ..] | [path, ..] if path.starts_with('/') => (*path).to_owned(),
-                _ => continue,
-            };
-            let data = fs::read(&path).map_err(|e| format!("read {path}: {e}"))?;
-            files.push(ExtraFile {
-                name: path.trim_start_matches('/').to_owned(),
-                mode: 0o755,
-                data,
-            });
-        }
-        Ok(files)
-    };
-    FILES
-        .get_or_init(load)
-        .as_deref()
-        .map_err(|e| Failure::new(format!("put pohmelfs into the guest: {e}")))
-}
-
-/// Writes base image [+ optional images] + an archive holding `/test.sh` (and `extra`) into
-/// one initrd file.
-fn write_initrd(
-    initrd: &Path,
-    image: &GuestImage,
-    optional: &[&Path],
-    script: &str,
-    extra: &[ExtraFile],
-) -> Result<()> {
-    let write = || -> io::Result<()> {
-        let mut out = File::create(initrd)?;
-        io::copy(&mut File::open(&image.initramfs)?, &mut out)?;
-        for part in optional {
-            io::copy(&mut File::open(part)?, &mut out)?;
-        }
-        let mut entries = vec![Entry {
-            name: "test.sh",
-            mode: 0o755,
-            data: script.as_bytes(),
-        }];
-        entries.extend(extra.iter().map(|f| Entry {
-            name: &f.name,
-            mode: f.mode,
-            data: &f.data,
-        }));
-        let archive = cpio::archive(&entries);
-        io::Write::write_all(&mut out, &archive)
-    };
-    write().map_err(|e| Failure::new(format!("write {}: {e}", initrd.display())))
 }
 
 fn parse_exit_status(console: &str) -> Option<i32> {

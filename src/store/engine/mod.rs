@@ -30,7 +30,7 @@ mod keys;
 mod scan;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]

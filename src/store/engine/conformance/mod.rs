@@ -9,13 +9,13 @@
 //! * the remote store (`pohmel://`) over a `pohmelfs store` server running
 //!   in the test process on loopback, in [`remote`];
 //! * the write-back layer ([`crate::txn::WritebackStore`]) over its
-//!   fault-injecting test sink, checked after a sync, in [`writeback`].
+//!   fault-injecting test sink, checked after a sync, in the layer's own
+//!   `txn/conformance_tests.rs` (imports point from txn to store).
 //!
 //! Test-only. Each check uses its own inode numbers, so all of them can run
 //! on one volume.
 
 mod remote;
-mod writeback;
 
 use crate::check::torture::rng::Rng;
 use crate::store::mem::MemStore;
@@ -483,14 +483,14 @@ fn random_op(r: &mut Rng, cookie: &mut u64) -> Op {
 }
 
 /// Everything a client could read of the differential test's inodes.
-struct Snapshot {
+pub(crate) struct Snapshot {
     /// Entries, attributes, extended attributes, data and holes, space.
     facts: Vec<String>,
     /// The bytes of each inode's first nine blocks.
     data: Vec<(u64, Vec<u8>)>,
 }
 
-fn snapshot(s: &dyn Store) -> Snapshot {
+pub(crate) fn snapshot(s: &dyn Store) -> Snapshot {
     let mut facts = vec![format!("{:?}", s.readdir(400, 0, 1000).unwrap())];
     let mut data = Vec::new();
     for ino in 400..404 {
@@ -516,7 +516,7 @@ fn snapshot(s: &dyn Store) -> Snapshot {
 
 /// Fails unless the snapshots taken `after` something are equal, byte for
 /// byte.
-fn assert_same(a: &Snapshot, b: &Snapshot, after: &dyn std::fmt::Display) {
+pub(crate) fn assert_same(a: &Snapshot, b: &Snapshot, after: &dyn std::fmt::Display) {
     assert_eq!(a.facts.len(), b.facts.len());
     for (x, y) in a.facts.iter().zip(&b.facts) {
         assert_eq!(x, y, "stores disagree after {after}");

@@ -1,6 +1,7 @@
-//! The contract through the write-back layer ([`WritebackStore`]) over its
-//! fault-injecting test sink (errors, dropped connections, two servers),
-//! for both overwrite policies, seen two ways:
+//! The store conformance suite (`store::engine::conformance`) run through
+//! the write-back layer ([`WritebackStore`]) over its fault-injecting test
+//! sink (errors, dropped connections, two servers), for both overwrite
+//! policies, seen two ways:
 //!
 //! * [`Synced`]: every read first syncs the layer, then asks the layer and
 //!   the store behind it, which must agree: what the layer acknowledged is
@@ -14,10 +15,11 @@ use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::{assert_same, contract, differential, snapshot};
+use super::tests::faulty_layer;
+use super::{OverwritePolicy, WritebackStore};
+use crate::store::engine::conformance::{assert_same, contract, differential, snapshot};
 use crate::store::mem::MemStore;
 use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn};
-use crate::txn::{OverwritePolicy, WritebackStore};
 
 /// The layer as the contract sees it: commits through the layer, reads
 /// after a sync, checked against the store the layer writes to.
@@ -30,7 +32,7 @@ struct Synced {
 
 impl Synced {
     fn new(policy: OverwritePolicy, seed: u64) -> Synced {
-        let (layer, store) = crate::txn::tests::faulty_layer(policy, seed, false);
+        let (layer, store) = faulty_layer(policy, seed, false);
         Synced {
             layer,
             store,
@@ -162,7 +164,7 @@ struct Unsynced {
 
 impl Unsynced {
     fn new(policy: OverwritePolicy, seed: u64) -> Unsynced {
-        let (layer, store) = crate::txn::tests::faulty_layer(policy, seed, true);
+        let (layer, store) = faulty_layer(policy, seed, true);
         Unsynced { layer, store }
     }
 }

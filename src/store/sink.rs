@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::store::remote::RemoteStore;
-use crate::store::{OnceStore, StoreError, Txn};
+use super::remote::RemoteStore;
+use super::{OnceStore, StoreError, Txn};
 
 /// A durable acknowledgement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

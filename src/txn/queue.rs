@@ -1,0 +1,170 @@
+//! The ordering queue: every unacknowledged transaction ([`TxnEntry`]),
+//! queued behind the older transactions of each inode it touches, so that
+//! it is sent only when it is the oldest of all of them. Transactions are
+//! formed and joined by the write path (`write.rs`), sent by the sender
+//! (`sender.rs`) and retired by their ack (`ack.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::time::Instant;
+
+use super::cache;
+use super::{Shared, State};
+use crate::store::Op;
+
+/// Where a transaction is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TxnState {
+    /// Formed, not sent (or waiting to be resent after `not_before`).
+    Queued,
+    /// An attempt is on its way; `attempt` numbers it.
+    InFlight { attempt: u64 },
+}
+
+/// One unacknowledged transaction.
+pub(super) struct TxnEntry {
+    pub(super) id: u64,
+    /// Metadata ops, in order; data transactions end with the inode's
+    /// PutInode.
+    pub(super) ops: Vec<Op>,
+    /// The pages it carries, by inode (its tags on those pages).
+    pub(super) pages: BTreeMap<u64, BTreeSet<u64>>,
+    /// Page buffers pinned when first sent; resends carry exactly these.
+    pub(super) pinned: Option<Vec<cache::Pinned>>,
+    /// Every inode it touches, for ordering.
+    pub(super) inodes: BTreeSet<u64>,
+    /// Bytes it holds against `dirty_max_bytes`.
+    pub(super) data_bytes: u64,
+    /// Only data of one inode: later writes may merge into it until sent.
+    pub(super) mergeable: bool,
+    pub(super) state: TxnState,
+    pub(super) server: usize,
+    pub(super) attempts_here: u32,
+    pub(super) attempts: u32,
+    pub(super) not_before: Option<Instant>,
+    pub(super) last_error: Option<String>,
+    pub(super) formed: Instant,
+    /// The store refused it for lack of space and it had no page data to
+    /// drop: it is retried, and a sync of its inodes fails with ENOSPC.
+    pub(super) waits_for_space: bool,
+}
+
+impl TxnEntry {
+    /// Metadata that was never sent: later metadata may join it (its
+    /// content is fixed from the first attempt on, since a resend must be
+    /// the same transaction).
+    pub(super) fn is_unsent_metadata(&self) -> bool {
+        self.is_unsent() && !self.mergeable && self.pages.is_empty()
+    }
+
+    /// Queued and never sent: its content may still change.
+    fn is_unsent(&self) -> bool {
+        self.state == TxnState::Queued && self.attempts == 0 && self.pinned.is_none()
+    }
+
+    /// Whether a write of `ino` may join this queued transaction: it must
+    /// be unsent, and its data goes on the wire before its operations, so
+    /// none of them may be one that the data must follow (a truncate,
+    /// punch-hole, removal or write of the same inode).
+    pub(super) fn data_may_join(&self, ino: u64) -> bool {
+        if !self.is_unsent() {
+            return false;
+        }
+        self.mergeable
+            || !self.ops.iter().any(|op| match op {
+                Op::Truncate { ino: i, .. }
+                | Op::PunchHole { ino: i, .. }
+                | Op::RemoveInode { ino: i }
+                | Op::Write { ino: i, .. } => *i == ino,
+                _ => false,
+            })
+    }
+}
+
+/// Unacknowledged transactions at most; metadata operations beyond wait.
+pub(super) const MAX_QUEUED_TXNS: usize = 65_536;
+
+/// Every inode an op touches.
+pub(super) fn op_inodes(op: &Op, out: &mut BTreeSet<u64>) {
+    match op {
+        Op::PutInode(i) => {
+            out.insert(i.ino);
+        }
+        Op::RemoveInode { ino }
+        | Op::Write { ino, .. }
+        | Op::Truncate { ino, .. }
+        | Op::PunchHole { ino, .. }
+        | Op::SetSymlink { ino, .. }
+        | Op::SetXattr { ino, .. }
+        | Op::RemoveXattr { ino, .. } => {
+            out.insert(*ino);
+        }
+        Op::PutDirent { parent, dirent } => {
+            out.insert(*parent);
+            out.insert(dirent.ino);
+        }
+        Op::RemoveDirent { parent, .. } => {
+            out.insert(*parent);
+        }
+    }
+}
+
+impl Shared {
+    /// Queue a transaction; returns its id. Called with the state locked.
+    pub(super) fn enqueue(&self, st: &mut State, entry: TxnEntry) -> u64 {
+        let id = entry.id;
+        for ino in &entry.inodes {
+            st.by_inode.entry(*ino).or_default().push_back(id);
+        }
+        st.dirty_bytes += entry.data_bytes;
+        st.txns.insert(id, entry);
+        self.metrics.txn_formed.inc();
+        self.publish(st);
+        self.pump.notify_one();
+        id
+    }
+
+    pub(super) fn new_entry(st: &mut State, ops: Vec<Op>, mergeable: bool) -> TxnEntry {
+        let id = st.next_id;
+        st.next_id += 1;
+        let mut inodes = BTreeSet::new();
+        for op in &ops {
+            op_inodes(op, &mut inodes);
+        }
+        TxnEntry {
+            id,
+            ops,
+            pages: BTreeMap::new(),
+            pinned: None,
+            inodes,
+            data_bytes: 0,
+            mergeable,
+            state: TxnState::Queued,
+            server: st.preferred_server,
+            attempts_here: 0,
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            formed: Instant::now(),
+            waits_for_space: false,
+        }
+    }
+}
+
+pub(super) fn describe(t: &TxnEntry) -> String {
+    format!(
+        "txn {} (inodes {:?}, {} data bytes, {} ops, {:?}, {} attempts, server {}, age {:?}{})",
+        t.id,
+        t.inodes,
+        t.data_bytes,
+        t.ops.len(),
+        t.state,
+        t.attempts,
+        t.server,
+        t.formed.elapsed(),
+        t.last_error
+            .as_ref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    )
+}

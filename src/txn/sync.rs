@@ -1,0 +1,152 @@
+//! Waiting for acks: fsync, fsyncdir, flush and syncfs send at once what
+//! their inode (or everyone) has queued and wait for it, up to
+//! `fsync_timeout`. A failure stays (sticky) until the inode's data is
+//! durable; data dropped for lack of space is reported once, as ENOSPC.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, warn};
+
+use super::ack::{lock, wait, wait_timeout};
+use super::queue::{describe, TxnState};
+use super::Shared;
+use crate::store::StoreError;
+
+impl Shared {
+    /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
+    /// Returns the ids still unacknowledged on timeout as an error, or
+    /// `NoSpace` when one of them waits for space (at once if
+    /// `fail_on_no_space`, else at the timeout).
+    pub(super) fn wait_for(
+        &self,
+        ids: &[u64],
+        timeout: Option<Duration>,
+        fail_on_no_space: bool,
+    ) -> Result<(), StoreError> {
+        // Real time: a guest's fsync deadline is wall-clock time.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut st = lock(&self.state);
+        loop {
+            let pending: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| st.txns.contains_key(id))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let waits_for_space = || {
+                pending
+                    .iter()
+                    .any(|id| st.txns.get(id).is_some_and(|t| t.waits_for_space))
+            };
+            if fail_on_no_space && waits_for_space() {
+                return Err(StoreError::NoSpace);
+            }
+            if st.shutdown {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "transaction layer shut down",
+                )));
+            }
+            match deadline {
+                None => st = wait(&self.changed, st),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() && waits_for_space() {
+                        return Err(StoreError::NoSpace);
+                    }
+                    if left.is_zero() {
+                        let described: Vec<String> = pending
+                            .iter()
+                            .filter_map(|id| st.txns.get(id))
+                            .map(describe)
+                            .collect();
+                        return Err(StoreError::Io(std::io::Error::other(format!(
+                            "{} transaction(s) not acknowledged within {:?}: {}",
+                            pending.len(),
+                            timeout.unwrap_or_default(),
+                            described.join("; ")
+                        ))));
+                    }
+                    st = wait_timeout(&self.changed, st, left);
+                }
+            }
+        }
+    }
+
+    /// The writeback contract: everything unacknowledged that touches `ino`
+    /// (or everything), sent now and waited for.
+    pub(super) fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        let start = std::time::Instant::now();
+        self.metrics.fsync_calls.inc();
+        let ids: Vec<u64> = {
+            let mut st = lock(&self.state);
+            let ids: Vec<u64> = match ino {
+                Some(i) => st
+                    .by_inode
+                    .get(&i)
+                    .map(|q| q.iter().copied().collect())
+                    .unwrap_or_default(),
+                None => st.txns.keys().copied().collect(),
+            };
+            if let Some(i) = ino {
+                if let Some(why) = st.sticky.get(&i) {
+                    if !ids.is_empty() {
+                        self.metrics.fsync_errors.inc();
+                        return Err(StoreError::Io(std::io::Error::other(format!(
+                            "earlier fsync failed and the data is still not durable: {why}"
+                        ))));
+                    }
+                }
+            }
+            // Resend at once whatever waits for a backoff.
+            let now = Instant::now();
+            for id in &ids {
+                if let Some(t) = st.txns.get_mut(id) {
+                    if t.state == TxnState::Queued && t.not_before.is_some_and(|nb| nb > now) {
+                        t.not_before = None;
+                    }
+                }
+            }
+            ids
+        };
+        self.pump.notify_one();
+        // A sync of one inode answers ENOSPC as soon as its data waits for
+        // space; a sync of everything (syncfs, shutdown) still waits for
+        // whatever else can be stored.
+        let result = self.wait_for(&ids, Some(self.cfg.fsync_timeout), ino.is_some());
+        self.metrics.levels.fsync_latency.observe(start.elapsed());
+        let mut st = lock(&self.state);
+        match result {
+            Ok(()) | Err(StoreError::NoSpace) => {
+                // Data dropped for lack of space is reported once.
+                let dropped = match ino {
+                    Some(i) => st.no_space.remove(&i),
+                    None => !std::mem::take(&mut st.no_space).is_empty(),
+                };
+                if dropped || result.is_err() {
+                    warn!(ino, "fsync failed: the volume is full");
+                    return Err(StoreError::NoSpace);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.fsync_errors.inc();
+                let why = crate::ErrorChain(&e).to_string();
+                warn!(ino, error = %why, "fsync failed: data not acknowledged by the store in time");
+                match ino {
+                    Some(i) => {
+                        st.sticky.insert(i, why);
+                    }
+                    None => {
+                        for t in st.txns.values() {
+                            error!(txn = %describe(t), "not stored");
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}

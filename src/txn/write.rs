@@ -1,0 +1,312 @@
+//! The write path: a guest write is copied into tagged pages, joining the
+//! inode's queued transaction or opening one, once backpressure (and,
+//! under `wait`, the pinned pages) let it; metadata operations are queued,
+//! grouped into one transaction while it is unsent, and shown to reads at
+//! once. Nothing here sends: the sender does (`sender.rs`).
+
+use std::collections::BTreeSet;
+use std::sync::MutexGuard;
+
+use tokio::time::Instant;
+
+use super::ack::{lock, wait};
+use super::cache::PAGE_SIZE;
+use super::overlay::Overlay;
+use super::queue::{op_inodes, MAX_QUEUED_TXNS};
+use super::{OverwritePolicy, Shared, State};
+use crate::store::{Inode, Op, StoreError, Txn};
+
+/// The pages a write covers.
+struct PageSpan {
+    first: u64,
+    last: u64,
+    /// The first and last page where the write covers them only in part
+    /// and the file has bytes there before it.
+    partial: Vec<u64>,
+    /// Bytes of all its pages, as counted against `dirty_max_bytes`.
+    bytes: u64,
+}
+
+impl Shared {
+    /// The write-back path: copy `data` into pages and tag them.
+    pub(super) fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        inode: Inode,
+    ) -> Result<(), StoreError> {
+        if data.is_empty() {
+            self.put_attributes(ino, inode);
+            return Ok(());
+        }
+        let span = self.span(ino, offset, data.len() as u64)?;
+        let mut st = self.wait_to_write(ino, &span)?;
+        let txn_id = self.data_txn(&mut st, ino, span.bytes, &inode);
+        self.copy_into_pages(&mut st, ino, offset, data, txn_id);
+        Self::carry_attributes(&mut st, ino, txn_id, inode);
+        let evicted = st.cache.evict();
+        self.metrics.cache_evictions.add(evicted);
+        self.publish(&st);
+        drop(st);
+        self.pump.notify_one();
+        Ok(())
+    }
+
+    /// A write of no bytes: only the attributes change, in a transaction
+    /// of their own.
+    fn put_attributes(&self, ino: u64, inode: Inode) {
+        let mut st = lock(&self.state);
+        let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
+        let id = self.enqueue(&mut st, entry);
+        st.attrs.insert(
+            ino,
+            Overlay {
+                inode: Some(inode),
+                txn: id,
+            },
+        );
+    }
+
+    /// The pages a write of `len > 0` bytes at `offset` covers.
+    fn span(&self, ino: u64, offset: u64, len: u64) -> Result<PageSpan, StoreError> {
+        let size_before = self.current_inode(ino)?.map_or(0, |i| i.size);
+        let first = offset / PAGE_SIZE;
+        let end = offset + len;
+        let last = (end - 1) / PAGE_SIZE;
+        // Pages written only in part must hold their old bytes, where the
+        // store may have any.
+        let partial = [first, last]
+            .into_iter()
+            .filter(|&idx| {
+                let start = idx * PAGE_SIZE;
+                !(offset <= start && end >= start + PAGE_SIZE) && start < size_before
+            })
+            .collect();
+        Ok(PageSpan {
+            first,
+            last,
+            partial,
+            bytes: (last - first + 1) * PAGE_SIZE,
+        })
+    }
+
+    /// Lock the state once the write may touch its pages: the partial
+    /// pages are loaded, backpressure lets it through and (under `wait`)
+    /// none of its pages is pinned. Everything that makes a write wait
+    /// happens here, before it touches a page, and after any wait it starts
+    /// over: a transaction chosen before a wait may have been sent during it.
+    fn wait_to_write(
+        &self,
+        ino: u64,
+        span: &PageSpan,
+    ) -> Result<MutexGuard<'_, State>, StoreError> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.shutdown {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "transaction layer shut down",
+                )));
+            }
+            if st.full {
+                return Err(StoreError::NoSpace);
+            }
+            if let Some(&idx) = span.partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
+                drop(st);
+                self.load_pages(ino, idx, 1)?;
+                st = lock(&self.state);
+                continue;
+            }
+            // Backpressure: dirty and in-flight bytes stay within their bound.
+            if st.dirty_bytes > 0 && st.dirty_bytes + span.bytes > self.cfg.dirty_max_bytes {
+                self.metrics.backpressure_waits.inc();
+                st = wait(&self.changed, st);
+                continue;
+            }
+            if self.cfg.overwrite == OverwritePolicy::Wait
+                && (span.first..=span.last).any(|i| st.cache.is_pinned(ino, i))
+            {
+                self.metrics.overwrite_waits.inc();
+                st = wait(&self.changed, st);
+                continue;
+            }
+            return Ok(st);
+        }
+    }
+
+    /// The transaction a write of `bytes` to `ino` joins: the inode's
+    /// queued one if it can take more, else a new one.
+    fn data_txn(&self, st: &mut State, ino: u64, bytes: u64, inode: &Inode) -> u64 {
+        let tail = st
+            .by_inode
+            .get(&ino)
+            .and_then(|q| q.back().copied())
+            .filter(|id| {
+                st.txns.get(id).is_some_and(|t| {
+                    t.data_may_join(ino) && t.data_bytes + bytes <= self.cfg.max_txn_bytes
+                })
+            });
+        let Some(id) = tail else {
+            let entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            return self.enqueue(st, entry);
+        };
+        // Joining a metadata transaction (the create of this file): it must
+        // carry the attributes the data is clipped to.
+        if let Some(t) = st.txns.get_mut(&id) {
+            if !t
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
+            {
+                t.ops.push(Op::PutInode(inode.clone()));
+            }
+        }
+        id
+    }
+
+    /// Copy `data` into the pages of `ino` from `offset`, tagging each
+    /// newly dirty page with `txn_id`.
+    fn copy_into_pages(&self, st: &mut State, ino: u64, offset: u64, data: &[u8], txn_id: u64) {
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let idx = pos / PAGE_SIZE;
+            let in_page = (pos % PAGE_SIZE) as usize;
+            let n = rest.len().min(PAGE_SIZE as usize - in_page);
+            if st.cache.is_pinned(ino, idx) {
+                // Only under `cow`: `wait` waited before.
+                self.metrics.overwrite_copies.inc();
+            }
+            if st.cache.write(ino, idx, in_page, &rest[..n], txn_id) {
+                if let Some(t) = st.txns.get_mut(&txn_id) {
+                    t.pages.entry(ino).or_default().insert(idx);
+                    t.data_bytes += PAGE_SIZE;
+                }
+                st.dirty_bytes += PAGE_SIZE;
+            }
+            rest = &rest[n..];
+            pos += n as u64;
+        }
+    }
+
+    /// The written inode's newest attributes: carried by its transaction
+    /// and seen by reads.
+    fn carry_attributes(st: &mut State, ino: u64, txn_id: u64, inode: Inode) {
+        if let Some(t) = st.txns.get_mut(&txn_id) {
+            for op in &mut t.ops {
+                if let Op::PutInode(i) = op {
+                    if i.ino == ino {
+                        *i = inode.clone();
+                    }
+                }
+            }
+        }
+        st.attrs.insert(
+            ino,
+            Overlay {
+                inode: Some(inode),
+                txn: txn_id,
+            },
+        );
+    }
+
+    /// Read `count` pages from `first` into the cache as clean pages, where
+    /// absent.
+    pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
+        let mut buf = vec![0u8; (count * PAGE_SIZE) as usize];
+        self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
+        let mut st = lock(&self.state);
+        for (i, chunk) in buf.chunks(PAGE_SIZE as usize).enumerate() {
+            st.cache.insert_clean(ino, first + i as u64, chunk);
+        }
+        let evicted = st.cache.evict();
+        self.metrics.cache_evictions.add(evicted);
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// A metadata transaction: apply its effects to the cache and the
+    /// overlay (so reads see them at once), queue it, and return — the
+    /// write-back contract: fsync and fsyncdir wait for it. Truncate,
+    /// punch-hole and writes carried in the operations (any write in
+    /// another shape than the filesystem layer's) wait for their ack: until
+    /// the store has the new bytes, a read of a page the cache does not hold
+    /// could return the old ones.
+    ///
+    /// The operations join the newest transaction when it is metadata that
+    /// was never sent (group commit in the daemon: a burst of unlinks in one
+    /// directory is one commit, not one round trip each). Being the newest,
+    /// it is the last of every inode's queue, so appending keeps every
+    /// inode's order. A new metadata transaction lingers `meta_linger`
+    /// before it is sent, so that the burst can gather; a sync sends it at
+    /// once.
+    pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
+        let wait_ack = txn.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
+            )
+        });
+        let id = {
+            let mut st = lock(&self.state);
+            // Bound the queue: metadata is small, but not free.
+            while st.txns.len() >= MAX_QUEUED_TXNS && !st.shutdown {
+                self.metrics.backpressure_waits.inc();
+                st = wait(&self.changed, st);
+            }
+            let id = self.metadata_txn(&mut st, txn.ops.len(), wait_ack);
+            self.append_ops(&mut st, id, &txn.ops, wait_ack);
+            for op in &txn.ops {
+                st.reflect(op, id);
+            }
+            self.publish(&st);
+            drop(st);
+            self.pump.notify_one();
+            id
+        };
+        if wait_ack {
+            self.wait_for(&[id], None, false)?;
+        }
+        Ok(())
+    }
+
+    /// The transaction `ops` more metadata operations go into: the newest
+    /// when it is unsent metadata with room for them, else a new one (which
+    /// lingers unless its ack is waited for).
+    fn metadata_txn(&self, st: &mut State, ops: usize, wait_ack: bool) -> u64 {
+        let join = st.txns.last_key_value().and_then(|(&id, t)| {
+            (t.is_unsent_metadata() && t.ops.len() + ops <= self.cfg.max_txn_ops).then_some(id)
+        });
+        if let Some(id) = join {
+            self.metrics.txn_joined.inc();
+            return id;
+        }
+        let mut entry = Self::new_entry(st, Vec::new(), false);
+        if !wait_ack && !self.cfg.meta_linger.is_zero() {
+            entry.not_before = Some(Instant::now() + self.cfg.meta_linger);
+        }
+        self.enqueue(st, entry)
+    }
+
+    /// Append `ops` to the queued transaction `id`, and queue it behind
+    /// every inode they touch that it did not touch yet.
+    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], wait_ack: bool) {
+        let mut inodes = BTreeSet::new();
+        for op in ops {
+            op_inodes(op, &mut inodes);
+        }
+        let State { txns, by_inode, .. } = st;
+        if let Some(t) = txns.get_mut(&id) {
+            for ino in inodes {
+                if t.inodes.insert(ino) {
+                    by_inode.entry(ino).or_default().push_back(id);
+                }
+            }
+            t.ops.extend(ops.iter().cloned());
+            // Full, or waited for: no reason to linger.
+            if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
+                t.not_before = None;
+            }
+        }
+    }
+}
