@@ -265,24 +265,17 @@ impl VhostUserBackend for FsBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::{FsConfig, PohmelFs};
-    use crate::store::mem::MemStore;
+    use crate::device::testkit::served_fs;
 
     fn backend(tag: Option<&str>) -> FsBackend {
-        let metrics = Arc::new(Metrics::default());
-        let fs = PohmelFs::new(
-            Arc::new(MemStore::new(1 << 20)),
-            FsConfig::default(),
-            Arc::clone(&metrics),
-        )
-        .unwrap();
+        let (requests, metrics) = served_fs();
         FsBackend::new(
             DeviceConfig {
                 tag: tag.map(str::to_string),
                 request_queues: 2,
                 queue_size: 1024,
             },
-            Arc::new(Requests::new(Arc::new(fs), Arc::clone(&metrics))),
+            Arc::new(requests),
             Arc::new(WorkerPool::new(1, 4).unwrap()),
             metrics,
         )

@@ -222,7 +222,9 @@ mod tests {
     use std::time::Duration;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-    use crate::device::testkit::{guest_memory, post, reply, NOWHERE, OUT_LEN, REPLY, REQUEST};
+    use crate::device::testkit::{
+        guest_memory, post, reply, served_fs, NOWHERE, OUT_LEN, REPLY, REQUEST,
+    };
 
     /// A SYNCFS request at [`REQUEST`] (header and body) with `unique`.
     fn write_syncfs(mem: &GuestMemoryAtomic<Mem>, unique: u64) -> u32 {
@@ -323,20 +325,9 @@ mod tests {
         assert!(store.get_inode(ROOT_INO).unwrap().is_none());
     }
 
-    fn plain_fs() -> Requests {
-        let metrics = Arc::new(Metrics::default());
-        let fs = PohmelFs::new(
-            Arc::new(MemStore::new(1 << 20)),
-            FsConfig::default(),
-            Arc::clone(&metrics),
-        )
-        .unwrap();
-        Requests::new(Arc::new(fs), metrics)
-    }
-
     #[test]
     fn an_unmappable_chain_is_answered_eio_where_a_reply_fits() {
-        let requests = plain_fs();
+        let requests = served_fs().0;
         let mem = guest_memory();
         let len = write_syncfs(&mem, 11);
         // The header maps, the rest of the request does not.
