@@ -13,6 +13,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace};
 
 use super::alloc_probe::largest_allocation;
+use super::request::{Chain, Requests};
 use super::testkit::{
     guest_memory, header, post, reply, served_fs, write_request, BULK, BULK_LEN, OUT_LEN, REPLY,
     REQUEST,
@@ -30,6 +31,14 @@ const REPLY_LEN: u32 = 4096;
 /// `count` readable descriptors over the same 1 MiB region.
 fn overlapping(count: usize) -> Vec<(u64, u32, bool)> {
     vec![(BULK, BULK_LEN, false); count]
+}
+
+/// Serve `chain` and assert that no single allocation reached
+/// [`SMALL_ALLOCATION`] and that a bare reply header was written.
+fn serve_without_large_allocation(requests: &Requests, chain: &Chain) {
+    let (used, largest) = largest_allocation(|| requests.serve(chain, 1));
+    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
+    assert_eq!(used, OUT_LEN);
 }
 
 #[test]
@@ -52,9 +61,7 @@ fn an_ioctl_over_overlapping_descriptors_is_refused_without_allocating() {
     bufs.push((REPLY, OUT_LEN, true));
     let chain = post(&mem, &bufs);
 
-    let (used, largest) = largest_allocation(|| requests.serve(&chain, 1));
-    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
-    assert_eq!(used, OUT_LEN);
+    serve_without_large_allocation(&requests, &chain);
     let out = reply(&mem);
     assert_eq!((out.error, out.unique), (-libc::EINVAL, 3));
     assert_eq!(metrics.requests_rejected.get(), 1);
@@ -85,9 +92,7 @@ fn an_ioctl_within_the_cap_is_answered_enosys_before_the_server() {
         ],
     );
 
-    let (used, largest) = largest_allocation(|| requests.serve(&chain, 1));
-    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
-    assert_eq!(used, OUT_LEN);
+    serve_without_large_allocation(&requests, &chain);
     let out = reply(&mem);
     assert_eq!((out.error, out.unique), (-libc::ENOSYS, 4));
     assert_eq!(metrics.requests_unsupported.get(), 1);
@@ -159,9 +164,7 @@ fn an_overlapping_write_chain_is_refused_before_any_allocation() {
     bufs.push((REPLY, REPLY_LEN, true));
     let chain = post(&mem, &bufs);
 
-    let (used, largest) = largest_allocation(|| requests.serve(&chain, 1));
-    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
-    assert_eq!(used, OUT_LEN);
+    serve_without_large_allocation(&requests, &chain);
     assert_eq!(reply(&mem).error, -libc::EINVAL);
     assert_eq!(metrics.requests_rejected.get(), 1);
     assert_eq!(metrics.bytes_written.get(), 0);
@@ -194,9 +197,7 @@ fn a_write_whose_size_disagrees_with_its_length_is_refused() {
             (REPLY, REPLY_LEN, true),
         ],
     );
-    let (used, largest) = largest_allocation(|| requests.serve(&chain, 1));
-    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
-    assert_eq!(used, OUT_LEN);
+    serve_without_large_allocation(&requests, &chain);
     assert_eq!(reply(&mem).error, -libc::EINVAL);
     assert_eq!(metrics.requests_rejected.get(), 1);
     assert_eq!(metrics.bytes_written.get(), 0);
@@ -272,9 +273,7 @@ fn a_name_without_a_nul_never_reaches_the_server() {
             (REPLY, REPLY_LEN, true),
         ],
     );
-    let (used, largest) = largest_allocation(|| requests.serve(&chain, 1));
-    assert!(largest < SMALL_ALLOCATION, "allocated {largest} bytes");
-    assert_eq!(used, OUT_LEN);
+    serve_without_large_allocation(&requests, &chain);
     assert_eq!((reply(&mem).error, reply(&mem).unique), (-libc::EINVAL, 10));
     assert_eq!(metrics.requests_rejected.get(), 1);
 
@@ -309,7 +308,7 @@ fn an_init_older_than_fuse_7_is_eproto() {
 
 /// CREATE `name` (NUL included) in the root; the new inode and handle.
 fn create(
-    requests: &super::request::Requests,
+    requests: &Requests,
     mem: &vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
     name: &[u8],
 ) -> (u64, u64) {
