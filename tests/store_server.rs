@@ -44,7 +44,7 @@ fn write_txn(ino: u64, data: &[u8]) -> Txn {
     t.push(Op::Write {
         ino,
         offset: 0,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     });
     t
 }

@@ -190,7 +190,7 @@ fn fs_write(s: &dyn Store, ino: u64, w: &Write) -> Result<(), String> {
     t.push(Op::Write {
         ino,
         offset: w.offset,
-        data: w.data.clone(),
+        data: w.data.clone().into(),
     });
     t.push(Op::PutInode(inode));
     s.commit(t).map_err(|e| {
@@ -569,7 +569,7 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
         t.push(Op::Write {
             ino,
             offset: i * CHUNK,
-            data: vec![i as u8 + 1; CHUNK as usize],
+            data: vec![i as u8 + 1; CHUNK as usize].into(),
         });
         t.push(Op::PutInode(Inode::regular(ino, (i + 1) * CHUNK)));
         match wb.commit(t) {

@@ -79,7 +79,7 @@ fn healthy() -> Volume {
             Op::Write {
                 ino: F,
                 offset: 0,
-                data: vec![7; F_SIZE as usize],
+                data: vec![7; F_SIZE as usize].into(),
             },
             Op::SetXattr {
                 ino: F,
@@ -98,7 +98,7 @@ fn healthy() -> Volume {
             Op::Write {
                 ino: O,
                 offset: 0,
-                data: vec![1; 10],
+                data: vec![1; 10].into(),
             },
         ],
     );
@@ -516,7 +516,7 @@ fn records_of_missing_or_wrong_inodes_are_named() {
             Op::Write {
                 ino: 779,
                 offset: BLOCK_SIZE * 2,
-                data: b"x".to_vec(),
+                data: b"x".to_vec().into(),
             },
             "data block 2",
         ),
@@ -583,7 +583,7 @@ fn records_of_missing_or_wrong_inodes_are_named() {
                 vec![Op::Write {
                     ino: D,
                     offset: 0,
-                    data: b"x".to_vec(),
+                    data: b"x".to_vec().into(),
                 }],
             )
         },
@@ -611,7 +611,7 @@ fn data_past_the_size_is_named() {
                 vec![Op::Write {
                     ino: F,
                     offset: 3 * BLOCK_SIZE,
-                    data: b"late".to_vec(),
+                    data: b"late".to_vec().into(),
                 }],
             )
         },
@@ -635,7 +635,7 @@ fn data_past_the_size_is_named() {
                 vec![Op::Write {
                     ino: F,
                     offset: F_SIZE + 10,
-                    data: b"xy".to_vec(),
+                    data: b"xy".to_vec().into(),
                 }],
             )
         },
@@ -659,7 +659,7 @@ fn data_past_the_size_is_named() {
         vec![Op::Write {
             ino: F,
             offset: F_SIZE,
-            data: vec![0; 100],
+            data: vec![0; 100].into(),
         }],
     );
     let r = check_volume(&v.store).unwrap();

@@ -10,7 +10,7 @@ use super::attr::{check_access, is_owner, MAY_READ, MAY_WRITE};
 use super::error::{errno, FsError, FsResult};
 use super::handles::OpenFile;
 use super::{lock, CachePolicy, PohmelFs};
-use crate::store::{FileKind, Inode, Op, Timestamp, Txn};
+use crate::store::{FileKind, Inode, Op, Timestamp, Txn, WriteData};
 
 /// The largest read or write the daemon serves in one request (the FUSE
 /// MAX_PAGES limit: 256 pages of 4 KiB).
@@ -102,9 +102,13 @@ impl PohmelFs {
             .min(w.available_bytes())
             .min(MAX_IO_BYTES)
             .min((inode.size - offset).try_into().unwrap_or(usize::MAX));
-        let mut buf = vec![0u8; len];
-        self.store.read(ino, offset, &mut buf)?;
-        w.write_all(&buf)
+        // The store hands back pieces (cached pages, its own buffers,
+        // zeros): each is copied once, into the guest's buffers.
+        let data = self.store.read_data(ino, offset, len)?;
+        if data.len() != len {
+            return errno!(EIO);
+        }
+        data.write_to(w)
             .map_err(|e| FsError::Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         self.metrics.bytes_read.add(len as u64);
         Ok(len)
@@ -127,12 +131,21 @@ impl PohmelFs {
         if len > MAX_IO_BYTES {
             return errno!(EINVAL);
         }
-        let mut data = vec![0u8; len];
-        r.read_exact(&mut data)
-            .map_err(|_| FsError::Errno(libc::EINVAL))?;
         let append = lock(&self.handles)
             .get(handle)
             .is_some_and(|h| h.append && h.ino == ino);
+        // Copy the guest's bytes once, into buffers that each cover one
+        // page of the file: the write-back layer keeps the whole ones as
+        // its pages. An append's offset is known only under the lock; the
+        // size now is the likely one (a wrong guess costs copies, never
+        // correctness).
+        let aligned_at = if append {
+            self.inode(ino)?.size
+        } else {
+            offset
+        };
+        let data = WriteData::read_aligned(r, len, aligned_at)
+            .map_err(|_| FsError::Errno(libc::EINVAL))?;
 
         let _m = lock(&self.mutate);
         let mut inode = self.inode(ino)?;
@@ -154,10 +167,8 @@ impl PohmelFs {
         {
             kill_suid_sgid(&mut inode);
         }
-        let mut txn = Txn::new();
-        txn.push(Op::Write { ino, offset, data });
-        txn.push(Op::PutInode(inode));
-        self.commit(txn)?;
+        self.store.write(ino, offset, data, inode)?;
+        self.metrics.store_commits.inc();
         self.metrics.bytes_written.add(len as u64);
         Ok(len)
     }

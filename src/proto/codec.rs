@@ -4,7 +4,7 @@
 //! and against a cap *before* allocating, and never panics.
 
 use super::ProtoError;
-use crate::store::{Dirent, FileKind, Inode, Op, StoreStats, Timestamp, Txn};
+use crate::store::{Dirent, FileKind, Inode, Op, StoreStats, Timestamp, Txn, WriteData};
 
 /// Appends encoded values to a buffer.
 #[derive(Default)]
@@ -41,6 +41,17 @@ impl Enc {
     pub fn bytes(&mut self, v: &[u8]) -> &mut Enc {
         self.u32(v.len() as u32);
         self.buf.extend_from_slice(v);
+        self
+    }
+    /// Write data, encoded as a byte string: its parts are copied into
+    /// the frame buffer once each, never joined into a buffer of their own
+    /// first.
+    pub fn data(&mut self, v: &WriteData) -> &mut Enc {
+        self.u32(v.len() as u32);
+        self.buf.reserve(v.len());
+        for s in v.slices() {
+            self.buf.extend_from_slice(s);
+        }
         self
     }
     pub fn fixed(&mut self, v: &[u8]) -> &mut Enc {
@@ -97,7 +108,7 @@ impl Enc {
             Op::RemoveInode { ino } => self.u8(2).u64(*ino),
             Op::PutDirent { parent, dirent } => self.u8(3).u64(*parent).dirent(dirent),
             Op::RemoveDirent { parent, name } => self.u8(4).u64(*parent).bytes(name),
-            Op::Write { ino, offset, data } => self.u8(5).u64(*ino).u64(*offset).bytes(data),
+            Op::Write { ino, offset, data } => self.u8(5).u64(*ino).u64(*offset).data(data),
             Op::Truncate { ino, size } => self.u8(6).u64(*ino).u64(*size),
             Op::PunchHole { ino, offset, len } => self.u8(7).u64(*ino).u64(*offset).u64(*len),
             Op::SetSymlink { ino, target } => self.u8(8).u64(*ino).bytes(target),
@@ -276,7 +287,7 @@ impl<'a> Dec<'a> {
             5 => Op::Write {
                 ino: self.u64()?,
                 offset: self.u64()?,
-                data: self.bytes(super::MAX_PAYLOAD as usize)?,
+                data: self.bytes(super::MAX_PAYLOAD as usize)?.into(),
             },
             6 => Op::Truncate {
                 ino: self.u64()?,

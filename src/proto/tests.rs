@@ -38,7 +38,7 @@ fn sample_txn() -> Txn {
     t.push(Op::Write {
         ino: 42,
         offset: 0,
-        data: vec![7; 100],
+        data: vec![7; 100].into(),
     });
     t.push(Op::Truncate { ino: 42, size: 5 });
     t.push(Op::PunchHole {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Inode, Op, Store, StoreError, Txn};
+use super::{Inode, Op, Store, StoreError, Txn, WriteData};
 
 /// What one run measured.
 #[derive(Clone, Debug)]
@@ -36,7 +36,10 @@ pub fn commit_bench(
         .map(|t| {
             let (store, latencies) = (Arc::clone(&store), Arc::clone(&latencies));
             std::thread::spawn(move || -> Result<(), StoreError> {
-                let data: Vec<u8> = (0..txn_bytes).map(|i| (i * 31 + t) as u8).collect();
+                let data: WriteData = (0..txn_bytes)
+                    .map(|i| (i * 31 + t) as u8)
+                    .collect::<Vec<u8>>()
+                    .into();
                 for i in (t..count).step_by(threads) {
                     let ino = first_ino + i as u64;
                     let mut txn = Txn::new();

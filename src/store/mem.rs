@@ -171,18 +171,19 @@ impl State {
             }
             Op::Write { ino, offset, data } => {
                 let mut pos = offset;
-                let mut rest = &data[..];
-                while !rest.is_empty() {
-                    let b = pos / BLOCK_SIZE;
-                    let in_block = (pos % BLOCK_SIZE) as usize;
-                    let n = rest.len().min(BLOCK_SIZE as usize - in_block);
-                    let block = self
-                        .blocks
-                        .entry((ino, b))
-                        .or_insert_with(|| vec![0u8; BLOCK_SIZE as usize].into_boxed_slice());
-                    block[in_block..in_block + n].copy_from_slice(&rest[..n]);
-                    rest = &rest[n..];
-                    pos += n as u64;
+                for mut rest in data.slices() {
+                    while !rest.is_empty() {
+                        let b = pos / BLOCK_SIZE;
+                        let in_block = (pos % BLOCK_SIZE) as usize;
+                        let n = rest.len().min(BLOCK_SIZE as usize - in_block);
+                        let block = self
+                            .blocks
+                            .entry((ino, b))
+                            .or_insert_with(|| vec![0u8; BLOCK_SIZE as usize].into_boxed_slice());
+                        block[in_block..in_block + n].copy_from_slice(&rest[..n]);
+                        rest = &rest[n..];
+                        pos += n as u64;
+                    }
                 }
             }
             Op::Truncate { ino, size } => {
@@ -366,7 +367,7 @@ mod tests {
         t.push(Op::Write {
             ino,
             offset,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         });
         s.commit(t).unwrap();
     }
@@ -430,7 +431,7 @@ mod tests {
         t.push(Op::Write {
             ino: 20,
             offset: 0,
-            data: vec![1; 3 * BLOCK_SIZE as usize],
+            data: vec![1; 3 * BLOCK_SIZE as usize].into(),
         });
         assert!(matches!(s.commit(t), Err(StoreError::NoSpace)));
         assert_eq!(s.get_inode(20).unwrap(), None);
@@ -479,7 +480,7 @@ mod tests {
         t.push(Op::Write {
             ino: 20,
             offset: 0,
-            data: vec![1; 10],
+            data: vec![1; 10].into(),
         });
         s.commit(t).unwrap();
         let mut t = Txn::new();
@@ -509,7 +510,7 @@ mod tests {
         t.push(Op::Write {
             ino: 20,
             offset: u64::MAX - 1,
-            data: vec![1; 10],
+            data: vec![1; 10].into(),
         });
         assert!(s.commit(t).is_err());
     }

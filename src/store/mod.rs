@@ -45,6 +45,7 @@
 //! may have lost what it had not acknowledged) by [`OnceStore::epoch`].
 
 pub mod bench;
+pub mod data;
 pub mod engine;
 pub mod mem;
 pub mod remote;
@@ -54,6 +55,8 @@ pub mod sink;
 use std::fmt;
 
 use thiserror::Error;
+
+pub use data::{ReadData, ReadPiece, WriteData, PAGE_SIZE};
 
 /// The inode number of the volume's root directory.
 pub const ROOT_INO: u64 = 1;
@@ -225,11 +228,12 @@ pub enum Op {
     /// Remove the entry `name` from directory `parent`.
     RemoveDirent { parent: u64, name: Vec<u8> },
     /// Write `data` at `offset` of the file's blocks. Does not change the
-    /// inode's size: the caller puts the inode too.
+    /// inode's size: the caller puts the inode too. The bytes are shared
+    /// buffers (the write-back layer's pages), never copied to build the op.
     Write {
         ino: u64,
         offset: u64,
-        data: Vec<u8>,
+        data: WriteData,
     },
     /// Drop the file's data at and beyond `size`.
     Truncate { ino: u64, size: u64 },
@@ -359,6 +363,16 @@ pub trait Store: Send + Sync {
     /// last block read as zeros. The caller clips reads to the file size.
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
 
+    /// The file's `len` bytes at `offset` as pieces (zeros, shared
+    /// buffers), as [`Store::read`] would fill them: a store that holds the
+    /// bytes in buffers of its own hands them back without copying them
+    /// into one. The default reads into a new buffer.
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        let mut buf = vec![0u8; len];
+        self.read(ino, offset, &mut buf)?;
+        Ok(ReadData::from(buf))
+    }
+
     /// The smallest offset `>= offset` inside a stored block, if any.
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError>;
 
@@ -386,6 +400,24 @@ pub trait Store: Send + Sync {
     /// (visible to reads), durable once a later `sync` or `flush` returns
     /// `Ok` (see the module documentation).
     fn commit(&self, txn: Txn) -> Result<(), StoreError>;
+
+    /// Write `data` at `offset` of `ino` and put `inode` (the attributes
+    /// after the write, whose size covers it), as one transaction: the
+    /// filesystem layer's write. The write-back layer takes the buffers of
+    /// `data` as its pages where they cover whole pages; a store that holds
+    /// the volume commits `[Write, PutInode]`.
+    fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: WriteData,
+        inode: Inode,
+    ) -> Result<(), StoreError> {
+        let mut txn = Txn::new();
+        txn.push(Op::Write { ino, offset, data });
+        txn.push(Op::PutInode(inode));
+        self.commit(txn)
+    }
 
     /// Wait until everything committed before the call (for `ino`, or for
     /// the whole volume when `None`) is durable.

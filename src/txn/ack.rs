@@ -235,7 +235,7 @@ fn space_freed(st: &mut State) {
 /// The store now has what `t` changed: drop the overlay entries it was the
 /// newest to set.
 fn retire_overlay(st: &mut State, t: &TxnEntry) {
-    for op in &t.ops {
+    for op in t.ops.iter() {
         match op {
             Op::PutDirent { parent, dirent } => {
                 retire(&mut st.dirents, *parent, &dirent.name, t.id)

@@ -5,24 +5,64 @@
 //! pinned (sent) is never written in place: the caller waits, or the cache
 //! copies it (copy-on-write).
 //!
+//! Page buffers are shared ([`Bytes`]): a transaction pins a page by
+//! taking a reference, a read hands out references, and a write of a whole
+//! page from the filesystem layer becomes the page's buffer as it is
+//! ([`PageCache::adopt`]). A buffer anyone else holds is never written in
+//! place, whether a sent transaction or a read holds it; only a sent
+//! transaction's hold counts as pinned for the overwrite policy.
+//!
 //! It never talks to the store and never blocks: the transaction layer
 //! holds it under its lock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::store::WriteData;
 
 /// Bytes per page.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::store::PAGE_SIZE;
 
 /// A page buffer pinned by a sent transaction: (inode, page index, buffer).
-pub type Pinned = (u64, u64, Arc<[u8]>);
+pub type Pinned = (u64, u64, Bytes);
 
 struct Page {
-    buf: Arc<[u8]>,
+    buf: Bytes,
     /// Transactions carrying this page, oldest first.
     tags: Vec<u64>,
     /// Position in the LRU list while clean.
     stamp: Option<u64>,
+    /// The sent transaction that holds this buffer, until its ack or
+    /// until the page gets a buffer of its own.
+    pinned_by: Option<u64>,
+}
+
+impl Page {
+    fn new(buf: Bytes) -> Page {
+        debug_assert_eq!(buf.len() as u64, PAGE_SIZE);
+        Page {
+            buf,
+            tags: Vec::new(),
+            stamp: None,
+            pinned_by: None,
+        }
+    }
+
+    /// Change the buffer with `f`: in place when nothing else holds it,
+    /// otherwise in a fresh copy that replaces it (the old one stays with
+    /// whoever holds it, and the page is no longer pinned).
+    fn modify(&mut self, f: impl FnOnce(&mut [u8])) {
+        let mut buf = match std::mem::take(&mut self.buf).try_into_mut() {
+            Ok(unique) => unique,
+            Err(shared) => {
+                self.pinned_by = None;
+                BytesMut::from(&shared[..])
+            }
+        };
+        f(&mut buf);
+        self.buf = buf.freeze();
+    }
 }
 
 /// The pages of all inodes.
@@ -35,21 +75,8 @@ pub struct PageCache {
     max_pages: u64,
 }
 
-fn zero_page() -> Arc<[u8]> {
-    Arc::from(vec![0u8; PAGE_SIZE as usize])
-}
-
-/// A writable view of a page's buffer: in place when nothing else holds
-/// it, otherwise a fresh copy replaces it (the old one stays with whoever
-/// pinned it).
-fn writable(buf: &mut Arc<[u8]>) -> &mut [u8] {
-    if Arc::get_mut(buf).is_none() {
-        *buf = Arc::from(buf.to_vec());
-    }
-    match Arc::get_mut(buf) {
-        Some(b) => b,
-        None => unreachable!("a freshly copied buffer has one owner"),
-    }
+fn zero_page() -> Bytes {
+    Bytes::from(vec![0u8; PAGE_SIZE as usize])
 }
 
 impl PageCache {
@@ -72,12 +99,12 @@ impl PageCache {
         self.pages.get(&ino).is_some_and(|p| p.contains_key(&idx))
     }
 
-    /// True when an in-flight transaction holds this page's buffer.
+    /// True when a sent transaction holds this page's buffer.
     pub fn is_pinned(&self, ino: u64, idx: u64) -> bool {
         self.pages
             .get(&ino)
             .and_then(|p| p.get(&idx))
-            .is_some_and(|p| Arc::strong_count(&p.buf) > 1)
+            .is_some_and(|p| p.pinned_by.is_some())
     }
 
     fn touch(&mut self, ino: u64, idx: u64) {
@@ -94,19 +121,20 @@ impl PageCache {
         }
     }
 
-    /// Write `data` at `offset` in page `idx` and tag it with `txn`.
-    /// Returns true when the page was not tagged with `txn` before.
-    pub fn write(&mut self, ino: u64, idx: u64, offset: usize, data: &[u8], txn: u64) -> bool {
+    /// The page `idx` of `ino`, created (zeros) when absent.
+    fn page_mut(&mut self, ino: u64, idx: u64) -> &mut Page {
         let pages = self.pages.entry(ino).or_default();
-        let page = pages.entry(idx).or_insert_with(|| {
+        pages.entry(idx).or_insert_with(|| {
             self.count += 1;
-            Page {
-                buf: zero_page(),
-                tags: Vec::new(),
-                stamp: None,
-            }
-        });
-        writable(&mut page.buf)[offset..offset + data.len()].copy_from_slice(data);
+            Page::new(zero_page())
+        })
+    }
+
+    /// Dirty a page with `txn`; true when it was not tagged with it before.
+    fn tag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+            return false;
+        };
         if let Some(old) = page.stamp.take() {
             self.lru.remove(&old);
         }
@@ -118,27 +146,53 @@ impl PageCache {
         }
     }
 
+    /// Write `data` at `offset` in page `idx` and tag it with `txn`.
+    /// Returns true when the page was not tagged with `txn` before.
+    pub fn write(&mut self, ino: u64, idx: u64, offset: usize, data: &[u8], txn: u64) -> bool {
+        self.page_mut(ino, idx)
+            .modify(|b| b[offset..offset + data.len()].copy_from_slice(data));
+        self.tag(ino, idx, txn)
+    }
+
+    /// Make `buf` (a whole page) page `idx`'s buffer and tag it with
+    /// `txn`: the write's own buffer becomes the page, no byte is copied.
+    /// A buffer the page had stays with whoever holds it. Returns true as
+    /// [`PageCache::write`] does.
+    pub fn adopt(&mut self, ino: u64, idx: u64, buf: Bytes, txn: u64) -> bool {
+        debug_assert_eq!(buf.len() as u64, PAGE_SIZE);
+        let page = self.page_mut(ino, idx);
+        page.buf = buf;
+        page.pinned_by = None;
+        self.tag(ino, idx, txn)
+    }
+
     /// Insert a clean page read from the store, unless one is there already
     /// (a newer write wins over what the store had).
-    pub fn insert_clean(&mut self, ino: u64, idx: u64, data: &[u8]) {
+    pub fn insert_clean(&mut self, ino: u64, idx: u64, buf: Bytes) {
         if self.contains(ino, idx) {
             self.touch(ino, idx);
             return;
         }
-        self.pages.entry(ino).or_default().insert(
-            idx,
-            Page {
-                buf: Arc::from(data.to_vec()),
-                tags: Vec::new(),
-                stamp: None,
-            },
-        );
+        self.pages
+            .entry(ino)
+            .or_default()
+            .insert(idx, Page::new(buf));
         self.count += 1;
         self.touch(ino, idx);
     }
 
+    /// Page `idx`'s buffer, shared (a read copies from it outside the
+    /// lock; a later write to the page then copies it first).
+    pub fn page(&self, ino: u64, idx: u64) -> Option<Bytes> {
+        self.pages
+            .get(&ino)
+            .and_then(|p| p.get(&idx))
+            .map(|p| p.buf.clone())
+    }
+
     /// Copy from page `idx` at `offset` into `out`; false when the page is
     /// not cached.
+    #[cfg(test)]
     pub fn read(&self, ino: u64, idx: u64, offset: usize, out: &mut [u8]) -> bool {
         match self.pages.get(&ino).and_then(|p| p.get(&idx)) {
             Some(page) => {
@@ -149,18 +203,20 @@ impl PageCache {
         }
     }
 
-    /// Pin the buffers of `pages` for sending, in (inode, page) order.
-    /// Pages gone since (truncated, removed) are skipped: a later
-    /// transaction of the same inode says so to the store.
-    pub fn pin(&self, pages: &BTreeMap<u64, BTreeSet<u64>>) -> Vec<Pinned> {
+    /// Pin the buffers of `pages` for sending `txn`, in (inode, page)
+    /// order: references, not copies. Pages gone since (truncated,
+    /// removed) are skipped: a later transaction of the same inode says so
+    /// to the store.
+    pub fn pin(&mut self, pages: &BTreeMap<u64, BTreeSet<u64>>, txn: u64) -> Vec<Pinned> {
         let mut out = Vec::new();
         for (ino, idxs) in pages {
-            let Some(p) = self.pages.get(ino) else {
+            let Some(p) = self.pages.get_mut(ino) else {
                 continue;
             };
             for idx in idxs {
-                if let Some(page) = p.get(idx) {
-                    out.push((*ino, *idx, Arc::clone(&page.buf)));
+                if let Some(page) = p.get_mut(idx) {
+                    page.pinned_by = Some(txn);
+                    out.push((*ino, *idx, page.buf.clone()));
                 }
             }
         }
@@ -176,6 +232,9 @@ impl PageCache {
         };
         let before = page.tags.len();
         page.tags.retain(|t| *t != txn);
+        if page.pinned_by == Some(txn) {
+            page.pinned_by = None;
+        }
         let (tagged, clean) = (before == page.tags.len() + 1, page.tags.is_empty());
         if clean {
             self.touch(ino, idx);
@@ -192,6 +251,9 @@ impl PageCache {
         };
         let before = page.tags.len();
         page.tags.retain(|t| *t != txn);
+        if page.pinned_by == Some(txn) {
+            page.pinned_by = None;
+        }
         let tagged = before == page.tags.len() + 1;
         if page.tags.is_empty() {
             self.drop_page(ino, idx);
@@ -202,18 +264,23 @@ impl PageCache {
     /// Copy `data` at `offset` of `ino` into the pages the cache holds (a
     /// write carried in a transaction's operations), leaving their tags;
     /// pinned buffers are copied first.
-    pub fn overwrite(&mut self, ino: u64, offset: u64, data: &[u8]) {
+    pub fn overwrite(&mut self, ino: u64, offset: u64, data: &WriteData) {
         let Some(pages) = self.pages.get_mut(&ino) else {
             return;
         };
-        let end = offset.saturating_add(data.len() as u64);
-        for (idx, page) in pages.range_mut(offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE)) {
-            let start = idx * PAGE_SIZE;
-            let from = offset.max(start);
-            let to = end.min(start + PAGE_SIZE);
-            let src = &data[(from - offset) as usize..(to - offset) as usize];
-            writable(&mut page.buf)[(from - start) as usize..(to - start) as usize]
-                .copy_from_slice(src);
+        for (at, part) in data.parts_at() {
+            let part_offset = offset.saturating_add(at as u64);
+            let end = part_offset.saturating_add(part.len() as u64);
+            let span = part_offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
+            for (idx, page) in pages.range_mut(span) {
+                let start = idx * PAGE_SIZE;
+                let from = part_offset.max(start);
+                let to = end.min(start + PAGE_SIZE);
+                let src = &part[(from - part_offset) as usize..(to - part_offset) as usize];
+                page.modify(|b| {
+                    b[(from - start) as usize..(to - start) as usize].copy_from_slice(src)
+                });
+            }
         }
     }
 
@@ -259,7 +326,7 @@ impl PageCache {
                 .get_mut(&ino)
                 .and_then(|p| p.get_mut(&(size / PAGE_SIZE)))
             {
-                writable(&mut page.buf)[tail..].fill(0);
+                page.modify(|b| b[tail..].fill(0));
             }
         }
     }
@@ -276,7 +343,7 @@ impl PageCache {
             let start = idx * PAGE_SIZE;
             let from = offset.max(start) - start;
             let to = end.min(start + PAGE_SIZE) - start;
-            writable(&mut page.buf)[from as usize..to as usize].fill(0);
+            page.modify(|b| b[from as usize..to as usize].fill(0));
         }
     }
 
@@ -303,6 +370,55 @@ impl PageCache {
 mod tests {
     use super::*;
 
+    fn page_of(byte: u8) -> Bytes {
+        Bytes::from(vec![byte; PAGE_SIZE as usize])
+    }
+
+    #[test]
+    fn whole_pages_are_adopted_and_pins_end_with_their_ack() {
+        let mut c = PageCache::new(1 << 20);
+        let buf = page_of(3);
+        assert!(c.adopt(1, 0, buf.clone(), 7));
+        let page = c.page(1, 0).unwrap();
+        assert_eq!(
+            page.as_ptr(),
+            buf.as_ptr(),
+            "the write's buffer is the page"
+        );
+        drop((buf, page));
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([0]))]), 7);
+        assert_eq!(pinned[0].2.as_ptr(), c.page(1, 0).unwrap().as_ptr());
+        assert!(c.is_pinned(1, 0));
+        // A whole-page write to a pinned page: the new buffer becomes the
+        // page, the pinned one stays with the transaction, unchanged.
+        assert!(c.adopt(1, 0, page_of(4), 8));
+        assert!(!c.is_pinned(1, 0));
+        assert!(pinned[0].2.iter().all(|&b| b == 3));
+        assert!(c.page(1, 0).unwrap().iter().all(|&b| b == 4));
+        assert!(c.untag(1, 0, 7));
+        // A pin ends with its transaction's ack, however long a read
+        // holds the buffer: a reader's reference is not a pin.
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([0]))]), 8);
+        let reader = c.page(1, 0).unwrap();
+        assert!(c.untag(1, 0, 8));
+        drop(pinned);
+        assert!(!c.is_pinned(1, 0), "acked: the pin is gone");
+        // ...but a buffer a reader holds is still never written in place.
+        c.write(1, 0, 0, b"x", 9);
+        assert!(reader.iter().all(|&b| b == 4), "the reader's bytes stay");
+        assert_eq!(c.page(1, 0).unwrap()[0], b'x');
+    }
+
+    #[test]
+    fn unshared_pages_are_written_in_place() {
+        let mut c = PageCache::new(1 << 20);
+        c.write(1, 0, 0, b"a", 1);
+        let before = c.page(1, 0).unwrap().as_ptr();
+        c.write(1, 0, 1, b"b", 1);
+        assert_eq!(c.page(1, 0).unwrap().as_ptr(), before, "no copy");
+        assert_eq!(&c.page(1, 0).unwrap()[..2], b"ab");
+    }
+
     #[test]
     fn tags_make_pages_dirty_and_acks_make_them_clean() {
         let mut c = PageCache::new(1 << 20);
@@ -323,7 +439,7 @@ mod tests {
         let mut c = PageCache::new(1 << 20);
         c.write(1, 0, 0, b"old", 1);
         let pages = BTreeMap::from([(1, BTreeSet::from([0]))]);
-        let pinned = c.pin(&pages);
+        let pinned = c.pin(&pages, 1);
         assert!(c.is_pinned(1, 0));
         c.write(1, 0, 0, b"new", 2);
         assert_eq!(&pinned[0].2[..3], b"old");
@@ -337,13 +453,13 @@ mod tests {
     fn only_clean_pages_are_evicted_oldest_first() {
         let mut c = PageCache::new(16 * PAGE_SIZE);
         for i in 0..16 {
-            c.insert_clean(1, i, &[1u8; PAGE_SIZE as usize]);
+            c.insert_clean(1, i, page_of(1));
         }
         c.write(2, 0, 0, b"dirty", 9);
         assert_eq!(c.evict(), 1);
         assert!(!c.contains(1, 0), "the least recently used clean page goes");
         assert!(c.contains(2, 0), "dirty pages stay");
-        c.insert_clean(1, 100, &[0u8; PAGE_SIZE as usize]);
+        c.insert_clean(1, 100, page_of(0));
         c.touch(1, 1);
         assert_eq!(c.evict(), 1);
         assert!(!c.contains(1, 2));
@@ -367,11 +483,11 @@ mod tests {
     #[test]
     fn overwrite_reaches_cached_pages_only_and_copies_pinned_ones() {
         let mut c = PageCache::new(1 << 20);
-        c.insert_clean(1, 0, &[1u8; PAGE_SIZE as usize]);
+        c.insert_clean(1, 0, page_of(1));
         c.write(1, 2, 0, &[1u8; PAGE_SIZE as usize], 9);
-        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([2]))]));
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([2]))]), 9);
         // From the end of page 0 to the start of page 2, page 1 not cached.
-        c.overwrite(1, PAGE_SIZE - 2, &[7u8; PAGE_SIZE as usize + 4]);
+        c.overwrite(1, PAGE_SIZE - 2, &vec![7u8; PAGE_SIZE as usize + 4].into());
         let mut out = [0u8; 4];
         c.read(1, 0, PAGE_SIZE as usize - 4, &mut out);
         assert_eq!(out, [1, 1, 7, 7]);
@@ -389,7 +505,7 @@ mod tests {
         let mut c = PageCache::new(1 << 20);
         c.write(1, 0, 0, &[5u8; 4096], 1);
         c.write(1, 1, 0, &[5u8; 4096], 1);
-        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([0, 1]))]));
+        let pinned = c.pin(&BTreeMap::from([(1, BTreeSet::from([0, 1]))]), 1);
         c.truncate(1, 100);
         assert!(!c.contains(1, 1));
         let mut out = [9u8; 4096];

@@ -5,6 +5,7 @@
 //! (`sender.rs`) and retired by their ack (`ack.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -25,12 +26,12 @@ pub(super) enum TxnState {
 pub(super) struct TxnEntry {
     pub(super) id: u64,
     /// Metadata ops, in order; data transactions end with the inode's
-    /// PutInode.
-    pub(super) ops: Vec<Op>,
+    /// PutInode. Shared with the attempts in flight (fixed once sent).
+    pub(super) ops: Arc<Vec<Op>>,
     /// The pages it carries, by inode (its tags on those pages).
     pub(super) pages: BTreeMap<u64, BTreeSet<u64>>,
     /// Page buffers pinned when first sent; resends carry exactly these.
-    pub(super) pinned: Option<Vec<cache::Pinned>>,
+    pub(super) pinned: Option<Arc<[cache::Pinned]>>,
     /// Every inode it touches, for ordering.
     pub(super) inodes: BTreeSet<u64>,
     /// Bytes it holds against `dirty_max_bytes`.
@@ -133,7 +134,7 @@ impl Shared {
         }
         TxnEntry {
             id,
-            ops,
+            ops: Arc::new(ops),
             pages: BTreeMap::new(),
             pinned: None,
             inodes,

@@ -6,12 +6,15 @@
 
 use std::collections::BTreeSet;
 
+use bytes::Bytes;
 use tracing::debug;
 
 use super::ack::lock;
 use super::cache::PAGE_SIZE;
-use super::WritebackStore;
-use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn};
+use super::{Shared, WritebackStore};
+use crate::store::{
+    Dirent, Inode, Op, ReadData, ReadPiece, Store, StoreError, StoreStats, Txn, WriteData,
+};
 
 impl Store for WritebackStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
@@ -63,67 +66,55 @@ impl Store for WritebackStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let data = self.read_data(ino, offset, buf.len())?;
+        data.copy_to(0, buf);
+        Ok(())
+    }
+
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
         let sh = &self.shared;
-        if buf.is_empty() {
-            return Ok(());
+        if len == 0 {
+            return Ok(ReadData::new());
         }
-        let first = offset / PAGE_SIZE;
-        let last = (offset + buf.len() as u64 - 1) / PAGE_SIZE;
-        // Pages missing from the cache, and how far to read ahead.
-        let (missing, sequential, size) = {
-            let mut st = lock(&sh.state);
-            let missing: Vec<u64> = (first..=last)
-                .filter(|i| !st.cache.contains(ino, *i))
-                .collect();
-            let sequential = st.last_read_end.get(&ino) == Some(&offset);
-            if st.last_read_end.len() > 4096 {
-                st.last_read_end.clear();
-            }
-            st.last_read_end.insert(ino, offset + buf.len() as u64);
-            let size = st
-                .attrs
-                .get(&ino)
-                .and_then(|o| o.inode.as_ref())
-                .map(|i| i.size);
-            (missing, sequential, size)
-        };
+        let end = offset + len as u64;
+        let (first, last) = (offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+        let plan = sh.plan_read(ino, offset, end);
         sh.metrics
             .cache_hits
-            .add((last - first + 1) - missing.len() as u64);
-        sh.metrics.cache_misses.add(missing.len() as u64);
-        if let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) {
-            let mut count = hi - lo + 1;
-            if sequential {
-                let ahead = sh.cfg.read_ahead_bytes / PAGE_SIZE;
-                let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
-                count = (count + ahead)
-                    .min(limit.saturating_sub(lo))
-                    .max(hi - lo + 1);
-            }
-            sh.load_pages(ino, lo, count)?;
-        }
-        // Copy from the cache: it holds the newest bytes. A page evicted
-        // between loading and copying was clean, so the store has it.
-        let mut evicted = Vec::new();
-        {
-            let st = lock(&sh.state);
-            let mut pos = offset;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let idx = pos / PAGE_SIZE;
-                let in_page = (pos % PAGE_SIZE) as usize;
-                let n = (buf.len() - done).min(PAGE_SIZE as usize - in_page);
-                if !st.cache.read(ino, idx, in_page, &mut buf[done..done + n]) {
-                    evicted.push((pos, done, n));
+            .add((last - first + 1) - plan.missing_pages);
+        sh.metrics.cache_misses.add(plan.missing_pages);
+        let mut out = ReadData::new();
+        let mut ahead = plan.read_ahead;
+        for seg in plan.segs {
+            match seg {
+                Seg::Cached(b) => out.push(ReadPiece::Bytes(b)),
+                // Pages evicted or never cached: the store has their newest
+                // bytes (the cache never drops a dirty page).
+                Seg::Missing { pages } => {
+                    // The read ahead joins the last missing run's fetch.
+                    let fetch_end = match ahead.take() {
+                        Some(a) if a.start == pages.end => a.end,
+                        other => {
+                            ahead = other;
+                            pages.end
+                        }
+                    };
+                    let base = pages.start * PAGE_SIZE;
+                    let fetched = sh.store.read_data(
+                        ino,
+                        base,
+                        ((fetch_end - pages.start) * PAGE_SIZE) as usize,
+                    )?;
+                    let (from, to) = (offset.max(base), end.min(pages.end * PAGE_SIZE));
+                    out.extend(fetched.slice((from - base) as usize, (to - from) as usize));
+                    sh.cache_fetched(ino, pages.start, &fetched);
                 }
-                done += n;
-                pos += n as u64;
             }
         }
-        for (pos, done, n) in evicted {
-            sh.store.read(ino, pos, &mut buf[done..done + n])?;
+        if let Some(a) = ahead {
+            sh.load_pages(ino, a.start, a.end - a.start)?;
         }
-        Ok(())
+        Ok(out)
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
@@ -193,8 +184,25 @@ impl Store for WritebackStore {
         Ok(first)
     }
 
+    fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: WriteData,
+        inode: Inode,
+    ) -> Result<(), StoreError> {
+        if inode.ino != ino {
+            let mut txn = Txn::new();
+            txn.push(Op::Write { ino, offset, data });
+            txn.push(Op::PutInode(inode));
+            return self.shared.commit_metadata(txn);
+        }
+        self.shared.write(ino, offset, &data, inode)
+    }
+
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        // The filesystem layer's write: one Write and the inode's attributes.
+        // A write in the filesystem layer's shape: one Write and the
+        // inode's attributes (the filesystem layer calls `write`).
         if let [Op::Write { ino, offset, data }, Op::PutInode(inode)] = &txn.ops[..] {
             if inode.ino == *ino {
                 return self.shared.write(*ino, *offset, data, inode.clone());
@@ -238,5 +246,95 @@ impl Store for WritebackStore {
             self.shared.cfg.cache_bytes >> 20,
             self.shared.cfg.dirty_max_bytes >> 20
         )
+    }
+}
+
+/// A piece of a read as planned under the lock.
+enum Seg {
+    /// The part of a cached page the read covers (a shared reference).
+    Cached(Bytes),
+    /// A run of pages the cache does not hold.
+    Missing { pages: std::ops::Range<u64> },
+}
+
+/// What a read takes from the cache, what it asks the store for, and what
+/// it reads ahead.
+struct ReadPlan {
+    segs: Vec<Seg>,
+    missing_pages: u64,
+    /// Pages to load into the cache after the read, for a sequential reader.
+    read_ahead: Option<std::ops::Range<u64>>,
+}
+
+impl Shared {
+    /// Under the lock: take references to the cached pages of
+    /// `offset..end`, note the runs the cache lacks, and decide the read
+    /// ahead. Nothing is copied here: the guest copies from the pages.
+    fn plan_read(&self, ino: u64, offset: u64, end: u64) -> ReadPlan {
+        let mut st = lock(&self.state);
+        let sequential = st.last_read_end.get(&ino) == Some(&offset);
+        if st.last_read_end.len() > 4096 {
+            st.last_read_end.clear();
+        }
+        st.last_read_end.insert(ino, end);
+        let size = st
+            .attrs
+            .get(&ino)
+            .and_then(|o| o.inode.as_ref())
+            .map(|i| i.size);
+        let mut segs = Vec::new();
+        let mut missing_pages = 0;
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / PAGE_SIZE;
+            let page_end = ((idx + 1) * PAGE_SIZE).min(end);
+            match st.cache.page(ino, idx) {
+                Some(buf) => {
+                    let at = (pos % PAGE_SIZE) as usize;
+                    segs.push(Seg::Cached(buf.slice(at..at + (page_end - pos) as usize)));
+                }
+                None => {
+                    missing_pages += 1;
+                    match segs.last_mut() {
+                        Some(Seg::Missing { pages }) if pages.end == idx => pages.end = idx + 1,
+                        _ => segs.push(Seg::Missing {
+                            pages: idx..idx + 1,
+                        }),
+                    }
+                }
+            }
+            pos = page_end;
+        }
+        // A sequential reader that missed gets the pages after its read
+        // loaded into the cache, up to the file's size.
+        let next = end.div_ceil(PAGE_SIZE);
+        let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
+        let ahead_end = (next + self.cfg.read_ahead_bytes / PAGE_SIZE).min(limit);
+        let read_ahead = (sequential && missing_pages > 0 && ahead_end > next)
+            .then_some(next..ahead_end)
+            .filter(|r| !(r.start..r.end).all(|i| st.cache.contains(ino, i)));
+        ReadPlan {
+            segs,
+            missing_pages,
+            read_ahead,
+        }
+    }
+}
+
+impl Shared {
+    /// Keep pages fetched from the store at page `first` as clean pages,
+    /// each a buffer of its own (one copy per page; the read itself was
+    /// answered from the fetched buffers): a later write to part of one
+    /// needs no store read, and a read of it no store round trip.
+    pub(super) fn cache_fetched(&self, ino: u64, first: u64, fetched: &ReadData) {
+        let count = fetched.len() / PAGE_SIZE as usize;
+        let pages = (0..count)
+            .map(|i| {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                fetched.copy_to(i * PAGE_SIZE as usize, &mut buf);
+                Bytes::from(buf)
+            })
+            .collect();
+        self.insert_loaded(ino, first, pages);
     }
 }

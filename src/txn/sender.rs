@@ -3,6 +3,11 @@
 //! in-flight and wire bounds, past its backoff), pinning its pages on the
 //! first send so that every resend carries the same bytes. Each attempt
 //! ends in `ack.rs`.
+//!
+//! The state lock is held only to choose what goes and to take references
+//! to what it carries (the pinned page buffers, the operations); the
+//! transaction each attempt sends is built after the lock is released, and
+//! its writes are lists of those same page buffers, never copies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,24 +15,27 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::ack::{invariant_violated, lock, on_result};
-use super::cache::PAGE_SIZE;
-use super::queue::{TxnEntry, TxnState};
+use super::cache::{Pinned, PAGE_SIZE};
+use super::queue::TxnState;
 use super::{Shared, State};
 use crate::store::sink::SendError;
-use crate::store::{Op, Txn};
+use crate::store::{Op, Txn, WriteData};
 
 /// The sender: picks transactions that may go (oldest of all their inodes,
 /// within the in-flight bound, past their backoff), pins their pages and
 /// sends them; resends on timeouts.
 pub(super) async fn pump(shared: Arc<Shared>) {
     loop {
-        let next_wake = {
+        let (next_wake, attempts) = {
             let mut st = lock(&shared.state);
             if st.shutdown {
                 return;
             }
             dispatch(&shared, &mut st)
         };
+        for a in attempts {
+            launch(&shared, a);
+        }
         let wait = next_wake.map_or(Duration::from_millis(100), |t| {
             t.saturating_duration_since(Instant::now())
         });
@@ -36,9 +44,52 @@ pub(super) async fn pump(shared: Arc<Shared>) {
     }
 }
 
-/// Send every transaction that may go now; returns when to look again.
-fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
+/// One attempt, chosen under the state lock: references to what it
+/// carries. Its transaction is built outside the lock ([`wire_txn`]).
+struct Attempt {
+    id: u64,
+    attempt: u64,
+    server: usize,
+    low_water: u64,
+    pinned: Option<Arc<[Pinned]>>,
+    ops: Arc<Vec<Op>>,
+}
+
+/// Build an attempt's transaction and send it; its end goes to `ack.rs`.
+fn launch(shared: &Arc<Shared>, a: Attempt) {
+    let wire = wire_txn(a.pinned.as_deref().unwrap_or_default(), &a.ops);
+    drop(a.ops);
+    let sh = Arc::clone(shared);
+    let Attempt {
+        id,
+        attempt,
+        server,
+        low_water,
+        ..
+    } = a;
+    tokio::spawn(async move {
+        let result = match tokio::time::timeout(
+            sh.cfg.ack_timeout,
+            sh.sink.send(server, id, low_water, wire),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Retry(format!(
+                "no ack within {:?}",
+                sh.cfg.ack_timeout
+            ))),
+        };
+        on_result(&sh, id, attempt, server, result);
+    });
+}
+
+/// Choose every transaction that may go now and mark it in flight;
+/// returns when to look again and the attempts to launch once the lock is
+/// released.
+fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attempt>) {
     let now = Instant::now();
+    let mut attempts = Vec::new();
     let mut wake: Option<Instant> = None;
     let low_water = st.txns.keys().next().copied().unwrap_or(st.next_id);
     let mut in_flight_bytes: u64 = st
@@ -64,8 +115,9 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
                 continue;
             }
         }
-        // Bytes on the wire are copied once per attempt (the frame): keep
-        // them to a quarter of the dirty bound, but never block the only one.
+        // Bytes on the wire may be copied once per attempt (a remote
+        // store's frame): keep them to a quarter of the dirty bound, but
+        // never block the only one.
         let wire_cap = shared.cfg.dirty_max_bytes / 4;
         if st.in_flight > 0 && in_flight_bytes + t.data_bytes > wire_cap {
             continue;
@@ -80,9 +132,9 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
         // Pin the pages on the first send; resends carry the same buffers.
         if t.pinned.is_none() {
             let pages = t.pages.clone();
-            let pinned = st.cache.pin(&pages);
+            let pinned = st.cache.pin(&pages, id);
             if let Some(t) = st.txns.get_mut(&id) {
-                t.pinned = Some(pinned);
+                t.pinned = Some(pinned.into());
             }
         }
         let attempt = st.next_attempt;
@@ -104,65 +156,48 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> Option<Instant> {
             shared.metrics.txn_resent.inc();
         }
         shared.metrics.txn_sent.inc();
-        let wire = wire_txn(t);
-        let server = t.server;
-        let sh = Arc::clone(shared);
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(
-                sh.cfg.ack_timeout,
-                sh.sink.send(server, id, low_water, wire),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(SendError::Retry(format!(
-                    "no ack within {:?}",
-                    sh.cfg.ack_timeout
-                ))),
-            };
-            on_result(&sh, id, attempt, server, result);
+        attempts.push(Attempt {
+            id,
+            attempt,
+            server: t.server,
+            low_water,
+            pinned: t.pinned.clone(),
+            ops: Arc::clone(&t.ops),
         });
     }
     shared.publish(st);
-    wake
+    (wake, attempts)
 }
 
 /// The transaction as the store applies it: its metadata ops with the data
 /// extents (runs of contiguous pinned pages, clipped to the inode's size)
-/// before its attributes.
-fn wire_txn(t: &TxnEntry) -> Txn {
+/// before its attributes. Each extent is a list of the pinned buffers
+/// themselves: building it copies no byte.
+fn wire_txn(pinned: &[Pinned], t_ops: &[Op]) -> Txn {
     let mut ops = Vec::new();
-    if let Some(pinned) = &t.pinned {
-        let size_of = |ino: u64| {
-            t.ops.iter().rev().find_map(|op| match op {
-                Op::PutInode(i) if i.ino == ino => Some(i.size),
-                _ => None,
-            })
-        };
-        let mut i = 0;
-        while i < pinned.len() {
-            let (ino, start_idx, _) = pinned[i];
-            let mut j = i;
-            while j + 1 < pinned.len()
-                && pinned[j + 1].0 == ino
-                && pinned[j + 1].1 == pinned[j].1 + 1
-            {
-                j += 1;
-            }
-            let offset = start_idx * PAGE_SIZE;
-            let mut data = Vec::with_capacity((j - i + 1) * PAGE_SIZE as usize);
-            for (_, _, buf) in &pinned[i..=j] {
-                data.extend_from_slice(buf);
-            }
-            if let Some(size) = size_of(ino) {
-                data.truncate(size.saturating_sub(offset).min(data.len() as u64) as usize);
-            }
-            if !data.is_empty() {
-                ops.push(Op::Write { ino, offset, data });
-            }
-            i = j + 1;
+    let size_of = |ino: u64| {
+        t_ops.iter().rev().find_map(|op| match op {
+            Op::PutInode(i) if i.ino == ino => Some(i.size),
+            _ => None,
+        })
+    };
+    let mut i = 0;
+    while i < pinned.len() {
+        let (ino, start_idx, _) = pinned[i];
+        let mut j = i;
+        while j + 1 < pinned.len() && pinned[j + 1].0 == ino && pinned[j + 1].1 == pinned[j].1 + 1 {
+            j += 1;
         }
+        let offset = start_idx * PAGE_SIZE;
+        let mut data = WriteData::from_parts(pinned[i..=j].iter().map(|(_, _, buf)| buf.clone()));
+        if let Some(size) = size_of(ino) {
+            data.truncate(size.saturating_sub(offset).min(data.len() as u64) as usize);
+        }
+        if !data.is_empty() {
+            ops.push(Op::Write { ino, offset, data });
+        }
+        i = j + 1;
     }
-    ops.extend(t.ops.iter().cloned());
+    ops.extend(t_ops.iter().cloned());
     Txn { ops }
 }

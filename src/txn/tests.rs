@@ -298,7 +298,7 @@ pub(super) fn write(s: &dyn Store, ino: u64, offset: u64, data: &[u8], size: u64
     t.push(Op::Write {
         ino,
         offset,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     });
     t.push(Op::PutInode(Inode::regular(ino, size)));
     s.commit(t).unwrap();
@@ -980,7 +980,7 @@ fn a_write_in_another_shape_is_read_back_at_once_and_written_through() {
         t.push(Op::Write {
             ino: 20,
             offset,
-            data: vec![byte; 10],
+            data: vec![byte; 10].into(),
         });
     }
     t.push(Op::PutInode(Inode::regular(20, 8192)));

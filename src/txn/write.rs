@@ -1,11 +1,20 @@
-//! The write path: a guest write is copied into tagged pages, joining the
-//! inode's queued transaction or opening one, once backpressure (and,
+//! The write path: a guest write's buffers become tagged pages, joining
+//! the inode's queued transaction or opening one, once backpressure (and,
 //! under `wait`, the pinned pages) let it; metadata operations are queued,
 //! grouped into one transaction while it is unsent, and shown to reads at
 //! once. Nothing here sends: the sender does (`sender.rs`).
+//!
+//! The filesystem layer reads a guest write into page-aligned buffers
+//! (`WriteData::read_aligned`): a buffer that covers a whole page becomes
+//! that page as it is ([`PageCache::adopt`](super::cache::PageCache::adopt)),
+//! so those bytes are copied once in the daemon, from the guest; only the
+//! bytes of a page the write covers in part are copied again, into the
+//! page.
 
 use std::collections::BTreeSet;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
+
+use bytes::Bytes;
 
 use tokio::time::Instant;
 
@@ -14,7 +23,7 @@ use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
 use super::queue::{op_inodes, MAX_QUEUED_TXNS};
 use super::{OverwritePolicy, Shared, State};
-use crate::store::{Inode, Op, StoreError, Txn};
+use crate::store::{Inode, Op, StoreError, Txn, WriteData};
 
 /// The pages a write covers.
 struct PageSpan {
@@ -28,12 +37,12 @@ struct PageSpan {
 }
 
 impl Shared {
-    /// The write-back path: copy `data` into pages and tag them.
+    /// The write-back path: put `data` into pages and tag them.
     pub(super) fn write(
         &self,
         ino: u64,
         offset: u64,
-        data: &[u8],
+        data: &WriteData,
         inode: Inode,
     ) -> Result<(), StoreError> {
         if data.is_empty() {
@@ -158,34 +167,60 @@ impl Shared {
                 .iter()
                 .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
             {
-                t.ops.push(Op::PutInode(inode.clone()));
+                Arc::make_mut(&mut t.ops).push(Op::PutInode(inode.clone()));
             }
         }
         id
     }
 
-    /// Copy `data` into the pages of `ino` from `offset`, tagging each
-    /// newly dirty page with `txn_id`.
-    fn copy_into_pages(&self, st: &mut State, ino: u64, offset: u64, data: &[u8], txn_id: u64) {
-        let mut pos = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let idx = pos / PAGE_SIZE;
-            let in_page = (pos % PAGE_SIZE) as usize;
-            let n = rest.len().min(PAGE_SIZE as usize - in_page);
-            if st.cache.is_pinned(ino, idx) {
-                // Only under `cow`: `wait` waited before.
-                self.metrics.overwrite_copies.inc();
-            }
-            if st.cache.write(ino, idx, in_page, &rest[..n], txn_id) {
-                if let Some(t) = st.txns.get_mut(&txn_id) {
-                    t.pages.entry(ino).or_default().insert(idx);
-                    t.data_bytes += PAGE_SIZE;
+    /// Put `data` into the pages of `ino` from `offset`, tagging each
+    /// newly dirty page with `txn_id`: a part that is exactly one aligned
+    /// page becomes the page's buffer, any other bytes are copied in.
+    fn copy_into_pages(
+        &self,
+        st: &mut State,
+        ino: u64,
+        offset: u64,
+        data: &WriteData,
+        txn_id: u64,
+    ) {
+        for (at, part) in data.parts_at() {
+            let mut pos = offset + at as u64;
+            if pos % PAGE_SIZE == 0 && part.len() as u64 == PAGE_SIZE {
+                let idx = pos / PAGE_SIZE;
+                if st.cache.is_pinned(ino, idx) {
+                    // Only under `cow`: `wait` waited before.
+                    self.metrics.overwrite_copies.inc();
                 }
-                st.dirty_bytes += PAGE_SIZE;
+                let newly = st.cache.adopt(ino, idx, part.clone(), txn_id);
+                self.tagged(st, ino, idx, txn_id, newly);
+                continue;
             }
-            rest = &rest[n..];
-            pos += n as u64;
+            let mut rest = &part[..];
+            while !rest.is_empty() {
+                let idx = pos / PAGE_SIZE;
+                let in_page = (pos % PAGE_SIZE) as usize;
+                let n = rest.len().min(PAGE_SIZE as usize - in_page);
+                if st.cache.is_pinned(ino, idx) {
+                    self.metrics.overwrite_copies.inc();
+                }
+                let newly = st.cache.write(ino, idx, in_page, &rest[..n], txn_id);
+                self.tagged(st, ino, idx, txn_id, newly);
+                rest = &rest[n..];
+                pos += n as u64;
+            }
+        }
+    }
+
+    /// Count page `idx` into transaction `txn_id` when it was `newly`
+    /// tagged with it.
+    fn tagged(&self, st: &mut State, ino: u64, idx: u64, txn_id: u64, newly: bool) {
+        if newly {
+            if let Some(t) = st.txns.get_mut(&txn_id) {
+                t.pages.entry(ino).or_default().insert(idx);
+                t.data_bytes += PAGE_SIZE;
+            }
+            st.dirty_bytes += PAGE_SIZE;
         }
     }
 
@@ -193,7 +228,7 @@ impl Shared {
     /// and seen by reads.
     fn carry_attributes(st: &mut State, ino: u64, txn_id: u64, inode: Inode) {
         if let Some(t) = st.txns.get_mut(&txn_id) {
-            for op in &mut t.ops {
+            for op in Arc::make_mut(&mut t.ops) {
                 if let Op::PutInode(i) = op {
                     if i.ino == ino {
                         *i = inode.clone();
@@ -211,18 +246,32 @@ impl Shared {
     }
 
     /// Read `count` pages from `first` into the cache as clean pages, where
-    /// absent.
+    /// absent. Each page is a buffer of its own (eviction frees it), read
+    /// into by the store when it is one page, else copied from the store's
+    /// answer.
     pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
-        let mut buf = vec![0u8; (count * PAGE_SIZE) as usize];
-        self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
+        if count == 1 {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
+            self.insert_loaded(ino, first, vec![Bytes::from(buf)]);
+        } else {
+            let fetched =
+                self.store
+                    .read_data(ino, first * PAGE_SIZE, (count * PAGE_SIZE) as usize)?;
+            self.cache_fetched(ino, first, &fetched);
+        }
+        Ok(())
+    }
+
+    /// Insert pages read from the store at `first` as clean pages.
+    pub(super) fn insert_loaded(&self, ino: u64, first: u64, pages: Vec<Bytes>) {
         let mut st = lock(&self.state);
-        for (i, chunk) in buf.chunks(PAGE_SIZE as usize).enumerate() {
-            st.cache.insert_clean(ino, first + i as u64, chunk);
+        for (i, page) in pages.into_iter().enumerate() {
+            st.cache.insert_clean(ino, first + i as u64, page);
         }
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);
         self.publish(&st);
-        Ok(())
     }
 
     /// A metadata transaction: apply its effects to the cache and the
@@ -302,7 +351,7 @@ impl Shared {
                     by_inode.entry(ino).or_default().push_back(id);
                 }
             }
-            t.ops.extend(ops.iter().cloned());
+            Arc::make_mut(&mut t.ops).extend(ops.iter().cloned());
             // Full, or waited for: no reason to linger.
             if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
                 t.not_before = None;

@@ -350,7 +350,7 @@ pub async fn apply(view: &mut TxnView<'_>, op: Op) -> Result<(), StoreError> {
             view.delete(keys::dirent_by_cookie(parent, old.cookie))
                 .await
         }
-        Op::Write { ino, offset, data } => write(view, ino, offset, &data).await,
+        Op::Write { ino, offset, data } => write(view, ino, offset, &data.contiguous()).await,
         Op::Truncate { ino, size } => truncate(view, ino, size).await,
         Op::PunchHole { ino, offset, len } => punch_hole(view, ino, offset, len).await,
         Op::SetSymlink { ino, target } => {

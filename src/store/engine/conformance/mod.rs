@@ -61,7 +61,7 @@ pub fn write_op(ino: u64, offset: u64, data: &[u8]) -> Op {
     Op::Write {
         ino,
         offset,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     }
 }
 
@@ -464,7 +464,7 @@ fn random_op(r: &mut Rng, cookie: &mut u64) -> Op {
             Op::Write {
                 ino,
                 offset,
-                data: vec![byte; len as usize],
+                data: vec![byte; len as usize].into(),
             }
         }
         6 => Op::Truncate { ino, size: offset },
