@@ -7,7 +7,7 @@
 //! filesystem holds.
 
 #[cfg(test)]
-mod alloc_probe;
+pub(crate) mod alloc_probe;
 mod backend;
 #[cfg(test)]
 mod hostile_tests;

@@ -60,6 +60,8 @@ mod cache;
 #[cfg(test)]
 mod conformance_tests;
 #[cfg(test)]
+mod copy_tests;
+#[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
 mod no_space_tests;
