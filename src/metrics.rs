@@ -78,7 +78,8 @@ counters! {
     /// Guest writes that waited for an in-flight transaction's ack
     /// (`--overwrite wait`).
     overwrite_waits,
-    /// Guest writes that copied a page pinned by an in-flight transaction
+    /// Guest writes to a page pinned by an in-flight transaction that gave
+    /// the page a new buffer, leaving the pinned one to the transaction
     /// (`--overwrite cow`).
     overwrite_copies,
     /// Guest writes that waited because dirty and in-flight bytes reached

@@ -390,3 +390,24 @@ async fn frames_stream_over_a_pipe() {
     }
     assert_eq!(n, requests().len());
 }
+
+#[test]
+fn write_data_in_parts_encodes_as_its_bytes() {
+    use crate::store::WriteData;
+    use bytes::Bytes;
+    let whole: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let parts = WriteData::from_parts(whole.chunks(4096).map(Bytes::copy_from_slice));
+    assert_eq!(parts.parts().len(), 3);
+    let op = |data: WriteData| Op::Write {
+        ino: 42,
+        offset: 4096,
+        data,
+    };
+    let mut split = codec::Enc::default();
+    split.op(&op(parts.clone()));
+    let mut joined = codec::Enc::default();
+    joined.op(&op(whole.clone().into()));
+    assert_eq!(split.buf, joined.buf, "the wire format does not change");
+    let decoded = codec::Dec::new(&split.buf).op().unwrap();
+    assert_eq!(decoded, op(parts));
+}

@@ -3,8 +3,9 @@
 //! and is itself a [`Store`], so the filesystem layer does not know it is
 //! there.
 //!
-//! * A guest WRITE is copied into 4 KiB daemon pages and completes once
-//!   copied (write-back). Every dirty page is tagged with the transaction
+//! * A guest WRITE's bytes become 4 KiB daemon pages (the filesystem layer
+//!   reads them from the guest once, into page-aligned buffers that the
+//!   cache adopts as pages) and it completes then (write-back). Every dirty page is tagged with the transaction
 //!   that carries it; a page can carry two tags while one version is in
 //!   flight and a newer one is queued.
 //! * A transaction is formed as soon as pages get dirty (one per write, or
@@ -20,9 +21,11 @@
 //!   after it, and the first write of a file it creates, join it: a burst
 //!   of creates or unlinks is one commit. Truncate, punch-hole and writes
 //!   in another shape than the filesystem layer's wait for their ack.
-//! * When sent, a transaction pins the page buffers it carries. A guest
-//!   write to a pinned page either waits for the ack (`wait`, the original
-//!   POHMELFS choice) or copies the page into a new buffer (`cow`).
+//! * When sent, a transaction pins the page buffers it carries, by
+//!   reference: its `Op::Write`s are lists of those buffers, built outside
+//!   the state lock, and every resend carries the same ones. A guest write
+//!   to a pinned page either waits for the ack (`wait`, the original
+//!   POHMELFS choice) or gives the page a new buffer (`cow`).
 //! * A transaction stays in memory until the store acknowledges it
 //!   durable. On a timeout it is resent (same id: the store applies it
 //!   once), after `attempts_per_server` timeouts or an error that says "go
@@ -44,7 +47,7 @@
 //! # Layout
 //! * `mod.rs`: settings, the layer's state, opening and shutting down;
 //! * `reads.rs`: the layer as a [`Store`]: reads through the cache and the
-//!   overlay, the rest handed on;
+//!   overlay (answered by reference), the rest handed on;
 //! * `write.rs`: the write path (pages and their tags) and the metadata path;
 //! * `queue.rs`: unacknowledged transactions in their per-inode order;
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
