@@ -1,8 +1,8 @@
 //! The layer as a [`Store`]: reads are answered from the page cache and the
 //! namespace overlay before the store beneath; `commit` hands the
 //! filesystem layer's write to the write path and any other transaction to
-//! the metadata path (`write.rs`); `sync` and `flush` wait for acks
-//! (`sync.rs`).
+//! the metadata path (`write.rs`); `sync` waits for acks and `flush` (a
+//! close) sends the inode's data at once (`sync.rs`).
 
 use std::collections::BTreeSet;
 
@@ -103,7 +103,9 @@ impl Store for WritebackStore {
             sh.load_pages(ino, lo, count)?;
         }
         // Copy from the cache: it holds the newest bytes. A page evicted
-        // between loading and copying was clean, so the store has it.
+        // between loading and copying (or never kept, see `load_pages`) was
+        // clean: the store has it, but for the ranges unacknowledged
+        // truncates and punched holes zeroed.
         let mut evicted = Vec::new();
         {
             let st = lock(&sh.state);
@@ -122,6 +124,9 @@ impl Store for WritebackStore {
         }
         for (pos, done, n) in evicted {
             sh.store.read(ino, pos, &mut buf[done..done + n])?;
+            lock(&sh.state)
+                .holes
+                .zero(ino, pos, &mut buf[done..done + n]);
         }
         Ok(())
     }
@@ -213,21 +218,7 @@ impl Store for WritebackStore {
     }
 
     fn flush(&self, ino: u64) -> Result<(), StoreError> {
-        // The transactions that refer to the inode's pages; when there are
-        // any, everything of the inode before them goes too (its order).
-        let has_data = {
-            let st = lock(&self.shared.state);
-            st.by_inode.get(&ino).is_some_and(|q| {
-                q.iter()
-                    .any(|id| st.txns.get(id).is_some_and(|t| t.pages.contains_key(&ino)))
-            }) || st.sticky.contains_key(&ino)
-                || st.no_space.contains(&ino)
-        };
-        if has_data {
-            self.shared.sync(Some(ino))
-        } else {
-            Ok(())
-        }
+        self.shared.close(ino)
     }
 
     fn describe(&self) -> String {

@@ -214,8 +214,15 @@ impl Shared {
     /// absent.
     pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
         let mut buf = vec![0u8; (count * PAGE_SIZE) as usize];
+        let retired = lock(&self.state).holes.retired;
         self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
         let mut st = lock(&self.state);
+        if st.holes.retired != retired {
+            // A cut range retired meanwhile: the read may predate it, and
+            // the caller looks again.
+            return Ok(());
+        }
+        st.holes.zero(ino, first * PAGE_SIZE, &mut buf);
         for (i, chunk) in buf.chunks(PAGE_SIZE as usize).enumerate() {
             st.cache.insert_clean(ino, first + i as u64, chunk);
         }
@@ -227,8 +234,9 @@ impl Shared {
 
     /// A metadata transaction: apply its effects to the cache and the
     /// overlay (so reads see them at once), queue it, and return — the
-    /// write-back contract: fsync and fsyncdir wait for it. Truncate,
-    /// punch-hole and writes carried in the operations (any write in
+    /// write-back contract: fsync and fsyncdir wait for it. Truncates and
+    /// punched holes too: reads see the ranges they zeroed through the
+    /// overlay (`Holes`). Writes carried in the operations (any write in
     /// another shape than the filesystem layer's) wait for their ack: until
     /// the store has the new bytes, a read of a page the cache does not hold
     /// could return the old ones.
@@ -241,12 +249,7 @@ impl Shared {
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
     pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
-        let wait_ack = txn.ops.iter().any(|op| {
-            matches!(
-                op,
-                Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
-            )
-        });
+        let wait_ack = txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
         let id = {
             let mut st = lock(&self.state);
             // Bound the queue: metadata is small, but not free.
