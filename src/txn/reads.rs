@@ -222,12 +222,18 @@ impl Store for WritebackStore {
     }
 
     fn describe(&self) -> String {
+        let cfg = &self.shared.cfg;
         format!(
-            "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB)",
+            "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB, {})",
             self.shared.store.describe(),
-            self.shared.cfg.overwrite,
-            self.shared.cfg.cache_bytes >> 20,
-            self.shared.cfg.dirty_max_bytes >> 20
+            cfg.overwrite,
+            cfg.cache_bytes >> 20,
+            cfg.dirty_max_bytes >> 20,
+            if cfg.sync_on_close {
+                "sync on close"
+            } else {
+                "durable at fsync"
+            }
         )
     }
 }
