@@ -4,10 +4,11 @@
 //! `sync_on_close` they wait for it); a known error is still reported at
 //! close; truncates and punched holes over pages whose writes are in flight
 //! return at once, and reads through the layer, then the store after a
-//! sync, hold exactly what a model says, under both overwrite policies.
+//! sync, hold exactly what a model says, under both overwrite policies; a
+//! store read that overlaps the ack of a hole is not cached.
 
 use std::ffi::CString;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
@@ -18,7 +19,7 @@ use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
-use crate::store::{Inode, Op, Store, StoreError, Txn, ROOT_INO};
+use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn, ROOT_INO};
 
 type Layer = (
     Arc<WritebackStore>,
@@ -315,4 +316,139 @@ fn a_punched_hole_reads_as_zeros_after_its_clean_pages_are_evicted() {
     sink.gate.open();
     wb.sync(None).unwrap();
     assert_reads(&*store, ino, &model, "the store");
+}
+
+/// The layer's reads from a store, one of which, once armed, says it has
+/// read and then returns what it read only when the test lets it go: a
+/// store read that starts before a change is applied and ends after.
+struct SlowRead {
+    store: Arc<MemStore>,
+    armed: std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+}
+
+impl Store for SlowRead {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        self.store.get_inode(ino)
+    }
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        self.store.lookup(parent, name)
+    }
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        self.store.readdir(parent, after, max)
+    }
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.store.read(ino, offset, buf)?;
+        let armed = self.armed.lock().unwrap().take();
+        if let Some((read, go)) = armed {
+            read.send(()).unwrap();
+            go.recv().unwrap();
+        }
+        Ok(())
+    }
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        self.store.next_data(ino, offset)
+    }
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        self.store.next_hole(ino, offset)
+    }
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.readlink(ino)
+    }
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get_xattr(ino, name)
+    }
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.store.list_xattr(ino)
+    }
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        self.store.statfs()
+    }
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.store.reserve_ids(count)
+    }
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.store.commit(txn)
+    }
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        self.store.sync(ino)
+    }
+    fn describe(&self) -> String {
+        "mem: with a slow read".into()
+    }
+}
+
+#[test]
+fn a_store_read_that_overlaps_the_ack_of_a_hole_is_not_cached() {
+    let store = Arc::new(MemStore::new(1 << 30));
+    let reads = Arc::new(SlowRead {
+        store: Arc::clone(&store),
+        armed: std::sync::Mutex::new(None),
+    });
+    let sink = Arc::new(FaultSink::new(Arc::clone(&store), 1, 46));
+    let config = TxnConfig {
+        cache_bytes: 16 * PAGE as u64,
+        dirty_max_bytes: 8 * PAGE as u64,
+        meta_linger: Duration::ZERO,
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let wb =
+        Arc::new(WritebackStore::new(config, reads.clone(), sink.clone(), Arc::default()).unwrap());
+    let ino = 20;
+    let size = 64 * PAGE as u64;
+    create(&*wb, ino);
+    for i in 0..64u64 {
+        write(
+            &*wb,
+            ino,
+            i * PAGE as u64,
+            &[7u8; PAGE],
+            (i + 1) * PAGE as u64,
+        );
+    }
+    wb.sync(None).unwrap();
+    // A hole over pages 1 to 40, held at the latch: the store has 7s.
+    sink.gate.close();
+    commit(
+        &*wb,
+        vec![
+            Op::PunchHole {
+                ino,
+                offset: PAGE as u64,
+                len: 40 * PAGE as u64,
+            },
+            Op::PutInode(Inode::regular(ino, size)),
+        ],
+    );
+    eventually("the hole at the latch", || sink.gate.held() >= 1);
+    // A read of page 30 (evicted long ago) reads the store's 7s, then
+    // stalls while the hole is applied and acknowledged.
+    let (read_tx, read_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel();
+    *reads.armed.lock().unwrap() = Some((read_tx, go_rx));
+    let reader = {
+        let wb = Arc::clone(&wb);
+        std::thread::spawn(move || {
+            let mut buf = vec![1u8; PAGE];
+            wb.read(ino, 30 * PAGE as u64, &mut buf).map(|()| buf)
+        })
+    };
+    read_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read reached the store");
+    sink.gate.open();
+    eventually("the hole to be acknowledged", || wb.unacked() == 0);
+    go_tx.send(()).unwrap();
+    let got = reader.join().unwrap().unwrap();
+    assert!(got.iter().all(|&b| b == 0), "the read returned old bytes");
+    assert_reads(
+        &*wb,
+        ino,
+        &{
+            let mut m = vec![7u8; size as usize];
+            m[PAGE..41 * PAGE].fill(0);
+            m
+        },
+        "after the ack: nothing stale was cached",
+    );
 }

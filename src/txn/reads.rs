@@ -5,13 +5,37 @@
 //! close) sends the inode's data at once (`sync.rs`).
 
 use std::collections::BTreeSet;
+use std::sync::MutexGuard;
 
 use tracing::debug;
 
 use super::ack::lock;
 use super::cache::PAGE_SIZE;
-use super::WritebackStore;
+use super::{Shared, State, WritebackStore};
 use crate::store::{Dirent, Inode, Op, Store, StoreError, StoreStats, Txn};
+
+impl Shared {
+    /// Fill `buf` from the store at `offset` of `ino`, with the ranges cut
+    /// by unacknowledged truncates and punched holes zeroed; returns the
+    /// state, locked. `None` when a cut retired during the read: the store
+    /// may have applied it after the read, so the bytes may predate it (the
+    /// caller reads again, or does not keep them).
+    pub(super) fn read_store(
+        &self,
+        ino: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<MutexGuard<'_, State>>, StoreError> {
+        let retired = lock(&self.state).holes.retired;
+        self.store.read(ino, offset, buf)?;
+        let st = lock(&self.state);
+        if st.holes.retired != retired {
+            return Ok(None);
+        }
+        st.holes.zero(ino, offset, buf);
+        Ok(Some(st))
+    }
+}
 
 impl Store for WritebackStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
@@ -123,10 +147,8 @@ impl Store for WritebackStore {
             }
         }
         for (pos, done, n) in evicted {
-            sh.store.read(ino, pos, &mut buf[done..done + n])?;
-            lock(&sh.state)
-                .holes
-                .zero(ino, pos, &mut buf[done..done + n]);
+            let part = &mut buf[done..done + n];
+            while sh.read_store(ino, pos, part)?.is_none() {}
         }
         Ok(())
     }

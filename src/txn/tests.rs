@@ -131,7 +131,7 @@ pub(super) struct FaultSink {
 }
 
 impl FaultSink {
-    fn new(store: Arc<MemStore>, servers: usize, seed: u64) -> FaultSink {
+    pub(super) fn new(store: Arc<MemStore>, servers: usize, seed: u64) -> FaultSink {
         FaultSink {
             store,
             faults: Mutex::new(Faults::default()),

@@ -214,15 +214,10 @@ impl Shared {
     /// absent.
     pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
         let mut buf = vec![0u8; (count * PAGE_SIZE) as usize];
-        let retired = lock(&self.state).holes.retired;
-        self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
-        let mut st = lock(&self.state);
-        if st.holes.retired != retired {
-            // A cut range retired meanwhile: the read may predate it, and
-            // the caller looks again.
+        let Some(mut st) = self.read_store(ino, first * PAGE_SIZE, &mut buf)? else {
+            // The bytes may predate a cut: not kept, the caller looks again.
             return Ok(());
-        }
-        st.holes.zero(ino, first * PAGE_SIZE, &mut buf);
+        };
         for (i, chunk) in buf.chunks(PAGE_SIZE as usize).enumerate() {
             st.cache.insert_clean(ino, first + i as u64, chunk);
         }
