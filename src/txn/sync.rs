@@ -13,8 +13,7 @@ use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::ack::{lock, wait, wait_timeout};
-use super::queue::TxnEntry;
-use super::queue::{describe, TxnState};
+use super::queue::{describe, TxnEntry, TxnState};
 use super::{Shared, State};
 use crate::store::{Op, StoreError};
 
