@@ -673,7 +673,7 @@ fn create_write_close_is_one_commit() {
     let (wb, _sink, store, m) = lingering_layer(13);
     create_in(&wb, 1, 30, "a");
     write(&wb, 30, 0, b"0\n", 2);
-    // FLUSH at close: sends the lingering transaction at once.
+    // fsync (like a close) sends the lingering transaction at once.
     wb.sync(Some(30)).unwrap();
     assert_eq!(
         m.txn_sent.get(),
