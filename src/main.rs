@@ -144,6 +144,13 @@ struct VolumeArgs {
     /// join it before it is sent (a sync sends it at once); 0 sends at once.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     meta_linger_us: u64,
+    /// Make every close wait until the file's data is durable, as fsync
+    /// does. Without it a close sends the data at once and returns: only
+    /// fsync, fdatasync, syncfs and shutdown wait, so a daemon crash
+    /// (kill -9) loses what was written but never fsynced, as a local
+    /// disk's page cache would (docs/operations.md).
+    #[arg(long)]
+    sync_on_close: bool,
 }
 
 impl VolumeArgs {
@@ -168,6 +175,7 @@ impl VolumeArgs {
             ack_timeout: std::time::Duration::from_millis(self.ack_timeout_ms),
             fsync_timeout: std::time::Duration::from_millis(self.fsync_timeout_ms),
             meta_linger: std::time::Duration::from_micros(self.meta_linger_us),
+            sync_on_close: self.sync_on_close,
             ..TxnConfig::default()
         }
     }

@@ -93,8 +93,9 @@ counters! {
     cache_evictions,
     /// fsync (and flush, fsyncdir, syncfs) requests that reached the store layer.
     fsync_calls,
-    /// FLUSH requests (a close of a guest descriptor); those with data to
-    /// write back also count in `fsync_calls`.
+    /// FLUSH requests (a close of a guest descriptor). A close does not
+    /// wait for the store; under `--sync-on-close` those with data to
+    /// write back wait, and also count in `fsync_calls`.
     flush_calls,
     /// fsyncs answered EIO because the data was not acknowledged in time.
     fsync_errors,

@@ -1,5 +1,6 @@
 //! Durability: data survives the page cache, an unmount, a reboot of the guest, and a daemon
-//! killed with SIGKILL after a plain `sync`.
+//! killed with SIGKILL after a plain `sync`, or (pohmelfs with `--sync-on-close`) after a
+//! plain close.
 //!
 //! Every reference checksum is taken from an independent copy of the data in the guest (its
 //! `/tmp`, or the stream as it was written), never by reading the file back through the daemon
@@ -188,6 +189,80 @@ step "the synced file is whole"
 [ -e /mnt/synced ] || fail "/mnt/synced is missing after the daemon's SIGKILL"
 expect_eq "$(stat -c %s /mnt/synced)" {SYNC_BYTES} "size of the synced file"
 expect_eq "$(sha256sum < /mnt/synced | cut -d' ' -f1)" "{sum}" "sha256 of the synced file"
+umount /mnt
+"#
+        ))
+        .run()?
+        .expect_success()?;
+    Ok(())
+}
+
+/// The console line at which the host kills the daemon after the close.
+const CLOSED: &str = "POHMELFS-MARK=closed";
+/// Bytes of the closed file.
+const CLOSE_BYTES: u32 = 300_000;
+
+/// pohmelfs runs with `--sync-on-close`: the first guest writes a file, closes it (no fsync,
+/// no sync) and prints [`CLOSED`]; the host then kills the daemon with SIGKILL and cuts the
+/// guest's power. A new daemon on the same volume serves the file with the checksum of the
+/// guest's copy in `/tmp`: the close waited until it was durable. (Without the flag a close
+/// does not wait, and a crash may lose what was only closed, as a local disk's page cache
+/// would: `docs/operations.md`.) virtiofsd writes through to its shared directory, where a
+/// SIGKILL loses nothing.
+pub fn sync_on_close_survives_daemon_kill9(vm: &VmTest) -> Result<()> {
+    let url = format!("file://{}/volume", vm.dir().display());
+    let mut first = vm.daemon().store(&url);
+    if vm.kind() == DaemonKind::Pohmelfs {
+        first = first.arg("--sync-on-close");
+    }
+    let daemon = first.start()?;
+    let out = Guest::new(&daemon)
+        .script(&format!(
+            r#"
+step mount
+mount -t virtiofs "$TAG" /mnt
+step "write and close"
+head -c {CLOSE_BYTES} /dev/urandom > /tmp/data
+echo "SUM=$(sha256sum < /tmp/data | cut -d' ' -f1)"
+dd if=/tmp/data of=/mnt/closed bs=64k 2>/dev/null || fail "dd of closed"
+echo {CLOSED}
+step "wait for the host"
+while true; do sleep 1; done
+"#
+        ))
+        .on_console(CLOSED, || {
+            daemon.stop();
+            Ok(())
+        })
+        .power_cut_at(CLOSED)
+        .run()?;
+    let sum = out
+        .value("SUM")
+        .filter(|sum| sum.len() == 64)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "the first guest printed no SUM=<sha256> line:\n{}",
+                out.console
+            ))
+        })?;
+    if !out.console.lines().any(|l| l.trim_end() == CLOSED) {
+        return Err(Failure::new(format!(
+            "the first guest never closed its file:\n{}",
+            out.console
+        )));
+    }
+    drop(daemon);
+    let daemon = vm.daemon().store(&url).start()?;
+    Guest::new(&daemon)
+        .script(&format!(
+            r#"
+step mount
+mount -t virtiofs "$TAG" /mnt
+step "the closed file is whole"
+[ -e /mnt/closed ] || fail "/mnt/closed is missing after the daemon's SIGKILL"
+expect_eq "$(stat -c %s /mnt/closed)" {CLOSE_BYTES} "size of the closed file"
+expect_eq "$(sha256sum < /mnt/closed | cut -d' ' -f1)" "{sum}" "sha256 of the closed file"
 umount /mnt
 "#
         ))

@@ -5,8 +5,8 @@
 //! - [`boot`]: the guest finds the device and mounts it;
 //! - [`files`]: each POSIX operation with a check of its effect, many small files, fio with
 //!   verification;
-//! - [`durability`]: fsync through the page cache, remount, reboot, and a plain `sync` before
-//!   the daemon's SIGKILL;
+//! - [`durability`]: fsync through the page cache, remount, reboot, and a plain `sync` (or,
+//!   under `--sync-on-close`, a close) before the daemon's SIGKILL;
 //! - [`posix`]: pjdfstest in the guest;
 //! - [`persistence`]: fsynced data after the daemon's SIGKILL, and after a store server restart;
 //! - [`failover`]: a store server restarted under a guest's fsyncs;
@@ -82,6 +82,7 @@ vm_tests! {
     durability::remount,
     durability::reboot,
     durability::plain_sync_survives_daemon_kill9,
+    durability::sync_on_close_survives_daemon_kill9,
     posix::pjdfstest,
     persistence::fsynced_data_survives_daemon_kill,
     crash::crash_guest_power_cut,

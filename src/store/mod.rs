@@ -16,8 +16,8 @@
 //!   memory"; for the engine and a store server it is "flushed to the
 //!   medium"). The write-back layer ([`crate::txn::WritebackStore`]) is the
 //!   exception: its `Ok` means accepted (queued, and seen by reads), and the
-//!   transaction is durable only once a later [`Store::sync`] (or
-//!   [`Store::flush`] of its inode's data) has returned `Ok`. A caller that
+//!   transaction is durable only once a later [`Store::sync`] has returned
+//!   `Ok` ([`Store::flush`], a close, waits only under `--sync-on-close`). A caller that
 //!   sees `Err` must assume nothing of the transaction was applied.
 //! * Reads see every transaction whose `commit` has returned `Ok`.
 //! * [`Store::sync`] returns `Ok` once everything committed before the call
@@ -423,11 +423,14 @@ pub trait Store: Send + Sync {
     /// the whole volume when `None`) is durable.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;
 
-    /// FLUSH (a close of one of the guest's descriptors): write back the
-    /// data of `ino` written so far and wait until it is durable. Unlike
-    /// `sync`, a layer may return at once when `ino` has no data waiting —
-    /// only metadata, such as its own creation (a shell's `echo > f` closes
-    /// the new file once before it writes).
+    /// FLUSH (a close of one of the guest's descriptors): start writing
+    /// back the data of `ino` written so far. A close promises no
+    /// durability (POSIX's): the write-back layer sends the data at once
+    /// and returns, reporting only errors it already knows, unless told to
+    /// wait as `sync` does (`--sync-on-close`). Even then it may return at
+    /// once when `ino` has no data waiting — only metadata, such as its own
+    /// creation (a shell's `echo > f` closes the new file once before it
+    /// writes). Stores that are durable at commit answer at once.
     fn flush(&self, ino: u64) -> Result<(), StoreError> {
         self.sync(Some(ino))
     }

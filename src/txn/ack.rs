@@ -233,7 +233,7 @@ fn space_freed(st: &mut State) {
 }
 
 /// The store now has what `t` changed: drop the overlay entries it was the
-/// newest to set.
+/// newest to set, and the ranges it zeroed.
 fn retire_overlay(st: &mut State, t: &TxnEntry) {
     for op in t.ops.iter() {
         match op {
@@ -249,6 +249,7 @@ fn retire_overlay(st: &mut State, t: &TxnEntry) {
             {
                 st.symlinks.remove(ino);
             }
+            Op::Truncate { ino, .. } | Op::PunchHole { ino, .. } => st.holes.retire(*ino, t.id),
             _ => {}
         }
     }

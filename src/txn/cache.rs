@@ -308,6 +308,18 @@ impl PageCache {
         }
     }
 
+    /// The tagged pages of `ino` from page `first` on, with their tags:
+    /// what a truncate to `first * PAGE_SIZE` or less drops of what
+    /// transactions carry.
+    pub fn tagged_from(&self, ino: u64, first: u64) -> Vec<(u64, Vec<u64>)> {
+        self.pages.get(&ino).map_or_else(Vec::new, |p| {
+            p.range(first..)
+                .filter(|(_, page)| !page.tags.is_empty())
+                .map(|(idx, page)| (*idx, page.tags.clone()))
+                .collect()
+        })
+    }
+
     /// Drop pages past `size` and zero the tail of the page holding it.
     pub fn truncate(&mut self, ino: u64, size: u64) {
         let keep = size.div_ceil(PAGE_SIZE);

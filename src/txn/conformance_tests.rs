@@ -149,9 +149,10 @@ impl Store for Synced {
 /// Three things are left to the store:
 ///
 /// * space: statfs is read after a sync;
-/// * a commit that waits for its ack (truncate, punch-hole, a write in a
-///   metadata transaction) is preceded by a sync, since its ack would wait
-///   for the lingering transactions of its inodes;
+/// * a commit that waits for its ack (a write in a metadata transaction)
+///   is preceded by a sync, since its ack would wait for the lingering
+///   transactions of its inodes (truncates and punched holes do not wait:
+///   the layer answers for the ranges they zeroed);
 /// * a removed inode: a commit that removes one is followed by a sync. The
 ///   layer drops what it knows of the inode (pages, symlink target,
 ///   extended attributes) and answers from the store, which has them until
@@ -218,13 +219,7 @@ impl Store for Unsynced {
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
         let fs_write =
             matches!(&txn.ops[..], [Op::Write { ino, .. }, Op::PutInode(i)] if i.ino == *ino);
-        let waits = !fs_write
-            && txn.ops.iter().any(|op| {
-                matches!(
-                    op,
-                    Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
-                )
-            });
+        let waits = !fs_write && txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
         let removes = txn
             .ops
             .iter()

@@ -1,18 +1,19 @@
 //! The filesystem layer over the transaction layer (write-back metadata
-//! and data, acks delayed, lost and reordered) behaves exactly like the
-//! filesystem layer straight on a store: same answers, the same tree with
-//! the same bytes every twentieth step, and the same durable volume after a
-//! sync; under both overwrite policies.
+//! and data, truncates and punched holes, acks delayed, lost and
+//! reordered) behaves exactly like the filesystem layer straight on a
+//! store: same answers, the same tree with the same bytes every twentieth
+//! step, and the same durable volume after a sync; under both overwrite
+//! policies.
 
 use std::ffi::CString;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::CreateIn;
+use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{layer, Bytes, Faults};
-use super::OverwritePolicy;
+use super::tests::{cfg, layer_with, Bytes, Faults};
+use super::{OverwritePolicy, TxnConfig};
 use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
@@ -99,7 +100,14 @@ fn run(policy: OverwritePolicy) {
         Arc::new(Metrics::default()),
     )
     .unwrap();
-    let (wb, sink, durable, _) = layer(policy, 1, 21);
+    // A cache of 16 pages: files outgrow it, so reads and partial writes
+    // go to the store, under truncates and holes not acknowledged yet.
+    let config = TxnConfig {
+        cache_bytes: 16 * 4096,
+        dirty_max_bytes: 8 * 4096,
+        ..cfg(policy)
+    };
+    let (wb, sink, durable, _) = layer_with(config, 1, 21, true);
     sink.set(Faults {
         jitter: Duration::from_millis(20),
         lose_ack: 3,
@@ -190,7 +198,7 @@ impl Step {
             name: name(rng),
             other: dir(rng),
             name2: name(rng),
-            op: rng.below(9),
+            op: rng.below(11),
             data: vec![(step % 250) as u8 + 1; 1 + rng.below(9000) as usize],
             offset: rng.below(20_000),
         }
@@ -232,6 +240,15 @@ impl Step {
                 fs.link(ctx, e.inode, other, name2)
                     .map(|e| format!("ino {}", e.inode))
             }),
+            9 => fs
+                .lookup(ctx, parent, name)
+                .and_then(|e| self.truncate(fs, ctx, e.inode)),
+            10 => fs.lookup(ctx, parent, name).and_then(|e| {
+                const PUNCH_HOLE_KEEP_SIZE: u32 = 0x03;
+                let len = self.data.len() as u64;
+                fs.fallocate(ctx, e.inode, 0, PUNCH_HOLE_KEEP_SIZE, self.offset, len)
+                    .map(|_| "ok".into())
+            }),
             _ => fs
                 .lookup(ctx, parent, name)
                 .and_then(|e| self.write(fs, ctx, e.inode)),
@@ -240,6 +257,15 @@ impl Step {
             Ok(s) => s,
             Err(e) => format!("errno {:?}", e.raw_os_error()),
         }
+    }
+
+    /// Set the size of `ino` to the step's offset (ftruncate).
+    fn truncate(&self, fs: &PohmelFs, ctx: &Context, ino: u64) -> std::io::Result<String> {
+        // SAFETY: stat64 is a plain C struct of integers; all-zero is valid.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_size = self.offset as i64;
+        fs.setattr(ctx, ino, attr, None, SetattrValid::SIZE)
+            .map(|(st, _)| format!("size {}", st.st_size))
     }
 
     /// Write the step's data at its offset into `ino`.

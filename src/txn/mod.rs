@@ -19,8 +19,11 @@
 //!   write-back like data (reads see them at once through an overlay);
 //!   a new metadata transaction lingers `meta_linger` so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
-//!   of creates or unlinks is one commit. Truncate, punch-hole and writes
-//!   in another shape than the filesystem layer's wait for their ack.
+//!   of creates or unlinks is one commit. Truncates and punched holes are
+//!   write-back too: the ranges they zero read as zeros (the `Holes`
+//!   overlay) until their ack, and the pages a truncate drops leave the
+//!   older transactions that carried them. Only writes in another shape
+//!   than the filesystem layer's wait for their ack.
 //! * When sent, a transaction pins the page buffers it carries, by
 //!   reference: its `Op::Write`s are lists of those buffers, built outside
 //!   the state lock, and every resend carries the same ones. A guest write
@@ -36,9 +39,12 @@
 //!   lack of space loses its page data instead (`ack.rs`): the inode's next
 //!   fsync, flush or syncfs reports ENOSPC, and new writes get ENOSPC until
 //!   space is freed.
-//! * `sync` (fsync, flush, fsyncdir, release, syncfs, disconnect, SIGTERM)
+//! * `sync` (fsync, fdatasync, fsyncdir, syncfs, disconnect, SIGTERM)
 //!   finds the transactions that refer to the inode's pages (or all), sends
 //!   what is queued at once, resends what stalled, and waits for the acks.
+//!   A close (FLUSH, RELEASE) sends the inode's data at once and returns,
+//!   reporting only errors already known; with `sync_on_close` it waits
+//!   as fsync does.
 //!
 //! It must never report success for data that was not stored, and never
 //! lose a transaction without a log line. When its own state contradicts
@@ -51,7 +57,7 @@
 //! * `write.rs`: the write path (pages and their tags) and the metadata path;
 //! * `queue.rs`: unacknowledged transactions in their per-inode order;
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
-//! * `sync.rs`: waiting for acks (fsync, flush, syncfs);
+//! * `sync.rs`: waiting for acks (fsync, syncfs) and closing (flush);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
 //! * `cache.rs`: the tagged pages.
 //!
@@ -60,6 +66,8 @@
 
 mod ack;
 mod cache;
+#[cfg(test)]
+mod close_tests;
 #[cfg(test)]
 mod conformance_tests;
 #[cfg(test)]
@@ -89,7 +97,7 @@ use crate::store::sink::{EngineSink, RemoteSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::lock;
 use cache::PageCache;
-use overlay::{CompleteDirs, KnownXattrs, NameOverlay, Overlay};
+use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;
 
@@ -130,6 +138,12 @@ pub struct TxnConfig {
     pub meta_linger: Duration,
     /// Operations one metadata transaction carries at most.
     pub max_txn_ops: usize,
+    /// FLUSH and RELEASE (every close) wait until the inode's data is
+    /// durable, as fsync does. Off by default: a close sends the inode's
+    /// transactions at once and returns, and only fsync, fdatasync,
+    /// fsyncdir, syncfs and shutdown wait (what POSIX and a local disk
+    /// promise).
+    pub sync_on_close: bool,
 }
 
 impl Default for TxnConfig {
@@ -146,6 +160,7 @@ impl Default for TxnConfig {
             read_ahead_bytes: 1 << 20,
             meta_linger: Duration::from_millis(2),
             max_txn_ops: 1024,
+            sync_on_close: false,
         }
     }
 }
@@ -165,7 +180,7 @@ struct State {
     /// Inodes whose fsync failed; cleared when their data is durable.
     sticky: HashMap<u64, String>,
     /// Inodes whose page data the store refused for lack of space and was
-    /// dropped; the next fsync, flush or syncfs reports ENOSPC and clears it.
+    /// dropped; the next fsync, close or syncfs reports ENOSPC and clears it.
     no_space: HashSet<u64>,
     /// The store refused data for lack of space: writes get ENOSPC until a
     /// transaction that frees space is acknowledged.
@@ -183,6 +198,9 @@ struct State {
     dirents: NameOverlay<Dirent>,
     symlinks: HashMap<u64, (Vec<u8>, u64)>,
     xattrs: NameOverlay<Vec<u8>>,
+    /// Byte ranges cut by unacknowledged truncates and punched holes: they
+    /// read as zeros whatever the store still holds there.
+    holes: Holes,
     /// Extended attributes known without the store (see `KnownXattrs`).
     known_xattrs: KnownXattrs,
     /// Every name of each directory created in this session, so that a
@@ -295,6 +313,7 @@ impl WritebackStore {
                 dirents: HashMap::new(),
                 symlinks: HashMap::new(),
                 xattrs: HashMap::new(),
+                holes: Holes::default(),
                 known_xattrs: KnownXattrs::default(),
                 complete_dirs: CompleteDirs::default(),
             }),

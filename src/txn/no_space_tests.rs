@@ -29,6 +29,11 @@ struct Stack {
 }
 
 fn stack(capacity: u64, policy: OverwritePolicy) -> Stack {
+    stack_with(capacity, policy, false)
+}
+
+/// As [`stack`]; `sync_on_close`: every close waits as fsync does.
+fn stack_with(capacity: u64, policy: OverwritePolicy, sync_on_close: bool) -> Stack {
     let volume = Arc::new(MemStore::new(capacity));
     let sink = Arc::new(EngineSink::new(volume.clone()).unwrap());
     let metrics = Arc::new(Metrics::default());
@@ -39,6 +44,7 @@ fn stack(capacity: u64, policy: OverwritePolicy) -> Stack {
         // Long enough that an answer before it is never a timeout.
         fsync_timeout: Duration::from_secs(60),
         ack_timeout: Duration::from_secs(60),
+        sync_on_close,
         ..TxnConfig::default()
     };
     let wb = Arc::new(WritebackStore::new(cfg, volume.clone(), sink, metrics.clone()).unwrap());
@@ -171,8 +177,8 @@ fn a_full_volume_says_enospc_at_the_write_or_the_fsync() {
 }
 
 #[test]
-fn close_reports_enospc_once() {
-    let s = stack(2 * BLOCK_SIZE, OverwritePolicy::Cow);
+fn with_sync_on_close_close_reports_enospc_once() {
+    let s = stack_with(2 * BLOCK_SIZE, OverwritePolicy::Cow, true);
     let ctx = Context::new();
     let (f, fh) = create(&s.fs, "f");
     fill(&s.fs, f, fh, 6 * BLOCK_SIZE, 3);
@@ -181,6 +187,27 @@ fn close_reports_enospc_once() {
     assert_eq!(errno(s.fs.flush(&ctx, f, fh, 0)), Ok(()), "reported once");
     assert_eq!(content(&*s.wb, f), content(&*s.volume, f));
     assert_eq!(s.wb.unacked(), 0, "nothing waits: the refused data is gone");
+}
+
+#[test]
+fn close_reports_a_known_enospc_once() {
+    let s = stack(2 * BLOCK_SIZE, OverwritePolicy::Cow);
+    let ctx = Context::new();
+    let (f, fh) = create(&s.fs, "f");
+    fill(&s.fs, f, fh, 6 * BLOCK_SIZE, 3);
+    // A close does not wait for the store: once the refusal has come
+    // back, the next close reports it, once, as fsync would.
+    eventually("the volume to refuse the data", || {
+        s.metrics.txn_no_space.get() >= 1 && s.wb.unacked() == 0
+    });
+    assert_eq!(errno(s.fs.flush(&ctx, f, fh, 0)), Err(libc::ENOSPC));
+    assert_eq!(errno(s.fs.flush(&ctx, f, fh, 0)), Ok(()), "reported once");
+    assert_eq!(
+        errno(s.fs.fsync(&ctx, f, false, fh)),
+        Ok(()),
+        "reported once"
+    );
+    assert_eq!(content(&*s.wb, f), content(&*s.volume, f));
 }
 
 #[test]

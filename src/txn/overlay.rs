@@ -3,12 +3,15 @@
 //! extended attributes set by unacknowledged transactions — and what the
 //! layer knows without asking the store: extended attributes
 //! ([`KnownXattrs`]) and every entry of the directories created in this
-//! session ([`CompleteDirs`]). Overlay entries retire with the ack of the
-//! transaction that set them (`ack.rs`).
+//! session ([`CompleteDirs`]); and the byte ranges that unacknowledged
+//! truncates and punched holes zeroed ([`Holes`]), which the page cache
+//! alone cannot show once it no longer holds their pages. Overlay entries
+//! retire with the ack of the transaction that set them (`ack.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use super::ack::lock;
+use super::cache::PAGE_SIZE;
 use super::{Shared, State};
 use crate::store::{Dirent, FileKind, Inode, Op, StoreError};
 
@@ -86,9 +89,114 @@ impl State {
                     .or_default()
                     .insert(name.clone(), (None, txn));
             }
-            Op::Truncate { ino, size } => self.cache.truncate(*ino, *size),
-            Op::PunchHole { ino, offset, len } => self.cache.zero(*ino, *offset, *len),
+            Op::Truncate { ino, size } => {
+                self.untag_cut(*ino, size.div_ceil(PAGE_SIZE));
+                self.cache.truncate(*ino, *size);
+                self.holes.cut(*ino, *size, u64::MAX, txn);
+            }
+            Op::PunchHole { ino, offset, len } => {
+                self.cache.zero(*ino, *offset, *len);
+                self.holes
+                    .cut(*ino, *offset, offset.saturating_add(*len), txn);
+            }
             Op::Write { ino, offset, data } => self.cache.overwrite(*ino, *offset, data),
+        }
+    }
+}
+
+impl State {
+    /// A truncate drops the pages of `ino` from `first` on: they leave the
+    /// transactions that carry them, which send what they pinned, if sent,
+    /// and nothing of those pages if not. A later write may bring such a
+    /// page back under a newer tag; an older transaction must neither send
+    /// that page nor untag it at its ack.
+    fn untag_cut(&mut self, ino: u64, first: u64) {
+        for (idx, tags) in self.cache.tagged_from(ino, first) {
+            for tag in tags {
+                let Some(pages) = self.txns.get_mut(&tag).map(|t| &mut t.pages) else {
+                    continue;
+                };
+                if let Some(idxs) = pages.get_mut(&ino) {
+                    idxs.remove(&idx);
+                    if idxs.is_empty() {
+                        pages.remove(&ino);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The byte ranges that unacknowledged truncates (from the new size on)
+/// and punched holes zeroed, per inode. Until the transaction that cut a
+/// range is acknowledged, the store may still hold the old bytes there, so
+/// whatever is read from the store goes through [`Holes::zero`] before a
+/// reader or the page cache sees it. Newer bytes in a range (a later write)
+/// sit in dirty pages, which the cache never evicts before their ack, and
+/// an inode's transactions are acknowledged in order: by the time a later
+/// write's page is clean, every range cut before it has retired.
+#[derive(Default)]
+pub(super) struct Holes {
+    by_inode: HashMap<u64, Vec<Hole>>,
+    /// Bumped whenever a range retires: a store read that started before
+    /// may predate the cut and must not be kept (`load_pages`).
+    pub(super) retired: u64,
+}
+
+struct Hole {
+    start: u64,
+    end: u64,
+    /// The transaction that cut it.
+    txn: u64,
+}
+
+impl Holes {
+    fn cut(&mut self, ino: u64, start: u64, end: u64, txn: u64) {
+        if start < end {
+            self.by_inode
+                .entry(ino)
+                .or_default()
+                .push(Hole { start, end, txn });
+        }
+    }
+
+    /// Zero the bytes of `buf`, read from the store at `offset` of `ino`,
+    /// that lie in a range cut by an unacknowledged transaction.
+    pub(super) fn zero(&self, ino: u64, offset: u64, buf: &mut [u8]) {
+        let Some(holes) = self.by_inode.get(&ino) else {
+            return;
+        };
+        let end = offset.saturating_add(buf.len() as u64);
+        for h in holes {
+            let (from, to) = (h.start.max(offset), h.end.min(end));
+            if from < to {
+                buf[(from - offset) as usize..(to - offset) as usize].fill(0);
+            }
+        }
+    }
+
+    /// Whether a range cut by an unacknowledged transaction overlaps `len`
+    /// bytes at `offset` of `ino`.
+    pub(super) fn touches(&self, ino: u64, offset: u64, len: usize) -> bool {
+        let end = offset.saturating_add(len as u64);
+        self.by_inode
+            .get(&ino)
+            .is_some_and(|holes| holes.iter().any(|h| h.start < end && offset < h.end))
+    }
+
+    /// Transaction `txn`, which touched `ino`, is acknowledged: the store
+    /// has the zeros it cut.
+    pub(super) fn retire(&mut self, ino: u64, txn: u64) {
+        let Some(holes) = self.by_inode.get_mut(&ino) else {
+            return;
+        };
+        let before = holes.len();
+        holes.retain(|h| h.txn != txn);
+        if holes.len() != before {
+            self.retired += 1;
+        }
+        if holes.is_empty() {
+            self.by_inode.remove(&ino);
         }
     }
 }

@@ -1,20 +1,48 @@
 //! The layer as a [`Store`]: reads are answered from the page cache and the
 //! namespace overlay before the store beneath; `commit` hands the
 //! filesystem layer's write to the write path and any other transaction to
-//! the metadata path (`write.rs`); `sync` and `flush` wait for acks
-//! (`sync.rs`).
+//! the metadata path (`write.rs`); `sync` waits for acks and `flush` (a
+//! close) sends the inode's data at once (`sync.rs`).
 
 use std::collections::BTreeSet;
+use std::sync::MutexGuard;
 
 use bytes::Bytes;
 use tracing::debug;
 
 use super::ack::lock;
 use super::cache::PAGE_SIZE;
-use super::{Shared, WritebackStore};
+use super::{Shared, State, WritebackStore};
 use crate::store::{
     Dirent, Inode, Op, ReadData, ReadPiece, Store, StoreError, StoreStats, Txn, WriteData,
 };
+
+impl Shared {
+    /// Read `len` bytes at `offset` of `ino` from the store, with the ranges
+    /// cut by unacknowledged truncates and punched holes zeroed; returns
+    /// them with the state, locked. `None` when a cut retired during the
+    /// read: the store may have applied it after the read, so the bytes may
+    /// predate it (the caller reads again, or does not keep them).
+    pub(super) fn read_store(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<(ReadData, MutexGuard<'_, State>)>, StoreError> {
+        let retired = lock(&self.state).holes.retired;
+        let data = self.store.read_data(ino, offset, len)?;
+        let st = lock(&self.state);
+        if st.holes.retired != retired {
+            return Ok(None);
+        }
+        if !st.holes.touches(ino, offset, len) {
+            return Ok(Some((data, st)));
+        }
+        let mut bytes = data.to_vec();
+        st.holes.zero(ino, offset, &mut bytes);
+        Ok(Some((ReadData::from(bytes), st)))
+    }
+}
 
 impl Store for WritebackStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
@@ -100,14 +128,18 @@ impl Store for WritebackStore {
                         }
                     };
                     let base = pages.start * PAGE_SIZE;
-                    let fetched = sh.store.read_data(
-                        ino,
-                        base,
-                        ((fetch_end - pages.start) * PAGE_SIZE) as usize,
-                    )?;
+                    let n = ((fetch_end - pages.start) * PAGE_SIZE) as usize;
+                    // A cut that retired during the read may postdate its
+                    // bytes: read again.
+                    let (fetched, mut st) = loop {
+                        if let Some(got) = sh.read_store(ino, base, n)? {
+                            break got;
+                        }
+                    };
+                    sh.keep_fetched(&mut st, ino, pages.start, &fetched);
+                    drop(st);
                     let (from, to) = (offset.max(base), end.min(pages.end * PAGE_SIZE));
                     out.extend(fetched.slice((from - base) as usize, (to - from) as usize));
-                    sh.cache_fetched(ino, pages.start, &fetched);
                 }
             }
         }
@@ -221,30 +253,22 @@ impl Store for WritebackStore {
     }
 
     fn flush(&self, ino: u64) -> Result<(), StoreError> {
-        // The transactions that refer to the inode's pages; when there are
-        // any, everything of the inode before them goes too (its order).
-        let has_data = {
-            let st = lock(&self.shared.state);
-            st.by_inode.get(&ino).is_some_and(|q| {
-                q.iter()
-                    .any(|id| st.txns.get(id).is_some_and(|t| t.pages.contains_key(&ino)))
-            }) || st.sticky.contains_key(&ino)
-                || st.no_space.contains(&ino)
-        };
-        if has_data {
-            self.shared.sync(Some(ino))
-        } else {
-            Ok(())
-        }
+        self.shared.close(ino)
     }
 
     fn describe(&self) -> String {
+        let cfg = &self.shared.cfg;
         format!(
-            "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB)",
+            "{} through the transaction layer ({:?} overwrites, cache {} MiB, dirty max {} MiB, {})",
             self.shared.store.describe(),
-            self.shared.cfg.overwrite,
-            self.shared.cfg.cache_bytes >> 20,
-            self.shared.cfg.dirty_max_bytes >> 20
+            cfg.overwrite,
+            cfg.cache_bytes >> 20,
+            cfg.dirty_max_bytes >> 20,
+            if cfg.sync_on_close {
+                "sync on close"
+            } else {
+                "durable at fsync"
+            }
         )
     }
 }
@@ -318,23 +342,5 @@ impl Shared {
             missing_pages,
             read_ahead,
         }
-    }
-}
-
-impl Shared {
-    /// Keep pages fetched from the store at page `first` as clean pages,
-    /// each a buffer of its own (one copy per page; the read itself was
-    /// answered from the fetched buffers): a later write to part of one
-    /// needs no store read, and a read of it no store round trip.
-    pub(super) fn cache_fetched(&self, ino: u64, first: u64, fetched: &ReadData) {
-        let count = fetched.len() / PAGE_SIZE as usize;
-        let pages = (0..count)
-            .map(|i| {
-                let mut buf = vec![0u8; PAGE_SIZE as usize];
-                fetched.copy_to(i * PAGE_SIZE as usize, &mut buf);
-                Bytes::from(buf)
-            })
-            .collect();
-        self.insert_loaded(ino, first, pages);
     }
 }

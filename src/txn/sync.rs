@@ -1,7 +1,11 @@
-//! Waiting for acks: fsync, fsyncdir, flush and syncfs send at once what
-//! their inode (or everyone) has queued and wait for it, up to
-//! `fsync_timeout`. A failure stays (sticky) until the inode's data is
-//! durable; data dropped for lack of space is reported once, as ENOSPC.
+//! Waiting for acks: fsync, fsyncdir and syncfs send at once what their
+//! inode (or everyone) has queued and wait for it, up to `fsync_timeout`.
+//! A failure stays (sticky) until the inode's data is durable; data dropped
+//! for lack of space is reported once, as ENOSPC.
+//!
+//! A close (FLUSH, RELEASE) sends the inode's data at once and does not
+//! wait: it reports only the errors already known. Under `sync_on_close`
+//! it waits as fsync does.
 
 use std::time::Duration;
 
@@ -9,9 +13,9 @@ use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::ack::{lock, wait, wait_timeout};
-use super::queue::{describe, TxnState};
-use super::Shared;
-use crate::store::StoreError;
+use super::queue::{describe, TxnEntry, TxnState};
+use super::{Shared, State};
+use crate::store::{Op, StoreError};
 
 impl Shared {
     /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
@@ -73,6 +77,57 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// A close of `ino` (FLUSH, RELEASE): when it has data waiting (pages,
+    /// a truncate or a punched hole), send its transactions now, lingering
+    /// or not, and return without waiting for their acks; the next fsync
+    /// waits. An error already known is reported: a sticky fsync failure
+    /// (the data is still not durable), data dropped for lack of space
+    /// (reported once, as by fsync), data waiting for space. An inode with
+    /// only metadata waiting (its creation) sends nothing, so that its
+    /// first write joins the create (a shell's `echo > f` closes the new
+    /// file before it writes). Under `sync_on_close` a close with data
+    /// waiting is an fsync.
+    pub(super) fn close(&self, ino: u64) -> Result<(), StoreError> {
+        let mut st = lock(&self.state);
+        let ids: Vec<u64> = st
+            .by_inode
+            .get(&ino)
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default();
+        let data_waiting = ids
+            .iter()
+            .any(|id| st.txns.get(id).is_some_and(|t| changes_data(t, ino)));
+        if !data_waiting && !st.sticky.contains_key(&ino) && !st.no_space.contains(&ino) {
+            return Ok(());
+        }
+        if self.cfg.sync_on_close {
+            drop(st);
+            return self.sync(Some(ino));
+        }
+        if let Some(why) = st.sticky.get(&ino).filter(|_| !ids.is_empty()) {
+            self.metrics.fsync_errors.inc();
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "earlier fsync failed and the data is still not durable: {why}"
+            ))));
+        }
+        if st.no_space.remove(&ino) || waits_for_space(&st, &ids) {
+            warn!(ino, "close failed: the volume is full");
+            return Err(StoreError::NoSpace);
+        }
+        // No linger: nothing will join these any more that would not go
+        // as well in the next transaction.
+        for id in &ids {
+            if let Some(t) = st.txns.get_mut(id) {
+                if t.state == TxnState::Queued && t.attempts == 0 {
+                    t.not_before = None;
+                }
+            }
+        }
+        drop(st);
+        self.pump.notify_one();
+        Ok(())
     }
 
     /// The writeback contract: everything unacknowledged that touches `ino`
@@ -149,4 +204,23 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether `t` changes the data of `ino`: carries its pages, or truncates,
+/// punches or writes it.
+fn changes_data(t: &TxnEntry, ino: u64) -> bool {
+    t.pages.contains_key(&ino)
+        || t.ops.iter().any(|op| match op {
+            Op::Truncate { ino: i, .. }
+            | Op::PunchHole { ino: i, .. }
+            | Op::Write { ino: i, .. } => *i == ino,
+            _ => false,
+        })
+}
+
+/// Whether one of `ids` waits for space (the store refused it and it had
+/// no page data to drop).
+fn waits_for_space(st: &State, ids: &[u64]) -> bool {
+    ids.iter()
+        .any(|id| st.txns.get(id).is_some_and(|t| t.waits_for_space))
 }

@@ -131,7 +131,7 @@ pub(super) struct FaultSink {
 }
 
 impl FaultSink {
-    fn new(store: Arc<MemStore>, servers: usize, seed: u64) -> FaultSink {
+    pub(super) fn new(store: Arc<MemStore>, servers: usize, seed: u64) -> FaultSink {
         FaultSink {
             store,
             faults: Mutex::new(Faults::default()),
@@ -233,6 +233,7 @@ pub(super) fn cfg(policy: OverwritePolicy) -> TxnConfig {
         meta_linger: Duration::from_millis(2),
         // Small, so that tests cross the cap.
         max_txn_ops: 16,
+        sync_on_close: false,
     }
 }
 
@@ -672,7 +673,7 @@ fn create_write_close_is_one_commit() {
     let (wb, _sink, store, m) = lingering_layer(13);
     create_in(&wb, 1, 30, "a");
     write(&wb, 30, 0, b"0\n", 2);
-    // FLUSH at close: sends the lingering transaction at once.
+    // fsync (like a close) sends the lingering transaction at once.
     wb.sync(Some(30)).unwrap();
     assert_eq!(
         m.txn_sent.get(),
@@ -692,7 +693,12 @@ fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
     wb.flush(31).unwrap();
     assert_eq!(m.txn_sent.get(), 0, "no data to write back: nothing sent");
     write(&wb, 31, 0, b"1\n", 2);
+    // FLUSH with data: sent at once, not waited for; fsync waits.
     wb.flush(31).unwrap();
+    eventually("the close to send the create and the write", || {
+        m.txn_sent.get() == 1
+    });
+    wb.sync(Some(31)).unwrap();
     assert_eq!(m.txn_sent.get(), 1, "create and write in one commit");
     assert_eq!(content(&*store, 31), b"1\n");
     // fsync, unlike FLUSH, makes the metadata durable too.
@@ -730,15 +736,14 @@ fn metadata_never_joins_a_transaction_already_sent() {
     let wb = Arc::new(wb);
     sink.gate.close();
     create_in(&*wb, 1, 40, "x");
-    // A truncate joins the lingering create and sends it at once, then
-    // waits for its ack, which the gate holds.
-    let truncate = {
+    // A truncate joins the lingering create; an fsync sends both at once,
+    // then waits for their ack, which the gate holds.
+    let mut t = Txn::new();
+    t.push(Op::Truncate { ino: 40, size: 0 });
+    wb.commit(t).unwrap();
+    let fsync = {
         let wb = Arc::clone(&wb);
-        std::thread::spawn(move || {
-            let mut t = Txn::new();
-            t.push(Op::Truncate { ino: 40, size: 0 });
-            wb.commit(t)
-        })
+        std::thread::spawn(move || wb.sync(Some(40)))
     };
     eventually("the create and truncate to be sent", || {
         sink.gate.held() >= 1
@@ -752,7 +757,7 @@ fn metadata_never_joins_a_transaction_already_sent() {
         "the later create is its own transaction"
     );
     sink.gate.open();
-    truncate.join().unwrap().unwrap();
+    fsync.join().unwrap().unwrap();
     wb.sync(None).unwrap();
     assert!(store.lookup(1, b"x").unwrap().is_some());
     assert!(store.lookup(1, b"y").unwrap().is_some());

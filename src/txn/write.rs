@@ -23,7 +23,7 @@ use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
 use super::queue::{op_inodes, MAX_QUEUED_TXNS};
 use super::{OverwritePolicy, Shared, State};
-use crate::store::{Inode, Op, StoreError, Txn, WriteData};
+use crate::store::{Inode, Op, ReadData, StoreError, Txn, WriteData};
 
 /// The pages a write covers.
 struct PageSpan {
@@ -246,38 +246,48 @@ impl Shared {
     }
 
     /// Read `count` pages from `first` into the cache as clean pages, where
-    /// absent. Each page is a buffer of its own (eviction frees it), read
-    /// into by the store when it is one page, else copied from the store's
-    /// answer.
+    /// absent.
     pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
-        if count == 1 {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            self.store.read(ino, first * PAGE_SIZE, &mut buf)?;
-            self.insert_loaded(ino, first, vec![Bytes::from(buf)]);
-        } else {
-            let fetched =
-                self.store
-                    .read_data(ino, first * PAGE_SIZE, (count * PAGE_SIZE) as usize)?;
-            self.cache_fetched(ino, first, &fetched);
-        }
+        let len = (count * PAGE_SIZE) as usize;
+        let Some((fetched, mut st)) = self.read_store(ino, first * PAGE_SIZE, len)? else {
+            // The bytes may predate a cut: not kept, the caller looks again.
+            return Ok(());
+        };
+        self.keep_fetched(&mut st, ino, first, &fetched);
+        drop(st);
         Ok(())
     }
 
-    /// Insert pages read from the store at `first` as clean pages.
-    pub(super) fn insert_loaded(&self, ino: u64, first: u64, pages: Vec<Bytes>) {
-        let mut st = lock(&self.state);
-        for (i, page) in pages.into_iter().enumerate() {
-            st.cache.insert_clean(ino, first + i as u64, page);
+    /// Keep pages fetched from the store at page `first` as clean pages,
+    /// where absent, with the state locked by the read that fetched them
+    /// (so no cut can come between the read and the keeping). Each page is
+    /// a buffer of its own (one copy per page; eviction frees it): a later
+    /// write to part of one needs no store read, and a read of it no store
+    /// round trip.
+    pub(super) fn keep_fetched(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        ino: u64,
+        first: u64,
+        fetched: &ReadData,
+    ) {
+        let count = fetched.len() / PAGE_SIZE as usize;
+        for i in 0..count {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            fetched.copy_to(i * PAGE_SIZE as usize, &mut buf);
+            st.cache
+                .insert_clean(ino, first + i as u64, Bytes::from(buf));
         }
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);
-        self.publish(&st);
+        self.publish(st);
     }
 
     /// A metadata transaction: apply its effects to the cache and the
     /// overlay (so reads see them at once), queue it, and return — the
-    /// write-back contract: fsync and fsyncdir wait for it. Truncate,
-    /// punch-hole and writes carried in the operations (any write in
+    /// write-back contract: fsync and fsyncdir wait for it. Truncates and
+    /// punched holes too: reads see the ranges they zeroed through the
+    /// overlay (`Holes`). Writes carried in the operations (any write in
     /// another shape than the filesystem layer's) wait for their ack: until
     /// the store has the new bytes, a read of a page the cache does not hold
     /// could return the old ones.
@@ -290,12 +300,7 @@ impl Shared {
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
     pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
-        let wait_ack = txn.ops.iter().any(|op| {
-            matches!(
-                op,
-                Op::Truncate { .. } | Op::PunchHole { .. } | Op::Write { .. }
-            )
-        });
+        let wait_ack = txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
         let id = {
             let mut st = lock(&self.state);
             // Bound the queue: metadata is small, but not free.
