@@ -4,8 +4,12 @@
 //! It owns what only the daemon can know: the guest's lookup counts, open
 //! handles, and the POSIX decisions (names, permissions, link counts,
 //! emptiness, rename rules). Every mutation is computed and committed to the
-//! store while holding `mutate`, so two guest requests never interleave their
-//! read-check-write steps; reads take no lock and see committed state.
+//! store while holding the locks of the inodes it involves (`locks.rs` says
+//! which, and in what order), so two guest requests never interleave their
+//! read-check-write steps on one inode, and requests on other inodes go on;
+//! no lock that spans the filesystem is held across store I/O, except the
+//! rename lock of cross-directory directory moves. Reads take no lock and
+//! see committed state.
 //!
 //! It must never trust a guest-supplied size or name before checking it, and
 //! never panic on guest input: a failed request is an errno reply, a counter
@@ -21,6 +25,7 @@ mod attr;
 mod data;
 pub mod error;
 mod handles;
+mod locks;
 mod namespace;
 mod xattr;
 
@@ -114,8 +119,11 @@ pub struct PohmelFs {
     store: Arc<dyn Store>,
     cfg: FsConfig,
     metrics: Arc<Metrics>,
-    /// Held while a mutation is computed and committed.
-    mutate: Mutex<()>,
+    /// The inodes a mutation holds while it is computed and committed.
+    locks: locks::InodeLocks,
+    /// Taken (before any inode) by renames that move a directory to
+    /// another parent: see `locks.rs`.
+    rename_lock: Mutex<()>,
     refs: Mutex<Refs>,
     ids: Mutex<IdRange>,
     handles: Mutex<HandleTable>,
@@ -136,7 +144,8 @@ impl PohmelFs {
             handles: Mutex::new(HandleTable::new(cfg.max_handles)),
             cfg,
             metrics,
-            mutate: Mutex::new(()),
+            locks: locks::InodeLocks::default(),
+            rename_lock: Mutex::new(()),
             refs: Mutex::new(Refs::default()),
             ids: Mutex::new(IdRange::default()),
         };
@@ -172,12 +181,14 @@ impl PohmelFs {
     /// remove the unlinked inodes only it kept alive. Called when a new FUSE
     /// session starts and when the frontend disconnects.
     pub fn reset_session(&self) {
-        let _m = lock(&self.mutate);
         let orphans: Vec<u64> = {
             let mut refs = lock(&self.refs);
             refs.lookups.clear();
             refs.orphans.drain().collect()
         };
+        // No request of the old session changes them now: they were
+        // unlinked, and it held them only by reference.
+        let _held = self.locks.lock(&orphans);
         lock(&self.handles).clear();
         if !orphans.is_empty() {
             let mut txn = Txn::new();
@@ -276,7 +287,7 @@ impl PohmelFs {
         if !last {
             return;
         }
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let still_orphan = {
             let mut refs = lock(&self.refs);
             !refs.lookups.contains_key(&ino) && refs.orphans.remove(&ino)
@@ -290,7 +301,7 @@ impl PohmelFs {
         }
     }
 
-    /// Called with `mutate` held when `inode` lost its last link: remove it
+    /// Called with the inode's lock held when `inode` lost its last link: remove it
     /// now, or keep it as an orphan while the guest still references it.
     fn unlinked(&self, inode: &Inode, txn: &mut Txn) {
         let mut refs = lock(&self.refs);

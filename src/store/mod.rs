@@ -419,6 +419,16 @@ pub trait Store: Send + Sync {
         self.commit(txn)
     }
 
+    /// Wait until a write of about `bytes` may go in without waiting for
+    /// room (dirty-byte backpressure in the write-back layer): the
+    /// filesystem layer calls it before it takes an inode's lock, so that
+    /// a write held back blocks nothing else. Advisory: `write` checks
+    /// again. A store that writes through has no such bound.
+    fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
+        let _ = bytes;
+        Ok(())
+    }
+
     /// Wait until everything committed before the call (for `ino`, or for
     /// the whole volume when `None`) is durable.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;
