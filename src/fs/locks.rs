@@ -57,10 +57,7 @@ impl InodeLocks {
         let mut held = lock(&self.held);
         for &ino in &sorted {
             while held.contains(&ino) {
-                held = self
-                    .released
-                    .wait(held)
-                    .unwrap_or_else(|e| e.into_inner());
+                held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
             }
             held.insert(ino);
         }

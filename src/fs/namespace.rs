@@ -401,7 +401,12 @@ impl PohmelFs {
                         .is_some_and(|i| i.kind == FileKind::Directory)
                 });
             let _rename = moves_dir.then(|| lock(&self.rename_lock));
-            let inos = [olddir, newdir, guess.0.unwrap_or(olddir), guess.1.unwrap_or(olddir)];
+            let inos = [
+                olddir,
+                newdir,
+                guess.0.unwrap_or(olddir),
+                guess.1.unwrap_or(olddir),
+            ];
             let _held = self.locks.lock(&inos);
             let names = (oldname, newname);
             if let Some(done) = self.rename_locked(ctx, olddir, newdir, names, flags, guess)? {

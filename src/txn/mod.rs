@@ -61,6 +61,8 @@
 mod ack;
 mod cache;
 #[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
 mod conformance_tests;
 #[cfg(test)]
 mod copy_tests;
@@ -78,7 +80,7 @@ mod tests;
 mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -87,7 +89,7 @@ use tracing::error;
 use crate::metrics::Metrics;
 use crate::store::sink::{EngineSink, RemoteSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
-use ack::lock;
+use ack::{lock, StateLock};
 use cache::PageCache;
 use overlay::{CompleteDirs, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
@@ -197,7 +199,7 @@ struct Shared {
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
     metrics: Arc<Metrics>,
-    state: Mutex<State>,
+    state: StateLock,
     /// Signalled on every ack and every change a waiter may care about.
     changed: Condvar,
     /// Wakes the pump.
@@ -276,7 +278,7 @@ impl WritebackStore {
         }
         let rt = builder.build()?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
+            state: StateLock::new(State {
                 cache: PageCache::new(cfg.cache_bytes),
                 txns: BTreeMap::new(),
                 by_inode: HashMap::new(),
@@ -318,6 +320,12 @@ impl WritebackStore {
     /// Transactions not yet acknowledged (for tests and status).
     pub fn unacked(&self) -> usize {
         lock(&self.shared.state).txns.len()
+    }
+
+    /// How many times a thread found the state lock held, and how long
+    /// such threads waited in all (for tests and benchmarks).
+    pub fn state_lock_contention(&self) -> (u64, Duration) {
+        self.shared.state.contention()
     }
 }
 
