@@ -22,6 +22,8 @@
 //! `nlink == 0`, until the guest has forgotten it.
 
 mod attr;
+#[cfg(test)]
+mod concurrency_tests;
 mod data;
 pub mod error;
 mod handles;
