@@ -190,8 +190,10 @@ impl PohmelFs {
         };
         // No request of the old session changes them now: they were
         // unlinked, and it held them only by reference.
-        let _held = self.locks.lock(&orphans);
+        // The handle table is never locked while an inode is (nor the
+        // other way round): release it first.
         lock(&self.handles).clear();
+        let _held = self.locks.lock(&orphans);
         if !orphans.is_empty() {
             let mut txn = Txn::new();
             for ino in &orphans {

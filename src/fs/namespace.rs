@@ -211,7 +211,10 @@ impl PohmelFs {
             ino: entry.inode,
             append: self.append_mode(flags),
         };
-        match lock(&self.handles).insert(file) {
+        // Not under the handle table's lock: dropping the reference may
+        // lock the inode.
+        let inserted = lock(&self.handles).insert(file);
+        match inserted {
             Ok(h) => Ok((entry, h)),
             Err(e) => {
                 // The guest will not learn of the inode: drop its reference.

@@ -4,7 +4,7 @@
 //! A volume holds inodes, directory entries, symlink targets, extended
 //! attributes and file data in fixed-size blocks ([`BLOCK_SIZE`]). The
 //! filesystem layer above decides POSIX semantics (it checks names,
-//! permissions, emptiness, link counts) while it holds its mutation lock; the
+//! permissions, emptiness, link counts) while it holds the inodes' locks; the
 //! store applies what it is told, atomically, and never second-guesses it.
 //!
 //! # Contract
