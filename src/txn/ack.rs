@@ -48,6 +48,7 @@ fn poisoned() -> ! {
 /// sharding (see [`WritebackStore::state_lock_contention`](super::WritebackStore::state_lock_contention)).
 pub(super) struct StateLock {
     m: Mutex<State>,
+    locked: AtomicU64,
     contended: AtomicU64,
     waited_ns: AtomicU64,
 }
@@ -56,14 +57,16 @@ impl StateLock {
     pub(super) fn new(st: State) -> StateLock {
         StateLock {
             m: Mutex::new(st),
+            locked: AtomicU64::new(0),
             contended: AtomicU64::new(0),
             waited_ns: AtomicU64::new(0),
         }
     }
 
-    /// Locks that had to wait, and their total wait.
-    pub(super) fn contention(&self) -> (u64, Duration) {
+    /// Locks taken, those that had to wait, and their total wait.
+    pub(super) fn contention(&self) -> (u64, u64, Duration) {
         (
+            self.locked.load(Ordering::Relaxed),
             self.contended.load(Ordering::Relaxed),
             Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed)),
         )
@@ -71,9 +74,10 @@ impl StateLock {
 }
 
 /// Lock the layer's state. A poisoned lock is fatal, never recovered. The
-/// uncontended path is one `try_lock`, as cheap as `lock`; only a locker
-/// that must wait reads the clock.
+/// uncontended path is one `try_lock`, as cheap as `lock`, and a relaxed
+/// increment; only a locker that must wait reads the clock.
 pub(super) fn lock(l: &StateLock) -> MutexGuard<'_, State> {
+    l.locked.fetch_add(1, Ordering::Relaxed);
     match l.m.try_lock() {
         Ok(st) => st,
         Err(TryLockError::WouldBlock) => {

@@ -173,9 +173,10 @@ fn eight_writers_on_eight_inodes_report_state_lock_contention() {
     wb.sync(None).unwrap();
     let after = wb.state_lock_contention();
     eprintln!(
-        "state lock: {} contended locks, {:?} waited in all, over {} writes in {:?} on {} threads",
-        after.0 - before.0,
+        "state lock: {} of {} locks contended, {:?} waited in all, over {} writes in {:?} on {} threads",
         after.1 - before.1,
+        after.0 - before.0,
+        after.2 - before.2,
         THREADS * WRITES,
         elapsed,
         THREADS

@@ -322,9 +322,9 @@ impl WritebackStore {
         lock(&self.shared.state).txns.len()
     }
 
-    /// How many times a thread found the state lock held, and how long
-    /// such threads waited in all (for tests and benchmarks).
-    pub fn state_lock_contention(&self) -> (u64, Duration) {
+    /// How many times the state lock was taken, how many of those found
+    /// it held, and how long they waited in all (for tests and benchmarks).
+    pub fn state_lock_contention(&self) -> (u64, u64, Duration) {
         self.shared.state.contention()
     }
 }
