@@ -35,6 +35,34 @@ impl PohmelFs {
         }
     }
 
+    /// Whether writes through a handle opened with `flags` append.
+    pub(super) fn append_mode(&self, flags: u32) -> bool {
+        // With the writeback cache the guest kernel positions appends itself.
+        flags & libc::O_APPEND as u32 != 0 && !self.cfg.writeback_cache
+    }
+
+    /// Change owner check used by setattr: may `ctx` give `inode` to
+    /// `uid`/`gid`?
+    pub(super) fn check_chown(
+        ctx: &Context,
+        inode: &Inode,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> FsResult<()> {
+        if ctx.uid == 0 {
+            return Ok(());
+        }
+        if uid.is_some_and(|u| u != inode.uid) {
+            return errno!(EPERM);
+        }
+        if let Some(g) = gid {
+            if !is_owner(ctx, inode) || (g != inode.gid && g != ctx.gid) {
+                return errno!(EPERM);
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn do_open(
         &self,
         ctx: &Context,

@@ -4,12 +4,9 @@
 //! It owns what only the daemon can know: the guest's lookup counts, open
 //! handles, and the POSIX decisions (names, permissions, link counts,
 //! emptiness, rename rules). Every mutation is computed and committed to the
-//! store while holding the locks of the inodes it involves (`locks.rs` says
-//! which, and in what order), so two guest requests never interleave their
-//! read-check-write steps on one inode, and requests on other inodes go on;
-//! no lock that spans the filesystem is held across store I/O, except the
-//! rename lock of cross-directory directory moves. Reads take no lock and
-//! see committed state.
+//! store holding the locks of the inodes it involves (`locks.rs`), so two
+//! requests never interleave their read-check-write steps on one inode and
+//! requests on other inodes go on. Reads take no lock.
 //!
 //! It must never trust a guest-supplied size or name before checking it, and
 //! never panic on guest input: a failed request is an errno reply, a counter
@@ -123,8 +120,7 @@ pub struct PohmelFs {
     metrics: Arc<Metrics>,
     /// The inodes a mutation holds while it is computed and committed.
     locks: locks::InodeLocks,
-    /// Taken (before any inode) by renames that move a directory to
-    /// another parent: see `locks.rs`.
+    /// Taken first by renames that move a directory: see `locks.rs`.
     rename_lock: Mutex<()>,
     refs: Mutex<Refs>,
     ids: Mutex<IdRange>,
@@ -188,10 +184,7 @@ impl PohmelFs {
             refs.lookups.clear();
             refs.orphans.drain().collect()
         };
-        // No request of the old session changes them now: they were
-        // unlinked, and it held them only by reference.
-        // The handle table is never locked while an inode is (nor the
-        // other way round): release it first.
+        // Never lock the handle table and an inode together.
         lock(&self.handles).clear();
         let _held = self.locks.lock(&orphans);
         if !orphans.is_empty() {
