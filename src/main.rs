@@ -308,6 +308,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             tag: args.tag,
             request_queues: args.request_queues.into(),
             queue_size: args.queue_size.into(),
+            // Local volumes: their reads never wait on a network.
+            inline_reads: args.volume.store.starts_with("file://")
+                || args.volume.store.starts_with("mem:"),
         },
         threads: args.thread_pool_size.into(),
         queue_depth: usize::from(args.queue_size) * 2,

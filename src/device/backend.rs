@@ -49,6 +49,12 @@ pub struct DeviceConfig {
     pub request_queues: usize,
     /// Descriptors per queue at most.
     pub queue_size: usize,
+    /// Serve GETATTR and LOOKUP on the queue thread, as virtiofsd serves
+    /// everything, instead of handing them to the pool: a hand-off costs
+    /// more than such a request (`device::inline_bench`). Only for volumes
+    /// whose reads never wait on a network: a stalled read would stall
+    /// its queue.
+    pub inline_reads: bool,
 }
 
 /// The backend of one frontend connection.
@@ -124,8 +130,10 @@ impl FsBackend {
                 self.metrics.chains.inc();
                 let requests = Arc::clone(&self.requests);
                 let vring = vring.clone();
-                self.pool
-                    .submit(move || complete(&requests, &vring, chain, queue, event_idx));
+                let inline = self.cfg.inline_reads && self.requests.is_cheap(&chain);
+                self.route(inline, move || {
+                    complete(&requests, &vring, chain, queue, event_idx)
+                });
             }
             if !event_idx {
                 break;
@@ -145,6 +153,18 @@ impl FsBackend {
                     break;
                 }
             }
+        }
+    }
+}
+
+impl FsBackend {
+    /// Run a chain's service here (`inline`) or on the pool.
+    fn route(&self, inline: bool, serve: impl FnOnce() + Send + 'static) {
+        if inline {
+            self.metrics.requests_inline.inc();
+            serve();
+        } else {
+            self.pool.submit(serve);
         }
     }
 }
@@ -274,11 +294,54 @@ mod tests {
                 tag: tag.map(str::to_string),
                 request_queues: 2,
                 queue_size: 1024,
+                inline_reads: true,
             },
             Arc::new(requests),
             Arc::new(WorkerPool::new(1, 4).unwrap()),
             metrics,
         )
+    }
+
+    /// A GETATTR is answered while the pool's only worker is blocked; a
+    /// WRITE-sized request of another kind waits for the worker.
+    #[test]
+    fn cheap_requests_are_served_on_the_queue_thread() {
+        use crate::device::testkit::{
+            guest_memory, header, post, reply, write_request, REPLY, REQUEST,
+        };
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        let b = backend(None);
+        let (release, blocked) = channel::<()>();
+        b.pool.submit(move || {
+            let _ = blocked.recv();
+        });
+        let mem = guest_memory();
+        let getattr = |unique| {
+            let len = write_request(&mem, header(56, 3, unique), &[0u8; 16]);
+            post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)])
+        };
+        let (done, answered) = channel();
+        let chain = getattr(7);
+        let cheap = b.requests.is_cheap(&chain);
+        let (requests, d) = (Arc::clone(&b.requests), done.clone());
+        b.route(cheap && b.cfg.inline_reads, move || {
+            d.send(requests.serve(&chain, 1)).unwrap()
+        });
+        let used = answered.recv_timeout(Duration::from_secs(30));
+        assert!(used.is_ok_and(|n| n > 16), "GETATTR waited for the pool");
+        assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 7));
+        assert_eq!(b.metrics.requests_inline.get(), 1);
+        // STATFS (17) is not cheap: it goes to the pool, behind the block.
+        let len = write_request(&mem, header(40, 17, 8), &[]);
+        let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
+        assert!(!b.requests.is_cheap(&chain));
+        let requests = Arc::clone(&b.requests);
+        b.route(false, move || done.send(requests.serve(&chain, 1)).unwrap());
+        release.send(()).unwrap();
+        let used = answered.recv_timeout(Duration::from_secs(30));
+        assert!(used.is_ok_and(|n| n > 16));
+        assert_eq!(b.metrics.requests_inline.get(), 1);
     }
 
     #[test]

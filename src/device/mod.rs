@@ -11,6 +11,8 @@ pub(crate) mod alloc_probe;
 mod backend;
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod inline_bench;
 mod pool;
 mod request;
 #[cfg(test)]

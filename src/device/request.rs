@@ -30,6 +30,9 @@ use crate::ratelimit::{limited, Capped};
 /// `struct fuse_syncfs_in { u64 padding; }`, its reply a bare header.
 pub const FUSE_SYNCFS: u32 = 50;
 
+const FUSE_LOOKUP: u32 = 1;
+const FUSE_GETATTR: u32 = 3;
+
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
 
@@ -55,6 +58,13 @@ impl Requests {
     /// The daemon's counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether `chain` holds a request that is answered from memory or a
+    /// local read and never waits for the write-back layer: GETATTR or
+    /// LOOKUP (read from its header; `serve` checks it whole).
+    pub fn is_cheap(&self, chain: &Chain) -> bool {
+        first_header(chain).is_some_and(|h| matches!(h.opcode, FUSE_LOOKUP | FUSE_GETATTR))
     }
 
     /// Check, decode and answer the FUSE request in `chain`; the number of

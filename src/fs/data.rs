@@ -19,6 +19,9 @@ pub const MAX_IO_BYTES: usize = 1 << 20;
 /// The largest file offset (Linux's MAX_LFS_FILESIZE).
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
+/// A page of the write-back layer, which counts dirty bytes in pages.
+const PAGE: u64 = 4096;
+
 const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
@@ -30,6 +33,34 @@ impl PohmelFs {
             CachePolicy::Auto => OpenOptions::empty(),
             CachePolicy::Always => OpenOptions::KEEP_CACHE,
         }
+    }
+
+    /// Whether writes through a handle opened with `flags` append.
+    pub(super) fn append_mode(&self, flags: u32) -> bool {
+        // With the writeback cache the guest kernel positions appends itself.
+        flags & libc::O_APPEND as u32 != 0 && !self.cfg.writeback_cache
+    }
+
+    /// Change owner check used by setattr: may `ctx` give `inode` to
+    /// `uid`/`gid`?
+    pub(super) fn check_chown(
+        ctx: &Context,
+        inode: &Inode,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> FsResult<()> {
+        if ctx.uid == 0 {
+            return Ok(());
+        }
+        if uid.is_some_and(|u| u != inode.uid) {
+            return errno!(EPERM);
+        }
+        if let Some(g) = gid {
+            if !is_owner(ctx, inode) || (g != inode.gid && g != ctx.gid) {
+                return errno!(EPERM);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn do_open(
@@ -65,7 +96,7 @@ impl PohmelFs {
     /// Set the size of a regular file (O_TRUNC); `kill`: the kernel asks
     /// for setuid/setgid to be cleared (FUSE_HANDLE_KILLPRIV_V2).
     fn truncate(&self, ino: u64, size: u64, kill: bool) -> FsResult<()> {
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         let now = Timestamp::now();
         inode.size = size;
@@ -147,7 +178,14 @@ impl PohmelFs {
         let data = WriteData::read_aligned(r, len, aligned_at)
             .map_err(|_| FsError::Errno(libc::EINVAL))?;
 
-        let _m = lock(&self.mutate);
+        // Wait for room in the write-back layer before taking the inode's
+        // lock: a write held back by dirty-byte backpressure then blocks
+        // nothing but itself.
+        if len > 0 {
+            let pages = (aligned_at.saturating_add(len as u64 - 1)) / PAGE - aligned_at / PAGE + 1;
+            self.store.wait_for_room(pages * PAGE)?;
+        }
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         if inode.kind != FileKind::Regular {
             return errno!(EINVAL);
@@ -181,7 +219,7 @@ impl PohmelFs {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> FsResult<Inode> {
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         let now = Timestamp::now();
         let mut txn = Txn::new();
@@ -291,7 +329,7 @@ impl PohmelFs {
             .checked_add(length)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::Errno(libc::EFBIG))?;
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         match inode.kind {
             FileKind::Regular => {}
@@ -392,7 +430,7 @@ const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
 impl PohmelFs {
     /// Drop `security.capability` if the file has one; the caller holds
-    /// the mutation lock. Cheap when absent: the transaction layer
+    /// the inode's lock. Cheap when absent: the transaction layer
     /// remembers absences.
     fn drop_capability(&self, ino: u64) -> FsResult<()> {
         if self.store.get_xattr(ino, CAPABILITY_XATTR)?.is_some() {

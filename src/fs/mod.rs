@@ -4,8 +4,9 @@
 //! It owns what only the daemon can know: the guest's lookup counts, open
 //! handles, and the POSIX decisions (names, permissions, link counts,
 //! emptiness, rename rules). Every mutation is computed and committed to the
-//! store while holding `mutate`, so two guest requests never interleave their
-//! read-check-write steps; reads take no lock and see committed state.
+//! store holding the locks of the inodes it involves (`locks.rs`), so two
+//! requests never interleave their read-check-write steps on one inode and
+//! requests on other inodes go on. Reads take no lock.
 //!
 //! It must never trust a guest-supplied size or name before checking it, and
 //! never panic on guest input: a failed request is an errno reply, a counter
@@ -18,9 +19,12 @@
 //! `nlink == 0`, until the guest has forgotten it.
 
 mod attr;
+#[cfg(test)]
+mod concurrency_tests;
 mod data;
 pub mod error;
 mod handles;
+mod locks;
 mod namespace;
 mod xattr;
 
@@ -114,8 +118,10 @@ pub struct PohmelFs {
     store: Arc<dyn Store>,
     cfg: FsConfig,
     metrics: Arc<Metrics>,
-    /// Held while a mutation is computed and committed.
-    mutate: Mutex<()>,
+    /// The inodes a mutation holds while it is computed and committed.
+    locks: locks::InodeLocks,
+    /// Taken first by renames that move a directory: see `locks.rs`.
+    rename_lock: Mutex<()>,
     refs: Mutex<Refs>,
     ids: Mutex<IdRange>,
     handles: Mutex<HandleTable>,
@@ -136,7 +142,8 @@ impl PohmelFs {
             handles: Mutex::new(HandleTable::new(cfg.max_handles)),
             cfg,
             metrics,
-            mutate: Mutex::new(()),
+            locks: locks::InodeLocks::default(),
+            rename_lock: Mutex::new(()),
             refs: Mutex::new(Refs::default()),
             ids: Mutex::new(IdRange::default()),
         };
@@ -172,13 +179,14 @@ impl PohmelFs {
     /// remove the unlinked inodes only it kept alive. Called when a new FUSE
     /// session starts and when the frontend disconnects.
     pub fn reset_session(&self) {
-        let _m = lock(&self.mutate);
         let orphans: Vec<u64> = {
             let mut refs = lock(&self.refs);
             refs.lookups.clear();
             refs.orphans.drain().collect()
         };
+        // Never lock the handle table and an inode together.
         lock(&self.handles).clear();
+        let _held = self.locks.lock(&orphans);
         if !orphans.is_empty() {
             let mut txn = Txn::new();
             for ino in &orphans {
@@ -276,7 +284,7 @@ impl PohmelFs {
         if !last {
             return;
         }
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let still_orphan = {
             let mut refs = lock(&self.refs);
             !refs.lookups.contains_key(&ino) && refs.orphans.remove(&ino)
@@ -290,7 +298,7 @@ impl PohmelFs {
         }
     }
 
-    /// Called with `mutate` held when `inode` lost its last link: remove it
+    /// Called with the inode's lock held when `inode` lost its last link: remove it
     /// now, or keep it as an orphan while the guest still references it.
     fn unlinked(&self, inode: &Inode, txn: &mut Txn) {
         let mut refs = lock(&self.refs);

@@ -7,8 +7,7 @@ use std::io;
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry};
 
 use super::attr::{
-    check_access, check_name, check_sticky, is_dot_or_dotdot, is_owner, MAY_EXEC, MAY_READ,
-    MAY_WRITE,
+    check_access, check_name, check_sticky, is_dot_or_dotdot, MAY_EXEC, MAY_READ, MAY_WRITE,
 };
 use super::error::{errno, FsError, FsResult};
 use super::handles::OpenFile;
@@ -78,7 +77,9 @@ impl PohmelFs {
         symlink_target: Option<&[u8]>,
     ) -> FsResult<Entry> {
         let name = check_name(name)?;
-        let _m = lock(&self.mutate);
+        // The new inode is invisible until committed: the parent's lock
+        // covers the name and the parent's link count.
+        let _held = self.locks.lock(&[parent]);
         let mut dir = self.dir(parent)?;
         check_access(ctx, &dir, MAY_WRITE | MAY_EXEC)?;
         if is_dot_or_dotdot(name) || self.store.lookup(parent, name)?.is_some() {
@@ -209,7 +210,10 @@ impl PohmelFs {
             ino: entry.inode,
             append: self.append_mode(flags),
         };
-        match lock(&self.handles).insert(file) {
+        // Not under the handle table's lock: dropping the reference may
+        // lock the inode.
+        let inserted = lock(&self.handles).insert(file);
+        match inserted {
             Ok(h) => Ok((entry, h)),
             Err(e) => {
                 // The guest will not learn of the inode: drop its reference.
@@ -234,13 +238,38 @@ impl PohmelFs {
             (b"." | b"..", false) => return errno!(EISDIR),
             _ => {}
         }
-        let _m = lock(&self.mutate);
+        loop {
+            let guess = self.guess(parent, name);
+            let _held = self.locks.lock(&[parent, guess.unwrap_or(parent)]);
+            if let Some(done) = self.remove_locked(ctx, parent, name, dir, guess)? {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// The inode `name` names in `dir` now, as a guess of what to lock
+    /// (checked again under the lock; errors are reported then).
+    fn guess(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        self.store.lookup(dir, name).ok().flatten().map(|d| d.ino)
+    }
+
+    /// unlink or rmdir with `parent` and `guess` locked; `None` when the
+    /// name no longer names `guess` (the caller locks again).
+    fn remove_locked(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &[u8],
+        dir: bool,
+        guess: Option<u64>,
+    ) -> FsResult<Option<()>> {
         let mut pdir = self.dir(parent)?;
         check_access(ctx, &pdir, MAY_WRITE | MAY_EXEC)?;
-        let dirent = self
-            .store
-            .lookup(parent, name)?
-            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let found = self.store.lookup(parent, name)?;
+        if found.as_ref().map(|d| d.ino) != guess {
+            return Ok(None);
+        }
+        let dirent = found.ok_or(FsError::Errno(libc::ENOENT))?;
         let mut child = self.inode(dirent.ino)?;
         check_sticky(ctx, &pdir, &child)?;
         let now = Timestamp::now();
@@ -273,7 +302,7 @@ impl PohmelFs {
         } else {
             txn.push(Op::PutInode(child));
         }
-        self.commit(txn)
+        self.commit(txn).map(Some)
     }
 
     pub(super) fn do_link(
@@ -284,7 +313,7 @@ impl PohmelFs {
         newname: &CStr,
     ) -> FsResult<Entry> {
         let newname = check_name(newname)?;
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino, newparent]);
         let mut inode = self.inode(ino)?;
         if inode.kind == FileKind::Directory {
             return errno!(EPERM);
@@ -362,7 +391,46 @@ impl PohmelFs {
         if is_dot_or_dotdot(oldname) || is_dot_or_dotdot(newname) {
             return errno!(EBUSY);
         }
-        let _m = lock(&self.mutate);
+        loop {
+            let guess = (self.guess(olddir, oldname), self.guess(newdir, newname));
+            // A directory changing parent: see `locks.rs`.
+            let moves_dir = olddir != newdir
+                && [guess.0, guess.1].into_iter().flatten().any(|ino| {
+                    self.store
+                        .get_inode(ino)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.kind == FileKind::Directory)
+                });
+            let _rename = moves_dir.then(|| lock(&self.rename_lock));
+            let inos = [
+                olddir,
+                newdir,
+                guess.0.unwrap_or(olddir),
+                guess.1.unwrap_or(olddir),
+            ];
+            let _held = self.locks.lock(&inos);
+            let names = (oldname, newname);
+            if let Some(done) = self.rename_locked(ctx, olddir, newdir, names, flags, guess)? {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// rename with the directories, source and target locked (and the
+    /// rename lock when a directory changes parent); `None` when a name no
+    /// longer names the inode `guess` says (the caller locks again).
+    fn rename_locked(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        newdir: u64,
+        (oldname, newname): (&[u8], &[u8]),
+        flags: u32,
+        guess: (Option<u64>, Option<u64>),
+    ) -> FsResult<Option<()>> {
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let odir = self.dir(olddir)?;
         check_access(ctx, &odir, MAY_WRITE | MAY_EXEC)?;
         let other_dir = if newdir == olddir {
@@ -372,18 +440,19 @@ impl PohmelFs {
             check_access(ctx, &d, MAY_WRITE | MAY_EXEC)?;
             Some(d)
         };
-        let src = self
-            .store
-            .lookup(olddir, oldname)?
-            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let src = self.store.lookup(olddir, oldname)?;
+        let dst = self.store.lookup(newdir, newname)?;
+        if (src.as_ref().map(|d| d.ino), dst.as_ref().map(|d| d.ino)) != guess {
+            return Ok(None);
+        }
+        let src = src.ok_or(FsError::Errno(libc::ENOENT))?;
         let sinode = self.inode(src.ino)?;
         check_sticky(ctx, &odir, &sinode)?;
-        let dst = self.store.lookup(newdir, newname)?;
         if olddir == newdir && oldname == newname {
             return if exchange && dst.is_none() {
                 errno!(ENOENT)
             } else {
-                Ok(())
+                Ok(Some(()))
             };
         }
         let mut r = Renaming {
@@ -405,7 +474,7 @@ impl PohmelFs {
                 }
                 if dst.ino == r.sinode.ino {
                     // Two names of one inode: POSIX says do nothing.
-                    return Ok(());
+                    return Ok(Some(()));
                 }
                 self.plan_replace(ctx, &mut r, dst.ino)?;
             }
@@ -415,7 +484,7 @@ impl PohmelFs {
                 name: oldname.to_vec(),
             });
         }
-        self.commit_rename(r, newname)
+        self.commit_rename(r, newname).map(Some)
     }
 
     /// RENAME_EXCHANGE: the target takes the source's old name; a
@@ -611,34 +680,6 @@ impl PohmelFs {
                 }
             }
         }
-    }
-
-    /// Whether writes through a handle opened with `flags` append.
-    pub(super) fn append_mode(&self, flags: u32) -> bool {
-        // With the writeback cache the guest kernel positions appends itself.
-        flags & libc::O_APPEND as u32 != 0 && !self.cfg.writeback_cache
-    }
-
-    /// Change owner check used by setattr: may `ctx` give `inode` to
-    /// `uid`/`gid`?
-    pub(super) fn check_chown(
-        ctx: &Context,
-        inode: &Inode,
-        uid: Option<u32>,
-        gid: Option<u32>,
-    ) -> FsResult<()> {
-        if ctx.uid == 0 {
-            return Ok(());
-        }
-        if uid.is_some_and(|u| u != inode.uid) {
-            return errno!(EPERM);
-        }
-        if let Some(g) = gid {
-            if !is_owner(ctx, inode) || (g != inode.gid && g != ctx.gid) {
-                return errno!(EPERM);
-            }
-        }
-        Ok(())
     }
 }
 

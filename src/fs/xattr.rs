@@ -8,7 +8,7 @@ use fuse_backend_rs::api::filesystem::{Context, GetxattrReply, ListxattrReply};
 
 use super::attr::{check_access, is_owner, MAY_READ, MAY_WRITE};
 use super::error::{errno, FsError, FsResult};
-use super::{lock, PohmelFs};
+use super::PohmelFs;
 use crate::store::{FileKind, Inode, Op, Timestamp, Txn, XATTR_NAME_MAX, XATTR_VALUE_MAX};
 
 /// The most bytes the NUL-separated name list of one inode may take
@@ -81,7 +81,7 @@ impl PohmelFs {
         if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 {
             return errno!(EINVAL);
         }
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         check_xattr_access(ctx, &inode, ns, true)?;
         let exists = self.store.get_xattr(ino, name)?.is_some();
@@ -144,7 +144,7 @@ impl PohmelFs {
     pub(super) fn do_removexattr(&self, ctx: &Context, ino: u64, name: &CStr) -> FsResult<()> {
         let name = name.to_bytes();
         let ns = namespace(name)?;
-        let _m = lock(&self.mutate);
+        let _held = self.locks.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         check_xattr_access(ctx, &inode, ns, true)?;
         if self.store.get_xattr(ino, name)?.is_none() {

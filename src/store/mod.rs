@@ -4,7 +4,7 @@
 //! A volume holds inodes, directory entries, symlink targets, extended
 //! attributes and file data in fixed-size blocks ([`BLOCK_SIZE`]). The
 //! filesystem layer above decides POSIX semantics (it checks names,
-//! permissions, emptiness, link counts) while it holds its mutation lock; the
+//! permissions, emptiness, link counts) while it holds the inodes' locks; the
 //! store applies what it is told, atomically, and never second-guesses it.
 //!
 //! # Contract
@@ -417,6 +417,16 @@ pub trait Store: Send + Sync {
         txn.push(Op::Write { ino, offset, data });
         txn.push(Op::PutInode(inode));
         self.commit(txn)
+    }
+
+    /// Wait until a write of about `bytes` may go in without waiting for
+    /// room (dirty-byte backpressure in the write-back layer): the
+    /// filesystem layer calls it before it takes an inode's lock, so that
+    /// a write held back blocks nothing else. Advisory: `write` checks
+    /// again. A store that writes through has no such bound.
+    fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
+        let _ = bytes;
+        Ok(())
     }
 
     /// Wait until everything committed before the call (for `ino`, or for

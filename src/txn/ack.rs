@@ -11,7 +11,8 @@
 //! tell stored data from unstored.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -42,9 +43,53 @@ fn poisoned() -> ! {
     ))
 }
 
-/// Lock the layer's state. A poisoned lock is fatal, never recovered.
-pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|_| poisoned())
+/// The layer's state behind its lock, counting the lockers that found it
+/// held and how long they waited: the measure of whether the lock is worth
+/// sharding (see [`WritebackStore::state_lock_contention`](super::WritebackStore::state_lock_contention)).
+pub(super) struct StateLock {
+    m: Mutex<State>,
+    locked: AtomicU64,
+    contended: AtomicU64,
+    waited_ns: AtomicU64,
+}
+
+impl StateLock {
+    pub(super) fn new(st: State) -> StateLock {
+        StateLock {
+            m: Mutex::new(st),
+            locked: AtomicU64::new(0),
+            contended: AtomicU64::new(0),
+            waited_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks taken, those that had to wait, and their total wait.
+    pub(super) fn contention(&self) -> (u64, u64, Duration) {
+        (
+            self.locked.load(Ordering::Relaxed),
+            self.contended.load(Ordering::Relaxed),
+            Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// Lock the layer's state. A poisoned lock is fatal, never recovered. The
+/// uncontended path is one `try_lock`, as cheap as `lock`, and a relaxed
+/// increment; only a locker that must wait reads the clock.
+pub(super) fn lock(l: &StateLock) -> MutexGuard<'_, State> {
+    l.locked.fetch_add(1, Ordering::Relaxed);
+    match l.m.try_lock() {
+        Ok(st) => st,
+        Err(TryLockError::WouldBlock) => {
+            let start = std::time::Instant::now();
+            let st = l.m.lock().unwrap_or_else(|_| poisoned());
+            let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            l.contended.fetch_add(1, Ordering::Relaxed);
+            l.waited_ns.fetch_add(waited, Ordering::Relaxed);
+            st
+        }
+        Err(TryLockError::Poisoned(_)) => poisoned(),
+    }
 }
 
 /// Wait on `cv` with the state locked (see [`lock`]).

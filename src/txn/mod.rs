@@ -69,6 +69,8 @@ mod cache;
 #[cfg(test)]
 mod close_tests;
 #[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
 mod conformance_tests;
 #[cfg(test)]
 mod copy_tests;
@@ -86,7 +88,7 @@ mod tests;
 mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -95,7 +97,7 @@ use tracing::error;
 use crate::metrics::Metrics;
 use crate::store::sink::{EngineSink, RemoteSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
-use ack::lock;
+use ack::{lock, StateLock};
 use cache::PageCache;
 use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
@@ -215,7 +217,7 @@ struct Shared {
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
     metrics: Arc<Metrics>,
-    state: Mutex<State>,
+    state: StateLock,
     /// Signalled on every ack and every change a waiter may care about.
     changed: Condvar,
     /// Wakes the pump.
@@ -294,7 +296,7 @@ impl WritebackStore {
         }
         let rt = builder.build()?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
+            state: StateLock::new(State {
                 cache: PageCache::new(cfg.cache_bytes),
                 txns: BTreeMap::new(),
                 by_inode: HashMap::new(),
@@ -337,6 +339,12 @@ impl WritebackStore {
     /// Transactions not yet acknowledged (for tests and status).
     pub fn unacked(&self) -> usize {
         lock(&self.shared.state).txns.len()
+    }
+
+    /// How many times the state lock was taken, how many of those found
+    /// it held, and how long they waited in all (for tests and benchmarks).
+    pub fn state_lock_contention(&self) -> (u64, u64, Duration) {
+        self.shared.state.contention()
     }
 }
 

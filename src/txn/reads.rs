@@ -248,6 +248,11 @@ impl Store for WritebackStore {
         self.shared.commit_metadata(txn)
     }
 
+    fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
+        self.shared.wait_for_room(bytes);
+        Ok(())
+    }
+
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
         self.shared.sync(ino)
     }

@@ -77,6 +77,22 @@ impl Shared {
         );
     }
 
+    /// Wait until `bytes` more dirty bytes fit under `dirty_max_bytes` (or
+    /// the layer shuts down or is full: the write then says why). Called
+    /// before the filesystem layer locks the inode; `wait_to_write` checks
+    /// again under the state lock.
+    pub(super) fn wait_for_room(&self, bytes: u64) {
+        let mut st = lock(&self.state);
+        while !st.shutdown
+            && !st.full
+            && st.dirty_bytes > 0
+            && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes
+        {
+            self.metrics.backpressure_waits.inc();
+            st = wait(&self.changed, st);
+        }
+    }
+
     /// The pages a write of `len > 0` bytes at `offset` covers.
     fn span(&self, ino: u64, offset: u64, len: u64) -> Result<PageSpan, StoreError> {
         let size_before = self.current_inode(ino)?.map_or(0, |i| i.size);
