@@ -16,17 +16,18 @@
 //!   directories, attributes, permissions, extended attributes. Every
 //!   mutation becomes one transaction of blind ops on the [`store::Store`]
 //!   seam.
-//! * [`txn`] — the transaction layer between the filesystem and a store:
+//! * [`writeback`] — the transaction layer between the filesystem and a store:
 //!   pages tagged with the transactions that carry them, write-back,
 //!   ordering, resends and failover, fsync waiting for durable acks
 //!   (`docs/design.md`). It is itself a [`store::Store`].
-//! * [`store`] — the store seam (traits with their contract) and its
-//!   implementations: `mem:` (daemon memory, for tests and trials), the
-//!   embedded SlateDB engine (`file://`, `s3://`), the client of store
-//!   servers (`pohmel://`) and the store server itself (`pohmelfs store`).
-//! * [`proto`] — the wire protocol between the store client and server:
-//!   frames, messages, their validation, the authenticated handshake
-//!   (`docs/protocol.md`).
+//! * [`store`] — the store seam (traits with their contract) and the local
+//!   stores: `mem:` (daemon memory, for tests and trials) and the embedded
+//!   SlateDB engine with its segment files (`file://`, `s3://`).
+//! * [`net`] — volumes on store servers: the wire protocol (frames,
+//!   messages, their validation, the authenticated handshake,
+//!   `docs/protocol.md`), the `pohmel://` client and the store server
+//!   itself (`pohmelfs store`). It depends on the store seam, never the
+//!   other way round: `device → fs → writeback → store ← net`.
 //!
 //! Beside the data path:
 //!
@@ -47,10 +48,10 @@ pub mod control;
 pub mod device;
 pub mod fs;
 pub mod metrics;
-pub mod proto;
+pub mod net;
 pub mod ratelimit;
 pub mod store;
-pub mod txn;
+pub mod writeback;
 
 use std::fmt;
 

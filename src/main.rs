@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
-use pohmelfs::txn::{OverwritePolicy, TxnConfig};
+use pohmelfs::writeback::{OverwritePolicy, TxnConfig};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -195,7 +195,7 @@ impl VolumeArgs {
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
         let store: Arc<dyn pohmelfs::store::Store> =
-            pohmelfs::txn::open(&self.store, self.txn_config(), Arc::clone(metrics))
+            pohmelfs::writeback::open(&self.store, self.txn_config(), Arc::clone(metrics))
                 .context("open store")?;
         let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
             .context("open volume")?;
@@ -371,10 +371,10 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
 }
 
 fn store(args: StoreArgs) -> Result<()> {
-    use pohmelfs::store::server::{Server, ServerConfig};
+    use pohmelfs::net::server::{Server, ServerConfig};
     init_logging(&args.log_level)?;
     let secret = match &args.secret_file {
-        Some(path) => pohmelfs::store::remote::read_secret(path)
+        Some(path) => pohmelfs::net::client::read_secret(path)
             .with_context(|| format!("read secret file {path}"))?,
         None => Vec::new(),
     };
@@ -421,7 +421,7 @@ fn store(args: StoreArgs) -> Result<()> {
 
 fn bench_store(args: BenchStoreArgs) -> Result<()> {
     init_logging("warn")?;
-    let store = pohmelfs::store::open(&args.store).context("open store")?;
+    let store = pohmelfs::net::open(&args.store).context("open store")?;
     let label = if args.label.is_empty() {
         args.store.clone()
     } else {

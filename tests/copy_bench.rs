@@ -22,7 +22,7 @@ use pohmelfs::metrics::Metrics;
 use pohmelfs::store::mem::MemStore;
 use pohmelfs::store::sink::EngineSink;
 use pohmelfs::store::{Store, ROOT_INO};
-use pohmelfs::txn::{TxnConfig, WritebackStore};
+use pohmelfs::writeback::{TxnConfig, WritebackStore};
 
 const IO: usize = 1 << 20;
 const FILE: u64 = 64 << 20;

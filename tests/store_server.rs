@@ -10,10 +10,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use pohmelfs::proto::auth::{self, Side, Transcript};
-use pohmelfs::proto::msg::{ErrorCode, Request, Response};
-use pohmelfs::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
-use pohmelfs::store::{self, Inode, Op, Store, Txn};
+use pohmelfs::net::proto::auth::{self, Side, Transcript};
+use pohmelfs::net::proto::msg::{ErrorCode, Request, Response};
+use pohmelfs::net::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
+use pohmelfs::store::{Inode, Op, Store, Txn};
 use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{ScratchDir, StoreServer};
 
@@ -35,7 +35,7 @@ fn remote(dir: &ScratchDir, servers: &[&str], volume: &str) -> std::sync::Arc<dy
         servers.join(","),
         secret_file(dir.path()).display()
     );
-    store::open(&url).expect("open remote volume")
+    pohmelfs::net::open(&url).expect("open remote volume")
 }
 
 fn write_txn(ino: u64, data: &[u8]) -> Txn {
@@ -258,7 +258,7 @@ fn clients_without_the_secret_are_refused() {
     assert_eq!(err.0, ErrorCode::AuthFailed);
     let url = format!("pohmel://{}/vol?give_up_ms=0", server.addr());
     assert!(
-        store::open(&url).is_err(),
+        pohmelfs::net::open(&url).is_err(),
         "a client without the secret must not connect"
     );
 }

@@ -1,4 +1,4 @@
-//! The transaction layer ([`pohmelfs::txn::WritebackStore`]) against real
+//! The transaction layer ([`pohmelfs::writeback::WritebackStore`]) against real
 //! `pohmelfs store` processes on 127.0.0.1, driven as the filesystem layer
 //! drives it (one `[Write, PutInode]` transaction per guest write, fsync per
 //! inode) while a server dies under it:
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use pohmelfs::check::torture::rng::Rng;
 use pohmelfs::metrics::Metrics;
 use pohmelfs::store::{self, Inode, Op, Store, Txn};
-use pohmelfs::txn::{TxnConfig, WritebackStore};
+use pohmelfs::writeback::{TxnConfig, WritebackStore};
 use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{skip_requested, wait_until, Moto, ScratchDir, StoreServer};
 
@@ -456,7 +456,7 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     let data = format!("file://{}/volumes", dir.path().display());
     let mut server = start_server(&dir, "store", &data);
     let metrics = Arc::new(Metrics::default());
-    let wb = pohmelfs::txn::open(
+    let wb = pohmelfs::writeback::open(
         &pohmel_url(&dir, &[server.addr()]),
         layer_config(Duration::from_millis(300)),
         Arc::clone(&metrics),
@@ -488,7 +488,8 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     // Opening it directly takes it over; the restarted server takes it back.
     let histories = progress.snapshot();
     let prefixes = {
-        let engine = store::open(&format!("{data}/vol")).expect("open the volume after the crash");
+        let engine =
+            pohmelfs::net::open(&format!("{data}/vol")).expect("open the volume after the crash");
         check_crash_state(&*engine, &histories)
     };
     let writes_in_outage = progress.writes.load(Ordering::SeqCst) - writes_at_kill;
@@ -536,7 +537,8 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     let final_histories = progress.snapshot();
     drop(wb);
     server.restart().expect("restart the store");
-    let fresh = store::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
+    let fresh =
+        pohmelfs::net::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
     check_final(&*fresh, &final_histories);
     drop((fresh, server));
 }
@@ -551,7 +553,7 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
     let server = start_server(&dir, "store", &data);
     let metrics = Arc::new(Metrics::default());
     let url = pohmel_url(&dir, &[server.addr()]);
-    let wb = pohmelfs::txn::open(
+    let wb = pohmelfs::writeback::open(
         &url,
         layer_config(Duration::from_secs(60)),
         Arc::clone(&metrics),
@@ -584,7 +586,7 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
         "fsync of 2 MiB written to a 512 KiB volume: {fsync:?}"
     );
     assert!(metrics.txn_no_space.get() >= 1);
-    let fresh = store::open(&url).expect("open a fresh client");
+    let fresh = pohmelfs::net::open(&url).expect("open a fresh client");
     assert_eq!(
         content(&*wb, ino),
         content(&*fresh, ino),
@@ -617,7 +619,7 @@ fn two_servers_on_one_s3_bucket_fail_over() {
     let mut a = start_server(&dir, "a", &data);
     let b = start_server(&dir, "b", &data);
     let metrics = Arc::new(Metrics::default());
-    let wb = pohmelfs::txn::open(
+    let wb = pohmelfs::writeback::open(
         &pohmel_url(&dir, &[a.addr(), b.addr()]),
         layer_config(Duration::from_millis(500)),
         Arc::clone(&metrics),
@@ -706,7 +708,7 @@ fn two_servers_on_one_s3_bucket_fail_over() {
     // Through a fresh client of the second server.
     let histories = progress.snapshot();
     drop(wb);
-    let fresh = store::open(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
+    let fresh = pohmelfs::net::open(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
     check_final(&*fresh, &histories);
     drop((fresh, a, b, moto));
 }

@@ -228,7 +228,7 @@ mod tests {
     use crate::store::mem::MemStore;
     use crate::store::sink::{EngineSink, SendError, SendFuture, Sink};
     use crate::store::{Store, Txn, ROOT_INO};
-    use crate::txn::{TxnConfig, WritebackStore};
+    use crate::writeback::{TxnConfig, WritebackStore};
     use std::time::Duration;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 

@@ -14,7 +14,7 @@
 //!   of store servers) return `Ok` only once the whole transaction is
 //!   durable for their notion of durability (for `mem:` that is "in
 //!   memory"; for the engine and a store server it is "flushed to the
-//!   medium"). The write-back layer ([`crate::txn::WritebackStore`]) is the
+//!   medium"). The write-back layer ([`crate::writeback::WritebackStore`]) is the
 //!   exception: its `Ok` means accepted (queued, and seen by reads), and the
 //!   transaction is durable only once a later [`Store::sync`] has returned
 //!   `Ok` ([`Store::flush`], a close, waits only under `--sync-on-close`). A caller that
@@ -48,8 +48,6 @@ pub mod bench;
 pub mod data;
 pub mod engine;
 pub mod mem;
-pub mod remote;
-pub mod server;
 pub mod sink;
 
 use std::fmt;
@@ -532,10 +530,11 @@ impl OnceStore for mem::MemStore {
     }
 }
 
-/// Open the store named by `url`. Known schemes: `mem:`, `file:`, `s3:`,
-/// `pohmel:` (store servers). The daemon does not use this directly: it opens
-/// its store through [`crate::txn::open`], which puts the write-back layer in
-/// front.
+/// Open the local store named by `url`: `mem:`, `file:` or `s3:`. Store
+/// servers (`pohmel:`) are reached through [`crate::net::open`], which
+/// sits above this module. The daemon does not use this directly: it opens
+/// its store through [`crate::writeback::open`], which puts the write-back
+/// layer in front.
 pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     let (scheme, rest) = url
         .split_once(':')
@@ -543,14 +542,6 @@ pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     match scheme {
         "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
         "file" | "s3" => Ok(std::sync::Arc::new(open_volume(url)?)),
-        "pohmel" => {
-            let cfg = remote::RemoteConfig::from_url(url)?;
-            let store = remote::RemoteStore::connect(cfg).map_err(|source| OpenError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
-            Ok(std::sync::Arc::new(store))
-        }
         other => Err(OpenError::UnknownScheme(other.to_string())),
     }
 }

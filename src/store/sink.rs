@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::remote::RemoteStore;
 use super::{OnceStore, StoreError, Txn};
 
 /// A durable acknowledgement.
@@ -119,35 +118,5 @@ impl Sink for EngineSink {
             .map_err(|e| SendError::Retry(format!("commit task failed: {e}")))?;
             result.map_err(|e| classify(&e))
         })
-    }
-}
-
-/// Store servers over the wire protocol as a sink.
-pub struct RemoteSink {
-    remote: Arc<RemoteStore>,
-}
-
-impl RemoteSink {
-    pub fn new(remote: Arc<RemoteStore>) -> RemoteSink {
-        RemoteSink { remote }
-    }
-}
-
-impl Sink for RemoteSink {
-    fn servers(&self) -> usize {
-        self.remote.servers().len()
-    }
-
-    fn server_name(&self, server: usize) -> String {
-        let s = self.remote.servers();
-        s[server % s.len()].clone()
-    }
-
-    fn session(&self) -> u64 {
-        self.remote.session()
-    }
-
-    fn send(&self, server: usize, txn_id: u64, low_water: u64, txn: Txn) -> SendFuture<'_> {
-        Box::pin(self.remote.send_txn(server, txn_id, low_water, txn))
     }
 }

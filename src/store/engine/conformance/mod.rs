@@ -7,15 +7,15 @@
 //! * `mem:` and the SlateDB engine (`file://`), here; the engine on S3 in
 //!   `s3_tests`;
 //! * the remote store (`pohmel://`) over a `pohmelfs store` server running
-//!   in the test process on loopback, in [`remote`];
-//! * the write-back layer ([`crate::txn::WritebackStore`]) over its
+//!   in the test process on loopback, in `net/conformance_tests.rs`;
+//! * the write-back layer ([`crate::writeback::WritebackStore`]) over its
 //!   fault-injecting test sink, checked after a sync, in the layer's own
-//!   `txn/conformance_tests.rs` (imports point from txn to store).
+//!   `writeback/conformance_tests.rs`.
+//!
+//! Imports point from those layers to this suite, never back.
 //!
 //! Test-only. Each check uses its own inode numbers, so all of them can run
 //! on one volume.
-
-mod remote;
 
 use crate::check::torture::rng::Rng;
 use crate::store::mem::MemStore;

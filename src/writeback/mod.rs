@@ -95,7 +95,8 @@ use tokio::sync::Notify;
 use tracing::error;
 
 use crate::metrics::Metrics;
-use crate::store::sink::{EngineSink, RemoteSink, Sink};
+use crate::net::client::RemoteSink;
+use crate::store::sink::{EngineSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::{lock, StateLock};
 use cache::PageCache;
@@ -245,22 +246,23 @@ pub fn open(
         url: url.to_string(),
         source: StoreError::Io(e),
     };
-    let (reads, sink): (Arc<dyn Store>, Arc<dyn Sink>) = if url.starts_with("pohmel://") {
-        let cfg = crate::store::remote::RemoteConfig::from_url(url)?;
-        let remote = Arc::new(crate::store::remote::RemoteStore::connect(cfg).map_err(
-            |source| crate::store::OpenError::Connect {
-                url: url.to_string(),
-                source,
-            },
-        )?);
-        (remote.clone(), Arc::new(RemoteSink::new(remote)))
-    } else {
-        let engine = crate::store::open_once(url)?;
-        (
-            engine.clone(),
-            Arc::new(EngineSink::new(engine).map_err(io)?),
-        )
-    };
+    let (reads, sink): (Arc<dyn Store>, Arc<dyn Sink>) =
+        if url.starts_with("pohmel://") {
+            let cfg = crate::net::client::RemoteConfig::from_url(url)?;
+            let remote = Arc::new(crate::net::client::RemoteStore::connect(cfg).map_err(
+                |source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                },
+            )?);
+            (remote.clone(), Arc::new(RemoteSink::new(remote)))
+        } else {
+            let engine = crate::store::open_once(url)?;
+            (
+                engine.clone(),
+                Arc::new(EngineSink::new(engine).map_err(io)?),
+            )
+        };
     WritebackStore::new(cfg, reads, sink, metrics)
         .map(Arc::new)
         .map_err(io)

@@ -1,5 +1,5 @@
 //! `pohmelfs store`: serves volumes to daemons over the wire protocol
-//! (`crate::proto`). A volume is opened on the first connection that names
+//! (`crate::net::proto`). A volume is opened on the first connection that names
 //! it, under the server's data URL (`file:///srv/pohmelfs` holds volume `v`
 //! at `file:///srv/pohmelfs/v`). Opening a volume on shared storage fences
 //! any other server that had it: a server takes a volume over only when a
@@ -12,7 +12,7 @@
 //! flight finish (bounded), and closes the volumes.
 //!
 //! It must never panic or allocate on a peer's say-so: frames are capped and
-//! validated in `crate::proto` before they reach a volume.
+//! validated in `crate::net::proto` before they reach a volume.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,10 +25,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::{OnceStore, StoreError};
-use crate::proto::auth::{self, Side, Transcript};
-use crate::proto::msg::{ErrorCode, Request, Response};
-use crate::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD, VERSION};
+use crate::net::proto::auth::{self, Side, Transcript};
+use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD, VERSION};
+use crate::store::{OnceStore, StoreError};
 
 /// How long a new connection may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -91,7 +91,7 @@ impl Volumes {
                 return Ok(Arc::clone(v));
             }
             let url = this.url(&name);
-            let v = super::open_once(&url).map_err(|e| crate::ErrorChain(&e).to_string())?;
+            let v = crate::store::open_once(&url).map_err(|e| crate::ErrorChain(&e).to_string())?;
             info!(volume = %name, url = %url, epoch = v.epoch(), "volume open");
             open.insert(name, Arc::clone(&v));
             Ok(v)

@@ -22,11 +22,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::sink::{Ack, SendError};
-use super::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
-use crate::proto::auth::{self, Side, Transcript};
-use crate::proto::msg::{ErrorCode, Request, Response};
-use crate::proto::{read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION};
+use crate::net::proto::auth::{self, Side, Transcript};
+use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::{
+    read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
+};
+use crate::store::sink::{Ack, SendError, SendFuture, Sink};
+use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 
 /// Settings of a remote volume.
 #[derive(Clone, Debug)]
@@ -54,7 +56,7 @@ impl RemoteConfig {
         let (hosts, volume) = rest
             .split_once('/')
             .ok_or_else(|| OpenError::BadOption(format!("{url}: no /VOLUME after the servers")))?;
-        if !crate::proto::msg::valid_volume_name(volume) {
+        if !crate::net::proto::msg::valid_volume_name(volume) {
             return Err(OpenError::BadOption(format!(
                 "{url}: bad volume name {volume:?}"
             )));
@@ -405,7 +407,8 @@ impl Inner {
             max_payload: MAX_PAYLOAD,
             max_in_flight: self.cfg.max_in_flight,
         };
-        let proto = |e: crate::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
+        let proto =
+            |e: crate::net::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
         write_frame(wr, &hello.to_frame(0)).await.map_err(proto)?;
         let server_nonce = match read_response(rd).await.map_err(proto)? {
             Response::Challenge { server_nonce } => server_nonce,
@@ -557,10 +560,10 @@ impl Inner {
 
 async fn read_response<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
-) -> Result<Response, crate::proto::ProtoError> {
+) -> Result<Response, crate::net::proto::ProtoError> {
     match read_frame(rd, MAX_PAYLOAD).await? {
         Some(f) => Response::from_frame(&f),
-        None => Err(crate::proto::ProtoError::Io(
+        None => Err(crate::net::proto::ProtoError::Io(
             std::io::ErrorKind::UnexpectedEof.into(),
         )),
     }
@@ -704,5 +707,35 @@ impl Store for RemoteStore {
             self.inner.cfg.volume,
             self.inner.session
         )
+    }
+}
+
+/// Store servers over the wire protocol as a sink.
+pub struct RemoteSink {
+    remote: Arc<RemoteStore>,
+}
+
+impl RemoteSink {
+    pub fn new(remote: Arc<RemoteStore>) -> RemoteSink {
+        RemoteSink { remote }
+    }
+}
+
+impl Sink for RemoteSink {
+    fn servers(&self) -> usize {
+        self.remote.servers().len()
+    }
+
+    fn server_name(&self, server: usize) -> String {
+        let s = self.remote.servers();
+        s[server % s.len()].clone()
+    }
+
+    fn session(&self) -> u64 {
+        self.remote.session()
+    }
+
+    fn send(&self, server: usize, txn_id: u64, low_water: u64, txn: Txn) -> SendFuture<'_> {
+        Box::pin(self.remote.send_txn(server, txn_id, low_water, txn))
     }
 }

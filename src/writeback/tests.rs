@@ -1018,7 +1018,7 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
         println!("went on with {left} transactions unacknowledged");
         return;
     }
-    let name = "txn::tests::a_poisoned_state_lock_aborts_the_daemon";
+    let name = "writeback::tests::a_poisoned_state_lock_aborts_the_daemon";
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")

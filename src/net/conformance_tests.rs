@@ -11,10 +11,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{contract, differential, full_volume_refuses_whole_txn};
+use crate::net::client::{RemoteConfig, RemoteStore};
+use crate::net::server::{Server, ServerConfig};
+use crate::store::engine::conformance::{contract, differential, full_volume_refuses_whole_txn};
 use crate::store::mem::MemStore;
-use crate::store::remote::{RemoteConfig, RemoteStore};
-use crate::store::server::{Server, ServerConfig};
 
 const SECRET: &[u8] = b"conformance-secret";
 

@@ -1,0 +1,37 @@
+//! The network path: volumes served by `pohmelfs store` servers and reached
+//! by the daemon over the wire protocol. It sits beside the local stores
+//! and depends on the store seam, never the other way round
+//! (`device → fs → writeback → store ← net`).
+//!
+//! * `proto` — frames, messages, their validation and the authenticated
+//!   handshake (`docs/protocol.md`);
+//! * `client` — the `pohmel://` client: a [`crate::store::Store`] for reads
+//!   and a [`crate::store::sink::Sink`] for transactions;
+//! * `server` — `pohmelfs store`, which serves local volumes to clients.
+
+pub mod client;
+#[cfg(test)]
+mod conformance_tests;
+pub mod proto;
+pub mod server;
+
+use std::sync::Arc;
+
+use crate::store::{OpenError, Store, StoreError};
+
+/// Open any store by URL, without the write-back layer: `pohmel://` store
+/// servers through [`client`], every other scheme through
+/// [`crate::store::open`]. The daemon opens its store through
+/// [`crate::writeback::open`] instead, which puts the layer in front.
+pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
+    if !url.starts_with("pohmel:") {
+        return crate::store::open(url);
+    }
+    let cfg = client::RemoteConfig::from_url(url)?;
+    let store =
+        client::RemoteStore::connect(cfg).map_err(|source: StoreError| OpenError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    Ok(Arc::new(store))
+}
