@@ -30,8 +30,11 @@ pub mod tag {
     pub const DIRENT_BY_COOKIE: u8 = 0x21;
     /// `ino, name` -> extended attribute value.
     pub const XATTR: u8 = 0x30;
-    /// `ino, block index` -> up to `BLOCK_SIZE` bytes of file data.
+    /// `ino, chunk index` -> the extents of one `BLOCK_SIZE` chunk of file
+    /// data (`extent.rs`).
     pub const BLOCK: u8 = 0x40;
+    /// `segment id` -> the live bytes of one segment file.
+    pub const SEGMENT: u8 = 0x48;
     /// `session, txn_id` -> marker that the transaction was applied.
     pub const APPLIED: u8 = 0x50;
 }
@@ -89,6 +92,10 @@ pub fn xattr(ino: u64, name: &[u8]) -> Vec<u8> {
 
 pub fn block(ino: u64, index: u64) -> Vec<u8> {
     with_u64_u64(tag::BLOCK, ino, index)
+}
+
+pub fn segment(id: u64) -> Vec<u8> {
+    with_u64(tag::SEGMENT, id)
 }
 
 pub fn applied(session: u64, txn_id: u64) -> Vec<u8> {

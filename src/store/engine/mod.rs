@@ -1,14 +1,23 @@
 //! The durable volume engine: a [`Store`] on SlateDB, an LSM tree whose WAL
 //! and tables live in an object store (a local directory or an S3 bucket).
 //!
-//! One [`Txn`] becomes one SlateDB write batch, so it is atomic. Commits are
+//! One [`Txn`] becomes one SlateDB write batch, so it is atomic. On a
+//! `file://` volume the bytes of its writes go first to an append-only
+//! segment file (`segment.rs`) and are made durable there, sharing
+//! `fdatasync` calls with concurrent commits, before the commit builds its
+//! batch: SlateDB may flush its WAL at any moment, so no record may reach it
+//! before the bytes it refers to are on the medium. SlateDB holds metadata
+//! only: inodes, entries, xattrs, and per-chunk extent lists (`extent.rs`);
+//! `s3://` volumes keep the bytes inline in the extents. Commits are
 //! serialized while their batch is built and appended to the in-memory WAL
 //! (building reads what earlier commits left, see `apply.rs`) and then wait
 //! for durability together, sharing WAL flushes (`group.rs`). A commit is
-//! acknowledged only once its batch is in the object store.
+//! acknowledged only once its batch is in the object store; only then are
+//! the segment pages it stopped referring to punched out, and segments it
+//! emptied deleted.
 //!
-//! The key layout is in `keys.rs`, value encodings in `codec.rs`; both are
-//! described in `docs/store-layout.md`.
+//! The key layout is in `keys.rs`, value encodings in `codec.rs` and
+//! `extent.rs`; all are described in `docs/store-layout.md`.
 //!
 //! This module owns the engine instance, its tokio runtime, the superblock,
 //! the id counter and the exactly-once records. The sync [`Store`] methods
@@ -25,34 +34,45 @@
 mod apply;
 mod codec;
 mod config;
+mod extent;
 mod group;
 mod keys;
 mod scan;
+mod segment;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
+mod segment_tests;
+#[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::RwLock;
 
 use slatedb::config::ScanOptions;
-use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
+use slatedb::{CloseReason, Db, ErrorKind, WriteBatch, WriteHandle};
 use thiserror::Error;
 
 use crate::store::{
-    CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
+    CommitOutcome, Dirent, Inode, OnceStore, Op, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
     FIRST_FREE_ID,
 };
-use codec::{Counters, Superblock, FORMAT_VERSION};
+pub use codec::FORMAT_VERSION;
+use codec::{Counters, Superblock};
+pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGMENT_PAGE};
 pub use group::CommitMode;
 pub use scan::{
     BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
     VolumeScan, XattrRecord,
 };
+pub use segment::SegmentFiles;
+use segment::{Placed, Segments};
 
 /// Ids are reserved durably this many at a time beyond what a caller asks
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the
@@ -81,6 +101,8 @@ pub enum OpenVolumeError {
     NotAVolume,
     #[error("read or write the superblock")]
     Superblock(#[source] StoreError),
+    #[error("open segment files")]
+    Segments(#[source] std::io::Error),
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -91,6 +113,22 @@ pub(crate) fn map_engine_error(e: slatedb::Error) -> StoreError {
     } else {
         StoreError::Io(std::io::Error::other(e))
     }
+}
+
+/// What a commit's batch frees once it is durable.
+struct Reclaim {
+    /// Segment pages no extent refers to, per segment.
+    dead: BTreeMap<u64, Vec<Range<u64>>>,
+    /// Sealed segments with no live byte left.
+    emptied: Vec<u64>,
+}
+
+/// The outcome of building a commit's batch.
+enum Built {
+    /// The named transaction was applied before: nothing was written.
+    Duplicate,
+    /// The batch was written (`None`: it was empty).
+    Batch(Option<WriteHandle>, Reclaim),
 }
 
 /// What `reserve_ids` hands out from.
@@ -118,6 +156,12 @@ pub struct SlateStore {
     used_inodes: AtomicU64,
     ids: tokio::sync::Mutex<IdRange>,
     group: group::GroupCommit,
+    /// The segment files of a `file://` volume; `None` on `s3://`.
+    segments: Option<Segments>,
+    /// Readers hold it shared from reading a chunk record to reading the
+    /// segment bytes it names; reclaiming (punching, deleting) takes it
+    /// exclusively, so a reader never sees a page punched under it.
+    reclaim: RwLock<()>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -171,8 +215,20 @@ impl SlateStore {
                 return Err(e);
             }
         };
+        let segments = match &cfg.local_dir {
+            Some(dir) => match Segments::open(dir) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let _ = runtime.block_on(db.close());
+                    return Err(OpenVolumeError::Segments(e));
+                }
+            },
+            None => None,
+        };
         let store = SlateStore {
             db,
+            segments,
+            reclaim: RwLock::new(()),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: format!(
@@ -271,6 +327,12 @@ impl SlateStore {
         self.group.flushes()
     }
 
+    /// How many segment `fdatasync` calls commits asked for (shared among
+    /// concurrent commits, like WAL flushes).
+    pub fn segment_syncs(&self) -> u64 {
+        self.segments.as_ref().map_or(0, Segments::syncs)
+    }
+
     fn check_writable(&self) -> Result<(), StoreError> {
         if self.fenced.load(Ordering::Acquire) {
             return Err(StoreError::Fenced);
@@ -316,6 +378,57 @@ impl SlateStore {
         Ok(out)
     }
 
+    /// Append the bytes of every write of `txn` to a segment and make them
+    /// durable; where each op's bytes went (`None` for every op on a volume
+    /// without segments, and for ops that carry none).
+    fn place(&self, txn: &Txn) -> Result<Vec<Option<Placed>>, StoreError> {
+        let Some(segs) = &self.segments else {
+            return Ok(vec![None; txn.ops.len()]);
+        };
+        let mut out = Vec::with_capacity(txn.ops.len());
+        for op in &txn.ops {
+            let p = match op {
+                Op::Write { offset, data, .. }
+                    if !data.is_empty() && offset.checked_add(data.len() as u64).is_some() =>
+                {
+                    match segs.append(*offset, &[data.as_slice()]) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            let placed: Vec<Placed> = out.iter().flatten().copied().collect();
+                            self.abandon(&placed);
+                            return Err(StoreError::Io(e));
+                        }
+                    }
+                }
+                _ => None,
+            };
+            out.push(p);
+        }
+        // Appends of one commit are in segment order: the last covers all.
+        if let Some(last) = out.iter().flatten().last() {
+            if let Err(e) = segs.sync_to(last.seg, last.seg_off + last.len) {
+                let placed: Vec<Placed> = out.iter().flatten().copied().collect();
+                self.abandon(&placed);
+                return Err(StoreError::Io(e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Give back appends whose batch was never written: nothing refers to
+    /// their pages, which no other append shares.
+    fn abandon(&self, placed: &[Placed]) {
+        let Some(segs) = &self.segments else { return };
+        for p in placed {
+            let r = p.seg_off / SEGMENT_PAGE * SEGMENT_PAGE
+                ..(p.seg_off + p.len).div_ceil(SEGMENT_PAGE) * SEGMENT_PAGE;
+            if let Err(e) = segs.punch(p.seg, &[r]) {
+                tracing::warn!(volume = %self.describe, segment = p.seg, error = %e, "punching abandoned segment bytes failed; the space leaks until the segment is deleted");
+            }
+            segs.unpin(p.seg);
+        }
+    }
+
     /// Apply `txn` (once, when `once` names it) and wait until durable.
     async fn commit_inner(
         &self,
@@ -324,47 +437,32 @@ impl SlateStore {
     ) -> Result<CommitOutcome, StoreError> {
         self.check_writable()?;
         let _in_flight = self.group.begin();
-        let handle = {
-            let mut counters = self.commit_lock.lock().await;
-            let mut view = apply::TxnView::new(&self.db);
-            if let Some((session, txn_id)) = once {
-                if view.get(&keys::applied(session, txn_id)).await?.is_some() {
-                    drop(counters);
-                    // The first copy may still be on its way to the medium:
-                    // acknowledge the duplicate only once it has arrived.
-                    self.group
-                        .wait_all(&self.db)
-                        .await
-                        .map_err(map_engine_error)?;
-                    return Ok(CommitOutcome { duplicate: true });
+        let placed = self.place(&txn)?;
+        let mut appended: Vec<Placed> = placed.iter().flatten().copied().collect();
+        let mut written = false;
+        let built = self
+            .build(once, txn, placed, &mut appended, &mut written)
+            .await;
+        if written {
+            if let Some(segs) = &self.segments {
+                for p in &appended {
+                    segs.unpin(p.seg);
                 }
             }
-            for op in txn.ops {
-                apply::apply(&mut view, op).await?;
+        } else {
+            self.abandon(&appended);
+        }
+        let (handle, reclaim) = match built? {
+            Built::Duplicate => {
+                // The first copy may still be on its way to the medium:
+                // acknowledge the duplicate only once it has arrived.
+                self.group
+                    .wait_all(&self.db)
+                    .await
+                    .map_err(map_engine_error)?;
+                return Ok(CommitOutcome { duplicate: true });
             }
-            if let Some((session, txn_id)) = once {
-                view.put(keys::applied(session, txn_id), codec::encode_bytes(&[]))
-                    .await?;
-            }
-            let (batch, after) = view.finish(*counters)?;
-            if after.blocks > counters.blocks
-                && after.blocks.saturating_mul(BLOCK_SIZE) > self.capacity_bytes
-            {
-                return Err(StoreError::NoSpace);
-            }
-            if after.inodes > counters.inodes && after.inodes > self.capacity_inodes {
-                return Err(StoreError::NoSpace);
-            }
-            if batch.is_empty() {
-                None
-            } else {
-                let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-                self.group.written(&handle);
-                *counters = after;
-                self.used_blocks.store(after.blocks, Ordering::Release);
-                self.used_inodes.store(after.inodes, Ordering::Release);
-                Some(handle)
-            }
+            Built::Batch(handle, reclaim) => (handle, reclaim),
         };
         match handle {
             Some(h) => self.group.wait(&self.db, &h).await,
@@ -373,7 +471,87 @@ impl SlateStore {
             None => self.group.wait_all(&self.db).await,
         }
         .map_err(map_engine_error)?;
+        self.reclaim_space(reclaim);
         Ok(CommitOutcome { duplicate: false })
+    }
+
+    /// Build the batch of `txn` and write it to the engine, serialized with
+    /// other commits. `written` is set once the batch has been handed to
+    /// the engine (from then on its appends are referenced).
+    async fn build(
+        &self,
+        once: Option<(u64, u64)>,
+        txn: Txn,
+        placed: Vec<Option<Placed>>,
+        appended: &mut Vec<Placed>,
+        written: &mut bool,
+    ) -> Result<Built, StoreError> {
+        let mut counters = self.commit_lock.lock().await;
+        let mut view = apply::TxnView::new(&self.db, self.segments.as_ref());
+        if let Some((session, txn_id)) = once {
+            if view.get(&keys::applied(session, txn_id)).await?.is_some() {
+                return Ok(Built::Duplicate);
+            }
+        }
+        for (op, p) in txn.ops.into_iter().zip(placed) {
+            let r = apply::apply(&mut view, op, p).await;
+            appended.append(&mut view.appended);
+            r?;
+        }
+        if let Some((session, txn_id)) = once {
+            view.put(keys::applied(session, txn_id), codec::encode_bytes(&[]))
+                .await?;
+        }
+        view.settle_segments().await?;
+        let reclaim = Reclaim {
+            dead: std::mem::take(&mut view.dead),
+            emptied: std::mem::take(&mut view.emptied),
+        };
+        let (batch, after) = view.finish(*counters)?;
+        if after.blocks > counters.blocks
+            && after.blocks.saturating_mul(BLOCK_SIZE) > self.capacity_bytes
+        {
+            return Err(StoreError::NoSpace);
+        }
+        if after.inodes > counters.inodes && after.inodes > self.capacity_inodes {
+            return Err(StoreError::NoSpace);
+        }
+        // Chunk rewrites appended while applying: durable before the batch.
+        if let (Some(segs), Some(last)) = (&self.segments, appended.last()) {
+            segs.sync_to(last.seg, last.seg_off + last.len)
+                .map_err(StoreError::Io)?;
+        }
+        if batch.is_empty() {
+            return Ok(Built::Batch(None, reclaim));
+        }
+        *written = true;
+        let handle = self.db.write(batch).await.map_err(map_engine_error)?;
+        self.group.written(&handle);
+        *counters = after;
+        self.used_blocks.store(after.blocks, Ordering::Release);
+        self.used_inodes.store(after.inodes, Ordering::Release);
+        Ok(Built::Batch(Some(handle), reclaim))
+    }
+
+    /// Punch the segment pages a durable batch stopped referring to and
+    /// delete the segments it emptied. A failure leaks space (reported by
+    /// `pohmelfs check`), never data, so it is logged, not returned.
+    fn reclaim_space(&self, reclaim: Reclaim) {
+        let Some(segs) = &self.segments else { return };
+        if reclaim.dead.is_empty() && reclaim.emptied.is_empty() {
+            return;
+        }
+        let _exclusive = self.reclaim.write().unwrap_or_else(|e| e.into_inner());
+        for (seg, ranges) in &reclaim.dead {
+            if let Err(e) = segs.punch(*seg, ranges) {
+                tracing::warn!(volume = %self.describe, segment = seg, error = %e, "punching dead segment pages failed");
+            }
+        }
+        for seg in &reclaim.emptied {
+            if let Err(e) = segs.remove(*seg) {
+                tracing::warn!(volume = %self.describe, segment = seg, error = %e, "deleting an emptied segment failed");
+            }
+        }
     }
 
     async fn reserve_ids_inner(&self, count: u64) -> Result<u64, StoreError> {
@@ -439,16 +617,20 @@ impl SlateStore {
         let mut done = 0usize;
         while done < buf.len() {
             let index = pos / BLOCK_SIZE;
-            let in_block = (pos % BLOCK_SIZE) as usize;
-            let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_block);
+            let in_chunk = (pos % BLOCK_SIZE) as u32;
+            let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_chunk as usize);
             let out = &mut buf[done..done + n];
-            out.fill(0);
-            if let Some(v) = self.get(keys::block(ino, index)).await? {
-                let data = codec::decode_block(&v)?;
-                if data.len() > in_block {
-                    let m = (data.len() - in_block).min(n);
-                    out[..m].copy_from_slice(&data[in_block..in_block + m]);
+            match self.get(keys::block(ino, index)).await? {
+                Some(v) => {
+                    let list = extent::decode(&v).map_err(|e| match e {
+                        StoreError::Corrupt(m) => {
+                            StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))
+                        }
+                        other => other,
+                    })?;
+                    apply::read_chunk(self.segments.as_ref(), &list, in_chunk, out)?;
                 }
+                None => out.fill(0),
             }
             done += n;
             pos = match pos.checked_add(n as u64) {
@@ -491,6 +673,12 @@ impl SlateStore {
     #[cfg(test)]
     fn raw_db(&self) -> &Db {
         &self.db
+    }
+
+    /// The segment files, on a `file://` volume.
+    #[cfg(test)]
+    fn segments(&self) -> &Segments {
+        self.segments.as_ref().expect("a file:// volume")
     }
 
     #[cfg(test)]
@@ -557,6 +745,7 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
     }
 
