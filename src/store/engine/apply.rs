@@ -358,12 +358,15 @@ async fn put_chunk(
     old: &[Extent],
     new: Vec<Extent>,
 ) -> Result<(), StoreError> {
+    account(view, old, &new);
     let new = if new.len() > MAX_EXTENTS {
-        compact(view, index, new).await?
+        // The rewrite replaces every extent, the newest write's included.
+        let compacted = compact(view, index, new.clone()).await?;
+        account(view, &new, &compacted);
+        compacted
     } else {
         new
     };
-    account(view, old, &new);
     view.put(keys::block(ino, index), extent::encode(&new))
         .await
 }

@@ -115,6 +115,18 @@ pub(crate) fn map_engine_error(e: slatedb::Error) -> StoreError {
     }
 }
 
+/// Where file data goes; only tests choose.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Placement {
+    /// Segments on `file://`, inline on `s3://`.
+    Default,
+    /// Inline, even on `file://`.
+    Inline,
+    /// Segments sealed at this many bytes.
+    SegmentsOf(u64),
+}
+
 /// What a commit's batch frees once it is durable.
 struct Reclaim {
     /// Segment pages no extent refers to, per segment.
@@ -189,6 +201,18 @@ impl SlateStore {
     /// Open (creating if empty) the volume named by a `file://` or `s3://`
     /// URL.
     pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
+        Self::open_placing(url, Placement::Default)
+    }
+
+    /// Open a `file://` volume that keeps file data inline (as on `s3://`)
+    /// or seals segments at `max` bytes: the tests' way to reach those
+    /// paths on a local directory.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(url: &str, placement: Placement) -> SlateStore {
+        Self::open_placing(url, placement).expect("open volume")
+    }
+
+    fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
         let cfg = config::parse(url)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -215,8 +239,16 @@ impl SlateStore {
                 return Err(e);
             }
         };
-        let segments = match &cfg.local_dir {
-            Some(dir) => match Segments::open(dir) {
+        let local_dir = match placement {
+            Placement::Inline => None,
+            _ => cfg.local_dir.as_deref(),
+        };
+        let max = match placement {
+            Placement::SegmentsOf(max) => max,
+            _ => segment::SEGMENT_BYTES_MAX,
+        };
+        let segments = match local_dir {
+            Some(dir) => match Segments::open_with_max(dir, max) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     let _ = runtime.block_on(db.close());
@@ -673,6 +705,14 @@ impl SlateStore {
     #[cfg(test)]
     fn raw_db(&self) -> &Db {
         &self.db
+    }
+
+    /// The value stored under `key`.
+    #[cfg(test)]
+    fn raw_get_for_test(&self, key: &[u8]) -> bytes::Bytes {
+        self.block_on(self.get(key.to_vec()))
+            .expect("get")
+            .expect("a stored record")
     }
 
     /// The segment files, on a `file://` volume.

@@ -199,10 +199,6 @@ pub fn punch(file: &File, r: Range<u64>) -> io::Result<()> {
 impl Segments {
     /// Open the segment directory of a volume at `volume_dir`, creating it,
     /// and start a new active segment after every existing one.
-    pub fn open(volume_dir: &Path) -> io::Result<Segments> {
-        Self::open_with_max(volume_dir, SEGMENT_BYTES_MAX)
-    }
-
     pub fn open_with_max(volume_dir: &Path, max_bytes: u64) -> io::Result<Segments> {
         let dir = volume_dir.join(DIR_NAME);
         std::fs::create_dir_all(&dir)?;
@@ -311,7 +307,13 @@ impl Segments {
         if h.len() >= READ_HANDLES_MAX {
             h.clear();
         }
-        let f = Arc::new(File::open(self.dir.join(file_name(seg)))?);
+        // Writable, for punching; nothing else writes through it.
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.dir.join(file_name(seg)))?,
+        );
         h.insert(seg, f.clone());
         Ok(f)
     }
