@@ -25,7 +25,7 @@
 //!   refers to are leaked space (a warning, like orphans).
 //! * No inode number or cookie is at or above the superblock's `next_id`
 //!   (a later allocation would hand it out again), and the space counters
-//!   match the inodes and blocks actually stored.
+//!   match the inodes, blocks and metadata bytes actually stored.
 //! * No key outside the layout, and every record decodes.
 //!
 //! The layout keeps no low-water mark for applied-transaction records
@@ -161,6 +161,16 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
     c.unknown(v)?;
     if let Some(info) = &info {
         c.counters(info, inodes, blocks);
+        let meta = v
+            .metadata_bytes()
+            .map_err(|e| CheckError::Scan("metadata bytes", e))?;
+        if info.counted_meta_bytes != meta {
+            c.problems.push(Problem::Counter {
+                what: "metadata bytes",
+                counted: info.counted_meta_bytes,
+                found: meta,
+            });
+        }
     }
     let mut warnings = c.links();
     c.segs

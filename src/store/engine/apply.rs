@@ -32,9 +32,10 @@ use crate::store::{Op, StoreError, BLOCK_SIZE};
 
 /// One key this transaction has read or written.
 struct Entry {
-    /// Whether the key exists in the engine, before this transaction. Only
-    /// kept exact for the keys the counters follow (inodes and blocks).
-    base_exists: bool,
+    /// The length of the key's value in the engine before this
+    /// transaction (`None`: absent). Only kept exact for the keys the
+    /// counters follow (see [`counted`]).
+    base_len: Option<usize>,
     /// The key's value as the transaction sees it now.
     value: Option<Bytes>,
     /// Whether the transaction wrote the key.
@@ -59,9 +60,25 @@ pub struct TxnView<'a> {
     pub emptied: Vec<u64>,
 }
 
-/// Whether the counters follow keys of this record type.
+/// Whether the counters follow keys of this record type: blocks and
+/// inodes by count, and every metadata record by its bytes.
 fn counted(key: &[u8]) -> bool {
-    matches!(key.first(), Some(&tag::INODE) | Some(&tag::BLOCK))
+    key.first().is_some_and(|&t| t == tag::BLOCK || metered(t))
+}
+
+/// Whether records of this type count in the metadata bytes: what the
+/// guest's namespace costs (chunk, segment and applied records are not
+/// counted; a chunk is charged a whole block instead).
+fn metered(t: u8) -> bool {
+    matches!(
+        t,
+        tag::INODE | tag::SYMLINK | tag::DIRENT_BY_NAME | tag::DIRENT_BY_COOKIE | tag::XATTR
+    )
+}
+
+/// The bytes a record of `key` with a value of `len` bytes counts.
+fn record_bytes(key: &[u8], len: Option<usize>) -> i128 {
+    len.map_or(0, |l| (key.len() + l) as i128)
 }
 
 impl<'a> TxnView<'a> {
@@ -118,7 +135,7 @@ impl<'a> TxnView<'a> {
         self.entries.insert(
             key.to_vec(),
             Entry {
-                base_exists: value.is_some(),
+                base_len: value.as_ref().map(Bytes::len),
                 value: value.clone(),
                 dirty: false,
             },
@@ -133,15 +150,16 @@ impl<'a> TxnView<'a> {
             e.dirty = true;
             return Ok(());
         }
-        let base_exists = if counted(&key) {
-            self.db.get(&key).await.map_err(map_engine_error)?.is_some()
+        let base_len = if counted(&key) {
+            let base = self.db.get(&key).await.map_err(map_engine_error)?;
+            base.as_ref().map(Bytes::len)
         } else {
-            false
+            None
         };
         self.entries.insert(
             key,
             Entry {
-                base_exists,
+                base_len,
                 value,
                 dirty: true,
             },
@@ -182,14 +200,15 @@ impl<'a> TxnView<'a> {
 
     /// Delete every key in `range`.
     pub async fn delete_range(&mut self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
-        for (key, _) in self.records_in(range).await? {
-            self.delete_found(key);
+        for (key, value) in self.records_in(range).await? {
+            self.delete_found(key, value.len());
         }
         Ok(())
     }
 
-    /// Delete `key`, which [`TxnView::records_in`] found.
-    fn delete_found(&mut self, key: Vec<u8>) {
+    /// Delete `key`, which [`TxnView::records_in`] found with a value of
+    /// `len` bytes.
+    fn delete_found(&mut self, key: Vec<u8>, len: usize) {
         match self.entries.get_mut(&key) {
             Some(e) => {
                 e.value = None;
@@ -201,7 +220,7 @@ impl<'a> TxnView<'a> {
                 self.entries.insert(
                     key,
                     Entry {
-                        base_exists: true,
+                        base_len: Some(len),
                         value: None,
                         dirty: true,
                     },
@@ -214,15 +233,21 @@ impl<'a> TxnView<'a> {
     pub fn finish(self, before: Counters) -> Result<(WriteBatch, Counters), StoreError> {
         let mut batch = WriteBatch::new();
         let (mut blocks, mut inodes) = (before.blocks as i128, before.inodes as i128);
+        let mut meta = before.meta_bytes as i128;
         for (key, e) in self.entries {
             if !e.dirty {
                 continue;
             }
-            let delta = i128::from(e.value.is_some()) - i128::from(e.base_exists);
-            match key.first() {
-                Some(&tag::BLOCK) => blocks += delta,
-                Some(&tag::INODE) => inodes += delta,
+            let delta = i128::from(e.value.is_some()) - i128::from(e.base_len.is_some());
+            let t = key.first().copied().unwrap_or(0);
+            match t {
+                tag::BLOCK => blocks += delta,
+                tag::INODE => inodes += delta,
                 _ => {}
+            }
+            if metered(t) {
+                meta += record_bytes(&key, e.value.as_ref().map(Bytes::len))
+                    - record_bytes(&key, e.base_len);
             }
             match e.value {
                 Some(v) => batch.put_bytes(Bytes::from(key), v),
@@ -234,6 +259,8 @@ impl<'a> TxnView<'a> {
                 .map_err(|_| StoreError::Corrupt(format!("block count went to {blocks}")))?,
             inodes: u64::try_from(inodes)
                 .map_err(|_| StoreError::Corrupt(format!("inode count went to {inodes}")))?,
+            meta_bytes: u64::try_from(meta)
+                .map_err(|_| StoreError::Corrupt(format!("metadata bytes went to {meta}")))?,
         };
         if after != before {
             batch.put(keys::stats(), codec::encode_counters(&after));
@@ -379,7 +406,7 @@ async fn drop_chunks(view: &mut TxnView<'_>, range: Range<Vec<u8>>) -> Result<()
             Err(_) => e,
         })?;
         account(view, &old, &[]);
-        view.delete_found(key);
+        view.delete_found(key, value.len());
     }
     Ok(())
 }

@@ -187,15 +187,19 @@ pub fn decode_superblock(bytes: &[u8]) -> Result<Superblock, StoreError> {
 /// Space accounting, kept exact by every commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Chunks holding a record (each charged a whole block).
     pub blocks: u64,
     pub inodes: u64,
+    /// Key and value bytes of the inode, symlink, entry and xattr records.
+    pub meta_bytes: u64,
 }
 
 pub fn encode_counters(c: &Counters) -> Vec<u8> {
-    let mut v = Vec::with_capacity(17);
+    let mut v = Vec::with_capacity(25);
     v.push(V1);
     v.extend_from_slice(&c.blocks.to_le_bytes());
     v.extend_from_slice(&c.inodes.to_le_bytes());
+    v.extend_from_slice(&c.meta_bytes.to_le_bytes());
     v
 }
 
@@ -204,6 +208,7 @@ pub fn decode_counters(bytes: &[u8]) -> Result<Counters, StoreError> {
     let c = Counters {
         blocks: r.u64()?,
         inodes: r.u64()?,
+        meta_bytes: r.u64()?,
     };
     r.finish()?;
     Ok(c)
@@ -372,6 +377,7 @@ mod tests {
         let c = Counters {
             blocks: 3,
             inodes: 4,
+            meta_bytes: 5,
         };
         assert_eq!(decode_counters(&encode_counters(&c)).unwrap(), c);
         assert_eq!(decode_bytes("x", &encode_bytes(b"abc")).unwrap(), b"abc");

@@ -166,6 +166,7 @@ pub struct SlateStore {
     /// commit.
     used_blocks: AtomicU64,
     used_inodes: AtomicU64,
+    used_meta_bytes: AtomicU64,
     ids: tokio::sync::Mutex<IdRange>,
     group: group::GroupCommit,
     /// The segment files of a `file://` volume; `None` on `s3://`.
@@ -277,6 +278,7 @@ impl SlateStore {
             commit_lock: tokio::sync::Mutex::new(counters),
             used_blocks: AtomicU64::new(counters.blocks),
             used_inodes: AtomicU64::new(counters.inodes),
+            used_meta_bytes: AtomicU64::new(counters.meta_bytes),
             ids: tokio::sync::Mutex::new(IdRange {
                 next: superblock.next_id,
                 limit: superblock.next_id,
@@ -540,9 +542,14 @@ impl SlateStore {
             emptied: std::mem::take(&mut view.emptied),
         };
         let (batch, after) = view.finish(*counters)?;
-        if after.blocks > counters.blocks
-            && after.blocks.saturating_mul(BLOCK_SIZE) > self.capacity_bytes
-        {
+        // Data blocks and metadata share the capacity; a transaction that
+        // grows neither fits, however full the volume.
+        let grows = after.blocks > counters.blocks || after.meta_bytes > counters.meta_bytes;
+        let needs = after
+            .blocks
+            .saturating_mul(BLOCK_SIZE)
+            .saturating_add(after.meta_bytes);
+        if grows && needs > self.capacity_bytes {
             return Err(StoreError::NoSpace);
         }
         if after.inodes > counters.inodes && after.inodes > self.capacity_inodes {
@@ -562,6 +569,8 @@ impl SlateStore {
         *counters = after;
         self.used_blocks.store(after.blocks, Ordering::Release);
         self.used_inodes.store(after.inodes, Ordering::Release);
+        self.used_meta_bytes
+            .store(after.meta_bytes, Ordering::Release);
         Ok(Built::Batch(Some(handle), reclaim))
     }
 
@@ -837,8 +846,12 @@ impl Store for SlateStore {
     }
 
     fn statfs(&self) -> Result<StoreStats, StoreError> {
+        // Metadata is charged against the capacity: what is reported is
+        // what is left for file data, so free space is exact while
+        // `used_bytes` means data blocks, as for every store.
+        let meta = self.used_meta_bytes.load(Ordering::Acquire);
         Ok(StoreStats {
-            capacity_bytes: self.capacity_bytes,
+            capacity_bytes: self.capacity_bytes.saturating_sub(meta),
             used_bytes: self
                 .used_blocks
                 .load(Ordering::Acquire)

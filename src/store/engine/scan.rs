@@ -41,6 +41,8 @@ pub struct VolumeInfo {
     pub counted_blocks: u64,
     /// Inodes in use, by the same counters.
     pub counted_inodes: u64,
+    /// Bytes of metadata records, by the same counters.
+    pub counted_meta_bytes: u64,
 }
 
 /// One data chunk (a block of `BLOCK_SIZE` file bytes): its extents.
@@ -319,6 +321,7 @@ pub trait VolumeScan {
             open_count: sb.open_count,
             counted_blocks: counters.blocks,
             counted_inodes: counters.inodes,
+            counted_meta_bytes: counters.meta_bytes,
         })
     }
 
@@ -363,6 +366,27 @@ pub trait VolumeScan {
     /// Every applied-transaction record, as `(session, txn_id)`.
     fn scan_applied(&self) -> Result<Scan<'_, (u64, u64)>, StoreError> {
         scan_tag(self, tag::APPLIED, decode_applied)
+    }
+
+    /// The key and value bytes of the records the metadata counter
+    /// follows: inodes, symlink targets, both entry indexes, xattrs.
+    fn metadata_bytes(&self) -> Result<u64, StoreError> {
+        let ranges = [
+            tag::INODE,
+            tag::SYMLINK,
+            tag::DIRENT_BY_NAME,
+            tag::DIRENT_BY_COOKIE,
+            tag::XATTR,
+        ]
+        .into_iter()
+        .map(KeyRange::of_tag)
+        .collect();
+        let mut total = 0u64;
+        for kv in self.raw_scan(ranges)? {
+            let (k, v) = kv?;
+            total += (k.len() + v.len()) as u64;
+        }
+        Ok(total)
     }
 
     /// The keys of records no part of this layout defines.
@@ -570,10 +594,14 @@ impl SlateStore {
     }
 
     /// Set the space counters.
-    pub(crate) fn raw_put_counters(&self, blocks: u64, inodes: u64) {
+    pub(crate) fn raw_put_counters(&self, blocks: u64, inodes: u64, meta_bytes: u64) {
         self.raw_put(
             &keys::stats(),
-            &codec::encode_counters(&codec::Counters { blocks, inodes }),
+            &codec::encode_counters(&codec::Counters {
+                blocks,
+                inodes,
+                meta_bytes,
+            }),
         );
     }
 

@@ -402,3 +402,44 @@ fn a_fragmented_chunk_is_rewritten_as_one_extent() {
     assert!(report.is_clean(), "{:#?}", report.problems);
     assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
 }
+
+#[test]
+fn metadata_is_charged_against_the_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open(&format!("{}?capacity=64K", url(&dir))).unwrap();
+    let full = s.statfs().unwrap().capacity_bytes;
+    assert_eq!(full, 64 * KIB);
+    let xattr = |ino: u64, n: usize| Op::SetXattr {
+        ino,
+        name: b"user.big".to_vec(),
+        value: vec![1u8; n],
+    };
+    commit(&s, vec![file(5, 0), xattr(5, 1000)]);
+    let inode_bytes = keys::inode(5).len() + codec::encode_inode(&Inode::regular(5, 0)).len();
+    let xattr_bytes = keys::xattr(5, b"user.big").len() + codec::encode_bytes(&[1u8; 1000]).len();
+    let left = s.statfs().unwrap().capacity_bytes;
+    assert_eq!(full - left, (inode_bytes + xattr_bytes) as u64);
+    // Xattrs fill the volume: the one that does not fit is refused whole.
+    let mut ino = 6;
+    let refused = loop {
+        match s.commit(Txn {
+            ops: vec![file(ino, 0), xattr(ino, 8000)],
+        }) {
+            Ok(()) => ino += 1,
+            Err(e) => break e,
+        }
+        assert!(ino < 20, "64 KiB took {} xattrs of 8000 bytes", ino - 6);
+    };
+    assert!(matches!(refused, StoreError::NoSpace), "{refused:?}");
+    assert_eq!(s.get_inode(ino).unwrap(), None);
+    assert!(s.statfs().unwrap().capacity_bytes < 8000);
+    // Removing one gives its bytes back, exactly.
+    let before = s.statfs().unwrap().capacity_bytes;
+    commit(&s, vec![Op::RemoveInode { ino: 6 }]);
+    let xattr_bytes = keys::xattr(6, b"user.big").len() + codec::encode_bytes(&[1u8; 8000]).len();
+    assert_eq!(
+        s.statfs().unwrap().capacity_bytes - before,
+        (inode_bytes + xattr_bytes) as u64
+    );
+    commit(&s, vec![file(ino, 0), xattr(ino, 8000)]);
+}
