@@ -136,6 +136,19 @@ pub fn blocks_between(ino: u64, first: u64, last: u64) -> Range<Vec<u8>> {
     block(ino, first)..end
 }
 
+/// Every segment record.
+pub fn segments_all() -> Range<Vec<u8>> {
+    prefix_range(vec![tag::SEGMENT])
+}
+
+/// The id of a segment record key.
+pub fn decode_segment(key: &[u8]) -> Result<u64, StoreError> {
+    if key.len() != 9 || key[0] != tag::SEGMENT {
+        return Err(corrupt("segment", key));
+    }
+    be_u64(&key[1..]).ok_or_else(|| corrupt("segment", key))
+}
+
 /// All extended attributes of `ino`.
 pub fn xattrs_of(ino: u64) -> Range<Vec<u8>> {
     prefix_range(with_u64(tag::XATTR, ino))

@@ -289,6 +289,12 @@ impl SlateStore {
             closed: AtomicBool::new(false),
             runtime: Some(runtime),
         };
+        if let Err(e) = store
+            .rt()
+            .and_then(|rt| rt.block_on(store.sweep_segments()))
+        {
+            tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
+        }
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
     }
@@ -334,6 +340,42 @@ impl SlateStore {
             .map_err(sb_err)?;
         db.flush().await.map_err(sb_err)?;
         Ok((superblock, counters))
+    }
+
+    /// Delete the sealed segments nothing refers to: those whose record
+    /// counts no live byte, and files without a record (a segment gets
+    /// its record in the batch of its first extent, so no durable extent
+    /// refers to those: their bytes were written for batches that never
+    /// became durable). Runs at open, before any commit.
+    async fn sweep_segments(&self) -> Result<(), StoreError> {
+        let Some(segs) = &self.segments else {
+            return Ok(());
+        };
+        let active = segs.active_id();
+        let mut recorded = std::collections::BTreeSet::new();
+        let mut batch = WriteBatch::new();
+        let mut doomed = Vec::new();
+        for (k, v) in self.scan(keys::segments_all(), usize::MAX).await? {
+            let id = keys::decode_segment(&k)?;
+            recorded.insert(id);
+            if codec::decode_segment(&v)? == 0 && id < active {
+                batch.delete(&k);
+                doomed.push(id);
+            }
+        }
+        for (id, _) in segment::list(segs.dir()).map_err(StoreError::Io)? {
+            if id < active && !recorded.contains(&id) {
+                doomed.push(id);
+            }
+        }
+        if !batch.is_empty() {
+            self.db.write(batch).await.map_err(map_engine_error)?;
+            self.db.flush().await.map_err(map_engine_error)?;
+        }
+        for id in doomed {
+            segs.remove(id).map_err(StoreError::Io)?;
+        }
+        Ok(())
     }
 
     /// Close the engine, flushing what it holds in memory. Later calls of
