@@ -293,7 +293,8 @@ impl Segments {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    fn handle(&self, seg: u64) -> io::Result<Arc<File>> {
+    /// An open handle of segment `seg`.
+    pub(super) fn handle(&self, seg: u64) -> io::Result<Arc<File>> {
         {
             let a = lock(&self.active);
             if a.id == seg {
