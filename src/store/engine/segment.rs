@@ -114,12 +114,17 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn create(dir: &Path, id: u64) -> io::Result<File> {
+    let path = dir.join(file_name(id));
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(dir.join(file_name(id)))?;
-    sync_dir(dir)?;
+        .open(&path)?;
+    if let Err(e) = sync_dir(dir) {
+        // Leave no file behind: the next attempt creates the same id.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(f)
 }
 
