@@ -151,12 +151,48 @@ pub fn remove_range(list: &[Extent], r: Range<u32>) -> Vec<Extent> {
     out
 }
 
-/// `list` with `new` laid over it: newest wins.
+/// `list` with `new` laid over it: newest wins. A new segment extent that
+/// continues its left neighbour in the file and in the segment, from a
+/// page boundary, is merged into it (sequential writes stay one extent).
 pub fn insert(list: &[Extent], new: Extent) -> Vec<Extent> {
     let mut out = remove_range(list, new.start..new.end());
     let at = out.partition_point(|e| e.start < new.start);
-    out.insert(at, new);
+    if let Some(merged) = at.checked_sub(1).and_then(|left| merge(&out[left], &new)) {
+        out[at - 1] = merged;
+    } else {
+        out.insert(at, new);
+    }
     out
+}
+
+/// `a` and `b` as one extent, when `b` continues `a` exactly: both whole
+/// pieces of one segment, adjacent in the chunk and in the segment, `b`
+/// starting on a page (so their per-page checksums simply concatenate).
+fn merge(a: &Extent, b: &Extent) -> Option<Extent> {
+    let (Data::Segment(p), Data::Segment(q)) = (&a.data, &b.data) else {
+        return None;
+    };
+    let whole = |e: &Extent, p: &Piece| e.start == p.start && e.len == p.len;
+    let adjacent = p.seg == q.seg
+        && a.end() == b.start
+        && p.seg_off + u64::from(p.len) == q.seg_off
+        && q.seg_off % PAGE == 0;
+    if !(whole(a, p) && whole(b, q) && adjacent) {
+        return None;
+    }
+    let mut crcs = p.crcs.clone();
+    crcs.extend_from_slice(&q.crcs);
+    Some(Extent {
+        start: a.start,
+        len: a.len + b.len,
+        data: Data::Segment(Piece {
+            seg: p.seg,
+            seg_off: p.seg_off,
+            start: p.start,
+            len: p.len + q.len,
+            crcs,
+        }),
+    })
 }
 
 /// Live window bytes per segment.
@@ -376,6 +412,21 @@ mod tests {
         let cut = remove_range(&back, 11..13);
         assert_eq!(cut[1].data, Data::Inline(Bytes::from_static(b"h")));
         assert_eq!(cut[2].data, Data::Inline(Bytes::from_static(b"lo")));
+    }
+
+    #[test]
+    fn sequential_whole_pieces_merge() {
+        let list = insert(&[seg(0, 4096, 8192)], seg(4096, 4096, 12288));
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].start, list[0].len), (0, 8192));
+        let Data::Segment(p) = &list[0].data else {
+            panic!("not a segment extent")
+        };
+        assert_eq!(p.crcs.len(), 2);
+        assert_eq!(p.crcs, page_crcs(8192, &[7u8; 8192]));
+        // Not adjacent in the segment, or not from a page boundary: kept.
+        assert_eq!(insert(&list, seg(8192, 4096, 20480)).len(), 2);
+        assert_eq!(insert(&[seg(0, 100, 0)], seg(100, 100, 100)).len(), 2);
     }
 
     #[test]

@@ -491,3 +491,25 @@ fn concurrent_appends_share_one_fdatasync() {
     segs.unpin(a.seg);
     segs.unpin(b.seg);
 }
+
+#[test]
+fn sequential_4k_writes_stay_one_extent_per_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    let mut want = Vec::new();
+    for i in 0..20u64 {
+        let page = vec![i as u8 + 1; 4096];
+        commit(&s, vec![write_op(120, i * 4096, &page)]);
+        want.extend_from_slice(&page);
+    }
+    for index in 0..2 {
+        let record = s.raw_get_for_test(&keys::block(120, index));
+        assert_eq!(
+            super::extent::decode(&record).unwrap().len(),
+            1,
+            "chunk {index}"
+        );
+    }
+    assert_eq!(read(&s, 120, 0, want.len()), want);
+    assert_eq!(segment_len(&dir), 20 * 4096);
+}
