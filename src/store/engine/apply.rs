@@ -365,7 +365,7 @@ async fn compact(
                 seg_off: p.seg_off,
                 start: 0,
                 len: end,
-                crcs: extent::page_crcs(p.seg_off, &buf),
+                crcs: extent::page_crcs(p.seg_off, &[&buf]),
             })
         }
         None => Data::Inline(Bytes::from(buf)),
@@ -428,25 +428,46 @@ async fn cut(
     Ok(())
 }
 
+/// The parts of the scatter list `bufs` that make up its bytes `range`.
+fn parts_in<'b>(bufs: &[&'b [u8]], range: Range<usize>) -> Vec<&'b [u8]> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for b in bufs {
+        let (s, e) = (range.start.max(at), range.end.min(at + b.len()));
+        if s < e {
+            out.push(&b[s - at..e - at]);
+        }
+        at += b.len();
+        if at >= range.end {
+            break;
+        }
+    }
+    out
+}
+
+/// Write the bytes of the scatter list `bufs` at `offset`: one extent per
+/// chunk they touch, pointing where `placed` says they were appended, or
+/// inline without segments.
 async fn write(
     view: &mut TxnView<'_>,
     ino: u64,
     offset: u64,
-    data: &[u8],
+    bufs: &[&[u8]],
     placed: Option<Placed>,
 ) -> Result<(), StoreError> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
     // A write that would run past the largest offset is not applied: the
     // filesystem layer never sends one, and no chunk could hold it.
-    if offset.checked_add(data.len() as u64).is_none() {
+    if offset.checked_add(total as u64).is_none() {
         return Ok(());
     }
     let mut pos = offset;
     let mut at = 0usize;
-    while at < data.len() {
+    while at < total {
         let index = pos / BLOCK_SIZE;
         let start = (pos % BLOCK_SIZE) as u32;
-        let n = (data.len() - at).min((BLOCK_SIZE - u64::from(start)) as usize);
-        let bytes = &data[at..at + n];
+        let n = (total - at).min((BLOCK_SIZE - u64::from(start)) as usize);
+        let parts = parts_in(bufs, at..at + n);
         let new = Extent {
             start,
             len: n as u32,
@@ -458,10 +479,10 @@ async fn write(
                         seg_off,
                         start,
                         len: n as u32,
-                        crcs: extent::page_crcs(seg_off, bytes),
+                        crcs: extent::page_crcs(seg_off, &parts),
                     })
                 }
-                None => Data::Inline(Bytes::copy_from_slice(bytes)),
+                None => Data::Inline(Bytes::from(parts.concat())),
             },
         };
         let old = chunk(view, ino, index).await?.unwrap_or_default();
@@ -570,7 +591,7 @@ pub async fn apply(
             view.delete(keys::dirent_by_cookie(parent, old.cookie))
                 .await
         }
-        Op::Write { ino, offset, data } => write(view, ino, offset, &data, placed).await,
+        Op::Write { ino, offset, data } => write(view, ino, offset, &[&data], placed).await,
         Op::Truncate { ino, size } => truncate(view, ino, size).await,
         Op::PunchHole { ino, offset, len } => punch_hole(view, ino, offset, len).await,
         Op::SetSymlink { ino, target } => {
@@ -582,5 +603,19 @@ pub async fn apply(
                 .await
         }
         Op::RemoveXattr { ino, name } => view.delete(keys::xattr(ino, &name)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts_in;
+
+    #[test]
+    fn parts_of_a_scatter_list() {
+        let bufs: [&[u8]; 3] = [b"abc", b"", b"defgh"];
+        assert_eq!(parts_in(&bufs, 0..8).concat(), b"abcdefgh");
+        assert_eq!(parts_in(&bufs, 2..5), vec![&b"c"[..], &b"de"[..]]);
+        assert_eq!(parts_in(&bufs, 4..4), Vec::<&[u8]>::new());
+        assert_eq!(parts_in(&bufs, 3..8), vec![&b"defgh"[..]]);
     }
 }

@@ -359,15 +359,32 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
 }
 
 /// The checksums of a piece about to be written at segment offset
-/// `seg_off`: one per segment page it touches, over `bytes` (the piece).
-pub fn page_crcs(seg_off: u64, bytes: &[u8]) -> Vec<u32> {
+/// `seg_off`: one per segment page it touches, over the piece's bytes (the
+/// concatenation of `parts`) in that page.
+pub fn page_crcs(seg_off: u64, parts: &[&[u8]]) -> Vec<u32> {
     let mut crcs = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let pos = seg_off + at as u64;
-        let n = ((PAGE - pos % PAGE) as usize).min(bytes.len() - at);
-        crcs.push(crc32c::crc32c(&bytes[at..at + n]));
-        at += n;
+    let mut crc = 0u32;
+    // Bytes still to go into the current page.
+    let mut room = (PAGE - seg_off % PAGE) as usize;
+    let mut fresh = true;
+    for part in parts {
+        let mut rest: &[u8] = part;
+        while !rest.is_empty() {
+            let n = room.min(rest.len());
+            crc = crc32c::crc32c_append(crc, &rest[..n]);
+            fresh = false;
+            rest = &rest[n..];
+            room -= n;
+            if room == 0 {
+                crcs.push(crc);
+                crc = 0;
+                room = PAGE as usize;
+                fresh = true;
+            }
+        }
+    }
+    if !fresh {
+        crcs.push(crc);
     }
     crcs
 }
@@ -386,7 +403,7 @@ mod tests {
                 seg_off,
                 start,
                 len,
-                crcs: page_crcs(seg_off, &bytes),
+                crcs: page_crcs(seg_off, &[&bytes]),
             }),
         }
     }
@@ -423,7 +440,12 @@ mod tests {
             panic!("not a segment extent")
         };
         assert_eq!(p.crcs.len(), 2);
-        assert_eq!(p.crcs, page_crcs(8192, &[7u8; 8192]));
+        assert_eq!(p.crcs, page_crcs(8192, &[&[7u8; 8192]]));
+        // A scatter list checksums as its concatenation.
+        let whole: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let (a, b) = whole.split_at(5000);
+        assert_eq!(page_crcs(100, &[a, &[], b]), page_crcs(100, &[&whole]));
+        assert_eq!(page_crcs(100, &[&whole]).len(), 3);
         // Not adjacent in the segment, or not from a page boundary: kept.
         assert_eq!(insert(&list, seg(8192, 4096, 20480)).len(), 2);
         assert_eq!(insert(&[seg(0, 100, 0)], seg(100, 100, 100)).len(), 2);
