@@ -3,7 +3,8 @@
 //!
 //! * [`volume`] — `pohmelfs check`: reads a volume read-only and reports
 //!   every broken invariant of its records (entries, link counts, parents,
-//!   reachability, data past the size, orphaned records, counters).
+//!   reachability, data past the size, orphaned records, counters, extents
+//!   against their segment files, leaked segment space).
 //! * [`torture`] — `pohmelfs torture`: seeded random operations on a real
 //!   directory, each checked against an in-memory model; a saved model can
 //!   be verified again after an unmount, a restart or a crash.
@@ -12,5 +13,6 @@
 //! what a crash may lose.
 
 mod problem;
+mod segments;
 pub mod torture;
 pub mod volume;

@@ -158,6 +158,34 @@ pub enum Problem {
         counted: u64,
         found: u64,
     },
+    /// An extent names a segment file that does not exist (or the volume
+    /// keeps no segment files).
+    MissingSegment {
+        ino: u64,
+        index: u64,
+        seg: u64,
+    },
+    /// An extent's piece runs past the end of its segment file.
+    ExtentPastSegment {
+        ino: u64,
+        index: u64,
+        seg: u64,
+        end: u64,
+        seg_len: u64,
+    },
+    /// Segment bytes an extent refers to do not match its checksum.
+    ExtentChecksum {
+        ino: u64,
+        index: u64,
+        seg: u64,
+        offset: u64,
+    },
+    /// A segment record's live bytes disagree with the extents found.
+    SegmentLive {
+        seg: u64,
+        counted: u64,
+        found: u64,
+    },
 }
 
 /// Legal but worth knowing.
@@ -170,6 +198,9 @@ pub enum Warning {
         size: u64,
         blocks: u64,
     },
+    /// Segment pages that hold data no extent refers to: bytes written for
+    /// a commit that never completed, or a punch that failed.
+    LeakedSpace { seg: u64, bytes: u64 },
 }
 
 pub(super) fn lossy(name: &[u8]) -> String {
@@ -279,6 +310,22 @@ impl fmt::Display for Problem {
                 f,
                 "space counters say {counted} {what}; the volume holds {found}"
             ),
+            MissingSegment { ino, index, seg } => write!(
+                f,
+                "block {index} of file {ino} refers to segment {seg}, which does not exist"
+            ),
+            ExtentPastSegment { ino, index, seg, end, seg_len } => write!(
+                f,
+                "block {index} of file {ino} refers to segment {seg} up to offset {end}; it holds {seg_len} bytes"
+            ),
+            ExtentChecksum { ino, index, seg, offset } => write!(
+                f,
+                "block {index} of file {ino}: segment {seg} page at offset {offset} does not match its checksum"
+            ),
+            SegmentLive { seg, counted, found } => write!(
+                f,
+                "segment {seg}'s record counts {counted} live bytes; extents refer to {found}"
+            ),
         }
     }
 }
@@ -290,6 +337,11 @@ impl fmt::Display for Warning {
                 f,
                 "orphan: {kind:?} inode {ino} (size {size}, {blocks} blocks) is unlinked but still stored \
                  (a guest holds it open, or held it when its daemon stopped)"
+            ),
+            Warning::LeakedSpace { seg, bytes } => write!(
+                f,
+                "leaked space: segment {seg} holds {bytes} bytes no extent refers to \
+                 (written for a commit that never completed)"
             ),
         }
     }

@@ -19,9 +19,13 @@
 //!   inodes of the right kind; a symlink has a target as long as its size;
 //!   no block lies wholly past its file's size and no nonzero byte is
 //!   stored past it (growing the file would bring it back).
+//! * Every extent of a block lies inside the segment file it names and
+//!   matches its checksums; each segment record counts exactly the live
+//!   bytes the extents refer to; segment pages holding data no extent
+//!   refers to are leaked space (a warning, like orphans).
 //! * No inode number or cookie is at or above the superblock's `next_id`
 //!   (a later allocation would hand it out again), and the space counters
-//!   match the inodes and blocks actually stored.
+//!   match the inodes, blocks and metadata bytes actually stored.
 //! * No key outside the layout, and every record decodes.
 //!
 //! The layout keeps no low-water mark for applied-transaction records
@@ -35,7 +39,10 @@ use thiserror::Error;
 
 use super::problem::lossy;
 pub use super::problem::{Problem, Warning};
-use crate::store::engine::{BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan};
+use super::segments::SegmentCheck;
+use crate::store::engine::{
+    BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan, FORMAT_VERSION,
+};
 use crate::store::{
     Dirent, FileKind, Inode, StoreError, BLOCK_SIZE, FIRST_FREE_ID, NAME_MAX, ROOT_INO,
 };
@@ -134,10 +141,13 @@ fn valid_name(name: &[u8]) -> bool {
 /// One pass per record type, in key order of the layout, then the passes
 /// over what they gathered: counters, then links, parents and reachability.
 pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
+    let mut problems = Vec::new();
+    let segs = SegmentCheck::new(v.segment_files(), &mut problems);
     let mut c = Checker {
         next_id: u64::MAX,
         nodes: BTreeMap::new(),
-        problems: Vec::new(),
+        problems,
+        segs,
     };
     let info = c.superblock(v)?;
     let inodes = c.inodes(v)?;
@@ -146,12 +156,25 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
     c.symlinks(v)?;
     c.xattrs(v)?;
     let blocks = c.blocks(v)?;
+    let segment_records = c.segment_records(v)?;
     let sessions = c.applied(v)?;
     c.unknown(v)?;
     if let Some(info) = &info {
         c.counters(info, inodes, blocks);
+        let meta = v
+            .metadata_bytes()
+            .map_err(|e| CheckError::Scan("metadata bytes", e))?;
+        if info.counted_meta_bytes != meta {
+            c.problems.push(Problem::Counter {
+                what: "metadata bytes",
+                counted: info.counted_meta_bytes,
+                found: meta,
+            });
+        }
     }
-    let warnings = c.links();
+    let mut warnings = c.links();
+    c.segs
+        .finish(&segment_records, &mut c.problems, &mut warnings);
     Ok(Report {
         volume: String::new(),
         inodes,
@@ -170,6 +193,7 @@ struct Checker {
     next_id: u64,
     nodes: BTreeMap<u64, Node>,
     problems: Vec<Problem>,
+    segs: SegmentCheck,
 }
 
 /// The by-cookie entry index, and the owners of the cookies seen, while
@@ -213,7 +237,7 @@ impl Checker {
             }
             Err(e) => return Err(CheckError::Superblock(e)),
         };
-        if info.format_version != 1 {
+        if info.format_version != FORMAT_VERSION {
             self.problems
                 .push(Problem::FormatVersion(info.format_version));
         }
@@ -453,6 +477,9 @@ impl Checker {
     }
 
     fn block(&mut self, b: BlockRecord) {
+        let nonzero_len = self
+            .segs
+            .chunk(b.ino, b.index, &b.extents, &mut self.problems);
         let Some(n) = self.nodes.get_mut(&b.ino) else {
             self.problems.push(Problem::RecordOfMissingInode {
                 what: format!("data block {}", b.index),
@@ -474,14 +501,23 @@ impl Checker {
         if start >= size {
             self.problems
                 .push(Problem::BlockPastSize { ino, index, size });
-        } else if start.saturating_add(b.nonzero_len as u64) > size {
+        } else if start.saturating_add(nonzero_len) > size {
             self.problems.push(Problem::BytesPastSize {
                 ino,
                 index,
                 size,
-                stored_to: start + b.nonzero_len as u64,
+                stored_to: start + nonzero_len,
             });
         }
+    }
+
+    /// Segment records, as live bytes by segment id.
+    fn segment_records(&mut self, v: &dyn VolumeScan) -> Result<BTreeMap<u64, u64>, CheckError> {
+        let mut out = BTreeMap::new();
+        self.collect("segment records", v.scan_segments(), |_, (seg, live)| {
+            out.insert(seg, live);
+        })?;
+        Ok(out)
     }
 
     /// Applied-transaction records, counted per session.

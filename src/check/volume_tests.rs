@@ -697,8 +697,23 @@ fn ids_counters_and_foreign_records_are_named() {
         &["inode 5"],
     );
     assert_found(
+        "metadata bytes",
+        |s| s.raw_put_counters(3, 6, 7),
+        |p| {
+            matches!(
+                p,
+                Problem::Counter {
+                    what: "metadata bytes",
+                    counted: 7,
+                    ..
+                }
+            )
+        },
+        &["7 metadata bytes"],
+    );
+    assert_found(
         "counters",
-        |s| s.raw_put_counters(0, 6),
+        |s| s.raw_put_counters(0, 6, 0),
         |p| {
             matches!(
                 p,

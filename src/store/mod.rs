@@ -334,7 +334,8 @@ impl Txn {
 /// Space accounting of a volume, for statfs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Bytes the volume may hold in all.
+    /// Bytes the volume may hold in all (the engine charges metadata
+    /// against its capacity and reports what is left for file data).
     pub capacity_bytes: u64,
     /// Bytes of file data blocks in use.
     pub used_bytes: u64,

@@ -2,14 +2,20 @@
 //!
 //! A [`TxnView`] is the volume as the transaction being built sees it: the
 //! engine's committed state with this transaction's earlier ops laid over
-//! it, so a partial-block write after a truncate in the same transaction
-//! reads the truncated block. [`apply`] translates each [`Op`] into puts and
-//! deletes on the view; [`TxnView::finish`] hands back the batch and how the
-//! space counters move.
+//! it, so a write after a truncate in the same transaction sees the
+//! truncated chunk. [`apply`] translates each [`Op`] into puts and deletes
+//! on the view: a write adds one extent per chunk it touches (its bytes are
+//! already in a segment, or go inline), trimming what it overlaps; truncate,
+//! punch-hole and remove trim or drop extents. The view notes which segment
+//! pages died and how each segment's live bytes moved;
+//! [`TxnView::settle_segments`] puts the segment records and
+//! [`TxnView::finish`] hands back the batch and how the space counters move.
 //!
 //! This module owns the meaning of ops in terms of keys. It never writes to
-//! the engine (the caller does, once, with the whole batch), and it must be
-//! called with commits serialized: it reads what earlier transactions left.
+//! the engine (the caller does, once, with the whole batch), never punches
+//! or deletes segment bytes (the caller does, once the batch is durable),
+//! and it must be called with commits serialized: it reads what earlier
+//! transactions left.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -18,15 +24,18 @@ use bytes::Bytes;
 use slatedb::{Db, WriteBatch};
 
 use super::codec::{self, Counters};
+use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
 use super::keys::{self, tag};
 use super::map_engine_error;
+use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
 
 /// One key this transaction has read or written.
 struct Entry {
-    /// Whether the key exists in the engine, before this transaction. Only
-    /// kept exact for the keys the counters follow (inodes and blocks).
-    base_exists: bool,
+    /// The length of the key's value in the engine before this
+    /// transaction (`None`: absent). Only kept exact for the keys the
+    /// counters follow (see [`counted`]).
+    base_len: Option<usize>,
     /// The key's value as the transaction sees it now.
     value: Option<Bytes>,
     /// Whether the transaction wrote the key.
@@ -37,19 +46,84 @@ struct Entry {
 pub struct TxnView<'a> {
     db: &'a Db,
     entries: BTreeMap<Vec<u8>, Entry>,
+    /// The volume's segments (`file://`); `None` keeps data inline.
+    pub segments: Option<&'a Segments>,
+    /// Segment pages no extent refers to once this batch is durable.
+    pub dead: BTreeMap<u64, Vec<Range<u64>>>,
+    /// How the live bytes of each segment move.
+    pub live_delta: BTreeMap<u64, i128>,
+    /// Bytes appended while applying (chunk rewrites), to be made durable
+    /// before the batch is written, or punched if it never is.
+    pub appended: Vec<Placed>,
+    /// Segments whose last live byte this batch drops: deleted once it is
+    /// durable.
+    pub emptied: Vec<u64>,
 }
 
-/// Whether the counters follow keys of this record type.
+/// Whether the counters follow keys of this record type: blocks and
+/// inodes by count, and every metadata record by its bytes.
 fn counted(key: &[u8]) -> bool {
-    matches!(key.first(), Some(&tag::INODE) | Some(&tag::BLOCK))
+    key.first().is_some_and(|&t| t == tag::BLOCK || metered(t))
+}
+
+/// Whether records of this type count in the metadata bytes: what the
+/// guest's namespace costs (chunk, segment and applied records are not
+/// counted; a chunk is charged a whole block instead).
+fn metered(t: u8) -> bool {
+    matches!(
+        t,
+        tag::INODE | tag::SYMLINK | tag::DIRENT_BY_NAME | tag::DIRENT_BY_COOKIE | tag::XATTR
+    )
+}
+
+/// The bytes a record of `key` with a value of `len` bytes counts.
+fn record_bytes(key: &[u8], len: Option<usize>) -> i128 {
+    len.map_or(0, |l| (key.len() + l) as i128)
 }
 
 impl<'a> TxnView<'a> {
-    pub fn new(db: &'a Db) -> TxnView<'a> {
+    pub fn new(db: &'a Db, segments: Option<&'a Segments>) -> TxnView<'a> {
         TxnView {
             db,
             entries: BTreeMap::new(),
+            segments,
+            dead: BTreeMap::new(),
+            live_delta: BTreeMap::new(),
+            appended: Vec::new(),
+            emptied: Vec::new(),
         }
+    }
+
+    /// Put the segment records whose live bytes moved. A sealed segment
+    /// that no extent refers to any more (and no append waits on) loses its
+    /// record, and its file is deleted once the batch is durable.
+    pub async fn settle_segments(&mut self) -> Result<(), StoreError> {
+        let deltas: Vec<(u64, i128)> = std::mem::take(&mut self.live_delta)
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .collect();
+        for (seg, delta) in deltas {
+            let key = keys::segment(seg);
+            let old = match self.get(&key).await? {
+                Some(v) => codec::decode_segment(&v)?,
+                None => 0,
+            };
+            let live = u64::try_from(i128::from(old) + delta).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "live bytes of segment {seg} went to {}",
+                    i128::from(old) + delta
+                ))
+            })?;
+            let deletable = self.segments.is_some_and(|s| s.deletable(seg));
+            if live == 0 && deletable {
+                self.delete(key).await?;
+                self.emptied.push(seg);
+                self.dead.remove(&seg);
+            } else {
+                self.put(key, codec::encode_segment(live)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The value of `key` as this transaction sees it.
@@ -61,7 +135,7 @@ impl<'a> TxnView<'a> {
         self.entries.insert(
             key.to_vec(),
             Entry {
-                base_exists: value.is_some(),
+                base_len: value.as_ref().map(Bytes::len),
                 value: value.clone(),
                 dirty: false,
             },
@@ -76,15 +150,16 @@ impl<'a> TxnView<'a> {
             e.dirty = true;
             return Ok(());
         }
-        let base_exists = if counted(&key) {
-            self.db.get(&key).await.map_err(map_engine_error)?.is_some()
+        let base_len = if counted(&key) {
+            let base = self.db.get(&key).await.map_err(map_engine_error)?;
+            base.as_ref().map(Bytes::len)
         } else {
-            false
+            None
         };
         self.entries.insert(
             key,
             Entry {
-                base_exists,
+                base_len,
                 value,
                 dirty: true,
             },
@@ -100,66 +175,79 @@ impl<'a> TxnView<'a> {
         self.set(key, None).await
     }
 
-    /// The keys in `range` that exist as this transaction sees them, in
-    /// order. Values are not kept: the scans that need them are few.
-    pub async fn keys_in(&mut self, range: Range<Vec<u8>>) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut found = std::collections::BTreeSet::new();
+    /// The records in `range` as this transaction sees them, in order.
+    pub async fn records_in(
+        &mut self,
+        range: Range<Vec<u8>>,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        let mut found = BTreeMap::new();
         let mut iter = self
             .db
             .scan(range.clone())
             .await
             .map_err(map_engine_error)?;
         while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
-            found.insert(kv.key.to_vec());
+            found.insert(kv.key.to_vec(), kv.value);
         }
         for (key, e) in self.entries.range(range) {
-            if e.value.is_some() {
-                found.insert(key.clone());
-            } else {
-                found.remove(key);
-            }
+            match &e.value {
+                Some(v) => found.insert(key.clone(), v.clone()),
+                None => found.remove(key),
+            };
         }
         Ok(found.into_iter().collect())
     }
 
     /// Delete every key in `range`.
     pub async fn delete_range(&mut self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
-        for key in self.keys_in(range).await? {
-            match self.entries.get_mut(&key) {
-                Some(e) => {
-                    e.value = None;
-                    e.dirty = true;
-                }
-                // Found by the scan and not in the overlay: it came from
-                // the engine, so it exists there.
-                None => {
-                    self.entries.insert(
-                        key,
-                        Entry {
-                            base_exists: true,
-                            value: None,
-                            dirty: true,
-                        },
-                    );
-                }
-            }
+        for (key, value) in self.records_in(range).await? {
+            self.delete_found(key, value.len());
         }
         Ok(())
+    }
+
+    /// Delete `key`, which [`TxnView::records_in`] found with a value of
+    /// `len` bytes.
+    fn delete_found(&mut self, key: Vec<u8>, len: usize) {
+        match self.entries.get_mut(&key) {
+            Some(e) => {
+                e.value = None;
+                e.dirty = true;
+            }
+            // Found by the scan and not in the overlay: it came from the
+            // engine, so it exists there.
+            None => {
+                self.entries.insert(
+                    key,
+                    Entry {
+                        base_len: Some(len),
+                        value: None,
+                        dirty: true,
+                    },
+                );
+            }
+        }
     }
 
     /// The batch this transaction writes, and the counters after it.
     pub fn finish(self, before: Counters) -> Result<(WriteBatch, Counters), StoreError> {
         let mut batch = WriteBatch::new();
         let (mut blocks, mut inodes) = (before.blocks as i128, before.inodes as i128);
+        let mut meta = before.meta_bytes as i128;
         for (key, e) in self.entries {
             if !e.dirty {
                 continue;
             }
-            let delta = i128::from(e.value.is_some()) - i128::from(e.base_exists);
-            match key.first() {
-                Some(&tag::BLOCK) => blocks += delta,
-                Some(&tag::INODE) => inodes += delta,
+            let delta = i128::from(e.value.is_some()) - i128::from(e.base_len.is_some());
+            let t = key.first().copied().unwrap_or(0);
+            match t {
+                tag::BLOCK => blocks += delta,
+                tag::INODE => inodes += delta,
                 _ => {}
+            }
+            if metered(t) {
+                meta += record_bytes(&key, e.value.as_ref().map(Bytes::len))
+                    - record_bytes(&key, e.base_len);
             }
             match e.value {
                 Some(v) => batch.put_bytes(Bytes::from(key), v),
@@ -171,6 +259,8 @@ impl<'a> TxnView<'a> {
                 .map_err(|_| StoreError::Corrupt(format!("block count went to {blocks}")))?,
             inodes: u64::try_from(inodes)
                 .map_err(|_| StoreError::Corrupt(format!("inode count went to {inodes}")))?,
+            meta_bytes: u64::try_from(meta)
+                .map_err(|_| StoreError::Corrupt(format!("metadata bytes went to {meta}")))?,
         };
         if after != before {
             batch.put(keys::stats(), codec::encode_counters(&after));
@@ -179,90 +269,236 @@ impl<'a> TxnView<'a> {
     }
 }
 
-/// The stored bytes of block `index` of `ino`, as the view sees them.
-async fn block_bytes(
+/// The extents of chunk `index` of `ino`, as the view sees them; `None`
+/// when the chunk has no record.
+async fn chunk(
     view: &mut TxnView<'_>,
     ino: u64,
     index: u64,
-) -> Result<Option<Vec<u8>>, StoreError> {
+) -> Result<Option<Vec<Extent>>, StoreError> {
     match view.get(&keys::block(ino, index)).await? {
-        Some(v) => Ok(Some(codec::decode_block(&v)?.to_vec())),
+        Some(v) => Ok(Some(
+            extent::decode(&v).map_err(|e| in_chunk(e, ino, index))?,
+        )),
         None => Ok(None),
     }
 }
 
-async fn put_block(
+fn in_chunk(e: StoreError, ino: u64, index: u64) -> StoreError {
+    match e {
+        StoreError::Corrupt(m) => StoreError::Corrupt(format!("block {index} of inode {ino}: {m}")),
+        other => other,
+    }
+}
+
+/// Fill `out` with the chunk bytes from chunk offset `from` on, as `list`
+/// holds them (zeros where no extent is).
+pub fn read_chunk(
+    segments: Option<&Segments>,
+    list: &[Extent],
+    from: u32,
+    out: &mut [u8],
+) -> Result<(), StoreError> {
+    out.fill(0);
+    let to = from + out.len() as u32;
+    for e in list {
+        let (s, t) = (e.start.max(from), e.end().min(to));
+        if s >= t {
+            continue;
+        }
+        let dst = &mut out[(s - from) as usize..(t - from) as usize];
+        match &e.data {
+            Data::Inline(b) => {
+                dst.copy_from_slice(&b[(s - e.start) as usize..(t - e.start) as usize])
+            }
+            Data::Segment(p) => {
+                let segs = segments.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "extent in segment {} on a volume without segments",
+                        p.seg
+                    ))
+                })?;
+                segs.read_at(p.seg, p.seg_at(s), dst).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        StoreError::Corrupt(format!("extent past the end of segment {}", p.seg))
+                    } else {
+                        StoreError::Io(e)
+                    }
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Note what replacing `old` by `new` does to segments: pages that died,
+/// live bytes that moved.
+fn account(view: &mut TxnView<'_>, old: &[Extent], new: &[Extent]) {
+    for (seg, r) in extent::segment_pages_dead(old, new) {
+        view.dead.entry(seg).or_default().push(r);
+    }
+    for (seg, n) in extent::live_bytes(old) {
+        *view.live_delta.entry(seg).or_insert(0) -= n as i128;
+    }
+    for (seg, n) in extent::live_bytes(new) {
+        *view.live_delta.entry(seg).or_insert(0) += n as i128;
+    }
+}
+
+/// Rewrite a fragmented chunk as one extent: a copy of at most one chunk.
+async fn compact(
+    view: &mut TxnView<'_>,
+    index: u64,
+    list: Vec<Extent>,
+) -> Result<Vec<Extent>, StoreError> {
+    let end = extent::covered_end(&list);
+    let mut buf = vec![0u8; end as usize];
+    read_chunk(view.segments, &list, 0, &mut buf)?;
+    let data = match view.segments {
+        Some(segs) => {
+            let p = segs
+                .append(index.saturating_mul(BLOCK_SIZE), &[&buf])
+                .map_err(StoreError::Io)?;
+            view.appended.push(p);
+            Data::Segment(Piece {
+                seg: p.seg,
+                seg_off: p.seg_off,
+                start: 0,
+                len: end,
+                crcs: extent::page_crcs(p.seg_off, &[&buf]),
+            })
+        }
+        None => Data::Inline(Bytes::from(buf)),
+    };
+    Ok(vec![Extent {
+        start: 0,
+        len: end,
+        data,
+    }])
+}
+
+/// Replace chunk `index` of `ino`, whose extents were `old`, by `new`.
+async fn put_chunk(
     view: &mut TxnView<'_>,
     ino: u64,
     index: u64,
-    data: &[u8],
+    old: &[Extent],
+    new: Vec<Extent>,
 ) -> Result<(), StoreError> {
-    view.put(keys::block(ino, index), codec::encode_bytes(data))
+    account(view, old, &new);
+    let new = if new.len() > MAX_EXTENTS {
+        // The rewrite replaces every extent, the newest write's included.
+        let compacted = compact(view, index, new.clone()).await?;
+        account(view, &new, &compacted);
+        compacted
+    } else {
+        new
+    };
+    view.put(keys::block(ino, index), extent::encode(&new))
         .await
 }
 
-/// Zero `range` (offsets within one block) of block `index`, keeping the
-/// block. Bytes past the stored length already read as zeros, so a range
-/// that reaches the end shortens the stored bytes instead.
-async fn zero_in_block(
+/// Drop every chunk record in `range`, with its extents.
+async fn drop_chunks(view: &mut TxnView<'_>, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+    for (key, value) in view.records_in(range).await? {
+        let old = extent::decode(&value).map_err(|e| match keys::decode_block(&key) {
+            Ok((ino, index)) => in_chunk(e, ino, index),
+            Err(_) => e,
+        })?;
+        account(view, &old, &[]);
+        view.delete_found(key, value.len());
+    }
+    Ok(())
+}
+
+/// Cut chunk offsets `r` out of chunk `index`, keeping its record.
+async fn cut(
     view: &mut TxnView<'_>,
     ino: u64,
     index: u64,
-    range: Range<usize>,
+    r: Range<u32>,
 ) -> Result<(), StoreError> {
-    let Some(mut data) = block_bytes(view, ino, index).await? else {
+    let Some(old) = chunk(view, ino, index).await? else {
         return Ok(());
     };
-    if range.start >= data.len() {
-        return Ok(());
+    let new = extent::remove_range(&old, r);
+    if new != old {
+        put_chunk(view, ino, index, &old, new).await?;
     }
-    if range.end >= data.len() {
-        data.truncate(range.start);
-    } else {
-        data[range].fill(0);
-    }
-    put_block(view, ino, index, &data).await
+    Ok(())
 }
 
+/// The parts of the scatter list `bufs` that make up its bytes `range`.
+fn parts_in<'b>(bufs: &[&'b [u8]], range: Range<usize>) -> Vec<&'b [u8]> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for b in bufs {
+        let (s, e) = (range.start.max(at), range.end.min(at + b.len()));
+        if s < e {
+            out.push(&b[s - at..e - at]);
+        }
+        at += b.len();
+        if at >= range.end {
+            break;
+        }
+    }
+    out
+}
+
+/// Write the bytes of the scatter list `bufs` at `offset`: one extent per
+/// chunk they touch, pointing where `placed` says they were appended, or
+/// inline without segments.
 async fn write(
     view: &mut TxnView<'_>,
     ino: u64,
     offset: u64,
-    data: &[u8],
+    bufs: &[&[u8]],
+    placed: Option<Placed>,
 ) -> Result<(), StoreError> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
     // A write that would run past the largest offset is not applied: the
-    // filesystem layer never sends one, and no block could hold it.
-    if offset.checked_add(data.len() as u64).is_none() {
+    // filesystem layer never sends one, and no chunk could hold it.
+    if offset.checked_add(total as u64).is_none() {
         return Ok(());
     }
     let mut pos = offset;
-    let mut rest = data;
-    while !rest.is_empty() {
+    let mut at = 0usize;
+    while at < total {
         let index = pos / BLOCK_SIZE;
-        let in_block = (pos % BLOCK_SIZE) as usize;
-        let n = rest.len().min(BLOCK_SIZE as usize - in_block);
-        if in_block == 0 && n as u64 == BLOCK_SIZE {
-            put_block(view, ino, index, &rest[..n]).await?;
-        } else {
-            let mut block = block_bytes(view, ino, index).await?.unwrap_or_default();
-            if block.len() < in_block + n {
-                block.resize(in_block + n, 0);
-            }
-            block[in_block..in_block + n].copy_from_slice(&rest[..n]);
-            put_block(view, ino, index, &block).await?;
-        }
-        rest = &rest[n..];
+        let start = (pos % BLOCK_SIZE) as u32;
+        let n = (total - at).min((BLOCK_SIZE - u64::from(start)) as usize);
+        let parts = parts_in(bufs, at..at + n);
+        let new = Extent {
+            start,
+            len: n as u32,
+            data: match placed {
+                Some(p) => {
+                    let seg_off = p.seg_off + at as u64;
+                    Data::Segment(Piece {
+                        seg: p.seg,
+                        seg_off,
+                        start,
+                        len: n as u32,
+                        crcs: extent::page_crcs(seg_off, &parts),
+                    })
+                }
+                None => Data::Inline(Bytes::from(parts.concat())),
+            },
+        };
+        let old = chunk(view, ino, index).await?.unwrap_or_default();
+        let list = extent::insert(&old, new);
+        put_chunk(view, ino, index, &old, list).await?;
+        at += n;
         pos += n as u64;
     }
     Ok(())
 }
 
 async fn truncate(view: &mut TxnView<'_>, ino: u64, size: u64) -> Result<(), StoreError> {
-    view.delete_range(keys::blocks_from(ino, size.div_ceil(BLOCK_SIZE)))
-        .await?;
-    let tail = (size % BLOCK_SIZE) as usize;
+    drop_chunks(view, keys::blocks_from(ino, size.div_ceil(BLOCK_SIZE))).await?;
+    let tail = (size % BLOCK_SIZE) as u32;
     if tail != 0 {
-        zero_in_block(view, ino, size / BLOCK_SIZE, tail..BLOCK_SIZE as usize).await?;
+        cut(view, ino, size / BLOCK_SIZE, tail..BLOCK_SIZE as u32).await?;
     }
     Ok(())
 }
@@ -279,39 +515,44 @@ async fn punch_hole(
     }
     let first = offset / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
-    let head = (offset % BLOCK_SIZE) as usize;
-    let tail_end = ((end - 1) % BLOCK_SIZE) as usize + 1;
+    let head = (offset % BLOCK_SIZE) as u32;
+    let tail_end = ((end - 1) % BLOCK_SIZE) as u32 + 1;
+    let bs = BLOCK_SIZE as u32;
     if first == last {
-        if head == 0 && tail_end == BLOCK_SIZE as usize {
-            view.delete(keys::block(ino, first)).await?;
+        if head == 0 && tail_end == bs {
+            drop_chunks(view, keys::blocks_between(ino, first, first)).await?;
         } else {
-            zero_in_block(view, ino, first, head..tail_end).await?;
+            cut(view, ino, first, head..tail_end).await?;
         }
         return Ok(());
     }
-    // Whole blocks go with one scan, however long the hole; the partial
-    // blocks at either end are zeroed in place.
+    // Whole chunks go with one scan, however long the hole; the partial
+    // chunks at either end are cut in place.
     let full_first = if head == 0 { first } else { first + 1 };
-    let full_last = if tail_end == BLOCK_SIZE as usize {
+    let full_last = if tail_end == bs {
         Some(last)
     } else {
         last.checked_sub(1)
     };
     if let Some(full_last) = full_last.filter(|l| *l >= full_first) {
-        view.delete_range(keys::blocks_between(ino, full_first, full_last))
-            .await?;
+        drop_chunks(view, keys::blocks_between(ino, full_first, full_last)).await?;
     }
     if head != 0 {
-        zero_in_block(view, ino, first, head..BLOCK_SIZE as usize).await?;
+        cut(view, ino, first, head..bs).await?;
     }
-    if tail_end != BLOCK_SIZE as usize {
-        zero_in_block(view, ino, last, 0..tail_end).await?;
+    if tail_end != bs {
+        cut(view, ino, last, 0..tail_end).await?;
     }
     Ok(())
 }
 
-/// Lay `op` over the view.
-pub async fn apply(view: &mut TxnView<'_>, op: Op) -> Result<(), StoreError> {
+/// Lay `op` over the view; `placed` is where a write's bytes were
+/// appended, on a volume with segments.
+pub async fn apply(
+    view: &mut TxnView<'_>,
+    op: Op,
+    placed: Option<Placed>,
+) -> Result<(), StoreError> {
     match op {
         Op::PutInode(inode) => {
             view.put(keys::inode(inode.ino), codec::encode_inode(&inode))
@@ -320,7 +561,7 @@ pub async fn apply(view: &mut TxnView<'_>, op: Op) -> Result<(), StoreError> {
         Op::RemoveInode { ino } => {
             view.delete(keys::inode(ino)).await?;
             view.delete(keys::symlink(ino)).await?;
-            view.delete_range(keys::blocks_from(ino, 0)).await?;
+            drop_chunks(view, keys::blocks_from(ino, 0)).await?;
             view.delete_range(keys::xattrs_of(ino)).await
         }
         Op::PutDirent { parent, dirent } => {
@@ -350,7 +591,10 @@ pub async fn apply(view: &mut TxnView<'_>, op: Op) -> Result<(), StoreError> {
             view.delete(keys::dirent_by_cookie(parent, old.cookie))
                 .await
         }
-        Op::Write { ino, offset, data } => write(view, ino, offset, &data.contiguous()).await,
+        Op::Write { ino, offset, data } => {
+            let slices: Vec<&[u8]> = data.slices().collect();
+            write(view, ino, offset, &slices, placed).await
+        }
         Op::Truncate { ino, size } => truncate(view, ino, size).await,
         Op::PunchHole { ino, offset, len } => punch_hole(view, ino, offset, len).await,
         Op::SetSymlink { ino, target } => {
@@ -362,5 +606,19 @@ pub async fn apply(view: &mut TxnView<'_>, op: Op) -> Result<(), StoreError> {
                 .await
         }
         Op::RemoveXattr { ino, name } => view.delete(keys::xattr(ino, &name)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts_in;
+
+    #[test]
+    fn parts_of_a_scatter_list() {
+        let bufs: [&[u8]; 3] = [b"abc", b"", b"defgh"];
+        assert_eq!(parts_in(&bufs, 0..8).concat(), b"abcdefgh");
+        assert_eq!(parts_in(&bufs, 2..5), vec![&b"c"[..], &b"de"[..]]);
+        assert_eq!(parts_in(&bufs, 4..4), Vec::<&[u8]>::new());
+        assert_eq!(parts_in(&bufs, 3..8), vec![&b"defgh"[..]]);
     }
 }

@@ -6,7 +6,7 @@
 //! never panics — every length is checked before it is used and anything
 //! unexpected is a [`StoreError::Corrupt`] naming the record.
 
-use crate::store::{Dirent, FileKind, Inode, StoreError, Timestamp, BLOCK_SIZE};
+use crate::store::{Dirent, FileKind, Inode, StoreError, Timestamp};
 
 /// The version byte every value written by this code starts with.
 const V1: u8 = 1;
@@ -17,7 +17,11 @@ pub const MAGIC: &[u8; 8] = b"POHMELFS";
 
 /// The layout version of volumes this code writes and reads. A volume with
 /// another version is refused at open, never reformatted.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 moved file data out of the engine: a chunk record is a list of
+/// extents (`extent.rs`) and `file://` volumes keep the bytes in segment
+/// files. Version 1 stored each 64 KiB block as one value.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A reader over one value that turns every short read into `Corrupt`.
 struct Reader<'a> {
@@ -183,15 +187,19 @@ pub fn decode_superblock(bytes: &[u8]) -> Result<Superblock, StoreError> {
 /// Space accounting, kept exact by every commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Chunks holding a record (each charged a whole block).
     pub blocks: u64,
     pub inodes: u64,
+    /// Key and value bytes of the inode, symlink, entry and xattr records.
+    pub meta_bytes: u64,
 }
 
 pub fn encode_counters(c: &Counters) -> Vec<u8> {
-    let mut v = Vec::with_capacity(17);
+    let mut v = Vec::with_capacity(25);
     v.push(V1);
     v.extend_from_slice(&c.blocks.to_le_bytes());
     v.extend_from_slice(&c.inodes.to_le_bytes());
+    v.extend_from_slice(&c.meta_bytes.to_le_bytes());
     v
 }
 
@@ -200,6 +208,7 @@ pub fn decode_counters(bytes: &[u8]) -> Result<Counters, StoreError> {
     let c = Counters {
         blocks: r.u64()?,
         inodes: r.u64()?,
+        meta_bytes: r.u64()?,
     };
     r.finish()?;
     Ok(c)
@@ -289,7 +298,7 @@ pub fn decode_dirent_by_cookie(cookie: u64, bytes: &[u8]) -> Result<Dirent, Stor
 }
 
 /// A value that is a version byte and opaque bytes: symlink targets,
-/// xattr values, data blocks, applied-transaction markers.
+/// xattr values, applied-transaction markers.
 pub fn encode_bytes(payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + payload.len());
     v.push(V1);
@@ -301,17 +310,19 @@ pub fn decode_bytes<'a>(what: &'static str, bytes: &'a [u8]) -> Result<&'a [u8],
     Ok(Reader::new(what, bytes)?.rest())
 }
 
-/// A data block's bytes: at most [`BLOCK_SIZE`]; bytes past the stored
-/// length read as zeros.
-pub fn decode_block(bytes: &[u8]) -> Result<&[u8], StoreError> {
-    let data = decode_bytes("block", bytes)?;
-    if data.len() as u64 > BLOCK_SIZE {
-        return Err(StoreError::Corrupt(format!(
-            "block value holds {} bytes, more than a block",
-            data.len()
-        )));
-    }
-    Ok(data)
+/// A segment record: the segment's live bytes.
+pub fn encode_segment(live_bytes: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9);
+    v.push(V1);
+    v.extend_from_slice(&live_bytes.to_le_bytes());
+    v
+}
+
+pub fn decode_segment(bytes: &[u8]) -> Result<u64, StoreError> {
+    let mut r = Reader::new("segment", bytes)?;
+    let live = r.u64()?;
+    r.finish()?;
+    Ok(live)
 }
 
 #[cfg(test)]
@@ -366,6 +377,7 @@ mod tests {
         let c = Counters {
             blocks: 3,
             inodes: 4,
+            meta_bytes: 5,
         };
         assert_eq!(decode_counters(&encode_counters(&c)).unwrap(), c);
         assert_eq!(decode_bytes("x", &encode_bytes(b"abc")).unwrap(), b"abc");
@@ -390,7 +402,8 @@ mod tests {
         bad_version[0] = 200;
         assert!(decode_inode(1, &bad_version).is_err());
         assert!(decode_superblock(b"\x01NOTMAGICxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").is_err());
-        assert!(decode_block(&vec![V1; BLOCK_SIZE as usize + 2]).is_err());
+        assert_eq!(decode_segment(&encode_segment(7)).unwrap(), 7);
+        assert!(decode_segment(&[V1, 1, 2]).is_err());
         assert!(decode_dirent_by_cookie(1, &[V1, 1, 2]).is_err());
     }
 }

@@ -59,6 +59,9 @@ pub struct VolumeConfig {
     pub commit_mode: CommitMode,
     /// For logs: where the volume lives, without credentials.
     pub describe: String,
+    /// The volume's local directory (`file://`), where segment files live;
+    /// `None` keeps file data inline in the engine (`s3://`).
+    pub local_dir: Option<PathBuf>,
 }
 
 fn bad(url: &str, reason: impl Into<String>) -> OpenVolumeError {
@@ -244,6 +247,7 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         capacity_inodes: o.capacity_inodes,
         commit_mode: o.commit_mode,
         describe: format!("file://{}", dir.display()),
+        local_dir: Some(dir),
     })
 }
 
@@ -277,6 +281,7 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
             Some(e) => format!("s3://{bucket}/{prefix} at {e}"),
             None => format!("s3://{bucket}/{prefix}"),
         },
+        local_dir: None,
     })
 }
 

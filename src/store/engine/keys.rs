@@ -30,8 +30,11 @@ pub mod tag {
     pub const DIRENT_BY_COOKIE: u8 = 0x21;
     /// `ino, name` -> extended attribute value.
     pub const XATTR: u8 = 0x30;
-    /// `ino, block index` -> up to `BLOCK_SIZE` bytes of file data.
+    /// `ino, chunk index` -> the extents of one `BLOCK_SIZE` chunk of file
+    /// data (`extent.rs`).
     pub const BLOCK: u8 = 0x40;
+    /// `segment id` -> the live bytes of one segment file.
+    pub const SEGMENT: u8 = 0x48;
     /// `session, txn_id` -> marker that the transaction was applied.
     pub const APPLIED: u8 = 0x50;
 }
@@ -91,6 +94,10 @@ pub fn block(ino: u64, index: u64) -> Vec<u8> {
     with_u64_u64(tag::BLOCK, ino, index)
 }
 
+pub fn segment(id: u64) -> Vec<u8> {
+    with_u64(tag::SEGMENT, id)
+}
+
 pub fn applied(session: u64, txn_id: u64) -> Vec<u8> {
     with_u64_u64(tag::APPLIED, session, txn_id)
 }
@@ -127,6 +134,19 @@ pub fn blocks_between(ino: u64, first: u64, last: u64) -> Range<Vec<u8>> {
         None => prefix_range(with_u64(tag::BLOCK, ino)).end,
     };
     block(ino, first)..end
+}
+
+/// Every segment record.
+pub fn segments_all() -> Range<Vec<u8>> {
+    prefix_range(vec![tag::SEGMENT])
+}
+
+/// The id of a segment record key.
+pub fn decode_segment(key: &[u8]) -> Result<u64, StoreError> {
+    if key.len() != 9 || key[0] != tag::SEGMENT {
+        return Err(corrupt("segment", key));
+    }
+    be_u64(&key[1..]).ok_or_else(|| corrupt("segment", key))
 }
 
 /// All extended attributes of `ino`.

@@ -1,14 +1,23 @@
 //! The durable volume engine: a [`Store`] on SlateDB, an LSM tree whose WAL
 //! and tables live in an object store (a local directory or an S3 bucket).
 //!
-//! One [`Txn`] becomes one SlateDB write batch, so it is atomic. Commits are
+//! One [`Txn`] becomes one SlateDB write batch, so it is atomic. On a
+//! `file://` volume the bytes of its writes go first to an append-only
+//! segment file (`segment.rs`) and are made durable there, sharing
+//! `fdatasync` calls with concurrent commits, before the commit builds its
+//! batch: SlateDB may flush its WAL at any moment, so no record may reach it
+//! before the bytes it refers to are on the medium. SlateDB holds metadata
+//! only: inodes, entries, xattrs, and per-chunk extent lists (`extent.rs`);
+//! `s3://` volumes keep the bytes inline in the extents. Commits are
 //! serialized while their batch is built and appended to the in-memory WAL
 //! (building reads what earlier commits left, see `apply.rs`) and then wait
 //! for durability together, sharing WAL flushes (`group.rs`). A commit is
-//! acknowledged only once its batch is in the object store.
+//! acknowledged only once its batch is in the object store; only then are
+//! the segment pages it stopped referring to punched out, and segments it
+//! emptied deleted.
 //!
-//! The key layout is in `keys.rs`, value encodings in `codec.rs`; both are
-//! described in `docs/store-layout.md`.
+//! The key layout is in `keys.rs`, value encodings in `codec.rs` and
+//! `extent.rs`; all are described in `docs/store-layout.md`.
 //!
 //! This module owns the engine instance, its tokio runtime, the superblock,
 //! the id counter and the exactly-once records. The sync [`Store`] methods
@@ -24,20 +33,27 @@
 
 mod apply;
 mod codec;
+mod commit;
 mod config;
+mod extent;
 mod group;
 mod keys;
+mod read_plan;
 mod scan;
+mod segment;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
+mod segment_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::RwLock;
 
 use slatedb::config::ScanOptions;
 use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
@@ -47,12 +63,17 @@ use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
     FIRST_FREE_ID,
 };
-use codec::{Counters, Superblock, FORMAT_VERSION};
+pub use codec::FORMAT_VERSION;
+use codec::{Counters, Superblock};
+pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGMENT_PAGE};
 pub use group::CommitMode;
+pub use read_plan::{ReadPiece, ReadPlan};
 pub use scan::{
     BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
     VolumeScan, XattrRecord,
 };
+pub use segment::SegmentFiles;
+use segment::Segments;
 
 /// Ids are reserved durably this many at a time beyond what a caller asks
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the
@@ -81,6 +102,8 @@ pub enum OpenVolumeError {
     NotAVolume,
     #[error("read or write the superblock")]
     Superblock(#[source] StoreError),
+    #[error("open segment files")]
+    Segments(#[source] std::io::Error),
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -91,6 +114,18 @@ pub(crate) fn map_engine_error(e: slatedb::Error) -> StoreError {
     } else {
         StoreError::Io(std::io::Error::other(e))
     }
+}
+
+/// Where file data goes; only tests choose.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Placement {
+    /// Segments on `file://`, inline on `s3://`.
+    Default,
+    /// Inline, even on `file://`.
+    Inline,
+    /// Segments sealed at this many bytes.
+    SegmentsOf(u64),
 }
 
 /// What `reserve_ids` hands out from.
@@ -116,8 +151,15 @@ pub struct SlateStore {
     /// commit.
     used_blocks: AtomicU64,
     used_inodes: AtomicU64,
+    used_meta_bytes: AtomicU64,
     ids: tokio::sync::Mutex<IdRange>,
     group: group::GroupCommit,
+    /// The segment files of a `file://` volume; `None` on `s3://`.
+    segments: Option<Segments>,
+    /// Readers hold it shared from reading a chunk record to reading the
+    /// segment bytes it names; reclaiming (punching, deleting) takes it
+    /// exclusively, so a reader never sees a page punched under it.
+    reclaim: RwLock<()>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -145,6 +187,18 @@ impl SlateStore {
     /// Open (creating if empty) the volume named by a `file://` or `s3://`
     /// URL.
     pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
+        Self::open_placing(url, Placement::Default)
+    }
+
+    /// Open a `file://` volume that keeps file data inline (as on `s3://`)
+    /// or seals segments at `max` bytes: the tests' way to reach those
+    /// paths on a local directory.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(url: &str, placement: Placement) -> SlateStore {
+        Self::open_placing(url, placement).expect("open volume")
+    }
+
+    fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
         let cfg = config::parse(url)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -171,8 +225,28 @@ impl SlateStore {
                 return Err(e);
             }
         };
+        let local_dir = match placement {
+            Placement::Inline => None,
+            _ => cfg.local_dir.as_deref(),
+        };
+        let max = match placement {
+            Placement::SegmentsOf(max) => max,
+            _ => segment::SEGMENT_BYTES_MAX,
+        };
+        let segments = match local_dir {
+            Some(dir) => match Segments::open_with_max(dir, max) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let _ = runtime.block_on(db.close());
+                    return Err(OpenVolumeError::Segments(e));
+                }
+            },
+            None => None,
+        };
         let store = SlateStore {
             db,
+            segments,
+            reclaim: RwLock::new(()),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: format!(
@@ -189,6 +263,7 @@ impl SlateStore {
             commit_lock: tokio::sync::Mutex::new(counters),
             used_blocks: AtomicU64::new(counters.blocks),
             used_inodes: AtomicU64::new(counters.inodes),
+            used_meta_bytes: AtomicU64::new(counters.meta_bytes),
             ids: tokio::sync::Mutex::new(IdRange {
                 next: superblock.next_id,
                 limit: superblock.next_id,
@@ -199,6 +274,12 @@ impl SlateStore {
             closed: AtomicBool::new(false),
             runtime: Some(runtime),
         };
+        if let Err(e) = store
+            .rt()
+            .and_then(|rt| rt.block_on(store.sweep_segments()))
+        {
+            tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
+        }
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
     }
@@ -271,6 +352,12 @@ impl SlateStore {
         self.group.flushes()
     }
 
+    /// How many segment `fdatasync` calls commits asked for (shared among
+    /// concurrent commits, like WAL flushes).
+    pub fn segment_syncs(&self) -> u64 {
+        self.segments.as_ref().map_or(0, Segments::syncs)
+    }
+
     fn check_writable(&self) -> Result<(), StoreError> {
         if self.fenced.load(Ordering::Acquire) {
             return Err(StoreError::Fenced);
@@ -314,66 +401,6 @@ impl SlateStore {
             }
         }
         Ok(out)
-    }
-
-    /// Apply `txn` (once, when `once` names it) and wait until durable.
-    async fn commit_inner(
-        &self,
-        once: Option<(u64, u64)>,
-        txn: Txn,
-    ) -> Result<CommitOutcome, StoreError> {
-        self.check_writable()?;
-        let _in_flight = self.group.begin();
-        let handle = {
-            let mut counters = self.commit_lock.lock().await;
-            let mut view = apply::TxnView::new(&self.db);
-            if let Some((session, txn_id)) = once {
-                if view.get(&keys::applied(session, txn_id)).await?.is_some() {
-                    drop(counters);
-                    // The first copy may still be on its way to the medium:
-                    // acknowledge the duplicate only once it has arrived.
-                    self.group
-                        .wait_all(&self.db)
-                        .await
-                        .map_err(map_engine_error)?;
-                    return Ok(CommitOutcome { duplicate: true });
-                }
-            }
-            for op in txn.ops {
-                apply::apply(&mut view, op).await?;
-            }
-            if let Some((session, txn_id)) = once {
-                view.put(keys::applied(session, txn_id), codec::encode_bytes(&[]))
-                    .await?;
-            }
-            let (batch, after) = view.finish(*counters)?;
-            if after.blocks > counters.blocks
-                && after.blocks.saturating_mul(BLOCK_SIZE) > self.capacity_bytes
-            {
-                return Err(StoreError::NoSpace);
-            }
-            if after.inodes > counters.inodes && after.inodes > self.capacity_inodes {
-                return Err(StoreError::NoSpace);
-            }
-            if batch.is_empty() {
-                None
-            } else {
-                let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-                self.group.written(&handle);
-                *counters = after;
-                self.used_blocks.store(after.blocks, Ordering::Release);
-                self.used_inodes.store(after.inodes, Ordering::Release);
-                Some(handle)
-            }
-        };
-        match handle {
-            Some(h) => self.group.wait(&self.db, &h).await,
-            // Nothing to write, but what this transaction saw may still be
-            // on its way to the medium.
-            None => self.group.wait_all(&self.db).await,
-        }
-        .map_err(map_engine_error)?;
-        Ok(CommitOutcome { duplicate: false })
     }
 
     async fn reserve_ids_inner(&self, count: u64) -> Result<u64, StoreError> {
@@ -439,16 +466,20 @@ impl SlateStore {
         let mut done = 0usize;
         while done < buf.len() {
             let index = pos / BLOCK_SIZE;
-            let in_block = (pos % BLOCK_SIZE) as usize;
-            let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_block);
+            let in_chunk = (pos % BLOCK_SIZE) as u32;
+            let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_chunk as usize);
             let out = &mut buf[done..done + n];
-            out.fill(0);
-            if let Some(v) = self.get(keys::block(ino, index)).await? {
-                let data = codec::decode_block(&v)?;
-                if data.len() > in_block {
-                    let m = (data.len() - in_block).min(n);
-                    out[..m].copy_from_slice(&data[in_block..in_block + m]);
+            match self.get(keys::block(ino, index)).await? {
+                Some(v) => {
+                    let list = extent::decode(&v).map_err(|e| match e {
+                        StoreError::Corrupt(m) => {
+                            StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))
+                        }
+                        other => other,
+                    })?;
+                    apply::read_chunk(self.segments.as_ref(), &list, in_chunk, out)?;
                 }
+                None => out.fill(0),
             }
             done += n;
             pos = match pos.checked_add(n as u64) {
@@ -491,6 +522,20 @@ impl SlateStore {
     #[cfg(test)]
     fn raw_db(&self) -> &Db {
         &self.db
+    }
+
+    /// The value stored under `key`.
+    #[cfg(test)]
+    fn raw_get_for_test(&self, key: &[u8]) -> bytes::Bytes {
+        self.block_on(self.get(key.to_vec()))
+            .expect("get")
+            .expect("a stored record")
+    }
+
+    /// The segment files, on a `file://` volume.
+    #[cfg(test)]
+    fn segments(&self) -> &Segments {
+        self.segments.as_ref().expect("a file:// volume")
     }
 
     #[cfg(test)]
@@ -557,6 +602,7 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
     }
 
@@ -608,8 +654,12 @@ impl Store for SlateStore {
     }
 
     fn statfs(&self) -> Result<StoreStats, StoreError> {
+        // Metadata is charged against the capacity: what is reported is
+        // what is left for file data, so free space is exact while
+        // `used_bytes` means data blocks, as for every store.
+        let meta = self.used_meta_bytes.load(Ordering::Acquire);
         Ok(StoreStats {
-            capacity_bytes: self.capacity_bytes,
+            capacity_bytes: self.capacity_bytes.saturating_sub(meta),
             used_bytes: self
                 .used_blocks
                 .load(Ordering::Acquire)

@@ -22,7 +22,9 @@ use slatedb::config::{DbReaderOptions, ScanOptions};
 use slatedb::{ByteRangeBounds, DbIterator, DbReadOps, DbReader, DbReaderMode};
 use thiserror::Error;
 
+use super::extent::{self, Extent};
 use super::keys::{self, tag};
+use super::segment::SegmentFiles;
 use super::{codec, config, map_engine_error, OpenVolumeError, SlateStore};
 use crate::store::{Dirent, Inode, StoreError};
 
@@ -39,19 +41,16 @@ pub struct VolumeInfo {
     pub counted_blocks: u64,
     /// Inodes in use, by the same counters.
     pub counted_inodes: u64,
+    /// Bytes of metadata records, by the same counters.
+    pub counted_meta_bytes: u64,
 }
 
-/// One data block, without its bytes.
+/// One data chunk (a block of `BLOCK_SIZE` file bytes): its extents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockRecord {
     pub ino: u64,
     pub index: u64,
-    /// Bytes stored (a block may be stored shorter than `BLOCK_SIZE`).
-    pub stored_len: usize,
-    /// One past the last nonzero stored byte (0 for an all-zero block):
-    /// bytes past a file's size must be zero, or growing the file would
-    /// bring them back.
-    pub nonzero_len: usize,
+    pub extents: Vec<Extent>,
 }
 
 /// One extended attribute, without its value.
@@ -109,7 +108,7 @@ impl ByteRangeBounds for KeyRange {
 }
 
 /// The tags the layout defines, in key order.
-const KNOWN_TAGS: [u8; 9] = [
+const KNOWN_TAGS: [u8; 10] = [
     tag::SUPERBLOCK,
     tag::STATS,
     tag::INODE,
@@ -118,6 +117,7 @@ const KNOWN_TAGS: [u8; 9] = [
     tag::DIRENT_BY_COOKIE,
     tag::XATTR,
     tag::BLOCK,
+    tag::SEGMENT,
     tag::APPLIED,
 ];
 
@@ -264,14 +264,19 @@ fn decode_xattr(k: &[u8], v: &[u8]) -> Result<XattrRecord, StoreError> {
 
 fn decode_block(k: &[u8], v: &[u8]) -> Result<BlockRecord, StoreError> {
     let (ino, index) = keys::decode_block(k)?;
-    let data = codec::decode_block(v)
+    let extents = extent::decode(&Bytes::copy_from_slice(v))
         .map_err(|e| StoreError::Corrupt(format!("block {index} of inode {ino}: {e}")))?;
     Ok(BlockRecord {
         ino,
         index,
-        stored_len: data.len(),
-        nonzero_len: data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1),
+        extents,
     })
+}
+
+fn decode_segment(k: &[u8], v: &[u8]) -> Result<(u64, u64), StoreError> {
+    let id = decode_u64_key("segment", tag::SEGMENT, k)?;
+    let live = codec::decode_segment(v).map_err(|e| name_ino(e, "segment record", id))?;
+    Ok((id, live))
 }
 
 fn decode_applied(k: &[u8], _v: &[u8]) -> Result<(u64, u64), StoreError> {
@@ -316,6 +321,7 @@ pub trait VolumeScan {
             open_count: sb.open_count,
             counted_blocks: counters.blocks,
             counted_inodes: counters.inodes,
+            counted_meta_bytes: counters.meta_bytes,
         })
     }
 
@@ -344,14 +350,43 @@ pub trait VolumeScan {
         scan_tag(self, tag::XATTR, decode_xattr)
     }
 
-    /// Every data block (its bytes are read, but not kept).
+    /// Every data chunk, with its extents.
     fn scan_blocks(&self) -> Result<Scan<'_, BlockRecord>, StoreError> {
         scan_tag(self, tag::BLOCK, decode_block)
     }
 
+    /// Every segment record, as `(segment id, live bytes)`.
+    fn scan_segments(&self) -> Result<Scan<'_, (u64, u64)>, StoreError> {
+        scan_tag(self, tag::SEGMENT, decode_segment)
+    }
+
+    /// The volume's segment files (`file://` volumes only).
+    fn segment_files(&self) -> Option<SegmentFiles>;
+
     /// Every applied-transaction record, as `(session, txn_id)`.
     fn scan_applied(&self) -> Result<Scan<'_, (u64, u64)>, StoreError> {
         scan_tag(self, tag::APPLIED, decode_applied)
+    }
+
+    /// The key and value bytes of the records the metadata counter
+    /// follows: inodes, symlink targets, both entry indexes, xattrs.
+    fn metadata_bytes(&self) -> Result<u64, StoreError> {
+        let ranges = [
+            tag::INODE,
+            tag::SYMLINK,
+            tag::DIRENT_BY_NAME,
+            tag::DIRENT_BY_COOKIE,
+            tag::XATTR,
+        ]
+        .into_iter()
+        .map(KeyRange::of_tag)
+        .collect();
+        let mut total = 0u64;
+        for kv in self.raw_scan(ranges)? {
+            let (k, v) = kv?;
+            total += (k.len() + v.len()) as u64;
+        }
+        Ok(total)
     }
 
     /// The keys of records no part of this layout defines.
@@ -402,6 +437,10 @@ async fn open_iters<D: DbReadOps + Sync>(
 }
 
 impl VolumeScan for SlateStore {
+    fn segment_files(&self) -> Option<SegmentFiles> {
+        self.segments.as_ref().map(|s| SegmentFiles::at(s.dir()))
+    }
+
     fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         self.rt()?.block_on(self.get(key.to_vec()))
     }
@@ -435,6 +474,7 @@ pub enum OpenReaderError {
 pub struct VolumeReader {
     reader: DbReader,
     describe: String,
+    local_dir: Option<PathBuf>,
     /// Declared last: dropped after the reader, whose tasks run here.
     runtime: tokio::runtime::Runtime,
 }
@@ -474,6 +514,7 @@ impl VolumeReader {
         Ok(VolumeReader {
             reader,
             describe: format!("{} (read-only)", cfg.describe),
+            local_dir: cfg.local_dir.clone(),
             runtime,
         })
     }
@@ -494,6 +535,10 @@ impl Drop for VolumeReader {
 }
 
 impl VolumeScan for VolumeReader {
+    fn segment_files(&self) -> Option<SegmentFiles> {
+        self.local_dir.as_deref().map(SegmentFiles::of_volume)
+    }
+
     fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         self.runtime
             .block_on(self.reader.get(key))
@@ -549,10 +594,14 @@ impl SlateStore {
     }
 
     /// Set the space counters.
-    pub(crate) fn raw_put_counters(&self, blocks: u64, inodes: u64) {
+    pub(crate) fn raw_put_counters(&self, blocks: u64, inodes: u64, meta_bytes: u64) {
         self.raw_put(
             &keys::stats(),
-            &codec::encode_counters(&codec::Counters { blocks, inodes }),
+            &codec::encode_counters(&codec::Counters {
+                blocks,
+                inodes,
+                meta_bytes,
+            }),
         );
     }
 

@@ -1,0 +1,214 @@
+//! The checker's view of file data: every extent of every chunk checked
+//! against the segment file it names (the file exists, the piece lies
+//! inside it, every page the extent's window touches matches its
+//! checksum), the segment records' live bytes against the windows found,
+//! and the segment pages that hold data no extent refers to (leaked space).
+//!
+//! This module only reads; it never repairs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use super::problem::{Problem, Warning};
+use crate::store::engine::{Extent, ExtentData, SegmentFiles, SEGMENT_PAGE};
+
+/// What the data pass learns about segments.
+pub(super) struct SegmentCheck {
+    files: Option<SegmentFiles>,
+    /// Segment file lengths, by id.
+    lens: BTreeMap<u64, u64>,
+    /// Live window bytes found, by segment.
+    live: BTreeMap<u64, u64>,
+    /// Page-aligned byte ranges windows touch, by segment.
+    touched: BTreeMap<u64, Vec<Range<u64>>>,
+}
+
+/// One past the last nonzero byte of `bytes`, if any.
+fn nonzero_end(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().rposition(|&b| b != 0).map(|i| i + 1)
+}
+
+impl SegmentCheck {
+    /// Start with the segment files of the volume, if it has any; a
+    /// directory that cannot be listed is a problem, not the end.
+    pub(super) fn new(files: Option<SegmentFiles>, problems: &mut Vec<Problem>) -> SegmentCheck {
+        let mut lens = BTreeMap::new();
+        if let Some(f) = &files {
+            match f.list() {
+                Ok(l) => lens.extend(l),
+                Err(e) => problems.push(Problem::Unreadable(format!("segment directory: {e}"))),
+            }
+        }
+        SegmentCheck {
+            files,
+            lens,
+            live: BTreeMap::new(),
+            touched: BTreeMap::new(),
+        }
+    }
+
+    /// Check the extents of chunk `index` of `ino`; one past the chunk
+    /// offset of its last nonzero byte (0 if it holds only zeros).
+    pub(super) fn chunk(
+        &mut self,
+        ino: u64,
+        index: u64,
+        extents: &[Extent],
+        problems: &mut Vec<Problem>,
+    ) -> u64 {
+        let mut nonzero = 0u64;
+        for e in extents {
+            let end = match &e.data {
+                ExtentData::Inline(b) => nonzero_end(b),
+                ExtentData::Segment(_) => self.segment_extent(ino, index, e, problems),
+            };
+            if let Some(end) = end {
+                nonzero = nonzero.max(u64::from(e.start) + end as u64);
+            }
+        }
+        nonzero
+    }
+
+    /// One segment extent: bounds, checksums, live bytes; one past the
+    /// window offset of its last nonzero byte.
+    fn segment_extent(
+        &mut self,
+        ino: u64,
+        index: u64,
+        e: &Extent,
+        problems: &mut Vec<Problem>,
+    ) -> Option<usize> {
+        let ExtentData::Segment(p) = &e.data else {
+            return None;
+        };
+        let (seg, window) = e.seg_window()?;
+        *self.live.entry(seg).or_insert(0) += window.end - window.start;
+        let pages = p.pages();
+        let first_touched = window.start / SEGMENT_PAGE;
+        let last_touched = (window.end - 1) / SEGMENT_PAGE + 1;
+        self.touched
+            .entry(seg)
+            .or_default()
+            .push(first_touched * SEGMENT_PAGE..last_touched * SEGMENT_PAGE);
+        let (Some(files), Some(&seg_len)) = (&self.files, self.lens.get(&seg)) else {
+            problems.push(Problem::MissingSegment { ino, index, seg });
+            return None;
+        };
+        let piece_end = p.seg_off + u64::from(p.len);
+        if piece_end > seg_len {
+            problems.push(Problem::ExtentPastSegment {
+                ino,
+                index,
+                seg,
+                end: piece_end,
+                seg_len,
+            });
+            return None;
+        }
+        // The piece's bytes in every page the window touches.
+        let from = (first_touched * SEGMENT_PAGE).max(p.seg_off);
+        let to = (last_touched * SEGMENT_PAGE).min(piece_end);
+        let mut buf = vec![0u8; (to - from) as usize];
+        if let Err(err) = files.read_at(seg, from, &mut buf) {
+            problems.push(Problem::Unreadable(format!(
+                "segment {seg} at offset {from} for block {index} of file {ino}: {err}"
+            )));
+            return None;
+        }
+        for page in first_touched..last_touched {
+            let s = (page * SEGMENT_PAGE).max(from);
+            let t = ((page + 1) * SEGMENT_PAGE).min(to);
+            let crc = crc32c::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
+            let want = p.crcs.get((page - pages.start) as usize).copied();
+            if want != Some(crc) {
+                problems.push(Problem::ExtentChecksum {
+                    ino,
+                    index,
+                    seg,
+                    offset: page * SEGMENT_PAGE,
+                });
+            }
+        }
+        let w = &buf[(window.start - from) as usize..(window.end - from) as usize];
+        nonzero_end(w)
+    }
+
+    /// Compare the segment records with what the extents said, and report
+    /// the pages that hold data no extent refers to.
+    pub(super) fn finish(
+        self,
+        records: &BTreeMap<u64, u64>,
+        problems: &mut Vec<Problem>,
+        warnings: &mut Vec<Warning>,
+    ) {
+        let mut ids: Vec<u64> = records.keys().chain(self.live.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for seg in ids {
+            let counted = records.get(&seg).copied().unwrap_or(0);
+            let found = self.live.get(&seg).copied().unwrap_or(0);
+            if counted != found {
+                problems.push(Problem::SegmentLive {
+                    seg,
+                    counted,
+                    found,
+                });
+            }
+        }
+        let Some(files) = &self.files else { return };
+        for &seg in self.lens.keys() {
+            let allocated = match files.allocated(seg) {
+                Ok(a) => a,
+                Err(e) => {
+                    problems.push(Problem::Unreadable(format!("segment {seg}: {e}")));
+                    continue;
+                }
+            };
+            let mut touched = self.touched.get(&seg).cloned().unwrap_or_default();
+            touched.sort_unstable_by_key(|r| r.start);
+            let bytes = uncovered(&allocated, &touched);
+            if bytes > 0 {
+                warnings.push(Warning::LeakedSpace { seg, bytes });
+            }
+        }
+    }
+}
+
+/// How many bytes of `allocated` no range of `touched` (sorted by start)
+/// covers.
+fn uncovered(allocated: &[Range<u64>], touched: &[Range<u64>]) -> u64 {
+    let mut total = 0;
+    for a in allocated {
+        let mut pos = a.start;
+        for t in touched {
+            if t.end <= pos || t.start >= a.end {
+                continue;
+            }
+            if t.start > pos {
+                total += t.start - pos;
+            }
+            pos = pos.max(t.end);
+            if pos >= a.end {
+                break;
+            }
+        }
+        if pos < a.end {
+            total += a.end - pos;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uncovered;
+
+    #[test]
+    fn uncovered_counts_the_gaps() {
+        let all = [0..100u64, 100..100];
+        assert_eq!(uncovered(&all, &[]), 100);
+        assert_eq!(uncovered(&all, &[10..20, 15..30, 90..200]), 10 + 60);
+        let head = [0..25u64, 25..25];
+        assert_eq!(uncovered(&[0..10, 20..30], &head), 5);
+    }
+}

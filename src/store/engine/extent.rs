@@ -1,0 +1,466 @@
+//! Extent maps: where the bytes of one file chunk live.
+//!
+//! A file is cut into chunks of [`BLOCK_SIZE`] bytes. The record of a chunk
+//! that holds data is a list of [`Extent`]s, sorted and disjoint, each a
+//! window of chunk offsets whose bytes are either inline in the record
+//! (`s3://` volumes, which have no local directory) or a piece of an
+//! append-only segment file (`file://`, see `segment.rs`). Bytes of the
+//! chunk that no extent covers read as zeros. A newer write trims or splits
+//! the extents it overlaps (newest wins); no data is copied.
+//!
+//! A segment piece keeps the CRC32C of every segment page it touches, each
+//! taken over the piece's bytes in that page, as written. Trimming changes
+//! only the window, so the checksums stay valid: a page that still holds a
+//! byte of a window is never punched (see `segment_pages_dead`), so every
+//! page a window touches can still be verified.
+//!
+//! Segment offsets are congruent to file offsets modulo [`PAGE`] and every
+//! write starts on a fresh segment page, so a segment page belongs to
+//! exactly one chunk of one file: comparing a chunk's extents before and
+//! after a change tells exactly which segment pages died.
+//!
+//! This module owns only bytes and arithmetic: it never reads the engine or
+//! a segment, and decoding never panics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use crate::store::{StoreError, BLOCK_SIZE};
+
+/// The page size segment space is managed in: placement, checksums and
+/// hole punching.
+pub const PAGE: u64 = 4096;
+
+/// A chunk whose list grows past this many extents is rewritten as one
+/// extent (a bounded copy of at most one chunk, amortized over the writes
+/// that fragmented it).
+pub const MAX_EXTENTS: usize = 32;
+
+/// The version byte of a chunk record.
+const V1: u8 = 1;
+const KIND_INLINE: u8 = 1;
+const KIND_SEGMENT: u8 = 2;
+
+/// A piece of a segment file, as one write put it there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The segment's id (its file is `segments/<id as 16 hex digits>.seg`).
+    pub seg: u64,
+    /// The segment offset of the piece's first byte.
+    pub seg_off: u64,
+    /// The chunk offset of the piece's first byte.
+    pub start: u32,
+    /// The piece's length as written.
+    pub len: u32,
+    /// CRC32C of the piece's bytes in each segment page it touches, in
+    /// page order.
+    pub crcs: Vec<u32>,
+}
+
+impl Piece {
+    /// The segment offset of chunk offset `x` (which must lie in the piece).
+    pub fn seg_at(&self, x: u32) -> u64 {
+        self.seg_off + u64::from(x - self.start)
+    }
+
+    /// The segment byte range of chunk range `r` (inside the piece).
+    pub fn seg_range(&self, r: Range<u32>) -> Range<u64> {
+        self.seg_at(r.start)..self.seg_at(r.end)
+    }
+
+    /// The segment pages the piece touches.
+    pub fn pages(&self) -> Range<u64> {
+        pages_of(self.seg_off..self.seg_off + u64::from(self.len))
+    }
+}
+
+/// The pages a non-empty byte range touches.
+pub fn pages_of(r: Range<u64>) -> Range<u64> {
+    if r.is_empty() {
+        return r.start / PAGE..r.start / PAGE;
+    }
+    r.start / PAGE..(r.end - 1) / PAGE + 1
+}
+
+/// Where an extent's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// Exactly the window's bytes.
+    Inline(Bytes),
+    /// A piece of a segment; the window lies inside it.
+    Segment(Piece),
+}
+
+/// A window of chunk offsets and where its bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// The chunk offset of the window's first byte.
+    pub start: u32,
+    /// The window's length (never 0).
+    pub len: u32,
+    pub data: Data,
+}
+
+impl Extent {
+    pub fn end(&self) -> u32 {
+        self.start + self.len
+    }
+
+    /// The part of this extent inside `r`, if any.
+    fn clip(&self, r: Range<u32>) -> Option<Extent> {
+        let (s, e) = (self.start.max(r.start), self.end().min(r.end));
+        if s >= e {
+            return None;
+        }
+        let data = match &self.data {
+            Data::Inline(b) => {
+                Data::Inline(b.slice((s - self.start) as usize..(e - self.start) as usize))
+            }
+            Data::Segment(p) => Data::Segment(p.clone()),
+        };
+        Some(Extent {
+            start: s,
+            len: e - s,
+            data,
+        })
+    }
+
+    /// The segment bytes of the window, for segment extents.
+    pub fn seg_window(&self) -> Option<(u64, Range<u64>)> {
+        match &self.data {
+            Data::Segment(p) => Some((p.seg, p.seg_range(self.start..self.end()))),
+            Data::Inline(_) => None,
+        }
+    }
+}
+
+/// `list` with `r` cut out: extents inside it go, extents across its edges
+/// are trimmed or split.
+pub fn remove_range(list: &[Extent], r: Range<u32>) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(list.len() + 1);
+    for e in list {
+        if e.end() <= r.start || e.start >= r.end {
+            out.push(e.clone());
+            continue;
+        }
+        out.extend(e.clip(e.start..r.start));
+        out.extend(e.clip(r.end..e.end()));
+    }
+    out
+}
+
+/// `list` with `new` laid over it: newest wins. A new segment extent that
+/// continues its left neighbour in the file and in the segment, from a
+/// page boundary, is merged into it (sequential writes stay one extent).
+pub fn insert(list: &[Extent], new: Extent) -> Vec<Extent> {
+    let mut out = remove_range(list, new.start..new.end());
+    let at = out.partition_point(|e| e.start < new.start);
+    if let Some(merged) = at.checked_sub(1).and_then(|left| merge(&out[left], &new)) {
+        out[at - 1] = merged;
+    } else {
+        out.insert(at, new);
+    }
+    out
+}
+
+/// `a` and `b` as one extent, when `b` continues `a` exactly: both whole
+/// pieces of one segment, adjacent in the chunk and in the segment, `b`
+/// starting on a page (so their per-page checksums simply concatenate).
+fn merge(a: &Extent, b: &Extent) -> Option<Extent> {
+    let (Data::Segment(p), Data::Segment(q)) = (&a.data, &b.data) else {
+        return None;
+    };
+    let whole = |e: &Extent, p: &Piece| e.start == p.start && e.len == p.len;
+    let adjacent = p.seg == q.seg
+        && a.end() == b.start
+        && p.seg_off + u64::from(p.len) == q.seg_off
+        && q.seg_off % PAGE == 0;
+    if !(whole(a, p) && whole(b, q) && adjacent) {
+        return None;
+    }
+    let mut crcs = p.crcs.clone();
+    crcs.extend_from_slice(&q.crcs);
+    Some(Extent {
+        start: a.start,
+        len: a.len + b.len,
+        data: Data::Segment(Piece {
+            seg: p.seg,
+            seg_off: p.seg_off,
+            start: p.start,
+            len: p.len + q.len,
+            crcs,
+        }),
+    })
+}
+
+/// Live window bytes per segment.
+pub fn live_bytes(list: &[Extent]) -> BTreeMap<u64, u64> {
+    let mut live = BTreeMap::new();
+    for e in list {
+        if let Some((seg, r)) = e.seg_window() {
+            *live.entry(seg).or_insert(0) += r.end - r.start;
+        }
+    }
+    live
+}
+
+/// The segment pages windows of `list` touch.
+fn touched_pages(list: &[Extent]) -> BTreeSet<(u64, u64)> {
+    let mut pages = BTreeSet::new();
+    for e in list {
+        if let Some((seg, r)) = e.seg_window() {
+            pages.extend(pages_of(r).map(|p| (seg, p)));
+        }
+    }
+    pages
+}
+
+/// The segment byte ranges (whole pages) that `old` touched and `new` no
+/// longer does: nothing references them once `new` is durable. Exact
+/// because a segment page belongs to one chunk (see the module docs).
+pub fn segment_pages_dead(old: &[Extent], new: &[Extent]) -> Vec<(u64, Range<u64>)> {
+    let still = touched_pages(new);
+    let mut out: Vec<(u64, Range<u64>)> = Vec::new();
+    for (seg, page) in touched_pages(old).difference(&still) {
+        let r = page * PAGE..(page + 1) * PAGE;
+        match out.last_mut() {
+            Some((s, last)) if *s == *seg && last.end == r.start => last.end = r.end,
+            _ => out.push((*seg, r)),
+        }
+    }
+    out
+}
+
+/// One past the last byte an extent covers (0 for an empty list).
+pub fn covered_end(list: &[Extent]) -> u32 {
+    list.last().map_or(0, Extent::end)
+}
+
+fn corrupt(m: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(format!("chunk record: {}", m.into()))
+}
+
+pub fn encode(list: &[Extent]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + list.len() * 48);
+    v.push(V1);
+    v.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    for e in list {
+        v.extend_from_slice(&e.start.to_le_bytes());
+        v.extend_from_slice(&e.len.to_le_bytes());
+        match &e.data {
+            Data::Inline(b) => {
+                v.push(KIND_INLINE);
+                v.extend_from_slice(b);
+            }
+            Data::Segment(p) => {
+                v.push(KIND_SEGMENT);
+                v.extend_from_slice(&p.seg.to_le_bytes());
+                v.extend_from_slice(&p.seg_off.to_le_bytes());
+                v.extend_from_slice(&p.start.to_le_bytes());
+                v.extend_from_slice(&p.len.to_le_bytes());
+                for c in &p.crcs {
+                    v.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+    }
+    v
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(corrupt("truncated"));
+        }
+        let (h, t) = self.0.split_at(n);
+        self.0 = t;
+        Ok(h)
+    }
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// Decode a chunk record, checking every invariant the code relies on:
+/// windows inside the chunk and inside their pieces, sorted, disjoint,
+/// non-empty, one checksum per page.
+pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
+    let mut c = Cursor(bytes);
+    let version = c.take(1)?[0];
+    if version != V1 {
+        return Err(corrupt(format!("unknown version {version}")));
+    }
+    let n = c.u32()? as usize;
+    // Every extent takes at least 9 bytes: a count beyond that is garbage.
+    if n > bytes.len() / 9 {
+        return Err(corrupt(format!("claims {n} extents")));
+    }
+    let mut out: Vec<Extent> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = c.u32()?;
+        let len = c.u32()?;
+        let end = start
+            .checked_add(len)
+            .filter(|e| u64::from(*e) <= BLOCK_SIZE);
+        if len == 0 || end.is_none() {
+            return Err(corrupt(format!("window {start}+{len} outside the chunk")));
+        }
+        if out.last().is_some_and(|p| p.end() > start) {
+            return Err(corrupt("windows overlap or are out of order"));
+        }
+        let data = match c.take(1)?[0] {
+            KIND_INLINE => {
+                let at = bytes.len() - c.0.len();
+                c.take(len as usize)?;
+                Data::Inline(bytes.slice(at..at + len as usize))
+            }
+            KIND_SEGMENT => {
+                let (seg, seg_off) = (c.u64()?, c.u64()?);
+                let (pstart, plen) = (c.u32()?, c.u32()?);
+                let inside = start >= pstart
+                    && pstart
+                        .checked_add(plen)
+                        .is_some_and(|pe| start + len <= pe && u64::from(pe) <= BLOCK_SIZE);
+                if !inside || seg_off.checked_add(u64::from(plen)).is_none() {
+                    return Err(corrupt(format!("window {start}+{len} outside its piece")));
+                }
+                let mut p = Piece {
+                    seg,
+                    seg_off,
+                    start: pstart,
+                    len: plen,
+                    crcs: Vec::new(),
+                };
+                let pages = p.pages();
+                for _ in pages {
+                    p.crcs.push(c.u32()?);
+                }
+                Data::Segment(p)
+            }
+            k => return Err(corrupt(format!("unknown extent kind {k}"))),
+        };
+        out.push(Extent { start, len, data });
+    }
+    if !c.0.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", c.0.len())));
+    }
+    Ok(out)
+}
+
+/// The checksums of a piece about to be written at segment offset
+/// `seg_off`: one per segment page it touches, over the piece's bytes (the
+/// concatenation of `parts`) in that page.
+pub fn page_crcs(seg_off: u64, parts: &[&[u8]]) -> Vec<u32> {
+    let mut crcs = Vec::new();
+    let mut crc = 0u32;
+    // Bytes still to go into the current page.
+    let mut room = (PAGE - seg_off % PAGE) as usize;
+    let mut fresh = true;
+    for part in parts {
+        let mut rest: &[u8] = part;
+        while !rest.is_empty() {
+            let n = room.min(rest.len());
+            crc = crc32c::crc32c_append(crc, &rest[..n]);
+            fresh = false;
+            rest = &rest[n..];
+            room -= n;
+            if room == 0 {
+                crcs.push(crc);
+                crc = 0;
+                room = PAGE as usize;
+                fresh = true;
+            }
+        }
+    }
+    if !fresh {
+        crcs.push(crc);
+    }
+    crcs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(start: u32, len: u32, seg_off: u64) -> Extent {
+        let bytes = vec![7u8; len as usize];
+        Extent {
+            start,
+            len,
+            data: Data::Segment(Piece {
+                seg: 1,
+                seg_off,
+                start,
+                len,
+                crcs: page_crcs(seg_off, &[&bytes]),
+            }),
+        }
+    }
+
+    #[test]
+    fn overwrites_split_and_trim_and_records_round_trip() {
+        let big = seg(0, 65536, 0);
+        let list = insert(&[big], seg(4096, 4096, 65536 + 4096));
+        assert_eq!(list.len(), 3);
+        assert_eq!((list[0].start, list[0].len), (0, 4096));
+        assert_eq!((list[2].start, list[2].len), (8192, 65536 - 8192));
+        let dead = segment_pages_dead(&[seg(0, 65536, 0)], &list);
+        assert_eq!(dead, vec![(1, 4096..8192)]);
+        assert_eq!(live_bytes(&list)[&1], 65536);
+        let inline = Extent {
+            start: 10,
+            len: 5,
+            data: Data::Inline(Bytes::from_static(b"hello")),
+        };
+        let list = insert(&list, inline);
+        let back = decode(&Bytes::from(encode(&list))).unwrap();
+        assert_eq!(back, list);
+        let cut = remove_range(&back, 11..13);
+        assert_eq!(cut[1].data, Data::Inline(Bytes::from_static(b"h")));
+        assert_eq!(cut[2].data, Data::Inline(Bytes::from_static(b"lo")));
+    }
+
+    #[test]
+    fn sequential_whole_pieces_merge() {
+        let list = insert(&[seg(0, 4096, 8192)], seg(4096, 4096, 12288));
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].start, list[0].len), (0, 8192));
+        let Data::Segment(p) = &list[0].data else {
+            panic!("not a segment extent")
+        };
+        assert_eq!(p.crcs.len(), 2);
+        assert_eq!(p.crcs, page_crcs(8192, &[&[7u8; 8192]]));
+        // A scatter list checksums as its concatenation.
+        let whole: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let (a, b) = whole.split_at(5000);
+        assert_eq!(page_crcs(100, &[a, &[], b]), page_crcs(100, &[&whole]));
+        assert_eq!(page_crcs(100, &[&whole]).len(), 3);
+        // Not adjacent in the segment, or not from a page boundary: kept.
+        assert_eq!(insert(&list, seg(8192, 4096, 20480)).len(), 2);
+        assert_eq!(insert(&[seg(0, 100, 0)], seg(100, 100, 100)).len(), 2);
+    }
+
+    #[test]
+    fn garbage_is_corrupt_not_a_panic() {
+        let full = encode(&[seg(100, 5000, 100), seg(6000, 10, 9000)]);
+        for n in 0..full.len() {
+            assert!(decode(&Bytes::copy_from_slice(&full[..n])).is_err());
+        }
+        let overlapping = encode(&[seg(100, 5000, 100), seg(200, 10, 9000)]);
+        assert!(decode(&Bytes::from(overlapping)).is_err());
+        let outside = encode(&[seg(65530, 10, 0)]);
+        assert!(decode(&Bytes::from(outside)).is_err());
+        assert!(decode(&Bytes::from_static(&[1, 255, 255, 255, 255])).is_err());
+    }
+}

@@ -1,0 +1,413 @@
+//! Segment files: where a `file://` volume keeps file data, outside the
+//! LSM tree.
+//!
+//! A segment is an append-only file `DIR/segments/<id>.seg` (the id as 16
+//! hex digits). One segment is active at a time; it is sealed (never
+//! written again) when the next write would take it past
+//! [`SEGMENT_BYTES_MAX`], and when the volume closes: every open starts a
+//! new one. Bytes once written never change; they only die, when no extent
+//! refers to them any more, and are then given back to the filesystem by
+//! punching holes (after the batch that dropped them is durable).
+//!
+//! Each write starts on a fresh page, at an offset congruent to its file
+//! offset modulo [`PAGE`] (see `extent.rs` for why).
+//!
+//! Durability is shared like WAL flushes in `group.rs`: committers append,
+//! then ask for their bytes to be durable; one of them runs `fdatasync` for
+//! everything appended so far and the others find themselves covered. A
+//! segment is synced (and its directory entry made durable) when it is
+//! sealed, so "durable up to (id, offset)" covers every older segment.
+//!
+//! This module owns the files. It never touches the engine and never
+//! decides what is live; the engine tells it what to punch and delete.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::extent::PAGE;
+
+/// A segment is sealed once it holds this many bytes.
+pub const SEGMENT_BYTES_MAX: u64 = 256 << 20;
+
+/// Open read handles kept for sealed segments; past this the cache is
+/// emptied (handles in use stay open through their `Arc`).
+const READ_HANDLES_MAX: usize = 256;
+
+/// The name of the segment directory inside a `file://` volume.
+pub const DIR_NAME: &str = "segments";
+
+/// Where one write's bytes went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub seg: u64,
+    pub seg_off: u64,
+    pub len: u64,
+}
+
+struct Active {
+    id: u64,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// The segments of one volume open for writing.
+pub struct Segments {
+    dir: PathBuf,
+    active: Mutex<Active>,
+    /// Held by the committer running an `fdatasync`; holds what is durable:
+    /// every segment below `.0`, and segment `.0` up to `.1`.
+    durable: Mutex<(u64, u64)>,
+    handles: Mutex<HashMap<u64, Arc<File>>>,
+    /// Appends whose batch has not been written yet, per segment: a pinned
+    /// segment is never deleted, however few live bytes it has.
+    pins: Mutex<HashMap<u64, usize>>,
+    /// How many `fdatasync` calls committers shared, for tests and logs.
+    syncs: AtomicU64,
+    max_bytes: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these leaves plain numbers behind, still true.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn file_name(id: u64) -> String {
+    format!("{id:016x}.seg")
+}
+
+/// The id of a segment file name, if it is one.
+pub fn parse_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The segment files in `dir`, as `(id, length)`, by id.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if let Some(id) = entry.file_name().to_str().and_then(parse_name) {
+            out.push((id, entry.metadata()?.len()));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn create(dir: &Path, id: u64) -> io::Result<File> {
+    let path = dir.join(file_name(id));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    if let Err(e) = sync_dir(dir) {
+        // Leave no file behind: the next attempt creates the same id.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(f)
+}
+
+/// Write all of `bufs` at `offset` of `file`, with as few `pwritev` calls
+/// as the kernel allows.
+pub fn write_all_at(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0usize;
+    while first < iov.len() {
+        let count = (iov.len() - first).min(1024) as libc::c_int;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::other("segment offset out of range"))?;
+        // SAFETY: every iovec points into a slice of `bufs`, alive and
+        // unaliased for reading for the whole call; `count` entries from
+        // `first` are in bounds of `iov`; the fd is open while `file` is.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov[first..].as_ptr(), count, off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote 0"));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 && first < iov.len() {
+            if n >= iov[first].iov_len {
+                n -= iov[first].iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same slice, n < its length.
+                iov[first].iov_base = unsafe { (iov[first].iov_base as *mut u8).add(n) }.cast();
+                iov[first].iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Give the pages of `r` back to the filesystem, keeping the file's size.
+pub fn punch(file: &File, r: Range<u64>) -> io::Result<()> {
+    let (off, len) = match (
+        libc::off_t::try_from(r.start),
+        libc::off_t::try_from(r.end - r.start),
+    ) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => return Err(io::Error::other("punch range out of range")),
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is open
+    // while `file` is.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Segments {
+    /// Open the segment directory of a volume at `volume_dir`, creating it,
+    /// and start a new active segment after every existing one.
+    pub fn open_with_max(volume_dir: &Path, max_bytes: u64) -> io::Result<Segments> {
+        let dir = volume_dir.join(DIR_NAME);
+        std::fs::create_dir_all(&dir)?;
+        sync_dir(volume_dir)?;
+        let id = list(&dir)?.last().map_or(1, |(id, _)| id + 1);
+        let file = Arc::new(create(&dir, id)?);
+        Ok(Segments {
+            dir,
+            active: Mutex::new(Active { id, file, len: 0 }),
+            durable: Mutex::new((id, 0)),
+            handles: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
+            syncs: AtomicU64::new(0),
+            max_bytes,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The active segment's id: every lower id is sealed.
+    pub fn active_id(&self) -> u64 {
+        lock(&self.active).id
+    }
+
+    /// Append `bufs` (one write's bytes, for file offset `file_off`) to the
+    /// active segment, sealing it first if they would not fit. The segment
+    /// stays pinned until [`Segments::unpin`].
+    pub fn append(&self, file_off: u64, bufs: &[&[u8]]) -> io::Result<Placed> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let mut a = lock(&self.active);
+        let mut at = a.len.div_ceil(PAGE) * PAGE + file_off % PAGE;
+        if a.len > 0 && at + len > self.max_bytes {
+            a.file.sync_data()?;
+            let id = a.id + 1;
+            let file = Arc::new(create(&self.dir, id)?);
+            *a = Active { id, file, len: 0 };
+            at = file_off % PAGE;
+        }
+        write_all_at(&a.file, bufs, at)?;
+        a.len = at + len;
+        *lock(&self.pins).entry(a.id).or_insert(0) += 1;
+        Ok(Placed {
+            seg: a.id,
+            seg_off: at,
+            len,
+        })
+    }
+
+    /// Release the pin of one append, once its batch is written or
+    /// abandoned.
+    pub fn unpin(&self, seg: u64) {
+        let mut pins = lock(&self.pins);
+        if let Some(n) = pins.get_mut(&seg) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&seg);
+            }
+        }
+    }
+
+    /// Whether `seg` may be deleted once nothing refers to it: sealed, and
+    /// no append into it is waiting for its batch.
+    pub fn deletable(&self, seg: u64) -> bool {
+        seg < self.active_id() && !lock(&self.pins).contains_key(&seg)
+    }
+
+    /// Return once everything appended so far up to `(seg, end)` is on the
+    /// medium, sharing the `fdatasync` with concurrent callers.
+    pub fn sync_to(&self, seg: u64, end: u64) -> io::Result<()> {
+        let mut durable = lock(&self.durable);
+        if *durable >= (seg, end) {
+            return Ok(());
+        }
+        let (id, file, len) = {
+            let a = lock(&self.active);
+            (a.id, a.file.clone(), a.len)
+        };
+        if id > seg {
+            // Sealing synced the whole of `seg`.
+            return Ok(());
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        file.sync_data()?;
+        *durable = (*durable).max((id, len));
+        Ok(())
+    }
+
+    /// How many `fdatasync` calls were made for commits.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// An open handle of segment `seg`.
+    pub(super) fn handle(&self, seg: u64) -> io::Result<Arc<File>> {
+        {
+            let a = lock(&self.active);
+            if a.id == seg {
+                return Ok(a.file.clone());
+            }
+        }
+        let mut h = lock(&self.handles);
+        if let Some(f) = h.get(&seg) {
+            return Ok(f.clone());
+        }
+        if h.len() >= READ_HANDLES_MAX {
+            h.clear();
+        }
+        // Writable, for punching; nothing else writes through it.
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.dir.join(file_name(seg)))?,
+        );
+        h.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    /// Read `buf.len()` bytes at `off` of segment `seg`; short is an error.
+    pub fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.handle(seg)?.read_exact_at(buf, off)
+    }
+
+    /// Punch the (page-aligned) ranges of `seg`; a filesystem that cannot
+    /// punch keeps the bytes (space is lost until the segment is deleted).
+    pub fn punch(&self, seg: u64, ranges: &[Range<u64>]) -> io::Result<()> {
+        let f = self.handle(seg)?;
+        for r in ranges {
+            match punch(&f, r.clone()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete sealed segment `seg`.
+    pub fn remove(&self, seg: u64) -> io::Result<()> {
+        lock(&self.handles).remove(&seg);
+        match std::fs::remove_file(self.dir.join(file_name(seg))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Segment files opened read-only, for the volume checker.
+pub struct SegmentFiles {
+    dir: PathBuf,
+}
+
+impl SegmentFiles {
+    /// The segment files of the volume in `volume_dir`.
+    pub fn of_volume(volume_dir: &Path) -> SegmentFiles {
+        SegmentFiles {
+            dir: volume_dir.join(DIR_NAME),
+        }
+    }
+
+    /// The segment files in `dir` itself.
+    pub fn at(dir: &Path) -> SegmentFiles {
+        SegmentFiles {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Every segment file, as `(id, length)`, by id.
+    pub fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        list(&self.dir)
+    }
+
+    pub fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        File::open(self.dir.join(file_name(seg)))?.read_exact_at(buf, off)
+    }
+
+    /// The byte ranges of `seg` that hold data (not holes), page-aligned.
+    pub fn allocated(&self, seg: u64) -> io::Result<Vec<Range<u64>>> {
+        let f = File::open(self.dir.join(file_name(seg)))?;
+        let size = libc::off_t::try_from(f.metadata()?.len())
+            .map_err(|_| io::Error::other("segment too large"))?;
+        let fd = f.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos: libc::off_t = 0;
+        while pos < size {
+            // SAFETY: lseek only reads its integer arguments; fd is open.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(e);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.push(data as u64..hole as u64);
+            pos = hole;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,515 @@
+//! Tests of file data in segments: overwrites against a model, no
+//! read-modify-write, crash consistency, what the checker finds, hole
+//! punching, and the inline placement `s3://` uses.
+
+use std::path::PathBuf;
+
+use super::conformance::{self, commit, read, write_op};
+use super::segment::SegmentFiles;
+use super::{codec, keys, OpenVolumeError, Placement, SlateStore, VolumeReader};
+use crate::check::torture::rng::Rng;
+use crate::check::volume::{check_volume, Problem, Report, Warning};
+use crate::store::mem::MemStore;
+use crate::store::{FileKind, Inode, Op, Store, StoreError, Txn};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+fn url(dir: &tempfile::TempDir) -> String {
+    format!("file://{}/vol", dir.path().display())
+}
+
+fn vol_dir(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("vol")
+}
+
+fn files(dir: &tempfile::TempDir) -> SegmentFiles {
+    SegmentFiles::of_volume(&vol_dir(dir))
+}
+
+/// Bytes in segment files, by length.
+fn segment_len(dir: &tempfile::TempDir) -> u64 {
+    files(dir).list().unwrap().iter().map(|(_, len)| len).sum()
+}
+
+/// Bytes of segment `seg` the filesystem holds (not holes).
+fn allocated(dir: &tempfile::TempDir, seg: u64) -> u64 {
+    files(dir)
+        .allocated(seg)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum()
+}
+
+fn check(dir: &tempfile::TempDir) -> Report {
+    let reader = VolumeReader::open(&url(dir)).unwrap();
+    check_volume(&reader).unwrap()
+}
+
+/// A volume whose ids are reserved past every number the tests use.
+fn volume(dir: &tempfile::TempDir, placement: Placement) -> SlateStore {
+    let s = SlateStore::open_for_test(&url(dir), placement);
+    s.reserve_ids(1000).unwrap();
+    s
+}
+
+fn file(ino: u64, size: u64) -> Op {
+    Op::PutInode(Inode::regular(ino, size))
+}
+
+/// A root directory holding files `inos`, so the checker finds them
+/// reachable.
+fn root_with(inos: &[u64]) -> Vec<Op> {
+    let mut root = Inode::regular(crate::store::ROOT_INO, 0);
+    root.kind = FileKind::Directory;
+    root.nlink = 2;
+    root.parent = crate::store::ROOT_INO;
+    let mut ops = vec![Op::PutInode(root)];
+    for (i, &ino) in inos.iter().enumerate() {
+        ops.push(Op::PutDirent {
+            parent: crate::store::ROOT_INO,
+            dirent: crate::store::Dirent {
+                name: format!("f{i}").into_bytes(),
+                ino,
+                kind: FileKind::Regular,
+                cookie: 100 + i as u64,
+            },
+        });
+    }
+    ops
+}
+
+/// Random overwrites, punches and truncates of one file, each checked
+/// against a model; then reopen, and the checker finds the volume clean
+/// with no leaked space (every dead page was punched).
+fn overwrites_match_a_model(placement: Placement, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, placement);
+    let ino = 50;
+    let mut ops = root_with(&[ino]);
+    ops.push(file(ino, 0));
+    commit(&s, ops);
+    let mut model: Vec<u8> = Vec::new();
+    let mut r = Rng::new(seed);
+    for step in 0..300 {
+        let offset = if r.percent(70) {
+            r.below(256) * 4 * KIB
+        } else {
+            r.below(MIB)
+        };
+        let op = match r.below(10) {
+            0 => {
+                let size = r.below(MIB + 5);
+                model.resize(size as usize, 0);
+                Op::Truncate { ino, size }
+            }
+            1 => {
+                let len = r.below(200 * KIB) + 1;
+                let end = ((offset + len) as usize).min(model.len());
+                if (offset as usize) < end {
+                    model[offset as usize..end].fill(0);
+                }
+                Op::PunchHole { ino, offset, len }
+            }
+            _ => {
+                let len = if r.percent(70) {
+                    4 * KIB
+                } else {
+                    r.below(100 * KIB) + 1
+                };
+                let mut data = vec![0u8; len as usize];
+                r.fill(&mut data);
+                let end = (offset + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[offset as usize..end].copy_from_slice(&data);
+                write_op(ino, offset, &data)
+            }
+        };
+        commit(&s, vec![op, file(ino, model.len() as u64)]);
+        if step % 25 == 0 {
+            assert_eq!(read(&s, ino, 0, model.len()), model, "step {step}");
+        }
+    }
+    assert_eq!(read(&s, ino, 0, model.len() + 10)[..model.len()], model);
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
+    let s = SlateStore::open_for_test(&url(&dir), placement);
+    assert_eq!(read(&s, ino, 0, model.len()), model);
+}
+
+#[test]
+fn random_overwrites_in_segments_read_back_like_a_model() {
+    overwrites_match_a_model(Placement::Default, 11);
+    // Small segments: writes seal them often, overwrites empty them.
+    overwrites_match_a_model(Placement::SegmentsOf(256 * KIB), 12);
+}
+
+#[test]
+fn random_overwrites_inline_read_back_like_a_model() {
+    overwrites_match_a_model(Placement::Inline, 13);
+}
+
+#[test]
+fn inline_placement_keeps_the_store_contract_and_agrees_with_mem() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open_for_test(&url(&dir), Placement::Inline);
+    conformance::contract(&s);
+    conformance::once_contract(&s);
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open_for_test(&url(&dir), Placement::Inline);
+    conformance::differential(&MemStore::new(1 << 30), &s, 0x5EED, 100);
+    // No byte went to a segment.
+    assert_eq!(segment_len(&dir), 0);
+}
+
+#[test]
+fn a_4k_overwrite_of_a_1m_extent_appends_4k() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = conformance::temp_volume(&dir, "");
+    let big: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    commit(&s, vec![write_op(60, 0, &big)]);
+    let before = segment_len(&dir);
+    assert_eq!(before, MIB);
+    commit(&s, vec![write_op(60, 256 * KIB, &[9u8; 4096])]);
+    assert_eq!(segment_len(&dir) - before, 4 * KIB);
+    // An unaligned small write costs its bytes and part of one page.
+    let before = segment_len(&dir);
+    commit(&s, vec![write_op(60, 5000, b"tiny")]);
+    assert!(segment_len(&dir) - before < 4 * KIB + 4);
+    let mut want = big;
+    want[256 * KIB as usize..256 * KIB as usize + 4096].fill(9);
+    want[5000..5004].copy_from_slice(b"tiny");
+    assert_eq!(read(&s, 60, 0, MIB as usize), want);
+    // Each commit made its bytes durable with one shared fdatasync.
+    assert_eq!(s.segment_syncs(), 3);
+}
+
+#[test]
+fn segment_bytes_without_a_batch_are_leaked_space_and_invisible() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    commit(&s, root_with(&[70]));
+    commit(&s, vec![file(70, 8192), write_op(70, 0, &[1u8; 8192])]);
+    // A commit's first step, its bytes appended and durable; then the
+    // daemon dies before the batch that refers to them is written.
+    let segs = s.segments();
+    let p = segs.append(0, &[&[0x55u8; 4096]]).unwrap();
+    segs.sync_to(p.seg, p.seg_off + p.len).unwrap();
+    s.crash();
+    let report = check(&dir);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(
+        report.warnings,
+        vec![Warning::LeakedSpace {
+            seg: p.seg,
+            bytes: 4096
+        }]
+    );
+    assert!(report.lines().iter().any(|l| l.contains("leaked space")));
+    let s = conformance::temp_volume(&dir, "");
+    assert_eq!(read(&s, 70, 0, 8192), vec![1u8; 8192]);
+}
+
+#[test]
+fn a_refused_commit_gives_its_segment_bytes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open(&format!("{}?capacity=128K", url(&dir))).unwrap();
+    s.reserve_ids(1000).unwrap();
+    commit(&s, root_with(&[80]));
+    commit(&s, vec![file(80, 100), write_op(80, 0, &[3u8; 100])]);
+    let t = Txn {
+        ops: vec![
+            write_op(80, 0, &[1u8; 3 * 64 * 1024]),
+            file(80, 3 * 64 * 1024),
+        ],
+    };
+    assert!(matches!(s.commit(t), Err(StoreError::NoSpace)));
+    assert_eq!(read(&s, 80, 0, 100), vec![3u8; 100]);
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
+}
+
+#[test]
+fn check_finds_corrupt_short_and_miscounted_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    commit(&s, root_with(&[90, 91]));
+    commit(
+        &s,
+        vec![
+            file(90, 3 * 4096),
+            write_op(90, 0, &[7u8; 3 * 4096]),
+            file(91, 4096),
+            write_op(91, 0, &[8u8; 4096]),
+        ],
+    );
+    s.close().unwrap();
+    drop(s);
+    assert!(check(&dir).is_clean());
+    let (seg, len) = files(&dir).list().unwrap()[0];
+    assert_eq!(len, 4 * 4096);
+    let path = vol_dir(&dir)
+        .join("segments")
+        .join(super::segment::file_name(seg));
+    // Flip one byte of file 90's second page.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 17] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let report = check(&dir);
+    assert_eq!(
+        report.problems,
+        vec![Problem::ExtentChecksum {
+            ino: 90,
+            index: 0,
+            seg,
+            offset: 4096
+        }]
+    );
+    // Cut file 91's page off the end.
+    std::fs::write(&path, &bytes[..3 * 4096]).unwrap();
+    let report = check(&dir);
+    assert!(report.problems.contains(&Problem::ExtentPastSegment {
+        ino: 91,
+        index: 0,
+        seg,
+        end: 4 * 4096,
+        seg_len: 3 * 4096,
+    }));
+    // A segment record that miscounts its live bytes.
+    std::fs::write(&path, &bytes).unwrap();
+    let s = conformance::temp_volume(&dir, "");
+    s.raw_put(&keys::segment(seg), &codec::encode_segment(5));
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(report.problems.contains(&Problem::SegmentLive {
+        seg,
+        counted: 5,
+        found: 4 * 4096,
+    }));
+}
+
+#[test]
+fn dead_pages_are_punched_and_empty_segments_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::SegmentsOf(MIB));
+    commit(&s, root_with(&[100]));
+    commit(
+        &s,
+        vec![file(100, MIB), write_op(100, 0, &vec![1u8; MIB as usize])],
+    );
+    let first = files(&dir).list().unwrap()[0].0;
+    assert_eq!(allocated(&dir, first), MIB);
+    // The overwrite goes to a new segment; the old pages under it die.
+    commit(
+        &s,
+        vec![write_op(100, 256 * KIB, &vec![2u8; 256 * KIB as usize])],
+    );
+    let segs = files(&dir).list().unwrap();
+    assert_eq!(segs.len(), 2);
+    assert_eq!(allocated(&dir, first), 768 * KIB);
+    let second = segs[1].0;
+    assert_eq!(allocated(&dir, second), 256 * KIB);
+    // Truncating frees the tail; removing the file empties both segments:
+    // the sealed one is deleted, the active one punched to nothing.
+    commit(
+        &s,
+        vec![
+            Op::Truncate {
+                ino: 100,
+                size: 300 * KIB,
+            },
+            file(100, 300 * KIB),
+        ],
+    );
+    assert_eq!(allocated(&dir, first), 256 * KIB);
+    assert_eq!(allocated(&dir, second), 44 * KIB);
+    commit(&s, vec![Op::RemoveInode { ino: 100 }]);
+    let segs = files(&dir).list().unwrap();
+    assert_eq!(
+        segs.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![second]
+    );
+    assert_eq!(allocated(&dir, second), 0);
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    // The root's entry names the removed file: only that is wrong.
+    assert!(report
+        .problems
+        .iter()
+        .all(|p| matches!(p, Problem::DanglingEntry { ino: 100, .. })));
+    assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
+}
+
+#[test]
+fn a_volume_of_format_1_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = conformance::temp_volume(&dir, "");
+        let mut sb = s.superblock.clone();
+        sb.format_version = 1;
+        s.raw_put(&keys::superblock(), &codec::encode_superblock(&sb));
+        s.close().unwrap();
+    }
+    match SlateStore::open(&url(&dir)) {
+        Err(
+            e @ OpenVolumeError::FormatVersion {
+                found: 1,
+                expected: 2,
+            },
+        ) => assert_eq!(
+            e.to_string(),
+            "volume has format version 1; this build reads version 2"
+        ),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("opened a volume of format 1"),
+    }
+}
+
+#[test]
+fn a_fragmented_chunk_is_rewritten_as_one_extent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    commit(&s, root_with(&[110]));
+    commit(&s, vec![file(110, 64 * KIB)]);
+    let mut want = vec![0u8; 64 * KIB as usize];
+    for i in 0..(super::extent::MAX_EXTENTS as u64 + 8) {
+        let at = i * 1000 + 7;
+        commit(&s, vec![write_op(110, at, &[i as u8 + 1])]);
+        want[at as usize] = i as u8 + 1;
+        let record = s.raw_get_for_test(&keys::block(110, 0));
+        let extents = super::extent::decode(&record).unwrap();
+        assert!(
+            extents.len() <= super::extent::MAX_EXTENTS,
+            "{}",
+            extents.len()
+        );
+    }
+    assert_eq!(read(&s, 110, 0, want.len()), want);
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
+}
+
+#[test]
+fn metadata_is_charged_against_the_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open(&format!("{}?capacity=64K", url(&dir))).unwrap();
+    let full = s.statfs().unwrap().capacity_bytes;
+    assert_eq!(full, 64 * KIB);
+    let xattr = |ino: u64, n: usize| Op::SetXattr {
+        ino,
+        name: b"user.big".to_vec(),
+        value: vec![1u8; n],
+    };
+    commit(&s, vec![file(5, 0), xattr(5, 1000)]);
+    let inode_bytes = keys::inode(5).len() + codec::encode_inode(&Inode::regular(5, 0)).len();
+    let xattr_bytes = keys::xattr(5, b"user.big").len() + codec::encode_bytes(&[1u8; 1000]).len();
+    let left = s.statfs().unwrap().capacity_bytes;
+    assert_eq!(full - left, (inode_bytes + xattr_bytes) as u64);
+    // Xattrs fill the volume: the one that does not fit is refused whole.
+    let mut ino = 6;
+    let refused = loop {
+        match s.commit(Txn {
+            ops: vec![file(ino, 0), xattr(ino, 8000)],
+        }) {
+            Ok(()) => ino += 1,
+            Err(e) => break e,
+        }
+        assert!(ino < 20, "64 KiB took {} xattrs of 8000 bytes", ino - 6);
+    };
+    assert!(matches!(refused, StoreError::NoSpace), "{refused:?}");
+    assert_eq!(s.get_inode(ino).unwrap(), None);
+    assert!(s.statfs().unwrap().capacity_bytes < 8000);
+    // Removing one gives its bytes back, exactly.
+    let before = s.statfs().unwrap().capacity_bytes;
+    commit(&s, vec![Op::RemoveInode { ino: 6 }]);
+    let xattr_bytes = keys::xattr(6, b"user.big").len() + codec::encode_bytes(&[1u8; 8000]).len();
+    assert_eq!(
+        s.statfs().unwrap().capacity_bytes - before,
+        (inode_bytes + xattr_bytes) as u64
+    );
+    commit(&s, vec![file(ino, 0), xattr(ino, 8000)]);
+}
+
+#[test]
+fn opening_deletes_segments_nothing_refers_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    commit(&s, root_with(&[]));
+    // Bytes appended to a segment no batch ever named, then a crash.
+    let segs = s.segments();
+    let p = segs.append(0, &[&[0x55u8; 3000]]).unwrap();
+    segs.sync_to(p.seg, p.seg_off + p.len).unwrap();
+    s.crash();
+    let report = check(&dir);
+    assert_eq!(
+        report.warnings,
+        vec![Warning::LeakedSpace {
+            seg: p.seg,
+            bytes: 3000
+        }]
+    );
+    let s = volume(&dir, Placement::Default);
+    let ids: Vec<u64> = files(&dir).list().unwrap().iter().map(|f| f.0).collect();
+    assert!(!ids.contains(&p.seg), "{ids:?}");
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(
+        report.is_clean() && report.warnings.is_empty(),
+        "{report:#?}"
+    );
+}
+
+#[test]
+fn concurrent_appends_share_one_fdatasync() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    let segs = s.segments();
+    let a = segs.append(0, &[b"first"]).unwrap();
+    let b = segs.append(0, &[b"second", b" in two slices"]).unwrap();
+    // The second committer syncs first; its sync covers the first's bytes.
+    segs.sync_to(b.seg, b.seg_off + b.len).unwrap();
+    segs.sync_to(a.seg, a.seg_off + a.len).unwrap();
+    assert_eq!(segs.syncs(), 1);
+    let mut got = vec![0u8; b.len as usize];
+    segs.read_at(b.seg, b.seg_off, &mut got).unwrap();
+    assert_eq!(got, b"second in two slices");
+    segs.unpin(a.seg);
+    segs.unpin(b.seg);
+}
+
+#[test]
+fn sequential_4k_writes_stay_one_extent_per_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir, Placement::Default);
+    let mut want = Vec::new();
+    for i in 0..20u64 {
+        let page = vec![i as u8 + 1; 4096];
+        commit(&s, vec![write_op(120, i * 4096, &page)]);
+        want.extend_from_slice(&page);
+    }
+    for index in 0..2 {
+        let record = s.raw_get_for_test(&keys::block(120, index));
+        assert_eq!(
+            super::extent::decode(&record).unwrap().len(),
+            1,
+            "chunk {index}"
+        );
+    }
+    assert_eq!(read(&s, 120, 0, want.len()), want);
+    assert_eq!(segment_len(&dir), 20 * 4096);
+}
