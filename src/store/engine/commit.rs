@@ -1,29 +1,20 @@
 //! The commit path: a transaction's bytes to segments, made durable, then
 //! its batch built under the commit lock and handed to the engine, then
-//! (once durable) the segment space it freed given back. See the module
+//! (once durable) the segment space it freed handed to the reclaimer. See the module
 //! documentation of the engine for the order and why.
 //!
 //! This module owns that order. It never interprets POSIX semantics
 //! (`apply.rs` turns ops into records) and never decides what is live
 //! (`extent.rs` does).
 
-use std::collections::BTreeMap;
-use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use slatedb::{WriteBatch, WriteHandle};
 
+use super::reclaim::Reclaim;
 use super::segment::{self, Placed};
 use super::{apply, codec, keys, map_engine_error, SlateStore, SEGMENT_PAGE};
 use crate::store::{CommitOutcome, Op, StoreError, Txn, BLOCK_SIZE};
-
-/// What a commit's batch frees once it is durable.
-struct Reclaim {
-    /// Segment pages no extent refers to, per segment.
-    dead: BTreeMap<u64, Vec<Range<u64>>>,
-    /// Sealed segments with no live byte left.
-    emptied: Vec<u64>,
-}
 
 /// The outcome of building a commit's batch.
 enum Built {
@@ -163,7 +154,10 @@ impl SlateStore {
             None => self.group.wait_all(&self.db).await,
         }
         .map_err(map_engine_error)?;
-        self.reclaim_space(reclaim);
+        if let Some(r) = &self.reclaimer {
+            // Off the commit path: the acknowledgement does not wait.
+            r.send(reclaim);
+        }
         Ok(CommitOutcome { duplicate: false })
     }
 
@@ -179,7 +173,7 @@ impl SlateStore {
         written: &mut bool,
     ) -> Result<Built, StoreError> {
         let mut counters = self.commit_lock.lock().await;
-        let mut view = apply::TxnView::new(&self.db, self.segments.as_ref());
+        let mut view = apply::TxnView::new(&self.db, self.segments.as_deref());
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
                 return Ok(Built::Duplicate);
@@ -230,26 +224,5 @@ impl SlateStore {
         self.used_meta_bytes
             .store(after.meta_bytes, Ordering::Release);
         Ok(Built::Batch(Some(handle), reclaim))
-    }
-
-    /// Punch the segment pages a durable batch stopped referring to and
-    /// delete the segments it emptied. A failure leaks space (reported by
-    /// `pohmelfs check`), never data, so it is logged, not returned.
-    fn reclaim_space(&self, reclaim: Reclaim) {
-        let Some(segs) = &self.segments else { return };
-        if reclaim.dead.is_empty() && reclaim.emptied.is_empty() {
-            return;
-        }
-        let _exclusive = self.reclaim.write().unwrap_or_else(|e| e.into_inner());
-        for (seg, ranges) in &reclaim.dead {
-            if let Err(e) = segs.punch(*seg, ranges) {
-                tracing::warn!(volume = %self.describe, segment = seg, error = %e, "punching dead segment pages failed");
-            }
-        }
-        for seg in &reclaim.emptied {
-            if let Err(e) = segs.remove(*seg) {
-                tracing::warn!(volume = %self.describe, segment = seg, error = %e, "deleting an emptied segment failed");
-            }
-        }
     }
 }

@@ -14,7 +14,7 @@
 //! for durability together, sharing WAL flushes (`group.rs`). A commit is
 //! acknowledged only once its batch is in the object store; only then are
 //! the segment pages it stopped referring to punched out, and segments it
-//! emptied deleted.
+//! emptied deleted, by a thread of their own (`reclaim.rs`).
 //!
 //! The key layout is in `keys.rs`, value encodings in `codec.rs` and
 //! `extent.rs`; all are described in `docs/store-layout.md`.
@@ -39,6 +39,7 @@ mod extent;
 mod group;
 mod keys;
 mod read_plan;
+mod reclaim;
 mod scan;
 mod segment;
 
@@ -53,7 +54,7 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use slatedb::config::ScanOptions;
 use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
@@ -155,11 +156,13 @@ pub struct SlateStore {
     ids: tokio::sync::Mutex<IdRange>,
     group: group::GroupCommit,
     /// The segment files of a `file://` volume; `None` on `s3://`.
-    segments: Option<Segments>,
+    segments: Option<Arc<Segments>>,
     /// Readers hold it shared from reading a chunk record to reading the
     /// segment bytes it names; reclaiming (punching, deleting) takes it
     /// exclusively, so a reader never sees a page punched under it.
-    reclaim: RwLock<()>,
+    reclaim: Arc<RwLock<()>>,
+    /// Punches and deletes what durable batches freed (`file://` only).
+    reclaimer: Option<reclaim::Reclaimer>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -235,7 +238,7 @@ impl SlateStore {
         };
         let segments = match local_dir {
             Some(dir) => match Segments::open_with_max(dir, max) {
-                Ok(s) => Some(s),
+                Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
                     let _ = runtime.block_on(db.close());
                     return Err(OpenVolumeError::Segments(e));
@@ -243,10 +246,25 @@ impl SlateStore {
             },
             None => None,
         };
+        let reclaim = Arc::new(RwLock::new(()));
+        let reclaimer = match &segments {
+            Some(segs) => {
+                match reclaim::Reclaimer::start(segs.clone(), reclaim.clone(), cfg.describe.clone())
+                {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        let _ = runtime.block_on(db.close());
+                        return Err(OpenVolumeError::Segments(e));
+                    }
+                }
+            }
+            None => None,
+        };
         let store = SlateStore {
             db,
+            reclaimer,
             segments,
-            reclaim: RwLock::new(()),
+            reclaim,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: format!(
@@ -333,6 +351,9 @@ impl SlateStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        if let Some(r) = &self.reclaimer {
+            r.stop();
+        }
         self.rt()?
             .block_on(self.db.close())
             .map_err(map_engine_error)
@@ -355,7 +376,7 @@ impl SlateStore {
     /// How many segment `fdatasync` calls commits asked for (shared among
     /// concurrent commits, like WAL flushes).
     pub fn segment_syncs(&self) -> u64 {
-        self.segments.as_ref().map_or(0, Segments::syncs)
+        self.segments.as_deref().map_or(0, Segments::syncs)
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -477,7 +498,7 @@ impl SlateStore {
                         }
                         other => other,
                     })?;
-                    apply::read_chunk(self.segments.as_ref(), &list, in_chunk, out)?;
+                    apply::read_chunk(self.segments.as_deref(), &list, in_chunk, out)?;
                 }
                 None => out.fill(0),
             }
@@ -532,10 +553,18 @@ impl SlateStore {
             .expect("a stored record")
     }
 
+    /// Wait until the reclaimer has done what commits so far queued.
+    #[cfg(test)]
+    fn reclaimed(&self) {
+        if let Some(r) = &self.reclaimer {
+            r.barrier();
+        }
+    }
+
     /// The segment files, on a `file://` volume.
     #[cfg(test)]
     fn segments(&self) -> &Segments {
-        self.segments.as_ref().expect("a file:// volume")
+        self.segments.as_deref().expect("a file:// volume")
     }
 
     #[cfg(test)]

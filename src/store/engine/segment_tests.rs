@@ -314,6 +314,7 @@ fn dead_pages_are_punched_and_empty_segments_deleted() {
         &s,
         vec![write_op(100, 256 * KIB, &vec![2u8; 256 * KIB as usize])],
     );
+    s.reclaimed();
     let segs = files(&dir).list().unwrap();
     assert_eq!(segs.len(), 2);
     assert_eq!(allocated(&dir, first), 768 * KIB);
@@ -331,9 +332,11 @@ fn dead_pages_are_punched_and_empty_segments_deleted() {
             file(100, 300 * KIB),
         ],
     );
+    s.reclaimed();
     assert_eq!(allocated(&dir, first), 256 * KIB);
     assert_eq!(allocated(&dir, second), 44 * KIB);
     commit(&s, vec![Op::RemoveInode { ino: 100 }]);
+    s.reclaimed();
     let segs = files(&dir).list().unwrap();
     assert_eq!(
         segs.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
