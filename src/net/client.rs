@@ -27,7 +27,7 @@ use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
-use crate::store::sink::{Ack, SendError, SendFuture, Sink};
+use crate::store::sink::{Ack, SendError};
 use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 
 /// Settings of a remote volume.
@@ -707,35 +707,5 @@ impl Store for RemoteStore {
             self.inner.cfg.volume,
             self.inner.session
         )
-    }
-}
-
-/// Store servers over the wire protocol as a sink.
-pub struct RemoteSink {
-    remote: Arc<RemoteStore>,
-}
-
-impl RemoteSink {
-    pub fn new(remote: Arc<RemoteStore>) -> RemoteSink {
-        RemoteSink { remote }
-    }
-}
-
-impl Sink for RemoteSink {
-    fn servers(&self) -> usize {
-        self.remote.servers().len()
-    }
-
-    fn server_name(&self, server: usize) -> String {
-        let s = self.remote.servers();
-        s[server % s.len()].clone()
-    }
-
-    fn session(&self) -> u64 {
-        self.remote.session()
-    }
-
-    fn send(&self, server: usize, txn_id: u64, low_water: u64, txn: Txn) -> SendFuture<'_> {
-        Box::pin(self.remote.send_txn(server, txn_id, low_water, txn))
     }
 }

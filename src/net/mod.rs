@@ -5,8 +5,10 @@
 //!
 //! * `proto` — frames, messages, their validation and the authenticated
 //!   handshake (`docs/protocol.md`);
-//! * `client` — the `pohmel://` client: a [`crate::store::Store`] for reads
-//!   and a [`crate::store::sink::Sink`] for transactions;
+//! * `client` — the `pohmel://` client: a [`crate::store::Store`] for reads,
+//!   and the sending of transactions with their resends;
+//! * `sink` — the client as the write-back layer's
+//!   [`crate::store::sink::Sink`];
 //! * `server` — `pohmelfs store`, which serves local volumes to clients.
 
 pub mod client;
@@ -14,6 +16,7 @@ pub mod client;
 mod conformance_tests;
 pub mod proto;
 pub mod server;
+pub mod sink;
 
 use std::sync::Arc;
 

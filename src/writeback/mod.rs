@@ -95,7 +95,7 @@ use tokio::sync::Notify;
 use tracing::error;
 
 use crate::metrics::Metrics;
-use crate::net::client::RemoteSink;
+use crate::net::sink::RemoteSink;
 use crate::store::sink::{EngineSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::{lock, StateLock};
