@@ -242,7 +242,12 @@ impl SlateStore {
         }
         let _exclusive = self.reclaim.write().unwrap_or_else(|e| e.into_inner());
         for (seg, ranges) in &reclaim.dead {
-            if let Err(e) = segs.punch(*seg, ranges) {
+            // A read's file piece may still name these pages: the punch
+            // waits for the last pin (`pins.rs`).
+            if let Err(e) = segs
+                .handle(*seg)
+                .map(|f| self.pins.punch_or_defer(f, ranges))
+            {
                 tracing::warn!(volume = %self.describe, segment = seg, error = %e, "punching dead segment pages failed");
             }
         }

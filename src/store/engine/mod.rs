@@ -38,6 +38,7 @@ mod config;
 mod extent;
 mod group;
 mod keys;
+mod pins;
 mod read_plan;
 mod scan;
 mod segment;
@@ -60,8 +61,8 @@ use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
 use thiserror::Error;
 
 use crate::store::{
-    CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
-    FIRST_FREE_ID,
+    CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
+    BLOCK_SIZE, FIRST_FREE_ID,
 };
 pub use codec::FORMAT_VERSION;
 use codec::{Counters, Superblock};
@@ -160,6 +161,8 @@ pub struct SlateStore {
     /// segment bytes it names; reclaiming (punching, deleting) takes it
     /// exclusively, so a reader never sees a page punched under it.
     reclaim: RwLock<()>,
+    /// Pins on segment ranges handed out by reads (`pins.rs`).
+    pins: std::sync::Arc<pins::Pins>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -247,6 +250,7 @@ impl SlateStore {
             db,
             segments,
             reclaim: RwLock::new(()),
+            pins: Default::default(),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: format!(
@@ -604,6 +608,14 @@ impl Store for SlateStore {
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
+    }
+
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        self.read_pinned(ino, offset, len)
+    }
+
+    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.advise_ranges(ino, offset, usize::try_from(len).unwrap_or(usize::MAX))
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
