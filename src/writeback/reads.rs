@@ -117,24 +117,24 @@ impl Store for WritebackStore {
             match seg {
                 Seg::Cached(b) => out.push(ReadPiece::Bytes(b)),
                 // Pages evicted or never cached: the store has their newest
-                // bytes (the cache never drops a dirty page). They are not
-                // kept: clean data stays where the store holds it (the host
-                // page cache serves segment files' hot ranges), and the
-                // pieces go to the guest as they are, file ranges included.
+                // bytes (the cache never drops a dirty page). The pieces go
+                // to the guest as the store gave them (file ranges
+                // included); the layer also keeps the whole pages as clean
+                // pages (one copy each; see the module docs for why).
                 Seg::Missing { pages } => {
-                    let (from, to) = (
-                        offset.max(pages.start * PAGE_SIZE),
-                        end.min(pages.end * PAGE_SIZE),
-                    );
+                    let base = pages.start * PAGE_SIZE;
+                    let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
-                    let fetched = loop {
-                        if let Some((got, st)) = sh.read_store(ino, from, (to - from) as usize)? {
-                            drop(st);
+                    let (fetched, mut st) = loop {
+                        if let Some(got) = sh.read_store(ino, base, n)? {
                             break got;
                         }
                     };
-                    out.extend(fetched);
+                    sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
+                    drop(st);
+                    let (from, to) = (offset.max(base), end.min(pages.end * PAGE_SIZE));
+                    out.extend(fetched.slice((from - base) as usize, (to - from) as usize));
                 }
             }
         }
