@@ -135,3 +135,36 @@ impl fuse_backend_rs::api::filesystem::ZeroCopyReader for TestReader<'_, '_> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 }
+
+#[test]
+fn a_sequential_read_advises_read_ahead_without_reading_it() {
+    use crate::store::sink::EngineSink;
+    use crate::writeback::{TxnConfig, WritebackStore};
+
+    const LEN: usize = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(temp_volume(&dir, ""));
+    commit(&*store, vec![write_op(9, 0, &vec![3u8; LEN])]);
+    let mut inode = crate::store::Inode::regular(9, LEN as u64);
+    inode.nlink = 1;
+    let mut t = crate::store::Txn::new();
+    t.push(crate::store::Op::PutInode(inode));
+    store.commit(t).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let sink = Arc::new(EngineSink::new(store.clone()).unwrap());
+    let wb =
+        WritebackStore::new(TxnConfig::default(), store.clone(), sink, metrics.clone()).unwrap();
+    let first = wb.read_data(9, 0, 1 << 20).unwrap();
+    assert_eq!(store.advised(), 0, "one read is not a sequence");
+    let second = wb.read_data(9, 1 << 20, 1 << 20).unwrap();
+    assert!(store.advised() > 0, "the next range was advised");
+    assert_eq!(metrics.read_ahead.get(), 1);
+    // The read ahead left no bytes in the layer's cache: the host reads
+    // them in the background.
+    assert!(second.has_file_pieces() && first.has_file_pieces());
+    let third = wb.read_data(9, 2 << 20, 1 << 20).unwrap();
+    assert!(
+        third.has_file_pieces(),
+        "the advised range is not in the cache"
+    );
+}
