@@ -167,4 +167,16 @@ fn a_sequential_read_advises_read_ahead_without_reading_it() {
         third.has_file_pieces(),
         "the advised range is not in the cache"
     );
+    // Nor did the cold reads copy segment bytes into clean pages: a read
+    // again goes to the segments (the host page cache keeps them hot).
+    let again = wb.read_data(9, 0, 1 << 20).unwrap();
+    assert!(
+        again
+            .pieces()
+            .iter()
+            .all(|p| matches!(p, crate::store::ReadPiece::File { .. })),
+        "clean segment bytes were cached: {:?}",
+        again.pieces()
+    );
+    assert_eq!(again.to_vec().unwrap(), vec![3u8; 1 << 20]);
 }

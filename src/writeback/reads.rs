@@ -119,8 +119,7 @@ impl Store for WritebackStore {
                 // Pages evicted or never cached: the store has their newest
                 // bytes (the cache never drops a dirty page). The pieces go
                 // to the guest as the store gave them (file ranges
-                // included); the layer also keeps the whole pages as clean
-                // pages (one copy each; see the module docs for why).
+                // included).
                 Seg::Missing { pages } => {
                     let base = pages.start * PAGE_SIZE;
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
@@ -131,7 +130,13 @@ impl Store for WritebackStore {
                             break got;
                         }
                     };
-                    sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
+                    // Bytes in memory (remote and `mem:` stores) are kept
+                    // as clean pages. Segment ranges are not: the host page
+                    // cache keeps them hot, and copying them in would cost
+                    // a copy per cold read.
+                    if !fetched.has_file_pieces() {
+                        sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
+                    }
                     drop(st);
                     let (from, to) = (offset.max(base), end.min(pages.end * PAGE_SIZE));
                     out.extend(fetched.slice((from - base) as usize, (to - from) as usize));
