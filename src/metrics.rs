@@ -92,6 +92,9 @@ counters! {
     cache_hits,
     /// Page reads that went to the store.
     cache_misses,
+    /// Read-ahead hints a sequential read handed to the store (segment
+    /// files: `posix_fadvise(WILLNEED)`, which does not wait for the I/O).
+    read_ahead,
     /// Clean pages evicted to stay within `--cache-size`.
     cache_evictions,
     /// fsync (and flush, fsyncdir, syncfs) requests that reached the store layer.

@@ -10,7 +10,12 @@ use super::attr::{check_access, is_owner, MAY_READ, MAY_WRITE};
 use super::error::{errno, FsError, FsResult};
 use super::handles::OpenFile;
 use super::{lock, CachePolicy, PohmelFs};
-use crate::store::{FileKind, Inode, Op, Timestamp, Txn, WriteData};
+use std::fs::File;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use crate::store::{FileKind, Inode, Op, ReadData, ReadPiece, Timestamp, Txn, WriteData};
 
 /// The largest read or write the daemon serves in one request (the FUSE
 /// MAX_PAGES limit: 256 pages of 4 KiB).
@@ -133,13 +138,15 @@ impl PohmelFs {
             .min(w.available_bytes())
             .min(MAX_IO_BYTES)
             .min((inode.size - offset).try_into().unwrap_or(usize::MAX));
-        // The store hands back pieces (cached pages, its own buffers,
-        // zeros): each is copied once, into the guest's buffers.
+        // The store hands back pieces: cached pages and its own buffers
+        // (copied once, into the guest's buffers), zeros, and ranges of
+        // segment files, which `preadv` reads straight into the guest's
+        // buffers (served by the host page cache when hot).
         let data = self.store.read_data(ino, offset, len)?;
         if data.len() != len {
             return errno!(EIO);
         }
-        data.write_to(w)
+        write_pieces(&data, w)
             .map_err(|e| FsError::Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         self.metrics.bytes_read.add(len as u64);
         Ok(len)
@@ -458,4 +465,27 @@ fn ts(sec: i64, nsec: i64) -> Timestamp {
         sec,
         nsec: u32::try_from(nsec).unwrap_or(0).min(999_999_999),
     }
+}
+
+/// Write every piece of `data` to the guest: file ranges with
+/// `write_all_from` (no copy in the daemon), the rest with `write_all`.
+pub(crate) fn write_pieces(data: &ReadData, w: &mut dyn ZeroCopyWriter) -> io::Result<()> {
+    for piece in data.pieces() {
+        match piece {
+            ReadPiece::File {
+                file, offset, len, ..
+            } => {
+                // SAFETY: the descriptor stays open while `file` (borrowed
+                // for this block) lives, and `ManuallyDrop` never closes
+                // it; the borrowed `File` is only read with `preadv` at
+                // explicit offsets, so the shared handle's position is
+                // untouched.
+                let mut borrowed =
+                    ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) });
+                w.write_all_from(&mut *borrowed, *len, *offset)?;
+            }
+            other => other.write_to(w)?,
+        }
+    }
+    Ok(())
 }

@@ -27,6 +27,8 @@ mod handles;
 mod locks;
 mod namespace;
 mod xattr;
+#[cfg(test)]
+mod zero_copy_tests;
 
 pub use data::MAX_IO_BYTES;
 

@@ -13,7 +13,10 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::fs::File;
 use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -208,13 +211,37 @@ impl fmt::Debug for WriteData {
     }
 }
 
+/// Keeps what a [`ReadPiece::File`] names readable while the piece lives:
+/// a store that reclaims file ranges (punches segment pages no extent
+/// refers to any more) defers reclaiming while any pin it handed out is
+/// alive, so a read planned before an overwrite's commit still finds the
+/// old bytes. Opaque; dropping the last clone lets reclamation proceed.
+#[derive(Clone)]
+pub struct ReadPin(#[allow(dead_code)] Arc<dyn Send + Sync>);
+
+impl ReadPin {
+    pub fn new(hold: Arc<dyn Send + Sync>) -> ReadPin {
+        ReadPin(hold)
+    }
+}
+
 /// One piece of a read's answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum ReadPiece {
     /// This many zero bytes (a hole, or past the stored blocks).
     Zeros(usize),
     /// Bytes a layer holds (a cached page, a store's buffer), shared.
     Bytes(Bytes),
+    /// `len` bytes of an open file (a segment) from `offset`: the
+    /// filesystem layer reads them with `preadv` straight into the guest's
+    /// buffers; the host page cache keeps hot ranges. `pin` keeps the range
+    /// from being reclaimed while the piece lives.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+        pin: ReadPin,
+    },
 }
 
 impl ReadPiece {
@@ -222,11 +249,80 @@ impl ReadPiece {
         match self {
             ReadPiece::Zeros(n) => *n,
             ReadPiece::Bytes(b) => b.len(),
+            ReadPiece::File { len, .. } => *len,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl ReadPiece {
+    /// Write the piece's bytes to `out`: zeros from a static page, a file
+    /// range through a page-sized buffer (the filesystem layer hands file
+    /// ranges to the guest with `write_from` instead, copying nothing).
+    pub fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        match self {
+            ReadPiece::Bytes(b) => out.write_all(b),
+            ReadPiece::File {
+                file, offset, len, ..
+            } => {
+                let mut buf = [0u8; PAGE_SIZE as usize];
+                let mut done = 0;
+                while done < *len {
+                    let k = (*len - done).min(buf.len());
+                    file.read_exact_at(&mut buf[..k], offset + done as u64)?;
+                    out.write_all(&buf[..k])?;
+                    done += k;
+                }
+                Ok(())
+            }
+            ReadPiece::Zeros(n) => {
+                let mut left = *n;
+                while left > 0 {
+                    let k = left.min(ZEROS.len());
+                    out.write_all(&ZEROS[..k])?;
+                    left -= k;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl PartialEq for ReadPiece {
+    // File pieces are equal when they name the same range of the same open
+    // file; compare bytes with `ReadData::to_vec`.
+    fn eq(&self, other: &ReadPiece) -> bool {
+        match (self, other) {
+            (ReadPiece::Zeros(a), ReadPiece::Zeros(b)) => a == b,
+            (ReadPiece::Bytes(a), ReadPiece::Bytes(b)) => a == b,
+            (
+                ReadPiece::File {
+                    file, offset, len, ..
+                },
+                ReadPiece::File {
+                    file: f2,
+                    offset: o2,
+                    len: l2,
+                    ..
+                },
+            ) => Arc::ptr_eq(file, f2) && offset == o2 && len == l2,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ReadPiece {}
+
+impl fmt::Debug for ReadPiece {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadPiece::Zeros(n) => write!(f, "Zeros({n})"),
+            ReadPiece::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            ReadPiece::File { offset, len, .. } => write!(f, "File({offset}+{len})"),
+        }
     }
 }
 
@@ -282,17 +378,7 @@ impl ReadData {
     /// Write every byte to `out`, zeros from a static page.
     pub fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()> {
         for piece in &self.pieces {
-            match piece {
-                ReadPiece::Bytes(b) => out.write_all(b)?,
-                ReadPiece::Zeros(n) => {
-                    let mut left = *n;
-                    while left > 0 {
-                        let k = left.min(ZEROS.len());
-                        out.write_all(&ZEROS[..k])?;
-                        left -= k;
-                    }
-                }
-            }
+            piece.write_to(out)?;
         }
         Ok(())
     }
@@ -309,6 +395,14 @@ impl ReadData {
                 out.push(match piece {
                     ReadPiece::Zeros(_) => ReadPiece::Zeros(hi - lo),
                     ReadPiece::Bytes(b) => ReadPiece::Bytes(b.slice(lo - at..hi - at)),
+                    ReadPiece::File {
+                        file, offset, pin, ..
+                    } => ReadPiece::File {
+                        file: file.clone(),
+                        offset: offset + (lo - at) as u64,
+                        len: hi - lo,
+                        pin: pin.clone(),
+                    },
                 });
             }
             at = end;
@@ -317,8 +411,8 @@ impl ReadData {
     }
 
     /// Copy the bytes at `from..from + out.len()` into `out`; bytes past
-    /// the end read as zeros.
-    pub fn copy_to(&self, from: usize, out: &mut [u8]) {
+    /// the end read as zeros. Fails only when a file piece cannot be read.
+    pub fn copy_to(&self, from: usize, out: &mut [u8]) -> io::Result<()> {
         out.fill(0);
         let mut at = 0;
         for piece in &self.pieces {
@@ -326,19 +420,32 @@ impl ReadData {
             let lo = from.max(at);
             let hi = (from + out.len()).min(end);
             if lo < hi {
-                if let ReadPiece::Bytes(b) = piece {
-                    out[lo - from..hi - from].copy_from_slice(&b[lo - at..hi - at]);
+                let dst = &mut out[lo - from..hi - from];
+                match piece {
+                    ReadPiece::Zeros(_) => {}
+                    ReadPiece::Bytes(b) => dst.copy_from_slice(&b[lo - at..hi - at]),
+                    ReadPiece::File { file, offset, .. } => {
+                        file.read_exact_at(dst, offset + (lo - at) as u64)?
+                    }
                 }
             }
             at = end;
         }
+        Ok(())
+    }
+
+    /// Whether any piece is a file range (the bytes are not in memory).
+    pub fn has_file_pieces(&self) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| matches!(p, ReadPiece::File { .. }))
     }
 
     /// The bytes in a new vector (tests, and callers that want a buffer).
-    pub fn to_vec(&self) -> Vec<u8> {
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; self.len];
-        self.copy_to(0, &mut out);
-        out
+        self.copy_to(0, &mut out)?;
+        Ok(out)
     }
 }
 
@@ -387,14 +494,14 @@ mod tests {
         d.push(ReadPiece::Zeros(2));
         d.push(ReadPiece::Bytes(Bytes::from_static(b"cd")));
         assert_eq!(d.pieces().len(), 3);
-        assert_eq!(d.to_vec(), b"ab\0\0\0\0\0cd");
+        assert_eq!(d.to_vec().unwrap(), b"ab\0\0\0\0\0cd");
         let mut out = [9u8; 4];
-        d.copy_to(6, &mut out);
+        d.copy_to(6, &mut out).unwrap();
         assert_eq!(out, *b"\0cd\0");
         let mut w = Vec::new();
         d.write_to(&mut w).unwrap();
-        assert_eq!(w, d.to_vec());
-        assert_eq!(d.slice(1, 7).to_vec(), b"b\0\0\0\0\0c");
-        assert_eq!(d.slice(8, 100).to_vec(), b"d");
+        assert_eq!(w, d.to_vec().unwrap());
+        assert_eq!(d.slice(1, 7).to_vec().unwrap(), b"b\0\0\0\0\0c");
+        assert_eq!(d.slice(8, 100).to_vec().unwrap(), b"d");
     }
 }

@@ -54,7 +54,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-pub use data::{ReadData, ReadPiece, WriteData, PAGE_SIZE};
+pub use data::{ReadData, ReadPiece, ReadPin, WriteData, PAGE_SIZE};
 
 /// The inode number of the volume's root directory.
 pub const ROOT_INO: u64 = 1;
@@ -370,6 +370,14 @@ pub trait Store: Send + Sync {
         let mut buf = vec![0u8; len];
         self.read(ino, offset, &mut buf)?;
         Ok(ReadData::from(buf))
+    }
+
+    /// Start reading `len` bytes of `ino` at `offset` into a cache in the
+    /// background, for a sequential reader; returns without waiting for
+    /// the data. The default does nothing.
+    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        let _ = (ino, offset, len);
+        Ok(())
     }
 
     /// The smallest offset `>= offset` inside a stored block, if any.

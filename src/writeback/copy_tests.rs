@@ -133,6 +133,7 @@ fn a_guest_write_reaches_the_sink_in_the_buffers_it_was_read_into() {
         .map(|p| match p {
             ReadPiece::Bytes(b) => (b.as_ptr() as usize, b.len()),
             ReadPiece::Zeros(n) => (0, *n),
+            ReadPiece::File { len, .. } => (1, *len),
         })
         .collect();
     assert_eq!(&served, pages);

@@ -38,7 +38,9 @@ impl Shared {
         if !st.holes.touches(ino, offset, len) {
             return Ok(Some((data, st)));
         }
-        let mut bytes = data.to_vec();
+        // Rare (a truncate or punch not yet acknowledged): the bytes are
+        // read into a buffer to zero the cut ranges.
+        let mut bytes = data.to_vec().map_err(StoreError::Io)?;
         st.holes.zero(ino, offset, &mut bytes);
         Ok(Some((ReadData::from(bytes), st)))
     }
@@ -95,8 +97,7 @@ impl Store for WritebackStore {
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let data = self.read_data(ino, offset, buf.len())?;
-        data.copy_to(0, buf);
-        Ok(())
+        data.copy_to(0, buf).map_err(StoreError::Io)
     }
 
     fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
@@ -112,23 +113,16 @@ impl Store for WritebackStore {
             .add((last - first + 1) - plan.missing_pages);
         sh.metrics.cache_misses.add(plan.missing_pages);
         let mut out = ReadData::new();
-        let mut ahead = plan.read_ahead;
         for seg in plan.segs {
             match seg {
                 Seg::Cached(b) => out.push(ReadPiece::Bytes(b)),
                 // Pages evicted or never cached: the store has their newest
-                // bytes (the cache never drops a dirty page).
+                // bytes (the cache never drops a dirty page). The pieces go
+                // to the guest as the store gave them (file ranges
+                // included).
                 Seg::Missing { pages } => {
-                    // The read ahead joins the last missing run's fetch.
-                    let fetch_end = match ahead.take() {
-                        Some(a) if a.start == pages.end => a.end,
-                        other => {
-                            ahead = other;
-                            pages.end
-                        }
-                    };
                     let base = pages.start * PAGE_SIZE;
-                    let n = ((fetch_end - pages.start) * PAGE_SIZE) as usize;
+                    let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
                     let (fetched, mut st) = loop {
@@ -136,15 +130,26 @@ impl Store for WritebackStore {
                             break got;
                         }
                     };
-                    sh.keep_fetched(&mut st, ino, pages.start, &fetched);
+                    // Bytes in memory (remote and `mem:` stores) are kept
+                    // as clean pages. Segment ranges are not: the host page
+                    // cache keeps them hot, and copying them in would cost
+                    // a copy per cold read.
+                    if !fetched.has_file_pieces() {
+                        sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
+                    }
                     drop(st);
                     let (from, to) = (offset.max(base), end.min(pages.end * PAGE_SIZE));
                     out.extend(fetched.slice((from - base) as usize, (to - from) as usize));
                 }
             }
         }
-        if let Some(a) = ahead {
-            sh.load_pages(ino, a.start, a.end - a.start)?;
+        // A sequential reader: the store starts reading what comes next in
+        // the background (segment files: `posix_fadvise(WILLNEED)`; remote
+        // stores: nothing). Never a data read inside this READ.
+        if let Some(a) = plan.read_ahead {
+            sh.metrics.read_ahead.add(1);
+            sh.store
+                .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
         }
         Ok(out)
     }

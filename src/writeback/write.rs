@@ -269,7 +269,7 @@ impl Shared {
             // The bytes may predate a cut: not kept, the caller looks again.
             return Ok(());
         };
-        self.keep_fetched(&mut st, ino, first, &fetched);
+        self.keep_fetched(&mut st, ino, first, &fetched)?;
         drop(st);
         Ok(())
     }
@@ -286,17 +286,20 @@ impl Shared {
         ino: u64,
         first: u64,
         fetched: &ReadData,
-    ) {
+    ) -> Result<(), StoreError> {
         let count = fetched.len() / PAGE_SIZE as usize;
         for i in 0..count {
             let mut buf = vec![0u8; PAGE_SIZE as usize];
-            fetched.copy_to(i * PAGE_SIZE as usize, &mut buf);
+            fetched
+                .copy_to(i * PAGE_SIZE as usize, &mut buf)
+                .map_err(StoreError::Io)?;
             st.cache
                 .insert_clean(ino, first + i as u64, Bytes::from(buf));
         }
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);
         self.publish(st);
+        Ok(())
     }
 
     /// A metadata transaction: apply its effects to the cache and the

@@ -38,6 +38,7 @@ mod config;
 mod extent;
 mod group;
 mod keys;
+mod pins;
 mod read_plan;
 mod reclaim;
 mod scan;
@@ -61,8 +62,8 @@ use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
 use thiserror::Error;
 
 use crate::store::{
-    CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
-    FIRST_FREE_ID,
+    CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
+    BLOCK_SIZE, FIRST_FREE_ID,
 };
 pub use codec::FORMAT_VERSION;
 use codec::{Counters, Superblock};
@@ -163,6 +164,9 @@ pub struct SlateStore {
     reclaim: Arc<RwLock<()>>,
     /// Punches and deletes what durable batches freed (`file://` only).
     reclaimer: Option<reclaim::Reclaimer>,
+    /// Pins on segment ranges handed out by reads (`pins.rs`): the
+    /// reclaimer defers punching while one lives.
+    pins: Arc<pins::Pins>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -247,10 +251,15 @@ impl SlateStore {
             None => None,
         };
         let reclaim = Arc::new(RwLock::new(()));
+        let pins: Arc<pins::Pins> = Arc::default();
         let reclaimer = match &segments {
             Some(segs) => {
-                match reclaim::Reclaimer::start(segs.clone(), reclaim.clone(), cfg.describe.clone())
-                {
+                match reclaim::Reclaimer::start(
+                    segs.clone(),
+                    reclaim.clone(),
+                    pins.clone(),
+                    cfg.describe.clone(),
+                ) {
                     Ok(r) => Some(r),
                     Err(e) => {
                         let _ = runtime.block_on(db.close());
@@ -265,6 +274,7 @@ impl SlateStore {
             reclaimer,
             segments,
             reclaim,
+            pins,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: format!(
@@ -633,6 +643,14 @@ impl Store for SlateStore {
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
+    }
+
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        self.read_pinned(ino, offset, len)
+    }
+
+    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.advise_ranges(ino, offset, usize::try_from(len).unwrap_or(usize::MAX))
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {

@@ -78,7 +78,9 @@ fn push(out: &mut Vec<ReadPiece>, p: ReadPiece) {
 
 impl SlateStore {
     /// The plan for reading `len` bytes of `ino` from `offset`; the pieces'
-    /// lengths add up to `len`.
+    /// lengths add up to `len`. The plan holds the reclaim lock shared: drop
+    /// it before calling into the store again, because once the reclaimer
+    /// waits for the lock, std's `RwLock` makes every new reader wait too.
     pub fn read_plan(&self, ino: u64, offset: u64, len: usize) -> Result<ReadPlan<'_>, StoreError> {
         let guard = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
         let pieces = self.rt()?.block_on(self.plan_inner(ino, offset, len))?;
@@ -199,13 +201,12 @@ mod tests {
             ],
         );
         for (off, len) in [(0, 600_000), (999, 3), (65_530, 20), (140_000, 30_000)] {
+            // Read before taking the plan: a plan holds the reclaim lock,
+            // and a read under it deadlocks once the reclaimer waits for it.
+            let expected = read(s, 7, off, len);
             let plan = s.read_plan(7, off, len).unwrap();
             assert_eq!(plan.pieces.iter().map(ReadPiece::len).sum::<usize>(), len);
-            assert_eq!(
-                materialize(&plan.pieces),
-                read(s, 7, off, len),
-                "at {off}+{len}"
-            );
+            assert_eq!(materialize(&plan.pieces), expected, "at {off}+{len}");
         }
     }
 

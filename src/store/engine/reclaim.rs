@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
+use super::pins::Pins;
 use super::segment::Segments;
 
 /// What one or more durable batches freed.
@@ -73,13 +74,26 @@ fn coalesce(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     out
 }
 
-fn free(segs: &Segments, exclusive: &RwLock<()>, r: Reclaim, volume: &str) {
-    let _no_readers = exclusive.write().unwrap_or_else(|e| e.into_inner());
+/// The engine's reclaim lock, which readers hold shared, and the pins of
+/// file pieces handed out by reads, which outlive it.
+struct Readers {
+    exclusive: Arc<RwLock<()>>,
+    pins: Arc<Pins>,
+}
+
+fn free(segs: &Segments, readers: &Readers, r: Reclaim, volume: &str) {
+    let _no_readers = readers.exclusive.write().unwrap_or_else(|e| e.into_inner());
     for (seg, ranges) in r.dead {
         if r.emptied.contains(&seg) {
             continue;
         }
-        if let Err(e) = segs.punch(seg, &coalesce(ranges)) {
+        // A read's file piece may still name these pages: the punch waits
+        // for the last pin (`pins.rs`). A deleted segment needs no wait:
+        // an open handle keeps its bytes readable.
+        let punched = segs
+            .handle(seg)
+            .map(|f| readers.pins.punch_or_defer(f, &coalesce(ranges)));
+        if let Err(e) = punched {
             tracing::warn!(volume, segment = seg, error = %e, "punching dead segment pages failed");
         }
     }
@@ -90,7 +104,7 @@ fn free(segs: &Segments, exclusive: &RwLock<()>, r: Reclaim, volume: &str) {
     }
 }
 
-fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, exclusive: Arc<RwLock<()>>, volume: String) {
+fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Readers, volume: String) {
     while let Ok(first) = rx.recv() {
         let mut batch = Reclaim::default();
         let mut barriers = Vec::new();
@@ -104,7 +118,7 @@ fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, exclusive: Arc<RwLock<()>>,
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            free(&segs, &exclusive, batch, &volume);
+            free(&segs, &readers, batch, &volume);
         }
         for done in barriers {
             let _ = done.send(());
@@ -114,16 +128,18 @@ fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, exclusive: Arc<RwLock<()>>,
 
 impl Reclaimer {
     /// Start the thread for the segments `segs`, whose readers hold
-    /// `exclusive` shared.
+    /// `exclusive` shared and `pins` on the file pieces they hand out.
     pub fn start(
         segs: Arc<Segments>,
         exclusive: Arc<RwLock<()>>,
+        pins: Arc<Pins>,
         volume: String,
     ) -> std::io::Result<Reclaimer> {
         let (tx, rx) = mpsc::channel();
+        let readers = Readers { exclusive, pins };
         let thread = std::thread::Builder::new()
             .name("pohmelfs-reclaim".into())
-            .spawn(move || run(rx, segs, exclusive, volume))?;
+            .spawn(move || run(rx, segs, readers, volume))?;
         Ok(Reclaimer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),

@@ -1,0 +1,182 @@
+//! A cold read of acknowledged data on a `file://` volume reaches the guest
+//! as file ranges (`write_from`), with no buffer of the read's size.
+
+use std::ffi::CString;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::CreateIn;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyWriter};
+use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
+
+use super::{FsConfig, PohmelFs};
+use crate::device::alloc_probe::largest_allocation;
+use crate::metrics::Metrics;
+use crate::store::engine::conformance::{commit, read, temp_volume, write_op};
+use crate::store::{Store, ROOT_INO};
+
+/// A guest writer that records `write_from` calls and byte writes.
+#[derive(Default)]
+struct Recording {
+    from_file: Vec<(usize, u64)>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl Write for Recording {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ZeroCopyWriter for Recording {
+    fn write_from(
+        &mut self,
+        _f: &mut dyn FileReadWriteVolatile,
+        count: usize,
+        off: u64,
+    ) -> io::Result<usize> {
+        self.from_file.push((count, off));
+        Ok(count)
+    }
+    fn available_bytes(&self) -> usize {
+        self.cap - self.bytes - self.from_file.iter().map(|f| f.0).sum::<usize>()
+    }
+}
+
+#[test]
+fn a_cold_read_reaches_the_guest_as_file_ranges() {
+    const LEN: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(temp_volume(&dir, ""));
+    let fs = PohmelFs::new(
+        store.clone(),
+        FsConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let args = CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let ctx = Context::new();
+    let (entry, handle, _, _) = fs
+        .create(&ctx, ROOT_INO, &CString::new("f").unwrap(), args)
+        .unwrap();
+    let (ino, handle) = (entry.inode, handle.unwrap());
+    let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let mut src = &data[..];
+    let written = fs.write(
+        &ctx,
+        ino,
+        handle,
+        &mut TestReader(&mut src),
+        LEN as u32,
+        0,
+        None,
+        false,
+        0,
+        0,
+    );
+    assert_eq!(written.unwrap(), LEN);
+    assert_eq!(read(&*store, ino, 0, LEN), data);
+
+    let mut w = Recording {
+        cap: LEN,
+        ..Recording::default()
+    };
+    let (n, largest) =
+        largest_allocation(|| fs.read(&ctx, ino, handle, &mut w, LEN as u32, 0, None, 0));
+    assert_eq!(n.unwrap(), LEN);
+    assert!(
+        largest < 64 << 10,
+        "the read allocated {largest} bytes at once"
+    );
+    assert_eq!(w.bytes, 0, "no byte went through a buffer of the daemon");
+    assert_eq!(w.from_file.iter().map(|f| f.0).sum::<usize>(), LEN);
+}
+
+#[test]
+fn a_file_piece_keeps_its_bytes_while_an_overwrite_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = temp_volume(&dir, "");
+    commit(&store, vec![write_op(9, 0, &[5u8; 256 << 10])]);
+    let held = store.read_data(9, 0, 256 << 10).unwrap();
+    assert!(held.has_file_pieces());
+    // The overwrite makes the held range dead; its punch must wait.
+    commit(&store, vec![write_op(9, 0, &[6u8; 256 << 10])]);
+    assert_eq!(held.to_vec().unwrap(), vec![5u8; 256 << 10]);
+    drop(held);
+    assert_eq!(read(&store, 9, 0, 256 << 10), vec![6u8; 256 << 10]);
+}
+
+/// The guest's side of a write, from a byte slice.
+struct TestReader<'a, 'b>(&'a mut &'b [u8]);
+
+impl io::Read for TestReader<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl fuse_backend_rs::api::filesystem::ZeroCopyReader for TestReader<'_, '_> {
+    fn read_to(
+        &mut self,
+        _f: &mut dyn FileReadWriteVolatile,
+        _count: usize,
+        _off: u64,
+    ) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+#[test]
+fn a_sequential_read_advises_read_ahead_without_reading_it() {
+    use crate::store::sink::EngineSink;
+    use crate::writeback::{TxnConfig, WritebackStore};
+
+    const LEN: usize = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(temp_volume(&dir, ""));
+    commit(&*store, vec![write_op(9, 0, &vec![3u8; LEN])]);
+    let mut inode = crate::store::Inode::regular(9, LEN as u64);
+    inode.nlink = 1;
+    let mut t = crate::store::Txn::new();
+    t.push(crate::store::Op::PutInode(inode));
+    store.commit(t).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let sink = Arc::new(EngineSink::new(store.clone()).unwrap());
+    let wb =
+        WritebackStore::new(TxnConfig::default(), store.clone(), sink, metrics.clone()).unwrap();
+    let first = wb.read_data(9, 0, 1 << 20).unwrap();
+    assert_eq!(store.advised(), 0, "one read is not a sequence");
+    let second = wb.read_data(9, 1 << 20, 1 << 20).unwrap();
+    assert!(store.advised() > 0, "the next range was advised");
+    assert_eq!(metrics.read_ahead.get(), 1);
+    // The read ahead left no bytes in the layer's cache: the host reads
+    // them in the background.
+    assert!(second.has_file_pieces() && first.has_file_pieces());
+    let third = wb.read_data(9, 2 << 20, 1 << 20).unwrap();
+    assert!(
+        third.has_file_pieces(),
+        "the advised range is not in the cache"
+    );
+    // Nor did the cold reads copy segment bytes into clean pages: a read
+    // again goes to the segments (the host page cache keeps them hot).
+    let again = wb.read_data(9, 0, 1 << 20).unwrap();
+    assert!(
+        again
+            .pieces()
+            .iter()
+            .all(|p| matches!(p, crate::store::ReadPiece::File { .. })),
+        "clean segment bytes were cached: {:?}",
+        again.pieces()
+    );
+    assert_eq!(again.to_vec().unwrap(), vec![3u8; 1 << 20]);
+}
