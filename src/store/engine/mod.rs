@@ -240,35 +240,16 @@ impl SlateStore {
             Placement::SegmentsOf(max) => max,
             _ => segment::SEGMENT_BYTES_MAX,
         };
-        let segments = match local_dir {
-            Some(dir) => match Segments::open_with_max(dir, max) {
-                Ok(s) => Some(Arc::new(s)),
+        let reclaim = Arc::new(RwLock::new(()));
+        let pins: Arc<pins::Pins> = Arc::default();
+        let (segments, reclaimer) =
+            match Self::open_segments(local_dir, max, &reclaim, &pins, &cfg.describe) {
+                Ok(v) => v,
                 Err(e) => {
                     let _ = runtime.block_on(db.close());
                     return Err(OpenVolumeError::Segments(e));
                 }
-            },
-            None => None,
-        };
-        let reclaim = Arc::new(RwLock::new(()));
-        let pins: Arc<pins::Pins> = Arc::default();
-        let reclaimer = match &segments {
-            Some(segs) => {
-                match reclaim::Reclaimer::start(
-                    segs.clone(),
-                    reclaim.clone(),
-                    pins.clone(),
-                    cfg.describe.clone(),
-                ) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        let _ = runtime.block_on(db.close());
-                        return Err(OpenVolumeError::Segments(e));
-                    }
-                }
-            }
-            None => None,
-        };
+            };
         let store = SlateStore {
             db,
             reclaimer,
@@ -310,6 +291,28 @@ impl SlateStore {
         }
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
+    }
+
+    /// The segment files under `dir` and their reclaimer thread, or neither
+    /// (data inline in the engine: `s3://`, or a test's choice).
+    fn open_segments(
+        dir: Option<&std::path::Path>,
+        max: u64,
+        reclaim: &Arc<RwLock<()>>,
+        pins: &Arc<pins::Pins>,
+        describe: &str,
+    ) -> std::io::Result<(Option<Arc<Segments>>, Option<reclaim::Reclaimer>)> {
+        let Some(dir) = dir else {
+            return Ok((None, None));
+        };
+        let segs = Arc::new(Segments::open_with_max(dir, max)?);
+        let reclaimer = reclaim::Reclaimer::start(
+            segs.clone(),
+            reclaim.clone(),
+            pins.clone(),
+            describe.to_owned(),
+        )?;
+        Ok((Some(segs), Some(reclaimer)))
     }
 
     /// Read and check the superblock, or write the first one into an empty
