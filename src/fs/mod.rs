@@ -173,12 +173,15 @@ impl PohmelFs {
     /// session starts and when the frontend disconnects.
     pub fn reset_session(&self) {
         let _m = lock(&self.mutate);
-        let orphans: Vec<u64> = {
+        let (held, orphans): (Vec<u64>, Vec<u64>) = {
             let mut refs = lock(&self.refs);
-            refs.lookups.clear();
-            refs.orphans.drain().collect()
+            let held = refs.lookups.drain().map(|(ino, _)| ino).collect();
+            (held, refs.orphans.drain().collect())
         };
         lock(&self.handles).clear();
+        for ino in held {
+            self.store.forgotten(ino);
+        }
         if !orphans.is_empty() {
             let mut txn = Txn::new();
             for ino in &orphans {
@@ -259,21 +262,24 @@ impl PohmelFs {
     /// Drop `count` guest references to `ino`; remove it from the store if it
     /// was unlinked and this was the last reference.
     fn drop_refs(&self, ino: u64, count: u64) {
-        let last = {
+        let orphan = {
             let mut refs = lock(&self.refs);
             match refs.lookups.get_mut(&ino) {
                 Some(n) if *n > count => {
                     *n -= count;
-                    false
+                    return;
                 }
                 Some(_) => {
                     refs.lookups.remove(&ino);
                     refs.orphans.contains(&ino)
                 }
-                None => false,
+                None => return,
             }
         };
-        if !last {
+        if !orphan {
+            // What is cached of an inode the guest no longer holds only
+            // costs memory: the per-inode cost is the lookup count alone.
+            self.store.forgotten(ino);
             return;
         }
         let _m = lock(&self.mutate);
@@ -699,5 +705,7 @@ impl FileSystem for PohmelFs {
     }
 }
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod tests;

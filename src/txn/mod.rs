@@ -56,6 +56,7 @@
 //! implement: imports point one way, from here to the store.
 
 mod ack;
+mod budget;
 mod cache;
 #[cfg(test)]
 mod conformance_tests;
@@ -83,6 +84,8 @@ use crate::metrics::Metrics;
 use crate::store::sink::{EngineSink, RemoteSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::lock;
+use budget::MetaShares;
+pub use budget::{CacheUsage, MemoryBudget};
 use cache::PageCache;
 use overlay::{CompleteDirs, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
@@ -102,8 +105,17 @@ pub enum OverwritePolicy {
 #[derive(Clone, Debug)]
 pub struct TxnConfig {
     pub overwrite: OverwritePolicy,
-    /// All page memory, clean and dirty.
+    /// All page memory, clean and dirty (the page share of `--cache-size`,
+    /// see [`MemoryBudget`]).
     pub cache_bytes: u64,
+    /// The metadata caches: inode attributes, names of directories created
+    /// in this session, extended attributes, read positions (the metadata
+    /// share of `--cache-size`).
+    pub meta_cache_bytes: u64,
+    /// The embedded engine's memtables and block caches (`file://`,
+    /// `s3://`), unless the URL names its own `memory=`; 0 leaves the
+    /// engine's default.
+    pub engine_cache_bytes: u64,
     /// Dirty plus in-flight bytes; writes beyond wait for acks.
     pub dirty_max_bytes: u64,
     /// Transactions in flight at once.
@@ -131,7 +143,9 @@ impl Default for TxnConfig {
     fn default() -> TxnConfig {
         TxnConfig {
             overwrite: OverwritePolicy::Cow,
-            cache_bytes: 256 << 20,
+            cache_bytes: 160 << 20,
+            meta_cache_bytes: 32 << 20,
+            engine_cache_bytes: 0,
             dirty_max_bytes: 128 << 20,
             max_in_flight: 64,
             max_txn_bytes: 4 << 20,
@@ -185,6 +199,11 @@ struct State {
     /// trip: ids come from `reserve_ids` and are never reused, so such a
     /// directory holds exactly the entries put through here.
     complete_dirs: CompleteDirs,
+    /// How the metadata caches split `meta_cache_bytes`.
+    meta_shares: MetaShares,
+    /// Page bytes dropped for forgotten inodes since the allocator last
+    /// gave free memory back (`budget::release_free_memory`).
+    freed_since_trim: u64,
 }
 
 struct Shared {
@@ -230,7 +249,7 @@ pub fn open(
         )?);
         (remote.clone(), Arc::new(RemoteSink::new(remote)))
     } else {
-        let engine = crate::store::open_once(url)?;
+        let engine = crate::store::open_once(&with_engine_memory(url, cfg.engine_cache_bytes))?;
         (
             engine.clone(),
             Arc::new(EngineSink::new(engine).map_err(io)?),
@@ -239,6 +258,19 @@ pub fn open(
     WritebackStore::new(cfg, reads, sink, metrics)
         .map(Arc::new)
         .map_err(io)
+}
+
+/// `url` with the engine's share of the budget as its `memory=` option,
+/// unless it names one (or is not an engine URL, or the share is 0).
+fn with_engine_memory(url: &str, bytes: u64) -> String {
+    let engine = url.starts_with("file:") || url.starts_with("s3:");
+    let (_, query) = url.split_once('?').unwrap_or((url, ""));
+    let named = query.split('&').any(|kv| kv.starts_with("memory="));
+    if !engine || named || bytes == 0 {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}memory={bytes}")
 }
 
 impl WritebackStore {
@@ -270,6 +302,7 @@ impl WritebackStore {
             builder.start_paused(true);
         }
         let rt = builder.build()?;
+        let meta_shares = MetaShares::of(cfg.meta_cache_bytes);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 cache: PageCache::new(cfg.cache_bytes),
@@ -290,8 +323,10 @@ impl WritebackStore {
                 dirents: HashMap::new(),
                 symlinks: HashMap::new(),
                 xattrs: HashMap::new(),
-                known_xattrs: KnownXattrs::default(),
-                complete_dirs: CompleteDirs::default(),
+                known_xattrs: KnownXattrs::new(meta_shares.xattrs),
+                complete_dirs: CompleteDirs::new(meta_shares.dirs),
+                meta_shares,
+                freed_since_trim: 0,
             }),
             cfg,
             store,
@@ -313,6 +348,21 @@ impl WritebackStore {
     /// Transactions not yet acknowledged (for tests and status).
     pub fn unacked(&self) -> usize {
         lock(&self.shared.state).txns.len()
+    }
+
+    /// What the caches hold now, by their own accounting.
+    pub fn cache_usage(&self) -> CacheUsage {
+        let st = lock(&self.shared.state);
+        let (meta_bytes, meta_entries) = st.meta_usage();
+        let (complete_dirs, complete_dir_names) = st.complete_dirs.size();
+        CacheUsage {
+            page_bytes: st.cache.bytes(),
+            meta_bytes,
+            meta_entries,
+            attrs: st.attrs.len() as u64,
+            complete_dirs,
+            complete_dir_names,
+        }
     }
 }
 
@@ -343,5 +393,6 @@ impl Shared {
         l.dirty_bytes.set(st.dirty_bytes);
         l.in_flight_txns.set(st.in_flight as u64);
         l.cache_bytes.set(st.cache.bytes());
+        l.meta_cache_bytes.set(st.meta_usage().0);
     }
 }
