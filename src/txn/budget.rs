@@ -83,6 +83,19 @@ impl MetaShares {
     }
 }
 
+/// `url` with the engine's share of the budget as its `memory=` option,
+/// unless it names one (or is not an engine URL, or the share is 0).
+pub(super) fn with_engine_memory(url: &str, bytes: u64) -> String {
+    let engine = url.starts_with("file:") || url.starts_with("s3:");
+    let (_, query) = url.split_once('?').unwrap_or((url, ""));
+    let named = query.split('&').any(|kv| kv.starts_with("memory="));
+    if !engine || named || bytes == 0 {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}memory={bytes}")
+}
+
 /// Bytes a hash map entry costs beyond its key and value: hashbrown keeps
 /// one control byte per bucket and at most 7 of 8 buckets full; rounded up.
 const HASH_OVERHEAD: u64 = 8;
@@ -162,5 +175,27 @@ mod tests {
             MemoryBudget::split(1 << 10, true).page_bytes,
             MIN_PAGE_BYTES
         );
+    }
+
+    #[test]
+    fn the_engine_share_reaches_engine_urls_unless_they_name_one() {
+        assert_eq!(
+            with_engine_memory("file:///v", 64 << 20),
+            "file:///v?memory=67108864"
+        );
+        assert_eq!(
+            with_engine_memory("s3://b/p?region=x", 1 << 20),
+            "s3://b/p?region=x&memory=1048576"
+        );
+        assert_eq!(
+            with_engine_memory("file:///v?memory=8M", 1 << 20),
+            "file:///v?memory=8M"
+        );
+        assert_eq!(with_engine_memory("mem:", 1 << 20), "mem:");
+        assert_eq!(
+            with_engine_memory("pohmel://h:1/v", 1 << 20),
+            "pohmel://h:1/v"
+        );
+        assert_eq!(with_engine_memory("file:///v", 0), "file:///v");
     }
 }

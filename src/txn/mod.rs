@@ -249,7 +249,8 @@ pub fn open(
         )?);
         (remote.clone(), Arc::new(RemoteSink::new(remote)))
     } else {
-        let engine = crate::store::open_once(&with_engine_memory(url, cfg.engine_cache_bytes))?;
+        let engine =
+            crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
         (
             engine.clone(),
             Arc::new(EngineSink::new(engine).map_err(io)?),
@@ -258,19 +259,6 @@ pub fn open(
     WritebackStore::new(cfg, reads, sink, metrics)
         .map(Arc::new)
         .map_err(io)
-}
-
-/// `url` with the engine's share of the budget as its `memory=` option,
-/// unless it names one (or is not an engine URL, or the share is 0).
-fn with_engine_memory(url: &str, bytes: u64) -> String {
-    let engine = url.starts_with("file:") || url.starts_with("s3:");
-    let (_, query) = url.split_once('?').unwrap_or((url, ""));
-    let named = query.split('&').any(|kv| kv.starts_with("memory="));
-    if !engine || named || bytes == 0 {
-        return url.to_string();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}memory={bytes}")
 }
 
 impl WritebackStore {
