@@ -50,7 +50,9 @@
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, flush, syncfs);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
-//! * `cache.rs`: the tagged pages.
+//! * `cache.rs`: the tagged pages;
+//! * `budget.rs`: how `--cache-size` is split between pages, metadata
+//!   caches and the embedded engine.
 //!
 //! The layer sends through a [`Sink`] (`store/sink.rs`), which the stores
 //! implement: imports point one way, from here to the store.
