@@ -271,6 +271,12 @@ impl PohmelFs {
                 }
                 Some(_) => {
                     refs.lookups.remove(&ino);
+                    // Give back the table once the guest let most go.
+                    let cap = refs.lookups.capacity();
+                    if cap > 4096 && refs.lookups.len() < cap / 4 {
+                        let keep = refs.lookups.len() * 2;
+                        refs.lookups.shrink_to(keep);
+                    }
                     refs.orphans.contains(&ino)
                 }
                 None => return,
