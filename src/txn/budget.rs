@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::mem::size_of;
 
+use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
 use crate::store::Dirent;
 
@@ -96,6 +97,18 @@ pub(super) fn with_engine_memory(url: &str, bytes: u64) -> String {
     format!("{url}{sep}memory={bytes}")
 }
 
+/// Bytes a cached page costs besides its 4 KiB: the buffer's allocation
+/// header, its `Page` record in its inode's B-tree (a whole node for a
+/// one-page file), the inode's map entry and the LRU entry. Estimated
+/// between a one-page file (~850) and a large one (~150).
+const PAGE_OVERHEAD_BYTES: u64 = 512;
+
+/// The bytes of page buffers that fit in `share` bytes once each page's
+/// bookkeeping is counted too: what the page cache is sized with.
+pub(super) fn page_buffers_within(share: u64) -> u64 {
+    share / (PAGE_SIZE + PAGE_OVERHEAD_BYTES) * PAGE_SIZE
+}
+
 /// Bytes a hash map entry costs beyond its key and value: hashbrown keeps
 /// one control byte per bucket and at most 7 of 8 buckets full; rounded up.
 const HASH_OVERHEAD: u64 = 8;
@@ -175,6 +188,15 @@ mod tests {
             MemoryBudget::split(1 << 10, true).page_bytes,
             MIN_PAGE_BYTES
         );
+    }
+
+    #[test]
+    fn pages_and_their_bookkeeping_fit_the_page_share() {
+        let share = 160 << 20;
+        let buffers = page_buffers_within(share);
+        let pages = buffers / PAGE_SIZE;
+        assert!(pages * (PAGE_SIZE + PAGE_OVERHEAD_BYTES) <= share);
+        assert!(buffers < share && buffers > share * 8 / 10);
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl WritebackStore {
         let meta_shares = MetaShares::of(cfg.meta_cache_bytes);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                cache: PageCache::new(cfg.cache_bytes),
+                cache: PageCache::new(budget::page_buffers_within(cfg.cache_bytes)),
                 txns: BTreeMap::new(),
                 by_inode: HashMap::new(),
                 attrs: HashMap::new(),
