@@ -212,7 +212,7 @@ class Results:
                 # workload, the host times at which it started and ended ("start|end time").
                 series = parse_pairs(os.path.join(run_dir, "daemon.mon.series"), r"[0-9.]+ \d+")
                 row["anon_series_kb"] = [(float(t), int(kb)) for t, kb in series]
-                marks = parse_pairs(os.path.join(run_dir, "files.marks"), r"(start|end) [0-9.]+")
+                marks = parse_pairs(os.path.join(run_dir, "files.marks"), r"(start|end|dropped) [0-9.]+")
                 row["files_marks"] = {k: float(t) for k, t in marks}
                 self.runs.append(row)
         self.reps = sorted({int(r["rep"]) for r in self.runs})
@@ -244,13 +244,15 @@ class Results:
         return out
 
     def files_memory(self, case):
-        """Per repetition, the daemon's RssAnon (kB) when the files workload started and ended
-        (the last samples before those host times)."""
+        """Per repetition, the daemon's RssAnon (kB) when the files workload started, ended and
+        the guest had dropped its dentries and inodes (the last samples before those host times;
+        None for the last when the run has no such mark)."""
         out = []
         for r in filter(None, (self.run(case, rep) for rep in self.reps)):
-            at = [[kb for t, kb in r["anon_series_kb"] if t <= r["files_marks"].get(m, 0)] for m in ("start", "end")]
+            marks = r["files_marks"]
+            at = [[kb for t, kb in r["anon_series_kb"] if t <= marks.get(m, 0)] for m in ("start", "end", "dropped")]
             if at[0] and at[1]:
-                out.append((at[0][-1], at[1][-1]))
+                out.append((at[0][-1], at[1][-1], at[2][-1] if at[2] else None))
         return out
 
     def counter(self, case, name):
@@ -405,12 +407,15 @@ def report(res, machine):
         add("The first and last tenth show whether creating slows down as the count grows. RssAnon")
         add("before and after are sampled when the guest's console shows the creation begin and")
         add("end; growth per file (their difference / files) is what the daemon keeps per inode the")
-        add("guest holds. The peak and VmHWM are the whole run's (warm-up and data check included).")
+        add("guest holds, its caches included (bounded by `--cache-size`). \"Dropped\" is sampled once")
+        add("the guest has dropped its dentries and inodes (`echo 2 > /proc/sys/vm/drop_caches`) and")
+        add("holds none of the files: what the daemon keeps for files nobody holds. The peak and")
+        add("VmHWM are the whole run's (warm-up and data check included).")
         add("")
         add("| case | files | files/s | vs virtiofsd | first tenth files/s | last tenth files/s "
-            "| RssAnon before MiB | RssAnon after MiB | growth KiB per file | RssAnon peak MiB "
-            "| VmHWM MiB | CPU s |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| RssAnon before MiB | RssAnon after MiB | growth KiB per file | RssAnon dropped MiB "
+            "| growth KiB per file, dropped | RssAnon peak MiB | VmHWM MiB | CPU s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for c in files_cases:
             ref = reference_case(c, cases)
             vs = "–" if ref is None else triple(res.ratios(c, ref, "files", "create_s"))
@@ -421,8 +426,10 @@ def report(res, machine):
                 f"| {triple(res.series(c, 'files', 'create_s'))} | {vs} "
                 f"| {triple(res.series(c, 'files', 'first_tenth_s'))} "
                 f"| {triple(res.series(c, 'files', 'last_tenth_s'))} "
-                f"| {triple([b / 1024 for b, _ in mem])} | {triple([a / 1024 for _, a in mem])} "
-                f"| {triple([(a - b) / nfiles for b, a in mem])} "
+                f"| {triple([b / 1024 for b, _, _ in mem])} | {triple([a / 1024 for _, a, _ in mem])} "
+                f"| {triple([(a - b) / nfiles for b, a, _ in mem])} "
+                f"| {triple([d / 1024 for _, _, d in mem if d is not None])} "
+                f"| {triple([(d - b) / nfiles for b, _, d in mem if d is not None])} "
                 f"| {triple(res.field(c, 'anon_peak_kb', 1 / 1024))} "
                 f"| {triple(res.field(c, 'hwm_kb', 1 / 1024))} "
                 f"| {triple(res.series(c, 'run', 'cpu_s'))} |"

@@ -44,6 +44,11 @@ pub fn status_text(m: &Metrics) -> String {
         "cache_bytes",
         l.cache_bytes.get()
     ));
+    out.push_str(&format!(
+        "{:<22} {:>14}  accounted bytes of the metadata caches\n",
+        "meta_cache_bytes",
+        l.meta_cache_bytes.get()
+    ));
     out.push_str("fsync latency (cumulative):");
     for (bound, count) in l.fsync_latency.cumulative() {
         match bound {

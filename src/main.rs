@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
-use pohmelfs::writeback::{OverwritePolicy, TxnConfig};
+use pohmelfs::writeback::{MemoryBudget, OverwritePolicy, TxnConfig};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -124,12 +124,16 @@ struct VolumeArgs {
     /// its ack, or copy the page (copy-on-write).
     #[arg(long, value_enum, default_value_t = OverwritePolicy::Cow)]
     overwrite: OverwritePolicy,
-    /// Page cache memory at most (clean and dirty), e.g. 256M.
+    /// Memory for caches at most, e.g. 256M: pages (clean and dirty), the
+    /// metadata caches, and the embedded engine's memtables and block
+    /// caches (docs/operations.md gives the split).
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     cache_size: u64,
     /// Dirty plus in-flight bytes at most; writes beyond wait for acks.
-    #[arg(long, default_value = "128M", value_parser = parse_bytes)]
-    dirty_max: u64,
+    /// Part of the page share of --cache-size (default: 128M, or the whole
+    /// page share if smaller).
+    #[arg(long, value_parser = parse_bytes)]
+    dirty_max: Option<u64>,
     /// Transactions in flight to the store at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_in_flight: u32,
@@ -154,12 +158,26 @@ struct VolumeArgs {
 }
 
 impl VolumeArgs {
+    /// How `--cache-size` is split: the engine's share only when it runs
+    /// in this process.
+    fn budget(&self) -> MemoryBudget {
+        let embedded = self.store.starts_with("file:") || self.store.starts_with("s3:");
+        MemoryBudget::split(self.cache_size, embedded)
+    }
+
+    fn dirty_max(&self) -> u64 {
+        self.dirty_max
+            .unwrap_or_else(|| DEFAULT_DIRTY_MAX.min(self.budget().page_bytes))
+    }
+
     /// Refuse settings that contradict each other.
     fn check(&self) -> Result<()> {
-        if self.dirty_max > self.cache_size {
+        let pages = self.budget().page_bytes;
+        if self.dirty_max() > pages {
             bail!(
-                "--dirty-max ({}) must not exceed --cache-size ({})",
-                self.dirty_max,
+                "--dirty-max ({}) must not exceed the page share of --cache-size ({} of {})",
+                self.dirty_max(),
+                pages,
                 self.cache_size
             );
         }
@@ -167,10 +185,13 @@ impl VolumeArgs {
     }
 
     fn txn_config(&self) -> TxnConfig {
+        let budget = self.budget();
         TxnConfig {
             overwrite: self.overwrite,
-            cache_bytes: self.cache_size,
-            dirty_max_bytes: self.dirty_max,
+            cache_bytes: budget.page_bytes,
+            meta_cache_bytes: budget.meta_bytes,
+            engine_cache_bytes: budget.engine_bytes,
+            dirty_max_bytes: self.dirty_max(),
             max_in_flight: self.max_in_flight as usize,
             ack_timeout: std::time::Duration::from_millis(self.ack_timeout_ms),
             fsync_timeout: std::time::Duration::from_millis(self.fsync_timeout_ms),
@@ -322,6 +343,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     let _ = std::fs::remove_file(pohmelfs::control::control_path(&args.socket_path));
     Ok(())
 }
+
+/// `--dirty-max` unless given (or the page share is smaller).
+const DEFAULT_DIRTY_MAX: u64 = 128 << 20;
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     pohmelfs::store::parse_size(s)

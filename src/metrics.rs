@@ -187,6 +187,8 @@ pub struct Levels {
     pub in_flight_txns: Gauge,
     /// Bytes of page cache held (clean and dirty).
     pub cache_bytes: Gauge,
+    /// Accounted bytes of the metadata caches (attributes, names, xattrs).
+    pub meta_cache_bytes: Gauge,
     /// Latency of fsync-like requests as the guest sees it.
     pub fsync_latency: Histogram,
 }
@@ -241,6 +243,11 @@ impl Metrics {
                 "cache_bytes",
                 l.cache_bytes.get(),
                 "Bytes of page cache held.",
+            ),
+            (
+                "meta_cache_bytes",
+                l.meta_cache_bytes.get(),
+                "Accounted bytes of the metadata caches (attributes, names, xattrs).",
             ),
         ] {
             out.push_str(&format!("# HELP pohmelfs_{name} {doc}\n# TYPE pohmelfs_{name} gauge\npohmelfs_{name} {value}\n"));

@@ -181,13 +181,16 @@ impl PohmelFs {
     /// remove the unlinked inodes only it kept alive. Called when a new FUSE
     /// session starts and when the frontend disconnects.
     pub fn reset_session(&self) {
-        let orphans: Vec<u64> = {
+        let (held, orphans): (Vec<u64>, Vec<u64>) = {
             let mut refs = lock(&self.refs);
-            refs.lookups.clear();
-            refs.orphans.drain().collect()
+            let held = refs.lookups.drain().map(|(ino, _)| ino).collect();
+            (held, refs.orphans.drain().collect())
         };
         // Never lock the handle table and an inode together.
         lock(&self.handles).clear();
+        for ino in held {
+            self.store.forgotten(ino);
+        }
         let _held = self.locks.lock(&orphans);
         if !orphans.is_empty() {
             let mut txn = Txn::new();
@@ -269,21 +272,30 @@ impl PohmelFs {
     /// Drop `count` guest references to `ino`; remove it from the store if it
     /// was unlinked and this was the last reference.
     fn drop_refs(&self, ino: u64, count: u64) {
-        let last = {
+        let orphan = {
             let mut refs = lock(&self.refs);
             match refs.lookups.get_mut(&ino) {
                 Some(n) if *n > count => {
                     *n -= count;
-                    false
+                    return;
                 }
                 Some(_) => {
                     refs.lookups.remove(&ino);
+                    // Give back the table once the guest let most go.
+                    let cap = refs.lookups.capacity();
+                    if cap > 4096 && refs.lookups.len() < cap / 4 {
+                        let keep = refs.lookups.len() * 2;
+                        refs.lookups.shrink_to(keep);
+                    }
                     refs.orphans.contains(&ino)
                 }
-                None => false,
+                None => return,
             }
         };
-        if !last {
+        if !orphan {
+            // What is cached of an inode the guest no longer holds only
+            // costs memory: the per-inode cost is the lookup count alone.
+            self.store.forgotten(ino);
             return;
         }
         let _held = self.locks.lock(&[ino]);
@@ -709,5 +721,7 @@ impl FileSystem for PohmelFs {
     }
 }
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod tests;

@@ -452,6 +452,11 @@ pub trait Store: Send + Sync {
         self.sync(Some(ino))
     }
 
+    /// The guest holds no reference to `ino` any more (its lookup count
+    /// fell to zero): a layer may drop what it caches of it. Never what it
+    /// holds that the store below does not have yet.
+    fn forgotten(&self, _ino: u64) {}
+
     /// A one-line description for logs ("mem: (does not persist)").
     fn describe(&self) -> String;
 }

@@ -324,6 +324,8 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
         }
     }
     retire_overlay(st, &t);
+    // What it set is clean now: the caches may hold it only within budget.
+    st.trim_meta();
     drop(t.pinned);
     for ino in &t.inodes {
         let now_empty = match st.by_inode.get_mut(ino) {

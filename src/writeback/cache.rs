@@ -376,6 +376,25 @@ impl PageCache {
         }
         evicted
     }
+
+    /// Drop the clean pages of `ino` (the guest forgot it); dirty pages
+    /// stay until their acks. Returns how many went.
+    pub fn forget_clean(&mut self, ino: u64) -> u64 {
+        let clean: Vec<u64> = self
+            .pages
+            .get(&ino)
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, page)| page.tags.is_empty())
+                    .map(|(idx, _)| *idx)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for idx in &clean {
+            self.drop_page(ino, *idx);
+        }
+        clean.len() as u64
+    }
 }
 
 #[cfg(test)]
@@ -476,6 +495,20 @@ mod tests {
         assert_eq!(c.evict(), 1);
         assert!(!c.contains(1, 2));
         assert!(c.contains(1, 1));
+    }
+
+    #[test]
+    fn forgetting_an_inode_drops_its_clean_pages_only() {
+        let mut c = PageCache::new(1 << 20);
+        c.insert_clean(1, 0, Bytes::from(vec![1u8; PAGE_SIZE as usize]));
+        c.write(1, 1, 0, b"dirty", 9);
+        c.insert_clean(2, 0, Bytes::from(vec![2u8; PAGE_SIZE as usize]));
+        assert_eq!(c.forget_clean(1), 1);
+        assert!(!c.contains(1, 0));
+        assert!(c.contains(1, 1), "a dirty page waits for its ack");
+        assert!(c.contains(2, 0), "other inodes keep theirs");
+        assert_eq!(c.bytes(), 2 * PAGE_SIZE);
+        assert_eq!(c.lru.len(), 1, "the dropped page left the LRU list");
     }
 
     #[test]

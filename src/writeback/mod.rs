@@ -59,12 +59,15 @@
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, syncfs) and closing (flush);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
-//! * `cache.rs`: the tagged pages.
+//! * `cache.rs`: the tagged pages;
+//! * `budget.rs`: how `--cache-size` is split between pages, metadata
+//!   caches and the embedded engine.
 //!
 //! The layer sends through a [`Sink`] (`store/sink.rs`), which the stores
 //! implement: imports point one way, from here to the store.
 
 mod ack;
+mod budget;
 mod cache;
 #[cfg(test)]
 mod close_tests;
@@ -99,6 +102,8 @@ use crate::net::sink::RemoteSink;
 use crate::store::sink::{EngineSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::{lock, StateLock};
+use budget::MetaShares;
+pub use budget::{CacheUsage, MemoryBudget};
 use cache::PageCache;
 use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
@@ -118,8 +123,17 @@ pub enum OverwritePolicy {
 #[derive(Clone, Debug)]
 pub struct TxnConfig {
     pub overwrite: OverwritePolicy,
-    /// All page memory, clean and dirty.
+    /// All page memory, clean and dirty (the page share of `--cache-size`,
+    /// see [`MemoryBudget`]).
     pub cache_bytes: u64,
+    /// The metadata caches: inode attributes, names of directories created
+    /// in this session, extended attributes, read positions (the metadata
+    /// share of `--cache-size`).
+    pub meta_cache_bytes: u64,
+    /// The embedded engine's memtables and block caches (`file://`,
+    /// `s3://`), unless the URL names its own `memory=`; 0 leaves the
+    /// engine's default.
+    pub engine_cache_bytes: u64,
     /// Dirty plus in-flight bytes; writes beyond wait for acks.
     pub dirty_max_bytes: u64,
     /// Transactions in flight at once.
@@ -153,7 +167,9 @@ impl Default for TxnConfig {
     fn default() -> TxnConfig {
         TxnConfig {
             overwrite: OverwritePolicy::Cow,
-            cache_bytes: 256 << 20,
+            cache_bytes: 160 << 20,
+            meta_cache_bytes: 32 << 20,
+            engine_cache_bytes: 0,
             dirty_max_bytes: 128 << 20,
             max_in_flight: 64,
             max_txn_bytes: 4 << 20,
@@ -211,6 +227,11 @@ struct State {
     /// trip: ids come from `reserve_ids` and are never reused, so such a
     /// directory holds exactly the entries put through here.
     complete_dirs: CompleteDirs,
+    /// How the metadata caches split `meta_cache_bytes`.
+    meta_shares: MetaShares,
+    /// Page bytes dropped for forgotten inodes since the allocator last
+    /// gave free memory back (`budget::release_free_memory`).
+    freed_since_trim: u64,
 }
 
 struct Shared {
@@ -257,7 +278,8 @@ pub fn open(
             )?);
             (remote.clone(), Arc::new(RemoteSink::new(remote)))
         } else {
-            let engine = crate::store::open_once(url)?;
+            let engine =
+                crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),
@@ -297,9 +319,10 @@ impl WritebackStore {
             builder.start_paused(true);
         }
         let rt = builder.build()?;
+        let meta_shares = MetaShares::of(cfg.meta_cache_bytes);
         let shared = Arc::new(Shared {
             state: StateLock::new(State {
-                cache: PageCache::new(cfg.cache_bytes),
+                cache: PageCache::new(budget::page_buffers_within(cfg.cache_bytes)),
                 txns: BTreeMap::new(),
                 by_inode: HashMap::new(),
                 attrs: HashMap::new(),
@@ -318,8 +341,10 @@ impl WritebackStore {
                 symlinks: HashMap::new(),
                 xattrs: HashMap::new(),
                 holes: Holes::default(),
-                known_xattrs: KnownXattrs::default(),
-                complete_dirs: CompleteDirs::default(),
+                known_xattrs: KnownXattrs::new(meta_shares.xattrs),
+                complete_dirs: CompleteDirs::new(meta_shares.dirs),
+                meta_shares,
+                freed_since_trim: 0,
             }),
             cfg,
             store,
@@ -347,6 +372,21 @@ impl WritebackStore {
     /// it held, and how long they waited in all (for tests and benchmarks).
     pub fn state_lock_contention(&self) -> (u64, u64, Duration) {
         self.shared.state.contention()
+    }
+
+    /// What the caches hold now, by their own accounting.
+    pub fn cache_usage(&self) -> CacheUsage {
+        let st = lock(&self.shared.state);
+        let (meta_bytes, meta_entries) = st.meta_usage();
+        let (complete_dirs, complete_dir_names) = st.complete_dirs.size();
+        CacheUsage {
+            page_bytes: st.cache.bytes(),
+            meta_bytes,
+            meta_entries,
+            attrs: st.attrs.len() as u64,
+            complete_dirs,
+            complete_dir_names,
+        }
     }
 }
 
@@ -377,5 +417,6 @@ impl Shared {
         l.dirty_bytes.set(st.dirty_bytes);
         l.in_flight_txns.set(st.in_flight as u64);
         l.cache_bytes.set(st.cache.bytes());
+        l.meta_cache_bytes.set(st.meta_usage().0);
     }
 }

@@ -7,10 +7,18 @@
 //! truncates and punched holes zeroed ([`Holes`]), which the page cache
 //! alone cannot show once it no longer holds their pages. Overlay entries
 //! retire with the ack of the transaction that set them (`ack.rs`).
+//!
+//! What is kept beyond unacknowledged changes is a cache: each part holds
+//! to its share of the metadata budget (`budget.rs`), in accounted bytes
+//! and so in entries, evicting what the store has when over it, and an
+//! inode the guest forgets leaves them all (`State::forget_cached`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use super::ack::lock;
+use super::budget::{
+    ATTR_ENTRY_BYTES, DIR_ENTRY_BYTES, NAME_ENTRY_BYTES, NO_XATTR_ENTRY_BYTES, READ_POS_ENTRY_BYTES,
+};
 use super::cache::PAGE_SIZE;
 use super::{Shared, State};
 use crate::store::{Dirent, FileKind, Inode, Op, StoreError};
@@ -28,10 +36,6 @@ pub(super) struct Overlay {
 /// Per inode (a directory, or the owner of extended attributes), per name:
 /// the newest value (`None`: removed) and the transaction that set it.
 pub(super) type NameOverlay<V> = HashMap<u64, BTreeMap<Vec<u8>, (Option<V>, u64)>>;
-
-/// Inode attributes kept at most (beyond those of unacknowledged
-/// transactions, which are always kept).
-const ATTR_CACHE_MAX: usize = 100_000;
 
 impl State {
     /// Make `op`, carried by the unacknowledged transaction `txn`, visible
@@ -101,6 +105,68 @@ impl State {
             }
             Op::Write { ino, offset, data } => self.cache.overwrite(*ino, *offset, data),
         }
+    }
+
+    /// The guest no longer holds `ino`: drop what is cached of it (its
+    /// clean pages, remembered attributes, extended attributes, read
+    /// position, and its names if it is a directory created in this
+    /// session). What unacknowledged transactions set stays.
+    pub(super) fn forget_cached(&mut self, ino: u64) -> u64 {
+        if self
+            .attrs
+            .get(&ino)
+            .is_some_and(|o| !self.txns.contains_key(&o.txn))
+        {
+            self.attrs.remove(&ino);
+            // Give back the table of a cache that has mostly emptied.
+            if self.attrs.capacity() > 4096 && self.attrs.len() < self.attrs.capacity() / 4 {
+                self.attrs.shrink_to(self.attrs.len() * 2);
+            }
+        }
+        self.last_read_end.remove(&ino);
+        self.known_xattrs.drop_inode(ino);
+        self.complete_dirs.drop_dir(ino);
+        self.cache.forget_clean(ino)
+    }
+
+    /// Hold the remembered attributes and read positions to their shares:
+    /// over it, clean attributes (the store has them) go, in no particular
+    /// order, until a quarter of the share is free.
+    pub(super) fn trim_meta(&mut self) {
+        let State {
+            attrs,
+            txns,
+            meta_shares,
+            last_read_end,
+            ..
+        } = self;
+        let used = attrs.len() as u64 * ATTR_ENTRY_BYTES;
+        if used > meta_shares.attrs {
+            let mut excess = (used - meta_shares.attrs * 3 / 4).div_ceil(ATTR_ENTRY_BYTES);
+            attrs.retain(|_, o| {
+                if excess == 0 || txns.contains_key(&o.txn) {
+                    return true;
+                }
+                excess -= 1;
+                false
+            });
+            attrs.shrink_to(attrs.len() * 2);
+        }
+        if last_read_end.len() as u64 * READ_POS_ENTRY_BYTES > meta_shares.reads {
+            last_read_end.clear();
+        }
+    }
+
+    /// What the metadata caches hold: accounted bytes and entries.
+    pub(super) fn meta_usage(&self) -> (u64, u64) {
+        let bytes = self.attrs.len() as u64 * ATTR_ENTRY_BYTES
+            + self.last_read_end.len() as u64 * READ_POS_ENTRY_BYTES
+            + self.known_xattrs.bytes
+            + self.complete_dirs.bytes;
+        let entries = (self.attrs.len() + self.last_read_end.len()) as u64
+            + self.known_xattrs.entries()
+            + self.complete_dirs.entries();
+        (bytes, entries)
     }
 }
 
@@ -213,6 +279,10 @@ pub(super) struct KnownXattrs {
     none: HashSet<u64>,
     /// Bumped by every change: a store read that raced with one is not kept.
     pub(super) generation: u64,
+    /// Accounted bytes of `read` and `none`, and the most they may take:
+    /// over it, all of `read` (or `none`) is forgotten.
+    bytes: u64,
+    max_bytes: u64,
 }
 
 /// Extended attributes (names and absences) and created inodes that
@@ -221,7 +291,45 @@ pub(super) struct KnownXattrs {
 const KNOWN_XATTRS_MAX: usize = 65_536;
 const KNOWN_XATTR_VALUE_MAX: usize = 256;
 
+/// Accounted bytes of one remembered extended attribute.
+fn xattr_cost(name: &[u8], value: &Option<Vec<u8>>) -> u64 {
+    NAME_ENTRY_BYTES + (name.len() + value.as_ref().map_or(0, Vec::len)) as u64
+}
+
 impl KnownXattrs {
+    pub(super) fn new(max_bytes: u64) -> KnownXattrs {
+        KnownXattrs {
+            max_bytes,
+            ..KnownXattrs::default()
+        }
+    }
+
+    fn entries(&self) -> u64 {
+        (self.read_len + self.none.len()) as u64
+    }
+
+    fn none_bytes(&self) -> u64 {
+        self.none.len() as u64 * NO_XATTR_ENTRY_BYTES
+    }
+
+    fn clear_read(&mut self) {
+        self.bytes = self.none_bytes();
+        self.read = HashMap::new();
+        self.read_len = 0;
+    }
+
+    /// Forget what is known of `ino` without counting it as a change (the
+    /// guest forgot the inode; nothing about it changed).
+    fn drop_inode(&mut self, ino: u64) {
+        if self.none.remove(&ino) {
+            self.bytes -= NO_XATTR_ENTRY_BYTES;
+        }
+        if let Some(m) = self.read.remove(&ino) {
+            self.read_len -= m.len();
+            self.bytes -= m.iter().map(|(n, v)| xattr_cost(n, v)).sum::<u64>();
+        }
+    }
+
     /// `Some(value)` when known (`Some(None)`: absent); `None`: ask the store.
     pub(super) fn get(&self, ino: u64, name: &[u8]) -> Option<Option<Vec<u8>>> {
         if let Some(v) = self.read.get(&ino).and_then(|m| m.get(name)) {
@@ -246,38 +354,49 @@ impl KnownXattrs {
         {
             return;
         }
-        if self.read_len >= KNOWN_XATTRS_MAX {
-            self.read.clear();
-            self.read_len = 0;
+        let cost = xattr_cost(name, value);
+        if self.read_len >= KNOWN_XATTRS_MAX || self.bytes + cost > self.max_bytes {
+            self.clear_read();
         }
-        let added = self
+        if self.bytes + cost > self.max_bytes {
+            return;
+        }
+        let old = self
             .read
             .entry(ino)
             .or_default()
-            .insert(name.to_vec(), value.clone())
-            .is_none();
-        self.read_len += usize::from(added);
+            .insert(name.to_vec(), value.clone());
+        match old {
+            None => self.read_len += 1,
+            Some(old) => self.bytes -= xattr_cost(name, &old),
+        }
+        self.bytes += cost;
     }
 
     /// `ino` was created in this session: it has no extended attributes.
     fn created(&mut self, ino: u64) {
-        if self.none.len() >= KNOWN_XATTRS_MAX {
-            self.none.clear();
+        if self.none.len() >= KNOWN_XATTRS_MAX || self.bytes + NO_XATTR_ENTRY_BYTES > self.max_bytes
+        {
+            self.bytes -= self.none_bytes();
+            self.none = HashSet::new();
         }
-        self.none.insert(ino);
+        if self.bytes + NO_XATTR_ENTRY_BYTES <= self.max_bytes && self.none.insert(ino) {
+            self.bytes += NO_XATTR_ENTRY_BYTES;
+        }
     }
 
     /// An extended attribute of `ino` changed (or `ino` was removed).
     fn forget(&mut self, ino: u64) {
         self.generation += 1;
-        self.none.remove(&ino);
-        if let Some(m) = self.read.remove(&ino) {
-            self.read_len -= m.len();
-        }
+        self.drop_inode(ino);
     }
 }
 
 /// What this session created (see `State::complete_dirs`).
+///
+/// A directory is tracked from its creation on; once it is dropped (the
+/// guest forgot it, or the entries outgrew their share) it is never
+/// tracked again, since only a creation starts tracking.
 #[derive(Default)]
 pub(super) struct CompleteDirs {
     /// Id ranges reserved in this session, newest last (bounded).
@@ -285,9 +404,12 @@ pub(super) struct CompleteDirs {
     /// Every entry of each directory created in this session.
     entries: HashMap<u64, HashMap<Vec<u8>, Dirent>>,
     count: usize,
-    /// Set for good once the entry bound was reached: a directory no longer
-    /// tracked can never be known complete again.
-    off: bool,
+    /// Accounted bytes of `entries`, and the most they may take: over it,
+    /// the directories tracked longest are dropped until a quarter is free.
+    bytes: u64,
+    max_bytes: u64,
+    /// Tracked directories, oldest first (some may be dropped already).
+    order: VecDeque<u64>,
     /// The highest inode created in this session: a PutInode of a reserved
     /// id above it is a creation (ids are handed out in increasing order).
     max_created: u64,
@@ -298,7 +420,65 @@ const COMPLETE_DIR_ENTRIES_MAX: usize = 1 << 18;
 /// Reserved id ranges remembered at most.
 const RESERVED_RANGES_MAX: usize = 1024;
 
+/// Accounted bytes of one entry of a tracked directory.
+fn dirent_cost(name: &[u8]) -> u64 {
+    NAME_ENTRY_BYTES + 2 * name.len() as u64
+}
+
 impl CompleteDirs {
+    pub(super) fn new(max_bytes: u64) -> CompleteDirs {
+        CompleteDirs {
+            max_bytes,
+            ..CompleteDirs::default()
+        }
+    }
+
+    fn entries(&self) -> u64 {
+        (self.entries.len() + self.count) as u64
+    }
+
+    /// Directories tracked, and their names.
+    pub(super) fn size(&self) -> (u64, u64) {
+        (self.entries.len() as u64, self.count as u64)
+    }
+
+    /// Start tracking `dir`, just created (so not tracked yet).
+    fn track(&mut self, dir: u64) {
+        if self.entries.insert(dir, HashMap::new()).is_none() {
+            self.bytes += DIR_ENTRY_BYTES;
+        }
+        // Directories dropped already linger in `order` until trimmed.
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.order.retain(|d| entries.contains_key(d));
+        }
+        self.order.push_back(dir);
+    }
+
+    /// Stop tracking `dir`.
+    fn drop_dir(&mut self, dir: u64) {
+        if let Some(names) = self.entries.remove(&dir) {
+            self.count -= names.len();
+            self.bytes -= DIR_ENTRY_BYTES + names.keys().map(|n| dirent_cost(n)).sum::<u64>();
+        }
+    }
+
+    /// Drop the directories tracked longest until the entries are within
+    /// three quarters of their bounds.
+    fn trim(&mut self) {
+        while (self.bytes > self.max_bytes * 3 / 4 || self.count > COMPLETE_DIR_ENTRIES_MAX * 3 / 4)
+            && !self.entries.is_empty()
+        {
+            match self.order.pop_front() {
+                Some(dir) => self.drop_dir(dir),
+                None => break,
+            }
+        }
+        if self.entries.is_empty() {
+            self.order.clear();
+        }
+    }
+
     pub(super) fn reserved(&mut self, first: u64, count: u64) {
         if self.reserved.len() >= RESERVED_RANGES_MAX {
             self.reserved.pop_front();
@@ -321,38 +501,31 @@ impl CompleteDirs {
                 created = Some(i.ino);
             }
         }
-        if self.off {
-            return created;
-        }
         match op {
             Op::PutInode(i) if created.is_some() && i.kind == FileKind::Directory => {
-                self.entries.insert(i.ino, HashMap::new());
+                self.track(i.ino)
             }
             Op::PutDirent { parent, dirent } => {
                 if let Some(dir) = self.entries.get_mut(parent) {
                     if dir.insert(dirent.name.clone(), dirent.clone()).is_none() {
                         self.count += 1;
+                        self.bytes += dirent_cost(&dirent.name);
                     }
-                }
-                if self.count > COMPLETE_DIR_ENTRIES_MAX {
-                    self.off = true;
-                    self.entries.clear();
-                    self.count = 0;
                 }
             }
             Op::RemoveDirent { parent, name } => {
                 if let Some(dir) = self.entries.get_mut(parent) {
                     if dir.remove(name).is_some() {
                         self.count -= 1;
+                        self.bytes -= dirent_cost(name);
                     }
                 }
             }
-            Op::RemoveInode { ino } => {
-                if let Some(dir) = self.entries.remove(ino) {
-                    self.count -= dir.len();
-                }
-            }
+            Op::RemoveInode { ino } => self.drop_dir(*ino),
             _ => {}
+        }
+        if self.bytes > self.max_bytes || self.count > COMPLETE_DIR_ENTRIES_MAX {
+            self.trim();
         }
         created
     }
@@ -375,13 +548,99 @@ impl Shared {
         }
         let inode = self.store.get_inode(ino)?;
         let mut st = lock(&self.state);
-        if st.attrs.len() >= ATTR_CACHE_MAX {
-            // Forget what the store has; keep what it does not yet.
-            let State { attrs, txns, .. } = &mut *st;
-            attrs.retain(|_, o| txns.contains_key(&o.txn));
-        }
         // A newer change that raced in wins over what the store said.
-        let entry = st.attrs.entry(ino).or_insert(Overlay { inode, txn: 0 });
-        Ok(entry.inode.clone())
+        let inode = st
+            .attrs
+            .entry(ino)
+            .or_insert(Overlay { inode, txn: 0 })
+            .inode
+            .clone();
+        st.trim_meta();
+        Ok(inode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Timestamp;
+
+    fn created_dir(ino: u64) -> Op {
+        Op::PutInode(Inode {
+            ino,
+            kind: FileKind::Directory,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            rdev: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            parent: 1,
+        })
+    }
+
+    fn entry(parent: u64, name: &str, ino: u64) -> Op {
+        Op::PutDirent {
+            parent,
+            dirent: Dirent {
+                name: name.as_bytes().to_vec(),
+                ino,
+                kind: FileKind::Regular,
+                cookie: ino,
+            },
+        }
+    }
+
+    #[test]
+    fn complete_dirs_count_their_names_and_drop_the_oldest_over_budget() {
+        let names = |dir: u64| (0..10).map(move |i| format!("name-{dir}-{i}"));
+        let one_dir = DIR_ENTRY_BYTES + names(100).map(|n| dirent_cost(n.as_bytes())).sum::<u64>();
+        let mut c = CompleteDirs::new(one_dir * 2);
+        c.reserved(100, 1000);
+        for dir in [100, 101] {
+            c.apply(&created_dir(dir));
+            for (i, n) in names(dir).enumerate() {
+                c.apply(&entry(dir, &n, 200 + dir * 20 + i as u64));
+            }
+        }
+        assert_eq!(c.bytes, 2 * one_dir);
+        assert_eq!(c.size(), (2, 20));
+        assert!(c.lookup(100, b"missing").is_some(), "100 is known complete");
+        // A third directory crosses the bound: the oldest goes, for good.
+        c.apply(&created_dir(102));
+        assert_eq!(c.size(), (2, 10));
+        assert!(c.lookup(100, b"missing").is_none(), "ask the store now");
+        c.apply(&entry(100, "again", 999));
+        assert!(c.lookup(100, b"again").is_none(), "never tracked again");
+        // Removing names and directories gives their bytes back exactly.
+        c.apply(&Op::RemoveDirent {
+            parent: 101,
+            name: b"name-101-0".to_vec(),
+        });
+        c.drop_dir(101);
+        c.apply(&Op::RemoveInode { ino: 102 });
+        assert_eq!((c.bytes, c.size()), (0, (0, 0)));
+    }
+
+    #[test]
+    fn known_xattrs_stay_within_their_bytes() {
+        let value = Some(vec![7u8; 10]);
+        let cost = xattr_cost(b"user.a", &value);
+        let mut k = KnownXattrs::new(cost * 3);
+        for ino in 0..3 {
+            k.remember(0, ino, b"user.a", &value);
+        }
+        assert_eq!(k.bytes, 3 * cost);
+        k.remember(0, 3, b"user.a", &value);
+        assert!(k.bytes <= 3 * cost, "over its bound: {}", k.bytes);
+        assert_eq!(k.get(3, b"user.a"), Some(value.clone()));
+        k.drop_inode(3);
+        k.created(9);
+        assert_eq!(k.bytes, NO_XATTR_ENTRY_BYTES);
+        k.forget(9);
+        assert_eq!((k.bytes, k.entries()), (0, 0));
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::ack::lock;
+use super::budget::{release_free_memory, TRIM_AFTER_FREED_BYTES};
 use super::cache::PAGE_SIZE;
 use super::{Shared, State, WritebackStore};
 use crate::store::{
@@ -207,6 +208,25 @@ impl Store for WritebackStore {
             }
         }
         Ok(names.into_iter().collect())
+    }
+
+    fn forgotten(&self, ino: u64) {
+        let sh = &self.shared;
+        let trim = {
+            let mut st = lock(&sh.state);
+            let pages = st.forget_cached(ino);
+            sh.metrics.cache_evictions.add(pages);
+            sh.publish(&st);
+            st.freed_since_trim += pages * PAGE_SIZE;
+            let trim = st.freed_since_trim >= TRIM_AFTER_FREED_BYTES;
+            if trim {
+                st.freed_since_trim = 0;
+            }
+            trim
+        };
+        if trim {
+            release_free_memory();
+        }
     }
 
     fn statfs(&self) -> Result<StoreStats, StoreError> {

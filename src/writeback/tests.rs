@@ -223,6 +223,8 @@ pub(super) fn cfg(policy: OverwritePolicy) -> TxnConfig {
     TxnConfig {
         overwrite: policy,
         cache_bytes: 8 << 20,
+        meta_cache_bytes: 1 << 20,
+        engine_cache_bytes: 0,
         dirty_max_bytes: 4 << 20,
         max_in_flight: 8,
         max_txn_bytes: 256 << 10,

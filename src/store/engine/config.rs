@@ -11,7 +11,9 @@
 //!
 //! Options for both: `capacity=SIZE` (statfs and ENOSPC), `inodes=N`,
 //! `commit=adaptive|flush|interval` (see [`CommitMode`]),
-//! `flush_interval_ms=N`.
+//! `flush_interval_ms=N`, `memory=SIZE` (the engine's memtables and block
+//! caches, see [`EngineMemory`]; the daemon sets it to the engine's share
+//! of `--cache-size`).
 //!
 //! This module owns URL parsing and engine configuration. It never opens the
 //! engine and never reads or writes the volume.
@@ -62,6 +64,8 @@ pub struct VolumeConfig {
     /// The volume's local directory (`file://`), where segment files live;
     /// `None` keeps file data inline in the engine (`s3://`).
     pub local_dir: Option<PathBuf>,
+    /// What the engine may hold in memory.
+    pub memory: EngineMemory,
 }
 
 fn bad(url: &str, reason: impl Into<String>) -> OpenVolumeError {
@@ -99,6 +103,7 @@ struct CommonOptions {
     capacity_inodes: u64,
     commit_mode: CommitMode,
     flush_interval_ms: Option<u64>,
+    memory_bytes: u64,
     rest: Vec<(String, String)>,
 }
 
@@ -108,6 +113,7 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
         capacity_inodes: DEFAULT_CAPACITY_INODES,
         commit_mode: DEFAULT_COMMIT_MODE,
         flush_interval_ms: None,
+        memory_bytes: DEFAULT_MEMORY_BYTES,
         rest: Vec::new(),
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -119,6 +125,11 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
         match k {
             "capacity" => o.capacity_bytes = crate::store::parse_size(&v).ok_or_else(bad_value)?,
             "inodes" => o.capacity_inodes = v.parse().map_err(|_| bad_value())?,
+            "memory" => {
+                o.memory_bytes = crate::store::parse_size(&v)
+                    .filter(|b| *b >= MIN_MEMORY_BYTES)
+                    .ok_or_else(bad_value)?
+            }
             "commit" => {
                 o.commit_mode = match v.as_str() {
                     "flush" => CommitMode::Flush,
@@ -140,16 +151,41 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
     Ok(o)
 }
 
-/// The engine's cache of data blocks read from tables. SlateDB's default
-/// (512 MiB, plus 128 MiB of index and filters) dwarfs the daemon's own
-/// `--cache-size`; the daemon's page cache sits in front of it anyway.
-const BLOCK_CACHE_BYTES: u64 = 64 << 20;
-/// The engine's cache of table indexes and bloom filters.
-const META_CACHE_BYTES: u64 = 32 << 20;
+/// The engine's memory when the URL names none: a quarter of the daemon's
+/// default `--cache-size`, which is the share the daemon gives it.
+pub const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
+
+/// The least `memory=` accepts: below, memtables flush every few commits.
+const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
+/// How the engine spends its memory: half on writes not yet in a table
+/// (WAL buffers and memtables; writers wait beyond it), an eighth as the
+/// memtable size that starts a flush to an L0 table, a quarter on the
+/// cache of data blocks and an eighth on the cache of indexes and bloom
+/// filters. With file data in segment files, the LSM holds metadata only,
+/// and these are metadata-sized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineMemory {
+    pub max_unflushed_bytes: u64,
+    pub l0_sst_size_bytes: u64,
+    pub block_cache_bytes: u64,
+    pub meta_cache_bytes: u64,
+}
+
+impl EngineMemory {
+    pub fn of(bytes: u64) -> EngineMemory {
+        EngineMemory {
+            max_unflushed_bytes: bytes / 2,
+            l0_sst_size_bytes: bytes / 8,
+            block_cache_bytes: bytes / 4,
+            meta_cache_bytes: bytes / 8,
+        }
+    }
+}
 
 /// The engine's block cache: bounded, split between data and metadata so
 /// that a stream of data blocks cannot evict the indexes.
-pub fn db_cache() -> Arc<dyn slatedb::db_cache::DbCache> {
+pub fn db_cache(memory: EngineMemory) -> Arc<dyn slatedb::db_cache::DbCache> {
     use slatedb::db_cache::moka::{MokaCache, MokaCacheOptions};
     use slatedb::db_cache::SplitCache;
     let moka = |bytes| {
@@ -160,8 +196,8 @@ pub fn db_cache() -> Arc<dyn slatedb::db_cache::DbCache> {
     };
     Arc::new(
         SplitCache::new()
-            .with_block_cache(Some(moka(BLOCK_CACHE_BYTES)))
-            .with_meta_cache(Some(moka(META_CACHE_BYTES)))
+            .with_block_cache(Some(moka(memory.block_cache_bytes)))
+            .with_meta_cache(Some(moka(memory.meta_cache_bytes)))
             .build(),
     )
 }
@@ -177,27 +213,18 @@ pub fn block_cache_policy() -> slatedb::BlockCachePolicy {
         .with_flush_targets(&[CacheTarget::Index, CacheTarget::Filters])
 }
 
-/// Unflushed key/value bytes (WAL and memtables) before writers wait.
-/// Measured with `bench-store --sizes 1m --count 1200 --threads 8` on
-/// `file://`: 96 MiB with 16 MiB memtables stalls writers for seconds at a
-/// time (p99 5–10 s, 21 MiB/s); 192 MiB with 64 MiB memtables sustains
-/// 100 MiB/s (p99 74 ms); SlateDB's defaults (512 MiB) 126 MiB/s.
-const MAX_UNFLUSHED_BYTES: usize = 192 << 20;
-/// Memtable size at which it is written out as an L0 table.
-const L0_SST_SIZE_BYTES: usize = 64 << 20;
-
 fn settings(o: &CommonOptions, boundary_files: bool) -> Settings {
+    let m = EngineMemory::of(o.memory_bytes);
     let flush_ms = o.flush_interval_ms.unwrap_or(match o.commit_mode {
         CommitMode::Interval | CommitMode::Adaptive => DEFAULT_INTERVAL_FLUSH_MS,
         CommitMode::Flush => DEFAULT_BACKGROUND_FLUSH_MS,
     });
     Settings {
         flush_interval: Some(Duration::from_millis(flush_ms)),
-        // SlateDB's default lets a writer hold 512 MiB of unflushed data;
-        // less keeps the engine's footprint near the daemon's --cache-size
-        // (the measured floor before writers stall is above).
-        max_unflushed_bytes: MAX_UNFLUSHED_BYTES,
-        l0_sst_size_bytes: L0_SST_SIZE_BYTES,
+        // SlateDB's defaults (512 MiB unflushed, 64 MiB memtables) would
+        // dwarf the daemon's --cache-size; the engine gets its share.
+        max_unflushed_bytes: m.max_unflushed_bytes as usize,
+        l0_sst_size_bytes: m.l0_sst_size_bytes as usize,
         garbage_collector_options: Some(GarbageCollectorOptions {
             boundary_files_enabled: boundary_files,
             ..GarbageCollectorOptions::default()
@@ -248,6 +275,7 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         commit_mode: o.commit_mode,
         describe: format!("file://{}", dir.display()),
         local_dir: Some(dir),
+        memory: EngineMemory::of(o.memory_bytes),
     })
 }
 
@@ -282,6 +310,7 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
             None => format!("s3://{bucket}/{prefix}"),
         },
         local_dir: None,
+        memory: EngineMemory::of(o.memory_bytes),
     })
 }
 
@@ -300,6 +329,7 @@ mod tests {
         assert_eq!(c.capacity_bytes, 1 << 30);
         assert_eq!(c.commit_mode, CommitMode::Interval);
         assert_eq!(c.settings.flush_interval, Some(Duration::from_millis(5)));
+        assert_eq!(c.memory, EngineMemory::of(DEFAULT_MEMORY_BYTES));
         let gc = c.settings.garbage_collector_options.unwrap();
         assert!(!gc.boundary_files_enabled);
         assert!(dir.path().join("vol").is_dir());
@@ -309,6 +339,7 @@ mod tests {
             "file:///tmp/x?nope=1",
             "file:///tmp/x?capacity=lots",
             "file:///tmp/x?commit",
+            "file:///tmp/x?memory=512K",
             "s3:///prefix",
             "s3://b/p?no_such_key=1",
             "ftp://x",
@@ -319,6 +350,21 @@ mod tests {
                 Ok(_) => panic!("{bad_url}: parsed"),
             }
         }
+    }
+
+    #[test]
+    fn memory_option_sizes_memtables_and_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/vol?memory=32M", dir.path().display());
+        let c = parse(&url).unwrap();
+        let m = c.memory;
+        assert_eq!(m, EngineMemory::of(32 << 20));
+        assert_eq!(c.settings.max_unflushed_bytes as u64, m.max_unflushed_bytes);
+        assert_eq!(c.settings.l0_sst_size_bytes as u64, m.l0_sst_size_bytes);
+        assert!(
+            m.max_unflushed_bytes + m.block_cache_bytes + m.meta_cache_bytes <= 32 << 20,
+            "{m:?} exceeds its budget"
+        );
     }
 
     #[test]

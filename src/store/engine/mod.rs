@@ -217,7 +217,7 @@ impl SlateStore {
             .block_on(
                 Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
                     .with_settings(cfg.settings.clone())
-                    .with_db_cache(config::db_cache(), 0)
+                    .with_db_cache(config::db_cache(cfg.memory), 0)
                     .with_block_cache_policy(config::block_cache_policy())
                     .build(),
             )
