@@ -1,5 +1,5 @@
 //! A close does not wait, and truncates and punched holes do not either:
-//! with acks held by the sink's latch ([`super::tests::Gate`]), FLUSH and
+//! with acks held by the sink's latch ([`super::testkit::Gate`]), FLUSH and
 //! RELEASE return while their transaction is unacknowledged (under
 //! `sync_on_close` they wait for it); a known error is still reported at
 //! close; truncates and punched holes over pages whose writes are in flight
@@ -14,7 +14,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{cfg, content, create, eventually, layer_with, write, Bytes, FaultSink};
+use super::testkit::{cfg, content, create, eventually, layer_with, write, Bytes, FaultSink};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{cfg, content, eventually, held_layer, Bytes};
+use super::testkit::{cfg, content, eventually, held_layer, Bytes};
 use super::OverwritePolicy;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::store::{Store, ROOT_INO};

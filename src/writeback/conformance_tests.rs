@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::tests::faulty_layer;
+use super::testkit::faulty_layer;
 use super::{OverwritePolicy, WritebackStore};
 use crate::store::engine::conformance::{assert_same, contract, differential, snapshot};
 use crate::store::mem::MemStore;

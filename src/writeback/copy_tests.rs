@@ -11,7 +11,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{content, create, eventually, held_layer, Bytes as GuestBytes};
+use super::testkit::{content, create, eventually, held_layer, Bytes as GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::device::alloc_probe::largest_allocation;
 use crate::fs::{FsConfig, PohmelFs};

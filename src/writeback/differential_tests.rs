@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{cfg, layer_with, Bytes, Faults};
+use super::testkit::{cfg, layer_with, Bytes, Faults};
 use super::{OverwritePolicy, TxnConfig};
 use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};

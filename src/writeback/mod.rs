@@ -80,12 +80,16 @@ mod copy_tests;
 #[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
+mod metadata_tests;
+#[cfg(test)]
 mod no_space_tests;
 mod overlay;
 mod queue;
 mod reads;
 mod sender;
 mod sync;
+#[cfg(test)]
+mod testkit;
 #[cfg(test)]
 mod tests;
 mod write;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::tests::{self as layer_tests, create_in, eventually, held_layer, Bytes, Faults};
+use super::testkit::{self as layer_tests, create_in, eventually, held_layer, Bytes, Faults};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
@@ -219,7 +219,7 @@ fn metadata_without_room_fails_each_fsync_at_once_until_stored() {
         ..Faults::default()
     });
     create_in(&wb, ROOT_INO, 40, "x");
-    let deadline = super::tests::cfg(OverwritePolicy::Cow).fsync_timeout;
+    let deadline = super::testkit::cfg(OverwritePolicy::Cow).fsync_timeout;
     for attempt in 1..=2 {
         let start = std::time::Instant::now();
         assert!(

@@ -1,0 +1,227 @@
+//! Tests of the metadata path of the transaction layer: a create, its
+//! first write and its close are one commit; bursts of metadata join one
+//! transaction, never one already sent; what the layer answers without the
+//! store (remembered extended attributes, lookups in directories created
+//! in this session) never goes stale.
+
+use std::sync::Arc;
+
+use super::testkit::{content, create, create_in, eventually, layer, lingering_layer, write};
+use super::OverwritePolicy;
+use crate::store::{Dirent, FileKind, Inode, Op, Store, Txn};
+
+#[test]
+fn create_write_close_is_one_commit() {
+    let (wb, _sink, store, m) = lingering_layer(13);
+    create_in(&wb, 1, 30, "a");
+    write(&wb, 30, 0, b"0\n", 2);
+    // fsync (like a close) sends the lingering transaction at once.
+    wb.sync(Some(30)).unwrap();
+    assert_eq!(
+        m.txn_sent.get(),
+        1,
+        "create and its first write travel together"
+    );
+    assert_eq!(content(&*store, 30), b"0\n");
+    assert!(store.lookup(1, b"a").unwrap().is_some());
+}
+
+#[test]
+fn flush_before_the_first_write_sends_nothing_and_the_write_joins_the_create() {
+    // A shell's `echo > f`: open (create), close of the original descriptor
+    // (FLUSH), write through the duplicate, close again (FLUSH).
+    let (wb, _sink, store, m) = lingering_layer(18);
+    create_in(&wb, 1, 31, "b");
+    wb.flush(31).unwrap();
+    assert_eq!(m.txn_sent.get(), 0, "no data to write back: nothing sent");
+    write(&wb, 31, 0, b"1\n", 2);
+    // FLUSH with data: sent at once, not waited for; fsync waits.
+    wb.flush(31).unwrap();
+    eventually("the close to send the create and the write", || {
+        m.txn_sent.get() == 1
+    });
+    wb.sync(Some(31)).unwrap();
+    assert_eq!(m.txn_sent.get(), 1, "create and write in one commit");
+    assert_eq!(content(&*store, 31), b"1\n");
+    // fsync, unlike FLUSH, makes the metadata durable too.
+    create_in(&wb, 1, 32, "c");
+    wb.sync(Some(32)).unwrap();
+    assert!(store.lookup(1, b"c").unwrap().is_some());
+}
+
+#[test]
+fn a_burst_of_metadata_joins_one_transaction_up_to_the_op_bound() {
+    let (wb, _sink, store, m) = lingering_layer(14);
+    // 40 creates of two ops each: 16 ops per transaction at most.
+    for i in 0..40 {
+        create_in(&wb, 1, 100 + i, &format!("f{i}"));
+    }
+    // Reads see them before any ack.
+    assert_eq!(wb.lookup(1, b"f39").unwrap().map(|d| d.ino), Some(139));
+    wb.sync(None).unwrap();
+    assert_eq!(
+        m.txn_formed.get(),
+        5,
+        "40 creates × 2 ops in transactions of 16 ops"
+    );
+    assert_eq!(m.txn_joined.get(), 35);
+    for i in 0..40 {
+        let d = store.lookup(1, format!("f{i}").as_bytes()).unwrap();
+        assert_eq!(d.map(|d| d.ino), Some(100 + i));
+    }
+    assert_eq!(wb.unacked(), 0);
+}
+
+#[test]
+fn metadata_never_joins_a_transaction_already_sent() {
+    let (wb, sink, store, m) = lingering_layer(15);
+    let wb = Arc::new(wb);
+    sink.gate.close();
+    create_in(&*wb, 1, 40, "x");
+    // A truncate joins the lingering create; an fsync sends both at once,
+    // then waits for their ack, which the gate holds.
+    let mut t = Txn::new();
+    t.push(Op::Truncate { ino: 40, size: 0 });
+    wb.commit(t).unwrap();
+    let fsync = {
+        let wb = Arc::clone(&wb);
+        std::thread::spawn(move || wb.sync(Some(40)))
+    };
+    eventually("the create and truncate to be sent", || {
+        sink.gate.held() >= 1
+    });
+    let (formed, joined) = (m.txn_formed.get(), m.txn_joined.get());
+    assert_eq!((formed, joined), (1, 1), "the truncate joined the create");
+    create_in(&*wb, 1, 41, "y");
+    assert_eq!(
+        (m.txn_formed.get(), m.txn_joined.get()),
+        (formed + 1, joined),
+        "the later create is its own transaction"
+    );
+    sink.gate.open();
+    fsync.join().unwrap().unwrap();
+    wb.sync(None).unwrap();
+    assert!(store.lookup(1, b"x").unwrap().is_some());
+    assert!(store.lookup(1, b"y").unwrap().is_some());
+}
+
+#[test]
+fn remembered_xattrs_never_go_stale() {
+    let (wb, _, store, _) = layer(OverwritePolicy::Cow, 1, 16);
+    create(&wb, 50);
+    wb.sync(None).unwrap();
+    let name = b"user.k".as_slice();
+    // Absent, and remembered as absent.
+    assert_eq!(wb.get_xattr(50, name).unwrap(), None);
+    let set = |v: &[u8]| {
+        let mut t = Txn::new();
+        t.push(Op::SetXattr {
+            ino: 50,
+            name: name.to_vec(),
+            value: v.to_vec(),
+        });
+        wb.commit(t).unwrap();
+    };
+    set(b"one");
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    // Acked: the overlay retires, and what is remembered must not be the
+    // absence read before the change.
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    set(b"two");
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        store.get_xattr(50, name).unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    let mut t = Txn::new();
+    t.push(Op::RemoveXattr {
+        ino: 50,
+        name: name.to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(wb.get_xattr(50, name).unwrap(), None);
+}
+
+#[test]
+fn a_directory_created_here_answers_lookups_of_new_names_itself() {
+    let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 17);
+    let dir = wb.reserve_ids(16).unwrap();
+    let mut d = Inode::regular(dir, 0);
+    d.kind = FileKind::Directory;
+    let mut t = Txn::new();
+    t.push(Op::PutInode(d));
+    wb.commit(t).unwrap();
+    create_in(&wb, dir, dir + 1, "a");
+    wb.sync(None).unwrap();
+    // Whatever the store says behind the layer's back, the layer answers
+    // for what it created: entries of its directories (present and
+    // absent) and the extended attributes of its inodes (none).
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: dir,
+        dirent: Dirent {
+            name: b"nope".to_vec(),
+            ino: 98,
+            kind: FileKind::Regular,
+            cookie: 98,
+        },
+    });
+    t.push(Op::SetXattr {
+        ino: dir + 1,
+        name: b"user.x".to_vec(),
+        value: b"v".to_vec(),
+    });
+    store.commit(t).unwrap();
+    assert!(wb.lookup(dir, b"nope").unwrap().is_none());
+    assert_eq!(wb.lookup(dir, b"a").unwrap().map(|d| d.ino), Some(dir + 1));
+    assert_eq!(wb.get_xattr(dir + 1, b"user.x").unwrap(), None);
+    // A change of its attributes sends reads to the store again.
+    let mut t = Txn::new();
+    t.push(Op::SetXattr {
+        ino: dir + 1,
+        name: b"user.y".to_vec(),
+        value: b"w".to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(
+        wb.get_xattr(dir + 1, b"user.x").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    // An entry the layer never saw in a directory it did not create is the
+    // store's to answer.
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: 1,
+        dirent: Dirent {
+            name: b"old".to_vec(),
+            ino: 99,
+            kind: FileKind::Regular,
+            cookie: 99,
+        },
+    });
+    store.commit(t).unwrap();
+    assert_eq!(wb.lookup(1, b"old").unwrap().map(|d| d.ino), Some(99));
+    // Removed, then absent again.
+    let mut t = Txn::new();
+    t.push(Op::RemoveDirent {
+        parent: dir,
+        name: b"a".to_vec(),
+    });
+    wb.commit(t).unwrap();
+    wb.sync(None).unwrap();
+    assert!(wb.lookup(dir, b"a").unwrap().is_none());
+    drop(sink);
+}
