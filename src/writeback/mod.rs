@@ -165,6 +165,13 @@ pub struct TxnConfig {
     /// fsyncdir, syncfs and shutdown wait (what POSIX and a local disk
     /// promise).
     pub sync_on_close: bool,
+    /// Drop an inode's clean pages when the guest forgets it. Right where
+    /// the store reads from local files (`file://`: the host's page cache
+    /// holds what is hot, and cold reads are not copied into pages); where
+    /// every read is a round trip (`pohmel://`, `s3://`) the clean pages are
+    /// the only local copy, so they stay until the page share evicts them.
+    /// [`open`] decides from the URL.
+    pub forget_clean_pages: bool,
 }
 
 impl Default for TxnConfig {
@@ -184,6 +191,7 @@ impl Default for TxnConfig {
             meta_linger: Duration::from_millis(2),
             max_txn_ops: 1024,
             sync_on_close: false,
+            forget_clean_pages: true,
         }
     }
 }
@@ -267,6 +275,10 @@ pub fn open(
     cfg: TxnConfig,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    let cfg = TxnConfig {
+        forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
+        ..cfg
+    };
     let io = |e: std::io::Error| crate::store::OpenError::Connect {
         url: url.to_string(),
         source: StoreError::Io(e),

@@ -214,7 +214,7 @@ impl Store for WritebackStore {
         let sh = &self.shared;
         let trim = {
             let mut st = lock(&sh.state);
-            let pages = st.forget_cached(ino);
+            let pages = st.forget_cached(ino, sh.cfg.forget_clean_pages);
             sh.metrics.cache_evictions.add(pages);
             sh.publish(&st);
             st.freed_since_trim += pages * PAGE_SIZE;

@@ -229,6 +229,7 @@ pub(super) fn cfg(policy: OverwritePolicy) -> TxnConfig {
         // Small, so that tests cross the cap.
         max_txn_ops: 16,
         sync_on_close: false,
+        forget_clean_pages: true,
     }
 }
 
