@@ -20,7 +20,8 @@
 //! `extent.rs`; all are described in `docs/store-layout.md`.
 //!
 //! This module owns the engine instance, its tokio runtime, the superblock,
-//! the id counter and the exactly-once records. The sync [`Store`] methods
+//! the id counter and the exactly-once records (opening them is
+//! `open.rs`). The sync [`Store`] methods
 //! block on the runtime, so they must never be called from a thread that
 //! drives async tasks (a worker of this or any runtime); plain threads and
 //! `spawn_blocking` are fine, and dropping is fine anywhere. It never
@@ -38,6 +39,7 @@ mod config;
 mod extent;
 mod group;
 mod keys;
+mod open;
 mod pins;
 mod read_plan;
 mod reclaim;
@@ -63,7 +65,7 @@ use thiserror::Error;
 
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
-    BLOCK_SIZE, FIRST_FREE_ID,
+    BLOCK_SIZE,
 };
 pub use codec::FORMAT_VERSION;
 use codec::{Counters, Superblock};
@@ -175,189 +177,7 @@ pub struct SlateStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-fn random_volume_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    let from_os = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
-    if from_os.is_err() {
-        // Not secret, only distinct: time and pid will do.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        id.copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
-    }
-    id
-}
-
 impl SlateStore {
-    /// Open (creating if empty) the volume named by a `file://` or `s3://`
-    /// URL.
-    pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
-        Self::open_placing(url, Placement::Default)
-    }
-
-    /// Open a `file://` volume that keeps file data inline (as on `s3://`)
-    /// or seals segments at `max` bytes: the tests' way to reach those
-    /// paths on a local directory.
-    #[cfg(test)]
-    pub(crate) fn open_for_test(url: &str, placement: Placement) -> SlateStore {
-        Self::open_placing(url, placement).expect("open volume")
-    }
-
-    fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
-        let cfg = config::parse(url)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pohmelfs-engine")
-            .enable_all()
-            .build()
-            .map_err(OpenVolumeError::Runtime)?;
-        let db = runtime
-            .block_on(
-                Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-                    .with_settings(cfg.settings.clone())
-                    .with_db_cache(config::db_cache(cfg.memory), 0)
-                    .with_block_cache_policy(config::block_cache_policy())
-                    .build(),
-            )
-            .map_err(OpenVolumeError::Engine)?;
-        let opened = runtime.block_on(Self::open_superblock(&db));
-        let (superblock, counters) = match opened {
-            Ok(v) => v,
-            Err(e) => {
-                // Best effort: the error we report is the one that stopped
-                // the open.
-                let _ = runtime.block_on(db.close());
-                return Err(e);
-            }
-        };
-        let local_dir = match placement {
-            Placement::Inline => None,
-            _ => cfg.local_dir.as_deref(),
-        };
-        let max = match placement {
-            Placement::SegmentsOf(max) => max,
-            _ => segment::SEGMENT_BYTES_MAX,
-        };
-        let reclaim = Arc::new(RwLock::new(()));
-        let pins: Arc<pins::Pins> = Arc::default();
-        let (segments, reclaimer) =
-            match Self::open_segments(local_dir, max, &reclaim, &pins, &cfg.describe) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = runtime.block_on(db.close());
-                    return Err(OpenVolumeError::Segments(e));
-                }
-            };
-        let store = SlateStore {
-            db,
-            reclaimer,
-            segments,
-            reclaim,
-            pins,
-            capacity_bytes: cfg.capacity_bytes,
-            capacity_inodes: cfg.capacity_inodes,
-            describe: format!(
-                "{} (slatedb, volume {}, epoch {}, commit={})",
-                cfg.describe,
-                superblock
-                    .volume_id
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>(),
-                superblock.open_count,
-                cfg.commit_mode.name()
-            ),
-            commit_lock: tokio::sync::Mutex::new(counters),
-            used_blocks: AtomicU64::new(counters.blocks),
-            used_inodes: AtomicU64::new(counters.inodes),
-            used_meta_bytes: AtomicU64::new(counters.meta_bytes),
-            ids: tokio::sync::Mutex::new(IdRange {
-                next: superblock.next_id,
-                limit: superblock.next_id,
-            }),
-            superblock,
-            group: group::GroupCommit::new(cfg.commit_mode),
-            fenced: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            runtime: Some(runtime),
-        };
-        if let Err(e) = store
-            .rt()
-            .and_then(|rt| rt.block_on(store.sweep_segments()))
-        {
-            tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
-        }
-        tracing::info!(volume = %store.describe, "opened volume");
-        Ok(store)
-    }
-
-    /// The segment files under `dir` and their reclaimer thread, or neither
-    /// (data inline in the engine: `s3://`, or a test's choice).
-    fn open_segments(
-        dir: Option<&std::path::Path>,
-        max: u64,
-        reclaim: &Arc<RwLock<()>>,
-        pins: &Arc<pins::Pins>,
-        describe: &str,
-    ) -> std::io::Result<(Option<Arc<Segments>>, Option<reclaim::Reclaimer>)> {
-        let Some(dir) = dir else {
-            return Ok((None, None));
-        };
-        let segs = Arc::new(Segments::open_with_max(dir, max)?);
-        let reclaimer = reclaim::Reclaimer::start(
-            segs.clone(),
-            reclaim.clone(),
-            pins.clone(),
-            describe.to_owned(),
-        )?;
-        Ok((Some(segs), Some(reclaimer)))
-    }
-
-    /// Read and check the superblock, or write the first one into an empty
-    /// store; either way count this open in it, durably.
-    async fn open_superblock(db: &Db) -> Result<(Superblock, Counters), OpenVolumeError> {
-        let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
-        let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
-            Some(bytes) => {
-                let mut sb =
-                    codec::decode_superblock(&bytes).map_err(OpenVolumeError::Superblock)?;
-                if sb.format_version != FORMAT_VERSION {
-                    return Err(OpenVolumeError::FormatVersion {
-                        found: sb.format_version,
-                        expected: FORMAT_VERSION,
-                    });
-                }
-                sb.open_count = sb.open_count.checked_add(1).ok_or_else(|| {
-                    OpenVolumeError::Superblock(StoreError::Corrupt("open count overflow".into()))
-                })?;
-                sb
-            }
-            None => {
-                let mut any = db.scan::<std::ops::RangeFull>(..).await.map_err(sb_err)?;
-                if any.next().await.map_err(sb_err)?.is_some() {
-                    return Err(OpenVolumeError::NotAVolume);
-                }
-                Superblock {
-                    format_version: FORMAT_VERSION,
-                    volume_id: random_volume_id(),
-                    next_id: FIRST_FREE_ID,
-                    open_count: 1,
-                }
-            }
-        };
-        let counters = match db.get(keys::stats()).await.map_err(sb_err)? {
-            Some(bytes) => codec::decode_counters(&bytes).map_err(OpenVolumeError::Superblock)?,
-            None => Counters::default(),
-        };
-        db.put(keys::superblock(), codec::encode_superblock(&superblock))
-            .await
-            .map_err(sb_err)?;
-        db.flush().await.map_err(sb_err)?;
-        Ok((superblock, counters))
-    }
-
     /// Close the engine, flushing what it holds in memory. Later calls of
     /// any method fail.
     pub fn close(&self) -> Result<(), StoreError> {
