@@ -16,7 +16,7 @@
 //! reply that hands the guest an inode (lookup, create, mknod, mkdir,
 //! symlink, link, each readdirplus entry) adds one reference; forget and
 //! batch_forget drop them. An unlinked inode stays in the store, with
-//! `nlink == 0`, until the guest has forgotten it.
+//! `nlink == 0`, until the guest has forgotten it (`refs.rs`).
 
 mod attr;
 #[cfg(test)]
