@@ -6,6 +6,7 @@
 //! `/tmp`, or the stream as it was written), never by reading the file back through the daemon
 //! under test.
 
+use crate::harness::qemu::GuestOutput;
 use crate::harness::{DaemonKind, Failure, Guest, Result, VmTest};
 
 /// 256 MiB written with fsync, caches dropped, read back with the checksum of what was written.
@@ -162,22 +163,7 @@ while true; do sleep 1; done
         })
         .power_cut_at(SYNCED)
         .run()?;
-    let sum = out
-        .value("SUM")
-        .filter(|sum| sum.len() == 64)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            Failure::new(format!(
-                "the first guest printed no SUM=<sha256> line:\n{}",
-                out.console
-            ))
-        })?;
-    if !out.console.lines().any(|l| l.trim_end() == SYNCED) {
-        return Err(Failure::new(format!(
-            "the first guest never reached its sync:\n{}",
-            out.console
-        )));
-    }
+    let sum = sum_before_mark(&out, SYNCED, "reached its sync")?;
     drop(daemon);
     let daemon = vm.daemon().store(&url).start()?;
     Guest::new(&daemon)
@@ -236,22 +222,7 @@ while true; do sleep 1; done
         })
         .power_cut_at(CLOSED)
         .run()?;
-    let sum = out
-        .value("SUM")
-        .filter(|sum| sum.len() == 64)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            Failure::new(format!(
-                "the first guest printed no SUM=<sha256> line:\n{}",
-                out.console
-            ))
-        })?;
-    if !out.console.lines().any(|l| l.trim_end() == CLOSED) {
-        return Err(Failure::new(format!(
-            "the first guest never closed its file:\n{}",
-            out.console
-        )));
-    }
+    let sum = sum_before_mark(&out, CLOSED, "closed its file")?;
     drop(daemon);
     let daemon = vm.daemon().store(&url).start()?;
     Guest::new(&daemon)
@@ -269,4 +240,26 @@ umount /mnt
         .run()?
         .expect_success()?;
     Ok(())
+}
+
+/// The `SUM=<sha256>` a first guest printed of the data it wrote, once it
+/// has shown it reached `mark` (what it did there: `did`).
+fn sum_before_mark(out: &GuestOutput, mark: &str, did: &str) -> Result<String> {
+    let sum = out
+        .value("SUM")
+        .filter(|sum| sum.len() == 64)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "the first guest printed no SUM=<sha256> line:\n{}",
+                out.console
+            ))
+        })?;
+    if !out.console.lines().any(|l| l.trim_end() == mark) {
+        return Err(Failure::new(format!(
+            "the first guest never {did}:\n{}",
+            out.console
+        )));
+    }
+    Ok(sum)
 }
