@@ -165,22 +165,7 @@ while true; do sleep 1; done
         .run()?;
     let sum = sum_before_mark(&out, SYNCED, "reached its sync")?;
     drop(daemon);
-    let daemon = vm.daemon().store(&url).start()?;
-    Guest::new(&daemon)
-        .script(&format!(
-            r#"
-step mount
-mount -t virtiofs "$TAG" /mnt
-step "the synced file is whole"
-[ -e /mnt/synced ] || fail "/mnt/synced is missing after the daemon's SIGKILL"
-expect_eq "$(stat -c %s /mnt/synced)" {SYNC_BYTES} "size of the synced file"
-expect_eq "$(sha256sum < /mnt/synced | cut -d' ' -f1)" "{sum}" "sha256 of the synced file"
-umount /mnt
-"#
-        ))
-        .run()?
-        .expect_success()?;
-    Ok(())
+    expect_whole_after_restart(vm, &url, "synced", SYNC_BYTES, &sum)
 }
 
 /// The console line at which the host kills the daemon after the close.
@@ -224,22 +209,7 @@ while true; do sleep 1; done
         .run()?;
     let sum = sum_before_mark(&out, CLOSED, "closed its file")?;
     drop(daemon);
-    let daemon = vm.daemon().store(&url).start()?;
-    Guest::new(&daemon)
-        .script(&format!(
-            r#"
-step mount
-mount -t virtiofs "$TAG" /mnt
-step "the closed file is whole"
-[ -e /mnt/closed ] || fail "/mnt/closed is missing after the daemon's SIGKILL"
-expect_eq "$(stat -c %s /mnt/closed)" {CLOSE_BYTES} "size of the closed file"
-expect_eq "$(sha256sum < /mnt/closed | cut -d' ' -f1)" "{sum}" "sha256 of the closed file"
-umount /mnt
-"#
-        ))
-        .run()?
-        .expect_success()?;
-    Ok(())
+    expect_whole_after_restart(vm, &url, "closed", CLOSE_BYTES, &sum)
 }
 
 /// The `SUM=<sha256>` a first guest printed of the data it wrote, once it
@@ -262,4 +232,31 @@ fn sum_before_mark(out: &GuestOutput, mark: &str, did: &str) -> Result<String> {
         )));
     }
     Ok(sum)
+}
+
+/// A new daemon on `url` serves `/mnt/NAME` with `bytes` bytes whose sha256
+/// is `sum`: what the first guest wrote survived the daemon's SIGKILL.
+fn expect_whole_after_restart(
+    vm: &VmTest,
+    url: &str,
+    name: &str,
+    bytes: u32,
+    sum: &str,
+) -> Result<()> {
+    let daemon = vm.daemon().store(url).start()?;
+    Guest::new(&daemon)
+        .script(&format!(
+            r#"
+step mount
+mount -t virtiofs "$TAG" /mnt
+step "the {name} file is whole"
+[ -e /mnt/{name} ] || fail "/mnt/{name} is missing after the daemon's SIGKILL"
+expect_eq "$(stat -c %s /mnt/{name})" {bytes} "size of the {name} file"
+expect_eq "$(sha256sum < /mnt/{name} | cut -d' ' -f1)" "{sum}" "sha256 of the {name} file"
+umount /mnt
+"#
+        ))
+        .run()?
+        .expect_success()?;
+    Ok(())
 }
