@@ -34,6 +34,8 @@
 //! * [`metrics`] — every counter the daemon keeps.
 //! * [`ratelimit`] — log hygiene for lines a guest or peer can cause: a
 //!   per-call-site limit and a length cap (`docs/security.md`).
+//! * [`confine`] — what the daemons give up at startup: umask, capabilities,
+//!   no_new_privs, and the seccomp filter of the system calls they use.
 //! * [`control`] — the control socket that `pohmelfs status` reads, and the
 //!   Prometheus endpoint.
 //! * [`check`] — correctness instruments from the outside: the volume
@@ -44,6 +46,7 @@
 //! host's `/dev/fuse` (`pohmelfs mount`, for POSIX test suites).
 
 pub mod check;
+pub mod confine;
 pub mod control;
 pub mod device;
 pub mod fs;

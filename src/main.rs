@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use pohmelfs::confine;
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
@@ -96,6 +97,8 @@ struct StoreArgs {
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
+    #[command(flatten)]
+    seccomp: confine::SeccompArgs,
 }
 
 /// The volume and how the daemon caches it: shared by `serve` and `mount`.
@@ -253,6 +256,10 @@ struct ServeArgs {
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
+    #[command(flatten)]
+    socket_access: confine::SocketAccessArgs,
+    #[command(flatten)]
+    seccomp: confine::SeccompArgs,
 }
 
 /// Keep glibc's allocator from holding freed memory: at most two arenas
@@ -301,6 +308,8 @@ fn init_logging(level: &str) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    // Before any thread: capabilities are per thread (src/confine).
+    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
     // fuse-backend-rs's own lines are off: see `device::log_filter`.
     init_logging(&device::log_filter(&args.log_level))?;
     if let Some(tag) = &args.tag {
@@ -310,6 +319,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     args.volume.check()?;
     let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
+    args.socket_access
+        .apply(&args.socket_path)
+        .context("set socket access")?;
+    confine::drop_all_capabilities().context("drop capabilities")?;
     let metrics = Arc::new(Metrics::default());
     let (store, fs) = args.volume.open(&metrics)?;
     pohmelfs::control::spawn_control_socket(
@@ -323,6 +336,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     info!(store = %store.describe(), "volume open");
     install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
+    confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
+    info!(seccomp = ?args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
     let cfg = ServeConfig {
         socket_path: args.socket_path.clone(),
         device: DeviceConfig {
@@ -396,6 +411,13 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
 
 fn store(args: StoreArgs) -> Result<()> {
     use pohmelfs::net::server::{Server, ServerConfig};
+    // Before any thread; a port below 1024 keeps CAP_NET_BIND_SERVICE
+    // until it is bound (src/confine).
+    let keep: &[u32] = match args.listen.port() {
+        1..1024 => &[confine::CAP_NET_BIND_SERVICE],
+        _ => &[],
+    };
+    confine::restrict(keep).context("confine")?;
     init_logging(&args.log_level)?;
     let secret = match &args.secret_file {
         Some(path) => pohmelfs::net::client::read_secret(path)
@@ -423,6 +445,9 @@ fn store(args: StoreArgs) -> Result<()> {
             std::fs::write(&tmp, addr.to_string()).context("write address file")?;
             std::fs::rename(&tmp, path).context("write address file")?;
         }
+        confine::drop_all_capabilities().context("drop capabilities")?;
+        confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
+        info!(seccomp = ?args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
         let shutdown = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -67,6 +67,9 @@ type FuseServer = Server<Arc<PohmelFs>>;
 
 /// Mount the volume and serve it until a signal or an outside umount.
 pub fn run(args: MountArgs) -> Result<()> {
+    // The volume's host files are the owner's alone; mounting needs root's
+    // capabilities, so this is the only confinement step (src/confine).
+    pohmelfs::confine::set_umask();
     super::init_logging(&args.log_level)?;
     args.volume.check()?;
     // Check what the mount needs before opening (and maybe creating) a volume.
