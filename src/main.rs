@@ -312,6 +312,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
     // fuse-backend-rs's own lines are off: see `device::log_filter`.
     init_logging(&device::log_filter(&args.log_level))?;
+    pohmelfs::ratelimit::limit_panic_messages();
     if let Some(tag) = &args.tag {
         if tag.is_empty() || tag.len() > device::TAG_MAX {
             bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
@@ -419,6 +420,7 @@ fn store(args: StoreArgs) -> Result<()> {
     };
     confine::restrict(keep).context("confine")?;
     init_logging(&args.log_level)?;
+    pohmelfs::ratelimit::limit_panic_messages();
     let secret = match &args.secret_file {
         Some(path) => pohmelfs::net::client::read_secret(path)
             .with_context(|| format!("read secret file {path}"))?,

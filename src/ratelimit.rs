@@ -12,6 +12,7 @@
 //! own short critical section: it runs on every rejected request.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,42 @@ impl LogLimit {
             None
         }
     }
+}
+
+/// Lines about store peers held back: the store client and server keep
+/// no [`crate::metrics::Metrics`] of their own. The next line let through
+/// says how many (`suppressed=K`).
+pub static PEER_LINES_SUPPRESSED: StaticCounter = StaticCounter::new();
+
+/// A counter that can live in a `static`.
+#[derive(Debug, Default)]
+pub struct StaticCounter(AtomicU64);
+
+impl StaticCounter {
+    pub const fn new() -> StaticCounter {
+        StaticCounter(AtomicU64::new(0))
+    }
+
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Print panic messages through a limit of their own. A guest or a peer
+/// that found a panic can repeat it, and the default hook writes a message
+/// (and maybe a backtrace) each time. The daemons install this at startup.
+pub fn limit_panic_messages() {
+    static LIMIT: LogLimit = LogLimit::new();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if LIMIT.allow().is_some() {
+            default(info);
+        }
+    }));
 }
 
 /// The instant every [`LogLimit`] measures from: the first use.

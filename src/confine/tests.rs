@@ -45,6 +45,20 @@ fn child_case() {
             eprintln!("{ALLOWED_OK}");
             return;
         }
+        "ioctl" => {
+            seccomp::install(SeccompAction::Trap).unwrap();
+            // isatty (TCGETS) is on the list; TIOCSTI (typing into a
+            // terminal) is not. Its argument is a byte that goes nowhere:
+            // the call is stopped before it runs.
+            // SAFETY: isatty only queries the descriptor.
+            unsafe { libc::isatty(2) };
+            eprintln!("{ALLOWED_OK}");
+            let byte = 0u8;
+            // SAFETY: TIOCSTI reads one byte from a live local.
+            let rc = unsafe { libc::ioctl(-1, libc::TIOCSTI, &byte) };
+            eprintln!("confine-child: TIOCSTI returned {rc}");
+            return;
+        }
         "trap" => SeccompAction::Trap,
         "kill" => SeccompAction::Kill,
         "log" => SeccompAction::Log,
@@ -59,9 +73,7 @@ fn child_case() {
     seccomp::install(action).unwrap();
     // Calls on the list still work: files, threads, time, randomness.
     std::fs::write(dir.join("allowed"), b"x").unwrap();
-    std::thread::spawn(|| std::time::Instant::now())
-        .join()
-        .unwrap();
+    std::thread::spawn(std::time::Instant::now).join().unwrap();
     let mut buf = [0u8; 8];
     getrandom::fill(&mut buf).unwrap();
     eprintln!("{ALLOWED_OK}");
@@ -114,6 +126,17 @@ fn a_forbidden_call_aborts_with_a_line_naming_it() {
         libc::SYS_ptrace
     );
     assert!(err.contains(&line), "no audit line in: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ioctl_is_limited_to_its_requests() {
+    let dir = scratch("ioctl");
+    let out = run_child("ioctl", &dir);
+    let err = stderr(&out);
+    assert!(err.contains(ALLOWED_OK), "allowed calls failed: {err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{err}");
+    assert!(err.contains("(ioctl) is not allowed"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -297,7 +297,7 @@ mod tests {
                 inline_reads: true,
             },
             Arc::new(requests),
-            Arc::new(WorkerPool::new(1, 4).unwrap()),
+            Arc::new(WorkerPool::new(1, 4, Arc::clone(&metrics)).unwrap()),
             metrics,
         )
     }

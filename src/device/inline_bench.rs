@@ -64,7 +64,7 @@ fn getattr_inline_versus_through_the_pool() {
             assert!(requests.serve(&chain, 1) > 16);
         }
     });
-    let pool = WorkerPool::new(8, 2048).unwrap();
+    let pool = WorkerPool::new(8, 2048, Arc::default()).unwrap();
     report("pool, one outstanding", || {
         let (tx, rx) = channel();
         for _ in 0..REQUESTS {

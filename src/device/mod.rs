@@ -130,7 +130,10 @@ pub fn serve(
         }
     }
     let requests = Arc::new(Requests::new(Arc::clone(&fs), Arc::clone(&metrics)));
-    let pool = Arc::new(WorkerPool::new(cfg.threads, cfg.queue_depth).map_err(DeviceError::Pool)?);
+    let pool = Arc::new(
+        WorkerPool::new(cfg.threads, cfg.queue_depth, Arc::clone(&metrics))
+            .map_err(DeviceError::Pool)?,
+    );
     info!(socket = %cfg.socket_path.display(), "waiting for a frontend");
     loop {
         let backend = Arc::new(FsBackend::new(

@@ -9,6 +9,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::metrics::Metrics;
+use crate::ratelimit::limited;
+
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Jobs submitted and not yet finished, with a condition to wait on.
@@ -26,8 +29,13 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Start `threads` workers sharing a queue of at most `queue_depth` jobs.
-    pub fn new(threads: usize, queue_depth: usize) -> std::io::Result<WorkerPool> {
+    /// Start `threads` workers sharing a queue of at most `queue_depth`
+    /// jobs. `metrics` counts the log lines about panics held back.
+    pub fn new(
+        threads: usize,
+        queue_depth: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<WorkerPool> {
         let (tx, rx) = sync_channel::<Job>(queue_depth);
         let rx = Arc::new(Mutex::new(rx));
         let in_flight = Arc::new(InFlight::default());
@@ -35,10 +43,11 @@ impl WorkerPool {
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
             let in_flight = Arc::clone(&in_flight);
+            let metrics = Arc::clone(&metrics);
             workers.push(
                 thread::Builder::new()
                     .name(format!("pohmelfs-worker-{i}"))
-                    .spawn(move || worker(&rx, &in_flight))?,
+                    .spawn(move || worker(&rx, &in_flight, &metrics))?,
             );
         }
         Ok(WorkerPool {
@@ -99,7 +108,7 @@ fn finish(in_flight: &InFlight) {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &InFlight) {
+fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &InFlight, metrics: &Metrics) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,9 +118,14 @@ fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &InFlight) {
             }
         };
         // A panicking request must not take the worker (and with it the
-        // queue's progress) down: catch it, log it, keep serving.
+        // queue's progress) down: catch it, log it, keep serving. A guest
+        // that found a panic can repeat it: the line is limited.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-            tracing::error!("a request handler panicked; the worker continues");
+            limited!(
+                metrics.log_lines_suppressed,
+                ERROR,
+                "a request handler panicked; the worker continues"
+            );
         }
         finish(in_flight);
     }
@@ -134,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_blocked_job_does_not_stall_the_others() {
-        let pool = WorkerPool::new(2, 8).unwrap();
+        let pool = WorkerPool::new(2, 8, Arc::default()).unwrap();
         let (release_tx, release_rx) = channel::<()>();
         let (done_tx, done_rx) = channel::<u32>();
         pool.submit(move || {
@@ -156,14 +170,22 @@ mod tests {
 
     #[test]
     fn a_panicking_job_does_not_kill_the_pool() {
-        let pool = WorkerPool::new(1, 4).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let pool = WorkerPool::new(1, 4, Arc::clone(&metrics)).unwrap();
         let ran = Arc::new(AtomicUsize::new(0));
-        pool.submit(|| panic!("boom"));
+        // More panics than one window's lines: the rest are counted, not
+        // logged (at least one window sees more than its share unless the
+        // panics take longer than PANICS / LINES_PER_WINDOW windows).
+        const PANICS: u32 = 100;
+        for _ in 0..PANICS {
+            pool.submit(|| std::panic::resume_unwind(Box::new("boom")));
+        }
         let r = Arc::clone(&ran);
         pool.submit(move || {
             r.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(pool.drain(Duration::from_secs(10)), 0);
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert!(metrics.log_lines_suppressed.get() > 0);
     }
 }

@@ -27,6 +27,7 @@ use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
+use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::sink::{Ack, SendError};
 use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 
@@ -169,13 +170,25 @@ impl Conn {
                             }
                         }
                         Err(e) => {
-                            warn!(server = %name, error = %crate::ErrorChain(&e), "bad frame from store; reconnecting");
+                            limited!(
+                                PEER_LINES_SUPPRESSED,
+                                WARN,
+                                server = %name,
+                                error = %Capped(crate::ErrorChain(&e)),
+                                "bad frame from store; reconnecting"
+                            );
                             break;
                         }
                     },
                     Ok(None) => break,
                     Err(e) => {
-                        warn!(server = %name, error = %crate::ErrorChain(&e), "store connection failed");
+                        limited!(
+                            PEER_LINES_SUPPRESSED,
+                            WARN,
+                            server = %name,
+                            error = %Capped(crate::ErrorChain(&e)),
+                            "store connection failed"
+                        );
                         break;
                     }
                 }
@@ -551,7 +564,13 @@ impl Inner {
                 ))));
             }
             self.next_server();
-            warn!(reason = %failure, next = %self.current_server(), "store request failed; resending");
+            limited!(
+                PEER_LINES_SUPPRESSED,
+                WARN,
+                reason = %Capped(&failure),
+                next = %self.current_server(),
+                "store request failed; resending"
+            );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::net::proto::auth::{self, Side, Transcript};
 use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD, VERSION};
+use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::{OnceStore, StoreError};
 
 /// How long a new connection may take to finish its handshake.
@@ -92,7 +93,14 @@ impl Volumes {
             }
             let url = this.url(&name);
             let v = crate::store::open_once(&url).map_err(|e| crate::ErrorChain(&e).to_string())?;
-            info!(volume = %name, url = %url, epoch = v.epoch(), "volume open");
+            limited!(
+                PEER_LINES_SUPPRESSED,
+                INFO,
+                volume = %Capped(&name),
+                url = %Capped(&url),
+                epoch = v.epoch(),
+                "volume open"
+            );
             open.insert(name, Arc::clone(&v));
             Ok(v)
         })
@@ -160,14 +168,14 @@ impl Server {
                 accepted = self.listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        warn!(error = %e, "accept failed");
+                        limited!(PEER_LINES_SUPPRESSED, WARN, error = %e, "accept failed");
                         continue;
                     }
                 },
             };
             let _ = stream.set_nodelay(true);
             let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                warn!(%peer, "connection limit reached; refusing");
+                limited!(PEER_LINES_SUPPRESSED, WARN, %peer, "connection limit reached; refusing");
                 tokio::spawn(refuse(stream, ErrorCode::Busy, "connection limit reached"));
                 continue;
             };
@@ -179,7 +187,13 @@ impl Server {
             tokio::spawn(async move {
                 match serve_connection(stream, &cfg, &volumes, &requests).await {
                     Ok(()) => debug!(%peer, "connection closed"),
-                    Err(e) => info!(%peer, error = %crate::ErrorChain(&e), "connection ended"),
+                    Err(e) => limited!(
+                        PEER_LINES_SUPPRESSED,
+                        INFO,
+                        %peer,
+                        error = %Capped(crate::ErrorChain(&e)),
+                        "connection ended"
+                    ),
                 }
                 drop(permit);
             });
@@ -378,7 +392,7 @@ where
         max_in_flight: cfg.max_in_flight,
     };
     write_frame(wr, &welcome.to_frame(id)).await?;
-    info!(session, volume = %volume, "client authenticated");
+    limited!(PEER_LINES_SUPPRESSED, INFO, session, volume = %Capped(&volume), "client authenticated");
     Ok((session, store))
 }
 
@@ -430,7 +444,12 @@ fn handle(v: &dyn OnceStore, session: u64, req: Request) -> Response {
     })();
     r.unwrap_or_else(|e| {
         if !matches!(e, StoreError::Fenced) {
-            warn!(error = %crate::ErrorChain(&e), "store request failed");
+            limited!(
+                PEER_LINES_SUPPRESSED,
+                WARN,
+                error = %Capped(crate::ErrorChain(&e)),
+                "store request failed"
+            );
         }
         store_error(&e)
     })
