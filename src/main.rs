@@ -175,6 +175,7 @@ impl VolumeArgs {
 
     /// Refuse settings that contradict each other.
     fn check(&self) -> Result<()> {
+        confine::refuse_secret_in_url(&self.store).context("--store")?;
         let pages = self.budget().page_bytes;
         if self.dirty_max() > pages {
             bail!(
@@ -419,6 +420,7 @@ fn store(args: StoreArgs) -> Result<()> {
         _ => &[],
     };
     confine::restrict(keep).context("confine")?;
+    confine::refuse_secret_in_url(&args.data).context("--data")?;
     init_logging(&args.log_level)?;
     pohmelfs::ratelimit::limit_panic_messages();
     let secret = match &args.secret_file {
@@ -472,6 +474,7 @@ fn store(args: StoreArgs) -> Result<()> {
 
 fn bench_store(args: BenchStoreArgs) -> Result<()> {
     init_logging("warn")?;
+    confine::refuse_secret_in_url(&args.store).context("--store")?;
     let store = pohmelfs::net::open(&args.store).context("open store")?;
     let label = if args.label.is_empty() {
         args.store.clone()
@@ -526,6 +529,7 @@ struct CheckArgs {
 fn check(args: CheckArgs) -> Result<()> {
     use pohmelfs::store::engine::VolumeReader;
     init_logging("warn")?;
+    confine::refuse_secret_in_url(&args.store).context("--store")?;
     if args.store.starts_with("pohmel://") || args.store.starts_with("mem:") {
         bail!(
             "check reads a volume directly: stop the store server and pass file:///DATA/NAME \

@@ -58,6 +58,11 @@ pub enum ConfineError {
     Chmod(PathBuf, u32, #[source] std::io::Error),
     #[error("install the seccomp filter")]
     Seccomp(#[source] std::io::Error),
+    #[error(
+        "the URL carries {0}: pass it in the environment (AWS_SECRET_ACCESS_KEY, \
+         AWS_SESSION_TOKEN), never on the command line, which every local user can read"
+    )]
+    SecretInArgv(&'static str),
     #[error("install the SIGSYS handler")]
     Sigaction(#[source] std::io::Error),
 }
@@ -256,6 +261,47 @@ fn group_id(name: &str) -> Result<u32, ConfineError> {
         return Err(ConfineError::NoGroup(name.to_string()));
     }
     Ok(grp.gr_gid)
+}
+
+/// Debug of a secret: whether there is one, never its bytes.
+pub struct Redacted<'a>(pub &'a [u8]);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("<none>")
+        } else {
+            f.write_str("<redacted>")
+        }
+    }
+}
+
+/// The query options of a volume URL that carry a secret (object_store's
+/// names for the S3 secret key and session token).
+const SECRET_OPTIONS: &[&str] = &[
+    "aws_secret_access_key",
+    "secret_access_key",
+    "aws_session_token",
+    "aws_token",
+    "session_token",
+    "token",
+];
+
+/// Refuse a volume URL given on the command line that carries a secret:
+/// argv is readable by every local user (`/proc/PID/cmdline`, `ps`).
+/// Shared secrets of store servers come from files (`--secret-file`,
+/// `secret_file=`), S3 credentials from the environment.
+pub fn refuse_secret_in_url(url: &str) -> Result<(), ConfineError> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for pair in query.split('&') {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if let Some(secret) = SECRET_OPTIONS.iter().find(|s| s.eq_ignore_ascii_case(key)) {
+            return Err(ConfineError::SecretInArgv(secret));
+        }
+    }
+    Ok(())
 }
 
 /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.

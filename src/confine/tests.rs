@@ -228,3 +228,29 @@ fn socket_access_follows_group_and_mode() {
     assert!(parse_mode("01777").is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn secrets_in_a_url_are_refused_and_not_echoed() {
+    let url = "s3://b/p?endpoint=http://h:9&access_key_id=AKIA&Secret_Access_Key=hunter2";
+    let err = refuse_secret_in_url(url).unwrap_err();
+    let text = crate::ErrorChain(&err).to_string();
+    assert!(text.contains("secret_access_key"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(refuse_secret_in_url("s3://b/p?token=x").is_err());
+    refuse_secret_in_url("s3://b/p?endpoint=http://h:9&access_key_id=AKIA").unwrap();
+    refuse_secret_in_url("pohmel://h:1/v?secret_file=/etc/pohmelfs/secret").unwrap();
+    refuse_secret_in_url("file:///var/lib/pohmelfs/vol").unwrap();
+}
+
+#[test]
+fn debug_of_the_remote_config_leaves_the_secret_out() {
+    // (ServerConfig's Debug is written the same way.)
+    let mut remote = crate::net::client::RemoteConfig::from_url("pohmel://h:1/v").unwrap();
+    remote.secret = b"hunter2".to_vec();
+    let text = format!("{remote:?}");
+    assert!(
+        !text.contains("104, 117") && !text.contains("hunter2"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+}

@@ -31,8 +31,8 @@ use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::sink::{Ack, SendError};
 use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 
-/// Settings of a remote volume.
-#[derive(Clone, Debug)]
+/// Settings of a remote volume. Debug leaves the secret out.
+#[derive(Clone)]
 pub struct RemoteConfig {
     /// `host:port` of each server, in failover order.
     pub servers: Vec<String>,
@@ -44,6 +44,19 @@ pub struct RemoteConfig {
     pub give_up_after: Duration,
     /// Requests in flight at most, whatever the server allows.
     pub max_in_flight: u32,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("servers", &self.servers)
+            .field("volume", &self.volume)
+            .field("secret", &crate::confine::Redacted(&self.secret))
+            .field("request_timeout", &self.request_timeout)
+            .field("give_up_after", &self.give_up_after)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 impl RemoteConfig {

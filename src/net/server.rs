@@ -36,8 +36,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
-/// Settings of the store server.
-#[derive(Clone, Debug)]
+/// Settings of the store server. Debug leaves the secret out.
+#[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where volumes live: `file:///dir`, `s3://bucket/prefix?...`, `mem:`.
@@ -47,6 +47,18 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests one connection may have in flight.
     pub max_in_flight: u32,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("data_url", &self.data_url)
+            .field("secret", &crate::confine::Redacted(&self.secret))
+            .field("max_connections", &self.max_connections)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 /// Why the server could not start.

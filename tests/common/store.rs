@@ -105,7 +105,11 @@ impl StoreServer {
             .map_err(Error::io(format!("open {}", self.log.display())))?;
         let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
         let mut cmd = Command::new(&self.exe);
-        cmd.args(["store", "--listen", &self.listen, "--data", &self.data_url])
+        // The command line refuses secrets (every local user can read it):
+        // S3 credentials in the URL go to the server's environment instead.
+        let (data_url, credentials) = credentials_to_env(&self.data_url);
+        cmd.envs(credentials);
+        cmd.args(["store", "--listen", &self.listen, "--data", &data_url])
             .args(["--log-level", "debug", "--addr-file"])
             .arg(&addr_file)
             .stdin(Stdio::null())
@@ -129,4 +133,22 @@ impl StoreServer {
         addr.trim().clone_into(&mut self.listen);
         Ok(())
     }
+}
+
+/// `url` without its `access_key_id=` and `secret_access_key=` options, and
+/// those as the `AWS_*` variables the daemons read them from.
+fn credentials_to_env(url: &str) -> (String, Vec<(&'static str, String)>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), Vec::new());
+    };
+    let mut env = Vec::new();
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("access_key_id", v)) => env.push(("AWS_ACCESS_KEY_ID", v.to_owned())),
+            Some(("secret_access_key", v)) => env.push(("AWS_SECRET_ACCESS_KEY", v.to_owned())),
+            _ => kept.push(pair),
+        }
+    }
+    (format!("{base}?{}", kept.join("&")), env)
 }
