@@ -257,7 +257,10 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         return Err(bad(url, format!("unknown option {k:?} for file://")));
     }
     let dir = PathBuf::from(path);
-    std::fs::create_dir_all(&dir).map_err(|e| OpenVolumeError::CreateDir(dir.clone(), e))?;
+    // 0700 whatever the umask: the volume is its owner's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .map_err(|e| OpenVolumeError::CreateDir(dir.clone(), e))?;
     // fsync: without it a "durable" write sits in the page cache, and a
     // power loss can leave a manifest naming a table that never reached
     // the disk.
@@ -333,6 +336,13 @@ mod tests {
         let gc = c.settings.garbage_collector_options.unwrap();
         assert!(!gc.boundary_files_enabled);
         assert!(dir.path().join("vol").is_dir());
+        // The volume directory is its owner's alone, whatever the umask.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("vol"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700);
 
         for bad_url in [
             "file://relative/path",
