@@ -339,7 +339,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     info!(store = %store.describe(), "volume open");
     install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
     confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
-    info!(seccomp = ?args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
+    info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
     let cfg = ServeConfig {
         socket_path: args.socket_path.clone(),
         device: DeviceConfig {
@@ -451,7 +451,7 @@ fn store(args: StoreArgs) -> Result<()> {
         }
         confine::drop_all_capabilities().context("drop capabilities")?;
         confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
-        info!(seccomp = ?args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
+        info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
         let shutdown = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

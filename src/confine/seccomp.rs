@@ -35,6 +35,18 @@ pub enum SeccompAction {
     Kill,
 }
 
+impl std::fmt::Display for SeccompAction {
+    /// The value `--seccomp` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SeccompAction::None => "none",
+            SeccompAction::Log => "log",
+            SeccompAction::Trap => "trap",
+            SeccompAction::Kill => "kill",
+        })
+    }
+}
+
 /// Install the filter on every thread of the process (TSYNC). Threads
 /// started later inherit it. Needs no_new_privs (set by
 /// [`super::restrict`]) or CAP_SYS_ADMIN.

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
 
 use crate::net::proto::auth::{self, Side, Transcript};
 use crate::net::proto::msg::{ErrorCode, Request, Response};
@@ -403,14 +402,24 @@ impl Inner {
         let (epoch, max_in_flight) = self.handshake(server, &mut rd, &mut wr).await?;
         let old = self.epoch.swap(epoch, Ordering::AcqRel);
         if old != 0 && old != epoch {
-            warn!(
+            limited!(
+                PEER_LINES_SUPPRESSED,
+                WARN,
                 server,
                 old,
                 new = epoch,
                 "store durability epoch changed: the store restarted or failed over"
             );
         }
-        info!(server, volume = %self.cfg.volume, session = self.session, epoch, "connected to store");
+        limited!(
+            PEER_LINES_SUPPRESSED,
+            INFO,
+            server,
+            volume = %self.cfg.volume,
+            session = self.session,
+            epoch,
+            "connected to store"
+        );
         let slots = max_in_flight.min(self.cfg.max_in_flight) as usize;
         Ok(Conn::start(server, rd, wr, slots))
     }
@@ -512,7 +521,14 @@ impl Inner {
             }) if acked == txn_id => {
                 let old = self.epoch.swap(epoch, Ordering::AcqRel);
                 if old != 0 && old != epoch {
-                    warn!(server = %conn.server, old, new = epoch, "store durability epoch changed");
+                    limited!(
+                        PEER_LINES_SUPPRESSED,
+                        WARN,
+                        server = %conn.server,
+                        old,
+                        new = epoch,
+                        "store durability epoch changed"
+                    );
                 }
                 Ok(Ack { epoch, duplicate })
             }
