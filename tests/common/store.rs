@@ -73,6 +73,11 @@ impl StoreServer {
         &self.listen
     }
 
+    /// The running server's process id (`None` after a kill).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+
     /// The server's log, across restarts.
     pub fn log_path(&self) -> &Path {
         &self.log
