@@ -17,13 +17,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::net::credentials::{read_secret, Secret, DEFAULT_CREDENTIAL};
 use crate::net::proto::auth::{self, Side, Transcript};
-use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
+use crate::net::tls::{BoxIo, ClientTls, Verify};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
@@ -36,7 +38,11 @@ pub struct RemoteConfig {
     /// `host:port` of each server, in failover order.
     pub servers: Vec<String>,
     pub volume: String,
-    pub secret: Vec<u8>,
+    /// The server credential this client proves (`default` unless named).
+    pub credential: String,
+    pub secret: Secret,
+    /// TLS and how the server is verified; `None` is plain TCP.
+    pub tls: Option<ClientTls>,
     /// How long one request may wait for its answer before it is resent.
     pub request_timeout: Duration,
     /// How long a request is retried across servers before it fails.
@@ -48,6 +54,10 @@ pub struct RemoteConfig {
 impl RemoteConfig {
     /// Parse `pohmel://a:7000,b:7000/volume?secret_file=PATH&timeout_ms=N`.
     /// Without `secret_file`, `$POHMELFS_SECRET_FILE` is used if set.
+    /// `credential=NAME` names the server credential the secret is for;
+    /// `tls_ca=PEM` or `tls_pin=sha256:HEX` turn on TLS and say how the
+    /// server is verified, `tls_name=NAME` the name its certificate must
+    /// carry (default: the host of each server).
     pub fn from_url(url: &str) -> Result<RemoteConfig, OpenError> {
         let rest = url
             .strip_prefix("pohmel://")
@@ -74,15 +84,29 @@ impl RemoteConfig {
         let mut cfg = RemoteConfig {
             servers,
             volume: volume.to_string(),
-            secret: Vec::new(),
+            credential: DEFAULT_CREDENTIAL.to_owned(),
+            secret: Secret::default(),
+            tls: None,
             request_timeout: Duration::from_secs(10),
             give_up_after: Duration::from_secs(120),
             max_in_flight: 64,
         };
         let mut secret_file = std::env::var("POHMELFS_SECRET_FILE").ok();
+        let (mut verify, mut tls_name) = (None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("secret_file", v)) => secret_file = Some(v.to_string()),
+                Some(("credential", v)) if crate::net::proto::msg::valid_volume_name(v) => {
+                    cfg.credential = v.to_owned();
+                }
+                Some(("tls_ca", v)) if verify.is_none() => verify = Some(Verify::Ca(v.to_owned())),
+                Some(("tls_pin", v)) if verify.is_none() => {
+                    verify = Some(
+                        Verify::pin(v)
+                            .map_err(|e| OpenError::BadOption(format!("tls_pin: {e}")))?,
+                    );
+                }
+                Some(("tls_name", v)) => tls_name = Some(v.to_owned()),
                 Some(("timeout_ms", v)) => {
                     let ms: u64 = v
                         .parse()
@@ -100,22 +124,23 @@ impl RemoteConfig {
         }
         if let Some(path) = secret_file {
             cfg.secret = read_secret(&path)
-                .map_err(|e| OpenError::BadOption(format!("secret_file {path}: {e}")))?;
+                .map_err(|e| OpenError::BadOption(crate::ErrorChain(&e).to_string()))?;
+        }
+        match verify {
+            Some(v) => {
+                let tls = ClientTls::new(&v, tls_name)
+                    .map_err(|e| OpenError::BadOption(crate::ErrorChain(&e).to_string()))?;
+                cfg.tls = Some(tls);
+            }
+            None if tls_name.is_some() => {
+                return Err(OpenError::BadOption(
+                    "tls_name needs tls_ca= or tls_pin=".into(),
+                ))
+            }
+            None => {}
         }
         Ok(cfg)
     }
-}
-
-/// Read a shared secret: the file's bytes, trailing newline dropped.
-pub fn read_secret(path: &str) -> std::io::Result<Vec<u8>> {
-    let mut s = std::fs::read(path)?;
-    while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        s.pop();
-    }
-    if s.is_empty() {
-        return Err(std::io::Error::other("secret file is empty"));
-    }
-    Ok(s)
 }
 
 /// Why one attempt at a request failed.
@@ -140,7 +165,12 @@ impl Conn {
     /// A connection over a stream that passed the handshake: one task
     /// writes the frames of every request, one reads the answers and hands
     /// each to its waiter; `slots` requests may be in flight.
-    fn start(server: &str, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, slots: usize) -> Conn {
+    fn start(
+        server: &str,
+        mut rd: ReadHalf<BoxIo>,
+        mut wr: WriteHalf<BoxIo>,
+        slots: usize,
+    ) -> Conn {
         let alive = Arc::new(AtomicBool::new(true));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Frame>(256);
@@ -247,7 +277,10 @@ impl Conn {
 
 struct Inner {
     cfg: RemoteConfig,
-    session: u64,
+    /// The session the first server issued (0 until then) and its ticket:
+    /// every later connection resumes it, so resent transactions keep
+    /// their identity across reconnects and failover.
+    session: Mutex<(u64, [u8; TICKET_LEN])>,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     server_index: AtomicUsize,
     next_txn: AtomicU64,
@@ -272,12 +305,9 @@ impl RemoteStore {
             .enable_all()
             .build()
             .map_err(StoreError::Io)?;
-        let mut session = [0u8; 8];
-        getrandom::fill(&mut session)
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
         let inner = Arc::new(Inner {
             cfg,
-            session: u64::from_le_bytes(session),
+            session: Mutex::new((0, [0; TICKET_LEN])),
             conn: tokio::sync::Mutex::new(None),
             server_index: AtomicUsize::new(0),
             next_txn: AtomicU64::new(1),
@@ -313,9 +343,9 @@ impl RemoteStore {
         &self.inner.cfg.servers
     }
 
-    /// This client's session id.
+    /// This client's session id, as the server issued it.
     pub fn session(&self) -> u64 {
-        self.inner.session
+        self.inner.session().0
     }
 
     /// One attempt at delivering a transaction to `server` (an index into
@@ -341,6 +371,10 @@ impl RemoteStore {
 }
 
 impl Inner {
+    fn session(&self) -> (u64, [u8; TICKET_LEN]) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn next_server(&self) {
         self.server_index.fetch_add(1, Ordering::Relaxed);
     }
@@ -373,7 +407,14 @@ impl Inner {
             .await
             .map_err(|e| format!("{server}: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+        let io: BoxIo = match &self.cfg.tls {
+            Some(tls) => tls
+                .connect(server, stream)
+                .await
+                .map_err(|e| format!("{server}: TLS handshake failed: {e}"))?,
+            None => Box::new(stream),
+        };
+        let (mut rd, mut wr) = tokio::io::split(io);
         let (epoch, max_in_flight) = self.handshake(server, &mut rd, &mut wr).await?;
         let old = self.epoch.swap(epoch, Ordering::AcqRel);
         if old != 0 && old != epoch {
@@ -384,7 +425,13 @@ impl Inner {
                 "store durability epoch changed: the store restarted or failed over"
             );
         }
-        info!(server, volume = %self.cfg.volume, session = self.session, epoch, "connected to store");
+        info!(
+            server,
+            volume = %self.cfg.volume,
+            session = format_args!("{:016x}", self.session().0),
+            epoch,
+            "connected to store"
+        );
         let slots = max_in_flight.min(self.cfg.max_in_flight) as usize;
         Ok(Conn::start(server, rd, wr, slots))
     }
@@ -394,21 +441,35 @@ impl Inner {
     async fn handshake(
         &self,
         server: &str,
-        rd: &mut OwnedReadHalf,
-        wr: &mut OwnedWriteHalf,
+        rd: &mut ReadHalf<BoxIo>,
+        wr: &mut WriteHalf<BoxIo>,
     ) -> Result<(u64, u32), String> {
         let client_nonce = auth::nonce().map_err(|e| e.to_string())?;
         let volume = self.cfg.volume.clone();
+        let (session, ticket) = self.session();
+        let credential = self.cfg.credential.clone();
         let hello = Request::Hello {
             version: VERSION,
-            session: self.session,
+            credential: credential.clone(),
+            session,
+            ticket,
             volume: volume.clone(),
             client_nonce,
             max_payload: MAX_PAYLOAD,
             max_in_flight: self.cfg.max_in_flight,
         };
-        let proto =
-            |e: crate::net::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
+        let proto = |e: crate::net::proto::ProtoError| match e {
+            crate::net::proto::ProtoError::Io(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                format!(
+                    "{server}: closed the connection during the handshake (a TLS server to a \
+                     plaintext client, or a server of protocol version 1 to this version \
+                     {VERSION} client, does that)"
+                )
+            }
+            e => format!("{server}: {}", crate::ErrorChain(&e)),
+        };
         write_frame(wr, &hello.to_frame(0)).await.map_err(proto)?;
         let server_nonce = match read_response(rd).await.map_err(proto)? {
             Response::Challenge { server_nonce } => server_nonce,
@@ -424,25 +485,41 @@ impl Inner {
         let t = Transcript {
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
-            session: self.session,
+            credential: &credential,
             volume: &volume,
+            session,
+            ticket: &ticket,
         };
+        let secret = self.cfg.secret.expose();
         let auth = Request::Auth {
-            proof: auth::prove(&self.cfg.secret, Side::Client, &t),
+            proof: auth::prove(secret, Side::Client, &t),
         };
         write_frame(wr, &auth.to_frame(0)).await.map_err(proto)?;
         match read_response(rd).await.map_err(proto)? {
             Response::Welcome {
                 proof,
+                session: issued,
+                ticket: issued_ticket,
                 epoch,
                 max_in_flight,
                 ..
             } => {
-                if !auth::verify(&self.cfg.secret, Side::Server, &t, &proof) {
+                let t = Transcript {
+                    session: issued,
+                    ticket: &issued_ticket,
+                    ..t
+                };
+                if !auth::verify(secret, Side::Server, &t, &proof) {
                     return Err(format!(
                         "{server}: the server could not prove the shared secret"
                     ));
                 }
+                if session != 0 && issued != session {
+                    return Err(format!(
+                        "{server}: the server did not resume session {session:016x}"
+                    ));
+                }
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = (issued, issued_ticket);
                 Ok((epoch, max_in_flight))
             }
             Response::Error { code, message } => {
@@ -705,7 +782,7 @@ impl Store for RemoteStore {
             "pohmel://{}/{} (session {:016x})",
             self.inner.cfg.servers.join(","),
             self.inner.cfg.volume,
-            self.inner.session
+            self.inner.session().0
         )
     }
 }
