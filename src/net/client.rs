@@ -25,10 +25,10 @@ use tracing::{info, warn};
 use crate::net::credentials::{read_secret, Secret, DEFAULT_CREDENTIAL};
 use crate::net::proto::auth::{self, Side, Transcript};
 use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
-use crate::net::tls::{BoxIo, ClientTls, Verify};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
+use crate::net::tls::{BoxIo, ClientTls, Verify};
 use crate::store::sink::{Ack, SendError};
 use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
 

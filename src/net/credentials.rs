@@ -169,7 +169,9 @@ impl Credentials {
             } else {
                 let set: BTreeSet<String> = volumes.split(',').map(str::to_owned).collect();
                 if set.iter().any(|v| !valid_volume_name(v)) {
-                    return Err(bad("VOLUMES is * or a comma-separated list of volume names"));
+                    return Err(bad(
+                        "VOLUMES is * or a comma-separated list of volume names",
+                    ));
                 }
                 Grant::Volumes(set)
             };
@@ -214,7 +216,8 @@ mod tests {
 
     #[test]
     fn a_credentials_file_grants_named_volumes() {
-        let text = "# comment\n\nalice vol-a,vol-b 0123456789abcdef-alice\nops * 0123456789abcdef-ops\n";
+        let text =
+            "# comment\n\nalice vol-a,vol-b 0123456789abcdef-alice\nops * 0123456789abcdef-ops\n";
         let c = Credentials::parse("f", text).unwrap();
         let alice = c.get("alice").unwrap();
         assert!(alice.grants("vol-a") && alice.grants("vol-b"));

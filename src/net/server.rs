@@ -331,7 +331,9 @@ async fn accept_io(
             &Response::error(ErrorCode::BadRequest, why).to_frame(0),
         )
         .await;
-        return Err(ConnError::Handshake("a plaintext client on the TLS port".into()));
+        return Err(ConnError::Handshake(
+            "a plaintext client on the TLS port".into(),
+        ));
     }
     let io = tokio_rustls::TlsAcceptor::from(tls)
         .accept(stream)
@@ -444,7 +446,9 @@ async fn serve_connection(
                 handle(&*volume, stored, req)
             })
             .await
-            .unwrap_or_else(|e| Response::error(ErrorCode::Io, format!("request task failed: {e}")));
+            .unwrap_or_else(|e| {
+                Response::error(ErrorCode::Io, format!("request task failed: {e}"))
+            });
             let _ = tx.send(resp.to_frame(id)).await;
             drop((permit, global));
         });

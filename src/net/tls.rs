@@ -107,7 +107,9 @@ pub struct ClientTls {
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("name", &self.name).finish()
+        f.debug_struct("ClientTls")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -140,7 +142,11 @@ impl ClientTls {
     }
 
     /// Run the TLS handshake over `tcp` to `server` (`host:port`).
-    pub async fn connect(&self, server: &str, tcp: tokio::net::TcpStream) -> std::io::Result<BoxIo> {
+    pub async fn connect(
+        &self,
+        server: &str,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<BoxIo> {
         let host = match &self.name {
             Some(n) => n.clone(),
             None => host_of(server).to_owned(),

@@ -101,4 +101,3 @@ impl Raw {
         self.recv().expect("answer")
     }
 }
-

@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::{ConnError, Shared};
 use crate::net::credentials::{Credential, Grant, Secret};
 use crate::net::proto::auth::{self, Side, Transcript};
-use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
 use crate::net::proto::{
     read_frame, write_frame, ProtoError, HANDSHAKE_MAX_PAYLOAD, MAX_PAYLOAD, VERSION,
 };
@@ -74,6 +74,27 @@ where
     Err(err.into())
 }
 
+/// A new session, or `session` resumed when `ticket` is the one issued for
+/// it to this credential and volume.
+fn issue_session(
+    secret: &[u8],
+    credential: &str,
+    volume: &str,
+    session: u64,
+    ticket: &[u8; TICKET_LEN],
+) -> Result<u64, String> {
+    if session == 0 {
+        return auth::new_session().map_err(|e| format!("cannot draw a session id: {e}"));
+    }
+    if auth::ticket_valid(secret, credential, volume, session, ticket) {
+        return Ok(session);
+    }
+    Err(format!(
+        "session {session:016x}: ticket not valid; a session is resumed only by the client it was \
+         issued to"
+    ))
+}
+
 /// Run the handshake; on success the connection holds a slot and knows its
 /// session and volume.
 pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, shared: &Shared) -> Result<Session, ConnError>
@@ -102,11 +123,15 @@ where
     }
     // An unknown credential fails exactly as a wrong secret does, at Auth,
     // so that names cannot be probed.
-    let cred = shared.cfg.credentials.get(&credential).unwrap_or(Credential {
-        name: credential.clone(),
-        secret: Secret::new(auth::nonce().map_err(ProtoError::Io)?.to_vec()),
-        grant: Grant::Volumes(Default::default()),
-    });
+    let cred = shared
+        .cfg
+        .credentials
+        .get(&credential)
+        .unwrap_or(Credential {
+            name: credential.clone(),
+            secret: Secret::new(auth::nonce().map_err(ProtoError::Io)?.to_vec()),
+            grant: Grant::Volumes(Default::default()),
+        });
     let secret = cred.secret.expose();
     let server_nonce = auth::nonce().map_err(ProtoError::Io)?;
     write_frame(wr, &Response::Challenge { server_nonce }.to_frame(id)).await?;
@@ -122,22 +147,21 @@ where
         ticket: &ticket,
     };
     if !auth::verify(secret, Side::Client, &asked, &proof) {
-        return refuse(wr, id, ErrorCode::AuthFailed, "authentication failed".into()).await;
+        return refuse(
+            wr,
+            id,
+            ErrorCode::AuthFailed,
+            "authentication failed".into(),
+        )
+        .await;
     }
     if !cred.grants(&volume) {
         let why = format!("credential {credential} does not grant volume {volume}");
         return refuse(wr, id, ErrorCode::AuthFailed, why).await;
     }
-    let session = if session == 0 {
-        auth::new_session().map_err(ProtoError::Io)?
-    } else if auth::ticket_valid(secret, &credential, &volume, session, &ticket) {
-        session
-    } else {
-        let why = format!(
-            "session {session:016x}: ticket not valid; a session is resumed only by the client it \
-             was issued to"
-        );
-        return refuse(wr, id, ErrorCode::AuthFailed, why).await;
+    let session = match issue_session(secret, &credential, &volume, session, &ticket) {
+        Ok(s) => s,
+        Err(why) => return refuse(wr, id, ErrorCode::AuthFailed, why).await,
     };
     let Ok(slot) = Arc::clone(&shared.connections).try_acquire_owned() else {
         let why = format!(
