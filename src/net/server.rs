@@ -257,7 +257,14 @@ impl Server {
             tokio::spawn(async move {
                 match serve_connection(stream, &shared, handshaking).await {
                     Ok(()) => debug!(%peer, "connection closed"),
-                    Err(e) => info!(%peer, error = %crate::ErrorChain(&e), "connection ended"),
+                    Err(e) => {
+                        // A stranger decides how often this happens.
+                        static LIMIT: LogLimit = LogLimit::new();
+                        if let Some(suppressed) = LIMIT.allow() {
+                            let error = crate::ratelimit::Capped(crate::ErrorChain(&e));
+                            info!(%peer, suppressed, %error, "connection ended");
+                        }
+                    }
                 }
                 drop(peer_slot);
             });
