@@ -22,126 +22,18 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::net::credentials::{read_secret, Secret, DEFAULT_CREDENTIAL};
 use crate::net::proto::auth::{self, Side, Transcript};
 use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
-use crate::net::tls::{BoxIo, ClientTls, Verify};
+use crate::net::tls::BoxIo;
 use crate::store::sink::{Ack, SendError};
-use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
+use crate::store::{Dirent, Inode, Store, StoreError, StoreStats, Txn};
 
-/// Settings of a remote volume.
-#[derive(Clone, Debug)]
-pub struct RemoteConfig {
-    /// `host:port` of each server, in failover order.
-    pub servers: Vec<String>,
-    pub volume: String,
-    /// The server credential this client proves (`default` unless named).
-    pub credential: String,
-    pub secret: Secret,
-    /// TLS and how the server is verified; `None` is plain TCP.
-    pub tls: Option<ClientTls>,
-    /// How long one request may wait for its answer before it is resent.
-    pub request_timeout: Duration,
-    /// How long a request is retried across servers before it fails.
-    pub give_up_after: Duration,
-    /// Requests in flight at most, whatever the server allows.
-    pub max_in_flight: u32,
-}
+mod config;
 
-impl RemoteConfig {
-    /// Parse `pohmel://a:7000,b:7000/volume?secret_file=PATH&timeout_ms=N`.
-    /// Without `secret_file`, `$POHMELFS_SECRET_FILE` is used if set.
-    /// `credential=NAME` names the server credential the secret is for;
-    /// `tls_ca=PEM` or `tls_pin=sha256:HEX` turn on TLS and say how the
-    /// server is verified, `tls_name=NAME` the name its certificate must
-    /// carry (default: the host of each server).
-    pub fn from_url(url: &str) -> Result<RemoteConfig, OpenError> {
-        let rest = url
-            .strip_prefix("pohmel://")
-            .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (hosts, volume) = rest
-            .split_once('/')
-            .ok_or_else(|| OpenError::BadOption(format!("{url}: no /VOLUME after the servers")))?;
-        if !crate::net::proto::msg::valid_volume_name(volume) {
-            return Err(OpenError::BadOption(format!(
-                "{url}: bad volume name {volume:?}"
-            )));
-        }
-        let servers: Vec<String> = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
-            .collect();
-        if servers.is_empty() || servers.iter().any(|s| !s.contains(':')) {
-            return Err(OpenError::BadOption(format!(
-                "{url}: servers must be HOST:PORT[,HOST:PORT...]"
-            )));
-        }
-        let mut cfg = RemoteConfig {
-            servers,
-            volume: volume.to_string(),
-            credential: DEFAULT_CREDENTIAL.to_owned(),
-            secret: Secret::default(),
-            tls: None,
-            request_timeout: Duration::from_secs(10),
-            give_up_after: Duration::from_secs(120),
-            max_in_flight: 64,
-        };
-        let mut secret_file = std::env::var("POHMELFS_SECRET_FILE").ok();
-        let (mut verify, mut tls_name) = (None, None);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("secret_file", v)) => secret_file = Some(v.to_string()),
-                Some(("credential", v)) if crate::net::proto::msg::valid_volume_name(v) => {
-                    cfg.credential = v.to_owned();
-                }
-                Some(("tls_ca", v)) if verify.is_none() => verify = Some(Verify::Ca(v.to_owned())),
-                Some(("tls_pin", v)) if verify.is_none() => {
-                    verify = Some(
-                        Verify::pin(v)
-                            .map_err(|e| OpenError::BadOption(format!("tls_pin: {e}")))?,
-                    );
-                }
-                Some(("tls_name", v)) => tls_name = Some(v.to_owned()),
-                Some(("timeout_ms", v)) => {
-                    let ms: u64 = v
-                        .parse()
-                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
-                    cfg.request_timeout = Duration::from_millis(ms.max(1));
-                }
-                Some(("give_up_ms", v)) => {
-                    let ms: u64 = v
-                        .parse()
-                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
-                    cfg.give_up_after = Duration::from_millis(ms);
-                }
-                _ => return Err(OpenError::BadOption(pair.to_string())),
-            }
-        }
-        if let Some(path) = secret_file {
-            cfg.secret = read_secret(&path)
-                .map_err(|e| OpenError::BadOption(crate::ErrorChain(&e).to_string()))?;
-        }
-        match verify {
-            Some(v) => {
-                let tls = ClientTls::new(&v, tls_name)
-                    .map_err(|e| OpenError::BadOption(crate::ErrorChain(&e).to_string()))?;
-                cfg.tls = Some(tls);
-            }
-            None if tls_name.is_some() => {
-                return Err(OpenError::BadOption(
-                    "tls_name needs tls_ca= or tls_pin=".into(),
-                ))
-            }
-            None => {}
-        }
-        Ok(cfg)
-    }
-}
+pub use config::RemoteConfig;
 
 /// Why one attempt at a request failed.
 enum Attempt {
