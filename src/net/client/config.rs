@@ -140,7 +140,12 @@ mod tests {
         assert!(cfg.tls.is_some());
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        for bad in ["tls_name=x", "credential=a/b", "tls_pin=sha256:00", "nope=1"] {
+        for bad in [
+            "tls_name=x",
+            "credential=a/b",
+            "tls_pin=sha256:00",
+            "nope=1",
+        ] {
             let url = format!("pohmel://a:1/vol?{bad}");
             assert!(RemoteConfig::from_url(&url).is_err(), "{bad}");
         }
