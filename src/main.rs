@@ -82,12 +82,37 @@ struct StoreArgs {
     /// or mem: (tests). Volume NAME is kept at DATA/NAME.
     #[arg(long)]
     data: String,
-    /// File holding the shared secret clients must prove (HMAC handshake).
+    /// File holding one secret that opens every volume (the credential
+    /// `default`). Without it and --credentials-file the server listens on
+    /// loopback only.
     #[arg(long)]
     secret_file: Option<String>,
-    /// Client connections at most.
+    /// File of named credentials, one a line: NAME VOLUMES SECRET (VOLUMES
+    /// `*` or a comma-separated list).
+    #[arg(long)]
+    credentials_file: Option<String>,
+    /// TLS: the server's certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// TLS: the server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// Authenticated client connections at most.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Connections from one IP address at most (handshaking or not).
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_peer: usize,
+    /// Connections still in their handshake at most.
+    #[arg(long, default_value_t = 64)]
+    max_handshakes: usize,
+    /// Volumes open at most.
+    #[arg(long, default_value_t = 64)]
+    max_volumes: usize,
+    /// Seconds an authenticated connection may send nothing before it is
+    /// closed.
+    #[arg(long, default_value_t = 600)]
+    idle_timeout_secs: u64,
     /// Requests in flight per connection at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_in_flight: u32,
@@ -412,6 +437,7 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
 }
 
 fn store(args: StoreArgs) -> Result<()> {
+    use pohmelfs::net::credentials::{read_secret, Credentials};
     use pohmelfs::net::server::{Server, ServerConfig};
     // Before any thread; a port below 1024 keeps CAP_NET_BIND_SERVICE
     // until it is bound (src/confine).
@@ -423,10 +449,20 @@ fn store(args: StoreArgs) -> Result<()> {
     confine::refuse_secret_in_url(&args.data).context("--data")?;
     init_logging(&args.log_level)?;
     pohmelfs::ratelimit::limit_panic_messages();
-    let secret = match &args.secret_file {
-        Some(path) => pohmelfs::net::client::read_secret(path)
-            .with_context(|| format!("read secret file {path}"))?,
-        None => Vec::new(),
+    let mut credentials = Credentials::none();
+    if let Some(path) = &args.secret_file {
+        let secret = read_secret(path).context("read secret file")?;
+        credentials = Credentials::single(secret);
+    }
+    if let Some(path) = &args.credentials_file {
+        let named = Credentials::read_file(path).context("read credentials file")?;
+        credentials = credentials.merge(named).context("read credentials file")?;
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(pohmelfs::net::tls::server_config(cert, key).context("load TLS certificate")?)
+        }
+        _ => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -435,15 +471,20 @@ fn store(args: StoreArgs) -> Result<()> {
         .context("start runtime")?;
     rt.block_on(async move {
         let cfg = ServerConfig {
-            listen: args.listen,
-            data_url: args.data.clone(),
-            secret,
+            credentials,
+            tls,
             max_connections: args.max_connections,
+            max_connections_per_peer: args.max_connections_per_peer,
+            max_handshakes: args.max_handshakes,
+            max_volumes: args.max_volumes,
             max_in_flight: args.max_in_flight,
+            idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
+            ..ServerConfig::new(args.listen, &args.data)
         };
         let server = Server::bind(cfg).await.context("bind store server")?;
         let addr = server.local_addr().context("read bound address")?;
-        info!(%addr, data = %args.data, "store server listening");
+        let data = pohmelfs::net::redact_url(&args.data);
+        info!(%addr, %data, "store server listening");
         if let Some(path) = &args.addr_file {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, addr.to_string()).context("write address file")?;

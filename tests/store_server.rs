@@ -6,16 +6,17 @@
 // Test crate: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
 
-use pohmelfs::net::proto::auth::{self, Side, Transcript};
 use pohmelfs::net::proto::msg::{ErrorCode, Request, Response};
-use pohmelfs::net::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
 use pohmelfs::store::{Inode, Op, Store, Txn};
 use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{ScratchDir, StoreServer};
+use raw::Raw;
+
+#[path = "support/raw.rs"]
+mod raw;
 
 const SECRET: &str = "test-secret-123";
 const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
@@ -81,70 +82,6 @@ fn acked_transactions_survive_kill_9() {
     }
 }
 
-/// A raw protocol client for what the real client never does on purpose.
-struct Raw {
-    stream: TcpStream,
-}
-
-impl Raw {
-    fn connect(
-        addr: &str,
-        secret: &str,
-        session: u64,
-        volume: &str,
-    ) -> Result<Raw, (ErrorCode, String)> {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut raw = Raw { stream };
-        let client_nonce = [9u8; 32];
-        let hello = Request::Hello {
-            version: VERSION,
-            session,
-            volume: volume.into(),
-            client_nonce,
-            max_payload: MAX_PAYLOAD,
-            max_in_flight: 8,
-        };
-        let Response::Challenge { server_nonce } = raw.call(&hello) else {
-            panic!("no challenge")
-        };
-        let t = Transcript {
-            client_nonce: &client_nonce,
-            server_nonce: &server_nonce,
-            session,
-            volume,
-        };
-        match raw.call(&Request::Auth {
-            proof: auth::prove(secret.as_bytes(), Side::Client, &t),
-        }) {
-            Response::Welcome { .. } => Ok(raw),
-            Response::Error { code, message } => Err((code, message)),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn recv(&mut self) -> Option<Response> {
-        let mut header = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut header).ok()?;
-        let len = u32::from_le_bytes(header[16..20].try_into().unwrap()) as usize;
-        let mut all = header.to_vec();
-        all.resize(HEADER_LEN + len, 0);
-        self.stream.read_exact(&mut all[HEADER_LEN..]).ok()?;
-        Some(Response::from_frame(&Frame::decode(&all, MAX_PAYLOAD).unwrap()).unwrap())
-    }
-
-    fn call(&mut self, req: &Request) -> Response {
-        self.send_bytes(&req.to_frame(1).encode());
-        self.recv().expect("answer")
-    }
-}
-
 #[test]
 fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     let dir = workdir("once");
@@ -153,7 +90,8 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
         "a",
         &format!("file://{}/volumes", dir.path().display()),
     );
-    let mut raw = Raw::connect(server.addr(), SECRET, 42, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
+    let session = raw.session;
     let first = raw.call(&Request::Txn {
         txn_id: 5,
         low_water: 5,
@@ -213,7 +151,8 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     assert_eq!(d, b"BBBB");
     // A resend on a new connection of the same session is a duplicate too.
     drop(raw);
-    let mut raw = Raw::connect(server.addr(), SECRET, 42, "vol").unwrap();
+    let mut raw = Raw::resume(server.addr(), "default", SECRET, session, "vol").unwrap();
+    assert_eq!(raw.session.0, session.0, "the session was resumed");
     let again = raw.call(&Request::Txn {
         txn_id: 6,
         low_water: 5,
@@ -230,7 +169,8 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
         "{again:?}"
     );
     // Another session's id 5 is a different transaction.
-    let mut other = Raw::connect(server.addr(), SECRET, 43, "vol").unwrap();
+    let mut other = Raw::connect(server.addr(), SECRET, "vol").unwrap();
+    assert_ne!(other.session.0, session.0, "a new session");
     let r = other.call(&Request::Txn {
         txn_id: 5,
         low_water: 5,
@@ -252,7 +192,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
 fn clients_without_the_secret_are_refused() {
     let dir = workdir("auth");
     let server = start_server(&dir, "a", "mem:");
-    let err = Raw::connect(server.addr(), "wrong", 1, "vol")
+    let err = Raw::connect(server.addr(), "wrong", "vol")
         .err()
         .expect("refused");
     assert_eq!(err.0, ErrorCode::AuthFailed);
@@ -267,7 +207,7 @@ fn clients_without_the_secret_are_refused() {
 fn malformed_frames_get_an_error_and_the_server_lives_on() {
     let dir = workdir("malformed");
     let server = start_server(&dir, "a", "mem:");
-    let mut raw = Raw::connect(server.addr(), SECRET, 1, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
     let mut bad = Request::GetInode { ino: 1 }.to_frame(3).encode();
     let last = bad.len() - 1;
     bad[last] ^= 0xff; // checksum no longer matches
@@ -280,7 +220,7 @@ fn malformed_frames_get_an_error_and_the_server_lives_on() {
         other => panic!("expected BadRequest, got {other:?}"),
     }
     // An oversize length claim, garbage, then a clean client still works.
-    let mut raw = Raw::connect(server.addr(), SECRET, 2, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
     let mut huge = Request::Statfs.to_frame(1).encode();
     huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     raw.send_bytes(&huge);
@@ -293,7 +233,7 @@ fn malformed_frames_get_an_error_and_the_server_lives_on() {
     ));
     let mut garbage = TcpStream::connect(server.addr()).unwrap();
     garbage.write_all(&[0xAB; 4096]).unwrap();
-    let mut raw = Raw::connect(server.addr(), SECRET, 3, "vol").unwrap();
+    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
     assert!(matches!(raw.call(&Request::Statfs), Response::Stats(_)));
 }
 

@@ -263,19 +263,6 @@ fn group_id(name: &str) -> Result<u32, ConfineError> {
     Ok(grp.gr_gid)
 }
 
-/// Debug of a secret: whether there is one, never its bytes.
-pub struct Redacted<'a>(pub &'a [u8]);
-
-impl std::fmt::Debug for Redacted<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("<none>")
-        } else {
-            f.write_str("<redacted>")
-        }
-    }
-}
-
 /// The query options of a volume URL that carry a secret (object_store's
 /// names for the S3 secret key and session token).
 const SECRET_OPTIONS: &[&str] = &[

@@ -17,119 +17,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::proto::auth::{self, Side, Transcript};
-use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
 use crate::net::proto::{
     read_frame, write_frame, Frame, MAX_PAYLOAD, MAX_READ, MAX_READDIR, VERSION,
 };
+use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::sink::{Ack, SendError};
-use crate::store::{Dirent, Inode, OpenError, Store, StoreError, StoreStats, Txn};
+use crate::store::{Dirent, Inode, Store, StoreError, StoreStats, Txn};
 
-/// Settings of a remote volume. Debug leaves the secret out.
-#[derive(Clone)]
-pub struct RemoteConfig {
-    /// `host:port` of each server, in failover order.
-    pub servers: Vec<String>,
-    pub volume: String,
-    pub secret: Vec<u8>,
-    /// How long one request may wait for its answer before it is resent.
-    pub request_timeout: Duration,
-    /// How long a request is retried across servers before it fails.
-    pub give_up_after: Duration,
-    /// Requests in flight at most, whatever the server allows.
-    pub max_in_flight: u32,
-}
+mod config;
 
-impl std::fmt::Debug for RemoteConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteConfig")
-            .field("servers", &self.servers)
-            .field("volume", &self.volume)
-            .field("secret", &crate::confine::Redacted(&self.secret))
-            .field("request_timeout", &self.request_timeout)
-            .field("give_up_after", &self.give_up_after)
-            .field("max_in_flight", &self.max_in_flight)
-            .finish()
-    }
-}
-
-impl RemoteConfig {
-    /// Parse `pohmel://a:7000,b:7000/volume?secret_file=PATH&timeout_ms=N`.
-    /// Without `secret_file`, `$POHMELFS_SECRET_FILE` is used if set.
-    pub fn from_url(url: &str) -> Result<RemoteConfig, OpenError> {
-        let rest = url
-            .strip_prefix("pohmel://")
-            .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (hosts, volume) = rest
-            .split_once('/')
-            .ok_or_else(|| OpenError::BadOption(format!("{url}: no /VOLUME after the servers")))?;
-        if !crate::net::proto::msg::valid_volume_name(volume) {
-            return Err(OpenError::BadOption(format!(
-                "{url}: bad volume name {volume:?}"
-            )));
-        }
-        let servers: Vec<String> = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
-            .collect();
-        if servers.is_empty() || servers.iter().any(|s| !s.contains(':')) {
-            return Err(OpenError::BadOption(format!(
-                "{url}: servers must be HOST:PORT[,HOST:PORT...]"
-            )));
-        }
-        let mut cfg = RemoteConfig {
-            servers,
-            volume: volume.to_string(),
-            secret: Vec::new(),
-            request_timeout: Duration::from_secs(10),
-            give_up_after: Duration::from_secs(120),
-            max_in_flight: 64,
-        };
-        let mut secret_file = std::env::var("POHMELFS_SECRET_FILE").ok();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("secret_file", v)) => secret_file = Some(v.to_string()),
-                Some(("timeout_ms", v)) => {
-                    let ms: u64 = v
-                        .parse()
-                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
-                    cfg.request_timeout = Duration::from_millis(ms.max(1));
-                }
-                Some(("give_up_ms", v)) => {
-                    let ms: u64 = v
-                        .parse()
-                        .map_err(|_| OpenError::BadOption(pair.to_string()))?;
-                    cfg.give_up_after = Duration::from_millis(ms);
-                }
-                _ => return Err(OpenError::BadOption(pair.to_string())),
-            }
-        }
-        if let Some(path) = secret_file {
-            cfg.secret = read_secret(&path)
-                .map_err(|e| OpenError::BadOption(format!("secret_file {path}: {e}")))?;
-        }
-        Ok(cfg)
-    }
-}
-
-/// Read a shared secret: the file's bytes, trailing newline dropped.
-pub fn read_secret(path: &str) -> std::io::Result<Vec<u8>> {
-    let mut s = std::fs::read(path)?;
-    while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        s.pop();
-    }
-    if s.is_empty() {
-        return Err(std::io::Error::other("secret file is empty"));
-    }
-    Ok(s)
-}
+pub use config::RemoteConfig;
 
 /// Why one attempt at a request failed.
 enum Attempt {
@@ -153,7 +57,12 @@ impl Conn {
     /// A connection over a stream that passed the handshake: one task
     /// writes the frames of every request, one reads the answers and hands
     /// each to its waiter; `slots` requests may be in flight.
-    fn start(server: &str, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, slots: usize) -> Conn {
+    fn start(
+        server: &str,
+        mut rd: ReadHalf<BoxIo>,
+        mut wr: WriteHalf<BoxIo>,
+        slots: usize,
+    ) -> Conn {
         let alive = Arc::new(AtomicBool::new(true));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Frame>(256);
@@ -272,7 +181,10 @@ impl Conn {
 
 struct Inner {
     cfg: RemoteConfig,
-    session: u64,
+    /// The session the first server issued (0 until then) and its ticket:
+    /// every later connection resumes it, so resent transactions keep
+    /// their identity across reconnects and failover.
+    session: Mutex<(u64, [u8; TICKET_LEN])>,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     server_index: AtomicUsize,
     next_txn: AtomicU64,
@@ -297,12 +209,9 @@ impl RemoteStore {
             .enable_all()
             .build()
             .map_err(StoreError::Io)?;
-        let mut session = [0u8; 8];
-        getrandom::fill(&mut session)
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
         let inner = Arc::new(Inner {
             cfg,
-            session: u64::from_le_bytes(session),
+            session: Mutex::new((0, [0; TICKET_LEN])),
             conn: tokio::sync::Mutex::new(None),
             server_index: AtomicUsize::new(0),
             next_txn: AtomicU64::new(1),
@@ -338,9 +247,9 @@ impl RemoteStore {
         &self.inner.cfg.servers
     }
 
-    /// This client's session id.
+    /// This client's session id, as the server issued it.
     pub fn session(&self) -> u64 {
-        self.inner.session
+        self.inner.session().0
     }
 
     /// One attempt at delivering a transaction to `server` (an index into
@@ -366,6 +275,10 @@ impl RemoteStore {
 }
 
 impl Inner {
+    fn session(&self) -> (u64, [u8; TICKET_LEN]) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn next_server(&self) {
         self.server_index.fetch_add(1, Ordering::Relaxed);
     }
@@ -398,7 +311,14 @@ impl Inner {
             .await
             .map_err(|e| format!("{server}: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+        let io: BoxIo = match &self.cfg.tls {
+            Some(tls) => tls
+                .connect(server, stream)
+                .await
+                .map_err(|e| format!("{server}: TLS handshake failed: {e}"))?,
+            None => Box::new(stream),
+        };
+        let (mut rd, mut wr) = tokio::io::split(io);
         let (epoch, max_in_flight) = self.handshake(server, &mut rd, &mut wr).await?;
         let old = self.epoch.swap(epoch, Ordering::AcqRel);
         if old != 0 && old != epoch {
@@ -416,7 +336,7 @@ impl Inner {
             INFO,
             server,
             volume = %self.cfg.volume,
-            session = self.session,
+            session = format_args!("{:016x}", self.session().0),
             epoch,
             "connected to store"
         );
@@ -429,21 +349,35 @@ impl Inner {
     async fn handshake(
         &self,
         server: &str,
-        rd: &mut OwnedReadHalf,
-        wr: &mut OwnedWriteHalf,
+        rd: &mut ReadHalf<BoxIo>,
+        wr: &mut WriteHalf<BoxIo>,
     ) -> Result<(u64, u32), String> {
         let client_nonce = auth::nonce().map_err(|e| e.to_string())?;
         let volume = self.cfg.volume.clone();
+        let (session, ticket) = self.session();
+        let credential = self.cfg.credential.clone();
         let hello = Request::Hello {
             version: VERSION,
-            session: self.session,
+            credential: credential.clone(),
+            session,
+            ticket,
             volume: volume.clone(),
             client_nonce,
             max_payload: MAX_PAYLOAD,
             max_in_flight: self.cfg.max_in_flight,
         };
-        let proto =
-            |e: crate::net::proto::ProtoError| format!("{server}: {}", crate::ErrorChain(&e));
+        let proto = |e: crate::net::proto::ProtoError| match e {
+            crate::net::proto::ProtoError::Io(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                format!(
+                    "{server}: closed the connection during the handshake (a TLS server to a \
+                     plaintext client, or a server of protocol version 1 to this version \
+                     {VERSION} client, does that)"
+                )
+            }
+            e => format!("{server}: {}", crate::ErrorChain(&e)),
+        };
         write_frame(wr, &hello.to_frame(0)).await.map_err(proto)?;
         let server_nonce = match read_response(rd).await.map_err(proto)? {
             Response::Challenge { server_nonce } => server_nonce,
@@ -459,25 +393,41 @@ impl Inner {
         let t = Transcript {
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
-            session: self.session,
+            credential: &credential,
             volume: &volume,
+            session,
+            ticket: &ticket,
         };
+        let secret = self.cfg.secret.expose();
         let auth = Request::Auth {
-            proof: auth::prove(&self.cfg.secret, Side::Client, &t),
+            proof: auth::prove(secret, Side::Client, &t),
         };
         write_frame(wr, &auth.to_frame(0)).await.map_err(proto)?;
         match read_response(rd).await.map_err(proto)? {
             Response::Welcome {
                 proof,
+                session: issued,
+                ticket: issued_ticket,
                 epoch,
                 max_in_flight,
                 ..
             } => {
-                if !auth::verify(&self.cfg.secret, Side::Server, &t, &proof) {
+                let t = Transcript {
+                    session: issued,
+                    ticket: &issued_ticket,
+                    ..t
+                };
+                if !auth::verify(secret, Side::Server, &t, &proof) {
                     return Err(format!(
                         "{server}: the server could not prove the shared secret"
                     ));
                 }
+                if session != 0 && issued != session {
+                    return Err(format!(
+                        "{server}: the server did not resume session {session:016x}"
+                    ));
+                }
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = (issued, issued_ticket);
                 Ok((epoch, max_in_flight))
             }
             Response::Error { code, message } => {
@@ -753,7 +703,7 @@ impl Store for RemoteStore {
             "pohmel://{}/{} (session {:016x})",
             self.inner.cfg.servers.join(","),
             self.inner.cfg.volume,
-            self.inner.session
+            self.inner.session().0
         )
     }
 }

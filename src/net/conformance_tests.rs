@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::net::client::{RemoteConfig, RemoteStore};
+use crate::net::credentials::{Credentials, Secret, DEFAULT_CREDENTIAL};
 use crate::net::server::{Server, ServerConfig};
 use crate::store::engine::conformance::{contract, differential, full_volume_refuses_whole_txn};
 use crate::store::mem::MemStore;
@@ -35,11 +36,10 @@ impl LoopbackServer {
             .build()
             .expect("server runtime");
         let cfg = ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_url: data_url.to_owned(),
-            secret: SECRET.to_vec(),
+            credentials: Credentials::single(Secret::new(SECRET.to_vec())),
             max_connections: 8,
             max_in_flight: 16,
+            ..ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), data_url)
         };
         let server = rt.block_on(Server::bind(cfg)).expect("bind the server");
         let addr = server.local_addr().expect("bound address");
@@ -61,7 +61,9 @@ impl LoopbackServer {
         RemoteStore::connect(RemoteConfig {
             servers: vec![self.addr.to_string()],
             volume: "vol".into(),
-            secret: SECRET.to_vec(),
+            credential: DEFAULT_CREDENTIAL.into(),
+            secret: Secret::new(SECRET.to_vec()),
+            tls: None,
             request_timeout: Duration::from_secs(30),
             give_up_after: Duration::from_secs(60),
             max_in_flight: 16,

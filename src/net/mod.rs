@@ -9,14 +9,19 @@
 //!   and the sending of transactions with their resends;
 //! * `sink` — the client as the write-back layer's
 //!   [`crate::store::sink::Sink`];
-//! * `server` — `pohmelfs store`, which serves local volumes to clients.
+//! * `server` — `pohmelfs store`, which serves local volumes to clients;
+//! * `credentials` — who may open which volume (secrets never print);
+//! * `tls` — TLS around the frames: the server's certificate, the client's
+//!   CA file or pinned certificate.
 
 pub mod client;
 #[cfg(test)]
 mod conformance_tests;
+pub mod credentials;
 pub mod proto;
 pub mod server;
 pub mod sink;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -37,4 +42,13 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
             source,
         })?;
     Ok(Arc::new(store))
+}
+
+/// `url` fit for logs and error messages: its query (which may carry
+/// object-store keys) replaced by `?…`.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
 }

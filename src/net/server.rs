@@ -11,52 +11,108 @@
 //! connection are bounded. On shutdown it stops accepting, lets requests in
 //! flight finish (bounded), and closes the volumes.
 //!
+//! Security (`docs/security.md`): without credentials it serves loopback
+//! only; with them a client must prove the secret of a credential that
+//! grants the volume it names; sessions are issued here and bound to the
+//! credential; TLS when given a certificate. Unauthenticated peers are
+//! held to `max_handshakes` and handshake frames of a few KiB; every
+//! address to `max_connections_per_peer`; idle connections close.
+//!
 //! It must never panic or allocate on a peer's say-so: frames are capped and
 //! validated in `crate::net::proto` before they reach a volume.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::net::proto::auth::{self, Side, Transcript};
+use crate::net::credentials::Credentials;
 use crate::net::proto::msg::{ErrorCode, Request, Response};
-use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD, VERSION};
-use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
+use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD};
+use crate::net::tls::BoxIo;
+use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
 use crate::store::{OnceStore, StoreError};
 
-/// How long a new connection may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+mod handshake;
+mod volumes;
+
+use volumes::Volumes;
+
+/// How long a new connection may take to finish its TLS and protocol
+/// handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refusal (an error frame to a peer over a limit) may take.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refusals sent at once; beyond, a refused peer is just disconnected.
+const REFUSALS_MAX: usize = 16;
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
-/// Settings of the store server. Debug leaves the secret out.
+/// Settings of the store server.
 #[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where volumes live: `file:///dir`, `s3://bucket/prefix?...`, `mem:`.
     pub data_url: String,
-    /// The shared secret clients must prove; empty means none (logged).
-    pub secret: Vec<u8>,
+    /// Who may open which volume; none means no authentication, which
+    /// [`Server::bind`] allows on a loopback address only.
+    pub credentials: Credentials,
+    /// TLS: the certificate and key the server presents. `None` is plain
+    /// TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Authenticated connections at most.
     pub max_connections: usize,
+    /// Connections (authenticated or not) from one IP address at most.
+    pub max_connections_per_peer: usize,
+    /// Connections still in their handshake at most: unauthenticated peers
+    /// never hold the slots of `max_connections`.
+    pub max_handshakes: usize,
+    /// Volumes open at most.
+    pub max_volumes: usize,
     /// Requests one connection may have in flight.
     pub max_in_flight: u32,
+    /// An authenticated connection that sends nothing for this long is
+    /// closed (its client reconnects on its next request).
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// The defaults of `pohmelfs store`, without credentials or TLS.
+    pub fn new(listen: SocketAddr, data_url: &str) -> ServerConfig {
+        ServerConfig {
+            listen,
+            data_url: data_url.to_owned(),
+            credentials: Credentials::none(),
+            tls: None,
+            max_connections: 256,
+            max_connections_per_peer: 64,
+            max_handshakes: 64,
+            max_volumes: 64,
+            max_in_flight: 64,
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("listen", &self.listen)
-            .field("data_url", &self.data_url)
-            .field("secret", &crate::confine::Redacted(&self.secret))
+            .field("data_url", &crate::net::redact_url(&self.data_url))
+            .field("credentials", &self.credentials)
+            .field("tls", &self.tls.is_some())
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("max_volumes", &self.max_volumes)
             .field("max_in_flight", &self.max_in_flight)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -66,67 +122,58 @@ impl std::fmt::Debug for ServerConfig {
 pub enum ServerError {
     #[error("cannot listen on {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
+    #[error(
+        "refusing to serve {0} without authentication: give --secret-file or \
+         --credentials-file, or listen on a loopback address (127.0.0.1, ::1)"
+    )]
+    Unauthenticated(SocketAddr),
 }
 
-/// The volumes this server has open, by name.
-struct Volumes {
-    base: String,
-    open: Mutex<HashMap<String, Arc<dyn OnceStore>>>,
+/// What every connection task shares.
+struct Shared {
+    cfg: ServerConfig,
+    volumes: Arc<Volumes>,
+    /// Slots of authenticated connections.
+    connections: Arc<Semaphore>,
+    /// Requests in flight across all connections; shutdown drains them by
+    /// taking every permit.
+    requests: Arc<Semaphore>,
 }
 
-impl Volumes {
-    /// The URL of volume `name` under the base URL, keeping its query.
-    fn url(&self, name: &str) -> String {
-        if self.base.starts_with("mem:") {
-            return self.base.clone();
-        }
-        let (path, query) = match self.base.split_once('?') {
-            Some((p, q)) => (p, format!("?{q}")),
-            None => (self.base.as_str(), String::new()),
-        };
-        format!("{}/{name}{query}", path.trim_end_matches('/'))
-    }
+/// Connections per peer address.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
 
-    async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<dyn OnceStore>, String> {
-        if let Some(v) = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
-            return Ok(Arc::clone(v));
+/// One connection's place in [`Peers`], given back on drop.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<Peers>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut map = peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
         }
-        let this = Arc::clone(self);
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut open = this.open.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = open.get(&name) {
-                return Ok(Arc::clone(v));
-            }
-            let url = this.url(&name);
-            let v = crate::store::open_once(&url).map_err(|e| crate::ErrorChain(&e).to_string())?;
-            limited!(
-                PEER_LINES_SUPPRESSED,
-                INFO,
-                volume = %Capped(&name),
-                url = %Capped(&url),
-                epoch = v.epoch(),
-                "volume open"
-            );
-            open.insert(name, Arc::clone(&v));
-            Ok(v)
+        *n += 1;
+        Some(PeerSlot {
+            peers: Arc::clone(peers),
+            ip,
         })
-        .await
-        .map_err(|e| format!("open task failed: {e}"))?
     }
+}
 
-    fn all(&self) -> Vec<(String, Arc<dyn OnceStore>)> {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, v)| (n.clone(), Arc::clone(v)))
-            .collect()
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -134,27 +181,29 @@ impl Volumes {
 pub struct Server {
     cfg: ServerConfig,
     listener: TcpListener,
-    volumes: Arc<Volumes>,
 }
 
 impl Server {
-    /// Bind the listening socket.
+    /// Bind the listening socket. A server without credentials binds only
+    /// a loopback address.
     pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let loopback = cfg.listen.ip().is_loopback();
+        if cfg.credentials.is_open() {
+            if !loopback {
+                return Err(ServerError::Unauthenticated(cfg.listen));
+            }
+            warn!(
+                listen = %cfg.listen,
+                "no credentials: any local process can use the volumes (loopback only)"
+            );
+        }
+        if cfg.tls.is_none() && !loopback {
+            warn!(listen = %cfg.listen, "no TLS: volume data crosses the network in the clear");
+        }
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| ServerError::Bind(cfg.listen, e))?;
-        if cfg.secret.is_empty() {
-            warn!("no shared secret configured: any client can use the volumes");
-        }
-        let volumes = Arc::new(Volumes {
-            base: cfg.data_url.clone(),
-            open: Mutex::new(HashMap::new()),
-        });
-        Ok(Server {
-            cfg,
-            listener,
-            volumes,
-        })
+        Ok(Server { cfg, listener })
     }
 
     /// The address actually bound (for `--listen 127.0.0.1:0`).
@@ -164,15 +213,20 @@ impl Server {
 
     /// Serve until `shutdown` resolves, then drain and close the volumes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let connections = Arc::new(Semaphore::new(self.cfg.max_connections));
-        let cfg = Arc::new(self.cfg);
-        // Requests in flight across all connections; shutdown drains them by
-        // taking every permit.
+        let cfg = self.cfg;
         let total = (cfg
             .max_connections
             .saturating_mul(cfg.max_in_flight as usize))
         .clamp(1, 1 << 20) as u32;
-        let requests = Arc::new(Semaphore::new(total as usize));
+        let shared = Arc::new(Shared {
+            volumes: Arc::new(Volumes::new(cfg.data_url.clone(), cfg.max_volumes)),
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            requests: Arc::new(Semaphore::new(total as usize)),
+            cfg,
+        });
+        let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes));
+        let refusals = Arc::new(Semaphore::new(REFUSALS_MAX));
+        let peers = Arc::new(Peers::default());
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -186,37 +240,42 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                limited!(PEER_LINES_SUPPRESSED, WARN, %peer, "connection limit reached; refusing");
-                tokio::spawn(refuse(stream, ErrorCode::Busy, "connection limit reached"));
+            let max_peer = shared.cfg.max_connections_per_peer;
+            let Some(peer_slot) = PeerSlot::take(&peers, peer.ip(), max_peer) else {
+                let why = format!(
+                    "connection limit of {max_peer} per address reached (--max-connections-per-peer)"
+                );
+                over_limit(stream, peer, &shared, &refusals, why);
                 continue;
             };
-            let (cfg, volumes, requests) = (
-                Arc::clone(&cfg),
-                Arc::clone(&self.volumes),
-                Arc::clone(&requests),
-            );
+            let Ok(handshaking) = Arc::clone(&handshakes).try_acquire_owned() else {
+                let why = "too many handshakes in progress (--max-handshakes)".to_owned();
+                over_limit(stream, peer, &shared, &refusals, why);
+                continue;
+            };
+            let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                match serve_connection(stream, &cfg, &volumes, &requests).await {
+                match serve_connection(stream, &shared, handshaking).await {
                     Ok(()) => debug!(%peer, "connection closed"),
-                    Err(e) => limited!(
-                        PEER_LINES_SUPPRESSED,
-                        INFO,
-                        %peer,
-                        error = %Capped(crate::ErrorChain(&e)),
-                        "connection ended"
-                    ),
+                    Err(e) => {
+                        // A stranger decides how often this happens.
+                        static LIMIT: LogLimit = LogLimit::new();
+                        if let Some(suppressed) = LIMIT.allow() {
+                            let error = crate::ratelimit::Capped(crate::ErrorChain(&e));
+                            info!(%peer, suppressed, %error, "connection ended");
+                        }
+                    }
                 }
-                drop(permit);
+                drop(peer_slot);
             });
         }
         info!("shutting down: draining requests in flight");
-        // Every request holds one permit of `requests` while it runs.
-        let drained = tokio::time::timeout(SHUTDOWN_DRAIN, requests.acquire_many(total)).await;
+        let drained =
+            tokio::time::timeout(SHUTDOWN_DRAIN, shared.requests.acquire_many(total)).await;
         if drained.is_err() {
             warn!("requests still running after the drain timeout");
         }
-        for (name, volume) in self.volumes.all() {
+        for (name, volume) in shared.volumes.all() {
             match tokio::task::spawn_blocking(move || volume.sync(None)).await {
                 Ok(Ok(())) => info!(volume = %name, "volume synced"),
                 Ok(Err(e)) => {
@@ -228,8 +287,66 @@ impl Server {
     }
 }
 
-async fn refuse(mut stream: TcpStream, code: ErrorCode, message: &str) {
-    let _ = write_frame(&mut stream, &Response::error(code, message).to_frame(0)).await;
+/// Log a refused connection (limited) and answer it if a refusal slot is
+/// free; otherwise just close it.
+fn over_limit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    refusals: &Arc<Semaphore>,
+    why: String,
+) {
+    static LIMIT: LogLimit = LogLimit::new();
+    if let Some(suppressed) = LIMIT.allow() {
+        warn!(%peer, suppressed, why = %why, "refusing a connection");
+    }
+    if let Ok(p) = Arc::clone(refusals).try_acquire_owned() {
+        let tls = shared.cfg.tls.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refuse(stream, tls, why)).await;
+            drop(p);
+        });
+    }
+}
+
+/// Tell a peer over a limit why, in a frame it can read (over TLS on a TLS
+/// server), then close.
+async fn refuse(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, why: String) {
+    let Ok(mut io) = accept_io(stream, tls).await else {
+        return;
+    };
+    let _ = write_frame(&mut io, &Response::error(ErrorCode::Busy, why).to_frame(0)).await;
+}
+
+/// The connection's byte stream: TLS when the server has it. A peer that
+/// speaks plain protocol frames to a TLS server is told so in plain text.
+async fn accept_io(
+    stream: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<BoxIo, ConnError> {
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await.map_err(ProtoError::Io)?;
+    // 0x16: a TLS handshake record; "P" starts a plaintext frame.
+    if n == 1 && first[0] != 0x16 {
+        let mut stream = stream;
+        let why = "this server requires TLS: give the client tls_ca= or tls_pin=";
+        let _ = write_frame(
+            &mut stream,
+            &Response::error(ErrorCode::BadRequest, why).to_frame(0),
+        )
+        .await;
+        return Err(ConnError::Handshake(
+            "a plaintext client on the TLS port".into(),
+        ));
+    }
+    let io = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(stream)
+        .await
+        .map_err(ConnError::Tls)?;
+    Ok(Box::new(io))
 }
 
 /// Why one connection ended abnormally.
@@ -237,10 +354,14 @@ async fn refuse(mut stream: TcpStream, code: ErrorCode, message: &str) {
 enum ConnError {
     #[error("protocol error")]
     Proto(#[from] ProtoError),
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
     #[error("handshake timed out")]
     HandshakeTimeout,
     #[error("handshake: {0}")]
     Handshake(String),
+    #[error("idle for {0:?}: closed")]
+    Idle(Duration),
 }
 
 async fn next_request<R: AsyncRead + Unpin>(
@@ -254,18 +375,28 @@ async fn next_request<R: AsyncRead + Unpin>(
 
 async fn serve_connection(
     stream: TcpStream,
-    cfg: &ServerConfig,
-    volumes: &Arc<Volumes>,
-    requests: &Arc<Semaphore>,
+    shared: &Shared,
+    handshaking: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), ConnError> {
-    let (mut rd, mut wr) = stream.into_split();
-    let (session, volume) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, cfg, volumes))
-            .await
-        {
-            Err(_) => return Err(ConnError::HandshakeTimeout),
-            Ok(r) => r?,
-        };
+    let started = async {
+        let io = accept_io(stream, shared.cfg.tls.clone()).await?;
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let s = handshake::handshake(&mut rd, &mut wr, shared).await?;
+        Ok::<_, ConnError>((rd, wr, s))
+    };
+    let (mut rd, mut wr, session) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
+        Err(_) => return Err(ConnError::HandshakeTimeout),
+        Ok(r) => r?,
+    };
+    drop(handshaking);
+    info!(
+        credential = %session.credential,
+        volume = %session.volume_name,
+        session = format_args!("{:016x}", session.session),
+        "client authenticated"
+    );
+    let stored = session.stored;
+    let cfg = &shared.cfg;
 
     // Replies go through one writer task so concurrent requests interleave
     // whole frames.
@@ -280,7 +411,13 @@ async fn serve_connection(
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight as usize));
     let mut pruned = 0u64;
     let result = loop {
-        let (id, req) = match next_request(&mut rd).await {
+        // A timeout here abandons a frame half read: the connection closes
+        // either way (the replies still in flight go out first).
+        let next = match tokio::time::timeout(cfg.idle_timeout, next_request(&mut rd)).await {
+            Err(_) => break Err(ConnError::Idle(cfg.idle_timeout)),
+            Ok(n) => n,
+        };
+        let (id, req) = match next {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),
             Err(e) => {
@@ -295,7 +432,7 @@ async fn serve_connection(
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
             break Ok(());
         };
-        let Ok(global) = Arc::clone(requests).acquire_owned().await else {
+        let Ok(global) = Arc::clone(&shared.requests).acquire_owned().await else {
             break Ok(());
         };
         let prune_below = match &req {
@@ -305,107 +442,28 @@ async fn serve_connection(
             }
             _ => None,
         };
-        let (volume, tx) = (Arc::clone(&volume), tx.clone());
+        let (volume, tx) = (Arc::clone(&session.volume), tx.clone());
         tokio::spawn(async move {
             let resp = tokio::task::spawn_blocking(move || {
                 if let Some(below) = prune_below {
-                    if let Err(e) = volume.prune_applied(session, below) {
-                        warn!(session, error = %crate::ErrorChain(&e), "could not prune applied records");
+                    if let Err(e) = volume.prune_applied(stored, below) {
+                        warn!(error = %crate::ErrorChain(&e), "could not prune applied records");
                     }
                 }
-                handle(&*volume, session, req)
+                handle(&*volume, stored, req)
             })
             .await
-            .unwrap_or_else(|e| Response::error(ErrorCode::Io, format!("request task failed: {e}")));
+            .unwrap_or_else(|e| {
+                Response::error(ErrorCode::Io, format!("request task failed: {e}"))
+            });
             let _ = tx.send(resp.to_frame(id)).await;
             drop((permit, global));
         });
     };
     drop(tx);
     let _ = writer.await;
+    drop(session);
     result
-}
-
-/// Hello → Challenge → Auth → Welcome. Returns the client's session and its
-/// volume.
-async fn handshake<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    cfg: &ServerConfig,
-    volumes: &Arc<Volumes>,
-) -> Result<(u64, Arc<dyn OnceStore>), ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let Some((id, hello)) = next_request(rd).await? else {
-        return Err(ConnError::Handshake("closed before hello".into()));
-    };
-    let Request::Hello {
-        version,
-        session,
-        volume,
-        client_nonce,
-        ..
-    } = hello
-    else {
-        write_frame(
-            wr,
-            &Response::error(ErrorCode::BadRequest, "expected hello").to_frame(id),
-        )
-        .await?;
-        return Err(ConnError::Handshake("first frame was not hello".into()));
-    };
-    if version != VERSION {
-        let msg = format!("server speaks version {VERSION}, client {version}");
-        write_frame(
-            wr,
-            &Response::error(ErrorCode::Version, msg.clone()).to_frame(id),
-        )
-        .await?;
-        return Err(ConnError::Handshake(msg));
-    }
-    let server_nonce = auth::nonce().map_err(ProtoError::Io)?;
-    write_frame(wr, &Response::Challenge { server_nonce }.to_frame(id)).await?;
-    let Some((id, Request::Auth { proof })) = next_request(rd).await? else {
-        return Err(ConnError::Handshake("expected auth".into()));
-    };
-    let t = Transcript {
-        client_nonce: &client_nonce,
-        server_nonce: &server_nonce,
-        session,
-        volume: &volume,
-    };
-    if !auth::verify(&cfg.secret, Side::Client, &t, &proof) {
-        write_frame(
-            wr,
-            &Response::error(ErrorCode::AuthFailed, "authentication failed").to_frame(id),
-        )
-        .await?;
-        return Err(ConnError::Handshake(format!(
-            "client of session {session} failed authentication"
-        )));
-    }
-    let store = match volumes.get(&volume).await {
-        Ok(s) => s,
-        Err(e) => {
-            write_frame(
-                wr,
-                &Response::error(ErrorCode::NoSuchVolume, e.clone()).to_frame(id),
-            )
-            .await?;
-            return Err(ConnError::Handshake(e));
-        }
-    };
-    let welcome = Response::Welcome {
-        proof: auth::prove(&cfg.secret, Side::Server, &t),
-        epoch: store.epoch(),
-        max_payload: MAX_PAYLOAD,
-        max_in_flight: cfg.max_in_flight,
-    };
-    write_frame(wr, &welcome.to_frame(id)).await?;
-    limited!(PEER_LINES_SUPPRESSED, INFO, session, volume = %Capped(&volume), "client authenticated");
-    Ok((session, store))
 }
 
 fn store_error(e: &StoreError) -> Response {

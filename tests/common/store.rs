@@ -30,6 +30,8 @@ pub struct StoreServer {
     name: String,
     data_url: String,
     secret: bool,
+    /// More `pohmelfs store` options (credentials, TLS, limits), on every start.
+    extra: Vec<String>,
     child: Option<ChildGuard>,
     /// What `--listen` gets: port 0 until the first start has bound one.
     listen: String,
@@ -48,6 +50,19 @@ impl StoreServer {
         data_url: &str,
         secret: Option<&str>,
     ) -> Result<StoreServer> {
+        StoreServer::start_with(exe, dir, name, data_url, secret, &[])
+    }
+
+    /// As [`StoreServer::start`], with more `pohmelfs store` options (`--tls-cert F`,
+    /// `--credentials-file F`, limits), given again on every restart.
+    pub fn start_with(
+        exe: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        secret: Option<&str>,
+        extra: &[&str],
+    ) -> Result<StoreServer> {
         if let Some(secret) = secret {
             let path = secret_file(dir);
             std::fs::write(&path, secret)
@@ -59,6 +74,7 @@ impl StoreServer {
             name: name.to_owned(),
             data_url: data_url.to_owned(),
             secret: secret.is_some(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
             listen: "127.0.0.1:0".to_owned(),
             log: dir.join(format!("{name}.log")),
@@ -123,6 +139,7 @@ impl StoreServer {
         if self.secret {
             cmd.arg("--secret-file").arg(secret_file(&self.dir));
         }
+        cmd.args(&self.extra);
         let child = cmd
             .spawn()
             .map_err(Error::io(format!("start {}", self.exe.display())))?;

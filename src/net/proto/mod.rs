@@ -19,13 +19,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// "POHM", little endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"POHM");
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2 added TLS, named
+/// credentials and server-issued sessions to the handshake.
+pub const VERSION: u8 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 24;
 /// The largest payload either side accepts: a transaction of up to 8 MiB of
 /// data plus its metadata.
 pub const MAX_PAYLOAD: u32 = (8 << 20) + (256 << 10);
+/// The largest payload of a handshake frame (Hello, Auth and their answers
+/// are a few hundred bytes); a server checks it before reading the payload
+/// of a peer that has not authenticated.
+pub const HANDSHAKE_MAX_PAYLOAD: u32 = 4096;
 /// The most ops one transaction may carry.
 pub const MAX_OPS: usize = 65_536;
 /// The most bytes one read request may ask for.
@@ -42,7 +47,7 @@ pub enum ProtoError {
     Io(#[from] std::io::Error),
     #[error("bad magic {0:#x}: not a pohmelfs peer")]
     BadMagic(u32),
-    #[error("peer speaks protocol version {0}, this build speaks {VERSION}")]
+    #[error("peer speaks protocol version {0}, this build speaks version {VERSION}")]
     BadVersion(u8),
     #[error("payload of {0} bytes exceeds the limit of {1}")]
     TooLarge(u32, u32),
@@ -83,9 +88,15 @@ fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
 impl Frame {
     /// The frame as bytes, header first.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(VERSION)
+    }
+
+    /// The frame as bytes, stamped with protocol `version`: only for the
+    /// answer to a peer of another version, which could not read ours.
+    pub fn encode_as(&self, version: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
         out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.push(VERSION);
+        out.push(version);
         out.push(self.opcode);
         out.extend_from_slice(&self.flags.to_le_bytes());
         out.extend_from_slice(&self.request_id.to_le_bytes());

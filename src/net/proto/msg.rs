@@ -11,6 +11,10 @@ use crate::store::{Dirent, Inode, Op, StoreStats, Txn, NAME_MAX, XATTR_NAME_MAX}
 pub const NONCE_LEN: usize = 32;
 /// Bytes in an HMAC-SHA256 proof.
 pub const PROOF_LEN: usize = 32;
+/// Bytes in a session ticket (an HMAC-SHA256).
+pub const TICKET_LEN: usize = 32;
+/// The longest credential name.
+pub const CREDENTIAL_NAME_MAX: usize = 64;
 /// The longest volume name.
 pub const VOLUME_NAME_MAX: usize = 64;
 /// The longest error message carried on the wire.
@@ -22,7 +26,12 @@ pub enum Request {
     /// First frame of a connection.
     Hello {
         version: u8,
+        /// Which of the server's credentials the client proves.
+        credential: String,
+        /// 0 asks for a new session; otherwise the session to resume, with
+        /// the `ticket` the server issued for it.
         session: u64,
+        ticket: [u8; TICKET_LEN],
         volume: String,
         client_nonce: [u8; NONCE_LEN],
         /// The largest payload the client accepts.
@@ -137,6 +146,10 @@ pub enum Response {
     Welcome {
         /// The server's proof of the same secret (mutual authentication).
         proof: [u8; PROOF_LEN],
+        /// The session this connection's transactions belong to (issued
+        /// now, or the one resumed) and the ticket that resumes it.
+        session: u64,
+        ticket: [u8; TICKET_LEN],
         /// The volume's durability epoch.
         epoch: u64,
         max_payload: u32,
@@ -195,14 +208,18 @@ impl Request {
         match self {
             Request::Hello {
                 version,
+                credential,
                 session,
+                ticket,
                 volume,
                 client_nonce,
                 max_payload,
                 max_in_flight,
             } => {
                 e.u8(*version)
+                    .bytes(credential.as_bytes())
                     .u64(*session)
+                    .fixed(ticket)
                     .bytes(volume.as_bytes())
                     .fixed(client_nonce)
                     .u32(*max_payload)
@@ -255,7 +272,10 @@ impl Request {
         let r = match f.opcode {
             1 => Request::Hello {
                 version: d.u8()?,
+                credential: String::from_utf8(d.bytes(CREDENTIAL_NAME_MAX)?)
+                    .map_err(|_| ProtoError::Malformed("credential name is not UTF-8"))?,
                 session: d.u64()?,
+                ticket: d.fixed()?,
                 volume: String::from_utf8(d.bytes(VOLUME_NAME_MAX)?)
                     .map_err(|_| ProtoError::Malformed("volume name is not UTF-8"))?,
                 client_nonce: d.fixed()?,
@@ -311,11 +331,17 @@ impl Request {
     pub fn validate(&self) -> Result<(), ProtoError> {
         match self {
             Request::Hello {
+                credential,
                 volume,
                 max_payload,
                 max_in_flight,
                 ..
             } => {
+                if !valid_volume_name(credential) {
+                    return Err(ProtoError::Invalid(
+                        "credential name must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                    ));
+                }
                 if !valid_volume_name(volume) {
                     return Err(ProtoError::Invalid(
                         "volume name must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
@@ -446,11 +472,15 @@ impl Response {
             }
             Response::Welcome {
                 proof,
+                session,
+                ticket,
                 epoch,
                 max_payload,
                 max_in_flight,
             } => {
                 e.fixed(proof)
+                    .u64(*session)
+                    .fixed(ticket)
                     .u64(*epoch)
                     .u32(*max_payload)
                     .u32(*max_in_flight);
@@ -524,6 +554,8 @@ impl Response {
             },
             129 => Response::Welcome {
                 proof: d.fixed()?,
+                session: d.u64()?,
+                ticket: d.fixed()?,
                 epoch: d.u64()?,
                 max_payload: d.u32()?,
                 max_in_flight: d.u32()?,
@@ -580,6 +612,7 @@ impl Response {
             } if *max_payload < 64 << 10 || *max_in_flight == 0 => {
                 Err(ProtoError::Invalid("server limits too small"))
             }
+            Response::Welcome { session: 0, .. } => Err(ProtoError::Invalid("session 0 issued")),
             Response::TxnAck { txn_id: 0, .. } => Err(ProtoError::Invalid("ack for transaction 0")),
             Response::Ids { first } if *first < crate::store::FIRST_FREE_ID => {
                 Err(ProtoError::Invalid("reserved id range"))

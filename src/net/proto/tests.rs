@@ -71,7 +71,9 @@ fn requests() -> Vec<Request> {
     vec![
         Request::Hello {
             version: VERSION,
+            credential: "alice".into(),
             session: 9,
+            ticket: [5; 32],
             volume: "vol-1".into(),
             client_nonce: [3; 32],
             max_payload: MAX_PAYLOAD,
@@ -118,6 +120,8 @@ fn responses() -> Vec<Response> {
         },
         Response::Welcome {
             proof: [2; 32],
+            session: 0x1234,
+            ticket: [6; 32],
             epoch: 77,
             max_payload: MAX_PAYLOAD,
             max_in_flight: 16,
@@ -280,7 +284,9 @@ fn invalid_requests_are_refused_by_validation() {
     let bad = [
         Request::Hello {
             version: 1,
+            credential: "default".into(),
             session: 1,
+            ticket: [0; 32],
             volume: "../etc".into(),
             client_nonce: [0; 32],
             max_payload: MAX_PAYLOAD,
@@ -288,8 +294,20 @@ fn invalid_requests_are_refused_by_validation() {
         },
         Request::Hello {
             version: 1,
+            credential: "default".into(),
             session: 1,
+            ticket: [0; 32],
             volume: "".into(),
+            client_nonce: [0; 32],
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 1,
+        },
+        Request::Hello {
+            version: 1,
+            credential: "a/b".into(),
+            session: 1,
+            ticket: [0; 32],
+            volume: "vol".into(),
             client_nonce: [0; 32],
             max_payload: MAX_PAYLOAD,
             max_in_flight: 1,

@@ -1,0 +1,103 @@
+//! A raw protocol client for the integration tests, for what the real client never does on
+//! purpose: hand-built handshakes, resumed sessions of others, bad frames.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use pohmelfs::net::proto::auth::{self, Side, Transcript};
+use pohmelfs::net::proto::msg::{ErrorCode, Request, Response};
+use pohmelfs::net::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
+
+/// A raw protocol client for what the real client never does on purpose.
+pub struct Raw {
+    pub stream: TcpStream,
+    /// The session the server issued or resumed, and its ticket.
+    pub session: (u64, [u8; 32]),
+}
+
+impl Raw {
+    /// A new session of the credential `default`.
+    pub fn connect(addr: &str, secret: &str, volume: &str) -> Result<Raw, (ErrorCode, String)> {
+        Raw::resume(addr, "default", secret, (0, [0; 32]), volume)
+    }
+
+    /// Resume `session` of `credential` (with its ticket), or start one with `(0, _)`.
+    pub fn resume(
+        addr: &str,
+        credential: &str,
+        secret: &str,
+        session: (u64, [u8; 32]),
+        volume: &str,
+    ) -> Result<Raw, (ErrorCode, String)> {
+        let mut raw = Raw::open(addr);
+        let client_nonce = [9u8; 32];
+        let hello = Request::Hello {
+            version: VERSION,
+            credential: credential.into(),
+            session: session.0,
+            ticket: session.1,
+            volume: volume.into(),
+            client_nonce,
+            max_payload: MAX_PAYLOAD,
+            max_in_flight: 8,
+        };
+        let Response::Challenge { server_nonce } = raw.call(&hello) else {
+            panic!("no challenge")
+        };
+        let t = Transcript {
+            client_nonce: &client_nonce,
+            server_nonce: &server_nonce,
+            credential,
+            volume,
+            session: session.0,
+            ticket: &session.1,
+        };
+        match raw.call(&Request::Auth {
+            proof: auth::prove(secret.as_bytes(), Side::Client, &t),
+        }) {
+            Response::Welcome {
+                session, ticket, ..
+            } => {
+                raw.session = (session, ticket);
+                Ok(raw)
+            }
+            Response::Error { code, message } => Err((code, message)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A connection that has sent nothing yet.
+    pub fn open(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Raw {
+            stream,
+            session: (0, [0; 32]),
+        }
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn recv(&mut self) -> Option<Response> {
+        let mut header = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut header).ok()?;
+        let len = u32::from_le_bytes(header[16..20].try_into().unwrap()) as usize;
+        let mut all = header.to_vec();
+        all.resize(HEADER_LEN + len, 0);
+        self.stream.read_exact(&mut all[HEADER_LEN..]).ok()?;
+        Some(Response::from_frame(&Frame::decode(&all, MAX_PAYLOAD).unwrap()).unwrap())
+    }
+
+    pub fn call(&mut self, req: &Request) -> Response {
+        self.send_bytes(&req.to_frame(1).encode());
+        self.recv().expect("answer")
+    }
+}
