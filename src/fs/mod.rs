@@ -76,6 +76,12 @@ pub struct FsConfig {
     pub allow_device_nodes: bool,
     /// The most files and directories open at once.
     pub max_handles: usize,
+    /// The most distinct inodes the guest may hold references to (FUSE
+    /// lookup counts; `refs.rs`): past it, a lookup, create or link of an
+    /// inode the guest does not hold yet is answered ENFILE, and a
+    /// readdirplus ends its reply early. A Linux guest keeps an inode in
+    /// memory for each, so it reaches the bound only by holding millions.
+    pub max_referenced_inodes: usize,
 }
 
 impl Default for FsConfig {
@@ -85,6 +91,7 @@ impl Default for FsConfig {
             writeback_cache: false,
             allow_device_nodes: false,
             max_handles: 65_536,
+            max_referenced_inodes: 1 << 22,
         }
     }
 }
@@ -505,7 +512,7 @@ impl FileSystem for PohmelFs {
 
     fn fallocate(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         _handle: u64,
         mode: u32,
@@ -515,7 +522,7 @@ impl FileSystem for PohmelFs {
         self.reply(
             "fallocate",
             inode,
-            self.do_fallocate(inode, mode, offset, length),
+            self.do_fallocate(ctx, inode, mode, offset, length),
         )
     }
 
