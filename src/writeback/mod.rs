@@ -80,6 +80,8 @@ mod copy_tests;
 #[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
+mod jam_tests;
+#[cfg(test)]
 mod metadata_tests;
 #[cfg(test)]
 mod no_space_tests;
