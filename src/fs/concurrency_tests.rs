@@ -162,3 +162,61 @@ fn racing_namespace_operations_keep_names_and_link_counts_consistent() {
         race_and_check(Arc::new(MemStore::new(64 << 20)), seed);
     }
 }
+
+/// Create, unlink and session resets (INIT, DESTROY) at once, with a
+/// handle table of one so that every create takes the path that drops its
+/// new reference (ENFILE) and unlinks make orphans under it: a create must
+/// never hold the handle table while it locks an inode, as `reset_session`
+/// locks inodes (the orphans) and clears the table. A deadlock fails the
+/// test at the bound instead of hanging it.
+#[test]
+fn create_unlink_and_session_resets_do_not_deadlock() {
+    const ROUNDS: usize = 3000;
+    let cfg = FsConfig {
+        max_handles: 1,
+        ..FsConfig::default()
+    };
+    let store = Arc::new(MemStore::new(64 << 20));
+    let fs = Arc::new(PohmelFs::new(store, cfg, Arc::new(Metrics::default())).unwrap());
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let worker = |f: Box<dyn Fn(&PohmelFs, usize) + Send>| {
+        let (fs, done_tx) = (fs.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            for i in 0..ROUNDS {
+                f(&fs, i);
+            }
+            let _ = done_tx.send(());
+        })
+    };
+    let n = |i: usize| CString::new(format!("n{}", i % 4)).unwrap();
+    let threads = [
+        worker(Box::new(move |fs, i| {
+            let args = CreateIn {
+                flags: libc::O_RDWR as u32,
+                mode: libc::S_IFREG | 0o644,
+                umask: 0,
+                fuse_flags: 0,
+            };
+            let _ = fs.create(&Context::new(), ROOT_INO, &n(i), args);
+        })),
+        worker(Box::new(move |fs, i| {
+            let _ = fs.lookup(&Context::new(), ROOT_INO, &n(i + 1));
+            let _ = fs.unlink(&Context::new(), ROOT_INO, &n(i + 1));
+        })),
+        worker(Box::new(|fs, i| {
+            if i % 2 == 0 {
+                let _ = fs.init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty());
+            } else {
+                fs.destroy();
+            }
+        })),
+    ];
+    let bound = std::time::Duration::from_secs(120);
+    for _ in 0..threads.len() {
+        done.recv_timeout(bound)
+            .unwrap_or_else(|_| panic!("not done within {bound:?}: deadlock"));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}

@@ -106,6 +106,9 @@ impl FsConfig {
     }
 }
 
+/// Orphans removed per transaction at the end of a session.
+const ORPHANS_PER_TXN: usize = 1024;
+
 /// How many ids to reserve from the store at a time.
 const ID_BATCH: u64 = 4096;
 
@@ -199,14 +202,15 @@ impl PohmelFs {
         for ino in held {
             self.store.forgotten(ino);
         }
-        let _held = self.locks.lock(&orphans);
-        if !orphans.is_empty() {
+        // In batches: one transaction carries a bounded number of ops.
+        for batch in orphans.chunks(ORPHANS_PER_TXN) {
+            let _held = self.locks.lock(batch);
             let mut txn = Txn::new();
-            for ino in &orphans {
+            for ino in batch {
                 txn.push(crate::store::Op::RemoveInode { ino: *ino });
             }
             if let Err(e) = self.commit(txn) {
-                warn!(count = orphans.len(), error = %e, "could not remove unlinked inodes at session end");
+                warn!(count = batch.len(), error = %e, "could not remove unlinked inodes at session end");
             }
         }
     }
