@@ -163,6 +163,9 @@ fn racing_namespace_operations_keep_names_and_link_counts_consistent() {
     }
 }
 
+/// One thread's request, by round.
+type Step = dyn Fn(&PohmelFs, usize) + Send;
+
 /// Create, unlink and session resets (INIT, DESTROY) at once, with a
 /// handle table of one so that every create takes the path that drops its
 /// new reference (ENFILE) and unlinks make orphans under it: a create must
@@ -179,7 +182,7 @@ fn create_unlink_and_session_resets_do_not_deadlock() {
     let store = Arc::new(MemStore::new(64 << 20));
     let fs = Arc::new(PohmelFs::new(store, cfg, Arc::new(Metrics::default())).unwrap());
     let (done_tx, done) = std::sync::mpsc::channel();
-    let worker = |f: Box<dyn Fn(&PohmelFs, usize) + Send>| {
+    let worker = |f: Box<Step>| {
         let (fs, done_tx) = (fs.clone(), done_tx.clone());
         std::thread::spawn(move || {
             for i in 0..ROUNDS {
