@@ -26,6 +26,8 @@ pub mod error;
 mod handles;
 mod locks;
 mod namespace;
+#[cfg(test)]
+mod orphan_tests;
 mod refs;
 mod xattr;
 #[cfg(test)]

@@ -295,6 +295,27 @@ pub fn open(
                 },
             )?);
             (remote.clone(), Arc::new(RemoteSink::new(remote)))
+        } else if url.starts_with("file:") || url.starts_with("s3:") {
+            let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+            let engine = crate::store::engine::SlateStore::open(&engine_url).map_err(|source| {
+                crate::store::OpenError::Volume {
+                    url: url.to_string(),
+                    source,
+                }
+            })?;
+            // This daemon is the volume's only writer now: orphans a crashed
+            // one left behind are nobody's (`store/engine/orphans.rs`).
+            engine
+                .reclaim_orphans()
+                .map_err(|source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                })?;
+            let engine = Arc::new(engine);
+            (
+                engine.clone(),
+                Arc::new(EngineSink::new(engine).map_err(io)?),
+            )
         } else {
             let engine =
                 crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
