@@ -357,8 +357,8 @@ impl Shared {
     /// once.
     ///
     /// Metadata bytes count against `dirty_max_bytes` like pages: a change
-    /// waits for room unless it frees space (a removal, truncate or punched
-    /// hole: waiting could keep a full volume full) or the volume is full.
+    /// waits for room, unless the volume is full (the removal that would
+    /// free space must not wait for acks that wait for space).
     /// A transaction too large for one wire frame (more than `TXN_OPS_MAX`
     /// operations or `TXN_META_BYTES_MAX` bytes; the filesystem layer never
     /// builds one) is refused at once: it could never be sent.
@@ -383,12 +383,6 @@ impl Shared {
                 ),
             )));
         }
-        let frees = txn.ops.iter().any(|op| {
-            matches!(
-                op,
-                Op::RemoveInode { .. } | Op::Truncate { .. } | Op::PunchHole { .. }
-            )
-        });
         let id = {
             let deadline = self.wait_deadline();
             let mut st = lock(&self.state);
@@ -396,8 +390,9 @@ impl Shared {
             // dirty bytes.
             loop {
                 let queue_full = st.txns.len() >= MAX_QUEUED_TXNS;
-                let no_room = !frees
-                    && !st.full
+                // A full volume waits for space, not acks: the removal
+                // that would free it must not wait behind it.
+                let no_room = !st.full
                     && st.dirty_bytes > 0
                     && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes;
                 if st.shutdown || !(queue_full || no_room) {
