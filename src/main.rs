@@ -236,6 +236,7 @@ impl VolumeArgs {
             writeback_cache: self.writeback_cache,
             allow_device_nodes: self.allow_device_nodes,
             max_handles: self.max_handles,
+            ..FsConfig::default()
         }
     }
 

@@ -76,6 +76,14 @@ counters! {
     /// Attempts the store refused for lack of space: the transaction's page
     /// data is dropped and its inodes' next fsync reports ENOSPC.
     txn_no_space,
+    /// Metadata transactions refused because they could never be sent (too
+    /// many operations or bytes for one wire frame); the request that made
+    /// each fails with EIO.
+    txn_oversized,
+    /// Write-back waits (room under `--dirty-max`, an ack of pinned pages,
+    /// room in the transaction queue) that gave up after `--fsync-timeout`;
+    /// the request that waited fails with EIO.
+    writeback_wait_timeouts,
     /// Acknowledgements that said the store had applied the transaction before.
     txn_duplicate_acks,
     /// Guest writes that waited for an in-flight transaction's ack

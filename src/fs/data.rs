@@ -324,6 +324,7 @@ impl PohmelFs {
 
     pub(super) fn do_fallocate(
         &self,
+        ctx: &Context,
         ino: u64,
         mode: u32,
         offset: u64,
@@ -370,6 +371,15 @@ impl PohmelFs {
         }
         if !txn.ops.is_empty() || inode.size != old_size {
             inode.mtime = now;
+            inode.ctime = now;
+        }
+        // Like a write (Linux's `file_modified`): the file capability goes,
+        // and setuid/setgid unless the caller is root (FUSE sends no
+        // kill-priv flag with a fallocate, so root stands for CAP_FSETID,
+        // as for a write without the flag).
+        self.drop_capability(ino)?;
+        if ctx.uid != 0 && inode.perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            kill_suid_sgid(&mut inode);
             inode.ctime = now;
         }
         txn.push(Op::PutInode(inode));

@@ -35,6 +35,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 pub(super) struct InodeLocks {
     held: Mutex<HashSet<u64>>,
     released: Condvar,
+    /// Lockers waiting now (tests arrange interleavings with it).
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Inodes held by one mutation; released when dropped.
@@ -57,7 +60,13 @@ impl InodeLocks {
         let mut held = lock(&self.held);
         for &ino in &sorted {
             while held.contains(&ino) {
+                #[cfg(test)]
+                self.waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+                #[cfg(test)]
+                self.waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
             held.insert(ino);
         }
@@ -71,6 +80,12 @@ impl InodeLocks {
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {
         lock(&self.held).len()
+    }
+
+    /// Lockers waiting for an inode now (for tests).
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -26,6 +26,8 @@ pub mod error;
 mod handles;
 mod locks;
 mod namespace;
+#[cfg(test)]
+mod orphan_tests;
 mod refs;
 mod xattr;
 #[cfg(test)]
@@ -76,6 +78,12 @@ pub struct FsConfig {
     pub allow_device_nodes: bool,
     /// The most files and directories open at once.
     pub max_handles: usize,
+    /// The most distinct inodes the guest may hold references to (FUSE
+    /// lookup counts; `refs.rs`): past it, a lookup, create or link of an
+    /// inode the guest does not hold yet is answered ENFILE, and a
+    /// readdirplus ends its reply early. A Linux guest keeps an inode in
+    /// memory for each, so it reaches the bound only by holding millions.
+    pub max_referenced_inodes: usize,
 }
 
 impl Default for FsConfig {
@@ -85,6 +93,7 @@ impl Default for FsConfig {
             writeback_cache: false,
             allow_device_nodes: false,
             max_handles: 65_536,
+            max_referenced_inodes: 1 << 22,
         }
     }
 }
@@ -98,6 +107,9 @@ impl FsConfig {
         }
     }
 }
+
+/// Orphans removed per transaction at the end of a session.
+const ORPHANS_PER_TXN: usize = 1024;
 
 /// How many ids to reserve from the store at a time.
 const ID_BATCH: u64 = 4096;
@@ -192,14 +204,15 @@ impl PohmelFs {
         for ino in held {
             self.store.forgotten(ino);
         }
-        let _held = self.locks.lock(&orphans);
-        if !orphans.is_empty() {
+        // In batches: one transaction carries a bounded number of ops.
+        for batch in orphans.chunks(ORPHANS_PER_TXN) {
+            let _held = self.locks.lock(batch);
             let mut txn = Txn::new();
-            for ino in &orphans {
+            for ino in batch {
                 txn.push(crate::store::Op::RemoveInode { ino: *ino });
             }
             if let Err(e) = self.commit(txn) {
-                warn!(count = orphans.len(), error = %e, "could not remove unlinked inodes at session end");
+                warn!(count = batch.len(), error = %e, "could not remove unlinked inodes at session end");
             }
         }
     }
@@ -505,7 +518,7 @@ impl FileSystem for PohmelFs {
 
     fn fallocate(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         _handle: u64,
         mode: u32,
@@ -515,7 +528,7 @@ impl FileSystem for PohmelFs {
         self.reply(
             "fallocate",
             inode,
-            self.do_fallocate(inode, mode, offset, length),
+            self.do_fallocate(ctx, inode, mode, offset, length),
         )
     }
 

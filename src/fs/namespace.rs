@@ -60,6 +60,7 @@ impl PohmelFs {
             },
         };
         let inode = self.inode(ino)?;
+        self.may_reference(Some(inode.ino))?;
         self.remember(inode.ino);
         Ok(self.entry(&inode))
     }
@@ -77,6 +78,7 @@ impl PohmelFs {
         symlink_target: Option<&[u8]>,
     ) -> FsResult<Entry> {
         let name = check_name(name)?;
+        self.may_reference(None)?;
         // The new inode is invisible until committed: the parent's lock
         // covers the name and the parent's link count.
         let _held = self.locks.lock(&[parent]);
@@ -324,10 +326,16 @@ impl PohmelFs {
         if inode.nlink >= LINK_MAX {
             return errno!(EMLINK);
         }
+        self.may_reference(Some(ino))?;
         let mut dir = self.dir(newparent)?;
         check_access(ctx, &dir, MAY_WRITE | MAY_EXEC)?;
         if is_dot_or_dotdot(newname) || self.store.lookup(newparent, newname)?.is_some() {
             return errno!(EEXIST);
+        }
+        if dir.nlink == 0 {
+            // Removed while the guest still held it: a name there would
+            // keep the inode alive with no way to reach it.
+            return errno!(ENOENT);
         }
         let now = Timestamp::now();
         inode.nlink += 1;
@@ -440,6 +448,11 @@ impl PohmelFs {
             check_access(ctx, &d, MAY_WRITE | MAY_EXEC)?;
             Some(d)
         };
+        // A removed directory (still held by the guest) takes no names:
+        // they would keep their inodes alive with no way to reach them.
+        if other_dir.as_ref().unwrap_or(&odir).nlink == 0 {
+            return errno!(ENOENT);
+        }
         let src = self.store.lookup(olddir, oldname)?;
         let dst = self.store.lookup(newdir, newname)?;
         if (src.as_ref().map(|d| d.ino), dst.as_ref().map(|d| d.ino)) != guess {
@@ -648,6 +661,10 @@ impl PohmelFs {
                 return Ok(());
             }
         }
+        // Whether this reply holds an entry yet: past the bound on
+        // referenced inodes, a reply that does ends early (the guest asks
+        // again from its last offset), one that does not is ENFILE.
+        let mut sent = offset < 2;
         let mut after = if offset < FIRST_FREE_ID { 0 } else { offset };
         loop {
             let batch = self.store.readdir(ino, after, READDIR_BATCH)?;
@@ -661,6 +678,9 @@ impl PohmelFs {
                     let Some(inode) = self.store.get_inode(d.ino)? else {
                         continue;
                     };
+                    if self.may_reference(Some(inode.ino)).is_err() {
+                        return if sent { Ok(()) } else { errno!(ENFILE) };
+                    }
                     let n = emit(&d.name, &inode, d.cookie, add_entry).map_err(io_errno)?;
                     if n > 0 {
                         self.remember(inode.ino);
@@ -678,6 +698,7 @@ impl PohmelFs {
                 if added == 0 {
                     return Ok(());
                 }
+                sent = true;
             }
         }
     }

@@ -5,10 +5,26 @@
 
 use tracing::warn;
 
+use super::error::{errno, FsResult};
 use super::{lock, PohmelFs};
 use crate::store::{Inode, Txn, ROOT_INO};
 
 impl PohmelFs {
+    /// Refuse (ENFILE) a reply that would hand the guest a reference to
+    /// `ino` (`None`: an inode about to be created) when it already holds
+    /// `max_referenced_inodes` distinct inodes and not this one: the
+    /// lookup-count map is bounded. Checked before the request changes
+    /// anything, so concurrent requests may each pass and the map may
+    /// exceed the bound by at most the requests in service.
+    pub(super) fn may_reference(&self, ino: Option<u64>) -> FsResult<()> {
+        let refs = lock(&self.refs);
+        let held = ino.is_some_and(|i| i == ROOT_INO || refs.lookups.contains_key(&i));
+        if !held && refs.lookups.len() >= self.cfg.max_referenced_inodes {
+            return errno!(ENFILE);
+        }
+        Ok(())
+    }
+
     /// Add one guest reference to `ino`.
     pub(super) fn remember(&self, ino: u64) {
         if ino != ROOT_INO {

@@ -716,3 +716,7 @@ fn statfs_reports_capacity_and_use() {
 /// Regressions found by pjdfstest through `pohmelfs mount` (docs/posix.md).
 #[path = "posix_tests.rs"]
 mod posix;
+
+/// Issue 13 point 5's fixes in this layer.
+#[path = "hardening_tests.rs"]
+mod hardening;

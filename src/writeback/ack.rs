@@ -92,12 +92,9 @@ pub(super) fn lock(l: &StateLock) -> MutexGuard<'_, State> {
     }
 }
 
-/// Wait on `cv` with the state locked (see [`lock`]).
-pub(super) fn wait<'a>(cv: &Condvar, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-    cv.wait(st).unwrap_or_else(|_| poisoned())
-}
-
-/// As [`wait`], for at most `timeout`.
+/// Wait on `cv` with the state locked (see [`lock`]), for at most
+/// `timeout`. There is no unbounded wait in the layer: every waiter has a
+/// deadline after which it answers an error.
 pub(super) fn wait_timeout<'a>(
     cv: &Condvar,
     st: MutexGuard<'a, State>,
@@ -347,13 +344,14 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
             st.sticky.remove(ino);
         }
     }
-    if st.dirty_bytes < t.data_bytes {
+    let held = t.data_bytes + t.dirty_meta_bytes;
+    if st.dirty_bytes < held {
         invariant_violated(format_args!(
-            "txn {id} returns {} dirty bytes of {}",
-            t.data_bytes, st.dirty_bytes
+            "txn {id} returns {held} dirty bytes of {}",
+            st.dirty_bytes
         ));
     }
-    st.dirty_bytes -= t.data_bytes;
+    st.dirty_bytes -= held;
     let frees = t.ops.iter().any(|op| {
         matches!(
             op,

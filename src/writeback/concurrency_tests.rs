@@ -57,13 +57,15 @@ fn two_inodes_write_while_a_third_waits_for_backpressure() {
     let (a, ha) = new_file(&fs, "a");
     let (b, hb2) = new_file(&fs, "b");
     wb.sync(None).unwrap();
-    // No ack comes while the gate is closed: fill the dirty bytes to two
-    // pages below the bound.
+    // No ack comes while the gate is closed: fill the dirty bytes to three
+    // pages below the bound (two for the page writes below, one for the
+    // metadata of the create and the chmod, which counts too).
     sink.gate.close();
     let dirty_max = cfg(OverwritePolicy::Cow).dirty_max_bytes;
     const CHUNK: u64 = 256 << 10;
+    const ROOM: u64 = 3 * 4096;
     let mut off = 0;
-    while off + CHUNK <= dirty_max - 8192 {
+    while off + CHUNK <= dirty_max - ROOM {
         fs_write(&fs, big, hb, off, vec![1; CHUNK as usize]);
         off += CHUNK;
     }
@@ -72,9 +74,9 @@ fn two_inodes_write_while_a_third_waits_for_backpressure() {
         big,
         hb,
         off,
-        vec![1; (dirty_max - 8192 - off) as usize],
+        vec![1; (dirty_max - ROOM - off) as usize],
     );
-    let filled = dirty_max - 8192;
+    let filled = dirty_max - ROOM;
     assert_eq!(m.levels.dirty_bytes.get(), filled);
     assert_eq!(m.backpressure_waits.get(), 0);
 

@@ -46,6 +46,10 @@
 //!   reporting only errors already known; with `sync_on_close` it waits
 //!   as fsync does.
 //!
+//! * Every transaction fits one wire frame (bounds in `queue.rs`, checked
+//!   at compile time); the bytes of metadata changes count toward
+//!   `dirty_max_bytes` like pages; no wait outlasts `fsync_timeout`.
+//!
 //! It must never report success for data that was not stored, and never
 //! lose a transaction without a log line. When its own state contradicts
 //! itself it aborts the daemon rather than go on.
@@ -79,6 +83,8 @@ mod conformance_tests;
 mod copy_tests;
 #[cfg(test)]
 mod differential_tests;
+#[cfg(test)]
+mod jam_tests;
 #[cfg(test)]
 mod metadata_tests;
 #[cfg(test)]
@@ -142,13 +148,16 @@ pub struct TxnConfig {
     pub dirty_max_bytes: u64,
     /// Transactions in flight at once.
     pub max_in_flight: usize,
-    /// Data bytes one transaction carries at most.
+    /// Data bytes one transaction carries at most (never more than
+    /// `queue::TXN_DATA_BYTES_MAX`, so that it fits a wire frame).
     pub max_txn_bytes: u64,
     /// How long an attempt waits for its ack before the transaction is resent.
     pub ack_timeout: Duration,
     /// Timed-out attempts on one server before moving to the next.
     pub attempts_per_server: u32,
-    /// How long fsync waits before answering EIO.
+    /// How long fsync waits before answering EIO, and every other wait
+    /// of the layer (backpressure, pinned pages, the queue bound, a
+    /// write-through commit) before the request fails with EIO.
     pub fsync_timeout: Duration,
     /// Bytes read ahead of a sequential reader.
     pub read_ahead_bytes: u64,
@@ -157,7 +166,9 @@ pub struct TxnConfig {
     /// commit for a burst of creates or unlinks), and so does the first
     /// write of a file it creates (one commit for create, write, close).
     pub meta_linger: Duration,
-    /// Operations one metadata transaction carries at most.
+    /// Operations one metadata transaction carries at most (never more
+    /// than `queue::TXN_OPS_MAX`; its bytes are bounded by
+    /// `queue::TXN_META_BYTES_MAX`).
     pub max_txn_ops: usize,
     /// FLUSH and RELEASE (every close) wait until the inode's data is
     /// durable, as fsync does. Off by default: a close sends the inode's
@@ -293,6 +304,27 @@ pub fn open(
                 },
             )?);
             (remote.clone(), Arc::new(RemoteSink::new(remote)))
+        } else if url.starts_with("file:") || url.starts_with("s3:") {
+            let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+            let engine = crate::store::engine::SlateStore::open(&engine_url).map_err(|source| {
+                crate::store::OpenError::Volume {
+                    url: url.to_string(),
+                    source,
+                }
+            })?;
+            // This daemon is the volume's only writer now: orphans a crashed
+            // one left behind are nobody's (`store/engine/orphans.rs`).
+            engine
+                .reclaim_orphans()
+                .map_err(|source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                })?;
+            let engine = Arc::new(engine);
+            (
+                engine.clone(),
+                Arc::new(EngineSink::new(engine).map_err(io)?),
+            )
         } else {
             let engine =
                 crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;

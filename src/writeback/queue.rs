@@ -34,8 +34,16 @@ pub(super) struct TxnEntry {
     pub(super) pinned: Option<Arc<[cache::Pinned]>>,
     /// Every inode it touches, for ordering.
     pub(super) inodes: BTreeSet<u64>,
-    /// Bytes it holds against `dirty_max_bytes`.
+    /// Page bytes it carries (whole pages, as counted against
+    /// `dirty_max_bytes`).
     pub(super) data_bytes: u64,
+    /// Bytes of its operations as the wire encodes them, at most
+    /// ([`op_wire_bytes`]): bounded by `TXN_META_BYTES_MAX`.
+    pub(super) meta_bytes: u64,
+    /// The part of `meta_bytes` held against `dirty_max_bytes`: the
+    /// operations of metadata changes. The attributes a write carries with
+    /// its pages are not counted (its pages are).
+    pub(super) dirty_meta_bytes: u64,
     /// Only data of one inode: later writes may merge into it until sent.
     pub(super) mergeable: bool,
     pub(super) state: TxnState,
@@ -85,6 +93,54 @@ impl TxnEntry {
 /// Unacknowledged transactions at most; metadata operations beyond wait.
 pub(super) const MAX_QUEUED_TXNS: usize = 65_536;
 
+/// Page bytes one transaction carries at most, whatever `max_txn_bytes`
+/// says (a single write, at most 1 MiB over 257 pages, fits).
+pub(super) const TXN_DATA_BYTES_MAX: u64 = 4 << 20;
+
+/// Bytes of operations one transaction carries at most ([`op_wire_bytes`]):
+/// sixteen 64 KiB extended attributes, or thousands of creates.
+pub(super) const TXN_META_BYTES_MAX: u64 = 1 << 20;
+
+/// Operations one transaction carries at most, whatever `max_txn_ops` says.
+pub(super) const TXN_OPS_MAX: usize = 16_384;
+
+/// Bytes an operation's fixed fields take on the wire at most (a
+/// `PutInode` takes 82: tag, ten integers, three timestamps).
+const OP_FIXED_WIRE_BYTES: u64 = 96;
+
+/// Bytes of a transaction's frame besides its operations (its id, low
+/// water mark and op count), rounded up.
+const TXN_FRAME_BYTES: u64 = 64;
+
+// Every transaction the layer forms fits one frame of the wire protocol,
+// so none is refused for its size and retried forever. Its data goes as
+// one `Write` per run of pages (one per page at most); a write that joins
+// a metadata transaction adds its inode's `PutInode` (within
+// `TXN_META_BYTES_MAX`, but beyond `TXN_OPS_MAX`: one per inode the
+// transaction touches, so at most one per operation).
+const _: () = {
+    use crate::net::proto::{MAX_OPS, MAX_PAYLOAD};
+    let pages = TXN_DATA_BYTES_MAX / cache::PAGE_SIZE;
+    assert!(
+        TXN_DATA_BYTES_MAX + pages * OP_FIXED_WIRE_BYTES + TXN_META_BYTES_MAX + TXN_FRAME_BYTES
+            <= MAX_PAYLOAD as u64
+    );
+    assert!(2 * TXN_OPS_MAX + pages as usize <= MAX_OPS);
+};
+
+/// Bytes `op` takes on the wire, at most.
+pub(super) fn op_wire_bytes(op: &Op) -> u64 {
+    let var = match op {
+        Op::PutDirent { dirent, .. } => dirent.name.len(),
+        Op::RemoveDirent { name, .. } | Op::RemoveXattr { name, .. } => name.len(),
+        Op::SetSymlink { target, .. } => target.len(),
+        Op::SetXattr { name, value, .. } => name.len() + value.len(),
+        Op::Write { data, .. } => data.len(),
+        Op::PutInode(_) | Op::RemoveInode { .. } | Op::Truncate { .. } | Op::PunchHole { .. } => 0,
+    };
+    OP_FIXED_WIRE_BYTES + var as u64
+}
+
 /// Every inode an op touches.
 pub(super) fn op_inodes(op: &Op, out: &mut BTreeSet<u64>) {
     match op {
@@ -117,7 +173,7 @@ impl Shared {
         for ino in &entry.inodes {
             st.by_inode.entry(*ino).or_default().push_back(id);
         }
-        st.dirty_bytes += entry.data_bytes;
+        st.dirty_bytes += entry.data_bytes + entry.dirty_meta_bytes;
         st.txns.insert(id, entry);
         self.metrics.txn_formed.inc();
         self.publish(st);
@@ -132,6 +188,7 @@ impl Shared {
         for op in &ops {
             op_inodes(op, &mut inodes);
         }
+        let meta_bytes = ops.iter().map(op_wire_bytes).sum();
         TxnEntry {
             id,
             ops: Arc::new(ops),
@@ -139,6 +196,8 @@ impl Shared {
             pinned: None,
             inodes,
             data_bytes: 0,
+            meta_bytes,
+            dirty_meta_bytes: 0,
             mergeable,
             state: TxnState::Queued,
             server: st.preferred_server,
@@ -154,11 +213,12 @@ impl Shared {
 
 pub(super) fn describe(t: &TxnEntry) -> String {
     format!(
-        "txn {} (inodes {:?}, {} data bytes, {} ops, {:?}, {} attempts, server {}, age {:?}{})",
+        "txn {} (inodes {:?}, {} data bytes, {} ops of {} bytes, {:?}, {} attempts, server {}, age {:?}{})",
         t.id,
         t.inodes,
         t.data_bytes,
         t.ops.len(),
+        t.meta_bytes,
         t.state,
         t.attempts,
         t.server,

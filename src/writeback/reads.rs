@@ -274,8 +274,7 @@ impl Store for WritebackStore {
     }
 
     fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
-        self.shared.wait_for_room(bytes);
-        Ok(())
+        self.shared.wait_for_room(bytes)
     }
 
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {

@@ -12,24 +12,25 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{error, warn};
 
-use super::ack::{lock, wait, wait_timeout};
+use super::ack::{lock, wait_timeout};
 use super::queue::{describe, TxnEntry, TxnState};
 use super::{Shared, State};
 use crate::store::{Op, StoreError};
 
 impl Shared {
-    /// Wait until every transaction in `ids` is acknowledged, or `timeout`.
+    /// Wait until every transaction in `ids` is acknowledged, or `timeout`
+    /// (there is no unbounded wait).
     /// Returns the ids still unacknowledged on timeout as an error, or
     /// `NoSpace` when one of them waits for space (at once if
     /// `fail_on_no_space`, else at the timeout).
     pub(super) fn wait_for(
         &self,
         ids: &[u64],
-        timeout: Option<Duration>,
+        timeout: Duration,
         fail_on_no_space: bool,
     ) -> Result<(), StoreError> {
         // Real time: a guest's fsync deadline is wall-clock time.
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let deadline = std::time::Instant::now() + timeout;
         let mut st = lock(&self.state);
         loop {
             let pending: Vec<u64> = ids
@@ -53,29 +54,23 @@ impl Shared {
                     "transaction layer shut down",
                 )));
             }
-            match deadline {
-                None => st = wait(&self.changed, st),
-                Some(d) => {
-                    let left = d.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() && waits_for_space() {
-                        return Err(StoreError::NoSpace);
-                    }
-                    if left.is_zero() {
-                        let described: Vec<String> = pending
-                            .iter()
-                            .filter_map(|id| st.txns.get(id))
-                            .map(describe)
-                            .collect();
-                        return Err(StoreError::Io(std::io::Error::other(format!(
-                            "{} transaction(s) not acknowledged within {:?}: {}",
-                            pending.len(),
-                            timeout.unwrap_or_default(),
-                            described.join("; ")
-                        ))));
-                    }
-                    st = wait_timeout(&self.changed, st, left);
-                }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() && waits_for_space() {
+                return Err(StoreError::NoSpace);
             }
+            if left.is_zero() {
+                let described: Vec<String> = pending
+                    .iter()
+                    .filter_map(|id| st.txns.get(id))
+                    .map(describe)
+                    .collect();
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "{} transaction(s) not acknowledged within {timeout:?}: {}",
+                    pending.len(),
+                    described.join("; ")
+                ))));
+            }
+            st = wait_timeout(&self.changed, st, left);
         }
     }
 
@@ -170,7 +165,7 @@ impl Shared {
         // A sync of one inode answers ENOSPC as soon as its data waits for
         // space; a sync of everything (syncfs, shutdown) still waits for
         // whatever else can be stored.
-        let result = self.wait_for(&ids, Some(self.cfg.fsync_timeout), ino.is_some());
+        let result = self.wait_for(&ids, self.cfg.fsync_timeout, ino.is_some());
         self.metrics.levels.fsync_latency.observe(start.elapsed());
         let mut st = lock(&self.state);
         match result {

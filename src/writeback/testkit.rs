@@ -121,6 +121,9 @@ pub(super) struct FaultSink {
     pub(super) sends: AtomicU64,
     per_server: Mutex<HashMap<usize, u64>>,
     pub(super) gate: Gate,
+    /// The largest transaction seen, in bytes as the wire protocol encodes
+    /// it (without the frame header).
+    pub(super) largest_txn_bytes: AtomicU64,
 }
 
 impl FaultSink {
@@ -134,6 +137,7 @@ impl FaultSink {
             sends: AtomicU64::new(0),
             per_server: Mutex::new(HashMap::new()),
             gate: Gate::new(),
+            largest_txn_bytes: AtomicU64::new(0),
         }
     }
     pub(super) fn set(&self, f: Faults) {
@@ -161,6 +165,10 @@ impl Sink for FaultSink {
     }
     fn send(&self, server: usize, txn_id: u64, _low_water: u64, txn: Txn) -> SendFuture<'_> {
         let n = self.sends.fetch_add(1, Ordering::SeqCst);
+        let mut enc = crate::net::proto::codec::Enc::default();
+        enc.u64(txn_id).u64(0).txn(&txn);
+        self.largest_txn_bytes
+            .fetch_max(enc.buf.len() as u64, Ordering::SeqCst);
         *self.per_server.lock().unwrap().entry(server).or_default() += 1;
         let f = self.faults.lock().unwrap().clone();
         let (delay, lose, error, drop_conn) = {

@@ -18,11 +18,14 @@ use bytes::Bytes;
 
 use tokio::time::Instant;
 
-use super::ack::{lock, wait};
+use super::ack::{lock, wait_timeout};
 use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
-use super::queue::{op_inodes, MAX_QUEUED_TXNS};
+use super::queue::{
+    op_inodes, op_wire_bytes, MAX_QUEUED_TXNS, TXN_DATA_BYTES_MAX, TXN_META_BYTES_MAX, TXN_OPS_MAX,
+};
 use super::{OverwritePolicy, Shared, State};
+use crate::ratelimit::limited;
 use crate::store::{Inode, Op, ReadData, StoreError, Txn, WriteData};
 
 /// The pages a write covers.
@@ -80,8 +83,9 @@ impl Shared {
     /// Wait until `bytes` more dirty bytes fit under `dirty_max_bytes` (or
     /// the layer shuts down or is full: the write then says why). Called
     /// before the filesystem layer locks the inode; `wait_to_write` checks
-    /// again under the state lock.
-    pub(super) fn wait_for_room(&self, bytes: u64) {
+    /// again under the state lock. Fails after `fsync_timeout`.
+    pub(super) fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
+        let deadline = self.wait_deadline();
         let mut st = lock(&self.state);
         while !st.shutdown
             && !st.full
@@ -89,8 +93,35 @@ impl Shared {
             && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes
         {
             self.metrics.backpressure_waits.inc();
-            st = wait(&self.changed, st);
+            st = self.wait_until(st, deadline, "room under --dirty-max")?;
         }
+        Ok(())
+    }
+
+    /// When a wait that starts now gives up: every wait of the layer is
+    /// bounded by `fsync_timeout`, as fsync is.
+    fn wait_deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + self.cfg.fsync_timeout
+    }
+
+    /// Wait for a change until `deadline`; past it, count and answer an
+    /// error (the request that waited fails with EIO): a store that stopped
+    /// acknowledging holds up a request for `fsync_timeout`, not forever.
+    fn wait_until<'a>(
+        &self,
+        st: MutexGuard<'a, State>,
+        deadline: std::time::Instant,
+        what: &str,
+    ) -> Result<MutexGuard<'a, State>, StoreError> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            self.metrics.writeback_wait_timeouts.inc();
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no {what} within {:?}", self.cfg.fsync_timeout),
+            )));
+        }
+        Ok(wait_timeout(&self.changed, st, left))
     }
 
     /// The pages a write of `len > 0` bytes at `offset` covers.
@@ -126,6 +157,7 @@ impl Shared {
         ino: u64,
         span: &PageSpan,
     ) -> Result<MutexGuard<'_, State>, StoreError> {
+        let deadline = self.wait_deadline();
         let mut st = lock(&self.state);
         loop {
             if st.shutdown {
@@ -145,14 +177,14 @@ impl Shared {
             // Backpressure: dirty and in-flight bytes stay within their bound.
             if st.dirty_bytes > 0 && st.dirty_bytes + span.bytes > self.cfg.dirty_max_bytes {
                 self.metrics.backpressure_waits.inc();
-                st = wait(&self.changed, st);
+                st = self.wait_until(st, deadline, "room under --dirty-max")?;
                 continue;
             }
             if self.cfg.overwrite == OverwritePolicy::Wait
                 && (span.first..=span.last).any(|i| st.cache.is_pinned(ino, i))
             {
                 self.metrics.overwrite_waits.inc();
-                st = wait(&self.changed, st);
+                st = self.wait_until(st, deadline, "ack of the pinned pages")?;
                 continue;
             }
             return Ok(st);
@@ -162,13 +194,17 @@ impl Shared {
     /// The transaction a write of `bytes` to `ino` joins: the inode's
     /// queued one if it can take more, else a new one.
     fn data_txn(&self, st: &mut State, ino: u64, bytes: u64, inode: &Inode) -> u64 {
+        let max_bytes = self.cfg.max_txn_bytes.min(TXN_DATA_BYTES_MAX);
+        let put_inode = op_wire_bytes(&Op::PutInode(inode.clone()));
         let tail = st
             .by_inode
             .get(&ino)
             .and_then(|q| q.back().copied())
             .filter(|id| {
                 st.txns.get(id).is_some_and(|t| {
-                    t.data_may_join(ino) && t.data_bytes + bytes <= self.cfg.max_txn_bytes
+                    t.data_may_join(ino)
+                        && t.data_bytes + bytes <= max_bytes
+                        && t.meta_bytes + put_inode <= TXN_META_BYTES_MAX
                 })
             });
         let Some(id) = tail else {
@@ -184,6 +220,7 @@ impl Shared {
                 .any(|op| matches!(op, Op::PutInode(i) if i.ino == ino))
             {
                 Arc::make_mut(&mut t.ops).push(Op::PutInode(inode.clone()));
+                t.meta_bytes += put_inode;
             }
         }
         id
@@ -318,17 +355,54 @@ impl Shared {
     /// inode's order. A new metadata transaction lingers `meta_linger`
     /// before it is sent, so that the burst can gather; a sync sends it at
     /// once.
+    ///
+    /// Metadata bytes count against `dirty_max_bytes` like pages: a change
+    /// waits for room, unless the volume is full (the removal that would
+    /// free space must not wait for acks that wait for space).
+    /// A transaction too large for one wire frame (more than `TXN_OPS_MAX`
+    /// operations or `TXN_META_BYTES_MAX` bytes; the filesystem layer never
+    /// builds one) is refused at once: it could never be sent.
     pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
         let wait_ack = txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
+        let bytes: u64 = txn.ops.iter().map(op_wire_bytes).sum();
+        if txn.ops.len() > TXN_OPS_MAX || bytes > TXN_META_BYTES_MAX {
+            self.metrics.txn_oversized.inc();
+            limited!(
+                self.metrics.log_lines_suppressed,
+                WARN,
+                ops = txn.ops.len(),
+                bytes,
+                "transaction too large for one frame: refused"
+            );
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "transaction of {} operations and {bytes} bytes exceeds the bound of \
+                     {TXN_OPS_MAX} operations and {TXN_META_BYTES_MAX} bytes",
+                    txn.ops.len()
+                ),
+            )));
+        }
         let id = {
+            let deadline = self.wait_deadline();
             let mut st = lock(&self.state);
-            // Bound the queue: metadata is small, but not free.
-            while st.txns.len() >= MAX_QUEUED_TXNS && !st.shutdown {
+            // Bound the queue (metadata is small, but not free) and the
+            // dirty bytes.
+            loop {
+                let queue_full = st.txns.len() >= MAX_QUEUED_TXNS;
+                // A full volume waits for space, not acks: the removal
+                // that would free it must not wait behind it.
+                let no_room = !st.full
+                    && st.dirty_bytes > 0
+                    && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes;
+                if st.shutdown || !(queue_full || no_room) {
+                    break;
+                }
                 self.metrics.backpressure_waits.inc();
-                st = wait(&self.changed, st);
+                st = self.wait_until(st, deadline, "room for metadata")?;
             }
-            let id = self.metadata_txn(&mut st, txn.ops.len(), wait_ack);
-            self.append_ops(&mut st, id, &txn.ops, wait_ack);
+            let id = self.metadata_txn(&mut st, txn.ops.len(), bytes, wait_ack);
+            self.append_ops(&mut st, id, &txn.ops, bytes, wait_ack);
             for op in &txn.ops {
                 st.reflect(op, id);
             }
@@ -338,7 +412,7 @@ impl Shared {
             id
         };
         if wait_ack {
-            self.wait_for(&[id], None, false)?;
+            self.wait_for(&[id], self.cfg.fsync_timeout, false)?;
         }
         Ok(())
     }
@@ -346,9 +420,13 @@ impl Shared {
     /// The transaction `ops` more metadata operations go into: the newest
     /// when it is unsent metadata with room for them, else a new one (which
     /// lingers unless its ack is waited for).
-    fn metadata_txn(&self, st: &mut State, ops: usize, wait_ack: bool) -> u64 {
+    fn metadata_txn(&self, st: &mut State, ops: usize, bytes: u64, wait_ack: bool) -> u64 {
+        let max_ops = self.cfg.max_txn_ops.min(TXN_OPS_MAX);
         let join = st.txns.last_key_value().and_then(|(&id, t)| {
-            (t.is_unsent_metadata() && t.ops.len() + ops <= self.cfg.max_txn_ops).then_some(id)
+            (t.is_unsent_metadata()
+                && t.ops.len() + ops <= max_ops
+                && t.meta_bytes + bytes <= TXN_META_BYTES_MAX)
+                .then_some(id)
         });
         if let Some(id) = join {
             self.metrics.txn_joined.inc();
@@ -363,12 +441,17 @@ impl Shared {
 
     /// Append `ops` to the queued transaction `id`, and queue it behind
     /// every inode they touch that it did not touch yet.
-    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], wait_ack: bool) {
+    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], bytes: u64, wait_ack: bool) {
         let mut inodes = BTreeSet::new();
         for op in ops {
             op_inodes(op, &mut inodes);
         }
-        let State { txns, by_inode, .. } = st;
+        let State {
+            txns,
+            by_inode,
+            dirty_bytes,
+            ..
+        } = st;
         if let Some(t) = txns.get_mut(&id) {
             for ino in inodes {
                 if t.inodes.insert(ino) {
@@ -376,8 +459,14 @@ impl Shared {
                 }
             }
             Arc::make_mut(&mut t.ops).extend(ops.iter().cloned());
+            t.meta_bytes += bytes;
+            t.dirty_meta_bytes += bytes;
+            *dirty_bytes += bytes;
             // Full, or waited for: no reason to linger.
-            if wait_ack || t.ops.len() >= self.cfg.max_txn_ops {
+            if wait_ack
+                || t.ops.len() >= self.cfg.max_txn_ops.min(TXN_OPS_MAX)
+                || t.meta_bytes >= TXN_META_BYTES_MAX
+            {
                 t.not_before = None;
             }
         }

@@ -555,10 +555,17 @@ pub async fn apply(
 ) -> Result<(), StoreError> {
     match op {
         Op::PutInode(inode) => {
+            // An inode never gets a link back once it has none (link
+            // refuses it), so its orphan mark goes only with the inode.
+            if inode.nlink == 0 {
+                view.put(keys::orphan(inode.ino), codec::encode_bytes(&[]))
+                    .await?;
+            }
             view.put(keys::inode(inode.ino), codec::encode_inode(&inode))
                 .await
         }
         Op::RemoveInode { ino } => {
+            view.delete(keys::orphan(ino)).await?;
             view.delete(keys::inode(ino)).await?;
             view.delete(keys::symlink(ino)).await?;
             drop_chunks(view, keys::blocks_from(ino, 0)).await?;

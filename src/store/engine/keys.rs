@@ -24,6 +24,10 @@ pub mod tag {
     pub const INODE: u8 = 0x10;
     /// `ino` -> symlink target.
     pub const SYMLINK: u8 = 0x11;
+    /// `ino` -> nothing: the inode lost its last link while a guest held
+    /// it (an orphan); removed with the inode. Whatever is left when a
+    /// daemon opens the volume is what a crash left behind (`orphans.rs`).
+    pub const ORPHAN: u8 = 0x12;
     /// `parent, name` -> entry (ino, kind, cookie).
     pub const DIRENT_BY_NAME: u8 = 0x20;
     /// `parent, cookie` -> entry (ino, kind, name), for readdir.
@@ -76,6 +80,10 @@ pub fn inode(ino: u64) -> Vec<u8> {
 
 pub fn symlink(ino: u64) -> Vec<u8> {
     with_u64(tag::SYMLINK, ino)
+}
+
+pub fn orphan(ino: u64) -> Vec<u8> {
+    with_u64(tag::ORPHAN, ino)
 }
 
 pub fn dirent_by_name(parent: u64, name: &[u8]) -> Vec<u8> {

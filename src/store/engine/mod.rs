@@ -40,6 +40,7 @@ mod extent;
 mod group;
 mod keys;
 mod open;
+mod orphans;
 mod pins;
 mod read_plan;
 mod reclaim;

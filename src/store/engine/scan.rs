@@ -108,11 +108,12 @@ impl ByteRangeBounds for KeyRange {
 }
 
 /// The tags the layout defines, in key order.
-const KNOWN_TAGS: [u8; 10] = [
+const KNOWN_TAGS: [u8; 11] = [
     tag::SUPERBLOCK,
     tag::STATS,
     tag::INODE,
     tag::SYMLINK,
+    tag::ORPHAN,
     tag::DIRENT_BY_NAME,
     tag::DIRENT_BY_COOKIE,
     tag::XATTR,
@@ -225,6 +226,10 @@ fn decode_inode(k: &[u8], v: &[u8]) -> Result<Inode, StoreError> {
     codec::decode_inode(ino, v).map_err(|e| name_ino(e, "inode", ino))
 }
 
+fn decode_orphan(k: &[u8], _v: &[u8]) -> Result<u64, StoreError> {
+    decode_u64_key("orphan", tag::ORPHAN, k)
+}
+
 fn decode_symlink(k: &[u8], v: &[u8]) -> Result<(u64, Vec<u8>), StoreError> {
     let ino = decode_u64_key("symlink", tag::SYMLINK, k)?;
     let target = codec::decode_bytes("symlink", v).map_err(|e| name_ino(e, "symlink", ino))?;
@@ -328,6 +333,11 @@ pub trait VolumeScan {
     /// Every inode.
     fn scan_inodes(&self) -> Result<Scan<'_, Inode>, StoreError> {
         scan_tag(self, tag::INODE, decode_inode)
+    }
+
+    /// Every inode marked as an orphan.
+    fn scan_orphans(&self) -> Result<Scan<'_, u64>, StoreError> {
+        scan_tag(self, tag::ORPHAN, decode_orphan)
     }
 
     /// Every symlink target, as `(ino, target)`.

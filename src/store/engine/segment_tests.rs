@@ -447,6 +447,60 @@ fn metadata_is_charged_against_the_capacity() {
     commit(&s, vec![file(ino, 0), xattr(ino, 8000)]);
 }
 
+/// Entries and symlink targets count too (issue 13 point 5: capacity
+/// counts every record a guest can make), and the orphan mark does not
+/// leak: removing the orphan gives back every byte its records held.
+#[test]
+fn entries_symlinks_and_orphans_are_charged_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SlateStore::open(&format!("{}?capacity=1M", url(&dir))).unwrap();
+    let free = || s.statfs().unwrap().capacity_bytes;
+    let start = free();
+    let name = b"a-long-entry-name".to_vec();
+    let dirent = crate::store::Dirent {
+        name: name.clone(),
+        ino: 5,
+        kind: FileKind::Symlink,
+        cookie: 9,
+    };
+    let mut link = Inode::regular(5, 6);
+    link.kind = FileKind::Symlink;
+    commit(
+        &s,
+        vec![
+            Op::PutInode(link.clone()),
+            Op::SetSymlink {
+                ino: 5,
+                target: b"target".to_vec(),
+            },
+            Op::PutDirent {
+                parent: 1,
+                dirent: dirent.clone(),
+            },
+        ],
+    );
+    let inode_bytes = keys::inode(5).len() + codec::encode_inode(&link).len();
+    let symlink_bytes = keys::symlink(5).len() + codec::encode_bytes(b"target").len();
+    let entry_bytes = keys::dirent_by_name(1, &name).len()
+        + codec::encode_dirent_by_name(&dirent).len()
+        + keys::dirent_by_cookie(1, 9).len()
+        + codec::encode_dirent_by_cookie(&dirent).len();
+    assert_eq!(
+        start - free(),
+        (inode_bytes + symlink_bytes + entry_bytes) as u64
+    );
+    // Unlinked while held: the entry's bytes come back, the inode stays.
+    link.nlink = 0;
+    commit(
+        &s,
+        vec![Op::RemoveDirent { parent: 1, name }, Op::PutInode(link)],
+    );
+    assert_eq!(start - free(), (inode_bytes + symlink_bytes) as u64);
+    assert_eq!(s.reclaim_orphans().unwrap(), 1);
+    assert_eq!(free(), start, "every byte given back");
+    assert_eq!(s.reclaim_orphans().unwrap(), 0, "the mark went with it");
+}
+
 #[test]
 fn opening_deletes_segments_nothing_refers_to() {
     let dir = tempfile::tempdir().unwrap();

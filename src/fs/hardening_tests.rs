@@ -1,0 +1,125 @@
+//! Issue 13 point 5, in the filesystem layer: names never go into a
+//! removed directory, fallocate drops privileges like a write, and the
+//! guest's references are bounded. See docs/security.md.
+
+use std::sync::Arc;
+
+use fuse_backend_rs::api::filesystem::{DirEntry, Entry, FileSystem};
+
+use super::{attr_of, c, create, errno, root, user, write};
+use crate::fs::{FsConfig, PohmelFs};
+use crate::metrics::Metrics;
+use crate::store::mem::MemStore;
+use crate::store::{Store, ROOT_INO};
+
+/// A directory the guest still holds after rmdir takes no new names: a
+/// link or rename there would leave the inode alive with no path to it.
+#[test]
+fn link_and_rename_into_a_removed_directory_are_enoent() {
+    let (fs, store) = super::new_fs();
+    let d = fs.mkdir(&root(), ROOT_INO, &c("d"), 0o755, 0).unwrap();
+    let (f, _) = create(&fs, &root(), ROOT_INO, "f", 0o644);
+    fs.rmdir(&root(), ROOT_INO, &c("d")).unwrap();
+    assert_eq!(
+        errno(fs.link(&root(), f.inode, d.inode, &c("l"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(fs.rename(&root(), ROOT_INO, &c("f"), d.inode, &c("g"), 0)),
+        libc::ENOENT
+    );
+    // Nothing changed: the file keeps its one name and link count.
+    assert_eq!(attr_of(&fs, f.inode).st_nlink, 1);
+    assert!(store.lookup(ROOT_INO, b"f").unwrap().is_some());
+    assert!(store.readdir(d.inode, 0, 16).unwrap().is_empty());
+}
+
+/// fallocate is a modification like a write: an unprivileged caller's
+/// fallocate clears setuid/setgid, and any fallocate drops the file
+/// capability (FUSE_HANDLE_KILLPRIV_V2 leaves both to the daemon).
+#[test]
+fn fallocate_drops_setuid_setgid_and_the_capability() {
+    let (fs, _) = super::new_fs();
+    let owner = user(1000);
+    let dir = fs.mkdir(&root(), ROOT_INO, &c("d"), 0o777, 0).unwrap();
+    let (e, h) = create(&fs, &owner, dir.inode, "f", 0o6755);
+    assert_eq!(attr_of(&fs, e.inode).st_mode & 0o7777, 0o6755);
+    fs.setxattr(&root(), e.inode, &c("security.capability"), b"cap", 0)
+        .unwrap();
+    fs.fallocate(&owner, e.inode, h, 0, 0, 8192).unwrap();
+    assert_eq!(attr_of(&fs, e.inode).st_mode & 0o7777, 0o755);
+    assert_eq!(
+        errno(fs.getxattr(&root(), e.inode, &c("security.capability"), 64)),
+        libc::ENODATA
+    );
+    // Root keeps setuid (CAP_FSETID), but the capability still goes.
+    let (r, rh) = create(&fs, &root(), ROOT_INO, "r", 0o4755);
+    fs.setxattr(&root(), r.inode, &c("security.capability"), b"cap", 0)
+        .unwrap();
+    fs.fallocate(&root(), r.inode, rh, 0, 0, 4096).unwrap();
+    assert_eq!(attr_of(&fs, r.inode).st_mode & 0o7777, 0o4755);
+    assert_eq!(
+        errno(fs.getxattr(&root(), r.inode, &c("security.capability"), 64)),
+        libc::ENODATA
+    );
+    write(&fs, r.inode, rh, 0, b"x").unwrap();
+}
+
+/// The lookup-count map is bounded: past `max_referenced_inodes` inodes,
+/// references to new ones are refused (ENFILE) while those already held
+/// still work, and a readdirplus ends its reply early.
+#[test]
+fn the_guest_holds_at_most_max_referenced_inodes() {
+    let store = Arc::new(MemStore::new(64 << 20));
+    let cfg = FsConfig {
+        max_referenced_inodes: 3,
+        ..FsConfig::default()
+    };
+    let fs = PohmelFs::new(store, cfg, Arc::new(Metrics::default())).unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(create(&fs, &root(), ROOT_INO, &format!("f{i}"), 0o644).0);
+    }
+    let args = fuse_backend_rs::abi::fuse_abi::CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    assert_eq!(
+        errno(fs.create(&root(), ROOT_INO, &c("new"), args)),
+        libc::ENFILE
+    );
+    assert_eq!(
+        errno(fs.mkdir(&root(), ROOT_INO, &c("d"), 0o755, 0)),
+        libc::ENFILE
+    );
+    // An inode the guest holds may be looked up and linked again.
+    fs.lookup(&root(), ROOT_INO, &c("f0")).unwrap();
+    fs.link(&root(), held[1].inode, ROOT_INO, &c("f1b"))
+        .unwrap();
+    // Forget one: a new inode fits again, and the next does not.
+    fs.forget(&root(), held[2].inode, 1);
+    fs.mkdir(&root(), ROOT_INO, &c("x"), 0o755, 0).unwrap();
+    assert_eq!(errno(fs.lookup(&root(), ROOT_INO, &c("f2"))), libc::ENFILE);
+    // readdirplus: the held inodes come back, the first one that is not
+    // (f2) ends the reply; a reply that could hold nothing is ENFILE.
+    let mut listed = Vec::new();
+    fs.readdirplus(
+        &root(),
+        ROOT_INO,
+        0,
+        4096,
+        0,
+        &mut |d: DirEntry, _e: Entry| {
+            listed.push((String::from_utf8_lossy(d.name).into_owned(), d.offset));
+            Ok(1)
+        },
+    )
+    .unwrap();
+    let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, [".", "..", "f0", "f1"]);
+    let from = listed.last().unwrap().1;
+    let r = fs.readdirplus(&root(), ROOT_INO, 0, 4096, from, &mut |_, _| Ok(1));
+    assert_eq!(errno(r), libc::ENFILE);
+}
