@@ -39,15 +39,22 @@ mod config;
 mod extent;
 mod group;
 mod keys;
+mod log;
 mod open;
+mod overlay;
 mod pins;
 mod read_plan;
 mod reclaim;
+mod recover;
 mod scan;
 mod segment;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod log_tests;
+#[cfg(test)]
+mod recover_tests;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
@@ -108,6 +115,10 @@ pub enum OpenVolumeError {
     Superblock(#[source] StoreError),
     #[error("open segment files")]
     Segments(#[source] std::io::Error),
+    #[error("open the commit log")]
+    Log(#[source] log::LogError),
+    #[error("replay the commit log")]
+    Replay(#[source] StoreError),
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -165,7 +176,10 @@ pub struct SlateStore {
     /// exclusively, so a reader never sees a page punched under it.
     reclaim: Arc<RwLock<()>>,
     /// Punches and deletes what durable batches freed (`file://` only).
-    reclaimer: Option<reclaim::Reclaimer>,
+    reclaimer: Option<Arc<reclaim::Reclaimer>>,
+    /// The commit log and its checkpoints (`file://` only): commits are
+    /// durable once logged.
+    checkpoint: Option<Arc<recover::Checkpoint>>,
     /// Pins on segment ranges handed out by reads (`pins.rs`): the
     /// reclaimer defers punching while one lives.
     pins: Arc<pins::Pins>,
@@ -184,12 +198,20 @@ impl SlateStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        let rt = self.rt()?;
+        if let Some(cp) = &self.checkpoint {
+            cp.stop();
+            // The next open then replays nothing.
+            if let Err(e) = rt.block_on(cp.run()) {
+                if !matches!(e, StoreError::Fenced) {
+                    tracing::warn!(volume = %self.describe, error = %e, "final commit log checkpoint failed");
+                }
+            }
+        }
         if let Some(r) = &self.reclaimer {
             r.stop();
         }
-        self.rt()?
-            .block_on(self.db.close())
-            .map_err(map_engine_error)
+        rt.block_on(self.db.close()).map_err(map_engine_error)
     }
 
     /// The engine's runtime; it lives until the store is dropped, so the
@@ -215,6 +237,9 @@ impl SlateStore {
     fn check_writable(&self) -> Result<(), StoreError> {
         if self.fenced.load(Ordering::Acquire) {
             return Err(StoreError::Fenced);
+        }
+        if let Some(cp) = &self.checkpoint {
+            cp.log.check().map_err(recover::map_log_error)?;
         }
         Ok(())
     }
@@ -386,12 +411,31 @@ impl SlateStore {
             .expect("a stored record")
     }
 
-    /// Wait until the reclaimer has done what commits so far queued.
+    /// Wait until the reclaimer has done what commits so far freed (a
+    /// checkpoint first hands it over).
     #[cfg(test)]
     fn reclaimed(&self) {
+        if let Some(cp) = &self.checkpoint {
+            self.block_on(cp.run()).expect("checkpoint");
+        }
         if let Some(r) = &self.reclaimer {
             r.barrier();
         }
+    }
+
+    /// Wait until the reclaimer has done what it was handed, without a
+    /// checkpoint.
+    #[cfg(test)]
+    fn reclaimer_barrier(&self) {
+        if let Some(r) = &self.reclaimer {
+            r.barrier();
+        }
+    }
+
+    /// How many checkpoints moved the commit log's tail.
+    #[cfg(test)]
+    fn checkpoints(&self) -> u64 {
+        self.checkpoint.as_ref().map_or(0, |cp| cp.count())
     }
 
     /// The segment files, on a `file://` volume.

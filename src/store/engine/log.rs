@@ -1,0 +1,677 @@
+//! The commit log of a `file://` volume: where a commit becomes durable.
+//!
+//! `DIR/log/commit.log` is created once, preallocated and zero-filled, so
+//! that later writes overwrite written blocks and `fdatasync` flushes data
+//! without a journal commit. Page 0 is the header: the ring's tail (where
+//! replay starts). The rest is a ring of 4 KiB pages holding records, each
+//! page aligned, so a torn write damages only its own pages:
+//!
+//! ```text
+//! magic u32, version u16, flags u16, lsn u64, prev u32 (crc of the record
+//! before), len u32 (payload bytes), crc u32 (crc32c of the header with crc
+//! = 0, then the payload), zero u32, payload, zero pad to a page
+//! ```
+//!
+//! A record that would cross the end of the file is preceded by a wrap
+//! record (flag `WRAP`, the lsn of the record that follows) and starts at
+//! page 1. Replay walks from the tail while records have the magic, a good
+//! crc, the next lsn and the previous record's crc in `prev`: a stale record
+//! of an earlier lap has a lower lsn, a torn one fails its crc, and a record
+//! left behind a torn one by an unacknowledged group fails the chain.
+//!
+//! The payload (see [`encode_payload`]) is the commit's engine batch as
+//! `(key, Option<value>)` pairs and the bytes of its small writes with
+//! their segment placements.
+//!
+//! One writer at a time: the file is locked with `flock`; a second open in
+//! the same process takes the lock over from the first instance, which is
+//! fenced (its next append fails).
+//!
+//! This module owns the file and its format. It never touches the engine
+//! or the segments: the commit path and recovery (`recover.rs`) do.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use bytes::Bytes;
+use thiserror::Error;
+
+/// The log's directory inside a `file://` volume.
+pub const DIR_NAME: &str = "log";
+/// The log file's name in [`DIR_NAME`].
+pub const FILE_NAME: &str = "commit.log";
+/// The log's size when the URL names none.
+pub const LOG_BYTES_DEFAULT: u64 = 16 << 20;
+/// The smallest log a URL may ask for.
+pub const LOG_BYTES_MIN: u64 = 64 << 10;
+/// Records and the header are aligned to this.
+pub const PAGE: u64 = 4096;
+
+const HEADER_MAGIC: u32 = 0x4847_4c50; // "PLGH"
+const RECORD_MAGIC: u32 = 0x4352_4c50; // "PLRC"
+const VERSION: u16 = 1;
+const FLAG_WRAP: u16 = 1;
+/// Bytes of a record's header before its payload.
+pub const RECORD_HEADER: usize = 32;
+/// How long an open waits for another process to release the log.
+const LOCK_WAIT_MS: u64 = 10_000;
+const LOCK_STEP_MS: u64 = 10;
+
+/// What went wrong with the log.
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("commit log I/O")]
+    Io(#[from] io::Error),
+    #[error("commit log header: {0}")]
+    Header(String),
+    #[error("commit log record of {0} bytes exceeds the ring")]
+    TooLarge(usize),
+    #[error("commit log is full until a checkpoint")]
+    Full,
+    #[error("another instance opened the volume; this one is fenced")]
+    Fenced,
+    #[error("an earlier commit log write failed; reopen the volume")]
+    Failed,
+    #[error("commit log is locked by another process")]
+    Locked,
+    #[error("commit log record {lsn}: {reason}")]
+    Corrupt { lsn: u64, reason: String },
+}
+
+/// A place in the ring: the next record's offset and lsn, and the crc of
+/// the record before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub off: u64,
+    pub lsn: u64,
+    pub prev: u32,
+}
+
+/// One small write's bytes and where they went in a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegWrite {
+    pub seg: u64,
+    pub off: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A record read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: u64,
+    pub puts: Vec<(Bytes, Option<Bytes>)>,
+    pub writes: Vec<SegWrite>,
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A record's buffer, header space included, with its payload: the puts
+/// and deletes, then the writes (segment, offset, bytes given as parts).
+pub fn encode_payload<'a, W>(puts: &[(Vec<u8>, Option<Bytes>)], writes: W) -> Vec<u8>
+where
+    W: IntoIterator<Item = (u64, u64, Vec<&'a [u8]>)>,
+{
+    let mut out = vec![0u8; RECORD_HEADER];
+    put_u32(&mut out, puts.len() as u32);
+    for (k, v) in puts {
+        put_u32(&mut out, k.len() as u32);
+        out.extend_from_slice(k);
+        match v {
+            Some(v) => {
+                out.push(1);
+                put_u32(&mut out, v.len() as u32);
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    let count_at = out.len();
+    put_u32(&mut out, 0);
+    let mut count = 0u32;
+    for (seg, off, parts) in writes {
+        count += 1;
+        put_u64(&mut out, seg);
+        put_u64(&mut out, off);
+        put_u32(
+            &mut out,
+            parts.iter().map(|p| p.len()).sum::<usize>() as u32,
+        );
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+    }
+    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+/// The bytes a record with `payload` bytes takes in the ring.
+pub fn record_bytes(payload: usize) -> u64 {
+    ((RECORD_HEADER + payload) as u64).div_ceil(PAGE) * PAGE
+}
+
+/// Fill in the header of `buf` (from [`encode_payload`]) and pad it to a
+/// page; its crc.
+fn seal(buf: &mut Vec<u8>, flags: u16, lsn: u64, prev: u32) -> u32 {
+    let len = (buf.len() - RECORD_HEADER) as u32;
+    let mut h = [0u8; RECORD_HEADER];
+    h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&flags.to_le_bytes());
+    h[8..16].copy_from_slice(&lsn.to_le_bytes());
+    h[16..20].copy_from_slice(&prev.to_le_bytes());
+    h[20..24].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &buf[RECORD_HEADER..]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    buf[..RECORD_HEADER].copy_from_slice(&h);
+    buf.resize(record_bytes(len as usize) as usize, 0);
+    crc
+}
+
+/// A record's header, checked against what replay expects next.
+struct Header {
+    flags: u16,
+    len: usize,
+    crc: u32,
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// The record at the start of `at` (which runs to the end of the ring),
+/// if it is the one expected at `pos`.
+fn check_record(at: &[u8], pos: Position) -> Option<Header> {
+    if at.len() < RECORD_HEADER {
+        return None;
+    }
+    let h = &at[..RECORD_HEADER];
+    if le_u32(h, 0) != RECORD_MAGIC
+        || le_u16(h, 4) != VERSION
+        || le_u64(h, 8) != pos.lsn
+        || le_u32(h, 16) != pos.prev
+    {
+        return None;
+    }
+    let len = le_u32(h, 20) as usize;
+    if RECORD_HEADER + len > at.len() {
+        return None;
+    }
+    let mut zeroed = [0u8; RECORD_HEADER];
+    zeroed.copy_from_slice(h);
+    zeroed[24..28].fill(0);
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&zeroed),
+        &at[RECORD_HEADER..RECORD_HEADER + len],
+    );
+    (crc == le_u32(h, 24)).then_some(Header {
+        flags: le_u16(h, 6),
+        len,
+        crc,
+    })
+}
+
+/// Reads the payload of one record; every length is checked.
+struct Reader<'a> {
+    b: &'a [u8],
+    lsn: u64,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LogError> {
+        if self.b.len() < n {
+            return Err(LogError::Corrupt {
+                lsn: self.lsn,
+                reason: "payload shorter than its contents".into(),
+            });
+        }
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32, LogError> {
+        Ok(le_u32(self.take(4)?, 0))
+    }
+
+    fn u64(&mut self) -> Result<u64, LogError> {
+        Ok(le_u64(self.take(8)?, 0))
+    }
+}
+
+/// The puts and writes of a payload.
+pub fn decode_payload(lsn: u64, payload: &[u8]) -> Result<Record, LogError> {
+    let mut r = Reader { b: payload, lsn };
+    let n = r.u32()? as usize;
+    let mut puts = Vec::with_capacity(n.min(payload.len()));
+    for _ in 0..n {
+        let klen = r.u32()? as usize;
+        let key = Bytes::copy_from_slice(r.take(klen)?);
+        let value = match r.take(1)?[0] {
+            0 => None,
+            1 => {
+                let vlen = r.u32()? as usize;
+                Some(Bytes::copy_from_slice(r.take(vlen)?))
+            }
+            b => {
+                return Err(LogError::Corrupt {
+                    lsn,
+                    reason: format!("value marker {b}"),
+                })
+            }
+        };
+        puts.push((key, value));
+    }
+    let n = r.u32()? as usize;
+    let mut writes = Vec::with_capacity(n.min(payload.len()));
+    for _ in 0..n {
+        let seg = r.u64()?;
+        let off = r.u64()?;
+        let len = r.u32()? as usize;
+        writes.push(SegWrite {
+            seg,
+            off,
+            bytes: r.take(len)?.to_vec(),
+        });
+    }
+    Ok(Record { lsn, puts, writes })
+}
+
+/// Walk `ring` (the whole file) from `from`: every good record in order,
+/// and the position after the last one.
+pub fn scan(ring: &[u8], from: Position) -> Result<(Vec<Record>, Position), LogError> {
+    let size = ring.len() as u64;
+    let mut pos = from;
+    let mut out = Vec::new();
+    let mut walked = 0u64;
+    while walked < size {
+        if pos.off >= size {
+            pos.off = PAGE;
+        }
+        let Some(h) = check_record(&ring[pos.off as usize..], pos) else {
+            break;
+        };
+        let taken = record_bytes(h.len);
+        walked += taken;
+        if h.flags & FLAG_WRAP != 0 {
+            // The record it announces starts the ring again; the chain
+            // skips the wrap record.
+            walked += size - pos.off - taken;
+            pos.off = PAGE;
+            continue;
+        }
+        let start = pos.off as usize + RECORD_HEADER;
+        out.push(decode_payload(pos.lsn, &ring[start..start + h.len])?);
+        pos = Position {
+            off: pos.off + taken,
+            lsn: pos.lsn + 1,
+            prev: h.crc,
+        };
+    }
+    Ok((out, pos))
+}
+
+fn encode_header(tail: Position) -> Vec<u8> {
+    let mut h = vec![0u8; PAGE as usize];
+    h[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&tail.off.to_le_bytes());
+    h[16..24].copy_from_slice(&tail.lsn.to_le_bytes());
+    h[24..28].copy_from_slice(&tail.prev.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn decode_header(h: &[u8], size: u64) -> Result<Position, LogError> {
+    if h.len() < 32 || le_u32(h, 0) != HEADER_MAGIC {
+        return Err(LogError::Header("no header magic".into()));
+    }
+    if le_u16(h, 4) != VERSION {
+        return Err(LogError::Header(format!("version {}", le_u16(h, 4))));
+    }
+    if crc32c::crc32c(&h[..28]) != le_u32(h, 28) {
+        return Err(LogError::Header("bad crc".into()));
+    }
+    let tail = Position {
+        off: le_u64(h, 8),
+        lsn: le_u64(h, 16),
+        prev: le_u32(h, 24),
+    };
+    if tail.off < PAGE || tail.off > size || tail.off % PAGE != 0 {
+        return Err(LogError::Header(format!("tail offset {}", tail.off)));
+    }
+    Ok(tail)
+}
+
+/// The records from the tail of the log of the volume in `volume_dir`,
+/// read without taking its lock (none when it has no log).
+pub fn read_unreplayed(volume_dir: &Path) -> Result<Vec<Record>, LogError> {
+    let path = volume_dir.join(DIR_NAME).join(FILE_NAME);
+    let ring = match std::fs::read(&path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LogError::Io(e)),
+    };
+    let size = ring.len() as u64 / PAGE * PAGE;
+    if size < LOG_BYTES_MIN {
+        return Err(LogError::Header(format!("log file of {size} bytes")));
+    }
+    let ring = &ring[..size as usize];
+    let tail = decode_header(&ring[..PAGE as usize], size)?;
+    Ok(scan(ring, tail)?.0)
+}
+
+/// The ring's state, under the log's lock.
+struct Ring {
+    file: Arc<File>,
+    size: u64,
+    /// Where the next record goes.
+    head: Position,
+    /// Where replay would start: nothing before it is needed.
+    tail: Position,
+    /// The end of the last record whose batch the engine has.
+    applied: Position,
+    fenced: bool,
+    failed: bool,
+}
+
+impl Ring {
+    /// Bytes free for records between the head and the tail.
+    fn free(&self) -> u64 {
+        if self.tail.off > self.head.off {
+            self.tail.off - self.head.off
+        } else {
+            (self.size - self.head.off) + (self.tail.off - PAGE)
+        }
+    }
+}
+
+/// The commit log of one open volume.
+pub struct CommitLog {
+    ring: Mutex<Ring>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type OpenLogs = Mutex<HashMap<(u64, u64), Weak<CommitLog>>>;
+
+/// The logs open in this process, by (device, inode): a second open takes
+/// the lock (and the file description holding it) over from the first.
+fn open_logs() -> &'static OpenLogs {
+    static LOGS: OnceLock<OpenLogs> = OnceLock::new();
+    LOGS.get_or_init(Mutex::default)
+}
+
+fn flock_exclusive(file: &File) -> Result<(), LogError> {
+    let mut waited = 0;
+    loop {
+        // SAFETY: flock only reads its integer arguments; the fd is open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(LogError::Io(e));
+        }
+        if waited >= LOCK_WAIT_MS {
+            return Err(LogError::Locked);
+        }
+        // Another process holds it: bounded polling, as flock has no timeout.
+        std::thread::sleep(std::time::Duration::from_millis(LOCK_STEP_MS));
+        waited += LOCK_STEP_MS;
+    }
+}
+
+/// Create the log file at `path`: preallocated, zero-filled, an empty
+/// ring, all durable, then renamed into place.
+fn create(dir: &Path, path: &Path, size: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{FILE_NAME}.new"));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let len = libc::off_t::try_from(size).map_err(|_| io::Error::other("log size"))?;
+    // SAFETY: fallocate only reads its integer arguments; the fd is open.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    let empty = Position {
+        off: PAGE,
+        lsn: 1,
+        prev: 0,
+    };
+    f.write_all_at(&encode_header(empty), 0)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+impl CommitLog {
+    /// Open (creating if missing, at `size` bytes) the log of the volume
+    /// in `volume_dir`, take its lock, and read the records to replay.
+    pub fn open(volume_dir: &Path, size: u64) -> Result<(Arc<CommitLog>, Vec<Record>), LogError> {
+        let dir = volume_dir.join(DIR_NAME);
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            std::fs::create_dir_all(&dir)?;
+            File::open(volume_dir)?.sync_all()?;
+            create(&dir, &path, size)?;
+        }
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let meta = file.metadata()?;
+        let size = meta.len() / PAGE * PAGE;
+        if size < LOG_BYTES_MIN {
+            return Err(LogError::Header(format!("log file of {size} bytes")));
+        }
+        let id = (meta.dev(), meta.ino());
+        let mut logs = lock(open_logs());
+        let previous = logs.get(&id).and_then(Weak::upgrade);
+        let file = match previous {
+            Some(old) => {
+                // Fence the earlier instance: once we hold its lock it
+                // appends nothing more, and we keep its locked file.
+                let mut r = lock(&old.ring);
+                r.fenced = true;
+                r.file.clone()
+            }
+            None => {
+                flock_exclusive(&file)?;
+                Arc::new(file)
+            }
+        };
+        let mut ring = vec![0u8; size as usize];
+        file.read_exact_at(&mut ring, 0)?;
+        let tail = decode_header(&ring[..PAGE as usize], size)?;
+        let (records, head) = scan(&ring, tail)?;
+        let log = Arc::new(CommitLog {
+            ring: Mutex::new(Ring {
+                file,
+                size,
+                head,
+                tail,
+                applied: head,
+                fenced: false,
+                failed: false,
+            }),
+        });
+        logs.retain(|_, w| w.strong_count() > 0);
+        logs.insert(id, Arc::downgrade(&log));
+        Ok((log, records))
+    }
+
+    /// The lsn the next record gets.
+    pub fn next_lsn(&self) -> u64 {
+        lock(&self.ring).head.lsn
+    }
+
+    /// Whether an append can no longer succeed.
+    pub fn check(&self) -> Result<(), LogError> {
+        let r = lock(&self.ring);
+        if r.fenced {
+            return Err(LogError::Fenced);
+        }
+        if r.failed {
+            return Err(LogError::Failed);
+        }
+        Ok(())
+    }
+
+    /// The largest record the ring takes: a quarter of it.
+    pub fn record_max(&self) -> u64 {
+        lock(&self.ring).size / 4
+    }
+
+    /// Whether more than half the ring is in use.
+    pub fn half_full(&self) -> bool {
+        let r = lock(&self.ring);
+        r.free() < (r.size - PAGE) / 2
+    }
+
+    /// Write `buf` (from [`encode_payload`]) as the record with lsn
+    /// [`CommitLog::next_lsn`] and make it durable: one `pwrite` (two
+    /// when it wraps) and one `fdatasync`. `Full` changes nothing; any I/O
+    /// error leaves the log failed: the page cache no longer says what
+    /// reached the disk.
+    pub fn append(&self, buf: &mut Vec<u8>) -> Result<u64, LogError> {
+        let mut r = lock(&self.ring);
+        if r.fenced {
+            return Err(LogError::Fenced);
+        }
+        if r.failed {
+            return Err(LogError::Failed);
+        }
+        let taken = record_bytes(buf.len() - RECORD_HEADER);
+        if taken > r.size / 4 {
+            return Err(LogError::TooLarge(buf.len()));
+        }
+        let mut at = r.head.off;
+        let wraps = at + taken > r.size;
+        let needed = if wraps { r.size - at + taken } else { taken };
+        // Strictly less: a full ring would look empty.
+        if needed >= r.free() {
+            return Err(LogError::Full);
+        }
+        let lsn = r.head.lsn;
+        let prev = r.head.prev;
+        let file = r.file.clone();
+        let written = (|| {
+            if wraps {
+                if at < r.size {
+                    let mut w = vec![0u8; RECORD_HEADER];
+                    seal(&mut w, FLAG_WRAP, lsn, prev);
+                    file.write_all_at(&w, at)?;
+                }
+                at = PAGE;
+            }
+            let crc = seal(buf, 0, lsn, prev);
+            file.write_all_at(buf, at)?;
+            file.sync_data()?;
+            Ok::<u32, io::Error>(crc)
+        })();
+        match written {
+            Ok(crc) => {
+                r.head = Position {
+                    off: at + taken,
+                    lsn: lsn + 1,
+                    prev: crc,
+                };
+                Ok(lsn)
+            }
+            Err(e) => {
+                r.failed = true;
+                Err(LogError::Io(e))
+            }
+        }
+    }
+
+    /// Refuse every later append: what was logged and what the engine
+    /// holds have parted.
+    pub fn fail(&self) {
+        lock(&self.ring).failed = true;
+    }
+
+    /// Note that the engine has the batch of every record so far.
+    pub fn applied_all(&self) {
+        let mut r = lock(&self.ring);
+        r.applied = r.head;
+    }
+
+    /// The end of the last record whose batch the engine has.
+    pub fn applied(&self) -> Position {
+        lock(&self.ring).applied
+    }
+
+    /// The tail as last made durable.
+    pub fn tail(&self) -> Position {
+        lock(&self.ring).tail
+    }
+
+    /// Move the tail to `to` (a position from [`CommitLog::applied`],
+    /// whose records are durable elsewhere): write the header and
+    /// `fdatasync` it.
+    pub fn advance_tail(&self, to: Position) -> Result<(), LogError> {
+        let mut r = lock(&self.ring);
+        if r.fenced {
+            return Err(LogError::Fenced);
+        }
+        if r.failed {
+            return Err(LogError::Failed);
+        }
+        if to == r.tail {
+            return Ok(());
+        }
+        let file = r.file.clone();
+        let written = file
+            .write_all_at(&encode_header(to), 0)
+            .and_then(|()| file.sync_data());
+        match written {
+            Ok(()) => {
+                r.tail = to;
+                Ok(())
+            }
+            Err(e) => {
+                r.failed = true;
+                Err(LogError::Io(e))
+            }
+        }
+    }
+}
