@@ -23,9 +23,12 @@
 //! `(key, Option<value>)` pairs and the bytes of its small writes with
 //! their segment placements.
 //!
-//! One writer at a time: the file is locked with `flock`; a second open in
-//! the same process takes the lock over from the first instance, which is
-//! fenced (its next append fails).
+//! One writer at a time: the file is locked with `flock`. An opener (which
+//! has fenced the previous writer's engine already) that finds it locked
+//! creates `log/fence` and waits, bounded; the holder polls for that file,
+//! stops appending (its next commit fails as fenced) and releases the
+//! lock. A second open in the same process takes the lock over from the
+//! first instance directly, fencing it the same way.
 //!
 //! This module owns the file and its format. It never touches the engine
 //! or the segments: the commit path and recovery (`recover.rs`) do.
@@ -58,6 +61,9 @@ const VERSION: u16 = 1;
 const FLAG_WRAP: u16 = 1;
 /// Bytes of a record's header before its payload.
 pub const RECORD_HEADER: usize = 32;
+/// The file an opener that finds the log locked creates beside it: the
+/// holder, which polls for it, stops appending and releases the lock.
+const FENCE_FILE: &str = "fence";
 /// How long an open waits for another process to release the log.
 const LOCK_WAIT_MS: u64 = 10_000;
 const LOCK_STEP_MS: u64 = 10;
@@ -412,6 +418,8 @@ impl Ring {
 /// The commit log of one open volume.
 pub struct CommitLog {
     ring: Mutex<Ring>,
+    /// Where another process asks for the lock.
+    fence: std::path::PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -427,17 +435,27 @@ fn open_logs() -> &'static OpenLogs {
     LOGS.get_or_init(Mutex::default)
 }
 
-fn flock_exclusive(file: &File) -> Result<(), LogError> {
+/// Take the lock of `file`, asking its holder to let go through the
+/// fence file in `dir` (the caller has fenced the holder's engine already).
+fn flock_exclusive(file: &File, dir: &Path) -> Result<(), LogError> {
     let mut waited = 0;
+    let fence = dir.join(FENCE_FILE);
     loop {
         // SAFETY: flock only reads its integer arguments; the fd is open.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
-            return Ok(());
+            // Ours now: a request left behind must not fence us.
+            return match std::fs::remove_file(&fence) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(LogError::Io(e)),
+                _ => Ok(()),
+            };
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(LogError::Io(e));
+        }
+        if waited == 0 {
+            std::fs::write(&fence, std::process::id().to_string())?;
         }
         if waited >= LOCK_WAIT_MS {
             return Err(LogError::Locked);
@@ -509,12 +527,18 @@ impl CommitLog {
             Some(old) => {
                 // Fence the earlier instance: once we hold its lock it
                 // appends nothing more, and we keep its locked file.
-                let mut r = lock(&old.ring);
-                r.fenced = true;
-                r.file.clone()
+                let file = {
+                    let mut r = lock(&old.ring);
+                    r.fenced = true;
+                    r.file.clone()
+                };
+                // Held already through this description, unless the old
+                // instance gave it up on finding its engine fenced.
+                flock_exclusive(&file, &dir)?;
+                file
             }
             None => {
-                flock_exclusive(&file)?;
+                flock_exclusive(&file, &dir)?;
                 Arc::new(file)
             }
         };
@@ -523,6 +547,7 @@ impl CommitLog {
         let tail = decode_header(&ring[..PAGE as usize], size)?;
         let (records, head) = scan(&ring, tail)?;
         let log = Arc::new(CommitLog {
+            fence: dir.join(FENCE_FILE),
             ring: Mutex::new(Ring {
                 file,
                 size,
@@ -627,6 +652,33 @@ impl CommitLog {
     /// holds have parted.
     pub fn fail(&self) {
         lock(&self.ring).failed = true;
+    }
+
+    /// If another process asked for the log (it has fenced this
+    /// instance's engine already), stop appending and release the lock;
+    /// whether this instance is fenced now.
+    pub fn yield_if_asked(&self) -> bool {
+        self.yield_lock(false)
+    }
+
+    /// Stop appending and release the lock, asked or not (the engine
+    /// reported this instance fenced: another writer opened the volume).
+    pub fn yield_to_successor(&self) {
+        self.yield_lock(true);
+    }
+
+    fn yield_lock(&self, unasked: bool) -> bool {
+        let mut r = lock(&self.ring);
+        if r.fenced {
+            return true;
+        }
+        if !unasked && !self.fence.exists() {
+            return false;
+        }
+        r.fenced = true;
+        // SAFETY: flock only reads its integer arguments; the fd is open.
+        unsafe { libc::flock(r.file.as_raw_fd(), libc::LOCK_UN) };
+        true
     }
 
     /// Note that the engine has the batch of every record so far.

@@ -122,7 +122,7 @@ impl SlateStore {
                 return Err(e);
             }
         };
-        if let (Some(cp), true) = (&checkpoint, cfg.checkpoint_ms > 0) {
+        if let Some(cp) = &checkpoint {
             runtime.spawn(
                 cp.clone()
                     .background(cfg.checkpoint_ms, cfg.describe.clone()),

@@ -185,17 +185,36 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Checkpoint every `every_ms` until [`Checkpoint::stop`].
+    /// Until [`Checkpoint::stop`]: checkpoint every `every_ms` (never for
+    /// 0), and give the log up when another process asks for it.
     pub async fn background(self: Arc<Self>, every_ms: u64, describe: String) {
-        let every = std::time::Duration::from_millis(every_ms);
+        let tick = if every_ms == 0 {
+            CHECKPOINT_INTERVAL_MS
+        } else {
+            every_ms.min(CHECKPOINT_INTERVAL_MS)
+        };
+        let mut since_ms = 0;
         loop {
             tokio::select! {
                 () = self.stop.notified() => return,
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(tick)) => {}
             }
+            if self.log.yield_if_asked() {
+                tracing::error!(volume = %describe, "another writer opened the volume; this instance is fenced");
+                return;
+            }
+            since_ms += tick;
+            if every_ms == 0 || since_ms < every_ms {
+                continue;
+            }
+            since_ms = 0;
             match self.run().await {
                 Ok(()) => {}
-                Err(StoreError::Fenced) => return,
+                Err(StoreError::Fenced) => {
+                    self.log.yield_to_successor();
+                    tracing::error!(volume = %describe, "another writer opened the volume; this instance is fenced");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(volume = %describe, error = %e, "commit log checkpoint failed");
                 }
