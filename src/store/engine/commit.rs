@@ -1,7 +1,10 @@
-//! The commit path: a transaction's bytes to segments, made durable, then
-//! its batch built under the commit lock and handed to the engine, then
-//! (once durable) the segment space it freed handed to the reclaimer. See the module
-//! documentation of the engine for the order and why.
+//! The commit path: a transaction's bytes to segments (made durable there
+//! unless its commit-log record carries them), then its batch built under
+//! the commit lock, made durable in the commit log and handed to the
+//! engine (or, without the log, handed to the engine and waited for), then
+//! the segment space it freed handed to the reclaimer once no replay can
+//! write it again. See the module documentation of the engine for the
+//! order and why.
 //!
 //! This module owns that order. It never interprets POSIX semantics
 //! (`apply.rs` turns ops into records) and never decides what is live

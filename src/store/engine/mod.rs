@@ -3,18 +3,23 @@
 //!
 //! One [`Txn`] becomes one SlateDB write batch, so it is atomic. On a
 //! `file://` volume the bytes of its writes go first to an append-only
-//! segment file (`segment.rs`) and are made durable there, sharing
-//! `fdatasync` calls with concurrent commits, before the commit builds its
-//! batch: SlateDB may flush its WAL at any moment, so no record may reach it
-//! before the bytes it refers to are on the medium. SlateDB holds metadata
-//! only: inodes, entries, xattrs, and per-chunk extent lists (`extent.rs`);
-//! `s3://` volumes keep the bytes inline in the extents. Commits are
-//! serialized while their batch is built and appended to the in-memory WAL
-//! (building reads what earlier commits left, see `apply.rs`) and then wait
-//! for durability together, sharing WAL flushes (`group.rs`). A commit is
-//! acknowledged only once its batch is in the object store; only then are
-//! the segment pages it stopped referring to punched out, and segments it
-//! emptied deleted, by a thread of their own (`reclaim.rs`).
+//! segment file (`segment.rs`). SlateDB holds metadata only: inodes,
+//! entries, xattrs, and per-chunk extent lists (`extent.rs`); `s3://`
+//! volumes keep the bytes inline in the extents. Commits are serialized
+//! while their batch is built (building reads what earlier commits left,
+//! see `apply.rs`).
+//!
+//! On `file://` a commit is durable once its record is in the commit log
+//! (`log.rs`): its batch and the bytes of its small writes, one `pwrite`
+//! and one `fdatasync` of a preallocated file. Only then does the batch go
+//! to SlateDB's memtable, whose WAL follows on its timer; larger writes
+//! are synced in their segment before the record. Opening replays the log
+//! and checkpoints move its tail (`recover.rs`). On `s3://` (and with
+//! `log=off`) the batch goes to SlateDB once the segment bytes are
+//! durable, and commits wait for its WAL together, sharing flushes
+//! (`group.rs`). Either way, the segment pages a commit stopped referring
+//! to are punched, and segments it emptied deleted, by a thread of their
+//! own (`reclaim.rs`), only once no replay can write them again.
 //!
 //! The key layout is in `keys.rs`, value encodings in `codec.rs` and
 //! `extent.rs`; all are described in `docs/store-layout.md`.
@@ -27,10 +32,12 @@
 //! `spawn_blocking` are fine, and dropping is fine anywhere. It never
 //! interprets POSIX semantics: ops are applied blind.
 //!
-//! Reads see every commit that has returned `Ok`; they may also see a commit
-//! that has been appended to the WAL but is still waiting for durability.
-//! Should that wait fail (the volume was fenced by another writer, or the
-//! engine closed) the commit returns `Err` and the instance is unusable.
+//! Reads see every commit that has returned `Ok`; without the commit log
+//! they may also see a commit that has been appended to the WAL but is
+//! still waiting for durability. Should that wait fail (the volume was
+//! fenced by another writer, or the engine closed), or the commit log's
+//! write or sync fail, the commit returns `Err` and the instance is
+//! unusable.
 
 mod apply;
 mod codec;
