@@ -47,6 +47,7 @@ mod extent;
 mod group;
 mod keys;
 mod log;
+mod log_record;
 mod open;
 mod overlay;
 mod pins;
