@@ -41,7 +41,7 @@ use super::problem::lossy;
 pub use super::problem::{Problem, Warning};
 use super::segments::SegmentCheck;
 use crate::store::engine::{
-    BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan, FORMAT_VERSION,
+    BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan, FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{
     Dirent, FileKind, Inode, StoreError, BLOCK_SIZE, FIRST_FREE_ID, NAME_MAX, ROOT_INO,
@@ -237,7 +237,7 @@ impl Checker {
             }
             Err(e) => return Err(CheckError::Superblock(e)),
         };
-        if info.format_version != FORMAT_VERSION {
+        if info.format_version != FORMAT_VERSION && info.format_version != UPGRADES_FROM {
             self.problems
                 .push(Problem::FormatVersion(info.format_version));
         }

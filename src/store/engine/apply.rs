@@ -30,6 +30,21 @@ use super::map_engine_error;
 use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
 
+/// A batch as a list: the key, and its new value or `None` to delete it.
+pub type Puts = Vec<(Vec<u8>, Option<Bytes>)>;
+
+/// The engine batch of `puts`.
+pub fn to_batch(puts: &Puts) -> WriteBatch {
+    let mut batch = WriteBatch::new();
+    for (k, v) in puts {
+        match v {
+            Some(v) => batch.put_bytes(Bytes::copy_from_slice(k), v.clone()),
+            None => batch.delete(k),
+        }
+    }
+    batch
+}
+
 /// One key this transaction has read or written.
 struct Entry {
     /// The length of the key's value in the engine before this
@@ -229,9 +244,10 @@ impl<'a> TxnView<'a> {
         }
     }
 
-    /// The batch this transaction writes, and the counters after it.
-    pub fn finish(self, before: Counters) -> Result<(WriteBatch, Counters), StoreError> {
-        let mut batch = WriteBatch::new();
+    /// The puts (`Some`) and deletes (`None`) this transaction writes, and
+    /// the counters after it.
+    pub fn finish(self, before: Counters) -> Result<(Puts, Counters), StoreError> {
+        let mut batch = Puts::new();
         let (mut blocks, mut inodes) = (before.blocks as i128, before.inodes as i128);
         let mut meta = before.meta_bytes as i128;
         for (key, e) in self.entries {
@@ -249,10 +265,7 @@ impl<'a> TxnView<'a> {
                 meta += record_bytes(&key, e.value.as_ref().map(Bytes::len))
                     - record_bytes(&key, e.base_len);
             }
-            match e.value {
-                Some(v) => batch.put_bytes(Bytes::from(key), v),
-                None => batch.delete(&key),
-            }
+            batch.push((key, e.value));
         }
         let after = Counters {
             blocks: u64::try_from(blocks)
@@ -263,7 +276,7 @@ impl<'a> TxnView<'a> {
                 .map_err(|_| StoreError::Corrupt(format!("metadata bytes went to {meta}")))?,
         };
         if after != before {
-            batch.put(keys::stats(), codec::encode_counters(&after));
+            batch.push((keys::stats(), Some(codec::encode_counters(&after).into())));
         }
         Ok((batch, after))
     }

@@ -16,12 +16,22 @@ const V1: u8 = 1;
 pub const MAGIC: &[u8; 8] = b"POHMELFS";
 
 /// The layout version of volumes this code writes and reads. A volume with
-/// another version is refused at open, never reformatted.
+/// another version is refused at open, never reformatted, except
+/// [`UPGRADES_FROM`].
 ///
-/// Version 2 moved file data out of the engine: a chunk record is a list of
-/// extents (`extent.rs`) and `file://` volumes keep the bytes in segment
-/// files. Version 1 stored each 64 KiB block as one value.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 added the commit log (`log/commit.log`, key `0x03`) and the
+/// orphan marks (`0x12`). Version 2 moved file data out of the engine: a
+/// chunk record is a list of extents (`extent.rs`) and `file://` volumes
+/// keep the bytes in segment files. Version 1 stored each 64 KiB block as
+/// one value.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The one older version an open upgrades in place: a version-2 volume has
+/// neither a commit log nor orphan marks, which is what a version-3 volume
+/// with an empty log and no orphans looks like, so only the superblock
+/// changes. A build of version 2 then refuses the volume instead of
+/// ignoring commits that live only in its log.
+pub const UPGRADES_FROM: u32 = 2;
 
 /// A reader over one value that turns every short read into `Corrupt`.
 struct Reader<'a> {

@@ -1,7 +1,10 @@
-//! The commit path: a transaction's bytes to segments, made durable, then
-//! its batch built under the commit lock and handed to the engine, then
-//! (once durable) the segment space it freed handed to the reclaimer. See the module
-//! documentation of the engine for the order and why.
+//! The commit path: a transaction's bytes to segments (made durable there
+//! unless its commit-log record carries them), then its batch built under
+//! the commit lock, made durable in the commit log and handed to the
+//! engine (or, without the log, handed to the engine and waited for), then
+//! the segment space it freed handed to the reclaimer once no replay can
+//! write it again. See the module documentation of the engine for the
+//! order and why.
 //!
 //! This module owns that order. It never interprets POSIX semantics
 //! (`apply.rs` turns ops into records) and never decides what is live
@@ -11,10 +14,18 @@ use std::sync::atomic::Ordering;
 
 use slatedb::{WriteBatch, WriteHandle};
 
+use super::apply::Puts;
+use super::log::{self, LogError};
 use super::reclaim::Reclaim;
+use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
 use super::{apply, codec, keys, map_engine_error, SlateStore, SEGMENT_PAGE};
-use crate::store::{CommitOutcome, Op, StoreError, Txn, BLOCK_SIZE};
+use crate::store::{CommitOutcome, Op, StoreError, Txn, WriteData, BLOCK_SIZE};
+
+/// Writes of at most this many bytes in all go into their commit's log
+/// record, and unsynced into their segment; larger ones are synced in
+/// their segment before the record, so no byte is written twice.
+const LOG_INLINE_BYTES: u64 = 64 << 10;
 
 /// The outcome of building a commit's batch.
 enum Built {
@@ -22,6 +33,9 @@ enum Built {
     Duplicate,
     /// The batch was written (`None`: it was empty).
     Batch(Option<WriteHandle>, Reclaim),
+    /// The batch is durable (in the commit log, or empty); what it freed
+    /// may be named by records up to this lsn.
+    Logged(u64, Reclaim),
 }
 
 impl SlateStore {
@@ -61,10 +75,11 @@ impl SlateStore {
         Ok(())
     }
 
-    /// Append the bytes of every write of `txn` to a segment and make them
-    /// durable; where each op's bytes went (`None` for every op on a volume
-    /// without segments, and for ops that carry none).
-    fn place(&self, txn: &Txn) -> Result<Vec<Option<Placed>>, StoreError> {
+    /// Append the bytes of every write of `txn` to a segment; where each
+    /// op's bytes went (`None` for every op on a volume without segments,
+    /// and for ops that carry none). They are made durable here unless
+    /// `logged`: then their commit-log record carries them.
+    fn place(&self, txn: &Txn, logged: bool) -> Result<Vec<Option<Placed>>, StoreError> {
         let Some(segs) = &self.segments else {
             return Ok(vec![None; txn.ops.len()]);
         };
@@ -86,6 +101,9 @@ impl SlateStore {
                 _ => None,
             };
             out.push(p);
+        }
+        if logged {
+            return Ok(out);
         }
         // Appends of one commit are in segment order: the last covers all.
         if let Some(last) = out.iter().flatten().last() {
@@ -120,11 +138,22 @@ impl SlateStore {
     ) -> Result<CommitOutcome, StoreError> {
         self.check_writable()?;
         let _in_flight = self.group.begin();
-        let placed = self.place(&txn)?;
+        let logged = self.checkpoint.is_some() && txn.data_bytes() <= LOG_INLINE_BYTES;
+        let placed = self.place(&txn, logged)?;
+        // The record carries the bytes (`WriteData` clones share them).
+        let writes: Vec<(Placed, WriteData)> = txn
+            .ops
+            .iter()
+            .zip(&placed)
+            .filter_map(|(op, p)| match (op, p) {
+                (Op::Write { data, .. }, Some(p)) if logged => Some((*p, data.clone())),
+                _ => None,
+            })
+            .collect();
         let mut appended: Vec<Placed> = placed.iter().flatten().copied().collect();
         let mut written = false;
         let built = self
-            .build(once, txn, placed, &mut appended, &mut written)
+            .build(once, txn, placed, &writes, &mut appended, &mut written)
             .await;
         if written {
             if let Some(segs) = &self.segments {
@@ -138,12 +167,21 @@ impl SlateStore {
         let (handle, reclaim) = match built? {
             Built::Duplicate => {
                 // The first copy may still be on its way to the medium:
-                // acknowledge the duplicate only once it has arrived.
-                self.group
-                    .wait_all(&self.db)
-                    .await
-                    .map_err(map_engine_error)?;
+                // acknowledge the duplicate only once it has arrived. A
+                // logged copy is in the engine only once durable.
+                if self.checkpoint.is_none() {
+                    self.group
+                        .wait_all(&self.db)
+                        .await
+                        .map_err(map_engine_error)?;
+                }
                 return Ok(CommitOutcome { duplicate: true });
+            }
+            Built::Logged(lsn, reclaim) => {
+                if let Some(cp) = &self.checkpoint {
+                    cp.hold(lsn, reclaim);
+                }
+                return Ok(CommitOutcome { duplicate: false });
             }
             Built::Batch(handle, reclaim) => (handle, reclaim),
         };
@@ -169,6 +207,7 @@ impl SlateStore {
         once: Option<(u64, u64)>,
         txn: Txn,
         placed: Vec<Option<Placed>>,
+        writes: &[(Placed, WriteData)],
         appended: &mut Vec<Placed>,
         written: &mut bool,
     ) -> Result<Built, StoreError> {
@@ -193,7 +232,7 @@ impl SlateStore {
             dead: std::mem::take(&mut view.dead),
             emptied: std::mem::take(&mut view.emptied),
         };
-        let (batch, after) = view.finish(*counters)?;
+        let (puts, after) = view.finish(*counters)?;
         // Data blocks and metadata share the capacity; a transaction that
         // grows neither fits, however full the volume.
         let grows = after.blocks > counters.blocks || after.meta_bytes > counters.meta_bytes;
@@ -209,20 +248,96 @@ impl SlateStore {
         }
         // Chunk rewrites appended while applying: durable before the batch.
         if let (Some(segs), Some(last)) = (&self.segments, appended.last()) {
-            segs.sync_to(last.seg, last.seg_off + last.len)
-                .map_err(StoreError::Io)?;
+            if !writes.iter().any(|(p, _)| p == last) {
+                segs.sync_to(last.seg, last.seg_off + last.len)
+                    .map_err(StoreError::Io)?;
+            }
         }
-        if batch.is_empty() {
-            return Ok(Built::Batch(None, reclaim));
-        }
-        *written = true;
-        let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-        self.group.written(&handle);
+        let built = if puts.is_empty() {
+            match &self.checkpoint {
+                Some(cp) => Built::Logged(cp.log.next_lsn().saturating_sub(1), reclaim),
+                None => Built::Batch(None, reclaim),
+            }
+        } else {
+            *written = true;
+            match &self.checkpoint {
+                Some(cp) => Built::Logged(self.log_commit(cp, puts, writes).await?, reclaim),
+                None => {
+                    let handle = self
+                        .db
+                        .write(apply::to_batch(&puts))
+                        .await
+                        .map_err(map_engine_error)?;
+                    self.group.written(&handle);
+                    Built::Batch(Some(handle), reclaim)
+                }
+            }
+        };
         *counters = after;
         self.used_blocks.store(after.blocks, Ordering::Release);
         self.used_inodes.store(after.inodes, Ordering::Release);
         self.used_meta_bytes
             .store(after.meta_bytes, Ordering::Release);
-        Ok(Built::Batch(Some(handle), reclaim))
+        Ok(built)
+    }
+
+    /// Make `puts` durable through the commit log, with the bytes of
+    /// `writes`, then hand them to the engine (called under the commit
+    /// lock, so records and engine writes are in the same order); the
+    /// last lsn a record naming what it freed may have.
+    async fn log_commit(
+        &self,
+        cp: &Checkpoint,
+        mut puts: Puts,
+        writes: &[(Placed, WriteData)],
+    ) -> Result<u64, StoreError> {
+        let log = &cp.log;
+        let lsn = log.next_lsn();
+        puts.push((keys::log(), Some(recover::encode_lsn(lsn).into())));
+        let mut buf = log::encode_payload(
+            &puts,
+            writes
+                .iter()
+                .map(|(p, d)| (p.seg, p.seg_off, d.slices().collect())),
+        );
+        if log::record_bytes(buf.len() - log::RECORD_HEADER) > log.record_max() {
+            // Too large for the ring: durable in the engine before the
+            // acknowledgement, with every segment byte before it, still
+            // under the commit lock so no later record overtakes it.
+            puts.pop();
+            if let Some(segs) = &self.segments {
+                segs.sync_all().map_err(StoreError::Io)?;
+            }
+            let handle = self
+                .db
+                .write(apply::to_batch(&puts))
+                .await
+                .map_err(map_engine_error)?;
+            self.group.written(&handle);
+            self.group
+                .wait(&self.db, &handle)
+                .await
+                .map_err(map_engine_error)?;
+            return Ok(lsn.saturating_sub(1));
+        }
+        if log.half_full() {
+            cp.run().await?;
+        }
+        loop {
+            match log.append(&mut buf) {
+                Ok(_) => break,
+                Err(LogError::Full) => cp.run().await?,
+                Err(e) => return Err(recover::map_log_error(e)),
+            }
+        }
+        if let Err(e) = self.db.write(apply::to_batch(&puts)).await {
+            // Durable in the log but not in this instance's engine: what
+            // reads see no longer says what is durable. Only a reopen,
+            // which replays the record, may go on.
+            log.fail();
+            return Err(map_engine_error(e));
+        }
+        log.applied_all();
+        Ok(lsn)
     }
 }

@@ -13,7 +13,12 @@
 //! `commit=adaptive|flush|interval` (see [`CommitMode`]),
 //! `flush_interval_ms=N`, `memory=SIZE` (the engine's memtables and block
 //! caches, see [`EngineMemory`]; the daemon sets it to the engine's share
-//! of `--cache-size`).
+//! of `--cache-size`). For `file://` only: `log_size=SIZE` (the commit
+//! log's ring, created at this size; default 16M), `checkpoint_ms=N`
+//! (how often the log's tail is moved; default 100, 0: only when the ring
+//! is half full and at close) and `log=off` (commit
+//! through the engine's WAL instead: segment sync, WAL flush; for
+//! comparison).
 //!
 //! This module owns URL parsing and engine configuration. It never opens the
 //! engine and never reads or writes the volume.
@@ -66,6 +71,10 @@ pub struct VolumeConfig {
     pub local_dir: Option<PathBuf>,
     /// What the engine may hold in memory.
     pub memory: EngineMemory,
+    /// The commit log's size, on a `file://` volume that has one.
+    pub log_bytes: Option<u64>,
+    /// How often the commit log is checkpointed (0: only when needed).
+    pub checkpoint_ms: u64,
 }
 
 fn bad(url: &str, reason: impl Into<String>) -> OpenVolumeError {
@@ -104,6 +113,9 @@ struct CommonOptions {
     commit_mode: CommitMode,
     flush_interval_ms: Option<u64>,
     memory_bytes: u64,
+    log_bytes: u64,
+    log: bool,
+    checkpoint_ms: u64,
     rest: Vec<(String, String)>,
 }
 
@@ -114,6 +126,9 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
         commit_mode: DEFAULT_COMMIT_MODE,
         flush_interval_ms: None,
         memory_bytes: DEFAULT_MEMORY_BYTES,
+        log_bytes: super::log::LOG_BYTES_DEFAULT,
+        log: true,
+        checkpoint_ms: super::recover::CHECKPOINT_INTERVAL_MS,
         rest: Vec::new(),
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -135,6 +150,19 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
                     "flush" => CommitMode::Flush,
                     "interval" => CommitMode::Interval,
                     "adaptive" => CommitMode::Adaptive,
+                    _ => return Err(bad_value()),
+                }
+            }
+            "log_size" => {
+                o.log_bytes = crate::store::parse_size(&v)
+                    .filter(|b| *b >= super::log::LOG_BYTES_MIN)
+                    .ok_or_else(bad_value)?
+            }
+            "checkpoint_ms" => o.checkpoint_ms = v.parse().map_err(|_| bad_value())?,
+            "log" => {
+                o.log = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
                     _ => return Err(bad_value()),
                 }
             }
@@ -213,9 +241,12 @@ pub fn block_cache_policy() -> slatedb::BlockCachePolicy {
         .with_flush_targets(&[CacheTarget::Index, CacheTarget::Filters])
 }
 
-fn settings(o: &CommonOptions, boundary_files: bool) -> Settings {
+fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
     let m = EngineMemory::of(o.memory_bytes);
     let flush_ms = o.flush_interval_ms.unwrap_or(match o.commit_mode {
+        // Commits are durable in the commit log: the WAL's timer only
+        // bounds how much the log must replay.
+        _ if logged => DEFAULT_BACKGROUND_FLUSH_MS,
         CommitMode::Interval | CommitMode::Adaptive => DEFAULT_INTERVAL_FLUSH_MS,
         CommitMode::Flush => DEFAULT_BACKGROUND_FLUSH_MS,
     });
@@ -272,13 +303,15 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         db_path: String::new(),
         // LocalFileSystem has no conditional overwrite (If-Match), which
         // the garbage collector's boundary files need.
-        settings: settings(&o, false),
+        settings: settings(&o, false, o.log),
         capacity_bytes: o.capacity_bytes,
         capacity_inodes: o.capacity_inodes,
         commit_mode: o.commit_mode,
         describe: format!("file://{}", dir.display()),
         local_dir: Some(dir),
         memory: EngineMemory::of(o.memory_bytes),
+        log_bytes: o.log.then_some(o.log_bytes),
+        checkpoint_ms: o.checkpoint_ms,
     })
 }
 
@@ -304,7 +337,7 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
     Ok(VolumeConfig {
         object_store: Arc::new(store),
         db_path: prefix.to_string(),
-        settings: settings(&o, true),
+        settings: settings(&o, true, false),
         capacity_bytes: o.capacity_bytes,
         capacity_inodes: o.capacity_inodes,
         commit_mode: o.commit_mode,
@@ -314,6 +347,8 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
         },
         local_dir: None,
         memory: EngineMemory::of(o.memory_bytes),
+        log_bytes: None,
+        checkpoint_ms: 0,
     })
 }
 

@@ -20,6 +20,9 @@ pub mod tag {
     pub const SUPERBLOCK: u8 = 0x01;
     /// Space accounting counters (one key, the tag alone).
     pub const STATS: u8 = 0x02;
+    /// The lsn of the last commit-log record whose batch this is (one
+    /// key, the tag alone; `log.rs`).
+    pub const LOG: u8 = 0x03;
     /// `ino` -> inode attributes.
     pub const INODE: u8 = 0x10;
     /// `ino` -> symlink target.
@@ -68,6 +71,10 @@ fn with_u64_bytes(tag: u8, a: u64, bytes: &[u8]) -> Vec<u8> {
 
 pub fn superblock() -> Vec<u8> {
     vec![tag::SUPERBLOCK]
+}
+
+pub fn log() -> Vec<u8> {
+    vec![tag::LOG]
 }
 
 pub fn stats() -> Vec<u8> {

@@ -3,18 +3,23 @@
 //!
 //! One [`Txn`] becomes one SlateDB write batch, so it is atomic. On a
 //! `file://` volume the bytes of its writes go first to an append-only
-//! segment file (`segment.rs`) and are made durable there, sharing
-//! `fdatasync` calls with concurrent commits, before the commit builds its
-//! batch: SlateDB may flush its WAL at any moment, so no record may reach it
-//! before the bytes it refers to are on the medium. SlateDB holds metadata
-//! only: inodes, entries, xattrs, and per-chunk extent lists (`extent.rs`);
-//! `s3://` volumes keep the bytes inline in the extents. Commits are
-//! serialized while their batch is built and appended to the in-memory WAL
-//! (building reads what earlier commits left, see `apply.rs`) and then wait
-//! for durability together, sharing WAL flushes (`group.rs`). A commit is
-//! acknowledged only once its batch is in the object store; only then are
-//! the segment pages it stopped referring to punched out, and segments it
-//! emptied deleted, by a thread of their own (`reclaim.rs`).
+//! segment file (`segment.rs`). SlateDB holds metadata only: inodes,
+//! entries, xattrs, and per-chunk extent lists (`extent.rs`); `s3://`
+//! volumes keep the bytes inline in the extents. Commits are serialized
+//! while their batch is built (building reads what earlier commits left,
+//! see `apply.rs`).
+//!
+//! On `file://` a commit is durable once its record is in the commit log
+//! (`log.rs`): its batch and the bytes of its small writes, one `pwrite`
+//! and one `fdatasync` of a preallocated file. Only then does the batch go
+//! to SlateDB's memtable, whose WAL follows on its timer; larger writes
+//! are synced in their segment before the record. Opening replays the log
+//! and checkpoints move its tail (`recover.rs`). On `s3://` (and with
+//! `log=off`) the batch goes to SlateDB once the segment bytes are
+//! durable, and commits wait for its WAL together, sharing flushes
+//! (`group.rs`). Either way, the segment pages a commit stopped referring
+//! to are punched, and segments it emptied deleted, by a thread of their
+//! own (`reclaim.rs`), only once no replay can write them again.
 //!
 //! The key layout is in `keys.rs`, value encodings in `codec.rs` and
 //! `extent.rs`; all are described in `docs/store-layout.md`.
@@ -27,10 +32,12 @@
 //! `spawn_blocking` are fine, and dropping is fine anywhere. It never
 //! interprets POSIX semantics: ops are applied blind.
 //!
-//! Reads see every commit that has returned `Ok`; they may also see a commit
-//! that has been appended to the WAL but is still waiting for durability.
-//! Should that wait fail (the volume was fenced by another writer, or the
-//! engine closed) the commit returns `Err` and the instance is unusable.
+//! Reads see every commit that has returned `Ok`; without the commit log
+//! they may also see a commit that has been appended to the WAL but is
+//! still waiting for durability. Should that wait fail (the volume was
+//! fenced by another writer, or the engine closed), or the commit log's
+//! write or sync fail, the commit returns `Err` and the instance is
+//! unusable.
 
 mod apply;
 mod codec;
@@ -39,16 +46,24 @@ mod config;
 mod extent;
 mod group;
 mod keys;
+mod log;
+mod log_record;
 mod open;
 mod orphans;
+mod overlay;
 mod pins;
 mod read_plan;
 mod reclaim;
+mod recover;
 mod scan;
 mod segment;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod log_tests;
+#[cfg(test)]
+mod recover_tests;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
@@ -68,8 +83,8 @@ use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
     BLOCK_SIZE,
 };
-pub use codec::FORMAT_VERSION;
 use codec::{Counters, Superblock};
+pub use codec::{FORMAT_VERSION, UPGRADES_FROM};
 pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGMENT_PAGE};
 pub use group::CommitMode;
 pub use read_plan::{ReadPiece, ReadPlan};
@@ -109,6 +124,10 @@ pub enum OpenVolumeError {
     Superblock(#[source] StoreError),
     #[error("open segment files")]
     Segments(#[source] std::io::Error),
+    #[error("open the commit log")]
+    Log(#[source] log::LogError),
+    #[error("replay the commit log")]
+    Replay(#[source] StoreError),
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -166,7 +185,10 @@ pub struct SlateStore {
     /// exclusively, so a reader never sees a page punched under it.
     reclaim: Arc<RwLock<()>>,
     /// Punches and deletes what durable batches freed (`file://` only).
-    reclaimer: Option<reclaim::Reclaimer>,
+    reclaimer: Option<Arc<reclaim::Reclaimer>>,
+    /// The commit log and its checkpoints (`file://` only): commits are
+    /// durable once logged.
+    checkpoint: Option<Arc<recover::Checkpoint>>,
     /// Pins on segment ranges handed out by reads (`pins.rs`): the
     /// reclaimer defers punching while one lives.
     pins: Arc<pins::Pins>,
@@ -185,12 +207,20 @@ impl SlateStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        let rt = self.rt()?;
+        if let Some(cp) = &self.checkpoint {
+            cp.stop();
+            // The next open then replays nothing.
+            if let Err(e) = rt.block_on(cp.run()) {
+                if !matches!(e, StoreError::Fenced) {
+                    tracing::warn!(volume = %self.describe, error = %e, "final commit log checkpoint failed");
+                }
+            }
+        }
         if let Some(r) = &self.reclaimer {
             r.stop();
         }
-        self.rt()?
-            .block_on(self.db.close())
-            .map_err(map_engine_error)
+        rt.block_on(self.db.close()).map_err(map_engine_error)
     }
 
     /// The engine's runtime; it lives until the store is dropped, so the
@@ -216,6 +246,9 @@ impl SlateStore {
     fn check_writable(&self) -> Result<(), StoreError> {
         if self.fenced.load(Ordering::Acquire) {
             return Err(StoreError::Fenced);
+        }
+        if let Some(cp) = &self.checkpoint {
+            cp.log.check().map_err(recover::map_log_error)?;
         }
         Ok(())
     }
@@ -387,12 +420,31 @@ impl SlateStore {
             .expect("a stored record")
     }
 
-    /// Wait until the reclaimer has done what commits so far queued.
+    /// Wait until the reclaimer has done what commits so far freed (a
+    /// checkpoint first hands it over).
     #[cfg(test)]
     fn reclaimed(&self) {
+        if let Some(cp) = &self.checkpoint {
+            self.block_on(cp.run()).expect("checkpoint");
+        }
         if let Some(r) = &self.reclaimer {
             r.barrier();
         }
+    }
+
+    /// Wait until the reclaimer has done what it was handed, without a
+    /// checkpoint.
+    #[cfg(test)]
+    fn reclaimer_barrier(&self) {
+        if let Some(r) = &self.reclaimer {
+            r.barrier();
+        }
+    }
+
+    /// How many checkpoints moved the commit log's tail.
+    #[cfg(test)]
+    fn checkpoints(&self) -> u64 {
+        self.checkpoint.as_ref().map_or(0, |cp| cp.count())
     }
 
     /// The segment files, on a `file://` volume.

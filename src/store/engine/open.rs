@@ -1,17 +1,41 @@
 //! Opening a volume: the engine on its object store, the superblock (and
-//! its format version), the segment files with their reclaimer, and the
-//! sweep of segments nothing refers to.
+//! its format version), the segment files with their reclaimer, the
+//! commit log and its replay (`recover.rs`), and the sweep of segments
+//! nothing refers to.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, RwLock};
 
 use slatedb::Db;
 
+use super::log::CommitLog;
 use super::{
-    codec, config, group, keys, map_engine_error, pins, reclaim, segment, Counters, IdRange,
-    OpenVolumeError, Placement, Segments, SlateStore, Superblock, FORMAT_VERSION,
+    codec, config, group, keys, map_engine_error, pins, reclaim, recover, segment, Counters,
+    IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock, FORMAT_VERSION,
+    UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
+
+/// A volume's segment files and their reclaimer, or neither.
+type SegmentsAndReclaimer = (Option<Arc<Segments>>, Option<Arc<reclaim::Reclaimer>>);
+
+/// The volume for logs: where, which, which open, how commits are made
+/// durable.
+fn describe(cfg: &config::VolumeConfig, sb: &Superblock) -> String {
+    let commit = match (&cfg.local_dir, cfg.log_bytes) {
+        (Some(_), Some(_)) => "log",
+        _ => cfg.commit_mode.name(),
+    };
+    format!(
+        "{} (slatedb, volume {}, epoch {}, commit={commit})",
+        cfg.describe,
+        sb.volume_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        sb.open_count,
+    )
+}
 
 fn random_volume_id() -> [u8; 16] {
     let mut id = [0u8; 16];
@@ -61,7 +85,7 @@ impl SlateStore {
             )
             .map_err(OpenVolumeError::Engine)?;
         let opened = runtime.block_on(Self::open_superblock(&db));
-        let (superblock, counters) = match opened {
+        let superblock = match opened {
             Ok(v) => v,
             Err(e) => {
                 // Best effort: the error we report is the one that stopped
@@ -88,25 +112,33 @@ impl SlateStore {
                     return Err(OpenVolumeError::Segments(e));
                 }
             };
+        let recovered = runtime.block_on(Self::recover_counters(&db, &cfg, &segments, &reclaimer));
+        let (checkpoint, counters) = match recovered {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(r) = &reclaimer {
+                    r.stop();
+                }
+                let _ = runtime.block_on(db.close());
+                return Err(e);
+            }
+        };
+        if let Some(cp) = &checkpoint {
+            runtime.spawn(
+                cp.clone()
+                    .background(cfg.checkpoint_ms, cfg.describe.clone()),
+            );
+        }
         let store = SlateStore {
             db,
             reclaimer,
+            checkpoint,
             segments,
             reclaim,
             pins,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
-            describe: format!(
-                "{} (slatedb, volume {}, epoch {}, commit={})",
-                cfg.describe,
-                superblock
-                    .volume_id
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>(),
-                superblock.open_count,
-                cfg.commit_mode.name()
-            ),
+            describe: describe(&cfg, &superblock),
             commit_lock: tokio::sync::Mutex::new(counters),
             used_blocks: AtomicU64::new(counters.blocks),
             used_inodes: AtomicU64::new(counters.inodes),
@@ -131,6 +163,62 @@ impl SlateStore {
         Ok(store)
     }
 
+    /// Replay the commit log (on `file://`), then read the space counters
+    /// it leaves.
+    async fn recover_counters(
+        db: &Db,
+        cfg: &config::VolumeConfig,
+        segments: &Option<Arc<Segments>>,
+        reclaimer: &Option<Arc<reclaim::Reclaimer>>,
+    ) -> Result<(Option<Arc<recover::Checkpoint>>, Counters), OpenVolumeError> {
+        let checkpoint = match (&cfg.local_dir, cfg.log_bytes) {
+            (Some(dir), Some(size)) => {
+                Some(Self::recover(db, dir, size, segments, reclaimer, &cfg.describe).await?)
+            }
+            _ => None,
+        };
+        let counters = match db.get(keys::stats()).await {
+            Ok(Some(bytes)) => {
+                codec::decode_counters(&bytes).map_err(OpenVolumeError::Superblock)?
+            }
+            Ok(None) => Counters::default(),
+            Err(e) => return Err(OpenVolumeError::Superblock(map_engine_error(e))),
+        };
+        Ok((checkpoint, counters))
+    }
+
+    /// Open the commit log of the volume in `dir` and replay it into the
+    /// engine and the segments; the checkpoints that move its tail.
+    async fn recover(
+        db: &Db,
+        dir: &std::path::Path,
+        size: u64,
+        segments: &Option<Arc<Segments>>,
+        reclaimer: &Option<Arc<reclaim::Reclaimer>>,
+        describe: &str,
+    ) -> Result<Arc<recover::Checkpoint>, OpenVolumeError> {
+        let (log, records) = CommitLog::open(dir, size).map_err(OpenVolumeError::Log)?;
+        let replayed = recover::replay(db, segments.as_deref(), &records)
+            .await
+            .map_err(OpenVolumeError::Replay)?;
+        log.advance_tail(log.applied())
+            .map_err(|e| OpenVolumeError::Replay(recover::map_log_error(e)))?;
+        if !records.is_empty() {
+            tracing::info!(
+                volume = %describe,
+                records = records.len(),
+                batches = replayed,
+                "replayed the commit log"
+            );
+        }
+        Ok(Arc::new(recover::Checkpoint::new(
+            db.clone(),
+            segments.clone(),
+            log,
+            reclaimer.clone(),
+        )))
+    }
+
     /// The segment files under `dir` and their reclaimer thread, or neither
     /// (data inline in the engine: `s3://`, or a test's choice).
     fn open_segments(
@@ -139,7 +227,7 @@ impl SlateStore {
         reclaim: &Arc<RwLock<()>>,
         pins: &Arc<pins::Pins>,
         describe: &str,
-    ) -> std::io::Result<(Option<Arc<Segments>>, Option<reclaim::Reclaimer>)> {
+    ) -> std::io::Result<SegmentsAndReclaimer> {
         let Some(dir) = dir else {
             return Ok((None, None));
         };
@@ -150,18 +238,20 @@ impl SlateStore {
             pins.clone(),
             describe.to_owned(),
         )?;
-        Ok((Some(segs), Some(reclaimer)))
+        Ok((Some(segs), Some(Arc::new(reclaimer))))
     }
 
     /// Read and check the superblock, or write the first one into an empty
     /// store; either way count this open in it, durably.
-    async fn open_superblock(db: &Db) -> Result<(Superblock, Counters), OpenVolumeError> {
+    async fn open_superblock(db: &Db) -> Result<Superblock, OpenVolumeError> {
         let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
         let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
             Some(bytes) => {
                 let mut sb =
                     codec::decode_superblock(&bytes).map_err(OpenVolumeError::Superblock)?;
-                if sb.format_version != FORMAT_VERSION {
+                if sb.format_version == UPGRADES_FROM {
+                    sb.format_version = FORMAT_VERSION;
+                } else if sb.format_version != FORMAT_VERSION {
                     return Err(OpenVolumeError::FormatVersion {
                         found: sb.format_version,
                         expected: FORMAT_VERSION,
@@ -185,14 +275,10 @@ impl SlateStore {
                 }
             }
         };
-        let counters = match db.get(keys::stats()).await.map_err(sb_err)? {
-            Some(bytes) => codec::decode_counters(&bytes).map_err(OpenVolumeError::Superblock)?,
-            None => Counters::default(),
-        };
         db.put(keys::superblock(), codec::encode_superblock(&superblock))
             .await
             .map_err(sb_err)?;
         db.flush().await.map_err(sb_err)?;
-        Ok((superblock, counters))
+        Ok(superblock)
     }
 }

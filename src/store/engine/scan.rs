@@ -6,7 +6,8 @@
 //! writing) and by [`VolumeReader`], a read-only view opened with SlateDB's
 //! `DbReader` in `FollowLatest` mode: it writes nothing to the object store,
 //! so unlike opening a [`SlateStore`] it fences no writer and leaves the
-//! volume exactly as it found it.
+//! volume exactly as it found it. On `file://` it lays the commit log's
+//! records that the engine lacks over what it reads (`overlay.rs`).
 //!
 //! A record that does not decode is an item `Err(StoreError::Corrupt)` and
 //! the scan goes on with the next key; any other error (the engine failed)
@@ -15,6 +16,7 @@
 
 use std::ops::{Bound, Range};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,8 +26,9 @@ use thiserror::Error;
 
 use super::extent::{self, Extent};
 use super::keys::{self, tag};
+use super::overlay::Overlay;
 use super::segment::SegmentFiles;
-use super::{codec, config, map_engine_error, OpenVolumeError, SlateStore};
+use super::{codec, config, map_engine_error, recover, OpenVolumeError, SlateStore};
 use crate::store::{Dirent, Inode, StoreError};
 
 /// What the superblock and the space counters say.
@@ -108,9 +111,10 @@ impl ByteRangeBounds for KeyRange {
 }
 
 /// The tags the layout defines, in key order.
-const KNOWN_TAGS: [u8; 11] = [
+const KNOWN_TAGS: [u8; 12] = [
     tag::SUPERBLOCK,
     tag::STATS,
+    tag::LOG,
     tag::INODE,
     tag::SYMLINK,
     tag::ORPHAN,
@@ -146,12 +150,37 @@ fn unknown_ranges() -> Vec<KeyRange> {
 /// Decodes one key-value pair of a scan into a record.
 type Decode<T> = fn(&[u8], &[u8]) -> Result<T, StoreError>;
 
-/// Key-value pairs of a range, fetched one at a time on a runtime.
+/// Puts (`Some`) and deletes (`None`) laid over one range of a scan.
+type Laid = Vec<(Bytes, Option<Bytes>)>;
+
+/// Key-value pairs of a range, fetched one at a time on a runtime, with
+/// the commit log's unreplayed records laid over them (`overlay.rs`).
 pub struct RawScan<'a> {
     runtime: &'a tokio::runtime::Runtime,
     iters: std::vec::IntoIter<DbIterator>,
+    /// One per iterator, or none.
+    laid: std::vec::IntoIter<Laid>,
     current: Option<DbIterator>,
+    /// The current range's next engine record, and whether it has none.
+    head: Option<(Bytes, Bytes)>,
+    head_done: bool,
+    over: std::iter::Peekable<std::vec::IntoIter<(Bytes, Option<Bytes>)>>,
     done: bool,
+}
+
+impl<'a> RawScan<'a> {
+    fn new(runtime: &'a tokio::runtime::Runtime, iters: Vec<DbIterator>, laid: Vec<Laid>) -> Self {
+        RawScan {
+            runtime,
+            iters: iters.into_iter(),
+            laid: laid.into_iter(),
+            current: None,
+            head: None,
+            head_done: false,
+            over: Vec::new().into_iter().peekable(),
+            done: false,
+        }
+    }
 }
 
 impl Iterator for RawScan<'_> {
@@ -161,18 +190,41 @@ impl Iterator for RawScan<'_> {
         while !self.done {
             let Some(iter) = self.current.as_mut() else {
                 self.current = self.iters.next();
+                self.over = self.laid.next().unwrap_or_default().into_iter().peekable();
+                self.head_done = false;
                 if self.current.is_none() {
                     self.done = true;
                 }
                 continue;
             };
-            match self.runtime.block_on(iter.next()) {
-                Ok(Some(kv)) => return Some(Ok((kv.key, kv.value))),
-                Ok(None) => self.current = None,
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(map_engine_error(e)));
+            if self.head.is_none() && !self.head_done {
+                match self.runtime.block_on(iter.next()) {
+                    Ok(Some(kv)) => self.head = Some((kv.key, kv.value)),
+                    Ok(None) => self.head_done = true,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(map_engine_error(e)));
+                    }
                 }
+            }
+            let order = match (&self.head, self.over.peek()) {
+                (None, None) => {
+                    self.current = None;
+                    continue;
+                }
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((k, _)), Some((o, _))) => k.cmp(o),
+            };
+            if order == std::cmp::Ordering::Less {
+                return self.head.take().map(Ok);
+            }
+            if order == std::cmp::Ordering::Equal {
+                // The log's record replaces the engine's.
+                self.head = None;
+            }
+            if let Some((k, Some(v))) = self.over.next() {
+                return Some(Ok((k, v)));
             }
         }
         None
@@ -458,12 +510,7 @@ impl VolumeScan for SlateStore {
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
         let runtime = self.rt()?;
         let iters = runtime.block_on(open_iters(&self.db, ranges))?;
-        Ok(RawScan {
-            runtime,
-            iters: iters.into_iter(),
-            current: None,
-            done: false,
-        })
+        Ok(RawScan::new(runtime, iters, Vec::new()))
     }
 }
 
@@ -478,6 +525,8 @@ pub enum OpenReaderError {
     Runtime(#[source] std::io::Error),
     #[error("open engine read-only")]
     Engine(#[source] slatedb::Error),
+    #[error("read the commit log")]
+    Log(#[source] StoreError),
 }
 
 /// A volume opened read-only. See the module documentation.
@@ -485,6 +534,8 @@ pub struct VolumeReader {
     reader: DbReader,
     describe: String,
     local_dir: Option<PathBuf>,
+    /// The commit log's records the engine lacks.
+    overlay: Arc<Overlay>,
     /// Declared last: dropped after the reader, whose tasks run here.
     runtime: tokio::runtime::Runtime,
 }
@@ -521,10 +572,26 @@ impl VolumeReader {
                 options,
             ))
             .map_err(OpenReaderError::Engine)?;
+        let overlay = match &cfg.local_dir {
+            Some(dir) => {
+                let applied = runtime
+                    .block_on(reader.get(keys::log()))
+                    .map_err(|e| OpenReaderError::Log(map_engine_error(e)))?;
+                let applied = applied
+                    .map(|v| recover::decode_lsn(&v))
+                    .transpose()
+                    .map_err(OpenReaderError::Log)?
+                    .unwrap_or(0);
+                Overlay::read(dir, applied)
+                    .map_err(|e| OpenReaderError::Log(recover::map_log_error(e)))?
+            }
+            None => Overlay::default(),
+        };
         Ok(VolumeReader {
             reader,
             describe: format!("{} (read-only)", cfg.describe),
             local_dir: cfg.local_dir.clone(),
+            overlay: Arc::new(overlay),
             runtime,
         })
     }
@@ -546,23 +613,27 @@ impl Drop for VolumeReader {
 
 impl VolumeScan for VolumeReader {
     fn segment_files(&self) -> Option<SegmentFiles> {
-        self.local_dir.as_deref().map(SegmentFiles::of_volume)
+        self.local_dir
+            .as_deref()
+            .map(|d| SegmentFiles::of_volume(d).with_overlay(self.overlay.clone()))
     }
 
     fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v);
+        }
         self.runtime
             .block_on(self.reader.get(key))
             .map_err(map_engine_error)
     }
 
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
+        let laid = ranges
+            .iter()
+            .map(|r| self.overlay.range(&r.start, r.end.as_deref()))
+            .collect();
         let iters = self.runtime.block_on(open_iters(&self.reader, ranges))?;
-        Ok(RawScan {
-            runtime: &self.runtime,
-            iters: iters.into_iter(),
-            current: None,
-            done: false,
-        })
+        Ok(RawScan::new(&self.runtime, iters, laid))
     }
 }
 

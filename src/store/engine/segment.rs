@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::extent::PAGE;
+use super::overlay::Overlay;
 
 /// A segment is sealed once it holds this many bytes.
 pub const SEGMENT_BYTES_MAX: u64 = 256 << 20;
@@ -293,6 +294,26 @@ impl Segments {
         Ok(())
     }
 
+    /// Return once everything appended so far is on the medium.
+    pub fn sync_all(&self) -> io::Result<()> {
+        let (id, len) = {
+            let a = lock(&self.active);
+            (a.id, a.len)
+        };
+        self.sync_to(id, len)
+    }
+
+    /// Write `bytes` at `off` of segment `seg` again (replaying the commit
+    /// log: the same bytes to the same place).
+    pub fn rewrite(&self, seg: u64, off: u64, bytes: &[u8]) -> io::Result<()> {
+        write_all_at(&*self.handle(seg)?, &[bytes], off)
+    }
+
+    /// `fdatasync` segment `seg`.
+    pub fn sync_segment(&self, seg: u64) -> io::Result<()> {
+        self.handle(seg)?.sync_data()
+    }
+
     /// How many `fdatasync` calls were made for commits.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
@@ -356,6 +377,8 @@ impl Segments {
 /// Segment files opened read-only, for the volume checker.
 pub struct SegmentFiles {
     dir: PathBuf,
+    /// The commit log's bytes not yet replayed into the files.
+    overlay: Arc<Overlay>,
 }
 
 impl SegmentFiles {
@@ -363,6 +386,7 @@ impl SegmentFiles {
     pub fn of_volume(volume_dir: &Path) -> SegmentFiles {
         SegmentFiles {
             dir: volume_dir.join(DIR_NAME),
+            overlay: Arc::default(),
         }
     }
 
@@ -370,7 +394,14 @@ impl SegmentFiles {
     pub fn at(dir: &Path) -> SegmentFiles {
         SegmentFiles {
             dir: dir.to_path_buf(),
+            overlay: Arc::default(),
         }
+    }
+
+    /// The same files, read with the commit log's unreplayed bytes over
+    /// them.
+    pub(super) fn with_overlay(self, overlay: Arc<Overlay>) -> SegmentFiles {
+        SegmentFiles { overlay, ..self }
     }
 
     /// Every segment file, as `(id, length)`, by id.
@@ -379,7 +410,9 @@ impl SegmentFiles {
     }
 
     pub fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        File::open(self.dir.join(file_name(seg)))?.read_exact_at(buf, off)
+        File::open(self.dir.join(file_name(seg)))?.read_exact_at(buf, off)?;
+        self.overlay.patch(seg, off, buf);
+        Ok(())
     }
 
     /// The byte ranges of `seg` that hold data (not holes), page-aligned.

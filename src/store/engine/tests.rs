@@ -295,9 +295,14 @@ fn concurrent_commits(s: &Arc<SlateStore>, threads: u64, per_thread: u64) -> Vec
 #[test]
 fn concurrent_commits_all_land_in_every_commit_mode() {
     let (threads, per_thread) = (8, 25);
-    for mode in ["flush", "adaptive", "interval"] {
+    // The commit log, and the engine's WAL in each of its modes.
+    for mode in ["log", "flush", "adaptive", "interval"] {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(temp_volume(&dir, &format!("?commit={mode}")));
+        let opts = match mode {
+            "log" => String::new(),
+            _ => format!("?log=off&commit={mode}"),
+        };
+        let s = Arc::new(temp_volume(&dir, &opts));
         concurrent_commits(&s, threads, per_thread);
         let flushes = s.flushes();
         if mode == "flush" {
@@ -326,7 +331,10 @@ fn concurrent_partial_writes_to_shared_blocks_all_survive() {
     // read-modify-write must see pieces other commits appended but have not
     // yet made durable (a 5 ms timer keeps that window wide).
     let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(temp_volume(&dir, "?commit=interval&flush_interval_ms=5"));
+    let s = Arc::new(temp_volume(
+        &dir,
+        "?log=off&commit=interval&flush_interval_ms=5",
+    ));
     let (threads, per_thread) = (4u64, 48u64);
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -381,12 +389,28 @@ fn group_commit_latency() {
         .max(1);
     let base = std::env::var_os("POHMELFS_BENCH_DIR").map(std::path::PathBuf::from);
     let modes = [
-        ("flush", "?commit=flush"),
-        ("adaptive-1ms", "?commit=adaptive&flush_interval_ms=1"),
-        ("adaptive-2ms", "?commit=adaptive&flush_interval_ms=2"),
-        ("interval-1ms", "?commit=interval&flush_interval_ms=1"),
-        ("interval-2ms", "?commit=interval&flush_interval_ms=2"),
-        ("interval-5ms", "?commit=interval&flush_interval_ms=5"),
+        ("log", ""),
+        ("flush", "?log=off&commit=flush"),
+        (
+            "adaptive-1ms",
+            "?log=off&commit=adaptive&flush_interval_ms=1",
+        ),
+        (
+            "adaptive-2ms",
+            "?log=off&commit=adaptive&flush_interval_ms=2",
+        ),
+        (
+            "interval-1ms",
+            "?log=off&commit=interval&flush_interval_ms=1",
+        ),
+        (
+            "interval-2ms",
+            "?log=off&commit=interval&flush_interval_ms=2",
+        ),
+        (
+            "interval-5ms",
+            "?log=off&commit=interval&flush_interval_ms=5",
+        ),
     ];
     for (threads, per_thread) in [(1u64, 200u64), (8, 200)] {
         let mut rates = vec![Vec::new(); modes.len()];
