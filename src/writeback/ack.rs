@@ -156,6 +156,15 @@ pub(super) fn on_result(
                     }
                 }
             }
+            if let Some(TxnState::InFlight { attempt: newer }) = current {
+                if newer != attempt {
+                    // An earlier attempt (sent before an epoch change
+                    // queued it again) is acknowledged while a newer one
+                    // is in flight: the newer one's slot is free now, as
+                    // its own ack will find the transaction gone.
+                    landed(&mut st, id, bytes);
+                }
+            }
             st.epoch = ack.epoch;
             st.preferred_server = server;
             complete(shared, &mut st, id);
