@@ -114,12 +114,12 @@ pub(super) fn on_result(
     result: Result<Ack, SendError>,
 ) {
     let mut st = lock(&shared.state);
-    let current = st.txns.get(&id).map(|t| t.state);
+    let (current, bytes) = st
+        .txns
+        .get(&id)
+        .map_or((None, 0), |t| (Some(t.state), t.data_bytes));
     if current == Some(TxnState::InFlight { attempt }) {
-        if st.in_flight == 0 {
-            invariant_violated(format_args!("txn {id} in flight, none counted"));
-        }
-        st.in_flight -= 1;
+        landed(&mut st, id, bytes);
     }
     match result {
         Ok(ack) => {
@@ -141,13 +141,25 @@ pub(super) fn on_result(
                 );
                 let ids: Vec<u64> = st.txns.keys().copied().filter(|t| *t != id).collect();
                 for other in ids {
-                    if let Some(t) = st.txns.get_mut(&other) {
-                        if let TxnState::InFlight { .. } = t.state {
-                            t.state = TxnState::Queued;
-                            t.not_before = None;
-                            st.in_flight -= 1;
-                        }
+                    let Some(t) = st.txns.get_mut(&other) else {
+                        continue;
+                    };
+                    if let TxnState::InFlight { .. } = t.state {
+                        t.state = TxnState::Queued;
+                        t.not_before = None;
+                        let bytes = t.data_bytes;
+                        landed(&mut st, other, bytes);
+                        st.ready.insert(other);
                     }
+                }
+            }
+            if let Some(TxnState::InFlight { attempt: newer }) = current {
+                if newer != attempt {
+                    // An earlier attempt (sent before an epoch change
+                    // queued it again) is acknowledged while a newer one
+                    // is in flight: the newer one's slot is free now, as
+                    // its own ack will find the transaction gone.
+                    landed(&mut st, id, bytes);
                 }
             }
             st.epoch = ack.epoch;
@@ -165,6 +177,10 @@ pub(super) fn on_result(
             };
             t.state = TxnState::Queued;
             t.last_error = Some(e.to_string());
+            st.ready.insert(id);
+            let Some(t) = st.txns.get_mut(&id) else {
+                return;
+            };
             let now = Instant::now();
             match &e {
                 SendError::Retry(_) => {
@@ -202,6 +218,18 @@ pub(super) fn on_result(
             shared.pump.notify_one();
         }
     }
+}
+
+/// An attempt at `id`, carrying `bytes` of data, is no longer in flight.
+fn landed(st: &mut State, id: u64, bytes: u64) {
+    if st.in_flight == 0 || st.in_flight_bytes < bytes {
+        invariant_violated(format_args!(
+            "txn {id} ({bytes} bytes) in flight, {} counted ({} bytes)",
+            st.in_flight, st.in_flight_bytes
+        ));
+    }
+    st.in_flight -= 1;
+    st.in_flight_bytes -= bytes;
 }
 
 /// The wait before resending after `attempts` failed attempts: 20 ms,
@@ -312,6 +340,7 @@ fn retire<V>(map: &mut NameOverlay<V>, key: u64, name: &[u8], txn: u64) {
 /// A durable ack: untag the pages, free the transaction, wake the waiters.
 fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
     let Some(t) = st.txns.remove(&id) else { return };
+    st.ready.remove(&id);
     shared.metrics.txn_acked.inc();
     for (ino, pages) in &t.pages {
         for idx in pages {
@@ -335,6 +364,10 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
                     ));
                 }
                 q.pop_front();
+                // The next one may be able to go now.
+                if let Some(&next) = q.front() {
+                    st.ready.insert(next);
+                }
                 q.is_empty()
             }
             None => false,

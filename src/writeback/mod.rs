@@ -100,7 +100,7 @@ mod testkit;
 mod tests;
 mod write;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar};
 use std::time::Duration;
 
@@ -216,6 +216,16 @@ struct State {
     next_id: u64,
     next_attempt: u64,
     in_flight: usize,
+    /// Data bytes of the transactions in flight (their `data_bytes`, which
+    /// does not change while they are in flight).
+    in_flight_bytes: u64,
+    /// Queued transactions the sender must look at: every one that may be
+    /// able to go. A queued transaction leaves it when the sender finds it
+    /// behind an older transaction of one of its inodes, and comes back
+    /// when it becomes the oldest of that inode (an ack) or is queued
+    /// again (a failed attempt), so a dispatch looks at what changed, not
+    /// at every unacknowledged transaction.
+    ready: BTreeSet<u64>,
     dirty_bytes: u64,
     /// The store's durability epoch as last acknowledged.
     epoch: u64,
@@ -377,6 +387,8 @@ impl WritebackStore {
                 next_id: 1,
                 next_attempt: 1,
                 in_flight: 0,
+                in_flight_bytes: 0,
+                ready: BTreeSet::new(),
                 dirty_bytes: 0,
                 epoch: 0,
                 sticky: HashMap::new(),

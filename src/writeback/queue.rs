@@ -175,6 +175,7 @@ impl Shared {
         }
         st.dirty_bytes += entry.data_bytes + entry.dirty_meta_bytes;
         st.txns.insert(id, entry);
+        st.ready.insert(id);
         self.metrics.txn_formed.inc();
         self.publish(st);
         self.pump.notify_one();

@@ -86,47 +86,45 @@ fn launch(shared: &Arc<Shared>, a: Attempt) {
 
 /// Choose every transaction that may go now and mark it in flight;
 /// returns when to look again and the attempts to launch once the lock is
-/// released.
+/// released. It looks only at the transactions in `ready` (oldest first),
+/// not at every unacknowledged one: with a long queue behind one inode (a
+/// directory's creates, a file's writes) a scan of them all at every wake
+/// was most of the daemon's CPU.
 fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attempt>) {
     let now = Instant::now();
     let mut attempts = Vec::new();
     let mut wake: Option<Instant> = None;
     let low_water = st.txns.keys().next().copied().unwrap_or(st.next_id);
-    let mut in_flight_bytes: u64 = st
-        .txns
-        .values()
-        .filter(|t| matches!(t.state, TxnState::InFlight { .. }))
-        .map(|t| t.data_bytes)
-        .sum();
-    let candidates: Vec<u64> = st
-        .txns
-        .values()
-        .filter(|t| t.state == TxnState::Queued)
-        .map(|t| t.id)
-        .collect();
-    for id in candidates {
-        if st.in_flight >= shared.cfg.max_in_flight {
+    // Bytes on the wire may be copied once per attempt (a remote store's
+    // frame): keep them to a quarter of the dirty bound, but never block
+    // the only one.
+    let wire_cap = shared.cfg.dirty_max_bytes / 4;
+    let mut next = 0;
+    while st.in_flight < shared.cfg.max_in_flight {
+        let Some(&id) = st.ready.range(next..).next() else {
             break;
+        };
+        next = id + 1;
+        let Some(t) = st.txns.get(&id).filter(|t| t.state == TxnState::Queued) else {
+            st.ready.remove(&id);
+            continue;
+        };
+        let oldest_everywhere = t
+            .inodes
+            .iter()
+            .all(|ino| st.by_inode.get(ino).and_then(|q| q.front()) == Some(&id));
+        if !oldest_everywhere {
+            // Back in `ready` when the older transaction is acknowledged.
+            st.ready.remove(&id);
+            continue;
         }
-        let Some(t) = st.txns.get(&id) else { continue };
         if let Some(nb) = t.not_before {
             if nb > now {
                 wake = Some(wake.map_or(nb, |w| w.min(nb)));
                 continue;
             }
         }
-        // Bytes on the wire may be copied once per attempt (a remote
-        // store's frame): keep them to a quarter of the dirty bound, but
-        // never block the only one.
-        let wire_cap = shared.cfg.dirty_max_bytes / 4;
-        if st.in_flight > 0 && in_flight_bytes + t.data_bytes > wire_cap {
-            continue;
-        }
-        let oldest_everywhere = t
-            .inodes
-            .iter()
-            .all(|ino| st.by_inode.get(ino).and_then(|q| q.front()) == Some(&id));
-        if !oldest_everywhere {
+        if st.in_flight > 0 && st.in_flight_bytes + t.data_bytes > wire_cap {
             continue;
         }
         // Pin the pages on the first send; resends carry the same buffers.
@@ -137,10 +135,11 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
                 t.pinned = Some(pinned.into());
             }
         }
+        st.ready.remove(&id);
         let attempt = st.next_attempt;
         st.next_attempt += 1;
         st.in_flight += 1;
-        in_flight_bytes += st.txns.get(&id).map_or(0, |t| t.data_bytes);
+        st.in_flight_bytes += st.txns.get(&id).map_or(0, |t| t.data_bytes);
         if st.in_flight > shared.cfg.max_in_flight {
             invariant_violated(format_args!(
                 "{} transactions in flight, bound {}",
@@ -165,8 +164,40 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
             ops: Arc::clone(&t.ops),
         });
     }
+    debug_assert_ready(st);
     shared.publish(st);
     (wake, attempts)
+}
+
+/// Debug builds: no queued transaction outside `ready` could go now (it
+/// is behind an older one of one of its inodes), and the in-flight
+/// counts add up. A transaction missed here would never be sent.
+fn debug_assert_ready(st: &State) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let mut in_flight = (0, 0);
+    for t in st.txns.values() {
+        match t.state {
+            TxnState::InFlight { .. } => {
+                in_flight.0 += 1;
+                in_flight.1 += t.data_bytes;
+            }
+            TxnState::Queued if !st.ready.contains(&t.id) => {
+                let oldest_everywhere = t
+                    .inodes
+                    .iter()
+                    .all(|ino| st.by_inode.get(ino).and_then(|q| q.front()) == Some(&t.id));
+                assert!(
+                    !oldest_everywhere,
+                    "txn {} could go but the sender does not look at it",
+                    t.id
+                );
+            }
+            TxnState::Queued => {}
+        }
+    }
+    assert_eq!(in_flight, (st.in_flight, st.in_flight_bytes));
 }
 
 /// The transaction as the store applies it: its metadata ops with the data

@@ -503,3 +503,32 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
         "no log line says why:\n{stderr}"
     );
 }
+
+/// A transaction behind an older one of its inode leaves the sender's
+/// ready set, so that no dispatch looks at it again until the one ahead
+/// is acknowledged: a directory's creates, each its own transaction, queue
+/// up behind the one in flight without costing every dispatch a look.
+#[test]
+fn a_queue_behind_one_directory_leaves_the_ready_set() {
+    let (wb, sink, store, _) = held_layer(OverwritePolicy::Cow, 12);
+    sink.gate.close();
+    // Each file's write joins its create, so the next create starts a
+    // transaction of its own; all of them touch directory 1.
+    for ino in 100..150u64 {
+        create_in(&wb, 1, ino, &format!("f{ino}"));
+        write(&wb, ino, 0, b"x", 1);
+    }
+    eventually("the first transaction to wait at the gate", || {
+        sink.gate.held() == 1
+    });
+    eventually("the queued ones to leave the ready set", || {
+        let st = super::ack::lock(&wb.shared.state);
+        st.ready.is_empty() && st.txns.len() == 50
+    });
+    sink.gate.open();
+    wb.sync(None).unwrap();
+    for ino in 100..150u64 {
+        assert_eq!(content(&*store, ino), b"x");
+    }
+    assert!(super::ack::lock(&wb.shared.state).ready.is_empty());
+}
