@@ -2,16 +2,21 @@
 //! optional Prometheus endpoint. The control socket answers one line
 //! command per connection: `status` (every counter with its value and what
 //! it counts) or `prometheus` (the text exposition format). The HTTP
-//! endpoint serves `GET /metrics`. Both only read counters.
+//! endpoint serves `GET /metrics`. Both only read counters. Each answers
+//! at most [`CONNECTIONS_MAX`] connections at a time, each within
+//! [`CONNECTION_DEADLINE`], so a slow or idle client cannot hold them up.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::info;
+
+use crate::ratelimit::{limited, StaticCounter};
 
 use crate::metrics::Metrics;
 
@@ -60,10 +65,151 @@ pub fn status_text(m: &Metrics) -> String {
     out
 }
 
-fn answer(mut conn: UnixStream, metrics: &Metrics) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// Connections answered at once on each endpoint; one more is closed
+/// unanswered, so slow clients cannot queue up work or threads.
+const CONNECTIONS_MAX: usize = 8;
+/// How long one connection may take in all, its request read and its
+/// answer written: a client that trickles its request or never reads the
+/// answer holds its slot no longer than this.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The limits of an endpoint: the defaults above, shorter in tests.
+#[derive(Clone, Copy)]
+struct Limits {
+    connections: usize,
+    deadline: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    connections: CONNECTIONS_MAX,
+    deadline: CONNECTION_DEADLINE,
+};
+
+/// A stream whose every read and write is bounded by one deadline.
+trait Timed: Read + Write + Send + 'static {
+    fn read_timeout(&self, t: Duration) -> std::io::Result<()>;
+    fn write_timeout(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl Timed for UnixStream {
+    fn read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
+    fn write_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Timed for TcpStream {
+    fn read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
+    fn write_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(t))
+    }
+}
+
+/// `conn` until `deadline`: each call gets the time left, and none is left
+/// after it.
+struct Deadlined<S> {
+    conn: S,
+    deadline: Instant,
+}
+
+impl<S: Timed> Deadlined<S> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection deadline passed",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl<S: Timed> Read for Deadlined<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.read_timeout(left)?;
+        self.conn.read(buf)
+    }
+}
+
+impl<S: Timed> Write for Deadlined<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.write_timeout(left)?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+/// Answer each connection of `incoming` on a thread of its own, at most
+/// `limits.connections` at a time, each within `limits.deadline`.
+fn serve<S: Timed>(
+    name: &'static str,
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    limits: Limits,
+    answer: impl Fn(&mut Deadlined<S>) -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    let answer = Arc::new(answer);
+    let busy = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            loop {
+                let conn = match accept() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        limited!(CONTROL_LINES_SUPPRESSED, WARN, error = %e, "{name}: accept failed");
+                        // Out of descriptors, say: back off instead of spinning.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if busy.fetch_add(1, Ordering::AcqRel) >= limits.connections {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    limited!(
+                        CONTROL_LINES_SUPPRESSED,
+                        WARN,
+                        limit = limits.connections,
+                        "{name}: too many connections; closing one unanswered"
+                    );
+                    continue;
+                }
+                let (answer, busy) = (Arc::clone(&answer), Arc::clone(&busy));
+                let mut conn = Deadlined {
+                    conn,
+                    deadline: Instant::now() + limits.deadline,
+                };
+                let spawned = std::thread::Builder::new()
+                    .name(format!("{name}-conn"))
+                    .spawn(move || {
+                        if let Err(e) = answer(&mut conn) {
+                            limited!(CONTROL_LINES_SUPPRESSED, WARN, error = %e, "{name}: request failed");
+                        }
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    limited!(CONTROL_LINES_SUPPRESSED, WARN, error = %e, "{name}: cannot start a thread");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Lines of these endpoints held back by the rate limit (any local process,
+/// or anyone who reaches the Prometheus address, decides how often they
+/// happen).
+static CONTROL_LINES_SUPPRESSED: StaticCounter = StaticCounter::new();
+
+fn answer_control(conn: &mut Deadlined<UnixStream>, metrics: &Metrics) -> std::io::Result<()> {
     let mut line = String::new();
-    BufReader::new((&conn).take(256)).read_line(&mut line)?;
+    BufReader::new((&mut *conn).take(256)).read_line(&mut line)?;
     let reply = match line.trim() {
         "status" | "" => status_text(metrics),
         "prometheus" => metrics.prometheus(),
@@ -72,26 +218,40 @@ fn answer(mut conn: UnixStream, metrics: &Metrics) -> std::io::Result<()> {
     conn.write_all(reply.as_bytes())
 }
 
+fn answer_http(conn: &mut Deadlined<TcpStream>, metrics: &Metrics) -> std::io::Result<()> {
+    let mut request = String::new();
+    BufReader::new((&mut *conn).take(8192)).read_line(&mut request)?;
+    let (status, body) = if request.starts_with("GET /metrics") {
+        ("200 OK", metrics.prometheus())
+    } else {
+        ("404 Not Found", "see /metrics\n".to_string())
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Serve the control socket on a thread. A stale socket file is replaced.
 pub fn spawn_control_socket(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    spawn_control_socket_with(path, metrics, LIMITS)
+}
+
+fn spawn_control_socket_with(
+    path: &Path,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     info!(path = %path.display(), "control socket listening");
-    std::thread::Builder::new()
-        .name("pohmelfs-control".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if let Err(e) = answer(c, &metrics) {
-                            warn!(error = %e, "control socket request failed");
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "control socket accept failed"),
-                }
-            }
-        })?;
-    Ok(())
+    serve(
+        "pohmelfs-control",
+        move || Ok(listener.accept()?.0),
+        limits,
+        move |c| answer_control(c, &metrics),
+    )
 }
 
 /// Ask a running daemon's control socket; returns its answer.
@@ -109,26 +269,12 @@ pub fn spawn_prometheus(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Res
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     info!(%bound, "Prometheus metrics at /metrics");
-    std::thread::Builder::new().name("pohmelfs-metrics".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut request = String::new();
-            if BufReader::new((&conn).take(8192)).read_line(&mut request).is_err() {
-                continue;
-            }
-            let (status, body) = if request.starts_with("GET /metrics") {
-                ("200 OK", metrics.prometheus())
-            } else {
-                ("404 Not Found", "see /metrics\n".to_string())
-            };
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })?;
+    serve(
+        "pohmelfs-metrics",
+        move || Ok(listener.accept()?.0),
+        LIMITS,
+        move |c| answer_http(c, &metrics),
+    )?;
     Ok(bound)
 }
 
@@ -163,6 +309,80 @@ mod tests {
         assert!(
             body.starts_with("HTTP/1.1 200 OK") && body.contains("pohmelfs_txn_acked_total 42")
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn control_socket(name: &str, limits: Limits) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pohmelfs-ctl-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("vhost.sock");
+        spawn_control_socket_with(&control_path(&sock), Arc::new(Metrics::default()), limits)
+            .unwrap();
+        (dir, sock)
+    }
+
+    #[test]
+    fn an_idle_client_does_not_hold_up_the_next() {
+        let limits = Limits {
+            connections: 8,
+            deadline: Duration::from_secs(60),
+        };
+        let (dir, sock) = control_socket("idle", limits);
+        let idle = UnixStream::connect(control_path(&sock)).unwrap();
+        // Answered while the idle connection still holds its slot (a
+        // server answering one connection at a time would wait 60 s for it,
+        // past query's 10 s timeout).
+        assert!(query(&sock, "status").unwrap().contains("txn_acked"));
+        idle.set_nonblocking(true).unwrap();
+        let err = (&idle).read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_trickling_client_is_cut_off_at_the_deadline() {
+        let limits = Limits {
+            connections: 8,
+            deadline: Duration::from_millis(300),
+        };
+        let (dir, sock) = control_socket("trickle", limits);
+        let mut slow = UnixStream::connect(control_path(&sock)).unwrap();
+        // One byte of a request line every 50 ms, for up to 10 s: each
+        // read is quick, only the connection's deadline ends it.
+        let mut cut_off = false;
+        for _ in 0..200 {
+            if slow.write_all(b"s").is_err() {
+                cut_off = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(cut_off, "a trickling client kept its connection for 10 s");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_connection_past_the_limit_is_closed_unanswered() {
+        let limits = Limits {
+            connections: 1,
+            deadline: Duration::from_secs(60),
+        };
+        let (dir, sock) = control_socket("limit", limits);
+        let idle = UnixStream::connect(control_path(&sock)).unwrap();
+        // The idle connection holds the only slot; the next is closed
+        // without an answer.
+        match query(&sock, "status") {
+            Ok(answer) => assert_eq!(answer, ""),
+            // Closed before the request was written, or while it was.
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            ),
+        }
+        drop(idle);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
