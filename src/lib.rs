@@ -47,6 +47,8 @@ pub mod check;
 pub mod control;
 pub mod device;
 pub mod fs;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;

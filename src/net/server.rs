@@ -30,6 +30,9 @@ use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD, VERSION};
 use crate::store::{OnceStore, StoreError};
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
+
 /// How long a new connection may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long shutdown waits for requests in flight.

@@ -1,0 +1,117 @@
+//! The harness of the `handshake` fuzz target: a store server's handshake
+//! (`super::handshake`) over an in-memory connection, on a `mem:` volume,
+//! with a client that sends what the input says (`crate::fuzz::frames`),
+//! then the requests after it through the server's request handler.
+//!
+//! The input's first byte decides whether the client answers the server's
+//! challenge with the right proof (bit 0; a fuzzer cannot forge an HMAC)
+//! and after how many items it does (bits 1-3, at least 1: the first item
+//! must be the hello); everything after the
+//! handshake is served as the server serves an authenticated peer.
+//! What it checks: nothing panics and the handshake ends.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf};
+
+use super::{handle, handshake as serve_handshake, ServerConfig, Volumes};
+use crate::fuzz::frames::{items, Item};
+use crate::net::proto::auth::{self, Side, Transcript};
+use crate::net::proto::msg::{Request, Response};
+use crate::net::proto::{read_frame, Frame, MAX_PAYLOAD};
+
+const SECRET: &[u8] = b"fuzzing secret";
+
+/// Run one connection's handshake and requests as `data` says.
+pub fn handshake(data: &[u8]) {
+    let Some((&ctl, data)) = data.split_first() else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    let items = items(data);
+    let answer_after = usize::from(ctl >> 1 & 7);
+    let cfg = ServerConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        data_url: "mem:".into(),
+        secret: SECRET.to_vec(),
+        max_connections: 1,
+        max_in_flight: 4,
+    };
+    let volumes = Arc::new(Volumes {
+        base: cfg.data_url.clone(),
+        open: Mutex::new(HashMap::new()),
+    });
+    rt.block_on(async {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let server = async move {
+            let (mut rd, mut wr) = tokio::io::split(server);
+            let Ok((session, volume)) = serve_handshake(&mut rd, &mut wr, &cfg, &volumes).await
+            else {
+                return;
+            };
+            // What serve_connection does with each request after the
+            // handshake, in order.
+            while let Ok(Some(f)) = read_frame(&mut rd, MAX_PAYLOAD).await {
+                if let Ok(req) = Request::from_frame(&f) {
+                    let _ = handle(&*volume, session, req);
+                }
+            }
+        };
+        // The server answers a hello that comes first (and only then: after
+        // other bytes it may wait for more of them, and the client for its
+        // answer).
+        let hello = match items.first() {
+            Some(first @ Item::Frame { .. }) => Frame::decode(&first.bytes(0), MAX_PAYLOAD)
+                .ok()
+                .and_then(|f| Request::from_frame(&f).ok()),
+            _ => None,
+        };
+        let client = async move {
+            let (mut rd, mut wr) = tokio::io::split(client);
+            for (i, item) in items.iter().enumerate() {
+                if i == answer_after.max(1) && ctl & 1 != 0 {
+                    if let Some(proof) = answer(&mut rd, hello.as_ref()).await {
+                        let auth = Request::Auth { proof }.to_frame(i as u64);
+                        if wr.write_all(&auth.encode()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if wr.write_all(&item.bytes(i as u64)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        tokio::join!(server, client);
+    });
+}
+
+/// The right proof for the server's challenge to the hello the client sent
+/// first, when there was one.
+async fn answer(rd: &mut ReadHalf<DuplexStream>, hello: Option<&Request>) -> Option<[u8; 32]> {
+    let Some(Request::Hello {
+        session,
+        volume,
+        client_nonce,
+        ..
+    }) = hello
+    else {
+        return None;
+    };
+    let f = read_frame(rd, MAX_PAYLOAD).await.ok()??;
+    let Ok(Response::Challenge { server_nonce }) = Response::from_frame(&f) else {
+        return None;
+    };
+    let t = Transcript {
+        client_nonce,
+        server_nonce: &server_nonce,
+        session: *session,
+        volume,
+    };
+    Some(auth::prove(SECRET, Side::Client, &t))
+}
