@@ -40,3 +40,35 @@ fn handshake_regressions_pass() {
 fn engine_decode_regressions_pass() {
     replay("engine_decode", super::engine_decode);
 }
+
+/// The seed inputs scripts/fuzz starts from are files in
+/// `fuzz/seeds/<target>/`, written from [`super::seeds`]; this test
+/// fails when they differ and, with `POHMELFS_WRITE_SEEDS=1`, writes them.
+#[test]
+fn seed_files_match_the_seeds_in_the_code() {
+    let write = std::env::var_os("POHMELFS_WRITE_SEEDS").is_some();
+    for target in ["fuse_stream", "wire_frames", "handshake", "engine_decode"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds")
+            .join(target);
+        let seeds = super::seeds(target).unwrap();
+        if write {
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            for (i, seed) in seeds.iter().enumerate() {
+                fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
+            }
+        }
+        let count = fs::read_dir(&dir).map_or(0, |d| d.count());
+        assert_eq!(
+            count,
+            seeds.len(),
+            "{}: run POHMELFS_WRITE_SEEDS=1 cargo test --lib seed_files",
+            dir.display()
+        );
+        for (i, seed) in seeds.iter().enumerate() {
+            let file = fs::read(dir.join(format!("seed-{i}"))).unwrap_or_default();
+            assert!(file == *seed, "{target} seed-{i} is stale: run POHMELFS_WRITE_SEEDS=1 cargo test --lib seed_files");
+        }
+    }
+}
