@@ -9,6 +9,9 @@
 //! must be the hello); everything after the
 //! handshake is served as the server serves an authenticated peer.
 //! What it checks: nothing panics and the handshake ends.
+//!
+//! `run` counts the requests answered without an error, for the test of
+//! the seeds (`crate::fuzz::seeds`).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,12 +29,14 @@ const SECRET: &[u8] = b"fuzzing secret";
 
 /// Run one connection's handshake and requests as `data` says.
 pub fn handshake(data: &[u8]) {
-    let Some((&ctl, data)) = data.split_first() else {
-        return;
-    };
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
-        return;
-    };
+    run(data);
+}
+
+/// How many requests the server answered after the handshake; `None` when
+/// the handshake failed.
+fn run(data: &[u8]) -> Option<usize> {
+    let (&ctl, data) = data.split_first()?;
+    let rt = tokio::runtime::Builder::new_current_thread().build().ok()?;
     let items = items(data);
     let answer_after = usize::from(ctl >> 1 & 7);
     let cfg = ServerConfig {
@@ -49,17 +54,20 @@ pub fn handshake(data: &[u8]) {
         let (client, server) = tokio::io::duplex(1 << 16);
         let server = async move {
             let (mut rd, mut wr) = tokio::io::split(server);
-            let Ok((session, volume)) = serve_handshake(&mut rd, &mut wr, &cfg, &volumes).await
-            else {
-                return;
-            };
+            let (session, volume) = serve_handshake(&mut rd, &mut wr, &cfg, &volumes)
+                .await
+                .ok()?;
             // What serve_connection does with each request after the
             // handshake, in order.
+            let mut answered = 0;
             while let Ok(Some(f)) = read_frame(&mut rd, MAX_PAYLOAD).await {
                 if let Ok(req) = Request::from_frame(&f) {
-                    let _ = handle(&*volume, session, req);
+                    if !matches!(handle(&*volume, session, req), Response::Error { .. }) {
+                        answered += 1;
+                    }
                 }
             }
+            Some(answered)
         };
         // The server answers a hello that comes first (and only then: after
         // other bytes it may wait for more of them, and the client for its
@@ -86,9 +94,12 @@ pub fn handshake(data: &[u8]) {
                 }
             }
             let _ = wr.shutdown().await;
+            // Read what the server still sends until it closes, as a client
+            // does: closing early would fail the server's writes instead.
+            let _ = tokio::io::copy(&mut rd, &mut tokio::io::sink()).await;
         };
-        tokio::join!(server, client);
-    });
+        tokio::join!(server, client).0
+    })
 }
 
 /// The right proof for the server's challenge to the hello the client sent
@@ -114,4 +125,21 @@ async fn answer(rd: &mut ReadHalf<DuplexStream>, hello: Option<&Request>) -> Opt
         volume,
     };
     Some(auth::prove(SECRET, Side::Client, &t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run;
+    use crate::fuzz::seeds;
+
+    #[test]
+    fn the_seeds_pass_the_handshake_only_with_the_answer() {
+        let seeds = seeds("handshake").unwrap();
+        // A hello answered with the right proof, then eight requests, each
+        // answered.
+        assert_eq!(run(&seeds[0]), Some(8));
+        // The same hello, unanswered: the server waits for the proof
+        // until the client closes.
+        assert_eq!(run(&seeds[1]), None);
+    }
 }
