@@ -40,6 +40,8 @@
 //!   Prometheus endpoint.
 //! * [`check`] — correctness instruments from the outside: the volume
 //!   checker (`pohmelfs check`) and the model-based torture (`pohmelfs torture`).
+//! * `fuzz` (with the cargo feature `fuzzing`, and in tests) — the entry
+//!   points of the fuzz targets in `fuzz/` (`scripts/fuzz`).
 //!
 //! The `pohmelfs` binary (`src/main.rs`) parses the command line and calls
 //! into these; its `mount` module serves the same filesystem through the
@@ -50,6 +52,8 @@ pub mod confine;
 pub mod control;
 pub mod device;
 pub mod fs;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;

@@ -9,6 +9,10 @@
 #[cfg(test)]
 pub(crate) mod alloc_probe;
 mod backend;
+#[cfg(any(test, feature = "fuzzing"))]
+mod chains;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]

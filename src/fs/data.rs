@@ -172,6 +172,11 @@ impl PohmelFs {
         let append = lock(&self.handles)
             .get(handle)
             .is_some_and(|h| h.append && h.ino == ino);
+        // A write past the largest file is refused before its bytes are
+        // copied (an append's offset is checked under the lock below).
+        if !append && offset.saturating_add(len as u64) > MAX_FILE_SIZE {
+            return errno!(EFBIG);
+        }
         // Copy the guest's bytes once, into buffers that each cover one
         // page of the file: the write-back layer keeps the whole ones as
         // its pages. An append's offset is known only under the lock; the

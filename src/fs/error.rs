@@ -28,7 +28,9 @@ impl FsError {
     }
 
     /// True for errors that are part of normal operation (a lookup of a
-    /// missing name, a full volume) rather than a sign of trouble worth a
+    /// missing name, a full volume) or that a guest asks for with its own
+    /// arguments (a file or an xattr too large, too many links or open
+    /// handles, renaming `.`), rather than a sign of trouble worth a
     /// warning.
     pub fn is_routine(&self) -> bool {
         matches!(
@@ -48,6 +50,13 @@ impl FsError {
                         | libc::ENAMETOOLONG
                         | libc::EINVAL
                         | libc::EOPNOTSUPP
+                        | libc::EFBIG
+                        | libc::E2BIG
+                        | libc::EBUSY
+                        | libc::EMLINK
+                        | libc::ENFILE
+                        | libc::ENODEV
+                        | libc::ENOSPC
                 )
         )
     }

@@ -39,6 +39,8 @@ use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
 use crate::store::{OnceStore, StoreError};
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
 mod handshake;
 mod volumes;
 

@@ -76,7 +76,9 @@ impl WriteData {
             src.read_exact(&mut buf)?;
             data.push(Bytes::from(buf));
             left -= n;
-            pos += n as u64;
+            // Only the position within a page matters: a write that ends
+            // past 2^64 (refused later, EFBIG) must not overflow here.
+            pos = pos.wrapping_add(n as u64);
         }
         Ok(data)
     }

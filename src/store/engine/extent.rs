@@ -332,8 +332,18 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
                     && pstart
                         .checked_add(plen)
                         .is_some_and(|pe| start + len <= pe && u64::from(pe) <= BLOCK_SIZE);
-                if !inside || seg_off.checked_add(u64::from(plen)).is_none() {
+                if !inside {
                     return Err(corrupt(format!("window {start}+{len} outside its piece")));
+                }
+                // The code works in whole segment pages: the piece's last
+                // page must end within u64.
+                let pages_end = seg_off
+                    .checked_add(u64::from(plen))
+                    .and_then(|end| pages_of(seg_off..end).end.checked_mul(PAGE));
+                if pages_end.is_none() {
+                    return Err(corrupt(format!(
+                        "piece at segment offset {seg_off} too far"
+                    )));
                 }
                 let mut p = Piece {
                     seg,

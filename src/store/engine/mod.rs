@@ -44,6 +44,8 @@ mod codec;
 mod commit;
 mod config;
 mod extent;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
 mod group;
 mod keys;
 mod log;

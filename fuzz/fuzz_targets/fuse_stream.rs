@@ -1,0 +1,6 @@
+//! libFuzzer entry of `pohmelfs::fuzz::fuse_stream` (see src/fuzz/mod.rs).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| pohmelfs::fuzz::fuse_stream(data));
