@@ -45,8 +45,17 @@ impl Raw {
             max_payload: MAX_PAYLOAD,
             max_in_flight: 8,
         };
-        let Response::Challenge { server_nonce } = raw.call(&hello) else {
-            panic!("no challenge")
+        // A server over a limit answers the hello with an error (a slot
+        // given back only when a closed connection's task ends, say).
+        // It may also close at once, and then the hello meets a reset.
+        let server_nonce = match raw.try_call(&hello) {
+            Some(Response::Challenge { server_nonce }) => server_nonce,
+            Some(Response::Error { code, message }) => return Err((code, message)),
+            Some(other) => panic!("no challenge: {other:?}"),
+            None => {
+                let why = "closed without answering the hello".to_owned();
+                return Err((ErrorCode::Busy, why));
+            }
         };
         let t = Transcript {
             client_nonce: &client_nonce,
@@ -94,6 +103,13 @@ impl Raw {
         all.resize(HEADER_LEN + len, 0);
         self.stream.read_exact(&mut all[HEADER_LEN..]).ok()?;
         Some(Response::from_frame(&Frame::decode(&all, MAX_PAYLOAD).unwrap()).unwrap())
+    }
+
+    /// Send `req` and read the answer; `None` when the connection was
+    /// closed or reset instead.
+    pub fn try_call(&mut self, req: &Request) -> Option<Response> {
+        self.stream.write_all(&req.to_frame(1).encode()).ok()?;
+        self.recv()
     }
 
     pub fn call(&mut self, req: &Request) -> Response {
