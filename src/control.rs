@@ -3,8 +3,8 @@
 //! command per connection: `status` (every counter with its value and what
 //! it counts) or `prometheus` (the text exposition format). The HTTP
 //! endpoint serves `GET /metrics`. Both only read counters. Each answers
-//! at most [`CONNECTIONS_MAX`] connections at a time, each within
-//! [`CONNECTION_DEADLINE`], so a slow or idle client cannot hold them up.
+//! at most 8 connections at a time (`CONNECTIONS_MAX`), each within 2 s
+//! (`CONNECTION_DEADLINE`), so a slow or idle client cannot hold them up.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
