@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pohmelfs::net::proto::msg::{ErrorCode, Request, Response};
-use pohmelfs::net::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, VERSION};
+use pohmelfs::net::proto::{Frame, HEADER_LEN, VERSION};
 use pohmelfs::store::{Inode, Op, Txn};
 use pohmelfs_testkit::{wait_until, ChildGuard, ScratchDir, StoreServer};
 use raw::Raw;
@@ -393,16 +393,7 @@ fn connection_and_volume_limits_give_clear_errors() {
     // challenge fill the four; a fifth is refused.
     let _fourth = wait_until(WAIT, POLL, || {
         let mut raw = Raw::open(addr);
-        let hello = Request::Hello {
-            version: VERSION,
-            credential: "ops".into(),
-            session: 0,
-            ticket: [0; 32],
-            volume: "v1".into(),
-            client_nonce: [9; 32],
-            max_payload: MAX_PAYLOAD,
-            max_in_flight: 8,
-        };
+        let hello = raw::hello("ops", (0, [0; 32]), "v1");
         matches!(raw.try_call(&hello), Some(Response::Challenge { .. })).then_some(raw)
     })
     .expect("a fourth handshake under way");

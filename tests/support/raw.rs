@@ -19,6 +19,24 @@ pub struct Raw {
     pub session: (u64, [u8; 32]),
 }
 
+/// The nonce every hello of [`hello`] carries.
+const CLIENT_NONCE: [u8; 32] = [9; 32];
+
+/// The hello of a client of `credential` resuming `session` (or starting
+/// one with `(0, _)`) on `volume`.
+pub fn hello(credential: &str, session: (u64, [u8; 32]), volume: &str) -> Request {
+    Request::Hello {
+        version: VERSION,
+        credential: credential.into(),
+        session: session.0,
+        ticket: session.1,
+        volume: volume.into(),
+        client_nonce: CLIENT_NONCE,
+        max_payload: MAX_PAYLOAD,
+        max_in_flight: 8,
+    }
+}
+
 impl Raw {
     /// A new session of the credential `default`.
     pub fn connect(addr: &str, secret: &str, volume: &str) -> Result<Raw, (ErrorCode, String)> {
@@ -34,17 +52,8 @@ impl Raw {
         volume: &str,
     ) -> Result<Raw, (ErrorCode, String)> {
         let mut raw = Raw::open(addr);
-        let client_nonce = [9u8; 32];
-        let hello = Request::Hello {
-            version: VERSION,
-            credential: credential.into(),
-            session: session.0,
-            ticket: session.1,
-            volume: volume.into(),
-            client_nonce,
-            max_payload: MAX_PAYLOAD,
-            max_in_flight: 8,
-        };
+        let hello = hello(credential, session, volume);
+        let client_nonce = CLIENT_NONCE;
         // A server over a limit answers the hello with an error (a slot
         // given back only when a closed connection's task ends, say).
         // It may also close at once, and then the hello meets a reset.
