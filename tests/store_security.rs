@@ -140,6 +140,20 @@ fn missing_and_wrong_secrets_and_ungranted_volumes_are_refused() {
     }
 }
 
+/// Send transaction 1 of the connection's session (creating inode `ino`)
+/// and require its ack, as a first apply or as a `duplicate`.
+fn send_txn_1(raw: &mut Raw, ino: u64, duplicate: bool) {
+    let ack = raw.call(&Request::Txn {
+        txn_id: 1,
+        low_water: 1,
+        txn: txn(ino),
+    });
+    assert!(
+        matches!(ack, Response::TxnAck { duplicate: d, .. } if d == duplicate),
+        "{ack:?}"
+    );
+}
+
 #[test]
 fn a_session_is_resumed_only_with_its_own_ticket() {
     let dir = workdir("sessions");
@@ -148,21 +162,7 @@ fn a_session_is_resumed_only_with_its_own_ticket() {
     let mut first = Raw::resume(addr, "bob", BOB, (0, [0; 32]), "shared").unwrap();
     let mine = first.session;
     assert_ne!(mine.0, 0, "the server issued a session");
-    let ack = first.call(&Request::Txn {
-        txn_id: 1,
-        low_water: 1,
-        txn: txn(200),
-    });
-    assert!(
-        matches!(
-            ack,
-            Response::TxnAck {
-                duplicate: false,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    send_txn_1(&mut first, 200, false);
     // Another client of the same credential, naming that session without its ticket.
     let (code, why) = Raw::resume(addr, "bob", BOB, (mine.0, [0; 32]), "shared")
         .err()
@@ -178,39 +178,11 @@ fn a_session_is_resumed_only_with_its_own_ticket() {
     drop(first);
     let mut again = Raw::resume(addr, "bob", BOB, mine, "shared").unwrap();
     assert_eq!(again.session.0, mine.0);
-    let ack = again.call(&Request::Txn {
-        txn_id: 1,
-        low_water: 1,
-        txn: txn(200),
-    });
-    assert!(
-        matches!(
-            ack,
-            Response::TxnAck {
-                duplicate: true,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    send_txn_1(&mut again, 200, true);
     // A new session's id 1 is another transaction.
     let mut other = Raw::resume(addr, "bob", BOB, (0, [0; 32]), "shared").unwrap();
     assert_ne!(other.session.0, mine.0);
-    let ack = other.call(&Request::Txn {
-        txn_id: 1,
-        low_water: 1,
-        txn: txn(201),
-    });
-    assert!(
-        matches!(
-            ack,
-            Response::TxnAck {
-                duplicate: false,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    send_txn_1(&mut other, 201, false);
 }
 
 #[test]
