@@ -59,6 +59,8 @@ mod reclaim;
 mod recover;
 mod scan;
 mod segment;
+#[cfg(test)]
+mod test_writes;
 
 #[cfg(test)]
 pub(crate) mod conformance;
