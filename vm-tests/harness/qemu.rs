@@ -491,6 +491,24 @@ fn qemu_binary() -> Result<PathBuf> {
         })
 }
 
+/// The first line `qemu --version` prints (scripts/test checks it names the QEMU it
+/// chose), or why there is none.
+fn qemu_version() -> String {
+    let Ok(qemu) = qemu_binary() else {
+        return "no QEMU".into();
+    };
+    match Command::new(&qemu).arg("--version").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map_or_else(
+                || format!("{} (no version printed)", qemu.display()),
+                |l| format!("{l} ({})", qemu.display()),
+            ),
+        Err(e) => format!("{} (--version failed: {e})", qemu.display()),
+    }
+}
+
 /// How QEMU runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -508,7 +526,7 @@ pub fn accelerator() -> Result<Accel> {
         Ok(other) => Err(format!("POHMELFS_VM_ACCEL={other}: expected kvm or tcg")),
         Err(_) => {
             let (accel, why) = cached_probe().map_err(|failure| failure.to_string())?;
-            eprintln!("VM tests run under {accel:?}: {why}");
+            eprintln!("VM tests run under {accel:?} on {}: {why}", qemu_version());
             Ok(accel)
         }
     };
