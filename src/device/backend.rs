@@ -20,14 +20,14 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::pool::WorkerPool;
-use super::request::{Chain, Requests};
+use super::request::{Chain, DirtyLog, Mem, Requests};
 use crate::metrics::Metrics;
 use crate::ratelimit::limited;
 
@@ -37,7 +37,6 @@ pub const TAG_MAX: usize = 36;
 /// Index of the hiprio queue.
 const HIPRIO_QUEUE: usize = 0;
 
-type Mem = GuestMemoryMmap<()>;
 type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
 
 /// Settings of the device.
@@ -199,7 +198,7 @@ fn complete(requests: &Requests, vring: &Vring, chain: Chain, queue: usize, even
 }
 
 impl VhostUserBackend for FsBackend {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -215,12 +214,17 @@ impl VhostUserBackend for FsBackend {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty-page logging for live migration: the regions' bitmaps
+            // (`request::DirtyLog`) mark every page the device writes once
+            // the frontend has sent the log (LOG_SHMFD).
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         // Offer the config space only with a tag to serve: QEMU brings its
         // own tag and warns about a CONFIG it does not use.
         if self.cfg.tag.is_some() {

@@ -22,7 +22,7 @@ use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
 
-pub type Mem = GuestMemoryMmap<()>;
+pub use super::request::Mem;
 
 pub const MEM_BYTES: u64 = 4 << 20;
 /// Room for [`QUEUE_SIZE`] descriptors of 16 bytes.

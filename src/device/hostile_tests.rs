@@ -309,7 +309,7 @@ fn an_init_older_than_fuse_7_is_eproto() {
 /// CREATE `name` (NUL included) in the root; the new inode and handle.
 fn create(
     requests: &Requests,
-    mem: &vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    mem: &vm_memory::GuestMemoryAtomic<super::request::Mem>,
     name: &[u8],
 ) -> (u64, u64) {
     let mut body = CreateIn {

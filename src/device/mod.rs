@@ -11,6 +11,10 @@ pub(crate) mod alloc_probe;
 mod backend;
 #[cfg(any(test, feature = "fuzzing"))]
 mod chains;
+#[cfg(test)]
+mod dirty_log_tests;
+#[cfg(test)]
+mod frontend_kit;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 #[cfg(test)]

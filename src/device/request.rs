@@ -36,7 +36,15 @@ const FUSE_GETATTR: u32 = 3;
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
 
-type Mem = GuestMemoryMmap<()>;
+/// Guest memory as the device maps it: each region carries the dirty-page
+/// log of a live migration (`VHOST_F_LOG_ALL`, `LOG_SHMFD`), which is
+/// empty until the frontend sends `SET_LOG_BASE`; every write into guest
+/// memory (replies, `write_from` of file data, the used ring) marks the
+/// pages it touches while it is set.
+pub type Mem = GuestMemoryMmap<DirtyLog>;
+/// The per-region dirty-page log (vhost-user-backend's bitmap over the
+/// frontend's shared log).
+pub type DirtyLog = vhost_user_backend::bitmap::BitmapMmapRegion;
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<Mem>>;
 
 /// Answers the requests of every connection of one daemon.
@@ -165,7 +173,7 @@ impl Requests {
 
     /// FUSE_SYNCFS (already checked whole): wait until everything written so
     /// far is durable; an error becomes the reply's errno.
-    fn syncfs(&self, mut writer: VirtioFsWriter<'_, ()>, h: InHeader) -> u32 {
+    fn syncfs(&self, mut writer: VirtioFsWriter<'_, DirtyLog>, h: InHeader) -> u32 {
         let errno = match self.fs.syncfs() {
             Ok(()) => 0,
             Err(e) => e.raw_os_error().unwrap_or(libc::EIO),

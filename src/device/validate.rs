@@ -40,7 +40,7 @@ use fuse_backend_rs::api::server::MAX_BUFFER_SIZE;
 use fuse_backend_rs::transport::Reader;
 use thiserror::Error;
 
-use super::request::{Chain, FUSE_SYNCFS, SYNCFS_IN_LEN};
+use super::request::{Chain, DirtyLog, FUSE_SYNCFS, SYNCFS_IN_LEN};
 use crate::fs::MAX_IO_BYTES;
 
 /// The length of a FUSE request header.
@@ -237,7 +237,9 @@ pub fn check_chain(chain: &Chain) -> Result<(), Invalid> {
 /// Check the request `reader` holds and cut the reader to the header's
 /// `len`. On success the header; on failure the header too when one could
 /// be read (the reply needs its `unique`).
-pub fn check_request(reader: &mut Reader<'_, ()>) -> Result<InHeader, (Option<InHeader>, Invalid)> {
+pub fn check_request(
+    reader: &mut Reader<'_, DirtyLog>,
+) -> Result<InHeader, (Option<InHeader>, Invalid)> {
     let readable = reader.available_bytes();
     let h: InHeader = reader
         .clone()
@@ -281,7 +283,7 @@ pub fn check_request(reader: &mut Reader<'_, ()>) -> Result<InHeader, (Option<In
 
 /// Check the `body` bytes after the header against the opcode's shape.
 fn check_body(
-    r: &mut Reader<'_, ()>,
+    r: &mut Reader<'_, DirtyLog>,
     opcode: u32,
     body: usize,
     shape: Shape,
@@ -336,7 +338,7 @@ fn check_body(
 }
 
 /// Read past `n` bytes (at most [`SCRATCH_BYTES`]).
-fn skip(r: &mut Reader<'_, ()>, n: usize) -> Result<(), ()> {
+fn skip(r: &mut Reader<'_, DirtyLog>, n: usize) -> Result<(), ()> {
     let mut scratch = [0u8; SCRATCH_BYTES];
     let buf = scratch.get_mut(..n).ok_or(())?;
     r.read_exact(buf).map_err(|_| ())
@@ -344,7 +346,7 @@ fn skip(r: &mut Reader<'_, ()>, n: usize) -> Result<(), ()> {
 
 /// How many NULs the next `len` bytes of `r` hold, counting no further
 /// than `want`.
-fn count_nuls(r: &mut Reader<'_, ()>, mut len: usize, want: usize) -> usize {
+fn count_nuls(r: &mut Reader<'_, DirtyLog>, mut len: usize, want: usize) -> usize {
     let mut scratch = [0u8; SCRATCH_BYTES];
     let mut found = 0;
     while len > 0 && found < want {

@@ -1,0 +1,292 @@
+//! Test kit: a vhost-user frontend in the test process, speaking the real
+//! protocol to [`super::serve`] over its socket, as QEMU does. Guest memory
+//! is a memfd both sides map; one request queue is set up in it with the
+//! layout of `chains.rs`; requests are posted, kicked and waited for through
+//! the queue's eventfds. The dirty-page log (`SET_LOG_BASE`) is a second
+//! memfd the test reads.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    ByteValued, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestRegionMmap,
+    VolatileMemory,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::chains::{self, DESC_TABLE, MEM_BYTES, REQUEST};
+use super::{bind, serve, DeviceConfig, ServeConfig};
+use crate::fs::{FsConfig, PohmelFs};
+use crate::metrics::Metrics;
+use crate::store::mem::MemStore;
+
+/// The request queue the kit drives (queue 0 is hiprio).
+const QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+const AVAIL_RING: u64 = 0x20000;
+pub const USED_RING: u64 = 0x28000;
+/// Bytes of log per byte of guest memory: one bit per 4 KiB page.
+const LOG_BYTES: u64 = MEM_BYTES / 4096 / 8;
+/// Bound on waiting for one reply.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// An anonymous memory file of `len` bytes.
+fn memfd(name: &str, len: u64) -> File {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string; the call only
+    // creates a file descriptor.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// Take the features the backend offers that the kit uses, asserting that
+/// dirty logging (LOG_ALL, LOG_SHMFD) is among them.
+fn negotiate(frontend: &mut Frontend) {
+    frontend.set_owner().unwrap();
+    let offered = frontend.get_features().unwrap();
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    assert_ne!(offered & log_all, 0, "LOG_ALL not offered: {offered:#x}");
+    frontend
+        .set_features(
+            (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log_all,
+        )
+        .unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+        "LOG_SHMFD not offered: {protocol:?}"
+    );
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::LOG_SHMFD)
+        .unwrap();
+}
+
+/// Set up and enable the request queue in the layout of `chains.rs`;
+/// `host` maps a guest address to the frontend's address of it. The kick
+/// and call eventfds.
+fn set_up_queue(frontend: &mut Frontend, host: impl Fn(u64) -> u64) -> (EventFd, EventFd) {
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    frontend.set_vring_num(QUEUE, QUEUE_SIZE).unwrap();
+    frontend
+        .set_vring_addr(
+            QUEUE,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: host(DESC_TABLE),
+                used_ring_addr: host(USED_RING),
+                avail_ring_addr: host(AVAIL_RING),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    frontend.set_vring_base(QUEUE, 0).unwrap();
+    frontend.set_vring_call(QUEUE, &call).unwrap();
+    frontend.set_vring_kick(QUEUE, &kick).unwrap();
+    frontend.set_vring_enable(QUEUE, true).unwrap();
+    (kick, call)
+}
+
+/// A daemon serving one frontend on a socket, and the frontend.
+pub struct Kit {
+    /// `None` once dropped (the disconnect).
+    frontend: Option<Frontend>,
+    /// The test's own mapping of guest memory.
+    pub mem: GuestMemoryMmap<()>,
+    log: MmapRegion<()>,
+    _log_file: File,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    pub metrics: Arc<Metrics>,
+    daemon: Option<JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+impl Kit {
+    /// Start `serve` over an empty in-memory volume, connect, negotiate
+    /// the features the backend offers (LOG_ALL and LOG_SHMFD among them,
+    /// which this asserts), hand over guest memory and the dirty log, and
+    /// set up and enable the request queue.
+    pub fn start(name: &str) -> Kit {
+        let dir = std::env::temp_dir().join(format!("pohmelfs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vhost.sock");
+        let metrics = Arc::new(Metrics::default());
+        let fs = Arc::new(
+            PohmelFs::new(
+                Arc::new(MemStore::new(64 << 20)),
+                FsConfig::default(),
+                Arc::clone(&metrics),
+            )
+            .unwrap(),
+        );
+        let cfg = ServeConfig {
+            socket_path: socket.clone(),
+            device: DeviceConfig {
+                tag: None,
+                request_queues: 1,
+                queue_size: usize::from(QUEUE_SIZE),
+                inline_reads: false,
+            },
+            threads: 1,
+            queue_depth: 64,
+            once: true,
+        };
+        let listener = bind(&socket).unwrap();
+        let served = Arc::clone(&metrics);
+        let daemon = std::thread::spawn(move || serve(&cfg, listener, fs, served).unwrap());
+
+        let mut frontend = Frontend::connect(&socket, 2).unwrap();
+        negotiate(&mut frontend);
+
+        let mem_file = memfd("guest", MEM_BYTES);
+        let region = MmapRegion::<()>::from_file(
+            FileOffset::new(mem_file.try_clone().unwrap(), 0),
+            MEM_BYTES as usize,
+        )
+        .unwrap();
+        let mem =
+            GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).unwrap()
+            ])
+            .unwrap();
+        let host = |gpa: u64| mem.iter().next().unwrap().as_ptr() as u64 + gpa;
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEM_BYTES,
+                userspace_addr: host(0),
+                mmap_offset: 0,
+                mmap_handle: mem_file.as_raw_fd(),
+            }])
+            .unwrap();
+
+        let log_file = memfd("dirty-log", LOG_BYTES);
+        frontend
+            .set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: LOG_BYTES,
+                    mmap_offset: 0,
+                    mmap_handle: log_file.as_raw_fd(),
+                }),
+            )
+            .unwrap();
+        let log = MmapRegion::<()>::from_file(
+            FileOffset::new(log_file.try_clone().unwrap(), 0),
+            LOG_BYTES as usize,
+        )
+        .unwrap();
+
+        let (kick, call) = set_up_queue(&mut frontend, host);
+        Kit {
+            frontend: Some(frontend),
+            mem,
+            log,
+            _log_file: log_file,
+            kick,
+            call,
+            avail_idx: 0,
+            metrics,
+            daemon: Some(daemon),
+            dir,
+        }
+    }
+
+    /// Post `h` and `body` at [`REQUEST`] with the buffers `bufs` after it
+    /// (`(address, length, device-writable)`), kick, and wait for the
+    /// used ring to return it; the reply header at the first writable
+    /// buffer.
+    pub fn request(&mut self, h: InHeader, body: &[u8], bufs: &[(u64, u32, bool)]) -> OutHeader {
+        self.mem.write_obj(h, GuestAddress(REQUEST)).unwrap();
+        self.mem
+            .write_slice(body, GuestAddress(REQUEST + h.as_slice().len() as u64))
+            .unwrap();
+        let len = u32::try_from(h.as_slice().len() + body.len()).unwrap();
+        let mut all = vec![(REQUEST, len, false)];
+        all.extend_from_slice(bufs);
+        for (i, desc) in chains::linked(&all).iter().enumerate() {
+            self.mem
+                .write_obj(*desc, GuestAddress(DESC_TABLE + 16 * i as u64))
+                .unwrap();
+        }
+        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        self.mem
+            .write_obj(0u16, GuestAddress(AVAIL_RING + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
+            .unwrap();
+        self.kick.write(1).unwrap();
+        self.wait_used(self.avail_idx);
+        let reply = bufs.iter().find(|b| b.2).map(|b| b.0).unwrap();
+        self.mem.read_obj(GuestAddress(reply)).unwrap()
+    }
+
+    /// Wait until the used ring's index reaches `idx`, woken by the call
+    /// eventfd, for at most [`REPLY_WAIT`].
+    fn wait_used(&self, idx: u16) {
+        let deadline = Instant::now() + REPLY_WAIT;
+        loop {
+            let used: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
+            if used == idx {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no reply within {REPLY_WAIT:?}");
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+            // SAFETY: one valid pollfd, for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let _ = self.call.read();
+        }
+    }
+
+    /// The guest pages (4 KiB) the log marks dirty.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        let mut bytes = vec![0u8; LOG_BYTES as usize];
+        self.log.as_volatile_slice().copy_to(&mut bytes[..]);
+        (0..MEM_BYTES / 4096)
+            .filter(|&p| bytes[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect()
+    }
+
+    /// Clear the log, as a frontend does after it has read it.
+    pub fn clear_log(&self) {
+        let zeros = vec![0u8; LOG_BYTES as usize];
+        self.log.as_volatile_slice().copy_from(&zeros[..]);
+    }
+}
+
+impl Drop for Kit {
+    fn drop(&mut self) {
+        // Disconnecting ends the daemon's `once` session.
+        drop(self.frontend.take());
+        if let Some(daemon) = self.daemon.take() {
+            let _ = daemon.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
