@@ -38,6 +38,8 @@
 //!   no_new_privs, and the seccomp filter of the system calls they use.
 //! * [`control`] — the control socket that `pohmelfs status` reads, and the
 //!   Prometheus endpoint.
+//! * [`systemd`] — readiness notification (`Type=notify`) and socket
+//!   activation, without libsystemd.
 //! * [`check`] — correctness instruments from the outside: the volume
 //!   checker (`pohmelfs check`) and the model-based torture (`pohmelfs torture`).
 //! * `fuzz` (with the cargo feature `fuzzing`, and in tests) — the entry
@@ -58,6 +60,7 @@ pub mod metrics;
 pub mod net;
 pub mod ratelimit;
 pub mod store;
+pub mod systemd;
 pub mod writeback;
 
 use std::fmt;

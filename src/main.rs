@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
-use pohmelfs::confine;
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
 use pohmelfs::writeback::{MemoryBudget, OverwritePolicy, TxnConfig};
+use pohmelfs::{confine, systemd};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -337,6 +337,7 @@ fn init_logging(level: &str) -> Result<()> {
 fn serve(args: ServeArgs) -> Result<()> {
     // Before any thread: capabilities are per thread (src/confine).
     confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
+    let notifier = systemd::Notifier::from_env().context("systemd notify socket")?;
     // fuse-backend-rs's own lines are off: see `device::log_filter`.
     init_logging(&device::log_filter(&args.log_level))?;
     pohmelfs::ratelimit::limit_panic_messages();
@@ -363,7 +364,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             .context("bind metrics endpoint")?;
     }
     info!(store = %store.describe(), "volume open");
-    install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
+    let notifier = notifier.map(Arc::new);
+    install_signal_handlers(Arc::clone(&fs), args.socket_path.clone(), notifier.clone())?;
     confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
     info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
     let cfg = ServeConfig {
@@ -380,6 +382,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         queue_depth: usize::from(args.queue_size) * 2,
         once: args.once,
     };
+    // The volume is open and the socket bound: a VMM may connect now.
+    if let Some(n) = &notifier {
+        n.notify(&format!(
+            "READY=1\nSTATUS=serving {} on {}",
+            store.describe(),
+            args.socket_path.display()
+        ))
+        .context("notify systemd")?;
+    }
     device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
     fs.sync_all().context("sync volume")?;
     let _ = std::fs::remove_file(&args.socket_path);
@@ -412,7 +423,11 @@ fn status(args: StatusArgs) -> Result<()> {
 }
 
 /// SIGTERM and SIGINT: make the volume durable, remove the socket, exit.
-fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
+fn install_signal_handlers(
+    fs: Arc<PohmelFs>,
+    socket: PathBuf,
+    notifier: Option<Arc<systemd::Notifier>>,
+) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("install signal handlers")?;
@@ -421,6 +436,11 @@ fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 info!(signal = sig, "shutting down");
+                if let Some(n) = &notifier {
+                    if let Err(e) = n.notify("STOPPING=1") {
+                        warn!(error = %pohmelfs::ErrorChain(&e), "could not tell systemd");
+                    }
+                }
                 let code = match fs.sync_all() {
                     Ok(()) => 0,
                     Err(e) => {
@@ -447,6 +467,7 @@ fn store(args: StoreArgs) -> Result<()> {
         _ => &[],
     };
     confine::restrict(keep).context("confine")?;
+    let notifier = systemd::Notifier::from_env().context("systemd notify socket")?;
     confine::refuse_secret_in_url(&args.data).context("--data")?;
     init_logging(&args.log_level)?;
     pohmelfs::ratelimit::limit_panic_messages();
@@ -494,19 +515,26 @@ fn store(args: StoreArgs) -> Result<()> {
         confine::drop_all_capabilities().context("drop capabilities")?;
         confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
         info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
+        // Watch the signals before saying ready: a SIGTERM right after
+        // READY=1 must find its handler.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate()).context("watch SIGTERM")?,
+            signal(SignalKind::interrupt()).context("watch SIGINT")?,
+        );
+        if let Some(n) = &notifier {
+            n.notify(&format!("READY=1\nSTATUS=listening on {addr}"))
+                .context("notify systemd")?;
+        }
         let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                        std::future::pending::<()>().await;
-                        unreachable!()
-                    }
-                };
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                _ = int.recv() => info!("SIGINT: shutting down"),
+            }
+            if let Some(n) = &notifier {
+                if let Err(e) = n.notify("STOPPING=1") {
+                    warn!(error = %pohmelfs::ErrorChain(&e), "could not tell systemd");
+                }
             }
         };
         server.run(shutdown).await;

@@ -1,0 +1,134 @@
+//! `pohmelfs serve` and `pohmelfs store` under systemd's `Type=notify`
+//! (`src/systemd.rs`): real processes with `NOTIFY_SOCKET` pointing at a
+//! datagram socket the test binds, as systemd's is. `READY=1` must come
+//! only once the daemon can serve (its socket bound, its volume open), and
+//! `STOPPING=1` when SIGTERM begins the shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pohmelfs_testkit::{ChildGuard, ScratchDir};
+
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
+/// Bound on every wait for a datagram or an exit.
+const TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(10);
+
+/// The datagram socket systemd would listen on.
+fn notify_socket(dir: &ScratchDir) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    (sock, path)
+}
+
+/// The next datagram, as text.
+fn next_state(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let len = sock
+        .recv(&mut buf)
+        .expect("no notification within the timeout");
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+fn sigterm(child: &ChildGuard) {
+    // SAFETY: kill(2) on the pid of a child this test owns and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+}
+
+fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
+    pohmelfs_testkit::wait_until(TIMEOUT, POLL, || child.exited())
+        .expect("the daemon did not exit after SIGTERM")
+}
+
+#[test]
+fn serve_says_ready_once_its_socket_is_bound_and_stopping_at_sigterm() {
+    let dir = ScratchDir::new("systemd-serve").unwrap();
+    let (notify, notify_path) = notify_socket(&dir);
+    let socket = dir.path().join("vhost.sock");
+    let mut child = ChildGuard(
+        Command::new(POHMELFS)
+            .args(["serve", "--store", "mem:", "--socket-path"])
+            .arg(&socket)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = next_state(&notify);
+    assert!(
+        ready.lines().any(|l| l == "READY=1"),
+        "first notification: {ready:?}"
+    );
+    assert!(
+        ready.contains("STATUS=serving"),
+        "no status line: {ready:?}"
+    );
+    // Ready means a VMM can connect now, and the control socket answers.
+    UnixStream::connect(&socket).expect("READY=1 before the vhost-user socket listens");
+    let status = Command::new(POHMELFS)
+        .args(["status", "--socket-path"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "status failed after READY=1: {status:?}"
+    );
+    assert!(child.exited().is_none(), "the daemon exited after READY=1");
+
+    sigterm(&child);
+    assert_eq!(next_state(&notify), "STOPPING=1");
+    assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn store_says_ready_once_it_listens() {
+    let dir = ScratchDir::new("systemd-store").unwrap();
+    let (notify, notify_path) = notify_socket(&dir);
+    let mut child = ChildGuard(
+        Command::new(POHMELFS)
+            .args(["store", "--listen", "127.0.0.1:0", "--data", "mem:"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = next_state(&notify);
+    assert!(
+        ready.lines().any(|l| l == "READY=1"),
+        "first notification: {ready:?}"
+    );
+    let addr = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=listening on "))
+        .unwrap_or_else(|| panic!("no listening address in {ready:?}"));
+    TcpStream::connect(addr).expect("READY=1 before the store listens");
+
+    sigterm(&child);
+    assert_eq!(next_state(&notify), "STOPPING=1");
+    assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn a_relative_notify_socket_is_refused_at_start() {
+    let dir = ScratchDir::new("systemd-bad").unwrap();
+    let out = Command::new(POHMELFS)
+        .args(["serve", "--store", "mem:", "--socket-path"])
+        .arg(dir.path().join("vhost.sock"))
+        .env("NOTIFY_SOCKET", "relative/notify")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NOTIFY_SOCKET=\"relative/notify\" is neither an absolute path nor @name"),
+        "{err}"
+    );
+}
