@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tracing::{debug, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -26,6 +29,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::migrate::Transfer;
 use super::pool::WorkerPool;
 use super::request::{Chain, DirtyLog, Mem, Requests};
 use crate::metrics::Metrics;
@@ -64,6 +68,8 @@ pub struct FsBackend {
     metrics: Arc<Metrics>,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     event_idx: AtomicBool,
+    /// A live migration's device state transfer (`migrate.rs`).
+    transfer: Transfer,
 }
 
 impl FsBackend {
@@ -80,7 +86,14 @@ impl FsBackend {
             metrics,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
+            transfer: Transfer::default(),
         }
+    }
+
+    /// Whether a migration took this connection's guest session to
+    /// another daemon (its state went out whole).
+    pub fn handed_off(&self) -> bool {
+        self.transfer.handed_off()
     }
 
     /// The virtio-fs config space: the tag, NUL-padded to 36 bytes, then the
@@ -224,7 +237,8 @@ impl VhostUserBackend for FsBackend {
         let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::LOG_SHMFD;
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE;
         // Offer the config space only with a tag to serve: QEMU brings its
         // own tag and warns about a CONFIG it does not use.
         if self.cfg.tag.is_some() {
@@ -243,6 +257,21 @@ impl VhostUserBackend for FsBackend {
         let start = (offset as usize).min(cfg.len());
         let end = start.saturating_add(size as usize).min(cfg.len());
         cfg[start..end].to_vec()
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> std::io::Result<Option<std::fs::File>> {
+        self.transfer
+            .start(direction, phase, file, self.requests.fs(), &self.pool)
+            .map(|()| None)
+    }
+
+    fn check_device_state(&self) -> std::io::Result<()> {
+        self.transfer.check(self.requests.fs())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {

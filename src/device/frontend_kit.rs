@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
+use std::mem::size_of;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    CreateIn, EntryOut, InHeader, InitIn, Opcode, OpenOut, OutHeader, ReadIn, WriteIn, WriteOut,
+};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
@@ -24,11 +28,13 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::chains::{self, DESC_TABLE, MEM_BYTES, REQUEST};
+use super::chains::{self, BULK, DESC_TABLE, MEM_BYTES, REPLY, REQUEST};
+use super::testkit::{header, OUT_LEN};
 use super::{bind, serve, DeviceConfig, ServeConfig};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
+use crate::store::Store;
 
 /// The request queue the kit drives (queue 0 is hiprio).
 const QUEUE: usize = 1;
@@ -37,6 +43,10 @@ const AVAIL_RING: u64 = 0x20000;
 pub const USED_RING: u64 = 0x28000;
 /// Bytes of log per byte of guest memory: one bit per 4 KiB page.
 const LOG_BYTES: u64 = MEM_BYTES / 4096 / 8;
+/// A FUSE request header's length.
+const IN_HEADER_LEN: usize = 40;
+/// The reply header's length, as an address offset.
+const OUT: u64 = OUT_LEN as u64;
 /// Bound on waiting for one reply.
 const REPLY_WAIT: Duration = Duration::from_secs(30);
 
@@ -70,8 +80,16 @@ fn negotiate(frontend: &mut Frontend) {
         protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
         "LOG_SHMFD not offered: {protocol:?}"
     );
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::DEVICE_STATE),
+        "DEVICE_STATE not offered: {protocol:?}"
+    );
     frontend
-        .set_protocol_features(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::LOG_SHMFD)
+        .set_protocol_features(
+            VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::DEVICE_STATE,
+        )
         .unwrap();
 }
 
@@ -115,6 +133,8 @@ pub struct Kit {
     call: EventFd,
     avail_idx: u16,
     pub metrics: Arc<Metrics>,
+    /// The daemon's filesystem.
+    pub fs: Arc<PohmelFs>,
     daemon: Option<JoinHandle<()>>,
     dir: PathBuf,
 }
@@ -125,18 +145,17 @@ impl Kit {
     /// which this asserts), hand over guest memory and the dirty log, and
     /// set up and enable the request queue.
     pub fn start(name: &str) -> Kit {
+        Kit::start_on(name, Arc::new(MemStore::new(64 << 20)))
+    }
+
+    /// [`Kit::start`] on the volume in `store` (two daemons on one volume,
+    /// as a migration's source and destination).
+    pub fn start_on(name: &str, store: Arc<dyn Store>) -> Kit {
         let dir = std::env::temp_dir().join(format!("pohmelfs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vhost.sock");
         let metrics = Arc::new(Metrics::default());
-        let fs = Arc::new(
-            PohmelFs::new(
-                Arc::new(MemStore::new(64 << 20)),
-                FsConfig::default(),
-                Arc::clone(&metrics),
-            )
-            .unwrap(),
-        );
+        let fs = Arc::new(PohmelFs::new(store, FsConfig::default(), Arc::clone(&metrics)).unwrap());
         let cfg = ServeConfig {
             socket_path: socket.clone(),
             device: DeviceConfig {
@@ -151,7 +170,8 @@ impl Kit {
         };
         let listener = bind(&socket).unwrap();
         let served = Arc::clone(&metrics);
-        let daemon = std::thread::spawn(move || serve(&cfg, listener, fs, served).unwrap());
+        let served_fs = Arc::clone(&fs);
+        let daemon = std::thread::spawn(move || serve(&cfg, listener, served_fs, served).unwrap());
 
         let mut frontend = Frontend::connect(&socket, 2).unwrap();
         negotiate(&mut frontend);
@@ -205,6 +225,7 @@ impl Kit {
             call,
             avail_idx: 0,
             metrics,
+            fs,
             daemon: Some(daemon),
             dir,
         }
@@ -262,6 +283,92 @@ impl Kit {
             unsafe { libc::poll(&mut pfd, 1, ms) };
             let _ = self.call.read();
         }
+    }
+
+    /// FUSE INIT as Linux 5.x sends it (7.31).
+    pub fn init(&mut self) {
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            ..InitIn::default()
+        };
+        let h = header(IN_HEADER_LEN + size_of::<InitIn>(), Opcode::Init as u32, 1);
+        let out = self.request(h, init.as_slice(), &[(REPLY, 4096, true)]);
+        assert_eq!(out.error, 0, "INIT");
+    }
+
+    /// CREATE `name` in the root, read and write; its node id and handle.
+    pub fn create(&mut self, name: &str) -> (u64, u64) {
+        let mut body = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: libc::S_IFREG | 0o644,
+            ..CreateIn::default()
+        }
+        .as_slice()
+        .to_vec();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        let h = header(IN_HEADER_LEN + body.len(), Opcode::Create as u32, 2);
+        let out = self.request(h, &body, &[(REPLY, 4096, true)]);
+        assert_eq!(out.error, 0, "CREATE {name}");
+        let entry: EntryOut = self.mem.read_obj(GuestAddress(REPLY + OUT)).unwrap();
+        let open: OpenOut = self
+            .mem
+            .read_obj(GuestAddress(REPLY + OUT + size_of::<EntryOut>() as u64))
+            .unwrap();
+        (entry.nodeid, open.fh)
+    }
+
+    /// WRITE `data` (at most [`BULK`]'s megabyte) at offset 0 through `fh`.
+    pub fn write(&mut self, nodeid: u64, fh: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(BULK)).unwrap();
+        let size = u32::try_from(data.len()).unwrap();
+        let write = WriteIn {
+            fh,
+            size,
+            ..WriteIn::default()
+        };
+        let mut h = header(
+            IN_HEADER_LEN + size_of::<WriteIn>() + data.len(),
+            Opcode::Write as u32,
+            3,
+        );
+        h.nodeid = nodeid;
+        let out = self.request(
+            h,
+            write.as_slice(),
+            &[(BULK, size, false), (REPLY, 4096, true)],
+        );
+        assert_eq!(out.error, 0, "WRITE");
+        let written: WriteOut = self.mem.read_obj(GuestAddress(REPLY + OUT)).unwrap();
+        assert_eq!(written.size, size);
+    }
+
+    /// READ `len` bytes at offset 0 through `fh` into `buf` (a guest
+    /// address apart from the reply header's); the reply's error and the
+    /// bytes.
+    pub fn read(&mut self, nodeid: u64, fh: u64, buf: u64, len: u32) -> (i32, Vec<u8>) {
+        let read = ReadIn {
+            fh,
+            size: len,
+            ..ReadIn::default()
+        };
+        let mut h = header(IN_HEADER_LEN + size_of::<ReadIn>(), Opcode::Read as u32, 4);
+        h.nodeid = nodeid;
+        let out = self.request(
+            h,
+            read.as_slice(),
+            &[(REPLY, OUT_LEN, true), (buf, len, true)],
+        );
+        let got = (out.len as usize).saturating_sub(OUT_LEN as usize);
+        let mut back = vec![0u8; got];
+        self.mem.read_slice(&mut back, GuestAddress(buf)).unwrap();
+        (out.error, back)
+    }
+
+    /// The vhost-user connection, for messages the kit does not wrap.
+    pub fn frontend(&self) -> &Frontend {
+        self.frontend.as_ref().unwrap()
     }
 
     /// The guest pages (4 KiB) the log marks dirty.

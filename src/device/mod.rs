@@ -21,8 +21,12 @@ pub(crate) mod fuzz;
 mod hostile_tests;
 #[cfg(test)]
 mod inline_bench;
+mod migrate;
+#[cfg(test)]
+mod migrate_tests;
 mod pool;
 mod request;
+pub mod state;
 #[cfg(test)]
 mod testkit;
 mod validate;
@@ -152,7 +156,7 @@ pub fn serve(
         ));
         let mut daemon = VhostUserDaemon::new(
             "pohmelfs".to_string(),
-            backend,
+            Arc::clone(&backend),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| DeviceError::Daemon(e.to_string()))?;
@@ -180,7 +184,13 @@ pub fn serve(
         if let Err(e) = fs.sync_all() {
             warn!(error = %crate::ErrorChain(&e), "could not make the volume durable after disconnect");
         }
-        fs.reset_session();
+        if backend.handed_off() {
+            // Migrated: the destination holds the guest's references now,
+            // and the unlinked inodes they keep alive stay.
+            fs.hand_off_session();
+        } else {
+            fs.reset_session();
+        }
         info!(counters = %metrics.summary(), "session ended");
         if cfg.once {
             return Ok(());

@@ -63,6 +63,11 @@ impl Requests {
         }
     }
 
+    /// The filesystem the requests go to.
+    pub fn fs(&self) -> &Arc<PohmelFs> {
+        &self.fs
+    }
+
     /// The daemon's counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics

@@ -53,6 +53,23 @@ impl HandleTable {
     pub fn clear(&mut self) {
         self.open.clear();
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Every open handle, and the next handle number (a migration's
+    /// source: `session.rs`).
+    pub fn export(&self) -> (Vec<(u64, OpenFile)>, u64) {
+        (self.open.iter().map(|(&h, &f)| (h, f)).collect(), self.next)
+    }
+
+    /// Take `open` and `next` over from another daemon (a migration's
+    /// destination; `session.rs` checked them).
+    pub fn import(&mut self, open: &[(u64, OpenFile)], next: u64) {
+        self.open = open.iter().copied().collect();
+        self.next = next;
+    }
 }
 
 #[cfg(test)]

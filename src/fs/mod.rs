@@ -29,11 +29,14 @@ mod namespace;
 #[cfg(test)]
 mod orphan_tests;
 mod refs;
+mod session;
 mod xattr;
 #[cfg(test)]
 mod zero_copy_tests;
 
 pub use data::MAX_IO_BYTES;
+pub use handles::OpenFile;
+pub use session::{SessionError, SessionState};
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
@@ -140,6 +143,8 @@ pub struct PohmelFs {
     refs: Mutex<Refs>,
     ids: Mutex<IdRange>,
     handles: Mutex<HandleTable>,
+    /// The options the guest's INIT negotiated; `None` outside a session.
+    negotiated: Mutex<Option<FsOptions>>,
 }
 
 /// Lock a mutex, treating poisoning as harmless: every critical section here
@@ -161,6 +166,7 @@ impl PohmelFs {
             rename_lock: Mutex::new(()),
             refs: Mutex::new(Refs::default()),
             ids: Mutex::new(IdRange::default()),
+            negotiated: Mutex::new(None),
         };
         if fs.store.get_inode(ROOT_INO)?.is_none() {
             let now = Timestamp::now();
@@ -201,6 +207,7 @@ impl PohmelFs {
         };
         // Never lock the handle table and an inode together.
         lock(&self.handles).clear();
+        *lock(&self.negotiated) = None;
         for ino in held {
             self.store.forgotten(ino);
         }
@@ -306,24 +313,11 @@ impl FileSystem for PohmelFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let mut want = FsOptions::ASYNC_READ
-            | FsOptions::PARALLEL_DIROPS
-            | FsOptions::BIG_WRITES
-            | FsOptions::MAX_PAGES
-            | FsOptions::DO_READDIRPLUS
-            | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::ATOMIC_O_TRUNC
-            | FsOptions::CACHE_SYMLINKS
-            // We clear setuid/setgid and security.capability on write,
-            // truncate and chown; the kernel then stops asking for
-            // security.capability before every write (a round trip each).
-            | FsOptions::HANDLE_KILLPRIV_V2;
-        if self.cfg.writeback_cache {
-            want |= FsOptions::WRITEBACK_CACHE;
-        }
+        let want = self.offered_options();
         debug!(?capable, ?want, "FUSE init");
         // A new FUSE session: the guest holds no references any more.
         self.reset_session();
+        *lock(&self.negotiated) = Some(want & capable);
         Ok(want & capable)
     }
 

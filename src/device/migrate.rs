@@ -1,0 +1,150 @@
+//! The device's side of a live migration (vhost-user `DEVICE_STATE`): on
+//! the source, once QEMU has stopped the queues, drain the requests still
+//! running, write back everything the guest wrote (the downtime includes
+//! this drain; a failure fails the migration, the guest keeps running here
+//! with nothing lost) and stream the guest session out; on the destination,
+//! read it in and take the session over. QEMU moves the bytes through a
+//! pipe it reads only after the reply to `SET_DEVICE_STATE_FD`, so each
+//! direction runs on a thread of its own, and `CHECK_DEVICE_STATE` joins it
+//! and reports what went wrong (`docs/migration.md`).
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+
+use super::pool::WorkerPool;
+use super::state::{self, StateError};
+use crate::fs::{PohmelFs, SessionState};
+
+/// How long the source waits for the requests still running.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a transfer thread hands back: the state read (destination), or
+/// nothing (source).
+type Outcome = Result<Option<SessionState>, String>;
+
+/// One connection's state transfer.
+#[derive(Default)]
+pub struct Transfer {
+    running: Mutex<Option<JoinHandle<Outcome>>>,
+    /// The session went out whole: at disconnect, forget it without
+    /// removing the unlinked inodes it holds (the destination holds them).
+    handed_off: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Transfer {
+    /// `SET_DEVICE_STATE_FD`: start saving to or loading from `file`.
+    pub fn start(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+        fs: &Arc<PohmelFs>,
+        pool: &WorkerPool,
+    ) -> io::Result<()> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "device state moves only while the device is stopped",
+            ));
+        }
+        let mut running = lock(&self.running);
+        if running.is_some() {
+            return Err(io::Error::other(
+                "a device state transfer is already running",
+            ));
+        }
+        let thread = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let bytes = save(fs, pool).map_err(|e| {
+                    warn!(error = %e, "migration: the device state cannot be saved; the guest stays here");
+                    io::Error::other(e)
+                })?;
+                std::thread::Builder::new()
+                    .name("pohmelfs-state-out".into())
+                    .spawn(move || {
+                        state::write(file, &bytes)
+                            .map(|()| None)
+                            .map_err(|e| e.to_string())
+                    })?
+            }
+            VhostTransferStateDirection::LOAD => std::thread::Builder::new()
+                .name("pohmelfs-state-in".into())
+                .spawn(move || {
+                    let mut file = file;
+                    state::read(&mut file).map(Some).map_err(|e| e.to_string())
+                })?,
+        };
+        *running = Some(thread);
+        Ok(())
+    }
+
+    /// `CHECK_DEVICE_STATE`: the outcome of the transfer started last; a
+    /// loaded state is taken over by `fs` here.
+    pub fn check(&self, fs: &PohmelFs) -> io::Result<()> {
+        let thread = lock(&self.running)
+            .take()
+            .ok_or_else(|| io::Error::other("no device state transfer was started"))?;
+        let outcome = thread
+            .join()
+            .unwrap_or_else(|_| Err("the transfer thread panicked".into()));
+        match outcome {
+            Ok(None) => {
+                self.handed_off.store(true, Ordering::SeqCst);
+                info!("migration: device state sent; the guest session is the destination's now");
+                Ok(())
+            }
+            Ok(Some(session)) => {
+                let (inodes, handles) = (session.lookups.len(), session.handles.len());
+                if session == SessionState::default() {
+                    info!("migration: device state received: the guest had not mounted");
+                    return Ok(());
+                }
+                fs.import_session(session).map_err(|e| {
+                    warn!(error = %e, "migration: refused the device state");
+                    io::Error::other(format!("refused the device state: {e}"))
+                })?;
+                info!(inodes, handles, "migration: guest session taken over");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "migration: device state transfer failed");
+                Err(io::Error::other(e))
+            }
+        }
+    }
+
+    /// Whether this connection's session went to another daemon.
+    pub fn handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::SeqCst)
+    }
+}
+
+/// The source's half before the bytes move: drain, write back, export.
+fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
+    let stuck = pool.drain(DRAIN_TIMEOUT);
+    if stuck > 0 {
+        return Err(format!(
+            "{stuck} requests still running after {DRAIN_TIMEOUT:?}"
+        ));
+    }
+    fs.sync_all()
+        .map_err(|e| format!("could not write back what the guest wrote: {e}"))?;
+    let session = match fs.export_session() {
+        Ok(s) => s,
+        // A guest that never mounted the device has no session to carry.
+        Err(crate::fs::SessionError::NoSession) => SessionState::default(),
+        Err(e) => return Err(e.to_string()),
+    };
+    state::encode(&session).map_err(|e: StateError| e.to_string())
+}
