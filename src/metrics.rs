@@ -146,17 +146,25 @@ pub const LATENCY_BOUNDS_US: &[u64] = &[
 
 impl Default for Histogram {
     fn default() -> Histogram {
-        Histogram {
-            bounds_us: LATENCY_BOUNDS_US,
-            counts: (0..=LATENCY_BOUNDS_US.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            sum_us: AtomicU64::new(0),
-        }
+        Histogram::with_bounds(LATENCY_BOUNDS_US)
     }
 }
 
 impl Histogram {
+    /// A histogram with buckets up to each of `bounds_us` (ascending).
+    pub fn with_bounds(bounds_us: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds_us,
+            counts: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     pub fn observe(&self, d: std::time::Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let i = self
@@ -186,6 +194,111 @@ impl Histogram {
     }
 }
 
+/// Bucket bounds for one request's service time: 10 µs to 10 s.
+pub const REQUEST_BOUNDS_US: &[u64] = &[
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000,
+];
+
+/// FUSE opcodes by number (Linux `include/uapi/linux/fuse.h`); a gap is
+/// a number Linux never sends.
+const OPCODE_NAMES: [&str; 53] = [
+    "",
+    "LOOKUP",
+    "FORGET",
+    "GETATTR",
+    "SETATTR",
+    "READLINK",
+    "SYMLINK",
+    "",
+    "MKNOD",
+    "MKDIR",
+    "UNLINK",
+    "RMDIR",
+    "RENAME",
+    "LINK",
+    "OPEN",
+    "READ",
+    "WRITE",
+    "STATFS",
+    "RELEASE",
+    "",
+    "FSYNC",
+    "SETXATTR",
+    "GETXATTR",
+    "LISTXATTR",
+    "REMOVEXATTR",
+    "FLUSH",
+    "INIT",
+    "OPENDIR",
+    "READDIR",
+    "RELEASEDIR",
+    "FSYNCDIR",
+    "GETLK",
+    "SETLK",
+    "SETLKW",
+    "ACCESS",
+    "CREATE",
+    "INTERRUPT",
+    "BMAP",
+    "DESTROY",
+    "IOCTL",
+    "POLL",
+    "NOTIFY_REPLY",
+    "BATCH_FORGET",
+    "FALLOCATE",
+    "READDIRPLUS",
+    "RENAME2",
+    "LSEEK",
+    "COPY_FILE_RANGE",
+    "SETUPMAPPING",
+    "REMOVEMAPPING",
+    "SYNCFS",
+    "TMPFILE",
+    "STATX",
+];
+
+/// Requests served per FUSE opcode, with their service time (from the
+/// chain taken off the queue to the reply written), for the Prometheus
+/// endpoint. Opcodes Linux does not define share one `OTHER` series.
+#[derive(Debug)]
+pub struct RequestStats {
+    /// One histogram per entry of [`OPCODE_NAMES`], then `OTHER`.
+    by_opcode: Vec<Histogram>,
+}
+
+impl Default for RequestStats {
+    fn default() -> RequestStats {
+        RequestStats {
+            by_opcode: (0..=OPCODE_NAMES.len())
+                .map(|_| Histogram::with_bounds(REQUEST_BOUNDS_US))
+                .collect(),
+        }
+    }
+}
+
+impl RequestStats {
+    fn slot(opcode: u32) -> usize {
+        match OPCODE_NAMES.get(opcode as usize) {
+            Some(name) if !name.is_empty() => opcode as usize,
+            _ => OPCODE_NAMES.len(),
+        }
+    }
+
+    /// One request of `opcode` served in `d`.
+    pub fn observe(&self, opcode: u32, d: std::time::Duration) {
+        self.by_opcode[Self::slot(opcode)].observe(d);
+    }
+
+    /// `(opcode name, histogram)` of every opcode served at least once.
+    pub fn served(&self) -> impl Iterator<Item = (&'static str, &Histogram)> {
+        self.by_opcode
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.count() > 0)
+            .map(|(i, h)| (OPCODE_NAMES.get(i).copied().unwrap_or("OTHER"), h))
+    }
+}
+
 /// The gauges and histograms, beside the counters.
 #[derive(Debug, Default)]
 pub struct Levels {
@@ -199,6 +312,8 @@ pub struct Levels {
     pub meta_cache_bytes: Gauge,
     /// Latency of fsync-like requests as the guest sees it.
     pub fsync_latency: Histogram,
+    /// Requests and their service time, per FUSE opcode.
+    pub requests: RequestStats,
 }
 
 /// A monotonically increasing counter.
@@ -260,21 +375,57 @@ impl Metrics {
         ] {
             out.push_str(&format!("# HELP pohmelfs_{name} {doc}\n# TYPE pohmelfs_{name} gauge\npohmelfs_{name} {value}\n"));
         }
-        out.push_str("# HELP pohmelfs_fsync_latency_seconds Latency of fsync-like requests.\n# TYPE pohmelfs_fsync_latency_seconds histogram\n");
-        let buckets = l.fsync_latency.cumulative();
-        for (bound, count) in &buckets {
-            let le = bound.map_or("+Inf".to_string(), |b| format!("{}", b as f64 / 1e6));
-            out.push_str(&format!(
-                "pohmelfs_fsync_latency_seconds_bucket{{le=\"{le}\"}} {count}\n"
-            ));
+        if let Some(rss) = resident_bytes() {
+            out.push_str(&format!("# HELP pohmelfs_resident_bytes The daemon's resident memory (RSS).\n# TYPE pohmelfs_resident_bytes gauge\npohmelfs_resident_bytes {rss}\n"));
         }
-        let total = buckets.last().map_or(0, |b| b.1);
-        out.push_str(&format!(
-            "pohmelfs_fsync_latency_seconds_sum {}\npohmelfs_fsync_latency_seconds_count {total}\n",
-            l.fsync_latency.sum_us() as f64 / 1e6
-        ));
+        out.push_str("# HELP pohmelfs_fsync_latency_seconds Latency of fsync-like requests.\n# TYPE pohmelfs_fsync_latency_seconds histogram\n");
+        render_histogram(
+            &mut out,
+            "pohmelfs_fsync_latency_seconds",
+            "",
+            &l.fsync_latency,
+        );
+        out.push_str("# HELP pohmelfs_request_duration_seconds FUSE requests served and their service time, by opcode.\n# TYPE pohmelfs_request_duration_seconds histogram\n");
+        for (opcode, h) in l.requests.served() {
+            render_histogram(
+                &mut out,
+                "pohmelfs_request_duration_seconds",
+                &format!("opcode=\"{opcode}\","),
+                h,
+            );
+        }
         out
     }
+}
+
+/// `h` as the series of Prometheus histogram `name`, each with the labels
+/// `labels` (empty, or `k="v",` pairs ending in a comma) first.
+fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let buckets = h.cumulative();
+    for (bound, count) in &buckets {
+        let le = bound.map_or("+Inf".to_string(), |b| format!("{}", b as f64 / 1e6));
+        out.push_str(&format!("{name}_bucket{{{labels}le=\"{le}\"}} {count}\n"));
+    }
+    let total = buckets.last().map_or(0, |b| b.1);
+    let plain = labels.trim_end_matches(',');
+    let braces = if plain.is_empty() {
+        String::new()
+    } else {
+        format!("{{{plain}}}")
+    };
+    out.push_str(&format!(
+        "{name}_sum{braces} {}\n{name}_count{braces} {total}\n",
+        h.sum_us() as f64 / 1e6
+    ));
+}
+
+/// This process's resident memory, from `/proc/self/statm`.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|p| pages * p)
 }
 
 #[cfg(test)]
@@ -313,5 +464,32 @@ mod tests {
         assert!(text.contains("pohmelfs_fsync_latency_seconds_bucket{le=\"0.0005\"} 1"));
         assert!(text.contains("pohmelfs_fsync_latency_seconds_count 2"));
         assert!(text.contains("# TYPE pohmelfs_txn_acked_total counter"));
+    }
+
+    #[test]
+    fn requests_are_rendered_by_opcode_with_unknown_ones_as_other() {
+        let m = Metrics::default();
+        let r = &m.levels.requests;
+        r.observe(1, std::time::Duration::from_micros(20));
+        r.observe(1, std::time::Duration::from_micros(700));
+        r.observe(16, std::time::Duration::from_millis(3));
+        r.observe(7, std::time::Duration::from_micros(5));
+        r.observe(9999, std::time::Duration::from_micros(5));
+        let text = m.prometheus();
+        for line in [
+            "pohmelfs_request_duration_seconds_bucket{opcode=\"LOOKUP\",le=\"0.000025\"} 1",
+            "pohmelfs_request_duration_seconds_bucket{opcode=\"LOOKUP\",le=\"+Inf\"} 2",
+            "pohmelfs_request_duration_seconds_count{opcode=\"LOOKUP\"} 2",
+            "pohmelfs_request_duration_seconds_count{opcode=\"WRITE\"} 1",
+            "pohmelfs_request_duration_seconds_count{opcode=\"OTHER\"} 2",
+            "pohmelfs_fsync_latency_seconds_count 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("opcode=\"GETATTR\""),
+            "an opcode never served is rendered"
+        );
+        assert!(text.contains("\npohmelfs_resident_bytes "));
     }
 }

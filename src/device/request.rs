@@ -81,8 +81,21 @@ impl Requests {
     }
 
     /// Check, decode and answer the FUSE request in `chain`; the number of
-    /// bytes written into the guest's buffers.
+    /// bytes written into the guest's buffers. Timed per opcode (the
+    /// Prometheus endpoint's request histograms).
     pub fn serve(&self, chain: &Chain, queue: usize) -> u32 {
+        let start = std::time::Instant::now();
+        let used = self.serve_untimed(chain, queue);
+        if let Some(h) = first_header(chain) {
+            self.metrics
+                .levels
+                .requests
+                .observe(h.opcode, start.elapsed());
+        }
+        used
+    }
+
+    fn serve_untimed(&self, chain: &Chain, queue: usize) -> u32 {
         if let Err(why) = validate::check_chain(chain) {
             return self.refuse(chain, first_header(chain), why, queue);
         }
