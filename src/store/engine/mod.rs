@@ -59,6 +59,8 @@ mod reclaim;
 mod recover;
 mod scan;
 mod segment;
+mod shared;
+pub mod snapshot;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -70,6 +72,8 @@ mod recover_tests;
 mod s3_tests;
 #[cfg(test)]
 mod segment_tests;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
@@ -130,6 +134,8 @@ pub enum OpenVolumeError {
     Log(#[source] log::LogError),
     #[error("replay the commit log")]
     Replay(#[source] StoreError),
+    #[error("{0} is a snapshot: read-only (clone it to write)")]
+    Snapshot(PathBuf),
 }
 
 /// An engine error as the store reports it: fencing is its own variant

@@ -37,7 +37,7 @@ fn describe(cfg: &config::VolumeConfig, sb: &Superblock) -> String {
     )
 }
 
-fn random_volume_id() -> [u8; 16] {
+pub(super) fn random_volume_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     let from_os = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
@@ -69,6 +69,11 @@ impl SlateStore {
 
     fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
         let cfg = config::parse(url)?;
+        if let Some(dir) = cfg.local_dir.as_deref() {
+            if super::snapshot::is_snapshot(dir) {
+                return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
+            }
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("pohmelfs-engine")
@@ -153,11 +158,23 @@ impl SlateStore {
             closed: AtomicBool::new(false),
             runtime: Some(runtime),
         };
+        if let Some(dir) = cfg.local_dir.as_deref() {
+            // We hold the volume: nobody else is taking a snapshot of it.
+            if let Err(e) = super::snapshot::remove_leftovers(dir) {
+                tracing::warn!(volume = %store.describe, error = %e, "removing an interrupted snapshot failed; its segments stay shared");
+            }
+        }
         if let Err(e) = store
             .rt()
             .and_then(|rt| rt.block_on(store.sweep_segments()))
         {
             tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
+        }
+        if let Err(e) = store
+            .rt()
+            .and_then(|rt| rt.block_on(store.reclaim_unshared()))
+        {
+            tracing::warn!(volume = %store.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
         }
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
