@@ -158,26 +158,31 @@ impl SlateStore {
             closed: AtomicBool::new(false),
             runtime: Some(runtime),
         };
-        if let Some(dir) = cfg.local_dir.as_deref() {
-            // We hold the volume: nobody else is taking a snapshot of it.
-            if let Err(e) = super::snapshot::remove_leftovers(dir) {
-                tracing::warn!(volume = %store.describe, error = %e, "removing an interrupted snapshot failed; its segments stay shared");
-            }
-        }
-        if let Err(e) = store
-            .rt()
-            .and_then(|rt| rt.block_on(store.sweep_segments()))
-        {
-            tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
-        }
-        if let Err(e) = store
-            .rt()
-            .and_then(|rt| rt.block_on(store.reclaim_unshared()))
-        {
-            tracing::warn!(volume = %store.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
-        }
+        store.tidy(cfg.local_dir.as_deref());
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
+    }
+
+    /// What an open does once it holds the volume, before any commit:
+    /// remove what an interrupted snapshot left, delete the segments
+    /// nothing refers to, reclaim what shared segments deferred. Failures
+    /// leak space, never data: they are logged.
+    fn tidy(&self, local_dir: Option<&std::path::Path>) {
+        if let Some(dir) = local_dir {
+            // We hold the volume: nobody else is taking a snapshot of it.
+            if let Err(e) = super::snapshot::remove_leftovers(dir) {
+                tracing::warn!(volume = %self.describe, error = %e, "removing an interrupted snapshot failed; its segments stay shared");
+            }
+        }
+        if let Err(e) = self.rt().and_then(|rt| rt.block_on(self.sweep_segments())) {
+            tracing::warn!(volume = %self.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
+        }
+        if let Err(e) = self
+            .rt()
+            .and_then(|rt| rt.block_on(self.reclaim_unshared()))
+        {
+            tracing::warn!(volume = %self.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
+        }
     }
 
     /// Replay the commit log (on `file://`), then read the space counters
