@@ -365,6 +365,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     pohmelfs::control::spawn_control_socket(
         &pohmelfs::control::control_path(&args.socket_path),
         Arc::clone(&metrics),
+        Some(Arc::clone(&store)),
     )
     .context("bind control socket")?;
     if let Some(addr) = args.metrics_listen {

@@ -1,9 +1,11 @@
 //! `pohmelfs snapshot create|list|delete` and `pohmelfs clone`: the
 //! command line over `store::engine::snapshot` (file:// volumes).
 //!
-//! A snapshot is taken by the process that holds the volume open. This
-//! command opens it itself, so it refuses a volume another process holds
-//! (its commit log's `flock`): opening it would fence that daemon.
+//! A snapshot is taken by the process that holds the volume open. With
+//! `--socket-path` that is the daemon serving it, asked through its
+//! control socket; without, this command opens the volume itself, so it
+//! refuses a volume another process holds (its commit log's `flock`):
+//! opening it would fence that daemon.
 
 use anyhow::{bail, Context as _, Result};
 use pohmelfs::store::engine::snapshot;
@@ -16,6 +18,11 @@ pub enum SnapshotCommand {
         /// The volume: file:///DIR.
         url: String,
         name: String,
+        /// The vhost-user socket of the daemon serving the volume, if one
+        /// does: the snapshot is then taken by the daemon, through its
+        /// control socket (PATH.ctl), while it serves.
+        #[arg(long)]
+        socket_path: Option<std::path::PathBuf>,
     },
     /// List the volume's snapshots.
     List {
@@ -45,21 +52,53 @@ fn open_offline(url: &str) -> Result<SlateStore> {
     let dir = snapshot::local_dir(url)?;
     if snapshot::held(&dir)? {
         bail!(
-            "{} is open in another process (a daemon or store server); stop it first: \
-             snapshots of a served volume are not supported yet",
+            "{} is open in another process; pass --socket-path of the daemon serving it \
+             (a store server's volumes: stop it first)",
             dir.display()
         );
     }
     SlateStore::open(url).context("open volume")
 }
 
+/// Take snapshot `name` through the daemon whose vhost-user socket is
+/// `socket`, which must serve the volume at `url`.
+fn create_online(url: &str, name: &str, socket: &std::path::Path) -> Result<()> {
+    let dir = snapshot::local_dir(url)?;
+    let started = std::time::Instant::now();
+    let path = pohmelfs::control::snapshot(socket, name)
+        .with_context(|| format!("take snapshot through {}", socket.display()))?;
+    if !std::path::Path::new(&path).starts_with(&dir) {
+        bail!(
+            "the daemon at {} serves another volume: it took {path}",
+            socket.display()
+        );
+    }
+    println!(
+        "snapshot {name}: {path} ({:.1} ms, through the daemon)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 pub fn run(cmd: SnapshotCommand) -> Result<()> {
     match cmd {
-        SnapshotCommand::Create { url, name } => {
+        SnapshotCommand::Create {
+            url,
+            name,
+            socket_path: Some(socket),
+        } => {
+            snapshot::check_name(&name)?;
+            create_online(&url, &name, &socket)?;
+        }
+        SnapshotCommand::Create {
+            url,
+            name,
+            socket_path: None,
+        } => {
             snapshot::check_name(&name)?;
             let store = open_offline(&url)?;
             let started = std::time::Instant::now();
-            let path = store.snapshot(&name).context("take snapshot")?;
+            let path = store.take_snapshot(&name).context("take snapshot")?;
             let took = started.elapsed();
             store.close().context("close volume")?;
             println!(

@@ -1,18 +1,21 @@
 //! `pohmelfs snapshot` and `pohmelfs clone` as real processes: a snapshot
 //! killed with SIGKILL half way leaves the volume usable and `check`
-//! clean, and a volume another process holds is refused rather than
-//! fenced.
+//! clean, a volume another process holds is refused rather than fenced,
+//! and a snapshot taken through a daemon's control socket, while a writer
+//! goes on, holds every commit acknowledged before it.
 
 // Test crate: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pohmelfs::store::engine::SlateStore;
 use pohmelfs::store::{Dirent, FileKind, Inode, Op, Store, Txn, ROOT_INO};
-use pohmelfs_testkit::{ChildGuard, ScratchDir};
+use pohmelfs_testkit::{wait_until, ChildGuard, ScratchDir};
 
 const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 
@@ -146,4 +149,116 @@ fn a_volume_another_process_holds_is_refused_not_fenced() {
     let out = pohmelfs(&["snapshot", "create", "s3://bucket/prefix", "s"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet on s3://"));
+}
+
+/// File `i` of the writer below: ino 200 + i, named `w{i}`, 8 KiB of `i`.
+fn writer_txn(i: u64) -> Txn {
+    let ino = 200 + i;
+    Txn {
+        ops: vec![
+            Op::PutInode(Inode::regular(ino, 8192)),
+            Op::PutDirent {
+                parent: ROOT_INO,
+                dirent: Dirent {
+                    name: format!("w{i}").into_bytes(),
+                    ino,
+                    kind: FileKind::Regular,
+                    cookie: 1000 + i,
+                },
+            },
+            Op::Write {
+                ino,
+                offset: 0,
+                data: vec![i as u8; 8192].into(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn a_snapshot_through_the_control_socket_holds_every_acknowledged_commit() {
+    let scratch = ScratchDir::new("it-snapshot-online").unwrap();
+    let vol = scratch.join("vol");
+    let engine = SlateStore::open(&url(&vol)).unwrap();
+    fill(&engine, 1, 4096);
+    engine.close().unwrap();
+    drop(engine);
+    // The daemon's stack: the transaction layer over the engine, and the
+    // control socket serving it.
+    let metrics = Arc::new(pohmelfs::metrics::Metrics::default());
+    // No checkpoint and no WAL flush of the engine's own: acknowledged
+    // commits are in the commit log only, until the snapshot's checkpoint.
+    let store: Arc<dyn Store> = pohmelfs::writeback::open(
+        &format!("{}?checkpoint_ms=0&flush_interval_ms=600000", url(&vol)),
+        pohmelfs::writeback::TxnConfig::default(),
+        Arc::clone(&metrics),
+    )
+    .unwrap();
+    let sock = scratch.join("vhost.sock");
+    pohmelfs::control::spawn_control_socket(
+        &pohmelfs::control::control_path(&sock),
+        metrics,
+        Some(Arc::clone(&store)),
+    )
+    .unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, written, stop) = (Arc::clone(&store), Arc::clone(&written), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Acquire) && i < 250 {
+                store.commit(writer_txn(i)).unwrap();
+                i += 1;
+                written.store(i, Ordering::Release);
+            }
+        })
+    };
+    let at_least = |n: u64| {
+        wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
+            written.load(Ordering::Acquire) >= n
+        })
+        .is_some()
+    };
+    assert!(at_least(20), "the writer started");
+    let before = written.load(Ordering::Acquire);
+    let out = pohmelfs(&[
+        "snapshot",
+        "create",
+        &url(&vol),
+        "live",
+        "--socket-path",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    // The writer was not stopped by it.
+    let after = written.load(Ordering::Acquire);
+    assert!(at_least(after + 20) || after >= 250, "the writer went on");
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+    store.sync(None).unwrap();
+    drop(store);
+
+    let clone = scratch.join("clone");
+    snapshot_clone(&vol, "live", &clone);
+    let c = SlateStore::open(&url(&clone)).unwrap();
+    for i in 0..before {
+        let mut buf = vec![0u8; 8192];
+        c.read(200 + i, 0, &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            vec![i as u8; 8192],
+            "file w{i}, written before the snapshot"
+        );
+    }
+    c.close().unwrap();
+    drop(c);
+    for dir in [&vol, &vol.join("snapshots/live"), &clone] {
+        check_clean(dir);
+    }
+}
+
+fn snapshot_clone(vol: &Path, name: &str, clone: &Path) {
+    let out = pohmelfs(&["clone", &format!("{}@{name}", url(vol)), &url(clone)]);
+    assert!(out.status.success(), "{out:?}");
 }

@@ -617,6 +617,13 @@ impl Store for SlateStore {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn snapshot(&self, name: &str) -> Result<String, StoreError> {
+        match self.take_snapshot(name) {
+            Ok(path) => Ok(path.display().to_string()),
+            Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
+        }
+    }
 }
 
 impl OnceStore for SlateStore {

@@ -252,7 +252,7 @@ impl SlateStore {
     /// Take snapshot `name` of this (`file://`) volume: see the module
     /// documentation for the consistency point. Commits wait while it
     /// links.
-    pub fn snapshot(&self, name: &str) -> Result<PathBuf, SnapshotError> {
+    pub fn take_snapshot(&self, name: &str) -> Result<PathBuf, SnapshotError> {
         let segs = self.segments.as_ref().ok_or(SnapshotError::NotSupported)?;
         let dir = segs
             .dir()

@@ -100,7 +100,7 @@ fn a_snapshot_keeps_its_bytes_while_the_source_overwrites_and_deletes() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("vol");
     let s = golden(&vol);
-    let snap = s.snapshot("s1").unwrap();
+    let snap = s.take_snapshot("s1").unwrap();
     assert_eq!(snap, vol.join("snapshots/s1"));
     let shared_before = segment_blocks(&vol);
     // Overwrite half of file 100 and remove file 101; let the reclaimer
@@ -165,7 +165,7 @@ fn a_clone_and_its_source_do_not_see_each_others_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("vol");
     let s = golden(&vol);
-    let snap = s.snapshot("base").unwrap();
+    let snap = s.take_snapshot("base").unwrap();
     let (c1_dir, c2_dir) = (tmp.path().join("c1"), tmp.path().join("c2"));
     snapshot::clone_from(&snap, &c1_dir).unwrap();
     snapshot::clone_from(&snap, &c2_dir).unwrap();
@@ -206,7 +206,7 @@ fn deleting_the_snapshot_and_its_clone_gives_the_space_back() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("vol");
     let s = golden(&vol);
-    let snap = s.snapshot("s").unwrap();
+    let snap = s.take_snapshot("s").unwrap();
     let clone = tmp.path().join("clone");
     snapshot::clone_from(&snap, &clone).unwrap();
     // Overwrite half of file 100 and remove 101: those old pages are dead
@@ -270,7 +270,7 @@ fn a_clone_costs_a_few_new_bytes_whatever_the_volume_holds() {
             vec![write_op(100, MIB + i * MIB, &vec![7u8; MIB as usize])],
         );
     }
-    let snap = s.snapshot("big").unwrap();
+    let snap = s.take_snapshot("big").unwrap();
     let clone = tmp.path().join("clone");
     snapshot::clone_from(&snap, &clone).unwrap();
     let new = unshared_bytes(&clone);
@@ -284,11 +284,14 @@ fn a_snapshot_is_never_opened_for_writing_and_names_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("vol");
     let s = golden(&vol);
-    let snap = s.snapshot("ro").unwrap();
-    assert!(matches!(s.snapshot("ro"), Err(SnapshotError::Exists(_))));
+    let snap = s.take_snapshot("ro").unwrap();
+    assert!(matches!(
+        s.take_snapshot("ro"),
+        Err(SnapshotError::Exists(_))
+    ));
     for bad in ["", ".hidden", "a/b", "..", "x y"] {
         assert!(
-            matches!(s.snapshot(bad), Err(SnapshotError::BadName(_))),
+            matches!(s.take_snapshot(bad), Err(SnapshotError::BadName(_))),
             "{bad:?}"
         );
     }
