@@ -37,7 +37,7 @@ fn describe(cfg: &config::VolumeConfig, sb: &Superblock) -> String {
     )
 }
 
-pub(super) fn random_volume_id() -> [u8; 16] {
+fn random_volume_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     let from_os = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
@@ -89,7 +89,13 @@ impl SlateStore {
                     .build(),
             )
             .map_err(OpenVolumeError::Engine)?;
-        let opened = runtime.block_on(Self::open_superblock(&db));
+        // A clone's first open gives it a volume id of its own.
+        let cloned = cfg
+            .local_dir
+            .as_deref()
+            .map(|d| d.join(super::snapshot::CLONE_FILE))
+            .filter(|p| p.exists());
+        let opened = runtime.block_on(Self::open_superblock(&db, cloned.is_some()));
         let superblock = match opened {
             Ok(v) => v,
             Err(e) => {
@@ -99,6 +105,13 @@ impl SlateStore {
                 return Err(e);
             }
         };
+        if let Some(marker) = &cloned {
+            // The new id is durable: later opens keep it.
+            if let Err(e) = super::snapshot::remove_clone_marker(marker) {
+                let _ = runtime.block_on(db.close());
+                return Err(OpenVolumeError::Segments(e));
+            }
+        }
         let local_dir = match placement {
             Placement::Inline => None,
             _ => cfg.local_dir.as_deref(),
@@ -264,8 +277,9 @@ impl SlateStore {
     }
 
     /// Read and check the superblock, or write the first one into an empty
-    /// store; either way count this open in it, durably.
-    async fn open_superblock(db: &Db) -> Result<Superblock, OpenVolumeError> {
+    /// store; either way count this open in it, durably. `new_id`: draw a
+    /// new volume id (the first open of a clone).
+    async fn open_superblock(db: &Db, new_id: bool) -> Result<Superblock, OpenVolumeError> {
         let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
         let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
             Some(bytes) => {
@@ -278,6 +292,9 @@ impl SlateStore {
                         found: sb.format_version,
                         expected: FORMAT_VERSION,
                     });
+                }
+                if new_id {
+                    sb.volume_id = random_volume_id();
                 }
                 sb.open_count = sb.open_count.checked_add(1).ok_or_else(|| {
                     OpenVolumeError::Superblock(StoreError::Corrupt("open count overflow".into()))

@@ -6,9 +6,10 @@
 //! and renames it into place) and the sealed segment files. So a
 //! **snapshot** `DIR/snapshots/NAME/` is a directory of hard links to
 //! them, plus a marker file `SNAPSHOT` that makes it read-only; a
-//! **clone** is the same links in a directory of its own, with a new
-//! volume id written into its superblock. Neither copies data: their cost
-//! is one link per file, however large the volume.
+//! **clone** is the same links in a directory of its own, with a marker
+//! `CLONED` that makes its first open draw a new volume id. Neither copies
+//! data or writes the engine: their cost is one link per file, however
+//! large the volume.
 //!
 //! **Consistency point.** A snapshot is taken under the commit lock: no
 //! batch is built while it links. It checkpoints the commit log first
@@ -36,13 +37,13 @@
 //! the same destination removes its own.
 //!
 //! This module owns the links and the names. It never changes a record
-//! of the source volume; a clone's only write is its superblock.
+//! of the source volume, and writes no record of a clone.
 
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::{codec, config, keys, map_engine_error, segment, SlateStore};
+use super::{map_engine_error, segment, SlateStore};
 use crate::store::StoreError;
 
 /// The directory of a volume's snapshots.
@@ -51,6 +52,10 @@ pub const SNAPSHOTS_DIR: &str = "snapshots";
 /// The file that marks a directory as a snapshot: read-only, never opened
 /// for writing.
 pub const MARKER_FILE: &str = "SNAPSHOT";
+
+/// The file that marks a clone not yet opened: its first open draws a new
+/// volume id (so a clone costs no engine write) and removes it.
+pub const CLONE_FILE: &str = "CLONED";
 
 /// How many times linking is redone while the engine's manifest moves.
 pub const LINK_ATTEMPTS: usize = 20;
@@ -87,10 +92,6 @@ pub enum SnapshotError {
     },
     #[error("make the volume's commits durable")]
     Checkpoint(#[source] StoreError),
-    #[error("write the clone's superblock")]
-    Superblock(#[source] StoreError),
-    #[error("open the clone's engine")]
-    Engine(#[source] super::OpenVolumeError),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -348,9 +349,9 @@ pub fn delete(dir: &Path, name: &str) -> Result<(), SnapshotError> {
 }
 
 /// Make `dst` a new writable volume sharing every file of the snapshot in
-/// `snap` (both local directories on one filesystem), with a new volume
-/// id. Its only new bytes are the engine's manifest and WAL object of the
-/// superblock write.
+/// `snap` (both local directories on one filesystem). It writes no data:
+/// its only new file is the marker [`CLONE_FILE`], and its first open
+/// draws its own volume id.
 pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
     if !is_snapshot(snap) {
         return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
@@ -371,7 +372,10 @@ pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
     if !link_tree(snap, &tmp, &[MARKER_FILE])? {
         return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
     }
-    new_volume_id(&tmp)?;
+    let marker = tmp.join(CLONE_FILE);
+    std::fs::write(&marker, format!("clone of {}\n", snap.display()))
+        .map_err(io("write", &marker))?;
+    sync_dir(&tmp)?;
     // An empty destination directory may exist (created by hand).
     if dst.exists() {
         std::fs::remove_dir(dst).map_err(io("replace", dst))?;
@@ -380,38 +384,14 @@ pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
     sync_dir(parent)
 }
 
-/// Give the volume in `dir` a new random volume id (its superblock's only
-/// change), through the engine alone: no commit log, no segments.
-fn new_volume_id(dir: &Path) -> Result<(), SnapshotError> {
-    let url = format!("file://{}", dir.display());
-    let cfg = config::parse(&url).map_err(SnapshotError::Engine)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io("start a runtime for", dir))?;
-    runtime.block_on(async {
-        let db = slatedb::Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-            .with_settings(cfg.settings.clone())
-            .build()
-            .await
-            .map_err(|e| SnapshotError::Engine(super::OpenVolumeError::Engine(e)))?;
-        let written = async {
-            let bytes = db
-                .get(keys::superblock())
-                .await
-                .map_err(map_engine_error)?
-                .ok_or_else(|| StoreError::Corrupt("snapshot has no superblock".into()))?;
-            let mut sb = codec::decode_superblock(&bytes)?;
-            sb.volume_id = super::open::random_volume_id();
-            db.put(keys::superblock(), codec::encode_superblock(&sb))
-                .await
-                .map_err(map_engine_error)?;
-            db.flush().await.map_err(map_engine_error)
-        }
-        .await;
-        let closed = db.close().await.map_err(map_engine_error);
-        written.and(closed).map_err(SnapshotError::Superblock)
-    })
+/// Remove a clone's marker once its first open has written its own
+/// volume id.
+pub fn remove_clone_marker(marker: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(marker)?;
+    match marker.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Whether another process holds the volume in `dir` open for writing
