@@ -136,6 +136,8 @@ pub enum OpenVolumeError {
     Replay(#[source] StoreError),
     #[error("{0} is a snapshot: read-only (clone it to write)")]
     Snapshot(PathBuf),
+    #[error("remove the clone marker after drawing the clone's volume id")]
+    CloneMarker(#[source] std::io::Error),
 }
 
 /// An engine error as the store reports it: fencing is its own variant

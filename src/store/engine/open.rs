@@ -80,38 +80,7 @@ impl SlateStore {
             .enable_all()
             .build()
             .map_err(OpenVolumeError::Runtime)?;
-        let db = runtime
-            .block_on(
-                Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-                    .with_settings(cfg.settings.clone())
-                    .with_db_cache(config::db_cache(cfg.memory), 0)
-                    .with_block_cache_policy(config::block_cache_policy())
-                    .build(),
-            )
-            .map_err(OpenVolumeError::Engine)?;
-        // A clone's first open gives it a volume id of its own.
-        let cloned = cfg
-            .local_dir
-            .as_deref()
-            .map(|d| d.join(super::snapshot::CLONE_FILE))
-            .filter(|p| p.exists());
-        let opened = runtime.block_on(Self::open_superblock(&db, cloned.is_some()));
-        let superblock = match opened {
-            Ok(v) => v,
-            Err(e) => {
-                // Best effort: the error we report is the one that stopped
-                // the open.
-                let _ = runtime.block_on(db.close());
-                return Err(e);
-            }
-        };
-        if let Some(marker) = &cloned {
-            // The new id is durable: later opens keep it.
-            if let Err(e) = super::snapshot::remove_clone_marker(marker) {
-                let _ = runtime.block_on(db.close());
-                return Err(OpenVolumeError::Segments(e));
-            }
-        }
+        let (db, superblock) = runtime.block_on(Self::open_engine(&cfg))?;
         let local_dir = match placement {
             Placement::Inline => None,
             _ => cfg.local_dir.as_deref(),
@@ -174,6 +143,43 @@ impl SlateStore {
         store.tidy(cfg.local_dir.as_deref());
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
+    }
+
+    /// The engine of `cfg` and its superblock, counted for this open. A
+    /// clone's first open gives it a volume id of its own
+    /// (`snapshot.rs`).
+    async fn open_engine(cfg: &config::VolumeConfig) -> Result<(Db, Superblock), OpenVolumeError> {
+        let db = Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
+            .with_settings(cfg.settings.clone())
+            .with_db_cache(config::db_cache(cfg.memory), 0)
+            .with_block_cache_policy(config::block_cache_policy())
+            .build()
+            .await
+            .map_err(OpenVolumeError::Engine)?;
+        let cloned = cfg
+            .local_dir
+            .as_deref()
+            .map(|d| d.join(super::snapshot::CLONE_FILE))
+            .filter(|p| p.exists());
+        let opened =
+            Self::open_superblock(&db, cloned.is_some())
+                .await
+                .and_then(|sb| match &cloned {
+                    // The new id is durable: later opens keep it.
+                    Some(marker) => super::snapshot::remove_clone_marker(marker)
+                        .map(|()| sb)
+                        .map_err(OpenVolumeError::CloneMarker),
+                    None => Ok(sb),
+                });
+        match opened {
+            Ok(sb) => Ok((db, sb)),
+            Err(e) => {
+                // Best effort: the error we report is the one that stopped
+                // the open.
+                let _ = db.close().await;
+                Err(e)
+            }
+        }
     }
 
     /// What an open does once it holds the volume, before any commit:
