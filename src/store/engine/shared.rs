@@ -6,7 +6,8 @@
 //! this volume may be live in another. It notes the segment in
 //! `DIR/segments/deferred` instead (one id a line, 16 hex digits, replaced
 //! whole by rename). Once the others let go (a snapshot or clone deleted),
-//! [`SlateStore::reclaim_unshared`] (run at open) recomputes those
+//! [`reclaim_unshared`] (at open, and every few seconds while the volume
+//! is served) recomputes those
 //! segments' live pages from the extent maps and hands every other
 //! allocated page to the reclaimer, which checks the link count again.
 //!
@@ -22,8 +23,10 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::extent::{self, PAGE};
-use super::reclaim::Reclaim;
-use super::segment;
+use slatedb::Db;
+
+use super::reclaim::{Reclaim, Reclaimer};
+use super::segment::{self, Segments};
 use super::{keys, map_engine_error, SlateStore};
 use crate::store::StoreError;
 
@@ -120,66 +123,80 @@ fn dead_pages(allocated: &[Range<u64>], live: &[Range<u64>]) -> Vec<Range<u64>> 
 }
 
 impl SlateStore {
-    /// Reclaim the deferred pages of segments no snapshot or clone shares
-    /// any more: their live pages from the extent maps, every other
-    /// allocated page to the reclaimer. Returns the segments handed over.
-    /// Pages of a sealed segment only ever die, so a page this scan finds
-    /// dead stays dead; segments with appends in flight are left alone.
+    /// [`reclaim_unshared`] of this volume (run at open).
     pub async fn reclaim_unshared(&self) -> Result<Vec<u64>, StoreError> {
-        let (Some(segs), Some(reclaimer)) = (&self.segments, &self.reclaimer) else {
-            return Ok(Vec::new());
-        };
-        let listed = read_list(segs.dir()).map_err(StoreError::Io)?;
-        let mut live: BTreeMap<u64, Vec<Range<u64>>> = BTreeMap::new();
-        for seg in listed {
-            match segs.links(seg) {
-                Ok(1) if segs.deletable(seg) => {
-                    live.insert(seg, Vec::new());
-                }
-                // Still shared, or in use: next time.
-                Ok(_) => {}
-                // Gone (deleted as emptied): the reclaimer forgets it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    live.insert(seg, Vec::new());
-                }
-                Err(e) => return Err(StoreError::Io(e)),
-            }
+        match (&self.segments, &self.reclaimer) {
+            (Some(segs), Some(reclaimer)) => reclaim_unshared(&self.db, segs, reclaimer).await,
+            _ => Ok(Vec::new()),
         }
-        if live.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut iter = self
-            .db
-            .scan(keys::blocks_all())
-            .await
-            .map_err(map_engine_error)?;
-        while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
-            for e in extent::decode(&kv.value)? {
-                if let Some((seg, w)) = e.seg_window() {
-                    if let Some(ranges) = live.get_mut(&seg) {
-                        let pages = extent::pages_of(w);
-                        ranges.push(pages.start * PAGE..pages.end * PAGE);
-                    }
-                }
-            }
-        }
-        let mut reclaim = Reclaim::default();
-        for (seg, mut ranges) in live {
-            ranges.sort_unstable_by_key(|r| r.start);
-            let allocated = match segs.handle(seg) {
-                Ok(f) => segment::allocated(&f).map_err(StoreError::Io)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(StoreError::Io(e)),
-            };
-            // An entry even with nothing to punch: the reclaimer then
-            // takes the segment off the list.
-            reclaim.dead.insert(seg, dead_pages(&allocated, &ranges));
-        }
-        let handed: Vec<u64> = reclaim.dead.keys().copied().collect();
-        reclaimer.send(reclaim);
-        Ok(handed)
     }
 }
+
+/// Reclaim the deferred pages of segments no snapshot or clone shares any
+/// more: their live pages from the extent maps, every other allocated
+/// page to the reclaimer. Returns the segments handed over. Pages of a
+/// sealed segment only ever die, so a page this scan finds dead stays
+/// dead; segments with appends in flight are left alone. Run at open and
+/// by the checkpoint task every [`UNSHARED_PASS_MS`], so space comes back
+/// while a daemon serves the volume too.
+pub async fn reclaim_unshared(
+    db: &Db,
+    segs: &Segments,
+    reclaimer: &Reclaimer,
+) -> Result<Vec<u64>, StoreError> {
+    let listed = read_list(segs.dir()).map_err(StoreError::Io)?;
+    let mut live: BTreeMap<u64, Vec<Range<u64>>> = BTreeMap::new();
+    for seg in listed {
+        match segs.links(seg) {
+            Ok(1) if segs.deletable(seg) => {
+                live.insert(seg, Vec::new());
+            }
+            // Still shared, or in use: next time.
+            Ok(_) => {}
+            // Gone (deleted as emptied): the reclaimer forgets it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                live.insert(seg, Vec::new());
+            }
+            Err(e) => return Err(StoreError::Io(e)),
+        }
+    }
+    if live.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut iter = db
+        .scan(keys::blocks_all())
+        .await
+        .map_err(map_engine_error)?;
+    while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
+        for e in extent::decode(&kv.value)? {
+            if let Some((seg, w)) = e.seg_window() {
+                if let Some(ranges) = live.get_mut(&seg) {
+                    let pages = extent::pages_of(w);
+                    ranges.push(pages.start * PAGE..pages.end * PAGE);
+                }
+            }
+        }
+    }
+    let mut reclaim = Reclaim::default();
+    for (seg, mut ranges) in live {
+        ranges.sort_unstable_by_key(|r| r.start);
+        let allocated = match segs.handle(seg) {
+            Ok(f) => segment::allocated(&f).map_err(StoreError::Io)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StoreError::Io(e)),
+        };
+        // An entry even with nothing to punch: the reclaimer then takes
+        // the segment off the list.
+        reclaim.dead.insert(seg, dead_pages(&allocated, &ranges));
+    }
+    let handed: Vec<u64> = reclaim.dead.keys().copied().collect();
+    reclaimer.send(reclaim);
+    Ok(handed)
+}
+
+/// How often a volume that a daemon serves looks for deferred segments
+/// no one shares any more.
+pub const UNSHARED_PASS_MS: u64 = 2000;
 
 #[cfg(test)]
 mod tests {

@@ -316,3 +316,27 @@ fn a_snapshot_is_never_opened_for_writing_and_names_are_checked() {
     ));
     s.close().unwrap();
 }
+
+#[test]
+fn space_comes_back_while_the_volume_stays_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let s = golden(&vol);
+    s.take_snapshot("s").unwrap();
+    commit(&s, vec![write_op(100, 0, &vec![9u8; 512 * KIB as usize])]);
+    s.reclaimed();
+    assert_eq!(segment_blocks(&vol), 2 * MIB, "half of file 100 deferred");
+    snapshot::delete(&vol, "s").unwrap();
+    // The checkpoint task's pass finds the segment unshared and punches
+    // what it deferred, with no reopen.
+    let back = pohmelfs_testkit::wait_until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(50),
+        || segment_blocks(&vol) == MIB + 512 * KIB,
+    );
+    assert!(back.is_some(), "{} bytes still held", segment_blocks(&vol));
+    assert_eq!(read(&s, 100, MIB - 2, 2), [1, 1]);
+    s.close().unwrap();
+    drop(s);
+    assert_clean("source", &vol);
+}
