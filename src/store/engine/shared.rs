@@ -123,8 +123,9 @@ fn dead_pages(allocated: &[Range<u64>], live: &[Range<u64>]) -> Vec<Range<u64>> 
 }
 
 impl SlateStore {
-    /// [`reclaim_unshared`] of this volume (run at open).
-    pub async fn reclaim_unshared(&self) -> Result<Vec<u64>, StoreError> {
+    /// `shared::reclaim_unshared` of this volume (run at open): give back
+    /// the deferred pages of segments no snapshot or clone shares any more.
+    pub(super) async fn reclaim_unshared(&self) -> Result<Vec<u64>, StoreError> {
         match (&self.segments, &self.reclaimer) {
             (Some(segs), Some(reclaimer)) => reclaim_unshared(&self.db, segs, reclaimer).await,
             _ => Ok(Vec::new()),
