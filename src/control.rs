@@ -1,10 +1,13 @@
 //! The control socket beside the vhost-user socket (`SOCKET.ctl`) and the
 //! optional Prometheus endpoint. The control socket answers one line
 //! command per connection: `status` (every counter with its value and what
-//! it counts) or `prometheus` (the text exposition format). The HTTP
-//! endpoint serves `GET /metrics`. Both only read counters. Each answers
-//! at most 8 connections at a time (`CONNECTIONS_MAX`), each within 2 s
-//! (`CONNECTION_DEADLINE`), so a slow or idle client cannot hold them up.
+//! it counts), `prometheus` (the text exposition format) or, when the
+//! daemon serves a volume that has them, `snapshot NAME` (take a snapshot
+//! through the daemon, which holds the volume: `ok PATH` or `error: ...`).
+//! The HTTP endpoint serves `GET /metrics`, and only reads counters. Each
+//! answers at most 8 connections at a time (`CONNECTIONS_MAX`), each
+//! within 2 s (`CONNECTION_DEADLINE`; a snapshot's answer within
+//! `SNAPSHOT_DEADLINE`), so a slow or idle client cannot hold them up.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +22,7 @@ use tracing::info;
 use crate::ratelimit::{limited, StaticCounter};
 
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// The control socket's path for a vhost-user socket path.
 pub fn control_path(socket_path: &Path) -> PathBuf {
@@ -72,6 +76,10 @@ const CONNECTIONS_MAX: usize = 8;
 /// answer written: a client that trickles its request or never reads the
 /// answer holds its slot no longer than this.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a `snapshot` command may take to answer: the daemon sends its
+/// held-back writes first.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The limits of an endpoint: the defaults above, shorter in tests.
 #[derive(Clone, Copy)]
@@ -207,13 +215,44 @@ fn serve<S: Timed>(
 /// happen).
 static CONTROL_LINES_SUPPRESSED: StaticCounter = StaticCounter::new();
 
-fn answer_control(conn: &mut Deadlined<UnixStream>, metrics: &Metrics) -> std::io::Result<()> {
+/// An error with its sources, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+fn answer_control(
+    conn: &mut Deadlined<UnixStream>,
+    metrics: &Metrics,
+    volume: Option<&dyn Store>,
+) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new((&mut *conn).take(256)).read_line(&mut line)?;
-    let reply = match line.trim() {
-        "status" | "" => status_text(metrics),
-        "prometheus" => metrics.prometheus(),
-        other => format!("unknown command {other:?} (status, prometheus)\n"),
+    let reply = match (line.trim(), volume) {
+        ("status" | "", _) => status_text(metrics),
+        ("prometheus", _) => metrics.prometheus(),
+        (cmd, Some(store)) if cmd.starts_with("snapshot ") => {
+            let name = cmd["snapshot ".len()..].trim();
+            conn.deadline = Instant::now() + SNAPSHOT_DEADLINE;
+            match store.snapshot(name) {
+                Ok(path) => {
+                    info!(snapshot = name, %path, "snapshot taken through the control socket");
+                    format!("ok {path}\n")
+                }
+                Err(e) => {
+                    let chain = chain(&e);
+                    limited!(CONTROL_LINES_SUPPRESSED, WARN, snapshot = name, error = %chain, "snapshot failed");
+                    format!("error: {chain}\n")
+                }
+            }
+        }
+        (other, _) => format!("unknown command {other:?} (status, prometheus, snapshot NAME)\n"),
     };
     conn.write_all(reply.as_bytes())
 }
@@ -234,13 +273,19 @@ fn answer_http(conn: &mut Deadlined<TcpStream>, metrics: &Metrics) -> std::io::R
 }
 
 /// Serve the control socket on a thread. A stale socket file is replaced.
-pub fn spawn_control_socket(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    spawn_control_socket_with(path, metrics, LIMITS)
+/// With `volume`, it also takes snapshots of it.
+pub fn spawn_control_socket(
+    path: &Path,
+    metrics: Arc<Metrics>,
+    volume: Option<Arc<dyn Store>>,
+) -> std::io::Result<()> {
+    spawn_control_socket_with(path, metrics, volume, LIMITS)
 }
 
 fn spawn_control_socket_with(
     path: &Path,
     metrics: Arc<Metrics>,
+    volume: Option<Arc<dyn Store>>,
     limits: Limits,
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
@@ -250,14 +295,35 @@ fn spawn_control_socket_with(
         "pohmelfs-control",
         move || Ok(listener.accept()?.0),
         limits,
-        move |c| answer_control(c, &metrics),
+        move |c| answer_control(c, &metrics, volume.as_deref()),
     )
 }
 
 /// Ask a running daemon's control socket; returns its answer.
 pub fn query(socket_path: &Path, command: &str) -> std::io::Result<String> {
+    query_within(socket_path, command, Duration::from_secs(10))
+}
+
+/// Ask a running daemon's control socket to take snapshot `name`; the
+/// snapshot's path.
+pub fn snapshot(socket_path: &Path, name: &str) -> std::io::Result<String> {
+    let answer = query_within(
+        socket_path,
+        &format!("snapshot {name}"),
+        SNAPSHOT_DEADLINE + Duration::from_secs(5),
+    )?;
+    match answer.trim_end().strip_prefix("ok ") {
+        Some(path) => Ok(path.to_string()),
+        None => Err(std::io::Error::other(format!(
+            "the daemon answered: {}",
+            answer.trim_end()
+        ))),
+    }
+}
+
+fn query_within(socket_path: &Path, command: &str, timeout: Duration) -> std::io::Result<String> {
     let mut conn = UnixStream::connect(control_path(socket_path))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(timeout))?;
     conn.write_all(format!("{command}\n").as_bytes())?;
     let mut out = String::new();
     conn.read_to_string(&mut out)?;
@@ -289,7 +355,7 @@ mod tests {
         let sock = dir.join("vhost.sock");
         let m = Arc::new(Metrics::default());
         m.txn_acked.add(42);
-        spawn_control_socket(&control_path(&sock), Arc::clone(&m)).unwrap();
+        spawn_control_socket(&control_path(&sock), Arc::clone(&m), None).unwrap();
         let status = query(&sock, "status").unwrap();
         assert!(
             status
@@ -316,8 +382,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pohmelfs-ctl-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("vhost.sock");
-        spawn_control_socket_with(&control_path(&sock), Arc::new(Metrics::default()), limits)
-            .unwrap();
+        spawn_control_socket_with(
+            &control_path(&sock),
+            Arc::new(Metrics::default()),
+            None,
+            limits,
+        )
+        .unwrap();
         (dir, sock)
     }
 

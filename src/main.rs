@@ -1,6 +1,7 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
 mod mount;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +42,12 @@ enum Command {
     Check(CheckArgs),
     /// Run seeded random file operations in a directory against an in-memory model.
     Torture(TortureArgs),
+    /// Create, list or delete read-only snapshots of a volume (file:// only).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Make a new writable volume sharing all data with a snapshot:
+    /// `pohmelfs clone file:///SRC@SNAPSHOT file:///DST`.
+    Clone(snapshot::CloneArgs),
 }
 
 #[derive(clap::Args)]
@@ -315,6 +322,8 @@ fn main() {
         Command::Mount(args) => mount::run(args),
         Command::Check(args) => check(args),
         Command::Torture(args) => torture(args),
+        Command::Snapshot(cmd) => init_logging("warn").and_then(|()| snapshot::run(cmd)),
+        Command::Clone(args) => init_logging("warn").and_then(|()| snapshot::clone(args)),
     };
     if let Err(e) = result {
         // One line: what failed and why, the whole chain.
@@ -357,6 +366,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     pohmelfs::control::spawn_control_socket(
         &pohmelfs::control::control_path(&args.socket_path),
         Arc::clone(&metrics),
+        Some(Arc::clone(&store)),
     )
     .context("bind control socket")?;
     if let Some(addr) = args.metrics_listen {

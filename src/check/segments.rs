@@ -2,7 +2,9 @@
 //! against the segment file it names (the file exists, the piece lies
 //! inside it, every page the extent's window touches matches its
 //! checksum), the segment records' live bytes against the windows found,
-//! and the segment pages that hold data no extent refers to (leaked space).
+//! and the segment pages that hold data no extent refers to (leaked space;
+//! in a segment shared with a snapshot or clone, a note instead: those
+//! pages may be live there).
 //!
 //! This module only reads; it never repairs.
 
@@ -11,6 +13,18 @@ use std::ops::Range;
 
 use super::problem::{Problem, Warning};
 use crate::store::engine::{Extent, ExtentData, SegmentFiles, SEGMENT_PAGE};
+
+/// A segment file another volume (a snapshot or clone) also links: its
+/// pages this volume no longer refers to may be live there, so they are
+/// not leaked space here, and no volume punches them while it is shared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedSegment {
+    pub seg: u64,
+    /// The file's link count: this volume's name and the others'.
+    pub links: u64,
+    /// Allocated bytes no extent of this volume refers to.
+    pub unreferenced_bytes: u64,
+}
 
 /// What the data pass learns about segments.
 pub(super) struct SegmentCheck {
@@ -140,6 +154,7 @@ impl SegmentCheck {
         records: &BTreeMap<u64, u64>,
         problems: &mut Vec<Problem>,
         warnings: &mut Vec<Warning>,
+        shared: &mut Vec<SharedSegment>,
     ) {
         let mut ids: Vec<u64> = records.keys().chain(self.live.keys()).copied().collect();
         ids.sort_unstable();
@@ -167,7 +182,20 @@ impl SegmentCheck {
             let mut touched = self.touched.get(&seg).cloned().unwrap_or_default();
             touched.sort_unstable_by_key(|r| r.start);
             let bytes = uncovered(&allocated, &touched);
-            if bytes > 0 {
+            let links = match files.links(seg) {
+                Ok(n) => n,
+                Err(e) => {
+                    problems.push(Problem::Unreadable(format!("segment {seg}: {e}")));
+                    continue;
+                }
+            };
+            if links > 1 {
+                shared.push(SharedSegment {
+                    seg,
+                    links,
+                    unreferenced_bytes: bytes,
+                });
+            } else if bytes > 0 {
                 warnings.push(Warning::LeakedSpace { seg, bytes });
             }
         }

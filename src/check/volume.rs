@@ -22,7 +22,9 @@
 //! * Every extent of a block lies inside the segment file it names and
 //!   matches its checksums; each segment record counts exactly the live
 //!   bytes the extents refer to; segment pages holding data no extent
-//!   refers to are leaked space (a warning, like orphans).
+//!   refers to are leaked space (a warning, like orphans), unless another
+//!   volume (a snapshot or clone) links the same file: shared segments are
+//!   reported as notes, with their link counts.
 //! * No inode number or cookie is at or above the superblock's `next_id`
 //!   (a later allocation would hand it out again), and the space counters
 //!   match the inodes, blocks and metadata bytes actually stored.
@@ -40,6 +42,7 @@ use thiserror::Error;
 use super::problem::lossy;
 pub use super::problem::{Problem, Warning};
 use super::segments::SegmentCheck;
+pub use super::segments::SharedSegment;
 use crate::store::engine::{
     BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan, FORMAT_VERSION, UPGRADES_FROM,
 };
@@ -66,6 +69,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
     pub warnings: Vec<Warning>,
     pub sessions: Vec<SessionRecords>,
+    /// Segment files shared with snapshots or clones (hard links).
+    pub shared: Vec<SharedSegment>,
 }
 
 impl Report {
@@ -97,6 +102,13 @@ impl Report {
                 "note: session {:016x} has {} applied-transaction records (txn ids {}..={}); \
                  the layout keeps no low-water mark to judge them by",
                 s.session, s.count, s.lowest, s.highest
+            ));
+        }
+        for s in &self.shared {
+            out.push(format!(
+                "note: segment {} is shared ({} links: this volume and its snapshots or clones); \
+                 {} bytes of it are not referenced here and are kept for the others",
+                s.seg, s.links, s.unreferenced_bytes
             ));
         }
         out.push(self.summary());
@@ -173,8 +185,13 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
         }
     }
     let mut warnings = c.links();
-    c.segs
-        .finish(&segment_records, &mut c.problems, &mut warnings);
+    let mut shared = Vec::new();
+    c.segs.finish(
+        &segment_records,
+        &mut c.problems,
+        &mut warnings,
+        &mut shared,
+    );
     Ok(Report {
         volume: String::new(),
         inodes,
@@ -183,6 +200,7 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
         problems: c.problems,
         warnings,
         sessions,
+        shared,
     })
 }
 

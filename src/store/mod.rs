@@ -459,6 +459,18 @@ pub trait Store: Send + Sync {
 
     /// A one-line description for logs ("mem: (does not persist)").
     fn describe(&self) -> String;
+
+    /// Take snapshot `name` of the volume, consistent at a transaction
+    /// boundary: every transaction acknowledged before the call is in it,
+    /// and a layer that holds writes back sends them first. Returns where
+    /// the snapshot lives. Only the embedded engine on `file://` has
+    /// snapshots (`store/engine/snapshot.rs`).
+    fn snapshot(&self, name: &str) -> Result<String, StoreError> {
+        Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("{} has no snapshots (snapshot {name:?})", self.describe()),
+        )))
+    }
 }
 
 /// What [`OnceStore::commit_once`] did.

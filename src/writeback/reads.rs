@@ -285,6 +285,13 @@ impl Store for WritebackStore {
         self.shared.close(ino)
     }
 
+    fn snapshot(&self, name: &str) -> Result<String, StoreError> {
+        // Written but unsent pages are sent first: the snapshot holds
+        // every write made before it was asked for.
+        self.shared.sync(None)?;
+        self.shared.store.snapshot(name)
+    }
+
     fn describe(&self) -> String {
         let cfg = &self.shared.cfg;
         format!(

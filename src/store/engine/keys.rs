@@ -151,6 +151,11 @@ pub fn blocks_between(ino: u64, first: u64, last: u64) -> Range<Vec<u8>> {
     block(ino, first)..end
 }
 
+/// Every data chunk record of every inode.
+pub fn blocks_all() -> Range<Vec<u8>> {
+    prefix_range(vec![tag::BLOCK])
+}
+
 /// Every segment record.
 pub fn segments_all() -> Range<Vec<u8>> {
     prefix_range(vec![tag::SEGMENT])

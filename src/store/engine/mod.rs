@@ -59,6 +59,8 @@ mod reclaim;
 mod recover;
 mod scan;
 mod segment;
+mod shared;
+pub mod snapshot;
 #[cfg(test)]
 mod test_writes;
 
@@ -72,6 +74,8 @@ mod recover_tests;
 mod s3_tests;
 #[cfg(test)]
 mod segment_tests;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
@@ -132,6 +136,10 @@ pub enum OpenVolumeError {
     Log(#[source] log::LogError),
     #[error("replay the commit log")]
     Replay(#[source] StoreError),
+    #[error("{0} is a snapshot: read-only (clone it to write)")]
+    Snapshot(PathBuf),
+    #[error("remove the clone marker after drawing the clone's volume id")]
+    CloneMarker(#[source] std::io::Error),
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -612,6 +620,13 @@ impl Store for SlateStore {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn snapshot(&self, name: &str) -> Result<String, StoreError> {
+        match self.take_snapshot(name) {
+            Ok(path) => Ok(path.display().to_string()),
+            Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
+        }
     }
 }
 

@@ -69,31 +69,18 @@ impl SlateStore {
 
     fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
         let cfg = config::parse(url)?;
+        if let Some(dir) = cfg.local_dir.as_deref() {
+            if super::snapshot::is_snapshot(dir) {
+                return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
+            }
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("pohmelfs-engine")
             .enable_all()
             .build()
             .map_err(OpenVolumeError::Runtime)?;
-        let db = runtime
-            .block_on(
-                Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-                    .with_settings(cfg.settings.clone())
-                    .with_db_cache(config::db_cache(cfg.memory), 0)
-                    .with_block_cache_policy(config::block_cache_policy())
-                    .build(),
-            )
-            .map_err(OpenVolumeError::Engine)?;
-        let opened = runtime.block_on(Self::open_superblock(&db));
-        let superblock = match opened {
-            Ok(v) => v,
-            Err(e) => {
-                // Best effort: the error we report is the one that stopped
-                // the open.
-                let _ = runtime.block_on(db.close());
-                return Err(e);
-            }
-        };
+        let (db, superblock) = runtime.block_on(Self::open_engine(&cfg))?;
         let local_dir = match placement {
             Placement::Inline => None,
             _ => cfg.local_dir.as_deref(),
@@ -153,14 +140,68 @@ impl SlateStore {
             closed: AtomicBool::new(false),
             runtime: Some(runtime),
         };
-        if let Err(e) = store
-            .rt()
-            .and_then(|rt| rt.block_on(store.sweep_segments()))
-        {
-            tracing::warn!(volume = %store.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
-        }
+        store.tidy(cfg.local_dir.as_deref());
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
+    }
+
+    /// The engine of `cfg` and its superblock, counted for this open. A
+    /// clone's first open gives it a volume id of its own
+    /// (`snapshot.rs`).
+    async fn open_engine(cfg: &config::VolumeConfig) -> Result<(Db, Superblock), OpenVolumeError> {
+        let db = Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
+            .with_settings(cfg.settings.clone())
+            .with_db_cache(config::db_cache(cfg.memory), 0)
+            .with_block_cache_policy(config::block_cache_policy())
+            .build()
+            .await
+            .map_err(OpenVolumeError::Engine)?;
+        let cloned = cfg
+            .local_dir
+            .as_deref()
+            .map(|d| d.join(super::snapshot::CLONE_FILE))
+            .filter(|p| p.exists());
+        let opened =
+            Self::open_superblock(&db, cloned.is_some())
+                .await
+                .and_then(|sb| match &cloned {
+                    // The new id is durable: later opens keep it.
+                    Some(marker) => super::snapshot::remove_clone_marker(marker)
+                        .map(|()| sb)
+                        .map_err(OpenVolumeError::CloneMarker),
+                    None => Ok(sb),
+                });
+        match opened {
+            Ok(sb) => Ok((db, sb)),
+            Err(e) => {
+                // Best effort: the error we report is the one that stopped
+                // the open.
+                let _ = db.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// What an open does once it holds the volume, before any commit:
+    /// remove what an interrupted snapshot left, delete the segments
+    /// nothing refers to, reclaim what shared segments deferred. Failures
+    /// leak space, never data: they are logged.
+    fn tidy(&self, local_dir: Option<&std::path::Path>) {
+        if let Some(dir) = local_dir {
+            // We hold the volume: nobody else is taking a snapshot of it.
+            if let Err(e) = super::snapshot::remove_leftovers(dir) {
+                tracing::warn!(volume = %self.describe, error = %e, "removing an interrupted snapshot failed; its segments stay shared");
+            }
+        }
+        if let Err(e) = self.rt().and_then(|rt| rt.block_on(self.sweep_segments())) {
+            tracing::warn!(volume = %self.describe, error = %e, "sweeping unreferenced segments failed; their space stays leaked");
+        }
+        if let Err(e) = self
+            .rt()
+            .and_then(|rt| rt.block_on(self.reclaim_unshared()))
+        {
+            tracing::warn!(volume = %self.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
+        }
     }
 
     /// Replay the commit log (on `file://`), then read the space counters
@@ -242,8 +283,9 @@ impl SlateStore {
     }
 
     /// Read and check the superblock, or write the first one into an empty
-    /// store; either way count this open in it, durably.
-    async fn open_superblock(db: &Db) -> Result<Superblock, OpenVolumeError> {
+    /// store; either way count this open in it, durably. `new_id`: draw a
+    /// new volume id (the first open of a clone).
+    async fn open_superblock(db: &Db, new_id: bool) -> Result<Superblock, OpenVolumeError> {
         let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
         let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
             Some(bytes) => {
@@ -256,6 +298,9 @@ impl SlateStore {
                         found: sb.format_version,
                         expected: FORMAT_VERSION,
                     });
+                }
+                if new_id {
+                    sb.volume_id = random_volume_id();
                 }
                 sb.open_count = sb.open_count.checked_add(1).ok_or_else(|| {
                     OpenVolumeError::Superblock(StoreError::Corrupt("open count overflow".into()))

@@ -8,6 +8,11 @@
 //! emptied segments while holding the engine's reclaim lock exclusively,
 //! so no read is between looking up an extent and reading its bytes.
 //!
+//! A segment file with more than one link is shared with a snapshot or a
+//! clone (`snapshot.rs`): its dead pages are not punched but noted as
+//! deferred (`shared.rs`), and reclaimed once the file is this volume's
+//! alone again. Deleting an emptied segment only drops this volume's name.
+//!
 //! This module never decides what is dead; it is told, and only ever
 //! after the batch that made it dead is durable. A failure leaks space
 //! (reported by `pohmelfs check`), never data, so it is logged. Closing
@@ -21,6 +26,7 @@ use std::thread::JoinHandle;
 
 use super::pins::Pins;
 use super::segment::Segments;
+use super::shared::Deferred;
 
 /// What one or more durable batches freed.
 #[derive(Debug, Default)]
@@ -81,11 +87,29 @@ struct Readers {
     pins: Arc<Pins>,
 }
 
-fn free(segs: &Segments, readers: &Readers, r: Reclaim, volume: &str) {
+fn free(segs: &Segments, readers: &Readers, r: Reclaim, deferred: &mut Deferred, volume: &str) {
     let _no_readers = readers.exclusive.write().unwrap_or_else(|e| e.into_inner());
     for (seg, ranges) in r.dead {
         if r.emptied.contains(&seg) {
             continue;
+        }
+        // A snapshot or clone that shares the file may still refer to
+        // these pages: never punch a file with another link. Its pages
+        // are reclaimed once it is ours alone again (`shared.rs`).
+        match segs.links(seg) {
+            Ok(1) => deferred.remove(seg),
+            Ok(_) => {
+                deferred.insert(seg);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                deferred.remove(seg);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(volume, segment = seg, error = %e, "reading a segment's link count failed; its dead pages stay");
+                continue;
+            }
         }
         // A read's file piece may still name these pages: the punch waits
         // for the last pin (`pins.rs`). A deleted segment needs no wait:
@@ -98,6 +122,9 @@ fn free(segs: &Segments, readers: &Readers, r: Reclaim, volume: &str) {
         }
     }
     for seg in r.emptied {
+        // Unlinking only drops this volume's name: a snapshot or clone
+        // that shares the file keeps it.
+        deferred.remove(seg);
         if let Err(e) = segs.remove(seg) {
             tracing::warn!(volume, segment = seg, error = %e, "deleting an emptied segment failed");
         }
@@ -105,6 +132,7 @@ fn free(segs: &Segments, readers: &Readers, r: Reclaim, volume: &str) {
 }
 
 fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Readers, volume: String) {
+    let mut deferred = Deferred::load(segs.dir(), &volume);
     while let Ok(first) = rx.recv() {
         let mut batch = Reclaim::default();
         let mut barriers = Vec::new();
@@ -118,7 +146,8 @@ fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Readers, volume: S
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            free(&segs, &readers, batch, &volume);
+            free(&segs, &readers, batch, &mut deferred, &volume);
+            deferred.save(&volume);
         }
         for done in barriers {
             let _ = done.send(());

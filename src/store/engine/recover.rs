@@ -23,6 +23,10 @@
 //! the tail has passed the commit: a page punched while a record naming it
 //! can still be replayed would be written again by replay.
 //!
+//! The background task also hands back, every few seconds, the pages of
+//! segments that a deleted snapshot or clone no longer shares
+//! (`shared.rs`).
+//!
 //! This module owns that order. It never builds batches (`commit.rs`) and
 //! never reads the log file itself (`log.rs`).
 
@@ -194,6 +198,7 @@ impl Checkpoint {
             every_ms.min(CHECKPOINT_INTERVAL_MS)
         };
         let mut since_ms = 0;
+        let mut since_unshared_ms = 0;
         loop {
             tokio::select! {
                 () = self.stop.notified() => return,
@@ -204,6 +209,11 @@ impl Checkpoint {
                 return;
             }
             since_ms += tick;
+            since_unshared_ms += tick;
+            if since_unshared_ms >= super::shared::UNSHARED_PASS_MS {
+                since_unshared_ms = 0;
+                self.reclaim_unshared(&describe).await;
+            }
             if every_ms == 0 || since_ms < every_ms {
                 continue;
             }
@@ -218,6 +228,16 @@ impl Checkpoint {
                 Err(e) => {
                     tracing::warn!(volume = %describe, error = %e, "commit log checkpoint failed");
                 }
+            }
+        }
+    }
+
+    /// Hand the deferred pages of segments a deleted snapshot or clone
+    /// no longer shares to the reclaimer (`shared.rs`).
+    async fn reclaim_unshared(&self, describe: &str) {
+        if let (Some(segs), Some(r)) = (&self.segments, &self.reclaimer) {
+            if let Err(e) = super::shared::reclaim_unshared(&self.db, segs, r).await {
+                tracing::warn!(volume = %describe, error = %e, "reclaiming segments no snapshot shares any more failed");
             }
         }
     }

@@ -255,6 +255,26 @@ impl Segments {
         })
     }
 
+    /// Seal the active segment (synced) and start a new one, whatever its
+    /// length: a snapshot shares every segment below the new active one,
+    /// and no later append may go into a shared file. The new active id.
+    pub fn seal(&self) -> io::Result<u64> {
+        let mut a = lock(&self.active);
+        a.file.sync_data()?;
+        let id = a.id + 1;
+        let file = Arc::new(create(&self.dir, id)?);
+        *a = Active { id, file, len: 0 };
+        Ok(id)
+    }
+
+    /// How many directory entries name segment `seg`'s file: more than
+    /// one while a snapshot or clone shares it (`snapshot.rs`).
+    pub fn links(&self, seg: u64) -> io::Result<u64> {
+        Ok(std::os::unix::fs::MetadataExt::nlink(
+            &self.handle(seg)?.metadata()?,
+        ))
+    }
+
     /// Release the pin of one append, once its batch is written or
     /// abandoned.
     pub fn unpin(&self, seg: u64) {
@@ -415,32 +435,44 @@ impl SegmentFiles {
         Ok(())
     }
 
+    /// How many directory entries name segment `seg`'s file (more than
+    /// one: a snapshot or clone shares it).
+    pub fn links(&self, seg: u64) -> io::Result<u64> {
+        Ok(std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(
+            self.dir.join(file_name(seg)),
+        )?))
+    }
+
     /// The byte ranges of `seg` that hold data (not holes), page-aligned.
     pub fn allocated(&self, seg: u64) -> io::Result<Vec<Range<u64>>> {
-        let f = File::open(self.dir.join(file_name(seg)))?;
-        let size = libc::off_t::try_from(f.metadata()?.len())
-            .map_err(|_| io::Error::other("segment too large"))?;
-        let fd = f.as_raw_fd();
-        let mut out = Vec::new();
-        let mut pos: libc::off_t = 0;
-        while pos < size {
-            // SAFETY: lseek only reads its integer arguments; fd is open.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                return Err(e);
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            out.push(data as u64..hole as u64);
-            pos = hole;
-        }
-        Ok(out)
+        allocated(&File::open(self.dir.join(file_name(seg)))?)
     }
+}
+
+/// The byte ranges of `f` that hold data (not holes), page-aligned.
+pub fn allocated(f: &File) -> io::Result<Vec<Range<u64>>> {
+    let size = libc::off_t::try_from(f.metadata()?.len())
+        .map_err(|_| io::Error::other("segment too large"))?;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: libc::off_t = 0;
+    while pos < size {
+        // SAFETY: lseek only reads its integer arguments; fd is open.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push(data as u64..hole as u64);
+        pos = hole;
+    }
+    Ok(out)
 }
