@@ -32,6 +32,8 @@
 //! Beside the data path:
 //!
 //! * [`metrics`] — every counter the daemon keeps.
+//! * [`logging`] — the commands' log lines: `--log-level` or `RUST_LOG`, and
+//!   syslog priorities when stderr is the journal.
 //! * [`ratelimit`] — log hygiene for lines a guest or peer can cause: a
 //!   per-call-site limit and a length cap (`docs/security.md`).
 //! * [`confine`] — what the daemons give up at startup: umask, capabilities,
@@ -56,6 +58,7 @@ pub mod device;
 pub mod fs;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;

@@ -332,15 +332,9 @@ fn main() {
     }
 }
 
+/// The logger for `--log-level LEVEL` (or `RUST_LOG`: `src/logging.rs`).
 fn init_logging(level: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .with_context(|| format!("parse log level {level:?}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("install logger: {e}"))
+    pohmelfs::logging::init(level, str::to_string).context("install logger")
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -348,7 +342,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
     let notifier = systemd::Notifier::from_env().context("systemd notify socket")?;
     // fuse-backend-rs's own lines are off: see `device::log_filter`.
-    init_logging(&device::log_filter(&args.log_level))?;
+    pohmelfs::logging::init(&args.log_level, device::log_filter).context("install logger")?;
     pohmelfs::ratelimit::limit_panic_messages();
     if let Some(tag) = &args.tag {
         if tag.is_empty() || tag.len() > device::TAG_MAX {

@@ -132,3 +132,41 @@ fn a_relative_notify_socket_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn lines_carry_syslog_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = ScratchDir::new("systemd-journal").unwrap();
+    let (notify, notify_path) = notify_socket(&dir);
+    let log_path = dir.path().join("stderr");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let mut child = ChildGuard(
+        Command::new(POHMELFS)
+            .args(["store", "--listen", "127.0.0.1:0", "--data", "mem:"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(next_state(&notify).contains("READY=1"));
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<6> INFO") && l.contains("store server listening")),
+        "no info line with its priority:\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("<4> WARN")),
+        "no warning line with its priority:\n{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.starts_with('<')),
+        "a line without a priority:\n{text}"
+    );
+}
