@@ -72,6 +72,8 @@
 
 mod ack;
 mod budget;
+#[cfg(test)]
+mod burst_tests;
 mod cache;
 #[cfg(test)]
 mod close_tests;
