@@ -98,6 +98,13 @@ fn a_close_returns_before_the_ack_and_fsync_waits() {
         close.join().unwrap().unwrap();
         // It left the transaction lingering (for the next files of a
         // burst to join) and returned with nothing acknowledged.
+        assert!(
+            super::ack::lock(&wb.shared.state)
+                .txns
+                .values()
+                .all(|t| t.attempts == 0 && t.not_before.is_some()),
+            "{policy:?}: the close cut the linger short"
+        );
         assert_eq!(m.txn_sent.get(), sent, "{policy:?}");
         assert!(wb.unacked() >= 1, "{policy:?}: acknowledged already?");
         assert_eq!(store.get_inode(ino).unwrap(), None, "{policy:?}");
