@@ -291,3 +291,52 @@ fn a_crash_after_a_grouped_burst_keeps_what_was_fsynced() {
         );
     }
 }
+
+#[test]
+fn an_fsync_sends_the_lingering_burst_ahead_of_it_on_the_directory() {
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
+        // Long enough for any machine; a linger left alone outlasts it.
+        fsync_timeout: Duration::from_secs(20),
+        max_txn_ops: MAX_TXN_OPS,
+        max_txn_bytes: MAX_TXN_BYTES,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, _sink, store, _) = layer_with(config, 1, 55, false);
+    let wb = Arc::new(wb);
+    let fs = PohmelFs::new(
+        Arc::clone(&wb) as Arc<dyn Store>,
+        FsConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let old = small_file(&fs, "old");
+    wb.sync(None).unwrap();
+    // A burst lingers; a write to a file it does not touch is a
+    // transaction of its own, so the next create starts another
+    // transaction, queued behind the burst on the directory.
+    let burst: Vec<(String, u64)> = (0..10)
+        .map(|i| {
+            let name = format!("b{i}");
+            let ino = small_file(&fs, &name);
+            (name, ino)
+        })
+        .collect();
+    let ctx = Context::new();
+    let fh = fs
+        .open(&ctx, old, libc::O_WRONLY as u32, 0)
+        .unwrap()
+        .0
+        .unwrap();
+    let mut r = Bytes(std::io::Cursor::new(b"new".to_vec()));
+    fs.write(&ctx, old, fh, &mut r, 3, 0, None, false, 0, 0)
+        .unwrap();
+    let last = ("last".to_string(), small_file(&fs, "last"));
+    assert!(wb.unacked() >= 3, "the burst, the write, the last create");
+    // Its fsync sends the burst ahead of it too, rather than wait out the
+    // burst's linger.
+    fs.fsync(&ctx, last.1, false, 0).unwrap();
+    assert_stored(&store, &[last], "after its fsync");
+    assert_stored(&store, &burst, "ahead of it");
+}

@@ -159,6 +159,16 @@ impl Shared {
                     }
                 }
             }
+            // And whatever older still lingers: one of them may be ahead of
+            // ours on a directory (a create queued behind a burst that a
+            // write's transaction cut off), and ours goes only after it.
+            if let Some(&newest) = ids.iter().max() {
+                for t in st.txns.range_mut(..newest).map(|(_, t)| t) {
+                    if t.state == TxnState::Queued && t.attempts == 0 {
+                        t.not_before = None;
+                    }
+                }
+            }
             ids
         };
         self.pump.notify_one();
