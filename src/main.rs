@@ -184,7 +184,8 @@ struct VolumeArgs {
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     meta_linger_us: u64,
     /// Make every close wait until the file's data is durable, as fsync
-    /// does. Without it a close sends the data at once and returns: only
+    /// does. Without it a close returns at once (the data goes to the store
+    /// on its own, a new file's within --meta-linger-us): only
     /// fsync, fdatasync, syncfs and shutdown wait, so a daemon crash
     /// (kill -9) loses what was written but never fsynced, as a local
     /// disk's page cache would (docs/operations.md).

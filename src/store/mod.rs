@@ -442,8 +442,9 @@ pub trait Store: Send + Sync {
 
     /// FLUSH (a close of one of the guest's descriptors): start writing
     /// back the data of `ino` written so far. A close promises no
-    /// durability (POSIX's): the write-back layer sends the data at once
-    /// and returns, reporting only errors it already knows, unless told to
+    /// durability (POSIX's): the write-back layer returns at once (the data
+    /// goes on its own, within `meta_linger` for a new file), reporting
+    /// only errors it already knows, unless told to
     /// wait as `sync` does (`--sync-on-close`). Even then it may return at
     /// once when `ino` has no data waiting — only metadata, such as its own
     /// creation (a shell's `echo > f` closes the new file once before it

@@ -1,7 +1,8 @@
 //! A close does not wait, and truncates and punched holes do not either:
 //! with acks held by the sink's latch ([`super::testkit::Gate`]), FLUSH and
-//! RELEASE return while their transaction is unacknowledged (under
-//! `sync_on_close` they wait for it); a known error is still reported at
+//! RELEASE return while their transaction is unacknowledged, which goes
+//! within its linger or with the next fsync (under `sync_on_close` they
+//! wait for it); a known error is still reported at
 //! close; truncates and punched holes over pages whose writes are in flight
 //! return at once, and reads through the layer, then the store after a
 //! sync, hold exactly what a model says, under both overwrite policies; a
@@ -78,7 +79,7 @@ fn file_with_data(fs: &PohmelFs) -> (u64, u64) {
 }
 
 #[test]
-fn a_close_sends_at_once_and_returns_before_the_ack() {
+fn a_close_returns_before_the_ack_and_fsync_waits() {
     for policy in [OverwritePolicy::Cow, OverwritePolicy::Wait] {
         let (wb, sink, store, m) = held(policy, false, 41);
         let fs = fs_over(&wb);
@@ -95,20 +96,61 @@ fn a_close_sends_at_once_and_returns_before_the_ack() {
         };
         eventually("the close to return", || close.is_finished());
         close.join().unwrap().unwrap();
-        // It sent the lingering transaction (no ten-minute linger) and
-        // did not wait for its ack, which the latch still holds.
-        eventually("the close's transaction at the latch", || {
-            sink.gate.held() >= 1
-        });
-        assert_eq!(m.txn_sent.get(), sent + 1, "{policy:?}");
+        // It left the transaction lingering (for the next files of a
+        // burst to join) and returned with nothing acknowledged.
+        assert!(
+            super::ack::lock(&wb.shared.state)
+                .txns
+                .values()
+                .all(|t| t.attempts == 0 && t.not_before.is_some()),
+            "{policy:?}: the close cut the linger short"
+        );
+        assert_eq!(m.txn_sent.get(), sent, "{policy:?}");
         assert!(wb.unacked() >= 1, "{policy:?}: acknowledged already?");
         assert_eq!(store.get_inode(ino).unwrap(), None, "{policy:?}");
         assert_eq!(m.fsync_calls.get(), 1, "{policy:?}: only the settle waited");
-        // fsync is what waits.
+        // fsync is what waits: it sends the transaction and waits for the
+        // ack the latch holds.
+        let fsync = {
+            let fs = Arc::clone(&fs);
+            std::thread::spawn(move || fs.fsync(&Context::new(), ino, false, 0))
+        };
+        eventually("the fsync's transaction at the latch", || {
+            sink.gate.held() >= 1
+        });
+        assert_eq!(m.txn_sent.get(), sent + 1, "{policy:?}");
+        assert!(!fsync.is_finished(), "{policy:?}: fsync before the ack");
         sink.gate.open();
-        wb.sync(Some(ino)).unwrap();
+        fsync.join().unwrap().unwrap();
         assert_eq!(content(&*store, ino), b"closed, not synced\n");
     }
+}
+
+#[test]
+fn a_closed_files_transaction_goes_on_its_own_within_the_linger() {
+    let config = TxnConfig {
+        meta_linger: Duration::from_millis(2),
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, m) = layer_with(config, 1, 44, false);
+    let wb = Arc::new(wb);
+    let fs = fs_over(&wb);
+    sink.gate.close();
+    let (ino, fh) = file_with_data(&fs);
+    let ctx = Context::new();
+    fs.flush(&ctx, ino, fh, 0).unwrap();
+    fs.release(&ctx, ino, 0, fh, true, false, None).unwrap();
+    // Nobody syncs: the linger ends and the transaction leaves, to wait
+    // at the latch.
+    eventually("the closed file's transaction at the latch", || {
+        sink.gate.held() >= 1
+    });
+    assert_eq!(m.fsync_calls.get(), 1, "only the settle synced");
+    assert_eq!(store.get_inode(ino).unwrap(), None);
+    sink.gate.open();
+    eventually("its ack", || wb.unacked() == 0);
+    assert_eq!(content(&*store, ino), b"closed, not synced\n");
 }
 
 #[test]

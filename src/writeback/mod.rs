@@ -19,7 +19,8 @@
 //!   write-back like data (reads see them at once through an overlay);
 //!   a new metadata transaction lingers `meta_linger` so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
-//!   of creates or unlinks is one commit. Truncates and punched holes are
+//!   of creates (with their first writes and closes) or unlinks in one
+//!   directory is one commit. Truncates and punched holes are
 //!   write-back too: the ranges they zero read as zeros (the `Holes`
 //!   overlay) until their ack, and the pages a truncate drops leave the
 //!   older transactions that carried them. Only writes in another shape
@@ -42,9 +43,10 @@
 //! * `sync` (fsync, fdatasync, fsyncdir, syncfs, disconnect, SIGTERM)
 //!   finds the transactions that refer to the inode's pages (or all), sends
 //!   what is queued at once, resends what stalled, and waits for the acks.
-//!   A close (FLUSH, RELEASE) sends the inode's data at once and returns,
-//!   reporting only errors already known; with `sync_on_close` it waits
-//!   as fsync does.
+//!   A close (FLUSH, RELEASE) returns at once, reporting only errors
+//!   already known, and leaves a lingering transaction to its linger (the
+//!   next file of the burst joins it); with `sync_on_close` it waits as
+//!   fsync does.
 //!
 //! * Every transaction fits one wire frame (bounds in `queue.rs`, checked
 //!   at compile time); the bytes of metadata changes count toward
@@ -72,6 +74,8 @@
 
 mod ack;
 mod budget;
+#[cfg(test)]
+mod burst_tests;
 mod cache;
 #[cfg(test)]
 mod close_tests;
@@ -171,8 +175,9 @@ pub struct TxnConfig {
     /// `queue::TXN_META_BYTES_MAX`).
     pub max_txn_ops: usize,
     /// FLUSH and RELEASE (every close) wait until the inode's data is
-    /// durable, as fsync does. Off by default: a close sends the inode's
-    /// transactions at once and returns, and only fsync, fdatasync,
+    /// durable, as fsync does. Off by default: a close returns at once (its
+    /// inode's transactions go on their own, within `meta_linger` for one
+    /// that lingers), and only fsync, fdatasync,
     /// fsyncdir, syncfs and shutdown wait (what POSIX and a local disk
     /// promise).
     pub sync_on_close: bool,

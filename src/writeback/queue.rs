@@ -59,11 +59,18 @@ pub(super) struct TxnEntry {
 }
 
 impl TxnEntry {
-    /// Metadata that was never sent: later metadata may join it (its
-    /// content is fixed from the first attempt on, since a resend must be
-    /// the same transaction).
-    pub(super) fn is_unsent_metadata(&self) -> bool {
-        self.is_unsent() && !self.mergeable && self.pages.is_empty()
+    /// Whether later metadata may join this transaction: it must be
+    /// unsent (its content is fixed from the first attempt on, since a
+    /// resend must be the same transaction) and not a write's own
+    /// transaction (`mergeable`: data of one inode, merged with its later
+    /// writes). A metadata transaction that writes have joined (the create
+    /// of a small file, its first write) still takes more: the next create
+    /// in the directory joins it, so a burst of small files is one commit.
+    /// Its data goes on the wire before its operations, and what joins
+    /// after the data is newer than it, so the order holds; a write never
+    /// joins after an operation it must follow ([`Self::data_may_join`]).
+    pub(super) fn metadata_may_join(&self) -> bool {
+        self.is_unsent() && !self.mergeable
     }
 
     /// Queued and never sent: its content may still change.

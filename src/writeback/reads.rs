@@ -2,7 +2,7 @@
 //! namespace overlay before the store beneath; `commit` hands the
 //! filesystem layer's write to the write path and any other transaction to
 //! the metadata path (`write.rs`); `sync` waits for acks and `flush` (a
-//! close) sends the inode's data at once (`sync.rs`).
+//! close) reports what is known and returns (`sync.rs`).
 
 use std::collections::BTreeSet;
 use std::sync::MutexGuard;

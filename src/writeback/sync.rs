@@ -3,9 +3,9 @@
 //! A failure stays (sticky) until the inode's data is durable; data dropped
 //! for lack of space is reported once, as ENOSPC.
 //!
-//! A close (FLUSH, RELEASE) sends the inode's data at once and does not
-//! wait: it reports only the errors already known. Under `sync_on_close`
-//! it waits as fsync does.
+//! A close (FLUSH, RELEASE) does not wait: its inode's transactions go
+//! on their own (within `meta_linger`), and it reports only the errors
+//! already known. Under `sync_on_close` it waits as fsync does.
 
 use std::time::Duration;
 
@@ -80,16 +80,16 @@ impl Shared {
         }
     }
 
-    /// A close of `ino` (FLUSH, RELEASE): when it has data waiting (pages,
-    /// a truncate or a punched hole), send its transactions now, lingering
-    /// or not, and return without waiting for their acks; the next fsync
-    /// waits. An error already known is reported: a sticky fsync failure
-    /// (the data is still not durable), data dropped for lack of space
-    /// (reported once, as by fsync), data waiting for space. An inode with
-    /// only metadata waiting (its creation) sends nothing, so that its
-    /// first write joins the create (a shell's `echo > f` closes the new
-    /// file before it writes). Under `sync_on_close` a close with data
-    /// waiting is an fsync.
+    /// A close of `ino` (FLUSH, RELEASE): return without waiting for the
+    /// acks of its transactions; the next fsync waits. They are on their
+    /// way already: a write's own transaction goes at once, and one that
+    /// lingers (the create of a small file, which its first writes joined)
+    /// goes within `meta_linger` of being formed, carrying the files
+    /// created after it in the burst. An error already known is reported:
+    /// a sticky fsync failure (the data is still not durable), data dropped
+    /// for lack of space (reported once, as by fsync), data waiting for
+    /// space. Under `sync_on_close` a close with data waiting (pages, a
+    /// truncate or a punched hole) is an fsync.
     pub(super) fn close(&self, ino: u64) -> Result<(), StoreError> {
         let mut st = lock(&self.state);
         let ids: Vec<u64> = st
@@ -117,17 +117,11 @@ impl Shared {
             warn!(ino, "close failed: the volume is full");
             return Err(StoreError::NoSpace);
         }
-        // No linger: nothing will join these any more that would not go
-        // as well in the next transaction.
-        for id in &ids {
-            if let Some(t) = st.txns.get_mut(id) {
-                if t.state == TxnState::Queued && t.attempts == 0 {
-                    t.not_before = None;
-                }
-            }
-        }
-        drop(st);
-        self.pump.notify_one();
+        // Nothing to send sooner: a transaction that lingers goes when its
+        // `meta_linger` (counted from when it was formed) is over, so the
+        // next files of a burst in the same directory join it and the burst
+        // is one commit instead of one per file. Nobody waits for it: a
+        // close never did, and fsync, which does, sends it at once.
         Ok(())
     }
 
@@ -161,6 +155,16 @@ impl Shared {
             for id in &ids {
                 if let Some(t) = st.txns.get_mut(id) {
                     if t.state == TxnState::Queued && t.not_before.is_some_and(|nb| nb > now) {
+                        t.not_before = None;
+                    }
+                }
+            }
+            // And whatever older still lingers: one of them may be ahead of
+            // ours on a directory (a create queued behind a burst that a
+            // write's transaction cut off), and ours goes only after it.
+            if let Some(&newest) = ids.iter().max() {
+                for t in st.txns.range_mut(..newest).map(|(_, t)| t) {
+                    if t.state == TxnState::Queued && t.attempts == 0 {
                         t.not_before = None;
                     }
                 }

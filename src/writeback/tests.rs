@@ -510,10 +510,18 @@ fn a_poisoned_state_lock_aborts_the_daemon() {
 /// up behind the one in flight without costing every dispatch a look.
 #[test]
 fn a_queue_behind_one_directory_leaves_the_ready_set() {
-    let (wb, sink, store, _) = held_layer(OverwritePolicy::Cow, 12);
+    // Transactions of one create each (two operations): a burst of
+    // creates would otherwise join one transaction.
+    let config = TxnConfig {
+        ack_timeout: Duration::from_secs(3600),
+        max_txn_ops: 2,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, _) = layer_with(config, 1, 12, false);
     sink.gate.close();
-    // Each file's write joins its create, so the next create starts a
-    // transaction of its own; all of them touch directory 1.
+    // Each file's write joins its create, which is full, so the next
+    // create starts a transaction of its own; all of them touch
+    // directory 1.
     for ino in 100..150u64 {
         create_in(&wb, 1, ino, &format!("f{ino}"));
         write(&wb, ino, 0, b"x", 1);

@@ -423,7 +423,7 @@ impl Shared {
     fn metadata_txn(&self, st: &mut State, ops: usize, bytes: u64, wait_ack: bool) -> u64 {
         let max_ops = self.cfg.max_txn_ops.min(TXN_OPS_MAX);
         let join = st.txns.last_key_value().and_then(|(&id, t)| {
-            (t.is_unsent_metadata()
+            (t.metadata_may_join()
                 && t.ops.len() + ops <= max_ops
                 && t.meta_bytes + bytes <= TXN_META_BYTES_MAX)
                 .then_some(id)
