@@ -120,6 +120,8 @@ struct Ring {
     applied: Position,
     fenced: bool,
     failed: bool,
+    /// Records made durable by this instance (one `fdatasync` each).
+    synced: u64,
 }
 
 impl Ring {
@@ -310,6 +312,7 @@ impl CommitLog {
                 applied: head,
                 fenced: false,
                 failed: false,
+                synced: 0,
             }),
         });
         logs.retain(|_, w| w.strong_count() > 0);
@@ -393,6 +396,7 @@ impl CommitLog {
         })();
         match written {
             Ok(crc) => {
+                r.synced += 1;
                 r.head = Position {
                     off: at + taken,
                     lsn: lsn + 1,
@@ -405,6 +409,13 @@ impl CommitLog {
                 Err(LogError::Io(e))
             }
         }
+    }
+
+    /// How many records this instance wrote and synced (one `fdatasync`
+    /// each).
+    #[cfg(test)]
+    pub fn synced(&self) -> u64 {
+        lock(&self.ring).synced
     }
 
     /// Refuse every later append: what was logged and what the engine

@@ -49,6 +49,7 @@ pub(crate) mod fuzz;
 mod group;
 mod keys;
 mod log;
+mod log_queue;
 mod log_record;
 mod open;
 mod orphans;
@@ -62,6 +63,8 @@ mod segment;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
 #[cfg(test)]
@@ -191,6 +194,9 @@ pub struct SlateStore {
     /// The commit log and its checkpoints (`file://` only): commits are
     /// durable once logged.
     checkpoint: Option<Arc<recover::Checkpoint>>,
+    /// Batches built and waiting for their commit-log record (`file://`
+    /// with the log only).
+    log_queue: log_queue::LogQueue,
     /// Pins on segment ranges handed out by reads (`pins.rs`): the
     /// reclaimer defers punching while one lives.
     pins: Arc<pins::Pins>,
@@ -327,6 +333,11 @@ impl SlateStore {
         self.check_writable()?;
         loop {
             let serial = self.commit_lock.lock().await;
+            // This writes to the engine directly: every batch built before
+            // it goes first, as the log's records are in engine order.
+            if let Some(cp) = &self.checkpoint {
+                self.await_logged(cp, self.log_queue.last_seq()).await?;
+            }
             let doomed = self
                 .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
                 .await?;

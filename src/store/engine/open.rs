@@ -133,6 +133,7 @@ impl SlateStore {
             db,
             reclaimer,
             checkpoint,
+            log_queue: Default::default(),
             segments,
             reclaim,
             pins,
