@@ -21,9 +21,10 @@
 //! of an earlier lap has a lower lsn, a torn one fails its crc, and a record
 //! left behind a torn one by an unacknowledged group fails the chain.
 //!
-//! The payload (see `encode_payload`) is the commit's engine batch as
-//! `(key, Option<value>)` pairs and the bytes of its small writes with
-//! their segment placements.
+//! The payload (see `encode_payload`) is an engine batch as `(key,
+//! Option<value>)` pairs and the bytes of small writes with their segment
+//! placements: those of one commit, or the union of a group of commits
+//! (`log_queue.rs`), which the record makes durable together.
 //!
 //! One writer at a time: the file is locked with `flock`. An opener (which
 //! has fenced the previous writer's engine already) that finds it locked

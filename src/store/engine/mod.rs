@@ -11,9 +11,10 @@
 //!
 //! On `file://` a commit is durable once its record is in the commit log
 //! (`log.rs`): its batch and the bytes of its small writes, one `pwrite`
-//! and one `fdatasync` of a preallocated file. Only then does the batch go
-//! to SlateDB's memtable, whose WAL follows on its timer; larger writes
-//! are synced in their segment before the record. Opening replays the log
+//! and one `fdatasync` of a preallocated file, shared by the commits that
+//! queued while the record before was written (`log_queue.rs`). Only then
+//! does the batch go to SlateDB's memtable, whose WAL follows on its
+//! timer; larger writes are synced in their segment before the record. Opening replays the log
 //! and checkpoints move its tail (`recover.rs`). On `s3://` (and with
 //! `log=off`) the batch goes to SlateDB once the segment bytes are
 //! durable, and commits wait for its WAL together, sharing flushes
