@@ -159,3 +159,62 @@ fn a_torn_grouped_record_ends_replay_before_it() {
     let report = check(&dir);
     assert!(report.is_clean(), "{:#?}", report.problems);
 }
+
+/// Through the embedded sink, as the write-back layer sends: each attempt
+/// gets a commit thread of its own, so attempts queue in the log behind a
+/// held record instead of behind one another's threads, and the thread
+/// that finishes an attempt reports it.
+#[test]
+fn the_engine_sink_commits_each_attempt_on_a_thread_that_reports_it() {
+    use crate::store::sink::{EngineSink, Sink};
+    use crate::store::{OnceStore, Txn};
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(&dir, NO_CHECKPOINTS));
+    let all: Vec<u64> = std::iter::once(FIRST).chain(QUEUED).collect();
+    let mut ops = root_with(&all);
+    ops.extend(all.iter().map(|&i| file(i, 4096)));
+    commit(&*s, ops);
+    let sink = EngineSink::new(s.clone() as Arc<dyn OnceStore>).unwrap();
+    let (entered, release) = hold_next_write(&s);
+    let (done_tx, done_rx) = mpsc::channel();
+    let send = |txn_id: u64, ino: u64| {
+        let done_tx = done_tx.clone();
+        let txn = Txn {
+            ops: vec![write_op(ino, 0, &body(ino))],
+        };
+        let sent = sink.send_then(
+            0,
+            txn_id,
+            0,
+            txn,
+            Box::new(move |result| {
+                let thread = std::thread::current().name().map(str::to_owned);
+                done_tx.send((txn_id, thread, result)).unwrap();
+            }),
+        );
+        assert!(sent.is_ok(), "the engine sink runs attempts itself");
+    };
+    send(1, FIRST);
+    entered
+        .recv_timeout(BOUND)
+        .expect("the first attempt to reach its record");
+    for (n, &ino) in QUEUED.iter().enumerate() {
+        send(2 + n as u64, ino);
+    }
+    pohmelfs_testkit::wait_until(BOUND, POLL, || s.log_queue.waiting() == QUEUED.len())
+        .expect("every other attempt to queue in the log, each on a thread of its own");
+    release.send(()).unwrap();
+    let mut acked = Vec::new();
+    for _ in 0..=QUEUED.len() {
+        let (id, thread, result) = done_rx.recv_timeout(BOUND).expect("every attempt to end");
+        assert_eq!(thread.as_deref(), Some("pohmelfs-commit"), "attempt {id}");
+        assert!(result.is_ok(), "attempt {id}: {result:?}");
+        acked.push(id);
+    }
+    acked.sort();
+    assert_eq!(acked, (1..=7).collect::<Vec<_>>());
+    for ino in all {
+        assert!(read(&*s, ino, 0, 4096) == body(ino), "inode {ino}");
+    }
+}
