@@ -18,7 +18,7 @@ use super::ack::{invariant_violated, lock, on_result};
 use super::cache::{Pinned, PAGE_SIZE};
 use super::queue::TxnState;
 use super::{Shared, State};
-use crate::store::sink::SendError;
+use crate::store::sink::{OnDone, SendError};
 use crate::store::{Op, Txn, WriteData};
 
 /// The sender: picks transactions that may go (oldest of all their inodes,
@@ -56,10 +56,12 @@ struct Attempt {
 }
 
 /// Build an attempt's transaction and send it; its end goes to `ack.rs`.
+/// A sink that runs attempts on threads of its own (the embedded engine)
+/// reports there: the ack completes the transaction and wakes the fsync
+/// waiting for it without a hop back to this runtime.
 fn launch(shared: &Arc<Shared>, a: Attempt) {
     let wire = wire_txn(a.pinned.as_deref().unwrap_or_default(), &a.ops);
     drop(a.ops);
-    let sh = Arc::clone(shared);
     let Attempt {
         id,
         attempt,
@@ -67,6 +69,17 @@ fn launch(shared: &Arc<Shared>, a: Attempt) {
         low_water,
         ..
     } = a;
+    let sh = Arc::clone(shared);
+    // Its clock (tests pause it) and its tasks are this runtime's.
+    let rt = tokio::runtime::Handle::current();
+    let done: OnDone = Box::new(move |result| {
+        let _rt = rt.enter();
+        on_result(&sh, id, attempt, server, result);
+    });
+    let Err((wire, _)) = shared.sink.send_then(server, id, low_water, wire, done) else {
+        return;
+    };
+    let sh = Arc::clone(shared);
     tokio::spawn(async move {
         let result = match tokio::time::timeout(
             sh.cfg.ack_timeout,

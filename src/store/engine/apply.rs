@@ -15,7 +15,8 @@
 //! the engine (the caller does, once, with the whole batch), never punches
 //! or deletes segment bytes (the caller does, once the batch is durable),
 //! and it must be called with commits serialized: it reads what earlier
-//! transactions left.
+//! transactions left, in the engine or still queued for the commit log
+//! (`log_queue.rs`).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -26,6 +27,7 @@ use slatedb::{Db, WriteBatch};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
 use super::keys::{self, tag};
+use super::log_queue::LogQueue;
 use super::map_engine_error;
 use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
@@ -60,6 +62,9 @@ struct Entry {
 /// The engine's state as seen by one transaction being built.
 pub struct TxnView<'a> {
     db: &'a Db,
+    /// Batches built before this one and not yet in the engine (the
+    /// commit log's queue): read before the engine.
+    queued: Option<&'a LogQueue>,
     entries: BTreeMap<Vec<u8>, Entry>,
     /// The volume's segments (`file://`); `None` keeps data inline.
     pub segments: Option<&'a Segments>,
@@ -97,9 +102,14 @@ fn record_bytes(key: &[u8], len: Option<usize>) -> i128 {
 }
 
 impl<'a> TxnView<'a> {
-    pub fn new(db: &'a Db, segments: Option<&'a Segments>) -> TxnView<'a> {
+    pub fn new(
+        db: &'a Db,
+        queued: Option<&'a LogQueue>,
+        segments: Option<&'a Segments>,
+    ) -> TxnView<'a> {
         TxnView {
             db,
+            queued,
             entries: BTreeMap::new(),
             segments,
             dead: BTreeMap::new(),
@@ -146,7 +156,7 @@ impl<'a> TxnView<'a> {
         if let Some(e) = self.entries.get(key) {
             return Ok(e.value.clone());
         }
-        let value = self.db.get(key).await.map_err(map_engine_error)?;
+        let value = self.base(key).await?;
         self.entries.insert(
             key.to_vec(),
             Entry {
@@ -158,6 +168,16 @@ impl<'a> TxnView<'a> {
         Ok(value)
     }
 
+    /// The value of `key` before this transaction: queued, else in the
+    /// engine. The queue is read first: a key leaves it only once the
+    /// engine has it.
+    async fn base(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        if let Some(v) = self.queued.and_then(|q| q.get(key)) {
+            return Ok(v);
+        }
+        self.db.get(key).await.map_err(map_engine_error)
+    }
+
     /// Set `key` to `value` (or delete it, for `None`) in this transaction.
     async fn set(&mut self, key: Vec<u8>, value: Option<Bytes>) -> Result<(), StoreError> {
         if let Some(e) = self.entries.get_mut(&key) {
@@ -166,7 +186,7 @@ impl<'a> TxnView<'a> {
             return Ok(());
         }
         let base_len = if counted(&key) {
-            let base = self.db.get(&key).await.map_err(map_engine_error)?;
+            let base = self.base(&key).await?;
             base.as_ref().map(Bytes::len)
         } else {
             None
@@ -195,6 +215,9 @@ impl<'a> TxnView<'a> {
         &mut self,
         range: Range<Vec<u8>>,
     ) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        // Before the scan: a key that leaves the queue meanwhile is in
+        // the engine by then.
+        let queued = self.queued.map(|q| q.range(&range)).unwrap_or_default();
         let mut found = BTreeMap::new();
         let mut iter = self
             .db
@@ -203,6 +226,12 @@ impl<'a> TxnView<'a> {
             .map_err(map_engine_error)?;
         while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
             found.insert(kv.key.to_vec(), kv.value);
+        }
+        for (key, value) in queued {
+            match value {
+                Some(v) => found.insert(key, v),
+                None => found.remove(&key),
+            };
         }
         for (key, e) in self.entries.range(range) {
             match &e.value {
@@ -229,8 +258,8 @@ impl<'a> TxnView<'a> {
                 e.value = None;
                 e.dirty = true;
             }
-            // Found by the scan and not in the overlay: it came from the
-            // engine, so it exists there.
+            // Found by the scan and not among this transaction's keys:
+            // it came from the queue or the engine, so it exists there.
             None => {
                 self.entries.insert(
                     key,

@@ -1,21 +1,24 @@
 //! The commit path: a transaction's bytes to segments (made durable there
 //! unless its commit-log record carries them), then its batch built under
-//! the commit lock, made durable in the commit log and handed to the
-//! engine (or, without the log, handed to the engine and waited for), then
-//! the segment space it freed handed to the reclaimer once no replay can
-//! write it again. See the module documentation of the engine for the
-//! order and why.
+//! the commit lock and queued for the commit log; a leader writes the
+//! queued batches as one record, durable with one `fdatasync`, and hands
+//! them to the engine (`log_queue.rs`). Without the log the batch is
+//! handed to the engine and waited for (`group.rs`). The segment space a
+//! commit freed goes to the reclaimer once no replay can write it again.
+//! See the module documentation of the engine for the order and why.
 //!
 //! This module owns that order. It never interprets POSIX semantics
 //! (`apply.rs` turns ops into records) and never decides what is live
 //! (`extent.rs` does).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use slatedb::{WriteBatch, WriteHandle};
 
 use super::apply::Puts;
 use super::log::{self, LogError};
+use super::log_queue::{self, Queued, Turn};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -27,15 +30,24 @@ use crate::store::{CommitOutcome, Op, StoreError, Txn, WriteData, BLOCK_SIZE};
 /// their segment before the record, so no byte is written twice.
 const LOG_INLINE_BYTES: u64 = 64 << 10;
 
+/// A group's record holds at most about this many payload bytes (unless
+/// its first commit alone is larger): a commit that queued behind a large
+/// group does not wait for an even larger one.
+const GROUP_BYTES_MAX: usize = 1 << 20;
+
 /// The outcome of building a commit's batch.
 enum Built {
-    /// The named transaction was applied before: nothing was written.
-    Duplicate,
-    /// The batch was written (`None`: it was empty).
+    /// The named transaction was applied before: nothing was written. It
+    /// may still be queued for the log, at most at this seq.
+    Duplicate(u64),
+    /// Without the log: the batch was written (`None`: it was empty).
     Batch(Option<WriteHandle>, Reclaim),
-    /// The batch is durable (in the commit log, or empty); what it freed
-    /// may be named by records up to this lsn.
-    Logged(u64, Reclaim),
+    /// The batch is queued for the commit log at this seq (or was empty:
+    /// the last seq queued before it).
+    Queued(u64),
+    /// The batch, too large for the log, is durable in the engine; what
+    /// it freed may be named by records up to this lsn.
+    Direct(u64, Reclaim),
 }
 
 impl SlateStore {
@@ -153,7 +165,7 @@ impl SlateStore {
         let mut appended: Vec<Placed> = placed.iter().flatten().copied().collect();
         let mut written = false;
         let built = self
-            .build(once, txn, placed, &writes, &mut appended, &mut written)
+            .build(once, txn, placed, writes, &mut appended, &mut written)
             .await;
         if written {
             if let Some(segs) = &self.segments {
@@ -165,19 +177,26 @@ impl SlateStore {
             self.abandon(&appended);
         }
         let (handle, reclaim) = match built? {
-            Built::Duplicate => {
+            Built::Duplicate(seq) => {
                 // The first copy may still be on its way to the medium:
-                // acknowledge the duplicate only once it has arrived. A
-                // logged copy is in the engine only once durable.
-                if self.checkpoint.is_none() {
-                    self.group
+                // acknowledge the duplicate only once it has arrived.
+                match &self.checkpoint {
+                    Some(cp) => self.await_logged(cp, seq).await?,
+                    None => self
+                        .group
                         .wait_all(&self.db)
                         .await
-                        .map_err(map_engine_error)?;
+                        .map_err(map_engine_error)?,
                 }
                 return Ok(CommitOutcome { duplicate: true });
             }
-            Built::Logged(lsn, reclaim) => {
+            Built::Queued(seq) => {
+                if let Some(cp) = &self.checkpoint {
+                    self.await_logged(cp, seq).await?;
+                }
+                return Ok(CommitOutcome { duplicate: false });
+            }
+            Built::Direct(lsn, reclaim) => {
                 if let Some(cp) = &self.checkpoint {
                     cp.hold(lsn, reclaim);
                 }
@@ -199,23 +218,25 @@ impl SlateStore {
         Ok(CommitOutcome { duplicate: false })
     }
 
-    /// Build the batch of `txn` and write it to the engine, serialized with
-    /// other commits. `written` is set once the batch has been handed to
-    /// the engine (from then on its appends are referenced).
+    /// Build the batch of `txn`, serialized with other commits, and queue
+    /// it for the commit log (or, without the log, write it to the
+    /// engine). `written` is set once the batch has been queued or handed
+    /// to the engine (from then on its appends are referenced).
     async fn build(
         &self,
         once: Option<(u64, u64)>,
         txn: Txn,
         placed: Vec<Option<Placed>>,
-        writes: &[(Placed, WriteData)],
+        writes: Vec<(Placed, WriteData)>,
         appended: &mut Vec<Placed>,
         written: &mut bool,
     ) -> Result<Built, StoreError> {
         let mut counters = self.commit_lock.lock().await;
-        let mut view = apply::TxnView::new(&self.db, self.segments.as_deref());
+        let queued = self.checkpoint.as_ref().map(|_| &self.log_queue);
+        let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
-                return Ok(Built::Duplicate);
+                return Ok(Built::Duplicate(self.log_queue.last_seq()));
             }
         }
         for (op, p) in txn.ops.into_iter().zip(placed) {
@@ -253,24 +274,30 @@ impl SlateStore {
                     .map_err(StoreError::Io)?;
             }
         }
-        let built = if puts.is_empty() {
-            match &self.checkpoint {
-                Some(cp) => Built::Logged(cp.log.next_lsn().saturating_sub(1), reclaim),
-                None => Built::Batch(None, reclaim),
+        let built = match &self.checkpoint {
+            // Nothing to log, but what this transaction saw may still be
+            // queued: it waits for everything queued before it.
+            Some(_) if puts.is_empty() && reclaim.is_empty() => {
+                Built::Queued(self.log_queue.last_seq())
             }
-        } else {
-            *written = true;
-            match &self.checkpoint {
-                Some(cp) => Built::Logged(self.log_commit(cp, puts, writes).await?, reclaim),
-                None => {
-                    let handle = self
-                        .db
-                        .write(apply::to_batch(&puts))
-                        .await
-                        .map_err(map_engine_error)?;
-                    self.group.written(&handle);
-                    Built::Batch(Some(handle), reclaim)
+            Some(cp) => {
+                *written = true;
+                if log_queue::payload_bytes(&puts, &writes) <= record_bytes_max(cp) {
+                    Built::Queued(self.log_queue.push(puts, writes, reclaim))
+                } else {
+                    Built::Direct(self.write_direct(cp, puts).await?, reclaim)
                 }
+            }
+            None if puts.is_empty() => Built::Batch(None, reclaim),
+            None => {
+                *written = true;
+                let handle = self
+                    .db
+                    .write(apply::to_batch(&puts))
+                    .await
+                    .map_err(map_engine_error)?;
+                self.group.written(&handle);
+                Built::Batch(Some(handle), reclaim)
             }
         };
         *counters = after;
@@ -281,48 +308,88 @@ impl SlateStore {
         Ok(built)
     }
 
-    /// Make `puts` durable through the commit log, with the bytes of
-    /// `writes`, then hand them to the engine (called under the commit
-    /// lock, so records and engine writes are in the same order); the
-    /// last lsn a record naming what it freed may have.
-    async fn log_commit(
-        &self,
-        cp: &Checkpoint,
-        mut puts: Puts,
-        writes: &[(Placed, WriteData)],
-    ) -> Result<u64, StoreError> {
+    /// Make `puts` (a batch too large for the ring) durable in the engine
+    /// before the acknowledgement, with every segment byte and every
+    /// queued batch before it; called under the commit lock so no later
+    /// record overtakes it. The last lsn a record naming what it freed may
+    /// have.
+    async fn write_direct(&self, cp: &Checkpoint, puts: Puts) -> Result<u64, StoreError> {
+        self.await_logged(cp, self.log_queue.last_seq()).await?;
+        if let Some(segs) = &self.segments {
+            segs.sync_all().map_err(StoreError::Io)?;
+        }
+        let handle = self
+            .db
+            .write(apply::to_batch(&puts))
+            .await
+            .map_err(map_engine_error)?;
+        self.group.written(&handle);
+        self.group
+            .wait(&self.db, &handle)
+            .await
+            .map_err(map_engine_error)?;
+        Ok(cp.log.next_lsn().saturating_sub(1))
+    }
+
+    /// Wait until the queued commit `seq` (and every one before it) is
+    /// durable in the commit log and in the engine, leading the groups
+    /// this takes when no one else is writing one.
+    pub(super) async fn await_logged(&self, cp: &Checkpoint, seq: u64) -> Result<(), StoreError> {
+        loop {
+            match self.log_queue.turn(seq, group_bytes_max(cp)).await {
+                Turn::Done(r) => return r,
+                Turn::Lead(group) => {
+                    let (first, last) = match (group.first(), group.last()) {
+                        (Some(f), Some(l)) => (f.seq, l.seq),
+                        _ => continue,
+                    };
+                    let r = self.log_group(cp, group).await;
+                    self.log_queue.finish(first, last, r.as_ref().map(|_| ()));
+                    if let Err(e) = r {
+                        if seq <= last {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write `group` (queued commits, in order) as one record of the
+    /// commit log, durable with one `fdatasync`, then hand its merged
+    /// batch to the engine and hold what the commits freed until the
+    /// tail passes the record.
+    async fn log_group(&self, cp: &Checkpoint, group: Vec<Queued>) -> Result<(), StoreError> {
         let log = &cp.log;
+        let mut merged = BTreeMap::new();
+        let mut writes = Vec::new();
+        let mut freed = Vec::with_capacity(group.len());
+        for q in group {
+            // Later commits' values win: the record is their union.
+            merged.extend(q.puts);
+            writes.extend(q.writes);
+            freed.push(q.reclaim);
+        }
+        if merged.is_empty() {
+            let lsn = log.next_lsn().saturating_sub(1);
+            for r in freed {
+                cp.hold(lsn, r);
+            }
+            return Ok(());
+        }
+        if log.half_full() {
+            cp.run().await?;
+        }
         let lsn = log.next_lsn();
-        puts.push((keys::log(), Some(recover::encode_lsn(lsn).into())));
+        merged.insert(keys::log(), Some(recover::encode_lsn(lsn).into()));
+        let puts: Puts = merged.into_iter().collect();
         let mut buf = log::encode_payload(
             &puts,
             writes
                 .iter()
                 .map(|(p, d)| (p.seg, p.seg_off, d.slices().collect())),
         );
-        if log::record_bytes(buf.len() - log::RECORD_HEADER) > log.record_max() {
-            // Too large for the ring: durable in the engine before the
-            // acknowledgement, with every segment byte before it, still
-            // under the commit lock so no later record overtakes it.
-            puts.pop();
-            if let Some(segs) = &self.segments {
-                segs.sync_all().map_err(StoreError::Io)?;
-            }
-            let handle = self
-                .db
-                .write(apply::to_batch(&puts))
-                .await
-                .map_err(map_engine_error)?;
-            self.group.written(&handle);
-            self.group
-                .wait(&self.db, &handle)
-                .await
-                .map_err(map_engine_error)?;
-            return Ok(lsn.saturating_sub(1));
-        }
-        if log.half_full() {
-            cp.run().await?;
-        }
+        self.log_queue.before_write();
         loop {
             match log.append(&mut buf) {
                 Ok(_) => break,
@@ -338,6 +405,25 @@ impl SlateStore {
             return Err(map_engine_error(e));
         }
         log.applied_all();
-        Ok(lsn)
+        for r in freed {
+            cp.hold(lsn, r);
+        }
+        Ok(())
     }
+}
+
+/// The most payload bytes of queued commits one record takes: what keeps
+/// it inside `CommitLog::record_max` (with room for the `log` key). A
+/// commit larger than that bypasses the log (`SlateStore::write_direct`).
+fn record_bytes_max(cp: &Checkpoint) -> usize {
+    let ring = cp.log.record_max() / log::PAGE * log::PAGE;
+    usize::try_from(ring)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(log::RECORD_HEADER + 64)
+}
+
+/// The most payload bytes a group's commits add up to, beyond its first:
+/// a commit larger than this goes in a record of its own.
+fn group_bytes_max(cp: &Checkpoint) -> usize {
+    record_bytes_max(cp).min(GROUP_BYTES_MAX)
 }

@@ -21,9 +21,10 @@
 //! of an earlier lap has a lower lsn, a torn one fails its crc, and a record
 //! left behind a torn one by an unacknowledged group fails the chain.
 //!
-//! The payload (see `encode_payload`) is the commit's engine batch as
-//! `(key, Option<value>)` pairs and the bytes of its small writes with
-//! their segment placements.
+//! The payload (see `encode_payload`) is an engine batch as `(key,
+//! Option<value>)` pairs and the bytes of small writes with their segment
+//! placements: those of one commit, or the union of a group of commits
+//! (`log_queue.rs`), which the record makes durable together.
 //!
 //! One writer at a time: the file is locked with `flock`. An opener (which
 //! has fenced the previous writer's engine already) that finds it locked
@@ -120,6 +121,8 @@ struct Ring {
     applied: Position,
     fenced: bool,
     failed: bool,
+    /// Records made durable by this instance (one `fdatasync` each).
+    synced: u64,
 }
 
 impl Ring {
@@ -310,6 +313,7 @@ impl CommitLog {
                 applied: head,
                 fenced: false,
                 failed: false,
+                synced: 0,
             }),
         });
         logs.retain(|_, w| w.strong_count() > 0);
@@ -393,6 +397,7 @@ impl CommitLog {
         })();
         match written {
             Ok(crc) => {
+                r.synced += 1;
                 r.head = Position {
                     off: at + taken,
                     lsn: lsn + 1,
@@ -405,6 +410,13 @@ impl CommitLog {
                 Err(LogError::Io(e))
             }
         }
+    }
+
+    /// How many records this instance wrote and synced (one `fdatasync`
+    /// each).
+    #[cfg(test)]
+    pub fn synced(&self) -> u64 {
+        lock(&self.ring).synced
     }
 
     /// Refuse every later append: what was logged and what the engine

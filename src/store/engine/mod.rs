@@ -11,9 +11,10 @@
 //!
 //! On `file://` a commit is durable once its record is in the commit log
 //! (`log.rs`): its batch and the bytes of its small writes, one `pwrite`
-//! and one `fdatasync` of a preallocated file. Only then does the batch go
-//! to SlateDB's memtable, whose WAL follows on its timer; larger writes
-//! are synced in their segment before the record. Opening replays the log
+//! and one `fdatasync` of a preallocated file, shared by the commits that
+//! queued while the record before was written (`log_queue.rs`). Only then
+//! does the batch go to SlateDB's memtable, whose WAL follows on its
+//! timer; larger writes are synced in their segment before the record. Opening replays the log
 //! and checkpoints move its tail (`recover.rs`). On `s3://` (and with
 //! `log=off`) the batch goes to SlateDB once the segment bytes are
 //! durable, and commits wait for its WAL together, sharing flushes
@@ -49,6 +50,7 @@ pub(crate) mod fuzz;
 mod group;
 mod keys;
 mod log;
+mod log_queue;
 mod log_record;
 mod open;
 mod orphans;
@@ -66,6 +68,8 @@ mod test_writes;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
 #[cfg(test)]
@@ -201,6 +205,9 @@ pub struct SlateStore {
     /// The commit log and its checkpoints (`file://` only): commits are
     /// durable once logged.
     checkpoint: Option<Arc<recover::Checkpoint>>,
+    /// Batches built and waiting for their commit-log record (`file://`
+    /// with the log only).
+    log_queue: log_queue::LogQueue,
     /// Pins on segment ranges handed out by reads (`pins.rs`): the
     /// reclaimer defers punching while one lives.
     pins: Arc<pins::Pins>,
@@ -337,6 +344,11 @@ impl SlateStore {
         self.check_writable()?;
         loop {
             let serial = self.commit_lock.lock().await;
+            // This writes to the engine directly: every batch built before
+            // it goes first, as the log's records are in engine order.
+            if let Some(cp) = &self.checkpoint {
+                self.await_logged(cp, self.log_queue.last_seq()).await?;
+            }
             let doomed = self
                 .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
                 .await?;

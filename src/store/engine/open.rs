@@ -120,6 +120,7 @@ impl SlateStore {
             db,
             reclaimer,
             checkpoint,
+            log_queue: Default::default(),
             segments,
             reclaim,
             pins,

@@ -19,30 +19,30 @@ use crate::store::{OnceStore, Store, Txn};
 
 /// Checkpoints only when the ring is half full; the WAL flushed on its
 /// own only after 10 minutes.
-const NO_CHECKPOINTS: &str = "?checkpoint_ms=0&flush_interval_ms=600000";
+pub(super) const NO_CHECKPOINTS: &str = "?checkpoint_ms=0&flush_interval_ms=600000";
 
 fn url(dir: &tempfile::TempDir, opts: &str) -> String {
     format!("file://{}/vol{opts}", dir.path().display())
 }
 
-fn vol(dir: &tempfile::TempDir) -> PathBuf {
+pub(super) fn vol(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("vol")
 }
 
-fn open(dir: &tempfile::TempDir, opts: &str) -> SlateStore {
+pub(super) fn open(dir: &tempfile::TempDir, opts: &str) -> SlateStore {
     let s = SlateStore::open(&url(dir, opts)).expect("open volume");
     s.reserve_ids(1000).unwrap();
     s
 }
 
-fn check(dir: &tempfile::TempDir) -> Report {
+pub(super) fn check(dir: &tempfile::TempDir) -> Report {
     let reader = VolumeReader::open(&url(dir, "")).unwrap();
     check_volume(&reader).unwrap()
 }
 
 /// What a power cut does to bytes written but never synced: every
 /// segment file keeps its length and loses its contents.
-fn lose_segment_bytes(dir: &tempfile::TempDir) {
+pub(super) fn lose_segment_bytes(dir: &tempfile::TempDir) {
     let files = SegmentFiles::of_volume(&vol(dir));
     for (id, len) in files.list().unwrap() {
         let path = vol(dir)
@@ -53,7 +53,7 @@ fn lose_segment_bytes(dir: &tempfile::TempDir) {
     }
 }
 
-fn body(n: u64) -> Vec<u8> {
+pub(super) fn body(n: u64) -> Vec<u8> {
     (0..4096u64).map(|i| (i * 7 + n) as u8).collect()
 }
 
