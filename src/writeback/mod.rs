@@ -63,7 +63,8 @@
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, syncfs) and closing (flush);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
-//! * `cache.rs`: the tagged pages;
+//! * `cache.rs`: the tagged pages; `partial.rs`: the bytes a page written
+//!   in part holds, where the store has the rest;
 //! * `budget.rs`: how `--cache-size` is split between pages, metadata
 //!   caches and the embedded engine.
 //!
@@ -89,7 +90,10 @@ mod jam_tests;
 mod metadata_tests;
 #[cfg(test)]
 mod no_space_tests;
+#[cfg(test)]
+mod offline_tests;
 mod overlay;
+mod partial;
 mod queue;
 mod reads;
 mod sender;

@@ -200,7 +200,7 @@ impl State {
 pub(super) struct Holes {
     by_inode: HashMap<u64, Vec<Hole>>,
     /// Bumped whenever a range retires: a store read that started before
-    /// may predate the cut and must not be kept (`load_pages`).
+    /// may predate the cut and must not be kept (`read_store`).
     pub(super) retired: u64,
 }
 

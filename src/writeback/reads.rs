@@ -126,16 +126,31 @@ impl Store for WritebackStore {
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
-                    let (fetched, mut st) = loop {
+                    let (mut fetched, mut st) = loop {
                         if let Some(got) = sh.read_store(ino, base, n)? {
                             break got;
                         }
                     };
+                    // Pages written in part since (`partial.rs`): their
+                    // bytes over the store's, and kept whole.
+                    let partial = pages.clone().any(|i| st.cache.is_partial(ino, i));
+                    if partial {
+                        let mut bytes = fetched.to_vec().map_err(StoreError::Io)?;
+                        // Past the end of the file the store has zeros.
+                        bytes.resize(n, 0);
+                        for (i, idx) in pages.clone().enumerate() {
+                            let at = i * PAGE_SIZE as usize;
+                            if let Some(page) = bytes.get_mut(at..at + PAGE_SIZE as usize) {
+                                st.cache.copy_known(ino, idx, page);
+                            }
+                        }
+                        fetched = ReadData::from(bytes);
+                    }
                     // Bytes in memory (remote and `mem:` stores) are kept
                     // as clean pages. Segment ranges are not: the host page
                     // cache keeps them hot, and copying them in would cost
                     // a copy per cold read.
-                    if !fetched.has_file_pieces() {
+                    if partial || !fetched.has_file_pieces() {
                         sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
                     }
                     drop(st);
