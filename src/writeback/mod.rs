@@ -63,6 +63,7 @@
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, syncfs) and closing (flush);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
+//!   `names.rs`: directory entries known without the store;
 //! * `cache.rs`: the tagged pages; `partial.rs`: the bytes a page written
 //!   in part holds, where the store has the rest;
 //! * `budget.rs`: how `--cache-size` is split between pages, metadata
@@ -88,6 +89,7 @@ mod differential_tests;
 mod jam_tests;
 #[cfg(test)]
 mod metadata_tests;
+mod names;
 #[cfg(test)]
 mod no_space_tests;
 #[cfg(test)]
@@ -119,6 +121,7 @@ use ack::{lock, StateLock};
 use budget::MetaShares;
 pub use budget::{CacheUsage, MemoryBudget};
 use cache::PageCache;
+use names::KnownNames;
 use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;
@@ -264,6 +267,9 @@ struct State {
     /// trip: ids come from `reserve_ids` and are never reused, so such a
     /// directory holds exactly the entries put through here.
     complete_dirs: CompleteDirs,
+    /// Entries of other directories known without the store (see
+    /// `KnownNames`).
+    known_names: KnownNames,
     /// How the metadata caches split `meta_cache_bytes`.
     meta_shares: MetaShares,
     /// Page bytes dropped for forgotten inodes since the allocator last
@@ -407,6 +413,7 @@ impl WritebackStore {
                 holes: Holes::default(),
                 known_xattrs: KnownXattrs::new(meta_shares.xattrs),
                 complete_dirs: CompleteDirs::new(meta_shares.dirs),
+                known_names: KnownNames::new(meta_shares.names),
                 meta_shares,
                 freed_since_trim: 0,
             }),

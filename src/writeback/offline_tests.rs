@@ -1,6 +1,6 @@
 //! The guest does not wait for the network: with the store unreachable
-//! (every read refused, every ack held at the sink's latch), writes
-//! through a handle opened before — to part of a page the daemon never
+//! (every read refused, every ack held at the sink's latch), lookups of
+//! names the daemon saw, writes through a handle opened before — to part of a page the daemon never
 //! read, a whole page, an append to a page the store holds in part — and
 //! the create of a file in a directory of this session all return, with no
 //! store read; a sync waits. Once the store is back, a read merges the
@@ -182,8 +182,15 @@ fn writes_return_without_the_store_and_only_sync_waits() {
         .unwrap()
         .inode;
 
+    // Everything so far acknowledged: nothing is left in the overlay.
+    wb.sync(None).unwrap();
+
     sink.gate.close();
     reads.offline.store(true, Ordering::SeqCst);
+    // The guest revalidates the names it looked up and made.
+    assert_eq!(fs.lookup(&ctx, ROOT_INO, &name).unwrap().inode, ino);
+    let d = CString::new("d").unwrap();
+    assert_eq!(fs.lookup(&ctx, ROOT_INO, &d).unwrap().inode, dir);
     let mut model = old_bytes();
     // Part of page 1, which the daemon never read.
     write(&fs, ino, h, 5000, &[0xaa; 100]);

@@ -53,7 +53,7 @@ impl Store for WritebackStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        {
+        let generation = {
             let st = lock(&self.shared.state);
             if let Some((d, _)) = st.dirents.get(&parent).and_then(|m| m.get(name)) {
                 return Ok(d.clone());
@@ -61,8 +61,16 @@ impl Store for WritebackStore {
             if let Some(known) = st.complete_dirs.lookup(parent, name) {
                 return Ok(known);
             }
-        }
-        self.shared.store.lookup(parent, name)
+            if let Some(known) = st.known_names.get(parent, name) {
+                return Ok(known);
+            }
+            st.known_names.generation
+        };
+        let entry = self.shared.store.lookup(parent, name)?;
+        lock(&self.shared.state)
+            .known_names
+            .remember(generation, parent, name, &entry);
+        Ok(entry)
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
