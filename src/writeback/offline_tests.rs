@@ -267,3 +267,46 @@ fn partial_pages_hold_the_bytes_written_until_merged_or_acked() {
     c.truncate(1, 4 * PAGE_SIZE + 100);
     assert!(!c.is_partial(1, 4));
 }
+
+/// Data in flight counts against `dirty_max_bytes` until its ack, and so
+/// do the copies a write makes of its pinned pages (`cow`): with acks held
+/// at the latch, a write past the bound waits, and goes on at the ack.
+#[test]
+fn in_flight_pages_and_their_copies_count_toward_dirty_max() {
+    let (wb, sink, store, m) = super::testkit::held_layer(OverwritePolicy::Cow, 71);
+    let wb = Arc::new(wb);
+    let dirty_max = cfg(OverwritePolicy::Cow).dirty_max_bytes;
+    // A quarter of the bound: as much as may be in flight at once.
+    let sent = dirty_max / 4;
+    super::testkit::create(&*wb, 20);
+    super::testkit::create(&*wb, 21);
+    wb.sync(None).unwrap();
+    sink.gate.close();
+    super::testkit::write(&*wb, 20, 0, &vec![1; sent as usize], sent);
+    eventually("every transaction of the write in flight", || {
+        m.levels.in_flight_txns.get() > 0 && wb.unacked() == m.levels.in_flight_txns.get() as usize
+    });
+    // The same bytes again: new buffers, the pinned ones stay in flight.
+    super::testkit::write(&*wb, 20, 0, &vec![2; sent as usize], sent);
+    assert_eq!(m.overwrite_copies.get(), sent / PAGE_SIZE);
+    assert_eq!(m.levels.dirty_bytes.get(), 2 * sent, "both copies count");
+    // Fill the bound exactly; one page more waits for an ack.
+    let rest = dirty_max - 2 * sent;
+    super::testkit::write(&*wb, 21, 0, &vec![3; rest as usize], rest);
+    assert_eq!(m.backpressure_waits.get(), 0);
+    let over = {
+        let wb = Arc::clone(&wb);
+        std::thread::spawn(move || {
+            super::testkit::write(&*wb, 21, rest, &[4; PAGE], rest + PAGE_SIZE)
+        })
+    };
+    eventually("the write past the bound to wait", || {
+        m.backpressure_waits.get() >= 1
+    });
+    assert!(!over.is_finished(), "a write went past --dirty-max");
+    sink.gate.open();
+    over.join().unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(content(&*store, 20), vec![2; sent as usize]);
+    assert_eq!(m.levels.dirty_bytes.get(), 0);
+}
