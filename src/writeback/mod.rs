@@ -57,7 +57,8 @@
 //! # Layout
 //! * `mod.rs`: settings, the layer's state, opening and shutting down;
 //! * `reads.rs`: the layer as a [`Store`]: reads through the cache and the
-//!   overlay (answered by reference), the rest handed on;
+//!   overlay (answered by reference), the rest handed on; `ahead.rs`:
+//!   parallel read-ahead where every store read is a round trip;
 //! * `write.rs`: the write path (pages and their tags) and the metadata path;
 //! * `queue.rs`: unacknowledged transactions in their per-inode order;
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
@@ -73,6 +74,9 @@
 //! implement: imports point one way, from here to the store.
 
 mod ack;
+mod ahead;
+#[cfg(test)]
+mod ahead_tests;
 mod budget;
 mod cache;
 #[cfg(test)]
@@ -246,6 +250,8 @@ struct State {
     full: bool,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
+    /// Read-ahead chunks in flight (remote stores).
+    ahead: ahead::Ahead,
     shutdown: bool,
     /// The server that acknowledged last: new transactions start there, so
     /// after a failover they do not knock on a dead server first.
@@ -405,6 +411,7 @@ impl WritebackStore {
                 no_space: HashSet::new(),
                 full: false,
                 last_read_end: HashMap::new(),
+                ahead: ahead::Ahead::default(),
                 shutdown: false,
                 preferred_server: 0,
                 dirents: HashMap::new(),

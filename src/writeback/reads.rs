@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::ack::lock;
+use super::ahead::AHEAD_WINDOW_MIN_BYTES;
 use super::budget::{release_free_memory, TRIM_AFTER_FREED_BYTES};
 use super::cache::PAGE_SIZE;
 use super::{Shared, State, WritebackStore};
@@ -116,6 +117,8 @@ impl Store for WritebackStore {
         }
         let end = offset + len as u64;
         let (first, last) = (offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+        // Pages a read-ahead chunk is fetching: wait for it, not the store.
+        sh.wait_for_ahead(ino, first..last + 1)?;
         let plan = sh.plan_read(ino, offset, end);
         sh.metrics
             .cache_hits
@@ -167,13 +170,18 @@ impl Store for WritebackStore {
                 }
             }
         }
-        // A sequential reader: the store starts reading what comes next in
-        // the background (segment files: `posix_fadvise(WILLNEED)`; remote
-        // stores: nothing). Never a data read inside this READ.
+        // A sequential reader: what comes next is read in the background
+        // (segment files: the store's `posix_fadvise(WILLNEED)`; where every
+        // read is a round trip: chunks fetched in parallel, `ahead.rs`).
+        // Never a data read inside this READ.
         if let Some(a) = plan.read_ahead {
             sh.metrics.read_ahead.add(1);
-            sh.store
-                .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
+            if sh.cfg.forget_clean_pages {
+                sh.store
+                    .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
+            } else {
+                Shared::fetch_ahead(sh, ino, a, plan.read_ahead_to_eof);
+            }
         }
         Ok(out)
     }
@@ -340,6 +348,8 @@ struct ReadPlan {
     missing_pages: u64,
     /// Pages to load into the cache after the read, for a sequential reader.
     read_ahead: Option<std::ops::Range<u64>>,
+    /// The read-ahead ends at the end of the file.
+    read_ahead_to_eof: bool,
 }
 
 impl Shared {
@@ -382,17 +392,27 @@ impl Shared {
             pos = page_end;
         }
         // A sequential reader that missed gets the pages after its read
-        // loaded into the cache, up to the file's size.
+        // advised to the store, up to the file's size; where every read is a
+        // round trip (clean pages kept), one that did not miss too, and a
+        // window of at least `AHEAD_WINDOW_MIN_BYTES` is fetched, so that it
+        // keeps running ahead of the reader.
         let next = end.div_ceil(PAGE_SIZE);
         let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
-        let ahead_end = (next + self.cfg.read_ahead_bytes / PAGE_SIZE).min(limit);
-        let read_ahead = (sequential && missing_pages > 0 && ahead_end > next)
+        let remote = !self.cfg.forget_clean_pages;
+        let window = if remote {
+            self.cfg.read_ahead_bytes.max(AHEAD_WINDOW_MIN_BYTES)
+        } else {
+            self.cfg.read_ahead_bytes
+        };
+        let ahead_end = (next + window / PAGE_SIZE).min(limit);
+        let read_ahead = (sequential && (missing_pages > 0 || remote) && ahead_end > next)
             .then_some(next..ahead_end)
             .filter(|r| !(r.start..r.end).all(|i| st.cache.contains(ino, i)));
         ReadPlan {
             segs,
             missing_pages,
             read_ahead,
+            read_ahead_to_eof: ahead_end == limit,
         }
     }
 }
