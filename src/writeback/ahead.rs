@@ -134,8 +134,12 @@ impl Shared {
         // Done in the same hold of the lock that keeps the pages: a reader
         // waiting for the chunk finds them.
         let kept = match self.read_store(ino, base, n) {
-            Ok(Some((fetched, mut st))) => {
-                let kept = self.keep_fetched(&mut st, ino, pages.start, &fetched);
+            Ok(Some((fetched, mut st, keep))) => {
+                let kept = if keep {
+                    self.keep_fetched(&mut st, ino, pages.start, &fetched)
+                } else {
+                    Ok(())
+                };
                 st.ahead.done(ino, &pages);
                 kept
             }

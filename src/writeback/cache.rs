@@ -15,8 +15,12 @@
 //! A page a write covered only in part, where the store has older bytes
 //! the daemon never read, holds only the bytes written ([`Known`],
 //! `partial.rs`): it is no answer to a read until the store's bytes are
-//! merged in ([`PageCache::insert_clean`]), and it leaves the cache with
-//! its last tag (the store has its bytes then).
+//! merged in ([`PageCache::insert_clean`]); clean, it stays partial (the
+//! store has the rest) until a read merges it or it is evicted.
+//!
+//! It counts acks per bucket of inodes ([`PageCache::acks_of`]): a store
+//! read that an ack of the same inode's pages overtook may predate it, and
+//! its bytes are not kept.
 //!
 //! It never talks to the store and never blocks: the transaction layer
 //! holds it under its lock.
@@ -94,7 +98,12 @@ pub struct PageCache {
     clock: u64,
     count: u64,
     max_pages: u64,
+    /// Acks of pages, per bucket of inodes.
+    acks: [u64; ACK_BUCKETS],
 }
+
+/// Buckets of inodes whose page acks are counted apart.
+const ACK_BUCKETS: usize = 64;
 
 fn zero_page() -> Bytes {
     Bytes::from(vec![0u8; PAGE_SIZE as usize])
@@ -108,6 +117,7 @@ impl PageCache {
             clock: 0,
             count: 0,
             max_pages: (max_bytes / PAGE_SIZE).max(16),
+            acks: [0; ACK_BUCKETS],
         }
     }
 
@@ -118,6 +128,12 @@ impl PageCache {
 
     pub fn contains(&self, ino: u64, idx: u64) -> bool {
         self.pages.get(&ino).is_some_and(|p| p.contains_key(&idx))
+    }
+
+    /// Acks of pages of `ino` (and of the other inodes of its bucket) so
+    /// far: a store read during which it changed may predate an ack.
+    pub fn acks_of(&self, ino: u64) -> u64 {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize]
     }
 
     /// True when the page holds only some of its bytes (the rest are the
@@ -296,9 +312,9 @@ impl PageCache {
 
     /// Remove `txn`'s tag from a page: its ack arrived. False when the
     /// page is cached without that tag (a page dropped since, by a truncate
-    /// or a removal, has nothing to untag). A partial page leaves with its
-    /// last tag: the store has its bytes, and a read would fetch them anyway.
+    /// or a removal, has nothing to untag).
     pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
         let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
             return true;
         };
@@ -308,9 +324,7 @@ impl PageCache {
             page.pinned_by = None;
         }
         let (tagged, clean) = (before == page.tags.len() + 1, page.tags.is_empty());
-        if clean && page.known.is_some() {
-            self.drop_page(ino, idx);
-        } else if clean {
+        if clean {
             self.touch(ino, idx);
         }
         tagged
@@ -320,6 +334,7 @@ impl PageCache {
     /// no other transaction carries leaves the cache, since it holds bytes
     /// the store does not have. False as for [`PageCache::untag`].
     pub fn discard(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
         let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
             return true;
         };

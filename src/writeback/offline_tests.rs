@@ -233,7 +233,7 @@ fn writes_return_without_the_store_and_only_sync_waits() {
 }
 
 #[test]
-fn partial_pages_hold_the_bytes_written_until_merged_or_acked() {
+fn partial_pages_hold_the_bytes_written_until_merged() {
     let mut c = PageCache::new(1 << 20);
     assert!(c.write_over_store(1, 0, 10, b"abc", 7));
     assert!(c.is_partial(1, 0));
@@ -251,11 +251,13 @@ fn partial_pages_hold_the_bytes_written_until_merged_or_acked() {
     assert_eq!(&page[20..23], b"de\x01");
     assert!(c.untag(1, 0, 7));
     assert!(c.contains(1, 0), "a whole page stays, clean");
-    // A partial page leaves with its last tag; a whole-page write, or
-    // writes that cover it, make it whole.
+    // Clean, a partial page stays partial; a whole-page write, or writes
+    // that cover it, make it whole.
+    let acks = c.acks_of(1);
     c.write_over_store(1, 1, 0, b"x", 8);
     assert!(c.untag(1, 1, 8));
-    assert!(!c.contains(1, 1));
+    assert!(c.is_partial(1, 1) && c.page(1, 1).is_none());
+    assert!(c.acks_of(1) > acks, "acks are counted");
     c.write_over_store(1, 2, 0, &[2; PAGE / 2], 9);
     c.write_over_store(1, 2, PAGE / 2, &[3; PAGE / 2], 9);
     assert!(!c.is_partial(1, 2));

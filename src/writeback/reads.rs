@@ -22,29 +22,36 @@ use crate::store::{
 impl Shared {
     /// Read `len` bytes at `offset` of `ino` from the store, with the ranges
     /// cut by unacknowledged truncates and punched holes zeroed; returns
-    /// them with the state, locked. `None` when a cut retired during the
-    /// read: the store may have applied it after the read, so the bytes may
-    /// predate it (the caller reads again, or does not keep them).
+    /// them with the state, locked, and whether they may be kept (no ack of
+    /// the inode's pages overtook the read: the bytes may predate it, and a
+    /// reader may answer with them but not keep them). `None` when a cut
+    /// retired during the read: the store may have applied it after the
+    /// read, so the bytes may predate it (the caller reads again, or does not
+    /// keep them).
     pub(super) fn read_store(
         &self,
         ino: u64,
         offset: u64,
         len: usize,
-    ) -> Result<Option<(ReadData, MutexGuard<'_, State>)>, StoreError> {
-        let retired = lock(&self.state).holes.retired;
+    ) -> Result<Option<(ReadData, MutexGuard<'_, State>, bool)>, StoreError> {
+        let (retired, acks) = {
+            let st = lock(&self.state);
+            (st.holes.retired, st.cache.acks_of(ino))
+        };
         let data = self.store.read_data(ino, offset, len)?;
         let st = lock(&self.state);
         if st.holes.retired != retired {
             return Ok(None);
         }
+        let keep = st.cache.acks_of(ino) == acks;
         if !st.holes.touches(ino, offset, len) {
-            return Ok(Some((data, st)));
+            return Ok(Some((data, st, keep)));
         }
         // Rare (a truncate or punch not yet acknowledged): the bytes are
         // read into a buffer to zero the cut ranges.
         let mut bytes = data.to_vec().map_err(StoreError::Io)?;
         st.holes.zero(ino, offset, &mut bytes);
-        Ok(Some((ReadData::from(bytes), st)))
+        Ok(Some((ReadData::from(bytes), st, keep)))
     }
 }
 
@@ -137,7 +144,7 @@ impl Store for WritebackStore {
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
-                    let (mut fetched, mut st) = loop {
+                    let (mut fetched, mut st, keep) = loop {
                         if let Some(got) = sh.read_store(ino, base, n)? {
                             break got;
                         }
@@ -161,7 +168,7 @@ impl Store for WritebackStore {
                     // as clean pages. Segment ranges are not: the host page
                     // cache keeps them hot, and copying them in would cost
                     // a copy per cold read.
-                    if partial || !fetched.has_file_pieces() {
+                    if keep && (partial || !fetched.has_file_pieces()) {
                         sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
                     }
                     drop(st);
@@ -407,7 +414,8 @@ impl Shared {
         let ahead_end = (next + window / PAGE_SIZE).min(limit);
         let read_ahead = (sequential && (missing_pages > 0 || remote) && ahead_end > next)
             .then_some(next..ahead_end)
-            .filter(|r| !(r.start..r.end).all(|i| st.cache.contains(ino, i)));
+            // From the end: a window the reader moves into lacks its tail.
+            .filter(|r| !(r.start..r.end).rev().all(|i| st.cache.contains(ino, i)));
         ReadPlan {
             segs,
             missing_pages,
