@@ -12,6 +12,7 @@
 //! - [`failover`]: a store server restarted under a guest's fsyncs;
 //! - [`crash`]: power cuts and SIGKILLs around fsynced and dirty files, torture across restarts;
 //! - [`space`]: a full volume answers ENOSPC;
+//! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -37,6 +38,7 @@ mod durability;
 mod failover;
 mod files;
 mod harness;
+mod offline;
 mod persistence;
 mod posix;
 mod space;
@@ -99,5 +101,6 @@ mod pohmelfs_only {
         crash::crash_store_server_kill9,
         crash::crash_torture_across_restarts,
         space::full_volume_says_enospc,
+        offline::writes_return_while_store_paused,
     );
 }

@@ -91,6 +91,12 @@ impl PohmelFs {
         check_access(ctx, &inode, mask)?;
         if writes && flags & libc::O_TRUNC as u32 != 0 && inode.kind == FileKind::Regular {
             self.truncate(ino, 0, fuse_flags & FOPEN_IN_KILL_SUIDGID != 0)?;
+        } else if writes {
+            // Every write drops `security.capability` (`drop_capability`):
+            // ask now whether there is one, so that the transaction layer
+            // remembers the answer and the writes need no store round trip
+            // (an open waits for the store anyway; a write must not).
+            self.store.get_xattr(ino, CAPABILITY_XATTR)?;
         }
         lock(&self.handles).insert(OpenFile {
             ino,

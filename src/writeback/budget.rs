@@ -62,13 +62,15 @@ impl MemoryBudget {
     }
 }
 
-/// The metadata caches' share split between them: half for inode
+/// The metadata caches' share split between them: three eighths for inode
 /// attributes, a quarter for the names of directories created in this
-/// session, an eighth each for extended attributes and read positions.
+/// session, an eighth each for other known names, extended attributes and
+/// read positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct MetaShares {
     pub(super) attrs: u64,
     pub(super) dirs: u64,
+    pub(super) names: u64,
     pub(super) xattrs: u64,
     pub(super) reads: u64,
 }
@@ -76,8 +78,9 @@ pub(super) struct MetaShares {
 impl MetaShares {
     pub(super) fn of(meta_bytes: u64) -> MetaShares {
         MetaShares {
-            attrs: meta_bytes / 2,
+            attrs: meta_bytes / 8 * 3,
             dirs: meta_bytes / 4,
+            names: meta_bytes / 8,
             xattrs: meta_bytes / 8,
             reads: meta_bytes / 8,
         }

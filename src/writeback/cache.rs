@@ -12,6 +12,16 @@
 //! place, whether a sent transaction or a read holds it; only a sent
 //! transaction's hold counts as pinned for the overwrite policy.
 //!
+//! A page a write covered only in part, where the store has older bytes
+//! the daemon never read, holds only the bytes written ([`Known`],
+//! `partial.rs`): it is no answer to a read until the store's bytes are
+//! merged in ([`PageCache::insert_clean`]); clean, it stays partial (the
+//! store has the rest) until a read merges it or it is evicted.
+//!
+//! It counts acks per bucket of inodes ([`PageCache::acks_of`]): a store
+//! read that an ack of the same inode's pages overtook may predate it, and
+//! its bytes are not kept.
+//!
 //! It never talks to the store and never blocks: the transaction layer
 //! holds it under its lock.
 
@@ -19,13 +29,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::{Bytes, BytesMut};
 
+use super::partial::Known;
 use crate::store::WriteData;
 
 /// Bytes per page.
 pub use crate::store::PAGE_SIZE;
 
-/// A page buffer pinned by a sent transaction: (inode, page index, buffer).
-pub type Pinned = (u64, u64, Bytes);
+/// A page buffer pinned by a sent transaction: (inode, page index, buffer,
+/// the ranges it holds when only some: only those are sent).
+pub type Pinned = (u64, u64, Bytes, Option<Known>);
 
 struct Page {
     buf: Bytes,
@@ -36,6 +48,8 @@ struct Page {
     /// The sent transaction that holds this buffer, until its ack or
     /// until the page gets a buffer of its own.
     pinned_by: Option<u64>,
+    /// The bytes the page holds when not all: the rest are the store's.
+    known: Option<Known>,
 }
 
 impl Page {
@@ -46,6 +60,17 @@ impl Page {
             tags: Vec::new(),
             stamp: None,
             pinned_by: None,
+            known: None,
+        }
+    }
+
+    /// `range` of the page now holds the newest bytes.
+    fn learn(&mut self, range: std::ops::Range<usize>) {
+        if let Some(k) = &mut self.known {
+            k.add(range);
+            if k.is_whole() {
+                self.known = None;
+            }
         }
     }
 
@@ -73,7 +98,12 @@ pub struct PageCache {
     clock: u64,
     count: u64,
     max_pages: u64,
+    /// Acks of pages, per bucket of inodes.
+    acks: [u64; ACK_BUCKETS],
 }
+
+/// Buckets of inodes whose page acks are counted apart.
+const ACK_BUCKETS: usize = 64;
 
 fn zero_page() -> Bytes {
     Bytes::from(vec![0u8; PAGE_SIZE as usize])
@@ -87,6 +117,7 @@ impl PageCache {
             clock: 0,
             count: 0,
             max_pages: (max_bytes / PAGE_SIZE).max(16),
+            acks: [0; ACK_BUCKETS],
         }
     }
 
@@ -97,6 +128,31 @@ impl PageCache {
 
     pub fn contains(&self, ino: u64, idx: u64) -> bool {
         self.pages.get(&ino).is_some_and(|p| p.contains_key(&idx))
+    }
+
+    /// Acks of pages of `ino` (and of the other inodes of its bucket) so
+    /// far: a store read during which it changed may predate an ack.
+    pub fn acks_of(&self, ino: u64) -> u64 {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize]
+    }
+
+    /// True when the page holds only some of its bytes (the rest are the
+    /// store's).
+    pub fn is_partial(&self, ino: u64, idx: u64) -> bool {
+        self.pages
+            .get(&ino)
+            .and_then(|p| p.get(&idx))
+            .is_some_and(|p| p.known.is_some())
+    }
+
+    /// Copy the bytes a partial page holds over `out`, the store's bytes of
+    /// the same page; a whole or absent page leaves `out` alone.
+    pub fn copy_known(&self, ino: u64, idx: u64, out: &mut [u8]) {
+        if let Some(page) = self.pages.get(&ino).and_then(|p| p.get(&idx)) {
+            if let Some(k) = &page.known {
+                k.copy_over(&page.buf, out);
+            }
+        }
     }
 
     /// True when a sent transaction holds this page's buffer.
@@ -146,12 +202,32 @@ impl PageCache {
         }
     }
 
-    /// Write `data` at `offset` in page `idx` and tag it with `txn`.
-    /// Returns true when the page was not tagged with `txn` before.
+    /// Write `data` at `offset` in page `idx` and tag it with `txn`; an
+    /// absent page starts as zeros. Returns true when the page was not
+    /// tagged with `txn` before.
     pub fn write(&mut self, ino: u64, idx: u64, offset: usize, data: &[u8], txn: u64) -> bool {
-        self.page_mut(ino, idx)
-            .modify(|b| b[offset..offset + data.len()].copy_from_slice(data));
+        let page = self.page_mut(ino, idx);
+        page.modify(|b| b[offset..offset + data.len()].copy_from_slice(data));
+        page.learn(offset..offset + data.len());
         self.tag(ino, idx, txn)
+    }
+
+    /// As [`PageCache::write`], where the store may hold older bytes of
+    /// the page: an absent page holds only `data` (partial), and no store
+    /// read is needed.
+    pub fn write_over_store(
+        &mut self,
+        ino: u64,
+        idx: u64,
+        offset: usize,
+        data: &[u8],
+        txn: u64,
+    ) -> bool {
+        let range = offset..offset + data.len();
+        if !self.contains(ino, idx) && range != (0..PAGE_SIZE as usize) {
+            self.page_mut(ino, idx).known = Some(Known::new(range.clone()));
+        }
+        self.write(ino, idx, offset, data, txn)
     }
 
     /// Make `buf` (a whole page) page `idx`'s buffer and tag it with
@@ -163,13 +239,22 @@ impl PageCache {
         let page = self.page_mut(ino, idx);
         page.buf = buf;
         page.pinned_by = None;
+        page.known = None;
         self.tag(ino, idx, txn)
     }
 
     /// Insert a clean page read from the store, unless one is there already
-    /// (a newer write wins over what the store had).
+    /// (a newer write wins over what the store had); a partial page takes
+    /// the bytes it lacks from `buf` and is whole from then on.
     pub fn insert_clean(&mut self, ino: u64, idx: u64, buf: Bytes) {
-        if self.contains(ino, idx) {
+        if let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) {
+            if let Some(k) = page.known.take() {
+                page.modify(|b| {
+                    let mut merged = buf.to_vec();
+                    k.copy_over(b, &mut merged);
+                    b.copy_from_slice(&merged);
+                });
+            }
             self.touch(ino, idx);
             return;
         }
@@ -182,11 +267,13 @@ impl PageCache {
     }
 
     /// Page `idx`'s buffer, shared (a read copies from it outside the
-    /// lock; a later write to the page then copies it first).
+    /// lock; a later write to the page then copies it first); `None` for a
+    /// partial page, which a read must merge with the store's bytes first.
     pub fn page(&self, ino: u64, idx: u64) -> Option<Bytes> {
         self.pages
             .get(&ino)
             .and_then(|p| p.get(&idx))
+            .filter(|p| p.known.is_none())
             .map(|p| p.buf.clone())
     }
 
@@ -216,7 +303,7 @@ impl PageCache {
             for idx in idxs {
                 if let Some(page) = p.get_mut(idx) {
                     page.pinned_by = Some(txn);
-                    out.push((*ino, *idx, page.buf.clone()));
+                    out.push((*ino, *idx, page.buf.clone(), page.known.clone()));
                 }
             }
         }
@@ -227,6 +314,7 @@ impl PageCache {
     /// page is cached without that tag (a page dropped since, by a truncate
     /// or a removal, has nothing to untag).
     pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
         let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
             return true;
         };
@@ -246,6 +334,7 @@ impl PageCache {
     /// no other transaction carries leaves the cache, since it holds bytes
     /// the store does not have. False as for [`PageCache::untag`].
     pub fn discard(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
         let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
             return true;
         };
@@ -277,9 +366,9 @@ impl PageCache {
                 let from = part_offset.max(start);
                 let to = end.min(start + PAGE_SIZE);
                 let src = &part[(from - part_offset) as usize..(to - part_offset) as usize];
-                page.modify(|b| {
-                    b[(from - start) as usize..(to - start) as usize].copy_from_slice(src)
-                });
+                let range = (from - start) as usize..(to - start) as usize;
+                page.modify(|b| b[range.clone()].copy_from_slice(src));
+                page.learn(range);
             }
         }
     }
@@ -339,6 +428,7 @@ impl PageCache {
                 .and_then(|p| p.get_mut(&(size / PAGE_SIZE)))
             {
                 page.modify(|b| b[tail..].fill(0));
+                page.learn(tail..PAGE_SIZE as usize);
             }
         }
     }
@@ -356,6 +446,7 @@ impl PageCache {
             let from = offset.max(start) - start;
             let to = end.min(start + PAGE_SIZE) - start;
             page.modify(|b| b[from as usize..to as usize].fill(0));
+            page.learn(from as usize..to as usize);
         }
     }
 

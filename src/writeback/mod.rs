@@ -59,13 +59,16 @@
 //! # Layout
 //! * `mod.rs`: settings, the layer's state, opening and shutting down;
 //! * `reads.rs`: the layer as a [`Store`]: reads through the cache and the
-//!   overlay (answered by reference), the rest handed on;
+//!   overlay (answered by reference), the rest handed on; `ahead.rs`:
+//!   parallel read-ahead where every store read is a round trip;
 //! * `write.rs`: the write path (pages and their tags) and the metadata path;
 //! * `queue.rs`: unacknowledged transactions in their per-inode order;
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
 //! * `sync.rs`: waiting for acks (fsync, syncfs) and closing (flush);
 //! * `overlay.rs`: the namespace overlay and what is known without the store;
-//! * `cache.rs`: the tagged pages;
+//!   `names.rs`: directory entries known without the store;
+//! * `cache.rs`: the tagged pages; `partial.rs`: the bytes a page written
+//!   in part holds, where the store has the rest;
 //! * `budget.rs`: how `--cache-size` is split between pages, metadata
 //!   caches and the embedded engine.
 //!
@@ -73,6 +76,9 @@
 //! implement: imports point one way, from here to the store.
 
 mod ack;
+mod ahead;
+#[cfg(test)]
+mod ahead_tests;
 mod budget;
 #[cfg(test)]
 mod burst_tests;
@@ -91,9 +97,13 @@ mod differential_tests;
 mod jam_tests;
 #[cfg(test)]
 mod metadata_tests;
+mod names;
 #[cfg(test)]
 mod no_space_tests;
+#[cfg(test)]
+mod offline_tests;
 mod overlay;
+mod partial;
 mod queue;
 mod reads;
 mod sender;
@@ -119,6 +129,7 @@ use ack::{lock, StateLock};
 use budget::MetaShares;
 pub use budget::{CacheUsage, MemoryBudget};
 use cache::PageCache;
+use names::KnownNames;
 use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;
@@ -244,6 +255,8 @@ struct State {
     full: bool,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
+    /// Read-ahead chunks in flight (remote stores).
+    ahead: ahead::Ahead,
     shutdown: bool,
     /// The server that acknowledged last: new transactions start there, so
     /// after a failover they do not knock on a dead server first.
@@ -265,6 +278,9 @@ struct State {
     /// trip: ids come from `reserve_ids` and are never reused, so such a
     /// directory holds exactly the entries put through here.
     complete_dirs: CompleteDirs,
+    /// Entries of other directories known without the store (see
+    /// `KnownNames`).
+    known_names: KnownNames,
     /// How the metadata caches split `meta_cache_bytes`.
     meta_shares: MetaShares,
     /// Page bytes dropped for forgotten inodes since the allocator last
@@ -400,6 +416,7 @@ impl WritebackStore {
                 no_space: HashSet::new(),
                 full: false,
                 last_read_end: HashMap::new(),
+                ahead: ahead::Ahead::default(),
                 shutdown: false,
                 preferred_server: 0,
                 dirents: HashMap::new(),
@@ -408,6 +425,7 @@ impl WritebackStore {
                 holes: Holes::default(),
                 known_xattrs: KnownXattrs::new(meta_shares.xattrs),
                 complete_dirs: CompleteDirs::new(meta_shares.dirs),
+                known_names: KnownNames::new(meta_shares.names),
                 meta_shares,
                 freed_since_trim: 0,
             }),

@@ -45,6 +45,7 @@ impl State {
         if let Some(ino) = self.complete_dirs.apply(op) {
             self.known_xattrs.created(ino);
         }
+        self.known_names.apply(op);
         match op {
             Op::PutInode(i) => {
                 self.attrs.insert(
@@ -157,10 +158,12 @@ impl State {
         let bytes = self.attrs.len() as u64 * ATTR_ENTRY_BYTES
             + self.last_read_end.len() as u64 * READ_POS_ENTRY_BYTES
             + self.known_xattrs.bytes
-            + self.complete_dirs.bytes;
+            + self.complete_dirs.bytes
+            + self.known_names.size().0;
         let entries = (self.attrs.len() + self.last_read_end.len()) as u64
             + self.known_xattrs.entries()
-            + self.complete_dirs.entries();
+            + self.complete_dirs.entries()
+            + self.known_names.size().1;
         (bytes, entries)
     }
 }
@@ -200,7 +203,7 @@ impl State {
 pub(super) struct Holes {
     by_inode: HashMap<u64, Vec<Hole>>,
     /// Bumped whenever a range retires: a store read that started before
-    /// may predate the cut and must not be kept (`load_pages`).
+    /// may predate the cut and must not be kept (`read_store`).
     pub(super) retired: u64,
 }
 

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::ack::lock;
+use super::ahead::AHEAD_WINDOW_MIN_BYTES;
 use super::budget::{release_free_memory, TRIM_AFTER_FREED_BYTES};
 use super::cache::PAGE_SIZE;
 use super::{Shared, State, WritebackStore};
@@ -21,29 +22,36 @@ use crate::store::{
 impl Shared {
     /// Read `len` bytes at `offset` of `ino` from the store, with the ranges
     /// cut by unacknowledged truncates and punched holes zeroed; returns
-    /// them with the state, locked. `None` when a cut retired during the
-    /// read: the store may have applied it after the read, so the bytes may
-    /// predate it (the caller reads again, or does not keep them).
+    /// them with the state, locked, and whether they may be kept (no ack of
+    /// the inode's pages overtook the read: the bytes may predate it, and a
+    /// reader may answer with them but not keep them). `None` when a cut
+    /// retired during the read: the store may have applied it after the
+    /// read, so the bytes may predate it (the caller reads again, or does not
+    /// keep them).
     pub(super) fn read_store(
         &self,
         ino: u64,
         offset: u64,
         len: usize,
-    ) -> Result<Option<(ReadData, MutexGuard<'_, State>)>, StoreError> {
-        let retired = lock(&self.state).holes.retired;
+    ) -> Result<Option<(ReadData, MutexGuard<'_, State>, bool)>, StoreError> {
+        let (retired, acks) = {
+            let st = lock(&self.state);
+            (st.holes.retired, st.cache.acks_of(ino))
+        };
         let data = self.store.read_data(ino, offset, len)?;
         let st = lock(&self.state);
         if st.holes.retired != retired {
             return Ok(None);
         }
+        let keep = st.cache.acks_of(ino) == acks;
         if !st.holes.touches(ino, offset, len) {
-            return Ok(Some((data, st)));
+            return Ok(Some((data, st, keep)));
         }
         // Rare (a truncate or punch not yet acknowledged): the bytes are
         // read into a buffer to zero the cut ranges.
         let mut bytes = data.to_vec().map_err(StoreError::Io)?;
         st.holes.zero(ino, offset, &mut bytes);
-        Ok(Some((ReadData::from(bytes), st)))
+        Ok(Some((ReadData::from(bytes), st, keep)))
     }
 }
 
@@ -53,7 +61,7 @@ impl Store for WritebackStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        {
+        let generation = {
             let st = lock(&self.shared.state);
             if let Some((d, _)) = st.dirents.get(&parent).and_then(|m| m.get(name)) {
                 return Ok(d.clone());
@@ -61,8 +69,16 @@ impl Store for WritebackStore {
             if let Some(known) = st.complete_dirs.lookup(parent, name) {
                 return Ok(known);
             }
-        }
-        self.shared.store.lookup(parent, name)
+            if let Some(known) = st.known_names.get(parent, name) {
+                return Ok(known);
+            }
+            st.known_names.generation
+        };
+        let entry = self.shared.store.lookup(parent, name)?;
+        lock(&self.shared.state)
+            .known_names
+            .remember(generation, parent, name, &entry);
+        Ok(entry)
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
@@ -108,6 +124,8 @@ impl Store for WritebackStore {
         }
         let end = offset + len as u64;
         let (first, last) = (offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+        // Pages a read-ahead chunk is fetching: wait for it, not the store.
+        sh.wait_for_ahead(ino, first..last + 1)?;
         let plan = sh.plan_read(ino, offset, end);
         sh.metrics
             .cache_hits
@@ -126,16 +144,31 @@ impl Store for WritebackStore {
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
-                    let (fetched, mut st) = loop {
+                    let (mut fetched, mut st, keep) = loop {
                         if let Some(got) = sh.read_store(ino, base, n)? {
                             break got;
                         }
                     };
+                    // Pages written in part since (`partial.rs`): their
+                    // bytes over the store's, and kept whole.
+                    let partial = pages.clone().any(|i| st.cache.is_partial(ino, i));
+                    if partial {
+                        let mut bytes = fetched.to_vec().map_err(StoreError::Io)?;
+                        // Past the end of the file the store has zeros.
+                        bytes.resize(n, 0);
+                        for (i, idx) in pages.clone().enumerate() {
+                            let at = i * PAGE_SIZE as usize;
+                            if let Some(page) = bytes.get_mut(at..at + PAGE_SIZE as usize) {
+                                st.cache.copy_known(ino, idx, page);
+                            }
+                        }
+                        fetched = ReadData::from(bytes);
+                    }
                     // Bytes in memory (remote and `mem:` stores) are kept
                     // as clean pages. Segment ranges are not: the host page
                     // cache keeps them hot, and copying them in would cost
                     // a copy per cold read.
-                    if !fetched.has_file_pieces() {
+                    if keep && (partial || !fetched.has_file_pieces()) {
                         sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
                     }
                     drop(st);
@@ -144,13 +177,18 @@ impl Store for WritebackStore {
                 }
             }
         }
-        // A sequential reader: the store starts reading what comes next in
-        // the background (segment files: `posix_fadvise(WILLNEED)`; remote
-        // stores: nothing). Never a data read inside this READ.
+        // A sequential reader: what comes next is read in the background
+        // (segment files: the store's `posix_fadvise(WILLNEED)`; where every
+        // read is a round trip: chunks fetched in parallel, `ahead.rs`).
+        // Never a data read inside this READ.
         if let Some(a) = plan.read_ahead {
             sh.metrics.read_ahead.add(1);
-            sh.store
-                .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
+            if sh.cfg.forget_clean_pages {
+                sh.store
+                    .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
+            } else {
+                Shared::fetch_ahead(sh, ino, a, plan.read_ahead_to_eof);
+            }
         }
         Ok(out)
     }
@@ -324,6 +362,8 @@ struct ReadPlan {
     missing_pages: u64,
     /// Pages to load into the cache after the read, for a sequential reader.
     read_ahead: Option<std::ops::Range<u64>>,
+    /// The read-ahead ends at the end of the file.
+    read_ahead_to_eof: bool,
 }
 
 impl Shared {
@@ -366,17 +406,28 @@ impl Shared {
             pos = page_end;
         }
         // A sequential reader that missed gets the pages after its read
-        // loaded into the cache, up to the file's size.
+        // advised to the store, up to the file's size; where every read is a
+        // round trip (clean pages kept), one that did not miss too, and a
+        // window of at least `AHEAD_WINDOW_MIN_BYTES` is fetched, so that it
+        // keeps running ahead of the reader.
         let next = end.div_ceil(PAGE_SIZE);
         let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
-        let ahead_end = (next + self.cfg.read_ahead_bytes / PAGE_SIZE).min(limit);
-        let read_ahead = (sequential && missing_pages > 0 && ahead_end > next)
+        let remote = !self.cfg.forget_clean_pages;
+        let window = if remote {
+            self.cfg.read_ahead_bytes.max(AHEAD_WINDOW_MIN_BYTES)
+        } else {
+            self.cfg.read_ahead_bytes
+        };
+        let ahead_end = (next + window / PAGE_SIZE).min(limit);
+        let read_ahead = (sequential && (missing_pages > 0 || remote) && ahead_end > next)
             .then_some(next..ahead_end)
-            .filter(|r| !(r.start..r.end).all(|i| st.cache.contains(ino, i)));
+            // From the end: a window the reader moves into lacks its tail.
+            .filter(|r| !(r.start..r.end).rev().all(|i| st.cache.contains(ino, i)));
         ReadPlan {
             segs,
             missing_pages,
             read_ahead,
+            read_ahead_to_eof: ahead_end == limit,
         }
     }
 }

@@ -216,7 +216,8 @@ fn debug_assert_ready(st: &State) {
 /// The transaction as the store applies it: its metadata ops with the data
 /// extents (runs of contiguous pinned pages, clipped to the inode's size)
 /// before its attributes. Each extent is a list of the pinned buffers
-/// themselves: building it copies no byte.
+/// themselves: building it copies no byte. A partial page (`partial.rs`)
+/// is an extent of its own per range it holds: the store keeps the rest.
 fn wire_txn(pinned: &[Pinned], t_ops: &[Op]) -> Txn {
     let mut ops = Vec::new();
     let size_of = |ino: u64| {
@@ -225,21 +226,39 @@ fn wire_txn(pinned: &[Pinned], t_ops: &[Op]) -> Txn {
             _ => None,
         })
     };
-    let mut i = 0;
-    while i < pinned.len() {
-        let (ino, start_idx, _) = pinned[i];
-        let mut j = i;
-        while j + 1 < pinned.len() && pinned[j + 1].0 == ino && pinned[j + 1].1 == pinned[j].1 + 1 {
-            j += 1;
-        }
-        let offset = start_idx * PAGE_SIZE;
-        let mut data = WriteData::from_parts(pinned[i..=j].iter().map(|(_, _, buf)| buf.clone()));
+    let mut push = |ino: u64, offset: u64, mut data: WriteData| {
         if let Some(size) = size_of(ino) {
             data.truncate(size.saturating_sub(offset).min(data.len() as u64) as usize);
         }
         if !data.is_empty() {
             ops.push(Op::Write { ino, offset, data });
         }
+    };
+    let mut i = 0;
+    while i < pinned.len() {
+        let (ino, start_idx, ref buf, ref known) = pinned[i];
+        if let Some(known) = known {
+            for r in known.ranges() {
+                let offset = start_idx * PAGE_SIZE + r.start as u64;
+                push(ino, offset, WriteData::from_parts([buf.slice(r)]));
+            }
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j + 1 < pinned.len()
+            && pinned[j + 1].0 == ino
+            && pinned[j + 1].1 == pinned[j].1 + 1
+            && pinned[j + 1].3.is_none()
+        {
+            j += 1;
+        }
+        let offset = start_idx * PAGE_SIZE;
+        push(
+            ino,
+            offset,
+            WriteData::from_parts(pinned[i..=j].iter().map(|(_, _, buf, _)| buf.clone())),
+        );
         i = j + 1;
     }
     ops.extend(t_ops.iter().cloned());

@@ -33,7 +33,9 @@ struct PageSpan {
     first: u64,
     last: u64,
     /// The first and last page where the write covers them only in part
-    /// and the file has bytes there before it.
+    /// and the file has bytes there before it: where absent from the cache,
+    /// they hold only the bytes written (`partial.rs`), and the store keeps
+    /// the rest. No write reads the store.
     partial: Vec<u64>,
     /// Bytes of all its pages, as counted against `dirty_max_bytes`.
     bytes: u64,
@@ -55,7 +57,7 @@ impl Shared {
         let span = self.span(ino, offset, data.len() as u64)?;
         let mut st = self.wait_to_write(ino, &span)?;
         let txn_id = self.data_txn(&mut st, ino, span.bytes, &inode);
-        self.copy_into_pages(&mut st, ino, offset, data, txn_id);
+        self.copy_into_pages(&mut st, ino, offset, data, txn_id, &span.partial);
         Self::carry_attributes(&mut st, ino, txn_id, inode);
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);
@@ -130,8 +132,7 @@ impl Shared {
         let first = offset / PAGE_SIZE;
         let end = offset + len;
         let last = (end - 1) / PAGE_SIZE;
-        // Pages written only in part must hold their old bytes, where the
-        // store may have any.
+        // Pages written only in part, where the store may have old bytes.
         let partial = [first, last]
             .into_iter()
             .filter(|&idx| {
@@ -147,9 +148,9 @@ impl Shared {
         })
     }
 
-    /// Lock the state once the write may touch its pages: the partial
-    /// pages are loaded, backpressure lets it through and (under `wait`)
-    /// none of its pages is pinned. Everything that makes a write wait
+    /// Lock the state once the write may touch its pages: backpressure lets
+    /// it through and (under `wait`) none of its pages is pinned; nothing
+    /// here waits for the store. Everything that makes a write wait
     /// happens here, before it touches a page, and after any wait it starts
     /// over: a transaction chosen before a wait may have been sent during it.
     fn wait_to_write(
@@ -167,12 +168,6 @@ impl Shared {
             }
             if st.full {
                 return Err(StoreError::NoSpace);
-            }
-            if let Some(&idx) = span.partial.iter().find(|&&i| !st.cache.contains(ino, i)) {
-                drop(st);
-                self.load_pages(ino, idx, 1)?;
-                st = lock(&self.state);
-                continue;
             }
             // Backpressure: dirty and in-flight bytes stay within their bound.
             if st.dirty_bytes > 0 && st.dirty_bytes + span.bytes > self.cfg.dirty_max_bytes {
@@ -228,7 +223,8 @@ impl Shared {
 
     /// Put `data` into the pages of `ino` from `offset`, tagging each
     /// newly dirty page with `txn_id`: a part that is exactly one aligned
-    /// page becomes the page's buffer, any other bytes are copied in.
+    /// page becomes the page's buffer, any other bytes are copied in (into
+    /// a partial page where `over_store` lists it and it is absent).
     fn copy_into_pages(
         &self,
         st: &mut State,
@@ -236,6 +232,7 @@ impl Shared {
         offset: u64,
         data: &WriteData,
         txn_id: u64,
+        over_store: &[u64],
     ) {
         for (at, part) in data.parts_at() {
             let mut pos = offset + at as u64;
@@ -257,7 +254,12 @@ impl Shared {
                 if st.cache.is_pinned(ino, idx) {
                     self.metrics.overwrite_copies.inc();
                 }
-                let newly = st.cache.write(ino, idx, in_page, &rest[..n], txn_id);
+                let newly = if over_store.contains(&idx) {
+                    st.cache
+                        .write_over_store(ino, idx, in_page, &rest[..n], txn_id)
+                } else {
+                    st.cache.write(ino, idx, in_page, &rest[..n], txn_id)
+                };
                 self.tagged(st, ino, idx, txn_id, newly);
                 rest = &rest[n..];
                 pos += n as u64;
@@ -298,25 +300,11 @@ impl Shared {
         );
     }
 
-    /// Read `count` pages from `first` into the cache as clean pages, where
-    /// absent.
-    pub(super) fn load_pages(&self, ino: u64, first: u64, count: u64) -> Result<(), StoreError> {
-        let len = (count * PAGE_SIZE) as usize;
-        let Some((fetched, mut st)) = self.read_store(ino, first * PAGE_SIZE, len)? else {
-            // The bytes may predate a cut: not kept, the caller looks again.
-            return Ok(());
-        };
-        self.keep_fetched(&mut st, ino, first, &fetched)?;
-        drop(st);
-        Ok(())
-    }
-
     /// Keep pages fetched from the store at page `first` as clean pages,
-    /// where absent, with the state locked by the read that fetched them
-    /// (so no cut can come between the read and the keeping). Each page is
-    /// a buffer of its own (one copy per page; eviction frees it): a later
-    /// write to part of one needs no store read, and a read of it no store
-    /// round trip.
+    /// where absent (partial pages take the bytes they lack), with the state
+    /// locked by the read that fetched them (so no cut can come between the
+    /// read and the keeping). Each page is a buffer of its own (one copy per
+    /// page; eviction frees it): a read of it needs no store round trip.
     pub(super) fn keep_fetched(
         &self,
         st: &mut MutexGuard<'_, State>,

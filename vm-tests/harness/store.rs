@@ -1,7 +1,8 @@
 //! A `pohmelfs store` server process for tests of `pohmel://` volumes: the test kit's
 //! [`pohmelfs_testkit::StoreServer`] with its files in the test's directory and its failures as
 //! [`Failure`]s. Started on a loopback port, killed with SIGKILL on demand and on drop,
-//! restartable on the same port and data so a daemon's URL stays valid.
+//! restartable on the same port and data so a daemon's URL stays valid, and paused
+//! (SIGSTOP) and resumed (SIGCONT) as a server the network cannot reach.
 
 use std::path::Path;
 
@@ -37,6 +38,34 @@ impl StoreServer {
     /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
         self.0.kill9();
+    }
+
+    /// SIGSTOP: the server keeps its connections and answers nothing, as an unreachable
+    /// one; [`StoreServer::resume`] lets it go on.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP, "SIGSTOP")
+    }
+
+    /// SIGCONT after [`StoreServer::pause`]; harmless when running.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT, "SIGCONT")
+    }
+
+    fn signal(&self, signal: libc::c_int, name: &str) -> Result<()> {
+        let pid = self
+            .0
+            .pid()
+            .and_then(|p| libc::pid_t::try_from(p).ok())
+            .ok_or_else(|| Failure::new(format!("{name}: the store server is not running")))?;
+        // SAFETY: kill(2) with the pid of our own child, which the test kit has not reaped
+        // (it still holds the `Child`): no other process can have that pid.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(Failure::new(format!(
+                "{name} to the store server: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 
     /// Start again on the same port and data.

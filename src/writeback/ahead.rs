@@ -1,0 +1,215 @@
+//! Read-ahead where every store read is a round trip (`pohmel://`,
+//! `s3://`): a sequential reader gets the window after its read fetched
+//! into the cache as clean pages, by several requests at once (chunks of
+//! [`AHEAD_CHUNK_PAGES`], each on a thread of its own), so that a window of
+//! at least twice the bandwidth-delay product is in flight, not one
+//! request per round trip. A guest read of pages a chunk is fetching waits
+//! for that chunk instead of asking the store again.
+//!
+//! Bounded: at most [`AHEAD_CHUNKS_MAX`] chunks in flight in the whole
+//! layer (their threads and bytes), and no page is asked for while a chunk
+//! fetches it or the cache holds it.
+//! It never holds the layer's lock across a store read, and never reads in
+//! a guest's READ: the chunks run beside it.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use tracing::debug;
+
+use super::ack::lock;
+use super::cache::PAGE_SIZE;
+use super::Shared;
+use crate::store::StoreError;
+
+/// Pages one read-ahead request fetches (512 KiB).
+pub(super) const AHEAD_CHUNK_PAGES: u64 = 128;
+/// Chunks in flight at most, in the whole layer (8 MiB).
+pub(super) const AHEAD_CHUNKS_MAX: usize = 16;
+/// The window a sequential reader gets at least, in bytes: twice the
+/// bandwidth-delay product of 400 MiB/s at 5 ms.
+pub(super) const AHEAD_WINDOW_MIN_BYTES: u64 = 4 << 20;
+
+/// The chunks in flight.
+#[derive(Default)]
+pub(super) struct Ahead {
+    in_flight: Vec<(u64, Range<u64>)>,
+}
+
+impl Ahead {
+    /// The chunk in flight that covers a page of `pages` of `ino`.
+    fn covering(&self, ino: u64, pages: &Range<u64>) -> Option<&Range<u64>> {
+        self.in_flight
+            .iter()
+            .find(|(i, r)| *i == ino && r.start < pages.end && pages.start < r.end)
+            .map(|(_, r)| r)
+    }
+
+    /// True when a chunk in flight covers a page of `pages` of `ino`.
+    pub(super) fn overlaps(&self, ino: u64, pages: &Range<u64>) -> bool {
+        self.covering(ino, pages).is_some()
+    }
+
+    /// Chunks of `window` to fetch now: the runs of pages neither `cached`
+    /// nor in flight, cut into chunks, within the global bound. A last run
+    /// shorter than a chunk waits, unless the window ends at the end of the
+    /// file (`to_eof`): as the reader moves on, requests stay a chunk long.
+    fn take(
+        &mut self,
+        ino: u64,
+        window: Range<u64>,
+        cached: impl Fn(u64) -> bool,
+        to_eof: bool,
+    ) -> Vec<Range<u64>> {
+        let mut chunks = Vec::new();
+        let mut p = window.start;
+        while p < window.end && self.in_flight.len() < AHEAD_CHUNKS_MAX {
+            if let Some(r) = self.covering(ino, &(p..p + 1)) {
+                p = r.end;
+                continue;
+            }
+            if cached(p) {
+                p += 1;
+                continue;
+            }
+            let mut end = p + 1;
+            while end < window.end
+                && end - p < AHEAD_CHUNK_PAGES
+                && !cached(end)
+                && !self.overlaps(ino, &(end..end + 1))
+            {
+                end += 1;
+            }
+            if end == window.end && end - p < AHEAD_CHUNK_PAGES && !to_eof {
+                break;
+            }
+            self.in_flight.push((ino, p..end));
+            chunks.push(p..end);
+            p = end;
+        }
+        chunks
+    }
+
+    fn done(&mut self, ino: u64, pages: &Range<u64>) {
+        if let Some(at) = self
+            .in_flight
+            .iter()
+            .position(|(i, r)| *i == ino && r == pages)
+        {
+            self.in_flight.swap_remove(at);
+        }
+    }
+}
+
+impl Shared {
+    /// Fetch the pages of `window` of `ino` the cache lacks, in chunks on
+    /// threads of their own; returns at once.
+    pub(super) fn fetch_ahead(shared: &Arc<Shared>, ino: u64, window: Range<u64>, to_eof: bool) {
+        let chunks = {
+            let mut st = lock(&shared.state);
+            let st = &mut *st;
+            let cache = &st.cache;
+            st.ahead
+                .take(ino, window, |i| cache.contains(ino, i), to_eof)
+        };
+        for pages in chunks {
+            let sh = Arc::clone(shared);
+            let job = pages.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pohmelfs-ahead".into())
+                .spawn(move || sh.fetch_chunk(ino, job));
+            if let Err(e) = spawned {
+                debug!(ino, error = %e, "read-ahead thread not started");
+                lock(&shared.state).ahead.done(ino, &pages);
+            }
+        }
+    }
+
+    /// One chunk: read it from the store and keep it as clean pages (where
+    /// absent; partial pages take the bytes they lack). A failure is only
+    /// logged: the guest's read asks the store again.
+    fn fetch_chunk(&self, ino: u64, pages: Range<u64>) {
+        let base = pages.start * PAGE_SIZE;
+        let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
+        // Done in the same hold of the lock that keeps the pages: a reader
+        // waiting for the chunk finds them.
+        let kept = match self.read_store(ino, base, n) {
+            Ok(Some((fetched, mut st, keep))) => {
+                let kept = if keep {
+                    self.keep_fetched(&mut st, ino, pages.start, &fetched)
+                } else {
+                    Ok(())
+                };
+                st.ahead.done(ino, &pages);
+                kept
+            }
+            Ok(None) => {
+                lock(&self.state).ahead.done(ino, &pages);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.state).ahead.done(ino, &pages);
+                Err(e)
+            }
+        };
+        if let Err(e) = kept {
+            debug!(ino, first = pages.start, error = %e, "read-ahead failed");
+        }
+        self.changed.notify_all();
+    }
+
+    /// Wait until no read-ahead chunk covers `pages` of `ino` (bounded by
+    /// `fsync_timeout`, as every wait of the layer).
+    pub(super) fn wait_for_ahead(&self, ino: u64, pages: Range<u64>) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + self.cfg.fsync_timeout;
+        let mut st = lock(&self.state);
+        while st.ahead.overlaps(ino, &pages) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("read-ahead not done within {:?}", self.cfg.fsync_timeout),
+                )));
+            }
+            st = super::ack::wait_timeout(&self.changed, st, left);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_bounded_and_never_asked_twice() {
+        let mut a = Ahead::default();
+        let window = 10..10 + 3 * AHEAD_CHUNK_PAGES;
+        let chunks = a.take(1, window.clone(), |i| i < 12, true);
+        assert_eq!(
+            chunks.first().map(|r| r.start),
+            Some(12),
+            "cached pages skipped"
+        );
+        assert_eq!(chunks.last().map(|r| r.end), Some(window.end));
+        assert!(a.overlaps(1, &(20..21)) && !a.overlaps(2, &(20..21)));
+        assert!(
+            a.take(1, window.clone(), |i| i < 12, true).is_empty(),
+            "in flight already"
+        );
+        for r in &chunks {
+            a.done(1, r);
+        }
+        assert!(!a.overlaps(1, &window));
+        let many = a.take(2, 0..1000 * AHEAD_CHUNK_PAGES, |_| false, false);
+        assert_eq!(many.len(), AHEAD_CHUNKS_MAX, "the global bound");
+        for r in &many {
+            a.done(2, r);
+        }
+        // Short of the end of the file, a run shorter than a chunk waits
+        // until the window has moved on by a chunk.
+        let short = 0..AHEAD_CHUNK_PAGES - 1;
+        assert!(a.take(3, short.clone(), |_| false, false).is_empty());
+        assert_eq!(a.take(3, short, |_| false, true).len(), 1);
+    }
+}
