@@ -12,10 +12,10 @@ use crate::store::{
     Dirent, Inode, Op, ReadData, Store, StoreError, StoreStats, Txn, WriteData, BLOCK_SIZE,
 };
 
-/// The blocks of `[offset, offset + len)`, first and last; `None` when
-/// empty.
+/// The blocks of `[offset, offset + len)` (cut at 2^64), first and last;
+/// `None` when empty.
 fn blocks_of(offset: u64, len: u64) -> Option<(u64, u64)> {
-    let last_byte = offset.checked_add(len.checked_sub(1)?)?;
+    let last_byte = offset.saturating_add(len.checked_sub(1)?);
     Some((offset / BLOCK_SIZE, last_byte / BLOCK_SIZE))
 }
 
@@ -61,9 +61,10 @@ impl ReadCache {
                 let Some((first, last)) = blocks_of(*offset, data.len() as u64) else {
                     continue;
                 };
-                let end = offset + data.len() as u64;
+                let end = offset.saturating_add(data.len() as u64);
                 for b in [first, last] {
-                    let whole = b * BLOCK_SIZE >= *offset && (b + 1) * BLOCK_SIZE <= end;
+                    let whole =
+                        b * BLOCK_SIZE >= *offset && (b + 1).saturating_mul(BLOCK_SIZE) <= end;
                     if !whole && !bases.contains_key(&(*ino, b)) {
                         if let Some(block) = self.get(*ino, b) {
                             bases.insert((*ino, b), block);
@@ -113,7 +114,7 @@ impl ReadCache {
                     let end = offset.saturating_add(*len);
                     for (&(i, b), block) in work.iter_mut() {
                         let start = b * BLOCK_SIZE;
-                        if i == *ino && start < end && start + BLOCK_SIZE > *offset {
+                        if i == *ino && start < end && start.saturating_add(BLOCK_SIZE) > *offset {
                             let from = offset.saturating_sub(start) as usize;
                             let to = ((end - start).min(BLOCK_SIZE)) as usize;
                             block[from..to].fill(0);
@@ -139,7 +140,10 @@ fn apply_write(work: &mut Bases, ino: u64, offset: u64, data: &WriteData, size: 
     let Some((first, last)) = blocks_of(offset, data.len() as u64) else {
         return;
     };
-    let end = offset + data.len() as u64;
+    // A write past 2^64 is refused above (EFBIG); it is not cached.
+    let Some(end) = offset.checked_add(data.len() as u64) else {
+        return;
+    };
     for b in first..=last {
         let start = b * BLOCK_SIZE;
         let block_end = start.saturating_add(BLOCK_SIZE);
@@ -208,12 +212,9 @@ impl Store for CachedStore {
         let Some((first, last)) = blocks_of(offset, buf.len() as u64) else {
             return Ok(());
         };
-        // The last block must end within u64 to be cached whole.
-        if last
-            .checked_add(1)
-            .and_then(|n| n.checked_mul(BLOCK_SIZE))
-            .is_none()
-        {
+        // The read and its last block must end within u64 to be cached.
+        let whole_end = last.checked_add(1).and_then(|n| n.checked_mul(BLOCK_SIZE));
+        if whole_end.is_none() || offset.checked_add(buf.len() as u64).is_none() {
             return self.inner.read(ino, offset, buf);
         }
         let metrics = &self.cache.metrics;
