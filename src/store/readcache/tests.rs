@@ -426,3 +426,26 @@ fn a_fill_that_raced_an_ack_is_not_kept() {
         Some(pattern(10, 1))
     );
 }
+
+#[test]
+fn a_truncate_or_removal_drops_what_it_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(2 * BS, 4);
+    let inner = backing(&data);
+    let (cache, _) = open(dir.path(), BIG, &volume("v", 1, Continuity::Same));
+    let store = CachedStore::new(inner.clone(), Arc::clone(&cache));
+    let sink = sink_over(&inner, &cache);
+    let rt = runtime();
+    assert_eq!(read(&store, 0, 2 * BS), data);
+    let mut txn = Txn::new();
+    txn.push(Op::Truncate { ino: INO, size: 10 });
+    txn.push(Op::PutInode(Inode::regular(INO, 10)));
+    rt.block_on(sink.send(0, 1, 0, txn)).expect("ack");
+    let mut want = data[..10].to_vec();
+    want.resize(2 * BS, 0);
+    assert_eq!(read(&store, 0, 2 * BS), want, "no byte past the truncate");
+    let mut txn = Txn::new();
+    txn.push(Op::RemoveInode { ino: INO });
+    rt.block_on(sink.send(0, 2, 0, txn)).expect("ack");
+    assert_eq!(cache.blocks(), 0);
+}
