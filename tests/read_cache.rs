@@ -4,7 +4,9 @@
 //! transaction layer, so an empty page cache, on the same cache
 //! directory) costs no data round trip, whether the cache got the data
 //! from the write's ack or from the first read; a damaged cache file is
-//! detected and read from the server again.
+//! detected and read from the server again. On `s3://` (moto), the
+//! cache survives the daemon's own reopen and is emptied when another
+//! writer opened the volume meanwhile.
 
 // Test crate: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,7 +22,7 @@ use pohmelfs::store::readcache::CacheConfig;
 use pohmelfs::store::{Inode, Store, WriteData, BLOCK_SIZE};
 use pohmelfs::writeback::{open_with_cache, TxnConfig, WritebackStore};
 use pohmelfs_testkit::store::secret_file;
-use pohmelfs_testkit::{ScratchDir, StoreServer};
+use pohmelfs_testkit::{skip_requested, Moto, ScratchDir, StoreServer};
 
 const SECRET: &str = "test-secret-read-cache";
 const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
@@ -233,4 +235,54 @@ fn cache_files(cache: &Path) -> Vec<PathBuf> {
     }
     files.sort();
     files
+}
+
+/// A transaction layer over the `s3://` volume `url` with the read cache
+/// in `cache`.
+fn s3_daemon(url: &str, cache: &Path) -> (Arc<WritebackStore>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let cfg = CacheConfig {
+        dir: cache.to_owned(),
+        size_bytes: 64 << 20,
+    };
+    let store =
+        open_with_cache(url, TxnConfig::default(), Some(&cfg), Arc::clone(&metrics)).unwrap();
+    (store, metrics)
+}
+
+fn read_whole(store: &WritebackStore, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    store.read(INO, 0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn an_s3_cache_is_kept_across_reopens_and_emptied_after_another_writer() {
+    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the read cache's S3 test") {
+        return;
+    }
+    let dir = ScratchDir::new("it-readcache-s3").unwrap();
+    let moto = Moto::start(dir.path(), "pohmelfs-readcache").expect("start moto_server");
+    let url = moto.url("volumes/rc");
+    let cache = dir.join("cache");
+    let first: Vec<u8> = contents()[..4 * BLOCK_SIZE as usize].to_vec();
+    {
+        let (store, _) = s3_daemon(&url, &cache);
+        write_file(&store, &first);
+    }
+    {
+        let (store, metrics) = s3_daemon(&url, &cache);
+        assert!(read_whole(&store, first.len()) == first);
+        assert_eq!(metrics.read_cache_misses.get(), 0, "kept across a reopen");
+        assert_eq!(metrics.read_cache_hits.get(), 4);
+    }
+    // Another writer, without this cache, changes the file.
+    let second: Vec<u8> = first.iter().map(|b| b ^ 0xff).collect();
+    {
+        let (store, _) = s3_daemon(&url, &dir.join("other-cache"));
+        write_file(&store, &second);
+    }
+    let (store, metrics) = s3_daemon(&url, &cache);
+    assert!(read_whole(&store, second.len()) == second, "no stale block served");
+    assert_eq!(metrics.read_cache_hits.get(), 0);
 }
