@@ -191,6 +191,14 @@ struct VolumeArgs {
     /// disk's page cache would (docs/operations.md).
     #[arg(long)]
     sync_on_close: bool,
+    /// Keep file data of a pohmel:// or s3:// volume in local files in
+    /// this directory (a read cache that survives restarts; needs
+    /// --cache-dir-size).
+    #[arg(long, requires = "cache_dir_size")]
+    cache_dir: Option<PathBuf>,
+    /// Bytes the read cache may take, e.g. 4G: its files plus its index.
+    #[arg(long, requires = "cache_dir", value_parser = parse_bytes)]
+    cache_dir_size: Option<u64>,
 }
 
 impl VolumeArgs {
@@ -238,6 +246,11 @@ impl VolumeArgs {
         }
     }
 
+    fn read_cache(&self) -> Option<pohmelfs::store::readcache::CacheConfig> {
+        let (dir, size_bytes) = self.cache_dir.clone().zip(self.cache_dir_size)?;
+        Some(pohmelfs::store::readcache::CacheConfig { dir, size_bytes })
+    }
+
     fn fs_config(&self) -> FsConfig {
         FsConfig {
             cache: self.cache,
@@ -253,9 +266,13 @@ impl VolumeArgs {
         &self,
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
-        let store: Arc<dyn pohmelfs::store::Store> =
-            pohmelfs::writeback::open(&self.store, self.txn_config(), Arc::clone(metrics))
-                .context("open store")?;
+        let store: Arc<dyn pohmelfs::store::Store> = pohmelfs::writeback::open_with_cache(
+            &self.store,
+            self.txn_config(),
+            self.read_cache().as_ref(),
+            Arc::clone(metrics),
+        )
+        .context("open store")?;
         let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
             .context("open volume")?;
         Ok((store, Arc::new(fs)))

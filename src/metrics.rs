@@ -105,6 +105,21 @@ counters! {
     read_ahead,
     /// Clean pages evicted to stay within `--cache-size`.
     cache_evictions,
+    /// Blocks read from the local read cache (`--cache-dir`), intact.
+    read_cache_hits,
+    /// Blocks the local read cache did not hold, fetched from the store.
+    read_cache_misses,
+    /// Bytes of file data served from the local read cache.
+    read_cache_bytes_served,
+    /// Bytes of file data written into the local read cache (read from
+    /// the store, or acknowledged by it).
+    read_cache_bytes_stored,
+    /// Blocks evicted from the local read cache to stay within
+    /// `--cache-dir-size`.
+    read_cache_evictions,
+    /// Local read cache files that failed their check (checksum, header,
+    /// missing, unreadable): dropped and fetched from the store again.
+    read_cache_corrupt,
     /// fsync (and flush, fsyncdir, syncfs) requests that reached the store layer.
     fsync_calls,
     /// FLUSH requests (a close of a guest descriptor). A close does not

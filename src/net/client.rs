@@ -238,6 +238,12 @@ impl RemoteStore {
         Ok(RemoteStore { rt, inner })
     }
 
+    /// The volume's durability epoch as the last handshake or ack
+    /// reported it: it moves when a server reopens the volume.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
     fn call(&self, req: Request) -> Result<Response, StoreError> {
         self.rt.block_on(self.inner.call(req))
     }

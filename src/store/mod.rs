@@ -48,6 +48,7 @@ pub mod bench;
 pub mod data;
 pub mod engine;
 pub mod mem;
+pub mod readcache;
 pub mod sink;
 
 use std::fmt;
@@ -609,6 +610,12 @@ pub enum OpenError {
         url: String,
         #[source]
         source: StoreError,
+    },
+    #[error("open the read cache of {url:?}")]
+    ReadCache {
+        url: String,
+        #[source]
+        source: readcache::CacheError,
     },
     #[error("open volume {url:?}")]
     Volume {

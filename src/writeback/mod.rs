@@ -123,6 +123,7 @@ use tracing::error;
 
 use crate::metrics::Metrics;
 use crate::net::sink::RemoteSink;
+use crate::store::readcache;
 use crate::store::sink::{EngineSink, Sink};
 use crate::store::{Dirent, Store, StoreError};
 use ack::{lock, StateLock};
@@ -317,6 +318,18 @@ pub fn open(
     cfg: TxnConfig,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    open_with_cache(url, cfg, None, metrics)
+}
+
+/// As [`open`], with a local read cache (`--cache-dir`,
+/// `crate::store::readcache`) between the layer and a `pohmel://` or
+/// `s3://` volume.
+pub fn open_with_cache(
+    url: &str,
+    cfg: TxnConfig,
+    read_cache: Option<&readcache::CacheConfig>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
     let cfg = TxnConfig {
         forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
         ..cfg
@@ -325,16 +338,18 @@ pub fn open(
         url: url.to_string(),
         source: StoreError::Io(e),
     };
-    let (reads, sink): (Arc<dyn Store>, Arc<dyn Sink>) =
+    let (reads, sink, volume): (Arc<dyn Store>, Arc<dyn Sink>, _) =
         if url.starts_with("pohmel://") {
             let cfg = crate::net::client::RemoteConfig::from_url(url)?;
+            let volume = readcache::remote_identity(&cfg.servers, &cfg.volume);
             let remote = Arc::new(crate::net::client::RemoteStore::connect(cfg).map_err(
                 |source| crate::store::OpenError::Connect {
                     url: url.to_string(),
                     source,
                 },
             )?);
-            (remote.clone(), Arc::new(RemoteSink::new(remote)))
+            let volume = Some(volume(remote.epoch()));
+            (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
         } else if url.starts_with("file:") || url.starts_with("s3:") {
             let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
             let engine = crate::store::engine::SlateStore::open(&engine_url).map_err(|source| {
@@ -351,10 +366,14 @@ pub fn open(
                     url: url.to_string(),
                     source,
                 })?;
+            let volume = url
+                .starts_with("s3:")
+                .then(|| readcache::engine_identity(&engine));
             let engine = Arc::new(engine);
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),
+                volume,
             )
         } else {
             let engine =
@@ -362,8 +381,18 @@ pub fn open(
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),
+                None,
             )
         };
+    let (reads, sink) = match read_cache {
+        Some(cache) => readcache::wrap(cache, volume, reads, sink, &metrics).map_err(|source| {
+            crate::store::OpenError::ReadCache {
+                url: url.to_string(),
+                source,
+            }
+        })?,
+        None => (reads, sink),
+    };
     WritebackStore::new(cfg, reads, sink, metrics)
         .map(Arc::new)
         .map_err(io)

@@ -220,6 +220,11 @@ pub struct SlateStore {
 }
 
 impl SlateStore {
+    /// The volume's id, random at creation.
+    pub fn volume_id(&self) -> [u8; 16] {
+        self.superblock.volume_id
+    }
+
     /// Close the engine, flushing what it holds in memory. Later calls of
     /// any method fail.
     pub fn close(&self) -> Result<(), StoreError> {
