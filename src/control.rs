@@ -207,11 +207,15 @@ fn serve<S: Timed>(
 /// happen).
 static CONTROL_LINES_SUPPRESSED: StaticCounter = StaticCounter::new();
 
-fn answer_control(conn: &mut Deadlined<UnixStream>, metrics: &Metrics) -> std::io::Result<()> {
+fn answer_control(
+    conn: &mut Deadlined<UnixStream>,
+    metrics: &Metrics,
+    volume: &str,
+) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new((&mut *conn).take(256)).read_line(&mut line)?;
     let reply = match line.trim() {
-        "status" | "" => status_text(metrics),
+        "status" | "" => format!("{volume}{}", status_text(metrics)),
         "prometheus" => metrics.prometheus(),
         other => format!("unknown command {other:?} (status, prometheus)\n"),
     };
@@ -235,12 +239,45 @@ fn answer_http(conn: &mut Deadlined<TcpStream>, metrics: &Metrics) -> std::io::R
 
 /// Serve the control socket on a thread. A stale socket file is replaced.
 pub fn spawn_control_socket(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    spawn_control_socket_with(path, metrics, LIMITS)
+    spawn_control_socket_with(path, metrics, String::new(), LIMITS)
+}
+
+/// As [`spawn_control_socket`]; `status` starts with `volume`, the lines
+/// [`volume_text`] makes.
+pub fn spawn_volume_control_socket(
+    path: &Path,
+    metrics: Arc<Metrics>,
+    volume: String,
+) -> std::io::Result<()> {
+    spawn_control_socket_with(path, metrics, volume, LIMITS)
+}
+
+/// The volume's lines of `status`: what it is, and who holds it.
+pub fn volume_text(describe: &str, id: Option<&crate::store::engine::VolumeIdentity>) -> String {
+    let mut out = format!("{:<22} {describe}\n", "volume");
+    match id {
+        Some(id) => {
+            out.push_str(&format!("{:<22} {}\n", "volume_id", id.id_hex()));
+            out.push_str(&format!("{:<22} {}\n", "format_version", id.format_version));
+            out.push_str(&format!("{:<22} {}\n", "epoch", id.epoch));
+            let holder = id
+                .holder
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string);
+            out.push_str(&format!("{:<22} {holder}\n", "holder"));
+        }
+        None => out.push_str(&format!(
+            "{:<22} - (kept by the store server, or not persistent)\n",
+            "volume_id"
+        )),
+    }
+    out
 }
 
 fn spawn_control_socket_with(
     path: &Path,
     metrics: Arc<Metrics>,
+    volume: String,
     limits: Limits,
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
@@ -250,7 +287,7 @@ fn spawn_control_socket_with(
         "pohmelfs-control",
         move || Ok(listener.accept()?.0),
         limits,
-        move |c| answer_control(c, &metrics),
+        move |c| answer_control(c, &metrics, &volume),
     )
 }
 
@@ -316,8 +353,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pohmelfs-ctl-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("vhost.sock");
-        spawn_control_socket_with(&control_path(&sock), Arc::new(Metrics::default()), limits)
-            .unwrap();
+        spawn_control_socket_with(
+            &control_path(&sock),
+            Arc::new(Metrics::default()),
+            String::new(),
+            limits,
+        )
+        .unwrap();
         (dir, sock)
     }
 

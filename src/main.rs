@@ -1,5 +1,6 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
+mod lifecycle;
 mod mount;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a volume (file:// or s3://); refuses to overwrite one.
+    Format(lifecycle::FormatArgs),
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
     Serve(ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
@@ -79,9 +82,14 @@ struct StoreArgs {
     #[arg(long)]
     listen: std::net::SocketAddr,
     /// Where the volumes live: file:///DIR, s3://BUCKET/PREFIX?endpoint=...,
-    /// or mem: (tests). Volume NAME is kept at DATA/NAME.
+    /// or mem: (tests). Volume NAME is kept at DATA/NAME, made by
+    /// `pohmelfs format DATA/NAME`; a file:// DIR must exist.
     #[arg(long)]
     data: String,
+    /// Create a volume a client names that does not exist yet (scratch
+    /// servers and tests); without it the client is refused.
+    #[arg(long)]
+    create_volumes: bool,
     /// File holding one secret that opens every volume (the credential
     /// `default`). Without it and --credentials-file the server listens on
     /// loopback only.
@@ -133,9 +141,13 @@ struct VolumeArgs {
     /// s3://BUCKET/PREFIX?endpoint=URL&region=R&allow_http=true (embedded
     /// engine on object storage), pohmel://HOST:PORT[,HOST:PORT...]/VOLUME
     /// (store servers, failover in order), or mem: (daemon memory; does not
-    /// persist).
-    #[arg(long, default_value = "mem:")]
+    /// persist). A file:// or s3:// volume must exist (`pohmelfs format`).
+    #[arg(long)]
     store: String,
+    /// Open the volume even though another live daemon holds it: that
+    /// daemon is fenced (its writes fail from then on).
+    #[arg(long)]
+    take_over: bool,
     /// Guest (or kernel) caching of attributes, entries and data.
     #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
     cache: CachePolicy,
@@ -245,8 +257,11 @@ impl VolumeArgs {
         &self,
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
+        let mode = pohmelfs::store::engine::OpenMode::Existing {
+            take_over: self.take_over,
+        };
         let store: Arc<dyn pohmelfs::store::Store> =
-            pohmelfs::writeback::open(&self.store, self.txn_config(), Arc::clone(metrics))
+            pohmelfs::writeback::open_as(&self.store, self.txn_config(), Arc::clone(metrics), mode)
                 .context("open store")?;
         let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
             .context("open volume")?;
@@ -308,6 +323,7 @@ fn main() {
     tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Format(args) => lifecycle::format(args),
         Command::Serve(args) => serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),
@@ -317,8 +333,9 @@ fn main() {
         Command::Torture(args) => torture(args),
     };
     if let Err(e) = result {
-        // One line: what failed and why, the whole chain.
-        eprintln!("pohmelfs: {e:#}");
+        // One line: what failed and why, the whole chain (or the one
+        // sentence that says it all: a missing or held volume).
+        eprintln!("pohmelfs: {}", lifecycle::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -346,16 +363,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     args.volume.check()?;
+    let metrics = Arc::new(Metrics::default());
+    // The volume first: a missing or held volume (or unreachable store)
+    // fails before a VMM can connect. Opened in a thread without
+    // capabilities, as the engine's threads inherit its set.
+    let (store, fs) = lifecycle::open_without_capabilities(|| args.volume.open(&metrics))?;
     let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
     args.socket_access
         .apply(&args.socket_path)
         .context("set socket access")?;
     confine::drop_all_capabilities().context("drop capabilities")?;
-    let metrics = Arc::new(Metrics::default());
-    let (store, fs) = args.volume.open(&metrics)?;
-    pohmelfs::control::spawn_control_socket(
+    pohmelfs::control::spawn_volume_control_socket(
         &pohmelfs::control::control_path(&args.socket_path),
         Arc::clone(&metrics),
+        pohmelfs::control::volume_text(&store.describe(), store.identity().as_ref()),
     )
     .context("bind control socket")?;
     if let Some(addr) = args.metrics_listen {
@@ -448,6 +469,7 @@ fn store(args: StoreArgs) -> Result<()> {
     };
     confine::restrict(keep).context("confine")?;
     confine::refuse_secret_in_url(&args.data).context("--data")?;
+    lifecycle::check_data_dir(&args.data)?;
     init_logging(&args.log_level)?;
     pohmelfs::ratelimit::limit_panic_messages();
     let mut credentials = Credentials::none();
@@ -480,6 +502,7 @@ fn store(args: StoreArgs) -> Result<()> {
             max_volumes: args.max_volumes,
             max_in_flight: args.max_in_flight,
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
+            create_volumes: args.create_volumes,
             ..ServerConfig::new(args.listen, &args.data)
         };
         let server = Server::bind(cfg).await.context("bind store server")?;

@@ -296,6 +296,18 @@ pub fn open(
     cfg: TxnConfig,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    open_as(url, cfg, metrics, crate::store::engine::OpenMode::Any)
+}
+
+/// As [`open`], a `file://` or `s3://` volume opened as `mode` says (the
+/// daemon's: it must exist, and a live holder is refused unless taken
+/// over).
+pub fn open_as(
+    url: &str,
+    cfg: TxnConfig,
+    metrics: Arc<Metrics>,
+    mode: crate::store::engine::OpenMode,
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
     let cfg = TxnConfig {
         forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
         ..cfg
@@ -316,12 +328,8 @@ pub fn open(
             (remote.clone(), Arc::new(RemoteSink::new(remote)))
         } else if url.starts_with("file:") || url.starts_with("s3:") {
             let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
-            let engine = crate::store::engine::SlateStore::open(&engine_url).map_err(|source| {
-                crate::store::OpenError::Volume {
-                    url: url.to_string(),
-                    source,
-                }
-            })?;
+            let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
+                .map_err(|e| crate::store::OpenError::volume(url, e))?;
             // This daemon is the volume's only writer now: orphans a crashed
             // one left behind are nobody's (`store/engine/orphans.rs`).
             engine

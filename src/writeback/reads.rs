@@ -285,6 +285,10 @@ impl Store for WritebackStore {
         self.shared.close(ino)
     }
 
+    fn identity(&self) -> Option<crate::store::engine::VolumeIdentity> {
+        self.shared.store.identity()
+    }
+
     fn describe(&self) -> String {
         let cfg = &self.shared.cfg;
         format!(
