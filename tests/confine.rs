@@ -71,7 +71,9 @@ fn serve(dir: &ScratchDir, args: &[&str]) -> ChildGuard {
     let sock = dir.join("s.sock");
     let log = dir.join("serve.log");
     let vol = format!("file://{}", dir.join("vol").display());
-    pohmelfs_testkit::format_volume(POHMELFS, &vol, &[]).unwrap();
+    if !dir.join("vol").exists() {
+        pohmelfs_testkit::format_volume(POHMELFS, &vol, &[]).unwrap();
+    }
     let mut child = ChildGuard(
         Command::new(POHMELFS)
             .args(["serve", "--socket-path"])

@@ -93,11 +93,23 @@ fn a_missing_volume_is_one_line_and_no_socket() {
         &out,
         &format!("no volume at {url}; create it with pohmelfs format {url}"),
     );
-    assert!(
-        !sock.exists(),
-        "the socket was bound before the volume opened"
-    );
+    assert!(!sock.exists(), "the socket was bound");
     assert!(!dir.join("typo").exists(), "serve made a volume");
+    // The volume is opened before the socket is bound: with a socket path
+    // that cannot be bound the volume is still what the line names.
+    let not_a_socket = dir.join("file");
+    std::fs::write(&not_a_socket, b"").unwrap();
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        not_a_socket.to_str().unwrap(),
+        "--store",
+        &url,
+    ]);
+    assert_one_line(
+        &out,
+        &format!("no volume at {url}; create it with pohmelfs format {url}"),
+    );
     // No default store: `mem:` only when named.
     let out = run(&["serve", "--socket-path", sock.to_str().unwrap()]);
     assert!(!out.status.success());

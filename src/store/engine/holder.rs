@@ -143,15 +143,25 @@ impl Holder {
                 // record left by a former process with our pid.
                 return false;
             }
-            let Ok(pid) = libc::pid_t::try_from(self.pid) else {
-                return false;
-            };
-            // SAFETY: kill with signal 0 sends nothing; it only checks
-            // that the process exists.
-            let rc = unsafe { libc::kill(pid, 0) };
-            return rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            return process_runs(self.pid);
         }
         now.saturating_sub(self.renewed) < LEASE_SECS
+    }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie waiting to be
+/// reaped), read from `/proc`: a file read is all a store server's seccomp
+/// filter allows once it runs (no `kill(pid, 0)`). Without `/proc` the
+/// holder counts as running.
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself hold spaces or parentheses.
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => !std::path::Path::new("/proc/self/stat").exists(),
     }
 }
 
@@ -286,6 +296,16 @@ mod tests {
         assert!(h.is_live(&me, now), "a running process holds it");
         h.pid = std::process::id();
         assert!(!h.is_live(&me, now), "this process's own record is stale");
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        h.pid = exited.id();
+        let zombie = pohmelfs_testkit::wait_until(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(5),
+            || (!process_runs(h.pid)).then_some(()),
+        );
+        assert!(zombie.is_some(), "the child did not exit");
+        assert!(!h.is_live(&me, now), "an exited process holds nothing");
+        exited.wait().unwrap();
         h.host = "elsewhere".into();
         h.renewed = now - 1;
         assert!(h.is_live(&me, now), "renewed a second ago");
