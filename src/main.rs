@@ -1,7 +1,10 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
+mod compat;
+mod endpoint;
 mod lifecycle;
 mod mount;
+mod serve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +12,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use pohmelfs::confine;
-use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
 use pohmelfs::writeback::{MemoryBudget, OverwritePolicy, TxnConfig};
@@ -31,7 +33,7 @@ enum Command {
     /// Create a volume (file:// or s3://); refuses to overwrite one.
     Format(lifecycle::FormatArgs),
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
     Store(StoreArgs),
     /// Measure transaction commit latency and throughput against a store.
@@ -256,52 +258,21 @@ impl VolumeArgs {
     fn open(
         &self,
         metrics: &Arc<Metrics>,
-    ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
+    ) -> Result<(Arc<pohmelfs::writeback::WritebackStore>, Arc<PohmelFs>)> {
         let mode = pohmelfs::store::engine::OpenMode::Existing {
             take_over: self.take_over,
         };
-        let store: Arc<dyn pohmelfs::store::Store> =
+        let store =
             pohmelfs::writeback::open_as(&self.store, self.txn_config(), Arc::clone(metrics), mode)
                 .context("open store")?;
-        let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
-            .context("open volume")?;
+        let fs = PohmelFs::new(
+            Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>,
+            self.fs_config(),
+            Arc::clone(metrics),
+        )
+        .context("open volume")?;
         Ok((store, Arc::new(fs)))
     }
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// The vhost-user socket the VMM connects to.
-    #[arg(long)]
-    socket_path: PathBuf,
-    /// The mount tag, served through the device config space (cloud-hypervisor
-    /// reads it there; QEMU takes it from its own `tag=`).
-    #[arg(long)]
-    tag: Option<String>,
-    #[command(flatten)]
-    volume: VolumeArgs,
-    /// Worker threads serving requests.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    thread_pool_size: u16,
-    /// Request queues offered to the guest (besides the hiprio queue).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    request_queues: u16,
-    /// Descriptors per virtqueue at most.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
-    queue_size: u16,
-    /// Exit when the frontend disconnects instead of waiting for the next one.
-    #[arg(long)]
-    once: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// Log level: error, warn, info, debug, trace (or a tracing filter).
-    #[arg(long, default_value = "info")]
-    log_level: String,
-    #[command(flatten)]
-    socket_access: confine::SocketAccessArgs,
-    #[command(flatten)]
-    seccomp: confine::SeccompArgs,
 }
 
 /// Keep glibc's allocator from holding freed memory: at most two arenas
@@ -321,10 +292,20 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
+    // `pohmelfs --fd=N --shared-dir DIR …`, as libvirt starts a virtio-fs
+    // backend, means `pohmelfs serve …` (src/compat.rs).
+    let args = match compat::rewrite(std::env::args_os().collect()) {
+        Ok(Some(args)) => args,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("pohmelfs: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Format(args) => lifecycle::format(args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),
         Command::Status(args) => status(args),
@@ -351,63 +332,6 @@ fn init_logging(level: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("install logger: {e}"))
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    // Before any thread: capabilities are per thread (src/confine).
-    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
-    // fuse-backend-rs's own lines are off: see `device::log_filter`.
-    init_logging(&device::log_filter(&args.log_level))?;
-    pohmelfs::ratelimit::limit_panic_messages();
-    if let Some(tag) = &args.tag {
-        if tag.is_empty() || tag.len() > device::TAG_MAX {
-            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
-        }
-    }
-    args.volume.check()?;
-    let metrics = Arc::new(Metrics::default());
-    // The volume first: a missing or held volume (or unreachable store)
-    // fails before a VMM can connect. Opened in a thread without
-    // capabilities, as the engine's threads inherit its set.
-    let (store, fs) = lifecycle::open_without_capabilities(|| args.volume.open(&metrics))?;
-    let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
-    args.socket_access
-        .apply(&args.socket_path)
-        .context("set socket access")?;
-    confine::drop_all_capabilities().context("drop capabilities")?;
-    pohmelfs::control::spawn_volume_control_socket(
-        &pohmelfs::control::control_path(&args.socket_path),
-        Arc::clone(&metrics),
-        pohmelfs::control::volume_text(&store.describe(), store.identity().as_ref()),
-    )
-    .context("bind control socket")?;
-    if let Some(addr) = args.metrics_listen {
-        pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
-            .context("bind metrics endpoint")?;
-    }
-    info!(store = %store.describe(), "volume open");
-    install_signal_handlers(Arc::clone(&fs), args.socket_path.clone())?;
-    confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
-    info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
-    let cfg = ServeConfig {
-        socket_path: args.socket_path.clone(),
-        device: DeviceConfig {
-            tag: args.tag,
-            request_queues: args.request_queues.into(),
-            queue_size: args.queue_size.into(),
-            // Local volumes: their reads never wait on a network.
-            inline_reads: args.volume.store.starts_with("file://")
-                || args.volume.store.starts_with("mem:"),
-        },
-        threads: args.thread_pool_size.into(),
-        queue_depth: usize::from(args.queue_size) * 2,
-        once: args.once,
-    };
-    device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
-    fs.sync_all().context("sync volume")?;
-    let _ = std::fs::remove_file(&args.socket_path);
-    let _ = std::fs::remove_file(pohmelfs::control::control_path(&args.socket_path));
-    Ok(())
-}
-
 /// `--dirty-max` unless given (or the page share is smaller).
 const DEFAULT_DIRTY_MAX: u64 = 128 << 20;
 
@@ -429,32 +353,6 @@ fn status(args: StatusArgs) -> Result<()> {
         )
     })?;
     print!("{text}");
-    Ok(())
-}
-
-/// SIGTERM and SIGINT: make the volume durable, remove the socket, exit.
-fn install_signal_handlers(fs: Arc<PohmelFs>, socket: PathBuf) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("install signal handlers")?;
-    std::thread::Builder::new()
-        .name("pohmelfs-signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!(signal = sig, "shutting down");
-                let code = match fs.sync_all() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        warn!(error = %pohmelfs::ErrorChain(&e), "could not make the volume durable before exit");
-                        1
-                    }
-                };
-                let _ = std::fs::remove_file(&socket);
-                let _ = std::fs::remove_file(pohmelfs::control::control_path(&socket));
-                std::process::exit(code);
-            }
-        })
-        .context("start signal thread")?;
     Ok(())
 }
 

@@ -84,6 +84,8 @@ mod copy_tests;
 #[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
+mod drain_tests;
+#[cfg(test)]
 mod jam_tests;
 #[cfg(test)]
 mod metadata_tests;
@@ -434,6 +436,26 @@ impl WritebackStore {
     /// Transactions not yet acknowledged (for tests and status).
     pub fn unacked(&self) -> usize {
         lock(&self.shared.state).txns.len()
+    }
+
+    /// The drain at shutdown: send everything and wait at most `timeout`
+    /// for the store's acks. On a timeout every transaction not stored is
+    /// logged (its inodes, bytes and operations: what the exit loses) and
+    /// the error says how many.
+    pub fn drain(&self, timeout: Duration) -> Result<(), StoreError> {
+        match self.shared.sync_within(None, timeout) {
+            Err(StoreError::NoSpace) => Err(StoreError::NoSpace),
+            Err(e) => {
+                let st = lock(&self.shared.state);
+                let bytes: u64 = st.txns.values().map(|t| t.data_bytes).sum();
+                Err(StoreError::Io(std::io::Error::other(format!(
+                    "{} transactions ({bytes} data bytes) not stored within {timeout:?}: {}",
+                    st.txns.len(),
+                    crate::ErrorChain(&e)
+                ))))
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// How many times the state lock was taken, how many of those found
