@@ -27,6 +27,15 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 
 /// How often an open volume renews its holder record.
 pub const RENEW_SECS: u64 = 10;
+
+/// [`RENEW_SECS`]; shorter in tests, which watch renewals happen.
+pub fn renew_period() -> std::time::Duration {
+    if cfg!(test) {
+        std::time::Duration::from_millis(20)
+    } else {
+        std::time::Duration::from_secs(RENEW_SECS)
+    }
+}
 /// A record from another host not renewed for this long is stale.
 pub const LEASE_SECS: u64 = 3 * RENEW_SECS;
 
@@ -112,6 +121,11 @@ impl Holder {
             "host={}\npid={}\nsince={}\nrenewed={}\n",
             self.host, self.pid, self.since, self.renewed
         )
+    }
+
+    /// Whether `other` is the same open (host, pid and since agree).
+    pub fn same_holder(&self, other: &Holder) -> bool {
+        self.host == other.host && self.pid == other.pid && self.since == other.since
     }
 
     /// The record, or `None` when it is not one (treated as no holder).
@@ -221,12 +235,10 @@ pub async fn release(
     holder: &Holder,
 ) -> object_store::Result<()> {
     match read_holder(store, db_path).await? {
-        Some(h) if h.host == holder.host && h.pid == holder.pid && h.since == holder.since => {
-            match store.delete(&child(db_path, HOLDER)).await {
-                Err(object_store::Error::NotFound { .. }) => Ok(()),
-                other => other,
-            }
-        }
+        Some(h) if h.same_holder(holder) => match store.delete(&child(db_path, HOLDER)).await {
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            other => other,
+        },
         _ => Ok(()),
     }
 }

@@ -120,3 +120,44 @@ fn a_dead_holder_does_not_stop_an_open() {
     let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
     assert_eq!(s.identity().holder.map(|h| h.pid), Some(std::process::id()));
 }
+
+#[test]
+fn the_record_is_renewed_until_another_opener_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    // Renewed: a record set back to the epoch is written again.
+    let mine = holder_file(&dir).unwrap();
+    std::fs::write(
+        dir.path().join("vol/volume.holder"),
+        Holder {
+            renewed: 0,
+            ..mine.clone()
+        }
+        .encode(),
+    )
+    .unwrap();
+    let renewed =
+        pohmelfs_testkit::wait_until(WAIT, POLL, || holder_file(&dir).filter(|h| h.renewed > 0));
+    assert!(renewed.is_some_and(|h| h.same_holder(&mine)), "not renewed");
+    // Another opener's record: the fenced instance stops renewing and
+    // leaves it alone.
+    let taker = Holder {
+        host: "elsewhere".into(),
+        ..mine
+    };
+    std::fs::write(dir.path().join("vol/volume.holder"), taker.encode()).unwrap();
+    let stopped =
+        pohmelfs_testkit::wait_until(WAIT, POLL, || (!s.renews_its_holder_record()).then_some(()));
+    assert!(stopped.is_some(), "still renewing over the taker's record");
+    assert_eq!(holder_file(&dir), Some(taker.clone()));
+    s.close().unwrap();
+    assert_eq!(
+        holder_file(&dir),
+        Some(taker),
+        "close removed the taker's record"
+    );
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);

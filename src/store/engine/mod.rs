@@ -263,6 +263,12 @@ impl SlateStore {
         closed
     }
 
+    /// Whether this instance still renews its holder record (tests).
+    #[cfg(test)]
+    pub(crate) fn renews_its_holder_record(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.renewing())
+    }
+
     /// What the volume is and who holds it, for `pohmelfs status`.
     pub fn identity(&self) -> VolumeIdentity {
         VolumeIdentity {

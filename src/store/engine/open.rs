@@ -75,6 +75,12 @@ pub(super) struct Lease {
 }
 
 impl Lease {
+    /// Whether the record is still renewed (not released, not taken over).
+    #[cfg(test)]
+    pub(super) fn renewing(&self) -> bool {
+        !self.stop.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The task that renews the record until [`Lease::release`].
     fn renewal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         renew(
@@ -159,11 +165,21 @@ async fn renew(
     mut record: holder::Holder,
     stop: Arc<AtomicBool>,
 ) {
-    let period = std::time::Duration::from_secs(holder::RENEW_SECS);
     loop {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(holder::renew_period()).await;
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
+        }
+        // Another opener took the volume over (this instance is fenced):
+        // its record stays, and this one renews no more.
+        match holder::read_holder(&*object_store, &db_path).await {
+            Ok(Some(h)) if !h.same_holder(&record) => {
+                tracing::warn!(holder = %h, "the volume was taken over; its holder record is no longer renewed here");
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the volume's holder record"),
         }
         record.renewed = holder::now_secs();
         if let Err(e) = holder::write_holder(&*object_store, &db_path, &record).await {
