@@ -15,6 +15,7 @@ bin=$1 checks=$2
 shift 2
 work=$(mktemp -d)
 mkdir "$work/mnt"
+"$bin" format "file://$work/vol" >/dev/null
 "$bin" mount "$work/mnt" --store "file://$work/vol" --log-level warn "$@" 2>"$work/daemon.log" &
 pid=$!
 cleanup() {

@@ -230,12 +230,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn answer_control(
     conn: &mut Deadlined<UnixStream>,
     metrics: &Metrics,
-    volume: Option<&dyn Store>,
+    volume: &str,
+    store: Option<&dyn Store>,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new((&mut *conn).take(256)).read_line(&mut line)?;
-    let reply = match (line.trim(), volume) {
-        ("status" | "", _) => status_text(metrics),
+    let reply = match (line.trim(), store) {
+        ("status" | "", _) => format!("{volume}{}", status_text(metrics)),
         ("prometheus", _) => metrics.prometheus(),
         (cmd, Some(store)) if cmd.starts_with("snapshot ") => {
             let name = cmd["snapshot ".len()..].trim();
@@ -273,7 +274,8 @@ fn answer_http(conn: &mut Deadlined<TcpStream>, metrics: &Metrics) -> std::io::R
 }
 
 /// Serve the control socket on a thread. A stale socket file is replaced.
-/// With `volume`, it also takes snapshots of it.
+/// With `volume`, `status` starts with its lines ([`volume_text`]) and
+/// the socket takes snapshots of it.
 pub fn spawn_control_socket(
     path: &Path,
     metrics: Arc<Metrics>,
@@ -282,12 +284,37 @@ pub fn spawn_control_socket(
     spawn_control_socket_with(path, metrics, volume, LIMITS)
 }
 
+/// The volume's lines of `status`: what it is, and who holds it.
+pub fn volume_text(describe: &str, id: Option<&crate::store::engine::VolumeIdentity>) -> String {
+    let mut out = format!("{:<22} {describe}\n", "volume");
+    match id {
+        Some(id) => {
+            out.push_str(&format!("{:<22} {}\n", "volume_id", id.id_hex()));
+            out.push_str(&format!("{:<22} {}\n", "format_version", id.format_version));
+            out.push_str(&format!("{:<22} {}\n", "epoch", id.epoch));
+            let holder = id
+                .holder
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string);
+            out.push_str(&format!("{:<22} {holder}\n", "holder"));
+        }
+        None => out.push_str(&format!(
+            "{:<22} - (kept by the store server, or not persistent)\n",
+            "volume_id"
+        )),
+    }
+    out
+}
+
 fn spawn_control_socket_with(
     path: &Path,
     metrics: Arc<Metrics>,
     volume: Option<Arc<dyn Store>>,
     limits: Limits,
 ) -> std::io::Result<()> {
+    let text = volume.as_ref().map_or_else(String::new, |store| {
+        volume_text(&store.describe(), store.identity().as_ref())
+    });
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     info!(path = %path.display(), "control socket listening");
@@ -295,7 +322,7 @@ fn spawn_control_socket_with(
         "pohmelfs-control",
         move || Ok(listener.accept()?.0),
         limits,
-        move |c| answer_control(c, &metrics, volume.as_deref()),
+        move |c| answer_control(c, &metrics, &text, volume.as_deref()),
     )
 }
 

@@ -1,6 +1,10 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
+mod compat;
+mod endpoint;
+mod lifecycle;
 mod mount;
+mod serve;
 mod snapshot;
 
 use std::path::PathBuf;
@@ -8,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
-use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::fs::{CachePolicy, FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
 use pohmelfs::writeback::{MemoryBudget, OverwritePolicy, TxnConfig};
@@ -28,8 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a volume (file:// or s3://); refuses to overwrite one.
+    Format(lifecycle::FormatArgs),
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
     Store(StoreArgs),
     /// Measure transaction commit latency and throughput against a store.
@@ -86,9 +91,14 @@ struct StoreArgs {
     #[arg(long)]
     listen: std::net::SocketAddr,
     /// Where the volumes live: file:///DIR, s3://BUCKET/PREFIX?endpoint=...,
-    /// or mem: (tests). Volume NAME is kept at DATA/NAME.
+    /// or mem: (tests). Volume NAME is kept at DATA/NAME, made by
+    /// `pohmelfs format DATA/NAME`; a file:// DIR must exist.
     #[arg(long)]
     data: String,
+    /// Create a volume a client names that does not exist yet (scratch
+    /// servers and tests); without it the client is refused.
+    #[arg(long)]
+    create_volumes: bool,
     /// File holding one secret that opens every volume (the credential
     /// `default`). Without it and --credentials-file the server listens on
     /// loopback only.
@@ -140,9 +150,13 @@ struct VolumeArgs {
     /// s3://BUCKET/PREFIX?endpoint=URL&region=R&allow_http=true (embedded
     /// engine on object storage), pohmel://HOST:PORT[,HOST:PORT...]/VOLUME
     /// (store servers, failover in order), or mem: (daemon memory; does not
-    /// persist).
-    #[arg(long, default_value = "mem:")]
+    /// persist). A file:// or s3:// volume must exist (`pohmelfs format`).
+    #[arg(long)]
     store: String,
+    /// Open the volume even though another live daemon holds it: that
+    /// daemon is fenced (its writes fail from then on).
+    #[arg(long)]
+    take_over: bool,
     /// Guest (or kernel) caching of attributes, entries and data.
     #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
     cache: CachePolicy,
@@ -265,53 +279,26 @@ impl VolumeArgs {
     fn open(
         &self,
         metrics: &Arc<Metrics>,
-    ) -> Result<(Arc<dyn pohmelfs::store::Store>, Arc<PohmelFs>)> {
-        let store: Arc<dyn pohmelfs::store::Store> = pohmelfs::writeback::open_with_cache(
+    ) -> Result<(Arc<pohmelfs::writeback::WritebackStore>, Arc<PohmelFs>)> {
+        let mode = pohmelfs::store::engine::OpenMode::Existing {
+            take_over: self.take_over,
+        };
+        let store = pohmelfs::writeback::open_as(
             &self.store,
             self.txn_config(),
             self.read_cache().as_ref(),
             Arc::clone(metrics),
+            mode,
         )
         .context("open store")?;
-        let fs = PohmelFs::new(Arc::clone(&store), self.fs_config(), Arc::clone(metrics))
-            .context("open volume")?;
+        let fs = PohmelFs::new(
+            Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>,
+            self.fs_config(),
+            Arc::clone(metrics),
+        )
+        .context("open volume")?;
         Ok((store, Arc::new(fs)))
     }
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// The vhost-user socket the VMM connects to.
-    #[arg(long)]
-    socket_path: PathBuf,
-    /// The mount tag, served through the device config space (cloud-hypervisor
-    /// reads it there; QEMU takes it from its own `tag=`).
-    #[arg(long)]
-    tag: Option<String>,
-    #[command(flatten)]
-    volume: VolumeArgs,
-    /// Worker threads serving requests.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    thread_pool_size: u16,
-    /// Request queues offered to the guest (besides the hiprio queue).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    request_queues: u16,
-    /// Descriptors per virtqueue at most.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
-    queue_size: u16,
-    /// Exit when the frontend disconnects instead of waiting for the next one.
-    #[arg(long)]
-    once: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// Log level: error, warn, info, debug, trace (or a tracing filter).
-    #[arg(long, default_value = "info")]
-    log_level: String,
-    #[command(flatten)]
-    socket_access: confine::SocketAccessArgs,
-    #[command(flatten)]
-    seccomp: confine::SeccompArgs,
 }
 
 /// Keep glibc's allocator from holding freed memory: at most two arenas
@@ -331,9 +318,20 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
+    // `pohmelfs --fd=N --shared-dir DIR …`, as libvirt starts a virtio-fs
+    // backend, means `pohmelfs serve …` (src/compat.rs).
+    let args = match compat::rewrite(std::env::args_os().collect()) {
+        Ok(Some(args)) => args,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("pohmelfs: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Format(args) => lifecycle::format(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),
         Command::Status(args) => status(args),
@@ -344,8 +342,9 @@ fn main() {
         Command::Clone(args) => init_logging("warn").and_then(|()| snapshot::clone(args)),
     };
     if let Err(e) = result {
-        // One line: what failed and why, the whole chain.
-        eprintln!("pohmelfs: {e:#}");
+        // One line: what failed and why, the whole chain (or the one
+        // sentence that says it all: a missing or held volume).
+        eprintln!("pohmelfs: {}", lifecycle::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -353,71 +352,6 @@ fn main() {
 /// The logger for `--log-level LEVEL` (or `RUST_LOG`: `src/logging.rs`).
 fn init_logging(level: &str) -> Result<()> {
     pohmelfs::logging::init(level, str::to_string).context("install logger")
-}
-
-fn serve(args: ServeArgs) -> Result<()> {
-    // Before any thread: capabilities are per thread (src/confine).
-    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
-    let notifier = systemd::Notifier::from_env().context("systemd notify socket")?;
-    // fuse-backend-rs's own lines are off: see `device::log_filter`.
-    pohmelfs::logging::init(&args.log_level, device::log_filter).context("install logger")?;
-    pohmelfs::ratelimit::limit_panic_messages();
-    if let Some(tag) = &args.tag {
-        if tag.is_empty() || tag.len() > device::TAG_MAX {
-            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
-        }
-    }
-    args.volume.check()?;
-    let listener = device::bind(&args.socket_path).context("bind vhost-user socket")?;
-    args.socket_access
-        .apply(&args.socket_path)
-        .context("set socket access")?;
-    confine::drop_all_capabilities().context("drop capabilities")?;
-    let metrics = Arc::new(Metrics::default());
-    let (store, fs) = args.volume.open(&metrics)?;
-    pohmelfs::control::spawn_control_socket(
-        &pohmelfs::control::control_path(&args.socket_path),
-        Arc::clone(&metrics),
-        Some(Arc::clone(&store)),
-    )
-    .context("bind control socket")?;
-    if let Some(addr) = args.metrics_listen {
-        pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
-            .context("bind metrics endpoint")?;
-    }
-    info!(store = %store.describe(), "volume open");
-    let notifier = notifier.map(Arc::new);
-    install_signal_handlers(Arc::clone(&fs), args.socket_path.clone(), notifier.clone())?;
-    confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
-    info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
-    let cfg = ServeConfig {
-        socket_path: args.socket_path.clone(),
-        device: DeviceConfig {
-            tag: args.tag,
-            request_queues: args.request_queues.into(),
-            queue_size: args.queue_size.into(),
-            // Local volumes: their reads never wait on a network.
-            inline_reads: args.volume.store.starts_with("file://")
-                || args.volume.store.starts_with("mem:"),
-        },
-        threads: args.thread_pool_size.into(),
-        queue_depth: usize::from(args.queue_size) * 2,
-        once: args.once,
-    };
-    // The volume is open and the socket bound: a VMM may connect now.
-    if let Some(n) = &notifier {
-        n.notify(&format!(
-            "READY=1\nSTATUS=serving {} on {}",
-            store.describe(),
-            args.socket_path.display()
-        ))
-        .context("notify systemd")?;
-    }
-    device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
-    fs.sync_all().context("sync volume")?;
-    let _ = std::fs::remove_file(&args.socket_path);
-    let _ = std::fs::remove_file(pohmelfs::control::control_path(&args.socket_path));
-    Ok(())
 }
 
 /// `--dirty-max` unless given (or the page share is smaller).
@@ -444,41 +378,6 @@ fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT: make the volume durable, remove the socket, exit.
-fn install_signal_handlers(
-    fs: Arc<PohmelFs>,
-    socket: PathBuf,
-    notifier: Option<Arc<systemd::Notifier>>,
-) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("install signal handlers")?;
-    std::thread::Builder::new()
-        .name("pohmelfs-signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!(signal = sig, "shutting down");
-                if let Some(n) = &notifier {
-                    if let Err(e) = n.notify("STOPPING=1") {
-                        warn!(error = %pohmelfs::ErrorChain(&e), "could not tell systemd");
-                    }
-                }
-                let code = match fs.sync_all() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        warn!(error = %pohmelfs::ErrorChain(&e), "could not make the volume durable before exit");
-                        1
-                    }
-                };
-                let _ = std::fs::remove_file(&socket);
-                let _ = std::fs::remove_file(pohmelfs::control::control_path(&socket));
-                std::process::exit(code);
-            }
-        })
-        .context("start signal thread")?;
-    Ok(())
-}
-
 fn store(args: StoreArgs) -> Result<()> {
     use pohmelfs::net::credentials::{read_secret, Credentials};
     use pohmelfs::net::server::{Server, ServerConfig};
@@ -491,6 +390,7 @@ fn store(args: StoreArgs) -> Result<()> {
     confine::restrict(keep).context("confine")?;
     let notifier = systemd::Notifier::from_env().context("systemd notify socket")?;
     confine::refuse_secret_in_url(&args.data).context("--data")?;
+    lifecycle::check_data_dir(&args.data)?;
     init_logging(&args.log_level)?;
     pohmelfs::ratelimit::limit_panic_messages();
     let mut credentials = Credentials::none();
@@ -523,6 +423,7 @@ fn store(args: StoreArgs) -> Result<()> {
             max_volumes: args.max_volumes,
             max_in_flight: args.max_in_flight,
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
+            create_volumes: args.create_volumes,
             ..ServerConfig::new(args.listen, &args.data)
         };
         let server = Server::bind(cfg).await.context("bind store server")?;

@@ -72,7 +72,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     pohmelfs::confine::set_umask();
     super::init_logging(&args.log_level)?;
     args.volume.check()?;
-    // Check what the mount needs before opening (and maybe creating) a volume.
+    // Check what the mount needs before opening the volume.
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     let fuse_dev = OpenOptions::new()
         .read(true)

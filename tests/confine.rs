@@ -70,12 +70,16 @@ fn assert_confined(pid: u32, what: &str) {
 fn serve(dir: &ScratchDir, args: &[&str]) -> ChildGuard {
     let sock = dir.join("s.sock");
     let log = dir.join("serve.log");
+    let vol = format!("file://{}", dir.join("vol").display());
+    if !dir.join("vol").exists() {
+        pohmelfs_testkit::format_volume(POHMELFS, &vol, &[]).unwrap();
+    }
     let mut child = ChildGuard(
         Command::new(POHMELFS)
             .args(["serve", "--socket-path"])
             .arg(&sock)
             .arg("--store")
-            .arg(format!("file://{}", dir.join("vol").display()))
+            .arg(&vol)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

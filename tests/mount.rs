@@ -373,6 +373,7 @@ fn file_volume_survives_sigterm_and_remount() {
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let store = format!("file://{}", dir.path().join("volume").display());
+    pohmelfs_testkit::format_volume(env!("CARGO_BIN_EXE_pohmelfs"), &store, &[]).unwrap();
 
     let first = Mounted::start(&store, &mnt, &dir.path().join("first.log"));
     populate(&first.mountpoint);
@@ -398,6 +399,7 @@ fn fsynced_and_with_sync_on_close_closed_files_survive_kill_9() {
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let store = format!("file://{}", dir.path().join("volume").display());
+    pohmelfs_testkit::format_volume(env!("CARGO_BIN_EXE_pohmelfs"), &store, &[]).unwrap();
     let fsynced = pattern(100_000, 11);
     let closed = pattern(70_000, 12);
 

@@ -283,6 +283,9 @@ fn an_s3_cache_is_kept_across_reopens_and_emptied_after_another_writer() {
         write_file(&store, &second);
     }
     let (store, metrics) = s3_daemon(&url, &cache);
-    assert!(read_whole(&store, second.len()) == second, "no stale block served");
+    assert!(
+        read_whole(&store, second.len()) == second,
+        "no stale block served"
+    );
     assert_eq!(metrics.read_cache_hits.get(), 0);
 }

@@ -170,3 +170,90 @@ fn lines_carry_syslog_priorities_when_stderr_is_the_journal() {
         "a line without a priority:\n{text}"
     );
 }
+
+/// `serve` under socket activation, started by systemd's own
+/// `systemd-socket-activate` (which binds the socket and passes it as
+/// `LISTEN_FDS`, as a `.socket` unit does): it serves on that socket,
+/// says READY=1, and leaves the socket file to systemd at exit.
+#[test]
+fn serve_takes_the_socket_systemd_passed_and_leaves_it_at_exit() {
+    let dir = ScratchDir::new("systemd-activate").unwrap();
+    let (notify, notify_path) = notify_socket(&dir);
+    let socket = dir.path().join("vhost.sock");
+    let mut child = ChildGuard(
+        Command::new("systemd-socket-activate")
+            .arg("--listen")
+            .arg(&socket)
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .args([POHMELFS, "serve", "--store", "mem:", "--socket-path"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run systemd-socket-activate (apt-get install systemd)"),
+    );
+    // It may wait for a first connection before it starts the daemon.
+    pohmelfs_testkit::wait_until(TIMEOUT, POLL, || {
+        UnixStream::connect(&socket).ok().map(drop)
+    })
+    .expect("systemd-socket-activate never listened");
+    let ready = next_state(&notify);
+    assert!(
+        ready.lines().any(|l| l == "READY=1"),
+        "first notification: {ready:?}"
+    );
+    let want = format!("on {}", socket.display());
+    assert!(ready.contains(&want), "{ready:?} does not name {want}");
+    let status = Command::new(POHMELFS)
+        .args(["status", "--socket-path"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "status: {status:?}");
+
+    sigterm(&child);
+    assert_eq!(next_state(&notify), "STOPPING=1");
+    assert!(wait_exit(&mut child).success());
+    assert!(
+        std::fs::symlink_metadata(&socket).is_ok(),
+        "the daemon removed the socket systemd owns"
+    );
+    assert!(
+        std::fs::symlink_metadata(pohmelfs::control::control_path(&socket)).is_err(),
+        "the control socket was left behind"
+    );
+}
+
+/// A socket systemd passed that is bound elsewhere than `--socket-path`
+/// is refused before the volume opens: the unit and its socket disagree.
+#[test]
+fn an_activated_socket_at_another_path_is_refused() {
+    let dir = ScratchDir::new("systemd-activate-other").unwrap();
+    let socket = dir.path().join("passed.sock");
+    let named = dir.path().join("named.sock");
+    let child = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&socket)
+        .args([POHMELFS, "serve", "--store", "mem:", "--socket-path"])
+        .arg(&named)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run systemd-socket-activate (apt-get install systemd)");
+    let mut child = ChildGuard(child);
+    pohmelfs_testkit::wait_until(TIMEOUT, POLL, || {
+        UnixStream::connect(&socket).ok().map(drop)
+    })
+    .expect("systemd-socket-activate never listened");
+    let status = wait_exit(&mut child);
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let want = format!(
+        "systemd passed a socket bound to {}, not --socket-path {}",
+        socket.display(),
+        named.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(!named.exists(), "bound --socket-path anyway");
+}

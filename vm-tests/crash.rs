@@ -256,7 +256,7 @@ fn verify_guest(daemon: &Daemon, sums: &BTreeMap<String, String>) -> Result<()> 
 /// and in the daemon. A second guest on the same daemon finds every fsynced byte; the volume
 /// checks clean after the daemon is killed too (pohmelfs).
 pub fn crash_guest_power_cut(vm: &VmTest) -> Result<()> {
-    let url = format!("file://{}/volume", vm.dir().display());
+    let url = vm.new_volume("volume", &[])?;
     let daemon = vm.daemon().store(&url).start()?;
     let sums = first_guest(&daemon, false, CRASH, || Ok(()))?;
     verify_guest(&daemon, &sums)?;
@@ -324,7 +324,7 @@ pub fn crash_store_server_kill9(vm: &VmTest) -> Result<()> {
 /// writes, then the guest loses power. A new daemon on the volume serves every fsynced byte;
 /// the volume checks clean (pohmelfs).
 pub fn crash_daemon_kill9(vm: &VmTest) -> Result<()> {
-    let url = format!("file://{}/volume", vm.dir().display());
+    let url = vm.new_volume("volume", &[])?;
     let daemon = vm.daemon().store(&url).start()?;
     let sums = first_guest(&daemon, false, CRASH, || {
         daemon.stop();

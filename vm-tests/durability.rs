@@ -127,7 +127,7 @@ const SYNC_BYTES: u32 = 100_000;
 /// transaction stays in the daemon unless `sync` sends it: without SYNCFS handling the data is
 /// lost. virtiofsd writes through to its shared directory, where a SIGKILL loses nothing.
 pub fn plain_sync_survives_daemon_kill9(vm: &VmTest) -> Result<()> {
-    let url = format!("file://{}/volume", vm.dir().display());
+    let url = vm.new_volume("volume", &[])?;
     let mut first = vm.daemon().store(&url);
     if vm.kind() == DaemonKind::Pohmelfs {
         first = first.arg("--meta-linger-us").arg("1000000");
@@ -181,7 +181,7 @@ const CLOSE_BYTES: u32 = 300_000;
 /// would: `docs/operations.md`.) virtiofsd writes through to its shared directory, where a
 /// SIGKILL loses nothing.
 pub fn sync_on_close_survives_daemon_kill9(vm: &VmTest) -> Result<()> {
-    let url = format!("file://{}/volume", vm.dir().display());
+    let url = vm.new_volume("volume", &[])?;
     let mut first = vm.daemon().store(&url);
     if vm.kind() == DaemonKind::Pohmelfs {
         first = first.arg("--sync-on-close");

@@ -13,6 +13,8 @@
 //! - [`crash`]: power cuts and SIGKILLs around fsynced and dirty files, torture across restarts;
 //! - [`space`]: a full volume answers ENOSPC;
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
+//! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
+//!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -38,6 +40,7 @@ mod durability;
 mod failover;
 mod files;
 mod harness;
+mod libvirt;
 mod offline;
 mod persistence;
 mod posix;
@@ -91,8 +94,9 @@ vm_tests! {
     crash::crash_daemon_kill9,
 }
 
-/// Tests of store servers (`pohmel://` volumes) and of a volume's capacity: virtiofsd has no
-/// store, and its shared directory has the host's capacity.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and of pohmelfs's own
+/// command line as libvirt writes it: virtiofsd has no store, its shared directory has the
+/// host's capacity, and libvirt starts it with its own options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
@@ -102,5 +106,6 @@ mod pohmelfs_only {
         crash::crash_torture_across_restarts,
         space::full_volume_says_enospc,
         offline::writes_return_while_store_paused,
+        libvirt::libvirt_argv_on_an_inherited_socket,
     );
 }

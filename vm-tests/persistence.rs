@@ -53,7 +53,7 @@ fn sums_of(out: &crate::harness::qemu::GuestOutput) -> Result<String> {
 /// volume (pohmelfs: the embedded store, `file://`; virtiofsd: the shared directory) serves
 /// the same bytes.
 pub fn fsynced_data_survives_daemon_kill(vm: &VmTest) -> Result<()> {
-    let store = format!("file://{}/volume", vm.dir().display());
+    let store = vm.new_volume("volume", &[])?;
     let daemon = vm.daemon().store(&store).start()?;
     let out = Guest::new(&daemon).script(WRITE).run()?.expect_success()?;
     let sums = sums_of(&out)?;

@@ -19,10 +19,7 @@ const FSYNC_TIMEOUT_MS: u64 = 600_000;
 /// The guest fills an 8 MiB volume with 16 MiB and expects ENOSPC from `dd` (its write or its
 /// fsync); after removing the file and a `sync` it writes and fsyncs a small one.
 pub fn full_volume_says_enospc(vm: &VmTest) -> Result<()> {
-    let url = format!(
-        "file://{}/volume?capacity={CAPACITY_MIB}M",
-        vm.dir().display()
-    );
+    let url = vm.new_volume("volume", &["--capacity", &format!("{CAPACITY_MIB}M")])?;
     let daemon = vm
         .daemon()
         .store(&url)

@@ -82,6 +82,12 @@ pub struct ServerConfig {
     /// An authenticated connection that sends nothing for this long is
     /// closed (its client reconnects on its next request).
     pub idle_timeout: Duration,
+    /// Create a `file://` or `s3://` volume a client names that does not
+    /// exist yet. Without it such a client is refused: volumes are made by
+    /// `pohmelfs format DATA/NAME`. A volume held by another server is
+    /// taken over either way (failover is what several servers are for),
+    /// its holder logged.
+    pub create_volumes: bool,
 }
 
 impl ServerConfig {
@@ -98,6 +104,7 @@ impl ServerConfig {
             max_volumes: 64,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(600),
+            create_volumes: true,
         }
     }
 }
@@ -221,7 +228,11 @@ impl Server {
             .saturating_mul(cfg.max_in_flight as usize))
         .clamp(1, 1 << 20) as u32;
         let shared = Arc::new(Shared {
-            volumes: Arc::new(Volumes::new(cfg.data_url.clone(), cfg.max_volumes)),
+            volumes: Arc::new(Volumes::new(
+                cfg.data_url.clone(),
+                cfg.max_volumes,
+                cfg.create_volumes,
+            )),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             requests: Arc::new(Semaphore::new(total as usize)),
             cfg,

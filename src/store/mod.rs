@@ -473,6 +473,12 @@ pub trait Store: Send + Sync {
             format!("{} has no snapshots (snapshot {name:?})", self.describe()),
         )))
     }
+
+    /// The volume's id, format version, epoch and holder, where this
+    /// process opened the volume itself (the embedded engine).
+    fn identity(&self) -> Option<engine::VolumeIdentity> {
+        None
+    }
 }
 
 /// What [`OnceStore::commit_once`] did.
@@ -579,21 +585,28 @@ pub fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, OpenError> {
 /// an error here: its client names every transaction with its own session
 /// and id, and the store server applies each once.
 pub fn open_once(url: &str) -> Result<std::sync::Arc<dyn OnceStore>, OpenError> {
+    open_once_as(url, engine::OpenMode::Any)
+}
+
+/// As [`open_once`], a `file:` or `s3:` volume opened as `mode` says.
+pub fn open_once_as(
+    url: &str,
+    mode: engine::OpenMode,
+) -> Result<std::sync::Arc<dyn OnceStore>, OpenError> {
     let (scheme, rest) = url
         .split_once(':')
         .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
     match scheme {
         "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
-        "file" | "s3" => Ok(std::sync::Arc::new(open_volume(url)?)),
+        "file" | "s3" => Ok(std::sync::Arc::new(
+            engine::SlateStore::open_as(url, mode).map_err(|e| OpenError::volume(url, e))?,
+        )),
         other => Err(OpenError::UnknownScheme(other.to_string())),
     }
 }
 
 fn open_volume(url: &str) -> Result<engine::SlateStore, OpenError> {
-    engine::SlateStore::open(url).map_err(|source| OpenError::Volume {
-        url: url.to_string(),
-        source,
-    })
+    engine::SlateStore::open(url).map_err(|e| OpenError::volume(url, e))
 }
 
 /// Why a store could not be opened from its URL.
@@ -623,6 +636,46 @@ pub enum OpenError {
         #[source]
         source: engine::OpenVolumeError,
     },
+    #[error("no volume at {url}; create it with pohmelfs format {url}")]
+    NoVolume { url: String },
+    #[error("a volume exists at {url} already; refusing to overwrite it")]
+    Exists { url: String },
+    #[error("volume {url} is held by {holder}; stop that daemon, or pass --take-over to fence it")]
+    Held {
+        url: String,
+        holder: engine::holder::Holder,
+    },
+}
+
+impl OpenError {
+    /// A volume's open error: a missing, existing or held volume as its
+    /// own one-line variant, the rest as [`OpenError::Volume`]. `url` is
+    /// shown as given: command lines carry no secrets
+    /// (`confine::refuse_secret_in_url`).
+    pub fn volume(url: &str, source: engine::OpenVolumeError) -> OpenError {
+        let shown = || url.to_string();
+        match source {
+            engine::OpenVolumeError::NoVolume => OpenError::NoVolume { url: shown() },
+            engine::OpenVolumeError::Exists => OpenError::Exists { url: shown() },
+            engine::OpenVolumeError::Held(holder) => OpenError::Held {
+                url: shown(),
+                holder,
+            },
+            source => OpenError::Volume {
+                url: url.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// Whether this error is a whole sentence to show alone (no context
+    /// around it).
+    pub fn is_one_line(&self) -> bool {
+        matches!(
+            self,
+            OpenError::NoVolume { .. } | OpenError::Exists { .. } | OpenError::Held { .. }
+        )
+    }
 }
 
 /// Parse a size such as `512M`, `8G` or `4096` into bytes.

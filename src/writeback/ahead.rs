@@ -129,8 +129,25 @@ impl Shared {
     /// absent; partial pages take the bytes they lack). A failure is only
     /// logged: the guest's read asks the store again.
     fn fetch_chunk(&self, ino: u64, pages: Range<u64>) {
+        // Nothing past the end of the file: a reader whose size the layer
+        // does not remember (its attributes trimmed, or never asked) would
+        // otherwise fetch a window of zeros. Asked here, off the guest's
+        // path; the answer is remembered for the next chunks.
+        let size = match self.current_inode(ino) {
+            Ok(inode) => inode.map_or(0, |i| i.size),
+            Err(e) => {
+                debug!(ino, error = %e, "read-ahead: no size");
+                0
+            }
+        };
+        let end = pages.end.min(size.div_ceil(PAGE_SIZE));
+        if end <= pages.start {
+            lock(&self.state).ahead.done(ino, &pages);
+            self.changed.notify_all();
+            return;
+        }
         let base = pages.start * PAGE_SIZE;
-        let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
+        let n = ((end - pages.start) * PAGE_SIZE) as usize;
         // Done in the same hold of the lock that keeps the pages: a reader
         // waiting for the chunk finds them.
         let kept = match self.read_store(ino, base, n) {

@@ -333,7 +333,9 @@ fn an_fsync_sends_the_lingering_burst_ahead_of_it_on_the_directory() {
     fs.write(&ctx, old, fh, &mut r, 3, 0, None, false, 0, 0)
         .unwrap();
     let last = ("last".to_string(), small_file(&fs, "last"));
-    assert!(wb.unacked() >= 3, "the burst, the write, the last create");
+    // The write may be acknowledged already, and then the last create
+    // may have joined the burst; the burst itself lingers (600 s).
+    assert!(wb.unacked() >= 1, "the burst lingers");
     // Its fsync sends the burst ahead of it too, rather than wait out the
     // burst's linger.
     fs.fsync(&ctx, last.1, false, 0).unwrap();

@@ -94,6 +94,8 @@ mod copy_tests;
 #[cfg(test)]
 mod differential_tests;
 #[cfg(test)]
+mod drain_tests;
+#[cfg(test)]
 mod jam_tests;
 #[cfg(test)]
 mod metadata_tests;
@@ -318,7 +320,7 @@ pub fn open(
     cfg: TxnConfig,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
-    open_with_cache(url, cfg, None, metrics)
+    open_as(url, cfg, None, metrics, crate::store::engine::OpenMode::Any)
 }
 
 /// As [`open`], with a local read cache (`--cache-dir`,
@@ -329,6 +331,25 @@ pub fn open_with_cache(
     cfg: TxnConfig,
     read_cache: Option<&readcache::CacheConfig>,
     metrics: Arc<Metrics>,
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    open_as(
+        url,
+        cfg,
+        read_cache,
+        metrics,
+        crate::store::engine::OpenMode::Any,
+    )
+}
+
+/// As [`open_with_cache`], a `file://` or `s3://` volume opened as `mode`
+/// says (the daemon's: it must exist, and a live holder is refused unless
+/// taken over).
+pub fn open_as(
+    url: &str,
+    cfg: TxnConfig,
+    read_cache: Option<&readcache::CacheConfig>,
+    metrics: Arc<Metrics>,
+    mode: crate::store::engine::OpenMode,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
     let cfg = TxnConfig {
         forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
@@ -352,12 +373,8 @@ pub fn open_with_cache(
             (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
         } else if url.starts_with("file:") || url.starts_with("s3:") {
             let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
-            let engine = crate::store::engine::SlateStore::open(&engine_url).map_err(|source| {
-                crate::store::OpenError::Volume {
-                    url: url.to_string(),
-                    source,
-                }
-            })?;
+            let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
+                .map_err(|e| crate::store::OpenError::volume(url, e))?;
             // This daemon is the volume's only writer now: orphans a crashed
             // one left behind are nobody's (`store/engine/orphans.rs`).
             engine
@@ -478,6 +495,26 @@ impl WritebackStore {
     /// Transactions not yet acknowledged (for tests and status).
     pub fn unacked(&self) -> usize {
         lock(&self.shared.state).txns.len()
+    }
+
+    /// The drain at shutdown: send everything and wait at most `timeout`
+    /// for the store's acks. On a timeout every transaction not stored is
+    /// logged (its inodes, bytes and operations: what the exit loses) and
+    /// the error says how many.
+    pub fn drain(&self, timeout: Duration) -> Result<(), StoreError> {
+        match self.shared.sync_within(None, timeout) {
+            Err(StoreError::NoSpace) => Err(StoreError::NoSpace),
+            Err(e) => {
+                let st = lock(&self.shared.state);
+                let bytes: u64 = st.txns.values().map(|t| t.data_bytes).sum();
+                Err(StoreError::Io(std::io::Error::other(format!(
+                    "{} transactions ({bytes} data bytes) not stored within {timeout:?}: {}",
+                    st.txns.len(),
+                    crate::ErrorChain(&e)
+                ))))
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// How many times the state lock was taken, how many of those found

@@ -330,6 +330,10 @@ impl Store for WritebackStore {
         self.shared.store.snapshot(name)
     }
 
+    fn identity(&self) -> Option<crate::store::engine::VolumeIdentity> {
+        self.shared.store.identity()
+    }
+
     fn describe(&self) -> String {
         let cfg = &self.shared.cfg;
         format!(

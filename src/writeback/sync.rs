@@ -128,6 +128,16 @@ impl Shared {
     /// The writeback contract: everything unacknowledged that touches `ino`
     /// (or everything), sent now and waited for.
     pub(super) fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        self.sync_within(ino, self.cfg.fsync_timeout)
+    }
+
+    /// As [`Shared::sync`], waiting at most `timeout`; on a timeout of a
+    /// sync of everything, each transaction not stored is logged.
+    pub(super) fn sync_within(
+        &self,
+        ino: Option<u64>,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
         let start = std::time::Instant::now();
         self.metrics.fsync_calls.inc();
         let ids: Vec<u64> = {
@@ -175,7 +185,7 @@ impl Shared {
         // A sync of one inode answers ENOSPC as soon as its data waits for
         // space; a sync of everything (syncfs, shutdown) still waits for
         // whatever else can be stored.
-        let result = self.wait_for(&ids, self.cfg.fsync_timeout, ino.is_some());
+        let result = self.wait_for(&ids, timeout, ino.is_some());
         self.metrics.levels.fsync_latency.observe(start.elapsed());
         let mut st = lock(&self.state);
         match result {

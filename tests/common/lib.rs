@@ -12,6 +12,8 @@
 //! - [`s3`]: [`Moto`], an S3-compatible `moto_server` on loopback with one bucket.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
 //!   line `scripts/test` counts.
+//! - [`format_volume`]: `pohmelfs format URL`, how every test makes a `file://` or `s3://`
+//!   volume.
 //!
 //! Every process the kit starts is killed when its handle drops, pass or fail. The kit knows
 //! nothing of pohmelfs' types (it uses `std` and `thiserror`), so the library's own unit tests
@@ -92,3 +94,23 @@ impl fmt::Debug for Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Run `pohmelfs format URL` with the `pohmelfs` binary `exe` (plus `args`, e.g.
+/// `--capacity 8M`): tests make their volumes as operators do, since `serve`, `mount` and
+/// `store` open only volumes that exist.
+pub fn format_volume(exe: impl AsRef<std::path::Path>, url: &str, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(exe.as_ref())
+        .arg("format")
+        .arg(url)
+        .args(args)
+        .output()
+        .map_err(Error::io(format!("run {} format", exe.as_ref().display())))?;
+    if !out.status.success() {
+        return Err(Error::Unexpected(format!(
+            "pohmelfs format {url} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

@@ -4,6 +4,10 @@
 //!
 //! The first start listens on `127.0.0.1:0` and learns its port from `--addr-file` (written
 //! once listening, by rename), so no port is guessed; a restart binds that port again.
+//!
+//! As an operator would, the kit makes a `file://` data directory before the first start; it
+//! runs the server with `--create-volumes`, so tests of the protocol and of failover need not
+//! format each volume they name (`tests/store_server.rs` tests the server without it).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -63,6 +67,10 @@ impl StoreServer {
         secret: Option<&str>,
         extra: &[&str],
     ) -> Result<StoreServer> {
+        if let Some(path) = data_url.strip_prefix("file://") {
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            std::fs::create_dir_all(path).map_err(Error::io(format!("create {path}")))?;
+        }
         if let Some(secret) = secret {
             let path = secret_file(dir);
             std::fs::write(&path, secret)
@@ -131,7 +139,7 @@ impl StoreServer {
         let (data_url, credentials) = credentials_to_env(&self.data_url);
         cmd.envs(credentials);
         cmd.args(["store", "--listen", &self.listen, "--data", &data_url])
-            .args(["--log-level", "debug", "--addr-file"])
+            .args(["--create-volumes", "--log-level", "debug", "--addr-file"])
             .arg(&addr_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

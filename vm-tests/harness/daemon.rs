@@ -41,6 +41,8 @@ const SESSION_ENDED: &str = "session ended";
 const START_MARKER: &str = "=== harness: start #";
 /// What the Rust runtime prints when a thread panics, caught or not.
 const PANIC_MARKER: &str = " panicked at ";
+/// The descriptor an inherited socket reaches the daemon at ([`DaemonBuilder::inherited_socket`]).
+pub const INHERITED_FD: i32 = 40;
 
 /// pohmelfs counters that must read 0 after every guest. (A broken invariant of the
 /// transaction layer aborts the daemon, which the check finds dead.)
@@ -79,10 +81,22 @@ pub struct DaemonBuilder {
     tag: String,
     store: String,
     extra_args: Vec<OsString>,
+    /// libvirt's way: the whole command line after the binary, and a socket the harness binds.
+    inherited: Option<Vec<OsString>>,
     guest_numbers: Arc<AtomicU32>,
 }
 
 impl DaemonBuilder {
+    /// Start pohmelfs as libvirt does (`src/qemu/qemu_virtiofs.c`): the harness binds the
+    /// vhost-user socket and passes it as descriptor [`INHERITED_FD`]; `args` is the whole
+    /// command line after the binary (libvirt's, e.g. `--fd=40 -o source=DIR`). Replaces the
+    /// default arguments, the store and [`DaemonBuilder::arg`]s.
+    #[allow(dead_code)] // for tests of the backend conventions
+    pub fn inherited_socket(mut self, args: &[&str]) -> Self {
+        self.inherited = Some(args.iter().map(OsString::from).collect());
+        self
+    }
+
     /// The store URL passed to pohmelfs (`mem:` unless set); ignored by virtiofsd.
     #[allow(dead_code)] // for tests of persistent stores (`file:///...`)
     pub fn store(mut self, url: impl Into<String>) -> Self {
@@ -108,7 +122,12 @@ impl DaemonBuilder {
                 socket.display()
             )));
         }
+        let inherited = self.inherited.is_some();
         let (program, mut args): (PathBuf, Vec<OsString>) = match self.kind {
+            DaemonKind::Pohmelfs if inherited => (
+                PathBuf::from(env!("CARGO_BIN_EXE_pohmelfs")),
+                self.inherited.unwrap_or_default(),
+            ),
             DaemonKind::Pohmelfs => (
                 PathBuf::from(env!("CARGO_BIN_EXE_pohmelfs")),
                 vec![
@@ -139,8 +158,11 @@ impl DaemonBuilder {
                 )
             }
         };
-        args.extend(self.extra_args);
+        if !inherited {
+            args.extend(self.extra_args);
+        }
         let daemon = Daemon {
+            inherited,
             kind: self.kind,
             dir: self.dir.clone(),
             program,
@@ -187,6 +209,8 @@ struct State {
 
 /// A running daemon; killed on drop.
 pub struct Daemon {
+    /// The harness binds the socket and the daemon inherits it (libvirt's way).
+    inherited: bool,
     kind: DaemonKind,
     dir: PathBuf,
     program: PathBuf,
@@ -210,6 +234,7 @@ impl Daemon {
             tag: "testfs".to_owned(),
             store: "mem:".to_owned(),
             extra_args: Vec::new(),
+            inherited: None,
         }
     }
 
@@ -351,15 +376,44 @@ impl Daemon {
         writeln!(log, "{START_MARKER}{}: {command_line}", state.spawns)
             .map_err(|e| Failure::new(format!("write {}: {e}", self.log.display())))?;
         let stderr = clone_log(&log, &self.log)?;
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(stderr)
+            .stderr(stderr);
+        // libvirt's way: the socket exists before the daemon, which inherits it; the daemon
+        // is ready once its control socket (made after the volume opened) exists.
+        let listener = if self.inherited {
+            let listener = std::os::unix::net::UnixListener::bind(&self.socket)
+                .map_err(|e| Failure::new(format!("bind {}: {e}", self.socket.display())))?;
+            let fd = std::os::unix::io::AsRawFd::as_raw_fd(&listener);
+            // SAFETY: dup2 is async-signal-safe; in the child it puts the socket at
+            // INHERITED_FD without close-on-exec and touches nothing else.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::dup2(fd, INHERITED_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some(listener)
+        } else {
+            None
+        };
+        let mut child = command
             .spawn()
             .map_err(|e| Failure::new(format!("cannot start {}: {e}", self.program.display())))?;
+        // The daemon has its own copy now.
+        drop(listener);
+        let ready_socket = if self.inherited {
+            pohmelfs::control::control_path(&self.socket)
+        } else {
+            self.socket.clone()
+        };
         let socket_ready = wait_until(SOCKET_TIMEOUT, POLL_INTERVAL, || {
-            if is_socket(&self.socket) {
+            if is_socket(&ready_socket) {
                 return Some(Ok(()));
             }
             match child.try_wait() {
@@ -393,6 +447,34 @@ impl Daemon {
         state.stopped = true;
         if let Some(mut child) = state.child.take() {
             kill(&mut child);
+        }
+    }
+
+    /// Stops the daemon with SIGTERM, as a VMM manager does, and returns its exit status
+    /// (bounded by the harness's exit timeout, then SIGKILL and a failure).
+    #[allow(dead_code)] // for tests of the stop contract
+    pub fn terminate(&self) -> Result<ExitStatus> {
+        let mut state = self.state();
+        state.stopped = true;
+        let Some(mut child) = state.child.take() else {
+            return Err(Failure::new(format!("{} is not running", self.kind)));
+        };
+        let pid = libc::pid_t::try_from(child.id())
+            .map_err(|_| Failure::new(format!("pid {} out of range", child.id())))?;
+        // SAFETY: kill only sends SIGTERM to our own child, which is not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        match wait_until(EXIT_TIMEOUT, POLL_INTERVAL, || {
+            child.try_wait().ok().flatten()
+        }) {
+            Some(status) => Ok(status),
+            None => {
+                kill(&mut child);
+                Err(Failure::new(format!(
+                    "{} did not exit within {EXIT_TIMEOUT:?} of SIGTERM\n{}",
+                    self.kind,
+                    self.log_report()
+                )))
+            }
         }
     }
 

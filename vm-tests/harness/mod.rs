@@ -131,6 +131,16 @@ impl VmTest {
         &self.dir
     }
 
+    /// A new `file://` volume named `name` in the test's directory, made by `pohmelfs format`
+    /// with `args` (e.g. `--capacity 8M`), as an operator makes one: the daemon opens only
+    /// volumes that exist. Its URL.
+    #[allow(dead_code)] // for tests of persistent stores
+    pub fn new_volume(&self, name: &str, args: &[&str]) -> Result<String> {
+        let url = format!("file://{}/{name}", self.dir.display());
+        pohmelfs_testkit::format_volume(env!("CARGO_BIN_EXE_pohmelfs"), &url, args)?;
+        Ok(url)
+    }
+
     /// A builder for this test's daemon, with the default arguments for its kind.
     pub fn daemon(&self) -> daemon::DaemonBuilder {
         Daemon::builder(self.kind, &self.dir, Arc::clone(&self.guest_numbers))

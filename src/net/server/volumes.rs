@@ -12,6 +12,7 @@ use thiserror::Error;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
+use crate::store::engine::OpenMode;
 use crate::store::OnceStore;
 
 type Cell = Arc<OnceCell<Arc<dyn OnceStore>>>;
@@ -23,19 +24,24 @@ pub enum VolumeError {
     Limit(usize),
     #[error("volume {0} cannot be opened (the server's log says why)")]
     Open(String),
+    #[error("no volume {0} on this server; create it with pohmelfs format DATA/{0} where the server keeps its volumes")]
+    Missing(String),
 }
 
 pub struct Volumes {
     base: String,
     max: usize,
+    /// Create volumes that do not exist (`ServerConfig::create_volumes`).
+    create: bool,
     open: Mutex<HashMap<String, Cell>>,
 }
 
 impl Volumes {
-    pub fn new(base: String, max: usize) -> Volumes {
+    pub fn new(base: String, max: usize, create: bool) -> Volumes {
         Volumes {
             base,
             max,
+            create,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -81,8 +87,8 @@ impl Volumes {
                 .map(Arc::clone)
         })
         .await
-        .unwrap_or(Err(()));
-        opened.map_err(|()| {
+        .unwrap_or(Err(false));
+        opened.map_err(|missing| {
             // Forget the failed cell, so the count holds only open volumes
             // and a later connection tries again.
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -92,27 +98,43 @@ impl Volumes {
             {
                 open.remove(name);
             }
-            VolumeError::Open(name.to_owned())
+            if missing {
+                VolumeError::Missing(name.to_owned())
+            } else {
+                VolumeError::Open(name.to_owned())
+            }
         })
     }
 
-    async fn open_volume(self: Arc<Self>, name: String) -> Result<Arc<dyn OnceStore>, ()> {
+    /// The open volume, or `Err(true)` when it does not exist (and may not
+    /// be created), `Err(false)` when it failed otherwise.
+    async fn open_volume(self: Arc<Self>, name: String) -> Result<Arc<dyn OnceStore>, bool> {
         let url = self.url(&name);
         let shown = super::super::redact_url(&url);
+        let mode = if self.create {
+            OpenMode::Any
+        } else {
+            OpenMode::Existing { take_over: true }
+        };
         let opened = tokio::task::spawn_blocking({
             let url = url.clone();
-            move || crate::store::open_once(&url).map_err(|e| crate::ErrorChain(&e).to_string())
+            move || {
+                crate::store::open_once_as(&url, mode).map_err(|e| {
+                    let missing = matches!(e, crate::store::OpenError::NoVolume { .. });
+                    (missing, crate::ErrorChain(&e).to_string())
+                })
+            }
         })
         .await
-        .unwrap_or_else(|e| Err(format!("open task failed: {e}")));
+        .unwrap_or_else(|e| Err((false, format!("open task failed: {e}"))));
         match opened {
             Ok(v) => {
                 info!(volume = %name, url = %shown, epoch = v.epoch(), "volume open");
                 Ok(v)
             }
-            Err(e) => {
+            Err((missing, e)) => {
                 warn!(volume = %name, error = %e.replace(&url, &shown), "cannot open volume");
-                Err(())
+                Err(missing)
             }
         }
     }

@@ -62,6 +62,9 @@ pub struct VolumeConfig {
     pub db_path: String,
     pub settings: Settings,
     pub capacity_bytes: u64,
+    /// The URL named `capacity=` (which then overrides what `format`
+    /// recorded in the volume).
+    pub capacity_named: bool,
     pub capacity_inodes: u64,
     pub commit_mode: CommitMode,
     /// For logs: where the volume lives, without credentials.
@@ -109,6 +112,7 @@ fn percent_decode(url: &str, s: &str) -> Result<String, OpenVolumeError> {
 /// The options every scheme knows, with the pairs left for the scheme.
 struct CommonOptions {
     capacity_bytes: u64,
+    capacity_named: bool,
     capacity_inodes: u64,
     commit_mode: CommitMode,
     flush_interval_ms: Option<u64>,
@@ -122,6 +126,7 @@ struct CommonOptions {
 fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeError> {
     let mut o = CommonOptions {
         capacity_bytes: DEFAULT_CAPACITY_BYTES,
+        capacity_named: false,
         capacity_inodes: DEFAULT_CAPACITY_INODES,
         commit_mode: DEFAULT_COMMIT_MODE,
         flush_interval_ms: None,
@@ -138,7 +143,10 @@ fn common_options(url: &str, query: &str) -> Result<CommonOptions, OpenVolumeErr
         let v = percent_decode(url, v)?;
         let bad_value = || bad(url, format!("bad value for option {k:?}: {v:?}"));
         match k {
-            "capacity" => o.capacity_bytes = crate::store::parse_size(&v).ok_or_else(bad_value)?,
+            "capacity" => {
+                o.capacity_bytes = crate::store::parse_size(&v).ok_or_else(bad_value)?;
+                o.capacity_named = true;
+            }
             "inodes" => o.capacity_inodes = v.parse().map_err(|_| bad_value())?,
             "memory" => {
                 o.memory_bytes = crate::store::parse_size(&v)
@@ -266,9 +274,15 @@ fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
 
 /// Parse a volume URL (`file://...` or `s3://...`).
 pub fn parse(url: &str) -> Result<VolumeConfig, OpenVolumeError> {
+    parse_with(url, true)
+}
+
+/// As [`parse`]; a missing `file://` directory is created only when
+/// `create` is set, and is [`OpenVolumeError::NoVolume`] otherwise.
+pub fn parse_with(url: &str, create: bool) -> Result<VolumeConfig, OpenVolumeError> {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     if let Some(path) = base.strip_prefix("file://") {
-        file(url, path, query)
+        file(url, path, query, create)
     } else if let Some(rest) = base.strip_prefix("s3://") {
         s3(url, rest, query)
     } else {
@@ -276,7 +290,7 @@ pub fn parse(url: &str) -> Result<VolumeConfig, OpenVolumeError> {
     }
 }
 
-fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeError> {
+fn file(url: &str, path: &str, query: &str, create: bool) -> Result<VolumeConfig, OpenVolumeError> {
     if !path.starts_with('/') {
         return Err(bad(
             url,
@@ -288,6 +302,9 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         return Err(bad(url, format!("unknown option {k:?} for file://")));
     }
     let dir = PathBuf::from(path);
+    if !create && !dir.is_dir() {
+        return Err(OpenVolumeError::NoVolume);
+    }
     // 0700 whatever the umask: the volume is its owner's alone.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&dir)
@@ -305,6 +322,7 @@ fn file(url: &str, path: &str, query: &str) -> Result<VolumeConfig, OpenVolumeEr
         // the garbage collector's boundary files need.
         settings: settings(&o, false, o.log),
         capacity_bytes: o.capacity_bytes,
+        capacity_named: o.capacity_named,
         capacity_inodes: o.capacity_inodes,
         commit_mode: o.commit_mode,
         describe: format!("file://{}", dir.display()),
@@ -339,6 +357,7 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
         db_path: prefix.to_string(),
         settings: settings(&o, true, false),
         capacity_bytes: o.capacity_bytes,
+        capacity_named: o.capacity_named,
         capacity_inodes: o.capacity_inodes,
         commit_mode: o.commit_mode,
         describe: match endpoint {

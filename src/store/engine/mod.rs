@@ -48,6 +48,7 @@ mod extent;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 mod group;
+pub mod holder;
 mod keys;
 mod log;
 mod log_queue;
@@ -68,6 +69,8 @@ mod test_writes;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod lifecycle_tests;
 #[cfg(test)]
 mod log_group_tests;
 #[cfg(test)]
@@ -99,6 +102,7 @@ use codec::{Counters, Superblock};
 pub use codec::{FORMAT_VERSION, UPGRADES_FROM};
 pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGMENT_PAGE};
 pub use group::CommitMode;
+pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
 pub use scan::{
     BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
@@ -132,6 +136,14 @@ pub enum OpenVolumeError {
     FormatVersion { found: u32, expected: u32 },
     #[error("the store holds data but no pohmelfs superblock: not a pohmelfs volume")]
     NotAVolume,
+    #[error("no volume there")]
+    NoVolume,
+    #[error("a volume exists there already")]
+    Exists,
+    #[error("the volume is held by {0}")]
+    Held(holder::Holder),
+    #[error("read or write the volume's holder record")]
+    Holder(#[source] object_store::Error),
     #[error("read or write the superblock")]
     Superblock(#[source] StoreError),
     #[error("open segment files")]
@@ -144,6 +156,23 @@ pub enum OpenVolumeError {
     Snapshot(PathBuf),
     #[error("remove the clone marker after drawing the clone's volume id")]
     CloneMarker(#[source] std::io::Error),
+}
+
+/// What a volume is and who holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeIdentity {
+    pub volume_id: [u8; 16],
+    pub format_version: u32,
+    /// Opens for writing so far, this one included.
+    pub epoch: u64,
+    pub holder: Option<holder::Holder>,
+}
+
+impl VolumeIdentity {
+    /// The volume id in hex.
+    pub fn id_hex(&self) -> String {
+        self.volume_id.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// An engine error as the store reports it: fencing is its own variant
@@ -214,6 +243,9 @@ pub struct SlateStore {
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
+    /// The holder record this instance wrote (`holder.rs`), removed at
+    /// close.
+    lease: Option<open::Lease>,
     /// Declared last: dropped after the engine, which spawned its tasks here.
     /// `None` only inside `drop`.
     runtime: Option<tokio::runtime::Runtime>,
@@ -244,7 +276,29 @@ impl SlateStore {
         if let Some(r) = &self.reclaimer {
             r.stop();
         }
-        rt.block_on(self.db.close()).map_err(map_engine_error)
+        let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
+        if let Some(lease) = &self.lease {
+            if !self.fenced.load(Ordering::Acquire) {
+                rt.block_on(lease.release());
+            }
+        }
+        closed
+    }
+
+    /// Whether this instance still renews its holder record (tests).
+    #[cfg(test)]
+    pub(crate) fn renews_its_holder_record(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.renewing())
+    }
+
+    /// What the volume is and who holds it, for `pohmelfs status`.
+    pub fn identity(&self) -> VolumeIdentity {
+        VolumeIdentity {
+            volume_id: self.superblock.volume_id,
+            format_version: self.superblock.format_version,
+            epoch: self.superblock.open_count,
+            holder: self.lease.as_ref().map(|l| l.record.clone()),
+        }
     }
 
     /// The engine's runtime; it lives until the store is dropped, so the
@@ -644,6 +698,10 @@ impl Store for SlateStore {
             Ok(path) => Ok(path.display().to_string()),
             Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
         }
+    }
+
+    fn identity(&self) -> Option<VolumeIdentity> {
+        Some(SlateStore::identity(self))
     }
 }
 

@@ -10,9 +10,9 @@ use slatedb::Db;
 
 use super::log::CommitLog;
 use super::{
-    codec, config, group, keys, map_engine_error, pins, reclaim, recover, segment, Counters,
-    IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock, FORMAT_VERSION,
-    UPGRADES_FROM,
+    codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
+    Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
+    FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
 
@@ -52,11 +52,164 @@ fn random_volume_id() -> [u8; 16] {
     id
 }
 
+/// How an open treats a missing volume and a live holder (`holder.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the volume if there is none and take it over from any
+    /// holder: the tests' open, and a store server's with
+    /// `--create-volumes`.
+    Any,
+    /// The volume must exist; a live holder is refused unless `take_over`.
+    Existing { take_over: bool },
+    /// The volume must not exist yet (`pohmelfs format`); record its
+    /// capacity when given.
+    Format { capacity_bytes: Option<u64> },
+}
+
+/// The holder record this instance wrote, renewed until close.
+pub(super) struct Lease {
+    pub(super) record: holder::Holder,
+    object_store: Arc<dyn object_store::ObjectStore>,
+    db_path: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Lease {
+    /// Whether the record is still renewed (not released, not taken over).
+    #[cfg(test)]
+    pub(super) fn renewing(&self) -> bool {
+        !self.stop.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The task that renews the record until [`Lease::release`].
+    fn renewal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        renew(
+            self.object_store.clone(),
+            self.db_path.clone(),
+            self.record.clone(),
+            self.stop.clone(),
+        )
+    }
+
+    /// Stop renewing and remove the record (if still ours).
+    pub(super) async fn release(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Err(e) = holder::release(&*self.object_store, &self.db_path, &self.record).await {
+            tracing::warn!(error = %e, "could not remove the volume's holder record");
+        }
+    }
+}
+
+/// Check the volume against `mode`, claim it for this process, and read
+/// the capacity `format` recorded (when the URL names none).
+async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, OpenVolumeError> {
+    let store = cfg.object_store.clone();
+    let rec = OpenVolumeError::Holder;
+    let exists = holder::exists(&*store, &cfg.db_path).await.map_err(rec)?;
+    match mode {
+        OpenMode::Existing { .. } if !exists => return Err(OpenVolumeError::NoVolume),
+        OpenMode::Format { .. } if exists => return Err(OpenVolumeError::Exists),
+        OpenMode::Format {
+            capacity_bytes: Some(bytes),
+        } => holder::write_capacity(&*store, &cfg.db_path, bytes)
+            .await
+            .map_err(rec)?,
+        _ => {}
+    }
+    if !cfg.capacity_named {
+        if let Some(bytes) = holder::read_capacity(&*store, &cfg.db_path)
+            .await
+            .map_err(rec)?
+        {
+            cfg.capacity_bytes = bytes;
+        }
+    }
+    let take_over = !matches!(mode, OpenMode::Existing { take_over: false });
+    let me = holder::Holder::this_process();
+    if let Some(h) = holder::read_holder(&*store, &cfg.db_path)
+        .await
+        .map_err(rec)?
+    {
+        if h.is_live(&me.host, me.since) {
+            if !take_over {
+                return Err(OpenVolumeError::Held(h));
+            }
+            tracing::warn!(volume = %cfg.describe, holder = %h, "taking the volume over: its holder is fenced");
+        }
+    }
+    holder::write_holder(&*store, &cfg.db_path, &me)
+        .await
+        .map_err(rec)?;
+    Ok(Lease {
+        record: me,
+        object_store: store,
+        db_path: cfg.db_path.clone(),
+        stop: Arc::default(),
+    })
+}
+
+/// The engine on the volume's object store.
+async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
+    Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
+        .with_settings(cfg.settings.clone())
+        .with_db_cache(config::db_cache(cfg.memory), 0)
+        .with_block_cache_policy(config::block_cache_policy())
+        .build()
+        .await
+}
+
+/// Renew the holder record every [`holder::RENEW_SECS`] until released.
+async fn renew(
+    object_store: Arc<dyn object_store::ObjectStore>,
+    db_path: String,
+    mut record: holder::Holder,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::time::sleep(holder::renew_period()).await;
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        // Another opener took the volume over (this instance is fenced):
+        // its record stays, and this one renews no more.
+        match holder::read_holder(&*object_store, &db_path).await {
+            Ok(Some(h)) if !h.same_holder(&record) => {
+                tracing::warn!(holder = %h, "the volume was taken over; its holder record is no longer renewed here");
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the volume's holder record"),
+        }
+        record.renewed = holder::now_secs();
+        if let Err(e) = holder::write_holder(&*object_store, &db_path, &record).await {
+            tracing::warn!(error = %e, "could not renew the volume's holder record");
+        }
+    }
+}
+
 impl SlateStore {
     /// Open (creating if empty) the volume named by a `file://` or `s3://`
-    /// URL.
+    /// URL, taking it over from any holder.
     pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
-        Self::open_placing(url, Placement::Default)
+        Self::open_placing(url, Placement::Default, OpenMode::Any)
+    }
+
+    /// Open the volume named by `url` as `mode` says.
+    pub fn open_as(url: &str, mode: OpenMode) -> Result<SlateStore, OpenVolumeError> {
+        Self::open_placing(url, Placement::Default, mode)
+    }
+
+    /// Create the volume named by `url` (`pohmelfs format`): refused where
+    /// one exists. Returns its identity; the volume is closed again.
+    pub fn format(
+        url: &str,
+        capacity_bytes: Option<u64>,
+    ) -> Result<super::VolumeIdentity, OpenVolumeError> {
+        let store = Self::open_as(url, OpenMode::Format { capacity_bytes })?;
+        let id = store.identity();
+        store.close().map_err(OpenVolumeError::Superblock)?;
+        Ok(id)
     }
 
     /// Open a `file://` volume that keeps file data inline (as on `s3://`)
@@ -64,11 +217,16 @@ impl SlateStore {
     /// paths on a local directory.
     #[cfg(test)]
     pub(crate) fn open_for_test(url: &str, placement: Placement) -> SlateStore {
-        Self::open_placing(url, placement).expect("open volume")
+        Self::open_placing(url, placement, OpenMode::Any).expect("open volume")
     }
 
-    fn open_placing(url: &str, placement: Placement) -> Result<SlateStore, OpenVolumeError> {
-        let cfg = config::parse(url)?;
+    fn open_placing(
+        url: &str,
+        placement: Placement,
+        mode: OpenMode,
+    ) -> Result<SlateStore, OpenVolumeError> {
+        let create = !matches!(mode, OpenMode::Existing { .. });
+        let mut cfg = config::parse_with(url, create)?;
         if let Some(dir) = cfg.local_dir.as_deref() {
             if super::snapshot::is_snapshot(dir) {
                 return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
@@ -80,7 +238,15 @@ impl SlateStore {
             .enable_all()
             .build()
             .map_err(OpenVolumeError::Runtime)?;
-        let (db, superblock) = runtime.block_on(Self::open_engine(&cfg))?;
+        // Before the engine opens: opening it fences any other writer.
+        let lease = runtime.block_on(claim(&mut cfg, mode))?;
+        let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
+            Ok(v) => v,
+            Err(e) => {
+                runtime.block_on(lease.release());
+                return Err(e);
+            }
+        };
         let local_dir = match placement {
             Placement::Inline => None,
             _ => cfg.local_dir.as_deref(),
@@ -96,6 +262,7 @@ impl SlateStore {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = runtime.block_on(db.close());
+                    runtime.block_on(lease.release());
                     return Err(OpenVolumeError::Segments(e));
                 }
             };
@@ -107,9 +274,11 @@ impl SlateStore {
                     r.stop();
                 }
                 let _ = runtime.block_on(db.close());
+                runtime.block_on(lease.release());
                 return Err(e);
             }
         };
+        runtime.spawn(lease.renewal());
         if let Some(cp) = &checkpoint {
             runtime.spawn(
                 cp.clone()
@@ -139,6 +308,7 @@ impl SlateStore {
             group: group::GroupCommit::new(cfg.commit_mode),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            lease: Some(lease),
             runtime: Some(runtime),
         };
         store.tidy(cfg.local_dir.as_deref());
@@ -150,13 +320,7 @@ impl SlateStore {
     /// clone's first open gives it a volume id of its own
     /// (`snapshot.rs`).
     async fn open_engine(cfg: &config::VolumeConfig) -> Result<(Db, Superblock), OpenVolumeError> {
-        let db = Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-            .with_settings(cfg.settings.clone())
-            .with_db_cache(config::db_cache(cfg.memory), 0)
-            .with_block_cache_policy(config::block_cache_policy())
-            .build()
-            .await
-            .map_err(OpenVolumeError::Engine)?;
+        let db = build_db(cfg).await.map_err(OpenVolumeError::Engine)?;
         let cloned = cfg
             .local_dir
             .as_deref()

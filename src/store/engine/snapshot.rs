@@ -62,8 +62,14 @@ pub const CLONE_FILE: &str = "CLONED";
 pub const LINK_ATTEMPTS: usize = 20;
 
 /// What is not linked: the commit log (a snapshot's is empty: the
-/// checkpoint emptied it), the segments (linked by id), the snapshots.
-const NOT_LINKED: [&str; 3] = ["log", segment::DIR_NAME, SNAPSHOTS_DIR];
+/// checkpoint emptied it), the segments (linked by id), the snapshots,
+/// the holder record.
+const NOT_LINKED: [&str; 4] = [
+    "log",
+    segment::DIR_NAME,
+    SNAPSHOTS_DIR,
+    super::holder::HOLDER,
+];
 
 /// Why a snapshot or clone could not be made, listed or deleted.
 #[derive(Debug, Error)]
@@ -375,7 +381,7 @@ pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
     tmp_name.push(".clone-tmp");
     let tmp = parent.join(tmp_name);
     remove_tree(&tmp)?;
-    if !link_tree(snap, &tmp, &[MARKER_FILE])? {
+    if !link_tree(snap, &tmp, &[MARKER_FILE, super::holder::HOLDER])? {
         return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
     }
     let marker = tmp.join(CLONE_FILE);

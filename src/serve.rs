@@ -1,0 +1,306 @@
+//! `pohmelfs serve`: its arguments and its life, from the volume's open to
+//! the drain at SIGTERM.
+//!
+//! Start-up order: confine, take the pid-file guard beside the socket (and
+//! an inherited `--fd` socket), open the volume (before the socket is
+//! bound, so a missing or held volume fails before a VMM can connect),
+//! bind the socket at `--socket-path` (or take the one systemd passed:
+//! socket activation, `LISTEN_FDS`), drop the last capabilities, tell
+//! systemd the daemon is ready (`READY=1`, under `Type=notify`), then
+//! serve. SIGTERM and
+//! SIGINT drain the write-back layer for at most `--shutdown-timeout`, log
+//! each transaction not stored, and exit (docs/operations.md, "Stopping").
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use pohmelfs::device::{self, DeviceConfig, ServeConfig};
+use pohmelfs::metrics::Metrics;
+use pohmelfs::store::Store as _;
+use pohmelfs::writeback::WritebackStore;
+use pohmelfs::{confine, systemd};
+use tracing::{error, info};
+
+use super::{endpoint, lifecycle, VolumeArgs};
+
+/// The default of `--shutdown-timeout`: below libvirt's escalation (it
+/// sends SIGKILL 10 s after SIGTERM), with room to exit.
+pub const SHUTDOWN_TIMEOUT_DEFAULT_SECS: u64 = 8;
+
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("listen").args(["socket_path", "fd"]))]
+pub struct ServeArgs {
+    /// The vhost-user socket the VMM connects to. Under systemd socket
+    /// activation (`LISTEN_FDS`), the socket systemd passed, which must be
+    /// bound to this path.
+    #[arg(long)]
+    socket_path: Option<PathBuf>,
+    /// A listening vhost-user socket inherited as descriptor N (the
+    /// vhost-user backend conventions; libvirt passes it), instead of
+    /// --socket-path.
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// The mount tag, served through the device config space (cloud-hypervisor
+    /// reads it there; QEMU takes it from its own `tag=`).
+    #[arg(long)]
+    tag: Option<String>,
+    #[command(flatten)]
+    volume: VolumeArgs,
+    /// Worker threads serving requests.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    thread_pool_size: u16,
+    /// Request queues offered to the guest (besides the hiprio queue).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    request_queues: u16,
+    /// Descriptors per virtqueue at most.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(64..=32768))]
+    queue_size: u16,
+    /// Exit when the frontend disconnects instead of waiting for the next one.
+    #[arg(long)]
+    once: bool,
+    /// Seconds SIGTERM or SIGINT waits for the store to acknowledge what
+    /// the guest wrote before the daemon exits; what is still not stored
+    /// then is logged, transaction by transaction, and lost.
+    #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_DEFAULT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    shutdown_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    #[command(flatten)]
+    socket_access: confine::SocketAccessArgs,
+    #[command(flatten)]
+    seccomp: confine::SeccompArgs,
+}
+
+/// Where the daemon listens, and what it removes at exit.
+struct Socket {
+    /// Inherited at once; bound by [`Socket::listen`] otherwise.
+    listener: Option<vhost::vhost_user::Listener>,
+    /// The socket's path (to bind, or learnt from the inherited socket).
+    path: Option<PathBuf>,
+    /// Passed by systemd: it keeps the socket file, to activate the next
+    /// daemon through it.
+    activated: bool,
+    guard: Option<endpoint::PidGuard>,
+}
+
+impl Socket {
+    /// The single-instance guard, and an inherited socket: before the
+    /// volume opens, so a second daemon on the socket fences nobody.
+    fn guard(args: &ServeArgs) -> Result<Socket> {
+        let activated = match args.fd {
+            Some(_) => Vec::new(),
+            None => systemd::take_listen_fds().context("socket activation")?,
+        };
+        let (listener, path, activated) = match (&args.socket_path, args.fd, activated.len()) {
+            (None, Some(fd), _) => {
+                let (listener, path) = endpoint::inherited(fd)?;
+                (Some(listener), path, false)
+            }
+            (path, None, 1) => {
+                let fd = activated
+                    .into_iter()
+                    .next()
+                    .map(std::os::fd::IntoRawFd::into_raw_fd);
+                let (listener, bound) = endpoint::inherited(fd.unwrap_or(-1))
+                    .context("the socket systemd passed (LISTEN_FDS)")?;
+                if let (Some(want), got) = (path, &bound) {
+                    if got.as_deref() != Some(want.as_path()) {
+                        bail!(
+                            "systemd passed a socket bound to {}, not --socket-path {}",
+                            got.as_deref()
+                                .map_or_else(|| "no path".into(), |p| p.display().to_string()),
+                            want.display()
+                        );
+                    }
+                }
+                (Some(listener), bound, true)
+            }
+            (Some(path), None, 0) => (None, Some(path.clone()), false),
+            (None, None, 0) => {
+                bail!("give --socket-path or --fd (or start under systemd socket activation)")
+            }
+            (_, None, n) => bail!("systemd passed {n} sockets (LISTEN_FDS); serve listens on one"),
+            (Some(_), Some(_), _) => bail!("give exactly one of --socket-path and --fd"),
+        };
+        let guard = path.as_deref().map(endpoint::PidGuard::lock).transpose()?;
+        Ok(Socket {
+            listener,
+            path,
+            activated,
+            guard,
+        })
+    }
+
+    /// Bind the socket (unless inherited) and give it its owner and mode.
+    fn listen(&mut self, args: &ServeArgs) -> Result<vhost::vhost_user::Listener> {
+        let listener = match (self.listener.take(), &self.path) {
+            (Some(l), _) => l,
+            (None, Some(path)) => device::bind(path).context("bind vhost-user socket")?,
+            (None, None) => bail!("no socket to listen on"),
+        };
+        if let Some(path) = &self.path {
+            args.socket_access
+                .apply(path)
+                .context("set socket access")?;
+        }
+        Ok(listener)
+    }
+
+    /// The files to remove at an orderly exit.
+    fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            socket: self.path.clone(),
+            keep_socket: self.activated,
+            pid_file: self.guard.is_some(),
+        }
+    }
+}
+
+/// What an exit removes: the socket, its control socket and pid file.
+#[derive(Clone)]
+struct Leftovers {
+    socket: Option<PathBuf>,
+    /// The socket file is systemd's (socket activation).
+    keep_socket: bool,
+    pid_file: bool,
+}
+
+impl Leftovers {
+    fn remove(&self) {
+        if let Some(socket) = &self.socket {
+            if !self.keep_socket {
+                let _ = std::fs::remove_file(socket);
+            }
+            let _ = std::fs::remove_file(pohmelfs::control::control_path(socket));
+            if self.pid_file {
+                let _ = std::fs::remove_file(endpoint::pid_path(socket));
+            }
+        }
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    // Before any thread: capabilities are per thread (src/confine).
+    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
+    let notifier = systemd::Notifier::from_env()
+        .context("systemd notify socket")?
+        .map(Arc::new);
+    // fuse-backend-rs's own lines are off: see `device::log_filter`.
+    pohmelfs::logging::init(&args.log_level, device::log_filter).context("install logger")?;
+    pohmelfs::ratelimit::limit_panic_messages();
+    if let Some(tag) = &args.tag {
+        if tag.is_empty() || tag.len() > device::TAG_MAX {
+            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
+        }
+    }
+    args.volume.check()?;
+    let metrics = Arc::new(Metrics::default());
+    // The volume first: a missing or held volume (or unreachable store)
+    // fails before a VMM can connect. Opened in a thread without
+    // capabilities, as the engine's threads inherit its set.
+    let mut socket = Socket::guard(&args)?;
+    let (store, fs) = lifecycle::open_without_capabilities(|| args.volume.open(&metrics))?;
+    let listener = socket.listen(&args)?;
+    confine::drop_all_capabilities().context("drop capabilities")?;
+    match &socket.path {
+        Some(path) => pohmelfs::control::spawn_control_socket(
+            &pohmelfs::control::control_path(path),
+            Arc::clone(&metrics),
+            Some(Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>),
+        )
+        .context("bind control socket")?,
+        None => tracing::warn!("the inherited socket has no path: no control socket"),
+    }
+    if let Some(addr) = args.metrics_listen {
+        pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
+            .context("bind metrics endpoint")?;
+    }
+    info!(store = %store.describe(), "volume open");
+    let leftovers = socket.leftovers();
+    let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
+    install_signal_handlers(
+        Arc::clone(&store),
+        shutdown_timeout,
+        leftovers.clone(),
+        notifier.clone(),
+    )?;
+    confine::seccomp::install(args.seccomp.seccomp).context("install seccomp filter")?;
+    info!(seccomp = %args.seccomp.seccomp, "confined: umask 077, no capabilities, no_new_privs");
+    let cfg = ServeConfig {
+        socket_path: socket
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("fd {}", args.fd.unwrap_or(-1)))),
+        device: DeviceConfig {
+            tag: args.tag,
+            request_queues: args.request_queues.into(),
+            queue_size: args.queue_size.into(),
+            // Local volumes: their reads never wait on a network.
+            inline_reads: args.volume.store.starts_with("file://")
+                || args.volume.store.starts_with("mem:"),
+        },
+        threads: args.thread_pool_size.into(),
+        queue_depth: usize::from(args.queue_size) * 2,
+        once: args.once,
+    };
+    let _guard = socket.guard;
+    // The volume is open and the socket bound: a VMM may connect now.
+    if let Some(n) = &notifier {
+        n.notify(&format!(
+            "READY=1\nSTATUS=serving {} on {}",
+            store.describe(),
+            cfg.socket_path.display()
+        ))
+        .context("notify systemd")?;
+    }
+    device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
+    let drained = store.drain(shutdown_timeout);
+    leftovers.remove();
+    drained.context("drain the volume")
+}
+
+/// SIGTERM and SIGINT: drain for at most `timeout` (each transaction not
+/// stored by then is logged), remove the socket, exit 0 (1 when something
+/// was not stored).
+fn install_signal_handlers(
+    store: Arc<WritebackStore>,
+    timeout: Duration,
+    leftovers: Leftovers,
+    notifier: Option<Arc<systemd::Notifier>>,
+) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("install signal handlers")?;
+    std::thread::Builder::new()
+        .name("pohmelfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, timeout_secs = timeout.as_secs(), "shutting down: draining");
+                if let Some(n) = &notifier {
+                    if let Err(e) = n.notify("STOPPING=1") {
+                        tracing::warn!(error = %pohmelfs::ErrorChain(&e), "could not tell systemd");
+                    }
+                }
+                let code = match store.drain(timeout) {
+                    Ok(()) => {
+                        info!("drained: everything written is stored");
+                        0
+                    }
+                    Err(e) => {
+                        error!(error = %pohmelfs::ErrorChain(&e), "exiting with writes not stored (each is logged above)");
+                        1
+                    }
+                };
+                leftovers.remove();
+                std::process::exit(code);
+            }
+        })
+        .context("start signal thread")?;
+    Ok(())
+}

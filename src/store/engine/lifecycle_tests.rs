@@ -1,0 +1,163 @@
+//! Tests of a volume's life cycle at open: only `format` creates a volume,
+//! an open refuses a missing one, and a live holder is named instead of
+//! being fenced unless the open takes the volume over (`holder.rs`).
+
+use super::holder::Holder;
+use super::{OpenMode, OpenVolumeError, SlateStore};
+use crate::store::Store;
+
+const EXISTING: OpenMode = OpenMode::Existing { take_over: false };
+
+fn url(dir: &tempfile::TempDir) -> String {
+    format!("file://{}/vol", dir.path().display())
+}
+
+/// A process of this host that lives until dropped.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn start() -> Sleeper {
+        Sleeper(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write_holder(dir: &tempfile::TempDir, pid: u32) -> Holder {
+    let h = Holder {
+        pid,
+        ..Holder::this_process()
+    };
+    std::fs::write(dir.path().join("vol/volume.holder"), h.encode()).unwrap();
+    h
+}
+
+fn holder_file(dir: &tempfile::TempDir) -> Option<Holder> {
+    let text = std::fs::read_to_string(dir.path().join("vol/volume.holder")).ok()?;
+    Holder::parse(&text)
+}
+
+#[test]
+fn an_open_refuses_a_missing_volume_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = SlateStore::open_as(&url(&dir), EXISTING);
+    assert!(matches!(r, Err(OpenVolumeError::NoVolume)), "{:?}", r.err());
+    assert!(
+        !dir.path().join("vol").exists(),
+        "the open made a directory"
+    );
+    // An empty directory is no volume either.
+    std::fs::create_dir(dir.path().join("vol")).unwrap();
+    let r = SlateStore::open_as(&url(&dir), EXISTING);
+    assert!(matches!(r, Err(OpenVolumeError::NoVolume)), "{:?}", r.err());
+}
+
+#[test]
+fn format_creates_once_and_records_the_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = SlateStore::format(&url(&dir), Some(3 << 30)).unwrap();
+    assert_eq!(id.epoch, 1);
+    let again = SlateStore::format(&url(&dir), None);
+    assert!(
+        matches!(again, Err(OpenVolumeError::Exists)),
+        "{:?}",
+        again.err()
+    );
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    assert_eq!(s.identity().volume_id, id.volume_id);
+    assert_eq!(s.identity().epoch, 2);
+    assert_eq!(s.statfs().unwrap().capacity_bytes, 3 << 30);
+    s.close().unwrap();
+    // The URL's own capacity= wins over the recorded one.
+    let s = SlateStore::open_as(&format!("{}?capacity=1G", url(&dir)), EXISTING).unwrap();
+    assert_eq!(s.statfs().unwrap().capacity_bytes, 1 << 30);
+}
+
+#[test]
+fn a_live_holder_is_named_unless_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let other = Sleeper::start();
+    let held = write_holder(&dir, other.0.id());
+    match SlateStore::open_as(&url(&dir), EXISTING) {
+        Err(OpenVolumeError::Held(h)) => assert_eq!(h, held),
+        r => panic!("expected the holder, got {:?}", r.err()),
+    }
+    assert_eq!(
+        holder_file(&dir),
+        Some(held),
+        "a refused open wrote its record"
+    );
+    let s = SlateStore::open_as(&url(&dir), OpenMode::Existing { take_over: true }).unwrap();
+    let mine = s.identity().holder.unwrap();
+    assert_eq!(mine.pid, std::process::id());
+    assert_eq!(holder_file(&dir), Some(mine));
+    s.close().unwrap();
+    assert_eq!(holder_file(&dir), None, "a clean close leaves its record");
+}
+
+#[test]
+fn a_dead_holder_does_not_stop_an_open() {
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let pid = {
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let pid = gone.id();
+        gone.wait().unwrap();
+        pid
+    };
+    write_holder(&dir, pid);
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    assert_eq!(s.identity().holder.map(|h| h.pid), Some(std::process::id()));
+}
+
+#[test]
+fn the_record_is_renewed_until_another_opener_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    // Renewed: a record set back to the epoch is written again.
+    let mine = holder_file(&dir).unwrap();
+    std::fs::write(
+        dir.path().join("vol/volume.holder"),
+        Holder {
+            renewed: 0,
+            ..mine.clone()
+        }
+        .encode(),
+    )
+    .unwrap();
+    let renewed =
+        pohmelfs_testkit::wait_until(WAIT, POLL, || holder_file(&dir).filter(|h| h.renewed > 0));
+    assert!(renewed.is_some_and(|h| h.same_holder(&mine)), "not renewed");
+    // Another opener's record: the fenced instance stops renewing and
+    // leaves it alone.
+    let taker = Holder {
+        host: "elsewhere".into(),
+        ..mine
+    };
+    std::fs::write(dir.path().join("vol/volume.holder"), taker.encode()).unwrap();
+    let stopped =
+        pohmelfs_testkit::wait_until(WAIT, POLL, || (!s.renews_its_holder_record()).then_some(()));
+    assert!(stopped.is_some(), "still renewing over the taker's record");
+    assert_eq!(holder_file(&dir), Some(taker.clone()));
+    s.close().unwrap();
+    assert_eq!(
+        holder_file(&dir),
+        Some(taker),
+        "close removed the taker's record"
+    );
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);

@@ -1,0 +1,217 @@
+//! A volume's life cycle as an operator meets it, through the real binary:
+//! only `pohmelfs format` creates a volume; `serve`, `mount` and `store`
+//! refuse a missing one with one line and exit 1, before any socket is
+//! bound; a second daemon on a held volume names the holder instead of
+//! fencing it, unless `--take-over`; `pohmelfs status` shows the volume's
+//! id, format version, epoch and holder.
+
+// Test crate: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use pohmelfs_testkit::{format_volume, ChildGuard, ScratchDir};
+
+const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
+const TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+
+fn run(args: &[&str]) -> Output {
+    Command::new(POHMELFS)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Exit 1 and exactly one line on stderr, `pohmelfs: ` then `want`.
+fn assert_one_line(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_eq!(err.trim_end(), format!("pohmelfs: {want}"));
+}
+
+/// `pohmelfs serve` on `store`, waited for until it serves.
+fn serve(dir: &ScratchDir, name: &str, store: &str, args: &[&str]) -> ChildGuard {
+    let sock = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let mut child = ChildGuard(
+        Command::new(POHMELFS)
+            .args(["serve", "--socket-path"])
+            .arg(&sock)
+            .args(["--store", store])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    child
+        .wait_ready("pohmelfs serve", &log, TIMEOUT, POLL, || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("waiting for a frontend")
+                .then_some(())
+        })
+        .unwrap();
+    child
+}
+
+fn status(sock: &Path) -> String {
+    let out = run(&["status", "--socket-path", sock.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of `key` in `pohmelfs status` output.
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).filter(|r| r.starts_with(' ')))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in status:\n{status}"))
+}
+
+#[test]
+fn a_missing_volume_is_one_line_and_no_socket() {
+    let dir = ScratchDir::new("life-missing").unwrap();
+    let url = format!("file://{}", dir.join("typo").display());
+    let sock = dir.join("s.sock");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        &url,
+    ]);
+    assert_one_line(
+        &out,
+        &format!("no volume at {url}; create it with pohmelfs format {url}"),
+    );
+    assert!(!sock.exists(), "the socket was bound");
+    assert!(!dir.join("typo").exists(), "serve made a volume");
+    // The volume is opened before the socket is bound: with a socket path
+    // that cannot be bound the volume is still what the line names.
+    let not_a_socket = dir.join("file");
+    std::fs::write(&not_a_socket, b"").unwrap();
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        not_a_socket.to_str().unwrap(),
+        "--store",
+        &url,
+    ]);
+    assert_one_line(
+        &out,
+        &format!("no volume at {url}; create it with pohmelfs format {url}"),
+    );
+    // No default store: `mem:` only when named.
+    let out = run(&["serve", "--socket-path", sock.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--store"));
+}
+
+#[test]
+fn format_refuses_an_existing_volume_and_pohmel_urls() {
+    let dir = ScratchDir::new("life-format").unwrap();
+    let url = format!("file://{}", dir.join("vol").display());
+    let out = run(&["format", &url, "--capacity", "64M"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("formatted {url}: volume ")));
+    assert_one_line(
+        &run(&["format", &url]),
+        &format!("a volume exists at {url} already; refusing to overwrite it"),
+    );
+    let out = run(&["format", "pohmel://127.0.0.1:1/vol"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pohmelfs format DATA/NAME"));
+}
+
+#[test]
+fn a_held_volume_names_its_holder_until_taken_over() {
+    let dir = ScratchDir::new("life-held").unwrap();
+    let url = format!("file://{}", dir.join("vol").display());
+    format_volume(POHMELFS, &url, &[]).unwrap();
+    let first = serve(&dir, "first", &url, &[]);
+    let pid = first.0.id();
+
+    let st = status(&dir.join("first.sock"));
+    assert_eq!(field(&st, "volume_id").len(), 32, "{st}");
+    assert_eq!(field(&st, "format_version"), "3");
+    assert_eq!(field(&st, "epoch"), "2", "formatted (1), then this open");
+    let holder = field(&st, "holder");
+    assert!(holder.contains(&format!(" pid {pid} since ")), "{holder}");
+
+    let second = dir.join("second.sock");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        second.to_str().unwrap(),
+        "--store",
+        &url,
+    ]);
+    assert_one_line(
+        &out,
+        &format!(
+            "volume {url} is held by {holder}; stop that daemon, or pass --take-over to fence it"
+        ),
+    );
+    assert!(!second.exists(), "the refused daemon bound its socket");
+
+    let taker = serve(&dir, "taker", &url, &["--take-over"]);
+    let st = status(&dir.join("taker.sock"));
+    assert_eq!(field(&st, "epoch"), "3");
+    let holder = field(&st, "holder");
+    assert!(
+        holder.contains(&format!(" pid {} since ", taker.0.id())),
+        "{holder}"
+    );
+}
+
+#[test]
+fn a_store_server_serves_only_formatted_volumes() {
+    let dir = ScratchDir::new("life-store").unwrap();
+    let data = format!("file://{}", dir.join("data").display());
+    let addr_file = dir.join("addr");
+    let start = || {
+        Command::new(POHMELFS)
+            .args(["store", "--listen", "127.0.0.1:0", "--data", &data])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("store.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut missing = ChildGuard(start());
+    let exited = pohmelfs_testkit::wait_until(TIMEOUT, POLL, || missing.0.try_wait().unwrap())
+        .expect("the server exits");
+    assert_eq!(exited.code(), Some(1));
+    let log = std::fs::read_to_string(dir.join("store.log")).unwrap();
+    assert!(log.starts_with("pohmelfs: no data directory at "), "{log}");
+
+    std::fs::create_dir(dir.join("data")).unwrap();
+    let mut server = ChildGuard(start());
+    let log = dir.join("store.log");
+    let addr = server
+        .wait_ready("pohmelfs store", &log, TIMEOUT, POLL, || {
+            std::fs::read_to_string(&addr_file).ok()
+        })
+        .unwrap();
+    let vol = format!("pohmel://{addr}/vol?give_up_ms=0");
+    let refused = pohmelfs::net::open(&vol)
+        .err()
+        .expect("a missing volume opened");
+    let why = format!("{:?}", anyhow::Error::from(refused));
+    assert!(why.contains("no volume vol on this server"), "{why}");
+    assert!(!dir.join("data/vol").exists(), "the server made the volume");
+
+    format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
+    pohmelfs::net::open(&vol).expect("open the formatted volume");
+}
