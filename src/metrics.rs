@@ -327,8 +327,23 @@ pub struct Levels {
     pub meta_cache_bytes: Gauge,
     /// Latency of fsync-like requests as the guest sees it.
     pub fsync_latency: Histogram,
+    /// From a transaction's attempt leaving the layer to the store's
+    /// acknowledgement of it (durable): the store's commit latency.
+    pub commit_latency: Histogram,
+    /// The volume served, for the `pohmelfs_volume_info` series: set once
+    /// the volume is open.
+    pub volume: std::sync::OnceLock<VolumeInfo>,
     /// Requests and their service time, per FUSE opcode.
     pub requests: RequestStats,
+}
+
+/// What `pohmelfs_volume_info` names: the volume's URL (without its
+/// query, which may name secret files) and id.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub url: String,
+    /// Hex, or empty where the store keeps no id (`mem:`, store servers).
+    pub id: String,
 }
 
 /// A monotonically increasing counter.
@@ -400,6 +415,20 @@ impl Metrics {
             "",
             &l.fsync_latency,
         );
+        out.push_str("# HELP pohmelfs_commit_latency_seconds From a transaction sent to the store to its durable acknowledgement.\n# TYPE pohmelfs_commit_latency_seconds histogram\n");
+        render_histogram(
+            &mut out,
+            "pohmelfs_commit_latency_seconds",
+            "",
+            &l.commit_latency,
+        );
+        if let Some(v) = l.volume.get() {
+            out.push_str(&format!(
+                "# HELP pohmelfs_volume_info The volume this daemon serves.\n# TYPE pohmelfs_volume_info gauge\npohmelfs_volume_info{{url=\"{}\",volume_id=\"{}\"}} 1\n",
+                label_value(&v.url),
+                label_value(&v.id)
+            ));
+        }
         out.push_str("# HELP pohmelfs_request_duration_seconds FUSE requests served and their service time, by opcode.\n# TYPE pohmelfs_request_duration_seconds histogram\n");
         for (opcode, h) in l.requests.served() {
             render_histogram(
@@ -411,6 +440,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `s` escaped for a Prometheus label value (backslash, quote, newline).
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `h` as the series of Prometheus histogram `name`, each with the labels
@@ -479,6 +515,31 @@ mod tests {
         assert!(text.contains("pohmelfs_fsync_latency_seconds_bucket{le=\"0.0005\"} 1"));
         assert!(text.contains("pohmelfs_fsync_latency_seconds_count 2"));
         assert!(text.contains("# TYPE pohmelfs_txn_acked_total counter"));
+    }
+
+    #[test]
+    fn the_volume_is_named_in_an_info_series_with_escaped_labels() {
+        let m = Metrics::default();
+        assert!(!m.prometheus().contains("pohmelfs_volume_info"));
+        m.levels
+            .volume
+            .set(VolumeInfo {
+                url: "file:///v/a\"b".into(),
+                id: "00ff".into(),
+            })
+            .unwrap();
+        m.levels
+            .commit_latency
+            .observe(std::time::Duration::from_micros(700));
+        let text = m.prometheus();
+        assert!(
+            text.contains("pohmelfs_volume_info{url=\"file:///v/a\\\"b\",volume_id=\"00ff\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pohmelfs_commit_latency_seconds_bucket{le=\"0.001\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -222,6 +222,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .context("bind metrics endpoint")?;
     }
     info!(store = %store.describe(), "volume open");
+    let _ = metrics.levels.volume.set(pohmelfs::metrics::VolumeInfo {
+        url: args
+            .volume
+            .store
+            .split_once('?')
+            .map_or(args.volume.store.as_str(), |(url, _)| url)
+            .to_string(),
+        id: store.identity().map(|i| i.id_hex()).unwrap_or_default(),
+    });
     let leftovers = socket.leftovers();
     let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
     install_signal_handlers(

@@ -105,6 +105,13 @@ pub(super) fn wait_timeout<'a>(
         .0
 }
 
+/// An acknowledged attempt's commit latency, from its send.
+fn time_commit(shared: &Shared, st: &State, id: u64, acked: bool) {
+    if let Some(sent) = st.txns.get(&id).and_then(|t| t.sent_at).filter(|_| acked) {
+        shared.metrics.levels.commit_latency.observe(sent.elapsed());
+    }
+}
+
 /// An attempt finished.
 pub(super) fn on_result(
     shared: &Arc<Shared>,
@@ -120,6 +127,7 @@ pub(super) fn on_result(
         .map_or((None, 0), |t| (Some(t.state), t.data_bytes));
     if current == Some(TxnState::InFlight { attempt }) {
         landed(&mut st, id, bytes);
+        time_commit(shared, &st, id, result.is_ok());
     }
     match result {
         Ok(ack) => {

@@ -312,3 +312,25 @@ fn in_flight_pages_and_their_copies_count_toward_dirty_max() {
     assert_eq!(content(&*store, 20), vec![2; sent as usize]);
     assert_eq!(m.levels.dirty_bytes.get(), 0);
 }
+
+/// The commit latency histogram counts acknowledged attempts only: none
+/// while the acks are held at the latch, one per transaction after.
+#[test]
+fn commit_latency_counts_each_acknowledged_transaction() {
+    let (wb, sink, _store, m) = super::testkit::held_layer(OverwritePolicy::Wait, 72);
+    super::testkit::create(&wb, 30);
+    wb.sync(None).unwrap();
+    let before = m.levels.commit_latency.count();
+    assert!(before >= 1, "the create's commit was not timed");
+    sink.gate.close();
+    super::testkit::write(&wb, 30, 0, &[7; PAGE], PAGE_SIZE);
+    eventually("the write in flight", || m.levels.in_flight_txns.get() > 0);
+    assert_eq!(
+        m.levels.commit_latency.count(),
+        before,
+        "timed before its ack"
+    );
+    sink.gate.open();
+    wb.sync(None).unwrap();
+    assert!(m.levels.commit_latency.count() > before);
+}

@@ -53,6 +53,8 @@ pub(super) struct TxnEntry {
     pub(super) not_before: Option<Instant>,
     pub(super) last_error: Option<String>,
     pub(super) formed: Instant,
+    /// When the attempt in flight went out (for the commit latency).
+    pub(super) sent_at: Option<std::time::Instant>,
     /// The store refused it for lack of space and it had no page data to
     /// drop: it is retried, and a sync of its inodes fails with ENOSPC.
     pub(super) waits_for_space: bool,
@@ -214,6 +216,7 @@ impl Shared {
             not_before: None,
             last_error: None,
             formed: Instant::now(),
+            sent_at: None,
             waits_for_space: false,
         }
     }

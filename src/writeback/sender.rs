@@ -163,6 +163,7 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
             continue;
         };
         t.state = TxnState::InFlight { attempt };
+        t.sent_at = Some(std::time::Instant::now());
         t.attempts += 1;
         if t.attempts > 1 {
             shared.metrics.txn_resent.inc();
