@@ -268,3 +268,85 @@ fn a_fenced_server_sends_the_client_elsewhere() {
         "server a did not report being fenced:\n{log}"
     );
 }
+
+/// Bytes received on `stream` and not read yet.
+fn unread(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// A client that sends requests and stops reading the replies (a daemon
+/// stuck, or a hostile peer) fills its own connection and holds back no
+/// other client: its requests wait on its own in-flight bound and its own
+/// reply queue, while another daemon's commits and reads on the same
+/// server are answered within the client's read timeout.
+#[test]
+fn a_client_that_stops_reading_holds_back_no_other() {
+    const MIB: u32 = 1 << 20;
+    let dir = workdir("slow-reader");
+    let server = start_server(
+        &dir,
+        "a",
+        &format!("file://{}/volumes", dir.path().display()),
+    );
+    let mut slow = Raw::connect(server.addr(), SECRET, "slow").unwrap();
+    let data = vec![0x5a; 4 * MIB as usize];
+    let put = slow.call(&Request::Txn {
+        txn_id: 1,
+        low_water: 1,
+        txn: write_txn(300, &data),
+    });
+    assert!(matches!(put, Response::TxnAck { .. }), "{put:?}");
+    // Far more reply bytes than the socket buffers of both ends hold, and
+    // more requests than the server's in-flight bound per connection (64).
+    let reads = 256u32;
+    let mut burst = Vec::new();
+    for i in 0..reads {
+        let req = Request::Read {
+            ino: 300,
+            offset: u64::from(i % 4) * u64::from(MIB),
+            len: MIB,
+        };
+        burst.extend_from_slice(&req.to_frame(u64::from(i) + 10).encode());
+    }
+    slow.send_bytes(&burst);
+    // Replies pile up unread (up to the receive window, which does not
+    // grow while nobody reads): the server is writing to a peer that does
+    // not read.
+    let piled = 32 << 10;
+    pohmelfs_testkit::wait_until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(10),
+        || unread(&slow.stream) >= piled,
+    )
+    .expect("the server never answered the slow client's reads");
+
+    let mut fast = Raw::connect(server.addr(), SECRET, "fast").unwrap();
+    for i in 0..20u64 {
+        let body = vec![i as u8; 64 << 10];
+        let ack = fast.call(&Request::Txn {
+            txn_id: i + 1,
+            low_water: i + 1,
+            txn: write_txn(400 + i, &body),
+        });
+        assert!(
+            matches!(ack, Response::TxnAck { .. }),
+            "commit {i}: {ack:?}"
+        );
+        let got = fast.call(&Request::Read {
+            ino: 400 + i,
+            offset: 0,
+            len: 64 << 10,
+        });
+        assert!(
+            matches!(&got, Response::Data(d) if *d == body),
+            "read {i} did not return what was committed"
+        );
+    }
+    // The slow client was never drained: its replies still wait.
+    assert!(unread(&slow.stream) >= piled);
+}
