@@ -77,12 +77,25 @@ pub struct ServeArgs {
     seccomp: confine::SeccompArgs,
 }
 
+/// Whether `e` is a refusal to create a file (permissions, a read-only
+/// directory), not a held lock.
+fn denied(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            io.kind() == std::io::ErrorKind::PermissionDenied
+                || io.raw_os_error() == Some(libc::EROFS)
+        })
+}
+
 /// Where the daemon listens, and what it removes at exit.
 struct Socket {
     /// Inherited at once; bound by [`Socket::listen`] otherwise.
     listener: Option<vhost::vhost_user::Listener>,
     /// The socket's path (to bind, or learnt from the inherited socket).
     path: Option<PathBuf>,
+    /// Bound by the manager that started us (`--fd`, socket activation).
+    inherited: bool,
     /// Passed by systemd: it keeps the socket file, to activate the next
     /// daemon through it.
     activated: bool,
@@ -128,8 +141,24 @@ impl Socket {
             (_, None, n) => bail!("systemd passed {n} sockets (LISTEN_FDS); serve listens on one"),
             (Some(_), Some(_), _) => bail!("give exactly one of --socket-path and --fd"),
         };
-        let guard = path.as_deref().map(endpoint::PidGuard::lock).transpose()?;
+        let guard = match (path.as_deref(), &listener) {
+            (None, _) => None,
+            (Some(p), None) => Some(endpoint::PidGuard::lock(p)?),
+            // A socket a manager bound (libvirt's --fd, systemd's) may lie
+            // in a directory the confined daemon cannot write (libvirt's
+            // domain directory is its qemu user's): there the manager, which
+            // gives the socket to one daemon, is the only guard.
+            (Some(p), Some(_)) => match endpoint::PidGuard::lock(p) {
+                Ok(g) => Some(g),
+                Err(e) if denied(&e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no pid file beside the inherited socket");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
         Ok(Socket {
+            inherited: listener.is_some(),
             listener,
             path,
             activated,
@@ -209,12 +238,25 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let listener = socket.listen(&args)?;
     confine::drop_all_capabilities().context("drop capabilities")?;
     match &socket.path {
-        Some(path) => pohmelfs::control::spawn_control_socket(
-            &pohmelfs::control::control_path(path),
-            Arc::clone(&metrics),
-            Some(Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>),
-        )
-        .context("bind control socket")?,
+        Some(path) => {
+            let control = pohmelfs::control::control_path(path);
+            let bound = pohmelfs::control::spawn_control_socket(
+                &control,
+                Arc::clone(&metrics),
+                Some(Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>),
+            );
+            match bound {
+                Ok(()) => {}
+                // Beside an inherited socket, in its manager's directory,
+                // the control socket is a convenience: serve goes on.
+                Err(e) if socket.inherited => tracing::warn!(
+                    path = %control.display(),
+                    error = %e,
+                    "no control socket beside the inherited socket"
+                ),
+                Err(e) => return Err(e).context("bind control socket"),
+            }
+        }
         None => tracing::warn!("the inherited socket has no path: no control socket"),
     }
     if let Some(addr) = args.metrics_listen {

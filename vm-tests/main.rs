@@ -15,6 +15,8 @@
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
+//! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
+//!   domains write and read back a volume through it;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -41,6 +43,7 @@ mod failover;
 mod files;
 mod harness;
 mod libvirt;
+mod libvirtd;
 mod offline;
 mod persistence;
 mod posix;
@@ -107,5 +110,6 @@ mod pohmelfs_only {
         space::full_volume_says_enospc,
         offline::writes_return_while_store_paused,
         libvirt::libvirt_argv_on_an_inherited_socket,
+        libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
     );
 }

@@ -39,6 +39,11 @@ trap 'status=$?; [ $status = 0 ] || echo "FAIL: status $status in step: $STEP"' 
 set -e
 "#;
 
+/// The guest's `/test.sh`: the prelude, `$TAG`, then `body`.
+pub fn guest_script(tag: &str, body: &str) -> String {
+    format!("{PRELUDE}TAG='{tag}'\n{body}\n")
+}
+
 /// Something the harness does while the guest runs, once the console shows a marker line.
 type ConsoleAction<'a> = (String, Box<dyn FnOnce() -> Result<()> + 'a>);
 
@@ -193,7 +198,7 @@ impl<'a> Guest<'a> {
     /// Writes the initrd: the base image, the optional images this guest asked for, and an
     /// archive with `/test.sh` (and the `pohmelfs` binary when asked for).
     fn build_initrd(&self, image: &GuestImage, initrd: &Path) -> Result<()> {
-        let script = format!("{PRELUDE}TAG='{}'\n{}\n", self.daemon.tag(), self.script);
+        let script = guest_script(self.daemon.tag(), &self.script);
         let extra = if self.pohmelfs {
             guest_pohmelfs()?
         } else {
@@ -457,7 +462,8 @@ fn has_line(console: &str, marker: &str) -> bool {
         .any(|line| line.trim_end_matches('\r') == marker)
 }
 
-fn parse_exit_status(console: &str) -> Option<i32> {
+/// The status the guest script reported on `console` (`POHMELFS-EXIT=N`).
+pub fn parse_exit_status(console: &str) -> Option<i32> {
     console
         .lines()
         .rev()
