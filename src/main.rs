@@ -1,6 +1,7 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
 mod compat;
+mod copy;
 mod endpoint;
 mod lifecycle;
 mod mount;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Create a volume (file:// or s3://); refuses to overwrite one.
     Format(lifecycle::FormatArgs),
+    /// Copy a whole volume into another (any two stores), then verify it.
+    Copy(copy::CopyArgs),
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
     Serve(serve::ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
@@ -331,6 +334,7 @@ fn main() {
     let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Format(args) => lifecycle::format(args),
+        Command::Copy(args) => copy::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),

@@ -45,6 +45,7 @@
 //! may have lost what it had not acknowledged) by [`OnceStore::epoch`].
 
 pub mod bench;
+pub mod copy;
 pub mod data;
 pub mod engine;
 pub mod mem;

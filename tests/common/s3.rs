@@ -141,6 +141,21 @@ impl Moto {
         )
     }
 
+    /// The same URL without credentials, as a command line takes it: the
+    /// command gets them from [`Moto::CLI_ENV`] in its environment.
+    pub fn cli_url(&self, prefix: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
+            self.bucket, self.port
+        )
+    }
+
+    /// The (dummy) credentials of [`Moto::cli_url`], for a command's environment.
+    pub const CLI_ENV: [(&'static str, &'static str); 2] = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+
     /// The last lines of moto's log.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log, 30)

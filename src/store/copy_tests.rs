@@ -1,0 +1,249 @@
+//! `copy` and `verify` between in-memory volumes: everything a volume
+//! holds arrives (holes stay holes), an interrupted copy is finished by a
+//! rerun, a volume with other files is refused, and a changed byte is
+//! found.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::store::mem::MemStore;
+use crate::store::{StoreStats, Timestamp, BLOCK_SIZE};
+
+const MIB: u64 = 1 << 20;
+
+fn dir(ino: u64, parent: u64) -> Inode {
+    Inode {
+        kind: FileKind::Directory,
+        perm: 0o755,
+        nlink: 2,
+        parent,
+        ..Inode::regular(ino, 0)
+    }
+}
+
+fn entry(name: &str, ino: u64, kind: FileKind, cookie: u64) -> Dirent {
+    Dirent {
+        name: name.into(),
+        ino,
+        kind,
+        cookie,
+    }
+}
+
+fn commit(s: &dyn Store, ops: Vec<Op>) {
+    s.commit(Txn { ops }).unwrap();
+}
+
+/// A volume with a directory, a sparse file of two extents linked twice,
+/// a symlink, a fifo, extended attributes and a file of many chunks.
+fn source() -> MemStore {
+    let s = MemStore::new(1 << 30);
+    let big: Vec<u8> = (0..5 * MIB).map(|i| (i % 251) as u8).collect();
+    let mut file = Inode::regular(20, 3 * MIB + 5);
+    file.nlink = 2;
+    file.uid = 1000;
+    file.mtime = Timestamp { sec: 7, nsec: 9 };
+    commit(
+        &s,
+        vec![
+            Op::PutInode(dir(ROOT_INO, ROOT_INO)),
+            Op::PutInode(dir(10, ROOT_INO)),
+            Op::PutDirent {
+                parent: ROOT_INO,
+                dirent: entry("d", 10, FileKind::Directory, 100),
+            },
+            Op::PutInode(file),
+            Op::Write {
+                ino: 20,
+                offset: 0,
+                data: vec![1u8; 4096].into(),
+            },
+            Op::Write {
+                ino: 20,
+                offset: 3 * MIB,
+                data: vec![2u8; 5].into(),
+            },
+            Op::PutDirent {
+                parent: 10,
+                dirent: entry("f", 20, FileKind::Regular, 101),
+            },
+            Op::PutDirent {
+                parent: ROOT_INO,
+                dirent: entry("hard", 20, FileKind::Regular, 102),
+            },
+            Op::SetXattr {
+                ino: 20,
+                name: b"user.k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            Op::PutInode(Inode {
+                kind: FileKind::Symlink,
+                size: 3,
+                ..Inode::regular(30, 3)
+            }),
+            Op::SetSymlink {
+                ino: 30,
+                target: b"d/f".to_vec(),
+            },
+            Op::PutDirent {
+                parent: 10,
+                dirent: entry("link", 30, FileKind::Symlink, 103),
+            },
+            Op::PutInode(Inode {
+                kind: FileKind::Fifo,
+                ..Inode::regular(40, 0)
+            }),
+            Op::PutDirent {
+                parent: ROOT_INO,
+                dirent: entry("fifo", 40, FileKind::Fifo, 104),
+            },
+        ],
+    );
+    commit(
+        &s,
+        vec![
+            Op::PutInode(Inode::regular(50, big.len() as u64)),
+            Op::Write {
+                ino: 50,
+                offset: 0,
+                data: big.into(),
+            },
+            Op::PutDirent {
+                parent: 10,
+                dirent: entry("big", 50, FileKind::Regular, 105),
+            },
+        ],
+    );
+    s
+}
+
+fn quiet(_: Progress) {}
+
+#[test]
+fn a_copy_holds_everything_and_verifies() {
+    let (src, dst) = (source(), MemStore::new(1 << 30));
+    let mut last = Progress::default();
+    let copied = copy(&src, &dst, &mut |p| last = p).unwrap();
+    assert_eq!(
+        copied.inodes, 6,
+        "root, d, f (once for two links), link, fifo, big"
+    );
+    // Whole blocks of data (the first is one block), never the hole.
+    assert_eq!(
+        copied.bytes,
+        BLOCK_SIZE + 5 + 5 * MIB,
+        "only the data, not the hole"
+    );
+    assert!(!copied.resumed);
+    assert!(copied.txns >= 3, "5 MiB does not fit one transaction");
+    assert_eq!(last.inodes, 6);
+    let checked = verify(&src, &dst, &mut quiet).unwrap();
+    assert_eq!(checked.inodes, 6);
+    // The hole is one on the copy too.
+    assert_eq!(dst.next_hole(20, 0).unwrap(), BLOCK_SIZE.max(4096));
+    assert_eq!(dst.get_xattr(ROOT_INO, COPYING_XATTR).unwrap(), None);
+    // New inodes and cookies on the copy do not collide with copied ones.
+    assert!(dst.reserve_ids(1).unwrap() > 105);
+}
+
+/// A destination whose commits fail after `left` transactions.
+struct FailAfter {
+    inner: Arc<MemStore>,
+    left: AtomicUsize,
+}
+
+impl Store for FailAfter {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        self.inner.get_inode(ino)
+    }
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        self.inner.lookup(parent, name)
+    }
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        self.inner.readdir(parent, after, max)
+    }
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.inner.read(ino, offset, buf)
+    }
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.next_data(ino, offset)
+    }
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        self.inner.next_hole(ino, offset)
+    }
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.readlink(ino)
+    }
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_xattr(ino, name)
+    }
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.list_xattr(ino)
+    }
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        self.inner.statfs()
+    }
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.inner.reserve_ids(count)
+    }
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        if self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(StoreError::Io(std::io::Error::other("interrupted")));
+        }
+        self.inner.commit(txn)
+    }
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        self.inner.sync(ino)
+    }
+    fn describe(&self) -> String {
+        "interrupted".into()
+    }
+}
+
+#[test]
+fn an_interrupted_copy_is_finished_by_a_rerun() {
+    let src = source();
+    let inner = Arc::new(MemStore::new(1 << 30));
+    let failing = FailAfter {
+        inner: Arc::clone(&inner),
+        left: AtomicUsize::new(2),
+    };
+    assert!(matches!(
+        copy(&src, &failing, &mut quiet),
+        Err(CopyError::Destination(_))
+    ));
+    assert!(
+        verify(&src, &*inner, &mut quiet).is_err(),
+        "the first run stopped half way"
+    );
+    let again = copy(&src, &*inner, &mut quiet).unwrap();
+    assert!(again.resumed);
+    verify(&src, &*inner, &mut quiet).unwrap();
+}
+
+#[test]
+fn a_volume_with_other_files_is_refused_and_a_changed_byte_is_found() {
+    let src = source();
+    let other = source();
+    assert!(matches!(
+        copy(&src, &other, &mut quiet),
+        Err(CopyError::NotEmpty(_))
+    ));
+    let dst = MemStore::new(1 << 30);
+    copy(&src, &dst, &mut quiet).unwrap();
+    commit(
+        &dst,
+        vec![Op::Write {
+            ino: 50,
+            offset: 3 * MIB + 7,
+            data: vec![0xee].into(),
+        }],
+    );
+    let err = verify(&src, &dst, &mut quiet).unwrap_err().to_string();
+    assert!(err.contains("inode 50: data in 3145728..4194304"), "{err}");
+}
