@@ -535,7 +535,17 @@ fn check(args: CheckArgs) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let reader = VolumeReader::open(&args.store).context("open volume read-only")?;
-    let report = pohmelfs::check::volume::check_volume(&reader).context("check volume")?;
+    let report = pohmelfs::check::volume::check_volume_reporting(&reader, &mut |name, items| {
+        // Progress on stderr, one line per pass (stdout is the report).
+        match items {
+            Some(n) => eprintln!(
+                "check: {name}: {n} ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ),
+            None => eprintln!("check: {name} ({:.1} s)", started.elapsed().as_secs_f64()),
+        }
+    })
+    .context("check volume")?;
     println!(
         "check: read {} in {:.2}s",
         reader.describe(),

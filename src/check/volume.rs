@@ -153,6 +153,16 @@ fn valid_name(name: &[u8]) -> bool {
 /// One pass per record type, in key order of the layout, then the passes
 /// over what they gathered: counters, then links, parents and reachability.
 pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
+    check_volume_reporting(v, &mut |_, _| {})
+}
+
+/// As [`check_volume`], calling `phase(name, items)` as each pass over
+/// the volume ends (`items`: what it read, where it counts them): the
+/// progress a long check shows.
+pub fn check_volume_reporting(
+    v: &dyn VolumeScan,
+    phase: &mut dyn FnMut(&'static str, Option<u64>),
+) -> Result<Report, CheckError> {
     let mut problems = Vec::new();
     let segs = SegmentCheck::new(v.segment_files(), &mut problems);
     let mut c = Checker {
@@ -163,14 +173,19 @@ pub fn check_volume(v: &dyn VolumeScan) -> Result<Report, CheckError> {
     };
     let info = c.superblock(v)?;
     let inodes = c.inodes(v)?;
+    phase("inodes", Some(inodes));
     c.root();
     let entries = c.entries(v)?;
+    phase("directory entries", Some(entries));
     c.symlinks(v)?;
     c.xattrs(v)?;
+    phase("symlinks and extended attributes", None);
     let blocks = c.blocks(v)?;
+    phase("data blocks", Some(blocks));
     let segment_records = c.segment_records(v)?;
     let sessions = c.applied(v)?;
     c.unknown(v)?;
+    phase("segments and applied records", None);
     if let Some(info) = &info {
         c.counters(info, inodes, blocks);
         let meta = v
@@ -294,6 +309,9 @@ impl Checker {
     /// The root is a directory and its own parent.
     fn root(&mut self) {
         let problem = match self.nodes.get(&ROOT_INO) {
+            // A volume no daemon has served yet (just formatted, or a
+            // copy's empty destination): the first serve makes the root.
+            None if self.nodes.is_empty() => return,
             None => Problem::NoRoot,
             Some(root) if root.inode.kind != FileKind::Directory => {
                 Problem::RootNotDirectory(root.inode.kind)

@@ -128,6 +128,17 @@ fn a_healthy_volume_is_clean_with_its_orphan_as_a_warning() {
 }
 
 #[test]
+fn a_volume_never_served_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/vol", dir.path().display());
+    SlateStore::format(&url, None).unwrap();
+    let reader = VolumeReader::open(&url).unwrap();
+    let r = check_volume(&reader).unwrap();
+    assert!(r.is_clean(), "{:#?}", r.problems);
+    assert_eq!(r.inodes, 0);
+}
+
+#[test]
 fn a_closed_volume_reads_the_same_read_only_and_is_not_written() {
     let v = healthy();
     let url = v.url();
