@@ -1,5 +1,7 @@
 //! `pohmelfs copy SRC DST`: a whole volume from one store to another, with
-//! progress on stderr, then a verification (`pohmelfs::store::copy`).
+//! progress on stderr, then a verification (`pohmelfs::store::copy`); and
+//! `pohmelfs import DIR URL`: a host tree into a new volume
+//! (`pohmelfs::store::import`).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::Arc;
@@ -37,15 +39,34 @@ fn open(url: &str) -> Result<Arc<dyn Store>> {
     Ok(once)
 }
 
+/// `pohmelfs import` arguments.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// The directory tree to import (not followed across mount points).
+    dir: std::path::PathBuf,
+    /// The volume, made first (pohmelfs format) and never served.
+    url: String,
+}
+
 /// Progress on stderr: one line rewritten in place on a terminal, else a
 /// line every few seconds.
 struct Shown {
     what: &'static str,
+    items: &'static str,
     tty: bool,
     last: Option<Instant>,
 }
 
 impl Shown {
+    fn new(what: &'static str, items: &'static str) -> Shown {
+        Shown {
+            what,
+            items,
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
     fn show(&mut self, p: Progress, done: bool) {
         let every = if self.tty {
             Duration::from_millis(200)
@@ -58,10 +79,11 @@ impl Shown {
         self.last = Some(Instant::now());
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let line = format!(
-            "{}: {}/{} inodes, {:.1}/{:.1} MiB",
+            "{}: {}/{} {}, {:.1}/{:.1} MiB",
             self.what,
             p.inodes,
             p.total_inodes.max(p.inodes),
+            self.items,
             mib(p.bytes),
             mib(p.total_bytes.max(p.bytes))
         );
@@ -78,13 +100,8 @@ pub fn run(args: CopyArgs) -> Result<()> {
     super::init_logging("warn")?;
     let src = open(&args.src).with_context(|| format!("open the source {}", args.src))?;
     let dst = open(&args.dst).with_context(|| format!("open the destination {}", args.dst))?;
-    let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
-    let mut shown = Shown {
-        what: "copy",
-        tty,
-        last: None,
-    };
+    let mut shown = Shown::new("copy", "inodes");
     let copied = copy::copy(&*src, &*dst, &mut |p| shown.show(p, false)).context("copy")?;
     shown.show(
         Progress {
@@ -110,17 +127,52 @@ pub fn run(args: CopyArgs) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let mut shown = Shown {
-        what: "verify",
-        tty,
-        last: None,
-    };
+    let mut shown = Shown::new("verify", "inodes");
     let checked = copy::verify(&*src, &*dst, &mut |p| shown.show(p, false)).context("verify")?;
     shown.show(checked, true);
     println!(
         "verified {} inodes, {:.1} MiB read from each volume, {:.1} s: the copy equals the source",
         checked.inodes,
         checked.bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn import(args: ImportArgs) -> Result<()> {
+    use pohmelfs::store::import;
+    super::init_logging("warn")?;
+    let dst = open(&args.url).with_context(|| format!("open the volume {}", args.url))?;
+    let started = Instant::now();
+    let mut shown = Shown::new("import", "entries");
+    let mut last = import::Progress::default();
+    let done = import::import(&args.dir, &*dst, &mut |p| {
+        last = p;
+        shown.show(
+            Progress {
+                inodes: p.entries,
+                bytes: p.bytes,
+                total_inodes: p.total_entries,
+                total_bytes: p.total_bytes,
+            },
+            false,
+        );
+    })
+    .with_context(|| format!("import {}", args.dir.display()))?;
+    shown.show(
+        Progress {
+            inodes: last.entries,
+            bytes: last.bytes,
+            total_inodes: last.total_entries,
+            total_bytes: last.total_bytes,
+        },
+        true,
+    );
+    println!(
+        "imported {} entries, {:.1} MiB of data in {} transactions, {:.1} s",
+        done.entries,
+        done.bytes as f64 / (1 << 20) as f64,
+        done.txns,
         started.elapsed().as_secs_f64()
     );
     Ok(())

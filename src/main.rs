@@ -36,6 +36,8 @@ enum Command {
     Format(lifecycle::FormatArgs),
     /// Copy a whole volume into another (any two stores), then verify it.
     Copy(copy::CopyArgs),
+    /// Import a host directory tree (a root filesystem) into a new volume.
+    Import(copy::ImportArgs),
     /// Run the vhost-user-fs device daemon for a QEMU or cloud-hypervisor guest.
     Serve(serve::ServeArgs),
     /// Run a store server: serve volumes to daemons over the pohmelfs protocol.
@@ -335,6 +337,7 @@ fn main() {
     let result = match cli.command {
         Command::Format(args) => lifecycle::format(args),
         Command::Copy(args) => copy::run(args),
+        Command::Import(args) => copy::import(args),
         Command::Serve(args) => serve::serve(args),
         Command::Store(args) => store(args),
         Command::BenchStore(args) => bench_store(args),

@@ -84,15 +84,24 @@ fn dst<T>(r: Result<T, StoreError>) -> Result<T, CopyError> {
 }
 
 /// Transactions being filled for the destination.
-struct Batch<'a> {
+pub(super) struct Batch<'a> {
     dst: &'a dyn Store,
     txn: Txn,
     data: usize,
-    txns: u64,
+    pub(super) txns: u64,
 }
 
-impl Batch<'_> {
-    fn push(&mut self, op: Op) -> Result<(), CopyError> {
+impl<'a> Batch<'a> {
+    pub(super) fn new(dst: &'a dyn Store) -> Batch<'a> {
+        Batch {
+            dst,
+            txn: Txn::new(),
+            data: 0,
+            txns: 0,
+        }
+    }
+
+    pub(super) fn push(&mut self, op: Op) -> Result<(), CopyError> {
         if let Op::Write { data, .. } = &op {
             self.data += data.len();
         }
@@ -103,7 +112,7 @@ impl Batch<'_> {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), CopyError> {
+    pub(super) fn flush(&mut self) -> Result<(), CopyError> {
         if self.txn.ops.is_empty() {
             return Ok(());
         }
@@ -195,12 +204,7 @@ pub fn copy(
         total_bytes: stats.used_bytes,
         ..Progress::default()
     };
-    let mut batch = Batch {
-        dst: dest,
-        txn: Txn::new(),
-        data: 0,
-        txns: 0,
-    };
+    let mut batch = Batch::new(dest);
     batch.push(Op::SetXattr {
         ino: ROOT_INO,
         name: COPYING_XATTR.to_vec(),

@@ -48,6 +48,7 @@ pub mod bench;
 pub mod copy;
 pub mod data;
 pub mod engine;
+pub mod import;
 pub mod mem;
 pub mod readcache;
 pub mod sink;
