@@ -29,6 +29,7 @@ mod namespace;
 #[cfg(test)]
 mod orphan_tests;
 mod refs;
+mod rename;
 mod session;
 mod xattr;
 #[cfg(test)]
