@@ -111,5 +111,6 @@ mod pohmelfs_only {
         space::full_volume_says_enospc,
         offline::writes_return_while_store_paused,
         libvirt::libvirt_argv_on_an_inherited_socket,
+        migration::refused_migration_resumes_at_the_source,
     );
 }

@@ -35,7 +35,7 @@ use crate::store::{
 };
 
 /// How often a waiting open reads the holder record again.
-const HOLDER_POLL: Duration = Duration::from_millis(50);
+const HOLDER_POLL: Duration = Duration::from_millis(20);
 
 /// Opens the volume; the argument is the orphans to spare.
 pub type Opener = Box<dyn Fn(&[u64]) -> Result<Arc<WritebackStore>, OpenError> + Send + Sync>;

@@ -1,12 +1,14 @@
 //! A live migration of one guest between two QEMU processes on this host: the source boots
-//! the guest against one daemon, the destination waits (`-incoming unix:…`) against another,
-//! and the harness moves the guest with QMP `migrate` once the source's console shows a
-//! marker line.
+//! the guest against one daemon, the destination waits (`-incoming defer`, then QMP
+//! `migrate-incoming unix:…`) against another, and the harness moves the guest with QMP
+//! `migrate` once the source's console shows a marker line. Both sides use the return path,
+//! so a destination that fails to load the guest fails the migration at the source, which
+//! resumes the guest ([`Migration::refused`] expects that).
 //!
 //! The guest cannot tell where it runs, so it waits for a line on its second serial port
 //! (`/dev/ttyS1`, a socket chardev on each QEMU): the harness writes `go` to the
-//! destination's once QMP reports the migration completed. The guest's output after the
-//! migration is on the destination's console. QEMU processes are killed in `Drop`.
+//! destination's once QMP reports the migration completed (to the source's once it resumed
+//! the guest after a failed one). The guest's output after that is on that side's console. QEMU processes are killed in `Drop`.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -19,8 +21,8 @@ use super::daemon::Daemon;
 use super::image::guest_image;
 use super::initrd::write_initrd;
 use super::qemu::{
-    accelerator, base_command, has_line, parse_exit_status, qemu_binary, GuestOutput, KillOnDrop,
-    DEFAULT_TIMEOUT, POLL_INTERVAL, PRELUDE,
+    accelerator, base_command, has_line, parse_exit_status, qemu_binary, Accel, GuestOutput,
+    KillOnDrop, DEFAULT_TIMEOUT, POLL_INTERVAL, PRELUDE,
 };
 use super::{log_tail, wait_until, Failure, Result};
 
@@ -36,9 +38,10 @@ const TAIL_LINES: usize = 40;
 
 /// What QMP `query-migrate` reported at the end.
 pub struct Migrated {
-    /// The guest's run, its console from the destination's.
+    /// The guest's run, its console from where it ended (the destination's, or the
+    /// source's after a refused migration).
     pub output: GuestOutput,
-    /// Milliseconds the guest was stopped (QMP `downtime`).
+    /// Milliseconds the guest was stopped (QMP `downtime`; 0 for a refused migration).
     pub downtime_ms: u64,
     /// Milliseconds from `migrate` to completion (QMP `total-time`).
     pub total_ms: u64,
@@ -95,7 +98,22 @@ pub struct Migration<'a> {
     source: &'a Daemon,
     destination: &'a Daemon,
     script: String,
+    refused: bool,
 }
+
+/// How QEMU says the migration ended.
+enum Ended {
+    Completed {
+        downtime: u64,
+        total: u64,
+    },
+    /// `query-migrate`'s answer.
+    Failed(String),
+}
+
+/// QMP: use the return path, so that a destination that fails to load the guest fails the
+/// migration at the source, which then resumes the guest. Set on both sides.
+const RETURN_PATH: &str = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "return-path", "state": true}]}}"#;
 
 impl<'a> Migration<'a> {
     /// Files go to `dir`.
@@ -105,6 +123,7 @@ impl<'a> Migration<'a> {
             source,
             destination,
             script: String::new(),
+            refused: false,
         }
     }
 
@@ -115,8 +134,10 @@ impl<'a> Migration<'a> {
         self
     }
 
-    /// Boots the guest at the source, migrates it at the marker, lets it go on at the
-    /// destination until it powers off.
+    /// Boots the guest at the source and migrates it at the marker. When the migration
+    /// completes (as [`Migration::refused`] does not expect), the guest goes on at the
+    /// destination until it powers off; when the destination refuses it, QEMU resumes it at
+    /// the source, where it goes on.
     pub fn run(self) -> Result<Migrated> {
         let qemu = qemu_binary()?;
         let image = guest_image()?;
@@ -131,63 +152,103 @@ impl<'a> Migration<'a> {
         let mut dst = Side::new(self.dir, "destination");
         let command = |side: &Side, daemon: &Daemon| -> Result<Command> {
             let mut c = base_command(&qemu, accel, image, &initrd, &side.console, &side.qemu_log)?;
-            c.args(["-m", MEMORY])
-                .arg("-object")
-                .arg(format!(
-                    "memory-backend-memfd,id=mem,size={MEMORY},share=on"
-                ))
-                .args(["-numa", "node,memdev=mem"])
-                .arg("-chardev")
-                .arg(format!(
-                    "socket,id=char0,path={}",
-                    daemon.socket().display()
-                ))
-                .arg("-device")
-                .arg(format!(
-                    "vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={}",
-                    daemon.tag()
-                ))
-                .arg("-chardev")
-                .arg(format!(
-                    "socket,id=ctl,path={},server=on,wait=off",
-                    side.serial.display()
-                ))
-                .args(["-device", "isa-serial,chardev=ctl"])
-                .arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", side.qmp.display()));
+            add_devices(&mut c, side, daemon);
             Ok(c)
         };
+        // Deferred: the return path is set on both sides before the stream starts.
         let mut dst_command = command(&dst, self.destination)?;
-        dst_command
-            .arg("-incoming")
-            .arg(format!("unix:{}", incoming.display()));
+        dst_command.args(["-incoming", "defer"]);
         dst.process = Some(KillOnDrop::spawn(&mut dst_command, &qemu)?);
         let dst_qmp = dst.qmp.clone();
         wait_for_socket(&mut dst, &dst_qmp)?;
+        let mut qmp = Qmp::connect(&dst.qmp)?;
+        qmp.execute(RETURN_PATH)?;
+        qmp.execute(&format!(
+            r#"{{"execute": "migrate-incoming", "arguments": {{"uri": "unix:{}"}}}}"#,
+            incoming.display()
+        ))?;
         src.process = Some(KillOnDrop::spawn(&mut command(&src, self.source)?, &qemu)?);
-        let outcome = self.migrate(&mut src, &mut dst, &incoming);
+        let outcome = self.migrate(&mut src, &incoming);
         let _ = fs::remove_file(&initrd);
-        // The connection to the guest's ttyS1 stays open until the guest is done: QEMU
-        // drops what a closed socket chardev has not handed to the UART yet.
-        let (downtime_ms, total_ms, _serial) = outcome.map_err(|f| {
-            Failure::new(format!("{f}\n{}\n{}", src.report(), self.daemon_reports()))
+        let ended = outcome.map_err(|f| {
+            Failure::new(format!(
+                "{f}\n{}\n{}\n{}",
+                src.report(),
+                dst.report(),
+                self.daemon_reports()
+            ))
         })?;
-        // The source QEMU stays paused after a migration; its exit ends the source
-        // daemon's session.
-        if let Some(p) = src.process.as_mut() {
+        let (downtime_ms, total_ms) = match &ended {
+            Ended::Completed { downtime, total } => (Some(*downtime), *total),
+            Ended::Failed(_) => (None, 0),
+        };
+        let failed = matches!(ended, Ended::Failed(_));
+        if failed != self.refused {
+            let what = match &ended {
+                Ended::Failed(answer) => format!("failed: {answer}"),
+                Ended::Completed { .. } => "completed".to_owned(),
+            };
+            return Err(Failure::new(format!(
+                "the migration {what}, expected it to {}\n{}\n{}\n{}",
+                if self.refused { "fail" } else { "complete" },
+                src.report(),
+                dst.report(),
+                self.daemon_reports()
+            )));
+        }
+        // Where the guest runs now, and the QEMU whose guest has gone (after a migration
+        // the source stays paused; after a refused one the destination exits by itself).
+        let (running, gone) = if failed {
+            (&mut src, &mut dst)
+        } else {
+            (&mut dst, &mut src)
+        };
+        self.go_on(running, gone, failed, (downtime_ms, total_ms), accel)
+    }
+
+    /// After QEMU's verdict: lets the guest go on where it runs and waits for it to power off
+    /// and for the other QEMU to exit; then checks both daemons.
+    fn go_on(
+        &self,
+        running: &mut Side,
+        gone: &mut Side,
+        failed: bool,
+        (downtime_ms, total_ms): (Option<u64>, u64),
+        accel: Accel,
+    ) -> Result<Migrated> {
+        if failed {
+            wait_running(&running.qmp)?;
+        } else if let Some(p) = gone.process.as_mut() {
             p.kill();
         }
-        let finished = wait_until(DEFAULT_TIMEOUT, POLL_INTERVAL, || dst.exited());
-        let console = dst.console_text();
+        // The guest may go on. The connection to its ttyS1 stays open until it is done:
+        // QEMU drops what a closed socket chardev has not handed to the UART yet.
+        let mut serial = UnixStream::connect(&running.serial)
+            .map_err(|e| Failure::new(format!("connect {}: {e}", running.serial.display())))?;
+        serial
+            .write_all(b"go\n")
+            .map_err(|e| Failure::new(format!("write to the guest's ttyS1: {e}")))?;
+        let finished = wait_until(DEFAULT_TIMEOUT, POLL_INTERVAL, || running.exited());
+        let gone_exited = wait_until(SOCKET_TIMEOUT, POLL_INTERVAL, || gone.exited());
+        drop(serial);
+        let console = running.console_text();
         let report = format!(
-            "migration downtime {downtime_ms} ms, total {total_ms} ms ({accel:?})\n{}\n{}\n{}",
-            dst.report(),
-            src.report(),
+            "migration {}, downtime {downtime_ms:?} ms, total {total_ms} ms ({accel:?})\n{}\n{}\n{}",
+            if failed { "refused" } else { "completed" },
+            running.report(),
+            gone.report(),
             self.daemon_reports()
         );
         if finished.is_none() {
             return Err(Failure::new(format!(
-                "the guest did not power off at the destination within {DEFAULT_TIMEOUT:?}\n{report}"
+                "the guest did not power off at the {} within {DEFAULT_TIMEOUT:?}\n{report}",
+                running.name
+            )));
+        }
+        if gone_exited.is_none() {
+            return Err(Failure::new(format!(
+                "the {} QEMU did not exit\n{report}",
+                gone.name
             )));
         }
         for daemon in [self.source, self.destination] {
@@ -197,19 +258,21 @@ impl<'a> Migration<'a> {
         }
         Ok(Migrated {
             output: GuestOutput::new(parse_exit_status(&console), console, report),
-            downtime_ms,
+            downtime_ms: downtime_ms.unwrap_or(0),
             total_ms,
         })
     }
 
-    /// Waits for the marker, migrates, and tells the guest at the destination to go on:
-    /// the downtime and total time, and the connection to the guest's second serial port.
-    fn migrate(
-        &self,
-        src: &mut Side,
-        dst: &mut Side,
-        incoming: &Path,
-    ) -> Result<(u64, u64, UnixStream)> {
+    /// The destination refuses the guest: the migration is to fail and the guest go on at
+    /// the source.
+    #[allow(dead_code)] // for the refused-migration test
+    pub fn refused(mut self) -> Self {
+        self.refused = true;
+        self
+    }
+
+    /// Waits for the marker, migrates, and waits for QEMU's verdict.
+    fn migrate(&self, src: &mut Side, incoming: &Path) -> Result<Ended> {
         let marked = wait_until(DEFAULT_TIMEOUT, POLL_INTERVAL, || {
             if has_line(&src.console_text(), MIGRATE_MARKER) {
                 return Some(Ok(()));
@@ -230,38 +293,32 @@ impl<'a> Migration<'a> {
             }
         }
         let mut qmp = Qmp::connect(&src.qmp)?;
+        qmp.execute(RETURN_PATH)?;
         qmp.execute(&format!(
             r#"{{"execute": "migrate", "arguments": {{"uri": "unix:{}"}}}}"#,
             incoming.display()
         ))?;
-        let done = wait_until(MIGRATION_TIMEOUT, Duration::from_millis(100), || match qmp
+        let answer = wait_until(MIGRATION_TIMEOUT, Duration::from_millis(100), || match qmp
             .execute(r#"{"execute": "query-migrate"}"#)
         {
             Ok(answer) => match field_str(&answer, "status").as_deref() {
-                Some("completed") => Some(Ok(answer)),
-                Some("failed" | "cancelled") => Some(Err(Failure::new(format!(
-                    "the migration failed: {answer}\n{}",
-                    dst.report()
-                )))),
+                Some("completed" | "failed" | "cancelled") => Some(Ok(answer)),
                 _ => None,
             },
             Err(f) => Some(Err(f)),
         })
         .ok_or_else(|| {
             Failure::new(format!(
-                "the migration did not complete within {MIGRATION_TIMEOUT:?}"
+                "the migration did not end within {MIGRATION_TIMEOUT:?}"
             ))
         })??;
-        let downtime = field_u64(&done, "downtime")
-            .ok_or_else(|| Failure::new(format!("query-migrate gave no downtime: {done}")))?;
-        let total = field_u64(&done, "total-time").unwrap_or(0);
-        // The guest runs at the destination now: let it go on.
-        let mut serial = UnixStream::connect(&dst.serial)
-            .map_err(|e| Failure::new(format!("connect {}: {e}", dst.serial.display())))?;
-        serial
-            .write_all(b"go\n")
-            .map_err(|e| Failure::new(format!("write to the guest's ttyS1: {e}")))?;
-        Ok((downtime, total, serial))
+        if field_str(&answer, "status").as_deref() != Some("completed") {
+            return Ok(Ended::Failed(answer));
+        }
+        let downtime = field_u64(&answer, "downtime")
+            .ok_or_else(|| Failure::new(format!("query-migrate gave no downtime: {answer}")))?;
+        let total = field_u64(&answer, "total-time").unwrap_or(0);
+        Ok(Ended::Completed { downtime, total })
     }
 
     fn daemon_reports(&self) -> String {
@@ -271,6 +328,54 @@ impl<'a> Migration<'a> {
             self.destination.log_report()
         )
     }
+}
+
+/// Memory (shared, as vhost-user needs), the vhost-user-fs device on `daemon`'s socket, the
+/// second serial port and QMP.
+fn add_devices(c: &mut Command, side: &Side, daemon: &Daemon) {
+    c.args(["-m", MEMORY])
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-memfd,id=mem,size={MEMORY},share=on"
+        ))
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=char0,path={}",
+            daemon.socket().display()
+        ))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={}",
+            daemon.tag()
+        ))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ctl,path={},server=on,wait=off",
+            side.serial.display()
+        ))
+        .args(["-device", "isa-serial,chardev=ctl"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", side.qmp.display()));
+}
+
+/// Waits until QMP at `path` says the guest runs (QEMU resumes it after a failed
+/// migration).
+fn wait_running(path: &Path) -> Result<()> {
+    let mut qmp = Qmp::connect(path)?;
+    let running = wait_until(SOCKET_TIMEOUT, POLL_INTERVAL, || {
+        match qmp.execute(r#"{"execute": "query-status"}"#) {
+            Ok(answer) => {
+                (field_str(&answer, "status").as_deref() == Some("running")).then_some(Ok(()))
+            }
+            Err(f) => Some(Err(f)),
+        }
+    });
+    running.unwrap_or_else(|| {
+        Err(Failure::new(format!(
+            "QEMU did not resume the guest at the source within {SOCKET_TIMEOUT:?}"
+        )))
+    })
 }
 
 /// Waits until QEMU made `path`, or fails if it exited first.
