@@ -66,6 +66,11 @@ impl Volume {
 
     /// A daemon holding the volume, as `serve` starts: its slot and kit.
     fn source(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
+        self.source_waiting(name, WAIT)
+    }
+
+    /// [`Volume::source`], whose open after a release waits at most `wait`.
+    fn source_waiting(&self, name: &str, wait: Duration) -> (Arc<VolumeSlot>, Kit) {
         let metrics = Arc::new(Metrics::default());
         let store = writeback::open_as(
             &self.url(),
@@ -75,7 +80,7 @@ impl Volume {
             EXISTING,
         )
         .unwrap();
-        let slot = VolumeSlot::holding(store, &self.url(), self.opener(&metrics), WAIT);
+        let slot = VolumeSlot::holding(store, &self.url(), self.opener(&metrics), wait);
         self.daemon(name, Arc::new(slot), metrics)
     }
 
@@ -217,6 +222,50 @@ fn a_source_whose_migration_failed_opens_the_volume_again() {
     assert!(vol.inode_after(gone).is_none());
 }
 
+/// Another live process of this host named as the volume's holder (as a daemon that has
+/// not let it go would be).
+fn hold_elsewhere(vol: &Volume) -> (Sleeper, Holder) {
+    let sleeper = Sleeper(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap(),
+    );
+    let other = Holder {
+        pid: sleeper.0.id(),
+        ..Holder::this_process()
+    };
+    std::fs::write(vol.dir.path().join("vol/volume.holder"), other.encode()).unwrap();
+    (sleeper, other)
+}
+
+#[test]
+fn a_source_that_cannot_take_the_volume_back_answers_eio_until_told_to_retry() {
+    let vol = Volume::new();
+    let (slot, mut src) = vol.source_waiting("handover-gave-up", Duration::from_millis(300));
+    src.init();
+    let (ino, fh) = src.create("f");
+    let data = pattern(6, 4096);
+    src.write(ino, fh, &data);
+    save(&src);
+    // Another daemon took the volume meanwhile (and holds it).
+    let (sleeper, other) = hold_elsewhere(&vol);
+    assert_eq!(src.read(ino, fh, READ_BUF, 4096).0, -libc::EIO);
+    assert!(slot.gave_up());
+    // The next request does not wait again; the record is left alone.
+    assert_eq!(src.read(ino, fh, READ_BUF, 4096).0, -libc::EIO);
+    assert_eq!(vol.holder(), Some(other));
+    assert_eq!(slot.phase(), Phase::Released);
+
+    // That daemon let go; a new frontend (here: told directly) tries again.
+    drop(sleeper);
+    src.fs.new_frontend();
+    assert!(read_back(&mut src, ino, fh, 4096, "after the retry") == data);
+    assert_eq!(slot.phase(), Phase::Open);
+    drop(src);
+    slot.release().unwrap();
+}
+
 #[test]
 fn the_destination_waits_for_a_live_holder_and_gives_up_at_its_bound() {
     let vol = Volume::new();
@@ -230,17 +279,7 @@ fn the_destination_waits_for_a_live_holder_and_gives_up_at_its_bound() {
 
     // Another live process of this host holds the volume now (as a source
     // that has not let it go would).
-    let sleeper = Sleeper(
-        std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .unwrap(),
-    );
-    let other = Holder {
-        pid: sleeper.0.id(),
-        ..Holder::this_process()
-    };
-    std::fs::write(vol.dir.path().join("vol/volume.holder"), other.encode()).unwrap();
+    let (sleeper, other) = hold_elsewhere(&vol);
     let (dst_slot, mut dst) = vol.destination("handover-held-dst", Duration::from_millis(300));
     assert!(
         load(&dst, &bytes).is_err(),

@@ -73,6 +73,8 @@ pub enum SlotError {
     StillHeld { holder: String, waited_secs: u64 },
     #[error("store what the guest wrote before letting the volume go")]
     Close(#[source] StoreError),
+    #[error("an open after the volume was let go gave up; the next frontend tries again")]
+    GaveUp,
 }
 
 /// The volume of `pohmelfs serve`, open or not.
@@ -175,6 +177,10 @@ impl VolumeSlot {
         let _turn = lock(&self.turn);
         if self.read().is_some() {
             return Ok(());
+        }
+        // Requests that queued behind an open that gave up do not wait again.
+        if self.phase() == Phase::Released && self.gave_up() {
+            return Err(SlotError::GaveUp);
         }
         let started = Instant::now();
         let mut told = false;
