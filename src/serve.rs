@@ -216,6 +216,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     args.volume.check()?;
+    if args.incoming && args.volume.store.starts_with("mem:") {
+        bail!(
+            "--incoming needs a volume both daemons reach (file://, s3:// or pohmel://), not mem:"
+        );
+    }
     let metrics = Arc::new(Metrics::default());
     // The volume first: a missing or held volume (or unreachable store)
     // fails before a VMM can connect. Opened in a thread without
@@ -317,9 +322,6 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
         )
     });
     if args.incoming {
-        if vol.store.starts_with("mem:") {
-            bail!("--incoming needs a volume both daemons reach (file://, s3:// or pohmel://), not mem:");
-        }
         return Ok(VolumeSlot::incoming(&vol.store, opener, wait));
     }
     let mode = pohmelfs::store::engine::OpenMode::Existing {
