@@ -3,7 +3,8 @@
 //!
 //! Start-up order: confine, take the pid-file guard beside the socket (and
 //! an inherited `--fd` socket), open the volume (before the socket is
-//! bound, so a missing or held volume fails before a VMM can connect),
+//! bound, so a missing or held volume fails before a VMM can connect;
+//! with `--incoming` only once a live migration's state arrives),
 //! bind the socket at `--socket-path` (or take the one systemd passed:
 //! socket activation, `LISTEN_FDS`), drop the last capabilities, tell
 //! systemd the daemon is ready (`READY=1`, under `Type=notify`), then
@@ -19,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use pohmelfs::device::{self, DeviceConfig, ServeConfig};
 use pohmelfs::metrics::Metrics;
 use pohmelfs::store::Store as _;
-use pohmelfs::writeback::WritebackStore;
+use pohmelfs::writeback::slot::{Opener, VolumeSlot};
 use pohmelfs::{confine, systemd};
 use tracing::{error, info};
 
@@ -28,6 +29,11 @@ use super::{endpoint, lifecycle, VolumeArgs};
 /// The default of `--shutdown-timeout`: below libvirt's escalation (it
 /// sends SIGKILL 10 s after SIGTERM), with room to exit.
 pub const SHUTDOWN_TIMEOUT_DEFAULT_SECS: u64 = 8;
+
+/// The default of `--incoming-timeout`: past the 30 s lease of a holder
+/// on another host that hung (`store/engine/holder.rs`), so that its
+/// lease runs out within the wait.
+pub const INCOMING_TIMEOUT_DEFAULT_SECS: u64 = 60;
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("listen").args(["socket_path", "fd"]))]
@@ -65,6 +71,16 @@ pub struct ServeArgs {
     /// then is logged, transaction by transaction, and lost.
     #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_DEFAULT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     shutdown_timeout: u64,
+    /// Be a live migration's destination (QEMU started with -incoming):
+    /// serve the socket, but open the volume only when the guest's state
+    /// arrives, once the source daemon has let it go (docs/migration.md).
+    #[arg(long, conflicts_with = "take_over")]
+    incoming: bool,
+    /// Seconds an open of the volume after a migration (the
+    /// destination's, or a source's whose migration failed) waits for the
+    /// other daemon to let it go before it fails.
+    #[arg(long, default_value_t = INCOMING_TIMEOUT_DEFAULT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    incoming_timeout: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -214,36 +230,21 @@ impl Leftovers {
     }
 }
 
-pub fn serve(args: ServeArgs) -> Result<()> {
-    // Before any thread: capabilities are per thread (src/confine).
-    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
-    let notifier = systemd::Notifier::from_env()
-        .context("systemd notify socket")?
-        .map(Arc::new);
-    // fuse-backend-rs's own lines are off: see `device::log_filter`.
-    pohmelfs::logging::init(&args.log_level, device::log_filter).context("install logger")?;
-    pohmelfs::ratelimit::limit_panic_messages();
-    if let Some(tag) = &args.tag {
-        if tag.is_empty() || tag.len() > device::TAG_MAX {
-            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
-        }
-    }
-    args.volume.check()?;
-    let metrics = Arc::new(Metrics::default());
-    // The volume first: a missing or held volume (or unreachable store)
-    // fails before a VMM can connect. Opened in a thread without
-    // capabilities, as the engine's threads inherit its set.
-    let mut socket = Socket::guard(&args)?;
-    let (store, fs) = lifecycle::open_without_capabilities(|| args.volume.open(&metrics))?;
-    let listener = socket.listen(&args)?;
-    confine::drop_all_capabilities().context("drop capabilities")?;
+/// The control socket beside the vhost-user socket, the Prometheus
+/// endpoint, and the volume's info series.
+fn spawn_endpoints(
+    args: &ServeArgs,
+    socket: &Socket,
+    metrics: &Arc<Metrics>,
+    slot: &Arc<VolumeSlot>,
+) -> Result<()> {
     match &socket.path {
         Some(path) => {
             let control = pohmelfs::control::control_path(path);
             let bound = pohmelfs::control::spawn_control_socket(
                 &control,
-                Arc::clone(&metrics),
-                Some(Arc::clone(&store) as Arc<dyn pohmelfs::store::Store>),
+                Arc::clone(metrics),
+                Some(Arc::clone(slot) as Arc<dyn pohmelfs::store::Store>),
             );
             match bound {
                 Ok(()) => {}
@@ -260,10 +261,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         None => tracing::warn!("the inherited socket has no path: no control socket"),
     }
     if let Some(addr) = args.metrics_listen {
-        pohmelfs::control::spawn_prometheus(addr, Arc::clone(&metrics))
+        pohmelfs::control::spawn_prometheus(addr, Arc::clone(metrics))
             .context("bind metrics endpoint")?;
     }
-    info!(store = %store.describe(), "volume open");
+    if args.incoming {
+        info!(store = %slot.describe(), "waiting for a live migration's state before opening the volume");
+    } else {
+        info!(store = %slot.describe(), "volume open");
+    }
     let _ = metrics.levels.volume.set(pohmelfs::metrics::VolumeInfo {
         url: args
             .volume
@@ -271,12 +276,52 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .split_once('?')
             .map_or(args.volume.store.as_str(), |(url, _)| url)
             .to_string(),
-        id: store.identity().map(|i| i.id_hex()).unwrap_or_default(),
+        id: slot.identity().map(|i| i.id_hex()).unwrap_or_default(),
     });
+    Ok(())
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    // Before any thread: capabilities are per thread (src/confine).
+    confine::restrict(args.socket_access.startup_capabilities()).context("confine")?;
+    let notifier = systemd::Notifier::from_env()
+        .context("systemd notify socket")?
+        .map(Arc::new);
+    // fuse-backend-rs's own lines are off: see `device::log_filter`.
+    pohmelfs::logging::init(&args.log_level, device::log_filter).context("install logger")?;
+    pohmelfs::ratelimit::limit_panic_messages();
+    if let Some(tag) = &args.tag {
+        if tag.is_empty() || tag.len() > device::TAG_MAX {
+            bail!("tag {tag:?} must be 1 to {} bytes", device::TAG_MAX);
+        }
+    }
+    args.volume.check()?;
+    if args.incoming && args.volume.store.starts_with("mem:") {
+        bail!(
+            "--incoming needs a volume both daemons reach (file://, s3:// or pohmel://), not mem:"
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    // The volume first: a missing or held volume (or unreachable store)
+    // fails before a VMM can connect. Opened in a thread without
+    // capabilities, as the engine's threads inherit its set.
+    let mut socket = Socket::guard(&args)?;
+    let slot = Arc::new(open_slot(&args, &metrics)?);
+    let fs = Arc::new(
+        pohmelfs::fs::PohmelFs::on_slot(
+            Arc::clone(&slot),
+            args.volume.fs_config(),
+            Arc::clone(&metrics),
+        )
+        .context("open volume")?,
+    );
+    let listener = socket.listen(&args)?;
+    confine::drop_all_capabilities().context("drop capabilities")?;
+    spawn_endpoints(&args, &socket, &metrics, &slot)?;
     let leftovers = socket.leftovers();
     let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
     install_signal_handlers(
-        Arc::clone(&store),
+        Arc::clone(&slot),
         shutdown_timeout,
         leftovers.clone(),
         notifier.clone(),
@@ -305,22 +350,74 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = &notifier {
         n.notify(&format!(
             "READY=1\nSTATUS=serving {} on {}",
-            store.describe(),
+            slot.describe(),
             cfg.socket_path.display()
         ))
         .context("notify systemd")?;
     }
     device::serve(&cfg, listener, Arc::clone(&fs), metrics).context("serve frontend")?;
-    let drained = store.drain(shutdown_timeout);
+    let drained = drain(&slot, shutdown_timeout);
     leftovers.remove();
     drained.context("drain the volume")
+}
+
+/// The volume in a slot: opened now, or (`--incoming`) only when a
+/// migration's state arrives. Later opens (the destination's at the
+/// state, a source's after a failed migration) wait for another holder to
+/// let it go and never take it over.
+fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
+    let vol = &args.volume;
+    let wait = Duration::from_secs(args.incoming_timeout);
+    let (url, cfg, cache, m) = (
+        vol.store.clone(),
+        vol.txn_config(),
+        vol.read_cache(),
+        Arc::clone(metrics),
+    );
+    let opener: Opener = Box::new(move |spare| {
+        pohmelfs::writeback::open_sparing(
+            &url,
+            cfg.clone(),
+            cache.as_ref(),
+            Arc::clone(&m),
+            pohmelfs::store::engine::OpenMode::Existing { take_over: false },
+            spare,
+        )
+    });
+    if args.incoming {
+        return Ok(VolumeSlot::incoming(&vol.store, opener, wait));
+    }
+    let mode = pohmelfs::store::engine::OpenMode::Existing {
+        take_over: vol.take_over,
+    };
+    // Opened in a thread without capabilities, as the engine's threads
+    // inherit its set.
+    let store = lifecycle::open_without_capabilities(|| {
+        pohmelfs::writeback::open_as(
+            &vol.store,
+            vol.txn_config(),
+            vol.read_cache().as_ref(),
+            Arc::clone(metrics),
+            mode,
+        )
+        .context("open store")
+    })?;
+    Ok(VolumeSlot::holding(store, &vol.store, opener, wait))
+}
+
+/// Drain the volume for at most `timeout`, if it is open here.
+fn drain(slot: &VolumeSlot, timeout: Duration) -> Result<(), pohmelfs::store::StoreError> {
+    match slot.current() {
+        Some(store) => store.drain(timeout),
+        None => Ok(()),
+    }
 }
 
 /// SIGTERM and SIGINT: drain for at most `timeout` (each transaction not
 /// stored by then is logged), remove the socket, exit 0 (1 when something
 /// was not stored).
 fn install_signal_handlers(
-    store: Arc<WritebackStore>,
+    store: Arc<VolumeSlot>,
     timeout: Duration,
     leftovers: Leftovers,
     notifier: Option<Arc<systemd::Notifier>>,
@@ -338,7 +435,7 @@ fn install_signal_handlers(
                         tracing::warn!(error = %pohmelfs::ErrorChain(&e), "could not tell systemd");
                     }
                 }
-                let code = match store.drain(timeout) {
+                let code = match drain(&store, timeout) {
                     Ok(()) => {
                         info!("drained: everything written is stored");
                         0

@@ -13,6 +13,8 @@
 //! - [`crash`]: power cuts and SIGKILLs around fsynced and dirty files, torture across restarts;
 //! - [`space`]: a full volume answers ENOSPC;
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
+//! - [`migration`]: a live migration between two QEMU processes with files held open, and
+//!   its downtime;
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
@@ -44,6 +46,7 @@ mod files;
 mod harness;
 mod libvirt;
 mod libvirtd;
+mod migration;
 mod offline;
 mod persistence;
 mod posix;
@@ -95,6 +98,7 @@ vm_tests! {
     persistence::fsynced_data_survives_daemon_kill,
     crash::crash_guest_power_cut,
     crash::crash_daemon_kill9,
+    migration::live_migration_keeps_open_files,
 }
 
 /// Tests of store servers (`pohmel://` volumes), of a volume's capacity and of pohmelfs's own
@@ -111,5 +115,6 @@ mod pohmelfs_only {
         offline::writes_return_while_store_paused,
         libvirt::libvirt_argv_on_an_inherited_socket,
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
+        migration::refused_migration_resumes_at_the_source,
     );
 }

@@ -151,11 +151,17 @@ impl Kit {
     /// [`Kit::start`] on the volume in `store` (two daemons on one volume,
     /// as a migration's source and destination).
     pub fn start_on(name: &str, store: Arc<dyn Store>) -> Kit {
+        let metrics = Arc::new(Metrics::default());
+        let fs = Arc::new(PohmelFs::new(store, FsConfig::default(), Arc::clone(&metrics)).unwrap());
+        Kit::start_with(name, fs, metrics)
+    }
+
+    /// [`Kit::start`] serving `fs` (built on a volume slot: a daemon that
+    /// may open its volume late or let it go), counting in `metrics`.
+    pub fn start_with(name: &str, fs: Arc<PohmelFs>, metrics: Arc<Metrics>) -> Kit {
         let dir = std::env::temp_dir().join(format!("pohmelfs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vhost.sock");
-        let metrics = Arc::new(Metrics::default());
-        let fs = Arc::new(PohmelFs::new(store, FsConfig::default(), Arc::clone(&metrics)).unwrap());
         let cfg = ServeConfig {
             socket_path: socket.clone(),
             device: DeviceConfig {

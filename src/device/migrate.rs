@@ -7,6 +7,10 @@
 //! pipe it reads only after the reply to `SET_DEVICE_STATE_FD`, so each
 //! direction runs on a thread of its own, and `CHECK_DEVICE_STATE` joins it
 //! and reports what went wrong (`docs/migration.md`).
+//!
+//! The volume changes hands there too: once the state is out the source
+//! lets the volume go, and the destination opens it when it takes the
+//! state (waiting, bounded, for the source's release).
 
 use std::fs::File;
 use std::io;
@@ -100,6 +104,13 @@ impl Transfer {
             .unwrap_or_else(|_| Err("the transfer thread panicked".into()));
         match outcome {
             Ok(None) => {
+                // Everything the guest wrote is stored (`save`): let the
+                // volume go, so the destination may open it. Should that
+                // fail the volume stays here, and so does the guest.
+                fs.release_volume().map_err(|e| {
+                    warn!(error = %crate::ErrorChain(&e), "migration: could not let the volume go; the guest stays here");
+                    io::Error::other(format!("could not let the volume go: {e}"))
+                })?;
                 self.handed_off.store(true, Ordering::SeqCst);
                 info!("migration: device state sent; the guest session is the destination's now");
                 Ok(())
@@ -107,6 +118,10 @@ impl Transfer {
             Ok(Some(session)) => {
                 let (inodes, handles) = (session.lookups.len(), session.handles.len());
                 if session == SessionState::default() {
+                    fs.acquire_volume(&[]).map_err(|e| {
+                        warn!(error = %crate::ErrorChain(&e), "migration: cannot open the volume");
+                        io::Error::other(format!("cannot open the volume: {e}"))
+                    })?;
                     info!("migration: device state received: the guest had not mounted");
                     return Ok(());
                 }
@@ -124,7 +139,8 @@ impl Transfer {
         }
     }
 
-    /// Whether this connection's session went to another daemon.
+    /// Whether this connection's session went to another daemon (it may
+    /// have come back since: [`PohmelFs::volume_held`]).
     pub fn handed_off(&self) -> bool {
         self.handed_off.load(Ordering::SeqCst)
     }

@@ -22,7 +22,7 @@ const READ_BUF: u64 = 0x60000;
 const IN_HEADER_LEN: usize = 40;
 
 /// Save the source's state through a stream, as QEMU does: the bytes.
-fn save(src: &Kit) -> Vec<u8> {
+pub(super) fn save(src: &Kit) -> Vec<u8> {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     let reply = src
         .frontend()
@@ -40,7 +40,7 @@ fn save(src: &Kit) -> Vec<u8> {
 }
 
 /// Load `bytes` into the destination; what CHECK_DEVICE_STATE answered.
-fn load(dst: &Kit, bytes: &[u8]) -> vhost::Result<()> {
+pub(super) fn load(dst: &Kit, bytes: &[u8]) -> vhost::Result<()> {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     dst.frontend()
         .set_device_state_fd(
@@ -55,7 +55,7 @@ fn load(dst: &Kit, bytes: &[u8]) -> vhost::Result<()> {
 }
 
 /// UNLINK `name` from the root.
-fn unlink(kit: &mut Kit, name: &str) {
+pub(super) fn unlink(kit: &mut Kit, name: &str) {
     let mut body = name.as_bytes().to_vec();
     body.push(0);
     let h = header(IN_HEADER_LEN + body.len(), Opcode::Unlink as u32, 9);

@@ -18,6 +18,8 @@ mod frontend_kit;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 #[cfg(test)]
+mod handover_tests;
+#[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod inline_bench;
@@ -164,6 +166,7 @@ pub fn serve(
             .start(&mut listener)
             .map_err(|e| DeviceError::Accept(e.to_string()))?;
         metrics.connections.inc();
+        fs.new_frontend();
         info!("frontend connected");
         if let Err(e) = daemon.wait() {
             // A VMM that exits mid-message is a disconnect like any other.
@@ -184,9 +187,10 @@ pub fn serve(
         if let Err(e) = fs.sync_all() {
             warn!(error = %crate::ErrorChain(&e), "could not make the volume durable after disconnect");
         }
-        if backend.handed_off() {
+        if backend.handed_off() && fs.volume_held() != Some(true) {
             // Migrated: the destination holds the guest's references now,
-            // and the unlinked inodes they keep alive stay.
+            // and the unlinked inodes they keep alive stay. (A volume open
+            // again here means the migration failed: the session is ours.)
             fs.hand_off_session();
         } else {
             fs.reset_session();

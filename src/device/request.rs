@@ -124,6 +124,12 @@ impl Requests {
             Ok(h) => h,
             Err((header, why)) => return self.refuse(chain, header, why, queue),
         };
+        if !self.fs.volume_ready() {
+            // Not open here (a migration's destination before its state,
+            // or a source that could not take the volume back): logged
+            // by the filesystem.
+            return reply_in_place(chain, h.unique, libc::EIO);
+        }
         if h.opcode == FUSE_SYNCFS {
             return self.syncfs(writer, h);
         }

@@ -24,6 +24,7 @@ mod concurrency_tests;
 mod data;
 pub mod error;
 mod handles;
+mod handover;
 mod locks;
 mod namespace;
 #[cfg(test)]
@@ -135,6 +136,9 @@ struct IdRange {
 /// The filesystem served to the guest.
 pub struct PohmelFs {
     store: Arc<dyn Store>,
+    /// The same volume as `store`, when `serve` may open it late or let
+    /// it go (a live migration's hand-over, `handover.rs`).
+    volume: Option<Arc<crate::writeback::slot::VolumeSlot>>,
     cfg: FsConfig,
     metrics: Arc<Metrics>,
     /// The inodes a mutation holds while it is computed and committed.
@@ -158,8 +162,21 @@ impl PohmelFs {
     /// Serve the volume in `store`, creating its root directory if the volume
     /// is new.
     pub fn new(store: Arc<dyn Store>, cfg: FsConfig, metrics: Arc<Metrics>) -> FsResult<PohmelFs> {
-        let fs = PohmelFs {
+        let fs = PohmelFs::unopened(store, None, cfg, metrics);
+        fs.ensure_root()?;
+        Ok(fs)
+    }
+
+    /// The filesystem, not touching the volume yet.
+    fn unopened(
+        store: Arc<dyn Store>,
+        volume: Option<Arc<crate::writeback::slot::VolumeSlot>>,
+        cfg: FsConfig,
+        metrics: Arc<Metrics>,
+    ) -> PohmelFs {
+        PohmelFs {
             store,
+            volume,
             handles: Mutex::new(HandleTable::new(cfg.max_handles)),
             cfg,
             metrics,
@@ -168,8 +185,12 @@ impl PohmelFs {
             refs: Mutex::new(Refs::default()),
             ids: Mutex::new(IdRange::default()),
             negotiated: Mutex::new(None),
-        };
-        if fs.store.get_inode(ROOT_INO)?.is_none() {
+        }
+    }
+
+    /// Create the root directory if the volume is new.
+    fn ensure_root(&self) -> FsResult<()> {
+        if self.store.get_inode(ROOT_INO)?.is_none() {
             let now = Timestamp::now();
             let root = Inode {
                 ino: ROOT_INO,
@@ -187,9 +208,9 @@ impl PohmelFs {
             };
             let mut txn = Txn::new();
             txn.push(crate::store::Op::PutInode(root));
-            fs.commit(txn)?;
+            self.commit(txn)?;
         }
-        Ok(fs)
+        Ok(())
     }
 
     /// The store this filesystem serves.

@@ -49,6 +49,8 @@ pub enum SessionError {
     BadOrphan(u64),
     #[error("handle {0} appears twice, is 0, or is not below the next handle")]
     BadHandle(u64),
+    #[error("cannot open the volume: {0}")]
+    Volume(String),
 }
 
 impl PohmelFs {
@@ -99,7 +101,9 @@ impl PohmelFs {
     /// Take over the guest session `s`, for a migration's destination:
     /// refused unless this daemon has no session yet, offers every option
     /// the guest negotiated, and has room for the inodes and handles. The
-    /// state is checked whole before anything changes.
+    /// state is checked whole before anything changes; then the volume is
+    /// opened if it is not open yet (`--incoming`: once the source let it
+    /// go, sparing the unlinked inodes the session holds).
     pub fn import_session(&self, s: SessionState) -> Result<(), SessionError> {
         let offered = self.offered_options().bits();
         if s.options & !offered != 0 {
@@ -138,6 +142,11 @@ impl PohmelFs {
                 return Err(SessionError::BadHandle(h));
             }
         }
+        if self.has_session() {
+            return Err(SessionError::Busy);
+        }
+        self.acquire_volume(&s.orphans)
+            .map_err(|e| SessionError::Volume(crate::ErrorChain(&e).to_string()))?;
         let mut negotiated = lock(&self.negotiated);
         let mut refs = lock(&self.refs);
         if negotiated.is_some() || !refs.lookups.is_empty() || !refs.orphans.is_empty() {
@@ -154,6 +163,14 @@ impl PohmelFs {
         refs.orphans = orphans;
         *negotiated = Some(FsOptions::from_bits_truncate(s.options));
         Ok(())
+    }
+
+    /// Whether a guest session is under way (INIT, or one taken over).
+    fn has_session(&self) -> bool {
+        // In the order `import_session` takes them.
+        let negotiated = lock(&self.negotiated);
+        let refs = lock(&self.refs);
+        negotiated.is_some() || !refs.lookups.is_empty() || !refs.orphans.is_empty()
     }
 
     /// Forget the session without removing the unlinked inodes it keeps

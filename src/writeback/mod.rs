@@ -70,7 +70,9 @@
 //! * `cache.rs`: the tagged pages; `partial.rs`: the bytes a page written
 //!   in part holds, where the store has the rest;
 //! * `budget.rs`: how `--cache-size` is split between pages, metadata
-//!   caches and the embedded engine.
+//!   caches and the embedded engine;
+//! * `slot.rs`: the layer as `serve` holds it, open or not (a live
+//!   migration's hand-over of the volume).
 //!
 //! The layer sends through a [`Sink`] (`store/sink.rs`), which the stores
 //! implement: imports point one way, from here to the store.
@@ -109,6 +111,7 @@ mod partial;
 mod queue;
 mod reads;
 mod sender;
+pub mod slot;
 mod sync;
 #[cfg(test)]
 mod testkit;
@@ -308,6 +311,9 @@ pub struct WritebackStore {
     shared: Arc<Shared>,
     /// The thread driving the sender's runtime; it ends at shutdown.
     driver: Option<std::thread::JoinHandle<()>>,
+    /// The embedded engine this process opened (`file://`, `s3://`),
+    /// closed by [`WritebackStore::close`].
+    engine: Option<Arc<crate::store::engine::SlateStore>>,
 }
 
 /// Open the store named by `url` behind the transaction layer: `pohmel://`
@@ -351,6 +357,19 @@ pub fn open_as(
     metrics: Arc<Metrics>,
     mode: crate::store::engine::OpenMode,
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    open_sparing(url, cfg, read_cache, metrics, mode, &[])
+}
+
+/// As [`open_as`]; the orphans in `spare` are not reclaimed at open: the
+/// unlinked inodes a migrated guest session holds (`slot.rs`).
+pub fn open_sparing(
+    url: &str,
+    cfg: TxnConfig,
+    read_cache: Option<&readcache::CacheConfig>,
+    metrics: Arc<Metrics>,
+    mode: crate::store::engine::OpenMode,
+    spare: &[u64],
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
     let cfg = TxnConfig {
         forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
         ..cfg
@@ -359,6 +378,7 @@ pub fn open_as(
         url: url.to_string(),
         source: StoreError::Io(e),
     };
+    let mut opened_engine = None;
     let (reads, sink, volume): (Arc<dyn Store>, Arc<dyn Sink>, _) =
         if url.starts_with("pohmel://") {
             let cfg = crate::net::client::RemoteConfig::from_url(url)?;
@@ -376,17 +396,19 @@ pub fn open_as(
             let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
                 .map_err(|e| crate::store::OpenError::volume(url, e))?;
             // This daemon is the volume's only writer now: orphans a crashed
-            // one left behind are nobody's (`store/engine/orphans.rs`).
-            engine
-                .reclaim_orphans()
-                .map_err(|source| crate::store::OpenError::Connect {
+            // one left behind are nobody's (`store/engine/orphans.rs`),
+            // except those a migrated session holds.
+            engine.reclaim_orphans_except(spare).map_err(|source| {
+                crate::store::OpenError::Connect {
                     url: url.to_string(),
                     source,
-                })?;
+                }
+            })?;
             let volume = url
                 .starts_with("s3:")
                 .then(|| readcache::engine_identity(&engine));
             let engine = Arc::new(engine);
+            opened_engine = Some(Arc::clone(&engine));
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),
@@ -410,9 +432,9 @@ pub fn open_as(
         })?,
         None => (reads, sink),
     };
-    WritebackStore::new(cfg, reads, sink, metrics)
-        .map(Arc::new)
-        .map_err(io)
+    let mut layer = WritebackStore::new(cfg, reads, sink, metrics).map_err(io)?;
+    layer.engine = opened_engine;
+    Ok(Arc::new(layer))
 }
 
 impl WritebackStore {
@@ -489,6 +511,7 @@ impl WritebackStore {
         Ok(WritebackStore {
             shared,
             driver: Some(driver),
+            engine: None,
         })
     }
 
@@ -514,6 +537,19 @@ impl WritebackStore {
                 ))))
             }
             Ok(()) => Ok(()),
+        }
+    }
+
+    /// Let the volume go: [`drain`](Self::drain) within `fsync_timeout`,
+    /// then close the embedded engine, which removes this process's
+    /// holder record (`store/engine/holder.rs`), so that another daemon
+    /// may open the volume. On a drain error nothing is closed. Every
+    /// later call through the layer fails; drop it next.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.drain(self.shared.cfg.fsync_timeout)?;
+        match &self.engine {
+            Some(engine) => engine.close(),
+            None => Ok(()),
         }
     }
 

@@ -80,6 +80,8 @@ pub struct DaemonBuilder {
     dir: PathBuf,
     tag: String,
     store: String,
+    /// virtiofsd's shared directory, when not `shared/` in the daemon's directory.
+    shared_dir: Option<PathBuf>,
     extra_args: Vec<OsString>,
     /// libvirt's way: the whole command line after the binary, and a socket the harness binds.
     inherited: Option<Vec<OsString>>,
@@ -101,6 +103,14 @@ impl DaemonBuilder {
     #[allow(dead_code)] // for tests of persistent stores (`file:///...`)
     pub fn store(mut self, url: impl Into<String>) -> Self {
         self.store = url.into();
+        self
+    }
+
+    /// virtiofsd's shared directory (`shared/` in the daemon's directory unless set): two
+    /// daemons on one directory.
+    #[allow(dead_code)] // for the migration test
+    pub fn shared_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shared_dir = Some(dir.into());
         self
     }
 
@@ -141,7 +151,7 @@ impl DaemonBuilder {
                 ],
             ),
             DaemonKind::Virtiofsd => {
-                let shared = self.dir.join("shared");
+                let shared = self.shared_dir.unwrap_or_else(|| self.dir.join("shared"));
                 fs::create_dir_all(&shared)
                     .map_err(|e| Failure::new(format!("create {}: {e}", shared.display())))?;
                 (
@@ -233,6 +243,7 @@ impl Daemon {
             guest_numbers,
             tag: "testfs".to_owned(),
             store: "mem:".to_owned(),
+            shared_dir: None,
             extra_args: Vec::new(),
             inherited: None,
         }

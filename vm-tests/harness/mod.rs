@@ -10,6 +10,8 @@
 //!   at 0). Every test so ends with that check after its last guest.
 //! - [`initrd`]: the guest's initrd: base image, optional images, and the script (and, when
 //!   asked for, the `pohmelfs` binary) in a newc archive written by [`cpio`].
+//! - [`migration`]: a live migration of one guest between two QEMU processes and two daemons
+//!   (QMP `migrate`, the downtime QEMU reports).
 //! - [`store`]: a `pohmelfs store` server for `pohmel://` volumes. The daemon's counters are
 //!   read by [`Daemon::counter`]. Waiting, log tails and processes come from the test kit (`pohmelfs_testkit`).
 //!
@@ -25,6 +27,7 @@ pub mod cpio;
 pub mod daemon;
 pub mod image;
 pub mod initrd;
+pub mod migration;
 pub mod qemu;
 pub mod store;
 
@@ -144,6 +147,20 @@ impl VmTest {
     /// A builder for this test's daemon, with the default arguments for its kind.
     pub fn daemon(&self) -> daemon::DaemonBuilder {
         Daemon::builder(self.kind, &self.dir, Arc::clone(&self.guest_numbers))
+    }
+
+    /// A builder for another daemon of this test, whose files (socket, log, virtiofsd's
+    /// shared directory) go to the subdirectory `name`: two daemons at once.
+    #[allow(dead_code)] // for the migration test
+    pub fn daemon_in(&self, name: &str) -> Result<daemon::DaemonBuilder> {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Failure::new(format!("create {}: {e}", dir.display())))?;
+        Ok(Daemon::builder(
+            self.kind,
+            &dir,
+            Arc::clone(&self.guest_numbers),
+        ))
     }
 
     /// Marks the test as passed: its directory is removed on drop.

@@ -20,7 +20,7 @@ use super::{log_tail, target_dir, wait_until, Failure, Result};
 /// Default bound on one guest run, boot to power-off, under TCG.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_MEMORY_MB: u32 = 512;
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Console lines quoted in failure messages.
 const CONSOLE_TAIL_LINES: usize = 60;
 const EXIT_MARKER: &str = "POHMELFS-EXIT=";
@@ -30,7 +30,7 @@ const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Shell prelude of every guest script: `$TAG`, `step`, `fail`, `expect_eq`, `set -e`, and a
 /// trap that names the step that failed.
-const PRELUDE: &str = r#"#!/bin/sh
+pub(super) const PRELUDE: &str = r#"#!/bin/sh
 STEP=start
 step() { STEP="$*"; echo "== $*"; }
 fail() { echo "FAIL: $*"; exit 1; }
@@ -73,6 +73,15 @@ pub struct GuestOutput {
 }
 
 impl GuestOutput {
+    /// What a run the harness drove itself left (`migration.rs`).
+    pub(super) fn new(exit_status: Option<i32>, console: String, report: String) -> GuestOutput {
+        GuestOutput {
+            exit_status,
+            console,
+            report,
+        }
+    }
+
     /// Fails unless the guest script exited with status 0.
     pub fn expect_success(self) -> Result<GuestOutput> {
         if self.exit_status == Some(0) {
@@ -417,7 +426,7 @@ struct Watched {
 }
 
 /// QEMU arguments shared by test guests and the KVM probe; the caller adds memory and devices.
-fn base_command(
+pub(super) fn base_command(
     qemu: &Path,
     accel: Accel,
     image: &GuestImage,
@@ -456,7 +465,7 @@ fn base_command(
 }
 
 /// Whether `console` has the line `marker` (a whole line, `\r` ignored).
-fn has_line(console: &str, marker: &str) -> bool {
+pub(super) fn has_line(console: &str, marker: &str) -> bool {
     console
         .lines()
         .any(|line| line.trim_end_matches('\r') == marker)
@@ -472,7 +481,7 @@ pub fn parse_exit_status(console: &str) -> Option<i32> {
 }
 
 /// QEMU: `$QEMU`, else `qemu-system-x86_64` from `PATH`.
-fn qemu_binary() -> Result<PathBuf> {
+pub(super) fn qemu_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("QEMU").map(PathBuf::from) {
         return if path.is_file() {
             Ok(path)
@@ -611,21 +620,21 @@ fn probe_kvm() -> Result<(Accel, String)> {
 }
 
 /// A QEMU process that is killed when dropped.
-struct KillOnDrop(Child);
+pub(super) struct KillOnDrop(Child);
 
 impl KillOnDrop {
-    fn spawn(command: &mut Command, qemu: &Path) -> Result<KillOnDrop> {
+    pub(super) fn spawn(command: &mut Command, qemu: &Path) -> Result<KillOnDrop> {
         command
             .spawn()
             .map(KillOnDrop)
             .map_err(|e| Failure::new(format!("cannot start {}: {e}", qemu.display())))
     }
 
-    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+    pub(super) fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().ok().flatten()
     }
 
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         daemon::kill(&mut self.0);
     }
 }

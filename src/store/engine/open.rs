@@ -72,6 +72,11 @@ pub(super) struct Lease {
     object_store: Arc<dyn object_store::ObjectStore>,
     db_path: String,
     stop: Arc<AtomicBool>,
+    /// Held by a renewal from its check of `stop` to its write, and by
+    /// the release: a renewal under way when the lease is released
+    /// finishes before the record is removed, so none writes it again
+    /// after (a stale record would keep a migration's destination out).
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Lease {
@@ -88,12 +93,14 @@ impl Lease {
             self.db_path.clone(),
             self.record.clone(),
             self.stop.clone(),
+            self.turn.clone(),
         )
     }
 
     /// Stop renewing and remove the record (if still ours).
     pub(super) async fn release(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _turn = self.turn.lock().await;
         if let Err(e) = holder::release(&*self.object_store, &self.db_path, &self.record).await {
             tracing::warn!(error = %e, "could not remove the volume's holder record");
         }
@@ -145,6 +152,7 @@ async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, 
         object_store: store,
         db_path: cfg.db_path.clone(),
         stop: Arc::default(),
+        turn: Arc::default(),
     })
 }
 
@@ -164,9 +172,11 @@ async fn renew(
     db_path: String,
     mut record: holder::Holder,
     stop: Arc<AtomicBool>,
+    turn: Arc<tokio::sync::Mutex<()>>,
 ) {
     loop {
         tokio::time::sleep(holder::renew_period()).await;
+        let _turn = turn.lock().await;
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }

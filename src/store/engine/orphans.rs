@@ -6,7 +6,9 @@
 //! every marked inode, and is called when a daemon opens the volume
 //! (`writeback::open`), before any guest can hold one. A store server does
 //! not call it: it cannot tell a crashed daemon from one still serving the
-//! orphan.
+//! orphan. A daemon that opens the volume to take over a migrated guest
+//! session spares the orphans that session holds
+//! ([`SlateStore::reclaim_orphans_except`], `docs/migration.md`).
 
 use tracing::{info, warn};
 
@@ -22,7 +24,18 @@ impl SlateStore {
     /// attributes; returns how many. A mark on an inode that has links
     /// (which nothing writes) is left alone, with a warning.
     pub fn reclaim_orphans(&self) -> Result<u64, StoreError> {
-        let marked: Vec<u64> = self.scan_orphans()?.collect::<Result<_, _>>()?;
+        self.reclaim_orphans_except(&[])
+    }
+
+    /// [`SlateStore::reclaim_orphans`], leaving the inodes in `spare`
+    /// alone: unlinked inodes a guest session taken over from another
+    /// daemon still holds open.
+    pub fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
+        let spare: std::collections::HashSet<u64> = spare.iter().copied().collect();
+        let marked: Vec<u64> = self
+            .scan_orphans()?
+            .filter(|r| r.as_ref().map_or(true, |ino| !spare.contains(ino)))
+            .collect::<Result<_, _>>()?;
         let mut removed = 0;
         for batch in marked.chunks(ORPHANS_PER_TXN) {
             let mut txn = Txn::new();

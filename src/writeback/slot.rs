@@ -1,0 +1,350 @@
+//! The volume as the filesystem layer of `pohmelfs serve` sees it: a
+//! [`Store`] that is open, or not open yet, or let go — what a live
+//! migration's hand-over needs (`docs/migration.md`).
+//!
+//! * A daemon started with `--incoming` serves the vhost-user protocol
+//!   before it opens the volume: the slot is [`Phase::Incoming`] until the
+//!   migration state arrives, and then opens it ([`VolumeSlot::acquire`]),
+//!   sparing the unlinked inodes the incoming session holds.
+//! * A migration's source lets the volume go once its state is out
+//!   ([`VolumeSlot::release`]: everything written is stored, the engine
+//!   closed and its holder record removed); the slot is then
+//!   [`Phase::Released`], and opens the volume again only when asked to
+//!   (a failed migration: the guest goes on here).
+//!
+//! An open waits while another live daemon holds the volume, polling its
+//! holder record, for at most the slot's bound, and never takes the
+//! volume over: only a holder that released it, exited, or (on another
+//! host) let its lease run out gives way. The engine's writer epoch fences
+//! an older writer in any case, so two daemons never both commit.
+//!
+//! While not open, every call fails (the filesystem answers EIO) except
+//! `sync` and `flush`, which have nothing to wait for: nothing can be
+//! committed through a slot that is not open.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::info;
+
+use super::WritebackStore;
+use crate::store::{
+    Dirent, Inode, OpenError, ReadData, Store, StoreError, StoreStats, Txn, WriteData,
+};
+
+/// How often a waiting open reads the holder record again.
+const HOLDER_POLL: Duration = Duration::from_millis(20);
+
+/// Opens the volume; the argument is the orphans to spare.
+pub type Opener = Box<dyn Fn(&[u64]) -> Result<Arc<WritebackStore>, OpenError> + Send + Sync>;
+
+/// Where the slot's volume is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Open: calls go to it.
+    Open = 0,
+    /// Not opened yet: waiting for a migration's state (`--incoming`).
+    Incoming = 1,
+    /// Let go after a migration's state went out.
+    Released = 2,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Open,
+            1 => Phase::Incoming,
+            _ => Phase::Released,
+        }
+    }
+}
+
+/// Why the slot could not open or release its volume.
+#[derive(Debug, Error)]
+pub enum SlotError {
+    #[error("open the volume")]
+    Open(#[source] OpenError),
+    #[error(
+        "the volume is still held by {holder} after waiting {waited_secs} s \
+         (--incoming-timeout): the other daemon did not let it go"
+    )]
+    StillHeld { holder: String, waited_secs: u64 },
+    #[error("store what the guest wrote before letting the volume go")]
+    Close(#[source] StoreError),
+    #[error("an open after the volume was let go gave up; the next frontend tries again")]
+    GaveUp,
+}
+
+/// The volume of `pohmelfs serve`, open or not.
+pub struct VolumeSlot {
+    current: RwLock<Option<Arc<WritebackStore>>>,
+    phase: AtomicU8,
+    /// Set when an open after a release gave up; cleared by
+    /// [`VolumeSlot::retry`] (a new frontend).
+    gave_up: AtomicBool,
+    /// Taken by opens and releases, one at a time.
+    turn: Mutex<()>,
+    opener: Opener,
+    /// How long an open waits for another daemon's release.
+    wait: Duration,
+    /// The volume's URL, for logs while it is not open.
+    url: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why calls fail, in a phase other than [`Phase::Open`].
+fn why_not_open(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Incoming => "not open yet: waiting for the migration state (--incoming)",
+        _ => "let go: a live migration handed it to another daemon",
+    }
+}
+
+fn not_open(phase: Phase) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!(
+        "the volume is {}",
+        why_not_open(phase)
+    )))
+}
+
+impl VolumeSlot {
+    /// A slot holding the volume `store`, open already.
+    pub fn holding(store: Arc<WritebackStore>, url: &str, opener: Opener, wait: Duration) -> Self {
+        let slot = VolumeSlot::incoming(url, opener, wait);
+        *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+        slot.phase.store(Phase::Open as u8, Ordering::Release);
+        slot
+    }
+
+    /// A slot that opens its volume only when a migration's state arrives.
+    pub fn incoming(url: &str, opener: Opener, wait: Duration) -> Self {
+        VolumeSlot {
+            current: RwLock::new(None),
+            phase: AtomicU8::new(Phase::Incoming as u8),
+            gave_up: AtomicBool::new(false),
+            turn: Mutex::new(()),
+            opener,
+            wait,
+            url: url.to_string(),
+        }
+    }
+
+    /// Where the volume is.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Whether an open after a release gave up (until [`Self::retry`]).
+    pub fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
+    }
+
+    /// Let the next request try the open again (a new frontend).
+    pub fn retry(&self) {
+        self.gave_up.store(false, Ordering::Release);
+    }
+
+    /// The open volume's transaction layer, for the drain at shutdown.
+    pub fn current(&self) -> Option<Arc<WritebackStore>> {
+        self.read().clone()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Option<Arc<WritebackStore>>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `f` on the open volume, or fail.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&WritebackStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self.read().as_deref() {
+            Some(store) => f(store),
+            None => Err(not_open(self.phase())),
+        }
+    }
+
+    /// Open the volume unless it is open, sparing the orphans in `spare`
+    /// from reclamation. While another live daemon holds it, wait for its
+    /// release, at most the slot's bound. A failure after a release marks
+    /// the slot [given up](Self::gave_up).
+    pub fn acquire(&self, spare: &[u64]) -> Result<(), SlotError> {
+        let _turn = lock(&self.turn);
+        if self.read().is_some() {
+            return Ok(());
+        }
+        // Requests that queued behind an open that gave up do not wait again.
+        if self.phase() == Phase::Released && self.gave_up() {
+            return Err(SlotError::GaveUp);
+        }
+        let started = Instant::now();
+        let mut told = false;
+        let opened = loop {
+            match (self.opener)(spare) {
+                Err(OpenError::Held { holder, .. }) => {
+                    let waited = started.elapsed();
+                    if waited >= self.wait {
+                        break Err(SlotError::StillHeld {
+                            holder: holder.to_string(),
+                            waited_secs: waited.as_secs(),
+                        });
+                    }
+                    if !told {
+                        info!(%holder, wait_secs = self.wait.as_secs(), "waiting for the volume's holder to let it go");
+                        told = true;
+                    }
+                    std::thread::sleep(HOLDER_POLL.min(self.wait - waited));
+                }
+                other => break other.map_err(SlotError::Open),
+            }
+        };
+        match opened {
+            Ok(store) => {
+                info!(store = %store.describe(), waited_ms = started.elapsed().as_millis() as u64, spared = spare.len(), "volume open");
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+                self.phase.store(Phase::Open as u8, Ordering::Release);
+                self.gave_up.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                if self.phase() == Phase::Released {
+                    self.gave_up.store(true, Ordering::Release);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Let the volume go: store everything written (bounded by the
+    /// layer's `fsync_timeout`), close the engine (its holder record goes)
+    /// and drop the layer. On an error the volume stays open here.
+    pub fn release(&self) -> Result<(), SlotError> {
+        let _turn = lock(&self.turn);
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let Some(store) = current.as_ref() else {
+            return Ok(());
+        };
+        store.close().map_err(SlotError::Close)?;
+        let store = current.take();
+        self.phase.store(Phase::Released as u8, Ordering::Release);
+        drop(current);
+        // The engine is closed already; this ends the layer's threads.
+        drop(store);
+        info!(volume = %self.url, "volume let go: another daemon may open it");
+        Ok(())
+    }
+}
+
+impl Store for VolumeSlot {
+    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
+        self.with(|s| s.get_inode(ino))
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
+        self.with(|s| s.lookup(parent, name))
+    }
+
+    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
+        self.with(|s| s.readdir(parent, after, max))
+    }
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.with(|s| s.read(ino, offset, buf))
+    }
+
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        self.with(|s| s.read_data(ino, offset, len))
+    }
+
+    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.with(|s| s.advise(ino, offset, len))
+    }
+
+    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
+        self.with(|s| s.next_data(ino, offset))
+    }
+
+    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
+        self.with(|s| s.next_hole(ino, offset))
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|s| s.readlink(ino))
+    }
+
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|s| s.get_xattr(ino, name))
+    }
+
+    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with(|s| s.list_xattr(ino))
+    }
+
+    fn statfs(&self) -> Result<StoreStats, StoreError> {
+        self.with(|s| s.statfs())
+    }
+
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.with(|s| s.reserve_ids(count))
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.with(|s| s.commit(txn))
+    }
+
+    fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: WriteData,
+        inode: Inode,
+    ) -> Result<(), StoreError> {
+        self.with(|s| s.write(ino, offset, data, inode))
+    }
+
+    fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
+        self.with(|s| s.wait_for_room(bytes))
+    }
+
+    /// Nothing is committed through a slot that is not open: nothing to
+    /// wait for.
+    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
+        match self.read().as_deref() {
+            Some(s) => s.sync(ino),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&self, ino: u64) -> Result<(), StoreError> {
+        match self.read().as_deref() {
+            Some(s) => s.flush(ino),
+            None => Ok(()),
+        }
+    }
+
+    fn forgotten(&self, ino: u64) {
+        if let Some(s) = self.read().as_deref() {
+            s.forgotten(ino);
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.read().as_deref() {
+            Some(s) => s.describe(),
+            None => format!("{} ({})", self.url, why_not_open(self.phase())),
+        }
+    }
+
+    fn snapshot(&self, name: &str) -> Result<String, StoreError> {
+        self.with(|s| s.snapshot(name))
+    }
+
+    fn identity(&self) -> Option<crate::store::engine::VolumeIdentity> {
+        self.read().as_deref().and_then(Store::identity)
+    }
+}
