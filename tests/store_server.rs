@@ -350,3 +350,45 @@ fn a_client_that_stops_reading_holds_back_no_other() {
     // The slow client was never drained: its replies still wait.
     assert!(unread(&slow.stream) >= piled);
 }
+
+/// A daemon that opens a `pohmel://` volume is its only writer: the server
+/// removes the inodes a crashed daemon left unlinked but open (their
+/// orphan marks), except those the opener says a migrated guest session
+/// still holds.
+#[test]
+fn a_daemon_opening_a_remote_volume_has_its_orphans_reclaimed() {
+    let dir = workdir("orphans");
+    let server = start_server(
+        &dir,
+        "a",
+        &format!("file://{}/volumes", dir.path().display()),
+    );
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}",
+        server.addr(),
+        secret_file(dir.path()).display()
+    );
+    {
+        // A daemon that crashed with two files unlinked while open.
+        let crashed = remote(&dir, &[server.addr()], "vol");
+        let mut t = Txn::new();
+        for ino in [500, 501] {
+            let mut inode = Inode::regular(ino, 0);
+            inode.nlink = 0;
+            t.push(Op::PutInode(inode));
+        }
+        crashed.commit(t).unwrap();
+    }
+    let cfg = pohmelfs::net::client::RemoteConfig::from_url(&url).unwrap();
+    let client = pohmelfs::net::client::RemoteStore::connect(cfg).unwrap();
+    assert_eq!(client.reclaim_orphans_except(&[501]).unwrap(), 1);
+    assert!(client.get_inode(500).unwrap().is_none(), "reclaimed");
+    assert!(client.get_inode(501).unwrap().is_some(), "spared");
+    drop(client);
+    // The transaction layer's open (a daemon's) reclaims the rest.
+    let metrics = std::sync::Arc::new(pohmelfs::metrics::Metrics::default());
+    let daemon =
+        pohmelfs::writeback::open(&url, pohmelfs::writeback::TxnConfig::default(), metrics)
+            .unwrap();
+    assert!(daemon.get_inode(501).unwrap().is_none());
+}

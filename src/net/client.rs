@@ -104,6 +104,27 @@ impl RemoteStore {
         self.rt.block_on(self.inner.call(req))
     }
 
+    /// Have the server remove the inodes unlinked while open before a
+    /// crash, except `spare` (`Request::ReclaimOrphans`): what a daemon
+    /// does when it opens the volume as its only writer. How many went.
+    pub fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
+        if spare.len() > crate::net::proto::msg::MAX_SPARE {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} unlinked open inodes to spare, more than the protocol's {}",
+                    spare.len(),
+                    crate::net::proto::msg::MAX_SPARE
+                ),
+            )));
+        }
+        let spare = spare.to_vec();
+        match self.call(Request::ReclaimOrphans { spare })? {
+            Response::Removed { count } => Ok(count),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// The servers, in failover order.
     pub fn servers(&self) -> &[String] {
         &self.inner.cfg.servers

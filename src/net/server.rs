@@ -517,6 +517,9 @@ fn handle(v: &dyn OnceStore, session: u64, req: Request) -> Response {
             Request::GetXattr { ino, name } => Response::Bytes(v.get_xattr(ino, &name)?),
             Request::ListXattr { ino } => Response::Names(v.list_xattr(ino)?),
             Request::Statfs => Response::Stats(v.statfs()?),
+            Request::ReclaimOrphans { spare } => Response::Removed {
+                count: v.reclaim_orphans_except(&spare)?,
+            },
             Request::ReserveIds { count } => Response::Ids {
                 first: v.reserve_ids(count)?,
             },

@@ -506,6 +506,14 @@ pub trait OnceStore: Store {
     /// A durability epoch: it changes whenever the store is reopened, so a
     /// client that sees it change knows unacknowledged work may be gone.
     fn epoch(&self) -> u64;
+
+    /// Remove the inodes unlinked while open before a crash, except
+    /// `spare`; how many went. A store that keeps no orphan marks (`mem:`,
+    /// whose volume dies with its process) has none.
+    fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
+        let _ = spare;
+        Ok(0)
+    }
 }
 
 /// The reserved inode under which `mem:` keeps its applied records, as

@@ -389,6 +389,15 @@ pub fn open_sparing(
                     source,
                 },
             )?);
+            // As for the embedded engine below: this daemon is the
+            // volume's only writer (one daemon per volume), so the server
+            // removes what a crashed one left unlinked but open.
+            remote.reclaim_orphans_except(spare).map_err(|source| {
+                crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                }
+            })?;
             let volume = Some(volume(remote.epoch()));
             (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
         } else if url.starts_with("file:") || url.starts_with("s3:") {

@@ -89,7 +89,18 @@ pub enum Request {
     ReserveIds {
         count: u64,
     },
+    /// Remove the inodes unlinked while open before a crash (the orphan
+    /// marks), except `spare`: the daemon that sends it is the volume's
+    /// only writer, and `spare` are the unlinked inodes the guest session
+    /// it took over (a live migration) still holds.
+    ReclaimOrphans {
+        spare: Vec<u64>,
+    },
 }
+
+/// The most inodes a [`Request::ReclaimOrphans`] spares (a migrated
+/// session's unlinked-open inodes; 512 KiB on the wire).
+pub const MAX_SPARE: usize = 1 << 16;
 
 /// Error codes carried by [`Response::Error`]; clients branch on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +187,10 @@ pub enum Response {
     Ids {
         first: u64,
     },
+    /// Answers [`Request::ReclaimOrphans`]: how many inodes went.
+    Removed {
+        count: u64,
+    },
 }
 
 impl Request {
@@ -195,12 +210,16 @@ impl Request {
             Request::ListXattr { .. } => 40,
             Request::Statfs => 41,
             Request::ReserveIds { .. } => 42,
+            Request::ReclaimOrphans { .. } => 43,
         }
     }
 
     /// True for requests that change the volume.
     pub fn is_write(&self) -> bool {
-        matches!(self, Request::Txn { .. } | Request::ReserveIds { .. })
+        matches!(
+            self,
+            Request::Txn { .. } | Request::ReserveIds { .. } | Request::ReclaimOrphans { .. }
+        )
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
@@ -256,6 +275,13 @@ impl Request {
             Request::Statfs => {}
             Request::ReserveIds { count } => {
                 e.u64(*count);
+            }
+            Request::ReclaimOrphans { spare } => {
+                // Bounded by MAX_SPARE (validated), so the count fits.
+                e.u32(u32::try_from(spare.len()).unwrap_or(u32::MAX));
+                for ino in spare {
+                    e.u64(*ino);
+                }
             }
         }
         Frame {
@@ -319,6 +345,15 @@ impl Request {
             40 => Request::ListXattr { ino: d.u64()? },
             41 => Request::Statfs,
             42 => Request::ReserveIds { count: d.u64()? },
+            43 => {
+                let n = d.u32()? as usize;
+                // Checked against what is left before anything is allocated.
+                if n > MAX_SPARE || n.saturating_mul(8) > d.remaining() {
+                    return Err(ProtoError::Invalid("spare count out of range"));
+                }
+                let spare = (0..n).map(|_| d.u64()).collect::<Result<_, _>>()?;
+                Request::ReclaimOrphans { spare }
+            }
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;
@@ -383,6 +418,9 @@ impl Request {
             }
             Request::ReserveIds { count } if *count == 0 || *count > MAX_RESERVE => {
                 return Err(ProtoError::Invalid("reserve count out of range"));
+            }
+            Request::ReclaimOrphans { spare } if spare.len() > MAX_SPARE => {
+                return Err(ProtoError::Invalid("spare count out of range"));
             }
             _ => {}
         }
@@ -449,6 +487,7 @@ impl Response {
             Response::Names(_) => 166,
             Response::Stats(_) => 167,
             Response::Ids { .. } => 168,
+            Response::Removed { .. } => 169,
         }
     }
 
@@ -533,7 +572,7 @@ impl Response {
             Response::Stats(s) => {
                 e.stats(s);
             }
-            Response::Ids { first } => {
+            Response::Ids { first } | Response::Removed { count: first } => {
                 e.u64(*first);
             }
         }
@@ -595,6 +634,7 @@ impl Response {
             }
             167 => Response::Stats(d.stats()?),
             168 => Response::Ids { first: d.u64()? },
+            169 => Response::Removed { count: d.u64()? },
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;

@@ -110,6 +110,10 @@ fn requests() -> Vec<Request> {
         Request::ListXattr { ino: 42 },
         Request::Statfs,
         Request::ReserveIds { count: 4096 },
+        Request::ReclaimOrphans {
+            spare: vec![17, 1 << 40],
+        },
+        Request::ReclaimOrphans { spare: vec![] },
     ]
 }
 
@@ -158,6 +162,7 @@ fn responses() -> Vec<Response> {
             used_inodes: 4,
         }),
         Response::Ids { first: 4096 },
+        Response::Removed { count: 3 },
     ]
 }
 
@@ -347,6 +352,9 @@ fn invalid_requests_are_refused_by_validation() {
             len: MAX_READ + 1,
         },
         Request::ReserveIds { count: 0 },
+        Request::ReclaimOrphans {
+            spare: vec![1; crate::net::proto::msg::MAX_SPARE + 1],
+        },
     ];
     for r in bad {
         let f = r.to_frame(1);
@@ -428,4 +436,16 @@ fn write_data_in_parts_encodes_as_its_bytes() {
     assert_eq!(split.buf, joined.buf, "the wire format does not change");
     let decoded = codec::Dec::new(&split.buf).op().unwrap();
     assert_eq!(decoded, op(parts));
+}
+
+/// A spare count larger than the payload holds is refused before
+/// anything is allocated for it.
+#[test]
+fn a_spare_count_beyond_the_payload_is_refused() {
+    let mut f = Request::ReclaimOrphans { spare: vec![] }.to_frame(1);
+    f.payload = 60_000u32.to_le_bytes().to_vec();
+    assert!(matches!(
+        Request::from_frame(&f),
+        Err(ProtoError::Invalid(_))
+    ));
 }

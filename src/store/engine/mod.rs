@@ -725,4 +725,8 @@ impl OnceStore for SlateStore {
     fn epoch(&self) -> u64 {
         self.superblock.open_count
     }
+
+    fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
+        SlateStore::reclaim_orphans_except(self, spare)
+    }
 }
