@@ -391,13 +391,12 @@ pub fn open_sparing(
             )?);
             // As for the embedded engine below: this daemon is the
             // volume's only writer (one daemon per volume), so the server
-            // removes what a crashed one left unlinked but open.
-            remote.reclaim_orphans_except(spare).map_err(|source| {
-                crate::store::OpenError::Connect {
-                    url: url.to_string(),
-                    source,
-                }
-            })?;
+            // removes what a crashed one left unlinked but open. A failure
+            // leaks their space, never data (a server older than the
+            // request refuses it): the daemon goes on.
+            if let Err(e) = remote.reclaim_orphans_except(spare) {
+                tracing::warn!(error = %crate::ErrorChain(&e), "the store server did not remove the orphans a crashed daemon left");
+            }
             let volume = Some(volume(remote.epoch()));
             (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
         } else if url.starts_with("file:") || url.starts_with("s3:") {
