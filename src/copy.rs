@@ -103,6 +103,16 @@ pub fn run(args: CopyArgs) -> Result<()> {
     let started = Instant::now();
     let mut shown = Shown::new("copy", "inodes");
     let copied = copy::copy(&*src, &*dst, &mut |p| shown.show(p, false)).context("copy")?;
+    if copied.already {
+        println!(
+            "{} is a verified copy of {} already ({} inodes, {:.1} MiB compared): nothing to do",
+            args.dst,
+            args.src,
+            copied.inodes,
+            copied.bytes as f64 / (1 << 20) as f64
+        );
+        return Ok(());
+    }
     shown.show(
         Progress {
             inodes: copied.inodes,

@@ -130,8 +130,27 @@ fn a_volume_goes_from_file_to_s3_to_a_store_server() {
         "server copy differs"
     );
 
-    // A copy never lands on a volume that holds other files.
-    let out = pohmelfs(&["copy", &local, &s3]);
+    // Run again after it finished: nothing to do.
+    let again = pohmelfs(&["copy", &local, &s3]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("is a verified copy"));
+    // A copy never lands on a volume that holds other files: the store
+    // server's copy differs from a new source.
+    let other = format!("file://{}", dir.join("other").display());
+    format_volume(POHMELFS, &other, &[]).unwrap();
+    populate(&other);
+    {
+        let s =
+            pohmelfs::store::open_once_as(&other, OpenMode::Existing { take_over: false }).unwrap();
+        let mut t = Txn::new();
+        t.push(Op::Write {
+            ino: 100,
+            offset: 0,
+            data: vec![0xee; 10].into(),
+        });
+        s.commit(t).unwrap();
+    }
+    let out = pohmelfs(&["copy", &other, &s3]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

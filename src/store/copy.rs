@@ -13,7 +13,9 @@
 //! again. The destination's root carries the extended attribute
 //! [`COPYING_XATTR`] (naming the source) from the start of a copy until
 //! its end, which is how a rerun tells an unfinished copy of the same
-//! source from a volume that holds other files (refused). Unlinked inodes
+//! source from a volume that holds other files (refused); a rerun after a
+//! copy finished finds the destination equal to the source and writes
+//! nothing. Unlinked inodes
 //! that are still open on the source are not reachable and not copied.
 //!
 //! [`verify`] walks the source again and compares everything with the
@@ -73,6 +75,9 @@ pub struct Copied {
     pub txns: u64,
     /// The destination was an unfinished copy of the same source.
     pub resumed: bool,
+    /// The destination was a finished copy of the source already (it
+    /// verified equal): nothing was written.
+    pub already: bool,
 }
 
 fn src<T>(r: Result<T, StoreError>) -> Result<T, CopyError> {
@@ -193,8 +198,21 @@ pub fn copy(
     let resumed = match dst(dest.get_xattr(ROOT_INO, COPYING_XATTR))? {
         Some(m) if m == mark => true,
         Some(m) => return Err(CopyError::NotEmpty(String::from_utf8_lossy(&m).into())),
+        // A finished copy of this source (a rerun after success) is
+        // left as it is; anything else with files is refused.
         None if !dst(dest.readdir(ROOT_INO, 0, 1))?.is_empty() => {
-            return Err(CopyError::NotEmpty("no copy was started here".into()))
+            return match verify(source, dest, progress) {
+                Ok(p) => Ok(Copied {
+                    inodes: p.inodes,
+                    bytes: p.bytes,
+                    already: true,
+                    ..Copied::default()
+                }),
+                Err(CopyError::Differs(_)) => {
+                    Err(CopyError::NotEmpty("no copy was started here".into()))
+                }
+                Err(e) => Err(e),
+            };
         }
         None => false,
     };
@@ -235,6 +253,7 @@ pub fn copy(
         bytes: p.bytes,
         txns: batch.txns,
         resumed,
+        already: false,
     })
 }
 

@@ -224,12 +224,23 @@ fn an_interrupted_copy_is_finished_by_a_rerun() {
     let again = copy(&src, &*inner, &mut quiet).unwrap();
     assert!(again.resumed);
     verify(&src, &*inner, &mut quiet).unwrap();
+    // Once more after it finished: it is a copy already, nothing written.
+    let once_more = copy(&src, &*inner, &mut quiet).unwrap();
+    assert!(once_more.already && once_more.txns == 0);
 }
 
 #[test]
 fn a_volume_with_other_files_is_refused_and_a_changed_byte_is_found() {
     let src = source();
     let other = source();
+    // Equal to the source, it would count as a finished copy.
+    commit(
+        &other,
+        vec![Op::PutInode(Inode {
+            perm: 0o600,
+            ..Inode::regular(40, 0)
+        })],
+    );
     assert!(matches!(
         copy(&src, &other, &mut quiet),
         Err(CopyError::NotEmpty(_))

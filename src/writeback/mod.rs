@@ -379,58 +379,60 @@ pub fn open_sparing(
         source: StoreError::Io(e),
     };
     let mut opened_engine = None;
-    let (reads, sink, volume): (Arc<dyn Store>, Arc<dyn Sink>, _) =
-        if url.starts_with("pohmel://") {
-            let cfg = crate::net::client::RemoteConfig::from_url(url)?;
-            let volume = readcache::remote_identity(&cfg.servers, &cfg.volume);
-            let remote = Arc::new(crate::net::client::RemoteStore::connect(cfg).map_err(
-                |source| crate::store::OpenError::Connect {
-                    url: url.to_string(),
-                    source,
-                },
-            )?);
-            // As for the embedded engine below: this daemon is the
-            // volume's only writer (one daemon per volume), so the server
-            // removes what a crashed one left unlinked but open. A failure
-            // leaks their space, never data (a server older than the
-            // request refuses it): the daemon goes on.
-            if let Err(e) = remote.reclaim_orphans_except(spare) {
-                tracing::warn!(error = %crate::ErrorChain(&e), "the store server did not remove the orphans a crashed daemon left");
-            }
-            let volume = Some(volume(remote.epoch()));
-            (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
-        } else if url.starts_with("file:") || url.starts_with("s3:") {
-            let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
-            let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
-                .map_err(|e| crate::store::OpenError::volume(url, e))?;
-            // This daemon is the volume's only writer now: orphans a crashed
-            // one left behind are nobody's (`store/engine/orphans.rs`),
-            // except those a migrated session holds.
-            engine.reclaim_orphans_except(spare).map_err(|source| {
+    let (reads, sink, volume): (Arc<dyn Store>, Arc<dyn Sink>, _) = if url.starts_with("pohmel://")
+    {
+        let cfg = crate::net::client::RemoteConfig::from_url(url)?;
+        let volume = readcache::remote_identity(&cfg.servers, &cfg.volume);
+        let remote = Arc::new(
+            crate::net::client::RemoteStore::connect(cfg).map_err(|source| {
                 crate::store::OpenError::Connect {
                     url: url.to_string(),
                     source,
                 }
-            })?;
-            let volume = url
-                .starts_with("s3:")
-                .then(|| readcache::engine_identity(&engine));
-            let engine = Arc::new(engine);
-            opened_engine = Some(Arc::clone(&engine));
-            (
-                engine.clone(),
-                Arc::new(EngineSink::new(engine).map_err(io)?),
-                volume,
-            )
-        } else {
-            let engine =
-                crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
-            (
-                engine.clone(),
-                Arc::new(EngineSink::new(engine).map_err(io)?),
-                None,
-            )
-        };
+            })?,
+        );
+        // As for the embedded engine below: this daemon is the
+        // volume's only writer (one daemon per volume), so the server
+        // removes what a crashed one left unlinked but open. A failure
+        // leaks their space, never data (a server older than the
+        // request refuses it): the daemon goes on.
+        if let Err(e) = remote.reclaim_orphans_except(spare) {
+            tracing::warn!(error = %crate::ErrorChain(&e), "the store server did not remove the orphans a crashed daemon left");
+        }
+        let volume = Some(volume(remote.epoch()));
+        (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
+    } else if url.starts_with("file:") || url.starts_with("s3:") {
+        let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+        let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
+            .map_err(|e| crate::store::OpenError::volume(url, e))?;
+        // This daemon is the volume's only writer now: orphans a crashed
+        // one left behind are nobody's (`store/engine/orphans.rs`),
+        // except those a migrated session holds.
+        engine.reclaim_orphans_except(spare).map_err(|source| {
+            crate::store::OpenError::Connect {
+                url: url.to_string(),
+                source,
+            }
+        })?;
+        let volume = url
+            .starts_with("s3:")
+            .then(|| readcache::engine_identity(&engine));
+        let engine = Arc::new(engine);
+        opened_engine = Some(Arc::clone(&engine));
+        (
+            engine.clone(),
+            Arc::new(EngineSink::new(engine).map_err(io)?),
+            volume,
+        )
+    } else {
+        let engine =
+            crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
+        (
+            engine.clone(),
+            Arc::new(EngineSink::new(engine).map_err(io)?),
+            None,
+        )
+    };
     let (reads, sink) = match read_cache {
         Some(cache) => readcache::wrap(cache, volume, reads, sink, &metrics).map_err(|source| {
             crate::store::OpenError::ReadCache {
