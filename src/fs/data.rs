@@ -68,6 +68,24 @@ impl PohmelFs {
         Ok(())
     }
 
+    /// EROFS on a volume served read-only.
+    pub(super) fn writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            return errno!(EROFS);
+        }
+        Ok(())
+    }
+
+    /// EROFS for an open that could write (for writing, or `O_TRUNC`) on
+    /// a volume served read-only.
+    pub(super) fn writable_open(&self, flags: u32) -> FsResult<()> {
+        let acc = flags & libc::O_ACCMODE as u32;
+        if acc != libc::O_RDONLY as u32 || flags & libc::O_TRUNC as u32 != 0 {
+            return self.writable();
+        }
+        Ok(())
+    }
+
     pub(super) fn do_open(
         &self,
         ctx: &Context,

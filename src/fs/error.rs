@@ -23,6 +23,7 @@ impl FsError {
         match self {
             FsError::Errno(e) => *e,
             FsError::Store(StoreError::NoSpace) => libc::ENOSPC,
+            FsError::Store(StoreError::ReadOnly) => libc::EROFS,
             FsError::Store(_) => libc::EIO,
         }
     }
@@ -35,7 +36,7 @@ impl FsError {
     pub fn is_routine(&self) -> bool {
         matches!(
             self,
-            FsError::Store(StoreError::NoSpace)
+            FsError::Store(StoreError::NoSpace | StoreError::ReadOnly)
                 | FsError::Errno(
                     libc::ENOENT
                         | libc::EEXIST
@@ -57,6 +58,7 @@ impl FsError {
                         | libc::ENFILE
                         | libc::ENODEV
                         | libc::ENOSPC
+                        | libc::EROFS
                 )
         )
     }

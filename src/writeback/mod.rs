@@ -371,7 +371,9 @@ pub fn open_as(
             )?);
             let volume = Some(volume(remote.epoch()));
             (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
-        } else if url.starts_with("file:") || url.starts_with("s3:") {
+        } else if (url.starts_with("file:") || url.starts_with("s3:"))
+            && mode != crate::store::engine::OpenMode::ReadOnly
+        {
             let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
             let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
                 .map_err(|e| crate::store::OpenError::volume(url, e))?;
@@ -393,8 +395,12 @@ pub fn open_as(
                 volume,
             )
         } else {
-            let engine =
-                crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
+            // `mem:`, and a volume opened read-only (which writes nothing,
+            // so it reclaims no orphans).
+            let engine = crate::store::open_once_as(
+                &budget::with_engine_memory(url, cfg.engine_cache_bytes),
+                mode,
+            )?;
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),

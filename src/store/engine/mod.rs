@@ -58,6 +58,7 @@ mod orphans;
 mod overlay;
 mod pins;
 mod read_plan;
+mod readonly;
 mod reclaim;
 mod recover;
 mod scan;
@@ -104,12 +105,13 @@ pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGME
 pub use group::CommitMode;
 pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
+pub use readonly::ReadOnlyVolume;
 pub use scan::{
     BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
     VolumeScan, XattrRecord,
 };
 pub use segment::SegmentFiles;
-use segment::Segments;
+use segment::{SegmentRead, Segments};
 
 /// Ids are reserved durably this many at a time beyond what a caller asks
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the
@@ -152,8 +154,10 @@ pub enum OpenVolumeError {
     Log(#[source] log::LogError),
     #[error("replay the commit log")]
     Replay(#[source] StoreError),
-    #[error("{0} is a snapshot: read-only (clone it to write)")]
+    #[error("{0} is a snapshot: serve it with --readonly, or clone it to write")]
     Snapshot(PathBuf),
+    #[error("a read-only open is ReadOnlyVolume's, not the writable engine's")]
+    ReadOnlyMode,
     #[error("remove the clone marker after drawing the clone's volume id")]
     CloneMarker(#[source] std::io::Error),
 }
@@ -448,7 +452,8 @@ impl SlateStore {
                         }
                         other => other,
                     })?;
-                    apply::read_chunk(self.segments.as_deref(), &list, in_chunk, out)?;
+                    let segs = self.segments.as_deref().map(|s| s as &dyn SegmentRead);
+                    apply::read_chunk(segs, &list, in_chunk, out)?;
                 }
                 None => out.fill(0),
             }

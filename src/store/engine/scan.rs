@@ -485,12 +485,12 @@ fn scan_options() -> ScanOptions {
 async fn open_iters<D: DbReadOps + Sync>(
     db: &D,
     ranges: Vec<KeyRange>,
+    options: &ScanOptions,
 ) -> Result<Vec<DbIterator>, StoreError> {
-    let options = scan_options();
     let mut iters = Vec::with_capacity(ranges.len());
     for r in ranges {
         iters.push(
-            db.scan_with_options(r, &options)
+            db.scan_with_options(r, options)
                 .await
                 .map_err(map_engine_error)?,
         );
@@ -509,7 +509,7 @@ impl VolumeScan for SlateStore {
 
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
         let runtime = self.rt()?;
-        let iters = runtime.block_on(open_iters(&self.db, ranges))?;
+        let iters = runtime.block_on(open_iters(&self.db, ranges, &scan_options()))?;
         Ok(RawScan::new(runtime, iters, Vec::new()))
     }
 }
@@ -527,6 +527,16 @@ pub enum OpenReaderError {
     Engine(#[source] slatedb::Error),
     #[error("read the commit log")]
     Log(#[source] StoreError),
+    #[error("name the snapshot")]
+    Snapshot(#[source] super::snapshot::SnapshotError),
+    #[error("look for the volume")]
+    Holder(#[source] object_store::Error),
+    #[error("no volume there")]
+    NoVolume,
+    #[error("read the superblock")]
+    Superblock(#[source] StoreError),
+    #[error("volume has format version {found}; this build reads version {expected}")]
+    FormatVersion { found: u32, expected: u32 },
 }
 
 /// A volume opened read-only. See the module documentation.
@@ -544,13 +554,29 @@ impl VolumeReader {
     /// Open the volume named by a `file://` or `s3://` URL without writing
     /// to it. A `file://` directory must exist (it is never created).
     pub fn open(url: &str) -> Result<VolumeReader, OpenReaderError> {
+        let cfg = Self::config(url)?;
+        // The checker reads once, soon after it opens: a slow poll is
+        // enough.
+        Self::with_config(&cfg, Duration::from_secs(60))
+    }
+
+    /// The configuration of `url`, whose `file://` directory must exist.
+    pub(super) fn config(url: &str) -> Result<config::VolumeConfig, OpenReaderError> {
         if let Some(path) = url.strip_prefix("file://") {
             let path = PathBuf::from(path.split_once('?').map_or(path, |(p, _)| p));
             if !path.is_dir() {
                 return Err(OpenReaderError::Missing(path));
             }
         }
-        let cfg = config::parse(url).map_err(OpenReaderError::Url)?;
+        config::parse_with(url, false).map_err(OpenReaderError::Url)
+    }
+
+    /// Open the volume of `cfg`; the engine looks for a newer manifest
+    /// every `poll` (the commit log is read once, now).
+    pub(super) fn with_config(
+        cfg: &config::VolumeConfig,
+        poll: Duration,
+    ) -> Result<VolumeReader, OpenReaderError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("pohmelfs-reader")
@@ -558,9 +584,8 @@ impl VolumeReader {
             .build()
             .map_err(OpenReaderError::Runtime)?;
         let options = DbReaderOptions {
-            // The reader reads once, soon after it opens: a slow poll is
-            // enough, and a missing object must fail rather than retry on.
-            manifest_poll_interval: Duration::from_secs(60),
+            manifest_poll_interval: poll,
+            // A missing object must fail rather than retry on.
             object_store_max_retries: Some(3),
             ..DbReaderOptions::default()
         };
@@ -600,6 +625,20 @@ impl VolumeReader {
     pub fn describe(&self) -> &str {
         &self.describe
     }
+
+    /// The key-value pairs of `range` as [`VolumeScan::raw_scan`] gives
+    /// them, read through the block cache: for serving, not for scanning
+    /// the whole volume.
+    pub(super) fn raw_range(&self, range: Range<Vec<u8>>) -> Result<RawScan<'_>, StoreError> {
+        let range = KeyRange::from(range);
+        let laid = vec![self.overlay.range(&range.start, range.end.as_deref())];
+        let iters = self.runtime.block_on(open_iters(
+            &self.reader,
+            vec![range],
+            &ScanOptions::default(),
+        ))?;
+        Ok(RawScan::new(&self.runtime, iters, laid))
+    }
 }
 
 impl Drop for VolumeReader {
@@ -632,7 +671,9 @@ impl VolumeScan for VolumeReader {
             .iter()
             .map(|r| self.overlay.range(&r.start, r.end.as_deref()))
             .collect();
-        let iters = self.runtime.block_on(open_iters(&self.reader, ranges))?;
+        let iters = self
+            .runtime
+            .block_on(open_iters(&self.reader, ranges, &scan_options()))?;
         Ok(RawScan::new(&self.runtime, iters, laid))
     }
 }
