@@ -76,6 +76,10 @@ pub(super) struct Lease {
     object_store: Arc<dyn object_store::ObjectStore>,
     db_path: String,
     stop: Arc<AtomicBool>,
+    /// Held by a renewal from its check of `stop` to its write, and by
+    /// the release: a renewal never writes the record back after the
+    /// release removed it.
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Lease {
@@ -92,11 +96,13 @@ impl Lease {
             self.db_path.clone(),
             self.record.clone(),
             self.stop.clone(),
+            self.writing.clone(),
         )
     }
 
     /// Stop renewing and remove the record (if still ours).
     pub(super) async fn release(&self) {
+        let _writing = self.writing.lock().await;
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         if let Err(e) = holder::release(&*self.object_store, &self.db_path, &self.record).await {
             tracing::warn!(error = %e, "could not remove the volume's holder record");
@@ -149,6 +155,7 @@ async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, 
         object_store: store,
         db_path: cfg.db_path.clone(),
         stop: Arc::default(),
+        writing: Arc::default(),
     })
 }
 
@@ -168,9 +175,11 @@ async fn renew(
     db_path: String,
     mut record: holder::Holder,
     stop: Arc<AtomicBool>,
+    writing: Arc<tokio::sync::Mutex<()>>,
 ) {
     loop {
         tokio::time::sleep(holder::renew_period()).await;
+        let _writing = writing.lock().await;
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
