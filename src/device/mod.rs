@@ -25,6 +25,8 @@ mod migrate;
 #[cfg(test)]
 mod migrate_tests;
 mod pool;
+#[cfg(test)]
+mod readonly_tests;
 mod request;
 pub mod state;
 #[cfg(test)]

@@ -77,6 +77,8 @@ mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
 #[cfg(test)]
+mod readonly_tests;
+#[cfg(test)]
 mod recover_tests;
 #[cfg(test)]
 mod s3_tests;
