@@ -15,6 +15,8 @@
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
+//! - [`readonly`]: a snapshot served with `serve --readonly`: its point in time, and every
+//!   change refused with EROFS;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -44,6 +46,7 @@ mod libvirt;
 mod offline;
 mod persistence;
 mod posix;
+mod readonly;
 mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
@@ -94,9 +97,9 @@ vm_tests! {
     crash::crash_daemon_kill9,
 }
 
-/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and of pohmelfs's own
-/// command line as libvirt writes it: virtiofsd has no store, its shared directory has the
-/// host's capacity, and libvirt starts it with its own options.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and snapshots, and of
+/// pohmelfs's own command line as libvirt writes it: virtiofsd has no store or snapshots, its
+/// shared directory has the host's capacity, and libvirt starts it with its own options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
@@ -107,5 +110,6 @@ mod pohmelfs_only {
         space::full_volume_says_enospc,
         offline::writes_return_while_store_paused,
         libvirt::libvirt_argv_on_an_inherited_socket,
+        readonly::readonly_snapshot_refuses_changes,
     );
 }
