@@ -25,6 +25,9 @@
 //! The key layout is in `keys.rs`, value encodings in `codec.rs` and
 //! `extent.rs`; all are described in `docs/store-layout.md`.
 //!
+//! A volume served read-only (`serve --readonly`) is not opened here but
+//! by `readonly.rs`, through SlateDB's reader: it writes nothing.
+//!
 //! This module owns the engine instance, its tokio runtime, the superblock,
 //! the id counter and the exactly-once records (opening them is
 //! `open.rs`). The sync [`Store`] methods
