@@ -29,7 +29,7 @@ use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
 use super::keys::{self, tag};
 use super::log_queue::LogQueue;
 use super::map_engine_error;
-use super::segment::{Placed, SegmentRead, Segments};
+use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
 
 /// A batch as a list: the key, and its new value or `None` to delete it.
@@ -336,7 +336,7 @@ fn in_chunk(e: StoreError, ino: u64, index: u64) -> StoreError {
 /// Fill `out` with the chunk bytes from chunk offset `from` on, as `list`
 /// holds them (zeros where no extent is).
 pub fn read_chunk(
-    segments: Option<&dyn SegmentRead>,
+    segments: Option<&Segments>,
     list: &[Extent],
     from: u32,
     out: &mut [u8],
@@ -395,12 +395,7 @@ async fn compact(
 ) -> Result<Vec<Extent>, StoreError> {
     let end = extent::covered_end(&list);
     let mut buf = vec![0u8; end as usize];
-    read_chunk(
-        view.segments.map(|s| s as &dyn SegmentRead),
-        &list,
-        0,
-        &mut buf,
-    )?;
+    read_chunk(view.segments, &list, 0, &mut buf)?;
     let data = match view.segments {
         Some(segs) => {
             let p = segs

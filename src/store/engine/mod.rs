@@ -116,7 +116,7 @@ pub use scan::{
     VolumeScan, XattrRecord,
 };
 pub use segment::SegmentFiles;
-use segment::{SegmentRead, Segments};
+use segment::Segments;
 
 /// Ids are reserved durably this many at a time beyond what a caller asks
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the
@@ -457,8 +457,7 @@ impl SlateStore {
                         }
                         other => other,
                     })?;
-                    let segs = self.segments.as_deref().map(|s| s as &dyn SegmentRead);
-                    apply::read_chunk(segs, &list, in_chunk, out)?;
+                    apply::read_chunk(self.segments.as_deref(), &list, in_chunk, out)?;
                 }
                 None => out.fill(0),
             }

@@ -14,18 +14,19 @@
 //! exactly its point in time. A volume a writing daemon holds may be
 //! served too, as of the open; but that writer goes on, and once it
 //! compacts away a table or punches a page the reader still names, that
-//! read fails (EIO) or reads zeros. Serve a snapshot for a view that
-//! lasts (docs/design.md, "Read-only export").
+//! read fails (EIO): every segment page read is checked against its
+//! extent's checksum, so a punched page is an error, never zeros. Serve a
+//! snapshot for a view that lasts (docs/design.md, "Read-only export").
 //!
 //! This module never writes to the volume, and takes no lock on it.
 
+use std::ops::Range;
 use std::time::Duration;
 
+use super::extent::{self, Data, Piece, PAGE};
 use super::scan::{OpenReaderError, VolumeReader, VolumeScan};
-use super::segment::{SegmentFiles, SegmentRead};
-use super::{
-    apply, codec, extent, holder, keys, snapshot, VolumeIdentity, FORMAT_VERSION, UPGRADES_FROM,
-};
+use super::segment::SegmentFiles;
+use super::{codec, holder, keys, snapshot, VolumeIdentity, FORMAT_VERSION, UPGRADES_FROM};
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
 };
@@ -134,9 +135,73 @@ impl ReadOnlyVolume {
             }
             other => other,
         })?;
-        let segs = self.segments.as_ref().map(|s| s as &dyn SegmentRead);
-        apply::read_chunk(segs, &list, from, out)
+        out.fill(0);
+        let to = from + out.len() as u32;
+        for e in &list {
+            let (s, t) = (e.start.max(from), e.end().min(to));
+            if s >= t {
+                continue;
+            }
+            let dst = &mut out[(s - from) as usize..(t - from) as usize];
+            match &e.data {
+                Data::Inline(b) => {
+                    dst.copy_from_slice(&b[(s - e.start) as usize..(t - e.start) as usize]);
+                }
+                Data::Segment(p) => {
+                    let files = self.segments.as_ref().ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "extent in segment {} on a volume without segments",
+                            p.seg
+                        ))
+                    })?;
+                    read_verified(files, p, s..t, dst)?;
+                }
+            }
+        }
+        Ok(())
     }
+}
+
+/// Fill `dst` with the bytes of chunk range `r` of piece `p`, checking
+/// every segment page they touch against the piece's checksums: a live
+/// writer may have punched or deleted what this open still names, and
+/// that must read as an error, never as zeros.
+fn read_verified(
+    files: &SegmentFiles,
+    p: &Piece,
+    r: Range<u32>,
+    dst: &mut [u8],
+) -> Result<(), StoreError> {
+    let want = p.seg_range(r);
+    let pages = extent::pages_of(want.clone());
+    let piece_end = p.seg_off + u64::from(p.len);
+    // The piece's bytes in those pages: what each checksum covers.
+    let from = (pages.start * PAGE).max(p.seg_off);
+    let to = (pages.end * PAGE).min(piece_end);
+    let mut buf = vec![0u8; (to - from) as usize];
+    files.read_at(p.seg, from, &mut buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            StoreError::Corrupt(format!("extent past the end of segment {}", p.seg))
+        } else {
+            StoreError::Io(e)
+        }
+    })?;
+    let first = p.pages().start;
+    for page in pages {
+        let s = (page * PAGE).max(from);
+        let t = ((page + 1) * PAGE).min(to);
+        let crc = crc32c::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
+        if p.crcs.get((page - first) as usize) != Some(&crc) {
+            return Err(StoreError::Corrupt(format!(
+                "segment {} page at offset {} does not match its checksum \
+                 (a writer may have reclaimed it since this read-only open)",
+                p.seg,
+                page * PAGE
+            )));
+        }
+    }
+    dst.copy_from_slice(&buf[(want.start - from) as usize..(want.end - from) as usize]);
+    Ok(())
 }
 
 fn hex(id: &[u8; 16]) -> String {

@@ -1,7 +1,8 @@
 //! Tests of a volume opened read-only (`readonly.rs`): a snapshot serves
 //! its point in time while the source volume goes on changing (and
 //! reclaiming), a live volume is served as of the open without fencing
-//! its writer, every write is refused, and nothing in the volume's
+//! its writer (and what the writer reclaims under it reads as an error,
+//! not zeros), every write is refused, and nothing in the volume's
 //! directory changes.
 
 use std::collections::BTreeMap;
@@ -9,8 +10,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::conformance::{commit, read, write_op};
+use super::scan::VolumeScan;
+use super::segment::SegmentFiles;
 use super::segment_tests::{file, root_with};
-use super::{snapshot, OpenMode, OpenVolumeError, ReadOnlyVolume, SlateStore};
+use super::{snapshot, OpenMode, OpenVolumeError, ReadOnlyVolume, SlateStore, VolumeReader};
 use crate::store::{Dirent, FileKind, Op, Store, StoreError, Txn, ROOT_INO};
 
 const KIB: usize = 1024;
@@ -218,4 +221,42 @@ fn snapshot_urls_resolve_to_their_directories() {
     let literal = format!("file://{d}/a@b");
     assert_eq!(snapshot::resolve_url(&literal).unwrap(), literal);
     assert!(snapshot::resolve_url(&format!("file://{d}/vol@.hidden")).is_err());
+}
+
+#[test]
+fn a_page_the_writer_reclaimed_reads_as_an_error_never_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol");
+    let url = format!("file://{}", vol.display());
+    let s = SlateStore::open(&url).unwrap();
+    s.reserve_ids(1000).unwrap();
+    commit(&s, root_with(&[100]));
+    commit(
+        &s,
+        vec![file(100, 256 * 1024), write_op(100, 0, &[5u8; 256 * KIB])],
+    );
+    s.reclaimed();
+    let v = ReadOnlyVolume::open(&url).unwrap();
+    assert_eq!(read(&v, 100, 0, 256 * KIB), vec![5u8; 256 * KIB]);
+    let (seg, window) = {
+        let checker = VolumeReader::open(&url).unwrap();
+        let block = checker.scan_blocks().unwrap().next().unwrap().unwrap();
+        block.extents[0].seg_window().unwrap()
+    };
+
+    // The writer overwrites the file and punches the pages it freed.
+    commit(&s, vec![write_op(100, 0, &[6u8; 256 * KIB])]);
+    s.reclaimed();
+    let held = SegmentFiles::of_volume(&vol).allocated(seg).unwrap();
+    assert!(
+        !held
+            .iter()
+            .any(|r| r.start < window.end && window.start < r.end),
+        "the old pages were not punched: {held:?} against {window:?}"
+    );
+    let mut buf = vec![0xAAu8; 64 * KIB];
+    match v.read(100, 0, &mut buf) {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("checksum"), "{m}"),
+        other => panic!("read of a punched page: {other:?}, first byte {}", buf[0]),
+    }
 }

@@ -58,14 +58,6 @@ struct Active {
     len: u64,
 }
 
-/// Reading segment bytes: from the segments a volume writes
-/// ([`Segments`]), or from the files a read-only open reads
-/// ([`SegmentFiles`]).
-pub trait SegmentRead {
-    /// Read `buf.len()` bytes at `off` of segment `seg`; short is an error.
-    fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
 /// The segments of one volume open for writing.
 pub struct Segments {
     dir: PathBuf,
@@ -402,12 +394,6 @@ impl Segments {
     }
 }
 
-impl SegmentRead for Segments {
-    fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        Segments::read_at(self, seg, off, buf)
-    }
-}
-
 /// Segment files opened read-only: for the volume checker, and for a
 /// volume served read-only (`readonly.rs`).
 pub struct SegmentFiles {
@@ -475,12 +461,6 @@ impl SegmentFiles {
     /// The byte ranges of `seg` that hold data (not holes), page-aligned.
     pub fn allocated(&self, seg: u64) -> io::Result<Vec<Range<u64>>> {
         allocated(&File::open(self.dir.join(file_name(seg)))?)
-    }
-}
-
-impl SegmentRead for SegmentFiles {
-    fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        SegmentFiles::read_at(self, seg, off, buf)
     }
 }
 
