@@ -274,6 +274,17 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
     }
     let _snap = serve(&dir, "snap", &format!("{url}@mon"), &["--readonly"]);
     assert_eq!(field(&status(&dir.join("snap.sock")), "holder"), "-");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        dir.join("tue.sock").to_str().unwrap(),
+        "--store",
+        &format!("{url}@tue"),
+        "--readonly",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no snapshot \"tue\""), "{err}");
 
     let sock = dir.join("mem.sock");
     let out = run(&[

@@ -372,8 +372,20 @@ pub fn open_as(
             let volume = Some(volume(remote.epoch()));
             (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
         } else if (url.starts_with("file:") || url.starts_with("s3:"))
-            && mode != crate::store::engine::OpenMode::ReadOnly
+            && mode == crate::store::engine::OpenMode::ReadOnly
         {
+            // Writes nothing: no holder, no orphan reclaim
+            // (`store/engine/readonly.rs`).
+            let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+            let volume = crate::store::engine::ReadOnlyVolume::open(&engine_url)
+                .map_err(|e| crate::store::OpenError::read_only(url, e))?;
+            let volume = Arc::new(volume);
+            (
+                volume.clone(),
+                Arc::new(EngineSink::new(volume).map_err(io)?),
+                None,
+            )
+        } else if url.starts_with("file:") || url.starts_with("s3:") {
             let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
             let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
                 .map_err(|e| crate::store::OpenError::volume(url, e))?;
@@ -395,12 +407,8 @@ pub fn open_as(
                 volume,
             )
         } else {
-            // `mem:`, and a volume opened read-only (which writes nothing,
-            // so it reclaims no orphans).
-            let engine = crate::store::open_once_as(
-                &budget::with_engine_memory(url, cfg.engine_cache_bytes),
-                mode,
-            )?;
+            let engine =
+                crate::store::open_once(&budget::with_engine_memory(url, cfg.engine_cache_bytes))?;
             (
                 engine.clone(),
                 Arc::new(EngineSink::new(engine).map_err(io)?),

@@ -10,9 +10,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::conformance::{commit, read, write_op};
-use super::scan::VolumeScan;
+use super::scan::{OpenReaderError, VolumeScan};
 use super::segment::SegmentFiles;
 use super::segment_tests::{file, root_with};
+use super::snapshot::SnapshotError;
 use super::{snapshot, OpenMode, OpenVolumeError, ReadOnlyVolume, SlateStore, VolumeReader};
 use crate::store::{Dirent, FileKind, Op, Store, StoreError, Txn, ROOT_INO};
 
@@ -201,14 +202,20 @@ fn a_snapshot_is_opened_for_writing_by_neither_name() {
             Ok(_) => panic!("{url}: a snapshot opened for writing"),
         }
     }
-    let missing = ReadOnlyVolume::open(&format!("{url}@tuesday"));
-    assert!(missing.is_err(), "no snapshot tuesday");
+    match ReadOnlyVolume::open(&format!("{url}@tuesday")) {
+        Err(OpenReaderError::Snapshot(SnapshotError::NoSuchSnapshot(name))) => {
+            assert_eq!(name, "tuesday");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened snapshot tuesday, which there is none of"),
+    }
 }
 
 #[test]
 fn snapshot_urls_resolve_to_their_directories() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
+    std::fs::create_dir_all(dir.path().join("vol/snapshots/mon")).unwrap();
     assert_eq!(
         snapshot::resolve_url(&format!("file://{d}/vol@mon?memory=8M")).unwrap(),
         format!("file://{d}/vol/snapshots/mon?memory=8M")

@@ -121,8 +121,8 @@ pub fn local_dir(url: &str) -> Result<PathBuf, SnapshotError> {
 
 /// The URL of the snapshot a `file:///DIR@NAME[?opts]` URL names:
 /// `file:///DIR/snapshots/NAME[?opts]` (as `pohmelfs clone` names its
-/// source). Any other URL, and a directory whose own name holds an `@`,
-/// comes back as it was.
+/// source), which must exist. Any other URL, and a directory whose own
+/// name holds an `@`, comes back as it was.
 pub fn resolve_url(url: &str) -> Result<String, SnapshotError> {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
@@ -138,6 +138,9 @@ pub fn resolve_url(url: &str) -> Result<String, SnapshotError> {
         return Ok(url.to_string());
     }
     let snap = snapshot_dir(Path::new(dir), name)?;
+    if !snap.is_dir() {
+        return Err(SnapshotError::NoSuchSnapshot(name.to_string()));
+    }
     let query = query.map_or_else(String::new, |q| format!("?{q}"));
     Ok(format!("file://{}{query}", snap.display()))
 }
