@@ -583,6 +583,12 @@ impl VolumeReader {
             .enable_all()
             .build()
             .map_err(OpenReaderError::Runtime)?;
+        // The commit log before the engine (see `Overlay::of`).
+        let records = match &cfg.local_dir {
+            Some(dir) => Overlay::read_log(dir)
+                .map_err(|e| OpenReaderError::Log(recover::map_log_error(e)))?,
+            None => Vec::new(),
+        };
         let options = DbReaderOptions {
             manifest_poll_interval: poll,
             // A missing object must fail rather than retry on.
@@ -598,7 +604,7 @@ impl VolumeReader {
             ))
             .map_err(OpenReaderError::Engine)?;
         let overlay = match &cfg.local_dir {
-            Some(dir) => {
+            Some(_) => {
                 let applied = runtime
                     .block_on(reader.get(keys::log()))
                     .map_err(|e| OpenReaderError::Log(map_engine_error(e)))?;
@@ -607,8 +613,7 @@ impl VolumeReader {
                     .transpose()
                     .map_err(OpenReaderError::Log)?
                     .unwrap_or(0);
-                Overlay::read(dir, applied)
-                    .map_err(|e| OpenReaderError::Log(recover::map_log_error(e)))?
+                Overlay::of(records, applied)
             }
             None => Overlay::default(),
         };
