@@ -291,11 +291,12 @@ impl VolumeArgs {
         &self,
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<pohmelfs::writeback::WritebackStore>, Arc<PohmelFs>)> {
-        let mode = match self.readonly {
-            true => pohmelfs::store::engine::OpenMode::ReadOnly,
-            false => pohmelfs::store::engine::OpenMode::Existing {
+        let mode = if self.readonly {
+            pohmelfs::store::engine::OpenMode::ReadOnly
+        } else {
+            pohmelfs::store::engine::OpenMode::Existing {
                 take_over: self.take_over,
-            },
+            }
         };
         let store = pohmelfs::writeback::open_as(
             &self.store,
