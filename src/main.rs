@@ -241,6 +241,9 @@ impl VolumeArgs {
         if self.readonly && self.store.starts_with("mem:") {
             bail!("--readonly: a mem: volume starts empty; there is nothing to serve");
         }
+        if self.readonly && self.cache_dir.is_some() {
+            bail!("--readonly with --cache-dir is not supported yet");
+        }
         let pages = self.budget().page_bytes;
         if self.dirty_max() > pages {
             bail!(

@@ -297,4 +297,19 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("a mem: volume starts empty"));
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        &url,
+        "--readonly",
+        "--cache-dir",
+        dir.join("cache").to_str().unwrap(),
+        "--cache-dir-size",
+        "64M",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--readonly with --cache-dir"), "{err}");
 }
