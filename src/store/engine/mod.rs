@@ -61,6 +61,7 @@ mod orphans;
 mod overlay;
 mod pins;
 mod read_plan;
+mod reader;
 mod readonly;
 mod reclaim;
 mod recover;
@@ -110,10 +111,10 @@ pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGME
 pub use group::CommitMode;
 pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
+pub use reader::{OpenReaderError, VolumeReader};
 pub use readonly::ReadOnlyVolume;
 pub use scan::{
-    BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
-    VolumeScan, XattrRecord,
+    BlockRecord, DirentRecord, KeyRange, RawScan, Scan, VolumeInfo, VolumeScan, XattrRecord,
 };
 pub use segment::SegmentFiles;
 use segment::Segments;

@@ -24,7 +24,8 @@ use std::ops::Range;
 use std::time::Duration;
 
 use super::extent::{self, Data, Piece, PAGE};
-use super::scan::{OpenReaderError, VolumeReader, VolumeScan};
+use super::reader::{OpenReaderError, VolumeReader};
+use super::scan::VolumeScan;
 use super::segment::SegmentFiles;
 use super::{codec, holder, keys, snapshot, VolumeIdentity, FORMAT_VERSION, UPGRADES_FROM};
 use crate::store::{

@@ -10,7 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::conformance::{commit, read, write_op};
-use super::scan::{OpenReaderError, VolumeScan};
+use super::reader::OpenReaderError;
+use super::scan::VolumeScan;
 use super::segment::SegmentFiles;
 use super::segment_tests::{file, root_with};
 use super::snapshot::SnapshotError;
