@@ -4,18 +4,18 @@
 //! (`frontend_kit.rs`). Every request that would change the volume is
 //! answered EROFS, reads answer as before, and the volume's directory is
 //! byte for byte what it was: no holder record, no superblock update, no
-//! log, no segment touched.
+//! log, no segment touched. copy_file_range is not served (ENOSYS).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::{CreateIn, Opcode};
 use fuse_backend_rs::abi::fuse_abi::{
-    EntryOut, FallocateIn, GetxattrIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn,
-    Rename2In, RenameIn, SetattrIn, SetxattrIn, WriteIn,
+    CopyFileRangeIn, EntryOut, FallocateIn, GetxattrIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut,
+    ReadIn, Rename2In, RenameIn, SetattrIn, SetxattrIn, WriteIn,
 };
+use fuse_backend_rs::abi::fuse_abi::{CreateIn, Opcode};
 use vm_memory::ByteValued;
 
 use super::frontend_kit::Kit;
@@ -260,6 +260,18 @@ fn refused_requests(kit: &mut Kit, fh: u64) {
     for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
         assert_eq!(open(kit, F, flags).0, erofs, "open with flags {flags:#o}");
     }
+    // Not served at all: the guest falls back to reading and writing,
+    // and its open for writing is refused above.
+    let copy = CopyFileRangeIn {
+        fh_in: fh,
+        nodeid_out: F,
+        fh_out: fh,
+        offset_out: 4096,
+        len: 4096,
+        ..CopyFileRangeIn::default()
+    };
+    let (err, _) = kit.call(Opcode::CopyFileRange, F, copy.as_slice());
+    assert_eq!(err, libc::ENOSYS, "copy_file_range");
 }
 
 /// What the guest reads: the same as before the volume was served
