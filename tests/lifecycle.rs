@@ -222,6 +222,20 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
     let dir = ScratchDir::new("life-readonly").unwrap();
     let url = format!("file://{}", dir.join("vol").display());
     format_volume(POHMELFS, &url, &[]).unwrap();
+    // Formatted, never served: no root directory, and none can be made.
+    let sock = dir.join("fresh.sock");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        &url,
+        "--readonly",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no root directory yet"), "{err}");
+    assert!(!sock.exists(), "the refused daemon bound its socket");
     let first = serve(&dir, "first", &url, &[]);
     let first_sock = dir.join("first.sock");
     // Through the daemon: what it holds (the root directory) goes first.

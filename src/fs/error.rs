@@ -15,6 +15,10 @@ pub enum FsError {
     /// The store failed under the operation.
     #[error("store operation failed")]
     Store(#[from] StoreError),
+    /// A volume served read-only has no root directory: it was formatted
+    /// and never served, and the root cannot be made without writing.
+    #[error("the volume has no root directory yet (it was never served): serve it once without --readonly")]
+    NoRoot,
 }
 
 impl FsError {
@@ -24,7 +28,7 @@ impl FsError {
             FsError::Errno(e) => *e,
             FsError::Store(StoreError::NoSpace) => libc::ENOSPC,
             FsError::Store(StoreError::ReadOnly) => libc::EROFS,
-            FsError::Store(_) => libc::EIO,
+            FsError::Store(_) | FsError::NoRoot => libc::EIO,
         }
     }
 

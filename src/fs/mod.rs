@@ -173,20 +173,19 @@ impl PohmelFs {
             negotiated: Mutex::new(None),
         };
         if fs.store.get_inode(ROOT_INO)?.is_none() {
+            if fs.cfg.read_only {
+                return Err(FsError::NoRoot);
+            }
             let now = Timestamp::now();
             let root = Inode {
-                ino: ROOT_INO,
                 kind: FileKind::Directory,
                 perm: 0o755,
-                uid: 0,
-                gid: 0,
                 nlink: 2,
-                size: 0,
-                rdev: 0,
                 atime: now,
                 mtime: now,
                 ctime: now,
                 parent: ROOT_INO,
+                ..Inode::regular(ROOT_INO, 0)
             };
             let mut txn = Txn::new();
             txn.push(crate::store::Op::PutInode(root));
