@@ -68,7 +68,10 @@ impl PohmelFs {
         Ok(())
     }
 
-    /// EROFS on a volume served read-only.
+    /// EROFS on a volume served read-only. Asked first by every request
+    /// that would change the volume, and again where changes reach the
+    /// store (`commit`, the write below), so that none does, whatever
+    /// asked for it (a session's end, an imported session).
     pub(super) fn writable(&self) -> FsResult<()> {
         if self.cfg.read_only {
             return errno!(EROFS);
@@ -241,6 +244,7 @@ impl PohmelFs {
         {
             kill_suid_sgid(&mut inode);
         }
+        self.writable()?;
         self.store.write(ino, offset, data, inode)?;
         self.metrics.store_commits.inc();
         self.metrics.bytes_written.add(len as u64);

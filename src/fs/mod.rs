@@ -240,6 +240,7 @@ impl PohmelFs {
     }
 
     fn commit(&self, txn: Txn) -> FsResult<()> {
+        self.writable()?;
         self.store.commit(txn)?;
         self.metrics.store_commits.inc();
         Ok(())
