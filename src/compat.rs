@@ -66,6 +66,8 @@ struct Convention {
     fd: Option<String>,
     socket_path: Option<String>,
     shared_dir: Option<String>,
+    /// `--readonly`: `serve --readonly`.
+    readonly: bool,
     /// `serve` options that mean what they meant to virtiofsd.
     serve: Vec<String>,
     /// Options accepted and ignored, as given.
@@ -144,7 +146,8 @@ impl Convention {
                     let v = value(name)?;
                     c.serve.extend([name.to_owned(), v]);
                 }
-                "--readonly" => bail!("--readonly: pohmelfs cannot serve a volume read-only yet"),
+                // libvirt's `<readonly/>`.
+                "--readonly" => c.readonly = true,
                 n if IGNORED_WITH_VALUE.contains(&n) => {
                     let v = value(name)?;
                     c.ignored.push(format!("{n} {v}"));
@@ -201,8 +204,14 @@ impl Convention {
         let Some(dir) = &self.shared_dir else {
             bail!("give the volume: --shared-dir DIR or -o source=DIR");
         };
-        out.extend(volume_args(Path::new(dir))?);
+        let volume = volume_args(Path::new(dir))?;
+        // `readonly = true` in the volume's pohmelfs.conf says it too.
+        let readonly = self.readonly && !volume.iter().any(|a| a == "--readonly");
+        out.extend(volume);
         out.extend(self.serve.iter().map(OsString::from));
+        if readonly {
+            out.push("--readonly".into());
+        }
         Ok(out)
     }
 }
@@ -400,6 +409,20 @@ mod tests {
             assert!(c.serve_args().is_err(), "{line}");
         }
         assert!(Convention::parse(&words("--fd 3 --bogus")).is_err());
-        assert!(Convention::parse(&words("--fd 3 --readonly")).is_err());
+    }
+
+    #[test]
+    fn readonly_means_serve_readonly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().canonicalize().unwrap();
+        let args = serve(&format!("--fd=5 --shared-dir {} --readonly", d.display()));
+        assert_eq!(args.last().map(String::as_str), Some("--readonly"));
+        std::fs::write(
+            d.join(CONF_FILE),
+            format!("store = file://{}@monday\nreadonly = true\n", d.display()),
+        )
+        .unwrap();
+        let args = serve(&format!("--fd=5 --shared-dir {} --readonly", d.display()));
+        assert_eq!(args.iter().filter(|a| *a == "--readonly").count(), 1);
     }
 }

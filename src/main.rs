@@ -162,6 +162,13 @@ struct VolumeArgs {
     /// daemon is fenced (its writes fail from then on).
     #[arg(long)]
     take_over: bool,
+    /// Serve the volume read-only: every change is refused (EROFS), and
+    /// opening a file:// or s3:// volume writes nothing to it (no holder
+    /// record; a writing daemon may hold it, and this one sees it as of
+    /// its open). A snapshot, file:///DIR@NAME or
+    /// file:///DIR/snapshots/NAME, is served only so.
+    #[arg(long, conflicts_with = "take_over")]
+    readonly: bool,
     /// Guest (or kernel) caching of attributes, entries and data.
     #[arg(long, value_enum, default_value_t = CachePolicy::Auto)]
     cache: CachePolicy,
@@ -236,6 +243,12 @@ impl VolumeArgs {
     /// Refuse settings that contradict each other.
     fn check(&self) -> Result<()> {
         confine::refuse_secret_in_url(&self.store).context("--store")?;
+        if self.readonly && self.store.starts_with("mem:") {
+            bail!("--readonly: a mem: volume starts empty; there is nothing to serve");
+        }
+        if self.readonly && self.cache_dir.is_some() {
+            bail!("--readonly with --cache-dir is not supported yet");
+        }
         let pages = self.budget().page_bytes;
         if self.dirty_max() > pages {
             bail!(
@@ -276,7 +289,20 @@ impl VolumeArgs {
             writeback_cache: self.writeback_cache,
             allow_device_nodes: self.allow_device_nodes,
             max_handles: self.max_handles,
+            read_only: self.readonly,
             ..FsConfig::default()
+        }
+    }
+
+    /// How the volume opens: read-only, or as its only writer (taking it
+    /// over from a live holder only with --take-over).
+    fn open_mode(&self) -> pohmelfs::store::engine::OpenMode {
+        if self.readonly {
+            pohmelfs::store::engine::OpenMode::ReadOnly
+        } else {
+            pohmelfs::store::engine::OpenMode::Existing {
+                take_over: self.take_over,
+            }
         }
     }
 
@@ -285,9 +311,7 @@ impl VolumeArgs {
         &self,
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<pohmelfs::writeback::WritebackStore>, Arc<PohmelFs>)> {
-        let mode = pohmelfs::store::engine::OpenMode::Existing {
-            take_over: self.take_over,
-        };
+        let mode = self.open_mode();
         let store = pohmelfs::writeback::open_as(
             &self.store,
             self.txn_config(),

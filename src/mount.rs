@@ -93,6 +93,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let opts = MountOptions {
         allow_other: args.allow_other,
         default_permissions: args.default_permissions,
+        read_only: args.volume.readonly,
         max_read: session.bufsize(),
     };
     mount(&mountpoint, &fuse_dev, &opts)
@@ -197,6 +198,9 @@ fn watch_signals(events: mpsc::Sender<Event>) -> Result<()> {
 struct MountOptions {
     allow_other: bool,
     default_permissions: bool,
+    /// `--readonly`: a read-only mount (the host kernel refuses changes
+    /// too).
+    read_only: bool,
     /// The largest read the kernel may ask for: what a channel buffer holds.
     max_read: usize,
 }
@@ -220,6 +224,10 @@ fn mount(mountpoint: &Path, fuse_dev: &File, opts: &MountOptions) -> Result<()> 
         data.push_str(",default_permissions");
     }
     debug!(options = %data, "mount options");
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if opts.read_only {
+        flags |= libc::MS_RDONLY;
+    }
     let target = CString::new(mountpoint.as_os_str().as_bytes()).context("mountpoint has a NUL")?;
     let data = CString::new(data).context("mount options have a NUL")?;
     // SAFETY: every pointer is a NUL-terminated string that outlives the
@@ -230,7 +238,7 @@ fn mount(mountpoint: &Path, fuse_dev: &File, opts: &MountOptions) -> Result<()> 
             c"pohmelfs".as_ptr(),
             target.as_ptr(),
             c"fuse.pohmelfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            flags,
             data.as_ptr().cast(),
         )
     };

@@ -368,11 +368,17 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
     let vol = &args.volume;
     let wait = Duration::from_secs(args.incoming_timeout);
-    let (url, cfg, cache, m) = (
+    let (url, cfg, cache, m, reopen) = (
         vol.store.clone(),
         vol.txn_config(),
         vol.read_cache(),
         Arc::clone(metrics),
+        match vol.open_mode() {
+            pohmelfs::store::engine::OpenMode::ReadOnly => {
+                pohmelfs::store::engine::OpenMode::ReadOnly
+            }
+            _ => pohmelfs::store::engine::OpenMode::Existing { take_over: false },
+        },
     );
     let opener: Opener = Box::new(move |spare| {
         pohmelfs::writeback::open_sparing(
@@ -380,16 +386,14 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
             cfg.clone(),
             cache.as_ref(),
             Arc::clone(&m),
-            pohmelfs::store::engine::OpenMode::Existing { take_over: false },
+            reopen,
             spare,
         )
     });
     if args.incoming {
         return Ok(VolumeSlot::incoming(&vol.store, opener, wait));
     }
-    let mode = pohmelfs::store::engine::OpenMode::Existing {
-        take_over: vol.take_over,
-    };
+    let mode = vol.open_mode();
     // Opened in a thread without capabilities, as the engine's threads
     // inherit its set.
     let store = lifecycle::open_without_capabilities(|| {

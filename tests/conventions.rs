@@ -2,8 +2,9 @@
 //! vhost-user backend conventions, virtiofsd's command line as libvirt
 //! generates it): `--print-capabilities`, a listening socket inherited
 //! with `--fd`, the shared directory naming a volume, passthrough-only
-//! options accepted with one warning line, the pid-file guard, and the
-//! stop contract (SIGTERM leaves nothing behind).
+//! options accepted with one warning line, `--readonly` (a snapshot served
+//! read-only), the pid-file guard, and the stop contract (SIGTERM leaves
+//! nothing behind).
 //!
 //! The argv are libvirt's own (src/qemu/qemu_virtiofs.c,
 //! `qemuVirtioFSBuildCommandLine`): 9.0 (Debian bookworm) puts every
@@ -204,6 +205,52 @@ fn current_libvirt_argv_takes_the_store_from_pohmelfs_conf() {
     assert!(
         st.contains("cache 40 MiB"),
         "cache_size 64M (pages: 5/8 of it) from the conf file: {st}"
+    );
+    assert!(stop(child, &sock).success());
+}
+
+/// `<readonly/>`: libvirt adds `--readonly`, and the snapshot its
+/// pohmelfs.conf names is served read-only (holder `-`: not claimed).
+#[test]
+fn libvirt_readonly_serves_a_snapshot() {
+    let dir = ScratchDir::new("conv-readonly").unwrap();
+    let vol = format!("file://{}", dir.join("vm3").display());
+    format_volume(POHMELFS, &vol, &[]).unwrap();
+    // A daemon makes the root directory; the snapshot, through it, holds it.
+    let first = dir.join("first.sock");
+    let args = vec![
+        format!("--fd={CHILD_FD}"),
+        format!("--shared-dir={}", dir.join("vm3").display()),
+    ];
+    let listener = UnixListener::bind(&first).unwrap();
+    let child = start_with_fd(&dir, &listener, &args);
+    let out = Command::new(POHMELFS)
+        .args(["snapshot", "create", &vol, "mon", "--socket-path"])
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(stop(child, &first).success());
+
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("pohmelfs.conf"), format!("store = {vol}@mon\n")).unwrap();
+    let sock = dir.join("fs2-fs.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let args = vec![
+        format!("--fd={CHILD_FD}"),
+        "--shared-dir".into(),
+        shared.display().to_string(),
+        "--readonly".into(),
+    ];
+    let child = start_with_fd(&dir, &listener, &args);
+    let st = status(&sock);
+    assert!(st.contains(&format!("{vol}/snapshots/mon")), "{st}");
+    assert!(st.contains("read-only"), "{st}");
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("holder") && l.ends_with(" -")),
+        "{st}"
     );
     assert!(stop(child, &sock).success());
 }

@@ -3,7 +3,8 @@
 //! refuse a missing one with one line and exit 1, before any socket is
 //! bound; a second daemon on a held volume names the holder instead of
 //! fencing it, unless `--take-over`; `pohmelfs status` shows the volume's
-//! id, format version, epoch and holder.
+//! id, format version, epoch and holder; `serve --readonly` claims nothing
+//! (a held volume, a snapshot), and a snapshot is served only so.
 
 // Test crate: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -214,4 +215,115 @@ fn a_store_server_serves_only_formatted_volumes() {
 
     format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
     pohmelfs::net::open(&vol).expect("open the formatted volume");
+}
+
+#[test]
+fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them() {
+    let dir = ScratchDir::new("life-readonly").unwrap();
+    let url = format!("file://{}", dir.join("vol").display());
+    format_volume(POHMELFS, &url, &[]).unwrap();
+    // Formatted, never served: no root directory, and none can be made.
+    let sock = dir.join("fresh.sock");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        &url,
+        "--readonly",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no root directory yet"), "{err}");
+    assert!(!sock.exists(), "the refused daemon bound its socket");
+    let first = serve(&dir, "first", &url, &[]);
+    let first_sock = dir.join("first.sock");
+    // Through the daemon: what it holds (the root directory) goes first.
+    let out = run(&[
+        "snapshot",
+        "create",
+        &url,
+        "mon",
+        "--socket-path",
+        first_sock.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    // The held volume, read-only: not refused, and nobody is fenced.
+    let _live = serve(&dir, "live", &url, &["--readonly"]);
+    let st = status(&dir.join("live.sock"));
+    assert_eq!(field(&st, "holder"), "-", "{st}");
+    assert_eq!(
+        field(&st, "epoch"),
+        "2",
+        "the read-only open is not counted"
+    );
+    let st = status(&first_sock);
+    assert!(field(&st, "holder").contains(&format!(" pid {} since ", first.0.id())));
+
+    // The snapshot: read-only only, by either name.
+    let snap_dir = dir.join("vol/snapshots/mon");
+    for store in [
+        format!("{url}@mon"),
+        format!("file://{}", snap_dir.display()),
+    ] {
+        let sock = dir.join("refused.sock");
+        let out = run(&[
+            "serve",
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--store",
+            &store,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{} is a snapshot: serve it with --readonly, or clone it to write",
+                snap_dir.display()
+            )),
+            "{err}"
+        );
+        assert!(!sock.exists(), "the refused daemon bound its socket");
+    }
+    let _snap = serve(&dir, "snap", &format!("{url}@mon"), &["--readonly"]);
+    assert_eq!(field(&status(&dir.join("snap.sock")), "holder"), "-");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        dir.join("tue.sock").to_str().unwrap(),
+        "--store",
+        &format!("{url}@tue"),
+        "--readonly",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no snapshot \"tue\""), "{err}");
+
+    let sock = dir.join("mem.sock");
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        "mem:",
+        "--readonly",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a mem: volume starts empty"));
+    let out = run(&[
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        &url,
+        "--readonly",
+        "--cache-dir",
+        dir.join("cache").to_str().unwrap(),
+        "--cache-dir-size",
+        "64M",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--readonly with --cache-dir"), "{err}");
 }

@@ -1,7 +1,8 @@
 //! `pohmelfs mount` as a real process: a `file://` volume mounted through
 //! /dev/fuse, driven with ordinary system calls (std::fs and libc), stopped
 //! with SIGTERM (clean exit, mount gone), mounted again to find every byte
-//! and attribute; an outside umount; and the one-line errors on bad input.
+//! and attribute; a snapshot mounted `--readonly`; an outside umount; and
+//! the one-line errors on bad input.
 //!
 //! Needs /dev/fuse and the right to mount (root); skipped, with the line
 //! `SKIPPED: <test>: <reason>` on stderr, only when /dev/fuse is missing.
@@ -384,6 +385,49 @@ fn file_volume_survives_sigterm_and_remount() {
     let second = Mounted::start(&store, &mnt, &dir.path().join("second.log"));
     check(&second.mountpoint);
     second.stop();
+}
+
+/// `mount --readonly` of a snapshot (the writable mount changed the
+/// volume after it): the snapshot's files, every change refused with
+/// EROFS, and a clean exit.
+#[test]
+fn a_snapshot_mounts_read_only() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let store = format!("file://{}", dir.path().join("volume").display());
+    let exe = env!("CARGO_BIN_EXE_pohmelfs");
+    pohmelfs_testkit::format_volume(exe, &store, &[]).unwrap();
+    let first = Mounted::start(&store, &mnt, &dir.path().join("first.log"));
+    populate(&first.mountpoint);
+    first.stop();
+    let out = Command::new(exe)
+        .args(["snapshot", "create", &store, "mon"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let later = Mounted::start(&store, &mnt, &dir.path().join("later.log"));
+    fs::remove_file(later.mountpoint.join("hello.txt")).unwrap();
+    later.stop();
+
+    let snap = format!("{store}@mon");
+    let ro = Mounted::start_with(&snap, &mnt, &dir.path().join("ro.log"), &["--readonly"]);
+    check(&ro.mountpoint);
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    let m = &ro.mountpoint;
+    erofs(fs::write(m.join("new"), b"x"), "create");
+    erofs(fs::write(m.join("hello.txt"), b"x"), "overwrite");
+    erofs(fs::remove_file(m.join("hello.txt")), "unlink");
+    erofs(fs::create_dir(m.join("d")), "mkdir");
+    erofs(fs::rename(m.join("big"), m.join("big2")), "rename");
+    check(m);
+    ro.stop();
 }
 
 /// The durability contract across a daemon crash (kill -9, no drain):

@@ -6,7 +6,9 @@
 //! page cache with `posix_fadvise(DONTNEED)`, a layer cache far smaller
 //! than the file) and hot (a fresh layer; the host page cache holds the
 //! segments). The guest writer reads file ranges with `preadv` into its
-//! buffer, as the virtio queue's writer does. Prints MiB/s and the
+//! buffer, as the virtio queue's writer does. Then the same two reads
+//! through a read-only open (`serve --readonly`: SlateDB's reader, every
+//! segment page checked against its checksum). Prints MiB/s and the
 //! process's CPU seconds; figures go in the report, never in assertions.
 
 // A test binary: its helpers may unwrap too.
@@ -165,8 +167,8 @@ fn read_all(fs: &PohmelFs, ino: u64, what: &str) {
 #[ignore = "benchmark: run in release with --ignored --nocapture"]
 fn cold_and_hot_1_mib_reads_of_256_mib_on_file() {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(SlateStore::open(&format!("file://{}/vol", dir.path().display())).unwrap());
+    let url = format!("file://{}/vol", dir.path().display());
+    let store = Arc::new(SlateStore::open(&url).unwrap());
     let ctx = Context::new();
     let ino = {
         let (wb, fs) = layer(&store, 64 << 20);
@@ -206,4 +208,34 @@ fn cold_and_hot_1_mib_reads_of_256_mib_on_file() {
     read_all(&fs, ino, "cold 1 MiB sequential reads");
     let (_wb, fs) = layer(&store, 16 << 20);
     read_all(&fs, ino, "hot 1 MiB sequential reads");
+    drop((_wb, fs));
+    store.close().unwrap();
+    drop(store);
+    drop_host_cache(dir.path());
+    let fs = read_only_layer(&url, 16 << 20);
+    read_all(&fs, ino, "read-only: cold 1 MiB sequential reads");
+    let fs = read_only_layer(&url, 16 << 20);
+    read_all(&fs, ino, "read-only: hot 1 MiB sequential reads");
+}
+
+/// The filesystem as `serve --readonly` builds it.
+fn read_only_layer(url: &str, cache_bytes: u64) -> PohmelFs {
+    let cfg = TxnConfig {
+        cache_bytes,
+        ..TxnConfig::default()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let wb = pohmelfs::writeback::open_as(
+        url,
+        cfg,
+        None,
+        Arc::clone(&metrics),
+        pohmelfs::store::engine::OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let cfg = FsConfig {
+        read_only: true,
+        ..FsConfig::default()
+    };
+    PohmelFs::new(wb, cfg, metrics).unwrap()
 }

@@ -19,6 +19,8 @@
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
 //!   domains write and read back a volume through it;
+//! - [`readonly`]: a snapshot served with `serve --readonly`: its point in time, and every
+//!   change refused with EROFS;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -50,6 +52,7 @@ mod migration;
 mod offline;
 mod persistence;
 mod posix;
+mod readonly;
 mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
@@ -101,9 +104,9 @@ vm_tests! {
     migration::live_migration_keeps_open_files,
 }
 
-/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and of pohmelfs's own
-/// command line as libvirt writes it: virtiofsd has no store, its shared directory has the
-/// host's capacity, and libvirt starts it with its own options.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and snapshots, and of
+/// pohmelfs's own command line as libvirt writes it: virtiofsd has no store or snapshots, its
+/// shared directory has the host's capacity, and libvirt starts it with its own options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
@@ -116,5 +119,6 @@ mod pohmelfs_only {
         libvirt::libvirt_argv_on_an_inherited_socket,
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
+        readonly::readonly_snapshot_refuses_changes,
     );
 }

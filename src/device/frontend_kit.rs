@@ -151,8 +151,13 @@ impl Kit {
     /// [`Kit::start`] on the volume in `store` (two daemons on one volume,
     /// as a migration's source and destination).
     pub fn start_on(name: &str, store: Arc<dyn Store>) -> Kit {
+        Kit::start_configured(name, store, FsConfig::default())
+    }
+
+    /// [`Kit::start_on`] with the filesystem settings `fs_cfg`.
+    pub fn start_configured(name: &str, store: Arc<dyn Store>, fs_cfg: FsConfig) -> Kit {
         let metrics = Arc::new(Metrics::default());
-        let fs = Arc::new(PohmelFs::new(store, FsConfig::default(), Arc::clone(&metrics)).unwrap());
+        let fs = Arc::new(PohmelFs::new(store, fs_cfg, Arc::clone(&metrics)).unwrap());
         Kit::start_with(name, fs, metrics)
     }
 
@@ -370,6 +375,21 @@ impl Kit {
         let mut back = vec![0u8; got];
         self.mem.read_slice(&mut back, GuestAddress(buf)).unwrap();
         (out.error, back)
+    }
+
+    /// Send request `opcode` on `nodeid` with `body` (one readable
+    /// descriptor) and a 4 KiB reply buffer; the reply's errno (0: done)
+    /// and what follows its header.
+    pub fn call(&mut self, opcode: Opcode, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+        let mut h = header(IN_HEADER_LEN + body.len(), opcode as u32, 5);
+        h.nodeid = nodeid;
+        let out = self.request(h, body, &[(REPLY, 4096, true)]);
+        let got = (out.len as usize).saturating_sub(OUT_LEN as usize);
+        let mut back = vec![0u8; got];
+        self.mem
+            .read_slice(&mut back, GuestAddress(REPLY + OUT))
+            .unwrap();
+        (-out.error, back)
     }
 
     /// The vhost-user connection, for messages the kit does not wrap.

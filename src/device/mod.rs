@@ -27,6 +27,8 @@ mod migrate;
 #[cfg(test)]
 mod migrate_tests;
 mod pool;
+#[cfg(test)]
+mod readonly_tests;
 mod request;
 pub mod state;
 #[cfg(test)]

@@ -68,6 +68,27 @@ impl PohmelFs {
         Ok(())
     }
 
+    /// EROFS on a volume served read-only. Asked first by every request
+    /// that would change the volume, and again where changes reach the
+    /// store (`commit`, the write below), so that none does, whatever
+    /// asked for it (a session's end, an imported session).
+    pub(super) fn writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            return errno!(EROFS);
+        }
+        Ok(())
+    }
+
+    /// EROFS for an open that could write (for writing, or `O_TRUNC`) on
+    /// a volume served read-only.
+    pub(super) fn writable_open(&self, flags: u32) -> FsResult<()> {
+        let acc = flags & libc::O_ACCMODE as u32;
+        if acc != libc::O_RDONLY as u32 || flags & libc::O_TRUNC as u32 != 0 {
+            return self.writable();
+        }
+        Ok(())
+    }
+
     pub(super) fn do_open(
         &self,
         ctx: &Context,
@@ -223,6 +244,7 @@ impl PohmelFs {
         {
             kill_suid_sgid(&mut inode);
         }
+        self.writable()?;
         self.store.write(ino, offset, data, inode)?;
         self.metrics.store_commits.inc();
         self.metrics.bytes_written.add(len as u64);

@@ -15,6 +15,10 @@ pub enum FsError {
     /// The store failed under the operation.
     #[error("store operation failed")]
     Store(#[from] StoreError),
+    /// A volume served read-only has no root directory: it was formatted
+    /// and never served, and the root cannot be made without writing.
+    #[error("the volume has no root directory yet (it was never served): serve it once without --readonly")]
+    NoRoot,
 }
 
 impl FsError {
@@ -23,7 +27,8 @@ impl FsError {
         match self {
             FsError::Errno(e) => *e,
             FsError::Store(StoreError::NoSpace) => libc::ENOSPC,
-            FsError::Store(_) => libc::EIO,
+            FsError::Store(StoreError::ReadOnly) => libc::EROFS,
+            FsError::Store(_) | FsError::NoRoot => libc::EIO,
         }
     }
 
@@ -35,7 +40,7 @@ impl FsError {
     pub fn is_routine(&self) -> bool {
         matches!(
             self,
-            FsError::Store(StoreError::NoSpace)
+            FsError::Store(StoreError::NoSpace | StoreError::ReadOnly)
                 | FsError::Errno(
                     libc::ENOENT
                         | libc::EEXIST
@@ -57,6 +62,7 @@ impl FsError {
                         | libc::ENFILE
                         | libc::ENODEV
                         | libc::ENOSPC
+                        | libc::EROFS
                 )
         )
     }

@@ -89,6 +89,9 @@ pub struct FsConfig {
     /// readdirplus ends its reply early. A Linux guest keeps an inode in
     /// memory for each, so it reaches the bound only by holding millions.
     pub max_referenced_inodes: usize,
+    /// Serve the volume read-only (`--readonly`): every request that would
+    /// change it is answered EROFS before the store is asked anything.
+    pub read_only: bool,
 }
 
 impl Default for FsConfig {
@@ -99,6 +102,7 @@ impl Default for FsConfig {
             allow_device_nodes: false,
             max_handles: 65_536,
             max_referenced_inodes: 1 << 22,
+            read_only: false,
         }
     }
 }
@@ -191,20 +195,19 @@ impl PohmelFs {
     /// Create the root directory if the volume is new.
     fn ensure_root(&self) -> FsResult<()> {
         if self.store.get_inode(ROOT_INO)?.is_none() {
+            if self.cfg.read_only {
+                return Err(FsError::NoRoot);
+            }
             let now = Timestamp::now();
             let root = Inode {
-                ino: ROOT_INO,
                 kind: FileKind::Directory,
                 perm: 0o755,
-                uid: 0,
-                gid: 0,
                 nlink: 2,
-                size: 0,
-                rdev: 0,
                 atime: now,
                 mtime: now,
                 ctime: now,
                 parent: ROOT_INO,
+                ..Inode::regular(ROOT_INO, 0)
             };
             let mut txn = Txn::new();
             txn.push(crate::store::Op::PutInode(root));
@@ -259,6 +262,7 @@ impl PohmelFs {
     }
 
     fn commit(&self, txn: Txn) -> FsResult<()> {
+        self.writable()?;
         self.store.commit(txn)?;
         self.metrics.store_commits.inc();
         Ok(())
@@ -382,7 +386,8 @@ impl FileSystem for PohmelFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         let r = self
-            .do_setattr(ctx, inode, &attr, handle, valid)
+            .writable()
+            .and_then(|()| self.do_setattr(ctx, inode, &attr, handle, valid))
             .map(|i| (attr::to_stat(&i), self.cfg.timeout()));
         self.reply("setattr", inode, r)
     }
@@ -404,7 +409,9 @@ impl FileSystem for PohmelFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
-        let r = self.do_symlink(ctx, linkname, parent, name);
+        let r = self
+            .writable()
+            .and_then(|()| self.do_symlink(ctx, linkname, parent, name));
         self.reply("symlink", parent, r)
     }
 
@@ -417,7 +424,9 @@ impl FileSystem for PohmelFs {
         rdev: u32,
         _umask: u32,
     ) -> io::Result<Entry> {
-        let r = self.do_mknod(ctx, parent, name, mode, rdev);
+        let r = self
+            .writable()
+            .and_then(|()| self.do_mknod(ctx, parent, name, mode, rdev));
         self.reply("mknod", parent, r)
     }
 
@@ -429,16 +438,24 @@ impl FileSystem for PohmelFs {
         mode: u32,
         _umask: u32,
     ) -> io::Result<Entry> {
-        let r = self.create_node(ctx, parent, name, FileKind::Directory, mode, 0, None);
+        let r = self
+            .writable()
+            .and_then(|()| self.create_node(ctx, parent, name, FileKind::Directory, mode, 0, None));
         self.reply("mkdir", parent, r)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.reply("unlink", parent, self.do_remove(ctx, parent, name, false))
+        let r = self
+            .writable()
+            .and_then(|()| self.do_remove(ctx, parent, name, false));
+        self.reply("unlink", parent, r)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.reply("rmdir", parent, self.do_remove(ctx, parent, name, true))
+        let r = self
+            .writable()
+            .and_then(|()| self.do_remove(ctx, parent, name, true));
+        self.reply("rmdir", parent, r)
     }
 
     fn rename(
@@ -450,12 +467,17 @@ impl FileSystem for PohmelFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        let r = self.do_rename(ctx, olddir, oldname, newdir, newname, flags);
+        let r = self
+            .writable()
+            .and_then(|()| self.do_rename(ctx, olddir, oldname, newdir, newname, flags));
         self.reply("rename", olddir, r)
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        self.reply("link", inode, self.do_link(ctx, inode, newparent, newname))
+        let r = self
+            .writable()
+            .and_then(|()| self.do_link(ctx, inode, newparent, newname));
+        self.reply("link", inode, r)
     }
 
     fn open(
@@ -466,7 +488,8 @@ impl FileSystem for PohmelFs {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let r = self
-            .do_open(ctx, inode, flags, fuse_flags)
+            .writable_open(flags)
+            .and_then(|()| self.do_open(ctx, inode, flags, fuse_flags))
             .map(|h| (Some(h), self.open_options(), None));
         self.reply("open", inode, r)
     }
@@ -479,7 +502,8 @@ impl FileSystem for PohmelFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let r = self
-            .do_create(ctx, parent, name, args.mode, args.flags)
+            .writable()
+            .and_then(|()| self.do_create(ctx, parent, name, args.mode, args.flags))
             .map(|(e, h)| (e, Some(h), self.open_options(), None));
         self.reply("create", parent, r)
     }
@@ -511,7 +535,9 @@ impl FileSystem for PohmelFs {
         _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
-        let res = self.do_write(ctx, inode, handle, r, size, offset, fuse_flags);
+        let res = self
+            .writable()
+            .and_then(|()| self.do_write(ctx, inode, handle, r, size, offset, fuse_flags));
         self.reply("write", inode, res)
     }
 
@@ -541,11 +567,10 @@ impl FileSystem for PohmelFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        self.reply(
-            "fallocate",
-            inode,
-            self.do_fallocate(ctx, inode, mode, offset, length),
-        )
+        let r = self
+            .writable()
+            .and_then(|()| self.do_fallocate(ctx, inode, mode, offset, length));
+        self.reply("fallocate", inode, r)
     }
 
     fn release(
@@ -579,11 +604,10 @@ impl FileSystem for PohmelFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        self.reply(
-            "setxattr",
-            inode,
-            self.do_setxattr(ctx, inode, name, value, flags),
-        )
+        let r = self
+            .writable()
+            .and_then(|()| self.do_setxattr(ctx, inode, name, value, flags));
+        self.reply("setxattr", inode, r)
     }
 
     fn getxattr(
@@ -601,7 +625,10 @@ impl FileSystem for PohmelFs {
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        self.reply("removexattr", inode, self.do_removexattr(ctx, inode, name))
+        let r = self
+            .writable()
+            .and_then(|()| self.do_removexattr(ctx, inode, name));
+        self.reply("removexattr", inode, r)
     }
 
     fn opendir(

@@ -69,7 +69,8 @@ impl PohmelFs {
             // truncate and chown; the kernel then stops asking for
             // security.capability before every write (a round trip each).
             | FsOptions::HANDLE_KILLPRIV_V2;
-        if self.cfg.writeback_cache {
+        // Nothing to write back on a read-only volume.
+        if self.cfg.writeback_cache && !self.cfg.read_only {
             want |= FsOptions::WRITEBACK_CACHE;
         }
         want

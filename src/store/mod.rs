@@ -97,6 +97,10 @@ pub enum StoreError {
     /// write to it.
     #[error("volume was opened by another writer (fenced)")]
     Fenced,
+    /// The volume is open read-only (`serve --readonly`): nothing may be
+    /// written to it.
+    #[error("volume is open read-only")]
+    ReadOnly,
 }
 
 /// The type of an inode.
@@ -608,6 +612,9 @@ pub fn open_once_as(
         .ok_or_else(|| OpenError::BadUrl(url.to_string()))?;
     match scheme {
         "mem" => Ok(std::sync::Arc::new(mem::MemStore::from_url_rest(rest)?)),
+        "file" | "s3" if mode == engine::OpenMode::ReadOnly => Ok(std::sync::Arc::new(
+            engine::ReadOnlyVolume::open(url).map_err(|e| OpenError::read_only(url, e))?,
+        )),
         "file" | "s3" => Ok(std::sync::Arc::new(
             engine::SlateStore::open_as(url, mode).map_err(|e| OpenError::volume(url, e))?,
         )),
@@ -646,6 +653,12 @@ pub enum OpenError {
         #[source]
         source: engine::OpenVolumeError,
     },
+    #[error("open volume {url:?} read-only")]
+    ReadOnly {
+        url: String,
+        #[source]
+        source: engine::OpenReaderError,
+    },
     #[error("no volume at {url}; create it with pohmelfs format {url}")]
     NoVolume { url: String },
     #[error("a volume exists at {url} already; refusing to overwrite it")]
@@ -672,6 +685,22 @@ impl OpenError {
                 holder,
             },
             source => OpenError::Volume {
+                url: url.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// A read-only open's error: a missing volume as its own one-line
+    /// variant, the rest as [`OpenError::ReadOnly`].
+    pub fn read_only(url: &str, source: engine::OpenReaderError) -> OpenError {
+        match source {
+            engine::OpenReaderError::NoVolume | engine::OpenReaderError::Missing(_) => {
+                OpenError::NoVolume {
+                    url: url.to_string(),
+                }
+            }
+            source => OpenError::ReadOnly {
                 url: url.to_string(),
                 source,
             },

@@ -92,7 +92,7 @@ fn classify(e: &StoreError) -> SendError {
     let msg = crate::ErrorChain(e).to_string();
     match e {
         StoreError::NoSpace => SendError::NoSpace(msg),
-        StoreError::Corrupt(_) => SendError::Refused(msg),
+        StoreError::Corrupt(_) | StoreError::ReadOnly => SendError::Refused(msg),
         StoreError::Fenced => SendError::Elsewhere(msg),
         StoreError::Io(_) => SendError::Retry(msg),
     }

@@ -396,11 +396,30 @@ pub fn open_sparing(
         // removes what a crashed one left unlinked but open. A failure
         // leaks their space, never data (a server older than the
         // request refuses it): the daemon goes on.
-        if let Err(e) = remote.reclaim_orphans_except(spare) {
+        // A read-only daemon writes nothing.
+        let reclaimed = match mode {
+            crate::store::engine::OpenMode::ReadOnly => Ok(0),
+            _ => remote.reclaim_orphans_except(spare),
+        };
+        if let Err(e) = reclaimed {
             tracing::warn!(error = %crate::ErrorChain(&e), "the store server did not remove the orphans a crashed daemon left");
         }
         let volume = Some(volume(remote.epoch()));
         (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
+    } else if (url.starts_with("file:") || url.starts_with("s3:"))
+        && mode == crate::store::engine::OpenMode::ReadOnly
+    {
+        // Writes nothing: no holder, no orphan reclaim
+        // (`store/engine/readonly.rs`).
+        let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+        let volume = crate::store::engine::ReadOnlyVolume::open(&engine_url)
+            .map_err(|e| crate::store::OpenError::read_only(url, e))?;
+        let volume = Arc::new(volume);
+        (
+            volume.clone(),
+            Arc::new(EngineSink::new(volume).map_err(io)?),
+            None,
+        )
     } else if url.starts_with("file:") || url.starts_with("s3:") {
         let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
         let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)

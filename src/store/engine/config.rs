@@ -272,13 +272,9 @@ fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
     }
 }
 
-/// Parse a volume URL (`file://...` or `s3://...`).
-pub fn parse(url: &str) -> Result<VolumeConfig, OpenVolumeError> {
-    parse_with(url, true)
-}
-
-/// As [`parse`]; a missing `file://` directory is created only when
-/// `create` is set, and is [`OpenVolumeError::NoVolume`] otherwise.
+/// Parse a volume URL (`file://...` or `s3://...`); a missing `file://`
+/// directory is created only when `create` is set, and is
+/// [`OpenVolumeError::NoVolume`] otherwise.
 pub fn parse_with(url: &str, create: bool) -> Result<VolumeConfig, OpenVolumeError> {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     if let Some(path) = base.strip_prefix("file://") {
@@ -374,6 +370,10 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(url: &str) -> Result<VolumeConfig, OpenVolumeError> {
+        parse_with(url, true)
+    }
 
     #[test]
     fn urls_parse_or_say_why_not() {

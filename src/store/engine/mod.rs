@@ -25,6 +25,9 @@
 //! The key layout is in `keys.rs`, value encodings in `codec.rs` and
 //! `extent.rs`; all are described in `docs/store-layout.md`.
 //!
+//! A volume served read-only (`serve --readonly`) is not opened here but
+//! by `readonly.rs`, through SlateDB's reader: it writes nothing.
+//!
 //! This module owns the engine instance, its tokio runtime, the superblock,
 //! the id counter and the exactly-once records (opening them is
 //! `open.rs`). The sync [`Store`] methods
@@ -58,6 +61,8 @@ mod orphans;
 mod overlay;
 mod pins;
 mod read_plan;
+mod reader;
+mod readonly;
 mod reclaim;
 mod recover;
 mod scan;
@@ -75,6 +80,8 @@ mod lifecycle_tests;
 mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
+#[cfg(test)]
+mod readonly_tests;
 #[cfg(test)]
 mod recover_tests;
 #[cfg(test)]
@@ -104,9 +111,10 @@ pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGME
 pub use group::CommitMode;
 pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
+pub use reader::{OpenReaderError, VolumeReader};
+pub use readonly::ReadOnlyVolume;
 pub use scan::{
-    BlockRecord, DirentRecord, KeyRange, OpenReaderError, RawScan, Scan, VolumeInfo, VolumeReader,
-    VolumeScan, XattrRecord,
+    BlockRecord, DirentRecord, KeyRange, RawScan, Scan, VolumeInfo, VolumeScan, XattrRecord,
 };
 pub use segment::SegmentFiles;
 use segment::Segments;
@@ -152,8 +160,10 @@ pub enum OpenVolumeError {
     Log(#[source] log::LogError),
     #[error("replay the commit log")]
     Replay(#[source] StoreError),
-    #[error("{0} is a snapshot: read-only (clone it to write)")]
+    #[error("{0} is a snapshot: serve it with --readonly, or clone it to write")]
     Snapshot(PathBuf),
+    #[error("a read-only open is ReadOnlyVolume's, not the writable engine's")]
+    ReadOnlyMode,
     #[error("remove the clone marker after drawing the clone's volume id")]
     CloneMarker(#[source] std::io::Error),
 }

@@ -64,6 +64,10 @@ pub enum OpenMode {
     /// The volume must not exist yet (`pohmelfs format`); record its
     /// capacity when given.
     Format { capacity_bytes: Option<u64> },
+    /// Write nothing: not the engine's writable open but
+    /// [`super::ReadOnlyVolume`] (`serve --readonly`). The volume must
+    /// exist; any holder stays as it is.
+    ReadOnly,
 }
 
 /// The holder record this instance wrote, renewed until close.
@@ -235,6 +239,15 @@ impl SlateStore {
         placement: Placement,
         mode: OpenMode,
     ) -> Result<SlateStore, OpenVolumeError> {
+        if mode == OpenMode::ReadOnly {
+            return Err(OpenVolumeError::ReadOnlyMode);
+        }
+        // `file:///DIR@NAME` names a snapshot: refused here, as its
+        // directory is.
+        let url = &super::snapshot::resolve_url(url).map_err(|e| OpenVolumeError::BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
         let create = !matches!(mode, OpenMode::Existing { .. });
         let mut cfg = config::parse_with(url, create)?;
         if let Some(dir) = cfg.local_dir.as_deref() {

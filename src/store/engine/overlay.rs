@@ -12,7 +12,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-use super::log::{self, LogError, SegWrite};
+use super::log::{self, LogError, Record, SegWrite};
 
 /// The unreplayed part of a volume's commit log.
 #[derive(Debug, Default)]
@@ -22,17 +22,27 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// The overlay of the log of the volume in `volume_dir`, whose engine
-    /// has the batches up to lsn `applied`.
-    pub fn read(volume_dir: &Path, applied: u64) -> Result<Overlay, LogError> {
+    /// The unreplayed records of the log of the volume in `volume_dir`,
+    /// read before the engine is: see [`Overlay::of`].
+    pub fn read_log(volume_dir: &Path) -> Result<Vec<Record>, LogError> {
+        log::read_unreplayed(volume_dir)
+    }
+
+    /// The overlay of `records` (read by [`Overlay::read_log`]) over an
+    /// engine that has the batches up to lsn `applied`. The log must be
+    /// read first: a checkpoint moves the log's tail only past batches the
+    /// engine has, so every commit is then in the records or in an engine
+    /// view taken later, while a log read after the engine could have lost
+    /// records the engine view lacks.
+    pub fn of(records: Vec<Record>, applied: u64) -> Overlay {
         let mut o = Overlay::default();
-        for r in log::read_unreplayed(volume_dir)? {
+        for r in records {
             if r.lsn > applied {
                 o.puts.extend(r.puts);
             }
             o.writes.extend(r.writes);
         }
-        Ok(o)
+        o
     }
 
     /// `Some(value)` when the log decides the key (`Some(None)`: deleted).

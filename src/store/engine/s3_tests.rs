@@ -1,14 +1,15 @@
 //! The engine against a real S3-compatible server on loopback: `moto_server`
 //! (`pip install 'moto[server]'`, or `scripts/setup`), which enforces the
-//! conditional puts SlateDB relies on for fencing. The test starts the server
-//! itself on a free port and kills it when done, pass or fail (the test kit's
-//! [`Moto`]). Without `moto_server` the test fails, unless
+//! conditional puts SlateDB relies on for fencing; a read-only open reads a
+//! closed volume and a held one without fencing its writer. The test starts
+//! the server itself on a free port and kills it when done, pass or fail (the
+//! test kit's [`Moto`]). Without `moto_server` the test fails, unless
 //! `POHMELFS_SKIP_S3_TESTS=1`, which it reports as a skip.
 
 use pohmelfs_testkit::{skip_requested, Moto, ScratchDir};
 
 use super::conformance::{self, commit, read, write_op};
-use super::SlateStore;
+use super::{ReadOnlyVolume, SlateStore};
 use crate::store::{OnceStore, Store, StoreError, Txn};
 
 const BUCKET: &str = "pohmelfs-test";
@@ -34,6 +35,11 @@ fn s3_volume_round_trip_and_fencing() {
     assert_eq!(read(&s, 500, 7, 13), b"in the bucket");
     assert!(s.commit_once(1, 5, Txn::new()).unwrap().duplicate);
     drop(s);
+    // Read-only (`serve --readonly`): SlateDB's reader, nothing written.
+    let ro = ReadOnlyVolume::open(&url).expect("open s3 volume read-only");
+    assert_eq!(read(&ro, 500, 7, 13), b"in the bucket");
+    assert!(matches!(ro.commit(Txn::new()), Err(StoreError::ReadOnly)));
+    drop(ro);
 
     // Two writers on one prefix of the same bucket: the second fences the
     // first.
@@ -49,4 +55,9 @@ fn s3_volume_round_trip_and_fencing() {
     assert_eq!(read(&second, 501, 0, 5), b"first");
     commit(&second, vec![write_op(501, 0, b"owner")]);
     assert_eq!(read(&second, 501, 0, 5), b"owner");
+    // A read-only open beside the writer fences nobody.
+    let ro = ReadOnlyVolume::open(&url).expect("open held s3 volume read-only");
+    assert_eq!(read(&ro, 501, 0, 5), b"owner");
+    commit(&second, vec![write_op(501, 0, b"still")]);
+    assert_eq!(read(&second, 501, 0, 5), b"still");
 }

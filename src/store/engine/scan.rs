@@ -3,11 +3,8 @@
 //!
 //! [`VolumeScan`] decodes every record of one type in key order. It is
 //! implemented by [`SlateStore`] (a volume this process has open for
-//! writing) and by [`VolumeReader`], a read-only view opened with SlateDB's
-//! `DbReader` in `FollowLatest` mode: it writes nothing to the object store,
-//! so unlike opening a [`SlateStore`] it fences no writer and leaves the
-//! volume exactly as it found it. On `file://` it lays the commit log's
-//! records that the engine lacks over what it reads (`overlay.rs`).
+//! writing) and by [`VolumeReader`](super::VolumeReader) (`reader.rs`), a
+//! read-only view that writes nothing.
 //!
 //! A record that does not decode is an item `Err(StoreError::Corrupt)` and
 //! the scan goes on with the next key; any other error (the engine failed)
@@ -15,20 +12,15 @@
 //! semantics; that is the checker's job.
 
 use std::ops::{Bound, Range};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use slatedb::config::{DbReaderOptions, ScanOptions};
-use slatedb::{ByteRangeBounds, DbIterator, DbReadOps, DbReader, DbReaderMode};
-use thiserror::Error;
+use slatedb::config::ScanOptions;
+use slatedb::{ByteRangeBounds, DbIterator, DbReadOps};
 
 use super::extent::{self, Extent};
 use super::keys::{self, tag};
-use super::overlay::Overlay;
 use super::segment::SegmentFiles;
-use super::{codec, config, map_engine_error, recover, OpenVolumeError, SlateStore};
+use super::{codec, map_engine_error, SlateStore};
 use crate::store::{Dirent, Inode, StoreError};
 
 /// What the superblock and the space counters say.
@@ -74,8 +66,8 @@ pub struct DirentRecord {
 /// A half-open or unbounded key range for the engine.
 #[derive(Clone, Debug)]
 pub struct KeyRange {
-    start: Vec<u8>,
-    end: Option<Vec<u8>>,
+    pub(super) start: Vec<u8>,
+    pub(super) end: Option<Vec<u8>>,
 }
 
 impl KeyRange {
@@ -151,7 +143,7 @@ fn unknown_ranges() -> Vec<KeyRange> {
 type Decode<T> = fn(&[u8], &[u8]) -> Result<T, StoreError>;
 
 /// Puts (`Some`) and deletes (`None`) laid over one range of a scan.
-type Laid = Vec<(Bytes, Option<Bytes>)>;
+pub(super) type Laid = Vec<(Bytes, Option<Bytes>)>;
 
 /// Key-value pairs of a range, fetched one at a time on a runtime, with
 /// the commit log's unreplayed records laid over them (`overlay.rs`).
@@ -169,7 +161,11 @@ pub struct RawScan<'a> {
 }
 
 impl<'a> RawScan<'a> {
-    fn new(runtime: &'a tokio::runtime::Runtime, iters: Vec<DbIterator>, laid: Vec<Laid>) -> Self {
+    pub(super) fn new(
+        runtime: &'a tokio::runtime::Runtime,
+        iters: Vec<DbIterator>,
+        laid: Vec<Laid>,
+    ) -> Self {
         RawScan {
             runtime,
             iters: iters.into_iter(),
@@ -473,7 +469,7 @@ fn scan_tag<S: VolumeScan + ?Sized, T>(
 
 /// Options for whole-volume scans: nothing is worth caching, and reading
 /// ahead pays off.
-fn scan_options() -> ScanOptions {
+pub(super) fn scan_options() -> ScanOptions {
     ScanOptions {
         cache_blocks: false,
         read_ahead_bytes: 1 << 20,
@@ -482,15 +478,15 @@ fn scan_options() -> ScanOptions {
 }
 
 /// Open one iterator per range on `db`.
-async fn open_iters<D: DbReadOps + Sync>(
+pub(super) async fn open_iters<D: DbReadOps + Sync>(
     db: &D,
     ranges: Vec<KeyRange>,
+    options: &ScanOptions,
 ) -> Result<Vec<DbIterator>, StoreError> {
-    let options = scan_options();
     let mut iters = Vec::with_capacity(ranges.len());
     for r in ranges {
         iters.push(
-            db.scan_with_options(r, &options)
+            db.scan_with_options(r, options)
                 .await
                 .map_err(map_engine_error)?,
         );
@@ -509,131 +505,8 @@ impl VolumeScan for SlateStore {
 
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
         let runtime = self.rt()?;
-        let iters = runtime.block_on(open_iters(&self.db, ranges))?;
+        let iters = runtime.block_on(open_iters(&self.db, ranges, &scan_options()))?;
         Ok(RawScan::new(runtime, iters, Vec::new()))
-    }
-}
-
-/// Why a volume could not be opened for reading.
-#[derive(Debug, Error)]
-pub enum OpenReaderError {
-    #[error("no volume directory at {0}")]
-    Missing(PathBuf),
-    #[error("parse volume URL")]
-    Url(#[source] OpenVolumeError),
-    #[error("start engine runtime")]
-    Runtime(#[source] std::io::Error),
-    #[error("open engine read-only")]
-    Engine(#[source] slatedb::Error),
-    #[error("read the commit log")]
-    Log(#[source] StoreError),
-}
-
-/// A volume opened read-only. See the module documentation.
-pub struct VolumeReader {
-    reader: DbReader,
-    describe: String,
-    local_dir: Option<PathBuf>,
-    /// The commit log's records the engine lacks.
-    overlay: Arc<Overlay>,
-    /// Declared last: dropped after the reader, whose tasks run here.
-    runtime: tokio::runtime::Runtime,
-}
-
-impl VolumeReader {
-    /// Open the volume named by a `file://` or `s3://` URL without writing
-    /// to it. A `file://` directory must exist (it is never created).
-    pub fn open(url: &str) -> Result<VolumeReader, OpenReaderError> {
-        if let Some(path) = url.strip_prefix("file://") {
-            let path = PathBuf::from(path.split_once('?').map_or(path, |(p, _)| p));
-            if !path.is_dir() {
-                return Err(OpenReaderError::Missing(path));
-            }
-        }
-        let cfg = config::parse(url).map_err(OpenReaderError::Url)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pohmelfs-reader")
-            .enable_all()
-            .build()
-            .map_err(OpenReaderError::Runtime)?;
-        let options = DbReaderOptions {
-            // The reader reads once, soon after it opens: a slow poll is
-            // enough, and a missing object must fail rather than retry on.
-            manifest_poll_interval: Duration::from_secs(60),
-            object_store_max_retries: Some(3),
-            ..DbReaderOptions::default()
-        };
-        let reader = runtime
-            .block_on(DbReader::open(
-                cfg.db_path.clone(),
-                cfg.object_store.clone(),
-                DbReaderMode::FollowLatest,
-                options,
-            ))
-            .map_err(OpenReaderError::Engine)?;
-        let overlay = match &cfg.local_dir {
-            Some(dir) => {
-                let applied = runtime
-                    .block_on(reader.get(keys::log()))
-                    .map_err(|e| OpenReaderError::Log(map_engine_error(e)))?;
-                let applied = applied
-                    .map(|v| recover::decode_lsn(&v))
-                    .transpose()
-                    .map_err(OpenReaderError::Log)?
-                    .unwrap_or(0);
-                Overlay::read(dir, applied)
-                    .map_err(|e| OpenReaderError::Log(recover::map_log_error(e)))?
-            }
-            None => Overlay::default(),
-        };
-        Ok(VolumeReader {
-            reader,
-            describe: format!("{} (read-only)", cfg.describe),
-            local_dir: cfg.local_dir.clone(),
-            overlay: Arc::new(overlay),
-            runtime,
-        })
-    }
-
-    /// Where the volume lives, for messages.
-    pub fn describe(&self) -> &str {
-        &self.describe
-    }
-}
-
-impl Drop for VolumeReader {
-    fn drop(&mut self) {
-        // Nothing was written: a failed close loses nothing.
-        if let Err(e) = self.runtime.block_on(self.reader.close()) {
-            tracing::debug!(error = %e, "closing volume reader failed");
-        }
-    }
-}
-
-impl VolumeScan for VolumeReader {
-    fn segment_files(&self) -> Option<SegmentFiles> {
-        self.local_dir
-            .as_deref()
-            .map(|d| SegmentFiles::of_volume(d).with_overlay(self.overlay.clone()))
-    }
-
-    fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        if let Some(v) = self.overlay.get(key) {
-            return Ok(v);
-        }
-        self.runtime
-            .block_on(self.reader.get(key))
-            .map_err(map_engine_error)
-    }
-
-    fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
-        let laid = ranges
-            .iter()
-            .map(|r| self.overlay.range(&r.start, r.end.as_deref()))
-            .collect();
-        let iters = self.runtime.block_on(open_iters(&self.reader, ranges))?;
-        Ok(RawScan::new(&self.runtime, iters, laid))
     }
 }
 

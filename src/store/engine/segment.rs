@@ -394,20 +394,20 @@ impl Segments {
     }
 }
 
-/// Segment files opened read-only, for the volume checker.
+/// Segment files opened read-only: for the volume checker, and for a
+/// volume served read-only (`readonly.rs`).
 pub struct SegmentFiles {
     dir: PathBuf,
     /// The commit log's bytes not yet replayed into the files.
     overlay: Arc<Overlay>,
+    /// Open handles, at most [`READ_HANDLES_MAX`] (then emptied).
+    handles: Mutex<HashMap<u64, Arc<File>>>,
 }
 
 impl SegmentFiles {
     /// The segment files of the volume in `volume_dir`.
     pub fn of_volume(volume_dir: &Path) -> SegmentFiles {
-        SegmentFiles {
-            dir: volume_dir.join(DIR_NAME),
-            overlay: Arc::default(),
-        }
+        SegmentFiles::at(&volume_dir.join(DIR_NAME))
     }
 
     /// The segment files in `dir` itself.
@@ -415,6 +415,7 @@ impl SegmentFiles {
         SegmentFiles {
             dir: dir.to_path_buf(),
             overlay: Arc::default(),
+            handles: Mutex::default(),
         }
     }
 
@@ -430,9 +431,23 @@ impl SegmentFiles {
     }
 
     pub fn read_at(&self, seg: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        File::open(self.dir.join(file_name(seg)))?.read_exact_at(buf, off)?;
+        self.handle(seg)?.read_exact_at(buf, off)?;
         self.overlay.patch(seg, off, buf);
         Ok(())
+    }
+
+    /// An open (read-only) handle of segment `seg`.
+    fn handle(&self, seg: u64) -> io::Result<Arc<File>> {
+        let mut h = lock(&self.handles);
+        if let Some(f) = h.get(&seg) {
+            return Ok(f.clone());
+        }
+        if h.len() >= READ_HANDLES_MAX {
+            h.clear();
+        }
+        let f = Arc::new(File::open(self.dir.join(file_name(seg)))?);
+        h.insert(seg, f.clone());
+        Ok(f)
     }
 
     /// How many directory entries name segment `seg`'s file (more than

@@ -119,6 +119,32 @@ pub fn local_dir(url: &str) -> Result<PathBuf, SnapshotError> {
     Ok(PathBuf::from(path))
 }
 
+/// The URL of the snapshot a `file:///DIR@NAME[?opts]` URL names:
+/// `file:///DIR/snapshots/NAME[?opts]` (as `pohmelfs clone` names its
+/// source), which must exist. Any other URL, and a directory whose own
+/// name holds an `@`, comes back as it was.
+pub fn resolve_url(url: &str) -> Result<String, SnapshotError> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let Some(path) = base.strip_prefix("file://") else {
+        return Ok(url.to_string());
+    };
+    let Some((dir, name)) = path.rsplit_once('@') else {
+        return Ok(url.to_string());
+    };
+    if name.contains('/') || Path::new(path).exists() {
+        return Ok(url.to_string());
+    }
+    let snap = snapshot_dir(Path::new(dir), name)?;
+    if !snap.is_dir() {
+        return Err(SnapshotError::NoSuchSnapshot(name.to_string()));
+    }
+    let query = query.map_or_else(String::new, |q| format!("?{q}"));
+    Ok(format!("file://{}{query}", snap.display()))
+}
+
 /// Check a snapshot name: it becomes a directory name.
 pub fn check_name(name: &str) -> Result<(), SnapshotError> {
     let ok = !name.is_empty()
