@@ -17,7 +17,8 @@
 //!   touches, so the store never applies an older version of a byte after
 //!   a newer one, across resends and failover. Metadata changes are
 //!   write-back like data (reads see them at once through an overlay);
-//!   a new metadata transaction lingers `meta_linger` so that the changes
+//!   a new metadata transaction lingers `meta_linger` past the newest
+//!   change that joined it (bounded from its forming) so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
 //!   of creates (with their first writes and closes) or unlinks in one
 //!   directory is one commit. Truncates and punched holes are
@@ -179,7 +180,9 @@ pub struct TxnConfig {
     pub fsync_timeout: Duration,
     /// Bytes read ahead of a sequential reader.
     pub read_ahead_bytes: u64,
-    /// How long a metadata transaction waits before it is sent, unless a
+    /// How long a metadata transaction waits before it is sent, after the
+    /// newest change that joined it (at most `queue::META_LINGER_SPAN_MAX`
+    /// times this after its forming), unless a
     /// sync asks for it sooner: later metadata changes join it (one
     /// commit for a burst of creates or unlinks), and so does the first
     /// write of a file it creates (one commit for create, write, close).

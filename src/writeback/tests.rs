@@ -531,7 +531,9 @@ fn a_queue_behind_one_directory_leaves_the_ready_set() {
     });
     eventually("the queued ones to leave the ready set", || {
         let st = super::ack::lock(&wb.shared.state);
-        st.ready.is_empty() && st.txns.len() == 50
+        // 50, or 51 when the first create went before its write could
+        // join it (the sender may take it at once: it is full).
+        st.ready.is_empty() && (50..=51).contains(&st.txns.len())
     });
     sink.gate.open();
     wb.sync(None).unwrap();

@@ -207,8 +207,10 @@ impl Shared {
             return self.enqueue(st, entry);
         };
         // Joining a metadata transaction (the create of this file): it must
-        // carry the attributes the data is clipped to.
+        // carry the attributes the data is clipped to, and the burst it
+        // belongs to goes on.
         if let Some(t) = st.txns.get_mut(&id) {
+            t.linger_on(Instant::now(), self.cfg.meta_linger);
             if !t
                 .ops
                 .iter()
@@ -341,8 +343,10 @@ impl Shared {
     /// directory is one commit, not one round trip each). Being the newest,
     /// it is the last of every inode's queue, so appending keeps every
     /// inode's order. A new metadata transaction lingers `meta_linger`
-    /// before it is sent, so that the burst can gather; a sync sends it at
-    /// once.
+    /// past the newest change that joined it (within
+    /// [`META_LINGER_SPAN_MAX`](super::queue::META_LINGER_SPAN_MAX) lingers
+    /// of its forming) before it is sent,
+    /// so that the burst can gather; a sync sends it at once.
     ///
     /// Metadata bytes count against `dirty_max_bytes` like pages: a change
     /// waits for room, unless the volume is full (the removal that would
@@ -418,6 +422,9 @@ impl Shared {
         });
         if let Some(id) = join {
             self.metrics.txn_joined.inc();
+            if let Some(t) = st.txns.get_mut(&id) {
+                t.linger_on(Instant::now(), self.cfg.meta_linger);
+            }
             return id;
         }
         let mut entry = Self::new_entry(st, Vec::new(), false);
