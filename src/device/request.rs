@@ -32,6 +32,7 @@ pub const FUSE_SYNCFS: u32 = 50;
 
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_GETATTR: u32 = 3;
+const FUSE_READ: u32 = 15;
 
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
@@ -74,10 +75,11 @@ impl Requests {
     }
 
     /// Whether `chain` holds a request that is answered from memory or a
-    /// local read and never waits for the write-back layer: GETATTR or
-    /// LOOKUP (read from its header; `serve` checks it whole).
+    /// local read and never waits for the write-back layer: GETATTR,
+    /// LOOKUP or READ (read from its header; `serve` checks it whole).
     pub fn is_cheap(&self, chain: &Chain) -> bool {
-        first_header(chain).is_some_and(|h| matches!(h.opcode, FUSE_LOOKUP | FUSE_GETATTR))
+        first_header(chain)
+            .is_some_and(|h| matches!(h.opcode, FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ))
     }
 
     /// Check, decode and answer the FUSE request in `chain`; the number of

@@ -240,7 +240,10 @@ fn a_join_moves_the_linger_on_within_its_span() {
     let mut st = super::ack::lock(&wb.shared.state);
     assert_eq!(st.txns.len(), 1, "the write joined the create");
     let t = st.txns.values_mut().last().unwrap();
-    assert!(t.not_before.unwrap() > before, "the write moved the linger on");
+    assert!(
+        t.not_before.unwrap() > before,
+        "the write moved the linger on"
+    );
     // The rule itself, on a 2 ms linger.
     let linger = Duration::from_millis(2);
     let formed = t.formed;
