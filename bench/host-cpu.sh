@@ -1,24 +1,26 @@
 #!/bin/bash
 # The daemon's CPU per workload on the host, without a guest: mount a fresh file:// volume with
 # `pohmelfs mount` and run bench/guest.sh's main workloads with fio on it, one after the
-# other, printing for each the daemon's user + system CPU (from /proc/PID/stat) and the bytes
-# or files it served. With PERF=DIR, each workload also runs under `perf record` attached to
-# the daemon (DIR/WORKLOAD.data; `perf report -i DIR/seqwrite.data --no-children --sort sym`).
+# other, printing for each the daemon's user + system CPU (from /proc/PID/stat), its CPU and
+# context switches per operation (fio's reads + writes; 3 per file for meta), and with
+# LOG_LEVEL=info the daemon's counters at the end. With PERF=DIR, each workload also runs
+# under `perf record` attached to the daemon (DIR/WORKLOAD.data; PERF_CG sets the call-graph
+# option, default -g, e.g. PERF_CG="--call-graph dwarf,32768").
 #
 #   bench/host-cpu.sh BINARY [WORKLOAD...] [-- pohmelfs mount options...]
 #   e.g. bench/host-cpu.sh target/release/pohmelfs seqwrite seqread
 #
 # Workloads (default: all, in this order): seqwrite seqread randwrite randread meta fsync.
 # Sizes as in scripts/bench, smaller by default to fit a shared machine: SEQ_MB (512),
-# RAND_S (10), META_FILES (5000), FSYNC_OPS (1000); META_PACE=SECONDS pauses after each file
-# the meta workload creates (a TCG guest creates one every ~3 ms: META_PACE=0.003). A FUSE mount is not a virtio-fs guest
-# (requests come through /dev/fuse, the host's page cache stands in for the guest's), but
-# the daemon runs the same fs -> writeback -> store code for both. Cold reads: fio
-# invalidates the file's page cache at the start of each job (its default `invalidate=1`).
+# RAND_S (10), META_FILES (5000), FSYNC_OPS (1000); META_PACE=SECONDS pauses after each
+# file the meta workload creates (a TCG guest creates one every ~3 ms). A FUSE mount is not
+# a virtio-fs guest (requests come through /dev/fuse, the host's page cache stands in for
+# the guest's), but the daemon runs the same fs -> writeback -> store code for both. Cold
+# reads: fio invalidates the file's page cache at the start of each job (`invalidate=1`).
 #
 # Needs root (/dev/fuse, drop_caches). Leaves nothing behind.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,17p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
 bin=$1
 shift
 workloads=()
