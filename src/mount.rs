@@ -84,7 +84,8 @@ pub fn run(args: MountArgs) -> Result<()> {
     let (events, next_event) = mpsc::channel();
     watch_signals(events.clone())?;
 
-    let (_, fs) = args.volume.open(&Arc::new(Metrics::default()))?;
+    let metrics = Arc::new(Metrics::default());
+    let (_, fs) = args.volume.open(&metrics)?;
     let server = Arc::new(Server::new(Arc::clone(&fs)));
 
     let mut session = FuseSession::new(&mountpoint, "pohmelfs", "pohmelfs", false)
@@ -156,6 +157,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     // remove the unlinked files only it kept alive.
     fs.destroy();
     fs.sync_all().context("sync volume")?;
+    info!(counters = %metrics.summary(), "session ended");
     unmounted?;
     match failed {
         Some(e) => Err(e),

@@ -224,3 +224,40 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     assert!(wb.lookup(dir, b"a").unwrap().is_none());
     drop(sink);
 }
+
+#[test]
+fn a_join_moves_the_linger_on_within_its_span() {
+    use super::queue::META_LINGER_SPAN_MAX;
+    use std::time::Duration;
+    let (wb, _sink, _store, _m) = lingering_layer(19);
+    create_in(&wb, 1, 33, "d");
+    let before = {
+        let st = super::ack::lock(&wb.shared.state);
+        st.txns.values().last().unwrap().not_before.unwrap()
+    };
+    // The file's first write joins the create: the burst goes on.
+    write(&wb, 33, 0, b"3\n", 2);
+    let mut st = super::ack::lock(&wb.shared.state);
+    assert_eq!(st.txns.len(), 1, "the write joined the create");
+    let t = st.txns.values_mut().last().unwrap();
+    assert!(
+        t.not_before.unwrap() > before,
+        "the write moved the linger on"
+    );
+    // The rule itself, on a 2 ms linger.
+    let linger = Duration::from_millis(2);
+    let formed = t.formed;
+    t.not_before = Some(formed + linger);
+    t.linger_on(formed + Duration::from_micros(1500), linger);
+    assert_eq!(t.not_before, Some(formed + Duration::from_micros(3500)));
+    // A change long after: never past the span from the forming.
+    t.linger_on(formed + Duration::from_secs(1), linger);
+    assert_eq!(t.not_before, Some(formed + linger * META_LINGER_SPAN_MAX));
+    // An earlier `now` never brings the send closer.
+    t.linger_on(formed, linger);
+    assert_eq!(t.not_before, Some(formed + linger * META_LINGER_SPAN_MAX));
+    // A sync cut the linger: a later join does not bring it back.
+    t.not_before = None;
+    t.linger_on(formed + linger, linger);
+    assert_eq!(t.not_before, None);
+}

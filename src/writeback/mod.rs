@@ -17,7 +17,8 @@
 //!   touches, so the store never applies an older version of a byte after
 //!   a newer one, across resends and failover. Metadata changes are
 //!   write-back like data (reads see them at once through an overlay);
-//!   a new metadata transaction lingers `meta_linger` so that the changes
+//!   a new metadata transaction lingers `meta_linger` past the newest
+//!   change that joined it (bounded from its forming) so that the changes
 //!   after it, and the first write of a file it creates, join it: a burst
 //!   of creates (with their first writes and closes) or unlinks in one
 //!   directory is one commit. Truncates and punched holes are
@@ -182,11 +183,19 @@ pub struct TxnConfig {
     pub fsync_timeout: Duration,
     /// Bytes read ahead of a sequential reader.
     pub read_ahead_bytes: u64,
-    /// How long a metadata transaction waits before it is sent, unless a
+    /// How long a metadata transaction waits before it is sent, after the
+    /// newest change that joined it (at most `queue::META_LINGER_SPAN_MAX`
+    /// times this after its forming), unless a
     /// sync asks for it sooner: later metadata changes join it (one
     /// commit for a burst of creates or unlinks), and so does the first
     /// write of a file it creates (one commit for create, write, close).
     pub meta_linger: Duration,
+    /// How long a write's own transaction (data of one inode) waits for the
+    /// inode's next writes before it is sent, counted the same way; a sync
+    /// sends it at once, and so does a write that finds it full. Writes
+    /// between two fsyncs then travel as one commit, not one each: the
+    /// commit, not the write, is what costs the daemon its CPU.
+    pub data_linger: Duration,
     /// Operations one metadata transaction carries at most (never more
     /// than `queue::TXN_OPS_MAX`; its bytes are bounded by
     /// `queue::TXN_META_BYTES_MAX`).
@@ -222,6 +231,7 @@ impl Default for TxnConfig {
             fsync_timeout: Duration::from_secs(60),
             read_ahead_bytes: 1 << 20,
             meta_linger: Duration::from_millis(2),
+            data_linger: Duration::from_millis(2),
             max_txn_ops: 1024,
             sync_on_close: false,
             forget_clean_pages: true,

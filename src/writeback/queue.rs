@@ -75,6 +75,20 @@ impl TxnEntry {
         self.is_unsent() && !self.mergeable
     }
 
+    /// A change joined it: if it lingers (never sent, `not_before` set
+    /// at its forming), it lingers `linger` from `now`, within
+    /// [`META_LINGER_SPAN_MAX`] lingers of its forming. A sync has cut its
+    /// linger (`not_before` cleared) for good: that stays.
+    pub(super) fn linger_on(&mut self, now: Instant, linger: std::time::Duration) {
+        if self.attempts != 0 {
+            return;
+        }
+        if let Some(nb) = self.not_before {
+            let span_end = self.formed + linger * META_LINGER_SPAN_MAX;
+            self.not_before = Some((now + linger).min(span_end).max(nb));
+        }
+    }
+
     /// Queued and never sent: its content may still change.
     fn is_unsent(&self) -> bool {
         self.state == TxnState::Queued && self.attempts == 0 && self.pinned.is_none()
@@ -98,6 +112,13 @@ impl TxnEntry {
             })
     }
 }
+
+/// A lingering transaction lingers `meta_linger` past the newest change
+/// that joined it, but never longer than this many times `meta_linger`
+/// past its forming: a burst whose changes come a little slower than one
+/// per linger (a TCG guest creates a small file every ~3 ms) still
+/// gathers into one commit, and no transaction lingers unbounded.
+pub(super) const META_LINGER_SPAN_MAX: u32 = 8;
 
 /// Unacknowledged transactions at most; metadata operations beyond wait.
 pub(super) const MAX_QUEUED_TXNS: usize = 65_536;

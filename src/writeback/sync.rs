@@ -82,9 +82,10 @@ impl Shared {
 
     /// A close of `ino` (FLUSH, RELEASE): return without waiting for the
     /// acks of its transactions; the next fsync waits. They are on their
-    /// way already: a write's own transaction goes at once, and one that
-    /// lingers (the create of a small file, which its first writes joined)
-    /// goes within `meta_linger` of being formed, carrying the files
+    /// way already: one that lingers (a write's own, or the create of a
+    /// small file, which its first writes joined) goes `data_linger` or
+    /// `meta_linger` after the last change that joined it (within a
+    /// bound from its forming, `queue::META_LINGER_SPAN_MAX`), carrying the files
     /// created after it in the burst. An error already known is reported:
     /// a sticky fsync failure (the data is still not durable), data dropped
     /// for lack of space (reported once, as by fsync), data waiting for
@@ -118,7 +119,7 @@ impl Shared {
             return Err(StoreError::NoSpace);
         }
         // Nothing to send sooner: a transaction that lingers goes when its
-        // `meta_linger` (counted from when it was formed) is over, so the
+        // `meta_linger` (counted from the newest change that joined it) is over, so the
         // next files of a burst in the same directory join it and the burst
         // is one commit instead of one per file. Nobody waits for it: a
         // close never did, and fsync, which does, sends it at once.
