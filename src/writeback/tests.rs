@@ -579,30 +579,3 @@ fn writes_between_syncs_linger_into_one_commit() {
     wb.sync(Some(40)).unwrap();
     assert_eq!(content(&*store, 40).len() as u64, max + 4096);
 }
-
-/// A write the layer has room for would not wait, so the device serves it
-/// on its queue thread; past `dirty_max_bytes`, or under `--overwrite
-/// wait`, it might, and the device hands it to the pool.
-#[test]
-fn a_write_would_not_wait_while_there_is_room() {
-    let config = TxnConfig {
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let dirty_max = config.dirty_max_bytes;
-    let (wb, sink, _store, _m) = layer_with(config, 1, 31, false);
-    create(&wb, 50);
-    wb.sync(None).unwrap();
-    assert!(wb.would_not_wait(4096));
-    sink.gate.close();
-    write(&wb, 50, 0, &vec![1u8; dirty_max as usize], dirty_max);
-    assert!(!wb.would_not_wait(4096), "no room under dirty_max_bytes");
-    sink.gate.open();
-    wb.sync(None).unwrap();
-    assert!(wb.would_not_wait(4096), "room again once acknowledged");
-    let (wait, _, _, _) = layer(OverwritePolicy::Wait, 1, 32);
-    assert!(
-        !wait.would_not_wait(4096),
-        "under wait a pinned page may hold it"
-    );
-}

@@ -100,19 +100,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether a write of `bytes` would go in now without waiting: room
-    /// under `dirty_max_bytes` and copy-on-write overwrites (under `wait` a
-    /// write may wait for the ack of a pinned page).
-    pub(super) fn would_not_wait(&self, bytes: u64) -> bool {
-        if self.cfg.overwrite != OverwritePolicy::Cow {
-            return false;
-        }
-        let st = lock(&self.state);
-        !st.shutdown
-            && !st.full
-            && (st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes)
-    }
-
     /// When a wait that starts now gives up: every wait of the layer is
     /// bounded by `fsync_timeout`, as fsync is.
     fn wait_deadline(&self) -> std::time::Instant {
