@@ -49,6 +49,11 @@ pub fn status_text(m: &Metrics) -> String {
         l.in_flight_txns.get()
     ));
     out.push_str(&format!(
+        "{:<22} {:>14}  bytes of page data in flight\n",
+        "in_flight_bytes",
+        l.in_flight_bytes.get()
+    ));
+    out.push_str(&format!(
         "{:<22} {:>14}  bytes of page cache\n",
         "cache_bytes",
         l.cache_bytes.get()

@@ -321,6 +321,8 @@ pub struct Levels {
     pub dirty_bytes: Gauge,
     /// Transactions sent and not yet acknowledged.
     pub in_flight_txns: Gauge,
+    /// Page bytes those transactions carry (part of `dirty_bytes`).
+    pub in_flight_bytes: Gauge,
     /// Bytes of page cache held (clean and dirty).
     pub cache_bytes: Gauge,
     /// Accounted bytes of the metadata caches (attributes, names, xattrs).
@@ -391,6 +393,11 @@ impl Metrics {
                 "in_flight_txns",
                 l.in_flight_txns.get(),
                 "Transactions sent and not yet acknowledged.",
+            ),
+            (
+                "in_flight_bytes",
+                l.in_flight_bytes.get(),
+                "Page bytes of the transactions in flight (part of dirty_bytes).",
             ),
             (
                 "cache_bytes",

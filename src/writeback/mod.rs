@@ -633,6 +633,7 @@ impl Shared {
         let l = &self.metrics.levels;
         l.dirty_bytes.set(st.dirty_bytes);
         l.in_flight_txns.set(st.in_flight as u64);
+        l.in_flight_bytes.set(st.in_flight_bytes);
         l.cache_bytes.set(st.cache.bytes());
         l.meta_cache_bytes.set(st.meta_usage().0);
     }

@@ -330,7 +330,13 @@ fn commit_latency_counts_each_acknowledged_transaction() {
         before,
         "timed before its ack"
     );
+    assert_eq!(
+        m.levels.in_flight_bytes.get(),
+        PAGE_SIZE,
+        "its page in flight"
+    );
     sink.gate.open();
     wb.sync(None).unwrap();
     assert!(m.levels.commit_latency.count() > before);
+    assert_eq!(m.levels.in_flight_bytes.get(), 0);
 }
