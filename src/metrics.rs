@@ -332,6 +332,9 @@ pub struct Levels {
     /// From a transaction's attempt leaving the layer to the store's
     /// acknowledgement of it (durable): the store's commit latency.
     pub commit_latency: Histogram,
+    /// A data read the layer sends to the store, from asking to the bytes
+    /// (a round trip on remote stores).
+    pub store_read_latency: Histogram,
     /// The volume served, for the `pohmelfs_volume_info` series: set once
     /// the volume is open.
     pub volume: std::sync::OnceLock<VolumeInfo>,
@@ -428,6 +431,13 @@ impl Metrics {
             "pohmelfs_commit_latency_seconds",
             "",
             &l.commit_latency,
+        );
+        out.push_str("# HELP pohmelfs_store_read_seconds Data reads sent to the store, from asking to the bytes (a round trip on remote stores).\n# TYPE pohmelfs_store_read_seconds histogram\n");
+        render_histogram(
+            &mut out,
+            "pohmelfs_store_read_seconds",
+            "",
+            &l.store_read_latency,
         );
         if let Some(v) = l.volume.get() {
             out.push_str(&format!(

@@ -340,3 +340,22 @@ fn commit_latency_counts_each_acknowledged_transaction() {
     assert!(m.levels.commit_latency.count() > before);
     assert_eq!(m.levels.in_flight_bytes.get(), 0);
 }
+
+/// A read the page cache cannot answer is timed as a store read; one it
+/// answers is not.
+#[test]
+fn store_reads_are_timed_and_cache_hits_are_not() {
+    let (wb, _sink, store, m) = super::testkit::held_layer(OverwritePolicy::Wait, 73);
+    // Written behind the layer's back: only the store has it.
+    super::testkit::write(&*store, 31, 0, &[9; PAGE], PAGE_SIZE);
+    assert_eq!(m.levels.store_read_latency.count(), 0);
+    assert_eq!(super::testkit::content(&wb, 31), vec![9; PAGE]);
+    let asked = m.levels.store_read_latency.count();
+    assert!(asked >= 1, "the cold read was not timed");
+    assert_eq!(super::testkit::content(&wb, 31), vec![9; PAGE]);
+    assert_eq!(
+        m.levels.store_read_latency.count(),
+        asked,
+        "a cache hit timed as a store read"
+    );
+}

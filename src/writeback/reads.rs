@@ -38,7 +38,12 @@ impl Shared {
             let st = lock(&self.state);
             (st.holes.retired, st.cache.acks_of(ino))
         };
+        let asked = std::time::Instant::now();
         let data = self.store.read_data(ino, offset, len)?;
+        self.metrics
+            .levels
+            .store_read_latency
+            .observe(asked.elapsed());
         let st = lock(&self.state);
         if st.holes.retired != retired {
             return Ok(None);
