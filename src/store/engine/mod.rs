@@ -95,7 +95,7 @@ mod snapshot_tests;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use slatedb::config::ScanOptions;
 use slatedb::{Db, WriteBatch};
@@ -168,10 +168,6 @@ pub struct SlateStore {
     group: group::GroupCommit,
     /// The segment files of a `file://` volume; `None` on `s3://`.
     segments: Option<Arc<Segments>>,
-    /// Readers hold it shared from reading a chunk record to reading the
-    /// segment bytes it names; reclaiming (punching, deleting) takes it
-    /// exclusively, so a reader never sees a page punched under it.
-    reclaim: Arc<RwLock<()>>,
     /// Punches and deletes what durable batches freed (`file://` only).
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     /// The commit log and its checkpoints (`file://` only): commits are
@@ -180,9 +176,9 @@ pub struct SlateStore {
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
     log_queue: log_queue::LogQueue,
-    /// Pins on segment ranges handed out by reads (`pins.rs`): the
-    /// reclaimer defers punching while one lives.
-    pins: Arc<pins::Pins>,
+    /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
+    /// only after every read that could name it has left.
+    readers: Arc<pins::Readers>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -543,7 +539,7 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
+        let _in = self.readers.enter();
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
     }
 

@@ -4,7 +4,7 @@
 //! nothing refers to.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use slatedb::Db;
 
@@ -278,10 +278,9 @@ impl SlateStore {
             Placement::SegmentsOf(max) => max,
             _ => segment::SEGMENT_BYTES_MAX,
         };
-        let reclaim = Arc::new(RwLock::new(()));
-        let pins: Arc<pins::Pins> = Arc::default();
+        let readers: Arc<pins::Readers> = Arc::default();
         let (segments, reclaimer) =
-            match Self::open_segments(local_dir, max, &reclaim, &pins, &cfg.describe) {
+            match Self::open_segments(local_dir, max, &readers, &cfg.describe) {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = runtime.block_on(db.close());
@@ -314,8 +313,7 @@ impl SlateStore {
             checkpoint,
             log_queue: Default::default(),
             segments,
-            reclaim,
-            pins,
+            readers,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
@@ -453,20 +451,15 @@ impl SlateStore {
     fn open_segments(
         dir: Option<&std::path::Path>,
         max: u64,
-        reclaim: &Arc<RwLock<()>>,
-        pins: &Arc<pins::Pins>,
+        readers: &Arc<pins::Readers>,
         describe: &str,
     ) -> std::io::Result<SegmentsAndReclaimer> {
         let Some(dir) = dir else {
             return Ok((None, None));
         };
         let segs = Arc::new(Segments::open_with_max(dir, max)?);
-        let reclaimer = reclaim::Reclaimer::start(
-            segs.clone(),
-            reclaim.clone(),
-            pins.clone(),
-            describe.to_owned(),
-        )?;
+        let reclaimer =
+            reclaim::Reclaimer::start(segs.clone(), readers.clone(), describe.to_owned())?;
         Ok((Some(segs), Some(Arc::new(reclaimer))))
     }
 
