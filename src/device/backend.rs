@@ -52,7 +52,8 @@ pub struct DeviceConfig {
     pub request_queues: usize,
     /// Descriptors per queue at most.
     pub queue_size: usize,
-    /// Serve GETATTR, LOOKUP and READ on the queue thread, as virtiofsd serves
+    /// Serve GETATTR, LOOKUP, READ and WRITE (while the store has room for
+    /// it) on the queue thread, as virtiofsd serves
     /// everything, instead of handing them to the pool: a hand-off costs
     /// more than such a request (`device::inline_bench`). Only for volumes
     /// whose reads never wait on a network: a stalled read would stall
@@ -336,7 +337,8 @@ mod tests {
     }
 
     /// A GETATTR is answered while the pool's only worker is blocked (a
-    /// READ would be too); a request of another kind waits for the worker.
+    /// READ or a WRITE with room would be too); a request of another kind
+    /// waits for the worker.
     #[test]
     fn cheap_requests_are_served_on_the_queue_thread() {
         use crate::device::testkit::{
@@ -365,9 +367,10 @@ mod tests {
         assert!(used.is_ok_and(|n| n > 16), "GETATTR waited for the pool");
         assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 7));
         assert_eq!(b.metrics.requests_inline.get(), 1);
-        // A READ (15) is served here too; a WRITE (16), which may wait for
-        // room under --dirty-max, is not.
-        for (opcode, cheap) in [(15, true), (16, false)] {
+        // A READ (15) is served here too, and so is a WRITE (16) while the
+        // store has room for it (a bare store always has; the write-back
+        // layer's side: writeback::tests). RENAME (12) is not.
+        for (opcode, cheap) in [(15, true), (16, true), (12, false)] {
             let len = write_request(&mem, header(80, opcode, 9), &[0u8; 40]);
             let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
             assert_eq!(b.requests.is_cheap(&chain), cheap, "opcode {opcode}");

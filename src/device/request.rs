@@ -19,7 +19,7 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use super::validate::{self, Invalid};
 use crate::fs::PohmelFs;
@@ -33,6 +33,9 @@ pub const FUSE_SYNCFS: u32 = 50;
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_GETATTR: u32 = 3;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+/// The write-back layer's page size, for what a WRITE may dirty.
+const PAGE_BYTES: u64 = 4096;
 
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
@@ -75,11 +78,19 @@ impl Requests {
     }
 
     /// Whether `chain` holds a request that is answered from memory or a
-    /// local read and never waits for the write-back layer: GETATTR,
-    /// LOOKUP or READ (read from its header; `serve` checks it whole).
+    /// local read and does not wait for the write-back layer: GETATTR,
+    /// LOOKUP, READ, or a WRITE that the layer has room for now (read from
+    /// the header and the write's size; `serve` checks it whole).
     pub fn is_cheap(&self, chain: &Chain) -> bool {
-        first_header(chain)
-            .is_some_and(|h| matches!(h.opcode, FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ))
+        match first_header(chain).map(|h| h.opcode) {
+            Some(FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ) => true,
+            Some(FUSE_WRITE) => write_size(chain).is_some_and(|size| {
+                // The pages it may dirty: one more where it is unaligned.
+                let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
+                self.fs.store().would_not_wait(bytes)
+            }),
+            _ => false,
+        }
     }
 
     /// Check, decode and answer the FUSE request in `chain`; the number of
@@ -229,6 +240,18 @@ fn first_header(chain: &Chain) -> Option<InHeader> {
         return None;
     }
     chain.memory().read_obj::<InHeader>(desc.addr()).ok()
+}
+
+/// The `size` of a WRITE's `fuse_write_in` (fh u64, offset u64, size u32,
+/// ...), when the chain's first descriptor holds it after the header.
+fn write_size(chain: &Chain) -> Option<u32> {
+    let desc = chain.clone().readable().next()?;
+    let at = std::mem::size_of::<InHeader>() + 16;
+    if (desc.len() as usize) < at + 4 {
+        return None;
+    }
+    let addr = desc.addr().checked_add(at as u64)?;
+    chain.memory().read_obj::<u32>(addr).ok()
 }
 
 fn out_header(unique: u64, errno: i32) -> OutHeader {

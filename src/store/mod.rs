@@ -445,6 +445,16 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
+    /// Whether a write of about `bytes` would go in now without waiting
+    /// (no backpressure, no page pinned by a transaction in flight to wait
+    /// for): the device serves such a WRITE on its queue thread. Advisory:
+    /// by the time the write runs it may wait after all, bounded as every
+    /// wait of the layer is.
+    fn would_not_wait(&self, bytes: u64) -> bool {
+        let _ = bytes;
+        true
+    }
+
     /// Wait until everything committed before the call (for `ino`, or for
     /// the whole volume when `None`) is durable.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;

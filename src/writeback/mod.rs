@@ -190,6 +190,12 @@ pub struct TxnConfig {
     /// commit for a burst of creates or unlinks), and so does the first
     /// write of a file it creates (one commit for create, write, close).
     pub meta_linger: Duration,
+    /// How long a write's own transaction (data of one inode) waits for the
+    /// inode's next writes before it is sent, counted the same way; a sync
+    /// sends it at once, and so does a write that finds it full. Writes
+    /// between two fsyncs then travel as one commit, not one each: the
+    /// commit, not the write, is what costs the daemon its CPU.
+    pub data_linger: Duration,
     /// Operations one metadata transaction carries at most (never more
     /// than `queue::TXN_OPS_MAX`; its bytes are bounded by
     /// `queue::TXN_META_BYTES_MAX`).
@@ -225,6 +231,7 @@ impl Default for TxnConfig {
             fsync_timeout: Duration::from_secs(60),
             read_ahead_bytes: 1 << 20,
             meta_linger: Duration::from_millis(2),
+            data_linger: Duration::from_millis(2),
             max_txn_ops: 1024,
             sync_on_close: false,
             forget_clean_pages: true,

@@ -100,6 +100,19 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether a write of `bytes` would go in now without waiting: room
+    /// under `dirty_max_bytes` and copy-on-write overwrites (under `wait` a
+    /// write may wait for the ack of a pinned page).
+    pub(super) fn would_not_wait(&self, bytes: u64) -> bool {
+        if self.cfg.overwrite != OverwritePolicy::Cow {
+            return false;
+        }
+        let st = lock(&self.state);
+        !st.shutdown
+            && !st.full
+            && (st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes)
+    }
+
     /// When a wait that starts now gives up: every wait of the layer is
     /// bounded by `fsync_timeout`, as fsync is.
     fn wait_deadline(&self) -> std::time::Instant {
@@ -191,26 +204,38 @@ impl Shared {
     fn data_txn(&self, st: &mut State, ino: u64, bytes: u64, inode: &Inode) -> u64 {
         let max_bytes = self.cfg.max_txn_bytes.min(TXN_DATA_BYTES_MAX);
         let put_inode = op_wire_bytes(&Op::PutInode(inode.clone()));
-        let tail = st
-            .by_inode
-            .get(&ino)
-            .and_then(|q| q.back().copied())
-            .filter(|id| {
-                st.txns.get(id).is_some_and(|t| {
-                    t.data_may_join(ino)
-                        && t.data_bytes + bytes <= max_bytes
-                        && t.meta_bytes + put_inode <= TXN_META_BYTES_MAX
-                })
-            });
+        let newest = st.by_inode.get(&ino).and_then(|q| q.back().copied());
+        let tail = newest.filter(|id| {
+            st.txns.get(id).is_some_and(|t| {
+                t.data_may_join(ino)
+                    && t.data_bytes + bytes <= max_bytes
+                    && t.meta_bytes + put_inode <= TXN_META_BYTES_MAX
+            })
+        });
         let Some(id) = tail else {
-            let entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            // A write's own transaction that this write does not fit in
+            // has nothing more to wait for.
+            if let Some(t) = newest.and_then(|n| st.txns.get_mut(&n)) {
+                if t.mergeable && t.attempts == 0 {
+                    t.not_before = None;
+                }
+            }
+            let mut entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            if !self.cfg.data_linger.is_zero() {
+                entry.not_before = Some(Instant::now() + self.cfg.data_linger);
+            }
             return self.enqueue(st, entry);
         };
-        // Joining a metadata transaction (the create of this file): it must
-        // carry the attributes the data is clipped to, and the burst it
-        // belongs to goes on.
+        // Joining: the transaction lingers on (a write's own, or the
+        // create of this file with its burst); a metadata one must carry
+        // the attributes the data is clipped to.
         if let Some(t) = st.txns.get_mut(&id) {
-            t.linger_on(Instant::now(), self.cfg.meta_linger);
+            let linger = if t.mergeable {
+                self.cfg.data_linger
+            } else {
+                self.cfg.meta_linger
+            };
+            t.linger_on(Instant::now(), linger);
             if !t
                 .ops
                 .iter()

@@ -324,6 +324,10 @@ impl Store for CachedStore {
         self.inner.wait_for_room(bytes)
     }
 
+    fn would_not_wait(&self, bytes: u64) -> bool {
+        self.inner.would_not_wait(bytes)
+    }
+
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
         self.inner.sync(ino)
     }
