@@ -119,6 +119,8 @@ mod pohmelfs_only {
         libvirt::libvirt_argv_on_an_inherited_socket,
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
+        migration::migration_between_hosts_pohmel,
+        migration::migration_between_hosts_s3,
         readonly::readonly_snapshot_refuses_changes,
     );
 }
