@@ -14,7 +14,8 @@
 //! - [`space`]: a full volume answers ENOSPC;
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`migration`]: a live migration between two QEMU processes with files held open, and
-//!   its downtime;
+//!   its downtime; also between two daemons in network namespaces of their own reaching one
+//!   store server or S3 service (root: `ip netns`);
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two

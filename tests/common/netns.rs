@@ -196,6 +196,13 @@ impl Drop for Network {
     }
 }
 
+/// Whether this process may make network namespaces: it runs as root (the owner of
+/// `/proc/self`). A test that cannot says [`crate::skipped`] rather than fail.
+pub fn can_make() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// Runs `ip ARGS`; its stderr in the error.
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
