@@ -15,6 +15,8 @@
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`migration`]: a live migration between two QEMU processes with files held open, and
 //!   its downtime;
+//! - [`migration_hosts`]: the same between two daemons in network namespaces of their own
+//!   reaching one store server or S3 service (root: `ip netns`);
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
@@ -49,6 +51,7 @@ mod harness;
 mod libvirt;
 mod libvirtd;
 mod migration;
+mod migration_hosts;
 mod offline;
 mod persistence;
 mod posix;
@@ -119,6 +122,9 @@ mod pohmelfs_only {
         libvirt::libvirt_argv_on_an_inherited_socket,
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
+        migration_hosts::migration_between_hosts_pohmel,
+        migration_hosts::migration_between_hosts_s3,
+        migration_hosts::refused_migration_between_hosts_pohmel,
         readonly::readonly_snapshot_refuses_changes,
     );
 }

@@ -268,7 +268,7 @@ impl Server {
             };
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                match serve_connection(stream, &shared, handshaking).await {
+                match serve_connection(stream, peer, &shared, handshaking).await {
                     Ok(()) => debug!(%peer, "connection closed"),
                     Err(e) => {
                         // A stranger decides how often this happens.
@@ -388,6 +388,7 @@ async fn next_request<R: AsyncRead + Unpin>(
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     shared: &Shared,
     handshaking: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), ConnError> {
@@ -403,6 +404,7 @@ async fn serve_connection(
     };
     drop(handshaking);
     info!(
+        %peer,
         credential = %session.credential,
         volume = %session.volume_name,
         session = format_args!("{:016x}", session.session),
