@@ -21,6 +21,8 @@
 //!   domains write and read back a volume through it;
 //! - [`readonly`]: a snapshot served with `serve --readonly`: its point in time, and every
 //!   change refused with EROFS;
+//! - [`rootfs`]: a guest boots with its root on a volume `pohmelfs import` filled, and finds
+//!   special files, owners, setuid bits, xattrs and hard links as in the source tree;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -53,6 +55,7 @@ mod offline;
 mod persistence;
 mod posix;
 mod readonly;
+mod rootfs;
 mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
@@ -120,5 +123,6 @@ mod pohmelfs_only {
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
         readonly::readonly_snapshot_refuses_changes,
+        rootfs::rootfs_boot_keeps_special_files,
     );
 }
