@@ -21,6 +21,8 @@
 //!   domains write and read back a volume through it;
 //! - [`readonly`]: a snapshot served with `serve --readonly`: its point in time, and every
 //!   change refused with EROFS;
+//! - [`ci_boot`]: `scripts/ci-boot` boots 4 guests at once, each on its own clone of a
+//!   golden root volume: each sees only its own writes, and the golden volume is unchanged;
 //! - [`rootfs`]: a guest boots with its root on a volume `pohmelfs import` filled, and finds
 //!   special files, owners, setuid bits, xattrs and hard links as in the source tree;
 //!
@@ -43,6 +45,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod boot;
+mod ci_boot;
 mod crash;
 mod durability;
 mod failover;
@@ -124,5 +127,6 @@ mod pohmelfs_only {
         migration::refused_migration_resumes_at_the_source,
         readonly::readonly_snapshot_refuses_changes,
         rootfs::rootfs_boot_keeps_special_files,
+        ci_boot::ci_boot_isolates_four_guests,
     );
 }

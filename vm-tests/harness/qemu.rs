@@ -496,7 +496,7 @@ pub fn parse_exit_status(console: &str) -> Option<i32> {
 }
 
 /// QEMU: `$QEMU`, else `qemu-system-x86_64` from `PATH`.
-pub(super) fn qemu_binary() -> Result<PathBuf> {
+pub fn qemu_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("QEMU").map(PathBuf::from) {
         return if path.is_file() {
             Ok(path)
