@@ -110,9 +110,10 @@ vm_tests! {
     migration::live_migration_keeps_open_files,
 }
 
-/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and snapshots, and of
-/// pohmelfs's own command line as libvirt writes it: virtiofsd has no store or snapshots, its
-/// shared directory has the host's capacity, and libvirt starts it with its own options.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity, snapshots, imported
+/// roots and clones, and of pohmelfs's own command line as libvirt writes it: virtiofsd has no
+/// store, import or snapshots, its shared directory has the host's capacity, and libvirt starts
+/// it with its own options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
