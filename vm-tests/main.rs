@@ -108,12 +108,13 @@ vm_tests! {
     crash::crash_guest_power_cut,
     crash::crash_daemon_kill9,
     migration::live_migration_keeps_open_files,
+    rootfs::rootfs_boot_keeps_special_files,
 }
 
-/// Tests of store servers (`pohmel://` volumes), of a volume's capacity, snapshots, imported
-/// roots and clones, and of pohmelfs's own command line as libvirt writes it: virtiofsd has no
-/// store, import or snapshots, its shared directory has the host's capacity, and libvirt starts
-/// it with its own options.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity, snapshots and clones,
+/// and of pohmelfs's own command line as libvirt writes it: virtiofsd has no store or
+/// snapshots, its shared directory has the host's capacity, and libvirt starts it with its own
+/// options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
@@ -127,7 +128,6 @@ mod pohmelfs_only {
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
         readonly::readonly_snapshot_refuses_changes,
-        rootfs::rootfs_boot_keeps_special_files,
         ci_boot::ci_boot_isolates_four_guests,
     );
 }
