@@ -1,7 +1,8 @@
 //! One guest boot under QEMU: the [`Guest`] builder and what it returns, [`GuestOutput`].
 //!
 //! A guest gets the test's shell script as `/test.sh` (a newc archive appended to the base
-//! initramfs), mounts nothing by itself, and reports the script's status on its serial console
+//! initramfs), mounts nothing by itself (unless it boots with its root on the daemon's volume,
+//! [`Guest::root_boot`]), and reports the script's status on its serial console
 //! as `POHMELFS-EXIT=<status>` before powering off. QEMU uses KVM only when a probe boot showed
 //! that KVM really runs this guest, and TCG otherwise. QEMU is killed when the run times out
 //! and in `Drop`, so a failing test never leaves a guest behind.
@@ -136,7 +137,6 @@ impl<'a> Guest<'a> {
     /// Boots with the daemon's volume as the root file system (`images/root-init` as `/init`,
     /// `root=TAG rootfstype=virtiofs`): the script runs in the switched root, under its own
     /// `/bin/sh`, instead of in the initramfs.
-    #[allow(dead_code)] // for the root file system tests
     pub fn root_boot(mut self) -> Self {
         self.root = true;
         self
