@@ -25,15 +25,42 @@ use super::validate::{self, Invalid};
 use crate::fs::PohmelFs;
 use crate::metrics::Metrics;
 use crate::ratelimit::{limited, Capped};
+use crate::store::Demand;
 
 /// FUSE_SYNCFS (Linux 5.14): make the whole filesystem durable. Its body is
 /// `struct fuse_syncfs_in { u64 padding; }`, its reply a bare header.
 pub const FUSE_SYNCFS: u32 = 50;
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_FORGET: u32 = 2;
 const FUSE_GETATTR: u32 = 3;
+const FUSE_SETATTR: u32 = 4;
+const FUSE_READLINK: u32 = 5;
+const FUSE_SYMLINK: u32 = 6;
+const FUSE_MKNOD: u32 = 8;
+const FUSE_MKDIR: u32 = 9;
+const FUSE_UNLINK: u32 = 10;
+const FUSE_RMDIR: u32 = 11;
+const FUSE_RENAME: u32 = 12;
+const FUSE_LINK: u32 = 13;
+const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
 const FUSE_WRITE: u32 = 16;
+const FUSE_STATFS: u32 = 17;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_SETXATTR: u32 = 21;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
+const FUSE_REMOVEXATTR: u32 = 24;
+const FUSE_FLUSH: u32 = 25;
+const FUSE_OPENDIR: u32 = 27;
+const FUSE_READDIR: u32 = 28;
+const FUSE_RELEASEDIR: u32 = 29;
+const FUSE_ACCESS: u32 = 34;
+const FUSE_CREATE: u32 = 35;
+const FUSE_BATCH_FORGET: u32 = 42;
+const FUSE_READDIRPLUS: u32 = 44;
+const FUSE_RENAME2: u32 = 45;
 /// The write-back layer's page size, for what a WRITE may dirty.
 const PAGE_BYTES: u64 = 4096;
 
@@ -78,17 +105,35 @@ impl Requests {
     }
 
     /// Whether `chain` holds a request that is answered from memory or a
-    /// local read and does not wait for the write-back layer: GETATTR,
-    /// LOOKUP, READ, or a WRITE that the layer has room for now (read from
-    /// the header and the write's size; `serve` checks it whole).
+    /// local read or write and does not wait for the write-back layer
+    /// (read from the header, and a write's size; `serve` checks it
+    /// whole): what only reads (lookups, attributes, directories, xattrs,
+    /// links, statfs), a WRITE the layer has room for now, a metadata
+    /// change while the layer has room for it, a close that does not
+    /// wait. Never a sync (FSYNC, FSYNCDIR, SYNCFS), a lock that may block
+    /// (SETLKW), INIT or DESTROY, nor what is rare (FALLOCATE, LSEEK,
+    /// COPY_FILE_RANGE, and the opcodes we refuse).
     pub fn is_cheap(&self, chain: &Chain) -> bool {
+        let store = self.fs.store();
         match first_header(chain).map(|h| h.opcode) {
-            Some(FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ) => true,
+            Some(
+                FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ | FUSE_READLINK | FUSE_STATFS
+                | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
+                | FUSE_RELEASEDIR | FUSE_ACCESS,
+            ) => true,
             Some(FUSE_WRITE) => write_size(chain).is_some_and(|size| {
                 // The pages it may dirty: one more where it is unaligned.
                 let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
-                self.fs.store().would_not_wait(bytes)
+                store.would_not_wait(Demand::Write(bytes))
             }),
+            // OPEN may truncate; the last FORGET of an unlinked inode
+            // removes it.
+            Some(
+                FUSE_SETATTR | FUSE_SYMLINK | FUSE_MKNOD | FUSE_MKDIR | FUSE_UNLINK | FUSE_RMDIR
+                | FUSE_RENAME | FUSE_RENAME2 | FUSE_LINK | FUSE_CREATE | FUSE_OPEN | FUSE_SETXATTR
+                | FUSE_REMOVEXATTR | FUSE_FORGET | FUSE_BATCH_FORGET,
+            ) => store.would_not_wait(Demand::Metadata),
+            Some(FUSE_FLUSH | FUSE_RELEASE) => store.would_not_wait(Demand::Close),
             _ => false,
         }
     }

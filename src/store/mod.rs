@@ -70,6 +70,18 @@ pub const FIRST_FREE_ID: u64 = 16;
 /// The size of one data block of a file, in bytes.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
 
+/// What a request would ask of the store, for [`Store::would_not_wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Demand {
+    /// A write dirtying about this many bytes of pages.
+    Write(u64),
+    /// A metadata change (create, unlink, rename, setattr, xattrs, the
+    /// removal of an orphan at its last forget).
+    Metadata,
+    /// A close (FLUSH, RELEASE).
+    Close,
+}
+
 /// The longest name of a directory entry, in bytes.
 pub const NAME_MAX: usize = 255;
 
@@ -445,13 +457,13 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
-    /// Whether a write of about `bytes` would go in now without waiting
+    /// Whether a request asking `demand` would go in now without waiting
     /// (no backpressure, no page pinned by a transaction in flight to wait
-    /// for): the device serves such a WRITE on its queue thread. Advisory:
-    /// by the time the write runs it may wait after all, bounded as every
-    /// wait of the layer is.
-    fn would_not_wait(&self, bytes: u64) -> bool {
-        let _ = bytes;
+    /// for, no close that waits as fsync does): the device serves such a
+    /// request on its queue thread. Advisory: by the time the request runs
+    /// it may wait after all, bounded as every wait of the layer is.
+    fn would_not_wait(&self, demand: Demand) -> bool {
+        let _ = demand;
         true
     }
 

@@ -320,8 +320,8 @@ impl Store for WritebackStore {
         self.shared.wait_for_room(bytes)
     }
 
-    fn would_not_wait(&self, bytes: u64) -> bool {
-        self.shared.would_not_wait(bytes)
+    fn would_not_wait(&self, demand: crate::store::Demand) -> bool {
+        self.shared.would_not_wait(demand)
     }
 
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {

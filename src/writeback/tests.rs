@@ -582,9 +582,12 @@ fn writes_between_syncs_linger_into_one_commit() {
 
 /// A write the layer has room for would not wait, so the device serves it
 /// on its queue thread; past `dirty_max_bytes`, or under `--overwrite
-/// wait`, it might, and the device hands it to the pool.
+/// wait`, it might, and the device hands it to the pool. A metadata change
+/// needs room too (not the overwrite policy); a close waits only under
+/// `sync_on_close`.
 #[test]
-fn a_write_would_not_wait_while_there_is_room() {
+fn a_request_would_not_wait_while_there_is_room() {
+    use crate::store::Demand::{Close, Metadata, Write};
     let config = TxnConfig {
         ack_timeout: Duration::from_secs(3600),
         ..cfg(OverwritePolicy::Cow)
@@ -593,16 +596,34 @@ fn a_write_would_not_wait_while_there_is_room() {
     let (wb, sink, _store, _m) = layer_with(config, 1, 31, false);
     create(&wb, 50);
     wb.sync(None).unwrap();
-    assert!(wb.would_not_wait(4096));
+    assert!(wb.would_not_wait(Write(4096)));
+    assert!(wb.would_not_wait(Metadata));
+    assert!(wb.would_not_wait(Close));
     sink.gate.close();
     write(&wb, 50, 0, &vec![1u8; dirty_max as usize], dirty_max);
-    assert!(!wb.would_not_wait(4096), "no room under dirty_max_bytes");
+    assert!(
+        !wb.would_not_wait(Write(4096)),
+        "no room under dirty_max_bytes"
+    );
+    assert!(!wb.would_not_wait(Metadata), "no room for metadata either");
+    assert!(wb.would_not_wait(Close), "a close does not wait for room");
     sink.gate.open();
     wb.sync(None).unwrap();
-    assert!(wb.would_not_wait(4096), "room again once acknowledged");
+    assert!(
+        wb.would_not_wait(Write(4096)),
+        "room again once acknowledged"
+    );
+    assert!(wb.would_not_wait(Metadata));
     let (wait, _, _, _) = layer(OverwritePolicy::Wait, 1, 32);
     assert!(
-        !wait.would_not_wait(4096),
+        !wait.would_not_wait(Write(4096)),
         "under wait a pinned page may hold it"
     );
+    assert!(wait.would_not_wait(Metadata), "metadata pins no page");
+    let strict = TxnConfig {
+        sync_on_close: true,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (strict, _, _, _) = layer_with(strict, 1, 33, false);
+    assert!(!strict.would_not_wait(Close), "a close waits as fsync does");
 }

@@ -26,7 +26,12 @@ use super::queue::{
 };
 use super::{OverwritePolicy, Shared, State};
 use crate::ratelimit::limited;
-use crate::store::{Inode, Op, ReadData, StoreError, Txn, WriteData};
+use crate::store::{Demand, Inode, Op, ReadData, StoreError, Txn, WriteData};
+
+/// What a metadata change is taken to add to the dirty bytes when the
+/// device asks whether it would wait (`would_not_wait`): an xattr value's
+/// bound (64 KiB) and its name and op, with room to spare.
+const METADATA_DEMAND_BYTES: u64 = 128 << 10;
 
 /// The pages a write covers.
 struct PageSpan {
@@ -100,17 +105,33 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether a write of `bytes` would go in now without waiting: room
-    /// under `dirty_max_bytes` and copy-on-write overwrites (under `wait` a
-    /// write may wait for the ack of a pinned page).
-    pub(super) fn would_not_wait(&self, bytes: u64) -> bool {
-        if self.cfg.overwrite != OverwritePolicy::Cow {
-            return false;
+    /// Whether a request asking `demand` would go in now without waiting.
+    /// A write: room under `dirty_max_bytes` and copy-on-write overwrites
+    /// (under `wait` a write may wait for the ack of a pinned page). A
+    /// metadata change: room in the queue and for
+    /// [`METADATA_DEMAND_BYTES`] under `dirty_max_bytes`, as
+    /// `commit_metadata` waits for. A close waits only under
+    /// `sync_on_close`.
+    pub(super) fn would_not_wait(&self, demand: Demand) -> bool {
+        let room = |st: &State, bytes: u64| {
+            st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes
+        };
+        match demand {
+            Demand::Write(bytes) => {
+                if self.cfg.overwrite != OverwritePolicy::Cow {
+                    return false;
+                }
+                let st = lock(&self.state);
+                !st.shutdown && !st.full && room(&st, bytes)
+            }
+            Demand::Metadata => {
+                let st = lock(&self.state);
+                !st.shutdown
+                    && st.txns.len() < MAX_QUEUED_TXNS
+                    && (st.full || room(&st, METADATA_DEMAND_BYTES))
+            }
+            Demand::Close => !self.cfg.sync_on_close,
         }
-        let st = lock(&self.state);
-        !st.shutdown
-            && !st.full
-            && (st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes)
     }
 
     /// When a wait that starts now gives up: every wait of the layer is

@@ -324,8 +324,8 @@ impl Store for CachedStore {
         self.inner.wait_for_room(bytes)
     }
 
-    fn would_not_wait(&self, bytes: u64) -> bool {
-        self.inner.would_not_wait(bytes)
+    fn would_not_wait(&self, demand: crate::store::Demand) -> bool {
+        self.inner.would_not_wait(demand)
     }
 
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
