@@ -158,6 +158,26 @@ fn free(
     Ok(())
 }
 
+/// The nice value of the reclaimer thread: it runs when the threads that
+/// serve the guest (and, on a shared host, the guest's vCPUs) do not
+/// need the CPU. Nothing waits for it: a commit's ack never does, and its
+/// backlog is bounded by what the commits it follows freed.
+pub const RECLAIM_NICE: libc::c_int = 19;
+
+/// Give the calling thread [`RECLAIM_NICE`] (Linux keeps a nice value per
+/// thread). A failure costs nothing but priority, so it is logged.
+fn lower_priority() {
+    // SAFETY: gettid and setpriority only read their integer arguments;
+    // the id is the calling thread's own.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, RECLAIM_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering the reclaimer's priority failed");
+    }
+}
+
 fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Arc<Readers>, volume: String) {
     let mut deferred = Deferred::load(segs.dir(), &volume);
     // A batch whose grace period did not end, and the barriers behind it.
@@ -224,7 +244,10 @@ impl Reclaimer {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("pohmelfs-reclaim".into())
-            .spawn(move || run(rx, segs, readers, volume))?;
+            .spawn(move || {
+                lower_priority();
+                run(rx, segs, readers, volume)
+            })?;
         Ok(Reclaimer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -268,6 +291,44 @@ impl Reclaimer {
 #[cfg(test)]
 mod tests {
     use super::coalesce;
+
+    /// The nice value of every thread of this process named `name`
+    /// (`/proc/self/task/*/comm`, cut to 15 bytes as the kernel keeps it).
+    fn nice_of(name: &str) -> Vec<i64> {
+        let short = &name[..name.len().min(15)];
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != short {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Field 19 (nice), counted after the ")" that ends field 2.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                if let Some(n) = rest.split_whitespace().nth(16) {
+                    out.push(n.parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_reclaimer_runs_at_the_lowest_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs =
+            std::sync::Arc::new(super::Segments::open_with_max(dir.path(), 1 << 20).unwrap());
+        let r = super::Reclaimer::start(segs, Default::default(), "test".into()).unwrap();
+        // The thread sets its priority before it takes its first job.
+        r.barrier();
+        let nice = nice_of("pohmelfs-reclaim");
+        assert!(!nice.is_empty(), "no reclaimer thread found");
+        assert!(
+            nice.iter().all(|&n| n == i64::from(super::RECLAIM_NICE)),
+            "{nice:?}"
+        );
+        r.stop();
+    }
 
     #[test]
     fn ranges_coalesce() {
