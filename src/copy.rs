@@ -158,26 +158,10 @@ pub fn import(args: ImportArgs) -> Result<()> {
     let mut last = import::Progress::default();
     let done = import::import(&args.dir, &*dst, &mut |p| {
         last = p;
-        shown.show(
-            Progress {
-                inodes: p.entries,
-                bytes: p.bytes,
-                total_inodes: p.total_entries,
-                total_bytes: p.total_bytes,
-            },
-            false,
-        );
+        shown.show(p.into(), false);
     })
     .with_context(|| format!("import {}", args.dir.display()))?;
-    shown.show(
-        Progress {
-            inodes: last.entries,
-            bytes: last.bytes,
-            total_inodes: last.total_entries,
-            total_bytes: last.total_bytes,
-        },
-        true,
-    );
+    shown.show(last.into(), true);
     println!(
         "imported {} entries, {:.1} MiB of data in {} transactions, {:.1} s",
         done.entries,

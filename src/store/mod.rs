@@ -47,7 +47,10 @@
 pub mod bench;
 pub mod copy;
 pub mod data;
+pub(crate) mod delegate;
 pub mod engine;
+#[cfg(test)]
+pub(crate) mod hooked;
 pub mod import;
 pub mod mem;
 mod open;
