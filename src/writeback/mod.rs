@@ -406,7 +406,18 @@ pub fn open_sparing(
         // removes what a crashed one left unlinked but open. A failure
         // leaks their space, never data (a server older than the
         // request refuses it): the daemon goes on.
-        // A read-only daemon writes nothing.
+        // A read-only daemon writes nothing. One that writes claims the
+        // volume first: the server then refuses every other daemon's
+        // writes (a migration source that hung, one taken over).
+        if mode != crate::store::engine::OpenMode::ReadOnly {
+            let claim = remote
+                .claim()
+                .map_err(|source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                })?;
+            tracing::info!(claim, "claimed the volume for writing");
+        }
         let reclaimed = match mode {
             crate::store::engine::OpenMode::ReadOnly => Ok(0),
             _ => remote.reclaim_orphans_except(spare),
