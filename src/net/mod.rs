@@ -48,6 +48,20 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     Ok(Arc::new(store))
 }
 
+/// As [`open`], without claiming a `pohmel://` volume: for reading only
+/// (its writes are refused unless this session claimed the volume).
+pub fn open_reader(url: &str) -> Result<Arc<dyn Store>, OpenError> {
+    if !url.starts_with("pohmel:") {
+        return crate::store::open(url);
+    }
+    let cfg = client::RemoteConfig::from_url(url)?;
+    let store = client::RemoteStore::connect(cfg).map_err(|source| OpenError::Connect {
+        url: url.to_string(),
+        source,
+    })?;
+    Ok(Arc::new(store))
+}
+
 /// `url` fit for logs and error messages: its query (which may carry
 /// object-store keys) replaced by `?…`.
 pub fn redact_url(url: &str) -> String {
