@@ -405,6 +405,7 @@ fn a_daemon_opening_a_remote_volume_has_its_orphans_reclaimed() {
     }
     let cfg = pohmelfs::net::client::RemoteConfig::from_url(&url).unwrap();
     let client = pohmelfs::net::client::RemoteStore::connect(cfg).unwrap();
+    client.claim().unwrap();
     assert_eq!(client.reclaim_orphans_except(&[501]).unwrap(), 1);
     assert!(client.get_inode(500).unwrap().is_none(), "reclaimed");
     assert!(client.get_inode(501).unwrap().is_some(), "spared");
