@@ -136,3 +136,59 @@ fn a_later_claim_fences_the_earlier_writer_across_a_restart() {
     let log = server.log_text();
     assert!(log.contains("volume claimed for writing"), "{log}");
 }
+
+/// A daemon's write-back layer whose claim another client took fails every
+/// fsync at once (not at `fsync_timeout`) and sends nothing more; what it
+/// accepted after the claim is not applied.
+#[test]
+fn a_superseded_daemon_fails_its_fsync_at_once() {
+    let dir = ScratchDir::new("it-claim-daemon").unwrap();
+    let data = format!("file://{}/volumes", dir.path().display());
+    let server = StoreServer::start(POHMELFS, dir.path(), "s", &data, Some(SECRET)).unwrap();
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=20000",
+        server.addr(),
+        secret_file(dir.path()).display()
+    );
+    let fsync_timeout = std::time::Duration::from_secs(120);
+    let cfg = pohmelfs::writeback::TxnConfig {
+        fsync_timeout,
+        ..Default::default()
+    };
+    let metrics = std::sync::Arc::new(pohmelfs::metrics::Metrics::default());
+    // The layer's open claims the volume, as the daemon's does.
+    let daemon = pohmelfs::writeback::open(&url, cfg, metrics).unwrap();
+    daemon.commit(write_txn(400, b"durable")).unwrap();
+    daemon.sync(None).unwrap();
+
+    let other = writer(&dir, &server);
+    // A metadata transaction waits for its ack (a write's would wait in
+    // the fsync): either way the error comes at once.
+    let started = std::time::Instant::now();
+    let failed = daemon
+        .commit(write_txn(401, b"after the claim"))
+        .and_then(|()| daemon.sync(None));
+    let why = pohmelfs::ErrorChain(failed.as_ref().unwrap_err()).to_string();
+    assert!(why.contains("NotWriter"), "{why}");
+    assert!(
+        started.elapsed() < fsync_timeout / 2,
+        "the fsync waited for its timeout: {:?}",
+        started.elapsed()
+    );
+    // Final: a write accepted now fails its fsync, and nothing was applied.
+    let mut write = Txn::new();
+    write.push(Op::Write {
+        ino: 400,
+        offset: 0,
+        data: b"late".to_vec().into(),
+    });
+    write.push(Op::PutInode(Inode::regular(400, 7)));
+    daemon.commit(write).unwrap();
+    assert!(daemon.sync(None).is_err());
+    assert!(started.elapsed() < fsync_timeout / 2);
+    assert_eq!(other.get_inode(401).unwrap(), None);
+    let mut buf = [0u8; 7];
+    other.read(400, 0, &mut buf).unwrap();
+    assert_eq!(&buf, b"durable");
+    drop(daemon);
+}

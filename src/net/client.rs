@@ -356,7 +356,7 @@ impl Inner {
         txn: Txn,
     ) -> Result<Ack, SendError> {
         if self.superseded.load(Ordering::Acquire) {
-            return Err(SendError::Refused(format!(
+            return Err(SendError::Superseded(format!(
                 "volume {}: another daemon claimed it for writing",
                 self.cfg.volume
             )));
@@ -408,7 +408,7 @@ impl Inner {
                                  this daemon fails from now on (fsync reports EIO)"
                             );
                         }
-                        Err(SendError::Refused(why))
+                        Err(SendError::Superseded(why))
                     }
                     _ => Err(SendError::Retry(why)),
                 }

@@ -186,6 +186,12 @@ pub(super) fn on_result(
             t.state = TxnState::Queued;
             t.last_error = Some(e.to_string());
             st.ready.insert(id);
+            if let SendError::Superseded(why) = &e {
+                if st.superseded.is_none() {
+                    error!(reason = %why, "another daemon writes to the volume now: nothing more is sent, every fsync fails with EIO");
+                }
+                st.superseded = Some(why.clone());
+            }
             let Some(t) = st.txns.get_mut(&id) else {
                 return;
             };
@@ -214,6 +220,8 @@ pub(super) fn on_result(
                 SendError::Refused(_) => {
                     t.not_before = Some(now + REFUSED_RETRY);
                 }
+                // The sender sends nothing more (`State::superseded`).
+                SendError::Superseded(_) => t.not_before = None,
                 SendError::NoSpace(_) => {
                     shared.metrics.txn_no_space.inc();
                     refused_for_space(&mut st, id);

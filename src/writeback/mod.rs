@@ -269,6 +269,10 @@ struct State {
     /// The store refused data for lack of space: writes get ENOSPC until a
     /// transaction that frees space is acknowledged.
     full: bool,
+    /// Another daemon claimed the volume for writing
+    /// ([`SendError::Superseded`]): nothing is sent any more, and every
+    /// fsync fails with this reason.
+    superseded: Option<String>,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
     /// Read-ahead chunks in flight (remote stores).
@@ -532,6 +536,7 @@ impl WritebackStore {
                 epoch: 0,
                 sticky: HashMap::new(),
                 no_space: HashSet::new(),
+                superseded: None,
                 full: false,
                 last_read_end: HashMap::new(),
                 ahead: ahead::Ahead::default(),
