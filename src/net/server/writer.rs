@@ -9,7 +9,9 @@
 //!
 //! Writes run under a read lock of the claim and a claim takes it for
 //! writing: once a claim is answered, no write of the session it superseded
-//! is still being applied.
+//! is still being applied. A write is refused only after the claim was
+//! written again: a server that another one took the volume over from
+//! (whose claim may be stale) fails that write and answers `Fenced`.
 //!
 //! [`Request::Claim`]: crate::net::proto::msg::Request::Claim
 
@@ -72,6 +74,14 @@ impl Served {
         match *writer {
             Some(c) if c.session == session => apply(&*self.store),
             held => {
+                // Refuse only as the volume's server: write the claim
+                // again (the same, or "none" as claim 0), which fails with
+                // `Fenced` on a server another one took the volume from,
+                // whose claim may be stale; the client then goes there.
+                self.store.set_writer_claim(held.unwrap_or(WriterClaim {
+                    claim: 0,
+                    session: 0,
+                }))?;
                 let why = match held {
                     Some(c) => format!(
                         "volume claimed for writing by another session (claim {}): this session \

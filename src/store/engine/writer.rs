@@ -44,7 +44,9 @@ impl SlateStore {
     pub(super) async fn writer_claim_inner(&self) -> Result<Option<WriterClaim>, StoreError> {
         match self.get(keys::writer()).await? {
             None => Ok(None),
-            Some(v) => decode(&v).map(Some),
+            // Claim 0 records "no claim" (written to prove the server
+            // still holds the volume, `net::server::writer`).
+            Some(v) => decode(&v).map(|c| Some(c).filter(|c| c.claim != 0)),
         }
     }
 
