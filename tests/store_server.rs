@@ -48,6 +48,12 @@ fn claim(raw: &mut Raw) -> u64 {
     }
 }
 
+/// `raw`, its session the volume's claimed writer.
+fn claimed(mut raw: Raw) -> Raw {
+    claim(&mut raw);
+    raw
+}
+
 fn write_txn(ino: u64, data: &[u8]) -> Txn {
     let mut t = Txn::new();
     t.push(Op::PutInode(Inode::regular(ino, data.len() as u64)));
@@ -108,8 +114,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
         "a",
         &format!("file://{}/volumes", dir.path().display()),
     );
-    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
-    claim(&mut raw);
+    let mut raw = claimed(Raw::connect(server.addr(), SECRET, "vol").unwrap());
     let session = raw.session;
     let first = raw.call(&Request::Txn {
         txn_id: 5,

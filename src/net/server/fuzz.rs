@@ -62,7 +62,7 @@ fn run(data: &[u8]) -> Option<usize> {
             while let Ok(Some(f)) = read_frame(&mut rd, MAX_PAYLOAD).await {
                 if let Ok(req) = Request::from_frame(&f) {
                     if !matches!(
-                        handle(&*session.volume, session.stored, req),
+                        handle(&session.volume, session.stored, req),
                         Response::Error { .. }
                     ) {
                         answered += 1;
