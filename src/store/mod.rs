@@ -545,6 +545,33 @@ pub trait OnceStore: Store {
         let _ = spare;
         Ok(0)
     }
+
+    /// The volume's writer claim as [`OnceStore::set_writer_claim`] last
+    /// recorded it, or none. A store that cannot keep one (`mem:`, whose
+    /// volume dies with its process) has none: its server keeps the claim
+    /// in memory.
+    fn writer_claim(&self) -> Result<Option<WriterClaim>, StoreError> {
+        Ok(None)
+    }
+
+    /// Record `claim` as the volume's writer claim, durably before it
+    /// returns, so that a reopen (a store server restarted, or another one
+    /// that took the volume over) still refuses every other writer.
+    fn set_writer_claim(&self, claim: WriterClaim) -> Result<(), StoreError> {
+        let _ = claim;
+        Ok(())
+    }
+}
+
+/// Which client session of a store server may write to a volume
+/// (`net::server`, `docs/protocol.md` "Writer claim"): the last one that
+/// claimed it. `claim` counts the claims made on the volume, from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterClaim {
+    pub claim: u64,
+    /// The stored session (`net::proto::auth::stored_session`) of the
+    /// claiming client.
+    pub session: u64,
 }
 
 /// The reserved inode under which `mem:` keeps its applied records, as

@@ -269,6 +269,10 @@ struct State {
     /// The store refused data for lack of space: writes get ENOSPC until a
     /// transaction that frees space is acknowledged.
     full: bool,
+    /// Another daemon claimed the volume for writing
+    /// ([`SendError::Superseded`]): nothing is sent any more, and every
+    /// fsync fails with this reason.
+    superseded: Option<String>,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
     /// Read-ahead chunks in flight (remote stores).
@@ -406,7 +410,18 @@ pub fn open_sparing(
         // removes what a crashed one left unlinked but open. A failure
         // leaks their space, never data (a server older than the
         // request refuses it): the daemon goes on.
-        // A read-only daemon writes nothing.
+        // A read-only daemon writes nothing. One that writes claims the
+        // volume first: the server then refuses every other daemon's
+        // writes (a migration source that hung, one taken over).
+        if mode != crate::store::engine::OpenMode::ReadOnly {
+            let claim = remote
+                .claim()
+                .map_err(|source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                })?;
+            tracing::info!(claim, "claimed the volume for writing");
+        }
         let reclaimed = match mode {
             crate::store::engine::OpenMode::ReadOnly => Ok(0),
             _ => remote.reclaim_orphans_except(spare),
@@ -521,6 +536,7 @@ impl WritebackStore {
                 epoch: 0,
                 sticky: HashMap::new(),
                 no_space: HashSet::new(),
+                superseded: None,
                 full: false,
                 last_read_end: HashMap::new(),
                 ahead: ahead::Ahead::default(),

@@ -61,6 +61,11 @@ impl Shared {
                     "transaction layer shut down",
                 )));
             }
+            if let Some(why) = &st.superseded {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "not stored: {why}"
+                ))));
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() && waits_for_space() {
                 return Err(StoreError::NoSpace);

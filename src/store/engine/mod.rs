@@ -72,6 +72,7 @@ mod shared;
 pub mod snapshot;
 #[cfg(test)]
 mod test_writes;
+mod writer;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -102,7 +103,7 @@ use slatedb::{Db, WriteBatch};
 
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
-    BLOCK_SIZE,
+    WriterClaim, BLOCK_SIZE,
 };
 use codec::{Counters, Superblock};
 pub use codec::{FORMAT_VERSION, UPGRADES_FROM};
@@ -667,5 +668,13 @@ impl OnceStore for SlateStore {
 
     fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
         SlateStore::reclaim_orphans_except(self, spare)
+    }
+
+    fn writer_claim(&self) -> Result<Option<WriterClaim>, StoreError> {
+        self.note(self.rt()?.block_on(self.writer_claim_inner()))
+    }
+
+    fn set_writer_claim(&self, claim: WriterClaim) -> Result<(), StoreError> {
+        self.note(self.rt()?.block_on(self.set_writer_claim_inner(claim)))
     }
 }

@@ -347,4 +347,8 @@ impl OnceStore for ReadOnlyVolume {
     fn epoch(&self) -> u64 {
         self.identity.epoch
     }
+
+    fn set_writer_claim(&self, _claim: crate::store::WriterClaim) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
 }
