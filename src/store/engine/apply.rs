@@ -29,6 +29,7 @@ use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
 use super::keys::{self, tag};
 use super::log_queue::LogQueue;
 use super::map_engine_error;
+use super::objects::{self, Objects};
 use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
 
@@ -66,8 +67,13 @@ pub struct TxnView<'a> {
     /// commit log's queue): read before the engine.
     queued: Option<&'a LogQueue>,
     entries: BTreeMap<Vec<u8>, Entry>,
-    /// The volume's segments (`file://`); `None` keeps data inline.
+    /// The volume's segments (`file://`); `None` keeps data inline,
+    /// unless the volume has data objects.
     pub segments: Option<&'a Segments>,
+    /// The volume's data objects (`s3://`).
+    pub objects: Option<&'a Objects>,
+    /// Where a chunk rewrite's object ids come from (with `objects`).
+    pub object_ids: Option<&'a (dyn Fn() -> Result<u64, StoreError> + Sync)>,
     /// Segment pages no extent refers to once this batch is durable.
     pub dead: BTreeMap<u64, Vec<Range<u64>>>,
     /// How the live bytes of each segment move.
@@ -112,6 +118,8 @@ impl<'a> TxnView<'a> {
             queued,
             entries: BTreeMap::new(),
             segments,
+            objects: None,
+            object_ids: None,
             dead: BTreeMap::new(),
             live_delta: BTreeMap::new(),
             appended: Vec::new(),
@@ -139,7 +147,8 @@ impl<'a> TxnView<'a> {
                     i128::from(old) + delta
                 ))
             })?;
-            let deletable = self.segments.is_some_and(|s| s.deletable(seg));
+            let deletable = self.segments.is_some_and(|s| s.deletable(seg))
+                || self.objects.is_some_and(|o| o.deletable(seg));
             if live == 0 && deletable {
                 self.delete(key).await?;
                 self.emptied.push(seg);
@@ -333,14 +342,24 @@ fn in_chunk(e: StoreError, ino: u64, index: u64) -> StoreError {
     }
 }
 
+/// Where the extents of a volume point: its segment files (`file://`) or
+/// its data objects (`s3://`); neither keeps every byte inline.
+#[derive(Clone, Copy, Default)]
+pub struct Files<'a> {
+    pub segments: Option<&'a Segments>,
+    pub objects: Option<&'a Objects>,
+}
+
 /// Fill `out` with the chunk bytes from chunk offset `from` on, as `list`
-/// holds them (zeros where no extent is).
-pub fn read_chunk(
-    segments: Option<&Segments>,
+/// holds them (zeros where no extent is). Object extents are fetched with
+/// one ranged read each, checked against their checksums.
+pub async fn read_chunk(
+    files: Files<'_>,
     list: &[Extent],
     from: u32,
     out: &mut [u8],
 ) -> Result<(), StoreError> {
+    let segments = files.segments;
     out.fill(0);
     let to = from + out.len() as u32;
     for e in list {
@@ -349,11 +368,14 @@ pub fn read_chunk(
             continue;
         }
         let dst = &mut out[(s - from) as usize..(t - from) as usize];
-        match &e.data {
-            Data::Inline(b) => {
+        match (&e.data, files.objects) {
+            (Data::Inline(b), _) => {
                 dst.copy_from_slice(&b[(s - e.start) as usize..(t - e.start) as usize])
             }
-            Data::Segment(p) => {
+            (Data::Segment(p), Some(objects)) => {
+                dst.copy_from_slice(&objects.read_piece(p, s..t).await?)
+            }
+            (Data::Segment(p), None) => {
                 let segs = segments.ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "extent in segment {} on a volume without segments",
@@ -395,9 +417,41 @@ async fn compact(
 ) -> Result<Vec<Extent>, StoreError> {
     let end = extent::covered_end(&list);
     let mut buf = vec![0u8; end as usize];
-    read_chunk(view.segments, &list, 0, &mut buf)?;
-    let data = match view.segments {
-        Some(segs) => {
+    let files = Files {
+        segments: view.segments,
+        objects: view.objects,
+    };
+    read_chunk(files, &list, 0, &mut buf).await?;
+    let data = match (view.segments, view.objects, view.object_ids) {
+        (_, Some(objects), Some(next_id)) => {
+            // A rare, bounded upload under the commit lock: one object of
+            // at most one chunk, amortized over the writes that
+            // fragmented it.
+            let id = next_id()?;
+            objects.pin(id);
+            view.appended.push(Placed {
+                seg: id,
+                seg_off: 0,
+                len: u64::from(end),
+            });
+            let crcs = extent::page_crcs(0, &[&buf]);
+            objects
+                .upload(vec![objects::Pack {
+                    id,
+                    len: u64::from(end),
+                    parts: vec![Bytes::from(buf)],
+                }])
+                .await
+                .map_err(StoreError::Io)?;
+            Data::Segment(Piece {
+                seg: id,
+                seg_off: 0,
+                start: 0,
+                len: end,
+                crcs,
+            })
+        }
+        (Some(segs), _, _) => {
             let p = segs
                 .append(index.saturating_mul(BLOCK_SIZE), &[&buf])
                 .map_err(StoreError::Io)?;
@@ -410,7 +464,7 @@ async fn compact(
                 crcs: extent::page_crcs(p.seg_off, &[&buf]),
             })
         }
-        None => Data::Inline(Bytes::from(buf)),
+        _ => Data::Inline(Bytes::from(buf)),
     };
     Ok(vec![Extent {
         start: 0,
@@ -438,6 +492,18 @@ async fn put_chunk(
     };
     view.put(keys::block(ino, index), extent::encode(&new))
         .await
+}
+
+/// Replace the chunk record `key`, whose extents were `old`, by `new`
+/// (same bytes elsewhere: a data object pass moving extents).
+pub async fn replace_chunk(
+    view: &mut TxnView<'_>,
+    key: Vec<u8>,
+    old: &[Extent],
+    new: Vec<Extent>,
+) -> Result<(), StoreError> {
+    account(view, old, &new);
+    view.put(key, extent::encode(&new)).await
 }
 
 /// Drop every chunk record in `range`, with its extents.

@@ -19,6 +19,7 @@ use slatedb::{WriteBatch, WriteHandle};
 use super::apply::Puts;
 use super::log::{self, LogError};
 use super::log_queue::{self, Queued, Turn};
+use super::objects::{self, Pack};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -128,9 +129,81 @@ impl SlateStore {
         Ok(out)
     }
 
+    /// Pack the bytes of every write of `txn` into data objects and upload
+    /// them (`objects.rs`); where each op's bytes went. `Ok` only once
+    /// every object is stored: the batch that refers to them comes after.
+    async fn place_objects(&self, txn: &Txn) -> Result<Vec<Option<Placed>>, StoreError> {
+        let Some(objects) = &self.objects else {
+            return Ok(vec![None; txn.ops.len()]);
+        };
+        let data_of = |op: &Op| match op {
+            Op::Write { offset, data, .. }
+                if !data.is_empty() && offset.checked_add(data.len() as u64).is_some() =>
+            {
+                Some(data.clone())
+            }
+            _ => None,
+        };
+        let lens: Vec<u64> = txn
+            .ops
+            .iter()
+            .filter_map(|op| data_of(op).map(|d| d.len() as u64))
+            .collect();
+        if lens.is_empty() {
+            return Ok(vec![None; txn.ops.len()]);
+        }
+        let first = objects.next_ids(objects::objects_needed(&lens))?;
+        let (placed, n) = objects::plan(&lens, first);
+        let mut packs: Vec<Pack> = (first..first + n)
+            .map(|id| Pack {
+                id,
+                ..Pack::default()
+            })
+            .collect();
+        let mut next = placed.iter();
+        let mut out = Vec::with_capacity(txn.ops.len());
+        for op in &txn.ops {
+            let p = match (data_of(op), next.clone().next()) {
+                (Some(d), Some(p)) => {
+                    next.next();
+                    let pack = &mut packs[(p.seg - first) as usize];
+                    pack.parts.extend(d.parts().iter().cloned());
+                    pack.len += p.len;
+                    objects.pin(p.seg);
+                    Some(*p)
+                }
+                _ => None,
+            };
+            out.push(p);
+        }
+        if let Err(e) = objects.upload(packs).await {
+            for p in &placed {
+                objects.unpin(p.seg);
+            }
+            return Err(StoreError::Io(e));
+        }
+        #[cfg(test)]
+        if objects.stop_after_upload.swap(false, Ordering::AcqRel) {
+            // As if killed here: uploaded, pinned, never committed.
+            return Err(StoreError::Io(std::io::Error::other(
+                "stopped after upload",
+            )));
+        }
+        Ok(out)
+    }
+
     /// Give back appends whose batch was never written: nothing refers to
     /// their pages, which no other append shares.
     fn abandon(&self, placed: &[Placed]) {
+        if let (Some(objects), Some(gc)) = (&self.objects, &self.object_gc) {
+            let mut ids: Vec<u64> = placed.iter().map(|p| p.seg).collect();
+            ids.dedup();
+            for p in placed {
+                objects.unpin(p.seg);
+            }
+            gc.delete(ids);
+            return;
+        }
         let Some(segs) = &self.segments else { return };
         for p in placed {
             let r = p.seg_off / SEGMENT_PAGE * SEGMENT_PAGE
@@ -151,7 +224,10 @@ impl SlateStore {
         self.check_writable()?;
         let _in_flight = self.group.begin();
         let logged = self.checkpoint.is_some() && txn.data_bytes() <= LOG_INLINE_BYTES;
-        let placed = self.place(&txn, logged)?;
+        let placed = match &self.objects {
+            Some(_) => self.place_objects(&txn).await?,
+            None => self.place(&txn, logged)?,
+        };
         // The record carries the bytes (`WriteData` clones share them).
         let writes: Vec<(Placed, WriteData)> = txn
             .ops
@@ -171,6 +247,11 @@ impl SlateStore {
             if let Some(segs) = &self.segments {
                 for p in &appended {
                     segs.unpin(p.seg);
+                }
+            }
+            if let Some(objects) = &self.objects {
+                for p in &appended {
+                    objects.unpin(p.seg);
                 }
             }
         } else {
@@ -214,6 +295,8 @@ impl SlateStore {
         if let Some(r) = &self.reclaimer {
             // Off the commit path: the acknowledgement does not wait.
             r.send(reclaim);
+        } else if let Some(gc) = &self.object_gc {
+            gc.delete(reclaim.emptied);
         }
         Ok(CommitOutcome { duplicate: false })
     }
@@ -234,6 +317,12 @@ impl SlateStore {
         let mut counters = self.commit_lock.lock().await;
         let queued = self.checkpoint.as_ref().map(|_| &self.log_queue);
         let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
+        let next_object = || match &self.objects {
+            Some(o) => o.next_ids(1),
+            None => Err(StoreError::Corrupt("no data objects".into())),
+        };
+        view.objects = self.objects.as_deref();
+        view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
                 return Ok(Built::Duplicate(self.log_queue.last_seq()));

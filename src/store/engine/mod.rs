@@ -57,6 +57,8 @@ mod keys;
 mod log;
 mod log_queue;
 mod log_record;
+mod object_gc;
+mod objects;
 mod open;
 mod orphans;
 mod overlay;
@@ -81,6 +83,8 @@ mod lifecycle_tests;
 mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
+#[cfg(test)]
+mod object_tests;
 #[cfg(test)]
 mod readonly_tests;
 #[cfg(test)]
@@ -110,6 +114,7 @@ pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGME
 pub use group::CommitMode;
 use identity::map_engine_error;
 pub use identity::{OpenVolumeError, VolumeIdentity};
+pub use objects::ObjectFiles;
 pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
 pub use reader::{OpenReaderError, VolumeReader};
@@ -138,6 +143,9 @@ pub(crate) enum Placement {
     Inline,
     /// Segments sealed at this many bytes.
     SegmentsOf(u64),
+    /// Data objects in the volume's directory, as on `s3://` (no
+    /// segments, no commit log).
+    Objects,
 }
 
 /// What `reserve_ids` hands out from.
@@ -158,7 +166,7 @@ pub struct SlateStore {
     describe: String,
     /// Held while a commit reads, builds and appends its batch: commits
     /// apply in this order. Holds the space counters as of the last append.
-    commit_lock: tokio::sync::Mutex<Counters>,
+    commit_lock: Arc<tokio::sync::Mutex<Counters>>,
     /// Copies of the counters for statfs, which must not wait behind a
     /// commit.
     used_blocks: AtomicU64,
@@ -168,6 +176,11 @@ pub struct SlateStore {
     group: group::GroupCommit,
     /// The segment files of a `file://` volume; `None` on `s3://`.
     segments: Option<Arc<Segments>>,
+    /// The data objects of an `s3://` volume (`objects.rs`).
+    objects: Option<Arc<objects::Objects>>,
+    /// Deletes dead data objects and rewrites mostly dead ones
+    /// (`object_gc.rs`), with `objects`.
+    object_gc: Option<Arc<object_gc::ObjectGc>>,
     /// Readers hold it shared from reading a chunk record to reading the
     /// segment bytes it names; reclaiming (punching, deleting) takes it
     /// exclusively, so a reader never sees a page punched under it.
@@ -219,6 +232,9 @@ impl SlateStore {
         if let Some(r) = &self.reclaimer {
             r.stop();
         }
+        if let Some(gc) = &self.object_gc {
+            gc.stop();
+        }
         let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
         if let Some(lease) = &self.lease {
             if !self.fenced.load(Ordering::Acquire) {
@@ -262,6 +278,43 @@ impl SlateStore {
     /// concurrent commits, like WAL flushes).
     pub fn segment_syncs(&self) -> u64 {
         self.segments.as_deref().map_or(0, Segments::syncs)
+    }
+
+    /// What a data object pass works on (`s3://` volumes).
+    fn object_pass(&self) -> Option<object_gc::Pass> {
+        Some(object_gc::Pass {
+            db: self.db.clone(),
+            commit_lock: self.commit_lock.clone(),
+            objects: self.objects.clone()?,
+            gc: self.object_gc.clone()?,
+        })
+    }
+
+    /// Rewrite the data objects below the liveness threshold now, as the
+    /// background pass does every 30 s (`object_gc.rs`); nothing to do
+    /// without data objects.
+    pub fn collect_objects(&self) -> Result<object_gc::PassStats, StoreError> {
+        self.check_writable()?;
+        let Some(pass) = self.object_pass() else {
+            return Ok(object_gc::PassStats::default());
+        };
+        self.note(self.rt()?.block_on(pass.run()))
+    }
+
+    /// How many uploads, ranged reads and deletes of data objects this
+    /// instance made.
+    pub fn object_counts(&self) -> (u64, u64, u64) {
+        self.objects
+            .as_deref()
+            .map_or((0, 0, 0), objects::Objects::counts)
+    }
+
+    /// Where this volume's extents point.
+    fn files(&self) -> apply::Files<'_> {
+        apply::Files {
+            segments: self.segments.as_deref(),
+            objects: self.objects.as_deref(),
+        }
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -376,6 +429,22 @@ impl SlateStore {
     }
 
     async fn read_inner(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        if self.objects.is_some() {
+            // One plan fetches every object window of the range at once.
+            let mut at = 0usize;
+            for piece in self.plan_inner(ino, offset, buf.len()).await? {
+                let n = piece.len();
+                match piece {
+                    ReadPiece::Bytes(b) => buf[at..at + n].copy_from_slice(&b),
+                    ReadPiece::Zeros(_) => buf[at..at + n].fill(0),
+                    ReadPiece::File { .. } => {
+                        return Err(StoreError::Corrupt("segment extent on s3://".into()))
+                    }
+                }
+                at += n;
+            }
+            return Ok(());
+        }
         let mut pos = offset;
         let mut done = 0usize;
         while done < buf.len() {
@@ -391,7 +460,7 @@ impl SlateStore {
                         }
                         other => other,
                     })?;
-                    apply::read_chunk(self.segments.as_deref(), &list, in_chunk, out)?;
+                    apply::read_chunk(self.files(), &list, in_chunk, out).await?;
                 }
                 None => out.fill(0),
             }

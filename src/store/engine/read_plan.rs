@@ -4,7 +4,8 @@
 //! through a buffer of ours.
 //!
 //! A [`ReadPlan`] lists [`ReadPiece`]s in file order: zeros (holes), bytes
-//! already in memory (inline extents of `s3://` volumes), or a range of an
+//! already in memory (inline extents, and the windows of `s3://` data
+//! objects, fetched with parallel ranged GETs), or a range of an
 //! open segment file. Neighbouring pieces of one file are merged, so a
 //! sequentially written range is one piece. The plan holds the engine's
 //! reclaim lock shared: no page it names is punched while it lives. Hold it
@@ -90,13 +91,16 @@ impl SlateStore {
         })
     }
 
-    async fn plan_inner(
+    pub(super) async fn plan_inner(
         &self,
         ino: u64,
         offset: u64,
         len: usize,
     ) -> Result<Vec<ReadPiece>, StoreError> {
         let mut out = Vec::new();
+        // Object windows to fetch, and the place of each in `out`.
+        let mut fetch: Vec<(extent::Piece, std::ops::Range<u32>)> = Vec::new();
+        let mut slots = Vec::new();
         let mut pos = offset;
         let mut done = 0usize;
         while done < len {
@@ -125,6 +129,12 @@ impl SlateStore {
                         &mut out,
                         ReadPiece::Bytes(b.slice((s - e.start) as usize..(t - e.start) as usize)),
                     ),
+                    Data::Segment(p) if self.objects.is_some() => {
+                        // Filled in below, all fetched together.
+                        slots.push(out.len());
+                        out.push(ReadPiece::Bytes(Bytes::new()));
+                        fetch.push((p.clone(), s..t));
+                    }
                     Data::Segment(p) => {
                         let segs = self.segments.as_ref().ok_or_else(|| {
                             StoreError::Corrupt(format!(
@@ -154,6 +164,11 @@ impl SlateStore {
                     break;
                 }
             };
+        }
+        if let (Some(objects), false) = (&self.objects, fetch.is_empty()) {
+            for (slot, bytes) in slots.into_iter().zip(objects.read_many(&fetch).await?) {
+                out[slot] = ReadPiece::Bytes(bytes);
+            }
         }
         Ok(out)
     }
