@@ -44,6 +44,7 @@
 //! unusable.
 
 mod apply;
+mod chunk_read;
 mod codec;
 mod commit;
 mod config;
@@ -280,35 +281,6 @@ impl SlateStore {
         self.segments.as_deref().map_or(0, Segments::syncs)
     }
 
-    /// What a data object pass works on (`s3://` volumes).
-    fn object_pass(&self) -> Option<object_gc::Pass> {
-        Some(object_gc::Pass {
-            db: self.db.clone(),
-            commit_lock: self.commit_lock.clone(),
-            objects: self.objects.clone()?,
-            gc: self.object_gc.clone()?,
-        })
-    }
-
-    /// Rewrite the data objects below the liveness threshold now, as the
-    /// background pass does every 30 s (`object_gc.rs`); nothing to do
-    /// without data objects.
-    pub fn collect_objects(&self) -> Result<object_gc::PassStats, StoreError> {
-        self.check_writable()?;
-        let Some(pass) = self.object_pass() else {
-            return Ok(object_gc::PassStats::default());
-        };
-        self.note(self.rt()?.block_on(pass.run()))
-    }
-
-    /// How many uploads, ranged reads and deletes of data objects this
-    /// instance made.
-    pub fn object_counts(&self) -> (u64, u64, u64) {
-        self.objects
-            .as_deref()
-            .map_or((0, 0, 0), objects::Objects::counts)
-    }
-
     /// Where this volume's extents point.
     fn files(&self) -> apply::Files<'_> {
         apply::Files {
@@ -430,20 +402,7 @@ impl SlateStore {
 
     async fn read_inner(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         if self.objects.is_some() {
-            // One plan fetches every object window of the range at once.
-            let mut at = 0usize;
-            for piece in self.plan_inner(ino, offset, buf.len()).await? {
-                let n = piece.len();
-                match piece {
-                    ReadPiece::Bytes(b) => buf[at..at + n].copy_from_slice(&b),
-                    ReadPiece::Zeros(_) => buf[at..at + n].fill(0),
-                    ReadPiece::File { .. } => {
-                        return Err(StoreError::Corrupt("segment extent on s3://".into()))
-                    }
-                }
-                at += n;
-            }
-            return Ok(());
+            return self.read_through_plan(ino, offset, buf).await;
         }
         let mut pos = offset;
         let mut done = 0usize;

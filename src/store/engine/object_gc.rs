@@ -42,7 +42,7 @@ use super::apply::{self, TxnView};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
 use super::objects::{self, Objects, Pack, OBJECT_BYTES_TARGET};
-use super::{keys, map_engine_error};
+use super::{keys, map_engine_error, objects as objs, SlateStore};
 use crate::store::StoreError;
 
 /// An object with fewer live bytes than this share of its size is
@@ -434,6 +434,37 @@ impl Pass {
         drop(counters);
         self.db.flush().await.map_err(map_engine_error)?;
         Ok((emptied, used))
+    }
+}
+
+impl SlateStore {
+    /// What a data object pass works on (`s3://` volumes).
+    pub(super) fn object_pass(&self) -> Option<Pass> {
+        Some(Pass {
+            db: self.db.clone(),
+            commit_lock: self.commit_lock.clone(),
+            objects: self.objects.clone()?,
+            gc: self.object_gc.clone()?,
+        })
+    }
+
+    /// Rewrite the data objects below the liveness threshold now, as the
+    /// background pass does every 30 s (`object_gc.rs`); nothing to do
+    /// without data objects.
+    pub fn collect_objects(&self) -> Result<PassStats, StoreError> {
+        self.check_writable()?;
+        let Some(pass) = self.object_pass() else {
+            return Ok(PassStats::default());
+        };
+        self.note(self.rt()?.block_on(pass.run()))
+    }
+
+    /// How many uploads, ranged reads and deletes of data objects this
+    /// instance made.
+    pub fn object_counts(&self) -> (u64, u64, u64) {
+        self.objects
+            .as_deref()
+            .map_or((0, 0, 0), objs::Objects::counts)
     }
 }
 

@@ -91,6 +91,33 @@ impl SlateStore {
         })
     }
 
+    /// Fill `buf` from one plan: every object window of the range is
+    /// fetched at once (`s3://`).
+    pub(super) async fn read_through_plan(
+        &self,
+        ino: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        // One plan fetches every object window of the range at once.
+        let mut at = 0usize;
+        for piece in self.plan_inner(ino, offset, buf.len()).await? {
+            let n = piece.len();
+            if at + n > buf.len() {
+                return Err(StoreError::Corrupt("read plan longer than the read".into()));
+            }
+            match piece {
+                ReadPiece::Bytes(b) => buf[at..at + n].copy_from_slice(&b),
+                ReadPiece::Zeros(_) => buf[at..at + n].fill(0),
+                ReadPiece::File { .. } => {
+                    return Err(StoreError::Corrupt("segment extent on s3://".into()))
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
     pub(super) async fn plan_inner(
         &self,
         ino: u64,
