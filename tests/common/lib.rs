@@ -9,7 +9,8 @@
 //!   ready, and [`log_tail`] for failure messages.
 //! - [`store`]: [`StoreServer`], a `pohmelfs store` process on loopback, restartable on the
 //!   same port and data.
-//! - [`s3`]: [`Moto`], an S3-compatible `moto_server` on loopback with one bucket.
+//! - [`s3`]: [`Moto`] and [`S3sFs`], two independent S3-compatible servers on loopback
+//!   with one bucket each.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
 //!   line `scripts/test` counts.
 //! - [`format_volume`]: `pohmelfs format URL`, how every test makes a `file://` or `s3://`
@@ -33,7 +34,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use process::{log_tail, ChildGuard};
-pub use s3::Moto;
+pub use s3::{Moto, S3sFs};
 pub use scratch::ScratchDir;
 pub use skip::{skip_requested, skipped};
 pub use store::StoreServer;
