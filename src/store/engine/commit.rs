@@ -160,21 +160,21 @@ impl SlateStore {
                 ..Pack::default()
             })
             .collect();
+        // `placed` has one entry per op that `data_of` keeps, in order.
         let mut next = placed.iter();
         let mut out = Vec::with_capacity(txn.ops.len());
         for op in &txn.ops {
-            let p = match (data_of(op), next.clone().next()) {
-                (Some(d), Some(p)) => {
-                    next.next();
-                    let pack = &mut packs[(p.seg - first) as usize];
-                    pack.parts.extend(d.parts().iter().cloned());
-                    pack.len += p.len;
-                    objects.pin(p.seg);
-                    Some(*p)
-                }
-                _ => None,
+            let p = match data_of(op) {
+                Some(d) => next.next().map(|p| (d, *p)),
+                None => None,
             };
-            out.push(p);
+            out.push(p.map(|(d, p)| {
+                let pack = &mut packs[(p.seg - first) as usize];
+                pack.parts.extend(d.parts().iter().cloned());
+                pack.len += p.len;
+                objects.pin(p.seg);
+                p
+            }));
         }
         if let Err(e) = objects.upload(packs).await {
             for p in &placed {
@@ -197,6 +197,7 @@ impl SlateStore {
     fn abandon(&self, placed: &[Placed]) {
         if let (Some(objects), Some(gc)) = (&self.objects, &self.object_gc) {
             let mut ids: Vec<u64> = placed.iter().map(|p| p.seg).collect();
+            ids.sort_unstable();
             ids.dedup();
             for p in placed {
                 objects.unpin(p.seg);
