@@ -31,6 +31,11 @@ use crate::store::{CommitOutcome, Op, StoreError, Txn, WriteData, BLOCK_SIZE};
 /// their segment before the record, so no byte is written twice.
 const LOG_INLINE_BYTES: u64 = 64 << 10;
 
+/// On `s3://`, commits of at most this many bytes of writes keep them
+/// inline in their extents (in the WAL object that makes the commit
+/// durable); larger ones upload data objects first (`objects.rs`).
+pub(super) const OBJECT_INLINE_BYTES: u64 = LOG_INLINE_BYTES;
+
 /// A group's record holds at most about this many payload bytes (unless
 /// its first commit alone is larger): a commit that queued behind a large
 /// group does not wait for an even larger one.
@@ -226,7 +231,10 @@ impl SlateStore {
         let _in_flight = self.group.begin();
         let logged = self.checkpoint.is_some() && txn.data_bytes() <= LOG_INLINE_BYTES;
         let placed = match &self.objects {
-            Some(_) => self.place_objects(&txn).await?,
+            Some(_) if txn.data_bytes() > OBJECT_INLINE_BYTES => self.place_objects(&txn).await?,
+            // Small commits keep their bytes inline, in the WAL object
+            // that makes them durable: one PUT, not two.
+            Some(_) => vec![None; txn.ops.len()],
             None => self.place(&txn, logged)?,
         };
         // The record carries the bytes (`WriteData` clones share them).

@@ -77,11 +77,24 @@ fn gc_barrier(s: &SlateStore) {
 }
 
 #[test]
+fn small_commits_stay_inline_and_large_ones_go_to_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = volume(&dir);
+    commit(&s, vec![write_op(5, 0, &pattern(1, 64 * KIB))]);
+    assert_eq!(s.object_counts().0, 0, "a 64 KiB commit uploaded");
+    assert!(listed(&dir).is_empty());
+    commit(&s, vec![write_op(5, 0, &pattern(2, 64 * KIB + 1))]);
+    assert_eq!(s.object_counts().0, 1);
+    assert_eq!(read(&s, 5, 0, 64 * KIB + 1), pattern(2, 64 * KIB + 1));
+}
+
+#[test]
 fn the_contract_holds_with_data_in_objects() {
     let dir = tempfile::tempdir().unwrap();
     let s = volume(&dir);
     conformance::contract(&s);
     conformance::once_contract(&s);
+    commit(&s, vec![write_op(600, 0, &pattern(3, 100 * KIB))]);
     assert!(s.object_counts().0 > 0, "no object was uploaded");
     drop(s);
     let dir = tempfile::tempdir().unwrap();
@@ -235,13 +248,13 @@ fn a_failed_upload_commits_nothing_and_leaves_no_object() {
 fn a_stop_between_upload_and_commit_leaves_an_orphan_the_next_open_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let s = volume(&dir);
-    commit(&s, vec![write_op(5, 0, b"durable")]);
+    commit(&s, vec![write_op(5, 0, &pattern(1, 100 * KIB))]);
     let objects = s.objects.as_ref().unwrap();
     objects
         .stop_after_upload
         .store(true, std::sync::atomic::Ordering::Release);
     let r = s.commit(Txn {
-        ops: vec![write_op(5, 0, b"never!!")],
+        ops: vec![write_op(5, 0, &pattern(2, 100 * KIB))],
     });
     assert!(r.is_err(), "{r:?}");
     assert_eq!(listed(&dir).len(), 2, "the upload is there");
@@ -257,7 +270,7 @@ fn a_stop_between_upload_and_commit_leaves_an_orphan_the_next_open_deletes() {
         "the orphan stays: {:?}",
         listed(&dir)
     );
-    assert_eq!(read(&s, 5, 0, 7), b"durable");
+    assert_eq!(read(&s, 5, 0, 100 * KIB), pattern(1, 100 * KIB));
     let report = check_volume(&s).unwrap();
     assert!(leaked(&report).is_empty(), "{report:?}");
 }
@@ -266,7 +279,7 @@ fn a_stop_between_upload_and_commit_leaves_an_orphan_the_next_open_deletes() {
 fn a_damaged_object_reads_as_an_error_and_the_checker_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let s = volume(&dir);
-    commit(&s, vec![write_op(5, 0, &pattern(1, 20_000))]);
+    commit(&s, vec![write_op(5, 0, &pattern(1, 100_000))]);
     let (id, _) = listed(&dir)[0];
     let path = dir
         .path()

@@ -28,12 +28,15 @@ fn round_trip_and_fencing(url: &dyn Fn(&str) -> String) {
         conformance::contract(&s);
         conformance::once_contract(&s);
         commit(&s, vec![write_op(500, 7, b"in the bucket")]);
+        // Small commits stay inline; this one uploads a data object.
+        commit(&s, vec![write_op(502, 0, &pattern(5, 100 * 1024))]);
         assert!(s.object_counts().0 > 0, "no data object was uploaded");
         s.close().unwrap();
     }
     let s = SlateStore::open(&a).expect("reopen s3 volume");
     assert_eq!(read(&s, 500, 7, 13), b"in the bucket");
     assert!(s.commit_once(1, 5, Txn::new()).unwrap().duplicate);
+    assert_eq!(read(&s, 502, 0, 100 * 1024), pattern(5, 100 * 1024));
     drop(s);
     // Read-only (`serve --readonly`): SlateDB's reader, nothing written.
     let ro = ReadOnlyVolume::open(&a).expect("open s3 volume read-only");
@@ -89,7 +92,7 @@ fn objects_are_collected(url: &dyn Fn(&str) -> String) {
         .store(true, std::sync::atomic::Ordering::Release);
     assert!(s
         .commit(Txn {
-            ops: vec![write_op(40, 0, b"lost")]
+            ops: vec![write_op(40, 0, &pattern(6, 100 * 1024))]
         })
         .is_err());
     let report = check_volume(&s).unwrap();
