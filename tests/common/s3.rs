@@ -159,6 +159,26 @@ impl Moto {
         ("AWS_SECRET_ACCESS_KEY", "test"),
     ];
 
+    /// The keys in the bucket under `prefix` (one unsigned ListObjectsV2 page: moto takes
+    /// any credentials and none).
+    pub fn keys(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            conn,
+            "GET /{}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\
+             Connection: close\r\n\r\n",
+            self.bucket, self.port
+        )?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split("</Key>").next().map(str::to_owned))
+            .collect())
+    }
+
     /// The last lines of moto's log.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log, 30)
