@@ -29,11 +29,16 @@ pub struct CopyArgs {
     no_verify: bool,
 }
 
-/// Open a volume that exists, refusing one a daemon holds.
-fn open(url: &str) -> Result<Arc<dyn Store>> {
+/// Open a volume that exists, refusing one a daemon holds. A `pohmel://`
+/// volume is claimed for writing when `write` (the destination), so a
+/// daemon that had it can write no more; a source is only read.
+fn open(url: &str, write: bool) -> Result<Arc<dyn Store>> {
     confine::refuse_secret_in_url(url)?;
-    if url.starts_with("pohmel:") {
+    if url.starts_with("pohmel:") && write {
         return Ok(pohmelfs::net::open(url)?);
+    }
+    if url.starts_with("pohmel:") {
+        return Ok(pohmelfs::net::open_reader(url)?);
     }
     let once = pohmelfs::store::open_once_as(url, OpenMode::Existing { take_over: false })?;
     Ok(once)
@@ -98,8 +103,9 @@ impl Shown {
 
 pub fn run(args: CopyArgs) -> Result<()> {
     super::init_logging("warn")?;
-    let src = open(&args.src).with_context(|| format!("open the source {}", args.src))?;
-    let dst = open(&args.dst).with_context(|| format!("open the destination {}", args.dst))?;
+    let src = open(&args.src, false).with_context(|| format!("open the source {}", args.src))?;
+    let dst =
+        open(&args.dst, true).with_context(|| format!("open the destination {}", args.dst))?;
     let started = Instant::now();
     let mut shown = Shown::new("copy", "inodes");
     let copied = copy::copy(&*src, &*dst, &mut |p| shown.show(p, false)).context("copy")?;
@@ -152,32 +158,16 @@ pub fn run(args: CopyArgs) -> Result<()> {
 pub fn import(args: ImportArgs) -> Result<()> {
     use pohmelfs::store::import;
     super::init_logging("warn")?;
-    let dst = open(&args.url).with_context(|| format!("open the volume {}", args.url))?;
+    let dst = open(&args.url, true).with_context(|| format!("open the volume {}", args.url))?;
     let started = Instant::now();
     let mut shown = Shown::new("import", "entries");
     let mut last = import::Progress::default();
     let done = import::import(&args.dir, &*dst, &mut |p| {
         last = p;
-        shown.show(
-            Progress {
-                inodes: p.entries,
-                bytes: p.bytes,
-                total_inodes: p.total_entries,
-                total_bytes: p.total_bytes,
-            },
-            false,
-        );
+        shown.show(p.into(), false);
     })
     .with_context(|| format!("import {}", args.dir.display()))?;
-    shown.show(
-        Progress {
-            inodes: last.entries,
-            bytes: last.bytes,
-            total_inodes: last.total_entries,
-            total_bytes: last.total_bytes,
-        },
-        true,
-    );
+    shown.show(last.into(), true);
     println!(
         "imported {} entries, {:.1} MiB of data in {} transactions, {:.1} s",
         done.entries,

@@ -205,10 +205,10 @@ struct VolumeArgs {
     /// with EIO.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
     fsync_timeout_ms: u64,
-    /// Microseconds a new metadata transaction waits for more changes to
-    /// join it before it is sent, counted from the newest that joined (8
-    /// times this from its forming at most; a sync sends it at once); 0
-    /// sends at once.
+    /// Microseconds a new metadata transaction (and a write's own
+    /// transaction) waits for more changes (writes) to join it before it is
+    /// sent, counted from the newest that joined (8 times this from its
+    /// forming at most; a sync sends it at once); 0 sends at once.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     meta_linger_us: u64,
     /// Make every close wait until the file's data is durable, as fsync
@@ -275,6 +275,7 @@ impl VolumeArgs {
             ack_timeout: std::time::Duration::from_millis(self.ack_timeout_ms),
             fsync_timeout: std::time::Duration::from_millis(self.fsync_timeout_ms),
             meta_linger: std::time::Duration::from_micros(self.meta_linger_us),
+            data_linger: std::time::Duration::from_micros(self.meta_linger_us),
             sync_on_close: self.sync_on_close,
             ..TxnConfig::default()
         }

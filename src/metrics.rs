@@ -33,7 +33,7 @@ counters! {
     /// Descriptor chains taken from the request and hiprio queues.
     chains,
     /// Requests served on the queue thread instead of the worker pool
-    /// (GETATTR, LOOKUP and READ on a local volume).
+    /// (GETATTR, LOOKUP, READ, and WRITE with room, on a local volume).
     requests_inline,
     /// Descriptor chains that could not be mapped (bad addresses or lengths).
     chains_malformed,

@@ -28,6 +28,28 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `pohmelfs serve` on `store` at `sock` (plus `args`), run to its exit:
+/// for daemons that are to refuse.
+fn run_serve(sock: &Path, store: &str, args: &[&str]) -> Output {
+    let mut argv = vec![
+        "serve",
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--store",
+        store,
+    ];
+    argv.extend_from_slice(args);
+    run(&argv)
+}
+
+/// A scratch directory named `name` and the `file://` URL of volume `vol`
+/// in it, not made yet.
+fn scratch_volume(name: &str) -> (ScratchDir, String) {
+    let dir = ScratchDir::new(name).unwrap();
+    let url = format!("file://{}", dir.join("vol").display());
+    (dir, url)
+}
+
 /// Exit 1 and exactly one line on stderr, `pohmelfs: ` then `want`.
 fn assert_one_line(out: &Output, want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -83,13 +105,7 @@ fn a_missing_volume_is_one_line_and_no_socket() {
     let dir = ScratchDir::new("life-missing").unwrap();
     let url = format!("file://{}", dir.join("typo").display());
     let sock = dir.join("s.sock");
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--store",
-        &url,
-    ]);
+    let out = run_serve(&sock, &url, &[]);
     assert_one_line(
         &out,
         &format!("no volume at {url}; create it with pohmelfs format {url}"),
@@ -100,13 +116,7 @@ fn a_missing_volume_is_one_line_and_no_socket() {
     // that cannot be bound the volume is still what the line names.
     let not_a_socket = dir.join("file");
     std::fs::write(&not_a_socket, b"").unwrap();
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        not_a_socket.to_str().unwrap(),
-        "--store",
-        &url,
-    ]);
+    let out = run_serve(&not_a_socket, &url, &[]);
     assert_one_line(
         &out,
         &format!("no volume at {url}; create it with pohmelfs format {url}"),
@@ -119,8 +129,7 @@ fn a_missing_volume_is_one_line_and_no_socket() {
 
 #[test]
 fn format_refuses_an_existing_volume_and_pohmel_urls() {
-    let dir = ScratchDir::new("life-format").unwrap();
-    let url = format!("file://{}", dir.join("vol").display());
+    let (_dir, url) = scratch_volume("life-format");
     let out = run(&["format", &url, "--capacity", "64M"]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("formatted {url}: volume ")));
@@ -135,8 +144,7 @@ fn format_refuses_an_existing_volume_and_pohmel_urls() {
 
 #[test]
 fn a_held_volume_names_its_holder_until_taken_over() {
-    let dir = ScratchDir::new("life-held").unwrap();
-    let url = format!("file://{}", dir.join("vol").display());
+    let (dir, url) = scratch_volume("life-held");
     format_volume(POHMELFS, &url, &[]).unwrap();
     let first = serve(&dir, "first", &url, &[]);
     let pid = first.0.id();
@@ -149,13 +157,7 @@ fn a_held_volume_names_its_holder_until_taken_over() {
     assert!(holder.contains(&format!(" pid {pid} since ")), "{holder}");
 
     let second = dir.join("second.sock");
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        second.to_str().unwrap(),
-        "--store",
-        &url,
-    ]);
+    let out = run_serve(&second, &url, &[]);
     assert_one_line(
         &out,
         &format!(
@@ -219,19 +221,11 @@ fn a_store_server_serves_only_formatted_volumes() {
 
 #[test]
 fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them() {
-    let dir = ScratchDir::new("life-readonly").unwrap();
-    let url = format!("file://{}", dir.join("vol").display());
+    let (dir, url) = scratch_volume("life-readonly");
     format_volume(POHMELFS, &url, &[]).unwrap();
     // Formatted, never served: no root directory, and none can be made.
     let sock = dir.join("fresh.sock");
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--store",
-        &url,
-        "--readonly",
-    ]);
+    let out = run_serve(&sock, &url, &["--readonly"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no root directory yet"), "{err}");
@@ -268,13 +262,7 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
         format!("file://{}", snap_dir.display()),
     ] {
         let sock = dir.join("refused.sock");
-        let out = run(&[
-            "serve",
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--store",
-            &store,
-        ]);
+        let out = run_serve(&sock, &store, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(
@@ -288,41 +276,30 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
     }
     let _snap = serve(&dir, "snap", &format!("{url}@mon"), &["--readonly"]);
     assert_eq!(field(&status(&dir.join("snap.sock")), "holder"), "-");
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        dir.join("tue.sock").to_str().unwrap(),
-        "--store",
+    let out = run_serve(
+        &dir.join("tue.sock"),
         &format!("{url}@tue"),
-        "--readonly",
-    ]);
+        &["--readonly"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no snapshot \"tue\""), "{err}");
 
     let sock = dir.join("mem.sock");
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--store",
-        "mem:",
-        "--readonly",
-    ]);
+    let out = run_serve(&sock, "mem:", &["--readonly"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("a mem: volume starts empty"));
-    let out = run(&[
-        "serve",
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--store",
+    let out = run_serve(
+        &sock,
         &url,
-        "--readonly",
-        "--cache-dir",
-        dir.join("cache").to_str().unwrap(),
-        "--cache-dir-size",
-        "64M",
-    ]);
+        &[
+            "--readonly",
+            "--cache-dir",
+            dir.join("cache").to_str().unwrap(),
+            "--cache-dir-size",
+            "64M",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--readonly with --cache-dir"), "{err}");

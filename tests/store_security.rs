@@ -140,9 +140,12 @@ fn missing_and_wrong_secrets_and_ungranted_volumes_are_refused() {
     }
 }
 
-/// Send transaction 1 of the connection's session (creating inode `ino`)
+/// Claim the volume and send transaction 1 of the connection's session (creating inode `ino`)
 /// and require its ack, as a first apply or as a `duplicate`.
 fn send_txn_1(raw: &mut Raw, ino: u64, duplicate: bool) {
+    // The session writes as the volume's claimed writer.
+    let claimed = raw.call(&Request::Claim);
+    assert!(matches!(claimed, Response::Claimed { .. }), "{claimed:?}");
     let ack = raw.call(&Request::Txn {
         txn_id: 1,
         low_water: 1,

@@ -39,6 +39,21 @@ fn remote(dir: &ScratchDir, servers: &[&str], volume: &str) -> std::sync::Arc<dy
     pohmelfs::net::open(&url).expect("open remote volume")
 }
 
+/// Claim the volume for the connection's session, as a daemon does before
+/// it writes.
+fn claim(raw: &mut Raw) -> u64 {
+    match raw.call(&Request::Claim) {
+        Response::Claimed { claim } => claim,
+        r => panic!("claim refused: {r:?}"),
+    }
+}
+
+/// `raw`, its session the volume's claimed writer.
+fn claimed(mut raw: Raw) -> Raw {
+    claim(&mut raw);
+    raw
+}
+
 fn write_txn(ino: u64, data: &[u8]) -> Txn {
     let mut t = Txn::new();
     t.push(Op::PutInode(Inode::regular(ino, data.len() as u64)));
@@ -99,7 +114,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
         "a",
         &format!("file://{}/volumes", dir.path().display()),
     );
-    let mut raw = Raw::connect(server.addr(), SECRET, "vol").unwrap();
+    let mut raw = claimed(Raw::connect(server.addr(), SECRET, "vol").unwrap());
     let session = raw.session;
     let first = raw.call(&Request::Txn {
         txn_id: 5,
@@ -179,6 +194,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     );
     // Another session's id 5 is a different transaction.
     let mut other = Raw::connect(server.addr(), SECRET, "vol").unwrap();
+    claim(&mut other);
     assert_ne!(other.session.0, session.0, "a new session");
     let r = other.call(&Request::Txn {
         txn_id: 5,
@@ -254,14 +270,25 @@ fn a_fenced_server_sends_the_client_elsewhere() {
     let b = start_server(&dir, "b", &data);
     let s = remote(&dir, &[a.addr(), b.addr()], "vol");
     s.commit(write_txn(300, b"before")).unwrap();
-    // Another client opens the volume on b: b takes it over and fences a.
-    let other = remote(&dir, &[b.addr()], "vol");
-    other.commit(write_txn(301, b"taken over")).unwrap();
-    // The first client's next write is refused by a (fenced) and resent to b.
-    s.commit(write_txn(302, b"after")).unwrap();
+    // A reader opens the volume on b: b takes it over and fences a.
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=30000",
+        b.addr(),
+        secret_file(dir.path()).display()
+    );
+    let other = pohmelfs::net::open_reader(&url).expect("open a reader on b");
     assert_eq!(read_all(&*other, 300), b"before");
+    // The first client's next write is refused by a (fenced) and resent to
+    // b, which read the writer claim from the volume: it is still s's.
+    s.commit(write_txn(302, b"after")).unwrap();
     assert_eq!(read_all(&*other, 302), b"after");
-    assert_eq!(read_all(&*s, 301), b"taken over");
+    let refused = other.commit(write_txn(301, b"not the writer"));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:?}").contains("NotWriter")),
+        "{refused:?}"
+    );
     let log = a.log_text();
     assert!(
         log.contains("fenced") || log.contains("Fenced"),
@@ -294,6 +321,7 @@ fn a_client_that_stops_reading_holds_back_no_other() {
         &format!("file://{}/volumes", dir.path().display()),
     );
     let mut slow = Raw::connect(server.addr(), SECRET, "slow").unwrap();
+    claim(&mut slow);
     let data = vec![0x5a; 4 * MIB as usize];
     let put = slow.call(&Request::Txn {
         txn_id: 1,
@@ -326,6 +354,7 @@ fn a_client_that_stops_reading_holds_back_no_other() {
     .expect("the server never answered the slow client's reads");
 
     let mut fast = Raw::connect(server.addr(), SECRET, "fast").unwrap();
+    claim(&mut fast);
     for i in 0..20u64 {
         let body = vec![i as u8; 64 << 10];
         let ack = fast.call(&Request::Txn {
@@ -381,6 +410,7 @@ fn a_daemon_opening_a_remote_volume_has_its_orphans_reclaimed() {
     }
     let cfg = pohmelfs::net::client::RemoteConfig::from_url(&url).unwrap();
     let client = pohmelfs::net::client::RemoteStore::connect(cfg).unwrap();
+    client.claim().unwrap();
     assert_eq!(client.reclaim_orphans_except(&[501]).unwrap(), 1);
     assert!(client.get_inode(500).unwrap().is_none(), "reclaimed");
     assert!(client.get_inode(501).unwrap().is_some(), "spared");

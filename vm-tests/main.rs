@@ -15,12 +15,18 @@
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`migration`]: a live migration between two QEMU processes with files held open, and
 //!   its downtime;
+//! - [`migration_hosts`]: the same between two daemons in network namespaces of their own
+//!   reaching one store server or S3 service (root: `ip netns`);
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
 //!   domains write and read back a volume through it;
 //! - [`readonly`]: a snapshot served with `serve --readonly`: its point in time, and every
 //!   change refused with EROFS;
+//! - [`ci_boot`]: `scripts/ci-boot` boots 4 guests at once, each on its own clone of a
+//!   golden root volume: each sees only its own writes, and the golden volume is unchanged;
+//! - [`rootfs`]: a guest boots with its root on a volume `pohmelfs import` filled, and finds
+//!   special files, owners, setuid bits, xattrs and hard links as in the source tree;
 //!
 //! the machinery lives in [`harness`], which also checks the daemon after every guest (no
 //! panic; pohmelfs alive, `fs_internal_errors` 0).
@@ -41,6 +47,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod boot;
+mod ci_boot;
 mod crash;
 mod durability;
 mod failover;
@@ -49,10 +56,12 @@ mod harness;
 mod libvirt;
 mod libvirtd;
 mod migration;
+mod migration_hosts;
 mod offline;
 mod persistence;
 mod posix;
 mod readonly;
+mod rootfs;
 mod space;
 
 /// Emits one `#[test]` per listed workload for one daemon.
@@ -102,11 +111,13 @@ vm_tests! {
     crash::crash_guest_power_cut,
     crash::crash_daemon_kill9,
     migration::live_migration_keeps_open_files,
+    rootfs::rootfs_boot_keeps_special_files,
 }
 
-/// Tests of store servers (`pohmel://` volumes), of a volume's capacity and snapshots, and of
-/// pohmelfs's own command line as libvirt writes it: virtiofsd has no store or snapshots, its
-/// shared directory has the host's capacity, and libvirt starts it with its own options.
+/// Tests of store servers (`pohmel://` volumes), of a volume's capacity, snapshots and clones,
+/// and of pohmelfs's own command line as libvirt writes it: virtiofsd has no store or
+/// snapshots, its shared directory has the host's capacity, and libvirt starts it with its own
+/// options.
 mod pohmelfs_only {
     tests_for_daemon!(
         Pohmelfs;
@@ -119,6 +130,10 @@ mod pohmelfs_only {
         libvirt::libvirt_argv_on_an_inherited_socket,
         libvirtd::libvirtd_starts_pohmelfs_for_a_domain,
         migration::refused_migration_resumes_at_the_source,
+        migration_hosts::migration_between_hosts_pohmel,
+        migration_hosts::migration_between_hosts_s3,
+        migration_hosts::refused_migration_between_hosts_pohmel,
         readonly::readonly_snapshot_refuses_changes,
+        ci_boot::ci_boot_isolates_four_guests,
     );
 }

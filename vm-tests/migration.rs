@@ -6,6 +6,7 @@
 //! migration cannot carry an unlinked file, so its guest holds none). Prints the downtime
 //! QEMU reports, to compare the two daemons. And a migration the destination refuses: the
 //! guest goes on at the source, which opens the volume again.
+//! The same between hosts: [`crate::migration_hosts`].
 //!
 //! QEMU 7.2 cannot migrate a vhost-user-fs device (its `migrate` answers "State blocked by
 //! non-migratable device"): `scripts/test` runs these in its QEMU 10 pass only
@@ -17,7 +18,7 @@ use crate::harness::migration::{Migration, MIGRATE_MARKER};
 use crate::harness::{Daemon, DaemonKind, Failure, Result, VmTest};
 
 /// The guest's workload; `unlinked` adds the file unlinked while open.
-fn script(unlinked: bool) -> String {
+pub(crate) fn script(unlinked: bool) -> String {
     let (before, after) = if unlinked {
         (
             r#"
@@ -140,7 +141,7 @@ pub fn refused_migration_resumes_at_the_source(vm: &VmTest) -> Result<()> {
 }
 
 /// Fails unless `daemon` (the `which` one) logged `line`.
-fn expect_logged(daemon: &Daemon, which: &str, line: &str) -> Result<()> {
+pub(crate) fn expect_logged(daemon: &Daemon, which: &str, line: &str) -> Result<()> {
     let log = fs::read_to_string(daemon.log_path()).unwrap_or_default();
     if log.contains(line) {
         return Ok(());

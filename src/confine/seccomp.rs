@@ -260,11 +260,11 @@ mod sys {
         SYS_rt_sigtimedwait as rt_sigtimedwait, SYS_sched_getaffinity as sched_getaffinity,
         SYS_sched_yield as sched_yield, SYS_sendfile as sendfile, SYS_sendmmsg as sendmmsg,
         SYS_sendmsg as sendmsg, SYS_sendto as sendto, SYS_set_robust_list as set_robust_list,
-        SYS_set_tid_address as set_tid_address, SYS_setsockopt as setsockopt,
-        SYS_shutdown as shutdown, SYS_sigaltstack as sigaltstack, SYS_socket as socket,
-        SYS_socketpair as socketpair, SYS_splice as splice, SYS_statfs as statfs,
-        SYS_statx as statx, SYS_sync_file_range as sync_file_range, SYS_syncfs as syncfs,
-        SYS_sysinfo as sysinfo, SYS_timerfd_create as timerfd_create,
+        SYS_set_tid_address as set_tid_address, SYS_setpriority as setpriority,
+        SYS_setsockopt as setsockopt, SYS_shutdown as shutdown, SYS_sigaltstack as sigaltstack,
+        SYS_socket as socket, SYS_socketpair as socketpair, SYS_splice as splice,
+        SYS_statfs as statfs, SYS_statx as statx, SYS_sync_file_range as sync_file_range,
+        SYS_syncfs as syncfs, SYS_sysinfo as sysinfo, SYS_timerfd_create as timerfd_create,
         SYS_timerfd_settime as timerfd_settime, SYS_uname as uname, SYS_unlinkat as unlinkat,
         SYS_write as write, SYS_writev as writev,
     };
@@ -305,6 +305,9 @@ pub(super) const ALLOWED: &[(&str, libc::c_long)] = calls![
     getppid,
     sched_yield,
     sched_getaffinity,
+    // Background threads lower their own priority (the reclaimer); without
+    // CAP_SYS_NICE a thread can only lower it.
+    setpriority,
     prctl,
     prlimit64,
     // Signals (signal-hook, SIGTERM drain, abort).

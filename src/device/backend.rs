@@ -52,11 +52,13 @@ pub struct DeviceConfig {
     pub request_queues: usize,
     /// Descriptors per queue at most.
     pub queue_size: usize,
-    /// Serve GETATTR, LOOKUP and READ on the queue thread, as virtiofsd serves
-    /// everything, instead of handing them to the pool: a hand-off costs
-    /// more than such a request (`device::inline_bench`). Only for volumes
-    /// whose reads never wait on a network: a stalled read would stall
-    /// its queue.
+    /// Serve on the queue thread, as virtiofsd serves everything, what does
+    /// not wait for the write-back layer (`Requests::is_cheap`: reads,
+    /// lookups, and writes, metadata changes and closes while the layer
+    /// would not make them wait) instead of handing it to the pool: a
+    /// hand-off costs more than such a request (`device::inline_bench`).
+    /// Only for volumes whose reads never wait on a network: a stalled
+    /// read would stall its queue.
     pub inline_reads: bool,
 }
 
@@ -336,7 +338,8 @@ mod tests {
     }
 
     /// A GETATTR is answered while the pool's only worker is blocked (a
-    /// READ would be too); a request of another kind waits for the worker.
+    /// READ, or a WRITE or metadata change with room, would be too); a sync
+    /// waits for the worker.
     #[test]
     fn cheap_requests_are_served_on_the_queue_thread() {
         use crate::device::testkit::{
@@ -365,22 +368,34 @@ mod tests {
         assert!(used.is_ok_and(|n| n > 16), "GETATTR waited for the pool");
         assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 7));
         assert_eq!(b.metrics.requests_inline.get(), 1);
-        // A READ (15) is served here too; a WRITE (16), which may wait for
-        // room under --dirty-max, is not.
-        for (opcode, cheap) in [(15, true), (16, false)] {
+        // A READ (15) is served here too, and so are a WRITE (16), a
+        // RENAME (12) and a FLUSH (25) while the store would not make them
+        // wait (a bare store never does; the write-back layer's side:
+        // writeback::tests). FSYNC (20), SETLKW (33) and FALLOCATE (43)
+        // are not.
+        for (opcode, cheap) in [
+            (15, true),
+            (16, true),
+            (12, true),
+            (25, true),
+            (20, false),
+            (33, false),
+            (43, false),
+        ] {
             let len = write_request(&mem, header(80, opcode, 9), &[0u8; 40]);
             let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
             assert_eq!(b.requests.is_cheap(&chain), cheap, "opcode {opcode}");
         }
-        // STATFS (17) is not cheap: it goes to the pool, behind the block.
-        let len = write_request(&mem, header(40, 17, 8), &[]);
+        // FSYNC (20) is not cheap: it goes to the pool, behind the block.
+        let len = write_request(&mem, header(56, 20, 8), &[0u8; 16]);
         let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
         assert!(!b.requests.is_cheap(&chain));
         let requests = Arc::clone(&b.requests);
         b.route(false, move || done.send(requests.serve(&chain, 1)).unwrap());
         release.send(()).unwrap();
         let used = answered.recv_timeout(Duration::from_secs(30));
-        assert!(used.is_ok_and(|n| n > 16));
+        assert_eq!(used.ok(), Some(16), "a bare reply header");
+        assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 8));
         assert_eq!(b.metrics.requests_inline.get(), 1);
     }
 

@@ -19,20 +19,50 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use super::validate::{self, Invalid};
 use crate::fs::PohmelFs;
 use crate::metrics::Metrics;
 use crate::ratelimit::{limited, Capped};
+use crate::store::Demand;
 
 /// FUSE_SYNCFS (Linux 5.14): make the whole filesystem durable. Its body is
 /// `struct fuse_syncfs_in { u64 padding; }`, its reply a bare header.
 pub const FUSE_SYNCFS: u32 = 50;
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_FORGET: u32 = 2;
 const FUSE_GETATTR: u32 = 3;
+const FUSE_SETATTR: u32 = 4;
+const FUSE_READLINK: u32 = 5;
+const FUSE_SYMLINK: u32 = 6;
+const FUSE_MKNOD: u32 = 8;
+const FUSE_MKDIR: u32 = 9;
+const FUSE_UNLINK: u32 = 10;
+const FUSE_RMDIR: u32 = 11;
+const FUSE_RENAME: u32 = 12;
+const FUSE_LINK: u32 = 13;
+const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+const FUSE_STATFS: u32 = 17;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_SETXATTR: u32 = 21;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
+const FUSE_REMOVEXATTR: u32 = 24;
+const FUSE_FLUSH: u32 = 25;
+const FUSE_OPENDIR: u32 = 27;
+const FUSE_READDIR: u32 = 28;
+const FUSE_RELEASEDIR: u32 = 29;
+const FUSE_ACCESS: u32 = 34;
+const FUSE_CREATE: u32 = 35;
+const FUSE_BATCH_FORGET: u32 = 42;
+const FUSE_READDIRPLUS: u32 = 44;
+const FUSE_RENAME2: u32 = 45;
+/// The write-back layer's page size, for what a WRITE may dirty.
+const PAGE_BYTES: u64 = 4096;
 
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
@@ -75,11 +105,37 @@ impl Requests {
     }
 
     /// Whether `chain` holds a request that is answered from memory or a
-    /// local read and never waits for the write-back layer: GETATTR,
-    /// LOOKUP or READ (read from its header; `serve` checks it whole).
+    /// local read or write and does not wait for the write-back layer
+    /// (read from the header, and a write's size; `serve` checks it
+    /// whole): what only reads (lookups, attributes, directories, xattrs,
+    /// links, statfs), a WRITE the layer has room for now, a metadata
+    /// change while the layer has room for it, a close that does not
+    /// wait. Never a sync (FSYNC, FSYNCDIR, SYNCFS), a lock that may block
+    /// (SETLKW), INIT or DESTROY, nor what is rare (FALLOCATE, LSEEK,
+    /// COPY_FILE_RANGE, and the opcodes we refuse).
     pub fn is_cheap(&self, chain: &Chain) -> bool {
-        first_header(chain)
-            .is_some_and(|h| matches!(h.opcode, FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ))
+        let store = self.fs.store();
+        match first_header(chain).map(|h| h.opcode) {
+            Some(
+                FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ | FUSE_READLINK | FUSE_STATFS
+                | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
+                | FUSE_RELEASEDIR | FUSE_ACCESS,
+            ) => true,
+            Some(FUSE_WRITE) => write_size(chain).is_some_and(|size| {
+                // The pages it may dirty: one more where it is unaligned.
+                let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
+                store.would_not_wait(Demand::Write(bytes))
+            }),
+            // OPEN may truncate; the last FORGET of an unlinked inode
+            // removes it.
+            Some(
+                FUSE_SETATTR | FUSE_SYMLINK | FUSE_MKNOD | FUSE_MKDIR | FUSE_UNLINK | FUSE_RMDIR
+                | FUSE_RENAME | FUSE_RENAME2 | FUSE_LINK | FUSE_CREATE | FUSE_OPEN | FUSE_SETXATTR
+                | FUSE_REMOVEXATTR | FUSE_FORGET | FUSE_BATCH_FORGET,
+            ) => store.would_not_wait(Demand::Metadata),
+            Some(FUSE_FLUSH | FUSE_RELEASE) => store.would_not_wait(Demand::Close),
+            _ => false,
+        }
     }
 
     /// Check, decode and answer the FUSE request in `chain`; the number of
@@ -229,6 +285,18 @@ fn first_header(chain: &Chain) -> Option<InHeader> {
         return None;
     }
     chain.memory().read_obj::<InHeader>(desc.addr()).ok()
+}
+
+/// The `size` of a WRITE's `fuse_write_in` (fh u64, offset u64, size u32,
+/// ...), when the chain's first descriptor holds it after the header.
+fn write_size(chain: &Chain) -> Option<u32> {
+    let desc = chain.clone().readable().next()?;
+    let at = std::mem::size_of::<InHeader>() + 16;
+    if (desc.len() as usize) < at + 4 {
+        return None;
+    }
+    let addr = desc.addr().checked_add(at as u64)?;
+    chain.memory().read_obj::<u32>(addr).ok()
 }
 
 fn out_header(unique: u64, errno: i32) -> OutHeader {

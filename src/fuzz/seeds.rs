@@ -78,9 +78,11 @@ fn txn() -> Request {
     }
 }
 
-/// Requests after the handshake: a transaction, then reads of what it did.
+/// Requests after the handshake: the writer claim, a transaction, then
+/// reads of what it did.
 fn requests() -> Vec<Request> {
     vec![
+        Request::Claim,
         txn(),
         Request::Lookup {
             parent: 1,

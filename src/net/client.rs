@@ -48,6 +48,9 @@ struct Inner {
     /// low-water mark the store may prune below.
     outstanding: Mutex<BTreeSet<u64>>,
     epoch: AtomicU64,
+    /// Another session claimed the volume for writing (`NotWriter`): final,
+    /// so later transactions fail here without going to a server.
+    superseded: std::sync::atomic::AtomicBool,
 }
 
 /// A volume on remote store servers.
@@ -73,6 +76,7 @@ impl RemoteStore {
             next_txn: AtomicU64::new(1),
             outstanding: Mutex::new(BTreeSet::new()),
             epoch: AtomicU64::new(0),
+            superseded: std::sync::atomic::AtomicBool::new(false),
         });
         // Fail fast at start-up when no server is reachable at all.
         let first = Arc::clone(&inner);
@@ -121,6 +125,18 @@ impl RemoteStore {
         let spare = spare.to_vec();
         match self.call(Request::ReclaimOrphans { spare })? {
             Response::Removed { count } => Ok(count),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Make this client's session the volume's one writer
+    /// (`Request::Claim`): from now on the server refuses every write of
+    /// any other session, and of this one once another claims the volume.
+    /// What a daemon does when it opens the volume for writing; the claim's
+    /// number.
+    pub fn claim(&self) -> Result<u64, StoreError> {
+        match self.call(Request::Claim)? {
+            Response::Claimed { claim } => Ok(claim),
             r => Err(unexpected(r)),
         }
     }
@@ -339,6 +355,12 @@ impl Inner {
         low_water: u64,
         txn: Txn,
     ) -> Result<Ack, SendError> {
+        if self.superseded.load(Ordering::Acquire) {
+            return Err(SendError::Superseded(format!(
+                "volume {}: another daemon claimed it for writing",
+                self.cfg.volume
+            )));
+        }
         self.use_server(server).await;
         let conn = self.connection().await.map_err(SendError::Elsewhere)?;
         let req = Request::Txn {
@@ -374,6 +396,20 @@ impl Inner {
                     }
                     ErrorCode::NoSpace => Err(SendError::NoSpace(why)),
                     ErrorCode::Corrupt => Err(SendError::Refused(why)),
+                    // Final: another daemon writes to the volume now.
+                    ErrorCode::NotWriter => {
+                        if !self.superseded.swap(true, Ordering::AcqRel) {
+                            tracing::error!(
+                                server = %conn.server,
+                                volume = %self.cfg.volume,
+                                txn_id,
+                                reason = %Capped(&message),
+                                "another daemon claimed the volume for writing: every write of \
+                                 this daemon fails from now on (fsync reports EIO)"
+                            );
+                        }
+                        Err(SendError::Superseded(why))
+                    }
                     _ => Err(SendError::Retry(why)),
                 }
             }

@@ -56,9 +56,9 @@ impl LoopbackServer {
         }
     }
 
-    /// A client of volume `vol` on this server.
+    /// A client of volume `vol` on this server, its writer.
     fn client(&self) -> RemoteStore {
-        RemoteStore::connect(RemoteConfig {
+        let client = RemoteStore::connect(RemoteConfig {
             servers: vec![self.addr.to_string()],
             volume: "vol".into(),
             credential: DEFAULT_CREDENTIAL.into(),
@@ -68,7 +68,9 @@ impl LoopbackServer {
             give_up_after: Duration::from_secs(60),
             max_in_flight: 16,
         })
-        .expect("connect to the loopback server")
+        .expect("connect to the loopback server");
+        client.claim().expect("claim the volume");
+        client
     }
 }
 

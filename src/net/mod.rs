@@ -29,18 +29,36 @@ use crate::store::{OpenError, Store, StoreError};
 
 /// Open any store by URL, without the write-back layer: `pohmel://` store
 /// servers through [`client`], every other scheme through
-/// [`crate::store::open`]. The daemon opens its store through
+/// [`crate::store::open`]. A `pohmel://` volume is claimed for writing
+/// (`docs/protocol.md`, "Writer claim"). The daemon opens its store through
 /// [`crate::writeback::open`] instead, which puts the layer in front.
 pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     if !url.starts_with("pohmel:") {
         return crate::store::open(url);
     }
     let cfg = client::RemoteConfig::from_url(url)?;
-    let store =
-        client::RemoteStore::connect(cfg).map_err(|source: StoreError| OpenError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+    let connect = |source: StoreError| OpenError::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let store = client::RemoteStore::connect(cfg).map_err(connect)?;
+    // A tool that opens a volume may write to it: it claims the volume,
+    // so a daemon that had it can write no more.
+    store.claim().map_err(connect)?;
+    Ok(Arc::new(store))
+}
+
+/// As [`open`], without claiming a `pohmel://` volume: for reading only
+/// (its writes are refused unless this session claimed the volume).
+pub fn open_reader(url: &str) -> Result<Arc<dyn Store>, OpenError> {
+    if !url.starts_with("pohmel:") {
+        return crate::store::open(url);
+    }
+    let cfg = client::RemoteConfig::from_url(url)?;
+    let store = client::RemoteStore::connect(cfg).map_err(|source| OpenError::Connect {
+        url: url.to_string(),
+        source,
+    })?;
     Ok(Arc::new(store))
 }
 

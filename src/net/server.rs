@@ -37,12 +37,14 @@ use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD};
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
-use crate::store::{OnceStore, StoreError};
+use crate::store::StoreError;
+use writer::Served;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 mod handshake;
 mod volumes;
+mod writer;
 
 use volumes::Volumes;
 
@@ -268,7 +270,7 @@ impl Server {
             };
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                match serve_connection(stream, &shared, handshaking).await {
+                match serve_connection(stream, peer, &shared, handshaking).await {
                     Ok(()) => debug!(%peer, "connection closed"),
                     Err(e) => {
                         // A stranger decides how often this happens.
@@ -289,7 +291,7 @@ impl Server {
             warn!("requests still running after the drain timeout");
         }
         for (name, volume) in shared.volumes.all() {
-            match tokio::task::spawn_blocking(move || volume.sync(None)).await {
+            match tokio::task::spawn_blocking(move || volume.store.sync(None)).await {
                 Ok(Ok(())) => info!(volume = %name, "volume synced"),
                 Ok(Err(e)) => {
                     warn!(volume = %name, error = %crate::ErrorChain(&e), "volume sync failed")
@@ -388,6 +390,7 @@ async fn next_request<R: AsyncRead + Unpin>(
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     shared: &Shared,
     handshaking: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), ConnError> {
@@ -403,6 +406,7 @@ async fn serve_connection(
     };
     drop(handshaking);
     info!(
+        %peer,
         credential = %session.credential,
         volume = %session.volume_name,
         session = format_args!("{:016x}", session.session),
@@ -459,11 +463,11 @@ async fn serve_connection(
         tokio::spawn(async move {
             let resp = tokio::task::spawn_blocking(move || {
                 if let Some(below) = prune_below {
-                    if let Err(e) = volume.prune_applied(stored, below) {
+                    if let Err(e) = volume.store.prune_applied(stored, below) {
                         warn!(error = %crate::ErrorChain(&e), "could not prune applied records");
                     }
                 }
-                handle(&*volume, stored, req)
+                handle(&volume, stored, req)
             })
             .await
             .unwrap_or_else(|e| {
@@ -489,45 +493,16 @@ fn store_error(e: &StoreError) -> Response {
     Response::error(code, crate::ErrorChain(e).to_string())
 }
 
-/// Serve one validated request against a volume.
-fn handle(v: &dyn OnceStore, session: u64, req: Request) -> Response {
-    let r: Result<Response, StoreError> = (|| {
-        Ok(match req {
-            Request::Txn { txn_id, txn, .. } => {
-                let outcome = v.commit_once(session, txn_id, txn)?;
-                Response::TxnAck {
-                    txn_id,
-                    duplicate: outcome.duplicate,
-                    epoch: v.epoch(),
-                }
-            }
-            Request::GetInode { ino } => Response::Inode(v.get_inode(ino)?),
-            Request::Lookup { parent, name } => Response::Dirent(v.lookup(parent, &name)?),
-            Request::Readdir { parent, after, max } => {
-                Response::Dirents(v.readdir(parent, after, max as usize)?)
-            }
-            Request::Read { ino, offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                v.read(ino, offset, &mut buf)?;
-                Response::Data(buf)
-            }
-            Request::NextData { ino, offset } => Response::Offset(v.next_data(ino, offset)?),
-            Request::NextHole { ino, offset } => Response::Offset(Some(v.next_hole(ino, offset)?)),
-            Request::Readlink { ino } => Response::Bytes(v.readlink(ino)?),
-            Request::GetXattr { ino, name } => Response::Bytes(v.get_xattr(ino, &name)?),
-            Request::ListXattr { ino } => Response::Names(v.list_xattr(ino)?),
-            Request::Statfs => Response::Stats(v.statfs()?),
-            Request::ReclaimOrphans { spare } => Response::Removed {
-                count: v.reclaim_orphans_except(&spare)?,
-            },
-            Request::ReserveIds { count } => Response::Ids {
-                first: v.reserve_ids(count)?,
-            },
-            Request::Hello { .. } | Request::Auth { .. } => {
-                Response::error(ErrorCode::BadRequest, "handshake already done")
-            }
-        })
-    })();
+/// Serve one validated request against a volume: a write only for the
+/// session that holds the volume's writer claim (`writer.rs`).
+fn handle(served: &Served, session: u64, req: Request) -> Response {
+    let r: Result<Response, StoreError> = match req {
+        Request::Claim => served
+            .claim(session)
+            .map(|claim| Response::Claimed { claim }),
+        req if req.is_write() => served.write(session, |v| apply(v, session, req)),
+        req => apply(&*served.store, session, req),
+    };
     r.unwrap_or_else(|e| {
         if !matches!(e, StoreError::Fenced) {
             limited!(
@@ -538,5 +513,49 @@ fn handle(v: &dyn OnceStore, session: u64, req: Request) -> Response {
             );
         }
         store_error(&e)
+    })
+}
+
+/// Serve one validated request (a write already allowed) against a store.
+fn apply(
+    v: &dyn crate::store::OnceStore,
+    session: u64,
+    req: Request,
+) -> Result<Response, StoreError> {
+    Ok(match req {
+        Request::Txn { txn_id, txn, .. } => {
+            let outcome = v.commit_once(session, txn_id, txn)?;
+            Response::TxnAck {
+                txn_id,
+                duplicate: outcome.duplicate,
+                epoch: v.epoch(),
+            }
+        }
+        Request::GetInode { ino } => Response::Inode(v.get_inode(ino)?),
+        Request::Lookup { parent, name } => Response::Dirent(v.lookup(parent, &name)?),
+        Request::Readdir { parent, after, max } => {
+            Response::Dirents(v.readdir(parent, after, max as usize)?)
+        }
+        Request::Read { ino, offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            v.read(ino, offset, &mut buf)?;
+            Response::Data(buf)
+        }
+        Request::NextData { ino, offset } => Response::Offset(v.next_data(ino, offset)?),
+        Request::NextHole { ino, offset } => Response::Offset(Some(v.next_hole(ino, offset)?)),
+        Request::Readlink { ino } => Response::Bytes(v.readlink(ino)?),
+        Request::GetXattr { ino, name } => Response::Bytes(v.get_xattr(ino, &name)?),
+        Request::ListXattr { ino } => Response::Names(v.list_xattr(ino)?),
+        Request::Statfs => Response::Stats(v.statfs()?),
+        Request::ReclaimOrphans { spare } => Response::Removed {
+            count: v.reclaim_orphans_except(&spare)?,
+        },
+        Request::ReserveIds { count } => Response::Ids {
+            first: v.reserve_ids(count)?,
+        },
+        Request::Hello { .. } | Request::Auth { .. } => {
+            Response::error(ErrorCode::BadRequest, "handshake already done")
+        }
+        Request::Claim => Response::error(ErrorCode::BadRequest, "a claim is no write"),
     })
 }

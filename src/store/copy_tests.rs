@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::*;
+use crate::store::hooked::Hooked;
 use crate::store::mem::MemStore;
-use crate::store::{StoreStats, Timestamp, BLOCK_SIZE};
+use crate::store::{Timestamp, BLOCK_SIZE};
 
 const MIB: u64 = 1 << 20;
 
@@ -147,72 +148,21 @@ fn a_copy_holds_everything_and_verifies() {
     assert!(dst.reserve_ids(1).unwrap() > 105);
 }
 
-/// A destination whose commits fail after `left` transactions.
-struct FailAfter {
-    inner: Arc<MemStore>,
-    left: AtomicUsize,
-}
-
-impl Store for FailAfter {
-    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.inner.get_inode(ino)
-    }
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.inner.lookup(parent, name)
-    }
-    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.inner.readdir(parent, after, max)
-    }
-    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.inner.read(ino, offset, buf)
-    }
-    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.inner.next_data(ino, offset)
-    }
-    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.inner.next_hole(ino, offset)
-    }
-    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.readlink(ino)
-    }
-    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get_xattr(ino, name)
-    }
-    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.inner.list_xattr(ino)
-    }
-    fn statfs(&self) -> Result<StoreStats, StoreError> {
-        self.inner.statfs()
-    }
-    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.inner.reserve_ids(count)
-    }
-    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        if self
-            .left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_err()
-        {
-            return Err(StoreError::Io(std::io::Error::other("interrupted")));
-        }
-        self.inner.commit(txn)
-    }
-    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
-        self.inner.sync(ino)
-    }
-    fn describe(&self) -> String {
-        "interrupted".into()
-    }
+/// A destination over `inner` whose commits fail after `left` transactions.
+fn fail_after(inner: &Arc<MemStore>, left: usize) -> Hooked<MemStore> {
+    let left = AtomicUsize::new(left);
+    Hooked::new(Arc::clone(inner), "interrupted").before_commit(move |_| {
+        left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .map(|_| ())
+            .map_err(|_| StoreError::Io(std::io::Error::other("interrupted")))
+    })
 }
 
 #[test]
 fn an_interrupted_copy_is_finished_by_a_rerun() {
     let src = source();
     let inner = Arc::new(MemStore::new(1 << 30));
-    let failing = FailAfter {
-        inner: Arc::clone(&inner),
-        left: AtomicUsize::new(2),
-    };
+    let failing = fail_after(&inner, 2);
     assert!(matches!(
         copy(&src, &failing, &mut quiet),
         Err(CopyError::Destination(_))

@@ -215,9 +215,10 @@ impl fmt::Debug for WriteData {
 
 /// Keeps what a [`ReadPiece::File`] names readable while the piece lives:
 /// a store that reclaims file ranges (punches segment pages no extent
-/// refers to any more) defers reclaiming while any pin it handed out is
-/// alive, so a read planned before an overwrite's commit still finds the
-/// old bytes. Opaque; dropping the last clone lets reclamation proceed.
+/// refers to any more) punches a range only once every pin handed out
+/// before the range died is dropped, so a read planned before an
+/// overwrite's commit still finds the old bytes. Opaque; dropping the last
+/// clone lets reclamation proceed.
 #[derive(Clone)]
 pub struct ReadPin(#[allow(dead_code)] Arc<dyn Send + Sync>);
 

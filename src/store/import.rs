@@ -53,6 +53,19 @@ pub struct Progress {
     pub total_bytes: u64,
 }
 
+/// An import's progress in the shape of a copy's, entries for inodes, so
+/// that one display serves both commands.
+impl From<Progress> for super::copy::Progress {
+    fn from(p: Progress) -> super::copy::Progress {
+        super::copy::Progress {
+            inodes: p.entries,
+            bytes: p.bytes,
+            total_inodes: p.total_entries,
+            total_bytes: p.total_bytes,
+        }
+    }
+}
+
 fn host(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     move |e| ImportError::Host(e, path.to_owned())
 }

@@ -47,7 +47,10 @@
 pub mod bench;
 pub mod copy;
 pub mod data;
+pub(crate) mod delegate;
 pub mod engine;
+#[cfg(test)]
+pub(crate) mod hooked;
 pub mod import;
 pub mod mem;
 mod open;
@@ -69,6 +72,18 @@ pub const FIRST_FREE_ID: u64 = 16;
 
 /// The size of one data block of a file, in bytes.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
+
+/// What a request would ask of the store, for [`Store::would_not_wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Demand {
+    /// A write dirtying about this many bytes of pages.
+    Write(u64),
+    /// A metadata change (create, unlink, rename, setattr, xattrs, the
+    /// removal of an orphan at its last forget).
+    Metadata,
+    /// A close (FLUSH, RELEASE).
+    Close,
+}
 
 /// The longest name of a directory entry, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -445,6 +460,16 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
+    /// Whether a request asking `demand` would go in now without waiting
+    /// (no backpressure, no page pinned by a transaction in flight to wait
+    /// for, no close that waits as fsync does): the device serves such a
+    /// request on its queue thread. Advisory: by the time the request runs
+    /// it may wait after all, bounded as every wait of the layer is.
+    fn would_not_wait(&self, demand: Demand) -> bool {
+        let _ = demand;
+        true
+    }
+
     /// Wait until everything committed before the call (for `ino`, or for
     /// the whole volume when `None`) is durable.
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError>;
@@ -520,6 +545,33 @@ pub trait OnceStore: Store {
         let _ = spare;
         Ok(0)
     }
+
+    /// The volume's writer claim as [`OnceStore::set_writer_claim`] last
+    /// recorded it, or none. A store that cannot keep one (`mem:`, whose
+    /// volume dies with its process) has none: its server keeps the claim
+    /// in memory.
+    fn writer_claim(&self) -> Result<Option<WriterClaim>, StoreError> {
+        Ok(None)
+    }
+
+    /// Record `claim` as the volume's writer claim, durably before it
+    /// returns, so that a reopen (a store server restarted, or another one
+    /// that took the volume over) still refuses every other writer.
+    fn set_writer_claim(&self, claim: WriterClaim) -> Result<(), StoreError> {
+        let _ = claim;
+        Ok(())
+    }
+}
+
+/// Which client session of a store server may write to a volume
+/// (`net::server`, `docs/protocol.md` "Writer claim"): the last one that
+/// claimed it. `claim` counts the claims made on the volume, from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterClaim {
+    pub claim: u64,
+    /// The stored session (`net::proto::auth::stored_session`) of the
+    /// claiming client.
+    pub session: u64,
 }
 
 /// The reserved inode under which `mem:` keeps its applied records, as

@@ -50,6 +50,10 @@ pub enum SendError {
     /// The volume has no room for the transaction; none of it was applied.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// Another daemon claimed the volume for writing (a `pohmel://` writer
+    /// claim): nothing of this sender's will be applied again. Final.
+    #[error("superseded: {0}")]
+    Superseded(String),
 }
 
 /// A boxed future, for the dyn-compatible trait.

@@ -186,6 +186,7 @@ pub(super) fn on_result(
             t.state = TxnState::Queued;
             t.last_error = Some(e.to_string());
             st.ready.insert(id);
+            superseded(&mut st, &e);
             let Some(t) = st.txns.get_mut(&id) else {
                 return;
             };
@@ -214,6 +215,8 @@ pub(super) fn on_result(
                 SendError::Refused(_) => {
                     t.not_before = Some(now + REFUSED_RETRY);
                 }
+                // The sender sends nothing more (`State::superseded`).
+                SendError::Superseded(_) => t.not_before = None,
                 SendError::NoSpace(_) => {
                     shared.metrics.txn_no_space.inc();
                     refused_for_space(&mut st, id);
@@ -225,6 +228,17 @@ pub(super) fn on_result(
             shared.changed.notify_all();
             shared.pump.notify_one();
         }
+    }
+}
+
+/// Another daemon claimed the volume for writing (`e` is
+/// [`SendError::Superseded`]): final, logged once.
+fn superseded(st: &mut State, e: &SendError) {
+    if let SendError::Superseded(why) = e {
+        if st.superseded.is_none() {
+            error!(reason = %why, "another daemon writes to the volume now: nothing more is sent, every fsync fails with EIO");
+        }
+        st.superseded = Some(why.clone());
     }
 }
 

@@ -190,6 +190,12 @@ pub struct TxnConfig {
     /// commit for a burst of creates or unlinks), and so does the first
     /// write of a file it creates (one commit for create, write, close).
     pub meta_linger: Duration,
+    /// How long a write's own transaction (data of one inode) waits for the
+    /// inode's next writes before it is sent, counted the same way; a sync
+    /// sends it at once, and so does a write that finds it full. Writes
+    /// between two fsyncs then travel as one commit, not one each: the
+    /// commit, not the write, is what costs the daemon its CPU.
+    pub data_linger: Duration,
     /// Operations one metadata transaction carries at most (never more
     /// than `queue::TXN_OPS_MAX`; its bytes are bounded by
     /// `queue::TXN_META_BYTES_MAX`).
@@ -225,6 +231,7 @@ impl Default for TxnConfig {
             fsync_timeout: Duration::from_secs(60),
             read_ahead_bytes: 1 << 20,
             meta_linger: Duration::from_millis(2),
+            data_linger: Duration::from_millis(2),
             max_txn_ops: 1024,
             sync_on_close: false,
             forget_clean_pages: true,
@@ -262,6 +269,10 @@ struct State {
     /// The store refused data for lack of space: writes get ENOSPC until a
     /// transaction that frees space is acknowledged.
     full: bool,
+    /// Another daemon claimed the volume for writing
+    /// ([`SendError::Superseded`]): nothing is sent any more, and every
+    /// fsync fails with this reason.
+    superseded: Option<String>,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
     /// Read-ahead chunks in flight (remote stores).
@@ -399,7 +410,18 @@ pub fn open_sparing(
         // removes what a crashed one left unlinked but open. A failure
         // leaks their space, never data (a server older than the
         // request refuses it): the daemon goes on.
-        // A read-only daemon writes nothing.
+        // A read-only daemon writes nothing. One that writes claims the
+        // volume first: the server then refuses every other daemon's
+        // writes (a migration source that hung, one taken over).
+        if mode != crate::store::engine::OpenMode::ReadOnly {
+            let claim = remote
+                .claim()
+                .map_err(|source| crate::store::OpenError::Connect {
+                    url: url.to_string(),
+                    source,
+                })?;
+            tracing::info!(claim, "claimed the volume for writing");
+        }
         let reclaimed = match mode {
             crate::store::engine::OpenMode::ReadOnly => Ok(0),
             _ => remote.reclaim_orphans_except(spare),
@@ -514,6 +536,7 @@ impl WritebackStore {
                 epoch: 0,
                 sticky: HashMap::new(),
                 no_space: HashSet::new(),
+                superseded: None,
                 full: false,
                 last_read_end: HashMap::new(),
                 ahead: ahead::Ahead::default(),

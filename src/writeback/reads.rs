@@ -320,6 +320,10 @@ impl Store for WritebackStore {
         self.shared.wait_for_room(bytes)
     }
 
+    fn would_not_wait(&self, demand: crate::store::Demand) -> bool {
+        self.shared.would_not_wait(demand)
+    }
+
     fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
         self.shared.sync(ino)
     }

@@ -107,6 +107,10 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
     let now = Instant::now();
     let mut attempts = Vec::new();
     let mut wake: Option<Instant> = None;
+    // Another daemon writes to the volume: final, nothing goes.
+    if st.superseded.is_some() {
+        return (None, attempts);
+    }
     let low_water = st.txns.keys().next().copied().unwrap_or(st.next_id);
     // Bytes on the wire may be copied once per attempt (a remote store's
     // frame): keep them to a quarter of the dirty bound, but never block

@@ -61,6 +61,11 @@ impl Shared {
                     "transaction layer shut down",
                 )));
             }
+            if let Some(why) = &st.superseded {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "not stored: {why}"
+                ))));
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() && waits_for_space() {
                 return Err(StoreError::NoSpace);
@@ -82,9 +87,9 @@ impl Shared {
 
     /// A close of `ino` (FLUSH, RELEASE): return without waiting for the
     /// acks of its transactions; the next fsync waits. They are on their
-    /// way already: a write's own transaction goes at once, and one that
-    /// lingers (the create of a small file, which its first writes joined)
-    /// goes `meta_linger` after the last change that joined it (within a
+    /// way already: one that lingers (a write's own, or the create of a
+    /// small file, which its first writes joined) goes `data_linger` or
+    /// `meta_linger` after the last change that joined it (within a
     /// bound from its forming, `queue::META_LINGER_SPAN_MAX`), carrying the files
     /// created after it in the burst. An error already known is reported:
     /// a sticky fsync failure (the data is still not durable), data dropped

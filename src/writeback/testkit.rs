@@ -234,6 +234,8 @@ pub(super) fn cfg(policy: OverwritePolicy) -> TxnConfig {
         fsync_timeout: Duration::from_secs(30),
         read_ahead_bytes: 64 << 10,
         meta_linger: Duration::from_millis(2),
+        // Writes go at once: the tests count and hold their sends.
+        data_linger: Duration::ZERO,
         // Small, so that tests cross the cap.
         max_txn_ops: 16,
         sync_on_close: false,

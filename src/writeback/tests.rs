@@ -543,3 +543,87 @@ fn a_queue_behind_one_directory_leaves_the_ready_set() {
     }
     assert!(super::ack::lock(&wb.shared.state).ready.is_empty());
 }
+
+/// A write's own transaction lingers `data_linger` for the inode's next
+/// writes: the writes between two syncs are one commit. A write that does
+/// not fit ends the linger of the full one, which goes on its own.
+#[test]
+fn writes_between_syncs_linger_into_one_commit() {
+    let config = TxnConfig {
+        data_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let max = config.max_txn_bytes;
+    let (wb, _sink, store, m) = layer_with(config, 1, 29, false);
+    create(&wb, 40);
+    wb.sync(None).unwrap();
+    let sent = m.txn_sent.get();
+    for i in 0..8u64 {
+        write(&wb, 40, i * 4096, &[i as u8; 4096], (i + 1) * 4096);
+    }
+    assert_eq!(m.txn_sent.get(), sent, "the writes linger");
+    assert_eq!(wb.unacked(), 1, "the writes joined one transaction");
+    wb.sync(Some(40)).unwrap();
+    assert_eq!(m.txn_sent.get(), sent + 1, "one commit for the eight");
+    let expect: Vec<u8> = (0..8u8).flat_map(|i| [i; 4096]).collect();
+    assert_eq!(content(&*store, 40), expect);
+    // A full transaction: the next write starts another, and the full one
+    // goes without a sync; the new one lingers.
+    write(&wb, 40, 0, &vec![9u8; max as usize], max);
+    write(&wb, 40, max, &[7u8; 4096], max + 4096);
+    eventually("the full transaction to go on its own", || {
+        m.txn_acked.get() == sent + 2
+    });
+    assert_eq!(wb.unacked(), 1, "the newer one lingers");
+    wb.sync(Some(40)).unwrap();
+    assert_eq!(content(&*store, 40).len() as u64, max + 4096);
+}
+
+/// A write the layer has room for would not wait, so the device serves it
+/// on its queue thread; past `dirty_max_bytes`, or under `--overwrite
+/// wait`, it might, and the device hands it to the pool. A metadata change
+/// needs room too (not the overwrite policy); a close waits only under
+/// `sync_on_close`.
+#[test]
+fn a_request_would_not_wait_while_there_is_room() {
+    use crate::store::Demand::{Close, Metadata, Write};
+    let config = TxnConfig {
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let dirty_max = config.dirty_max_bytes;
+    let (wb, sink, _store, _m) = layer_with(config, 1, 31, false);
+    create(&wb, 50);
+    wb.sync(None).unwrap();
+    assert!(wb.would_not_wait(Write(4096)));
+    assert!(wb.would_not_wait(Metadata));
+    assert!(wb.would_not_wait(Close));
+    sink.gate.close();
+    write(&wb, 50, 0, &vec![1u8; dirty_max as usize], dirty_max);
+    assert!(
+        !wb.would_not_wait(Write(4096)),
+        "no room under dirty_max_bytes"
+    );
+    assert!(!wb.would_not_wait(Metadata), "no room for metadata either");
+    assert!(wb.would_not_wait(Close), "a close does not wait for room");
+    sink.gate.open();
+    wb.sync(None).unwrap();
+    assert!(
+        wb.would_not_wait(Write(4096)),
+        "room again once acknowledged"
+    );
+    assert!(wb.would_not_wait(Metadata));
+    let (wait, _, _, _) = layer(OverwritePolicy::Wait, 1, 32);
+    assert!(
+        !wait.would_not_wait(Write(4096)),
+        "under wait a pinned page may hold it"
+    );
+    assert!(wait.would_not_wait(Metadata), "metadata pins no page");
+    let strict = TxnConfig {
+        sync_on_close: true,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (strict, _, _, _) = layer_with(strict, 1, 33, false);
+    assert!(!strict.would_not_wait(Close), "a close waits as fsync does");
+}

@@ -26,7 +26,12 @@ use super::queue::{
 };
 use super::{OverwritePolicy, Shared, State};
 use crate::ratelimit::limited;
-use crate::store::{Inode, Op, ReadData, StoreError, Txn, WriteData};
+use crate::store::{Demand, Inode, Op, ReadData, StoreError, Txn, WriteData};
+
+/// What a metadata change is taken to add to the dirty bytes when the
+/// device asks whether it would wait (`would_not_wait`): an xattr value's
+/// bound (64 KiB) and its name and op, with room to spare.
+const METADATA_DEMAND_BYTES: u64 = 128 << 10;
 
 /// The pages a write covers.
 struct PageSpan {
@@ -98,6 +103,35 @@ impl Shared {
             st = self.wait_until(st, deadline, "room under --dirty-max")?;
         }
         Ok(())
+    }
+
+    /// Whether a request asking `demand` would go in now without waiting.
+    /// A write: room under `dirty_max_bytes` and copy-on-write overwrites
+    /// (under `wait` a write may wait for the ack of a pinned page). A
+    /// metadata change: room in the queue and for
+    /// [`METADATA_DEMAND_BYTES`] under `dirty_max_bytes`, as
+    /// `commit_metadata` waits for. A close waits only under
+    /// `sync_on_close`.
+    pub(super) fn would_not_wait(&self, demand: Demand) -> bool {
+        let room = |st: &State, bytes: u64| {
+            st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes
+        };
+        match demand {
+            Demand::Write(bytes) => {
+                if self.cfg.overwrite != OverwritePolicy::Cow {
+                    return false;
+                }
+                let st = lock(&self.state);
+                !st.shutdown && !st.full && room(&st, bytes)
+            }
+            Demand::Metadata => {
+                let st = lock(&self.state);
+                !st.shutdown
+                    && st.txns.len() < MAX_QUEUED_TXNS
+                    && (st.full || room(&st, METADATA_DEMAND_BYTES))
+            }
+            Demand::Close => !self.cfg.sync_on_close,
+        }
     }
 
     /// When a wait that starts now gives up: every wait of the layer is
@@ -191,26 +225,38 @@ impl Shared {
     fn data_txn(&self, st: &mut State, ino: u64, bytes: u64, inode: &Inode) -> u64 {
         let max_bytes = self.cfg.max_txn_bytes.min(TXN_DATA_BYTES_MAX);
         let put_inode = op_wire_bytes(&Op::PutInode(inode.clone()));
-        let tail = st
-            .by_inode
-            .get(&ino)
-            .and_then(|q| q.back().copied())
-            .filter(|id| {
-                st.txns.get(id).is_some_and(|t| {
-                    t.data_may_join(ino)
-                        && t.data_bytes + bytes <= max_bytes
-                        && t.meta_bytes + put_inode <= TXN_META_BYTES_MAX
-                })
-            });
+        let newest = st.by_inode.get(&ino).and_then(|q| q.back().copied());
+        let tail = newest.filter(|id| {
+            st.txns.get(id).is_some_and(|t| {
+                t.data_may_join(ino)
+                    && t.data_bytes + bytes <= max_bytes
+                    && t.meta_bytes + put_inode <= TXN_META_BYTES_MAX
+            })
+        });
         let Some(id) = tail else {
-            let entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            // A write's own transaction that this write does not fit in
+            // has nothing more to wait for.
+            if let Some(t) = newest.and_then(|n| st.txns.get_mut(&n)) {
+                if t.mergeable && t.attempts == 0 {
+                    t.not_before = None;
+                }
+            }
+            let mut entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
+            if !self.cfg.data_linger.is_zero() {
+                entry.not_before = Some(Instant::now() + self.cfg.data_linger);
+            }
             return self.enqueue(st, entry);
         };
-        // Joining a metadata transaction (the create of this file): it must
-        // carry the attributes the data is clipped to, and the burst it
-        // belongs to goes on.
+        // Joining: the transaction lingers on (a write's own, or the
+        // create of this file with its burst); a metadata one must carry
+        // the attributes the data is clipped to.
         if let Some(t) = st.txns.get_mut(&id) {
-            t.linger_on(Instant::now(), self.cfg.meta_linger);
+            let linger = if t.mergeable {
+                self.cfg.data_linger
+            } else {
+                self.cfg.meta_linger
+            };
+            t.linger_on(Instant::now(), linger);
             if !t
                 .ops
                 .iter()

@@ -11,6 +11,8 @@
 //!   same port and data.
 //! - [`s3`]: [`Moto`] and [`S3sFs`], two independent S3-compatible servers on loopback
 //!   with one bucket each.
+//! - [`netns`]: [`Network`], hosts of their own on this machine (network namespaces joined by
+//!   veth pairs), where servers and daemons run as on separate hosts.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
 //!   line `scripts/test` counts.
 //! - [`format_volume`]: `pohmelfs format URL`, how every test makes a `file://` or `s3://`
@@ -22,6 +24,7 @@
 //! caller (`env!("CARGO_BIN_EXE_pohmelfs")`). Its failures are [`Error`]s, for the caller to
 //! turn into a panic or its own failure type.
 
+pub mod netns;
 pub mod process;
 pub mod s3;
 pub mod scratch;
@@ -33,6 +36,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use netns::{Netns, Network};
 pub use process::{log_tail, ChildGuard};
 pub use s3::{Moto, S3sFs};
 pub use scratch::ScratchDir;
@@ -100,12 +104,23 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// `--capacity 8M`): tests make their volumes as operators do, since `serve`, `mount` and
 /// `store` open only volumes that exist.
 pub fn format_volume(exe: impl AsRef<std::path::Path>, url: &str, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(exe.as_ref())
+    format_volume_by(std::process::Command::new(exe.as_ref()), url, args)
+}
+
+/// As [`format_volume`], by `pohmelfs`, a command made ready to run the binary (in a network
+/// namespace, [`Netns::command`]; with an S3 volume's credentials in its environment).
+pub fn format_volume_by(
+    mut pohmelfs: std::process::Command,
+    url: &str,
+    args: &[&str],
+) -> Result<()> {
+    let program = pohmelfs.get_program().to_string_lossy().into_owned();
+    let out = pohmelfs
         .arg("format")
         .arg(url)
         .args(args)
         .output()
-        .map_err(Error::io(format!("run {} format", exe.as_ref().display())))?;
+        .map_err(Error::io(format!("run {program} format")))?;
     if !out.status.success() {
         return Err(Error::Unexpected(format!(
             "pohmelfs format {url} failed ({}): {}",

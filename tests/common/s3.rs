@@ -3,15 +3,17 @@
 //! 'moto[server]'`, or `scripts/setup`, which installs it in `target/venv`), and `s3s-fs`, an
 //! independent implementation in Rust over a directory (`cargo install s3s-fs --features
 //! binary`, or `scripts/setup`, which installs it in `target/s3s`). One bucket, fixed
-//! credentials; killed on drop.
+//! credentials; killed on drop. Moto may also run in a network
+//! namespace of a [`crate::Network`], as a service on another host ([`Moto::start_in`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use crate::netns::{command_in, Netns};
 use crate::{log_tail, ChildGuard, Error, Result};
 
 /// How long moto may take to answer HTTP.
@@ -25,6 +27,7 @@ const PORT_TRIES: u32 = 3;
 /// A running `moto_server` with one bucket.
 pub struct Moto {
     _child: ChildGuard,
+    host: Ipv4Addr,
     port: u16,
     bucket: String,
     log: PathBuf,
@@ -42,20 +45,20 @@ fn find_moto() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
+fn free_port(host: Ipv4Addr) -> Result<u16> {
+    TcpListener::bind((host, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(Error::io("find a free port"))
 }
 
 /// One HTTP/1.1 request without a body; the status code of the answer.
-fn http(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+fn http(host: Ipv4Addr, port: u16, method: &str, path: &str) -> std::io::Result<u16> {
+    let mut conn = TcpStream::connect((host, port))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         conn,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\n\
          Connection: close\r\n\r\n"
     )?;
     let mut answer = String::new();
@@ -71,6 +74,16 @@ impl Moto {
     /// Starts moto with its log in `dir` and creates `bucket`. A missing `moto_server` is an
     /// error that says how to install it.
     pub fn start(dir: &Path, bucket: &str) -> Result<Moto> {
+        Moto::start_at(dir, bucket, None)
+    }
+
+    /// As [`Moto::start`], in network namespace `netns` on address `host`: an S3 service on
+    /// another host ([`crate::Network`]).
+    pub fn start_in(dir: &Path, bucket: &str, netns: &Netns, host: Ipv4Addr) -> Result<Moto> {
+        Moto::start_at(dir, bucket, Some((netns, host)))
+    }
+
+    fn start_at(dir: &Path, bucket: &str, at: Option<(&Netns, Ipv4Addr)>) -> Result<Moto> {
         let exe = find_moto().ok_or_else(|| Error::Missing {
             program: "moto_server".into(),
             fix: "neither on PATH nor in target/venv/bin; install it with `scripts/setup` or \
@@ -82,15 +95,22 @@ impl Moto {
         let mut tries = 0;
         loop {
             tries += 1;
-            match Moto::spawn(&exe, &log, bucket) {
+            match Moto::spawn(&exe, &log, bucket, at) {
                 Err(Error::Exited { .. }) if tries < PORT_TRIES => continue,
                 outcome => return outcome,
             }
         }
     }
 
-    fn spawn(exe: &Path, log: &Path, bucket: &str) -> Result<Moto> {
-        let port = free_port()?;
+    fn spawn(exe: &Path, log: &Path, bucket: &str, at: Option<(&Netns, Ipv4Addr)>) -> Result<Moto> {
+        let host = at.map_or(Ipv4Addr::LOCALHOST, |(_, host)| host);
+        // Sockets to a moto in a namespace are made in that namespace.
+        let netns = at.map(|(ns, _)| ns);
+        let within = |f: &(dyn Fn() -> Result<u16> + Sync)| match netns {
+            Some(ns) => ns.run(f)?,
+            None => f(),
+        };
+        let port = within(&|| free_port(host))?;
         let out = File::options()
             .create(true)
             .append(true)
@@ -100,8 +120,8 @@ impl Moto {
             .try_clone()
             .map_err(Error::io(format!("open {}", log.display())))?;
         let mut child = ChildGuard(
-            Command::new(exe)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            command_in(netns.map(Netns::name), exe)
+                .args(["-H", &host.to_string(), "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -114,13 +134,15 @@ impl Moto {
             START_TIMEOUT,
             POLL,
             || {
-                http(port, "GET", "/")
+                within(&|| http(host, port, "GET", "/").map_err(Error::io("probe moto")))
                     .is_ok_and(|code| code < 500)
                     .then_some(())
             },
         )?;
-        let code = http(port, "PUT", &format!("/{bucket}"))
-            .map_err(Error::io(format!("create bucket {bucket}")))?;
+        let code = within(&|| {
+            http(host, port, "PUT", &format!("/{bucket}"))
+                .map_err(Error::io(format!("create bucket {bucket}")))
+        })?;
         if code != 200 {
             return Err(Error::Unexpected(format!(
                 "creating bucket {bucket} answered {code}:\n{}",
@@ -129,6 +151,7 @@ impl Moto {
         }
         Ok(Moto {
             _child: child,
+            host,
             port,
             bucket: bucket.to_owned(),
             log: log.to_owned(),
@@ -138,9 +161,9 @@ impl Moto {
     /// The `s3://` URL of `prefix` in the bucket, with the endpoint and (dummy) credentials.
     pub fn url(&self, prefix: &str) -> String {
         format!(
-            "s3://{}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true\
+            "s3://{}/{prefix}?endpoint=http://{}:{}&region=us-east-1&allow_http=true\
              &access_key_id=test&secret_access_key=test",
-            self.bucket, self.port
+            self.bucket, self.host, self.port
         )
     }
 
@@ -148,8 +171,8 @@ impl Moto {
     /// command gets them from [`Moto::CLI_ENV`] in its environment.
     pub fn cli_url(&self, prefix: &str) -> String {
         format!(
-            "s3://{}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
-            self.bucket, self.port
+            "s3://{}/{prefix}?endpoint=http://{}:{}&region=us-east-1&allow_http=true",
+            self.bucket, self.host, self.port
         )
     }
 
@@ -232,7 +255,7 @@ impl S3sFs {
     }
 
     fn spawn(exe: &Path, root: &Path, log: &Path, bucket: &str) -> Result<S3sFs> {
-        let port = free_port()?;
+        let port = free_port(Ipv4Addr::LOCALHOST)?;
         let out = File::options()
             .create(true)
             .append(true)
@@ -242,7 +265,7 @@ impl S3sFs {
             .try_clone()
             .map_err(Error::io(format!("open {}", log.display())))?;
         let mut child = ChildGuard(
-            Command::new(exe)
+            std::process::Command::new(exe)
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--access-key", "test", "--secret-key", "test"])
                 .arg(root)
@@ -258,7 +281,7 @@ impl S3sFs {
             START_TIMEOUT,
             POLL,
             || {
-                http(port, "GET", "/")
+                http(Ipv4Addr::LOCALHOST, port, "GET", "/")
                     .is_ok_and(|code| code < 500)
                     .then_some(())
             },

@@ -10,10 +10,12 @@
 //! format each volume they name (`tests/store_server.rs` tests the server without it).
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use crate::netns::Netns;
 use crate::{ChildGuard, Error, Result};
 
 /// How long a server may take to start listening.
@@ -36,6 +38,8 @@ pub struct StoreServer {
     secret: bool,
     /// More `pohmelfs store` options (credentials, TLS, limits), on every start.
     extra: Vec<String>,
+    /// The network namespace the server runs in (`None`: the test's own).
+    netns: Option<String>,
     child: Option<ChildGuard>,
     /// What `--listen` gets: port 0 until the first start has bound one.
     listen: String,
@@ -67,6 +71,32 @@ impl StoreServer {
         secret: Option<&str>,
         extra: &[&str],
     ) -> Result<StoreServer> {
+        StoreServer::start_at(exe, dir, name, data_url, secret, extra, None)
+    }
+
+    /// As [`StoreServer::start`], in network namespace `netns` on address `ip` (a port of
+    /// its choosing), as a server on another host ([`crate::Network`]). A server off
+    /// loopback refuses to run without credentials: give it a `secret`.
+    pub fn start_in(
+        exe: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        secret: Option<&str>,
+        (netns, ip): (&Netns, IpAddr),
+    ) -> Result<StoreServer> {
+        StoreServer::start_at(exe, dir, name, data_url, secret, &[], Some((netns, ip)))
+    }
+
+    fn start_at(
+        exe: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        secret: Option<&str>,
+        extra: &[&str],
+        at: Option<(&Netns, IpAddr)>,
+    ) -> Result<StoreServer> {
         if let Some(path) = data_url.strip_prefix("file://") {
             let path = path.split_once('?').map_or(path, |(p, _)| p);
             std::fs::create_dir_all(path).map_err(Error::io(format!("create {path}")))?;
@@ -84,7 +114,11 @@ impl StoreServer {
             secret: secret.is_some(),
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
-            listen: "127.0.0.1:0".to_owned(),
+            netns: at.map(|(ns, _)| ns.name().to_owned()),
+            listen: match at {
+                Some((_, ip)) => std::net::SocketAddr::new(ip, 0).to_string(),
+                None => "127.0.0.1:0".to_owned(),
+            },
             log: dir.join(format!("{name}.log")),
             starts: 0,
         };
@@ -92,7 +126,8 @@ impl StoreServer {
         Ok(server)
     }
 
-    /// `127.0.0.1:PORT`, the same across restarts.
+    /// `127.0.0.1:PORT` (or the address given to [`StoreServer::start_in`]), the same across
+    /// restarts.
     pub fn addr(&self) -> &str {
         &self.listen
     }
@@ -133,7 +168,7 @@ impl StoreServer {
             .open(&self.log)
             .map_err(Error::io(format!("open {}", self.log.display())))?;
         let addr_file = self.dir.join(format!("{}.addr{}", self.name, self.starts));
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = crate::netns::command_in(self.netns.as_deref(), &self.exe);
         // The command line refuses secrets (every local user can read it):
         // S3 credentials in the URL go to the server's environment instead.
         let (data_url, credentials) = credentials_to_env(&self.data_url);

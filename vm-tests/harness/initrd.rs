@@ -68,6 +68,19 @@ pub fn guest_pohmelfs() -> Result<&'static [ExtraFile]> {
         .map_err(|e| Failure::new(format!("put pohmelfs into the guest: {e}")))
 }
 
+/// `images/root-init` as the guest's `/init`, in place of the base image's: it boots the
+/// daemon's volume as the root file system and runs `/test.sh` there.
+pub fn root_init() -> Result<ExtraFile> {
+    let path = super::repo_root().join("images/root-init");
+    let data =
+        fs::read(&path).map_err(|e| Failure::new(format!("read {}: {e}", path.display())))?;
+    Ok(ExtraFile {
+        name: "init".to_owned(),
+        mode: 0o755,
+        data,
+    })
+}
+
 /// Writes base image [+ optional images] + an archive holding `/test.sh` (and `extra`) into
 /// one initrd file.
 pub fn write_initrd(
@@ -75,7 +88,7 @@ pub fn write_initrd(
     image: &GuestImage,
     optional: &[&Path],
     script: &str,
-    extra: &[ExtraFile],
+    extra: &[&ExtraFile],
 ) -> Result<()> {
     let write = || -> io::Result<()> {
         let mut out = File::create(initrd)?;

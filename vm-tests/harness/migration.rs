@@ -151,7 +151,14 @@ impl<'a> Migration<'a> {
         let mut src = Side::new(self.dir, "source");
         let mut dst = Side::new(self.dir, "destination");
         let command = |side: &Side, daemon: &Daemon| -> Result<Command> {
-            let mut c = base_command(&qemu, accel, image, &initrd, &side.console, &side.qemu_log)?;
+            let mut c = base_command(
+                &qemu,
+                accel,
+                image,
+                (&initrd, ""),
+                &side.console,
+                &side.qemu_log,
+            )?;
             add_devices(&mut c, side, daemon);
             Ok(c)
         };

@@ -9,7 +9,8 @@
 //!   ([`Daemon::check_health`]: no panic in its log; pohmelfs alive with `fs_internal_errors`
 //!   at 0). Every test so ends with that check after its last guest.
 //! - [`initrd`]: the guest's initrd: base image, optional images, and the script (and, when
-//!   asked for, the `pohmelfs` binary) in a newc archive written by [`cpio`].
+//!   asked for, the `pohmelfs` binary, or `images/root-init` as `/init` to boot the volume as
+//!   the root) in a newc archive written by [`cpio`].
 //! - [`migration`]: a live migration of one guest between two QEMU processes and two daemons
 //!   (QMP `migrate`, the downtime QEMU reports).
 //! - [`store`]: a `pohmelfs store` server for `pohmel://` volumes. The daemon's counters are

@@ -1,7 +1,8 @@
 //! One guest boot under QEMU: the [`Guest`] builder and what it returns, [`GuestOutput`].
 //!
 //! A guest gets the test's shell script as `/test.sh` (a newc archive appended to the base
-//! initramfs), mounts nothing by itself, and reports the script's status on its serial console
+//! initramfs), mounts nothing by itself (unless it boots with its root on the daemon's volume,
+//! [`Guest::root_boot`]), and reports the script's status on its serial console
 //! as `POHMELFS-EXIT=<status>` before powering off. QEMU uses KVM only when a probe boot showed
 //! that KVM really runs this guest, and TCG otherwise. QEMU is killed when the run times out
 //! and in `Drop`, so a failing test never leaves a guest behind.
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::daemon::{self, Daemon};
 use super::image::{guest_image, GuestImage};
-use super::initrd::{guest_pohmelfs, write_initrd};
+use super::initrd::{guest_pohmelfs, root_init, write_initrd, ExtraFile};
 use super::{log_tail, target_dir, wait_until, Failure, Result};
 
 /// Default bound on one guest run, boot to power-off, under TCG.
@@ -56,6 +57,7 @@ pub struct Guest<'a> {
     fio: bool,
     pjdfstest: bool,
     pohmelfs: bool,
+    root: bool,
     actions: Vec<ConsoleAction<'a>>,
     power_cut_at: Option<String>,
 }
@@ -118,6 +120,7 @@ impl<'a> Guest<'a> {
             fio: false,
             pjdfstest: false,
             pohmelfs: false,
+            root: false,
             actions: Vec::new(),
             power_cut_at: None,
         }
@@ -128,6 +131,14 @@ impl<'a> Guest<'a> {
     #[allow(dead_code)] // for the crash and torture tests
     pub fn with_pohmelfs(mut self) -> Self {
         self.pohmelfs = true;
+        self
+    }
+
+    /// Boots with the daemon's volume as the root file system (`images/root-init` as `/init`,
+    /// `root=TAG rootfstype=virtiofs`): the script runs in the switched root, under its own
+    /// `/bin/sh`, instead of in the initramfs.
+    pub fn root_boot(mut self) -> Self {
+        self.root = true;
         self
     }
 
@@ -208,11 +219,12 @@ impl<'a> Guest<'a> {
     /// archive with `/test.sh` (and the `pohmelfs` binary when asked for).
     fn build_initrd(&self, image: &GuestImage, initrd: &Path) -> Result<()> {
         let script = guest_script(self.daemon.tag(), &self.script);
-        let extra = if self.pohmelfs {
-            guest_pohmelfs()?
-        } else {
-            &[]
-        };
+        let mut extra: Vec<&ExtraFile> = Vec::new();
+        if self.pohmelfs {
+            extra.extend(guest_pohmelfs()?);
+        }
+        let init = if self.root { Some(root_init()?) } else { None };
+        extra.extend(&init);
         let mut images = Vec::new();
         if self.fio {
             images.push(image.fio.as_path());
@@ -228,7 +240,7 @@ impl<'a> Guest<'a> {
             }
             images.push(image.pjdfstest.as_path());
         }
-        write_initrd(initrd, image, &images, &script, extra)
+        write_initrd(initrd, image, &images, &script, &extra)
     }
 
     /// The QEMU command line: the common part, this guest's memory (shared, as vhost-user
@@ -241,11 +253,12 @@ impl<'a> Guest<'a> {
         files: &RunFiles,
     ) -> Result<Command> {
         let memory = format!("{}M", self.memory_mb);
+        let root_args = format!("root={} rootfstype=virtiofs", self.daemon.tag());
         let mut command = base_command(
             qemu,
             accel,
             image,
-            &files.initrd,
+            (&files.initrd, if self.root { &root_args } else { "" }),
             &files.console,
             &files.qemu_log,
         )?;
@@ -426,11 +439,12 @@ struct Watched {
 }
 
 /// QEMU arguments shared by test guests and the KVM probe; the caller adds memory and devices.
+/// `boot` is the initrd and what to add to the kernel command line.
 pub(super) fn base_command(
     qemu: &Path,
     accel: Accel,
     image: &GuestImage,
-    initrd: &Path,
+    boot: (&Path, &str),
     console: &Path,
     qemu_log: &Path,
 ) -> Result<Command> {
@@ -448,11 +462,12 @@ pub(super) fn base_command(
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")
-        .arg(initrd)
+        .arg(boot.0)
         // no_timer_check: under TCG on a loaded host the kernel's boot-time
         // check of the IO-APIC timer can miss its ticks and panic ("IO-APIC
         // + timer doesn't work!"); a virtual machine's timer needs no check.
-        .args(["-append", "console=ttyS0 quiet panic=-1 no_timer_check"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 no_timer_check {}", boot.1).trim_end())
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .stdin(Stdio::null())
@@ -481,7 +496,7 @@ pub fn parse_exit_status(console: &str) -> Option<i32> {
 }
 
 /// QEMU: `$QEMU`, else `qemu-system-x86_64` from `PATH`.
-pub(super) fn qemu_binary() -> Result<PathBuf> {
+pub fn qemu_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("QEMU").map(PathBuf::from) {
         return if path.is_file() {
             Ok(path)
@@ -591,7 +606,7 @@ fn probe_kvm() -> Result<(Accel, String)> {
     let qemu_log = dir.join("qemu.log");
     let initrd = dir.join("initrd");
     write_initrd(&initrd, image, &[], "exit 0\n", &[])?;
-    let mut command = base_command(&qemu, Accel::Kvm, image, &initrd, &console, &qemu_log)?;
+    let mut command = base_command(&qemu, Accel::Kvm, image, (&initrd, ""), &console, &qemu_log)?;
     command.args(["-m", "256"]);
     let mut process = KillOnDrop::spawn(&mut command, &qemu)?;
     let outcome = wait_until(KVM_PROBE_TIMEOUT, POLL_INTERVAL, || {

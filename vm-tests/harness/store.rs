@@ -25,6 +25,36 @@ impl StoreServer {
         Ok(StoreServer(server))
     }
 
+    /// Start a server as [`StoreServer::start`] does, in network namespace `netns` on
+    /// address `ip`, with `secret` (a server off loopback needs one; clients name
+    /// [`StoreServer::secret_file`]).
+    #[allow(dead_code)] // for the migration tests between hosts
+    pub fn start_in(
+        dir: &Path,
+        data_url: &str,
+        secret: &str,
+        netns: &pohmelfs_testkit::Netns,
+        ip: std::net::IpAddr,
+    ) -> Result<StoreServer> {
+        let exe = env!("CARGO_BIN_EXE_pohmelfs");
+        let server = pohmelfs_testkit::StoreServer::start_in(
+            exe,
+            dir,
+            "store",
+            data_url,
+            Some(secret),
+            (netns, ip),
+        )?;
+        Ok(StoreServer(server))
+    }
+
+    /// The file holding the secret of a server started with one, for clients'
+    /// `secret_file=`.
+    #[allow(dead_code)] // for the migration tests between hosts
+    pub fn secret_file(dir: &Path) -> std::path::PathBuf {
+        pohmelfs_testkit::store::secret_file(dir)
+    }
+
     /// `127.0.0.1:PORT`, the same across restarts.
     pub fn addr(&self) -> &str {
         self.0.addr()

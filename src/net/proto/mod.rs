@@ -20,8 +20,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// "POHM", little endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"POHM");
 /// The protocol version this build speaks. Version 2 added TLS, named
-/// credentials and server-issued sessions to the handshake.
-pub const VERSION: u8 = 2;
+/// credentials and server-issued sessions to the handshake; version 3 the
+/// writer claim (`Request::Claim`), which a server requires before any
+/// write, so a version-2 client is refused at its Hello.
+pub const VERSION: u8 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 24;
 /// The largest payload either side accepts: a transaction of up to 8 MiB of

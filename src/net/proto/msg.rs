@@ -96,6 +96,12 @@ pub enum Request {
     ReclaimOrphans {
         spare: Vec<u64>,
     },
+    /// Make this session the volume's one writer (protocol version 3): the
+    /// server keeps the claim durably in the volume and refuses, with
+    /// [`ErrorCode::NotWriter`], every write of any other session from now
+    /// on, including resends of transactions sent before. A daemon sends
+    /// it once, when it opens the volume for writing.
+    Claim,
 }
 
 /// The most inodes a [`Request::ReclaimOrphans`] spares (a migrated
@@ -126,6 +132,10 @@ pub enum ErrorCode {
     ShuttingDown = 9,
     /// Protocol versions do not match.
     Version = 10,
+    /// Another session claimed the volume for writing ([`Request::Claim`]):
+    /// this one may never write to it again. Final: not a reason to go to
+    /// another server.
+    NotWriter = 11,
 }
 
 impl ErrorCode {
@@ -142,6 +152,7 @@ impl ErrorCode {
             8 => Busy,
             9 => ShuttingDown,
             10 => Version,
+            11 => NotWriter,
             _ => return None,
         })
     }
@@ -191,6 +202,11 @@ pub enum Response {
     Removed {
         count: u64,
     },
+    /// Answers [`Request::Claim`]: the claim's number, one more than the
+    /// volume's claim before.
+    Claimed {
+        claim: u64,
+    },
 }
 
 impl Request {
@@ -211,6 +227,7 @@ impl Request {
             Request::Statfs => 41,
             Request::ReserveIds { .. } => 42,
             Request::ReclaimOrphans { .. } => 43,
+            Request::Claim => 44,
         }
     }
 
@@ -218,7 +235,10 @@ impl Request {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Request::Txn { .. } | Request::ReserveIds { .. } | Request::ReclaimOrphans { .. }
+            Request::Txn { .. }
+                | Request::ReserveIds { .. }
+                | Request::ReclaimOrphans { .. }
+                | Request::Claim
         )
     }
 
@@ -272,7 +292,7 @@ impl Request {
             Request::GetXattr { ino, name } => {
                 e.u64(*ino).bytes(name);
             }
-            Request::Statfs => {}
+            Request::Statfs | Request::Claim => {}
             Request::ReserveIds { count } => {
                 e.u64(*count);
             }
@@ -354,6 +374,7 @@ impl Request {
                 let spare = (0..n).map(|_| d.u64()).collect::<Result<_, _>>()?;
                 Request::ReclaimOrphans { spare }
             }
+            44 => Request::Claim,
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;
@@ -488,6 +509,7 @@ impl Response {
             Response::Stats(_) => 167,
             Response::Ids { .. } => 168,
             Response::Removed { .. } => 169,
+            Response::Claimed { .. } => 170,
         }
     }
 
@@ -572,7 +594,9 @@ impl Response {
             Response::Stats(s) => {
                 e.stats(s);
             }
-            Response::Ids { first } | Response::Removed { count: first } => {
+            Response::Ids { first }
+            | Response::Removed { count: first }
+            | Response::Claimed { claim: first } => {
                 e.u64(*first);
             }
         }
@@ -635,6 +659,7 @@ impl Response {
             167 => Response::Stats(d.stats()?),
             168 => Response::Ids { first: d.u64()? },
             169 => Response::Removed { count: d.u64()? },
+            170 => Response::Claimed { claim: d.u64()? },
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;
@@ -654,6 +679,7 @@ impl Response {
             }
             Response::Welcome { session: 0, .. } => Err(ProtoError::Invalid("session 0 issued")),
             Response::TxnAck { txn_id: 0, .. } => Err(ProtoError::Invalid("ack for transaction 0")),
+            Response::Claimed { claim: 0 } => Err(ProtoError::Invalid("claim 0 granted")),
             Response::Ids { first } if *first < crate::store::FIRST_FREE_ID => {
                 Err(ProtoError::Invalid("reserved id range"))
             }

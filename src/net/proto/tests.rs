@@ -114,6 +114,7 @@ fn requests() -> Vec<Request> {
             spare: vec![17, 1 << 40],
         },
         Request::ReclaimOrphans { spare: vec![] },
+        Request::Claim,
     ]
 }
 
@@ -163,6 +164,8 @@ fn responses() -> Vec<Response> {
         }),
         Response::Ids { first: 4096 },
         Response::Removed { count: 3 },
+        Response::Claimed { claim: 2 },
+        Response::error(ErrorCode::NotWriter, "claimed by another session"),
     ]
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::writer::Served;
 use super::{ConnError, Shared};
 use crate::net::credentials::{Credential, Grant, Secret};
 use crate::net::proto::auth::{self, Side, Transcript};
@@ -18,7 +19,6 @@ use crate::net::proto::msg::{ErrorCode, Request, Response, TICKET_LEN};
 use crate::net::proto::{
     read_frame, write_frame, ProtoError, HANDSHAKE_MAX_PAYLOAD, MAX_PAYLOAD, VERSION,
 };
-use crate::store::OnceStore;
 
 /// An authenticated connection's standing.
 pub struct Session {
@@ -28,7 +28,7 @@ pub struct Session {
     pub session: u64,
     pub credential: String,
     pub volume_name: String,
-    pub volume: Arc<dyn OnceStore>,
+    pub volume: Arc<Served>,
     /// The connection's slot among `--max-connections`.
     pub _slot: OwnedSemaphorePermit,
 }
@@ -184,7 +184,7 @@ where
         proof: auth::prove(secret, Side::Server, &issued),
         session,
         ticket,
-        epoch: store.epoch(),
+        epoch: store.store.epoch(),
         max_payload: MAX_PAYLOAD,
         max_in_flight: shared.cfg.max_in_flight,
     };

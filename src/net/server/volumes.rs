@@ -12,10 +12,10 @@ use thiserror::Error;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
+use super::writer::Served;
 use crate::store::engine::OpenMode;
-use crate::store::OnceStore;
 
-type Cell = Arc<OnceCell<Arc<dyn OnceStore>>>;
+type Cell = Arc<OnceCell<Arc<Served>>>;
 
 /// Why a volume could not be had.
 #[derive(Debug, Error)]
@@ -59,7 +59,7 @@ impl Volumes {
     }
 
     /// The open volume `name`, opening it on first use.
-    pub async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<dyn OnceStore>, VolumeError> {
+    pub async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<Served>, VolumeError> {
         let cell = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             match open.get(name) {
@@ -108,7 +108,7 @@ impl Volumes {
 
     /// The open volume, or `Err(true)` when it does not exist (and may not
     /// be created), `Err(false)` when it failed otherwise.
-    async fn open_volume(self: Arc<Self>, name: String) -> Result<Arc<dyn OnceStore>, bool> {
+    async fn open_volume(self: Arc<Self>, name: String) -> Result<Arc<Served>, bool> {
         let url = self.url(&name);
         let shown = super::super::redact_url(&url);
         let mode = if self.create {
@@ -119,17 +119,22 @@ impl Volumes {
         let opened = tokio::task::spawn_blocking({
             let url = url.clone();
             move || {
-                crate::store::open_once_as(&url, mode).map_err(|e| {
+                let store = crate::store::open_once_as(&url, mode).map_err(|e| {
                     let missing = matches!(e, crate::store::OpenError::NoVolume { .. });
                     (missing, crate::ErrorChain(&e).to_string())
-                })
+                })?;
+                // The writer claim recorded in the volume, if any.
+                Served::new(store)
+                    .map(Arc::new)
+                    .map_err(|e| (false, crate::ErrorChain(&e).to_string()))
             }
         })
         .await
         .unwrap_or_else(|e| Err((false, format!("open task failed: {e}"))));
         match opened {
             Ok(v) => {
-                info!(volume = %name, url = %shown, epoch = v.epoch(), "volume open");
+                let claim = v.writer().map(|c| c.claim);
+                info!(volume = %name, url = %shown, epoch = v.store.epoch(), ?claim, "volume open");
                 Ok(v)
             }
             Err((missing, e)) => {
@@ -140,7 +145,7 @@ impl Volumes {
     }
 
     /// Every open volume, for shutdown.
-    pub fn all(&self) -> Vec<(String, Arc<dyn OnceStore>)> {
+    pub fn all(&self) -> Vec<(String, Arc<Served>)> {
         self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -23,6 +23,9 @@ pub mod tag {
     /// The lsn of the last commit-log record whose batch this is (one
     /// key, the tag alone; `log.rs`).
     pub const LOG: u8 = 0x03;
+    /// The volume's writer claim: which client session of a store server
+    /// may write (one key, the tag alone; `writer.rs`).
+    pub const WRITER: u8 = 0x04;
     /// `ino` -> inode attributes.
     pub const INODE: u8 = 0x10;
     /// `ino` -> symlink target.
@@ -75,6 +78,10 @@ pub fn superblock() -> Vec<u8> {
 
 pub fn log() -> Vec<u8> {
     vec![tag::LOG]
+}
+
+pub fn writer() -> Vec<u8> {
+    vec![tag::WRITER]
 }
 
 pub fn stats() -> Vec<u8> {

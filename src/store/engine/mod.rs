@@ -75,6 +75,7 @@ mod shared;
 pub mod snapshot;
 #[cfg(test)]
 mod test_writes;
+mod writer;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -100,14 +101,14 @@ mod snapshot_tests;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use slatedb::config::ScanOptions;
 use slatedb::{Db, WriteBatch};
 
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
-    BLOCK_SIZE,
+    WriterClaim, BLOCK_SIZE,
 };
 use codec::{Counters, Superblock};
 pub use codec::{FORMAT_VERSION, UPGRADES_FROM};
@@ -182,10 +183,6 @@ pub struct SlateStore {
     /// Deletes dead data objects and rewrites mostly dead ones
     /// (`object_gc.rs`), with `objects`.
     object_gc: Option<Arc<object_gc::ObjectGc>>,
-    /// Readers hold it shared from reading a chunk record to reading the
-    /// segment bytes it names; reclaiming (punching, deleting) takes it
-    /// exclusively, so a reader never sees a page punched under it.
-    reclaim: Arc<RwLock<()>>,
     /// Punches and deletes what durable batches freed (`file://` only).
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     /// The commit log and its checkpoints (`file://` only): commits are
@@ -194,9 +191,9 @@ pub struct SlateStore {
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
     log_queue: log_queue::LogQueue,
-    /// Pins on segment ranges handed out by reads (`pins.rs`): the
-    /// reclaimer defers punching while one lives.
-    pins: Arc<pins::Pins>,
+    /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
+    /// only after every read that could name it has left.
+    readers: Arc<pins::Readers>,
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
@@ -571,7 +568,7 @@ impl Store for SlateStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let _shared = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
+        let _in = self.readers.enter();
         self.rt()?.block_on(self.read_inner(ino, offset, buf))
     }
 
@@ -699,5 +696,13 @@ impl OnceStore for SlateStore {
 
     fn reclaim_orphans_except(&self, spare: &[u64]) -> Result<u64, StoreError> {
         SlateStore::reclaim_orphans_except(self, spare)
+    }
+
+    fn writer_claim(&self) -> Result<Option<WriterClaim>, StoreError> {
+        self.note(self.rt()?.block_on(self.writer_claim_inner()))
+    }
+
+    fn set_writer_claim(&self, claim: WriterClaim) -> Result<(), StoreError> {
+        self.note(self.rt()?.block_on(self.set_writer_claim_inner(claim)))
     }
 }

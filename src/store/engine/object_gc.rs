@@ -2,10 +2,11 @@
 //! mostly dead (or small) ones.
 //!
 //! **Deleting.** A durable batch that dropped an object's last live byte
-//! hands the object to the deleter thread, which deletes it while holding
-//! the engine's reclaim lock exclusively: a read holds it shared from
-//! reading a chunk record to reading the object bytes it names, so no read
-//! sees an object vanish under it. The acknowledgement never waits.
+//! hands the object to the deleter thread, which deletes it after a grace
+//! period (`pins.rs`): every read that began before, and so could still
+//! name the object, has left; reads never wait for the deleter. A read that
+//! outlasts [`DELETE_GRACE_MAX`] leaves the object to the next open's sweep
+//! of dead objects. The acknowledgement never waits.
 //!
 //! **Rewriting** (a pass: every [`PASS_INTERVAL`] in the background, or
 //! [`SlateStore::collect_objects`]). Objects whose live bytes (their `0x48`
@@ -32,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -42,6 +43,7 @@ use super::apply::{self, TxnView};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
 use super::objects::{self, Objects, Pack, OBJECT_BYTES_TARGET};
+use super::pins::Readers;
 use super::{keys, map_engine_error, objects as objs, SlateStore};
 use crate::store::StoreError;
 
@@ -95,6 +97,10 @@ pub struct Pass {
     pub gc: Arc<ObjectGc>,
 }
 
+/// How long the deleter waits for the reads that began before a deletion
+/// (a ranged GET of an object it deletes may be among them).
+const DELETE_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -102,7 +108,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ObjectGc {
     pub fn start(
         objects: Arc<Objects>,
-        reclaim: Arc<RwLock<()>>,
+        readers: Arc<Readers>,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<ObjectGc> {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -112,8 +118,18 @@ impl ObjectGc {
                 while let Ok(job) = rx.recv() {
                     match job {
                         Job::Delete(ids) => {
-                            let _exclusive = reclaim.write().unwrap_or_else(|e| e.into_inner());
-                            rt.block_on(objects.delete(&ids));
+                            // No read that could still name these objects
+                            // is in flight (`pins.rs`). A read that takes
+                            // longer than the bound leaves them for the
+                            // next open's sweep of dead objects.
+                            if readers.grace(DELETE_GRACE_MAX) {
+                                rt.block_on(objects.delete(&ids));
+                            } else {
+                                tracing::warn!(
+                                    objects = ids.len(),
+                                    "reads in flight past the grace bound; dead objects left for the next open"
+                                );
+                            }
                         }
                         Job::Barrier(done) => {
                             let _ = done.send(());

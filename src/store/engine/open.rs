@@ -4,7 +4,7 @@
 //! nothing refers to.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use slatedb::Db;
 
@@ -61,7 +61,7 @@ fn open_objects(
     cfg: &config::VolumeConfig,
     placement: Placement,
     epoch: u64,
-    reclaim: &Arc<RwLock<()>>,
+    readers: &Arc<pins::Readers>,
     runtime: &tokio::runtime::Runtime,
 ) -> std::io::Result<Option<(Arc<Objects>, Arc<object_gc::ObjectGc>)>> {
     match (&cfg.local_dir, placement) {
@@ -70,7 +70,7 @@ fn open_objects(
     }
     let objects = Arc::new(Objects::new(cfg.object_store.clone(), &cfg.db_path, epoch));
     let gc =
-        object_gc::ObjectGc::start(objects.clone(), reclaim.clone(), runtime.handle().clone())?;
+        object_gc::ObjectGc::start(objects.clone(), readers.clone(), runtime.handle().clone())?;
     Ok(Some((objects, Arc::new(gc))))
 }
 
@@ -306,12 +306,11 @@ impl SlateStore {
             Placement::SegmentsOf(max) => max,
             _ => segment::SEGMENT_BYTES_MAX,
         };
-        let reclaim = Arc::new(RwLock::new(()));
-        let pins: Arc<pins::Pins> = Arc::default();
-        let files = open_objects(&cfg, placement, superblock.open_count, &reclaim, &runtime)
+        let readers: Arc<pins::Readers> = Arc::default();
+        let files = open_objects(&cfg, placement, superblock.open_count, &readers, &runtime)
             .and_then(|objects| {
                 let (segments, reclaimer) =
-                    Self::open_segments(local_dir, max, &reclaim, &pins, &cfg.describe)?;
+                    Self::open_segments(local_dir, max, &readers, &cfg.describe)?;
                 Ok((segments, reclaimer, objects))
             });
         let (segments, reclaimer, objects) = match files {
@@ -344,8 +343,7 @@ impl SlateStore {
             segments,
             objects,
             object_gc,
-            reclaim,
-            pins,
+            readers,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
@@ -510,20 +508,15 @@ impl SlateStore {
     fn open_segments(
         dir: Option<&std::path::Path>,
         max: u64,
-        reclaim: &Arc<RwLock<()>>,
-        pins: &Arc<pins::Pins>,
+        readers: &Arc<pins::Readers>,
         describe: &str,
     ) -> std::io::Result<SegmentsAndReclaimer> {
         let Some(dir) = dir else {
             return Ok((None, None));
         };
         let segs = Arc::new(Segments::open_with_max(dir, max)?);
-        let reclaimer = reclaim::Reclaimer::start(
-            segs.clone(),
-            reclaim.clone(),
-            pins.clone(),
-            describe.to_owned(),
-        )?;
+        let reclaimer =
+            reclaim::Reclaimer::start(segs.clone(), readers.clone(), describe.to_owned())?;
         Ok((Some(segs), Some(Arc::new(reclaimer))))
     }
 

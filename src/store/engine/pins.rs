@@ -3,14 +3,17 @@
 //! with `preadv` straight into the guest's buffers, and `advise` starts the
 //! host's read-ahead of the segment ranges a sequential reader will want.
 //!
-//! A file piece outlives the read plan (and its shared hold on the reclaim
-//! lock) that named it, so each carries a pin: while any pin is alive,
-//! reclamation does not punch segment pages but defers them, and the last
-//! pin to drop punches what was deferred. Pins are counted under the
-//! reclaim lock's shared side and checked under its exclusive side, so a
-//! range a pinned piece names is never punched under it; a plan built
-//! after a reclamation names only live extents. Deleting an emptied
-//! segment needs no deferral: an open handle keeps its bytes readable.
+//! Reads and reclamation meet through grace periods, not a lock: a read
+//! enters the current epoch before it looks up an extent and leaves it
+//! when the last file piece it handed out is dropped (the pieces carry
+//! its [`ReadPin`]). The reclaimer is only told about pages once the batch
+//! that freed them is in the engine, so a read that enters after that
+//! names only live extents; before punching, the reclaimer opens a new
+//! epoch and waits, on its own thread and bounded, until every read of the
+//! older epochs has left. A read never waits for a punch and never
+//! punches: the queue thread that serves a READ is never held by
+//! reclamation, however much of it there is. Deleting an emptied segment
+//! needs no grace period: an open handle keeps its bytes readable.
 //!
 //! Checksums: extents are verified against their checksums by `pohmelfs
 //! check` (and by the engine's own reads where it decodes them), not on
@@ -21,77 +24,97 @@
 //! before the metadata that references it, so a live extent's bytes only
 //! change through media corruption, which `check` reports.
 
-use std::fs::File;
-use std::ops::Range;
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use super::{segment, ReadPiece as PlanPiece, SlateStore};
+use super::{ReadPiece as PlanPiece, SlateStore};
 use crate::store::{ReadData, ReadPiece, ReadPin, StoreError};
 
-/// Pins handed out and punches waiting for them.
+/// The reads in flight per epoch; see the module documentation.
 #[derive(Default)]
-pub(super) struct Pins {
-    state: Mutex<PinState>,
+pub(super) struct Readers {
+    state: Mutex<Epochs>,
+    left: Condvar,
     /// `posix_fadvise(WILLNEED)` calls made for read-ahead (tests).
     pub(super) advised: AtomicU64,
 }
 
 #[derive(Default)]
-struct PinState {
-    live: usize,
-    deferred: Vec<(Arc<File>, Vec<Range<u64>>)>,
+struct Epochs {
+    current: u64,
+    /// Reads still in flight, by the epoch they entered; no zero counts.
+    live: BTreeMap<u64, usize>,
 }
 
-fn lock(m: &Mutex<PinState>) -> std::sync::MutexGuard<'_, PinState> {
+fn lock(m: &Mutex<Epochs>) -> std::sync::MutexGuard<'_, Epochs> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One pin; see the module documentation.
-struct Pin(Arc<Pins>);
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        let deferred = {
-            let mut st = lock(&self.0.state);
-            st.live -= 1;
-            if st.live > 0 {
-                return;
-            }
-            std::mem::take(&mut st.deferred)
-        };
-        punch_all(&deferred);
-    }
+/// One read in flight, from before its extent lookups until its last file
+/// piece is dropped.
+pub(super) struct Entered {
+    readers: Arc<Readers>,
+    epoch: u64,
 }
 
-fn punch_all(work: &[(Arc<File>, Vec<Range<u64>>)]) {
-    for (file, ranges) in work {
-        for r in ranges {
-            match segment::punch(file, r.clone()) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "punching dead segment pages failed");
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let mut st = lock(&self.readers.state);
+        if let Some(n) = st.live.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                st.live.remove(&self.epoch);
+                if self.epoch < st.current {
+                    self.readers.left.notify_all();
                 }
             }
         }
     }
 }
 
-impl Pins {
-    /// Punch `ranges` of `file` now, or when the last live pin drops. The
-    /// caller holds the reclaim lock exclusively.
-    pub(super) fn punch_or_defer(&self, file: Arc<File>, ranges: &[Range<u64>]) {
-        let work = [(file, ranges.to_vec())];
-        {
-            let mut st = lock(&self.state);
-            if st.live > 0 {
-                st.deferred.extend(work);
-                return;
-            }
+impl Readers {
+    /// Enter the current epoch: call before looking up extents.
+    pub(super) fn enter(self: &Arc<Self>) -> Entered {
+        let mut st = lock(&self.state);
+        let epoch = st.current;
+        *st.live.entry(epoch).or_insert(0) += 1;
+        Entered {
+            readers: self.clone(),
+            epoch,
         }
-        punch_all(&work);
+    }
+
+    /// Open a new epoch and wait until every read that entered an older
+    /// one has left, for at most `bound`. True when they have: from then
+    /// on no read names a page that was dead when the call began.
+    pub(super) fn grace(&self, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        let mut st = lock(&self.state);
+        st.current += 1;
+        let target = st.current;
+        loop {
+            if st.live.range(..target).next().is_none() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .left
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The current epoch: how many grace periods have begun (tests).
+    #[cfg(test)]
+    pub(super) fn epoch(&self) -> u64 {
+        lock(&self.state).current
     }
 }
 
@@ -106,27 +129,20 @@ impl SlateStore {
     ) -> Result<ReadData, StoreError> {
         let plan = self.read_plan(ino, offset, len)?;
         let mut out = ReadData::new();
-        let mut pin: Option<ReadPin> = None;
-        for p in plan.pieces.iter() {
+        // The read stays in its epoch while any of its file pieces lives.
+        let pin = ReadPin::new(Arc::new(plan.entered));
+        for p in plan.pieces {
             out.push(match p {
-                PlanPiece::Zeros(n) => ReadPiece::Zeros(*n),
-                PlanPiece::Bytes(b) => ReadPiece::Bytes(b.clone()),
-                PlanPiece::File { file, offset, len } => {
-                    // Taken while the plan holds the reclaim lock shared.
-                    let pin = pin.get_or_insert_with(|| {
-                        lock(&self.pins.state).live += 1;
-                        ReadPin::new(Arc::new(Pin(self.pins.clone())))
-                    });
-                    ReadPiece::File {
-                        file: file.clone(),
-                        offset: *offset,
-                        len: *len,
-                        pin: pin.clone(),
-                    }
-                }
+                PlanPiece::Zeros(n) => ReadPiece::Zeros(n),
+                PlanPiece::Bytes(b) => ReadPiece::Bytes(b),
+                PlanPiece::File { file, offset, len } => ReadPiece::File {
+                    file,
+                    offset,
+                    len,
+                    pin: pin.clone(),
+                },
             });
         }
-        drop(plan);
         Ok(out)
     }
 
@@ -156,7 +172,7 @@ impl SlateStore {
                 if rc != 0 {
                     tracing::debug!(error = rc, "posix_fadvise(WILLNEED) failed");
                 }
-                self.pins.advised.fetch_add(1, Ordering::Relaxed);
+                self.readers.advised.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -164,6 +180,47 @@ impl SlateStore {
 
     /// How many read-ahead advice calls this store made.
     pub fn advised(&self) -> u64 {
-        self.pins.advised.load(Ordering::Relaxed)
+        self.readers.advised.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Readers;
+
+    #[test]
+    fn a_grace_period_waits_for_older_reads_only() {
+        let r = Arc::new(Readers::default());
+        assert!(r.grace(Duration::ZERO), "no read in flight");
+        let old = r.enter();
+        assert!(!r.grace(Duration::ZERO), "an older read is in flight");
+        drop(old);
+        assert!(r.grace(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_waiting_grace_period_ends_when_the_last_older_read_leaves() {
+        let r = Arc::new(Readers::default());
+        let old = r.enter();
+        let waiter = {
+            let r = r.clone();
+            std::thread::spawn(move || r.grace(Duration::from_secs(60)))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while r.epoch() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no grace period began"
+            );
+            std::thread::yield_now();
+        }
+        // A read that enters after the grace period began does not hold it.
+        let new = r.enter();
+        drop(old);
+        assert!(waiter.join().unwrap());
+        drop(new);
     }
 }

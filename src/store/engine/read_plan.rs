@@ -7,18 +7,19 @@
 //! already in memory (inline extents, and the windows of `s3://` data
 //! objects, fetched with parallel ranged GETs), or a range of an
 //! open segment file. Neighbouring pieces of one file are merged, so a
-//! sequentially written range is one piece. The plan holds the engine's
-//! reclaim lock shared: no page it names is punched while it lives. Hold it
-//! only while reading (a commit's reclamation waits for it), then drop it.
+//! sequentially written range is one piece. No page a plan names is punched
+//! while the plan (or a piece made from it) lives: the read entered an
+//! epoch of the reclaimer's grace periods before its lookups (`pins.rs`).
 //!
 //! This module only reads; it never copies file data.
 
 use std::fs::File;
-use std::sync::{Arc, RwLockReadGuard};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::extent::{self, Data};
+use super::pins::Entered;
 use super::{keys, SlateStore};
 use crate::store::{StoreError, BLOCK_SIZE};
 
@@ -52,9 +53,10 @@ impl ReadPiece {
 }
 
 /// Where the bytes of one file range are; see the module documentation.
-pub struct ReadPlan<'a> {
+pub struct ReadPlan {
     pub pieces: Vec<ReadPiece>,
-    _no_reclaim: RwLockReadGuard<'a, ()>,
+    /// The read's place in the reclaimer's grace periods (`pins.rs`).
+    pub(super) entered: Entered,
 }
 
 /// Append `p` to `out`, merging it into the last piece when they continue
@@ -79,16 +81,12 @@ fn push(out: &mut Vec<ReadPiece>, p: ReadPiece) {
 
 impl SlateStore {
     /// The plan for reading `len` bytes of `ino` from `offset`; the pieces'
-    /// lengths add up to `len`. The plan holds the reclaim lock shared: drop
-    /// it before calling into the store again, because once the reclaimer
-    /// waits for the lock, std's `RwLock` makes every new reader wait too.
-    pub fn read_plan(&self, ino: u64, offset: u64, len: usize) -> Result<ReadPlan<'_>, StoreError> {
-        let guard = self.reclaim.read().unwrap_or_else(|e| e.into_inner());
+    /// lengths add up to `len`. The pages it names stay unpunched while it
+    /// (or its `entered`) lives: drop it once read.
+    pub fn read_plan(&self, ino: u64, offset: u64, len: usize) -> Result<ReadPlan, StoreError> {
+        let entered = self.readers.enter();
         let pieces = self.rt()?.block_on(self.plan_inner(ino, offset, len))?;
-        Ok(ReadPlan {
-            pieces,
-            _no_reclaim: guard,
-        })
+        Ok(ReadPlan { pieces, entered })
     }
 
     /// Fill `buf` from one plan: every object window of the range is
@@ -243,8 +241,6 @@ mod tests {
             ],
         );
         for (off, len) in [(0, 600_000), (999, 3), (65_530, 20), (140_000, 30_000)] {
-            // Read before taking the plan: a plan holds the reclaim lock,
-            // and a read under it deadlocks once the reclaimer waits for it.
             let expected = read(s, 7, off, len);
             let plan = s.read_plan(7, off, len).unwrap();
             assert_eq!(plan.pieces.iter().map(ReadPiece::len).sum::<usize>(), len);

@@ -361,4 +361,8 @@ impl OnceStore for ReadOnlyVolume {
     fn epoch(&self) -> u64 {
         self.identity.epoch
     }
+
+    fn set_writer_claim(&self, _claim: crate::store::WriterClaim) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
 }

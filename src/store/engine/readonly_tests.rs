@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::conformance::{commit, read, write_op};
 use super::reader::OpenReaderError;
@@ -58,6 +58,21 @@ fn second_file() -> Vec<Op> {
     ]
 }
 
+/// A scratch directory holding volume `vol` at `file://VOL{query}`, open,
+/// with ids reserved and a root directory naming `children` (`f0`, ...).
+fn scratch_volume(
+    query: &str,
+    children: &[u64],
+) -> (tempfile::TempDir, PathBuf, String, SlateStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol");
+    let url = format!("file://{}{query}", vol.display());
+    let s = SlateStore::open(&url).unwrap();
+    s.reserve_ids(1000).unwrap();
+    commit(&s, root_with(children));
+    (dir, vol, url, s)
+}
+
 fn refuses_writes(v: &ReadOnlyVolume) {
     let r = v.commit(Txn {
         ops: vec![write_op(100, 0, b"x")],
@@ -69,12 +84,7 @@ fn refuses_writes(v: &ReadOnlyVolume) {
 
 #[test]
 fn a_snapshot_serves_its_point_in_time_while_the_source_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let vol = dir.path().join("vol");
-    let url = format!("file://{}", vol.display());
-    let s = SlateStore::open(&url).unwrap();
-    s.reserve_ids(1000).unwrap();
-    commit(&s, root_with(&[100]));
+    let (_dir, vol, url, s) = scratch_volume("", &[100]);
     commit(
         &s,
         vec![file(100, 256 * 1024), write_op(100, 0, &[1u8; 256 * KIB])],
@@ -149,14 +159,9 @@ fn a_snapshot_serves_its_point_in_time_while_the_source_changes() {
 
 #[test]
 fn a_live_volume_is_served_as_of_its_open_without_fencing_its_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let vol = dir.path().join("vol");
     // No checkpoint on a timer: the commits stay in the commit log, and
     // the reader has to lay them over the engine's state.
-    let url = format!("file://{}?checkpoint_ms=0", vol.display());
-    let s = SlateStore::open(&url).unwrap();
-    s.reserve_ids(1000).unwrap();
-    commit(&s, root_with(&[100]));
+    let (_dir, vol, url, s) = scratch_volume("?checkpoint_ms=0", &[100]);
     commit(&s, vec![file(100, 8192), write_op(100, 0, &[2u8; 8192])]);
     let holder = || {
         let text = std::fs::read_to_string(vol.join(super::holder::HOLDER)).unwrap();
@@ -182,11 +187,7 @@ fn a_live_volume_is_served_as_of_its_open_without_fencing_its_writer() {
 
 #[test]
 fn a_snapshot_is_opened_for_writing_by_neither_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let vol = dir.path().join("vol");
-    let url = format!("file://{}", vol.display());
-    let s = SlateStore::open(&url).unwrap();
-    commit(&s, root_with(&[]));
+    let (_dir, vol, url, s) = scratch_volume("", &[]);
     s.take_snapshot("monday").unwrap();
     s.close().unwrap();
     let snap = vol.join("snapshots/monday");
@@ -233,12 +234,7 @@ fn snapshot_urls_resolve_to_their_directories() {
 
 #[test]
 fn a_page_the_writer_reclaimed_reads_as_an_error_never_as_zeros() {
-    let dir = tempfile::tempdir().unwrap();
-    let vol = dir.path().join("vol");
-    let url = format!("file://{}", vol.display());
-    let s = SlateStore::open(&url).unwrap();
-    s.reserve_ids(1000).unwrap();
-    commit(&s, root_with(&[100]));
+    let (_dir, vol, url, s) = scratch_volume("", &[100]);
     commit(
         &s,
         vec![file(100, 256 * 1024), write_op(100, 0, &[5u8; 256 * KIB])],

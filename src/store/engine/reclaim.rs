@@ -4,9 +4,12 @@
 //! extent refers to any more, sealed segments with no live byte) to the
 //! reclaimer thread and returns: its acknowledgement never waits for a
 //! punch. The thread takes whatever has queued up, coalesces the ranges,
-//! and punches them (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) and deletes the
-//! emptied segments while holding the engine's reclaim lock exclusively,
-//! so no read is between looking up an extent and reading its bytes.
+//! waits for a grace period (every read that began before it has left,
+//! `pins.rs`: no read in flight can still name a page it punches), then
+//! punches them (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) and deletes the
+//! emptied segments. Reads never wait for any of this: a grace period that
+//! does not end within [`GRACE_MAX`] (a read holding its pieces that long)
+//! sets the batch aside for the next round.
 //!
 //! A segment file with more than one link is shared with a snapshot or a
 //! clone (`snapshot.rs`): its dead pages are not punched but noted as
@@ -19,14 +22,21 @@
 //! the volume drains the queue.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::ops::Range;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use super::pins::Pins;
-use super::segment::Segments;
+use super::pins::Readers;
+use super::segment::{self, Segments};
 use super::shared::Deferred;
+
+/// How long one round waits for the reads that began before it.
+const GRACE_MAX: Duration = Duration::from_secs(5);
+/// How soon a batch set aside (its grace period did not end) is retried.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// What one or more durable batches freed.
 #[derive(Debug, Default)]
@@ -80,15 +90,33 @@ fn coalesce(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     out
 }
 
-/// The engine's reclaim lock, which readers hold shared, and the pins of
-/// file pieces handed out by reads, which outlive it.
-struct Readers {
-    exclusive: Arc<RwLock<()>>,
-    pins: Arc<Pins>,
+fn punch_all(work: &[(Arc<File>, Vec<Range<u64>>)]) {
+    for (file, ranges) in work {
+        for r in ranges {
+            match segment::punch(file, r.clone()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "punching dead segment pages failed");
+                }
+            }
+        }
+    }
 }
 
-fn free(segs: &Segments, readers: &Readers, r: Reclaim, deferred: &mut Deferred, volume: &str) {
-    let _no_readers = readers.exclusive.write().unwrap_or_else(|e| e.into_inner());
+/// Reclaim `r` once no read in flight can name its pages; `Err(r)` when
+/// the grace period did not end within [`GRACE_MAX`] (nothing done).
+fn free(
+    segs: &Segments,
+    readers: &Readers,
+    r: Reclaim,
+    deferred: &mut Deferred,
+    volume: &str,
+) -> Result<(), Reclaim> {
+    if !readers.grace(GRACE_MAX) {
+        return Err(r);
+    }
+    let mut work = Vec::new();
     for (seg, ranges) in r.dead {
         if r.emptied.contains(&seg) {
             continue;
@@ -111,16 +139,14 @@ fn free(segs: &Segments, readers: &Readers, r: Reclaim, deferred: &mut Deferred,
                 continue;
             }
         }
-        // A read's file piece may still name these pages: the punch waits
-        // for the last pin (`pins.rs`). A deleted segment needs no wait:
-        // an open handle keeps its bytes readable.
-        let punched = segs
-            .handle(seg)
-            .map(|f| readers.pins.punch_or_defer(f, &coalesce(ranges)));
-        if let Err(e) = punched {
-            tracing::warn!(volume, segment = seg, error = %e, "punching dead segment pages failed");
+        match segs.handle(seg) {
+            Ok(f) => work.push((f, coalesce(ranges))),
+            Err(e) => {
+                tracing::warn!(volume, segment = seg, error = %e, "punching dead segment pages failed");
+            }
         }
     }
+    punch_all(&work);
     for seg in r.emptied {
         // Unlinking only drops this volume's name: a snapshot or clone
         // that shares the file keeps it.
@@ -129,15 +155,51 @@ fn free(segs: &Segments, readers: &Readers, r: Reclaim, deferred: &mut Deferred,
             tracing::warn!(volume, segment = seg, error = %e, "deleting an emptied segment failed");
         }
     }
+    Ok(())
 }
 
-fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Readers, volume: String) {
+/// The nice value of the reclaimer thread: it runs when the threads that
+/// serve the guest (and, on a shared host, the guest's vCPUs) do not
+/// need the CPU. Nothing waits for it: a commit's ack never does, and its
+/// backlog is bounded by what the commits it follows freed.
+pub const RECLAIM_NICE: libc::c_int = 19;
+
+/// Give the calling thread [`RECLAIM_NICE`] (Linux keeps a nice value per
+/// thread). A failure costs nothing but priority, so it is logged.
+fn lower_priority() {
+    // SAFETY: gettid and setpriority only read their integer arguments;
+    // the id is the calling thread's own.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, RECLAIM_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering the reclaimer's priority failed");
+    }
+}
+
+fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Arc<Readers>, volume: String) {
     let mut deferred = Deferred::load(segs.dir(), &volume);
-    while let Ok(first) = rx.recv() {
-        let mut batch = Reclaim::default();
-        let mut barriers = Vec::new();
-        let mut next = Some(first);
-        // Take whatever else has queued: one lock, one punch per range.
+    // A batch whose grace period did not end, and the barriers behind it.
+    let mut waiting = Reclaim::default();
+    let mut barriers = Vec::new();
+    loop {
+        let first = if waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(RETRY_EVERY) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        let mut batch = std::mem::take(&mut waiting);
+        let mut next = first;
+        // Take whatever else has queued: one grace period, one punch per
+        // range.
         while let Some(job) = next {
             match job {
                 Job::Free(r) => batch.absorb(r),
@@ -146,29 +208,46 @@ fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Readers, volume: S
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            free(&segs, &readers, batch, &mut deferred, &volume);
-            deferred.save(&volume);
+            match free(&segs, &readers, batch, &mut deferred, &volume) {
+                Ok(()) => deferred.save(&volume),
+                Err(back) => waiting = back,
+            }
         }
-        for done in barriers {
-            let _ = done.send(());
+        if waiting.is_empty() {
+            for done in barriers.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+    // Closing: one last try for what was set aside.
+    if !waiting.is_empty() {
+        let n: usize = waiting.dead.values().map(Vec::len).sum();
+        match free(&segs, &readers, waiting, &mut deferred, &volume) {
+            Ok(()) => deferred.save(&volume),
+            Err(_) => tracing::warn!(
+                volume,
+                ranges = n,
+                "reads still in flight at close; dead segment pages left unpunched (pohmelfs check reports them)"
+            ),
         }
     }
 }
 
 impl Reclaimer {
-    /// Start the thread for the segments `segs`, whose readers hold
-    /// `exclusive` shared and `pins` on the file pieces they hand out.
+    /// Start the thread for the segments `segs`, whose reads enter
+    /// `readers`' epochs.
     pub fn start(
         segs: Arc<Segments>,
-        exclusive: Arc<RwLock<()>>,
-        pins: Arc<Pins>,
+        readers: Arc<Readers>,
         volume: String,
     ) -> std::io::Result<Reclaimer> {
         let (tx, rx) = mpsc::channel();
-        let readers = Readers { exclusive, pins };
         let thread = std::thread::Builder::new()
             .name("pohmelfs-reclaim".into())
-            .spawn(move || run(rx, segs, readers, volume))?;
+            .spawn(move || {
+                lower_priority();
+                run(rx, segs, readers, volume)
+            })?;
         Ok(Reclaimer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -212,6 +291,44 @@ impl Reclaimer {
 #[cfg(test)]
 mod tests {
     use super::coalesce;
+
+    /// The nice value of every thread of this process named `name`
+    /// (`/proc/self/task/*/comm`, cut to 15 bytes as the kernel keeps it).
+    fn nice_of(name: &str) -> Vec<i64> {
+        let short = &name[..name.len().min(15)];
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != short {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Field 19 (nice), counted after the ")" that ends field 2.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                if let Some(n) = rest.split_whitespace().nth(16) {
+                    out.push(n.parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_reclaimer_runs_at_the_lowest_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs =
+            std::sync::Arc::new(super::Segments::open_with_max(dir.path(), 1 << 20).unwrap());
+        let r = super::Reclaimer::start(segs, Default::default(), "test".into()).unwrap();
+        // The thread sets its priority before it takes its first job.
+        r.barrier();
+        let nice = nice_of("pohmelfs-reclaim");
+        assert!(!nice.is_empty(), "no reclaimer thread found");
+        assert!(
+            nice.iter().all(|&n| n == i64::from(super::RECLAIM_NICE)),
+            "{nice:?}"
+        );
+        r.stop();
+    }
 
     #[test]
     fn ranges_coalesce() {

@@ -104,10 +104,11 @@ impl ByteRangeBounds for KeyRange {
 }
 
 /// The tags the layout defines, in key order.
-const KNOWN_TAGS: [u8; 12] = [
+const KNOWN_TAGS: [u8; 13] = [
     tag::SUPERBLOCK,
     tag::STATS,
     tag::LOG,
+    tag::WRITER,
     tag::INODE,
     tag::SYMLINK,
     tag::ORPHAN,

@@ -171,7 +171,9 @@ fn inline_placement_keeps_the_store_contract_and_agrees_with_mem() {
 #[test]
 fn a_4k_overwrite_of_a_1m_extent_appends_4k() {
     let dir = tempfile::tempdir().unwrap();
-    let s = conformance::temp_volume(&dir, "");
+    // No timed checkpoint: one would sync the segment too (it ran between
+    // the commits when the machine was loaded).
+    let s = conformance::temp_volume(&dir, super::recover_tests::NO_CHECKPOINTS);
     let big: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     commit(&s, vec![write_op(60, 0, &big)]);
     let before = segment_len(&dir);
@@ -590,4 +592,44 @@ fn sequential_4k_writes_stay_one_extent_per_chunk() {
     }
     assert_eq!(read(&s, 120, 0, want.len()), want);
     assert_eq!(segment_len(&dir), 20 * 4096);
+}
+
+/// A read's file piece outlives a reclamation of the pages it names: the
+/// reclaimer waits, on its own thread, for the read to leave; the read
+/// never waits for it (and never punches).
+#[test]
+fn a_held_read_delays_the_punch_of_its_pages_not_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(volume(&dir, Placement::SegmentsOf(MIB)));
+    commit(&*s, root_with(&[100]));
+    commit(
+        &*s,
+        vec![file(100, MIB), write_op(100, 0, &vec![1u8; MIB as usize])],
+    );
+    let first = files(&dir).list().unwrap()[0].0;
+    let held = s.read_data(100, 0, 64 * KIB as usize).unwrap();
+    assert!(held.has_file_pieces());
+    // The overwrite kills the held pages; the reclaimer gets them and
+    // waits for the held read.
+    commit(&*s, vec![write_op(100, 0, &vec![2u8; 256 * KIB as usize])]);
+    let before = s.readers.epoch();
+    let reclaiming = {
+        let s = s.clone();
+        std::thread::spawn(move || s.reclaimed())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.readers.epoch() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no grace period began"
+        );
+        std::thread::yield_now();
+    }
+    // Reads go on meanwhile, in the new epoch.
+    assert_eq!(read(&*s, 100, 0, 4096), vec![2u8; 4096]);
+    assert_eq!(allocated(&dir, first), MIB, "punched under a held read");
+    assert_eq!(held.to_vec().unwrap(), vec![1u8; 64 * KIB as usize]);
+    drop(held);
+    reclaiming.join().unwrap();
+    assert_eq!(allocated(&dir, first), 768 * KIB);
 }

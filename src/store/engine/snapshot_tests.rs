@@ -54,6 +54,14 @@ fn golden(dir: &Path) -> SlateStore {
     s
 }
 
+/// A scratch directory with [`golden`] as its volume `vol`.
+fn scratch_golden() -> (tempfile::TempDir, PathBuf, SlateStore) {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let s = golden(&vol);
+    (tmp, vol, s)
+}
+
 /// Bytes the filesystem holds for the segments of the volume in `dir`.
 fn segment_blocks(dir: &Path) -> u64 {
     let f = SegmentFiles::of_volume(dir);
@@ -97,9 +105,7 @@ fn open(dir: &Path) -> SlateStore {
 
 #[test]
 fn a_snapshot_keeps_its_bytes_while_the_source_overwrites_and_deletes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (tmp, vol, s) = scratch_golden();
     let snap = s.take_snapshot("s1").unwrap();
     assert_eq!(snap, vol.join("snapshots/s1"));
     let shared_before = segment_blocks(&vol);
@@ -162,9 +168,7 @@ fn a_snapshot_keeps_its_bytes_while_the_source_overwrites_and_deletes() {
 
 #[test]
 fn a_clone_and_its_source_do_not_see_each_others_writes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (tmp, vol, s) = scratch_golden();
     let snap = s.take_snapshot("base").unwrap();
     let (c1_dir, c2_dir) = (tmp.path().join("c1"), tmp.path().join("c2"));
     snapshot::clone_from(&snap, &c1_dir).unwrap();
@@ -203,9 +207,7 @@ fn a_clone_and_its_source_do_not_see_each_others_writes() {
 
 #[test]
 fn deleting_the_snapshot_and_its_clone_gives_the_space_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (tmp, vol, s) = scratch_golden();
     let snap = s.take_snapshot("s").unwrap();
     let clone = tmp.path().join("clone");
     snapshot::clone_from(&snap, &clone).unwrap();
@@ -261,9 +263,7 @@ fn deleting_the_snapshot_and_its_clone_gives_the_space_back() {
 
 #[test]
 fn a_clone_costs_a_few_new_bytes_whatever_the_volume_holds() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (tmp, _vol, s) = scratch_golden();
     for i in 0..16u64 {
         commit(
             &s,
@@ -281,9 +281,7 @@ fn a_clone_costs_a_few_new_bytes_whatever_the_volume_holds() {
 
 #[test]
 fn a_snapshot_is_never_opened_for_writing_and_names_are_checked() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (tmp, vol, s) = scratch_golden();
     let snap = s.take_snapshot("ro").unwrap();
     assert!(matches!(
         s.take_snapshot("ro"),
@@ -319,9 +317,7 @@ fn a_snapshot_is_never_opened_for_writing_and_names_are_checked() {
 
 #[test]
 fn space_comes_back_while_the_volume_stays_open() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("vol");
-    let s = golden(&vol);
+    let (_tmp, vol, s) = scratch_golden();
     s.take_snapshot("s").unwrap();
     commit(&s, vec![write_op(100, 0, &vec![9u8; 512 * KIB as usize])]);
     s.reclaimed();

@@ -7,10 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Key, ReadCache};
+use crate::store::delegate::delegate_store;
 use crate::store::sink::{Ack, SendError, SendFuture, Sink};
-use crate::store::{
-    Dirent, Inode, Op, ReadData, Store, StoreError, StoreStats, Txn, WriteData, BLOCK_SIZE,
-};
+use crate::store::{Op, ReadData, Store, StoreError, Txn, WriteData, BLOCK_SIZE};
 
 /// The blocks of `[offset, offset + len)` (cut at 2^64), first and last;
 /// `None` when empty.
@@ -196,17 +195,9 @@ fn copy_overlap(b: u64, data: &[u8], offset: u64, buf: &mut [u8]) {
 }
 
 impl Store for CachedStore {
-    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.inner.get_inode(ino)
-    }
-
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.inner.lookup(parent, name)
-    }
-
-    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.inner.readdir(parent, after, max)
-    }
+    // Metadata, waits and syncs go straight to the store; reads and
+    // commits, below, pass the cache.
+    delegate_store!(inner: metadata, wait_for_room, would_not_wait, sync, flush, forgotten);
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let Some((first, last)) = blocks_of(offset, buf.len() as u64) else {
@@ -274,34 +265,6 @@ impl Store for CachedStore {
         Ok(ReadData::from(buf))
     }
 
-    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.inner.next_data(ino, offset)
-    }
-
-    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.inner.next_hole(ino, offset)
-    }
-
-    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.readlink(ino)
-    }
-
-    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get_xattr(ino, name)
-    }
-
-    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.inner.list_xattr(ino)
-    }
-
-    fn statfs(&self) -> Result<StoreStats, StoreError> {
-        self.inner.statfs()
-    }
-
-    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.inner.reserve_ids(count)
-    }
-
     /// A commit that bypasses the sink: its blocks leave the cache before
     /// and stay out (nothing is put back).
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
@@ -318,22 +281,6 @@ impl Store for CachedStore {
             self.cache.settle(id, &inos);
         }
         result
-    }
-
-    fn wait_for_room(&self, bytes: u64) -> Result<(), StoreError> {
-        self.inner.wait_for_room(bytes)
-    }
-
-    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
-        self.inner.sync(ino)
-    }
-
-    fn flush(&self, ino: u64) -> Result<(), StoreError> {
-        self.inner.flush(ino)
-    }
-
-    fn forgotten(&self, ino: u64) {
-        self.inner.forgotten(ino)
     }
 
     fn describe(&self) -> String {

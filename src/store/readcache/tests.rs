@@ -2,67 +2,20 @@
 //! that reach it (each one a round trip on a remote volume).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
+use crate::store::delegate::delegate_store;
+use crate::store::hooked::Hooked;
 use crate::store::mem::MemStore;
 use crate::store::sink::{EngineSink, SendError};
-use crate::store::{Dirent, Inode, Op, StoreError, StoreStats, Txn, WriteData};
+use crate::store::{Inode, Op, StoreError, Txn, WriteData};
 
 const BS: usize = BLOCK_SIZE as usize;
 
 /// A store that counts the reads that reach it.
-struct Counting {
-    inner: MemStore,
-    reads: AtomicU64,
-}
-
-impl Store for Counting {
-    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.inner.get_inode(ino)
-    }
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.inner.lookup(parent, name)
-    }
-    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.inner.readdir(parent, after, max)
-    }
-    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read(ino, offset, buf)
-    }
-    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.inner.next_data(ino, offset)
-    }
-    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.inner.next_hole(ino, offset)
-    }
-    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.readlink(ino)
-    }
-    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get_xattr(ino, name)
-    }
-    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.inner.list_xattr(ino)
-    }
-    fn statfs(&self) -> Result<StoreStats, StoreError> {
-        self.inner.statfs()
-    }
-    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.inner.reserve_ids(count)
-    }
-    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        self.inner.commit(txn)
-    }
-    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
-        self.inner.sync(ino)
-    }
-    fn describe(&self) -> String {
-        "counting mem".into()
-    }
-}
+type Counting = Hooked<MemStore>;
 
 const INO: u64 = 100;
 
@@ -102,10 +55,7 @@ fn backing(data: &[u8]) -> Arc<Counting> {
     });
     txn.push(Op::PutInode(Inode::regular(INO, data.len() as u64)));
     mem.commit(txn).expect("commit");
-    Arc::new(Counting {
-        inner: mem,
-        reads: AtomicU64::new(0),
-    })
+    Arc::new(Hooked::new(Arc::new(mem), "counting mem"))
 }
 
 fn read(store: &CachedStore, offset: u64, len: usize) -> Vec<u8> {
@@ -268,45 +218,7 @@ fn sink_over(inner: &Arc<Counting>, cache: &Arc<ReadCache>) -> CachedSink {
 struct SharedMem(Arc<Counting>);
 
 impl Store for SharedMem {
-    fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.0.get_inode(ino)
-    }
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.0.lookup(parent, name)
-    }
-    fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.0.readdir(parent, after, max)
-    }
-    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.0.read(ino, offset, buf)
-    }
-    fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.0.next_data(ino, offset)
-    }
-    fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.0.next_hole(ino, offset)
-    }
-    fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.readlink(ino)
-    }
-    fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.get_xattr(ino, name)
-    }
-    fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.0.list_xattr(ino)
-    }
-    fn statfs(&self) -> Result<StoreStats, StoreError> {
-        self.0.statfs()
-    }
-    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.0.reserve_ids(count)
-    }
-    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        self.0.commit(txn)
-    }
-    fn sync(&self, ino: Option<u64>) -> Result<(), StoreError> {
-        self.0.sync(ino)
-    }
+    delegate_store!(0: metadata, read, commit, sync);
     fn describe(&self) -> String {
         "shared mem".into()
     }

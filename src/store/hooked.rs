@@ -1,0 +1,64 @@
+//! The unit tests' store with a hook: it passes every call through to the
+//! store it wraps, counts the reads that reach that store, and asks a
+//! closure before each commit, which may fail it (an interrupted
+//! destination, a lost connection). Tests that need one method changed
+//! build it here rather than writing a `Store` of their own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::store::delegate::delegate_store;
+use crate::store::{Store, StoreError, Txn};
+
+/// What a [`Hooked`] store asks before each commit.
+type CommitHook = Box<dyn Fn(&Txn) -> Result<(), StoreError> + Send + Sync>;
+
+/// A store in front of `inner` (see the module documentation).
+pub struct Hooked<S: Store + ?Sized> {
+    /// The store every call reaches.
+    pub inner: Arc<S>,
+    /// Reads ([`Store::read`]) that reached `inner`.
+    pub reads: AtomicU64,
+    before_commit: CommitHook,
+    name: &'static str,
+}
+
+impl<S: Store + ?Sized> Hooked<S> {
+    /// Pass everything through to `inner`; `name` is what `describe` says.
+    pub fn new(inner: Arc<S>, name: &'static str) -> Hooked<S> {
+        Hooked {
+            inner,
+            reads: AtomicU64::new(0),
+            before_commit: Box::new(|_| Ok(())),
+            name,
+        }
+    }
+
+    /// Run `hook` before each commit; an `Err` fails the commit without
+    /// passing it on.
+    pub fn before_commit(
+        mut self,
+        hook: impl Fn(&Txn) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> Hooked<S> {
+        self.before_commit = Box::new(hook);
+        self
+    }
+}
+
+impl<S: Store + ?Sized> Store for Hooked<S> {
+    delegate_store!(inner: metadata, sync);
+
+    fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read(ino, offset, buf)
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        (self.before_commit)(&txn)?;
+        self.inner.commit(txn)
+    }
+
+    fn describe(&self) -> String {
+        self.name.into()
+    }
+}
