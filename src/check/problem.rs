@@ -201,6 +201,9 @@ pub enum Warning {
     /// Segment pages that hold data no extent refers to: bytes written for
     /// a commit that never completed, or a punch that failed.
     LeakedSpace { seg: u64, bytes: u64 },
+    /// A data object (`s3://`) that no record and no extent names: the
+    /// upload of a commit that never became durable.
+    LeakedObject { id: u64, bytes: u64 },
 }
 
 pub(super) fn lossy(name: &[u8]) -> String {
@@ -342,6 +345,11 @@ impl fmt::Display for Warning {
                 f,
                 "leaked space: segment {seg} holds {bytes} bytes no extent refers to \
                  (written for a commit that never completed)"
+            ),
+            Warning::LeakedObject { id, bytes } => write!(
+                f,
+                "leaked object: data object {id:016x} ({bytes} bytes) is named by no record \
+                 (uploaded for a commit that never completed; the next open deletes it)"
             ),
         }
     }

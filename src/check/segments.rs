@@ -6,13 +6,18 @@
 //! in a segment shared with a snapshot or clone, a note instead: those
 //! pages may be live there).
 //!
+//! On `s3://` the same checks run against the volume's data objects
+//! (ranged reads instead of `pread`); an object that no record and no
+//! extent names is reported as a leaked object (a commit's upload that
+//! never became durable; the next open deletes it).
+//!
 //! This module only reads; it never repairs.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::problem::{Problem, Warning};
-use crate::store::engine::{Extent, ExtentData, SegmentFiles, SEGMENT_PAGE};
+use crate::store::engine::{Extent, ExtentData, ObjectFiles, SegmentFiles, SEGMENT_PAGE};
 
 /// A segment file another volume (a snapshot or clone) also links: its
 /// pages this volume no longer refers to may be live there, so they are
@@ -29,6 +34,8 @@ pub struct SharedSegment {
 /// What the data pass learns about segments.
 pub(super) struct SegmentCheck {
     files: Option<SegmentFiles>,
+    /// The data objects, on `s3://` (their sizes are in `lens`).
+    objects: Option<ObjectFiles>,
     /// Segment file lengths, by id.
     lens: BTreeMap<u64, u64>,
     /// Live window bytes found, by segment.
@@ -45,7 +52,11 @@ fn nonzero_end(bytes: &[u8]) -> Option<usize> {
 impl SegmentCheck {
     /// Start with the segment files of the volume, if it has any; a
     /// directory that cannot be listed is a problem, not the end.
-    pub(super) fn new(files: Option<SegmentFiles>, problems: &mut Vec<Problem>) -> SegmentCheck {
+    pub(super) fn new(
+        files: Option<SegmentFiles>,
+        objects: Option<ObjectFiles>,
+        problems: &mut Vec<Problem>,
+    ) -> SegmentCheck {
         let mut lens = BTreeMap::new();
         if let Some(f) = &files {
             match f.list() {
@@ -53,8 +64,15 @@ impl SegmentCheck {
                 Err(e) => problems.push(Problem::Unreadable(format!("segment directory: {e}"))),
             }
         }
+        if let Some(o) = &objects {
+            match o.list() {
+                Ok(l) => lens.extend(l),
+                Err(e) => problems.push(Problem::Unreadable(format!("data objects: {e}"))),
+            }
+        }
         SegmentCheck {
             files,
+            objects,
             lens,
             live: BTreeMap::new(),
             touched: BTreeMap::new(),
@@ -104,7 +122,8 @@ impl SegmentCheck {
             .entry(seg)
             .or_default()
             .push(first_touched * SEGMENT_PAGE..last_touched * SEGMENT_PAGE);
-        let (Some(files), Some(&seg_len)) = (&self.files, self.lens.get(&seg)) else {
+        let has_files = self.files.is_some() || self.objects.is_some();
+        let (true, Some(&seg_len)) = (has_files, self.lens.get(&seg)) else {
             problems.push(Problem::MissingSegment { ino, index, seg });
             return None;
         };
@@ -123,7 +142,12 @@ impl SegmentCheck {
         let from = (first_touched * SEGMENT_PAGE).max(p.seg_off);
         let to = (last_touched * SEGMENT_PAGE).min(piece_end);
         let mut buf = vec![0u8; (to - from) as usize];
-        if let Err(err) = files.read_at(seg, from, &mut buf) {
+        let read = match (&self.objects, &self.files) {
+            (Some(o), _) => o.read_at(seg, from, &mut buf),
+            (None, Some(f)) => f.read_at(seg, from, &mut buf),
+            (None, None) => Ok(()),
+        };
+        if let Err(err) = read {
             problems.push(Problem::Unreadable(format!(
                 "segment {seg} at offset {from} for block {index} of file {ino}: {err}"
             )));
@@ -168,6 +192,13 @@ impl SegmentCheck {
                     counted,
                     found,
                 });
+            }
+        }
+        if self.objects.is_some() {
+            for (&id, &bytes) in &self.lens {
+                if !records.contains_key(&id) && !self.live.contains_key(&id) {
+                    warnings.push(Warning::LeakedObject { id, bytes });
+                }
             }
         }
         let Some(files) = &self.files else { return };

@@ -164,7 +164,7 @@ pub fn check_volume_reporting(
     phase: &mut dyn FnMut(&'static str, Option<u64>),
 ) -> Result<Report, CheckError> {
     let mut problems = Vec::new();
-    let segs = SegmentCheck::new(v.segment_files(), &mut problems);
+    let segs = SegmentCheck::new(v.segment_files(), v.object_files(), &mut problems);
     let mut c = Checker {
         next_id: u64::MAX,
         nodes: BTreeMap::new(),

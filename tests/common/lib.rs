@@ -9,7 +9,8 @@
 //!   ready, and [`log_tail`] for failure messages.
 //! - [`store`]: [`StoreServer`], a `pohmelfs store` process on loopback, restartable on the
 //!   same port and data.
-//! - [`s3`]: [`Moto`], an S3-compatible `moto_server` on loopback with one bucket.
+//! - [`s3`]: [`Moto`] and [`S3sFs`], two independent S3-compatible servers on loopback
+//!   with one bucket each.
 //! - [`netns`]: [`Network`], hosts of their own on this machine (network namespaces joined by
 //!   veth pairs), where servers and daemons run as on separate hosts.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 pub use netns::{Netns, Network};
 pub use process::{log_tail, ChildGuard};
-pub use s3::Moto;
+pub use s3::{Moto, S3sFs};
 pub use scratch::ScratchDir;
 pub use skip::{skip_requested, skipped};
 pub use store::StoreServer;

@@ -1,8 +1,10 @@
-//! An S3-compatible server on loopback: `moto_server` (`pip install 'moto[server]'`, or
-//! `scripts/setup`, which installs it in `target/venv`), which enforces the conditional puts
-//! SlateDB relies on for fencing. One bucket, any credentials; killed on drop. It may also run
-//! in a network namespace of a [`crate::Network`], as a service on another host
-//! ([`Moto::start_in`]).
+//! S3-compatible servers on loopback, both of which enforce the conditional puts
+//! (`If-None-Match`, `If-Match`) SlateDB relies on for fencing: `moto_server` (`pip install
+//! 'moto[server]'`, or `scripts/setup`, which installs it in `target/venv`), and `s3s-fs`, an
+//! independent implementation in Rust over a directory (`cargo install s3s-fs --features
+//! binary`, or `scripts/setup`, which installs it in `target/s3s`). One bucket, fixed
+//! credentials; killed on drop. Moto may also run in a network
+//! namespace of a [`crate::Network`], as a service on another host ([`Moto::start_in`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -180,7 +182,128 @@ impl Moto {
         ("AWS_SECRET_ACCESS_KEY", "test"),
     ];
 
+    /// The keys in the bucket under `prefix` (one unsigned ListObjectsV2 page: moto takes
+    /// any credentials and none).
+    pub fn keys(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            conn,
+            "GET /{}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\
+             Connection: close\r\n\r\n",
+            self.bucket, self.port
+        )?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split("</Key>").next().map(str::to_owned))
+            .collect())
+    }
+
     /// The last lines of moto's log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 30)
+    }
+}
+
+/// A running `s3s-fs` with one bucket (a directory of its root).
+pub struct S3sFs {
+    _child: ChildGuard,
+    port: u16,
+    bucket: String,
+    log: PathBuf,
+}
+
+/// `s3s-fs` from PATH, or from `target/s3s/bin` where `scripts/setup` installs it.
+fn find_s3s_fs() -> Option<PathBuf> {
+    let installed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/s3s/bin");
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::iter::once(installed))
+        .map(|dir| dir.join("s3s-fs"))
+        .find(|p| p.is_file())
+}
+
+impl S3sFs {
+    /// Starts `s3s-fs` over `dir/s3s-root` with its log in `dir` and the bucket `bucket`. A
+    /// missing `s3s-fs` is an error that says how to install it.
+    pub fn start(dir: &Path, bucket: &str) -> Result<S3sFs> {
+        let exe = find_s3s_fs().ok_or_else(|| Error::Missing {
+            program: "s3s-fs".into(),
+            fix: "neither on PATH nor in target/s3s/bin; install it with `scripts/setup` or \
+                  `cargo install s3s-fs --features binary` (or set POHMELFS_SKIP_S3_TESTS=1 to \
+                  skip the S3 tests)"
+                .into(),
+        })?;
+        let root = dir.join("s3s-root");
+        // A bucket of s3s-fs is a directory of its root.
+        std::fs::create_dir_all(root.join(bucket))
+            .map_err(Error::io(format!("create {}", root.display())))?;
+        let log = dir.join("s3s-fs.log");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match S3sFs::spawn(&exe, &root, &log, bucket) {
+                Err(Error::Exited { .. }) if tries < PORT_TRIES => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn spawn(exe: &Path, root: &Path, log: &Path, bucket: &str) -> Result<S3sFs> {
+        let port = free_port(Ipv4Addr::LOCALHOST)?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(Error::io(format!("open {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(Error::io(format!("open {}", log.display())))?;
+        let mut child = ChildGuard(
+            std::process::Command::new(exe)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", "test", "--secret-key", "test"])
+                .arg(root)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(Error::io(format!("start {}", exe.display())))?,
+        );
+        child.wait_ready(
+            &format!("s3s-fs on port {port}"),
+            log,
+            START_TIMEOUT,
+            POLL,
+            || {
+                http(Ipv4Addr::LOCALHOST, port, "GET", "/")
+                    .is_ok_and(|code| code < 500)
+                    .then_some(())
+            },
+        )?;
+        Ok(S3sFs {
+            _child: child,
+            port,
+            bucket: bucket.to_owned(),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The `s3://` URL of `prefix` in the bucket, with the endpoint and credentials.
+    pub fn url(&self, prefix: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true\
+             &access_key_id=test&secret_access_key=test",
+            self.bucket, self.port
+        )
+    }
+
+    /// The last lines of its log.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log, 30)
     }

@@ -24,11 +24,13 @@ use std::ops::Range;
 use bytes::Bytes;
 use slatedb::{Db, WriteBatch};
 
+pub use super::chunk_read::{read_chunk, Files};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
 use super::keys::{self, tag};
 use super::log_queue::LogQueue;
 use super::map_engine_error;
+use super::objects::{self, Objects};
 use super::segment::{Placed, Segments};
 use crate::store::{Op, StoreError, BLOCK_SIZE};
 
@@ -66,8 +68,13 @@ pub struct TxnView<'a> {
     /// commit log's queue): read before the engine.
     queued: Option<&'a LogQueue>,
     entries: BTreeMap<Vec<u8>, Entry>,
-    /// The volume's segments (`file://`); `None` keeps data inline.
+    /// The volume's segments (`file://`); `None` keeps data inline,
+    /// unless the volume has data objects.
     pub segments: Option<&'a Segments>,
+    /// The volume's data objects (`s3://`).
+    pub objects: Option<&'a Objects>,
+    /// Where a chunk rewrite's object ids come from (with `objects`).
+    pub object_ids: Option<&'a (dyn Fn() -> Result<u64, StoreError> + Sync)>,
     /// Segment pages no extent refers to once this batch is durable.
     pub dead: BTreeMap<u64, Vec<Range<u64>>>,
     /// How the live bytes of each segment move.
@@ -112,6 +119,8 @@ impl<'a> TxnView<'a> {
             queued,
             entries: BTreeMap::new(),
             segments,
+            objects: None,
+            object_ids: None,
             dead: BTreeMap::new(),
             live_delta: BTreeMap::new(),
             appended: Vec::new(),
@@ -139,7 +148,8 @@ impl<'a> TxnView<'a> {
                     i128::from(old) + delta
                 ))
             })?;
-            let deletable = self.segments.is_some_and(|s| s.deletable(seg));
+            let deletable = self.segments.is_some_and(|s| s.deletable(seg))
+                || self.objects.is_some_and(|o| o.deletable(seg));
             if live == 0 && deletable {
                 self.delete(key).await?;
                 self.emptied.push(seg);
@@ -333,46 +343,6 @@ fn in_chunk(e: StoreError, ino: u64, index: u64) -> StoreError {
     }
 }
 
-/// Fill `out` with the chunk bytes from chunk offset `from` on, as `list`
-/// holds them (zeros where no extent is).
-pub fn read_chunk(
-    segments: Option<&Segments>,
-    list: &[Extent],
-    from: u32,
-    out: &mut [u8],
-) -> Result<(), StoreError> {
-    out.fill(0);
-    let to = from + out.len() as u32;
-    for e in list {
-        let (s, t) = (e.start.max(from), e.end().min(to));
-        if s >= t {
-            continue;
-        }
-        let dst = &mut out[(s - from) as usize..(t - from) as usize];
-        match &e.data {
-            Data::Inline(b) => {
-                dst.copy_from_slice(&b[(s - e.start) as usize..(t - e.start) as usize])
-            }
-            Data::Segment(p) => {
-                let segs = segments.ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "extent in segment {} on a volume without segments",
-                        p.seg
-                    ))
-                })?;
-                segs.read_at(p.seg, p.seg_at(s), dst).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        StoreError::Corrupt(format!("extent past the end of segment {}", p.seg))
-                    } else {
-                        StoreError::Io(e)
-                    }
-                })?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Note what replacing `old` by `new` does to segments: pages that died,
 /// live bytes that moved.
 fn account(view: &mut TxnView<'_>, old: &[Extent], new: &[Extent]) {
@@ -395,9 +365,41 @@ async fn compact(
 ) -> Result<Vec<Extent>, StoreError> {
     let end = extent::covered_end(&list);
     let mut buf = vec![0u8; end as usize];
-    read_chunk(view.segments, &list, 0, &mut buf)?;
-    let data = match view.segments {
-        Some(segs) => {
+    let files = Files {
+        segments: view.segments,
+        objects: view.objects,
+    };
+    read_chunk(files, &list, 0, &mut buf).await?;
+    let data = match (view.segments, view.objects, view.object_ids) {
+        (_, Some(objects), Some(next_id)) => {
+            // A rare, bounded upload under the commit lock: one object of
+            // at most one chunk, amortized over the writes that
+            // fragmented it.
+            let id = next_id()?;
+            objects.pin(id);
+            view.appended.push(Placed {
+                seg: id,
+                seg_off: 0,
+                len: u64::from(end),
+            });
+            let crcs = extent::page_crcs(0, &[&buf]);
+            objects
+                .upload(vec![objects::Pack {
+                    id,
+                    len: u64::from(end),
+                    parts: vec![Bytes::from(buf)],
+                }])
+                .await
+                .map_err(StoreError::Io)?;
+            Data::Segment(Piece {
+                seg: id,
+                seg_off: 0,
+                start: 0,
+                len: end,
+                crcs,
+            })
+        }
+        (Some(segs), _, _) => {
             let p = segs
                 .append(index.saturating_mul(BLOCK_SIZE), &[&buf])
                 .map_err(StoreError::Io)?;
@@ -410,7 +412,7 @@ async fn compact(
                 crcs: extent::page_crcs(p.seg_off, &[&buf]),
             })
         }
-        None => Data::Inline(Bytes::from(buf)),
+        _ => Data::Inline(Bytes::from(buf)),
     };
     Ok(vec![Extent {
         start: 0,
@@ -438,6 +440,18 @@ async fn put_chunk(
     };
     view.put(keys::block(ino, index), extent::encode(&new))
         .await
+}
+
+/// Replace the chunk record `key`, whose extents were `old`, by `new`
+/// (same bytes elsewhere: a data object pass moving extents).
+pub async fn replace_chunk(
+    view: &mut TxnView<'_>,
+    key: Vec<u8>,
+    old: &[Extent],
+    new: Vec<Extent>,
+) -> Result<(), StoreError> {
+    account(view, old, &new);
+    view.put(key, extent::encode(&new)).await
 }
 
 /// Drop every chunk record in `range`, with its extents.

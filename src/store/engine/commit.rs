@@ -19,6 +19,7 @@ use slatedb::{WriteBatch, WriteHandle};
 use super::apply::Puts;
 use super::log::{self, LogError};
 use super::log_queue::{self, Queued, Turn};
+use super::objects::{self, Pack};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -29,6 +30,11 @@ use crate::store::{CommitOutcome, Op, StoreError, Txn, WriteData, BLOCK_SIZE};
 /// record, and unsynced into their segment; larger ones are synced in
 /// their segment before the record, so no byte is written twice.
 const LOG_INLINE_BYTES: u64 = 64 << 10;
+
+/// On `s3://`, commits of at most this many bytes of writes keep them
+/// inline in their extents (in the WAL object that makes the commit
+/// durable); larger ones upload data objects first (`objects.rs`).
+pub(super) const OBJECT_INLINE_BYTES: u64 = LOG_INLINE_BYTES;
 
 /// A group's record holds at most about this many payload bytes (unless
 /// its first commit alone is larger): a commit that queued behind a large
@@ -128,9 +134,82 @@ impl SlateStore {
         Ok(out)
     }
 
+    /// Pack the bytes of every write of `txn` into data objects and upload
+    /// them (`objects.rs`); where each op's bytes went. `Ok` only once
+    /// every object is stored: the batch that refers to them comes after.
+    async fn place_objects(&self, txn: &Txn) -> Result<Vec<Option<Placed>>, StoreError> {
+        let Some(objects) = &self.objects else {
+            return Ok(vec![None; txn.ops.len()]);
+        };
+        let data_of = |op: &Op| match op {
+            Op::Write { offset, data, .. }
+                if !data.is_empty() && offset.checked_add(data.len() as u64).is_some() =>
+            {
+                Some(data.clone())
+            }
+            _ => None,
+        };
+        let lens: Vec<u64> = txn
+            .ops
+            .iter()
+            .filter_map(|op| data_of(op).map(|d| d.len() as u64))
+            .collect();
+        if lens.is_empty() {
+            return Ok(vec![None; txn.ops.len()]);
+        }
+        let first = objects.next_ids(objects::objects_needed(&lens))?;
+        let (placed, n) = objects::plan(&lens, first);
+        let mut packs: Vec<Pack> = (first..first + n)
+            .map(|id| Pack {
+                id,
+                ..Pack::default()
+            })
+            .collect();
+        // `placed` has one entry per op that `data_of` keeps, in order.
+        let mut next = placed.iter();
+        let mut out = Vec::with_capacity(txn.ops.len());
+        for op in &txn.ops {
+            let p = match data_of(op) {
+                Some(d) => next.next().map(|p| (d, *p)),
+                None => None,
+            };
+            out.push(p.map(|(d, p)| {
+                let pack = &mut packs[(p.seg - first) as usize];
+                pack.parts.extend(d.parts().iter().cloned());
+                pack.len += p.len;
+                objects.pin(p.seg);
+                p
+            }));
+        }
+        if let Err(e) = objects.upload(packs).await {
+            for p in &placed {
+                objects.unpin(p.seg);
+            }
+            return Err(StoreError::Io(e));
+        }
+        #[cfg(test)]
+        if objects.stop_after_upload.swap(false, Ordering::AcqRel) {
+            // As if killed here: uploaded, pinned, never committed.
+            return Err(StoreError::Io(std::io::Error::other(
+                "stopped after upload",
+            )));
+        }
+        Ok(out)
+    }
+
     /// Give back appends whose batch was never written: nothing refers to
     /// their pages, which no other append shares.
     fn abandon(&self, placed: &[Placed]) {
+        if let (Some(objects), Some(gc)) = (&self.objects, &self.object_gc) {
+            let mut ids: Vec<u64> = placed.iter().map(|p| p.seg).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for p in placed {
+                objects.unpin(p.seg);
+            }
+            gc.delete(ids);
+            return;
+        }
         let Some(segs) = &self.segments else { return };
         for p in placed {
             let r = p.seg_off / SEGMENT_PAGE * SEGMENT_PAGE
@@ -151,7 +230,13 @@ impl SlateStore {
         self.check_writable()?;
         let _in_flight = self.group.begin();
         let logged = self.checkpoint.is_some() && txn.data_bytes() <= LOG_INLINE_BYTES;
-        let placed = self.place(&txn, logged)?;
+        let placed = match &self.objects {
+            Some(_) if txn.data_bytes() > OBJECT_INLINE_BYTES => self.place_objects(&txn).await?,
+            // Small commits keep their bytes inline, in the WAL object
+            // that makes them durable: one PUT, not two.
+            Some(_) => vec![None; txn.ops.len()],
+            None => self.place(&txn, logged)?,
+        };
         // The record carries the bytes (`WriteData` clones share them).
         let writes: Vec<(Placed, WriteData)> = txn
             .ops
@@ -171,6 +256,11 @@ impl SlateStore {
             if let Some(segs) = &self.segments {
                 for p in &appended {
                     segs.unpin(p.seg);
+                }
+            }
+            if let Some(objects) = &self.objects {
+                for p in &appended {
+                    objects.unpin(p.seg);
                 }
             }
         } else {
@@ -214,6 +304,8 @@ impl SlateStore {
         if let Some(r) = &self.reclaimer {
             // Off the commit path: the acknowledgement does not wait.
             r.send(reclaim);
+        } else if let Some(gc) = &self.object_gc {
+            gc.delete(reclaim.emptied);
         }
         Ok(CommitOutcome { duplicate: false })
     }
@@ -234,6 +326,12 @@ impl SlateStore {
         let mut counters = self.commit_lock.lock().await;
         let queued = self.checkpoint.as_ref().map(|_| &self.log_queue);
         let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
+        let next_object = || match &self.objects {
+            Some(o) => o.next_ids(1),
+            None => Err(StoreError::Corrupt("no data objects".into())),
+        };
+        view.objects = self.objects.as_deref();
+        view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
                 return Ok(Built::Duplicate(self.log_queue.last_seq()));

@@ -44,6 +44,7 @@
 //! unusable.
 
 mod apply;
+mod chunk_read;
 mod codec;
 mod commit;
 mod config;
@@ -57,6 +58,8 @@ mod keys;
 mod log;
 mod log_queue;
 mod log_record;
+mod object_gc;
+mod objects;
 mod open;
 mod orphans;
 mod overlay;
@@ -82,6 +85,8 @@ mod lifecycle_tests;
 mod log_group_tests;
 #[cfg(test)]
 mod log_tests;
+#[cfg(test)]
+mod object_tests;
 #[cfg(test)]
 mod readonly_tests;
 #[cfg(test)]
@@ -111,6 +116,7 @@ pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGME
 pub use group::CommitMode;
 use identity::map_engine_error;
 pub use identity::{OpenVolumeError, VolumeIdentity};
+pub use objects::ObjectFiles;
 pub use open::OpenMode;
 pub use read_plan::{ReadPiece, ReadPlan};
 pub use reader::{OpenReaderError, VolumeReader};
@@ -139,6 +145,9 @@ pub(crate) enum Placement {
     Inline,
     /// Segments sealed at this many bytes.
     SegmentsOf(u64),
+    /// Data objects in the volume's directory, as on `s3://` (no
+    /// segments, no commit log).
+    Objects,
 }
 
 /// What `reserve_ids` hands out from.
@@ -159,7 +168,7 @@ pub struct SlateStore {
     describe: String,
     /// Held while a commit reads, builds and appends its batch: commits
     /// apply in this order. Holds the space counters as of the last append.
-    commit_lock: tokio::sync::Mutex<Counters>,
+    commit_lock: Arc<tokio::sync::Mutex<Counters>>,
     /// Copies of the counters for statfs, which must not wait behind a
     /// commit.
     used_blocks: AtomicU64,
@@ -169,6 +178,11 @@ pub struct SlateStore {
     group: group::GroupCommit,
     /// The segment files of a `file://` volume; `None` on `s3://`.
     segments: Option<Arc<Segments>>,
+    /// The data objects of an `s3://` volume (`objects.rs`).
+    objects: Option<Arc<objects::Objects>>,
+    /// Deletes dead data objects and rewrites mostly dead ones
+    /// (`object_gc.rs`), with `objects`.
+    object_gc: Option<Arc<object_gc::ObjectGc>>,
     /// Punches and deletes what durable batches freed (`file://` only).
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     /// The commit log and its checkpoints (`file://` only): commits are
@@ -216,6 +230,9 @@ impl SlateStore {
         if let Some(r) = &self.reclaimer {
             r.stop();
         }
+        if let Some(gc) = &self.object_gc {
+            gc.stop();
+        }
         let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
         if let Some(lease) = &self.lease {
             if !self.fenced.load(Ordering::Acquire) {
@@ -259,6 +276,14 @@ impl SlateStore {
     /// concurrent commits, like WAL flushes).
     pub fn segment_syncs(&self) -> u64 {
         self.segments.as_deref().map_or(0, Segments::syncs)
+    }
+
+    /// Where this volume's extents point.
+    fn files(&self) -> apply::Files<'_> {
+        apply::Files {
+            segments: self.segments.as_deref(),
+            objects: self.objects.as_deref(),
+        }
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -373,6 +398,9 @@ impl SlateStore {
     }
 
     async fn read_inner(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        if self.objects.is_some() {
+            return self.read_through_plan(ino, offset, buf).await;
+        }
         let mut pos = offset;
         let mut done = 0usize;
         while done < buf.len() {
@@ -388,7 +416,7 @@ impl SlateStore {
                         }
                         other => other,
                     })?;
-                    apply::read_chunk(self.segments.as_deref(), &list, in_chunk, out)?;
+                    apply::read_chunk(self.files(), &list, in_chunk, out).await?;
                 }
                 None => out.fill(0),
             }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use slatedb::Db;
 
 use super::log::CommitLog;
+use super::object_gc;
+use super::objects::Objects;
 use super::{
     codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
     Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
@@ -50,6 +52,26 @@ fn random_volume_id() -> [u8; 16] {
         id.copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
     }
     id
+}
+
+/// The data objects of a volume without segments (`s3://`, or a test's
+/// [`Placement::Objects`]) and their deleter thread; `None` for the
+/// others.
+fn open_objects(
+    cfg: &config::VolumeConfig,
+    placement: Placement,
+    epoch: u64,
+    readers: &Arc<pins::Readers>,
+    runtime: &tokio::runtime::Runtime,
+) -> std::io::Result<Option<(Arc<Objects>, Arc<object_gc::ObjectGc>)>> {
+    match (&cfg.local_dir, placement) {
+        (_, Placement::Objects) | (None, Placement::Default) => {}
+        _ => return Ok(None),
+    }
+    let objects = Arc::new(Objects::new(cfg.object_store.clone(), &cfg.db_path, epoch));
+    let gc =
+        object_gc::ObjectGc::start(objects.clone(), readers.clone(), runtime.handle().clone())?;
+    Ok(Some((objects, Arc::new(gc))))
 }
 
 /// How an open treats a missing volume and a live holder (`holder.rs`).
@@ -231,7 +253,13 @@ impl SlateStore {
     /// paths on a local directory.
     #[cfg(test)]
     pub(crate) fn open_for_test(url: &str, placement: Placement) -> SlateStore {
-        Self::open_placing(url, placement, OpenMode::Any).expect("open volume")
+        let url = match placement {
+            // As on s3://: no commit log.
+            Placement::Objects if url.contains('?') => format!("{url}&log=off"),
+            Placement::Objects => format!("{url}?log=off"),
+            _ => url.to_string(),
+        };
+        Self::open_placing(&url, placement, OpenMode::Any).expect("open volume")
     }
 
     fn open_placing(
@@ -271,7 +299,7 @@ impl SlateStore {
             }
         };
         let local_dir = match placement {
-            Placement::Inline => None,
+            Placement::Inline | Placement::Objects => None,
             _ => cfg.local_dir.as_deref(),
         };
         let max = match placement {
@@ -279,15 +307,21 @@ impl SlateStore {
             _ => segment::SEGMENT_BYTES_MAX,
         };
         let readers: Arc<pins::Readers> = Arc::default();
-        let (segments, reclaimer) =
-            match Self::open_segments(local_dir, max, &readers, &cfg.describe) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = runtime.block_on(db.close());
-                    runtime.block_on(lease.release());
-                    return Err(OpenVolumeError::Segments(e));
-                }
-            };
+        let files = open_objects(&cfg, placement, superblock.open_count, &readers, &runtime)
+            .and_then(|objects| {
+                let (segments, reclaimer) =
+                    Self::open_segments(local_dir, max, &readers, &cfg.describe)?;
+                Ok((segments, reclaimer, objects))
+            });
+        let (segments, reclaimer, objects) = match files {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = runtime.block_on(db.close());
+                runtime.block_on(lease.release());
+                return Err(OpenVolumeError::Segments(e));
+            }
+        };
+        let (objects, object_gc) = objects.unzip();
         let recovered = runtime.block_on(Self::recover_counters(&db, &cfg, &segments, &reclaimer));
         let (checkpoint, counters) = match recovered {
             Ok(v) => v,
@@ -301,23 +335,19 @@ impl SlateStore {
             }
         };
         runtime.spawn(lease.renewal());
-        if let Some(cp) = &checkpoint {
-            runtime.spawn(
-                cp.clone()
-                    .background(cfg.checkpoint_ms, cfg.describe.clone()),
-            );
-        }
         let store = SlateStore {
             db,
             reclaimer,
             checkpoint,
             log_queue: Default::default(),
             segments,
+            objects,
+            object_gc,
             readers,
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
-            commit_lock: tokio::sync::Mutex::new(counters),
+            commit_lock: Arc::new(tokio::sync::Mutex::new(counters)),
             used_blocks: AtomicU64::new(counters.blocks),
             used_inodes: AtomicU64::new(counters.inodes),
             used_meta_bytes: AtomicU64::new(counters.meta_bytes),
@@ -333,6 +363,7 @@ impl SlateStore {
             runtime: Some(runtime),
         };
         store.tidy(cfg.local_dir.as_deref());
+        store.start_background(&cfg);
         tracing::info!(volume = %store.describe, "opened volume");
         Ok(store)
     }
@@ -368,6 +399,21 @@ impl SlateStore {
         }
     }
 
+    /// Start the background tasks: the commit log's checkpoints, the data
+    /// object passes.
+    fn start_background(&self, cfg: &config::VolumeConfig) {
+        let Ok(rt) = self.rt() else { return };
+        if let Some(cp) = &self.checkpoint {
+            rt.spawn(
+                cp.clone()
+                    .background(cfg.checkpoint_ms, cfg.describe.clone()),
+            );
+        }
+        if let Some(pass) = self.object_pass() {
+            rt.spawn(pass.background(self.describe.clone()));
+        }
+    }
+
     /// What an open does once it holds the volume, before any commit:
     /// remove what an interrupted snapshot left, delete the segments
     /// nothing refers to, reclaim what shared segments deferred. Failures
@@ -387,6 +433,17 @@ impl SlateStore {
             .and_then(|rt| rt.block_on(self.reclaim_unshared()))
         {
             tracing::warn!(volume = %self.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
+        }
+        if let Some(pass) = self.object_pass() {
+            match self.rt().and_then(|rt| rt.block_on(pass.sweep())) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(volume = %self.describe, objects = n, "deleting data objects no record refers to");
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.describe, error = %e, "sweeping unreferenced data objects failed; they stay until the next open");
+                }
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use slatedb::{DbReader, DbReaderMode};
 use thiserror::Error;
 
 use super::keys;
+use super::objects::{ObjectFiles, Objects};
 use super::overlay::Overlay;
 use super::scan::{open_iters, scan_options, KeyRange, Laid, RawScan, VolumeScan};
 use super::segment::SegmentFiles;
@@ -64,6 +65,8 @@ pub struct VolumeReader {
     /// until its view holds the batch of `log_head`. See
     /// [`VolumeReader::overlay_applies`].
     overlay_live: AtomicBool,
+    /// The data objects of an `s3://` volume.
+    objects: Option<Arc<Objects>>,
     /// Declared last: dropped after the reader, whose tasks run here.
     runtime: tokio::runtime::Runtime,
 }
@@ -132,6 +135,15 @@ impl VolumeReader {
             overlay: Arc::new(Overlay::of(records, applied)),
             log_head,
             overlay_live: AtomicBool::new(applied < log_head),
+            objects: match cfg.local_dir {
+                // Only read: its ids are never used.
+                None => Some(Arc::new(Objects::new(
+                    cfg.object_store.clone(),
+                    &cfg.db_path,
+                    0,
+                ))),
+                Some(_) => None,
+            },
             runtime,
         })
     }
@@ -206,6 +218,13 @@ impl Drop for VolumeReader {
 }
 
 impl VolumeScan for VolumeReader {
+    fn object_files(&self) -> Option<ObjectFiles> {
+        Some(ObjectFiles::new(
+            self.objects.clone()?,
+            self.runtime.handle().clone(),
+        ))
+    }
+
     fn segment_files(&self) -> Option<SegmentFiles> {
         self.local_dir
             .as_deref()

@@ -24,6 +24,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use super::extent::{self, Data, Piece, PAGE};
+use super::objects::ObjectFiles;
 use super::reader::{OpenReaderError, VolumeReader};
 use super::scan::VolumeScan;
 use super::segment::SegmentFiles;
@@ -42,6 +43,8 @@ pub struct ReadOnlyVolume {
     reader: VolumeReader,
     /// The segment files of a `file://` volume; `None` on `s3://`.
     segments: Option<SegmentFiles>,
+    /// The data objects of an `s3://` volume.
+    objects: Option<ObjectFiles>,
     identity: VolumeIdentity,
     stats: StoreStats,
     describe: String,
@@ -84,6 +87,7 @@ impl ReadOnlyVolume {
             });
         }
         let segments = reader.segment_files();
+        let objects = reader.object_files();
         let describe = format!(
             "{} (volume {}, read-only)",
             cfg.describe,
@@ -92,6 +96,7 @@ impl ReadOnlyVolume {
         tracing::info!(volume = %describe, epoch = info.open_count, "opened volume read-only");
         Ok(ReadOnlyVolume {
             segments,
+            objects,
             identity: VolumeIdentity {
                 volume_id: info.volume_id,
                 format_version: info.format_version,
@@ -147,6 +152,15 @@ impl ReadOnlyVolume {
             match &e.data {
                 Data::Inline(b) => {
                     dst.copy_from_slice(&b[(s - e.start) as usize..(t - e.start) as usize]);
+                }
+                Data::Segment(p) if self.objects.is_some() => {
+                    if let Some(objects) = &self.objects {
+                        let got = objects.read_many(&[(p.clone(), s..t)])?;
+                        let b = got.first().ok_or_else(|| {
+                            StoreError::Corrupt("object read returned nothing".into())
+                        })?;
+                        dst.copy_from_slice(b);
+                    }
                 }
                 Data::Segment(p) => {
                     let files = self.segments.as_ref().ok_or_else(|| {

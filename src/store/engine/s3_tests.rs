@@ -1,52 +1,55 @@
-//! The engine against a real S3-compatible server on loopback: `moto_server`
-//! (`pip install 'moto[server]'`, or `scripts/setup`), which enforces the
-//! conditional puts SlateDB relies on for fencing; a read-only open reads a
-//! closed volume and a held one without fencing its writer. The test starts
-//! the server itself on a free port and kills it when done, pass or fail (the
-//! test kit's [`Moto`]). Without `moto_server` the test fails, unless
-//! `POHMELFS_SKIP_S3_TESTS=1`, which it reports as a skip.
+//! The engine against real S3-compatible servers on loopback, two
+//! independent implementations: `moto_server` (`pip install
+//! 'moto[server]'`) and `s3s-fs` (`cargo install s3s-fs --features
+//! binary`; `scripts/setup` installs both). Both enforce the conditional
+//! puts SlateDB relies on for fencing. A read-only open reads a closed
+//! volume and a held one without fencing its writer; file data goes to
+//! data objects, which a pass rewrites and the next open sweeps. Each test
+//! starts its server on a free port and kills it when done, pass or fail
+//! (the test kit's [`Moto`], [`S3sFs`]). Without the server the test
+//! fails, unless `POHMELFS_SKIP_S3_TESTS=1`, which it reports as a skip.
 
-use pohmelfs_testkit::{skip_requested, Moto, ScratchDir};
+use pohmelfs_testkit::{skip_requested, Moto, S3sFs, ScratchDir};
 
 use super::conformance::{self, commit, read, write_op};
 use super::{ReadOnlyVolume, SlateStore};
+use crate::check::volume::{check_volume, Warning};
 use crate::store::{OnceStore, Store, StoreError, Txn};
 
 const BUCKET: &str = "pohmelfs-test";
 
-#[test]
-fn s3_volume_round_trip_and_fencing() {
-    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the engine's S3 test") {
-        return;
-    }
-    let dir = ScratchDir::new("s3-engine").expect("scratch directory");
-    let moto = Moto::start(dir.path(), BUCKET).expect("start moto_server");
-
+/// The whole contract, a reopen, a read-only open, and fencing, on the
+/// volumes `url` names.
+fn round_trip_and_fencing(url: &dyn Fn(&str) -> String) {
     // Round trip: the whole contract, then a reopen.
-    let url = moto.url("volumes/a");
+    let a = url("volumes/a");
     {
-        let s = SlateStore::open(&url).expect("open s3 volume");
+        let s = SlateStore::open(&a).expect("open s3 volume");
         conformance::contract(&s);
         conformance::once_contract(&s);
         commit(&s, vec![write_op(500, 7, b"in the bucket")]);
+        // Small commits stay inline; this one uploads a data object.
+        commit(&s, vec![write_op(502, 0, &pattern(5, 100 * 1024))]);
+        assert!(s.object_counts().0 > 0, "no data object was uploaded");
         s.close().unwrap();
     }
-    let s = SlateStore::open(&url).expect("reopen s3 volume");
+    let s = SlateStore::open(&a).expect("reopen s3 volume");
     assert_eq!(read(&s, 500, 7, 13), b"in the bucket");
     assert!(s.commit_once(1, 5, Txn::new()).unwrap().duplicate);
+    assert_eq!(read(&s, 502, 0, 100 * 1024), pattern(5, 100 * 1024));
     drop(s);
     // Read-only (`serve --readonly`): SlateDB's reader, nothing written.
-    let ro = ReadOnlyVolume::open(&url).expect("open s3 volume read-only");
+    let ro = ReadOnlyVolume::open(&a).expect("open s3 volume read-only");
     assert_eq!(read(&ro, 500, 7, 13), b"in the bucket");
     assert!(matches!(ro.commit(Txn::new()), Err(StoreError::ReadOnly)));
     drop(ro);
 
     // Two writers on one prefix of the same bucket: the second fences the
     // first.
-    let url = moto.url("volumes/b");
-    let first = SlateStore::open(&url).expect("open first writer");
+    let b = url("volumes/b");
+    let first = SlateStore::open(&b).expect("open first writer");
     commit(&first, vec![write_op(501, 0, b"first")]);
-    let second = SlateStore::open(&url).expect("open second writer");
+    let second = SlateStore::open(&b).expect("open second writer");
     let r = first.commit(Txn {
         ops: vec![write_op(501, 0, b"stale")],
     });
@@ -56,8 +59,78 @@ fn s3_volume_round_trip_and_fencing() {
     commit(&second, vec![write_op(501, 0, b"owner")]);
     assert_eq!(read(&second, 501, 0, 5), b"owner");
     // A read-only open beside the writer fences nobody.
-    let ro = ReadOnlyVolume::open(&url).expect("open held s3 volume read-only");
+    let ro = ReadOnlyVolume::open(&b).expect("open held s3 volume read-only");
     assert_eq!(read(&ro, 501, 0, 5), b"owner");
     commit(&second, vec![write_op(501, 0, b"still")]);
     assert_eq!(read(&second, 501, 0, 5), b"still");
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29) ^ seed)
+        .collect()
+}
+
+/// Data objects on the server: a sparse object rewritten by a pass, a
+/// dead one deleted, a commit stopped between upload and batch leaving
+/// an orphan that `check` reports and the next open deletes.
+fn objects_are_collected(url: &dyn Fn(&str) -> String) {
+    let u = url("volumes/gc");
+    let s = SlateStore::open(&u).expect("open s3 volume");
+    let chunk = 256 * 1024;
+    let ops = (0..8u64).map(|i| write_op(10 + i, 0, &pattern(i as u8, chunk)));
+    commit(&s, ops.collect());
+    let ops = (2..8u64).map(|i| write_op(10 + i, 0, &pattern(90, chunk)));
+    commit(&s, ops.collect());
+    let stats = s.collect_objects().unwrap();
+    assert_eq!((stats.candidates, stats.deleted), (1, 1), "{stats:?}");
+    assert_eq!(read(&s, 11, 0, chunk), pattern(1, chunk));
+    s.objects
+        .as_ref()
+        .unwrap()
+        .stop_after_upload
+        .store(true, std::sync::atomic::Ordering::Release);
+    assert!(s
+        .commit(Txn {
+            ops: vec![write_op(40, 0, &pattern(6, 100 * 1024))]
+        })
+        .is_err());
+    let report = check_volume(&s).unwrap();
+    let leaked = |r: &crate::check::volume::Report| {
+        r.warnings
+            .iter()
+            .filter(|w| matches!(w, Warning::LeakedObject { .. }))
+            .count()
+    };
+    assert_eq!(leaked(&report), 1, "{report:?}");
+    s.crash();
+    let s = SlateStore::open(&u).expect("reopen s3 volume");
+    s.object_gc.as_ref().unwrap().barrier();
+    let report = check_volume(&s).unwrap();
+    assert_eq!(leaked(&report), 0, "{report:?}");
+    assert_eq!(read(&s, 10, 0, chunk), pattern(0, chunk));
+    assert_eq!(read(&s, 12, 0, chunk), pattern(90, chunk));
+}
+
+#[test]
+fn s3_volume_round_trip_and_fencing() {
+    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the engine's S3 test") {
+        return;
+    }
+    let dir = ScratchDir::new("s3-engine").expect("scratch directory");
+    let moto = Moto::start(dir.path(), BUCKET).expect("start moto_server");
+    round_trip_and_fencing(&|p| moto.url(p));
+    objects_are_collected(&|p| moto.url(p));
+}
+
+#[test]
+fn s3s_fs_volume_round_trip_and_fencing() {
+    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the engine's s3s-fs test") {
+        return;
+    }
+    let dir = ScratchDir::new("s3s-engine").expect("scratch directory");
+    let server = S3sFs::start(dir.path(), BUCKET).expect("start s3s-fs");
+    round_trip_and_fencing(&|p| server.url(p));
+    objects_are_collected(&|p| server.url(p));
+    drop(server);
 }

@@ -11,6 +11,7 @@
 //! is the last item. This module never writes and never interprets POSIX
 //! semantics; that is the checker's job.
 
+use super::objects::ObjectFiles;
 use std::ops::{Bound, Range};
 
 use bytes::Bytes;
@@ -352,6 +353,11 @@ fn name_ino(e: StoreError, what: &str, ino: u64) -> StoreError {
 /// Reads a whole volume record type by record type. See the module
 /// documentation.
 pub trait VolumeScan {
+    /// The data objects of an `s3://` volume (`objects.rs`).
+    fn object_files(&self) -> Option<ObjectFiles> {
+        None
+    }
+
     /// The value of `key`.
     fn raw_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
 
@@ -496,6 +502,11 @@ pub(super) async fn open_iters<D: DbReadOps + Sync>(
 }
 
 impl VolumeScan for SlateStore {
+    fn object_files(&self) -> Option<ObjectFiles> {
+        let rt = self.rt().ok()?;
+        Some(ObjectFiles::new(self.objects.clone()?, rt.handle().clone()))
+    }
+
     fn segment_files(&self) -> Option<SegmentFiles> {
         self.segments.as_ref().map(|s| SegmentFiles::at(s.dir()))
     }
