@@ -141,6 +141,13 @@ use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;
 
+/// A sync whose inode's unsent write transaction holds at most this many
+/// bytes (two pages) counts as a sync after about one write (`sync.rs`).
+pub(crate) const EAGER_SYNC_BYTES: u64 = 8192;
+/// Inodes remembered as synced after about one write, at most (~40 KiB);
+/// past it the set starts again empty.
+pub(crate) const EAGER_SYNC_MAX: usize = 4096;
+
 /// What a guest write does to a page an in-flight transaction carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OverwritePolicy {
@@ -275,6 +282,10 @@ struct State {
     superseded: Option<String>,
     /// Where each inode's last read ended, to spot sequential readers.
     last_read_end: HashMap<u64, u64>,
+    /// Inodes synced after about one write each (`sync.rs`): their writes'
+    /// transactions do not linger, so that the commit runs while the guest
+    /// is on its way to the fsync. At most [`EAGER_SYNC_MAX`] inodes.
+    eager_sync: std::collections::HashSet<u64>,
     /// Read-ahead chunks in flight (remote stores).
     ahead: ahead::Ahead,
     shutdown: bool,
@@ -539,6 +550,7 @@ impl WritebackStore {
                 superseded: None,
                 full: false,
                 last_read_end: HashMap::new(),
+                eager_sync: Default::default(),
                 ahead: ahead::Ahead::default(),
                 shutdown: false,
                 preferred_server: 0,

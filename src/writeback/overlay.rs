@@ -118,6 +118,7 @@ impl State {
     /// volume is the difference between microseconds and an RTT per file.
     pub(super) fn forget_cached(&mut self, ino: u64, pages: bool) -> u64 {
         self.last_read_end.remove(&ino);
+        self.eager_sync.remove(&ino);
         if pages {
             self.cache.forget_clean(ino)
         } else {

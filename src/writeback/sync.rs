@@ -14,7 +14,7 @@ use tracing::{error, warn};
 
 use super::ack::{lock, wait_timeout};
 use super::queue::{describe, TxnEntry, TxnState};
-use super::{Shared, State};
+use super::{Shared, State, EAGER_SYNC_BYTES, EAGER_SYNC_MAX};
 use crate::store::{Op, StoreError};
 
 impl Shared {
@@ -137,6 +137,30 @@ impl Shared {
         self.sync_within(ino, self.cfg.fsync_timeout)
     }
 
+    /// Remember whether a sync of `ino` came after about one write (its
+    /// newest transaction, among `ids`, a write's own that was never sent,
+    /// holds at most [`EAGER_SYNC_BYTES`]) or after many. The first kind
+    /// (a log's append + fsync) loses more to a linger than it gains: the
+    /// commit would start only at the fsync instead of during the guest's
+    /// round trip to it. So its next writes go at once; the second kind
+    /// (writes between fsyncs) keeps lingering into one commit.
+    fn note_sync_pattern(st: &mut State, ino: u64, ids: &[u64]) {
+        let Some(t) = ids.iter().max().and_then(|id| st.txns.get(id)) else {
+            return;
+        };
+        if !t.mergeable || t.state != TxnState::Queued || t.attempts != 0 {
+            return;
+        }
+        if t.data_bytes <= EAGER_SYNC_BYTES {
+            if st.eager_sync.len() >= EAGER_SYNC_MAX {
+                st.eager_sync.clear();
+            }
+            st.eager_sync.insert(ino);
+        } else {
+            st.eager_sync.remove(&ino);
+        }
+    }
+
     /// As [`Shared::sync`], waiting at most `timeout`; on a timeout of a
     /// sync of everything, each transaction not stored is logged.
     pub(super) fn sync_within(
@@ -165,6 +189,9 @@ impl Shared {
                         ))));
                     }
                 }
+            }
+            if let Some(i) = ino {
+                Self::note_sync_pattern(&mut st, i, &ids);
             }
             // Resend at once whatever waits for a backoff.
             let now = Instant::now();

@@ -627,3 +627,40 @@ fn a_request_would_not_wait_while_there_is_room() {
     let (strict, _, _, _) = layer_with(strict, 1, 33, false);
     assert!(!strict.would_not_wait(Close), "a close waits as fsync does");
 }
+
+/// A sync after each write (a log's append + fsync) stops the inode's
+/// writes from lingering: the next one goes without waiting for the
+/// fsync, so its commit runs while the guest is on its way to it. A sync
+/// after many writes keeps them lingering into one commit.
+#[test]
+fn a_sync_after_each_write_stops_the_lingering() {
+    let config = TxnConfig {
+        data_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, _sink, _store, m) = layer_with(config, 1, 34, false);
+    let eager = |ino| super::ack::lock(&wb.shared.state).eager_sync.contains(&ino);
+    create(&wb, 40);
+    create(&wb, 41);
+    wb.sync(None).unwrap();
+    let sent = m.txn_sent.get();
+    write(&wb, 40, 0, &[1u8; 4096], 4096);
+    assert_eq!(m.txn_sent.get(), sent, "the first write lingers");
+    wb.sync(Some(40)).unwrap();
+    assert!(eager(40));
+    write(&wb, 40, 4096, &[2u8; 4096], 8192);
+    eventually("the next write to go without a sync", || {
+        m.txn_acked.get() == sent + 2
+    });
+    // Many writes before the sync: they linger, and the inode is not
+    // taken for a log.
+    let sent = m.txn_sent.get();
+    for i in 0..8u64 {
+        write(&wb, 41, i * 4096, &[3u8; 4096], (i + 1) * 4096);
+    }
+    assert_eq!(m.txn_sent.get(), sent, "the writes linger");
+    wb.sync(Some(41)).unwrap();
+    assert_eq!(m.txn_sent.get(), sent + 1, "one commit for the eight");
+    assert!(!eager(41));
+}

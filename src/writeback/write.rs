@@ -242,7 +242,7 @@ impl Shared {
                 }
             }
             let mut entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
-            if !self.cfg.data_linger.is_zero() {
+            if !self.cfg.data_linger.is_zero() && !st.eager_sync.contains(&ino) {
                 entry.not_before = Some(Instant::now() + self.cfg.data_linger);
             }
             return self.enqueue(st, entry);
