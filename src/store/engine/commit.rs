@@ -19,7 +19,6 @@ use slatedb::{WriteBatch, WriteHandle};
 use super::apply::Puts;
 use super::log::{self, LogError};
 use super::log_queue::{self, Queued, Turn};
-use super::objects::{self, Pack};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -157,14 +156,7 @@ impl SlateStore {
         if lens.is_empty() {
             return Ok(vec![None; txn.ops.len()]);
         }
-        let first = objects.next_ids(objects::objects_needed(&lens))?;
-        let (placed, n) = objects::plan(&lens, first);
-        let mut packs: Vec<Pack> = (first..first + n)
-            .map(|id| Pack {
-                id,
-                ..Pack::default()
-            })
-            .collect();
+        let (placed, first, mut packs) = objects.packs_for(&lens)?;
         // `placed` has one entry per op that `data_of` keeps, in order.
         let mut next = placed.iter();
         let mut out = Vec::with_capacity(txn.ops.len());

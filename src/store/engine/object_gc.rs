@@ -42,7 +42,7 @@ use slatedb::Db;
 use super::apply::{self, TxnView};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
-use super::objects::{self, Objects, Pack, OBJECT_BYTES_TARGET};
+use super::objects::{Objects, OBJECT_BYTES_TARGET};
 use super::pins::Readers;
 use super::{keys, map_engine_error, objects as objs, SlateStore};
 use crate::store::StoreError;
@@ -320,14 +320,7 @@ impl Pass {
             Err(e) => return Err(e),
         };
         let lens: Vec<u64> = bytes.iter().map(|b| b.len() as u64).collect();
-        let first = objects.next_ids(objects::objects_needed(&lens))?;
-        let (placed, n) = objects::plan(&lens, first);
-        let mut packs: Vec<Pack> = (first..first + n)
-            .map(|id| Pack {
-                id,
-                ..Pack::default()
-            })
-            .collect();
+        let (placed, first, mut packs) = objects.packs_for(&lens)?;
         for (((c, _), b), p) in copies.iter_mut().zip(bytes).zip(&placed) {
             let pack = &mut packs[(p.seg - first) as usize];
             pack.parts.push(b.clone());
@@ -336,7 +329,7 @@ impl Pass {
             c.new_id = p.seg;
             c.new_off = p.seg_off;
         }
-        let new_ids: Vec<u64> = (first..first + n).collect();
+        let new_ids: Vec<u64> = packs.iter().map(|p| p.id).collect();
         for id in &new_ids {
             objects.pin(*id);
         }

@@ -169,6 +169,21 @@ impl Objects {
         Ok(self.epoch << 32 | low)
     }
 
+    /// Lay out writes of the lengths `lens` into fresh objects: where each
+    /// write goes (in order), the first id, and one empty [`Pack`] per
+    /// object, in id order.
+    pub fn packs_for(&self, lens: &[u64]) -> Result<(Vec<Placed>, u64, Vec<Pack>), StoreError> {
+        let first = self.next_ids(objects_needed(lens))?;
+        let (placed, n) = plan(lens, first);
+        let packs = (first..first + n)
+            .map(|id| Pack {
+                id,
+                ..Pack::default()
+            })
+            .collect();
+        Ok((placed, first, packs))
+    }
+
     /// Tests: hold at the gate a test set, if any.
     #[cfg(test)]
     pub fn wait_at_gc_gate(&self) {
