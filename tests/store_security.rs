@@ -210,16 +210,32 @@ fn handshake_frames_are_capped_before_they_are_read() {
 
 #[test]
 fn a_peer_of_protocol_version_1_is_told_both_versions() {
-    let dir = workdir("oldpeer");
+    told_both_versions("oldpeer", 1);
+}
+
+/// Version 4 staged writes: a version-3 client (no stages) is refused at
+/// its hello, told both versions.
+#[test]
+fn a_peer_of_protocol_version_3_is_told_both_versions() {
+    told_both_versions("v3peer", 3);
+}
+
+/// A hello framed as protocol `version` is answered `Error(Version)` in a
+/// frame of that version, naming both versions.
+fn told_both_versions(name: &str, version: u8) {
+    let dir = workdir(name);
     let server = server_with(&dir, "s", &[]);
     let mut hello = Request::Statfs.to_frame(1);
     hello.opcode = 1;
     hello.payload = vec![1; 40];
     let mut raw = Raw::open(server.addr());
-    raw.send_bytes(&hello.encode_as(1));
+    raw.send_bytes(&hello.encode_as(version));
     let mut header = [0u8; HEADER_LEN];
     raw.stream.read_exact(&mut header).unwrap();
-    assert_eq!(header[4], 1, "the answer is framed as version 1");
+    assert_eq!(
+        header[4], version,
+        "the answer is framed as the peer's version"
+    );
     let len = u32::from_le_bytes(header[16..20].try_into().unwrap()) as usize;
     let mut payload = vec![0; len];
     raw.stream.read_exact(&mut payload).unwrap();
@@ -237,7 +253,11 @@ fn a_peer_of_protocol_version_1_is_told_both_versions() {
     else {
         panic!("{err:?}")
     };
-    assert!(message.contains("version 1") && message.contains(&format!("version {VERSION}")));
+    assert!(
+        message.contains(&format!("version {version}"))
+            && message.contains(&format!("version {VERSION}")),
+        "{message}"
+    );
 }
 
 /// A CA, a server certificate it signed for 127.0.0.1, and another CA: PEM files in `dir`.

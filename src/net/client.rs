@@ -30,6 +30,7 @@ use crate::store::{Dirent, Inode, Store, StoreError, StoreStats, Txn};
 
 mod config;
 mod conn;
+mod staged;
 
 use conn::{Attempt, Conn};
 
@@ -368,7 +369,7 @@ impl Inner {
             low_water,
             txn,
         };
-        match conn.request(&req, self.cfg.request_timeout).await {
+        match self.exchange(&conn, &req).await {
             Ok(Response::TxnAck {
                 txn_id: acked,
                 duplicate,
@@ -425,6 +426,26 @@ impl Inner {
         }
     }
 
+    /// One attempt at `req` on `conn`: a transaction with large writes
+    /// stages them first (`staged.rs`), anything else is one frame.
+    async fn exchange(&self, conn: &Conn, req: &Request) -> Result<Response, Attempt> {
+        let timeout = self.cfg.request_timeout;
+        match req {
+            Request::Txn {
+                txn_id,
+                low_water,
+                txn,
+            } => match staged::plan(txn) {
+                // A clone of the ops shares the data's buffers.
+                Some(ops) => {
+                    staged::send(conn, *txn_id, *low_water, txn.clone(), &ops, timeout).await
+                }
+                None => conn.request(req, timeout).await,
+            },
+            req => conn.request(req, timeout).await,
+        }
+    }
+
     /// Send `req` until it is answered, failing over between servers.
     async fn call(&self, req: Request) -> Result<Response, StoreError> {
         let deadline = Instant::now() + self.cfg.give_up_after;
@@ -432,12 +453,14 @@ impl Inner {
         loop {
             let failure = match self.connection().await {
                 Err(e) => e,
-                Ok(conn) => match conn.request(&req, self.cfg.request_timeout).await {
+                Ok(conn) => match self.exchange(&conn, &req).await {
                     Ok(Response::Error { code, message }) => match code {
                         ErrorCode::Fenced | ErrorCode::Busy | ErrorCode::ShuttingDown => {
                             conn.alive.store(false, Ordering::Release);
                             format!("{}: {code:?}: {message}", conn.server)
                         }
+                        // Its stages were refused or lost: stage them again.
+                        ErrorCode::Unstaged => format!("{}: {code:?}: {message}", conn.server),
                         ErrorCode::NoSpace => return Err(StoreError::NoSpace),
                         ErrorCode::Corrupt => return Err(StoreError::Corrupt(message)),
                         _ => {

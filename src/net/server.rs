@@ -43,9 +43,11 @@ use writer::Served;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 mod handshake;
+mod staging;
 mod volumes;
 mod writer;
 
+use staging::{Staging, Step};
 use volumes::Volumes;
 
 /// How long a new connection may take to finish its TLS and protocol
@@ -81,6 +83,9 @@ pub struct ServerConfig {
     pub max_volumes: usize,
     /// Requests one connection may have in flight.
     pub max_in_flight: u32,
+    /// Staged write data not yet committed, in bytes, across all
+    /// connections (each also at most `proto::STAGED_BYTES_MAX`).
+    pub max_staged_bytes: u64,
     /// An authenticated connection that sends nothing for this long is
     /// closed (its client reconnects on its next request).
     pub idle_timeout: Duration,
@@ -105,6 +110,7 @@ impl ServerConfig {
             max_handshakes: 64,
             max_volumes: 64,
             max_in_flight: 64,
+            max_staged_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(600),
             create_volumes: true,
         }
@@ -123,6 +129,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_handshakes", &self.max_handshakes)
             .field("max_volumes", &self.max_volumes)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_staged_bytes", &self.max_staged_bytes)
             .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
@@ -149,6 +156,8 @@ struct Shared {
     /// Requests in flight across all connections; shutdown drains them by
     /// taking every permit.
     requests: Arc<Semaphore>,
+    /// Bytes of staged write data across all connections, a permit each.
+    staged_bytes: Arc<Semaphore>,
 }
 
 /// Connections per peer address.
@@ -237,6 +246,7 @@ impl Server {
             )),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             requests: Arc::new(Semaphore::new(total as usize)),
+            staged_bytes: staged_bytes_semaphore(cfg.max_staged_bytes),
             cfg,
         });
         let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes));
@@ -300,6 +310,15 @@ impl Server {
             }
         }
     }
+}
+
+/// The server-wide bound of staged bytes as a semaphore (within the most
+/// permits a semaphore takes).
+fn staged_bytes_semaphore(max: u64) -> Arc<Semaphore> {
+    let max = usize::try_from(max)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
+    Arc::new(Semaphore::new(max))
 }
 
 /// Log a refused connection (limited) and answer it if a refusal slot is
@@ -426,6 +445,7 @@ async fn serve_connection(
         }
     });
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight as usize));
+    let mut staging = Staging::new(Arc::clone(&shared.staged_bytes));
     let mut pruned = 0u64;
     let result = loop {
         // A timeout here abandons a frame half read: the connection closes
@@ -444,6 +464,17 @@ async fn serve_connection(
                     .send(Response::error(ErrorCode::BadRequest, e.to_string()).to_frame(0))
                     .await;
                 break Err(e.into());
+            }
+        };
+        // Stages are taken here, in frame order, before the next frame is
+        // read: a transaction finds every stage its client sent before it.
+        let req = match staging.step(req) {
+            Step::Serve(req) => req,
+            Step::Answer(resp) => {
+                if tx.send(resp.to_frame(id)).await.is_err() {
+                    break Ok(());
+                }
+                continue;
             }
         };
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
@@ -557,5 +588,9 @@ fn apply(
             Response::error(ErrorCode::BadRequest, "handshake already done")
         }
         Request::Claim => Response::error(ErrorCode::BadRequest, "a claim is no write"),
+        // The connection's staging takes these before a request is served.
+        Request::Stage(_) | Request::StagedTxn { .. } => {
+            Response::error(ErrorCode::BadRequest, "staged data outside a connection")
+        }
     })
 }

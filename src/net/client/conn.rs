@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::net::proto::msg::{Request, Response};
-use crate::net::proto::{read_frame, write_frame, Frame, MAX_PAYLOAD};
+use crate::net::proto::msg::{Request, Response, Stage};
+use crate::net::proto::{read_frame, write_frame, write_stage, Frame, MAX_PAYLOAD};
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::StoreError;
@@ -23,14 +23,35 @@ pub(super) enum Attempt {
     Fail(StoreError),
 }
 
+/// What the writer task sends: an encoded frame, or a stage whose data
+/// goes out with vectored writes, never copied into a frame.
+pub(super) enum Outgoing {
+    Frame(Frame),
+    Stage(u64, Stage),
+}
+
+/// A request written to the connection, its answer still to come.
+pub(super) struct Submitted<'a> {
+    pub(super) id: u64,
+    rx: oneshot::Receiver<Response>,
+    _slot: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
 /// One authenticated connection to a server.
 pub(super) struct Conn {
     pub(super) server: String,
-    pub(super) tx: mpsc::Sender<Frame>,
+    pub(super) tx: mpsc::Sender<Outgoing>,
     pub(super) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
     pub(super) next_id: AtomicU64,
     pub(super) alive: Arc<AtomicBool>,
     pub(super) slots: tokio::sync::Semaphore,
+    /// Stage ids of this connection (the server holds stages per
+    /// connection).
+    pub(super) next_stage: AtomicU64,
+    /// Bytes of staged data the server may hold for this connection, a
+    /// permit each: a staged transaction takes its bytes' worth before it
+    /// stages anything, so the server's bound is never met.
+    pub(super) staging: tokio::sync::Semaphore,
 }
 
 impl Conn {
@@ -45,11 +66,15 @@ impl Conn {
     ) -> Conn {
         let alive = Arc::new(AtomicBool::new(true));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
-        let (tx, mut rx) = mpsc::channel::<Frame>(256);
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
         let writer_alive = Arc::clone(&alive);
         tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if write_frame(&mut wr, &f).await.is_err() {
+            while let Some(out) = rx.recv().await {
+                let written = match &out {
+                    Outgoing::Frame(f) => write_frame(&mut wr, f).await,
+                    Outgoing::Stage(id, stage) => write_stage(&mut wr, *id, stage).await,
+                };
+                if written.is_err() {
                     break;
                 }
             }
@@ -108,6 +133,8 @@ impl Conn {
             next_id: AtomicU64::new(1),
             alive,
             slots: tokio::sync::Semaphore::new(slots),
+            next_stage: AtomicU64::new(1),
+            staging: tokio::sync::Semaphore::new(crate::net::proto::STAGED_BYTES_MAX as usize),
         }
     }
 
@@ -116,34 +143,68 @@ impl Conn {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, Attempt> {
-        let _slot = self
+        let sent = self.submit(|id| Outgoing::Frame(req.to_frame(id))).await?;
+        self.answer(sent, timeout).await
+    }
+
+    /// Take a slot and queue the request `make` builds for its id, in
+    /// order after every request submitted before; its answer is
+    /// [`Conn::answer`].
+    pub(super) async fn submit(
+        &self,
+        make: impl FnOnce(u64) -> Outgoing,
+    ) -> Result<Submitted<'_>, Attempt> {
+        let slot = self
             .slots
             .acquire()
             .await
             .map_err(|_| Attempt::Retry("connection closed".into()))?;
+        let mut sent = self.submit_unslotted(make).await?;
+        sent._slot = Some(slot);
+        Ok(sent)
+    }
+
+    /// As [`Conn::submit`], without a request slot: for requests bounded
+    /// otherwise (stages, by the staging room).
+    pub(super) async fn submit_unslotted(
+        &self,
+        make: impl FnOnce(u64) -> Outgoing,
+    ) -> Result<Submitted<'_>, Attempt> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let out = make(id);
+        if let Outgoing::Frame(frame) = &out {
+            if frame.payload.len() > MAX_PAYLOAD as usize {
+                return Err(Attempt::Fail(StoreError::Io(std::io::Error::other(
+                    "request larger than the protocol allows",
+                ))));
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let frame = req.to_frame(id);
-        if frame.payload.len() > MAX_PAYLOAD as usize {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            return Err(Attempt::Fail(StoreError::Io(std::io::Error::other(
-                "request larger than the protocol allows",
-            ))));
-        }
-        if self.tx.send(frame).await.is_err() {
+        if self.tx.send(out).await.is_err() {
             return Err(Attempt::Retry(format!(
                 "connection to {} closed",
                 self.server
             )));
         }
-        match tokio::time::timeout(timeout, rx).await {
+        Ok(Submitted {
+            id,
+            rx,
+            _slot: None,
+        })
+    }
+
+    /// Wait for the answer to a submitted request, at most `timeout`.
+    pub(super) async fn answer(
+        &self,
+        sent: Submitted<'_>,
+        timeout: Duration,
+    ) -> Result<Response, Attempt> {
+        let id = sent.id;
+        match tokio::time::timeout(timeout, sent.rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(Attempt::Retry(format!(
                 "connection to {} lost",

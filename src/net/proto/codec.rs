@@ -272,8 +272,14 @@ impl<'a> Dec<'a> {
     }
 
     pub fn op(&mut self) -> Result<Op, ProtoError> {
+        let tag = self.u8()?;
+        self.op_tagged(tag)
+    }
+
+    /// The op whose tag byte was `tag` (already read).
+    pub fn op_tagged(&mut self, tag: u8) -> Result<Op, ProtoError> {
         use crate::store::{NAME_MAX, SYMLINK_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX};
-        Ok(match self.u8()? {
+        Ok(match tag {
             1 => Op::PutInode(self.inode()?),
             2 => Op::RemoveInode { ino: self.u64()? },
             3 => Op::PutDirent {

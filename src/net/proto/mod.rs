@@ -11,8 +11,11 @@
 //! is an error value, never a panic.
 
 pub mod auth;
+pub mod code;
 pub mod codec;
 pub mod msg;
+pub mod stage;
+mod validate;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,8 +25,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"POHM");
 /// The protocol version this build speaks. Version 2 added TLS, named
 /// credentials and server-issued sessions to the handshake; version 3 the
 /// writer claim (`Request::Claim`), which a server requires before any
-/// write, so a version-2 client is refused at its Hello.
-pub const VERSION: u8 = 3;
+/// write, so a version-2 client is refused at its Hello; version 4 staged
+/// write data (`Request::Stage`, `Request::StagedTxn`).
+pub const VERSION: u8 = 4;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 24;
 /// The largest payload either side accepts: a transaction of up to 8 MiB of
@@ -41,6 +45,16 @@ pub const MAX_READ: u32 = 4 << 20;
 pub const MAX_READDIR: u32 = 4096;
 /// The most ids one reserve request may ask for.
 pub const MAX_RESERVE: u64 = 1 << 20;
+/// The most data bytes one [`msg::Request::Stage`] carries: what fits a
+/// payload beside its three u64 fields and the length.
+pub const MAX_STAGE: u32 = 8 << 20;
+/// Staged data not yet committed, per connection: bytes at most (the
+/// client keeps its own staging below it, so it never meets the bound).
+pub const STAGED_BYTES_MAX: u64 = 64 << 20;
+/// Staged data not yet committed, per connection: stages at most.
+pub const STAGES_MAX: usize = 4096;
+/// The most staged writes one [`msg::Request::StagedTxn`] may reference.
+pub const MAX_STAGED_REFS: usize = STAGES_MAX;
 
 /// Why a frame or message was refused.
 #[derive(Debug, Error)]
@@ -182,6 +196,65 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Frame::check(&header, h, payload).map(Some)
 }
 
+/// Write a [`msg::Request::Stage`] frame without copying its data: the
+/// header and the fixed fields from one small buffer, then the data's
+/// parts as they are, with vectored writes (`write_vectored`). The bytes
+/// on the wire are those of `Request::Stage{..}.to_frame(request_id)`.
+pub async fn write_stage<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    request_id: u64,
+    stage: &msg::Stage,
+) -> Result<(), ProtoError> {
+    let mut head = Vec::with_capacity(HEADER_LEN + msg::STAGE_FIXED);
+    let payload_len = msg::STAGE_FIXED + stage.data.len();
+    head.extend_from_slice(&MAGIC.to_le_bytes());
+    head.push(VERSION);
+    head.push(msg::OP_STAGE);
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&request_id.to_le_bytes());
+    head.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    stage.encode_fixed(&mut head);
+    let mut crc = crc32c::crc32c(&head);
+    for s in stage.data.slices() {
+        crc = crc32c::crc32c_append(crc, s);
+    }
+    head[20..24].copy_from_slice(&crc.to_le_bytes());
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(stage.data.parts().len() + 1);
+    parts.push(&head);
+    parts.extend(stage.data.slices());
+    write_all_vectored(w, &parts).await?;
+    Ok(())
+}
+
+/// Write every byte of `parts`, in order, with as few vectored writes as
+/// the stream takes (a write may take only part of them).
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    /// The most slices one write is given (below every IOV_MAX).
+    const SLICES_MAX: usize = 512;
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < parts.len() {
+        let end = (i + SLICES_MAX).min(parts.len());
+        let mut io = Vec::with_capacity(end - i);
+        io.push(std::io::IoSlice::new(&parts[i][off..]));
+        io.extend(parts[i + 1..end].iter().map(|p| std::io::IoSlice::new(p)));
+        let mut n = w.write_vectored(&io).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while i < parts.len() && n >= parts[i].len() - off {
+            n -= parts[i].len() - off;
+            i += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
 /// Write one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -191,5 +264,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+#[cfg(test)]
+mod stage_tests;
 #[cfg(test)]
 mod tests;

@@ -3,9 +3,14 @@
 //! every received message goes through ([`Request::validate`],
 //! [`Response::validate`]).
 
+pub use super::code::ErrorCode;
 use super::codec::{Dec, Enc};
-use super::{Frame, ProtoError, MAX_OPS, MAX_PAYLOAD, MAX_READ, MAX_READDIR, MAX_RESERVE};
-use crate::store::{Dirent, Inode, Op, StoreStats, Txn, NAME_MAX, XATTR_NAME_MAX};
+use super::stage::{decode_staged_txn, encode_staged_txn};
+pub use super::stage::{Stage, StageRef, OP_STAGE, STAGE_FIXED};
+pub use super::validate::valid_volume_name;
+use super::validate::{validate_refs, validate_txn};
+use super::{Frame, ProtoError, MAX_PAYLOAD, MAX_READ, MAX_READDIR, MAX_RESERVE, MAX_STAGE};
+use crate::store::{Dirent, Inode, StoreStats, Txn, NAME_MAX, XATTR_NAME_MAX};
 
 /// Bytes in a handshake nonce.
 pub const NONCE_LEN: usize = 32;
@@ -102,61 +107,26 @@ pub enum Request {
     /// on, including resends of transactions sent before. A daemon sends
     /// it once, when it opens the volume for writing.
     Claim,
+    /// Write data ahead of its transaction (protocol version 4), answered
+    /// [`Response::Staged`]. A client writes it with
+    /// [`super::write_stage`], which copies none of the data.
+    Stage(Stage),
+    /// As [`Request::Txn`], with the writes that `staged` names taking
+    /// their bytes from this connection's stages: on the wire such a
+    /// write carries its stage id instead of its bytes; decoded, it is an
+    /// [`crate::store::Op::Write`] with no data until the server fills it in. A client
+    /// keeps the data in `txn` (for the resend).
+    StagedTxn {
+        txn_id: u64,
+        low_water: u64,
+        txn: Txn,
+        staged: Vec<StageRef>,
+    },
 }
 
 /// The most inodes a [`Request::ReclaimOrphans`] spares (a migrated
 /// session's unlinked-open inodes; 512 KiB on the wire).
 pub const MAX_SPARE: usize = 1 << 16;
-
-/// Error codes carried by [`Response::Error`]; clients branch on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// The request could not be decoded or is invalid.
-    BadRequest = 1,
-    /// Authentication failed.
-    AuthFailed = 2,
-    /// The volume name is not valid or cannot be opened.
-    NoSuchVolume = 3,
-    /// Another server took the volume over: go elsewhere.
-    Fenced = 4,
-    /// The volume is full.
-    NoSpace = 5,
-    /// The store's medium failed.
-    Io = 6,
-    /// Stored data is corrupt.
-    Corrupt = 7,
-    /// The server is at its connection or request limit.
-    Busy = 8,
-    /// The server is shutting down.
-    ShuttingDown = 9,
-    /// Protocol versions do not match.
-    Version = 10,
-    /// Another session claimed the volume for writing ([`Request::Claim`]):
-    /// this one may never write to it again. Final: not a reason to go to
-    /// another server.
-    NotWriter = 11,
-}
-
-impl ErrorCode {
-    fn from_u16(v: u16) -> Option<ErrorCode> {
-        use ErrorCode::*;
-        Some(match v {
-            1 => BadRequest,
-            2 => AuthFailed,
-            3 => NoSuchVolume,
-            4 => Fenced,
-            5 => NoSpace,
-            6 => Io,
-            7 => Corrupt,
-            8 => Busy,
-            9 => ShuttingDown,
-            10 => Version,
-            11 => NotWriter,
-            _ => return None,
-        })
-    }
-}
 
 /// A server's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,6 +177,10 @@ pub enum Response {
     Claimed {
         claim: u64,
     },
+    /// Answers [`Request::Stage`]: the server holds the data.
+    Staged {
+        stage_id: u64,
+    },
 }
 
 impl Request {
@@ -228,6 +202,8 @@ impl Request {
             Request::ReserveIds { .. } => 42,
             Request::ReclaimOrphans { .. } => 43,
             Request::Claim => 44,
+            Request::Stage(_) => OP_STAGE,
+            Request::StagedTxn { .. } => 18,
         }
     }
 
@@ -236,6 +212,8 @@ impl Request {
         matches!(
             self,
             Request::Txn { .. }
+                | Request::StagedTxn { .. }
+                | Request::Stage(_)
                 | Request::ReserveIds { .. }
                 | Request::ReclaimOrphans { .. }
                 | Request::Claim
@@ -273,6 +251,21 @@ impl Request {
                 txn,
             } => {
                 e.u64(*txn_id).u64(*low_water).txn(txn);
+            }
+            Request::Stage(stage) => {
+                stage.encode_fixed(&mut e.buf);
+                for s in stage.data.slices() {
+                    e.fixed(s);
+                }
+            }
+            Request::StagedTxn {
+                txn_id,
+                low_water,
+                txn,
+                staged,
+            } => {
+                e.u64(*txn_id).u64(*low_water);
+                encode_staged_txn(&mut e, txn, staged);
             }
             Request::GetInode { ino } | Request::Readlink { ino } | Request::ListXattr { ino } => {
                 e.u64(*ino);
@@ -375,6 +368,22 @@ impl Request {
                 Request::ReclaimOrphans { spare }
             }
             44 => Request::Claim,
+            OP_STAGE => Request::Stage(Stage {
+                stage_id: d.u64()?,
+                ino: d.u64()?,
+                offset: d.u64()?,
+                data: d.bytes(MAX_STAGE as usize)?.into(),
+            }),
+            18 => {
+                let (txn_id, low_water) = (d.u64()?, d.u64()?);
+                let (txn, staged) = decode_staged_txn(&mut d)?;
+                Request::StagedTxn {
+                    txn_id,
+                    low_water,
+                    txn,
+                    staged,
+                }
+            }
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;
@@ -411,18 +420,25 @@ impl Request {
                 txn_id,
                 low_water,
                 txn,
+            } => validate_txn(*txn_id, *low_water, txn)?,
+            Request::StagedTxn {
+                txn_id,
+                low_water,
+                txn,
+                staged,
             } => {
-                if *txn_id == 0 || *low_water > *txn_id {
-                    return Err(ProtoError::Invalid(
-                        "transaction id 0 or low-water mark above it",
-                    ));
-                }
-                if txn.ops.is_empty() || txn.ops.len() > MAX_OPS {
-                    return Err(ProtoError::Invalid("transaction with no ops or too many"));
-                }
-                for op in &txn.ops {
-                    validate_op(op)?;
-                }
+                validate_txn(*txn_id, *low_water, txn)?;
+                validate_refs(txn, staged)?;
+            }
+            Request::Stage(Stage { offset, data, .. })
+                if data.is_empty()
+                    || offset
+                        .checked_add(data.len() as u64)
+                        .is_none_or(|e| e > i64::MAX as u64) =>
+            {
+                return Err(ProtoError::Invalid(
+                    "empty stage or beyond the largest file offset",
+                ));
             }
             Request::Lookup { name, .. }
                 if name.is_empty() || name.contains(&b'/') || name.contains(&0) =>
@@ -449,49 +465,6 @@ impl Request {
     }
 }
 
-fn validate_op(op: &Op) -> Result<(), ProtoError> {
-    let name_ok = |n: &[u8]| {
-        !n.is_empty()
-            && n.len() <= NAME_MAX
-            && !n.contains(&b'/')
-            && !n.contains(&0)
-            && n != b"."
-            && n != b".."
-    };
-    match op {
-        Op::PutDirent { dirent, .. } if !name_ok(&dirent.name) => {
-            Err(ProtoError::Invalid("bad entry name in op"))
-        }
-        Op::RemoveDirent { name, .. } if !name_ok(name) => {
-            Err(ProtoError::Invalid("bad entry name in op"))
-        }
-        Op::Write { offset, data, .. }
-            if offset
-                .checked_add(data.len() as u64)
-                .is_none_or(|e| e > i64::MAX as u64) =>
-        {
-            Err(ProtoError::Invalid("write beyond the largest file offset"))
-        }
-        Op::PutInode(i) if i.perm & !0o7777 != 0 || i.size > i64::MAX as u64 => {
-            Err(ProtoError::Invalid("bad inode attributes"))
-        }
-        Op::SetXattr { name, .. } | Op::RemoveXattr { name, .. } if name.is_empty() => {
-            Err(ProtoError::Invalid("empty xattr name"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Volume names become object-store path segments: keep them plain.
-pub fn valid_volume_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= VOLUME_NAME_MAX
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
 impl Response {
     fn opcode(&self) -> u8 {
         match self {
@@ -510,6 +483,7 @@ impl Response {
             Response::Ids { .. } => 168,
             Response::Removed { .. } => 169,
             Response::Claimed { .. } => 170,
+            Response::Staged { .. } => 145,
         }
     }
 
@@ -596,7 +570,8 @@ impl Response {
             }
             Response::Ids { first }
             | Response::Removed { count: first }
-            | Response::Claimed { claim: first } => {
+            | Response::Claimed { claim: first }
+            | Response::Staged { stage_id: first } => {
                 e.u64(*first);
             }
         }
@@ -660,6 +635,7 @@ impl Response {
             168 => Response::Ids { first: d.u64()? },
             169 => Response::Removed { count: d.u64()? },
             170 => Response::Claimed { claim: d.u64()? },
+            145 => Response::Staged { stage_id: d.u64()? },
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;

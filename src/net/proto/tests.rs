@@ -115,6 +115,13 @@ fn requests() -> Vec<Request> {
         },
         Request::ReclaimOrphans { spare: vec![] },
         Request::Claim,
+        Request::Stage(super::msg::Stage {
+            stage_id: 3,
+            ino: 42,
+            offset: 8192,
+            data: vec![9u8; 5000].into(),
+        }),
+        super::stage_tests::staged_txn(&[7, 8]),
     ]
 }
 
@@ -166,6 +173,8 @@ fn responses() -> Vec<Response> {
         Response::Removed { count: 3 },
         Response::Claimed { claim: 2 },
         Response::error(ErrorCode::NotWriter, "claimed by another session"),
+        Response::Staged { stage_id: 3 },
+        Response::error(ErrorCode::Unstaged, "stage 3 is not held"),
     ]
 }
 

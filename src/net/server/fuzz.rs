@@ -20,7 +20,8 @@ use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf};
 use tokio::sync::Semaphore;
 
 use super::handshake::handshake as serve_handshake;
-use super::{handle, ServerConfig, Shared, Volumes};
+use super::staging::{Staging, Step};
+use super::{handle, staged_bytes_semaphore, ServerConfig, Shared, Volumes};
 use crate::fuzz::frames::{items, Item};
 use crate::net::credentials::{Credentials, Secret};
 use crate::net::proto::auth::{self, Side, Transcript};
@@ -49,6 +50,7 @@ fn run(data: &[u8]) -> Option<usize> {
         volumes: Arc::new(Volumes::new(cfg.data_url.clone(), 1, true)),
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
         requests: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
+        staged_bytes: staged_bytes_semaphore(cfg.max_staged_bytes),
         cfg,
     };
     rt.block_on(async {
@@ -59,12 +61,14 @@ fn run(data: &[u8]) -> Option<usize> {
             // What serve_connection does with each request after the
             // handshake, in order.
             let mut answered = 0;
+            let mut staging = Staging::new(Arc::clone(&shared.staged_bytes));
             while let Ok(Some(f)) = read_frame(&mut rd, MAX_PAYLOAD).await {
                 if let Ok(req) = Request::from_frame(&f) {
-                    if !matches!(
-                        handle(&session.volume, session.stored, req),
-                        Response::Error { .. }
-                    ) {
+                    let answer = match staging.step(req) {
+                        Step::Serve(req) => handle(&session.volume, session.stored, req),
+                        Step::Answer(answer) => answer,
+                    };
+                    if !matches!(answer, Response::Error { .. }) {
                         answered += 1;
                     }
                 }
