@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::net::proto::msg::{Request, Response, NONCE_LEN, TICKET_LEN};
+use crate::net::proto::msg::{Request, Response, Stage, StageRef, NONCE_LEN, TICKET_LEN};
 use crate::net::proto::Frame;
 use crate::store::engine::fuzz::record_seeds;
 use crate::store::{Dirent, FileKind, Inode, Op, Timestamp, Txn, WriteData};
@@ -78,12 +78,41 @@ fn txn() -> Request {
     }
 }
 
-/// Requests after the handshake: the writer claim, a transaction, then
-/// reads of what it did.
+/// A stage of five more bytes of the file, and the staged transaction
+/// that appends them (protocol version 4).
+fn staged() -> [Request; 2] {
+    let (ino, offset) = (1 << 20, 5);
+    let mut txn = Txn::new();
+    txn.push(Op::Write {
+        ino,
+        offset,
+        data: WriteData::new(),
+    });
+    [
+        Request::Stage(Stage {
+            stage_id: 1,
+            ino,
+            offset,
+            data: WriteData::from_parts([Bytes::from_static(b"world")]),
+        }),
+        Request::StagedTxn {
+            txn_id: 2,
+            low_water: 1,
+            txn,
+            staged: vec![StageRef { op: 0, stage_id: 1 }],
+        },
+    ]
+}
+
+/// Requests after the handshake: the writer claim, a transaction and a
+/// staged one, then reads of what they did.
 fn requests() -> Vec<Request> {
+    let [stage, staged_txn] = staged();
     vec![
         Request::Claim,
         txn(),
+        stage,
+        staged_txn,
         Request::Lookup {
             parent: 1,
             name: b"f".to_vec(),

@@ -403,7 +403,7 @@ async fn next_request<R: AsyncRead + Unpin>(
 ) -> Result<Option<(u64, Request)>, ProtoError> {
     match read_frame(r, MAX_PAYLOAD).await? {
         None => Ok(None),
-        Some(f) => Ok(Some((f.request_id, Request::from_frame(&f)?))),
+        Some(f) => Ok(Some((f.request_id, Request::from_owned_frame(f)?))),
     }
 }
 

@@ -5,7 +5,7 @@
 
 pub use super::code::ErrorCode;
 use super::codec::{Dec, Enc};
-use super::stage::{decode_staged_txn, encode_staged_txn};
+use super::stage::{decode_staged_txn, encode_staged_txn, stage_from_frame};
 pub use super::stage::{Stage, StageRef, OP_STAGE, STAGE_FIXED};
 pub use super::validate::valid_volume_name;
 use super::validate::{validate_refs, validate_txn};
@@ -303,6 +303,17 @@ impl Request {
             request_id,
             payload: e.buf,
         }
+    }
+
+    /// As [`Request::from_frame`], taking the frame: a stage's data then
+    /// stays in the frame's buffer, not copied (`stage::stage_from_frame`).
+    pub fn from_owned_frame(f: Frame) -> Result<Request, ProtoError> {
+        let r = match f.opcode {
+            OP_STAGE => Request::Stage(stage_from_frame(f)?),
+            _ => return Request::from_frame(&f),
+        };
+        r.validate()?;
+        Ok(r)
     }
 
     /// Decode and validate a request frame.

@@ -6,7 +6,7 @@
 //! does, per connection).
 
 use super::codec::{Dec, Enc};
-use super::{ProtoError, MAX_OPS, MAX_STAGED_REFS};
+use super::{Frame, ProtoError, MAX_OPS, MAX_STAGE, MAX_STAGED_REFS};
 use crate::store::{Op, Txn, WriteData};
 
 /// The opcode of [`super::msg::Request::Stage`].
@@ -96,4 +96,31 @@ pub(super) fn decode_staged_txn(d: &mut Dec<'_>) -> Result<(Txn, Vec<StageRef>),
         }
     }
     Ok((Txn { ops }, staged))
+}
+
+/// The [`Stage`] a frame of opcode [`OP_STAGE`] carries, its data the
+/// frame's own buffer (no copy): the fields are checked as
+/// [`super::msg::Request::from_frame`] checks them; validation is the
+/// caller's.
+pub(super) fn stage_from_frame(f: Frame) -> Result<Stage, ProtoError> {
+    let mut d = Dec::new(&f.payload);
+    let (stage_id, ino, offset) = (d.u64()?, d.u64()?, d.u64()?);
+    let len = d.u32()? as usize;
+    if len > MAX_STAGE as usize {
+        return Err(ProtoError::Malformed("byte string longer than its limit"));
+    }
+    if len != d.remaining() {
+        return Err(ProtoError::Malformed(if len > d.remaining() {
+            "message truncated"
+        } else {
+            "trailing bytes after message"
+        }));
+    }
+    let data = bytes::Bytes::from(f.payload).slice(STAGE_FIXED..);
+    Ok(Stage {
+        stage_id,
+        ino,
+        offset,
+        data: WriteData::from_parts([data]),
+    })
 }

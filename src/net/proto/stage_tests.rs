@@ -48,7 +48,12 @@ async fn a_stage_written_vectored_is_its_frame() {
     let framed = Request::Stage(stage.clone()).to_frame(77).encode();
     assert_eq!(out, framed);
     let f = Frame::decode(&out, MAX_PAYLOAD).unwrap();
-    assert_eq!(Request::from_frame(&f).unwrap(), Request::Stage(stage));
+    assert_eq!(
+        Request::from_frame(&f).unwrap(),
+        Request::Stage(stage.clone())
+    );
+    // As the server takes it: the data stays in the frame's buffer.
+    assert_eq!(Request::from_owned_frame(f).unwrap(), Request::Stage(stage));
 }
 
 #[tokio::test]
@@ -145,8 +150,25 @@ fn malformed_stages_and_references_are_refused() {
         data: vec![1u8; 10].into(),
     })
     .to_frame(1);
+    let mut longer = f.clone();
+    longer.payload.push(0);
     f.payload.truncate(f.payload.len() - 1);
     assert!(Request::from_frame(&f).is_err());
+    assert!(Request::from_owned_frame(f).is_err());
+    assert!(Request::from_frame(&longer).is_err());
+    assert!(Request::from_owned_frame(longer).is_err());
+    // Validation runs on the owned path too.
+    let empty = Request::Stage(Stage {
+        stage_id: 1,
+        ino: 42,
+        offset: 0,
+        data: WriteData::new(),
+    })
+    .to_frame(1);
+    assert!(matches!(
+        Request::from_owned_frame(empty),
+        Err(ProtoError::Invalid(_))
+    ));
 }
 
 #[test]
