@@ -44,6 +44,7 @@
 //! unusable.
 
 mod apply;
+mod chunk_cache;
 mod chunk_read;
 mod codec;
 mod commit;
@@ -191,6 +192,9 @@ pub struct SlateStore {
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
     log_queue: log_queue::LogQueue,
+    /// Recently read and written chunk records (`chunk_cache.rs`): what
+    /// the engine holds, without its lookup.
+    chunks: Arc<chunk_cache::ChunkCache>,
     /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
     /// only after every read that could name it has left.
     readers: Arc<pins::Readers>,
@@ -408,7 +412,7 @@ impl SlateStore {
             let in_chunk = (pos % BLOCK_SIZE) as u32;
             let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_chunk as usize);
             let out = &mut buf[done..done + n];
-            match self.get(keys::block(ino, index)).await? {
+            match self.chunk_record(ino, index).await? {
                 Some(v) => {
                     let list = extent::decode(&v).map_err(|e| match e {
                         StoreError::Corrupt(m) => {

@@ -40,6 +40,7 @@ use bytes::Bytes;
 use slatedb::Db;
 
 use super::apply::{self, TxnView};
+use super::chunk_cache::ChunkCache;
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
 use super::objects::{Objects, OBJECT_BYTES_TARGET};
@@ -95,6 +96,7 @@ pub struct Pass {
     pub commit_lock: Arc<tokio::sync::Mutex<Counters>>,
     pub objects: Arc<Objects>,
     pub gc: Arc<ObjectGc>,
+    pub chunks: Arc<ChunkCache>,
 }
 
 /// How long the deleter waits for the reads that began before a deletion
@@ -413,6 +415,7 @@ impl Pass {
         let mut counters = self.commit_lock.lock().await;
         let mut view = TxnView::new(&self.db, None, None);
         view.objects = Some(&self.objects);
+        view.chunks = Some(&self.chunks);
         for (key, moves) in by_key {
             let Some(value) = view.get(key).await? else {
                 continue;
@@ -435,8 +438,8 @@ impl Pass {
         if puts.is_empty() {
             return Ok((emptied, used));
         }
-        self.db
-            .write(apply::to_batch(&puts))
+        self.chunks
+            .write_through(&self.db, &puts)
             .await
             .map_err(map_engine_error)?;
         *counters = after;
@@ -454,6 +457,7 @@ impl SlateStore {
             commit_lock: self.commit_lock.clone(),
             objects: self.objects.clone()?,
             gc: self.object_gc.clone()?,
+            chunks: self.chunks.clone(),
         })
     }
 

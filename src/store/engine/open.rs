@@ -12,8 +12,8 @@ use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::{
-    codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
-    Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
+    chunk_cache, codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover,
+    segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
     FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
@@ -344,6 +344,7 @@ impl SlateStore {
             objects,
             object_gc,
             readers,
+            chunks: Arc::new(chunk_cache::ChunkCache::new(cfg.memory.chunk_cache_bytes)),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
