@@ -51,7 +51,7 @@ struct Entry {
 struct Shard {
     /// Bumped by every batch that writes a record of this shard.
     generation: u64,
-    map: HashMap<(u64, u64), Entry>,
+    map: KeyMap,
     /// Keys in insertion order, for the CLOCK hand; may hold keys since
     /// removed from `map` (skipped), at most twice the map's length.
     clock: VecDeque<(u64, u64)>,
@@ -71,26 +71,31 @@ impl Shard {
     }
 
     fn insert(&mut self, key: (u64, u64), record: Record, max_bytes: usize) {
-        self.remove(key);
         let c = cost(&record);
-        if c > max_bytes {
-            return;
+        match self.map.get_mut(&key) {
+            // In place: the key keeps its place under the hand.
+            Some(e) => {
+                let old = std::mem::replace(&mut e.record, record);
+                self.bytes = self.bytes - cost(&old) + c;
+            }
+            None => {
+                self.bytes += c;
+                self.map.insert(
+                    key,
+                    Entry {
+                        record,
+                        referenced: false,
+                    },
+                );
+                self.clock.push_back(key);
+            }
         }
-        self.bytes += c;
-        self.map.insert(
-            key,
-            Entry {
-                record,
-                referenced: false,
-            },
-        );
-        self.clock.push_back(key);
         while self.bytes > max_bytes {
             let Some(k) = self.clock.pop_front() else {
                 break;
             };
             match self.map.get_mut(&k) {
-                Some(e) if e.referenced && k != key => {
+                Some(e) if e.referenced => {
                     e.referenced = false;
                     self.clock.push_back(k);
                 }
@@ -98,12 +103,39 @@ impl Shard {
                 None => {}
             }
         }
+        // Keys removed (or removed and inserted again) leave places behind:
+        // once they outnumber the entries, the queue is rebuilt, amortized
+        // over as many inserts.
         if self.clock.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.clock.retain(|k| map.contains_key(k));
+            self.clock = self.map.keys().copied().collect();
         }
     }
 }
+
+/// A hasher for `(ino, index)` keys: a multiply-and-mix of two integers the
+/// guest does not choose freely (inode numbers are the daemon's), instead
+/// of SipHash, which costs more than the lookup it guards.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type KeyMap = HashMap<(u64, u64), Entry, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// See the module documentation.
 pub struct ChunkCache {
@@ -194,7 +226,10 @@ impl ChunkCache {
                     let v = Bytes::copy_from_slice(v);
                     s.insert((ino, index), Some(v), self.shard_bytes);
                 }
-                None => s.insert((ino, index), None, self.shard_bytes),
+                // No negative entry for a dropped chunk (mostly removed
+                // files): a read that misses finds no record and may offer
+                // one.
+                None => s.remove((ino, index)),
             }
         }
     }
@@ -271,7 +306,8 @@ mod tests {
             (keys::inode(1), Some(Bytes::from_static(b"not a chunk"))),
         ]);
         assert_eq!(c.get(1, 0), Some(Some(Bytes::from_static(b"new"))));
-        assert_eq!(c.get(2, 0), Some(None));
+        // A dropped record is forgotten, not cached as absent.
+        assert_eq!(c.get(2, 0), None);
     }
 
     #[test]
