@@ -55,6 +55,7 @@ mod group;
 pub mod holder;
 mod identity;
 mod keys;
+pub mod lineage;
 mod log;
 mod log_queue;
 mod log_record;
@@ -69,6 +70,7 @@ mod reader;
 mod readonly;
 mod reclaim;
 mod recover;
+pub mod s3_snapshot;
 mod scan;
 mod segment;
 mod shared;
@@ -91,6 +93,8 @@ mod object_tests;
 mod readonly_tests;
 #[cfg(test)]
 mod recover_tests;
+#[cfg(test)]
+mod s3_snapshot_tests;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
@@ -662,8 +666,13 @@ impl Store for SlateStore {
     }
 
     fn snapshot(&self, name: &str) -> Result<String, StoreError> {
-        match self.take_snapshot(name) {
-            Ok(path) => Ok(path.display().to_string()),
+        let taken = if self.segments.is_none() && self.objects.is_some() {
+            self.take_object_snapshot(name)
+        } else {
+            self.take_snapshot(name).map(|p| p.display().to_string())
+        };
+        match taken {
+            Ok(path) => Ok(path),
             Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
         }
     }
