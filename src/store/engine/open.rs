@@ -84,6 +84,28 @@ fn open_objects(
     Ok(Some((objects, Arc::new(gc))))
 }
 
+/// Refuse an `s3://` snapshot (its lineage says so), as `file://`'s
+/// marker does: it is never opened for writing.
+fn refuse_s3_snapshot(
+    runtime: &tokio::runtime::Runtime,
+    cfg: &config::VolumeConfig,
+    url: &str,
+) -> Result<(), OpenVolumeError> {
+    if cfg.local_dir.is_some() {
+        return Ok(());
+    }
+    let family = runtime
+        .block_on(super::lineage::read(&*cfg.object_store, &cfg.db_path))
+        .map_err(|e| OpenVolumeError::BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    if family.is_some_and(|l| l.kind == super::lineage::Kind::Snapshot) {
+        return Err(OpenVolumeError::Snapshot(cfg.describe.clone().into()));
+    }
+    Ok(())
+}
+
 /// How an open treats a missing volume and a live holder (`holder.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenMode {
@@ -299,17 +321,7 @@ impl SlateStore {
             .enable_all()
             .build()
             .map_err(OpenVolumeError::Runtime)?;
-        if cfg.local_dir.is_none() {
-            let family = runtime
-                .block_on(super::lineage::read(&*cfg.object_store, &cfg.db_path))
-                .map_err(|e| OpenVolumeError::BadUrl {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                })?;
-            if family.is_some_and(|l| l.kind == super::lineage::Kind::Snapshot) {
-                return Err(OpenVolumeError::Snapshot(cfg.describe.clone().into()));
-            }
-        }
+        refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let lease = runtime.block_on(claim(&mut cfg, mode))?;
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
@@ -476,7 +488,7 @@ impl SlateStore {
             // We hold the volume: nobody else is taking a snapshot of it.
             let left = self
                 .rt()
-                .map_err(|e| super::snapshot::SnapshotError::Checkpoint(e))
+                .map_err(super::snapshot::SnapshotError::Checkpoint)
                 .and_then(|rt| {
                     rt.block_on(super::s3_snapshot::remove_leftovers(
                         objects.store(),
