@@ -376,16 +376,25 @@ pub async fn object_records(
     scanned.map(|()| out)
 }
 
-/// What the holders of `owner` keep: per registration, `None` (an
-/// incomplete holder: everything below its bound) or the ids its records
-/// name below its bound.
-pub async fn held(
-    store: &Arc<dyn ObjectStore>,
-    owner: &str,
-) -> Result<Vec<(Registration, Option<BTreeSet<u64>>)>, LineageError> {
+/// A registration and what its holder keeps: `None` (an incomplete
+/// holder: everything below its bound) or the ids its records name below
+/// its bound.
+pub type Held = (Registration, Option<BTreeSet<u64>>);
+
+/// What the holders of `owner` keep.
+pub async fn held(store: &Arc<dyn ObjectStore>, owner: &str) -> Result<Vec<Held>, LineageError> {
     let mut out = Vec::new();
     for r in registrations(&**store, owner).await? {
-        let complete = read(&**store, &r.holder).await?.is_some();
+        if r.bound == 0 {
+            // A clone registered with its snapshot: it names none of its
+            // objects (a snapshot has none of its own).
+            out.push((r, Some(BTreeSet::new())));
+            continue;
+        }
+        let engine = super::holder::exists(&**store, &r.holder)
+            .await
+            .map_err(LineageError::Store)?;
+        let complete = engine && read(&**store, &r.holder).await?.is_some();
         let ids = if complete {
             let ids = object_records(store.clone(), &r.holder)
                 .await
@@ -403,7 +412,7 @@ pub async fn held(
 }
 
 /// Whether object `id` of the owner is kept by one of `held`.
-pub fn is_held(held: &[(Registration, Option<BTreeSet<u64>>)], id: u64) -> bool {
+pub fn is_held(held: &[Held], id: u64) -> bool {
     held.iter()
         .any(|(r, ids)| id < r.bound && ids.as_ref().is_none_or(|ids| ids.contains(&id)))
 }

@@ -500,6 +500,41 @@ impl ObjectFiles {
         self.rt.block_on(self.objects.list())
     }
 
+    /// The registrations with this volume, each with the ids its holder
+    /// names below its bound (`None`: an incomplete holder).
+    pub fn held(&self) -> Result<Vec<super::lineage::Held>, super::lineage::LineageError> {
+        self.rt.block_on(super::lineage::held(
+            self.objects.store(),
+            self.objects.db_path(),
+        ))
+    }
+
+    /// The inherited objects (`lineage.rs`) that exist, as `(id, size)`:
+    /// those of each origin's folder in the range the lineage gives it.
+    pub fn list_inherited(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        for o in &self.objects.lineage().origins {
+            let dir = ObjectPath::from(o.prefix.as_str()).join(DIR_NAME);
+            let listed = self
+                .rt
+                .block_on(self.objects.store.list_with_delimiter(Some(&dir)))
+                .map_err(io)?;
+            out.extend(listed.objects.iter().filter_map(|m| {
+                let id = m.location.filename().and_then(parse_name)?;
+                (from..o.bound).contains(&id).then_some((id, m.size))
+            }));
+            from = o.bound;
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The first id of this volume's own objects.
+    pub fn own_from(&self) -> u64 {
+        self.objects.lineage().own_from()
+    }
+
     /// Fill `buf` from offset `off` of object `id`.
     pub fn read_at(&self, id: u64, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = off + buf.len() as u64;
