@@ -17,10 +17,11 @@
 //! complete. Commits wait only for that (a few PUTs); no data object is
 //! copied.
 //!
-//! **Clone** `DST` of a snapshot: registrations with every origin of
-//! the snapshot, the lineage (`kind clone`), the marker that makes its
-//! first open draw a volume id of its own, then SlateDB's clone of the
-//! snapshot's engine. Its own objects go to `DST/data/`, with ids from
+//! **Clone** `DST` of a snapshot: the lineage (`kind clone`, so a crash
+//! from here on leaves a clone `clone --delete` removes), registrations
+//! with every origin of the snapshot (and with the snapshot, bound 0),
+//! the marker that makes its first open draw a volume id of its own,
+//! then SlateDB's clone of the snapshot's engine. Its own objects go to `DST/data/`, with ids from
 //! its first open's epoch on, above every bound of its lineage.
 //!
 //! **Crashes.** A snapshot or clone is complete once it has both its
@@ -336,14 +337,8 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
         {
             return Err(SnapshotError::DestinationExists(to.clone().into()));
         }
-        for o in &l.origins {
-            lineage::register(&*store, &o.prefix, &to, o.bound)
-                .await
-                .map_err(store_err)?;
-        }
-        lineage::register(&*store, &snap, &to, 0)
-            .await
-            .map_err(store_err)?;
+        // The lineage first: a crash after it leaves a clone that
+        // `clone --delete` can remove (it names its origins).
         let mine = Lineage {
             kind: Kind::Clone,
             origins: l.origins.clone(),
@@ -351,6 +346,14 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
             source: Some(snap.clone()),
         };
         lineage::write(&*store, &to, &mine)
+            .await
+            .map_err(store_err)?;
+        for o in &l.origins {
+            lineage::register(&*store, &o.prefix, &to, o.bound)
+                .await
+                .map_err(store_err)?;
+        }
+        lineage::register(&*store, &snap, &to, 0)
             .await
             .map_err(store_err)?;
         lineage::mark_cloned(&*store, &to, &snap)
