@@ -138,12 +138,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<()> {
             snapshot::check_name(&name)?;
             let store = open_offline(&url)?;
             let started = std::time::Instant::now();
-            let path = if is_s3(&url) {
-                store.take_object_snapshot(&name).context("take snapshot")?
-            } else {
-                let p = store.take_snapshot(&name).context("take snapshot")?;
-                p.display().to_string()
-            };
+            let path = store.take_any_snapshot(&name).context("take snapshot")?;
             let took = started.elapsed();
             store.close().context("close volume")?;
             println!(

@@ -666,12 +666,7 @@ impl Store for SlateStore {
     }
 
     fn snapshot(&self, name: &str) -> Result<String, StoreError> {
-        let taken = if self.segments.is_none() && self.objects.is_some() {
-            self.take_object_snapshot(name)
-        } else {
-            self.take_snapshot(name).map(|p| p.display().to_string())
-        };
-        match taken {
+        match self.take_any_snapshot(name) {
             Ok(path) => Ok(path),
             Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
         }

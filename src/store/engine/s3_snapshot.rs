@@ -173,6 +173,17 @@ pub async fn remove_leftovers(
 }
 
 impl SlateStore {
+    /// Take snapshot `name` of this volume, of its kind: on `s3://` (data
+    /// objects, no segments) here, else by hard links (`snapshot.rs`);
+    /// where it is.
+    pub fn take_any_snapshot(&self, name: &str) -> Result<String, SnapshotError> {
+        if self.segments.is_none() && self.objects.is_some() {
+            self.take_object_snapshot(name)
+        } else {
+            self.take_snapshot(name).map(|p| p.display().to_string())
+        }
+    }
+
     /// Take snapshot `name` of this `s3://` volume (see the module
     /// documentation); its prefix in the bucket.
     pub fn take_object_snapshot(&self, name: &str) -> Result<String, SnapshotError> {
