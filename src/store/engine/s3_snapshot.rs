@@ -333,19 +333,18 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
     let snap = snapshot_prefix(&scfg.db_path, name)?;
     let to = dcfg.db_path.clone();
     block_on(async {
-        let l = complete(&*store, &snap)
-            .await?
+        // Independent requests go together: a clone's time is a few
+        // round trips, whatever the volume holds.
+        let (l, taken, named) = tokio::join!(
+            complete(&*store, &snap),
+            holder::exists(&*store, &to),
+            lineage::read(&*store, &to)
+        );
+        let l = l?
             .filter(|l| l.kind == Kind::Snapshot)
             .ok_or_else(|| SnapshotError::NoSuchSnapshot(name.to_string()))?;
-        let taken = holder::exists(&*store, &to)
-            .await
-            .map_err(|e| SnapshotError::Object(e.to_string()))?;
-        if taken
-            || lineage::read(&*store, &to)
-                .await
-                .map_err(store_err)?
-                .is_some()
-        {
+        let taken = taken.map_err(|e| SnapshotError::Object(e.to_string()))?;
+        if taken || named.map_err(store_err)?.is_some() {
             return Err(SnapshotError::DestinationExists(to.clone().into()));
         }
         // The lineage first: a crash after it leaves a clone that
@@ -359,18 +358,31 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
         lineage::write(&*store, &to, &mine)
             .await
             .map_err(store_err)?;
-        for o in &l.origins {
-            lineage::register(&*store, &o.prefix, &to, o.bound)
-                .await
-                .map_err(store_err)?;
+        let mut set = tokio::task::JoinSet::new();
+        let regs = l
+            .origins
+            .iter()
+            .map(|o| (o.prefix.clone(), o.bound))
+            .chain(std::iter::once((snap.clone(), 0)));
+        for (owner, bound) in regs {
+            let (store, to) = (store.clone(), to.clone());
+            set.spawn(async move { lineage::register(&*store, &owner, &to, bound).await });
         }
-        lineage::register(&*store, &snap, &to, 0)
-            .await
-            .map_err(store_err)?;
-        lineage::mark_cloned(&*store, &to, &snap)
-            .await
-            .map_err(store_err)?;
-        copy_settings(&*store, &snap, &to).await?;
+        {
+            let (store, to, snap) = (store.clone(), to.clone(), snap.clone());
+            set.spawn(async move { lineage::mark_cloned(&*store, &to, &snap).await });
+        }
+        let settings = copy_settings(&*store, &snap, &to);
+        let registered = async {
+            while let Some(r) = set.join_next().await {
+                r.map_err(|e| SnapshotError::Object(e.to_string()))?
+                    .map_err(store_err)?;
+            }
+            Ok::<(), SnapshotError>(())
+        };
+        let (registered, settings) = tokio::join!(registered, settings);
+        registered?;
+        settings?;
         AdminBuilder::new(to.clone(), store.clone())
             .build()
             .create_clone_builder_from_source(CloneSourceSpec::new(snap.clone()))
