@@ -15,7 +15,9 @@
 //! An owner knows who refers to its objects by **registrations**
 //! (`<owner>/holders/<hex of the holder's prefix>`, holding the bound): a
 //! snapshot registers with its volume and with every origin of that
-//! volume, a clone with every origin of its snapshot. The owner's
+//! volume, a clone with every origin of its snapshot (and with the
+//! snapshot itself, bound 0: it keeps no object there, but the snapshot's
+//! deletion waits for it). The owner's
 //! collector keeps every object below the highest bound registered (while
 //! it runs) and, when it sweeps, every object a holder's records
 //! (`0x48`) still name below that holder's bound; a holder without its

@@ -417,6 +417,7 @@ impl SlateStore {
                 .await
                 .map_err(|e| OpenVolumeError::CloneMarker(std::io::Error::other(e.to_string()))),
         };
+        let s3_marked = matches!(s3_clone, Ok(true));
         let opened = match s3_clone {
             Err(e) => Err(e),
             Ok(s3_clone) => Self::open_superblock(&db, cloned.is_some() || s3_clone)
@@ -430,12 +431,11 @@ impl SlateStore {
                 }),
         };
         let opened = match opened {
-            Ok(sb) if cloned.is_none() && cfg.local_dir.is_none() => {
-                super::lineage::unmark_cloned(&*cfg.object_store, &cfg.db_path)
-                    .await
-                    .map(|()| sb)
-                    .map_err(|e| OpenVolumeError::CloneMarker(std::io::Error::other(e.to_string())))
-            }
+            // The new id is durable: later opens keep it.
+            Ok(sb) if s3_marked => super::lineage::unmark_cloned(&*cfg.object_store, &cfg.db_path)
+                .await
+                .map(|()| sb)
+                .map_err(|e| OpenVolumeError::CloneMarker(std::io::Error::other(e.to_string()))),
             other => other,
         };
         match opened {
