@@ -56,6 +56,7 @@ mod group;
 pub mod holder;
 mod identity;
 mod keys;
+pub mod lineage;
 mod log;
 mod log_queue;
 mod log_record;
@@ -70,6 +71,7 @@ mod reader;
 mod readonly;
 mod reclaim;
 mod recover;
+pub mod s3_snapshot;
 mod scan;
 mod segment;
 mod shared;
@@ -92,6 +94,8 @@ mod object_tests;
 mod readonly_tests;
 #[cfg(test)]
 mod recover_tests;
+#[cfg(test)]
+mod s3_snapshot_tests;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
@@ -666,8 +670,8 @@ impl Store for SlateStore {
     }
 
     fn snapshot(&self, name: &str) -> Result<String, StoreError> {
-        match self.take_snapshot(name) {
-            Ok(path) => Ok(path.display().to_string()),
+        match self.take_any_snapshot(name) {
+            Ok(path) => Ok(path),
             Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
         }
     }
