@@ -51,6 +51,19 @@ struct Inner {
     /// Another session claimed the volume for writing (`NotWriter`): final,
     /// so later transactions fail here without going to a server.
     superseded: std::sync::atomic::AtomicBool,
+    /// The keepalive task runs (started by the first granted claim).
+    keeping_alive: std::sync::atomic::AtomicBool,
+}
+
+/// Why a claim failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// The session holding the claim is alive (`ErrorCode::WriterAlive`);
+    /// the server's message names it.
+    #[error("{0}")]
+    WriterAlive(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A volume on remote store servers.
@@ -77,6 +90,7 @@ impl RemoteStore {
             outstanding: Mutex::new(BTreeSet::new()),
             epoch: AtomicU64::new(0),
             superseded: std::sync::atomic::AtomicBool::new(false),
+            keeping_alive: std::sync::atomic::AtomicBool::new(false),
         });
         // Fail fast at start-up when no server is reachable at all.
         let first = Arc::clone(&inner);
@@ -133,12 +147,39 @@ impl RemoteStore {
     /// (`Request::Claim`): from now on the server refuses every write of
     /// any other session, and of this one once another claims the volume.
     /// What a daemon does when it opens the volume for writing; the claim's
-    /// number.
-    pub fn claim(&self) -> Result<u64, StoreError> {
-        match self.call(Request::Claim)? {
-            Response::Claimed { claim } => Ok(claim),
-            r => Err(unexpected(r)),
+    /// number. Refused while another session holds the claim and is alive,
+    /// unless `take_over` (`docs/protocol.md`, "Writer claim"). Once
+    /// granted, this client keeps itself heard: a frame at least every
+    /// `keepalive_ms`, on a task of its runtime, until it is dropped.
+    pub fn claim(&self, take_over: bool) -> Result<u64, ClaimError> {
+        let req = if take_over {
+            Request::TakeOver
+        } else {
+            Request::Claim
+        };
+        let claim = match self.call(req)? {
+            Response::Claimed { claim } => claim,
+            Response::Error {
+                code: ErrorCode::WriterAlive,
+                message,
+            } => return Err(ClaimError::WriterAlive(message)),
+            r => return Err(unexpected(r).into()),
+        };
+        if !self.inner.keeping_alive.swap(true, Ordering::AcqRel) {
+            let inner = Arc::downgrade(&self.inner);
+            let every = self.inner.cfg.keepalive;
+            self.rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(inner) = inner.upgrade() else { break };
+                    if inner.superseded.load(Ordering::Acquire) {
+                        break;
+                    }
+                    inner.keepalive().await;
+                }
+            });
         }
+        Ok(claim)
     }
 
     /// The servers, in failover order.
@@ -170,6 +211,26 @@ impl RemoteStore {
             task.await
                 .unwrap_or_else(|e| Err(SendError::Retry(format!("send task failed: {e}"))))
         }
+    }
+}
+
+impl Drop for RemoteStore {
+    /// Close the connection and wait (at most the request timeout) until
+    /// the server closed it too: a daemon that lets the volume go (a
+    /// migration source) is then no longer its live writer.
+    fn drop(&mut self) {
+        // `call` blocks on the runtime too: never inside another runtime.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let bound = self.inner.cfg.request_timeout;
+        self.rt.block_on(async move {
+            let conn = inner.conn.lock().await.take();
+            if let Some(conn) = conn {
+                conn.close(bound).await;
+            }
+        });
     }
 }
 
@@ -425,6 +486,25 @@ impl Inner {
         }
     }
 
+    /// One cheap request, to be heard by the server's writer lease (and to
+    /// reconnect to a restarted server); bounded by the request timeout.
+    async fn keepalive(&self) {
+        let req = Request::GetInode {
+            ino: crate::store::ROOT_INO,
+        };
+        let conn = match self.connection().await {
+            Ok(c) => c,
+            Err(why) => {
+                limited!(PEER_LINES_SUPPRESSED, WARN, reason = %Capped(&why), "keepalive: store unreachable");
+                return;
+            }
+        };
+        if let Err(Attempt::Retry(why)) = conn.request(&req, self.cfg.request_timeout).await {
+            conn.alive.store(false, Ordering::Release);
+            limited!(PEER_LINES_SUPPRESSED, WARN, reason = %Capped(&why), "keepalive failed");
+        }
+    }
+
     /// Send `req` until it is answered, failing over between servers.
     async fn call(&self, req: Request) -> Result<Response, StoreError> {
         let deadline = Instant::now() + self.cfg.give_up_after;
@@ -440,6 +520,8 @@ impl Inner {
                         }
                         ErrorCode::NoSpace => return Err(StoreError::NoSpace),
                         ErrorCode::Corrupt => return Err(StoreError::Corrupt(message)),
+                        // The caller's to read (`claim`).
+                        ErrorCode::WriterAlive => return Ok(Response::Error { code, message }),
                         _ => {
                             return Err(StoreError::Io(std::io::Error::other(format!(
                                 "{}: {code:?}: {message}",
