@@ -53,6 +53,8 @@ struct Inner {
     superseded: std::sync::atomic::AtomicBool,
     /// The keepalive task runs (started by the first granted claim).
     keeping_alive: std::sync::atomic::AtomicBool,
+    /// That task, ended before the store is dropped.
+    keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Why a claim failed.
@@ -91,6 +93,7 @@ impl RemoteStore {
             epoch: AtomicU64::new(0),
             superseded: std::sync::atomic::AtomicBool::new(false),
             keeping_alive: std::sync::atomic::AtomicBool::new(false),
+            keepalive_task: Mutex::new(None),
         });
         // Fail fast at start-up when no server is reachable at all.
         let first = Arc::clone(&inner);
@@ -168,7 +171,7 @@ impl RemoteStore {
         if !self.inner.keeping_alive.swap(true, Ordering::AcqRel) {
             let inner = Arc::downgrade(&self.inner);
             let every = self.inner.cfg.keepalive;
-            self.rt.spawn(async move {
+            let task = self.rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     let Some(inner) = inner.upgrade() else { break };
@@ -178,6 +181,11 @@ impl RemoteStore {
                     inner.keepalive().await;
                 }
             });
+            *self
+                .inner
+                .keepalive_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         Ok(claim)
     }
@@ -225,7 +233,32 @@ impl Drop for RemoteStore {
         }
         let inner = Arc::clone(&self.inner);
         let bound = self.inner.cfg.request_timeout;
+        let keepalive = inner
+            .keepalive_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.rt.block_on(async move {
+            // No keepalive reconnects behind the close.
+            if let Some(task) = keepalive {
+                task.abort();
+                let _ = task.await;
+            }
+            // A writer whose connection broke (a server restarted since)
+            // is heard once more before it leaves: otherwise the server
+            // keeps the volume for it for a lease after its restart.
+            let live = inner
+                .conn
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|c| c.alive.load(Ordering::Acquire));
+            if !live
+                && inner.keeping_alive.load(Ordering::Acquire)
+                && !inner.superseded.load(Ordering::Acquire)
+            {
+                let _ = tokio::time::timeout(bound, inner.keepalive()).await;
+            }
             let conn = inner.conn.lock().await.take();
             if let Some(conn) = conn {
                 conn.close(bound).await;

@@ -159,8 +159,8 @@ impl Served {
             )),
             Some(_) => None,
             None if self.opened.elapsed() < lease => Some(format!(
-                "session {writer:016x} ({since}; it has {} ms left to reconnect to this server, \
-                 which opened the volume {} ms ago)",
+                "the session that holds its claim ({since}; it has {} ms left to reconnect to \
+                 this server, which opened the volume {} ms ago)",
                 (lease - self.opened.elapsed()).as_millis(),
                 self.opened.elapsed().as_millis()
             )),
