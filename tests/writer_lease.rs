@@ -236,6 +236,45 @@ fn a_restarted_server_keeps_the_volume_for_its_writer_a_lease() {
     drop(first);
 }
 
+/// A migration destination's open (the volume slot of `serve --incoming`) waits while
+/// another daemon is the volume's live writer, and gives up at its bound naming it; once that
+/// daemon is gone (SIGKILL) the same open succeeds at once.
+#[test]
+fn a_destination_waits_for_the_live_writer_and_opens_once_it_is_gone() {
+    use pohmelfs::writeback::slot::{Opener, SlotError, VolumeSlot};
+    let s = Setup::new("it-lease-slot");
+    let mut first = s.serve("first", &[]).expect("the first daemon serves");
+    let session = s.session("first");
+    let url = s.url();
+    let opener: Opener = Box::new(move |spare| {
+        pohmelfs::writeback::open_sparing(
+            &url,
+            pohmelfs::writeback::TxnConfig::default(),
+            None,
+            std::sync::Arc::default(),
+            pohmelfs::store::engine::OpenMode::Existing { take_over: false },
+            spare,
+        )
+    });
+    let wait = Duration::from_secs(1);
+    let slot = VolumeSlot::incoming(&s.url(), opener, wait);
+    let started = Instant::now();
+    match slot.acquire(&[]) {
+        Err(SlotError::StillHeld { holder, .. }) => {
+            assert!(
+                holder.starts_with(&format!("session {session} from 127.0.0.1:")),
+                "{holder}"
+            );
+        }
+        other => panic!("expected StillHeld, got {other:?}"),
+    }
+    assert!(started.elapsed() >= wait, "gave up before its bound");
+    first.kill();
+    s.wait_closed();
+    slot.acquire(&[]).expect("open once the writer is gone");
+    assert!(slot.current().is_some());
+}
+
 #[test]
 fn take_over_opens_a_volume_a_live_daemon_serves() {
     let s = Setup::new("it-lease-takeover");

@@ -48,6 +48,10 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     Ok(Arc::new(store))
 }
 
+/// How a store server's refusal of a claim (`ErrorCode::WriterAlive`)
+/// begins; the writer's session and address follow.
+pub const WRITER_ALIVE: &str = "the volume's writer is alive: ";
+
 /// A failed claim of `url` as an open error: a live writer as
 /// [`OpenError::Claimed`], which a migration's open waits on.
 pub fn claim_error(url: &str, e: client::ClaimError) -> OpenError {

@@ -187,8 +187,11 @@ impl VolumeSlot {
         let opened = loop {
             let holder = match (self.opener)(spare) {
                 Err(OpenError::Held { holder, .. }) => holder.to_string(),
-                // A `pohmel://` volume's live writer (its claim).
-                Err(OpenError::Claimed { writer, .. }) => writer,
+                // A `pohmel://` volume's live writer (its claim), as the
+                // store server names it.
+                Err(OpenError::Claimed { writer, .. }) => writer
+                    .strip_prefix(crate::net::WRITER_ALIVE)
+                    .map_or(writer.clone(), str::to_owned),
                 other => break other.map_err(SlotError::Open),
             };
             let waited = started.elapsed();

@@ -181,7 +181,7 @@ impl Served {
         let other = before.map(|b| b.session).filter(|&b| b != session);
         if let Some(why) = other.and_then(|b| self.alive(b)) {
             if !take_over {
-                let why = format!("the volume's writer is alive: {why}");
+                let why = format!("{}{why}", crate::net::WRITER_ALIVE);
                 limited!(
                     PEER_LINES_SUPPRESSED,
                     WARN,
