@@ -437,7 +437,9 @@ impl Inner {
                         ErrorCode::NoSpace => return Err(StoreError::NoSpace),
                         ErrorCode::Corrupt => return Err(StoreError::Corrupt(message)),
                         // The caller's to read (`claim`).
-                        ErrorCode::WriterAlive => return Ok(Response::Error { code, message }),
+                        ErrorCode::WriterAlive | ErrorCode::WriterAway => {
+                            return Ok(Response::Error { code, message })
+                        }
                         _ => {
                             return Err(StoreError::Io(std::io::Error::other(format!(
                                 "{}: {code:?}: {message}",

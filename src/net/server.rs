@@ -518,7 +518,10 @@ fn handle(served: &Served, session: u64, req: Request) -> Response {
             .claim(session, matches!(req, Request::TakeOver))
             .map(|c| match c {
                 Claimed::Granted(claim) => Response::Claimed { claim },
-                Claimed::Refused(why) => Response::error(ErrorCode::WriterAlive, why),
+                Claimed::Refused { why, away: false } => {
+                    Response::error(ErrorCode::WriterAlive, why)
+                }
+                Claimed::Refused { why, away: true } => Response::error(ErrorCode::WriterAway, why),
             }),
         req if req.is_write() => served.write(session, |v| apply(v, session, req)),
         req => apply(&*served.store, session, req),

@@ -5,12 +5,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::conn::Attempt;
 use super::{unexpected, Inner, RemoteStore};
 use crate::net::proto::msg::{ErrorCode, Request, Response};
 use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::StoreError;
+
+/// How often a claim the server refused for its last writer's lease
+/// (`ErrorCode::WriterAway`) is asked again.
+const AWAY_POLL: Duration = Duration::from_millis(100);
 
 /// Why a claim failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +43,34 @@ impl RemoteStore {
         } else {
             Request::Claim
         };
-        let claim = match self.call(req)? {
-            Response::Claimed { claim } => claim,
-            Response::Error {
-                code: ErrorCode::WriterAlive,
-                message,
-            } => return Err(ClaimError::WriterAlive(message)),
-            r => return Err(unexpected(r).into()),
+        // A server that just opened the volume keeps it a lease for the
+        // writer it recorded: ask again until that lease ends (the server
+        // says so), bounded by the client's `give_up_ms`.
+        let deadline = Instant::now() + self.inner.cfg.give_up_after;
+        let mut told = false;
+        let claim = loop {
+            match self.call(req.clone())? {
+                Response::Claimed { claim } => break claim,
+                Response::Error {
+                    code: ErrorCode::WriterAlive,
+                    message,
+                } => return Err(ClaimError::WriterAlive(message)),
+                Response::Error {
+                    code: ErrorCode::WriterAway,
+                    message,
+                } if Instant::now() < deadline => {
+                    if !told {
+                        tracing::info!(reason = %Capped(&message), "the store server keeps the volume a while for its last writer; waiting");
+                        told = true;
+                    }
+                    std::thread::sleep(AWAY_POLL);
+                }
+                Response::Error {
+                    code: ErrorCode::WriterAway,
+                    message,
+                } => return Err(ClaimError::WriterAlive(message)),
+                r => return Err(unexpected(r).into()),
+            }
         };
         if !self.inner.keeping_alive.swap(true, Ordering::AcqRel) {
             let inner = Arc::downgrade(&self.inner);

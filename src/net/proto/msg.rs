@@ -145,6 +145,10 @@ pub enum ErrorCode {
     /// alive (connected and heard from within the server's writer lease).
     /// The message names it; [`Request::TakeOver`] claims anyway.
     WriterAlive = 12,
+    /// A [`Request::Claim`] refused for a while: the server just opened the
+    /// volume and gives the session holding the claim a writer lease to
+    /// reconnect. The client asks again.
+    WriterAway = 13,
 }
 
 impl ErrorCode {
@@ -163,6 +167,7 @@ impl ErrorCode {
             10 => Version,
             11 => NotWriter,
             12 => WriterAlive,
+            13 => WriterAway,
             _ => return None,
         })
     }

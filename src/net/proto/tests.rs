@@ -168,6 +168,7 @@ fn responses() -> Vec<Response> {
         Response::Claimed { claim: 2 },
         Response::error(ErrorCode::NotWriter, "claimed by another session"),
         Response::error(ErrorCode::WriterAlive, "session 1 from 10.0.0.1:7 is alive"),
+        Response::error(ErrorCode::WriterAway, "the writer has 900 ms to reconnect"),
     ]
 }
 

@@ -100,8 +100,10 @@ impl Drop for Present {
 pub enum Claimed {
     /// Granted: the claim's number.
     Granted(u64),
-    /// Refused: the claim's session is alive, as the message says.
-    Refused(String),
+    /// Refused: the claim's session is alive, as `why` says; `away`: it is
+    /// only given a lease to reconnect to this server, which just opened
+    /// the volume.
+    Refused { why: String, away: bool },
 }
 
 impl Served {
@@ -142,27 +144,35 @@ impl Served {
         }
     }
 
-    /// Why `writer` counts as alive, or None when it does not.
-    fn alive(&self, writer: u64) -> Option<String> {
+    /// Why `writer` counts as alive (`away`: it has not connected since
+    /// this server opened the volume, less than a lease ago), or None when
+    /// it does not.
+    fn alive(&self, writer: u64) -> Option<(String, bool)> {
         let lease = self.lease;
         let since = match *self.claimed_at.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(t) => format!("claimed {}", utc(t)),
             None => "claimed before this server opened the volume".to_owned(),
         };
         match self.presence().get(&writer) {
-            Some(p) if p.conns > 0 && p.last_seen.elapsed() < lease => Some(format!(
-                "session {:016x} from {} ({since}, last heard {} ms ago, writer lease {} ms)",
-                p.wire,
-                p.peer,
-                p.last_seen.elapsed().as_millis(),
-                lease.as_millis()
+            Some(p) if p.conns > 0 && p.last_seen.elapsed() < lease => Some((
+                format!(
+                    "session {:016x} from {} ({since}, last heard {} ms ago, writer lease {} ms)",
+                    p.wire,
+                    p.peer,
+                    p.last_seen.elapsed().as_millis(),
+                    lease.as_millis()
+                ),
+                false,
             )),
             Some(_) => None,
-            None if self.opened.elapsed() < lease => Some(format!(
-                "the session that holds its claim ({since}; it has {} ms left to reconnect to \
-                 this server, which opened the volume {} ms ago)",
-                (lease - self.opened.elapsed()).as_millis(),
-                self.opened.elapsed().as_millis()
+            None if self.opened.elapsed() < lease => Some((
+                format!(
+                    "the session that holds its claim ({since}; it has {} ms left to reconnect \
+                     to this server, which opened the volume {} ms ago)",
+                    (lease - self.opened.elapsed()).as_millis(),
+                    self.opened.elapsed().as_millis()
+                ),
+                true,
             )),
             None => None,
         }
@@ -179,7 +189,7 @@ impl Served {
         let mut writer = self.writer.write().unwrap_or_else(|e| e.into_inner());
         let before = *writer;
         let other = before.map(|b| b.session).filter(|&b| b != session);
-        if let Some(why) = other.and_then(|b| self.alive(b)) {
+        if let Some((why, away)) = other.and_then(|b| self.alive(b)) {
             if !take_over {
                 let why = format!("{}{why}", crate::net::WRITER_ALIVE);
                 limited!(
@@ -189,7 +199,7 @@ impl Served {
                     why = %why,
                     "claim refused"
                 );
-                return Ok(Claimed::Refused(why));
+                return Ok(Claimed::Refused { why, away });
             }
             warn!(
                 session = format_args!("{session:016x}"),
