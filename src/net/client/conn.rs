@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::proto::msg::{Request, Response};
@@ -31,6 +31,10 @@ pub(super) struct Conn {
     pub(super) next_id: AtomicU64,
     pub(super) alive: Arc<AtomicBool>,
     pub(super) slots: tokio::sync::Semaphore,
+    /// Tells the writer task to end the stream ([`Conn::close`]).
+    closing: Arc<tokio::sync::Notify>,
+    /// Ends when the server closed the connection.
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Conn {
@@ -47,17 +51,26 @@ impl Conn {
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Frame>(256);
         let writer_alive = Arc::clone(&alive);
+        let closing = Arc::new(tokio::sync::Notify::new());
+        let close = Arc::clone(&closing);
         tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
+            loop {
+                let f = tokio::select! {
+                    f = rx.recv() => f,
+                    () = close.notified() => None,
+                };
+                let Some(f) = f else { break };
                 if write_frame(&mut wr, &f).await.is_err() {
                     break;
                 }
             }
             writer_alive.store(false, Ordering::Release);
+            // The end of the stream: the server answers it by closing.
+            let _ = wr.shutdown().await;
         });
         let (reader_alive, reader_pending, name) =
             (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut rd, MAX_PAYLOAD).await {
                     Ok(Some(f)) => match Response::from_frame(&f) {
@@ -108,6 +121,21 @@ impl Conn {
             next_id: AtomicU64::new(1),
             alive,
             slots: tokio::sync::Semaphore::new(slots),
+            closing,
+            reader: Mutex::new(Some(reader)),
+        }
+    }
+
+    /// End the stream and wait, at most `bound`, until the server closed
+    /// it too: by then it no longer counts this connection (its writer
+    /// lease, `net::server::writer`), so another daemon may claim the
+    /// volume at once.
+    pub(super) async fn close(&self, bound: Duration) {
+        self.alive.store(false, Ordering::Release);
+        self.closing.notify_one();
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(reader) = reader {
+            let _ = tokio::time::timeout(bound, reader).await;
         }
     }
 

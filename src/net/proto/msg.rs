@@ -100,8 +100,13 @@ pub enum Request {
     /// server keeps the claim durably in the volume and refuses, with
     /// [`ErrorCode::NotWriter`], every write of any other session from now
     /// on, including resends of transactions sent before. A daemon sends
-    /// it once, when it opens the volume for writing.
+    /// it once, when it opens the volume for writing. Refused with
+    /// [`ErrorCode::WriterAlive`] while the session holding the claim is
+    /// alive (`docs/protocol.md`, "Writer claim").
     Claim,
+    /// As [`Request::Claim`], even while the claim's session is alive:
+    /// `serve --take-over`, for an operator who knows that writer is dead.
+    TakeOver,
 }
 
 /// The most inodes a [`Request::ReclaimOrphans`] spares (a migrated
@@ -136,6 +141,14 @@ pub enum ErrorCode {
     /// this one may never write to it again. Final: not a reason to go to
     /// another server.
     NotWriter = 11,
+    /// A [`Request::Claim`] refused: the session that holds the claim is
+    /// alive (connected and heard from within the server's writer lease).
+    /// The message names it; [`Request::TakeOver`] claims anyway.
+    WriterAlive = 12,
+    /// A [`Request::Claim`] refused for a while: the server just opened the
+    /// volume and gives the session holding the claim a writer lease to
+    /// reconnect. The client asks again.
+    WriterAway = 13,
 }
 
 impl ErrorCode {
@@ -153,6 +166,8 @@ impl ErrorCode {
             9 => ShuttingDown,
             10 => Version,
             11 => NotWriter,
+            12 => WriterAlive,
+            13 => WriterAway,
             _ => return None,
         })
     }
@@ -228,6 +243,7 @@ impl Request {
             Request::ReserveIds { .. } => 42,
             Request::ReclaimOrphans { .. } => 43,
             Request::Claim => 44,
+            Request::TakeOver => 45,
         }
     }
 
@@ -239,6 +255,7 @@ impl Request {
                 | Request::ReserveIds { .. }
                 | Request::ReclaimOrphans { .. }
                 | Request::Claim
+                | Request::TakeOver
         )
     }
 
@@ -292,7 +309,7 @@ impl Request {
             Request::GetXattr { ino, name } => {
                 e.u64(*ino).bytes(name);
             }
-            Request::Statfs | Request::Claim => {}
+            Request::Statfs | Request::Claim | Request::TakeOver => {}
             Request::ReserveIds { count } => {
                 e.u64(*count);
             }
@@ -375,6 +392,7 @@ impl Request {
                 Request::ReclaimOrphans { spare }
             }
             44 => Request::Claim,
+            45 => Request::TakeOver,
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;

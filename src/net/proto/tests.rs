@@ -115,6 +115,7 @@ fn requests() -> Vec<Request> {
         },
         Request::ReclaimOrphans { spare: vec![] },
         Request::Claim,
+        Request::TakeOver,
     ]
 }
 
@@ -166,6 +167,8 @@ fn responses() -> Vec<Response> {
         Response::Removed { count: 3 },
         Response::Claimed { claim: 2 },
         Response::error(ErrorCode::NotWriter, "claimed by another session"),
+        Response::error(ErrorCode::WriterAlive, "session 1 from 10.0.0.1:7 is alive"),
+        Response::error(ErrorCode::WriterAway, "the writer has 900 ms to reconnect"),
     ]
 }
 

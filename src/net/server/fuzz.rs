@@ -46,7 +46,12 @@ fn run(data: &[u8]) -> Option<usize> {
     cfg.max_connections = 1;
     cfg.max_in_flight = 4;
     let shared = Shared {
-        volumes: Arc::new(Volumes::new(cfg.data_url.clone(), 1, true)),
+        volumes: Arc::new(Volumes::new(
+            cfg.data_url.clone(),
+            1,
+            true,
+            cfg.writer_lease,
+        )),
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
         requests: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         cfg,
