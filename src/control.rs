@@ -63,15 +63,32 @@ pub fn status_text(m: &Metrics) -> String {
         "meta_cache_bytes",
         l.meta_cache_bytes.get()
     ));
-    out.push_str("fsync latency (cumulative):");
-    for (bound, count) in l.fsync_latency.cumulative() {
+    histogram_line(&mut out, "fsync latency", &l.fsync_latency);
+    histogram_line(&mut out, "commit latency", &l.commit_latency);
+    histogram_line(&mut out, "store read latency", &l.store_read_latency);
+    for (opcode, h) in l.requests.served() {
+        histogram_line(&mut out, &format!("{opcode} service time"), h);
+    }
+    out
+}
+
+/// One histogram as a line: its mean and its cumulative buckets.
+fn histogram_line(out: &mut String, what: &str, h: &crate::metrics::Histogram) {
+    let n = h.count();
+    if n == 0 && what != "fsync latency" {
+        return;
+    }
+    out.push_str(&format!(
+        "{what} (mean {}us, cumulative):",
+        h.sum_us().checked_div(n).unwrap_or(0)
+    ));
+    for (bound, count) in h.cumulative() {
         match bound {
             Some(us) => out.push_str(&format!(" <={us}us:{count}")),
             None => out.push_str(&format!(" all:{count}")),
         }
     }
     out.push('\n');
-    out
 }
 
 /// Connections answered at once on each endpoint; one more is closed

@@ -135,6 +135,12 @@ struct StoreArgs {
     /// closed.
     #[arg(long, default_value_t = 600)]
     idle_timeout_secs: u64,
+    /// Milliseconds a volume's writer may go unheard (its connections
+    /// open) before another daemon's claim is granted; also how long a
+    /// writer recorded in a volume has to reconnect after this server
+    /// opened it. Clients send a frame every `keepalive_ms` (5000).
+    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    writer_lease_ms: u64,
     /// Requests in flight per connection at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_in_flight: u32,
@@ -457,6 +463,7 @@ fn store(args: StoreArgs) -> Result<()> {
             max_volumes: args.max_volumes,
             max_in_flight: args.max_in_flight,
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
+            writer_lease: std::time::Duration::from_millis(args.writer_lease_ms),
             create_volumes: args.create_volumes,
             ..ServerConfig::new(args.listen, &args.data)
         };

@@ -146,9 +146,6 @@ fn a_volume_another_process_holds_is_refused_not_fenced() {
     assert_eq!(read_byte(&s, 0), 4);
     s.close().unwrap();
     drop(s);
-    let out = pohmelfs(&["snapshot", "create", "s3://bucket/prefix", "s"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet on s3://"));
 }
 
 /// File `i` of the writer below: ino 200 + i, named `w{i}`, 8 KiB of `i`.

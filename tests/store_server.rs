@@ -40,9 +40,10 @@ fn remote(dir: &ScratchDir, servers: &[&str], volume: &str) -> std::sync::Arc<dy
 }
 
 /// Claim the volume for the connection's session, as a daemon does before
-/// it writes.
+/// it writes; taken over, as the test's sessions follow one another while
+/// the earlier ones live.
 fn claim(raw: &mut Raw) -> u64 {
-    match raw.call(&Request::Claim) {
+    match raw.call(&Request::TakeOver) {
         Response::Claimed { claim } => claim,
         r => panic!("claim refused: {r:?}"),
     }
@@ -91,7 +92,14 @@ fn acked_transactions_survive_kill_9() {
     server.kill9();
     drop(s);
     let server = start_server(&dir, "b", &data);
-    let s = remote(&dir, &[server.addr()], "vol");
+    // A reader: the restarted server keeps the volume for the killed
+    // writer's session for a lease (`docs/protocol.md`, "Writer claim").
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=30000",
+        server.addr(),
+        secret_file(dir.path()).display()
+    );
+    let s = pohmelfs::net::open_reader(&url).expect("open a reader");
     for (i, body) in expected.iter().enumerate() {
         assert_eq!(
             &read_all(&*s, 100 + i as u64),
@@ -410,7 +418,7 @@ fn a_daemon_opening_a_remote_volume_has_its_orphans_reclaimed() {
     }
     let cfg = pohmelfs::net::client::RemoteConfig::from_url(&url).unwrap();
     let client = pohmelfs::net::client::RemoteStore::connect(cfg).unwrap();
-    client.claim().unwrap();
+    client.claim(false).unwrap();
     assert_eq!(client.reclaim_orphans_except(&[501]).unwrap(), 1);
     assert!(client.get_inode(500).unwrap().is_none(), "reclaimed");
     assert!(client.get_inode(501).unwrap().is_some(), "spared");

@@ -97,7 +97,7 @@ fn a_server_killed_with_stages_in_flight_loses_no_acked_byte() {
     );
     let store =
         std::sync::Arc::new(RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap());
-    store.claim().unwrap();
+    store.claim(false).unwrap();
     // Transaction 1 also makes the root directory, as a daemon does on a
     // new volume.
     let mut root = Inode::regular(ROOT_INO, 0);

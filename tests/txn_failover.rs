@@ -168,8 +168,10 @@ fn store_killed_mid_workload_keeps_every_fsynced_byte() {
     let final_histories = progress.snapshot();
     drop(wb);
     server.restart().expect("restart the store");
-    let fresh =
-        pohmelfs::net::open(&pohmel_url(&dir, &[server.addr()])).expect("open a fresh client");
+    // A reader: the restarted server keeps the volume for its writer's
+    // session for a lease (`docs/protocol.md`, "Writer claim").
+    let fresh = pohmelfs::net::open_reader(&pohmel_url(&dir, &[server.addr()]))
+        .expect("open a fresh client");
     check_final(&*fresh, &final_histories);
     drop((fresh, server));
 }
@@ -217,7 +219,8 @@ fn a_full_volume_on_a_store_server_answers_enospc() {
         "fsync of 2 MiB written to a 512 KiB volume: {fsync:?}"
     );
     assert!(metrics.txn_no_space.get() >= 1);
-    let fresh = pohmelfs::net::open(&url).expect("open a fresh client");
+    // A reader: the layer is the volume's live writer.
+    let fresh = pohmelfs::net::open_reader(&url).expect("open a fresh client");
     assert_eq!(
         content(&*wb, ino),
         content(&*fresh, ino),
@@ -339,7 +342,8 @@ fn two_servers_on_one_s3_bucket_fail_over() {
     // Through a fresh client of the second server.
     let histories = progress.snapshot();
     drop(wb);
-    let fresh = pohmelfs::net::open(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
+    let fresh =
+        pohmelfs::net::open_reader(&pohmel_url(&dir, &[b.addr()])).expect("open a fresh client");
     check_final(&*fresh, &histories);
     drop((fresh, a, b, moto));
 }

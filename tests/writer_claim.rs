@@ -3,7 +3,8 @@
 //! second client claims the volume, the first one's writes, new ones and
 //! resends of its old transactions alike, are refused with `NotWriter`
 //! and not applied; the second's succeed; a server killed with SIGKILL and
-//! restarted keeps the claim.
+//! restarted keeps the claim. A claim is refused while the writer it would
+//! supersede is connected and heard from; `TakeOver` claims anyway.
 
 // Test crate: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,17 +33,21 @@ fn write_txn(ino: u64, data: &[u8]) -> Txn {
     t
 }
 
-/// The real client of `vol` on `server`, claimed for writing as a daemon
-/// claims it when it opens the volume.
+/// The real client of `vol` on `server`, claimed for writing as
+/// `serve --take-over` claims it when it opens the volume.
 fn writer(dir: &ScratchDir, server: &StoreServer) -> RemoteStore {
+    let client = connect(dir, server);
+    client.claim(true).expect("claim the volume");
+    client
+}
+
+fn connect(dir: &ScratchDir, server: &StoreServer) -> RemoteStore {
     let url = format!(
         "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=20000",
         server.addr(),
         secret_file(dir.path()).display()
     );
-    let client = RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap();
-    client.claim().expect("claim the volume");
-    client
+    RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap()
 }
 
 fn txn(raw: &mut Raw, txn_id: u64, ino: u64, data: &[u8]) -> Response {
@@ -93,7 +98,18 @@ fn a_later_claim_fences_the_earlier_writer_across_a_restart() {
         "{ack:?}"
     );
 
-    // The second writer, the real client, claims the volume.
+    // The second writer, the real client, may not claim the volume while
+    // the first is connected and heard from: the refusal names it ...
+    let refused = connect(&dir, &server).claim(false);
+    let why = match refused {
+        Err(pohmelfs::net::client::ClaimError::WriterAlive(why)) => why,
+        other => panic!("expected WriterAlive, got {other:?}"),
+    };
+    assert!(
+        why.contains(&format!("session {:016x} from 127.0.0.1:", first_session.0)),
+        "{why}"
+    );
+    // ... and takes it over when told to.
     let second = writer(&dir, &server);
     second.commit(write_txn(200, b"second")).unwrap();
 

@@ -17,6 +17,8 @@
 //!   its downtime;
 //! - [`migration_hosts`]: the same between two daemons in network namespaces of their own
 //!   reaching one store server or S3 service (root: `ip netns`);
+//! - [`migration_back`]: between hosts on `pohmel://`, there and back to a third daemon, and
+//!   with the store server killed and restarted during the migration;
 //! - [`libvirt`]: pohmelfs started as libvirt starts a backend (inherited `--fd`, its argv of
 //!   libvirt 9.0 and of current libvirt), and stopped with SIGTERM;
 //! - [`libvirtd`]: a real libvirtd starts pohmelfs for a domain's `<filesystem>`, and two
@@ -56,6 +58,7 @@ mod harness;
 mod libvirt;
 mod libvirtd;
 mod migration;
+mod migration_back;
 mod migration_hosts;
 mod offline;
 mod persistence;
@@ -133,6 +136,8 @@ mod pohmelfs_only {
         migration_hosts::migration_between_hosts_pohmel,
         migration_hosts::migration_between_hosts_s3,
         migration_hosts::refused_migration_between_hosts_pohmel,
+        migration_back::migration_there_and_back_pohmel,
+        migration_back::store_restart_during_migration_pohmel,
         readonly::readonly_snapshot_refuses_changes,
         ci_boot::ci_boot_isolates_four_guests,
     );

@@ -12,10 +12,8 @@
 //! non-migratable device"): `scripts/test` runs these in its QEMU 10 pass only
 //! (`QEMU=target/qemu10/qemu-system-x86_64 cargo test --test vm migration`).
 
-use std::fs;
-
-use crate::harness::migration::{Migration, MIGRATE_MARKER};
-use crate::harness::{Daemon, DaemonKind, Failure, Result, VmTest};
+use crate::harness::migration::{expect_handed_over, expect_taken_over, Migration, MIGRATE_MARKER};
+use crate::harness::{DaemonKind, Result, VmTest};
 
 /// The guest's workload; `unlinked` adds the file unlinked while open.
 pub(crate) fn script(unlinked: bool) -> String {
@@ -96,17 +94,8 @@ pub fn live_migration_keeps_open_files(vm: &VmTest) -> Result<()> {
     eprintln!("{downtime}");
     migrated.output.expect_success()?;
     if vm.kind() == DaemonKind::Pohmelfs {
-        expect_logged(
-            &source,
-            "source",
-            "volume let go: another daemon may open it",
-        )?;
-        expect_logged(&destination, "destination", "spared=1")?;
-        expect_logged(
-            &destination,
-            "destination",
-            "migration: guest session taken over",
-        )?;
+        expect_handed_over(&source, "source")?;
+        expect_taken_over(&destination, "destination")?;
     }
     Ok(())
 }
@@ -124,30 +113,7 @@ pub fn refused_migration_resumes_at_the_source(vm: &VmTest) -> Result<()> {
         .arg("--writeback-cache")
         .start()?;
     let destination = vm.daemon_in("dst")?.store(&url).arg("--incoming").start()?;
-    let migrated = Migration::new(vm.dir(), &source, &destination)
+    Migration::new(vm.dir(), &source, &destination)
         .script(&script(true))
-        .refused()
-        .run()?;
-    migrated.output.expect_success()?;
-    expect_logged(&destination, "destination", "refused the device state")?;
-    expect_logged(
-        &source,
-        "source",
-        "volume let go: another daemon may open it",
-    )?;
-    expect_logged(&source, "source", "opening it again")?;
-    expect_logged(&source, "source", "spared=1")?;
-    Ok(())
-}
-
-/// Fails unless `daemon` (the `which` one) logged `line`.
-pub(crate) fn expect_logged(daemon: &Daemon, which: &str, line: &str) -> Result<()> {
-    let log = fs::read_to_string(daemon.log_path()).unwrap_or_default();
-    if log.contains(line) {
-        return Ok(());
-    }
-    Err(Failure::new(format!(
-        "the {which} daemon did not log {line:?}\n{}",
-        daemon.log_report()
-    )))
+        .run_refused()
 }

@@ -12,6 +12,12 @@ use crate::store::{FileKind, FIRST_FREE_ID, ROOT_INO};
 pub enum Problem {
     /// A record that does not decode (the message names it).
     Unreadable(String),
+    /// A snapshot or clone (`s3://`) names an object of this volume that
+    /// is gone.
+    HeldObjectMissing {
+        holder: String,
+        id: u64,
+    },
     /// The volume has no superblock.
     NoSuperblock,
     /// The superblock names a format this checker does not know.
@@ -204,6 +210,9 @@ pub enum Warning {
     /// A data object (`s3://`) that no record and no extent names: the
     /// upload of a commit that never became durable.
     LeakedObject { id: u64, bytes: u64 },
+    /// A snapshot or clone (`s3://`) registered with this volume but not
+    /// complete (a crash half way): it keeps every object below its bound.
+    IncompleteHolder { holder: String, bound: u64 },
 }
 
 pub(super) fn lossy(name: &[u8]) -> String {
@@ -216,6 +225,10 @@ impl fmt::Display for Problem {
         use Problem::*;
         match self {
             Unreadable(m) => write!(f, "unreadable record: {m}"),
+            HeldObjectMissing { holder, id } => write!(
+                f,
+                "data object {id:016x} of this volume is named by {holder}, which registered it, but is gone"
+            ),
             NoSuperblock => write!(f, "no superblock: not a pohmelfs volume"),
             FormatVersion(v) => write!(f, "superblock has unknown format version {v}"),
             UnknownRecord(k) => write!(f, "unknown record type: key {k:02x?}"),
@@ -350,6 +363,10 @@ impl fmt::Display for Warning {
                 f,
                 "leaked object: data object {id:016x} ({bytes} bytes) is named by no record \
                  (uploaded for a commit that never completed; the next open deletes it)"
+            ),
+            Warning::IncompleteHolder { holder, bound } => write!(
+                f,
+                "incomplete holder: {holder} registered with this volume but has no lineage or engine                  (a snapshot or clone interrupted); objects below {bound:016x} stay until it is deleted                  (the volume's next open removes its own snapshots; `pohmelfs clone --delete` a clone)"
             ),
         }
     }

@@ -106,7 +106,8 @@ impl Report {
         }
         for s in &self.shared {
             out.push(format!(
-                "note: segment {} is shared ({} links: this volume and its snapshots or clones); \
+                "note: segment {} is shared ({} links: this volume and its snapshots or clones; \
+                 on s3:// a data object and the holders naming it); \
                  {} bytes of it are not referenced here and are kept for the others",
                 s.seg, s.links, s.unreferenced_bytes
             ));

@@ -28,12 +28,14 @@ use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::sink::{Ack, SendError};
 use crate::store::{Dirent, Inode, Store, StoreError, StoreStats, Txn};
 
+mod claim;
 mod config;
 mod conn;
 mod staged;
 
 use conn::{Attempt, Conn};
 
+pub use claim::ClaimError;
 pub use config::RemoteConfig;
 
 struct Inner {
@@ -52,6 +54,10 @@ struct Inner {
     /// Another session claimed the volume for writing (`NotWriter`): final,
     /// so later transactions fail here without going to a server.
     superseded: std::sync::atomic::AtomicBool,
+    /// The keepalive task runs (started by the first granted claim).
+    keeping_alive: std::sync::atomic::AtomicBool,
+    /// That task, ended before the store is dropped.
+    keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A volume on remote store servers.
@@ -78,6 +84,8 @@ impl RemoteStore {
             outstanding: Mutex::new(BTreeSet::new()),
             epoch: AtomicU64::new(0),
             superseded: std::sync::atomic::AtomicBool::new(false),
+            keeping_alive: std::sync::atomic::AtomicBool::new(false),
+            keepalive_task: Mutex::new(None),
         });
         // Fail fast at start-up when no server is reachable at all.
         let first = Arc::clone(&inner);
@@ -126,18 +134,6 @@ impl RemoteStore {
         let spare = spare.to_vec();
         match self.call(Request::ReclaimOrphans { spare })? {
             Response::Removed { count } => Ok(count),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    /// Make this client's session the volume's one writer
-    /// (`Request::Claim`): from now on the server refuses every write of
-    /// any other session, and of this one once another claims the volume.
-    /// What a daemon does when it opens the volume for writing; the claim's
-    /// number.
-    pub fn claim(&self) -> Result<u64, StoreError> {
-        match self.call(Request::Claim)? {
-            Response::Claimed { claim } => Ok(claim),
             r => Err(unexpected(r)),
         }
     }
@@ -463,6 +459,10 @@ impl Inner {
                         ErrorCode::Unstaged => format!("{}: {code:?}: {message}", conn.server),
                         ErrorCode::NoSpace => return Err(StoreError::NoSpace),
                         ErrorCode::Corrupt => return Err(StoreError::Corrupt(message)),
+                        // The caller's to read (`claim`).
+                        ErrorCode::WriterAlive | ErrorCode::WriterAway => {
+                            return Ok(Response::Error { code, message })
+                        }
                         _ => {
                             return Err(StoreError::Io(std::io::Error::other(format!(
                                 "{}: {code:?}: {message}",

@@ -67,9 +67,11 @@ impl LoopbackServer {
             request_timeout: Duration::from_secs(30),
             give_up_after: Duration::from_secs(60),
             max_in_flight: 16,
+            keepalive: Duration::from_secs(5),
         })
         .expect("connect to the loopback server");
-        client.claim().expect("claim the volume");
+        // Taken over: the test's clients follow one another on the volume.
+        client.claim(true).expect("claim the volume");
         client
     }
 }

@@ -43,9 +43,28 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     };
     let store = client::RemoteStore::connect(cfg).map_err(connect)?;
     // A tool that opens a volume may write to it: it claims the volume,
-    // so a daemon that had it can write no more.
-    store.claim().map_err(connect)?;
+    // which is refused while a daemon serves it.
+    store.claim(false).map_err(|e| claim_error(url, e))?;
     Ok(Arc::new(store))
+}
+
+/// How a store server's refusal of a claim (`ErrorCode::WriterAlive`)
+/// begins; the writer's session and address follow.
+pub const WRITER_ALIVE: &str = "the volume's writer is alive: ";
+
+/// A failed claim of `url` as an open error: a live writer as
+/// [`OpenError::Claimed`], which a migration's open waits on.
+pub fn claim_error(url: &str, e: client::ClaimError) -> OpenError {
+    match e {
+        client::ClaimError::WriterAlive(writer) => OpenError::Claimed {
+            url: redact_url(url),
+            writer,
+        },
+        client::ClaimError::Store(source) => OpenError::Connect {
+            url: url.to_string(),
+            source,
+        },
+    }
 }
 
 /// As [`open`], without claiming a `pohmel://` volume: for reading only

@@ -38,7 +38,8 @@ use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD}
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
 use crate::store::StoreError;
-use writer::Served;
+pub use writer::WRITER_LEASE;
+use writer::{Claimed, Served};
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
@@ -89,6 +90,11 @@ pub struct ServerConfig {
     /// An authenticated connection that sends nothing for this long is
     /// closed (its client reconnects on its next request).
     pub idle_timeout: Duration,
+    /// How long a writer that sends nothing, or a writer recorded in a
+    /// volume this server just opened, keeps its claim against another
+    /// session's (`docs/protocol.md`, "Writer claim"): its clients send a
+    /// frame at least every `keepalive_ms` (5 s by default).
+    pub writer_lease: Duration,
     /// Create a `file://` or `s3://` volume a client names that does not
     /// exist yet. Without it such a client is refused: volumes are made by
     /// `pohmelfs format DATA/NAME`. A volume held by another server is
@@ -112,6 +118,7 @@ impl ServerConfig {
             max_in_flight: 64,
             max_staged_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(600),
+            writer_lease: WRITER_LEASE,
             create_volumes: true,
         }
     }
@@ -131,6 +138,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_staged_bytes", &self.max_staged_bytes)
             .field("idle_timeout", &self.idle_timeout)
+            .field("writer_lease", &self.writer_lease)
             .finish()
     }
 }
@@ -243,6 +251,7 @@ impl Server {
                 cfg.data_url.clone(),
                 cfg.max_volumes,
                 cfg.create_volumes,
+                cfg.writer_lease,
             )),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             requests: Arc::new(Semaphore::new(total as usize)),
@@ -433,6 +442,9 @@ async fn serve_connection(
     );
     let stored = session.stored;
     let cfg = &shared.cfg;
+    // The session is alive while this connection is open and sends frames
+    // (the writer lease, `writer.rs`).
+    let present = session.volume.connected(stored, session.session, peer);
 
     // Replies go through one writer task so concurrent requests interleave
     // whole frames.
@@ -455,7 +467,10 @@ async fn serve_connection(
             Ok(n) => n,
         };
         let (id, req) = match next {
-            Ok(Some(r)) => r,
+            Ok(Some(r)) => {
+                present.seen();
+                r
+            }
             Ok(None) => break Ok(()),
             Err(e) => {
                 // Tell the peer why before closing: a desynchronised stream
@@ -508,7 +523,9 @@ async fn serve_connection(
             drop((permit, global));
         });
     };
-    drop(tx);
+    // The session's connection is gone from the lease before the client
+    // sees the stream end (`Conn::close` waits for that).
+    drop((tx, present));
     let _ = writer.await;
     drop(session);
     result
@@ -528,9 +545,15 @@ fn store_error(e: &StoreError) -> Response {
 /// session that holds the volume's writer claim (`writer.rs`).
 fn handle(served: &Served, session: u64, req: Request) -> Response {
     let r: Result<Response, StoreError> = match req {
-        Request::Claim => served
-            .claim(session)
-            .map(|claim| Response::Claimed { claim }),
+        Request::Claim | Request::TakeOver => served
+            .claim(session, matches!(req, Request::TakeOver))
+            .map(|c| match c {
+                Claimed::Granted(claim) => Response::Claimed { claim },
+                Claimed::Refused { why, away: false } => {
+                    Response::error(ErrorCode::WriterAlive, why)
+                }
+                Claimed::Refused { why, away: true } => Response::error(ErrorCode::WriterAway, why),
+            }),
         req if req.is_write() => served.write(session, |v| apply(v, session, req)),
         req => apply(&*served.store, session, req),
     };
@@ -587,7 +610,9 @@ fn apply(
         Request::Hello { .. } | Request::Auth { .. } => {
             Response::error(ErrorCode::BadRequest, "handshake already done")
         }
-        Request::Claim => Response::error(ErrorCode::BadRequest, "a claim is no write"),
+        Request::Claim | Request::TakeOver => {
+            Response::error(ErrorCode::BadRequest, "a claim is no write")
+        }
         // The connection's staging takes these before a request is served.
         Request::Stage(_) | Request::StagedTxn { .. } => {
             Response::error(ErrorCode::BadRequest, "staged data outside a connection")

@@ -95,6 +95,10 @@ pub enum OpenError {
         url: String,
         holder: engine::holder::Holder,
     },
+    /// A `pohmel://` volume whose writer claim another live daemon holds
+    /// (`docs/protocol.md`, "Writer claim"): the store server's words.
+    #[error("volume {url}: {writer}; stop that daemon, or pass --take-over to fence it")]
+    Claimed { url: String, writer: String },
 }
 
 impl OpenError {
@@ -139,7 +143,10 @@ impl OpenError {
     pub fn is_one_line(&self) -> bool {
         matches!(
             self,
-            OpenError::NoVolume { .. } | OpenError::Exists { .. } | OpenError::Held { .. }
+            OpenError::NoVolume { .. }
+                | OpenError::Exists { .. }
+                | OpenError::Held { .. }
+                | OpenError::Claimed { .. }
         )
     }
 }

@@ -101,9 +101,10 @@ pub(super) fn with_engine_memory(url: &str, bytes: u64) -> String {
 }
 
 /// Bytes a cached page costs besides its 4 KiB: the buffer's allocation
-/// header, its `Page` record in its inode's B-tree (a whole node for a
-/// one-page file), the inode's map entry and the LRU entry. Estimated
-/// between a one-page file (~850) and a large one (~150).
+/// header, its key and `Page` record in the page map (one B-tree for all
+/// inodes, nodes about two-thirds full: ~200) and its LRU entry (~40);
+/// rounded up, since a page map per inode once cost a whole node (~1.4
+/// KiB) for a one-page file.
 const PAGE_OVERHEAD_BYTES: u64 = 512;
 
 /// The bytes of page buffers that fit in `share` bytes once each page's

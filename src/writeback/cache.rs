@@ -25,7 +25,8 @@
 //! It never talks to the store and never blocks: the transaction layer
 //! holds it under its lock.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 
 use bytes::{Bytes, BytesMut};
 
@@ -90,9 +91,17 @@ impl Page {
     }
 }
 
+/// The keys of `ino`'s pages `first..=last`.
+fn span(ino: u64, first: u64, last: u64) -> RangeInclusive<(u64, u64)> {
+    (ino, first)..=(ino, last)
+}
+
 /// The pages of all inodes.
 pub struct PageCache {
-    pages: HashMap<u64, BTreeMap<u64, Page>>,
+    /// Keyed by (inode, page index): one B-tree for all inodes, whose
+    /// nodes stay full however few pages each inode has (a map per inode
+    /// cost a whole node, ~1.4 KiB, for a one-page file).
+    pages: BTreeMap<(u64, u64), Page>,
     /// Clean pages by last use.
     lru: BTreeMap<u64, (u64, u64)>,
     clock: u64,
@@ -112,7 +121,7 @@ fn zero_page() -> Bytes {
 impl PageCache {
     pub fn new(max_bytes: u64) -> PageCache {
         PageCache {
-            pages: HashMap::new(),
+            pages: BTreeMap::new(),
             lru: BTreeMap::new(),
             clock: 0,
             count: 0,
@@ -127,7 +136,7 @@ impl PageCache {
     }
 
     pub fn contains(&self, ino: u64, idx: u64) -> bool {
-        self.pages.get(&ino).is_some_and(|p| p.contains_key(&idx))
+        self.pages.contains_key(&(ino, idx))
     }
 
     /// Acks of pages of `ino` (and of the other inodes of its bucket) so
@@ -140,15 +149,14 @@ impl PageCache {
     /// store's).
     pub fn is_partial(&self, ino: u64, idx: u64) -> bool {
         self.pages
-            .get(&ino)
-            .and_then(|p| p.get(&idx))
+            .get(&(ino, idx))
             .is_some_and(|p| p.known.is_some())
     }
 
     /// Copy the bytes a partial page holds over `out`, the store's bytes of
     /// the same page; a whole or absent page leaves `out` alone.
     pub fn copy_known(&self, ino: u64, idx: u64, out: &mut [u8]) {
-        if let Some(page) = self.pages.get(&ino).and_then(|p| p.get(&idx)) {
+        if let Some(page) = self.pages.get(&(ino, idx)) {
             if let Some(k) = &page.known {
                 k.copy_over(&page.buf, out);
             }
@@ -158,13 +166,12 @@ impl PageCache {
     /// True when a sent transaction holds this page's buffer.
     pub fn is_pinned(&self, ino: u64, idx: u64) -> bool {
         self.pages
-            .get(&ino)
-            .and_then(|p| p.get(&idx))
+            .get(&(ino, idx))
             .is_some_and(|p| p.pinned_by.is_some())
     }
 
     fn touch(&mut self, ino: u64, idx: u64) {
-        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+        let Some(page) = self.pages.get_mut(&(ino, idx)) else {
             return;
         };
         if let Some(old) = page.stamp.take() {
@@ -179,8 +186,7 @@ impl PageCache {
 
     /// The page `idx` of `ino`, created (zeros) when absent.
     fn page_mut(&mut self, ino: u64, idx: u64) -> &mut Page {
-        let pages = self.pages.entry(ino).or_default();
-        pages.entry(idx).or_insert_with(|| {
+        self.pages.entry((ino, idx)).or_insert_with(|| {
             self.count += 1;
             Page::new(zero_page())
         })
@@ -188,7 +194,7 @@ impl PageCache {
 
     /// Dirty a page with `txn`; true when it was not tagged with it before.
     fn tag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
-        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+        let Some(page) = self.pages.get_mut(&(ino, idx)) else {
             return false;
         };
         if let Some(old) = page.stamp.take() {
@@ -247,7 +253,7 @@ impl PageCache {
     /// (a newer write wins over what the store had); a partial page takes
     /// the bytes it lacks from `buf` and is whole from then on.
     pub fn insert_clean(&mut self, ino: u64, idx: u64, buf: Bytes) {
-        if let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) {
+        if let Some(page) = self.pages.get_mut(&(ino, idx)) {
             if let Some(k) = page.known.take() {
                 page.modify(|b| {
                     let mut merged = buf.to_vec();
@@ -258,10 +264,7 @@ impl PageCache {
             self.touch(ino, idx);
             return;
         }
-        self.pages
-            .entry(ino)
-            .or_default()
-            .insert(idx, Page::new(buf));
+        self.pages.insert((ino, idx), Page::new(buf));
         self.count += 1;
         self.touch(ino, idx);
     }
@@ -271,8 +274,7 @@ impl PageCache {
     /// partial page, which a read must merge with the store's bytes first.
     pub fn page(&self, ino: u64, idx: u64) -> Option<Bytes> {
         self.pages
-            .get(&ino)
-            .and_then(|p| p.get(&idx))
+            .get(&(ino, idx))
             .filter(|p| p.known.is_none())
             .map(|p| p.buf.clone())
     }
@@ -281,7 +283,7 @@ impl PageCache {
     /// not cached.
     #[cfg(test)]
     pub fn read(&self, ino: u64, idx: u64, offset: usize, out: &mut [u8]) -> bool {
-        match self.pages.get(&ino).and_then(|p| p.get(&idx)) {
+        match self.pages.get(&(ino, idx)) {
             Some(page) => {
                 out.copy_from_slice(&page.buf[offset..offset + out.len()]);
                 true
@@ -297,11 +299,8 @@ impl PageCache {
     pub fn pin(&mut self, pages: &BTreeMap<u64, BTreeSet<u64>>, txn: u64) -> Vec<Pinned> {
         let mut out = Vec::new();
         for (ino, idxs) in pages {
-            let Some(p) = self.pages.get_mut(ino) else {
-                continue;
-            };
             for idx in idxs {
-                if let Some(page) = p.get_mut(idx) {
+                if let Some(page) = self.pages.get_mut(&(*ino, *idx)) {
                     page.pinned_by = Some(txn);
                     out.push((*ino, *idx, page.buf.clone(), page.known.clone()));
                 }
@@ -315,7 +314,7 @@ impl PageCache {
     /// or a removal, has nothing to untag).
     pub fn untag(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
         self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
-        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+        let Some(page) = self.pages.get_mut(&(ino, idx)) else {
             return true;
         };
         let before = page.tags.len();
@@ -335,7 +334,7 @@ impl PageCache {
     /// the store does not have. False as for [`PageCache::untag`].
     pub fn discard(&mut self, ino: u64, idx: u64, txn: u64) -> bool {
         self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
-        let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) else {
+        let Some(page) = self.pages.get_mut(&(ino, idx)) else {
             return true;
         };
         let before = page.tags.len();
@@ -354,14 +353,14 @@ impl PageCache {
     /// write carried in a transaction's operations), leaving their tags;
     /// pinned buffers are copied first.
     pub fn overwrite(&mut self, ino: u64, offset: u64, data: &WriteData) {
-        let Some(pages) = self.pages.get_mut(&ino) else {
-            return;
-        };
         for (at, part) in data.parts_at() {
             let part_offset = offset.saturating_add(at as u64);
             let end = part_offset.saturating_add(part.len() as u64);
-            let span = part_offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
-            for (idx, page) in pages.range_mut(span) {
+            if end == part_offset {
+                continue;
+            }
+            let pages = span(ino, part_offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+            for (&(_, idx), page) in self.pages.range_mut(pages) {
                 let start = idx * PAGE_SIZE;
                 let from = part_offset.max(start);
                 let to = end.min(start + PAGE_SIZE);
@@ -374,14 +373,11 @@ impl PageCache {
     }
 
     fn drop_page(&mut self, ino: u64, idx: u64) {
-        if let Some(page) = self.pages.get_mut(&ino).and_then(|p| p.remove(&idx)) {
+        if let Some(page) = self.pages.remove(&(ino, idx)) {
             if let Some(s) = page.stamp {
                 self.lru.remove(&s);
             }
             self.count -= 1;
-        }
-        if self.pages.get(&ino).is_some_and(|p| p.is_empty()) {
-            self.pages.remove(&ino);
         }
     }
 
@@ -389,9 +385,9 @@ impl PageCache {
     pub fn remove_inode(&mut self, ino: u64) {
         let idxs: Vec<u64> = self
             .pages
-            .get(&ino)
-            .map(|p| p.keys().copied().collect())
-            .unwrap_or_default();
+            .range(span(ino, 0, u64::MAX))
+            .map(|(&(_, idx), _)| idx)
+            .collect();
         for idx in idxs {
             self.drop_page(ino, idx);
         }
@@ -401,12 +397,11 @@ impl PageCache {
     /// what a truncate to `first * PAGE_SIZE` or less drops of what
     /// transactions carry.
     pub fn tagged_from(&self, ino: u64, first: u64) -> Vec<(u64, Vec<u64>)> {
-        self.pages.get(&ino).map_or_else(Vec::new, |p| {
-            p.range(first..)
-                .filter(|(_, page)| !page.tags.is_empty())
-                .map(|(idx, page)| (*idx, page.tags.clone()))
-                .collect()
-        })
+        self.pages
+            .range(span(ino, first, u64::MAX))
+            .filter(|(_, page)| !page.tags.is_empty())
+            .map(|(&(_, idx), page)| (idx, page.tags.clone()))
+            .collect()
     }
 
     /// Drop pages past `size` and zero the tail of the page holding it.
@@ -414,19 +409,15 @@ impl PageCache {
         let keep = size.div_ceil(PAGE_SIZE);
         let doomed: Vec<u64> = self
             .pages
-            .get(&ino)
-            .map(|p| p.range(keep..).map(|(i, _)| *i).collect())
-            .unwrap_or_default();
+            .range(span(ino, keep, u64::MAX))
+            .map(|(&(_, idx), _)| idx)
+            .collect();
         for idx in doomed {
             self.drop_page(ino, idx);
         }
         let tail = (size % PAGE_SIZE) as usize;
         if tail != 0 {
-            if let Some(page) = self
-                .pages
-                .get_mut(&ino)
-                .and_then(|p| p.get_mut(&(size / PAGE_SIZE)))
-            {
+            if let Some(page) = self.pages.get_mut(&(ino, size / PAGE_SIZE)) {
                 page.modify(|b| b[tail..].fill(0));
                 page.learn(tail..PAGE_SIZE as usize);
             }
@@ -436,12 +427,11 @@ impl PageCache {
     /// Zero `len` bytes at `offset` in cached pages (a punched hole).
     pub fn zero(&mut self, ino: u64, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
-        let Some(pages) = self.pages.get_mut(&ino) else {
+        if end == offset {
             return;
-        };
-        let first = offset / PAGE_SIZE;
-        let last = end.div_ceil(PAGE_SIZE);
-        for (idx, page) in pages.range_mut(first..last) {
+        }
+        let pages = span(ino, offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+        for (&(_, idx), page) in self.pages.range_mut(pages) {
             let start = idx * PAGE_SIZE;
             let from = offset.max(start) - start;
             let to = end.min(start + PAGE_SIZE) - start;
@@ -459,7 +449,7 @@ impl PageCache {
                 break;
             };
             self.lru.remove(&stamp);
-            if let Some(p) = self.pages.get_mut(&ino).and_then(|p| p.get_mut(&idx)) {
+            if let Some(p) = self.pages.get_mut(&(ino, idx)) {
                 p.stamp = None;
             }
             self.drop_page(ino, idx);
@@ -473,14 +463,10 @@ impl PageCache {
     pub fn forget_clean(&mut self, ino: u64) -> u64 {
         let clean: Vec<u64> = self
             .pages
-            .get(&ino)
-            .map(|p| {
-                p.iter()
-                    .filter(|(_, page)| page.tags.is_empty())
-                    .map(|(idx, _)| *idx)
-                    .collect()
-            })
-            .unwrap_or_default();
+            .range(span(ino, 0, u64::MAX))
+            .filter(|(_, page)| page.tags.is_empty())
+            .map(|(&(_, idx), _)| idx)
+            .collect();
         for idx in &clean {
             self.drop_page(ino, *idx);
         }

@@ -425,12 +425,13 @@ pub fn open_sparing(
         // volume first: the server then refuses every other daemon's
         // writes (a migration source that hung, one taken over).
         if mode != crate::store::engine::OpenMode::ReadOnly {
+            let take_over = matches!(
+                mode,
+                crate::store::engine::OpenMode::Existing { take_over: true }
+            );
             let claim = remote
-                .claim()
-                .map_err(|source| crate::store::OpenError::Connect {
-                    url: url.to_string(),
-                    source,
-                })?;
+                .claim(take_over)
+                .map_err(|e| crate::net::claim_error(url, e))?;
             tracing::info!(claim, "claimed the volume for writing");
         }
         let reclaimed = match mode {

@@ -185,23 +185,27 @@ impl VolumeSlot {
         let started = Instant::now();
         let mut told = false;
         let opened = loop {
-            match (self.opener)(spare) {
-                Err(OpenError::Held { holder, .. }) => {
-                    let waited = started.elapsed();
-                    if waited >= self.wait {
-                        break Err(SlotError::StillHeld {
-                            holder: holder.to_string(),
-                            waited_secs: waited.as_secs(),
-                        });
-                    }
-                    if !told {
-                        info!(%holder, wait_secs = self.wait.as_secs(), "waiting for the volume's holder to let it go");
-                        told = true;
-                    }
-                    std::thread::sleep(HOLDER_POLL.min(self.wait - waited));
-                }
+            let holder = match (self.opener)(spare) {
+                Err(OpenError::Held { holder, .. }) => holder.to_string(),
+                // A `pohmel://` volume's live writer (its claim), as the
+                // store server names it.
+                Err(OpenError::Claimed { writer, .. }) => writer
+                    .strip_prefix(crate::net::WRITER_ALIVE)
+                    .map_or(writer.clone(), str::to_owned),
                 other => break other.map_err(SlotError::Open),
+            };
+            let waited = started.elapsed();
+            if waited >= self.wait {
+                break Err(SlotError::StillHeld {
+                    holder,
+                    waited_secs: waited.as_secs(),
+                });
             }
+            if !told {
+                info!(%holder, wait_secs = self.wait.as_secs(), "waiting for the volume's holder to let it go");
+                told = true;
+            }
+            std::thread::sleep(HOLDER_POLL.min(self.wait - waited));
         };
         match opened {
             Ok(store) => {

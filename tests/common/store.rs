@@ -88,6 +88,20 @@ impl StoreServer {
         StoreServer::start_at(exe, dir, name, data_url, secret, &[], Some((netns, ip)))
     }
 
+    /// As [`StoreServer::start_in`], with more `pohmelfs store` options, given again on
+    /// every restart.
+    pub fn start_in_with(
+        exe: impl Into<PathBuf>,
+        dir: &Path,
+        name: &str,
+        data_url: &str,
+        secret: Option<&str>,
+        (netns, ip): (&Netns, IpAddr),
+        extra: &[&str],
+    ) -> Result<StoreServer> {
+        StoreServer::start_at(exe, dir, name, data_url, secret, extra, Some((netns, ip)))
+    }
+
     fn start_at(
         exe: impl Into<PathBuf>,
         dir: &Path,

@@ -9,6 +9,11 @@
 //! (`/dev/ttyS1`, a socket chardev on each QEMU): the harness writes `go` to the
 //! destination's once QMP reports the migration completed (to the source's once it resumed
 //! the guest after a failed one). The guest's output after that is on that side's console. QEMU processes are killed in `Drop`.
+//!
+//! [`Migration::back`] moves the guest once more, from the destination to a third QEMU
+//! against a third daemon, at the guest's second marker; [`Migration::at_switchover`] holds
+//! the first migration at QEMU's `pre-switchover` (the guest stopped at the source, its
+//! device state not sent yet) while the test acts.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -45,6 +50,8 @@ pub struct Migrated {
     pub downtime_ms: u64,
     /// Milliseconds from `migrate` to completion (QMP `total-time`).
     pub total_ms: u64,
+    /// The second migration's downtime ([`Migration::back`]).
+    pub back_downtime_ms: Option<u64>,
 }
 
 /// One side's QEMU files and process.
@@ -91,12 +98,17 @@ impl Side {
     }
 }
 
+/// What the test does while QEMU holds the migration before its switchover.
+type SwitchoverAction<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
+
 /// A migration being configured: the guest's script runs on `source`'s guest and, after
 /// the marker, on `destination`'s.
 pub struct Migration<'a> {
     dir: &'a Path,
     source: &'a Daemon,
     destination: &'a Daemon,
+    back: Option<&'a Daemon>,
+    at_switchover: Option<SwitchoverAction<'a>>,
     script: String,
     refused: bool,
 }
@@ -115,6 +127,12 @@ enum Ended {
 /// migration at the source, which then resumes the guest. Set on both sides.
 const RETURN_PATH: &str = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "return-path", "state": true}]}}"#;
 
+/// QMP: stop before the switchover (the guest stopped, device state not sent yet) until
+/// `migrate-continue`; set on the source only.
+const PAUSE_BEFORE_SWITCHOVER: &str = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "pause-before-switchover", "state": true}]}}"#;
+const CONTINUE: &str =
+    r#"{"execute": "migrate-continue", "arguments": {"state": "pre-switchover"}}"#;
+
 impl<'a> Migration<'a> {
     /// Files go to `dir`.
     pub fn new(dir: &'a Path, source: &'a Daemon, destination: &'a Daemon) -> Self {
@@ -122,9 +140,28 @@ impl<'a> Migration<'a> {
             dir,
             source,
             destination,
+            back: None,
+            at_switchover: None,
             script: String::new(),
             refused: false,
         }
+    }
+
+    /// Once at the destination, the guest moves on to a third QEMU against `daemon` at its
+    /// second [`MIGRATE_MARKER`] (written after the harness's first `go`), and goes on there
+    /// after a second `go`.
+    #[allow(dead_code)] // for the migration back
+    pub fn back(mut self, daemon: &'a Daemon) -> Self {
+        self.back = Some(daemon);
+        self
+    }
+
+    /// Holds the (first) migration at QEMU's `pre-switchover` state, runs `action`, then lets
+    /// it go on (`migrate-continue`).
+    #[allow(dead_code)] // for the store server restarted during a migration
+    pub fn at_switchover(mut self, action: impl FnMut() -> Result<()> + 'a) -> Self {
+        self.at_switchover = Some(Box::new(action));
+        self
     }
 
     /// The workload (after the harness's prelude); it prints [`MIGRATE_MARKER`] when the
@@ -138,12 +175,13 @@ impl<'a> Migration<'a> {
     /// completes (as [`Migration::refused`] does not expect), the guest goes on at the
     /// destination until it powers off; when the destination refuses it, QEMU resumes it at
     /// the source, where it goes on.
-    pub fn run(self) -> Result<Migrated> {
+    pub fn run(mut self) -> Result<Migrated> {
         let qemu = qemu_binary()?;
         let image = guest_image()?;
         let accel = accelerator()?;
-        self.source.ensure_running()?;
-        self.destination.ensure_running()?;
+        for daemon in self.daemons() {
+            daemon.ensure_running()?;
+        }
         let initrd = self.dir.join("migration.initrd");
         let script = format!("{PRELUDE}TAG='{}'\n{}\n", self.source.tag(), self.script);
         write_initrd(&initrd, image, &[], &script, &[])?;
@@ -162,20 +200,33 @@ impl<'a> Migration<'a> {
             add_devices(&mut c, side, daemon);
             Ok(c)
         };
-        // Deferred: the return path is set on both sides before the stream starts.
-        let mut dst_command = command(&dst, self.destination)?;
-        dst_command.args(["-incoming", "defer"]);
-        dst.process = Some(KillOnDrop::spawn(&mut dst_command, &qemu)?);
-        let dst_qmp = dst.qmp.clone();
-        wait_for_socket(&mut dst, &dst_qmp)?;
-        let mut qmp = Qmp::connect(&dst.qmp)?;
-        qmp.execute(RETURN_PATH)?;
-        qmp.execute(&format!(
-            r#"{{"execute": "migrate-incoming", "arguments": {{"uri": "unix:{}"}}}}"#,
-            incoming.display()
-        ))?;
+        let dst_command = command(&dst, self.destination)?;
+        start_incoming(&mut dst, dst_command, &qemu, &incoming)?;
         src.process = Some(KillOnDrop::spawn(&mut command(&src, self.source)?, &qemu)?);
-        let outcome = self.migrate(&mut src, &incoming);
+        let mut at_switchover = self.at_switchover.take();
+        let mut outcome = self.migrate(&mut src, &incoming, at_switchover.as_mut());
+        let mut back_downtime_ms = None;
+        let completed = matches!(outcome, Ok(Ended::Completed { .. }));
+        if let (true, Some(back)) = (completed, self.back) {
+            // The guest goes on at the destination until its second marker, then moves to a
+            // third QEMU against `back`: the way back.
+            let mut third = Side::new(self.dir, "back");
+            let incoming = self.dir.join("migration-back.sock");
+            let third_command = command(&third, back)?;
+            start_incoming(&mut third, third_command, &qemu, &incoming)?;
+            if let Some(p) = src.process.as_mut() {
+                p.kill();
+            }
+            let serial = go(&dst)?;
+            match self.migrate(&mut dst, &incoming, None) {
+                Ok(Ended::Completed { downtime, .. }) => back_downtime_ms = Some(downtime),
+                other => outcome = other,
+            }
+            drop(serial);
+            // From here on the destination's QEMU is the one the guest left (or, should
+            // the way back fail, the one it stays at).
+            src = std::mem::replace(&mut dst, third);
+        }
         let _ = fs::remove_file(&initrd);
         let ended = outcome.map_err(|f| {
             Failure::new(format!(
@@ -210,7 +261,16 @@ impl<'a> Migration<'a> {
         } else {
             (&mut dst, &mut src)
         };
-        self.go_on(running, gone, failed, (downtime_ms, total_ms), accel)
+        let mut migrated = self.go_on(running, gone, failed, (downtime_ms, total_ms), accel)?;
+        migrated.back_downtime_ms = back_downtime_ms;
+        Ok(migrated)
+    }
+
+    /// Every daemon of the migration.
+    fn daemons(&self) -> Vec<&'a Daemon> {
+        let mut all = vec![self.source, self.destination];
+        all.extend(self.back);
+        all
     }
 
     /// After QEMU's verdict: lets the guest go on where it runs and waits for it to power off
@@ -228,13 +288,8 @@ impl<'a> Migration<'a> {
         } else if let Some(p) = gone.process.as_mut() {
             p.kill();
         }
-        // The guest may go on. The connection to its ttyS1 stays open until it is done:
-        // QEMU drops what a closed socket chardev has not handed to the UART yet.
-        let mut serial = UnixStream::connect(&running.serial)
-            .map_err(|e| Failure::new(format!("connect {}: {e}", running.serial.display())))?;
-        serial
-            .write_all(b"go\n")
-            .map_err(|e| Failure::new(format!("write to the guest's ttyS1: {e}")))?;
+        // The guest may go on.
+        let serial = go(running)?;
         let finished = wait_until(DEFAULT_TIMEOUT, POLL_INTERVAL, || running.exited());
         let gone_exited = wait_until(SOCKET_TIMEOUT, POLL_INTERVAL, || gone.exited());
         drop(serial);
@@ -258,7 +313,7 @@ impl<'a> Migration<'a> {
                 gone.name
             )));
         }
-        for daemon in [self.source, self.destination] {
+        for daemon in self.daemons() {
             daemon
                 .check_health()
                 .map_err(|f| Failure::new(format!("after the migration: {f}\n{report}")))?;
@@ -267,19 +322,39 @@ impl<'a> Migration<'a> {
             output: GuestOutput::new(parse_exit_status(&console), console, report),
             downtime_ms: downtime_ms.unwrap_or(0),
             total_ms,
+            back_downtime_ms: None,
         })
     }
 
     /// The destination refuses the guest: the migration is to fail and the guest go on at
     /// the source.
-    #[allow(dead_code)] // for the refused-migration test
     pub fn refused(mut self) -> Self {
         self.refused = true;
         self
     }
 
+    /// Runs a migration the destination refuses ([`Migration::refused`]) of a pohmelfs guest
+    /// holding a file it unlinked while open, and checks it ended as it should: the guest
+    /// went on at the source without an error, the destination refused the state, and the
+    /// source let the volume go, then opened it again at the guest's next request, sparing
+    /// that file.
+    pub fn run_refused(self) -> Result<()> {
+        let (source, destination) = (self.source, self.destination);
+        let migrated = self.refused().run()?;
+        migrated.output.expect_success()?;
+        expect_logged(destination, "destination", "refused the device state")?;
+        expect_handed_over(source, "source")?;
+        expect_logged(source, "source", "opening it again")?;
+        expect_logged(source, "source", "spared=1")
+    }
+
     /// Waits for the marker, migrates, and waits for QEMU's verdict.
-    fn migrate(&self, src: &mut Side, incoming: &Path) -> Result<Ended> {
+    fn migrate(
+        &self,
+        src: &mut Side,
+        incoming: &Path,
+        mut at_switchover: Option<&mut SwitchoverAction<'a>>,
+    ) -> Result<Ended> {
         let marked = wait_until(DEFAULT_TIMEOUT, POLL_INTERVAL, || {
             if has_line(&src.console_text(), MIGRATE_MARKER) {
                 return Some(Ok(()));
@@ -301,6 +376,9 @@ impl<'a> Migration<'a> {
         }
         let mut qmp = Qmp::connect(&src.qmp)?;
         qmp.execute(RETURN_PATH)?;
+        if at_switchover.is_some() {
+            qmp.execute(PAUSE_BEFORE_SWITCHOVER)?;
+        }
         qmp.execute(&format!(
             r#"{{"execute": "migrate", "arguments": {{"uri": "unix:{}"}}}}"#,
             incoming.display()
@@ -310,6 +388,13 @@ impl<'a> Migration<'a> {
         {
             Ok(answer) => match field_str(&answer, "status").as_deref() {
                 Some("completed" | "failed" | "cancelled") => Some(Ok(answer)),
+                Some("pre-switchover") => {
+                    let acted = at_switchover.take().map_or(Ok(()), |action| action());
+                    match acted.and_then(|()| qmp.execute(CONTINUE)) {
+                        Ok(_) => None,
+                        Err(f) => Some(Err(f)),
+                    }
+                }
                 _ => None,
             },
             Err(f) => Some(Err(f)),
@@ -329,12 +414,73 @@ impl<'a> Migration<'a> {
     }
 
     fn daemon_reports(&self) -> String {
-        format!(
+        let mut report = format!(
             "source daemon:\n{}\ndestination daemon:\n{}",
             self.source.log_report(),
             self.destination.log_report()
-        )
+        );
+        if let Some(back) = self.back {
+            report.push_str(&format!("\nback daemon:\n{}", back.log_report()));
+        }
+        report
     }
+}
+
+/// Fails unless `daemon` (the `which` one) logged `line`.
+pub fn expect_logged(daemon: &Daemon, which: &str, line: &str) -> Result<()> {
+    let log = fs::read_to_string(daemon.log_path()).unwrap_or_default();
+    if log.contains(line) {
+        return Ok(());
+    }
+    Err(Failure::new(format!(
+        "the {which} daemon did not log {line:?}\n{}",
+        daemon.log_report()
+    )))
+}
+
+/// The pohmelfs `daemon` let the volume go once the guest's state was out.
+pub fn expect_handed_over(daemon: &Daemon, which: &str) -> Result<()> {
+    expect_logged(daemon, which, "volume let go: another daemon may open it")
+}
+
+/// The pohmelfs `daemon` took the guest's session over, sparing the one file the guest
+/// unlinked while open.
+pub fn expect_taken_over(daemon: &Daemon, which: &str) -> Result<()> {
+    expect_logged(daemon, which, "spared=1")?;
+    expect_logged(daemon, which, "migration: guest session taken over")
+}
+
+/// Starts `side`'s QEMU (`command`) waiting for a migration on `incoming`: deferred, so the
+/// return path is set on both sides before the stream starts.
+fn start_incoming(
+    side: &mut Side,
+    mut command: Command,
+    qemu: &Path,
+    incoming: &Path,
+) -> Result<()> {
+    command.args(["-incoming", "defer"]);
+    side.process = Some(KillOnDrop::spawn(&mut command, qemu)?);
+    let qmp_path = side.qmp.clone();
+    wait_for_socket(side, &qmp_path)?;
+    let mut qmp = Qmp::connect(&side.qmp)?;
+    qmp.execute(RETURN_PATH)?;
+    qmp.execute(&format!(
+        r#"{{"execute": "migrate-incoming", "arguments": {{"uri": "unix:{}"}}}}"#,
+        incoming.display()
+    ))?;
+    Ok(())
+}
+
+/// Writes `go` to the guest's ttyS1 at `side`: the guest goes on. Keep the connection open
+/// until the guest has read it (its next marker, or its end): QEMU drops what a closed socket
+/// chardev has not handed to the UART yet.
+fn go(side: &Side) -> Result<UnixStream> {
+    let mut serial = UnixStream::connect(&side.serial)
+        .map_err(|e| Failure::new(format!("connect {}: {e}", side.serial.display())))?;
+    serial
+        .write_all(b"go\n")
+        .map_err(|e| Failure::new(format!("write to the guest's ttyS1: {e}")))?;
+    Ok(serial)
 }
 
 /// Memory (shared, as vhost-user needs), the vhost-user-fs device on `daemon`'s socket, the

@@ -27,7 +27,7 @@ impl StoreServer {
 
     /// Start a server as [`StoreServer::start`] does, in network namespace `netns` on
     /// address `ip`, with `secret` (a server off loopback needs one; clients name
-    /// [`StoreServer::secret_file`]).
+    /// [`StoreServer::secret_file`]) and more `pohmelfs store` options `extra`.
     #[allow(dead_code)] // for the migration tests between hosts
     pub fn start_in(
         dir: &Path,
@@ -35,15 +35,17 @@ impl StoreServer {
         secret: &str,
         netns: &pohmelfs_testkit::Netns,
         ip: std::net::IpAddr,
+        extra: &[&str],
     ) -> Result<StoreServer> {
         let exe = env!("CARGO_BIN_EXE_pohmelfs");
-        let server = pohmelfs_testkit::StoreServer::start_in(
+        let server = pohmelfs_testkit::StoreServer::start_in_with(
             exe,
             dir,
             "store",
             data_url,
             Some(secret),
             (netns, ip),
+            extra,
         )?;
         Ok(StoreServer(server))
     }

@@ -25,6 +25,9 @@ pub struct RemoteConfig {
     pub give_up_after: Duration,
     /// Requests in flight at most, whatever the server allows.
     pub max_in_flight: u32,
+    /// A claimed client sends a frame at least this often (`keepalive_ms`),
+    /// so the server's writer lease sees it alive.
+    pub keepalive: Duration,
 }
 
 impl RemoteConfig {
@@ -33,7 +36,8 @@ impl RemoteConfig {
     /// `credential=NAME` names the server credential the secret is for;
     /// `tls_ca=PEM` or `tls_pin=sha256:HEX` turn on TLS and say how the
     /// server is verified, `tls_name=NAME` the name its certificate must
-    /// carry (default: the host of each server).
+    /// carry (default: the host of each server); `keepalive_ms=N` how
+    /// often a claimed client makes itself heard (5000).
     pub fn from_url(url: &str) -> Result<RemoteConfig, OpenError> {
         let rest = url
             .strip_prefix("pohmel://")
@@ -66,6 +70,7 @@ impl RemoteConfig {
             request_timeout: Duration::from_secs(10),
             give_up_after: Duration::from_secs(120),
             max_in_flight: 64,
+            keepalive: Duration::from_secs(5),
         };
         let mut secret_file = std::env::var("POHMELFS_SECRET_FILE").ok();
         let (mut verify, mut tls_name) = (None, None);
@@ -94,6 +99,14 @@ impl RemoteConfig {
                         .parse()
                         .map_err(|_| OpenError::BadOption(pair.to_string()))?;
                     cfg.give_up_after = Duration::from_millis(ms);
+                }
+                Some(("keepalive_ms", v)) => {
+                    let ms: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|ms| (1..=3_600_000).contains(ms))
+                        .ok_or_else(|| OpenError::BadOption(pair.to_string()))?;
+                    cfg.keepalive = Duration::from_millis(ms);
                 }
                 _ => return Err(OpenError::BadOption(pair.to_string())),
             }

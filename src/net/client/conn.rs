@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::proto::msg::{Request, Response, Stage};
@@ -52,6 +52,10 @@ pub(super) struct Conn {
     /// permit each: a staged transaction takes its bytes' worth before it
     /// stages anything, so the server's bound is never met.
     pub(super) staging: tokio::sync::Semaphore,
+    /// Tells the writer task to end the stream ([`Conn::close`]).
+    closing: Arc<tokio::sync::Notify>,
+    /// Ends when the server closed the connection.
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Conn {
@@ -68,8 +72,15 @@ impl Conn {
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
         let writer_alive = Arc::clone(&alive);
+        let closing = Arc::new(tokio::sync::Notify::new());
+        let close = Arc::clone(&closing);
         tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
+            loop {
+                let out = tokio::select! {
+                    out = rx.recv() => out,
+                    () = close.notified() => None,
+                };
+                let Some(out) = out else { break };
                 let written = match &out {
                     Outgoing::Frame(f) => write_frame(&mut wr, f).await,
                     Outgoing::Stage(id, stage) => write_stage(&mut wr, *id, stage).await,
@@ -79,10 +90,12 @@ impl Conn {
                 }
             }
             writer_alive.store(false, Ordering::Release);
+            // The end of the stream: the server answers it by closing.
+            let _ = wr.shutdown().await;
         });
         let (reader_alive, reader_pending, name) =
             (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut rd, MAX_PAYLOAD).await {
                     Ok(Some(f)) => match Response::from_frame(&f) {
@@ -135,6 +148,21 @@ impl Conn {
             slots: tokio::sync::Semaphore::new(slots),
             next_stage: AtomicU64::new(1),
             staging: tokio::sync::Semaphore::new(crate::net::proto::STAGED_BYTES_MAX as usize),
+            closing,
+            reader: Mutex::new(Some(reader)),
+        }
+    }
+
+    /// End the stream and wait, at most `bound`, until the server closed
+    /// it too: by then it no longer counts this connection (its writer
+    /// lease, `net::server::writer`), so another daemon may claim the
+    /// volume at once.
+    pub(super) async fn close(&self, bound: Duration) {
+        self.alive.store(false, Ordering::Release);
+        self.closing.notify_one();
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(reader) = reader {
+            let _ = tokio::time::timeout(bound, reader).await;
         }
     }
 

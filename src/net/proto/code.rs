@@ -30,10 +30,19 @@ pub enum ErrorCode {
     /// this one may never write to it again. Final: not a reason to go to
     /// another server.
     NotWriter = 11,
+    /// A [`super::msg::Request::Claim`] refused: the session that holds the
+    /// claim is alive (connected and heard from within the server's writer
+    /// lease). The message names it; [`super::msg::Request::TakeOver`]
+    /// claims anyway.
+    WriterAlive = 12,
+    /// A [`super::msg::Request::Claim`] refused for a while: the server
+    /// just opened the volume and gives the session holding the claim a
+    /// writer lease to reconnect. The client asks again.
+    WriterAway = 13,
     /// A [`super::msg::Request::StagedTxn`] references a stage this connection does
     /// not hold (never staged, refused, or lost with a connection or a
     /// server): nothing was applied; stage the data again and resend.
-    Unstaged = 12,
+    Unstaged = 14,
 }
 
 impl ErrorCode {
@@ -51,7 +60,9 @@ impl ErrorCode {
             9 => ShuttingDown,
             10 => Version,
             11 => NotWriter,
-            12 => Unstaged,
+            12 => WriterAlive,
+            13 => WriterAway,
+            14 => Unstaged,
             _ => return None,
         })
     }

@@ -105,7 +105,9 @@ pub enum Request {
     /// server keeps the claim durably in the volume and refuses, with
     /// [`ErrorCode::NotWriter`], every write of any other session from now
     /// on, including resends of transactions sent before. A daemon sends
-    /// it once, when it opens the volume for writing.
+    /// it once, when it opens the volume for writing. Refused with
+    /// [`ErrorCode::WriterAlive`] while the session holding the claim is
+    /// alive (`docs/protocol.md`, "Writer claim").
     Claim,
     /// Write data ahead of its transaction (protocol version 4), answered
     /// [`Response::Staged`]. A client writes it with
@@ -122,6 +124,9 @@ pub enum Request {
         txn: Txn,
         staged: Vec<StageRef>,
     },
+    /// As [`Request::Claim`], even while the claim's session is alive:
+    /// `serve --take-over`, for an operator who knows that writer is dead.
+    TakeOver,
 }
 
 /// The most inodes a [`Request::ReclaimOrphans`] spares (a migrated
@@ -204,6 +209,7 @@ impl Request {
             Request::Claim => 44,
             Request::Stage(_) => OP_STAGE,
             Request::StagedTxn { .. } => 18,
+            Request::TakeOver => 45,
         }
     }
 
@@ -217,6 +223,7 @@ impl Request {
                 | Request::ReserveIds { .. }
                 | Request::ReclaimOrphans { .. }
                 | Request::Claim
+                | Request::TakeOver
         )
     }
 
@@ -285,7 +292,7 @@ impl Request {
             Request::GetXattr { ino, name } => {
                 e.u64(*ino).bytes(name);
             }
-            Request::Statfs | Request::Claim => {}
+            Request::Statfs | Request::Claim | Request::TakeOver => {}
             Request::ReserveIds { count } => {
                 e.u64(*count);
             }
@@ -395,6 +402,7 @@ impl Request {
                     staged,
                 }
             }
+            45 => Request::TakeOver,
             op => return Err(ProtoError::UnknownOpcode(op)),
         };
         d.finish()?;

@@ -122,6 +122,7 @@ fn requests() -> Vec<Request> {
             data: vec![9u8; 5000].into(),
         }),
         super::stage_tests::staged_txn(&[7, 8]),
+        Request::TakeOver,
     ]
 }
 
@@ -175,6 +176,8 @@ fn responses() -> Vec<Response> {
         Response::error(ErrorCode::NotWriter, "claimed by another session"),
         Response::Staged { stage_id: 3 },
         Response::error(ErrorCode::Unstaged, "stage 3 is not held"),
+        Response::error(ErrorCode::WriterAlive, "session 1 from 10.0.0.1:7 is alive"),
+        Response::error(ErrorCode::WriterAway, "the writer has 900 ms to reconnect"),
     ]
 }
 

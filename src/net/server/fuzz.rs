@@ -47,7 +47,12 @@ fn run(data: &[u8]) -> Option<usize> {
     cfg.max_connections = 1;
     cfg.max_in_flight = 4;
     let shared = Shared {
-        volumes: Arc::new(Volumes::new(cfg.data_url.clone(), 1, true)),
+        volumes: Arc::new(Volumes::new(
+            cfg.data_url.clone(),
+            1,
+            true,
+            cfg.writer_lease,
+        )),
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
         requests: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         staged_bytes: staged_bytes_semaphore(cfg.max_staged_bytes),

@@ -33,15 +33,18 @@ pub struct Volumes {
     max: usize,
     /// Create volumes that do not exist (`ServerConfig::create_volumes`).
     create: bool,
+    /// The writer lease of every volume (`ServerConfig::writer_lease`).
+    lease: std::time::Duration,
     open: Mutex<HashMap<String, Cell>>,
 }
 
 impl Volumes {
-    pub fn new(base: String, max: usize, create: bool) -> Volumes {
+    pub fn new(base: String, max: usize, create: bool, lease: std::time::Duration) -> Volumes {
         Volumes {
             base,
             max,
             create,
+            lease,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -116,6 +119,7 @@ impl Volumes {
         } else {
             OpenMode::Existing { take_over: true }
         };
+        let lease = self.lease;
         let opened = tokio::task::spawn_blocking({
             let url = url.clone();
             move || {
@@ -124,7 +128,7 @@ impl Volumes {
                     (missing, crate::ErrorChain(&e).to_string())
                 })?;
                 // The writer claim recorded in the volume, if any.
-                Served::new(store)
+                Served::new(store, lease)
                     .map(Arc::new)
                     .map_err(|e| (false, crate::ErrorChain(&e).to_string()))
             }

@@ -13,30 +13,169 @@
 //! written again: a server that another one took the volume over from
 //! (whose claim may be stale) fails that write and answers `Fenced`.
 //!
+//!
+//! A claim is refused while the session holding it is **alive**: it has a
+//! connection open here on which a frame arrived within the writer lease
+//! (its client sends one at least every `keepalive_ms`), or the server
+//! opened the volume less than a lease ago and that session has not
+//! connected since (a restarted server gives its writer a lease to come
+//! back). A writer whose connections all closed is gone at once: its
+//! daemon exited, was killed, or let the volume go (a migration source).
+//! [`Request::TakeOver`] claims anyway.
+//!
 //! [`Request::Claim`]: crate::net::proto::msg::Request::Claim
+//! [`Request::TakeOver`]: crate::net::proto::msg::Request::TakeOver
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use tracing::info;
+use crate::store::engine::holder::{now_secs, utc};
+
+use tracing::{info, warn};
 
 use crate::net::proto::msg::{ErrorCode, Response};
 use crate::ratelimit::{limited, PEER_LINES_SUPPRESSED};
 use crate::store::{OnceStore, StoreError, WriterClaim};
 
+/// The default writer lease (`pohmelfs store --writer-lease-ms`).
+pub const WRITER_LEASE: Duration = Duration::from_secs(15);
+
+/// A session's connections to this volume, as the lease sees them.
+struct Presence {
+    /// Connections open now.
+    conns: u32,
+    /// When a frame of the session last arrived.
+    last_seen: Instant,
+    /// The peer of its latest connection, and its session on the wire.
+    peer: SocketAddr,
+    wire: u64,
+}
+
 /// A volume as the server serves it: the store and its writer claim.
 pub struct Served {
     pub store: Arc<dyn OnceStore>,
     writer: RwLock<Option<WriterClaim>>,
+    /// The sessions with a connection open, and the writer's even once
+    /// its connections closed (then it is gone, not one never seen).
+    presence: Mutex<HashMap<u64, Presence>>,
+    /// When the current claim was granted here (None: recorded before
+    /// this server opened the volume).
+    claimed_at: Mutex<Option<u64>>,
+    opened: Instant,
+    lease: Duration,
+}
+
+/// An open connection of a session to a volume; dropped when it closes.
+pub struct Present {
+    served: Arc<Served>,
+    session: u64,
+}
+
+impl Present {
+    /// A frame of the session arrived: it is alive.
+    pub fn seen(&self) {
+        if let Some(p) = self.served.presence().get_mut(&self.session) {
+            p.last_seen = Instant::now();
+        }
+    }
+}
+
+impl Drop for Present {
+    fn drop(&mut self) {
+        let writer = self.served.writer().map(|c| c.session);
+        let mut presence = self.served.presence();
+        if let Some(p) = presence.get_mut(&self.session) {
+            p.conns = p.conns.saturating_sub(1);
+            if p.conns == 0 && writer != Some(self.session) {
+                presence.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// What a claim came to.
+#[derive(Debug)]
+pub enum Claimed {
+    /// Granted: the claim's number.
+    Granted(u64),
+    /// Refused: the claim's session is alive, as `why` says; `away`: it is
+    /// only given a lease to reconnect to this server, which just opened
+    /// the volume.
+    Refused { why: String, away: bool },
 }
 
 impl Served {
-    /// Serve `store` under the claim it recorded.
-    pub fn new(store: Arc<dyn OnceStore>) -> Result<Served, StoreError> {
+    /// Serve `store` under the claim it recorded, with writer lease `lease`.
+    pub fn new(store: Arc<dyn OnceStore>, lease: Duration) -> Result<Served, StoreError> {
         let writer = store.writer_claim()?;
         Ok(Served {
             store,
             writer: RwLock::new(writer),
+            presence: Mutex::new(HashMap::new()),
+            claimed_at: Mutex::new(None),
+            opened: Instant::now(),
+            lease,
         })
+    }
+
+    fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Presence>> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection of `session` (stored; `wire` as the client knows it)
+    /// from `peer` is open, until the returned guard drops.
+    pub fn connected(self: &Arc<Self>, session: u64, wire: u64, peer: SocketAddr) -> Present {
+        let mut presence = self.presence();
+        let p = presence.entry(session).or_insert(Presence {
+            conns: 0,
+            last_seen: Instant::now(),
+            peer,
+            wire,
+        });
+        p.conns = p.conns.saturating_add(1);
+        p.last_seen = Instant::now();
+        p.peer = peer;
+        drop(presence);
+        Present {
+            served: Arc::clone(self),
+            session,
+        }
+    }
+
+    /// Why `writer` counts as alive (`away`: it has not connected since
+    /// this server opened the volume, less than a lease ago), or None when
+    /// it does not.
+    fn alive(&self, writer: u64) -> Option<(String, bool)> {
+        let lease = self.lease;
+        let since = match *self.claimed_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(t) => format!("claimed {}", utc(t)),
+            None => "claimed before this server opened the volume".to_owned(),
+        };
+        match self.presence().get(&writer) {
+            Some(p) if p.conns > 0 && p.last_seen.elapsed() < lease => Some((
+                format!(
+                    "session {:016x} from {} ({since}, last heard {} ms ago, writer lease {} ms)",
+                    p.wire,
+                    p.peer,
+                    p.last_seen.elapsed().as_millis(),
+                    lease.as_millis()
+                ),
+                false,
+            )),
+            Some(_) => None,
+            None if self.opened.elapsed() < lease => Some((
+                format!(
+                    "the session that holds its claim ({since}; it has {} ms left to reconnect \
+                     to this server, which opened the volume {} ms ago)",
+                    (lease - self.opened.elapsed()).as_millis(),
+                    self.opened.elapsed().as_millis()
+                ),
+                true,
+            )),
+            None => None,
+        }
     }
 
     /// The claim now (logs, tests).
@@ -44,23 +183,51 @@ impl Served {
         *self.writer.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Make `session` the volume's writer; the new claim's number.
-    pub fn claim(&self, session: u64) -> Result<u64, StoreError> {
+    /// Make `session` the volume's writer, unless another session holds
+    /// the claim and is alive (and not `take_over`).
+    pub fn claim(&self, session: u64, take_over: bool) -> Result<Claimed, StoreError> {
         let mut writer = self.writer.write().unwrap_or_else(|e| e.into_inner());
         let before = *writer;
+        let other = before.map(|b| b.session).filter(|&b| b != session);
+        if let Some((why, away)) = other.and_then(|b| self.alive(b)) {
+            if !take_over {
+                let why = format!("{}{why}", crate::net::WRITER_ALIVE);
+                limited!(
+                    PEER_LINES_SUPPRESSED,
+                    WARN,
+                    session = format_args!("{session:016x}"),
+                    why = %why,
+                    "claim refused"
+                );
+                return Ok(Claimed::Refused { why, away });
+            }
+            warn!(
+                session = format_args!("{session:016x}"),
+                writer = %why,
+                "volume taken over from a live writer"
+            );
+        }
         let claim = WriterClaim {
             claim: before.map_or(1, |c| c.claim.saturating_add(1)),
             session,
         };
         self.store.set_writer_claim(claim)?;
         *writer = Some(claim);
+        *self.claimed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now_secs());
+        if let Some(b) = other {
+            let mut presence = self.presence();
+            if presence.get(&b).is_some_and(|p| p.conns == 0) {
+                presence.remove(&b);
+            }
+        }
         info!(
             claim = claim.claim,
             session = format_args!("{session:016x}"),
             superseded = ?before.filter(|b| b.session != session).map(|b| format!("{:016x}", b.session)),
+            take_over,
             "volume claimed for writing"
         );
-        Ok(claim.claim)
+        Ok(Claimed::Granted(claim.claim))
     }
 
     /// Run the write `apply` for `session` if it holds the claim, under the

@@ -24,6 +24,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use slatedb::{Db, WriteBatch};
 
+use super::chunk_cache::ChunkCache;
 pub use super::chunk_read::{read_chunk, Files};
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece, MAX_EXTENTS};
@@ -75,6 +76,8 @@ pub struct TxnView<'a> {
     pub objects: Option<&'a Objects>,
     /// Where a chunk rewrite's object ids come from (with `objects`).
     pub object_ids: Option<&'a (dyn Fn() -> Result<u64, StoreError> + Sync)>,
+    /// The volume's chunk cache: chunk records read through it.
+    pub chunks: Option<&'a ChunkCache>,
     /// Segment pages no extent refers to once this batch is durable.
     pub dead: BTreeMap<u64, Vec<Range<u64>>>,
     /// How the live bytes of each segment move.
@@ -121,6 +124,7 @@ impl<'a> TxnView<'a> {
             segments,
             objects: None,
             object_ids: None,
+            chunks: None,
             dead: BTreeMap::new(),
             live_delta: BTreeMap::new(),
             appended: Vec::new(),
@@ -185,7 +189,16 @@ impl<'a> TxnView<'a> {
         if let Some(v) = self.queued.and_then(|q| q.get(key)) {
             return Ok(v);
         }
-        self.db.get(key).await.map_err(map_engine_error)
+        let Some((cache, (ino, index))) = self.chunks.zip(keys::as_block(key)) else {
+            return self.db.get(key).await.map_err(map_engine_error);
+        };
+        if let Some(record) = cache.get(ino, index) {
+            return Ok(record);
+        }
+        let stamp = cache.stamp(ino, index);
+        let record = self.db.get(key).await.map_err(map_engine_error)?;
+        cache.offer(ino, index, stamp, record.clone());
+        Ok(record)
     }
 
     /// Set `key` to `value` (or delete it, for `None`) in this transaction.

@@ -323,6 +323,7 @@ impl SlateStore {
             None => Err(StoreError::Corrupt("no data objects".into())),
         };
         view.objects = self.objects.as_deref();
+        view.chunks = Some(&self.chunks);
         view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
@@ -381,11 +382,7 @@ impl SlateStore {
             None if puts.is_empty() => Built::Batch(None, reclaim),
             None => {
                 *written = true;
-                let handle = self
-                    .db
-                    .write(apply::to_batch(&puts))
-                    .await
-                    .map_err(map_engine_error)?;
+                let handle = self.write_puts(&puts).await.map_err(map_engine_error)?;
                 self.group.written(&handle);
                 Built::Batch(Some(handle), reclaim)
             }
@@ -408,11 +405,7 @@ impl SlateStore {
         if let Some(segs) = &self.segments {
             segs.sync_all().map_err(StoreError::Io)?;
         }
-        let handle = self
-            .db
-            .write(apply::to_batch(&puts))
-            .await
-            .map_err(map_engine_error)?;
+        let handle = self.write_puts(&puts).await.map_err(map_engine_error)?;
         self.group.written(&handle);
         self.group
             .wait(&self.db, &handle)
@@ -487,7 +480,7 @@ impl SlateStore {
                 Err(e) => return Err(recover::map_log_error(e)),
             }
         }
-        if let Err(e) = self.db.write(apply::to_batch(&puts)).await {
+        if let Err(e) = self.write_puts(&puts).await {
             // Durable in the log but not in this instance's engine: what
             // reads see no longer says what is durable. Only a reopen,
             // which replays the record, may go on.

@@ -196,8 +196,9 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
 /// How the engine spends its memory: half on writes not yet in a table
 /// (WAL buffers and memtables; writers wait beyond it), an eighth as the
-/// memtable size that starts a flush to an L0 table, a quarter on the
-/// cache of data blocks and an eighth on the cache of indexes and bloom
+/// memtable size that starts a flush to an L0 table, an eighth on the
+/// cache of data blocks, an eighth on the cache of chunk records
+/// (`chunk_cache.rs`) and an eighth on the cache of indexes and bloom
 /// filters. With file data in segment files, the LSM holds metadata only,
 /// and these are metadata-sized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +206,7 @@ pub struct EngineMemory {
     pub max_unflushed_bytes: u64,
     pub l0_sst_size_bytes: u64,
     pub block_cache_bytes: u64,
+    pub chunk_cache_bytes: u64,
     pub meta_cache_bytes: u64,
 }
 
@@ -213,7 +215,8 @@ impl EngineMemory {
         EngineMemory {
             max_unflushed_bytes: bytes / 2,
             l0_sst_size_bytes: bytes / 8,
-            block_cache_bytes: bytes / 4,
+            block_cache_bytes: bytes / 8,
+            chunk_cache_bytes: bytes / 8,
             meta_cache_bytes: bytes / 8,
         }
     }
@@ -426,7 +429,8 @@ mod tests {
         assert_eq!(c.settings.max_unflushed_bytes as u64, m.max_unflushed_bytes);
         assert_eq!(c.settings.l0_sst_size_bytes as u64, m.l0_sst_size_bytes);
         assert!(
-            m.max_unflushed_bytes + m.block_cache_bytes + m.meta_cache_bytes <= 32 << 20,
+            m.max_unflushed_bytes + m.block_cache_bytes + m.chunk_cache_bytes + m.meta_cache_bytes
+                <= 32 << 20,
             "{m:?} exceeds its budget"
         );
     }

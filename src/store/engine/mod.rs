@@ -44,6 +44,7 @@
 //! unusable.
 
 mod apply;
+mod chunk_cache;
 mod chunk_read;
 mod codec;
 mod commit;
@@ -55,6 +56,7 @@ mod group;
 pub mod holder;
 mod identity;
 mod keys;
+pub mod lineage;
 mod log;
 mod log_queue;
 mod log_record;
@@ -69,6 +71,7 @@ mod reader;
 mod readonly;
 mod reclaim;
 mod recover;
+pub mod s3_snapshot;
 mod scan;
 mod segment;
 mod shared;
@@ -91,6 +94,8 @@ mod object_tests;
 mod readonly_tests;
 #[cfg(test)]
 mod recover_tests;
+#[cfg(test)]
+mod s3_snapshot_tests;
 #[cfg(test)]
 mod s3_tests;
 #[cfg(test)]
@@ -191,6 +196,9 @@ pub struct SlateStore {
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
     log_queue: log_queue::LogQueue,
+    /// Recently read and written chunk records (`chunk_cache.rs`): what
+    /// the engine holds, without its lookup.
+    chunks: Arc<chunk_cache::ChunkCache>,
     /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
     /// only after every read that could name it has left.
     readers: Arc<pins::Readers>,
@@ -408,7 +416,7 @@ impl SlateStore {
             let in_chunk = (pos % BLOCK_SIZE) as u32;
             let n = (buf.len() - done).min(BLOCK_SIZE as usize - in_chunk as usize);
             let out = &mut buf[done..done + n];
-            match self.get(keys::block(ino, index)).await? {
+            match self.chunk_record(ino, index).await? {
                 Some(v) => {
                     let list = extent::decode(&v).map_err(|e| match e {
                         StoreError::Corrupt(m) => {
@@ -662,8 +670,8 @@ impl Store for SlateStore {
     }
 
     fn snapshot(&self, name: &str) -> Result<String, StoreError> {
-        match self.take_snapshot(name) {
-            Ok(path) => Ok(path.display().to_string()),
+        match self.take_any_snapshot(name) {
+            Ok(path) => Ok(path),
             Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
         }
     }

@@ -26,8 +26,11 @@
 //! while the pass builds one batch of at most [`PASS_BYTES_MAX`] bytes of
 //! moves, from records in memory.
 //!
-//! `s3://` volumes have no snapshots or clones (`snapshot.rs` refuses
-//! them), so a volume's objects are its own.
+//! **Shared objects** (`lineage.rs`): objects below the highest bound a
+//! snapshot or clone registered may still be named by it. The deleter
+//! skips them, a pass does not rewrite them, and only the sweep at open
+//! deletes one, once neither this volume's records nor any holder's name
+//! it. Inherited objects (in an origin's folder) are never deleted here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -40,11 +43,12 @@ use bytes::Bytes;
 use slatedb::Db;
 
 use super::apply::{self, TxnView};
+use super::chunk_cache::ChunkCache;
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
 use super::objects::{Objects, OBJECT_BYTES_TARGET};
 use super::pins::Readers;
-use super::{keys, map_engine_error, objects as objs, SlateStore};
+use super::{keys, lineage, map_engine_error, objects as objs, SlateStore};
 use crate::store::StoreError;
 
 /// An object with fewer live bytes than this share of its size is
@@ -85,6 +89,8 @@ pub struct ObjectGc {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Set at close: the background passes end.
     stopped: AtomicBool,
+    /// Whose `shared_below` the deletions respect.
+    objects: Arc<Objects>,
 }
 
 /// What a pass works on: the engine, the commit lock (moves are serialized
@@ -95,6 +101,7 @@ pub struct Pass {
     pub commit_lock: Arc<tokio::sync::Mutex<Counters>>,
     pub objects: Arc<Objects>,
     pub gc: Arc<ObjectGc>,
+    pub chunks: Arc<ChunkCache>,
 }
 
 /// How long the deleter waits for the reads that began before a deletion
@@ -112,6 +119,7 @@ impl ObjectGc {
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<ObjectGc> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let kept = objects.clone();
         let thread = std::thread::Builder::new()
             .name("pohmelfs-objgc".into())
             .spawn(move || {
@@ -141,12 +149,23 @@ impl ObjectGc {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             stopped: AtomicBool::new(false),
+            objects: kept,
         })
     }
 
-    /// Delete `ids` (objects no durable record refers to) off the caller's
-    /// path.
+    /// Delete `ids` (objects no durable record of this volume refers to)
+    /// off the caller's path; those a snapshot or clone may still refer to
+    /// (below `shared_below`) stay for a sweep that reads their records.
     pub fn delete(&self, ids: Vec<u64>) {
+        let ids: Vec<u64> = ids
+            .into_iter()
+            .filter(|id| *id >= self.objects.shared_below())
+            .collect();
+        self.delete_swept(ids);
+    }
+
+    /// Delete `ids`, which a sweep found referred to by no one.
+    fn delete_swept(&self, ids: Vec<u64>) {
         if ids.is_empty() {
             return;
         }
@@ -195,16 +214,27 @@ impl Pass {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let (objects, gc) = (&self.objects, &self.gc);
         let live = self.object_records().await?;
+        let listed = objects.list().await.map_err(StoreError::Io)?;
+        // What snapshots and clones still name (`lineage.rs`): read only
+        // when some object may be theirs.
+        let held = if listed.iter().any(|(id, _)| *id < objects.shared_below()) {
+            lineage::held(objects.store(), objects.db_path()).await?
+        } else {
+            Vec::new()
+        };
         let mut batch = slatedb::WriteBatch::new();
         let mut doomed = Vec::new();
-        for (id, _) in objects.list().await.map_err(StoreError::Io)? {
-            match live.get(&id) {
+        for (id, _) in listed {
+            let unreferenced = match live.get(&id) {
                 Some(0) => {
                     batch.delete(keys::segment(id));
-                    doomed.push(id);
+                    true
                 }
-                Some(_) => {}
-                None => doomed.push(id),
+                Some(_) => false,
+                None => true,
+            };
+            if unreferenced && !lineage::is_held(&held, id) {
+                doomed.push(id);
             }
         }
         if !batch.is_empty() {
@@ -212,7 +242,7 @@ impl Pass {
             self.db.flush().await.map_err(map_engine_error)?;
         }
         let n = doomed.len() as u64;
-        gc.delete(doomed);
+        gc.delete_swept(doomed);
         Ok(n)
     }
 
@@ -264,7 +294,8 @@ impl Pass {
         let mut small = Vec::new();
         for (id, size) in objects.list().await.map_err(StoreError::Io)? {
             let Some(&l) = live.get(&id) else { continue };
-            if !objects.deletable(id) || size == 0 {
+            // Shared objects stay as they are: a copy would not free them.
+            if !objects.deletable(id) || size == 0 || id < objects.shared_below() {
                 continue;
             }
             if l.saturating_mul(100) < size.saturating_mul(LIVE_PERCENT_MIN) {
@@ -413,6 +444,7 @@ impl Pass {
         let mut counters = self.commit_lock.lock().await;
         let mut view = TxnView::new(&self.db, None, None);
         view.objects = Some(&self.objects);
+        view.chunks = Some(&self.chunks);
         for (key, moves) in by_key {
             let Some(value) = view.get(key).await? else {
                 continue;
@@ -435,8 +467,8 @@ impl Pass {
         if puts.is_empty() {
             return Ok((emptied, used));
         }
-        self.db
-            .write(apply::to_batch(&puts))
+        self.chunks
+            .write_through(&self.db, &puts)
             .await
             .map_err(map_engine_error)?;
         *counters = after;
@@ -454,6 +486,7 @@ impl SlateStore {
             commit_lock: self.commit_lock.clone(),
             objects: self.objects.clone()?,
             gc: self.object_gc.clone()?,
+            chunks: self.chunks.clone(),
         })
     }
 

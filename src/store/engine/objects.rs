@@ -33,6 +33,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 
 use super::extent::{pages_of, Piece, PAGE};
+use super::lineage::Lineage;
 use super::segment::Placed;
 use crate::store::StoreError;
 
@@ -106,6 +107,14 @@ pub fn objects_needed(lens: &[u64]) -> u64 {
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
     dir: ObjectPath,
+    /// The volume's prefix in the store.
+    db_path: String,
+    /// Where inherited objects live (`lineage.rs`); empty for a volume of
+    /// its own.
+    lineage: Lineage,
+    /// Objects below this id may be referenced by a snapshot or clone:
+    /// only a sweep that read their records deletes them (`lineage.rs`).
+    shared_below: AtomicU64,
     /// The open's epoch, the high half of every id it hands out.
     epoch: u64,
     /// The next id's low half.
@@ -142,6 +151,9 @@ impl Objects {
         Objects {
             store,
             dir: ObjectPath::from(db_path).join(DIR_NAME),
+            db_path: db_path.to_string(),
+            lineage: Lineage::default(),
+            shared_below: AtomicU64::new(0),
             epoch,
             next: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
@@ -155,6 +167,42 @@ impl Objects {
             #[cfg(test)]
             gc_gate: Mutex::new(None),
         }
+    }
+
+    /// These objects with the inherited ones where `lineage` says, and
+    /// the ones below `shared_below` kept for the holders registered.
+    pub fn with_lineage(mut self, lineage: Lineage, shared_below: u64) -> Objects {
+        self.lineage = lineage;
+        self.shared_below = AtomicU64::new(shared_below.max(self.lineage.own_from()));
+        self
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The volume's prefix in the store.
+    pub fn db_path(&self) -> &str {
+        &self.db_path
+    }
+
+    pub fn lineage(&self) -> &Lineage {
+        &self.lineage
+    }
+
+    /// Ids below this may be referenced by a snapshot or clone.
+    pub fn shared_below(&self) -> u64 {
+        self.shared_below.load(Ordering::Acquire)
+    }
+
+    /// Keep every object below `bound` from now on (a snapshot was taken).
+    pub fn share_below(&self, bound: u64) {
+        self.shared_below.fetch_max(bound, Ordering::AcqRel);
+    }
+
+    /// The id the next allocation returns: above every id allocated so far.
+    pub fn next_unallocated(&self) -> u64 {
+        self.epoch << 32 | self.next.load(Ordering::Acquire)
     }
 
     /// `n` fresh ids, the first returned; an open that used up its
@@ -193,8 +241,13 @@ impl Objects {
         }
     }
 
+    /// Where object `id` lives: in the origin the lineage names for it,
+    /// else in this volume's own folder.
     pub fn path(&self, id: u64) -> ObjectPath {
-        self.dir.clone().join(file_name(id))
+        match self.lineage.origin_of(id) {
+            Some(prefix) => ObjectPath::from(prefix).join(DIR_NAME).join(file_name(id)),
+            None => self.dir.clone().join(file_name(id)),
+        }
     }
 
     /// How many uploads, ranged reads and deletes this instance made.
@@ -396,6 +449,10 @@ impl Objects {
     /// the next open's sweep), never returned: nothing refers to them.
     pub async fn delete(&self, ids: &[u64]) {
         for id in ids {
+            if self.lineage.origin_of(*id).is_some() {
+                // Inherited: its owner's sweep decides.
+                continue;
+            }
             self.deletes.fetch_add(1, Ordering::Relaxed);
             match self.store.delete(&self.path(*id)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -406,7 +463,8 @@ impl Objects {
         }
     }
 
-    /// Every data object, as `(id, size)`, by id.
+    /// Every data object of this volume's own folder, as `(id, size)`, by
+    /// id.
     pub async fn list(&self) -> std::io::Result<Vec<(u64, u64)>> {
         let listed = self
             .store
@@ -440,6 +498,41 @@ impl ObjectFiles {
     /// Every data object, as `(id, size)`, by id.
     pub fn list(&self) -> std::io::Result<Vec<(u64, u64)>> {
         self.rt.block_on(self.objects.list())
+    }
+
+    /// The registrations with this volume, each with the ids its holder
+    /// names below its bound (`None`: an incomplete holder).
+    pub fn held(&self) -> Result<Vec<super::lineage::Held>, super::lineage::LineageError> {
+        self.rt.block_on(super::lineage::held(
+            self.objects.store(),
+            self.objects.db_path(),
+        ))
+    }
+
+    /// The inherited objects (`lineage.rs`) that exist, as `(id, size)`:
+    /// those of each origin's folder in the range the lineage gives it.
+    pub fn list_inherited(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        for o in &self.objects.lineage().origins {
+            let dir = ObjectPath::from(o.prefix.as_str()).join(DIR_NAME);
+            let listed = self
+                .rt
+                .block_on(self.objects.store.list_with_delimiter(Some(&dir)))
+                .map_err(io)?;
+            out.extend(listed.objects.iter().filter_map(|m| {
+                let id = m.location.filename().and_then(parse_name)?;
+                (from..o.bound).contains(&id).then_some((id, m.size))
+            }));
+            from = o.bound;
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The first id of this volume's own objects.
+    pub fn own_from(&self) -> u64 {
+        self.objects.lineage().own_from()
     }
 
     /// Fill `buf` from offset `off` of object `id`.

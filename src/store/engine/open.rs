@@ -12,8 +12,8 @@ use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::{
-    codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
-    Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
+    chunk_cache, codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover,
+    segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
     FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
@@ -68,10 +68,42 @@ fn open_objects(
         (_, Placement::Objects) | (None, Placement::Default) => {}
         _ => return Ok(None),
     }
-    let objects = Arc::new(Objects::new(cfg.object_store.clone(), &cfg.db_path, epoch));
+    let (family, shared_below) = runtime
+        .block_on(async {
+            let l = super::lineage::read(&*cfg.object_store, &cfg.db_path).await?;
+            let below = super::lineage::shared_below(&*cfg.object_store, &cfg.db_path).await?;
+            Ok::<_, super::lineage::LineageError>((l.unwrap_or_default(), below))
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let objects = Arc::new(
+        Objects::new(cfg.object_store.clone(), &cfg.db_path, epoch)
+            .with_lineage(family, shared_below),
+    );
     let gc =
         object_gc::ObjectGc::start(objects.clone(), readers.clone(), runtime.handle().clone())?;
     Ok(Some((objects, Arc::new(gc))))
+}
+
+/// Refuse an `s3://` snapshot (its lineage says so), as `file://`'s
+/// marker does: it is never opened for writing.
+fn refuse_s3_snapshot(
+    runtime: &tokio::runtime::Runtime,
+    cfg: &config::VolumeConfig,
+    url: &str,
+) -> Result<(), OpenVolumeError> {
+    if cfg.local_dir.is_some() {
+        return Ok(());
+    }
+    let family = runtime
+        .block_on(super::lineage::read(&*cfg.object_store, &cfg.db_path))
+        .map_err(|e| OpenVolumeError::BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    if family.is_some_and(|l| l.kind == super::lineage::Kind::Snapshot) {
+        return Err(OpenVolumeError::Snapshot(cfg.describe.clone().into()));
+    }
+    Ok(())
 }
 
 /// How an open treats a missing volume and a live holder (`holder.rs`).
@@ -289,6 +321,7 @@ impl SlateStore {
             .enable_all()
             .build()
             .map_err(OpenVolumeError::Runtime)?;
+        refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let lease = runtime.block_on(claim(&mut cfg, mode))?;
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
@@ -344,6 +377,7 @@ impl SlateStore {
             objects,
             object_gc,
             readers,
+            chunks: Arc::new(chunk_cache::ChunkCache::new(cfg.memory.chunk_cache_bytes)),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
@@ -378,8 +412,16 @@ impl SlateStore {
             .as_deref()
             .map(|d| d.join(super::snapshot::CLONE_FILE))
             .filter(|p| p.exists());
-        let opened =
-            Self::open_superblock(&db, cloned.is_some())
+        let s3_clone = match &cfg.local_dir {
+            Some(_) => Ok(false),
+            None => super::lineage::is_unopened_clone(&*cfg.object_store, &cfg.db_path)
+                .await
+                .map_err(|e| OpenVolumeError::CloneMarker(std::io::Error::other(e.to_string()))),
+        };
+        let s3_marked = matches!(s3_clone, Ok(true));
+        let opened = match s3_clone {
+            Err(e) => Err(e),
+            Ok(s3_clone) => Self::open_superblock(&db, cloned.is_some() || s3_clone)
                 .await
                 .and_then(|sb| match &cloned {
                     // The new id is durable: later opens keep it.
@@ -387,7 +429,16 @@ impl SlateStore {
                         .map(|()| sb)
                         .map_err(OpenVolumeError::CloneMarker),
                     None => Ok(sb),
-                });
+                }),
+        };
+        let opened = match opened {
+            // The new id is durable: later opens keep it.
+            Ok(sb) if s3_marked => super::lineage::unmark_cloned(&*cfg.object_store, &cfg.db_path)
+                .await
+                .map(|()| sb)
+                .map_err(|e| OpenVolumeError::CloneMarker(std::io::Error::other(e.to_string()))),
+            other => other,
+        };
         match opened {
             Ok(sb) => Ok((db, sb)),
             Err(e) => {
@@ -433,6 +484,22 @@ impl SlateStore {
             .and_then(|rt| rt.block_on(self.reclaim_unshared()))
         {
             tracing::warn!(volume = %self.describe, error = %e, "reclaiming segments no snapshot shares any more failed; their dead pages stay");
+        }
+        if let Some(objects) = self.objects.as_ref() {
+            // We hold the volume: nobody else is taking a snapshot of it.
+            let left = self
+                .rt()
+                .map_err(super::snapshot::SnapshotError::Checkpoint)
+                .and_then(|rt| {
+                    rt.block_on(super::s3_snapshot::remove_leftovers(
+                        objects.store(),
+                        objects.db_path(),
+                        objects.lineage(),
+                    ))
+                });
+            if let Err(e) = left {
+                tracing::warn!(volume = %self.describe, error = %e, "removing an interrupted snapshot failed; the objects below its bound stay");
+            }
         }
         if let Some(pass) = self.object_pass() {
             match self.rt().and_then(|rt| rt.block_on(pass.sweep())) {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use super::extent::{self, Data};
 use super::pins::Entered;
-use super::{keys, SlateStore};
+use super::SlateStore;
 use crate::store::{StoreError, BLOCK_SIZE};
 
 /// One run of a read plan.
@@ -133,7 +133,7 @@ impl SlateStore {
             let from = (pos % BLOCK_SIZE) as u32;
             let n = (len - done).min(BLOCK_SIZE as usize - from as usize);
             let to = from + n as u32;
-            let list = match self.get(keys::block(ino, index)).await? {
+            let list = match self.chunk_record(ino, index).await? {
                 Some(v) => extent::decode(&v).map_err(|e| match e {
                     StoreError::Corrupt(m) => {
                         StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))

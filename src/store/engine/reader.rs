@@ -44,6 +44,8 @@ pub enum OpenReaderError {
     Snapshot(#[source] super::snapshot::SnapshotError),
     #[error("look for the volume")]
     Holder(#[source] object_store::Error),
+    #[error("read the volume's lineage")]
+    Lineage(#[source] super::lineage::LineageError),
     #[error("no volume there")]
     NoVolume,
     #[error("read the superblock")]
@@ -137,11 +139,16 @@ impl VolumeReader {
             overlay_live: AtomicBool::new(applied < log_head),
             objects: match cfg.local_dir {
                 // Only read: its ids are never used.
-                None => Some(Arc::new(Objects::new(
-                    cfg.object_store.clone(),
-                    &cfg.db_path,
-                    0,
-                ))),
+                None => {
+                    let family = runtime
+                        .block_on(super::lineage::read(&*cfg.object_store, &cfg.db_path))
+                        .map_err(OpenReaderError::Lineage)?
+                        .unwrap_or_default();
+                    Some(Arc::new(
+                        Objects::new(cfg.object_store.clone(), &cfg.db_path, 0)
+                            .with_lineage(family, 0),
+                    ))
+                }
                 Some(_) => None,
             },
             runtime,

@@ -224,7 +224,11 @@ fn snapshot_urls_resolve_to_their_directories() {
     );
     let plain = format!("file://{d}/vol");
     assert_eq!(snapshot::resolve_url(&plain).unwrap(), plain);
-    assert_eq!(snapshot::resolve_url("s3://b/p@x").unwrap(), "s3://b/p@x");
+    assert_eq!(
+        snapshot::resolve_url("s3://b/p@x?region=r").unwrap(),
+        "s3://b/p/snapshots/x?region=r"
+    );
+    assert_eq!(snapshot::resolve_url("s3://b/p").unwrap(), "s3://b/p");
     // A directory named with an `@` is itself.
     std::fs::create_dir(dir.path().join("a@b")).unwrap();
     let literal = format!("file://{d}/a@b");

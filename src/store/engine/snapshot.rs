@@ -37,6 +37,9 @@
 //! an open of the volume removes the snapshot leftovers, a new clone to
 //! the same destination removes its own.
 //!
+//! `s3://` volumes have snapshots and clones of their own kind
+//! (`s3_snapshot.rs`); this module names both.
+//!
 //! This module owns the links and the names. It never changes a record
 //! of the source volume, and writes no record of a clone.
 
@@ -74,8 +77,20 @@ const NOT_LINKED: [&str; 4] = [
 /// Why a snapshot or clone could not be made, listed or deleted.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    #[error("snapshots and clones are not supported yet on s3:// (file:// only)")]
+    #[error("this volume keeps no files a snapshot could share (a test's inline placement)")]
     NotSupported,
+    #[error("object store: {0}")]
+    Object(String),
+    #[error("snapshot {0:?} has {1} clone(s): delete them first (`pohmelfs clone --delete`)")]
+    HasClones(String, usize),
+    #[error("{0} has {1} snapshot(s) or clone(s) of its own: delete them first")]
+    HasSnapshots(String, usize),
+    #[error("{0}: a clone must be in the bucket of its snapshot")]
+    OtherBucket(String),
+    #[error("{0} is not a clone")]
+    NotAClone(String),
+    #[error("{0} is open in another process; stop it first")]
+    Held(String),
     #[error("bad URL {0:?}: expected file:///abs/path")]
     BadUrl(String),
     #[error("bad snapshot name {0:?}: 1 to 128 of A-Z a-z 0-9 . _ - , not starting with .")]
@@ -128,6 +143,15 @@ pub fn resolve_url(url: &str) -> Result<String, SnapshotError> {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
     };
+    if let Some(path) = base.strip_prefix("s3://") {
+        // `s3://BUCKET/VOL@NAME` is `s3://BUCKET/VOL/snapshots/NAME`.
+        let Some((vol, name)) = path.rsplit_once('@').filter(|(_, n)| !n.contains('/')) else {
+            return Ok(url.to_string());
+        };
+        check_name(name)?;
+        let query = query.map_or_else(String::new, |q| format!("?{q}"));
+        return Ok(format!("s3://{vol}/{SNAPSHOTS_DIR}/{name}{query}"));
+    }
     let Some(path) = base.strip_prefix("file://") else {
         return Ok(url.to_string());
     };
@@ -277,7 +301,7 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), SnapshotError> {
 /// A test seam for the crash test: with `POHMELFS_TEST_SNAPSHOT_PAUSE`
 /// set to a path (debug builds only), a snapshot that has linked
 /// everything writes that file and waits there for its `kill -9`.
-fn pause_for_crash_test() {
+pub(super) fn pause_for_crash_test() {
     #[cfg(debug_assertions)]
     if let Some(path) = std::env::var_os("POHMELFS_TEST_SNAPSHOT_PAUSE") {
         let _ = std::fs::write(&path, b"linked\n");

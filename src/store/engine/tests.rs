@@ -443,3 +443,53 @@ fn group_commit_latency() {
         }
     }
 }
+
+/// The chunk cache (`chunk_cache.rs`) answers reads and commits from the
+/// records it holds: after every kind of change to cached chunks, reads
+/// (both paths: `read` and read plans) still say what the model says.
+#[test]
+fn cached_chunk_records_follow_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = temp_volume(&dir, "");
+    let len = 3 * BLOCK_SIZE as usize;
+    let mut model = vec![0u8; len];
+    let check = |model: &[u8], what: &str| {
+        assert_eq!(read(&s, 40, 0, len), model, "read after {what}");
+        let plan = s.read_data(40, 0, len).unwrap().to_vec().unwrap();
+        assert_eq!(plan, model, "plan after {what}");
+    };
+    let write = |model: &mut Vec<u8>, off: usize, byte: u8, n: usize| {
+        commit(&s, vec![write_op(40, off as u64, &vec![byte; n])]);
+        model[off..off + n].fill(byte);
+    };
+    write(&mut model, 0, 1, len);
+    check(&model, "the first write");
+    write(&mut model, 5000, 2, 100);
+    check(&model, "an overwrite inside a chunk");
+    write(&mut model, BLOCK_SIZE as usize - 10, 3, 20);
+    check(&model, "an overwrite across chunks");
+    commit(
+        &s,
+        vec![Op::PunchHole {
+            ino: 40,
+            offset: 0,
+            len: BLOCK_SIZE,
+        }],
+    );
+    model[..BLOCK_SIZE as usize].fill(0);
+    check(&model, "a punched chunk");
+    commit(
+        &s,
+        vec![Op::Truncate {
+            ino: 40,
+            size: BLOCK_SIZE + 7,
+        }],
+    );
+    model[BLOCK_SIZE as usize + 7..].fill(0);
+    check(&model, "a truncate");
+    write(&mut model, 2 * BLOCK_SIZE as usize + 1, 4, 9);
+    check(&model, "a write past the truncate");
+    commit(&s, vec![Op::RemoveInode { ino: 40 }]);
+    model.fill(0);
+    check(&model, "the inode's removal");
+}

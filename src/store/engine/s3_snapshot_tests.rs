@@ -1,0 +1,296 @@
+//! Snapshots and clones of `s3://` volumes on real S3 servers (moto and
+//! s3s-fs, as `s3_tests.rs`): a snapshot while commits run is at a
+//! transaction boundary, a clone and its source do not see each other's
+//! writes, the source's collector and its sweep at open leave what the
+//! snapshot and the clone name, and deleting them gives the bucket back
+//! to what the source alone needs.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use pohmelfs_testkit::{skip_requested, Moto, S3sFs, ScratchDir};
+
+use super::conformance::{commit, read, write_op};
+use super::lineage;
+use super::s3_snapshot;
+use super::{ReadOnlyVolume, SlateStore};
+use crate::check::volume::{check_volume, Problem, Report, Warning};
+use crate::store::{Store, Txn};
+
+const BUCKET: &str = "pohmelfs-test";
+
+/// Over the 64 KiB a commit keeps inline: each goes to a data object.
+const CHUNK: usize = 256 * 1024;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// The ids of the data objects in the folder of the volume at `prefix`.
+fn objects_in(s: &SlateStore) -> BTreeSet<u64> {
+    let o = s.objects.as_ref().expect("data objects");
+    s.rt()
+        .unwrap()
+        .block_on(o.list())
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// The ids this volume's records name.
+fn records_of(s: &SlateStore) -> BTreeSet<u64> {
+    let o = s.objects.as_ref().expect("data objects");
+    s.rt()
+        .unwrap()
+        .block_on(lineage::object_records(o.store().clone(), o.db_path()))
+        .unwrap()
+}
+
+/// Commits run on a thread while the snapshot is taken: the snapshot
+/// holds transactions 0..k for some k, each whole (its 8-byte mark and
+/// its data object), and none after.
+fn snapshot_is_at_a_transaction_boundary(url: &dyn Fn(&str) -> String) {
+    let v = url("volumes/busy");
+    let s = Arc::new(SlateStore::open(&v).expect("open s3 volume"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (first, started) = std::sync::mpsc::channel();
+    let writer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) && i < 200 {
+                let mark = (i + 1).to_le_bytes();
+                let ops = vec![
+                    write_op(50, 8 * i, &mark),
+                    write_op(51, CHUNK as u64 * i, &pattern(i as u8, CHUNK)),
+                ];
+                s.commit(Txn { ops }).expect("commit");
+                if i == 2 {
+                    let _ = first.send(());
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    started.recv().expect("writer started");
+    s.take_object_snapshot("busy").expect("take snapshot");
+    stop.store(true, Ordering::Release);
+    let written = writer.join().expect("writer");
+    let ro = ReadOnlyVolume::open(&format!("{}@busy{}", base(&v), query(&v)))
+        .expect("open snapshot read-only");
+    let marks = read(&ro, 50, 0, 8 * written as usize);
+    let mut k = 0;
+    while k < written && marks[8 * k as usize..8 * k as usize + 8] == (k + 1).to_le_bytes() {
+        k += 1;
+    }
+    assert!(k >= 3, "the snapshot lacks commits acknowledged before it");
+    assert!(
+        marks[8 * k as usize..].iter().all(|b| *b == 0),
+        "the snapshot holds commits past a gap"
+    );
+    for i in 0..written {
+        let got = read(&ro, 51, CHUNK as u64 * i, CHUNK);
+        if i < k {
+            assert_eq!(got, pattern(i as u8, CHUNK), "transaction {i} torn");
+        } else {
+            assert!(got.iter().all(|b| *b == 0), "transaction {i} half in");
+        }
+    }
+}
+
+/// `check` of `s`, which must find nothing wrong but the inodes these
+/// tests never write (they write data only).
+fn checked(s: &SlateStore) -> Report {
+    let report = check_volume(s).unwrap();
+    let real = report
+        .problems
+        .iter()
+        .filter(|p| !matches!(p, Problem::RecordOfMissingInode { .. }))
+        .count();
+    assert_eq!(real, 0, "{report:?}");
+    report
+}
+
+fn base(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(b, _)| b)
+}
+
+fn query(url: &str) -> String {
+    url.split_once('?')
+        .map_or_else(String::new, |(_, q)| format!("?{q}"))
+}
+
+/// A clone and its source written on both sides; the source overwritten
+/// and collected, reopened (swept) with the snapshot and the clone
+/// alive; then both deleted.
+fn clones_share_objects_until_deleted(url: &dyn Fn(&str) -> String) {
+    let v = url("volumes/golden");
+    let c = url("volumes/job1");
+    let s = SlateStore::open(&v).expect("open s3 volume");
+    commit(&s, vec![write_op(10, 0, &pattern(1, CHUNK))]);
+    commit(&s, vec![write_op(11, 0, &pattern(2, CHUNK))]);
+    let alone = objects_in(&s);
+    s.take_object_snapshot("gold").expect("take snapshot");
+    assert_eq!(s3_snapshot::list(&v).unwrap().len(), 1);
+    // Written after the snapshot: not in it.
+    commit(&s, vec![write_op(12, 0, &pattern(3, CHUNK))]);
+
+    s3_snapshot::clone_from(&v, "gold", &c).expect("clone");
+    let cl = SlateStore::open(&c).expect("open clone");
+    assert_ne!(cl.identity().volume_id, s.identity().volume_id);
+    assert_eq!(read(&cl, 10, 0, CHUNK), pattern(1, CHUNK));
+    assert!(read(&cl, 12, 0, 16).iter().all(|b| *b == 0));
+    commit(&cl, vec![write_op(11, 0, &pattern(7, CHUNK))]);
+    commit(&s, vec![write_op(10, 0, &pattern(8, CHUNK))]);
+    assert_eq!(read(&cl, 10, 0, CHUNK), pattern(1, CHUNK));
+    assert_eq!(read(&cl, 11, 0, CHUNK), pattern(7, CHUNK));
+    assert_eq!(read(&s, 11, 0, CHUNK), pattern(2, CHUNK));
+    assert_eq!(read(&s, 10, 0, CHUNK), pattern(8, CHUNK));
+    assert!(objects_in(&cl).iter().all(|id| !alone.contains(id)));
+
+    // Overwrite everything the snapshot names, collect, reopen (sweep).
+    commit(&s, vec![write_op(11, 0, &pattern(9, CHUNK))]);
+    s.collect_objects().expect("collect");
+    s.object_gc.as_ref().unwrap().barrier();
+    for id in &alone {
+        assert!(
+            objects_in(&s).contains(id),
+            "object {id:x} of the snapshot deleted"
+        );
+    }
+    s.close().unwrap();
+    let s = SlateStore::open(&v).expect("reopen source");
+    s.object_gc.as_ref().unwrap().barrier();
+    assert!(
+        alone.is_subset(&objects_in(&s)),
+        "the sweep deleted shared objects"
+    );
+    let ro = ReadOnlyVolume::open(&format!("{}@gold{}", base(&v), query(&v)))
+        .expect("open snapshot read-only");
+    assert_eq!(read(&ro, 10, 0, CHUNK), pattern(1, CHUNK));
+    assert_eq!(read(&ro, 11, 0, CHUNK), pattern(2, CHUNK));
+    drop(ro);
+    assert_eq!(read(&cl, 10, 0, CHUNK), pattern(1, CHUNK));
+    // `check` accounts the objects only the snapshot and the clone name
+    // as kept for them, not leaked.
+    let report = checked(&s);
+    assert!(report.warnings.is_empty(), "{report:?}");
+    let kept: BTreeSet<u64> = report.shared.iter().map(|x| x.seg).collect();
+    assert!(alone.is_subset(&kept), "{report:?}");
+    let report = checked(&cl);
+    assert!(report.warnings.is_empty(), "{report:?}");
+    // The writable open refuses a snapshot.
+    assert!(SlateStore::open(&format!("{}@gold{}", base(&v), query(&v))).is_err());
+
+    // Deleting the snapshot while its clone lives is refused.
+    assert!(s3_snapshot::delete(&v, "gold").is_err());
+    cl.close().unwrap();
+    let owners = s3_snapshot::delete_clone(&c).expect("delete clone");
+    assert_eq!(
+        owners,
+        vec![base(&v).split_once("pohmelfs-test/").unwrap().1.to_string()]
+    );
+    s3_snapshot::delete(&v, "gold").expect("delete snapshot");
+    assert!(s3_snapshot::list(&v).unwrap().is_empty());
+    s.close().unwrap();
+    let s = SlateStore::open(&v).expect("reopen source");
+    s.object_gc.as_ref().unwrap().barrier();
+    assert_eq!(
+        objects_in(&s),
+        records_of(&s),
+        "objects the source alone needs"
+    );
+    assert_eq!(read(&s, 10, 0, CHUNK), pattern(8, CHUNK));
+    assert_eq!(read(&s, 11, 0, CHUNK), pattern(9, CHUNK));
+    assert_eq!(read(&s, 12, 0, CHUNK), pattern(3, CHUNK));
+    let o = s.objects.as_ref().unwrap();
+    let regs = s
+        .rt()
+        .unwrap()
+        .block_on(lineage::registrations(&**o.store(), o.db_path()))
+        .unwrap();
+    assert!(regs.is_empty(), "{regs:?}");
+    // Nothing is left of the clone.
+    assert!(SlateStore::open_as(&c, super::OpenMode::Existing { take_over: false }).is_err());
+}
+
+/// A registration whose holder never became complete (a crash half
+/// way) keeps every object below its bound through the sweep, and `check`
+/// says so; once it is gone, the next sweep frees them.
+fn incomplete_holders_keep_everything_below_their_bound(url: &dyn Fn(&str) -> String) {
+    let v = url("volumes/ghosted");
+    let s = SlateStore::open(&v).expect("open s3 volume");
+    commit(&s, vec![write_op(10, 0, &pattern(1, CHUNK))]);
+    let before = objects_in(&s);
+    let o = s.objects.as_ref().unwrap();
+    let (store, prefix) = (o.store().clone(), o.db_path().to_string());
+    let bound = o.next_unallocated();
+    let rt = s.rt().unwrap();
+    rt.block_on(lineage::register(&*store, &prefix, "volumes/ghost", bound))
+        .unwrap();
+    s.close().unwrap();
+    let s = SlateStore::open(&v).expect("reopen");
+    commit(&s, vec![write_op(10, 0, &pattern(2, CHUNK))]);
+    s.close().unwrap();
+    let s = SlateStore::open(&v).expect("reopen: sweep");
+    s.object_gc.as_ref().unwrap().barrier();
+    assert!(
+        before.is_subset(&objects_in(&s)),
+        "an incomplete holder's objects swept"
+    );
+    let report = checked(&s);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| matches!(w, Warning::IncompleteHolder { .. })),
+        "{report:?}"
+    );
+    let rt = s.rt().unwrap();
+    rt.block_on(lineage::unregister(&*store, &prefix, "volumes/ghost"))
+        .unwrap();
+    s.close().unwrap();
+    SlateStore::open(&v)
+        .expect("reopen: sweep")
+        .close()
+        .unwrap();
+    let s = SlateStore::open(&v).expect("reopen");
+    let now = objects_in(&s);
+    assert!(
+        before.iter().all(|id| !now.contains(id)),
+        "{before:?} {now:?}"
+    );
+    assert_eq!(read(&s, 10, 0, CHUNK), pattern(2, CHUNK));
+}
+
+#[test]
+fn s3_snapshots_and_clones_on_moto() {
+    if skip_requested("POHMELFS_SKIP_S3_TESTS", "the engine's S3 snapshot test") {
+        return;
+    }
+    let dir = ScratchDir::new("s3-snap").expect("scratch directory");
+    let moto = Moto::start(dir.path(), BUCKET).expect("start moto_server");
+    snapshot_is_at_a_transaction_boundary(&|p| moto.url(p));
+    clones_share_objects_until_deleted(&|p| moto.url(p));
+    incomplete_holders_keep_everything_below_their_bound(&|p| moto.url(p));
+}
+
+#[test]
+fn s3_snapshots_and_clones_on_s3s_fs() {
+    if skip_requested(
+        "POHMELFS_SKIP_S3_TESTS",
+        "the engine's s3s-fs snapshot test",
+    ) {
+        return;
+    }
+    let dir = ScratchDir::new("s3s-snap").expect("scratch directory");
+    let server = S3sFs::start(dir.path(), BUCKET).expect("start s3s-fs");
+    snapshot_is_at_a_transaction_boundary(&|p| server.url(p));
+    clones_share_objects_until_deleted(&|p| server.url(p));
+    drop(server);
+}
