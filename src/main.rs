@@ -144,6 +144,10 @@ struct StoreArgs {
     /// Requests in flight per connection at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_in_flight: u32,
+    /// Staged write data not yet committed, across all connections, at
+    /// most (each connection also at most 64M; docs/protocol.md).
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    max_staged_bytes: u64,
     /// Write the bound address to this file once listening (for scripts).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -462,6 +466,7 @@ fn store(args: StoreArgs) -> Result<()> {
             max_handshakes: args.max_handshakes,
             max_volumes: args.max_volumes,
             max_in_flight: args.max_in_flight,
+            max_staged_bytes: args.max_staged_bytes,
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
             writer_lease: std::time::Duration::from_millis(args.writer_lease_ms),
             create_volumes: args.create_volumes,

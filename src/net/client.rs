@@ -434,7 +434,24 @@ impl Inner {
             } => match staged::plan(txn) {
                 // A clone of the ops shares the data's buffers.
                 Some(ops) => {
-                    staged::send(conn, *txn_id, *low_water, txn.clone(), &ops, timeout).await
+                    let staged =
+                        staged::send(conn, *txn_id, *low_water, txn.clone(), &ops, timeout).await?;
+                    match staged {
+                        // A stage was refused (the server's staging is
+                        // full) and nothing applied: at once inline, if it
+                        // fits a frame, rather than staging again.
+                        Response::Error {
+                            code: ErrorCode::Unstaged,
+                            message,
+                        } => match staged::inline_frame(req) {
+                            Some(frame) => conn.request_frame(frame, timeout).await,
+                            None => Ok(Response::Error {
+                                code: ErrorCode::Unstaged,
+                                message,
+                            }),
+                        },
+                        answer => Ok(answer),
+                    }
                 }
                 None => conn.request(req, timeout).await,
             },

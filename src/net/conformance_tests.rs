@@ -30,17 +30,23 @@ struct LoopbackServer {
 impl LoopbackServer {
     /// Serves the volumes under `data_url` on `127.0.0.1:0`.
     fn start(data_url: &str) -> LoopbackServer {
+        LoopbackServer::start_with(data_url, |_| {})
+    }
+
+    /// As [`LoopbackServer::start`], its settings changed by `tune`.
+    fn start_with(data_url: &str, tune: impl FnOnce(&mut ServerConfig)) -> LoopbackServer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("server runtime");
-        let cfg = ServerConfig {
+        let mut cfg = ServerConfig {
             credentials: Credentials::single(Secret::new(SECRET.to_vec())),
             max_connections: 8,
             max_in_flight: 16,
             ..ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), data_url)
         };
+        tune(&mut cfg);
         let server = rt.block_on(Server::bind(cfg)).expect("bind the server");
         let addr = server.local_addr().expect("bound address");
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -188,4 +194,32 @@ fn large_writes_are_staged_and_read_back() {
         client.read(ino, 0, &mut got).unwrap();
         assert!(got == body(ino, 4 << 20), "file {ino}");
     }
+}
+
+/// A server whose staging room (`max_staged_bytes`) is smaller than a
+/// transaction's large write refuses the stage; the transaction is
+/// answered `Unstaged` and the client sends it inline at once, instead of
+/// staging it again until it gives up.
+#[test]
+fn a_server_out_of_staging_room_gets_the_transaction_inline() {
+    use crate::store::{Inode, Op, Store, Txn};
+    let dir = tempfile::tempdir().unwrap();
+    let server = LoopbackServer::start_with(&format!("file://{}", dir.path().display()), |cfg| {
+        cfg.max_staged_bytes = 256 << 10;
+    });
+    let client = server.client();
+    let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7) as u8).collect();
+    let mut txn = Txn::new();
+    txn.push(Op::PutInode(Inode::regular(100, 1 << 20)));
+    txn.push(Op::Write {
+        ino: 100,
+        offset: 0,
+        data: body.clone().into(),
+    });
+    // Without the fallback every resend stages again, refused each time,
+    // until the client gives up.
+    client.commit(txn).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    client.read(100, 0, &mut got).unwrap();
+    assert!(got == body);
 }

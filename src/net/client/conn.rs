@@ -171,7 +171,24 @@ impl Conn {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, Attempt> {
-        let sent = self.submit(|id| Outgoing::Frame(req.to_frame(id))).await?;
+        self.request_frame(req.to_frame(0), timeout).await
+    }
+
+    /// As [`Conn::request`], the request already encoded (its id is set
+    /// here).
+    pub(super) async fn request_frame(
+        &self,
+        frame: Frame,
+        timeout: Duration,
+    ) -> Result<Response, Attempt> {
+        let sent = self
+            .submit(|id| {
+                Outgoing::Frame(Frame {
+                    request_id: id,
+                    ..frame
+                })
+            })
+            .await?;
         self.answer(sent, timeout).await
     }
 

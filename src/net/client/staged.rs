@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::conn::{Attempt, Conn, Outgoing};
 use crate::net::proto::msg::{Request, Response, Stage, StageRef};
-use crate::net::proto::{MAX_STAGE, STAGED_BYTES_MAX};
+use crate::net::proto::{Frame, MAX_PAYLOAD, MAX_STAGE, STAGED_BYTES_MAX};
 use crate::store::{Op, Txn};
 
 /// Writes of at least this many bytes are staged; smaller ones ride in
@@ -38,6 +38,19 @@ pub(super) fn plan(txn: &Txn) -> Option<Vec<u32>> {
     }
     let fits = bytes <= STAGED_BYTES_MAX && ops.len() <= crate::net::proto::MAX_STAGED_REFS;
     (!ops.is_empty() && fits).then_some(ops)
+}
+
+/// `req`'s frame with its data inline, when that fits one frame: what
+/// the client sends when the server has no room for its stages.
+pub(super) fn inline_frame(req: &Request) -> Option<Frame> {
+    // More data than a payload holds: not worth encoding.
+    if let Request::Txn { txn, .. } = req {
+        if txn.data_bytes() >= u64::from(MAX_PAYLOAD) {
+            return None;
+        }
+    }
+    let frame = req.to_frame(0);
+    (frame.payload.len() <= MAX_PAYLOAD as usize).then_some(frame)
 }
 
 /// One attempt at `txn` on `conn`, staging the writes at `ops` (from
