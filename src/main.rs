@@ -588,8 +588,14 @@ fn check(args: CheckArgs) -> Result<()> {
         }
     })
     .context("check volume")?;
+    // The superblock was read at open and by the check; a volume whose
+    // superblock is unreadable is a problem in the report, not here.
+    let version = match pohmelfs::store::engine::VolumeScan::volume_info(&reader) {
+        Ok(info) => info.format_version.to_string(),
+        Err(_) => "unknown".to_owned(),
+    };
     println!(
-        "check: read {} in {:.2}s",
+        "check: read {} (format version {version}) in {:.2}s",
         reader.describe(),
         started.elapsed().as_secs_f64()
     );

@@ -137,6 +137,10 @@ fn format_refuses_an_existing_volume_and_pohmel_urls() {
         &run(&["format", &url]),
         &format!("a volume exists at {url} already; refusing to overwrite it"),
     );
+    let out = run(&["check", "--store", &url]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(" (format version 4) in "), "{stdout}");
     let out = run(&["format", "pohmel://127.0.0.1:1/vol"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pohmelfs format DATA/NAME"));
@@ -151,7 +155,7 @@ fn a_held_volume_names_its_holder_until_taken_over() {
 
     let st = status(&dir.join("first.sock"));
     assert_eq!(field(&st, "volume_id").len(), 32, "{st}");
-    assert_eq!(field(&st, "format_version"), "3");
+    assert_eq!(field(&st, "format_version"), "4");
     assert_eq!(field(&st, "epoch"), "2", "formatted (1), then this open");
     let holder = field(&st, "holder");
     assert!(holder.contains(&format!(" pid {pid} since ")), "{holder}");

@@ -230,7 +230,11 @@ impl fmt::Display for Problem {
                 "data object {id:016x} of this volume is named by {holder}, which registered it, but is gone"
             ),
             NoSuperblock => write!(f, "no superblock: not a pohmelfs volume"),
-            FormatVersion(v) => write!(f, "superblock has unknown format version {v}"),
+            FormatVersion(v) => write!(
+                f,
+                "superblock has format version {v}; this build reads version {}",
+                crate::store::engine::FORMAT_VERSION
+            ),
             UnknownRecord(k) => write!(f, "unknown record type: key {k:02x?}"),
             NoRoot => write!(f, "root directory (inode {ROOT_INO}) is missing"),
             RootNotDirectory(k) => write!(f, "root inode {ROOT_INO} is a {k:?}, not a directory"),

@@ -43,9 +43,7 @@ use super::problem::lossy;
 pub use super::problem::{Problem, Warning};
 use super::segments::SegmentCheck;
 pub use super::segments::SharedSegment;
-use crate::store::engine::{
-    BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan, FORMAT_VERSION, UPGRADES_FROM,
-};
+use crate::store::engine::{reads_format, BlockRecord, DirentRecord, Scan, VolumeInfo, VolumeScan};
 use crate::store::{
     Dirent, FileKind, Inode, StoreError, BLOCK_SIZE, FIRST_FREE_ID, NAME_MAX, ROOT_INO,
 };
@@ -271,7 +269,7 @@ impl Checker {
             }
             Err(e) => return Err(CheckError::Superblock(e)),
         };
-        if info.format_version != FORMAT_VERSION && info.format_version != UPGRADES_FROM {
+        if !reads_format(info.format_version) {
             self.problems
                 .push(Problem::FormatVersion(info.format_version));
         }

@@ -16,22 +16,35 @@ const V1: u8 = 1;
 pub const MAGIC: &[u8; 8] = b"POHMELFS";
 
 /// The layout version of volumes this code writes and reads. A volume with
-/// another version is refused at open, never reformatted, except
-/// [`UPGRADES_FROM`].
+/// another version is refused at open, never reformatted, except the
+/// versions of [`UPGRADES_FROM`].
 ///
-/// Version 3 added the commit log (`log/commit.log`, key `0x03`) and the
-/// orphan marks (`0x12`). Version 2 moved file data out of the engine: a
-/// chunk record is a list of extents (`extent.rs`) and `file://` volumes
-/// keep the bytes in segment files. Version 1 stored each 64 KiB block as
-/// one value.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 marks the layouts older builds must not open: an `s3://`
+/// volume's file data in data objects (`data/<id>.obj`) and its snapshots
+/// and clones (`lineage`, `holders/`, `CLONED`), and a `file://` volume's
+/// segment files shared by hard link with its snapshots and clones (a
+/// build before snapshots punches pages in a shared file). Version 3 added
+/// the commit log (`log/commit.log`, key `0x03`) and the orphan marks
+/// (`0x12`). Version 2 moved file data out of the engine: a chunk record
+/// is a list of extents (`extent.rs`) and `file://` volumes keep the bytes
+/// in segment files. Version 1 stored each 64 KiB block as one value.
+pub const FORMAT_VERSION: u32 = 4;
 
-/// The one older version an open upgrades in place: a version-2 volume has
-/// neither a commit log nor orphan marks, which is what a version-3 volume
-/// with an empty log and no orphans looks like, so only the superblock
-/// changes. A build of version 2 then refuses the volume instead of
-/// ignoring commits that live only in its log.
-pub const UPGRADES_FROM: u32 = 2;
+/// The older versions an open upgrades in place, by rewriting only the
+/// superblock's number. A version-2 volume has neither a commit log nor
+/// orphan marks, which is what a version-3 volume with an empty log and no
+/// orphans looks like; a version-3 volume is a version-4 volume without
+/// data objects, snapshots or clones (or one a version-3 build of this
+/// code wrote with them: the records are the same). A build of an older
+/// version then refuses the volume instead of misreading what it cannot
+/// know.
+pub const UPGRADES_FROM: &[u32] = &[2, 3];
+
+/// Whether this build reads a volume of format `version`, as it is
+/// ([`FORMAT_VERSION`]) or after upgrading it ([`UPGRADES_FROM`]).
+pub fn reads_format(version: u32) -> bool {
+    version == FORMAT_VERSION || UPGRADES_FROM.contains(&version)
+}
 
 /// A reader over one value that turns every short read into `Corrupt`.
 struct Reader<'a> {

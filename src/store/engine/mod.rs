@@ -115,8 +115,8 @@ use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
     WriterClaim, BLOCK_SIZE,
 };
+pub use codec::{reads_format, FORMAT_VERSION, UPGRADES_FROM};
 use codec::{Counters, Superblock};
-pub use codec::{FORMAT_VERSION, UPGRADES_FROM};
 pub use extent::{Data as ExtentData, Extent, Piece as ExtentPiece, PAGE as SEGMENT_PAGE};
 pub use group::CommitMode;
 use identity::map_engine_error;

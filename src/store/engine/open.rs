@@ -596,7 +596,12 @@ impl SlateStore {
             Some(bytes) => {
                 let mut sb =
                     codec::decode_superblock(&bytes).map_err(OpenVolumeError::Superblock)?;
-                if sb.format_version == UPGRADES_FROM {
+                if UPGRADES_FROM.contains(&sb.format_version) {
+                    tracing::info!(
+                        from = sb.format_version,
+                        to = FORMAT_VERSION,
+                        "upgrading the volume's format version in place"
+                    );
                     sb.format_version = FORMAT_VERSION;
                 } else if sb.format_version != FORMAT_VERSION {
                     return Err(OpenVolumeError::FormatVersion {

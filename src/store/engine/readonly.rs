@@ -28,7 +28,7 @@ use super::objects::ObjectFiles;
 use super::reader::{OpenReaderError, VolumeReader};
 use super::scan::VolumeScan;
 use super::segment::SegmentFiles;
-use super::{codec, holder, keys, snapshot, VolumeIdentity, FORMAT_VERSION, UPGRADES_FROM};
+use super::{codec, holder, keys, snapshot, VolumeIdentity, FORMAT_VERSION};
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, Store, StoreError, StoreStats, Txn, BLOCK_SIZE,
 };
@@ -80,7 +80,7 @@ impl ReadOnlyVolume {
         drop(rt);
         let reader = VolumeReader::with_config(&cfg, PINNED_POLL)?;
         let info = reader.volume_info().map_err(OpenReaderError::Superblock)?;
-        if info.format_version != FORMAT_VERSION && info.format_version != UPGRADES_FROM {
+        if !codec::reads_format(info.format_version) {
             return Err(OpenReaderError::FormatVersion {
                 found: info.format_version,
                 expected: FORMAT_VERSION,

@@ -3,7 +3,7 @@
 //! reclaiming), a live volume is served as of the open without fencing
 //! its writer (and what the writer reclaims under it reads as an error,
 //! not zeros), every write is refused, and nothing in the volume's
-//! directory changes.
+//! directory changes, not even an older format's superblock.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -15,6 +15,7 @@ use super::scan::VolumeScan;
 use super::segment::SegmentFiles;
 use super::segment_tests::{file, root_with};
 use super::snapshot::SnapshotError;
+use super::{codec, keys, log, FORMAT_VERSION};
 use super::{snapshot, OpenMode, OpenVolumeError, ReadOnlyVolume, SlateStore, VolumeReader};
 use crate::store::{Dirent, FileKind, Op, Store, StoreError, Txn, ROOT_INO};
 
@@ -266,5 +267,43 @@ fn a_page_the_writer_reclaimed_reads_as_an_error_never_as_zeros() {
     match v.read(100, 0, &mut buf) {
         Err(StoreError::Corrupt(m)) => assert!(m.contains("checksum"), "{m}"),
         other => panic!("read of a punched page: {other:?}, first byte {}", buf[0]),
+    }
+}
+
+#[test]
+fn a_volume_of_an_older_format_is_served_as_it_is_and_not_upgraded() {
+    for version in [2, 3] {
+        let (_dir, vol, url, s) = scratch_volume("", &[100]);
+        commit(&s, vec![file(100, 8192), write_op(100, 0, &[7u8; 8192])]);
+        let mut sb = s.superblock.clone();
+        sb.format_version = version;
+        s.raw_put(&keys::superblock(), &codec::encode_superblock(&sb));
+        s.close().unwrap();
+        if version == 2 {
+            // Version 2 had no commit log; the close checkpointed this one.
+            std::fs::remove_dir_all(vol.join(log::DIR_NAME)).unwrap();
+        }
+        let before = listing(&vol);
+
+        let v = ReadOnlyVolume::open(&url).unwrap();
+        let id = v.identity().unwrap();
+        assert_eq!(id.format_version, version);
+        assert_eq!(id.epoch, sb.open_count, "the open was counted");
+        assert_eq!(read(&v, 100, 0, 8192), vec![7u8; 8192]);
+        refuses_writes(&v);
+        drop(v);
+        assert!(
+            listing(&vol) == before,
+            "a read-only open of format {version} changed the volume's files"
+        );
+
+        // The first writing open upgrades it, and keeps its files.
+        let s = SlateStore::open(&url).unwrap();
+        assert_eq!(s.identity().format_version, FORMAT_VERSION);
+        assert_eq!(read(&s, 100, 0, 8192), vec![7u8; 8192]);
+        s.close().unwrap();
+        let v = ReadOnlyVolume::open(&url).unwrap();
+        assert_eq!(v.identity().unwrap().format_version, FORMAT_VERSION);
+        assert_eq!(read(&v, 100, 0, 8192), vec![7u8; 8192]);
     }
 }

@@ -357,49 +357,79 @@ fn dead_pages_are_punched_and_empty_segments_deleted() {
     assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
 }
 
+/// Write format `version` into the superblock of the volume in `dir`.
+fn set_format_version(dir: &tempfile::TempDir, version: u32) {
+    let s = SlateStore::open(&url(dir)).unwrap();
+    let mut sb = s.superblock.clone();
+    sb.format_version = version;
+    s.raw_put(&keys::superblock(), &codec::encode_superblock(&sb));
+    s.close().unwrap();
+}
+
 #[test]
-fn a_volume_of_format_1_is_refused_naming_both_versions() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let s = conformance::temp_volume(&dir, "");
-        let mut sb = s.superblock.clone();
-        sb.format_version = 1;
-        s.raw_put(&keys::superblock(), &codec::encode_superblock(&sb));
-        s.close().unwrap();
-    }
-    match SlateStore::open(&url(&dir)) {
-        Err(
-            e @ OpenVolumeError::FormatVersion {
-                found: 1,
-                expected: 3,
-            },
-        ) => assert_eq!(
-            e.to_string(),
-            "volume has format version 1; this build reads version 3"
-        ),
-        Err(e) => panic!("unexpected error: {e}"),
-        Ok(_) => panic!("opened a volume of format 1"),
+fn a_volume_of_another_format_is_refused_naming_both_versions() {
+    // Version 1 (before segments) and one newer than this build knows.
+    for version in [1, super::FORMAT_VERSION + 1] {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::temp_volume(&dir, "").close().unwrap();
+        set_format_version(&dir, version);
+        for _ in 0..2 {
+            // Refused again the second time: nothing was rewritten.
+            match SlateStore::open(&url(&dir)) {
+                Err(e @ OpenVolumeError::FormatVersion { found, expected: 4 }) => {
+                    assert_eq!(found, version);
+                    assert_eq!(
+                        e.to_string(),
+                        format!("volume has format version {version}; this build reads version 4")
+                    );
+                }
+                Err(e) => panic!("unexpected error: {e}"),
+                Ok(_) => panic!("opened a volume of format {version}"),
+            }
+        }
+        // The checker reads it anyway and says why it is not served.
+        let report = check(&dir);
+        let p = &report.problems[0];
+        assert!(
+            matches!(p, Problem::FormatVersion(v) if *v == version),
+            "{p:?}"
+        );
+        assert_eq!(
+            p.to_string(),
+            format!("superblock has format version {version}; this build reads version 4")
+        );
     }
 }
 
 #[test]
-fn a_volume_of_format_2_is_upgraded_in_place_keeping_its_files() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let s = conformance::temp_volume(&dir, "");
-        commit(&s, root_with(&[110]));
-        commit(&s, vec![file(110, 0), write_op(110, 0, b"kept")]);
-        let mut sb = s.superblock.clone();
-        sb.format_version = super::UPGRADES_FROM;
-        s.raw_put(&keys::superblock(), &codec::encode_superblock(&sb));
+fn volumes_of_formats_2_and_3_are_upgraded_in_place_keeping_their_files() {
+    for version in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = conformance::temp_volume(&dir, "");
+            commit(&s, root_with(&[110]));
+            commit(&s, vec![file(110, 0), write_op(110, 0, b"kept")]);
+            s.close().unwrap();
+        }
+        set_format_version(&dir, version);
+        // Read-only opens leave it as it is: `readonly_tests.rs`.
+        let s = SlateStore::open(&url(&dir)).unwrap();
+        assert_eq!(s.superblock.format_version, super::FORMAT_VERSION);
+        assert_eq!(read(&s, 110, 0, 4), b"kept");
         s.close().unwrap();
+        let s = SlateStore::open(&url(&dir)).unwrap();
+        assert_eq!(s.superblock.format_version, super::FORMAT_VERSION);
+        s.close().unwrap();
+        let report = check(&dir);
+        assert!(
+            !report
+                .problems
+                .iter()
+                .any(|p| matches!(p, Problem::FormatVersion(_))),
+            "{:#?}",
+            report.problems
+        );
     }
-    let s = SlateStore::open(&url(&dir)).unwrap();
-    assert_eq!(s.superblock.format_version, super::FORMAT_VERSION);
-    assert_eq!(read(&s, 110, 0, 4), b"kept");
-    s.close().unwrap();
-    let s = SlateStore::open(&url(&dir)).unwrap();
-    assert_eq!(s.superblock.format_version, super::FORMAT_VERSION);
 }
 
 #[test]
