@@ -17,6 +17,13 @@ use crate::store::StoreError;
 /// (`ErrorCode::WriterAway`) is asked again.
 const AWAY_POLL: Duration = Duration::from_millis(100);
 
+/// How long a claim refused for a live writer (`ErrorCode::WriterAlive`)
+/// is asked again before the refusal stands: a writer that is leaving has
+/// closed its connection, but the server may not have read the close yet
+/// (a proxy or relay between them answers the leaving client's close
+/// before the server has seen it). A writer still alive after this is one.
+const LEAVING_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a claim failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
@@ -46,11 +53,17 @@ impl RemoteStore {
         // A server that just opened the volume keeps it a lease for the
         // writer it recorded: ask again until that lease ends (the server
         // says so), bounded by the client's `give_up_ms`.
-        let deadline = Instant::now() + self.inner.cfg.give_up_after;
+        let started = Instant::now();
+        let deadline = started + self.inner.cfg.give_up_after;
+        let leaving = started + LEAVING_GRACE.min(self.inner.cfg.give_up_after);
         let mut told = false;
         let claim = loop {
             match self.call(req.clone())? {
                 Response::Claimed { claim } => break claim,
+                Response::Error {
+                    code: ErrorCode::WriterAlive,
+                    ..
+                } if Instant::now() < leaving => std::thread::sleep(AWAY_POLL),
                 Response::Error {
                     code: ErrorCode::WriterAlive,
                     message,
