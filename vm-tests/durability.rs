@@ -6,8 +6,15 @@
 //! `/tmp`, or the stream as it was written), never by reading the file back through the daemon
 //! under test.
 
+use std::time::Duration;
+
 use crate::harness::qemu::GuestOutput;
 use crate::harness::{DaemonKind, Failure, Guest, Result, VmTest};
+
+/// The guest's bound in [`big_file_fsync`]: its own CPU work (256 MiB from
+/// `/dev/urandom`, checksummed twice) took 280 s of the default 300 under
+/// TCG on a slower machine, whichever daemon served it.
+const BIG_FILE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// 256 MiB written with fsync, caches dropped, read back with the checksum of what was written.
 pub fn big_file_fsync(vm: &VmTest) -> Result<()> {
@@ -35,6 +42,7 @@ rm /mnt/big
 umount /mnt
 "#,
         )
+        .timeout(BIG_FILE_TIMEOUT)
         .run()?
         .expect_success()?;
     Ok(())
