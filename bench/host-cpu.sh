@@ -12,7 +12,8 @@
 #
 # Workloads (default: all, in this order): seqwrite seqread randwrite randread meta fsync.
 # Sizes as in scripts/bench, smaller by default to fit a shared machine: SEQ_MB (512),
-# RAND_S (10), META_FILES (5000), FSYNC_OPS (1000); META_PACE=SECONDS pauses after each
+# RAND_S (10), META_FILES (5000), FSYNC_OPS (1000); STORE_QUERY=k=v&... is appended to the
+# store URL (engine settings such as checkpoint_ms); META_PACE=SECONDS pauses after each
 # file the meta workload creates (a TCG guest creates one every ~3 ms). A FUSE mount is not
 # a virtio-fs guest (requests come through /dev/fuse, the host's page cache stands in for
 # the guest's), but the daemon runs the same fs -> writeback -> store code for both. Cold
@@ -37,7 +38,7 @@ work=$(mktemp -d)
 mkdir "$work/mnt"
 mnt=$work/mnt
 "$bin" format "file://$work/vol" >/dev/null
-"$bin" mount "$mnt" --store "file://$work/vol" --log-level "${LOG_LEVEL:-warn}" "$@" 2>"$work/daemon.log" &
+"$bin" mount "$mnt" --store "file://$work/vol${STORE_QUERY:+?$STORE_QUERY}" --log-level "${LOG_LEVEL:-warn}" "$@" 2>"$work/daemon.log" &
 pid=$!
 cleanup() {
 	kill -TERM "$pid" 2>/dev/null && wait "$pid" || true

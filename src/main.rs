@@ -218,8 +218,9 @@ struct VolumeArgs {
     /// Microseconds a new metadata transaction (and a write's own
     /// transaction) waits for more changes (writes) to join it before it is
     /// sent, counted from the newest that joined (8 times this from its
-    /// forming at most; a sync sends it at once); 0 sends at once.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// forming at most; a sync, or dirty bytes past three quarters of
+    /// --dirty-max, sends it at once); 0 sends at once.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     meta_linger_us: u64,
     /// Make every close wait until the file's data is durable, as fsync
     /// does. Without it a close returns at once (the data goes to the store

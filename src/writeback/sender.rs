@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::ack::{invariant_violated, lock, on_result};
 use super::cache::{Pinned, PAGE_SIZE};
-use super::queue::TxnState;
+use super::queue::{TxnState, MAX_QUEUED_TXNS};
 use super::{Shared, State};
 use crate::store::sink::{OnDone, SendError};
 use crate::store::{Op, Txn, WriteData};
@@ -116,6 +116,10 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
     // frame): keep them to a quarter of the dirty bound, but never block
     // the only one.
     let wire_cap = shared.cfg.dirty_max_bytes / 4;
+    // Lingering gathers changes into fewer commits; near the dirty bound
+    // (or a full queue) it would hold writers back instead: send at once.
+    let hurry = st.dirty_bytes >= shared.cfg.dirty_max_bytes / 4 * 3
+        || st.txns.len() >= MAX_QUEUED_TXNS / 4 * 3;
     let mut next = 0;
     while st.in_flight < shared.cfg.max_in_flight {
         let Some(&id) = st.ready.range(next..).next() else {
@@ -136,7 +140,8 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
             continue;
         }
         if let Some(nb) = t.not_before {
-            if nb > now {
+            let lingers = t.attempts == 0 && !t.waits_for_space;
+            if nb > now && !(hurry && lingers) {
                 wake = Some(wake.map_or(nb, |w| w.min(nb)));
                 continue;
             }

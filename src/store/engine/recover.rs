@@ -42,7 +42,17 @@ use super::{keys, map_engine_error};
 use crate::store::StoreError;
 
 /// How often the background task checkpoints when the URL names nothing.
-pub const CHECKPOINT_INTERVAL_MS: u64 = 100;
+/// Each checkpoint syncs the segments, flushes the engine's WAL (a new
+/// file and its `fsync`) and rewrites the log's header: on a trickle of
+/// commits (a guest creating a file every 10 ms) checkpoints every 100 ms
+/// were half the daemon's CPU (`bench/host-cpu.sh`, docs/benchmarks.md),
+/// while the ring (16 MiB, checkpointed when half full) holds far more
+/// than a second of commits.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+
+/// How often the background task looks for another process asking for
+/// the log, and for segment pages to hand back.
+const TICK_MS: u64 = 100;
 
 /// A log error as the store reports it.
 pub fn map_log_error(e: LogError) -> StoreError {
@@ -193,9 +203,9 @@ impl Checkpoint {
     /// 0), and give the log up when another process asks for it.
     pub async fn background(self: Arc<Self>, every_ms: u64, describe: String) {
         let tick = if every_ms == 0 {
-            CHECKPOINT_INTERVAL_MS
+            TICK_MS
         } else {
-            every_ms.min(CHECKPOINT_INTERVAL_MS)
+            every_ms.min(TICK_MS)
         };
         let mut since_ms = 0;
         let mut since_unshared_ms = 0;
