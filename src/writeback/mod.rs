@@ -101,6 +101,8 @@ mod drain_tests;
 #[cfg(test)]
 mod jam_tests;
 #[cfg(test)]
+mod linger_tests;
+#[cfg(test)]
 mod metadata_tests;
 mod names;
 #[cfg(test)]

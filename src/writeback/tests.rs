@@ -544,42 +544,6 @@ fn a_queue_behind_one_directory_leaves_the_ready_set() {
     assert!(super::ack::lock(&wb.shared.state).ready.is_empty());
 }
 
-/// A write's own transaction lingers `data_linger` for the inode's next
-/// writes: the writes between two syncs are one commit. A write that does
-/// not fit ends the linger of the full one, which goes on its own.
-#[test]
-fn writes_between_syncs_linger_into_one_commit() {
-    let config = TxnConfig {
-        data_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let max = config.max_txn_bytes;
-    let (wb, _sink, store, m) = layer_with(config, 1, 29, false);
-    create(&wb, 40);
-    wb.sync(None).unwrap();
-    let sent = m.txn_sent.get();
-    for i in 0..8u64 {
-        write(&wb, 40, i * 4096, &[i as u8; 4096], (i + 1) * 4096);
-    }
-    assert_eq!(m.txn_sent.get(), sent, "the writes linger");
-    assert_eq!(wb.unacked(), 1, "the writes joined one transaction");
-    wb.sync(Some(40)).unwrap();
-    assert_eq!(m.txn_sent.get(), sent + 1, "one commit for the eight");
-    let expect: Vec<u8> = (0..8u8).flat_map(|i| [i; 4096]).collect();
-    assert_eq!(content(&*store, 40), expect);
-    // A full transaction: the next write starts another, and the full one
-    // goes without a sync; the new one lingers.
-    write(&wb, 40, 0, &vec![9u8; max as usize], max);
-    write(&wb, 40, max, &[7u8; 4096], max + 4096);
-    eventually("the full transaction to go on its own", || {
-        m.txn_acked.get() == sent + 2
-    });
-    assert_eq!(wb.unacked(), 1, "the newer one lingers");
-    wb.sync(Some(40)).unwrap();
-    assert_eq!(content(&*store, 40).len() as u64, max + 4096);
-}
-
 /// A write the layer has room for would not wait, so the device serves it
 /// on its queue thread; past `dirty_max_bytes`, or under `--overwrite
 /// wait`, it might, and the device hands it to the pool. A metadata change
@@ -626,41 +590,4 @@ fn a_request_would_not_wait_while_there_is_room() {
     };
     let (strict, _, _, _) = layer_with(strict, 1, 33, false);
     assert!(!strict.would_not_wait(Close), "a close waits as fsync does");
-}
-
-/// A sync after each write (a log's append + fsync) stops the inode's
-/// writes from lingering: the next one goes without waiting for the
-/// fsync, so its commit runs while the guest is on its way to it. A sync
-/// after many writes keeps them lingering into one commit.
-#[test]
-fn a_sync_after_each_write_stops_the_lingering() {
-    let config = TxnConfig {
-        data_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
-    let (wb, _sink, _store, m) = layer_with(config, 1, 34, false);
-    let eager = |ino| super::ack::lock(&wb.shared.state).eager_sync.contains(&ino);
-    create(&wb, 40);
-    create(&wb, 41);
-    wb.sync(None).unwrap();
-    let sent = m.txn_sent.get();
-    write(&wb, 40, 0, &[1u8; 4096], 4096);
-    assert_eq!(m.txn_sent.get(), sent, "the first write lingers");
-    wb.sync(Some(40)).unwrap();
-    assert!(eager(40));
-    write(&wb, 40, 4096, &[2u8; 4096], 8192);
-    eventually("the next write to go without a sync", || {
-        m.txn_acked.get() == sent + 2
-    });
-    // Many writes before the sync: they linger, and the inode is not
-    // taken for a log.
-    let sent = m.txn_sent.get();
-    for i in 0..8u64 {
-        write(&wb, 41, i * 4096, &[3u8; 4096], (i + 1) * 4096);
-    }
-    assert_eq!(m.txn_sent.get(), sent, "the writes linger");
-    wb.sync(Some(41)).unwrap();
-    assert_eq!(m.txn_sent.get(), sent + 1, "one commit for the eight");
-    assert!(!eager(41));
 }
