@@ -160,6 +160,7 @@ for w in $WORKLOADS; do
 		t1=$(now_ms)
 		# Forget the dentries and inodes: every stat below is a LOOKUP to the daemon.
 		drop_caches
+		echo "== meta.stat"
 		t2=$(now_ms)
 		i=0
 		while [ $i -lt "$META_FILES" ]; do
@@ -167,6 +168,7 @@ for w in $WORKLOADS; do
 			i=$((i + 1))
 		done
 		t3=$(now_ms)
+		echo "== meta.unlink"
 		rm -r /mnt/meta
 		t4=$(now_ms)
 		echo "BENCH meta files $META_FILES"

@@ -160,6 +160,31 @@ def parse_pairs(path, pattern):
     return pairs
 
 
+def phase_cpu(run_dir):
+    """[(phase, daemon CPU seconds)] in the order the guest ran them: the CPU ticks of the
+    monitor's series (host_time kB ticks) between the host times at which the console showed
+    "== PHASE" (phases.marks), the last phase ending at the last sample."""
+    marks = [(name, float(t)) for name, t in parse_pairs(os.path.join(run_dir, "phases.marks"), r"\S+ [0-9.]+")]
+    samples = []
+    try:
+        for line in open(os.path.join(run_dir, "daemon.mon.series")):
+            parts = line.split()
+            if len(parts) >= 3:
+                samples.append((float(parts[0]), int(parts[2])))
+    except (OSError, ValueError):
+        return []
+    if not marks or not samples:
+        return []
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def ticks_at(t):
+        before = [c for s, c in samples if s <= t]
+        return before[-1] if before else samples[0][1]
+
+    ends = [t for _, t in marks[1:]] + [samples[-1][0]]
+    return [(name, (ticks_at(end) - ticks_at(start)) / hz) for (name, start), end in zip(marks, ends)]
+
+
 def parse_status(path):
     counters = {}
     try:
@@ -214,6 +239,9 @@ class Results:
                 row["anon_series_kb"] = [(float(t), int(kb)) for t, kb in series]
                 marks = parse_pairs(os.path.join(run_dir, "files.marks"), r"(start|end|dropped) [0-9.]+")
                 row["files_marks"] = {k: float(t) for k, t in marks}
+                row["phases"] = phase_cpu(run_dir)
+                for phase, cpu in row["phases"]:
+                    row["figures"].setdefault(phase, {})["cpu_s"] = cpu
                 self.runs.append(row)
         self.reps = sorted({int(r["rep"]) for r in self.runs})
 
@@ -393,6 +421,25 @@ def report(res, machine):
                 f"| {triple(res.series(c, 'run', 'disk_per_byte'))} | {disk_vs} "
                 f"| {triple(res.series(c, 'run', 'cpu_s'))} | {cpu_vs} |"
             )
+        add("")
+
+    # CPU per workload.
+    phases = []
+    for r in res.runs:
+        for phase, _ in r.get("phases", []):
+            if phase not in phases:
+                phases.append(phase)
+    if phases:
+        add("### Daemon CPU per workload")
+        add("")
+        add("CPU seconds (user + system) of the daemon between the guest's start of a workload and")
+        add("the next one's (`scripts/bench` notes the host time at which each `== NAME` line of")
+        add("the console appeared; `meta` is its creates, `meta.stat` and `meta.unlink` its other parts).")
+        add("")
+        add("| workload | " + " | ".join(mem_cases) + " |")
+        add("|---|" + "---|" * len(mem_cases))
+        for phase in phases:
+            add(f"| {phase} | " + " | ".join(triple(res.series(c, phase, "cpu_s")) for c in mem_cases) + " |")
         add("")
 
     # Many files.
