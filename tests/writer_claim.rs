@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pohmelfs::net::client::{RemoteConfig, RemoteStore};
-use pohmelfs::net::proto::msg::{ErrorCode, Request, Response};
+use pohmelfs::net::proto::msg::{ErrorCode, Request, Response, Stage};
 use pohmelfs::store::{Inode, Op, Store, Txn};
 use pohmelfs_testkit::store::secret_file;
 use pohmelfs_testkit::{ScratchDir, StoreServer};
@@ -122,6 +122,13 @@ fn a_later_claim_fences_the_earlier_writer_across_a_restart() {
     );
     // ... and so is the exactly-once resend of its applied transaction.
     assert_not_writer(&txn(&mut first, 1, 100, b"first"));
+    // Nor may it stage the bytes of large writes (protocol 4).
+    assert_not_writer(&first.call(&Request::Stage(Stage {
+        stage_id: 1,
+        ino: 102,
+        offset: 0,
+        data: vec![7u8; 256 << 10].into(),
+    })));
     // Reads go on: a superseded session is a reader.
     assert!(matches!(first.call(&Request::Statfs), Response::Stats(_)));
 

@@ -483,7 +483,7 @@ async fn serve_connection(
         };
         // Stages are taken here, in frame order, before the next frame is
         // read: a transaction finds every stage its client sent before it.
-        let req = match staging.step(req) {
+        let req = match staging.step(req, || session.volume.is_writer(stored)) {
             Step::Serve(req) => req,
             Step::Answer(resp) => {
                 if tx.send(resp.to_frame(id)).await.is_err() {

@@ -69,10 +69,11 @@ fn run(data: &[u8]) -> Option<usize> {
             let mut staging = Staging::new(Arc::clone(&shared.staged_bytes));
             while let Ok(Some(f)) = read_frame(&mut rd, MAX_PAYLOAD).await {
                 if let Ok(req) = Request::from_frame(&f) {
-                    let answer = match staging.step(req) {
-                        Step::Serve(req) => handle(&session.volume, session.stored, req),
-                        Step::Answer(answer) => answer,
-                    };
+                    let answer =
+                        match staging.step(req, || session.volume.is_writer(session.stored)) {
+                            Step::Serve(req) => handle(&session.volume, session.stored, req),
+                            Step::Answer(answer) => answer,
+                        };
                     if !matches!(answer, Response::Error { .. }) {
                         answered += 1;
                     }

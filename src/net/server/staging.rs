@@ -63,10 +63,16 @@ impl Staging {
         }
     }
 
-    /// Take a stage, resolve a staged transaction, or pass any other
-    /// request on.
-    pub(super) fn step(&mut self, req: Request) -> Step {
+    /// Take a stage (only from the volume's writer, as `is_writer` says),
+    /// resolve a staged transaction, or pass any other request on.
+    pub(super) fn step(&mut self, req: Request, is_writer: impl FnOnce() -> bool) -> Step {
         match req {
+            // A superseded session's bytes would sit in the staging room
+            // until they expired; its transaction is refused anyway.
+            Request::Stage(_) if !is_writer() => Step::Answer(Response::error(
+                ErrorCode::NotWriter,
+                "this session does not hold the volume's writer claim: it may not stage",
+            )),
             Request::Stage(stage) => Step::Answer(self.stage(stage)),
             Request::StagedTxn {
                 txn_id,
@@ -219,16 +225,33 @@ mod tests {
         }
     }
 
+    /// The session holds the writer claim.
+    fn writer() -> bool {
+        true
+    }
+
+    #[test]
+    fn a_session_without_the_writer_claim_stages_nothing() {
+        let total = Arc::new(Semaphore::new(1 << 20));
+        let mut s = Staging::new(Arc::clone(&total));
+        let Step::Answer(Response::Error { code, .. }) = s.step(stage(1, 1000), || false) else {
+            panic!("a reader staged")
+        };
+        assert_eq!(code, ErrorCode::NotWriter);
+        assert_eq!(total.available_permits(), 1 << 20, "nothing held");
+        assert_eq!(s.bytes, 0);
+    }
+
     #[test]
     fn a_staged_transaction_takes_its_stages_bytes_and_frees_them() {
         let total = Arc::new(Semaphore::new(1 << 20));
         let mut s = Staging::new(Arc::clone(&total));
         assert!(matches!(
-            s.step(stage(5, 1000)),
+            s.step(stage(5, 1000), writer),
             Step::Answer(Response::Staged { stage_id: 5 })
         ));
         assert_eq!(total.available_permits(), (1 << 20) - 1000);
-        let Step::Serve(Request::Txn { txn, .. }) = s.step(staged_txn(&[5])) else {
+        let Step::Serve(Request::Txn { txn, .. }) = s.step(staged_txn(&[5]), writer) else {
             panic!("not served")
         };
         let Op::Write { data, .. } = &txn.ops[0] else {
@@ -238,7 +261,7 @@ mod tests {
         assert_eq!(total.available_permits(), 1 << 20);
         assert_eq!(s.bytes, 0);
         // Consumed: a second reference finds nothing.
-        let Step::Answer(Response::Error { code, .. }) = s.step(staged_txn(&[5])) else {
+        let Step::Answer(Response::Error { code, .. }) = s.step(staged_txn(&[5]), writer) else {
             panic!("served without its stage")
         };
         assert_eq!(code, ErrorCode::Unstaged);
@@ -249,14 +272,14 @@ mod tests {
         let total = Arc::new(Semaphore::new(3000));
         let mut s = Staging::new(Arc::clone(&total));
         assert!(matches!(
-            s.step(stage(1, 2000)),
+            s.step(stage(1, 2000), writer),
             Step::Answer(Response::Staged { .. })
         ));
-        let Step::Answer(Response::Error { code, .. }) = s.step(stage(2, 2000)) else {
+        let Step::Answer(Response::Error { code, .. }) = s.step(stage(2, 2000), writer) else {
             panic!("over the server-wide bound")
         };
         assert_eq!(code, ErrorCode::Busy);
-        let Step::Answer(Response::Error { code, .. }) = s.step(stage(1, 10)) else {
+        let Step::Answer(Response::Error { code, .. }) = s.step(stage(1, 10), writer) else {
             panic!("a stage id twice")
         };
         assert_eq!(code, ErrorCode::BadRequest);

@@ -183,6 +183,11 @@ impl Served {
         *self.writer.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `session` holds the writer claim now.
+    pub fn is_writer(&self, session: u64) -> bool {
+        self.writer().is_some_and(|c| c.session == session)
+    }
+
     /// Make `session` the volume's writer, unless another session holds
     /// the claim and is alive (and not `take_over`).
     pub fn claim(&self, session: u64, take_over: bool) -> Result<Claimed, StoreError> {
