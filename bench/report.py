@@ -151,7 +151,8 @@ def parse_pairs(path, pattern):
     """(first, second) of each line of two or more words whose first two match `pattern`."""
     pairs = []
     try:
-        for line in open(path):
+        # Lines end at "\n" only: a serial console's "\r" is a blank, not a line.
+        for line in open(path, newline="\n"):
             parts = line.split()
             if len(parts) >= 2 and re.fullmatch(pattern, f"{parts[0]} {parts[1]}"):
                 pairs.append((parts[0], parts[1]))
