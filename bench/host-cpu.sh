@@ -10,7 +10,9 @@
 #   bench/host-cpu.sh BINARY [WORKLOAD...] [-- pohmelfs mount options...]
 #   e.g. bench/host-cpu.sh target/release/pohmelfs seqwrite seqread
 #
-# Workloads (default: all, in this order): seqwrite seqread randwrite randread meta fsync.
+# Workloads (default: all, in this order): seqwrite seqread randwrite randread meta fsync;
+# also unlink (META_FILES one-line files, created, synced and looked up before the measure,
+# removed by `rm -r`, or one `rm` each META_PACE seconds apart as a slow guest's `rm -r` does).
 # Sizes as in scripts/bench, smaller by default to fit a shared machine: SEQ_MB (512),
 # RAND_S (10), META_FILES (5000), FSYNC_OPS (1000); STORE_QUERY=k=v&... is appended to the
 # store URL (engine settings such as checkpoint_ms); META_PACE=SECONDS pauses after each
@@ -65,6 +67,12 @@ fio_run() {
 		"$work/fio.json" >"$work/ops"
 }
 # The file the read and random workloads use, laid out once when seqwrite does not run first.
+need_files() {
+	mkdir "$mnt/unlink"
+	for ((i = 0; i < META_FILES; i++)); do echo "$i" >"$mnt/unlink/f$i"; done
+	sync -f "$mnt"
+	for ((i = 0; i < META_FILES; i++)); do [ -e "$mnt/unlink/f$i" ]; done
+}
 need_seq() { [ -e "$mnt/seq" ] || fio_run layout --filename=seq --rw=write --bs=1M --size="${SEQ_MB}M" --end_fsync=1; }
 run() {
 	case $1 in
@@ -87,6 +95,18 @@ run() {
 		rm -r "$mnt/meta"
 		sync -f "$mnt"
 		;;
+	unlink)
+		if [ -n "$META_PACE" ]; then
+			for ((i = 0; i < META_FILES; i++)); do
+				rm "$mnt/unlink/f$i"
+				read -r -t "$META_PACE" -u "$pace_fd" || true
+			done
+			rmdir "$mnt/unlink"
+		else
+			rm -r "$mnt/unlink"
+		fi
+		sync -f "$mnt"
+		;;
 	fsync)
 		fio_run fsync --filename=fsync --rw=write --bs=4k --size="$((FSYNC_OPS * 4))k" --fsync=1
 		rm "$mnt/fsync"
@@ -95,7 +115,7 @@ run() {
 	esac
 }
 for w in "${workloads[@]}"; do
-	case $w in seqread | randwrite | randread) need_seq ;; esac
+	case $w in seqread | randwrite | randread) need_seq ;; unlink) need_files ;; esac
 	[ -n "${PERF:-}" ] && { perf record -q -F 499 ${PERF_CG:--g} -p "$pid" -o "$PERF/$w.data" 2>/dev/null & perf_pid=$!; sleep 0.5; }
 	echo 0 >"$work/ops"
 	c0=$(cpu_ticks) s0=$(switches)
@@ -105,6 +125,7 @@ for w in "${workloads[@]}"; do
 	c1=$(cpu_ticks) s1=$(switches)
 	ops=$(cat "$work/ops")
 	[ "$w" = meta ] && ops=$((3 * META_FILES))
+	[ "$w" = unlink ] && ops=$META_FILES
 	[ -n "${PERF:-}" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
 	cpu_us=$(((c1 - c0) * 1000000 / hz))
 	echo "$w cpu_s=$(echo "scale=2; $cpu_us / 1000000" | bc) wall_s=$(echo "scale=2; ($t1 - $t0) / 1" | bc)" \
