@@ -8,16 +8,22 @@ use super::testkit::*;
 use super::{OverwritePolicy, TxnConfig};
 use crate::store::Store;
 
+/// Writes linger ten minutes unless something ends it, and acks never
+/// time out: what a test sees go was sent for a reason of its own.
+fn lingering() -> TxnConfig {
+    TxnConfig {
+        data_linger: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Cow)
+    }
+}
+
 /// A write's own transaction lingers `data_linger` for the inode's next
 /// writes: the writes between two syncs are one commit. A write that does
 /// not fit ends the linger of the full one, which goes on its own.
 #[test]
 fn writes_between_syncs_linger_into_one_commit() {
-    let config = TxnConfig {
-        data_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
+    let config = lingering();
     let max = config.max_txn_bytes;
     let (wb, _sink, store, m) = layer_with(config, 1, 29, false);
     create(&wb, 40);
@@ -50,10 +56,8 @@ fn writes_between_syncs_linger_into_one_commit() {
 #[test]
 fn lingering_gives_way_near_the_dirty_bound() {
     let config = TxnConfig {
-        data_linger: Duration::from_secs(600),
         meta_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
+        ..lingering()
     };
     let dirty_max = config.dirty_max_bytes;
     let (wb, _sink, store, m) = layer_with(config, 1, 34, false);
@@ -88,11 +92,7 @@ fn lingering_gives_way_near_the_dirty_bound() {
 /// after many writes keeps them lingering into one commit.
 #[test]
 fn a_sync_after_each_write_stops_the_lingering() {
-    let config = TxnConfig {
-        data_linger: Duration::from_secs(600),
-        ack_timeout: Duration::from_secs(3600),
-        ..cfg(OverwritePolicy::Cow)
-    };
+    let config = lingering();
     let (wb, _sink, _store, m) = layer_with(config, 1, 34, false);
     let eager = |ino| super::ack::lock(&wb.shared.state).eager_sync.contains(&ino);
     create(&wb, 40);
