@@ -135,6 +135,9 @@ struct StoreArgs {
     /// closed.
     #[arg(long, default_value_t = 600)]
     idle_timeout_secs: u64,
+    /// Seconds a connection has to finish its TLS and protocol handshakes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout_secs: u64,
     /// Milliseconds a volume's writer may go unheard (its connections
     /// open) before another daemon's claim is granted; also how long a
     /// writer recorded in a volume has to reconnect after this server
@@ -469,6 +472,7 @@ fn store(args: StoreArgs) -> Result<()> {
             max_in_flight: args.max_in_flight,
             max_staged_bytes: args.max_staged_bytes,
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
             writer_lease: std::time::Duration::from_millis(args.writer_lease_ms),
             create_volumes: args.create_volumes,
             ..ServerConfig::new(args.listen, &args.data)

@@ -53,7 +53,6 @@ use volumes::Volumes;
 
 /// How long a new connection may take to finish its TLS and protocol
 /// handshakes.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refusal (an error frame to a peer over a limit) may take.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refusals sent at once; beyond, a refused peer is just disconnected.
@@ -90,6 +89,9 @@ pub struct ServerConfig {
     /// An authenticated connection that sends nothing for this long is
     /// closed (its client reconnects on its next request).
     pub idle_timeout: Duration,
+    /// A connection must finish its TLS and protocol handshakes within this
+    /// (it holds one of `max_handshakes` slots until then).
+    pub handshake_timeout: Duration,
     /// How long a writer that sends nothing, or a writer recorded in a
     /// volume this server just opened, keeps its claim against another
     /// session's (`docs/protocol.md`, "Writer claim"): its clients send a
@@ -118,6 +120,7 @@ impl ServerConfig {
             max_in_flight: 64,
             max_staged_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(600),
+            handshake_timeout: Duration::from_secs(10),
             writer_lease: WRITER_LEASE,
             create_volumes: true,
         }
@@ -138,6 +141,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_staged_bytes", &self.max_staged_bytes)
             .field("idle_timeout", &self.idle_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
             .field("writer_lease", &self.writer_lease)
             .finish()
     }
@@ -428,10 +432,11 @@ async fn serve_connection(
         let s = handshake::handshake(&mut rd, &mut wr, shared).await?;
         Ok::<_, ConnError>((rd, wr, s))
     };
-    let (mut rd, mut wr, session) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
-        Err(_) => return Err(ConnError::HandshakeTimeout),
-        Ok(r) => r?,
-    };
+    let (mut rd, mut wr, session) =
+        match tokio::time::timeout(shared.cfg.handshake_timeout, started).await {
+            Err(_) => return Err(ConnError::HandshakeTimeout),
+            Ok(r) => r?,
+        };
     drop(handshaking);
     info!(
         %peer,

@@ -172,7 +172,12 @@ where
     };
     let store = match shared.volumes.get(&volume).await {
         Ok(s) => s,
-        Err(e) => return refuse(wr, id, ErrorCode::NoSuchVolume, e.to_string()).await,
+        Err(e) => {
+            // The slot is free before the peer hears why: a client that
+            // reads the refusal and connects again finds it.
+            drop(slot);
+            return refuse(wr, id, ErrorCode::NoSuchVolume, e.to_string()).await;
+        }
     };
     let ticket = auth::ticket(secret, &credential, &volume, session);
     let issued = Transcript {
