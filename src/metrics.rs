@@ -65,6 +65,13 @@ counters! {
     /// Metadata changes that joined a queued, unsent transaction instead
     /// of forming one (group commit in the daemon).
     txn_joined,
+    /// Times the transaction sender woke to choose what goes (told to, or
+    /// at the end of a linger or backoff it was waiting for).
+    sender_wakes,
+    /// Times a change woke the transaction sender (one that may go now,
+    /// an ack with more to send, a sync); a change that may go only after
+    /// the sender's own next wake does not.
+    sender_nudges,
     /// Attempts at sending a transaction (first sends and resends).
     txn_sent,
     /// Transactions acknowledged durable.

@@ -226,7 +226,7 @@ pub(super) fn on_result(
             warn!(txn = id, server = %shared.sink.server_name(server), error = %e, next = %shared.sink.server_name(next), "transaction not acknowledged; will resend");
             shared.publish(&st);
             shared.changed.notify_all();
-            shared.pump.notify_one();
+            shared.wake_sender();
         }
     }
 }
@@ -420,6 +420,11 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
     shared.metrics.cache_evictions.add(evicted);
     shared.publish(st);
     shared.changed.notify_all();
-    shared.pump.notify_one();
+    // The sender chooses only among `ready`: with it empty, this ack
+    // (the slot it frees, what it unblocked) gives it nothing to send.
+    if !st.ready.is_empty() && !st.pump_nudged {
+        st.pump_nudged = true;
+        shared.wake_sender();
+    }
     debug!(txn = id, age = ?t.formed.elapsed(), "transaction acknowledged");
 }

@@ -118,3 +118,37 @@ fn a_sync_after_each_write_stops_the_lingering() {
     assert_eq!(m.txn_sent.get(), sent + 1, "one commit for the eight");
     assert!(!eager(41));
 }
+
+/// A burst of lingering changes does not wake the sender once per change:
+/// each may go only when the linger ends, after the sender wakes by itself
+/// anyway. Before that rule, every create of a directory's burst woke the
+/// sender thread only for it to go back to sleep (a thread wake-up per
+/// guest request, most of a slow guest's per-file CPU).
+#[test]
+fn a_burst_of_lingering_changes_does_not_wake_the_sender_per_change() {
+    let config = TxnConfig {
+        meta_linger: Duration::from_secs(600),
+        max_txn_ops: 1024,
+        ..lingering()
+    };
+    let (wb, _sink, store, m) = layer_with(config, 1, 35, false);
+    wb.sync(None).unwrap();
+    let creates = 64u64;
+    let nudges = m.sender_nudges.get();
+    for i in 0..creates {
+        create_in(&wb, 1, 200 + i, &format!("f{i}"));
+    }
+    // The first create's transaction may go before the sender's next
+    // wake (it slept with nothing to do): one nudge at most.
+    let nudged = m.sender_nudges.get() - nudges;
+    assert!(
+        nudged <= 1,
+        "{nudged} wake-ups for {creates} lingering creates"
+    );
+    assert_eq!(wb.unacked(), 1, "they linger in one transaction");
+    wb.sync(None).unwrap();
+    assert_eq!(
+        store.lookup(1, b"f63").unwrap().map(|d| d.ino),
+        Some(200 + creates - 1)
+    );
+}

@@ -326,6 +326,13 @@ struct State {
     /// Page bytes dropped for forgotten inodes since the allocator last
     /// gave free memory back (`budget::release_free_memory`).
     freed_since_trim: u64,
+    /// When the sender wakes by itself next (set under this lock as it
+    /// goes to sleep): a change that may go only later needs no wake-up
+    /// ([`Shared::nudge`]).
+    pump_wakes_at: Option<tokio::time::Instant>,
+    /// The sender was woken and has not chosen since: it will see every
+    /// change made before it takes this lock, so none needs to wake it.
+    pump_nudged: bool,
 }
 
 struct Shared {
@@ -573,6 +580,9 @@ impl WritebackStore {
                 known_names: KnownNames::new(meta_shares.names),
                 meta_shares,
                 freed_since_trim: 0,
+                pump_wakes_at: None,
+                // Its first round runs without being told.
+                pump_nudged: true,
             }),
             cfg,
             store,
@@ -665,7 +675,7 @@ impl Drop for WritebackStore {
                 "transaction layer dropped with unacknowledged transactions"
             );
         }
-        self.shared.pump.notify_one();
+        self.shared.wake_sender();
         self.shared.changed.notify_all();
         if let Some(d) = self.driver.take() {
             let _ = d.join();

@@ -204,12 +204,48 @@ impl Shared {
             st.by_inode.entry(*ino).or_default().push_back(id);
         }
         st.dirty_bytes += entry.data_bytes + entry.dirty_meta_bytes;
+        let goes_at = entry.not_before;
         st.txns.insert(id, entry);
         st.ready.insert(id);
         self.metrics.txn_formed.inc();
         self.publish(st);
-        self.pump.notify_one();
+        self.nudge(st, goes_at);
         id
+    }
+
+    /// Wake the sender for a change that may go at `goes_at` (`None`: at
+    /// once), unless it wakes by then anyway or is already told to: a
+    /// burst of lingering changes costs no thread wake-up each. Where a
+    /// change may make something go earlier than the sender planned (a
+    /// linger cut, an ack), it is woken outright instead.
+    pub(super) fn nudge(&self, st: &mut State, goes_at: Option<Instant>) {
+        if st.pump_nudged {
+            return;
+        }
+        let in_time = st
+            .pump_wakes_at
+            .zip(goes_at)
+            .is_some_and(|(wakes, goes)| wakes <= goes);
+        if !in_time || super::sender::hurry(self, st) {
+            st.pump_nudged = true;
+            self.wake_sender();
+        }
+    }
+
+    /// Wake the sender: something may go now.
+    pub(super) fn wake_sender(&self) {
+        self.metrics.sender_nudges.inc();
+        self.pump.notify_one();
+    }
+
+    /// [`Self::nudge`] for the queued transaction `id` as it stands.
+    pub(super) fn nudge_for(&self, st: &mut State, id: u64) {
+        let goes_at = st
+            .txns
+            .get(&id)
+            .filter(|t| t.state == TxnState::Queued)
+            .and_then(|t| t.not_before);
+        self.nudge(st, goes_at);
     }
 
     pub(super) fn new_entry(st: &mut State, ops: Vec<Op>, mergeable: bool) -> TxnEntry {

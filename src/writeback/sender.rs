@@ -26,22 +26,35 @@ use crate::store::{Op, Txn, WriteData};
 /// sends them; resends on timeouts.
 pub(super) async fn pump(shared: Arc<Shared>) {
     loop {
-        let (next_wake, attempts) = {
+        let (wake_at, attempts) = {
             let mut st = lock(&shared.state);
             if st.shutdown {
                 return;
             }
-            dispatch(&shared, &mut st)
+            shared.metrics.sender_wakes.inc();
+            st.pump_nudged = false;
+            let (next_wake, attempts) = dispatch(&shared, &mut st);
+            let now = Instant::now();
+            let wake_at = next_wake
+                .unwrap_or(now + IDLE_WAKE)
+                .max(now + Duration::from_millis(1));
+            st.pump_wakes_at = Some(wake_at);
+            (wake_at, attempts)
         };
         for a in attempts {
             launch(&shared, a);
         }
-        let wait = next_wake.map_or(Duration::from_millis(100), |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        let _ =
-            tokio::time::timeout(wait.max(Duration::from_millis(1)), shared.pump.notified()).await;
+        let _ = tokio::time::timeout_at(wake_at, shared.pump.notified()).await;
     }
+}
+
+/// How long the sender sleeps with nothing due.
+const IDLE_WAKE: Duration = Duration::from_millis(100);
+
+/// Whether lingering transactions go at once: near the dirty bound (or a
+/// full queue) lingering would hold writers back instead.
+pub(super) fn hurry(shared: &Shared, st: &State) -> bool {
+    st.dirty_bytes >= shared.cfg.dirty_max_bytes / 4 * 3 || st.txns.len() >= MAX_QUEUED_TXNS / 4 * 3
 }
 
 /// One attempt, chosen under the state lock: references to what it
@@ -118,8 +131,7 @@ fn dispatch(shared: &Arc<Shared>, st: &mut State) -> (Option<Instant>, Vec<Attem
     let wire_cap = shared.cfg.dirty_max_bytes / 4;
     // Lingering gathers changes into fewer commits; near the dirty bound
     // (or a full queue) it would hold writers back instead: send at once.
-    let hurry = st.dirty_bytes >= shared.cfg.dirty_max_bytes / 4 * 3
-        || st.txns.len() >= MAX_QUEUED_TXNS / 4 * 3;
+    let hurry = hurry(shared, st);
     let mut next = 0;
     while st.in_flight < shared.cfg.max_in_flight {
         let Some(&id) = st.ready.range(next..).next() else {

@@ -214,7 +214,7 @@ impl Shared {
             }
             ids
         };
-        self.pump.notify_one();
+        self.wake_sender();
         // A sync of one inode answers ENOSPC as soon as its data waits for
         // space; a sync of everything (syncfs, shutdown) still waits for
         // whatever else can be stored.

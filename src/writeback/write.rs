@@ -67,8 +67,8 @@ impl Shared {
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);
         self.publish(&st);
+        self.nudge_for(&mut st, txn_id);
         drop(st);
-        self.pump.notify_one();
         Ok(())
     }
 
@@ -237,8 +237,8 @@ impl Shared {
             // A write's own transaction that this write does not fit in
             // has nothing more to wait for.
             if let Some(t) = newest.and_then(|n| st.txns.get_mut(&n)) {
-                if t.mergeable && t.attempts == 0 {
-                    t.not_before = None;
+                if t.mergeable && t.attempts == 0 && t.not_before.take().is_some() {
+                    self.wake_sender();
                 }
             }
             let mut entry = Self::new_entry(st, vec![Op::PutInode(inode.clone())], true);
@@ -445,8 +445,8 @@ impl Shared {
                 st.reflect(op, id);
             }
             self.publish(&st);
+            self.nudge_for(&mut st, id);
             drop(st);
-            self.pump.notify_one();
             id
         };
         if wait_ack {
