@@ -108,24 +108,32 @@ impl Requests {
     /// local read or write and does not wait for the write-back layer
     /// (read from the header, and a write's size; `serve` checks it
     /// whole): what only reads (lookups, attributes, directories, xattrs,
-    /// links, statfs), a WRITE the layer has room for now, a metadata
+    /// links, statfs), a WRITE the layer has room for now (under
+    /// `--overwrite wait`, to an inode with no page in flight), a metadata
     /// change while the layer has room for it, a close that does not
     /// wait. Never a sync (FSYNC, FSYNCDIR, SYNCFS), a lock that may block
     /// (SETLKW), INIT or DESTROY, nor what is rare (FALLOCATE, LSEEK,
     /// COPY_FILE_RANGE, and the opcodes we refuse).
     pub fn is_cheap(&self, chain: &Chain) -> bool {
         let store = self.fs.store();
-        match first_header(chain).map(|h| h.opcode) {
+        let header = first_header(chain);
+        match header.map(|h| h.opcode) {
             Some(
                 FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ | FUSE_READLINK | FUSE_STATFS
                 | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
                 | FUSE_RELEASEDIR | FUSE_ACCESS,
             ) => true,
-            Some(FUSE_WRITE) => write_size(chain).is_some_and(|size| {
-                // The pages it may dirty: one more where it is unaligned.
-                let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
-                store.would_not_wait(Demand::Write(bytes))
-            }),
+            Some(FUSE_WRITE) => match (header, write_size(chain)) {
+                (Some(h), Some(size)) => {
+                    // The pages it may dirty: one more where it is unaligned.
+                    let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
+                    store.would_not_wait(Demand::Write {
+                        ino: h.nodeid,
+                        bytes,
+                    })
+                }
+                _ => false,
+            },
             // OPEN may truncate; the last FORGET of an unlinked inode
             // removes it.
             Some(

@@ -76,8 +76,8 @@ pub const BLOCK_SIZE: u64 = 64 * 1024;
 /// What a request would ask of the store, for [`Store::would_not_wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Demand {
-    /// A write dirtying about this many bytes of pages.
-    Write(u64),
+    /// A write to inode `ino` dirtying about `bytes` bytes of pages.
+    Write { ino: u64, bytes: u64 },
     /// A metadata change (create, unlink, rename, setattr, xattrs, the
     /// removal of an orphan at its last forget).
     Metadata,

@@ -546,7 +546,8 @@ fn a_queue_behind_one_directory_leaves_the_ready_set() {
 
 /// A write the layer has room for would not wait, so the device serves it
 /// on its queue thread; past `dirty_max_bytes`, or under `--overwrite
-/// wait`, it might, and the device hands it to the pool. A metadata change
+/// wait` to an inode with pages in flight, it might, and the device hands
+/// it to the pool. A metadata change
 /// needs room too (not the overwrite policy); a close waits only under
 /// `sync_on_close`.
 #[test]
@@ -560,13 +561,19 @@ fn a_request_would_not_wait_while_there_is_room() {
     let (wb, sink, _store, _m) = layer_with(config, 1, 31, false);
     create(&wb, 50);
     wb.sync(None).unwrap();
-    assert!(wb.would_not_wait(Write(4096)));
+    assert!(wb.would_not_wait(Write {
+        ino: 50,
+        bytes: 4096
+    }));
     assert!(wb.would_not_wait(Metadata));
     assert!(wb.would_not_wait(Close));
     sink.gate.close();
     write(&wb, 50, 0, &vec![1u8; dirty_max as usize], dirty_max);
     assert!(
-        !wb.would_not_wait(Write(4096)),
+        !wb.would_not_wait(Write {
+            ino: 50,
+            bytes: 4096
+        }),
         "no room under dirty_max_bytes"
     );
     assert!(!wb.would_not_wait(Metadata), "no room for metadata either");
@@ -574,16 +581,41 @@ fn a_request_would_not_wait_while_there_is_room() {
     sink.gate.open();
     wb.sync(None).unwrap();
     assert!(
-        wb.would_not_wait(Write(4096)),
+        wb.would_not_wait(Write {
+            ino: 50,
+            bytes: 4096
+        }),
         "room again once acknowledged"
     );
     assert!(wb.would_not_wait(Metadata));
-    let (wait, _, _, _) = layer(OverwritePolicy::Wait, 1, 32);
+    // Under wait, a write to an inode with pages in flight may wait for
+    // their ack; one to an inode without does not.
+    let config = TxnConfig {
+        ack_timeout: Duration::from_secs(3600),
+        ..cfg(OverwritePolicy::Wait)
+    };
+    let (wait, sink, _, m) = layer_with(config, 1, 32, false);
+    create(&wait, 50);
+    create(&wait, 51);
+    wait.sync(None).unwrap();
+    let to = |ino| Write { ino, bytes: 4096 };
+    assert!(wait.would_not_wait(to(50)), "nothing in flight");
+    sink.gate.close();
+    let sent = m.txn_sent.get();
+    write(&wait, 50, 0, &[1u8; 4096], 4096);
+    eventually("the write to go", || m.txn_sent.get() > sent);
     assert!(
-        !wait.would_not_wait(Write(4096)),
+        !wait.would_not_wait(to(50)),
         "under wait a pinned page may hold it"
     );
+    assert!(
+        wait.would_not_wait(to(51)),
+        "another inode's pages are free"
+    );
     assert!(wait.would_not_wait(Metadata), "metadata pins no page");
+    sink.gate.open();
+    wait.sync(None).unwrap();
+    assert!(wait.would_not_wait(to(50)), "acknowledged: unpinned");
     let strict = TxnConfig {
         sync_on_close: true,
         ..cfg(OverwritePolicy::Cow)

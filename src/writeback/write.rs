@@ -117,12 +117,18 @@ impl Shared {
             st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes
         };
         match demand {
-            Demand::Write(bytes) => {
-                if self.cfg.overwrite != OverwritePolicy::Cow {
-                    return false;
-                }
+            Demand::Write { ino, bytes } => {
                 let st = lock(&self.state);
-                !st.shutdown && !st.full && room(&st, bytes)
+                // Under `wait` a write waits for the ack of a pinned page
+                // it covers; pages are pinned only by a transaction sent
+                // (an append's offset is known only under the inode's
+                // lock, so any of the inode's counts).
+                let may_wait_for_ack = self.cfg.overwrite == OverwritePolicy::Wait
+                    && st.by_inode.get(&ino).is_some_and(|q| {
+                        q.iter()
+                            .any(|id| st.txns.get(id).is_some_and(|t| t.pinned.is_some()))
+                    });
+                !st.shutdown && !st.full && room(&st, bytes) && !may_wait_for_ack
             }
             Demand::Metadata => {
                 let st = lock(&self.state);
