@@ -321,6 +321,7 @@ impl VhostUserBackend for FsBackend {
 mod tests {
     use super::*;
     use crate::device::testkit::served_fs;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn backend(tag: Option<&str>) -> FsBackend {
         let (requests, metrics) = served_fs();
@@ -386,6 +387,30 @@ mod tests {
             let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
             assert_eq!(b.requests.is_cheap(&chain), cheap, "opcode {opcode}");
         }
+        // A WRITE as Linux lays it out: the header, its fuse_write_in and
+        // the data each in a descriptor of their own. Its size is found
+        // there; where the chain cuts the size field apart, it is not, and
+        // the WRITE goes to the pool.
+        let m = mem.memory();
+        let mut write_in = [0u8; 40];
+        write_in[16..20].copy_from_slice(&4096u32.to_le_bytes());
+        m.write_slice(&write_in, GuestAddress(REQUEST + 0x100))
+            .unwrap();
+        write_request(&mem, header(40 + 40 + 4096, 16, 10), &[]);
+        let split = |cut: u32| {
+            post(
+                &mem,
+                &[
+                    (REQUEST, 40, false),
+                    (REQUEST + 0x100, cut, false),
+                    (REQUEST + 0x100 + u64::from(cut), 40 - cut, false),
+                    (REQUEST + 0x1000, 4096, false),
+                    (REPLY, 256, true),
+                ],
+            )
+        };
+        assert!(b.requests.is_cheap(&split(40 - 1)), "the size in one piece");
+        assert!(!b.requests.is_cheap(&split(18)), "the size cut apart");
         // FSYNC (20) is not cheap: it goes to the pool, behind the block.
         let len = write_request(&mem, header(56, 20, 8), &[0u8; 16]);
         let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);

@@ -296,16 +296,27 @@ fn first_header(chain: &Chain) -> Option<InHeader> {
 }
 
 /// The `size` of a WRITE's `fuse_write_in` (fh u64, offset u64, size u32,
-/// ...), when the chain's first descriptor holds it after the header.
+/// ...), when one of the chain's first readable descriptors holds it
+/// whole. Linux puts the header in a descriptor of its own and the
+/// arguments in the next; a chain cut finer is served by the pool.
 fn write_size(chain: &Chain) -> Option<u32> {
-    let desc = chain.clone().readable().next()?;
-    let at = std::mem::size_of::<InHeader>() + 16;
-    if (desc.len() as usize) < at + 4 {
-        return None;
+    let mut at = (std::mem::size_of::<InHeader>() + 16) as u64;
+    for desc in chain.clone().readable().take(WRITE_SIZE_DESCRIPTORS) {
+        let len = u64::from(desc.len());
+        if at < len {
+            if len - at < 4 {
+                return None;
+            }
+            let addr = desc.addr().checked_add(at)?;
+            return chain.memory().read_obj::<u32>(addr).ok();
+        }
+        at -= len;
     }
-    let addr = desc.addr().checked_add(at as u64)?;
-    chain.memory().read_obj::<u32>(addr).ok()
+    None
 }
+
+/// The readable descriptors [`write_size`] looks through at most.
+const WRITE_SIZE_DESCRIPTORS: usize = 4;
 
 fn out_header(unique: u64, errno: i32) -> OutHeader {
     OutHeader {
