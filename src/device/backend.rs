@@ -388,9 +388,9 @@ mod tests {
             assert_eq!(b.requests.is_cheap(&chain), cheap, "opcode {opcode}");
         }
         // A WRITE as Linux lays it out: the header, its fuse_write_in and
-        // the data each in a descriptor of their own. Its size is found
-        // there; where the chain cuts the size field apart, it is not, and
-        // the WRITE goes to the pool.
+        // the data each in a descriptor of their own. Its handle, offset
+        // and size are found there; where the chain cuts them apart, they
+        // are not, and the WRITE goes to the pool.
         let m = mem.memory();
         let mut write_in = [0u8; 40];
         write_in[16..20].copy_from_slice(&4096u32.to_le_bytes());
@@ -410,7 +410,7 @@ mod tests {
             )
         };
         assert!(b.requests.is_cheap(&split(40 - 1)), "the size in one piece");
-        assert!(!b.requests.is_cheap(&split(18)), "the size cut apart");
+        assert!(!b.requests.is_cheap(&split(18)), "the arguments cut apart");
         // FSYNC (20) is not cheap: it goes to the pool, behind the block.
         let len = write_request(&mem, header(56, 20, 8), &[0u8; 16]);
         let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);

@@ -61,8 +61,6 @@ const FUSE_CREATE: u32 = 35;
 const FUSE_BATCH_FORGET: u32 = 42;
 const FUSE_READDIRPLUS: u32 = 44;
 const FUSE_RENAME2: u32 = 45;
-/// The write-back layer's page size, for what a WRITE may dirty.
-const PAGE_BYTES: u64 = 4096;
 
 /// The length of `struct fuse_syncfs_in`.
 pub(super) const SYNCFS_IN_LEN: usize = 8;
@@ -123,15 +121,12 @@ impl Requests {
                 | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
                 | FUSE_RELEASEDIR | FUSE_ACCESS,
             ) => true,
-            Some(FUSE_WRITE) => match (header, write_size(chain)) {
-                (Some(h), Some(size)) => {
-                    // The pages it may dirty: one more where it is unaligned.
-                    let bytes = u64::from(size).div_ceil(PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES;
-                    store.would_not_wait(Demand::Write {
-                        ino: h.nodeid,
-                        bytes,
-                    })
-                }
+            Some(FUSE_WRITE) => match (header, write_args(chain)) {
+                (Some(h), Some(w)) => store.would_not_wait(Demand::Write {
+                    ino: h.nodeid,
+                    offset: self.fs.write_offset(h.nodeid, w.fh, w.offset),
+                    len: u64::from(w.size),
+                }),
                 _ => false,
             },
             // OPEN may truncate; the last FORGET of an unlinked inode
@@ -295,28 +290,43 @@ fn first_header(chain: &Chain) -> Option<InHeader> {
     chain.memory().read_obj::<InHeader>(desc.addr()).ok()
 }
 
-/// The `size` of a WRITE's `fuse_write_in` (fh u64, offset u64, size u32,
-/// ...), when one of the chain's first readable descriptors holds it
-/// whole. Linux puts the header in a descriptor of its own and the
-/// arguments in the next; a chain cut finer is served by the pool.
-fn write_size(chain: &Chain) -> Option<u32> {
-    let mut at = (std::mem::size_of::<InHeader>() + 16) as u64;
-    for desc in chain.clone().readable().take(WRITE_SIZE_DESCRIPTORS) {
+/// The head of a WRITE's `fuse_write_in`.
+struct WriteArgs {
+    fh: u64,
+    offset: u64,
+    size: u32,
+}
+
+/// A WRITE's handle, offset and size, when one of the chain's first
+/// readable descriptors holds them whole. Linux puts the header in a
+/// descriptor of its own and the arguments in the next; a chain cut finer
+/// is served by the pool.
+fn write_args(chain: &Chain) -> Option<WriteArgs> {
+    const HEAD: u64 = 20;
+    let mut at = std::mem::size_of::<InHeader>() as u64;
+    for desc in chain.clone().readable().take(WRITE_ARGS_DESCRIPTORS) {
         let len = u64::from(desc.len());
         if at < len {
-            if len - at < 4 {
+            if len - at < HEAD {
                 return None;
             }
             let addr = desc.addr().checked_add(at)?;
-            return chain.memory().read_obj::<u32>(addr).ok();
+            let mut head = [0u8; HEAD as usize];
+            chain.memory().read_slice(&mut head, addr).ok()?;
+            let u64_at = |i: usize| head.get(i..i + 8)?.try_into().ok().map(u64::from_le_bytes);
+            return Some(WriteArgs {
+                fh: u64_at(0)?,
+                offset: u64_at(8)?,
+                size: u32::from_le_bytes(head.get(16..20)?.try_into().ok()?),
+            });
         }
         at -= len;
     }
     None
 }
 
-/// The readable descriptors [`write_size`] looks through at most.
-const WRITE_SIZE_DESCRIPTORS: usize = 4;
+/// The readable descriptors [`write_args`] looks through at most.
+const WRITE_ARGS_DESCRIPTORS: usize = 4;
 
 fn out_header(unique: u64, errno: i32) -> OutHeader {
     OutHeader {

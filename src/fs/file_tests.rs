@@ -174,7 +174,12 @@ fn append_handles_write_at_the_end() {
             0,
         )
         .unwrap();
-    write(&fs, e.inode, ah.unwrap(), 0, b"second").unwrap();
+    let ah = ah.unwrap();
+    // Where a write lands is known before the inode is locked only for a
+    // handle that does not append (the device's inline check).
+    assert_eq!(fs.write_offset(e.inode, h, 0), Some(0));
+    assert_eq!(fs.write_offset(e.inode, ah, 0), None);
+    write(&fs, e.inode, ah, 0, b"second").unwrap();
     assert_eq!(read(&fs, e.inode, 0, 100), b"first,second");
 }
 

@@ -162,6 +162,16 @@ impl PohmelFs {
         Ok(())
     }
 
+    /// Where a WRITE of `ino` through `handle` at `offset` lands, when
+    /// that is known before the inode is locked: not for an append
+    /// handle, which writes at the size it finds then (`do_write`).
+    pub fn write_offset(&self, ino: u64, handle: u64, offset: u64) -> Option<u64> {
+        let append = lock(&self.handles)
+            .get(handle)
+            .is_some_and(|h| h.append && h.ino == ino);
+        (!append).then_some(offset)
+    }
+
     /// The store this filesystem serves.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

@@ -76,8 +76,13 @@ pub const BLOCK_SIZE: u64 = 64 * 1024;
 /// What a request would ask of the store, for [`Store::would_not_wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Demand {
-    /// A write to inode `ino` dirtying about `bytes` bytes of pages.
-    Write { ino: u64, bytes: u64 },
+    /// A write of `len` bytes to inode `ino` at `offset` (`None`: not
+    /// known before the inode is locked, an append).
+    Write {
+        ino: u64,
+        offset: Option<u64>,
+        len: u64,
+    },
     /// A metadata change (create, unlink, rename, setattr, xattrs, the
     /// removal of an orphan at its last forget).
     Metadata,

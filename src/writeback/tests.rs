@@ -563,7 +563,8 @@ fn a_request_would_not_wait_while_there_is_room() {
     wb.sync(None).unwrap();
     assert!(wb.would_not_wait(Write {
         ino: 50,
-        bytes: 4096
+        offset: Some(0),
+        len: 4096
     }));
     assert!(wb.would_not_wait(Metadata));
     assert!(wb.would_not_wait(Close));
@@ -572,7 +573,8 @@ fn a_request_would_not_wait_while_there_is_room() {
     assert!(
         !wb.would_not_wait(Write {
             ino: 50,
-            bytes: 4096
+            offset: Some(0),
+            len: 4096
         }),
         "no room under dirty_max_bytes"
     );
@@ -583,7 +585,8 @@ fn a_request_would_not_wait_while_there_is_room() {
     assert!(
         wb.would_not_wait(Write {
             ino: 50,
-            bytes: 4096
+            offset: Some(0),
+            len: 4096
         }),
         "room again once acknowledged"
     );
@@ -598,7 +601,11 @@ fn a_request_would_not_wait_while_there_is_room() {
     create(&wait, 50);
     create(&wait, 51);
     wait.sync(None).unwrap();
-    let to = |ino| Write { ino, bytes: 4096 };
+    let to = |ino| Write {
+        ino,
+        offset: Some(0),
+        len: 4096,
+    };
     assert!(wait.would_not_wait(to(50)), "nothing in flight");
     sink.gate.close();
     let sent = m.txn_sent.get();
@@ -611,6 +618,24 @@ fn a_request_would_not_wait_while_there_is_room() {
     assert!(
         wait.would_not_wait(to(51)),
         "another inode's pages are free"
+    );
+    let past = Write {
+        ino: 50,
+        offset: Some(4096),
+        len: 4096,
+    };
+    assert!(
+        wait.would_not_wait(past),
+        "the inode's other pages are free"
+    );
+    let append = Write {
+        ino: 50,
+        offset: None,
+        len: 4096,
+    };
+    assert!(
+        !wait.would_not_wait(append),
+        "an append may land on the pinned page"
     );
     assert!(wait.would_not_wait(Metadata), "metadata pins no page");
     sink.gate.open();

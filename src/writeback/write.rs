@@ -117,17 +117,27 @@ impl Shared {
             st.dirty_bytes == 0 || st.dirty_bytes + bytes <= self.cfg.dirty_max_bytes
         };
         match demand {
-            Demand::Write { ino, bytes } => {
+            Demand::Write { ino, offset, len } => {
+                // The pages it may dirty: one more where it is unaligned.
+                let bytes = len.div_ceil(PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE;
                 let st = lock(&self.state);
                 // Under `wait` a write waits for the ack of a pinned page
-                // it covers; pages are pinned only by a transaction sent
-                // (an append's offset is known only under the inode's
-                // lock, so any of the inode's counts).
+                // it covers (`wait_to_write`): the pages of its span, or
+                // for an append (its offset known only under the inode's
+                // lock) any page of the inode, which only a transaction
+                // already sent pins.
                 let may_wait_for_ack = self.cfg.overwrite == OverwritePolicy::Wait
-                    && st.by_inode.get(&ino).is_some_and(|q| {
-                        q.iter()
-                            .any(|id| st.txns.get(id).is_some_and(|t| t.pinned.is_some()))
-                    });
+                    && match offset {
+                        Some(offset) => {
+                            let first = offset / PAGE_SIZE;
+                            let last = offset.saturating_add(len.saturating_sub(1)) / PAGE_SIZE;
+                            st.cache.any_pinned(ino, first, last)
+                        }
+                        None => st.by_inode.get(&ino).is_some_and(|q| {
+                            q.iter()
+                                .any(|id| st.txns.get(id).is_some_and(|t| t.pinned.is_some()))
+                        }),
+                    };
                 !st.shutdown && !st.full && room(&st, bytes) && !may_wait_for_ack
             }
             Demand::Metadata => {
