@@ -226,7 +226,7 @@ impl Shared {
                 continue;
             }
             if self.cfg.overwrite == OverwritePolicy::Wait
-                && (span.first..=span.last).any(|i| st.cache.is_pinned(ino, i))
+                && st.cache.any_pinned(ino, span.first, span.last)
             {
                 self.metrics.overwrite_waits.inc();
                 st = self.wait_until(st, deadline, "ack of the pinned pages")?;
