@@ -107,7 +107,7 @@ impl Requests {
     /// (read from the header, and a write's size; `serve` checks it
     /// whole): what only reads (lookups, attributes, directories, xattrs,
     /// links, statfs), a WRITE the layer has room for now (under
-    /// `--overwrite wait`, to an inode with no page in flight), a metadata
+    /// `--overwrite wait`, where no page it covers is pinned), a metadata
     /// change while the layer has room for it, a close that does not
     /// wait. Never a sync (FSYNC, FSYNCDIR, SYNCFS), a lock that may block
     /// (SETLKW), INIT or DESTROY, nor what is rare (FALLOCATE, LSEEK,

@@ -422,9 +422,8 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
     shared.changed.notify_all();
     // The sender chooses only among `ready`: with it empty, this ack
     // (the slot it frees, what it unblocked) gives it nothing to send.
-    if !st.ready.is_empty() && !st.pump_nudged {
-        st.pump_nudged = true;
-        shared.wake_sender();
+    if !st.ready.is_empty() {
+        shared.nudge(st, None);
     }
     debug!(txn = id, age = ?t.formed.elapsed(), "transaction acknowledged");
 }

@@ -163,7 +163,6 @@ impl PageCache {
         }
     }
 
-    /// True when a sent transaction holds this page's buffer.
     /// Whether any cached page `first..=last` of `ino` is pinned (a range
     /// query: it costs the pages cached there, not the span).
     pub fn any_pinned(&self, ino: u64, first: u64, last: u64) -> bool {
@@ -174,6 +173,7 @@ impl PageCache {
                 .any(|(_, p)| p.pinned_by.is_some())
     }
 
+    /// True when a sent transaction holds this page's buffer.
     pub fn is_pinned(&self, ino: u64, idx: u64) -> bool {
         self.pages
             .get(&(ino, idx))
