@@ -61,8 +61,9 @@ impl WriteData {
     /// offset `offset`, into parts that each cover at most one
     /// [`PAGE_SIZE`]-aligned page of the file: every whole page the write
     /// covers becomes one buffer of its own, which the write-back layer
-    /// keeps as its page. Each byte is copied once, from `src` into its
-    /// part; no buffer is larger than a page.
+    /// keeps as its page (in a recycled buffer, `super::pages`). Each byte
+    /// is copied once, from `src` into its part; no buffer is larger than a
+    /// page.
     pub fn read_aligned(src: &mut dyn io::Read, len: usize, offset: u64) -> io::Result<WriteData> {
         let mut data = WriteData {
             parts: Vec::with_capacity(len.div_ceil(PAGE_SIZE as usize) + 1),
@@ -72,9 +73,13 @@ impl WriteData {
         let mut left = len;
         while left > 0 {
             let n = left.min((PAGE_SIZE - pos % PAGE_SIZE) as usize);
-            let mut buf = vec![0u8; n];
-            src.read_exact(&mut buf)?;
-            data.push(Bytes::from(buf));
+            if n == PAGE_SIZE as usize {
+                data.push(super::pages::read_page(src)?);
+            } else {
+                let mut buf = vec![0u8; n];
+                src.read_exact(&mut buf)?;
+                data.push(Bytes::from(buf));
+            }
             left -= n;
             // Only the position within a page matters: a write that ends
             // past 2^64 (refused later, EFBIG) must not overflow here.

@@ -54,6 +54,7 @@ pub(crate) mod hooked;
 pub mod import;
 pub mod mem;
 mod open;
+mod pages;
 pub mod readcache;
 pub mod sink;
 
