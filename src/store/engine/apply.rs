@@ -33,7 +33,7 @@ use super::log_queue::LogQueue;
 use super::map_engine_error;
 use super::objects::{self, Objects};
 use super::segment::{Placed, Segments};
-use crate::store::{Op, StoreError, BLOCK_SIZE};
+use crate::store::{FileKind, Op, StoreError, BLOCK_SIZE};
 
 /// A batch as a list: the key, and its new value or `None` to delete it.
 pub type Puts = Vec<(Vec<u8>, Option<Bytes>)>;
@@ -634,10 +634,20 @@ pub async fn apply(
                 .await
         }
         Op::RemoveInode { ino } => {
+            // Only a symlink has a target and only a file has chunks: one
+            // engine read or scan fewer (a record already gone gets both).
+            let kind = match view.get(&keys::inode(ino)).await? {
+                Some(v) => Some(codec::decode_inode(ino, &v)?.kind),
+                None => None,
+            };
             view.delete(keys::orphan(ino)).await?;
             view.delete(keys::inode(ino)).await?;
-            view.delete(keys::symlink(ino)).await?;
-            drop_chunks(view, keys::blocks_from(ino, 0)).await?;
+            if matches!(kind, None | Some(FileKind::Symlink)) {
+                view.delete(keys::symlink(ino)).await?;
+            }
+            if matches!(kind, None | Some(FileKind::Regular)) {
+                drop_chunks(view, keys::blocks_from(ino, 0)).await?;
+            }
             view.delete_range(keys::xattrs_of(ino)).await
         }
         Op::PutDirent { parent, dirent } => {
