@@ -65,14 +65,15 @@ impl FreeList {
     }
 
     fn read_page(&'static self, src: &mut dyn io::Read) -> io::Result<Bytes> {
-        let mut page = Recycled {
-            buf: Some(self.take()),
-            home: self,
-        };
-        if let Some(buf) = page.buf.as_mut() {
-            src.read_exact(&mut buf[..])?;
+        let mut buf = self.take();
+        if let Err(e) = src.read_exact(&mut buf[..]) {
+            self.give_back(buf);
+            return Err(e);
         }
-        Ok(Bytes::from_owner(page))
+        Ok(Bytes::from_owner(Recycled {
+            buf: Some(buf),
+            home: self,
+        }))
     }
 }
 

@@ -77,7 +77,9 @@ impl Page {
 
     /// Change the buffer with `f`: in place when nothing else holds it,
     /// otherwise in a fresh copy that replaces it (the old one stays with
-    /// whoever holds it, and the page is no longer pinned).
+    /// whoever holds it, and the page is no longer pinned). A recycled
+    /// buffer (`store::pages`) never changes in place: it is copied once,
+    /// and goes back to its free list when no one holds it.
     fn modify(&mut self, f: impl FnOnce(&mut [u8])) {
         let mut buf = match std::mem::take(&mut self.buf).try_into_mut() {
             Ok(unique) => unique,
