@@ -9,6 +9,11 @@
 //! Bounded: at most [`AHEAD_CHUNKS_MAX`] chunks in flight in the whole
 //! layer (their threads and bytes), and no page is asked for while a chunk
 //! fetches it or the cache holds it.
+//!
+//! Cheap per READ: each reader's window is walked from where the last walk
+//! stopped (a mark per inode, for the last [`AHEAD_MARKS_MAX`] inodes), not
+//! from its start, so a reader that moves by a page does not look up the
+//! thousand pages before it that are cached or in flight already.
 //! It never holds the layer's lock across a store read, and never reads in
 //! a guest's READ: the chunks run beside it.
 
@@ -30,10 +35,17 @@ pub(super) const AHEAD_CHUNKS_MAX: usize = 16;
 /// bandwidth-delay product of 400 MiB/s at 5 ms.
 pub(super) const AHEAD_WINDOW_MIN_BYTES: u64 = 4 << 20;
 
-/// The chunks in flight.
+/// Inodes whose walk mark is remembered (the newest).
+const AHEAD_MARKS_MAX: usize = 64;
+
+/// The chunks in flight, and where each reader's last walk stopped.
 #[derive(Default)]
 pub(super) struct Ahead {
     in_flight: Vec<(u64, Range<u64>)>,
+    /// `(ino, page)`: when the inode's window was last walked, every page
+    /// before `page` (down to that window's start) was cached or in
+    /// flight. Newest last, at most [`AHEAD_MARKS_MAX`].
+    marks: Vec<(u64, u64)>,
 }
 
 impl Ahead {
@@ -54,6 +66,8 @@ impl Ahead {
     /// nor in flight, cut into chunks, within the global bound. A last run
     /// shorter than a chunk waits, unless the window ends at the end of the
     /// file (`to_eof`): as the reader moves on, requests stay a chunk long.
+    /// The walk starts at the inode's mark where the window holds it (a
+    /// page evicted behind the mark is read by the guest's READ itself).
     fn take(
         &mut self,
         ino: u64,
@@ -62,7 +76,11 @@ impl Ahead {
         to_eof: bool,
     ) -> Vec<Range<u64>> {
         let mut chunks = Vec::new();
-        let mut p = window.start;
+        let mark = self.marks.iter().position(|(i, _)| *i == ino);
+        let mut p = match mark.map(|at| self.marks.remove(at).1) {
+            Some(m) if (window.start..=window.end).contains(&m) => m,
+            _ => window.start,
+        };
         while p < window.end && self.in_flight.len() < AHEAD_CHUNKS_MAX {
             if let Some(r) = self.covering(ino, &(p..p + 1)) {
                 p = r.end;
@@ -87,6 +105,10 @@ impl Ahead {
             chunks.push(p..end);
             p = end;
         }
+        if self.marks.len() == AHEAD_MARKS_MAX {
+            self.marks.remove(0);
+        }
+        self.marks.push((ino, p));
         chunks
     }
 
@@ -228,5 +250,49 @@ mod tests {
         let short = 0..AHEAD_CHUNK_PAGES - 1;
         assert!(a.take(3, short.clone(), |_| false, false).is_empty());
         assert_eq!(a.take(3, short, |_| false, true).len(), 1);
+    }
+
+    #[test]
+    fn a_moving_reader_is_walked_from_its_mark() {
+        use std::cell::Cell;
+        let mut a = Ahead::default();
+        let looked = Cell::new(0u64);
+        let window = |start: u64| start..start + 8 * AHEAD_CHUNK_PAGES;
+        let first = a.take(
+            1,
+            window(0),
+            |_| {
+                looked.set(looked.get() + 1);
+                false
+            },
+            false,
+        );
+        assert_eq!(first.len(), 8);
+        for r in &first {
+            a.done(1, r);
+        }
+        // The reader moved on by a chunk; everything behind the mark is
+        // cached now, and only the new chunk is looked at.
+        looked.set(0);
+        let next = a.take(
+            1,
+            window(AHEAD_CHUNK_PAGES),
+            |i| {
+                looked.set(looked.get() + 1);
+                i < 8 * AHEAD_CHUNK_PAGES
+            },
+            false,
+        );
+        assert_eq!(next, vec![8 * AHEAD_CHUNK_PAGES..9 * AHEAD_CHUNK_PAGES]);
+        assert_eq!(looked.get(), AHEAD_CHUNK_PAGES, "no cached page looked up");
+        // A reader that went back to the start is walked from its window's
+        // start again: nothing it lacks is skipped.
+        let back = a.take(1, window(0), |i| i >= 4, false);
+        assert_eq!(back, vec![0..4]);
+        // Marks are bounded.
+        for ino in 100..100 + 2 * AHEAD_MARKS_MAX as u64 {
+            a.take(ino, 0..1, |_| true, true);
+        }
+        assert_eq!(a.marks.len(), AHEAD_MARKS_MAX);
     }
 }
