@@ -180,7 +180,7 @@ fn a_resent_transaction_applies_once_and_gets_the_same_ack() {
     }) else {
         panic!()
     };
-    assert_eq!(d, b"BBBB");
+    assert_eq!(d.as_ref(), b"BBBB");
     // A resend on a new connection of the same session is a duplicate too.
     drop(raw);
     let mut raw = Raw::resume(server.addr(), "default", SECRET, session, "vol").unwrap();

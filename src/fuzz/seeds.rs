@@ -152,7 +152,7 @@ pub fn wire_frames() -> Vec<Vec<u8>> {
             max_payload: 1 << 20,
             max_in_flight: 4,
         },
-        Response::Data(b"hello".to_vec()),
+        Response::Data(b"hello".to_vec().into()),
         Response::Names(vec![b"user.a".to_vec()]),
     ];
     out.extend(responses.iter().map(|r| item(&r.to_frame(1))));

@@ -26,7 +26,7 @@ use crate::net::proto::{read_frame, write_frame, MAX_PAYLOAD, MAX_READ, MAX_READ
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, PEER_LINES_SUPPRESSED};
 use crate::store::sink::{Ack, SendError};
-use crate::store::{Dirent, Inode, Store, StoreError, StoreStats, Txn};
+use crate::store::{Dirent, Inode, ReadData, ReadPiece, Store, StoreError, StoreStats, Txn};
 
 mod claim;
 mod config;
@@ -562,18 +562,29 @@ impl Store for RemoteStore {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        for (i, chunk) in buf.chunks_mut(MAX_READ as usize).enumerate() {
-            let off = offset + (i * MAX_READ as usize) as u64;
+        self.read_data(ino, offset, buf.len())?
+            .copy_to(0, buf)
+            .map_err(StoreError::Io)
+    }
+
+    /// The bytes as the frames brought them: each answer's payload is
+    /// handed on, not copied into one buffer.
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        let mut out = ReadData::new();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_READ as usize);
             match self.call(Request::Read {
                 ino,
-                offset: off,
-                len: chunk.len() as u32,
+                offset: offset + done as u64,
+                len: n as u32,
             })? {
-                Response::Data(d) if d.len() == chunk.len() => chunk.copy_from_slice(&d),
+                Response::Data(d) if d.len() == n => out.push(ReadPiece::Bytes(d)),
                 r => return Err(unexpected(r)),
             }
+            done += n;
         }
-        Ok(())
+        Ok(out)
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {

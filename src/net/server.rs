@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::net::credentials::Credentials;
-use crate::net::proto::msg::{ErrorCode, Request, Response};
+use crate::net::proto::msg::{ErrorCode, Request, Response, OP_DATA};
 use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD};
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
@@ -518,13 +518,13 @@ async fn serve_connection(
                         warn!(error = %crate::ErrorChain(&e), "could not prune applied records");
                     }
                 }
-                handle(&volume, stored, req)
+                answer(&volume, stored, req, id)
             })
             .await
             .unwrap_or_else(|e| {
-                Response::error(ErrorCode::Io, format!("request task failed: {e}"))
+                Response::error(ErrorCode::Io, format!("request task failed: {e}")).to_frame(id)
             });
-            let _ = tx.send(resp.to_frame(id)).await;
+            let _ = tx.send(resp).await;
             drop((permit, global));
         });
     };
@@ -562,17 +562,42 @@ fn handle(served: &Served, session: u64, req: Request) -> Response {
         req if req.is_write() => served.write(session, |v| apply(v, session, req)),
         req => apply(&*served.store, session, req),
     };
-    r.unwrap_or_else(|e| {
-        if !matches!(e, StoreError::Fenced) {
-            limited!(
-                PEER_LINES_SUPPRESSED,
-                WARN,
-                error = %Capped(crate::ErrorChain(&e)),
-                "store request failed"
-            );
-        }
-        store_error(&e)
-    })
+    r.unwrap_or_else(|e| failed(&e))
+}
+
+/// [`handle`], into the answer's frame (request `id`). Read data goes
+/// straight into the frame's payload, which is written out from there: no
+/// buffer of its own, no copy into the frame.
+fn answer(served: &Served, session: u64, req: Request, id: u64) -> Frame {
+    let Request::Read { ino, offset, len } = req else {
+        return handle(served, session, req).to_frame(id);
+    };
+    // `len` is within MAX_READ (checked when the request was decoded).
+    let mut payload = Vec::with_capacity(4 + len as usize);
+    payload.extend_from_slice(&len.to_le_bytes());
+    payload.resize(4 + len as usize, 0);
+    match served.store.read(ino, offset, &mut payload[4..]) {
+        Ok(()) => Frame {
+            opcode: OP_DATA,
+            flags: 0,
+            request_id: id,
+            payload,
+        },
+        Err(e) => failed(&e).to_frame(id),
+    }
+}
+
+/// A request that failed: logged (rate limited), and its error answer.
+fn failed(e: &StoreError) -> Response {
+    if !matches!(e, StoreError::Fenced) {
+        limited!(
+            PEER_LINES_SUPPRESSED,
+            WARN,
+            error = %Capped(crate::ErrorChain(e)),
+            "store request failed"
+        );
+    }
+    store_error(e)
 }
 
 /// Serve one validated request (a write already allowed) against a store.
@@ -598,7 +623,7 @@ fn apply(
         Request::Read { ino, offset, len } => {
             let mut buf = vec![0u8; len as usize];
             v.read(ino, offset, &mut buf)?;
-            Response::Data(buf)
+            Response::Data(buf.into())
         }
         Request::NextData { ino, offset } => Response::Offset(v.next_data(ino, offset)?),
         Request::NextHole { ino, offset } => Response::Offset(Some(v.next_hole(ino, offset)?)),

@@ -421,7 +421,9 @@ impl ReadData {
     /// Copy the bytes at `from..from + out.len()` into `out`; bytes past
     /// the end read as zeros. Fails only when a file piece cannot be read.
     pub fn copy_to(&self, from: usize, out: &mut [u8]) -> io::Result<()> {
-        out.fill(0);
+        // Past the end: zeros. The rest is written piece by piece.
+        let past = self.len.saturating_sub(from).min(out.len());
+        out[past..].fill(0);
         let mut at = 0;
         for piece in &self.pieces {
             let end = at + piece.len();
@@ -430,7 +432,7 @@ impl ReadData {
             if lo < hi {
                 let dst = &mut out[lo - from..hi - from];
                 match piece {
-                    ReadPiece::Zeros(_) => {}
+                    ReadPiece::Zeros(_) => dst.fill(0),
                     ReadPiece::Bytes(b) => dst.copy_from_slice(&b[lo - at..hi - at]),
                     ReadPiece::File { file, offset, .. } => {
                         file.read_exact_at(dst, offset + (lo - at) as u64)?
@@ -440,6 +442,12 @@ impl ReadData {
             at = end;
         }
         Ok(())
+    }
+
+    /// The page at `from..from + PAGE_SIZE` (zeros past the end), in a
+    /// recycled page buffer (`pages.rs`).
+    pub fn page(&self, from: usize) -> io::Result<Bytes> {
+        super::pages::fill_page(|buf| self.copy_to(from, buf))
     }
 
     /// Whether any piece is a file range (the bytes are not in memory).
@@ -506,6 +514,12 @@ mod tests {
         let mut out = [9u8; 4];
         d.copy_to(6, &mut out).unwrap();
         assert_eq!(out, *b"\0cd\0");
+        let mut out = [9u8; 4];
+        d.copy_to(20, &mut out).unwrap();
+        assert_eq!(out, [0; 4], "wholly past the end");
+        let page = d.page(0).unwrap();
+        assert_eq!(&page[..9], b"ab\0\0\0\0\0cd");
+        assert!(page[9..].iter().all(|&b| b == 0));
         let mut w = Vec::new();
         d.write_to(&mut w).unwrap();
         assert_eq!(w, d.to_vec().unwrap());

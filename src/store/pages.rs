@@ -64,9 +64,12 @@ impl FreeList {
         }
     }
 
-    fn read_page(&'static self, src: &mut dyn io::Read) -> io::Result<Bytes> {
+    fn fill_page(
+        &'static self,
+        fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<Bytes> {
         let mut buf = self.take();
-        if let Err(e) = src.read_exact(&mut buf[..]) {
+        if let Err(e) = fill(&mut buf[..]) {
             self.give_back(buf);
             return Err(e);
         }
@@ -104,7 +107,13 @@ impl Drop for Recycled {
 /// One whole page read from `src`, in a recycled buffer. On an error the
 /// buffer goes back to the free list, and what it held is never seen.
 pub fn read_page(src: &mut dyn io::Read) -> io::Result<Bytes> {
-    FREE.read_page(src)
+    FREE.fill_page(|buf| src.read_exact(buf))
+}
+
+/// One whole page that `fill` writes (every byte of it), in a recycled
+/// buffer; on an error the buffer goes back, as with [`read_page`].
+pub fn fill_page(fill: impl FnOnce(&mut [u8]) -> io::Result<()>) -> io::Result<Bytes> {
+    FREE.fill_page(fill)
 }
 
 #[cfg(test)]
@@ -116,10 +125,16 @@ mod tests {
         Box::leak(Box::new(FreeList::new(max)))
     }
 
+    impl FreeList {
+        fn read_page(&'static self, mut src: &[u8]) -> io::Result<Bytes> {
+            self.fill_page(|buf| io::Read::read_exact(&mut src, buf))
+        }
+    }
+
     #[test]
     fn a_page_returns_to_the_list_when_its_last_reference_drops() {
         let free = list(8);
-        let a = free.read_page(&mut &[7u8; PAGE][..]).unwrap();
+        let a = free.read_page(&[7u8; PAGE][..]).unwrap();
         assert_eq!(&a[..], &[7u8; PAGE][..]);
         let at = a.as_ptr();
         let clone = a.clone();
@@ -128,7 +143,7 @@ mod tests {
         assert_eq!(&clone[..], &[7u8; PAGE][..]);
         drop(clone);
         assert_eq!(free.list().len(), 1);
-        let b = free.read_page(&mut &[9u8; PAGE][..]).unwrap();
+        let b = free.read_page(&[9u8; PAGE][..]).unwrap();
         assert_eq!(b.as_ptr(), at, "the buffer is reused");
         assert_eq!(&b[..], &[9u8; PAGE][..]);
         assert_eq!(free.list().len(), 0);
@@ -137,7 +152,7 @@ mod tests {
     #[test]
     fn a_short_source_is_an_error_and_the_buffer_goes_back() {
         let free = list(8);
-        let err = free.read_page(&mut &[1u8; 100][..]).unwrap_err();
+        let err = free.read_page(&[1u8; 100][..]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(free.list().len(), 1);
     }
@@ -146,7 +161,7 @@ mod tests {
     fn the_free_list_is_bounded() {
         let free = list(16);
         let pages: Vec<Bytes> = (0..40)
-            .map(|_| free.read_page(&mut &[0u8; PAGE][..]).unwrap())
+            .map(|_| free.read_page(&[0u8; PAGE][..]).unwrap())
             .collect();
         drop(pages);
         assert_eq!(free.list().len(), 16);

@@ -14,8 +14,6 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, MutexGuard};
 
-use bytes::Bytes;
-
 use tokio::time::Instant;
 
 use super::ack::{lock, wait_timeout};
@@ -378,12 +376,10 @@ impl Shared {
     ) -> Result<(), StoreError> {
         let count = fetched.len() / PAGE_SIZE as usize;
         for i in 0..count {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            fetched
-                .copy_to(i * PAGE_SIZE as usize, &mut buf)
+            let page = fetched
+                .page(i * PAGE_SIZE as usize)
                 .map_err(StoreError::Io)?;
-            st.cache
-                .insert_clean(ino, first + i as u64, Bytes::from(buf));
+            st.cache.insert_clean(ino, first + i as u64, page);
         }
         let evicted = st.cache.evict();
         self.metrics.cache_evictions.add(evicted);

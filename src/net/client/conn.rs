@@ -98,17 +98,17 @@ impl Conn {
         let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut rd, MAX_PAYLOAD).await {
-                    Ok(Some(f)) => match Response::from_frame(&f) {
-                        Ok(r) => {
+                    Ok(Some(f)) => match (f.request_id, Response::from_owned_frame(f)) {
+                        (request_id, Ok(r)) => {
                             let waiter = reader_pending
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .remove(&f.request_id);
+                                .remove(&request_id);
                             if let Some(w) = waiter {
                                 let _ = w.send(r);
                             }
                         }
-                        Err(e) => {
+                        (_, Err(e)) => {
                             limited!(
                                 PEER_LINES_SUPPRESSED,
                                 WARN,

@@ -193,11 +193,16 @@ impl<'a> Dec<'a> {
 
     /// A byte string of at most `max` bytes.
     pub fn bytes(&mut self, max: usize) -> Result<Vec<u8>, ProtoError> {
+        self.bytes_ref(max).map(<[u8]>::to_vec)
+    }
+
+    /// A byte string, borrowed from the payload.
+    pub fn bytes_ref(&mut self, max: usize) -> Result<&'a [u8], ProtoError> {
         let len = self.u32()? as usize;
         if len > max {
             return Err(ProtoError::Malformed("byte string longer than its limit"));
         }
-        Ok(self.take(len)?.to_vec())
+        self.take(len)
     }
 
     pub fn opt<T>(

@@ -111,19 +111,23 @@ impl Frame {
     /// answer to a peer of another version, which could not read ours.
     pub fn encode_as(&self, version: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.push(version);
-        out.push(self.opcode);
-        out.extend_from_slice(&self.flags.to_le_bytes());
-        out.extend_from_slice(&self.request_id.to_le_bytes());
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
-        let mut header = [0u8; HEADER_LEN];
-        header.copy_from_slice(&out[..HEADER_LEN]);
-        let crc = checksum(&header, &self.payload);
-        out[20..24].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&self.header(version));
         out.extend_from_slice(&self.payload);
         out
+    }
+
+    /// The frame's header, checksum included, stamped with `version`.
+    fn header(&self, version: u8) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        h[4] = version;
+        h[5] = self.opcode;
+        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        h[8..16].copy_from_slice(&self.request_id.to_le_bytes());
+        h[16..20].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        let crc = checksum(&h, &self.payload);
+        h[20..24].copy_from_slice(&crc.to_le_bytes());
+        h
     }
 
     /// Validate a received header (magic, version, length) before its
@@ -191,8 +195,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let h = Frame::decode_header(&header, max_payload)?;
-    let mut payload = vec![0u8; h.payload_len as usize];
-    r.read_exact(&mut payload).await?;
+    // Read into the buffer's spare capacity: a payload of 512 KiB is not
+    // zeroed first only to be written over.
+    let n = h.payload_len as usize;
+    let mut payload = Vec::with_capacity(n);
+    while payload.len() < n {
+        let want = (n - payload.len()) as u64;
+        if (&mut *r).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Frame::check(&header, h, payload).map(Some)
 }
 
@@ -260,9 +272,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &Frame,
 ) -> Result<(), ProtoError> {
-    w.write_all(&frame.encode()).await?;
+    // A large payload (read data) goes out from where it is, beside its
+    // header; a small one is copied behind the header into one write.
+    if frame.payload.len() < VECTORED_FROM {
+        w.write_all(&frame.encode()).await?;
+    } else {
+        let header = frame.header(VERSION);
+        write_all_vectored(w, &[&header, &frame.payload]).await?;
+    }
     Ok(())
 }
+
+/// Payloads from this size on are written without a copy.
+const VECTORED_FROM: usize = 16 << 10;
 
 #[cfg(test)]
 mod stage_tests;

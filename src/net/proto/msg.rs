@@ -4,9 +4,14 @@
 //! [`Response::validate`]).
 
 pub use super::code::ErrorCode;
+use bytes::Bytes;
+
 use super::codec::{Dec, Enc};
 use super::stage::{decode_staged_txn, encode_staged_txn, stage_from_frame};
 pub use super::stage::{Stage, StageRef, OP_STAGE, STAGE_FIXED};
+
+/// The opcode of [`Response::Data`].
+pub const OP_DATA: u8 = 163;
 pub use super::validate::valid_volume_name;
 use super::validate::{validate_refs, validate_txn};
 use super::{Frame, ProtoError, MAX_PAYLOAD, MAX_READ, MAX_READDIR, MAX_RESERVE, MAX_STAGE};
@@ -165,7 +170,7 @@ pub enum Response {
     Inode(Option<Inode>),
     Dirent(Option<Dirent>),
     Dirents(Vec<Dirent>),
-    Data(Vec<u8>),
+    Data(Bytes),
     Offset(Option<u64>),
     Bytes(Option<Vec<u8>>),
     Names(Vec<Vec<u8>>),
@@ -494,7 +499,7 @@ impl Response {
             Response::Inode(_) => 160,
             Response::Dirent(_) => 161,
             Response::Dirents(_) => 162,
-            Response::Data(_) => 163,
+            Response::Data(_) => OP_DATA,
             Response::Offset(_) => 164,
             Response::Bytes(_) => 165,
             Response::Names(_) => 166,
@@ -602,6 +607,19 @@ impl Response {
         }
     }
 
+    /// Decode and validate a response frame, keeping its payload: the
+    /// bytes of a [`Response::Data`] are the frame's own, not a copy.
+    pub fn from_owned_frame(f: Frame) -> Result<Response, ProtoError> {
+        if f.opcode != OP_DATA {
+            return Response::from_frame(&f);
+        }
+        let mut d = Dec::new(&f.payload);
+        let len = d.bytes_ref(MAX_READ as usize)?.len();
+        d.finish()?;
+        // The byte string follows its u32 length.
+        Ok(Response::Data(Bytes::from(f.payload).slice(4..4 + len)))
+    }
+
     /// Decode and validate a response frame.
     pub fn from_frame(f: &Frame) -> Result<Response, ProtoError> {
         let mut d = Dec::new(&f.payload);
@@ -639,7 +657,7 @@ impl Response {
                 }
                 Response::Dirents(v)
             }
-            163 => Response::Data(d.bytes(MAX_READ as usize)?),
+            OP_DATA => Response::Data(Bytes::copy_from_slice(d.bytes_ref(MAX_READ as usize)?)),
             164 => Response::Offset(d.opt(|d| d.u64())?),
             165 => Response::Bytes(d.opt(|d| d.bytes(MAX_PAYLOAD as usize))?),
             166 => {

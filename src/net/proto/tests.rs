@@ -159,7 +159,7 @@ fn responses() -> Vec<Response> {
             kind: FileKind::Symlink,
             cookie: 17,
         }]),
-        Response::Data(vec![1, 2, 3]),
+        Response::Data(vec![1, 2, 3].into()),
         Response::Offset(Some(5)),
         Response::Offset(None),
         Response::Bytes(Some(b"abc".to_vec())),
@@ -192,7 +192,28 @@ fn every_message_round_trips_through_a_frame() {
     for r in responses() {
         let f = Frame::decode(&r.to_frame(1).encode(), MAX_PAYLOAD).unwrap();
         assert_eq!(Response::from_frame(&f).unwrap(), r);
+        assert_eq!(Response::from_owned_frame(f).unwrap(), r);
     }
+}
+
+/// A Data answer keeps its frame's payload; one whose byte string is
+/// cut short, longer than its limit or followed by more is refused.
+#[test]
+fn a_data_answer_is_checked_before_it_is_kept() {
+    let f = Response::Data(vec![5; 100].into()).to_frame(1);
+    let mut short = f.clone();
+    short.payload.truncate(50);
+    let mut trailing = f.clone();
+    trailing.payload.push(0);
+    let mut huge = f.clone();
+    huge.payload[..4].copy_from_slice(&(MAX_READ + 1).to_le_bytes());
+    for bad in [short, trailing, huge] {
+        assert!(Response::from_owned_frame(bad).is_err());
+    }
+    let Response::Data(d) = Response::from_owned_frame(f).unwrap() else {
+        panic!("not data");
+    };
+    assert_eq!(d.as_ref(), &[5; 100][..]);
 }
 
 #[test]
