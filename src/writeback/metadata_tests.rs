@@ -225,6 +225,70 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     drop(sink);
 }
 
+/// Every entry of `dir` through `s`, in batches of `max`.
+fn list(s: &dyn Store, dir: u64, max: usize) -> Vec<(Vec<u8>, u64)> {
+    let (mut out, mut after) = (Vec::new(), 0);
+    loop {
+        let batch = s.readdir(dir, after, max).unwrap();
+        assert!(batch.len() <= max);
+        let Some(last) = batch.last() else { break };
+        assert!(batch.windows(2).all(|w| w[0].cookie < w[1].cookie));
+        after = last.cookie;
+        out.extend(batch.into_iter().map(|d| (d.name, d.cookie)));
+    }
+    out
+}
+
+#[test]
+fn a_directory_created_here_is_listed_from_memory() {
+    let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 19);
+    let dir = wb.reserve_ids(256).unwrap();
+    let mut d = Inode::regular(dir, 0);
+    d.kind = FileKind::Directory;
+    let mut t = Txn::new();
+    t.push(Op::PutInode(d));
+    wb.commit(t).unwrap();
+    for i in 1..=100 {
+        create_in(&wb, dir, dir + i, &format!("f{i}"));
+    }
+    wb.sync(None).unwrap();
+    // Half acknowledged, half not: removals and a rename over a name.
+    for i in (2..=100).step_by(3) {
+        let mut t = Txn::new();
+        t.push(Op::RemoveDirent {
+            parent: dir,
+            name: format!("f{i}").into_bytes(),
+        });
+        wb.commit(t).unwrap();
+        if i == 50 {
+            wb.sync(None).unwrap();
+        }
+    }
+    create_in(&wb, dir, dir + 200, "f1");
+    let expect = |s: &dyn Store| list(s, dir, 1000);
+    let listed = list(&wb, dir, 7);
+    assert_eq!(listed.len(), 100 - 33);
+    assert!(listed.contains(&(b"f1".to_vec(), dir + 200)));
+    wb.sync(None).unwrap();
+    assert_eq!(listed, expect(&*store), "the store lists the same, in order");
+    // Behind the layer's back (the layer is the only writer): not listed,
+    // so the listing came from memory.
+    let mut t = Txn::new();
+    t.push(Op::PutDirent {
+        parent: dir,
+        dirent: Dirent {
+            name: b"nope".to_vec(),
+            ino: 98,
+            kind: FileKind::Regular,
+            cookie: dir + 250,
+        },
+    });
+    store.commit(t).unwrap();
+    assert_eq!(list(&wb, dir, 7), listed);
+    assert_eq!(wb.readdir(dir, 0, 0).unwrap(), Vec::new());
+    drop(sink);
+}
+
 #[test]
 fn a_join_moves_the_linger_on_within_its_span() {
     use super::queue::META_LINGER_SPAN_MAX;

@@ -87,11 +87,22 @@ impl Store for WritebackStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        let overlay: Vec<(Vec<u8>, Option<Dirent>)> =
-            match lock(&self.shared.state).dirents.get(&parent) {
-                None => return self.shared.store.readdir(parent, after, max),
+        let overlay: Vec<(Vec<u8>, Option<Dirent>)> = {
+            let st = lock(&self.shared.state);
+            // A directory created in this session is listed from memory:
+            // no store round trip per guest buffer of entries (`rm -r` of
+            // what a build wrote, on a remote volume).
+            if let Some(listed) = st.complete_dirs.readdir(parent, after, max) {
+                return Ok(listed);
+            }
+            match st.dirents.get(&parent) {
+                None => {
+                    drop(st);
+                    return self.shared.store.readdir(parent, after, max);
+                }
                 Some(m) => m.iter().map(|(n, (d, _))| (n.clone(), d.clone())).collect(),
-            };
+            }
+        };
         // Ask the store for enough that, with the overlay's names filtered
         // out, a full batch remains whenever the store has more.
         let fetch = max.saturating_add(overlay.len());
