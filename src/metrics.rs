@@ -33,7 +33,8 @@ counters! {
     /// Descriptor chains taken from the request and hiprio queues.
     chains,
     /// Requests served on the queue thread instead of the worker pool
-    /// (GETATTR, LOOKUP, READ, and WRITE with room, on a local volume).
+    /// (what does not wait for the write-back layer; on a remote volume,
+    /// only what it answers from memory: `Requests::is_cheap`).
     requests_inline,
     /// Descriptor chains that could not be mapped (bad addresses or lengths).
     chains_malformed,

@@ -338,7 +338,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             request_queues: args.request_queues.into(),
             queue_size: args.queue_size.into(),
             // Local volumes: their reads never wait on a network.
-            inline_reads: args.volume.store.starts_with("file://")
+            local_volume: args.volume.store.starts_with("file://")
                 || args.volume.store.starts_with("mem:"),
         },
         threads: args.thread_pool_size.into(),

@@ -52,14 +52,15 @@ pub struct DeviceConfig {
     pub request_queues: usize,
     /// Descriptors per queue at most.
     pub queue_size: usize,
-    /// Serve on the queue thread, as virtiofsd serves everything, what does
-    /// not wait for the write-back layer (`Requests::is_cheap`: reads,
-    /// lookups, and writes, metadata changes and closes while the layer
-    /// would not make them wait) instead of handing it to the pool: a
-    /// hand-off costs more than such a request (`device::inline_bench`).
-    /// Only for volumes whose reads never wait on a network: a stalled
-    /// read would stall its queue.
-    pub inline_reads: bool,
+    /// The volume's reads never wait on a network (`file://`, `mem:`).
+    /// What does not wait is served on the queue thread, as virtiofsd
+    /// serves everything, instead of being handed to the pool: a hand-off
+    /// costs more than such a request (`device::inline_bench`). On a local
+    /// volume that is every read, lookup, and write, metadata change and
+    /// close while the layer would not make it wait; on another, only what
+    /// the layer answers from memory (`Requests::is_cheap`), since a read
+    /// that waits for the network would stall its queue.
+    pub local_volume: bool,
 }
 
 /// The backend of one frontend connection.
@@ -144,7 +145,7 @@ impl FsBackend {
                 self.metrics.chains.inc();
                 let requests = Arc::clone(&self.requests);
                 let vring = vring.clone();
-                let inline = self.cfg.inline_reads && self.requests.is_cheap(&chain);
+                let inline = self.requests.is_cheap(&chain, self.cfg.local_volume);
                 self.route(inline, move || {
                     complete(&requests, &vring, chain, queue, event_idx)
                 });
@@ -320,6 +321,7 @@ impl VhostUserBackend for FsBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::request::READ_FROM_MEMORY_MAX;
     use crate::device::testkit::served_fs;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -330,7 +332,7 @@ mod tests {
                 tag: tag.map(str::to_string),
                 request_queues: 2,
                 queue_size: 1024,
-                inline_reads: true,
+                local_volume: true,
             },
             Arc::new(requests),
             Arc::new(WorkerPool::new(1, 4, Arc::clone(&metrics)).unwrap()),
@@ -360,11 +362,9 @@ mod tests {
         };
         let (done, answered) = channel();
         let chain = getattr(7);
-        let cheap = b.requests.is_cheap(&chain);
+        let cheap = b.requests.is_cheap(&chain, b.cfg.local_volume);
         let (requests, d) = (Arc::clone(&b.requests), done.clone());
-        b.route(cheap && b.cfg.inline_reads, move || {
-            d.send(requests.serve(&chain, 1)).unwrap()
-        });
+        b.route(cheap, move || d.send(requests.serve(&chain, 1)).unwrap());
         let used = answered.recv_timeout(Duration::from_secs(30));
         assert!(used.is_ok_and(|n| n > 16), "GETATTR waited for the pool");
         assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 7));
@@ -385,7 +385,29 @@ mod tests {
         ] {
             let len = write_request(&mem, header(80, opcode, 9), &[0u8; 40]);
             let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
-            assert_eq!(b.requests.is_cheap(&chain), cheap, "opcode {opcode}");
+            assert_eq!(b.requests.is_cheap(&chain, true), cheap, "opcode {opcode}");
+        }
+        // On a volume that is not local, only what the layer answers from
+        // memory (a bare store says it holds everything): GETATTR (3),
+        // LOOKUP (1), READ, WRITE, CREATE (35), FLUSH; not READDIRPLUS
+        // (44), RENAME, OPEN (14) nor a READ larger than the bound.
+        for (opcode, size, cheap) in [
+            (3, 0, true),
+            (1, 0, true),
+            (15, 4096, true),
+            (15, READ_FROM_MEMORY_MAX + 1, false),
+            (16, 4096, true),
+            (35, 0, true),
+            (25, 0, true),
+            (44, 0, false),
+            (12, 0, false),
+            (14, 0, false),
+        ] {
+            let mut args = [0u8; 40];
+            args[16..20].copy_from_slice(&size.to_le_bytes());
+            let len = write_request(&mem, header(80, opcode, 9), &args);
+            let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
+            assert_eq!(b.requests.is_cheap(&chain, false), cheap, "opcode {opcode}");
         }
         // A WRITE as Linux lays it out: the header, its fuse_write_in and
         // the data each in a descriptor of their own. Its handle, offset
@@ -409,12 +431,18 @@ mod tests {
                 ],
             )
         };
-        assert!(b.requests.is_cheap(&split(40 - 1)), "the size in one piece");
-        assert!(!b.requests.is_cheap(&split(18)), "the arguments cut apart");
+        assert!(
+            b.requests.is_cheap(&split(40 - 1), true),
+            "the size in one piece"
+        );
+        assert!(
+            !b.requests.is_cheap(&split(18), true),
+            "the arguments cut apart"
+        );
         // FSYNC (20) is not cheap: it goes to the pool, behind the block.
         let len = write_request(&mem, header(56, 20, 8), &[0u8; 16]);
         let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
-        assert!(!b.requests.is_cheap(&chain));
+        assert!(!b.requests.is_cheap(&chain, true));
         let requests = Arc::clone(&b.requests);
         b.route(false, move || done.send(requests.serve(&chain, 1)).unwrap());
         release.send(()).unwrap();

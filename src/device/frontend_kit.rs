@@ -173,7 +173,7 @@ impl Kit {
                 tag: None,
                 request_queues: 1,
                 queue_size: usize::from(QUEUE_SIZE),
-                inline_reads: false,
+                local_volume: false,
             },
             threads: 1,
             queue_depth: 64,

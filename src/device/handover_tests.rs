@@ -156,6 +156,12 @@ fn the_volume_moves_to_the_incoming_daemon_only_when_the_source_let_it_go() {
         dst_slot.current().is_none(),
         "--incoming opened the volume at start"
     );
+    // The slot asks the open volume whether a request would wait: none
+    // open here (a request would wait for it), one open at the source.
+    use crate::store::{Demand, Store};
+    assert!(!dst_slot.would_not_wait(Demand::Close));
+    assert!(src_slot.would_not_wait(Demand::Close));
+    assert!(!src_slot.would_not_wait(Demand::Attributes { ino: u64::MAX }));
     // A request before the state arrives is answered, with EIO.
     let (error, _) = dst.read(kept, kept_fh, READ_BUF, 4096);
     assert_eq!(error, -libc::EIO);

@@ -112,31 +112,56 @@ impl Requests {
     /// wait. Never a sync (FSYNC, FSYNCDIR, SYNCFS), a lock that may block
     /// (SETLKW), INIT or DESTROY, nor what is rare (FALLOCATE, LSEEK,
     /// COPY_FILE_RANGE, and the opcodes we refuse).
-    pub fn is_cheap(&self, chain: &Chain) -> bool {
+    ///
+    /// On a volume that is not `local` (every store read a round trip),
+    /// only what the write-back layer answers from memory: a lookup in,
+    /// or a create or removal of an entry of, a directory whose every
+    /// entry it holds; attributes it holds; a read of cached pages; a
+    /// write, a forget or a close as above. A request that still reaches
+    /// the store (a child's attributes trimmed since) holds up its queue
+    /// for a round trip, never longer than the layer's bounded waits.
+    pub fn is_cheap(&self, chain: &Chain, local: bool) -> bool {
         let store = self.fs.store();
-        let header = first_header(chain);
-        match header.map(|h| h.opcode) {
-            Some(
-                FUSE_LOOKUP | FUSE_GETATTR | FUSE_READ | FUSE_READLINK | FUSE_STATFS
-                | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
-                | FUSE_RELEASEDIR | FUSE_ACCESS,
-            ) => true,
-            Some(FUSE_WRITE) => match (header, write_args(chain)) {
-                (Some(h), Some(w)) => store.would_not_wait(Demand::Write {
-                    ino: h.nodeid,
-                    offset: self.fs.write_offset(h.nodeid, w.fh, w.offset),
-                    len: u64::from(w.size),
-                }),
-                _ => false,
-            },
-            // OPEN may truncate; the last FORGET of an unlinked inode
-            // removes it.
-            Some(
-                FUSE_SETATTR | FUSE_SYMLINK | FUSE_MKNOD | FUSE_MKDIR | FUSE_UNLINK | FUSE_RMDIR
-                | FUSE_RENAME | FUSE_RENAME2 | FUSE_LINK | FUSE_CREATE | FUSE_OPEN | FUSE_SETXATTR
-                | FUSE_REMOVEXATTR | FUSE_FORGET | FUSE_BATCH_FORGET,
-            ) => store.would_not_wait(Demand::Metadata),
-            Some(FUSE_FLUSH | FUSE_RELEASE) => store.would_not_wait(Demand::Close),
+        let Some(h) = first_header(chain) else {
+            return false;
+        };
+        let known = |ino| store.would_not_wait(Demand::Attributes { ino });
+        let listed = |dir| known(dir) && store.would_not_wait(Demand::Entries { dir });
+        match h.opcode {
+            FUSE_LOOKUP => local || listed(h.nodeid),
+            FUSE_GETATTR => local || known(h.nodeid),
+            FUSE_READ => {
+                local
+                    || write_args(chain).is_some_and(|r| {
+                        r.size <= READ_FROM_MEMORY_MAX
+                            && store.would_not_wait(Demand::Read {
+                                ino: h.nodeid,
+                                offset: r.offset,
+                                len: u64::from(r.size),
+                            })
+                    })
+            }
+            FUSE_READLINK | FUSE_STATFS | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR
+            | FUSE_READDIR | FUSE_READDIRPLUS | FUSE_RELEASEDIR | FUSE_ACCESS => local,
+            FUSE_WRITE => {
+                (local || known(h.nodeid))
+                    && write_args(chain).is_some_and(|w| {
+                        store.would_not_wait(Demand::Write {
+                            ino: h.nodeid,
+                            offset: self.fs.write_offset(h.nodeid, w.fh, w.offset),
+                            len: u64::from(w.size),
+                        })
+                    })
+            }
+            FUSE_SYMLINK | FUSE_MKNOD | FUSE_MKDIR | FUSE_UNLINK | FUSE_RMDIR | FUSE_CREATE => {
+                (local || listed(h.nodeid)) && store.would_not_wait(Demand::Metadata)
+            }
+            // The last FORGET of an unlinked inode removes it.
+            FUSE_FORGET | FUSE_BATCH_FORGET => store.would_not_wait(Demand::Metadata),
+            // OPEN may truncate.
+            FUSE_SETATTR | FUSE_RENAME | FUSE_RENAME2 | FUSE_LINK | FUSE_OPEN | FUSE_SETXATTR
+            | FUSE_REMOVEXATTR => local && store.would_not_wait(Demand::Metadata),
+            FUSE_FLUSH | FUSE_RELEASE => store.would_not_wait(Demand::Close),
             _ => false,
         }
     }
@@ -324,6 +349,10 @@ fn write_args(chain: &Chain) -> Option<WriteArgs> {
     }
     None
 }
+
+/// The largest READ [`Requests::is_cheap`] looks up in the cache on a
+/// volume that is not local (the guest's size is not trusted).
+pub(super) const READ_FROM_MEMORY_MAX: u32 = 1 << 20;
 
 /// The readable descriptors [`write_args`] looks through at most.
 const WRITE_ARGS_DESCRIPTORS: usize = 4;

@@ -89,6 +89,13 @@ pub enum Demand {
     Metadata,
     /// A close (FLUSH, RELEASE).
     Close,
+    /// A read of inode `ino`'s attributes, answered without the store.
+    Attributes { ino: u64 },
+    /// A lookup in directory `dir` (or a change of one of its entries),
+    /// answered without the store: every entry of `dir` is in memory.
+    Entries { dir: u64 },
+    /// A read of `len` bytes of `ino` at `offset`, answered from memory.
+    Read { ino: u64, offset: u64, len: u64 },
 }
 
 /// The longest name of a directory entry, in bytes.

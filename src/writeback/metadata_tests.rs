@@ -270,7 +270,11 @@ fn a_directory_created_here_is_listed_from_memory() {
     assert_eq!(listed.len(), 100 - 33);
     assert!(listed.contains(&(b"f1".to_vec(), dir + 200)));
     wb.sync(None).unwrap();
-    assert_eq!(listed, expect(&*store), "the store lists the same, in order");
+    assert_eq!(
+        listed,
+        expect(&*store),
+        "the store lists the same, in order"
+    );
     // Behind the layer's back (the layer is the only writer): not listed,
     // so the listing came from memory.
     let mut t = Txn::new();
@@ -286,6 +290,38 @@ fn a_directory_created_here_is_listed_from_memory() {
     store.commit(t).unwrap();
     assert_eq!(list(&wb, dir, 7), listed);
     assert_eq!(wb.readdir(dir, 0, 0).unwrap(), Vec::new());
+    drop(sink);
+}
+
+/// What the device may serve on its queue thread for a remote volume:
+/// only what the layer answers from memory.
+#[test]
+fn the_layer_says_what_it_answers_from_memory() {
+    use crate::store::Demand;
+    let (wb, sink, _store, _) = layer(OverwritePolicy::Cow, 1, 23);
+    let dir = wb.reserve_ids(16).unwrap();
+    let mut d = Inode::regular(dir, 0);
+    d.kind = FileKind::Directory;
+    let mut t = Txn::new();
+    t.push(Op::PutInode(d));
+    wb.commit(t).unwrap();
+    create_in(&wb, dir, dir + 1, "a");
+    write(&wb, dir + 1, 0, &[7; 4096], 4096);
+    assert!(wb.would_not_wait(Demand::Entries { dir }));
+    assert!(
+        !wb.would_not_wait(Demand::Entries { dir: 1 }),
+        "not created here"
+    );
+    assert!(wb.would_not_wait(Demand::Attributes { ino: dir + 1 }));
+    assert!(!wb.would_not_wait(Demand::Attributes { ino: 999 }));
+    let read = |offset, len| Demand::Read {
+        ino: dir + 1,
+        offset,
+        len,
+    };
+    assert!(wb.would_not_wait(read(0, 4096)), "a cached page");
+    assert!(wb.would_not_wait(read(100, 10)));
+    assert!(!wb.would_not_wait(read(0, 8192)), "a page not cached");
     drop(sink);
 }
 

@@ -535,6 +535,12 @@ impl CompleteDirs {
         self.entries.get(&parent).map(|dir| dir.get(name).cloned())
     }
 
+    /// Whether every entry of `dir` is known (a directory created in this
+    /// session, still tracked).
+    pub(super) fn holds(&self, dir: u64) -> bool {
+        self.entries.contains_key(&dir)
+    }
+
     /// The entries of `parent` after cookie `after`, at most `max`, in
     /// cookie order, as the store will list them once it has every
     /// transaction: when `parent` is a directory created in this session.

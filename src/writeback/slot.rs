@@ -31,7 +31,7 @@ use tracing::info;
 
 use super::WritebackStore;
 use crate::store::{
-    Dirent, Inode, OpenError, ReadData, Store, StoreError, StoreStats, Txn, WriteData,
+    Demand, Dirent, Inode, OpenError, ReadData, Store, StoreError, StoreStats, Txn, WriteData,
 };
 
 /// How often a waiting open reads the holder record again.
@@ -267,6 +267,14 @@ impl Store for VolumeSlot {
 
     fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
         self.with(|s| s.advise(ino, offset, len))
+    }
+
+    /// The open volume's answer; a volume not open (yet, or any more)
+    /// would make a request wait for it.
+    fn would_not_wait(&self, demand: Demand) -> bool {
+        self.read()
+            .as_deref()
+            .is_some_and(|s| s.would_not_wait(demand))
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {

@@ -145,6 +145,16 @@ impl Shared {
                     && (st.full || room(&st, METADATA_DEMAND_BYTES))
             }
             Demand::Close => !self.cfg.sync_on_close,
+            Demand::Attributes { ino } => lock(&self.state).attrs.contains_key(&ino),
+            Demand::Entries { dir } => lock(&self.state).complete_dirs.holds(dir),
+            Demand::Read { ino, offset, len } => {
+                let (first, end) = (offset / PAGE_SIZE, offset.saturating_add(len));
+                let last = end.saturating_sub(1).max(offset) / PAGE_SIZE;
+                let st = lock(&self.state);
+                st.attrs.contains_key(&ino)
+                    && !st.ahead.overlaps(ino, &(first..last + 1))
+                    && (first..=last).all(|i| st.cache.contains(ino, i))
+            }
         }
     }
 
