@@ -293,6 +293,87 @@ fn a_directory_created_here_is_listed_from_memory() {
     drop(sink);
 }
 
+/// On a remote store, a directory the session did not create is read
+/// ahead in listings of `LISTING_FETCH` entries, which follow the layer's
+/// own changes: the listing equals the store's once everything is acked.
+#[test]
+fn a_listing_read_ahead_follows_the_layers_changes() {
+    use super::listing::LISTING_FETCH;
+    use super::testkit::{cfg, layer_with};
+    let config = super::TxnConfig {
+        forget_clean_pages: false,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let (wb, sink, store, _) = layer_with(config, 1, 29, true);
+    let dir = 1;
+    let n = 2 * LISTING_FETCH as u64 + 10;
+    let mut t = Txn::new();
+    for i in 1..=n {
+        t.push(Op::PutDirent {
+            parent: dir,
+            dirent: Dirent {
+                name: format!("e{i}").into_bytes(),
+                ino: 1000 + i,
+                kind: FileKind::Regular,
+                cookie: 10 * i,
+            },
+        });
+    }
+    store.commit(t).unwrap();
+    // Behind the layer's back, inside a range it read ahead: not listed
+    // (the layer is the volume's only writer), so the listing was kept.
+    let first = wb.readdir(dir, 0, 1).unwrap();
+    let behind = |op| {
+        let mut t = Txn::new();
+        t.push(op);
+        store.commit(t).unwrap();
+    };
+    behind(Op::PutDirent {
+        parent: dir,
+        dirent: Dirent {
+            name: b"behind".to_vec(),
+            ino: 7,
+            kind: FileKind::Regular,
+            cookie: first[0].cookie + 1,
+        },
+    });
+    let next = wb.readdir(dir, first[0].cookie, 1).unwrap();
+    assert_eq!(next[0].name, b"e2".to_vec());
+    behind(Op::RemoveDirent {
+        parent: dir,
+        name: b"behind".to_vec(),
+    });
+    // The guest's `rm -r`: a buffer of entries, then their unlinks, and a
+    // create now and then, half of them acknowledged as it goes.
+    let (mut after, mut seen) = (0, 0);
+    loop {
+        let batch = wb.readdir(dir, after, 25).unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.cookie;
+        seen += batch.len();
+        for d in &batch {
+            let mut t = Txn::new();
+            t.push(Op::RemoveDirent {
+                parent: dir,
+                name: d.name.clone(),
+            });
+            wb.commit(t).unwrap();
+        }
+        // Creates go past the stored range (listed, and removed, later).
+        if after <= 10 * n {
+            create_in(&wb, dir, 100_000 + after, &format!("new{after}"));
+        }
+        if seen % 50 == 0 {
+            wb.sync(None).unwrap();
+        }
+    }
+    assert!(seen as u64 >= n, "every stored entry listed once at least");
+    let listed = list(&wb, dir, 7);
+    wb.sync(None).unwrap();
+    assert_eq!(listed, list(&*store, dir, 1000), "as the store lists it");
+    drop(sink);
+}
+
 /// What the device may serve on its queue thread for a remote volume:
 /// only what the layer answers from memory.
 #[test]

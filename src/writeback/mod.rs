@@ -102,6 +102,7 @@ mod drain_tests;
 mod jam_tests;
 #[cfg(test)]
 mod linger_tests;
+mod listing;
 #[cfg(test)]
 mod metadata_tests;
 mod names;
@@ -321,6 +322,8 @@ struct State {
     /// Entries of other directories known without the store (see
     /// `KnownNames`).
     known_names: KnownNames,
+    /// Listings read ahead (remote stores; `listing.rs`).
+    listings: listing::Listings,
     /// How the metadata caches split `meta_cache_bytes`.
     meta_shares: MetaShares,
     /// Page bytes dropped for forgotten inodes since the allocator last
@@ -578,6 +581,7 @@ impl WritebackStore {
                 known_xattrs: KnownXattrs::new(meta_shares.xattrs),
                 complete_dirs: CompleteDirs::new(meta_shares.dirs),
                 known_names: KnownNames::new(meta_shares.names),
+                listings: listing::Listings::default(),
                 meta_shares,
                 freed_since_trim: 0,
                 pump_wakes_at: None,

@@ -46,6 +46,7 @@ impl State {
             self.known_xattrs.created(ino);
         }
         self.known_names.apply(op);
+        self.listings.apply(op);
         match op {
             Op::PutInode(i) => {
                 self.attrs.insert(

@@ -14,6 +14,7 @@ use super::ack::lock;
 use super::ahead::AHEAD_WINDOW_MIN_BYTES;
 use super::budget::{release_free_memory, TRIM_AFTER_FREED_BYTES};
 use super::cache::PAGE_SIZE;
+use super::listing::Pending;
 use super::{Shared, State, WritebackStore};
 use crate::store::{
     Dirent, Inode, Op, ReadData, ReadPiece, Store, StoreError, StoreStats, Txn, WriteData,
@@ -87,7 +88,7 @@ impl Store for WritebackStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        let overlay: Vec<(Vec<u8>, Option<Dirent>)> = {
+        let (overlay, generation): (Vec<Pending>, u64) = {
             let st = lock(&self.shared.state);
             // A directory created in this session is listed from memory:
             // no store round trip per guest buffer of entries (`rm -r` of
@@ -95,18 +96,20 @@ impl Store for WritebackStore {
             if let Some(listed) = st.complete_dirs.readdir(parent, after, max) {
                 return Ok(listed);
             }
-            match st.dirents.get(&parent) {
-                None => {
-                    drop(st);
-                    return self.shared.store.readdir(parent, after, max);
-                }
-                Some(m) => m.iter().map(|(n, (d, _))| (n.clone(), d.clone())).collect(),
-            }
+            let overlay = st.dirents.get(&parent).map_or_else(Vec::new, |m| {
+                m.iter().map(|(n, (d, _))| (n.clone(), d.clone())).collect()
+            });
+            (overlay, st.listings.generation)
         };
         // Ask the store for enough that, with the overlay's names filtered
         // out, a full batch remains whenever the store has more.
         let fetch = max.saturating_add(overlay.len());
-        let stored = self.shared.store.readdir(parent, after, fetch)?;
+        let stored = self
+            .shared
+            .stored_entries(parent, after, fetch, &overlay, generation)?;
+        if overlay.is_empty() {
+            return Ok(stored);
+        }
         let exhausted = stored.len() < fetch;
         let last = stored.last().map(|d| d.cookie);
         let shadowed: std::collections::HashSet<&[u8]> =

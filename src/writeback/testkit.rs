@@ -365,14 +365,21 @@ pub(super) fn faulty_layer(
         drop_after_apply: 5,
         ..Faults::default()
     };
+    // Odd seeds run the layer as over a remote store (clean pages kept,
+    // parallel read-ahead, listings read ahead), even ones as over a
+    // local one.
+    let base = TxnConfig {
+        forget_clean_pages: seed % 2 == 0,
+        ..cfg(policy)
+    };
     let (wb, sink, store, _) = if lingering {
         let config = TxnConfig {
             meta_linger: Duration::from_secs(600),
-            ..cfg(policy)
+            ..base
         };
         layer_with(config, 2, seed, false)
     } else {
-        layer(policy, 2, seed)
+        layer_with(base, 2, seed, true)
     };
     sink.set(if lingering {
         faults
