@@ -62,6 +62,7 @@
 //! * `reads.rs`: the layer as a [`Store`]: reads through the cache and the
 //!   overlay (answered by reference), the rest handed on; `ahead.rs`:
 //!   parallel read-ahead where every store read is a round trip;
+//!   `listing.rs`: directory listings read ahead there;
 //! * `write.rs`: the write path (pages and their tags) and the metadata path;
 //! * `queue.rs`: unacknowledged transactions in their per-inode order;
 //! * `sender.rs`: sends what may go; `ack.rs`: what an attempt's end does;
