@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::testkit::{content, create, create_in, eventually, layer, lingering_layer, write};
-use super::OverwritePolicy;
+use super::{OverwritePolicy, WritebackStore};
 use crate::store::{Dirent, FileKind, Inode, Op, Store, Txn};
 
 #[test]
@@ -153,15 +153,22 @@ fn remembered_xattrs_never_go_stale() {
     assert_eq!(wb.get_xattr(50, name).unwrap(), None);
 }
 
-#[test]
-fn a_directory_created_here_answers_lookups_of_new_names_itself() {
-    let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 17);
-    let dir = wb.reserve_ids(16).unwrap();
+/// A directory created through the layer, with `ids - 1` ids after it
+/// reserved for its entries.
+fn session_dir(wb: &WritebackStore, ids: u64) -> u64 {
+    let dir = wb.reserve_ids(ids).unwrap();
     let mut d = Inode::regular(dir, 0);
     d.kind = FileKind::Directory;
     let mut t = Txn::new();
     t.push(Op::PutInode(d));
     wb.commit(t).unwrap();
+    dir
+}
+
+#[test]
+fn a_directory_created_here_answers_lookups_of_new_names_itself() {
+    let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 17);
+    let dir = session_dir(&wb, 16);
     create_in(&wb, dir, dir + 1, "a");
     wb.sync(None).unwrap();
     // Whatever the store says behind the layer's back, the layer answers
@@ -242,12 +249,7 @@ fn list(s: &dyn Store, dir: u64, max: usize) -> Vec<(Vec<u8>, u64)> {
 #[test]
 fn a_directory_created_here_is_listed_from_memory() {
     let (wb, sink, store, _) = layer(OverwritePolicy::Cow, 1, 19);
-    let dir = wb.reserve_ids(256).unwrap();
-    let mut d = Inode::regular(dir, 0);
-    d.kind = FileKind::Directory;
-    let mut t = Txn::new();
-    t.push(Op::PutInode(d));
-    wb.commit(t).unwrap();
+    let dir = session_dir(&wb, 256);
     for i in 1..=100 {
         create_in(&wb, dir, dir + i, &format!("f{i}"));
     }
@@ -380,12 +382,7 @@ fn a_listing_read_ahead_follows_the_layers_changes() {
 fn the_layer_says_what_it_answers_from_memory() {
     use crate::store::Demand;
     let (wb, sink, _store, _) = layer(OverwritePolicy::Cow, 1, 23);
-    let dir = wb.reserve_ids(16).unwrap();
-    let mut d = Inode::regular(dir, 0);
-    d.kind = FileKind::Directory;
-    let mut t = Txn::new();
-    t.push(Op::PutInode(d));
-    wb.commit(t).unwrap();
+    let dir = session_dir(&wb, 16);
     create_in(&wb, dir, dir + 1, "a");
     write(&wb, dir + 1, 0, &[7; 4096], 4096);
     assert!(wb.would_not_wait(Demand::Entries { dir }));
