@@ -95,6 +95,24 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// A header's fields, its checksum left zero.
+fn header_fields(
+    version: u8,
+    opcode: u8,
+    flags: u16,
+    request_id: u64,
+    payload_len: u32,
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = version;
+    h[5] = opcode;
+    h[6..8].copy_from_slice(&flags.to_le_bytes());
+    h[8..16].copy_from_slice(&request_id.to_le_bytes());
+    h[16..20].copy_from_slice(&payload_len.to_le_bytes());
+    h
+}
+
 fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
     let mut h = *header;
     h[20..24].fill(0);
@@ -118,13 +136,13 @@ impl Frame {
 
     /// The frame's header, checksum included, stamped with `version`.
     fn header(&self, version: u8) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        h[4] = version;
-        h[5] = self.opcode;
-        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
-        h[8..16].copy_from_slice(&self.request_id.to_le_bytes());
-        h[16..20].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        let mut h = header_fields(
+            version,
+            self.opcode,
+            self.flags,
+            self.request_id,
+            self.payload.len() as u32,
+        );
         let crc = checksum(&h, &self.payload);
         h[20..24].copy_from_slice(&crc.to_le_bytes());
         h
@@ -219,13 +237,13 @@ pub async fn write_stage<W: AsyncWrite + Unpin>(
 ) -> Result<(), ProtoError> {
     let mut head = Vec::with_capacity(HEADER_LEN + msg::STAGE_FIXED);
     let payload_len = msg::STAGE_FIXED + stage.data.len();
-    head.extend_from_slice(&MAGIC.to_le_bytes());
-    head.push(VERSION);
-    head.push(msg::OP_STAGE);
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&request_id.to_le_bytes());
-    head.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    head.extend_from_slice(&[0; 4]);
+    head.extend_from_slice(&header_fields(
+        VERSION,
+        msg::OP_STAGE,
+        0,
+        request_id,
+        payload_len as u32,
+    ));
     stage.encode_fixed(&mut head);
     let mut crc = crc32c::crc32c(&head);
     for s in stage.data.slices() {
