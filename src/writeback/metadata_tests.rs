@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use super::testkit::{content, create, create_in, eventually, layer, lingering_layer, write};
 use super::{OverwritePolicy, WritebackStore};
-use crate::store::mem::MemStore;
 use crate::store::{Dirent, FileKind, Inode, Op, Store, Txn};
 
 #[test]
@@ -154,22 +153,6 @@ fn remembered_xattrs_never_go_stale() {
     assert_eq!(wb.get_xattr(50, name).unwrap(), None);
 }
 
-/// Put entry `name` into `parent` straight into the store, behind the
-/// layer's back.
-fn put_behind(store: &MemStore, parent: u64, name: &str, ino: u64, cookie: u64) {
-    let mut t = Txn::new();
-    t.push(Op::PutDirent {
-        parent,
-        dirent: Dirent {
-            name: name.as_bytes().to_vec(),
-            ino,
-            kind: FileKind::Regular,
-            cookie,
-        },
-    });
-    store.commit(t).unwrap();
-}
-
 /// A directory created through the layer, with `ids - 1` ids after it
 /// reserved for its entries.
 fn session_dir(wb: &WritebackStore, ids: u64) -> u64 {
@@ -225,7 +208,7 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     );
     // An entry the layer never saw in a directory it did not create is the
     // store's to answer.
-    put_behind(&store, 1, "old", 99, 99);
+    create_in(&*store, 1, 99, "old");
     assert_eq!(wb.lookup(1, b"old").unwrap().map(|d| d.ino), Some(99));
     // Removed, then absent again.
     let mut t = Txn::new();
@@ -286,7 +269,7 @@ fn a_directory_created_here_is_listed_from_memory() {
     );
     // Behind the layer's back (the layer is the only writer): not listed,
     // so the listing came from memory.
-    put_behind(&store, dir, "nope", 98, dir + 250);
+    create_in(&*store, dir, dir + 250, "nope");
     assert_eq!(list(&wb, dir, 7), listed);
     assert_eq!(wb.readdir(dir, 0, 0).unwrap(), Vec::new());
     drop(sink);
@@ -322,7 +305,7 @@ fn a_listing_read_ahead_follows_the_layers_changes() {
     // Behind the layer's back, inside a range it read ahead: not listed
     // (the layer is the volume's only writer), so the listing was kept.
     let first = wb.readdir(dir, 0, 1).unwrap();
-    put_behind(&store, dir, "behind", 7, first[0].cookie + 1);
+    create_in(&*store, dir, first[0].cookie + 1, "behind");
     let next = wb.readdir(dir, first[0].cookie, 1).unwrap();
     assert_eq!(next[0].name, b"e2".to_vec());
     let mut t = Txn::new();
