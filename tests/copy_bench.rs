@@ -10,12 +10,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::CString;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
-use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyReader, ZeroCopyWriter};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 use pohmelfs::fs::{FsConfig, PohmelFs};
 use pohmelfs::metrics::Metrics;
@@ -23,30 +23,11 @@ use pohmelfs::store::mem::MemStore;
 use pohmelfs::store::sink::EngineSink;
 use pohmelfs::store::{Store, ROOT_INO};
 use pohmelfs::writeback::{TxnConfig, WritebackStore};
+use pohmelfs_testkit::GuestBytes;
 
 const IO: usize = 1 << 20;
 const FILE: u64 = 64 << 20;
 const TOTAL: u64 = 1 << 30;
-
-/// Guest buffers of one write.
-struct Guest<'a>(&'a [u8]);
-
-impl Read for Guest<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl ZeroCopyReader for Guest<'_> {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _count: usize,
-        _off: u64,
-    ) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-}
 
 /// Guest buffers of one read.
 struct Sink<'a>(&'a mut Vec<u8>);
@@ -125,6 +106,8 @@ fn write_then_cold_read_1_gib_through_the_write_back_layer() {
         ino = entry.inode;
         let handle = handle.unwrap();
         let data: Vec<u8> = (0..IO).map(|i| (i % 251) as u8).collect();
+        // The guest's page cache hands over a write in pages.
+        let mut guest = GuestBytes::split(data, &[4096; IO / 4096]);
         let (t0, c0) = (Instant::now(), cpu());
         let mut offset = 0;
         for _ in 0..TOTAL / IO as u64 {
@@ -133,7 +116,10 @@ fn write_then_cold_read_1_gib_through_the_write_back_layer() {
                     &ctx,
                     ino,
                     handle,
-                    &mut Guest(&data),
+                    {
+                        guest.rewind();
+                        &mut guest
+                    },
                     IO as u32,
                     offset,
                     None,

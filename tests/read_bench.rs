@@ -15,13 +15,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::CString;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
-use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyReader, ZeroCopyWriter};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 use pohmelfs::fs::{FsConfig, PohmelFs};
@@ -30,28 +30,10 @@ use pohmelfs::store::engine::SlateStore;
 use pohmelfs::store::sink::EngineSink;
 use pohmelfs::store::{OnceStore, Store, ROOT_INO};
 use pohmelfs::writeback::{TxnConfig, WritebackStore};
+use pohmelfs_testkit::GuestBytes;
 
 const IO: usize = 1 << 20;
 const FILE: u64 = 256 << 20;
-
-struct Guest<'a>(&'a [u8]);
-
-impl Read for Guest<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl ZeroCopyReader for Guest<'_> {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _count: usize,
-        _off: u64,
-    ) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-}
 
 /// The guest's buffer of one read: bytes are copied in, file ranges read
 /// in with `preadv`.
@@ -183,13 +165,18 @@ fn cold_and_hot_1_mib_reads_of_256_mib_on_file() {
             .unwrap();
         let handle = handle.unwrap();
         let data: Vec<u8> = (0..IO).map(|i| (i % 251) as u8).collect();
+        // The guest's page cache hands over a write in pages.
+        let mut guest = GuestBytes::split(data, &[4096; IO / 4096]);
         let mut offset = 0;
         while offset < FILE {
             fs.write(
                 &ctx,
                 entry.inode,
                 handle,
-                &mut Guest(&data),
+                {
+                    guest.rewind();
+                    &mut guest
+                },
                 IO as u32,
                 offset,
                 None,

@@ -6,36 +6,16 @@
 //! inode is the lookup count of the inodes the guest still holds.
 
 use std::ffi::CString;
-use std::io::{self, Read};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
-use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyReader};
-use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
 use super::{lock, FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::{Store, ROOT_INO};
 use crate::writeback::{self, MemoryBudget, TxnConfig, WritebackStore};
-
-struct Bytes(io::Cursor<Vec<u8>>);
-
-impl Read for Bytes {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl ZeroCopyReader for Bytes {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _count: usize,
-        _off: u64,
-    ) -> io::Result<usize> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
-    }
-}
+use pohmelfs_testkit::GuestBytes;
 
 /// Files per directory, as the bench's files workload makes them.
 const PER_DIR: usize = 100;
@@ -71,7 +51,7 @@ fn create_files(fs: &PohmelFs, wb: &WritebackStore, budget: &MemoryBudget) -> Ve
             assert!(fs.lookup(&ctx, dir, &name).is_err());
             let (e, h, _, _) = fs.create(&ctx, dir, &name, args).unwrap();
             let h = h.unwrap();
-            let mut r = Bytes(io::Cursor::new(b"x".to_vec()));
+            let mut r = GuestBytes::new(b"x".to_vec());
             fs.write(&ctx, e.inode, h, &mut r, 1, 0, None, false, 0, 0)
                 .unwrap();
             fs.flush(&ctx, e.inode, h, 0).unwrap();

@@ -15,7 +15,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use crate::store::{FileKind, Inode, Op, ReadData, ReadPiece, Timestamp, Txn, WriteData};
+use crate::store::{FileKind, Inode, Op, ReadData, ReadPiece, Timestamp, Txn};
 
 /// The largest read or write the daemon serves in one request (the FUSE
 /// MAX_PAGES limit: 256 pages of 4 KiB).
@@ -214,7 +214,7 @@ impl PohmelFs {
         } else {
             offset
         };
-        let data = WriteData::read_aligned(r, len, aligned_at)
+        let data = super::guest_bytes::read_write_data(r, len, aligned_at)
             .map_err(|_| FsError::Errno(libc::EINVAL))?;
 
         // Wait for room in the write-back layer before taking the inode's

@@ -24,6 +24,7 @@ mod concurrency_tests;
 mod config;
 mod data;
 pub mod error;
+mod guest_bytes;
 mod handles;
 mod handover;
 mod locks;

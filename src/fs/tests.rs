@@ -2,39 +2,20 @@
 //! `FileSystem` trait the way the FUSE server drives it.
 
 use std::ffi::CString;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
-    ZeroCopyWriter,
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
 };
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
+use pohmelfs_testkit::GuestBytes;
 
 use super::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::store::mem::MemStore;
 use crate::store::{Store, ROOT_INO};
-
-struct BufReader(io::Cursor<Vec<u8>>);
-
-impl Read for BufReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl ZeroCopyReader for BufReader {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _count: usize,
-        _off: u64,
-    ) -> io::Result<usize> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
-    }
-}
 
 struct BufWriter {
     data: Vec<u8>,
@@ -111,7 +92,7 @@ fn create(fs: &PohmelFs, ctx: &Context, parent: u64, name: &str, mode: u32) -> (
 }
 
 fn write(fs: &PohmelFs, ino: u64, h: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
-    let mut r = BufReader(io::Cursor::new(data.to_vec()));
+    let mut r = GuestBytes::new(data.to_vec());
     fs.write(
         &root(),
         ino,
@@ -178,10 +159,10 @@ fn write_read_round_trip_across_blocks() {
 fn a_write_larger_than_its_message_is_refused() {
     let (fs, _) = new_fs();
     let (e, h) = create(&fs, &root(), ROOT_INO, "f", 0o644);
-    let mut r = BufReader(io::Cursor::new(vec![1u8; 10]));
+    let mut r = GuestBytes::new(vec![1u8; 10]);
     let res = fs.write(&root(), e.inode, h, &mut r, 4096, 0, None, false, 0, 0);
     assert_eq!(errno(res), libc::EINVAL);
-    let mut r = BufReader(io::Cursor::new(vec![]));
+    let mut r = GuestBytes::new(vec![]);
     let res = fs.write(&root(), e.inode, h, &mut r, u32::MAX, 0, None, false, 0, 0);
     assert_eq!(errno(res), libc::EINVAL);
     assert_eq!(attr_of(&fs, e.inode).st_size, 0);

@@ -14,6 +14,7 @@ use crate::device::alloc_probe::largest_allocation;
 use crate::metrics::Metrics;
 use crate::store::engine::conformance::{commit, read, temp_volume, write_op};
 use crate::store::{Store, ROOT_INO};
+use pohmelfs_testkit::GuestBytes;
 
 /// A guest writer that records `write_from` calls and byte writes.
 #[derive(Default)]
@@ -71,12 +72,11 @@ fn a_cold_read_reaches_the_guest_as_file_ranges() {
         .unwrap();
     let (ino, handle) = (entry.inode, handle.unwrap());
     let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-    let mut src = &data[..];
     let written = fs.write(
         &ctx,
         ino,
         handle,
-        &mut TestReader(&mut src),
+        &mut GuestBytes::new(data.clone()),
         LEN as u32,
         0,
         None,
@@ -114,26 +114,6 @@ fn a_file_piece_keeps_its_bytes_while_an_overwrite_commits() {
     assert_eq!(held.to_vec().unwrap(), vec![5u8; 256 << 10]);
     drop(held);
     assert_eq!(read(&store, 9, 0, 256 << 10), vec![6u8; 256 << 10]);
-}
-
-/// The guest's side of a write, from a byte slice.
-struct TestReader<'a, 'b>(&'a mut &'b [u8]);
-
-impl io::Read for TestReader<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl fuse_backend_rs::api::filesystem::ZeroCopyReader for TestReader<'_, '_> {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _count: usize,
-        _off: u64,
-    ) -> io::Result<usize> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
-    }
 }
 
 #[test]

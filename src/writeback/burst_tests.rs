@@ -14,7 +14,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{cfg, content, eventually, layer_with, Bytes, FaultSink};
+use super::testkit::{cfg, content, eventually, layer_with, FaultSink, GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
@@ -90,7 +90,7 @@ fn small_file(fs: &PohmelFs, name: &str) -> u64 {
     let fh = h.unwrap();
     let data = data_of(name);
     let len = data.len() as u32;
-    let mut r = Bytes(std::io::Cursor::new(data));
+    let mut r = GuestBytes::new(data);
     fs.write(&ctx, e.inode, fh, &mut r, len, 0, None, false, 0, 0)
         .unwrap();
     fs.flush(&ctx, e.inode, fh, 0).unwrap();
@@ -329,7 +329,7 @@ fn an_fsync_sends_the_lingering_burst_ahead_of_it_on_the_directory() {
         .unwrap()
         .0
         .unwrap();
-    let mut r = Bytes(std::io::Cursor::new(b"new".to_vec()));
+    let mut r = GuestBytes::new(b"new".to_vec());
     fs.write(&ctx, old, fh, &mut r, 3, 0, None, false, 0, 0)
         .unwrap();
     let last = ("last".to_string(), small_file(&fs, "last"));

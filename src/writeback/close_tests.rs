@@ -15,7 +15,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{cfg, content, create, eventually, layer_with, write, Bytes, FaultSink};
+use super::testkit::{cfg, content, create, eventually, layer_with, write, FaultSink, GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
@@ -72,7 +72,7 @@ fn file_with_data(fs: &PohmelFs) -> (u64, u64) {
     let fh = h.unwrap();
     let data = b"closed, not synced\n".to_vec();
     let len = data.len() as u32;
-    let mut r = Bytes(std::io::Cursor::new(data));
+    let mut r = GuestBytes::new(data);
     fs.write(&ctx, e.inode, fh, &mut r, len, 0, None, false, 0, 0)
         .unwrap();
     (e.inode, fh)

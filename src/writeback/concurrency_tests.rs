@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{cfg, content, eventually, held_layer, Bytes};
+use super::testkit::{cfg, content, eventually, held_layer, GuestBytes};
 use super::OverwritePolicy;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::store::{Store, ROOT_INO};
@@ -31,7 +31,7 @@ fn new_file(fs: &PohmelFs, name: &str) -> (u64, u64) {
 
 fn fs_write(fs: &PohmelFs, ino: u64, h: u64, offset: u64, data: Vec<u8>) {
     let len = data.len() as u32;
-    let mut r = Bytes(std::io::Cursor::new(data));
+    let mut r = GuestBytes::new(data);
     let ctx = Context::new();
     let n = fs
         .write(&ctx, ino, h, &mut r, len, offset, None, false, 0, 0)

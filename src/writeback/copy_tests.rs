@@ -11,7 +11,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{content, create, eventually, held_layer, Bytes as GuestBytes};
+use super::testkit::{content, create, eventually, held_layer, GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::device::alloc_probe::largest_allocation;
 use crate::fs::{FsConfig, PohmelFs};
@@ -106,7 +106,7 @@ fn a_guest_write_reaches_the_sink_in_the_buffers_it_was_read_into() {
     sink.fail_first.store(1, Ordering::SeqCst);
 
     let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-    let mut guest = GuestBytes(std::io::Cursor::new(data.clone()));
+    let mut guest = GuestBytes::new(data.clone());
     let (written, largest) = largest_allocation(|| {
         fs.write(
             &ctx, ino, handle, &mut guest, LEN as u32, 0, None, false, 0, 0,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{cfg, layer_with, Bytes, Faults};
+use super::testkit::{cfg, layer_with, Faults, GuestBytes};
 use super::{OverwritePolicy, TxnConfig};
 use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};
@@ -274,7 +274,7 @@ impl Step {
             ctx,
             ino,
             0,
-            &mut Bytes(std::io::Cursor::new(self.data.clone())),
+            &mut GuestBytes::new(self.data.clone()),
             self.data.len() as u32,
             self.offset,
             None,

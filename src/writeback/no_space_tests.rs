@@ -11,7 +11,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use super::testkit::{self as layer_tests, create_in, eventually, held_layer, Bytes, Faults};
+use super::testkit::{self as layer_tests, create_in, eventually, held_layer, Faults, GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
@@ -76,7 +76,7 @@ fn create(fs: &PohmelFs, file: &str) -> (u64, u64) {
 }
 
 fn write(fs: &PohmelFs, ino: u64, handle: u64, offset: u64, data: &[u8]) -> Result<(), i32> {
-    let mut r = Bytes(std::io::Cursor::new(data.to_vec()));
+    let mut r = GuestBytes::new(data.to_vec());
     let ctx = Context::new();
     match fs.write(
         &ctx,

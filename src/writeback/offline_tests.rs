@@ -17,7 +17,7 @@ use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
 use super::cache::{PageCache, PAGE_SIZE};
-use super::testkit::{cfg, content, eventually, Bytes as GuestBytes, FaultSink};
+use super::testkit::{cfg, content, eventually, FaultSink, GuestBytes};
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::fs::{FsConfig, PohmelFs};
 use crate::store::mem::MemStore;
@@ -118,7 +118,7 @@ fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
 }
 
 fn write(fs: &PohmelFs, ino: u64, h: u64, offset: u64, data: &[u8]) {
-    let mut r = GuestBytes(std::io::Cursor::new(data.to_vec()));
+    let mut r = GuestBytes::new(data.to_vec());
     let n = fs
         .write(
             &Context::new(),

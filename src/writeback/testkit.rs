@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pohmelfs_testkit::wait_until;
+pub(super) use pohmelfs_testkit::GuestBytes;
 
 use super::{OverwritePolicy, TxnConfig, WritebackStore};
 use crate::check::torture::rng::Rng;
@@ -20,26 +21,6 @@ use crate::store::{Dirent, FileKind, Inode, OnceStore, Op, Store, Txn};
 /// Bound and poll interval of [`eventually`].
 const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(1);
-
-/// Guest data handed to a FUSE write.
-pub(super) struct Bytes(pub(super) std::io::Cursor<Vec<u8>>);
-
-impl std::io::Read for Bytes {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(b)
-    }
-}
-
-impl fuse_backend_rs::api::filesystem::ZeroCopyReader for Bytes {
-    fn read_to(
-        &mut self,
-        _f: &mut dyn fuse_backend_rs::common::file_traits::FileReadWriteVolatile,
-        _c: usize,
-        _o: u64,
-    ) -> std::io::Result<usize> {
-        Err(std::io::ErrorKind::Unsupported.into())
-    }
-}
 
 /// What the fault sink does to the sends it sees.
 #[derive(Clone, Debug, Default)]

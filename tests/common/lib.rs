@@ -11,6 +11,8 @@
 //!   same port and data.
 //! - [`s3`]: [`Moto`] and [`S3sFs`], two independent S3-compatible servers on loopback
 //!   with one bucket each.
+//! - [`guest`]: [`GuestBytes`], the guest's buffers of a FUSE WRITE, for tests that call a
+//!   `FileSystem` directly.
 //! - [`netns`]: [`Network`], hosts of their own on this machine (network namespaces joined by
 //!   veth pairs), where servers and daemons run as on separate hosts.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
@@ -19,11 +21,12 @@
 //!   volume.
 //!
 //! Every process the kit starts is killed when its handle drops, pass or fail. The kit knows
-//! nothing of pohmelfs' types (it uses `std` and `thiserror`), so the library's own unit tests
+//! nothing of pohmelfs' types (it uses `std`, `thiserror`, and fuse-backend-rs and vm-memory for the guest's buffers), so the library's own unit tests
 //! use it without a second copy of the library; the `pohmelfs` binary is passed in by the
 //! caller (`env!("CARGO_BIN_EXE_pohmelfs")`). Its failures are [`Error`]s, for the caller to
 //! turn into a panic or its own failure type.
 
+pub mod guest;
 pub mod netns;
 pub mod process;
 pub mod s3;
@@ -36,6 +39,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use guest::GuestBytes;
 pub use netns::{Netns, Network};
 pub use process::{log_tail, ChildGuard};
 pub use s3::{Moto, S3sFs};
