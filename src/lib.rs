@@ -31,6 +31,7 @@
 //!
 //! Beside the data path:
 //!
+//! * [`checksum`] — CRC-32C, the checksum of everything written or sent.
 //! * [`metrics`] — every counter the daemon keeps.
 //! * [`logging`] — the commands' log lines: `--log-level` or `RUST_LOG`, and
 //!   syslog priorities when stderr is the journal.
@@ -52,6 +53,7 @@
 //! host's `/dev/fuse` (`pohmelfs mount`, for POSIX test suites).
 
 pub mod check;
+pub mod checksum;
 pub mod confine;
 pub mod control;
 pub mod device;

@@ -307,7 +307,7 @@ fn populate(mnt: &Path) {
         BIG_BYTES as u64
     );
     assert_eq!(
-        crc32c::crc32c(&fs::read(mnt.join("big")).unwrap()),
+        pohmelfs::checksum::crc32c(&fs::read(mnt.join("big")).unwrap()),
         big_crc()
     );
 
@@ -331,7 +331,7 @@ fn populate(mnt: &Path) {
 fn big_crc() -> u32 {
     let mut data = pattern(BIG_BYTES, 42);
     data[5 << 20..(5 << 20) + 4096].copy_from_slice(&pattern(4096, 9));
-    crc32c::crc32c(&data)
+    pohmelfs::checksum::crc32c(&data)
 }
 
 /// What the second mount must find.
@@ -357,7 +357,7 @@ fn check(mnt: &Path) {
     want.resize(5000, 0);
     assert_eq!(fs::read(mnt.join("trunc")).unwrap(), want);
     assert_eq!(
-        crc32c::crc32c(&fs::read(mnt.join("big")).unwrap()),
+        pohmelfs::checksum::crc32c(&fs::read(mnt.join("big")).unwrap()),
         big_crc()
     );
     assert_eq!(getxattr(&mnt.join("last"), "user.last").unwrap(), b"1");

@@ -160,7 +160,7 @@ impl SegmentCheck {
         for page in first_touched..last_touched {
             let s = (page * SEGMENT_PAGE).max(from);
             let t = ((page + 1) * SEGMENT_PAGE).min(to);
-            let crc = crc32c::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
+            let crc = crate::checksum::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
             let want = p.crcs.get((page - pages.start) as usize).copied();
             if want != Some(crc) {
                 problems.push(Problem::ExtentChecksum {

@@ -104,7 +104,7 @@ fn listing(dir: &Path) -> BTreeMap<String, (u64, i64, i64, u64, u64, u32)> {
             let path = entry.unwrap().path();
             let m = std::fs::symlink_metadata(&path).unwrap();
             let crc = if m.is_file() {
-                crc32c::crc32c(&std::fs::read(&path).unwrap())
+                crate::checksum::crc32c(&std::fs::read(&path).unwrap())
             } else {
                 todo.push(path.clone());
                 0

@@ -74,7 +74,7 @@ pub fn encode(s: &SessionState) -> Result<Vec<u8>, StateError> {
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&p);
-    out.extend_from_slice(&crc32c::crc32c(&p).to_le_bytes());
+    out.extend_from_slice(&crate::checksum::crc32c(&p).to_le_bytes());
     Ok(out)
 }
 
@@ -107,7 +107,7 @@ pub fn read(r: &mut impl Read) -> Result<SessionState, StateError> {
         .map_err(|_| StateError::Truncated("payload"))?;
     let crc = payload.split_off(len as usize);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    let computed = crc32c::crc32c(&payload);
+    let computed = crate::checksum::crc32c(&payload);
     if stored != computed {
         return Err(StateError::Checksum { stored, computed });
     }

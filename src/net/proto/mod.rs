@@ -116,7 +116,7 @@ fn header_fields(
 fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
     let mut h = *header;
     h[20..24].fill(0);
-    crc32c::crc32c_append(crc32c::crc32c(&h), payload)
+    crate::checksum::crc32c_append(crate::checksum::crc32c(&h), payload)
 }
 
 impl Frame {
@@ -245,9 +245,9 @@ pub async fn write_stage<W: AsyncWrite + Unpin>(
         payload_len as u32,
     ));
     stage.encode_fixed(&mut head);
-    let mut crc = crc32c::crc32c(&head);
+    let mut crc = crate::checksum::crc32c(&head);
     for s in stage.data.slices() {
-        crc = crc32c::crc32c_append(crc, s);
+        crc = crate::checksum::crc32c_append(crc, s);
     }
     head[20..24].copy_from_slice(&crc.to_le_bytes());
     let mut parts: Vec<&[u8]> = Vec::with_capacity(stage.data.parts().len() + 1);

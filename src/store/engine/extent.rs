@@ -381,7 +381,7 @@ pub fn page_crcs(seg_off: u64, parts: &[&[u8]]) -> Vec<u32> {
         let mut rest: &[u8] = part;
         while !rest.is_empty() {
             let n = room.min(rest.len());
-            crc = crc32c::crc32c_append(crc, &rest[..n]);
+            crc = crate::checksum::crc32c_append(crc, &rest[..n]);
             fresh = false;
             rest = &rest[n..];
             room -= n;

@@ -107,7 +107,7 @@ pub fn seal(buf: &mut Vec<u8>, flags: u16, lsn: u64, prev: u32) -> u32 {
     h[8..16].copy_from_slice(&lsn.to_le_bytes());
     h[16..20].copy_from_slice(&prev.to_le_bytes());
     h[20..24].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &buf[RECORD_HEADER..]);
+    let crc = crate::checksum::crc32c_append(crate::checksum::crc32c(&h), &buf[RECORD_HEADER..]);
     h[24..28].copy_from_slice(&crc.to_le_bytes());
     buf[..RECORD_HEADER].copy_from_slice(&h);
     buf.resize(record_bytes(len as usize) as usize, 0);
@@ -158,8 +158,8 @@ fn check_record(at: &[u8], pos: Position) -> Option<Header> {
     let mut zeroed = [0u8; RECORD_HEADER];
     zeroed.copy_from_slice(h);
     zeroed[24..28].fill(0);
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c(&zeroed),
+    let crc = crate::checksum::crc32c_append(
+        crate::checksum::crc32c(&zeroed),
         &at[RECORD_HEADER..RECORD_HEADER + len],
     );
     (crc == le_u32(h, 24)).then_some(Header {
@@ -276,7 +276,7 @@ pub fn encode_header(tail: Position) -> Vec<u8> {
     h[8..16].copy_from_slice(&tail.off.to_le_bytes());
     h[16..24].copy_from_slice(&tail.lsn.to_le_bytes());
     h[24..28].copy_from_slice(&tail.prev.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..28]);
+    let crc = crate::checksum::crc32c(&h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -288,7 +288,7 @@ pub fn decode_header(h: &[u8], size: u64) -> Result<Position, LogError> {
     if le_u16(h, 4) != VERSION {
         return Err(LogError::Header(format!("version {}", le_u16(h, 4))));
     }
-    if crc32c::crc32c(&h[..28]) != le_u32(h, 28) {
+    if crate::checksum::crc32c(&h[..28]) != le_u32(h, 28) {
         return Err(LogError::Header("bad crc".into()));
     }
     let tail = Position {

@@ -565,7 +565,7 @@ pub fn check_pages(p: &Piece, r: Range<u64>, bytes: &[u8]) -> Result<(), StoreEr
         let s = (page * PAGE).max(p.seg_off);
         let e = ((page + 1) * PAGE).min(piece_end);
         let want = p.crcs.get((page - first) as usize).copied();
-        let got = crc32c::crc32c(&bytes[(s - r.start) as usize..(e - r.start) as usize]);
+        let got = crate::checksum::crc32c(&bytes[(s - r.start) as usize..(e - r.start) as usize]);
         if want != Some(got) {
             return Err(StoreError::Corrupt(format!(
                 "object {} page {page}: checksum {got:08x}, extent says {want:08x?}",

@@ -205,7 +205,7 @@ fn read_verified(
     for page in pages {
         let s = (page * PAGE).max(from);
         let t = ((page + 1) * PAGE).min(to);
-        let crc = crc32c::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
+        let crc = crate::checksum::crc32c(&buf[(s - from) as usize..(t - from) as usize]);
         if p.crcs.get((page - first) as usize) != Some(&crc) {
             return Err(StoreError::Corrupt(format!(
                 "segment {} page at offset {} does not match its checksum \

@@ -41,7 +41,7 @@ pub fn encode_header(h: &Header) -> Vec<u8> {
     v.extend_from_slice(&(h.key.len() as u32).to_le_bytes());
     v.extend_from_slice(h.key.as_bytes());
     v.extend_from_slice(&h.generation.to_le_bytes());
-    let crc = crc32c::crc32c(&v);
+    let crc = crate::checksum::crc32c(&v);
     v.extend_from_slice(&crc.to_le_bytes());
     v
 }
@@ -50,7 +50,7 @@ pub fn encode_header(h: &Header) -> Vec<u8> {
 /// (another format, torn, altered).
 pub fn decode_header(bytes: &[u8]) -> Option<Header> {
     let (body, crc) = bytes.split_last_chunk::<4>()?;
-    if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+    if crate::checksum::crc32c(body) != u32::from_le_bytes(*crc) {
         return None;
     }
     let rest = body.strip_prefix(HEADER_MAGIC)?;
@@ -83,8 +83,8 @@ pub fn encode_block(instance: &[u8; 16], ino: u64, block: u64, data: &[u8]) -> V
     v.extend_from_slice(&ino.to_le_bytes());
     v.extend_from_slice(&block.to_le_bytes());
     v.extend_from_slice(&(used as u32).to_le_bytes());
-    let mut crc = crc32c::crc32c(&v);
-    crc = crc32c::crc32c_append(crc, data);
+    let mut crc = crate::checksum::crc32c(&v);
+    crc = crate::checksum::crc32c_append(crc, data);
     v.extend_from_slice(&crc.to_le_bytes());
     v.extend_from_slice(data);
     v
@@ -109,7 +109,7 @@ pub fn decode_block(instance: &[u8; 16], ino: u64, block: u64, bytes: &[u8]) -> 
     {
         return None;
     }
-    let sum = crc32c::crc32c_append(crc32c::crc32c(covered), data);
+    let sum = crate::checksum::crc32c_append(crate::checksum::crc32c(covered), data);
     if sum != u32::from_le_bytes(*crc) {
         return None;
     }
