@@ -188,8 +188,9 @@ fn flock_exclusive(file: &File, dir: &Path) -> Result<(), LogError> {
 }
 
 /// Create the log file at `path`: preallocated, zero-filled, an empty
-/// ring, all durable, then renamed into place.
-fn create(dir: &Path, path: &Path, size: u64) -> io::Result<()> {
+/// ring whose first record gets lsn `first_lsn`, all durable, then renamed
+/// into place.
+fn create(dir: &Path, path: &Path, size: u64, first_lsn: u64) -> io::Result<()> {
     let tmp = dir.join(format!("{FILE_NAME}.new"));
     let f = OpenOptions::new()
         .read(true)
@@ -215,7 +216,7 @@ fn create(dir: &Path, path: &Path, size: u64) -> io::Result<()> {
     }
     let empty = Position {
         off: PAGE,
-        lsn: 1,
+        lsn: first_lsn.max(1),
         prev: 0,
     };
     f.write_all_at(&encode_header(empty), 0)?;
@@ -257,14 +258,22 @@ fn write_direct(direct: &File, bytes: &[u8], at: u64) -> io::Result<()> {
 
 impl CommitLog {
     /// Open (creating if missing, at `size` bytes) the log of the volume
-    /// in `volume_dir`, take its lock, and read the records to replay.
-    pub fn open(volume_dir: &Path, size: u64) -> Result<(Arc<CommitLog>, Vec<Record>), LogError> {
+    /// in `volume_dir`, take its lock, and read the records to replay. A
+    /// log created here numbers its records from `first_lsn`: above the
+    /// last lsn the engine says it applied, which a clone inherits from its
+    /// source. (A new log counting from 1 under an engine that says 2 had
+    /// its first two records skipped by the replay after a crash.)
+    pub fn open(
+        volume_dir: &Path,
+        size: u64,
+        first_lsn: u64,
+    ) -> Result<(Arc<CommitLog>, Vec<Record>), LogError> {
         let dir = volume_dir.join(DIR_NAME);
         let path = dir.join(FILE_NAME);
         if !path.exists() {
             std::fs::create_dir_all(&dir)?;
             File::open(volume_dir)?.sync_all()?;
-            create(&dir, &path, size)?;
+            create(&dir, &path, size, first_lsn)?;
         }
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let meta = file.metadata()?;

@@ -48,7 +48,7 @@ fn append(log: &CommitLog, from: u64, to: u64, len: usize) -> Vec<Record> {
 }
 
 fn open(dir: &tempfile::TempDir) -> (Arc<CommitLog>, Vec<Record>) {
-    CommitLog::open(dir.path(), LOG_BYTES_MIN).expect("open log")
+    CommitLog::open(dir.path(), LOG_BYTES_MIN, 1).expect("open log")
 }
 
 fn file(dir: &tempfile::TempDir) -> std::fs::File {

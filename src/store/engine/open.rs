@@ -548,7 +548,11 @@ impl SlateStore {
         reclaimer: &Option<Arc<reclaim::Reclaimer>>,
         describe: &str,
     ) -> Result<Arc<recover::Checkpoint>, OpenVolumeError> {
-        let (log, records) = CommitLog::open(dir, size).map_err(OpenVolumeError::Log)?;
+        let applied = recover::applied_lsn(db)
+            .await
+            .map_err(OpenVolumeError::Replay)?;
+        let (log, records) =
+            CommitLog::open(dir, size, applied + 1).map_err(OpenVolumeError::Log)?;
         let replayed = recover::replay(db, segments.as_deref(), &records)
             .await
             .map_err(OpenVolumeError::Replay)?;

@@ -75,6 +75,15 @@ pub fn decode_lsn(v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// The lsn of the last commit-log record whose batch the engine holds (0
+/// for none).
+pub async fn applied_lsn(db: &Db) -> Result<u64, StoreError> {
+    match db.get(keys::log()).await.map_err(map_engine_error)? {
+        Some(v) => decode_lsn(&v),
+        None => Ok(0),
+    }
+}
+
 /// Replay `records` (read from the log's tail) into the segments and the
 /// engine; how many batches the engine lacked.
 pub async fn replay(
@@ -82,10 +91,7 @@ pub async fn replay(
     segs: Option<&Segments>,
     records: &[Record],
 ) -> Result<usize, StoreError> {
-    let applied = match db.get(keys::log()).await.map_err(map_engine_error)? {
-        Some(v) => decode_lsn(&v)?,
-        None => 0,
-    };
+    let applied = applied_lsn(db).await?;
     let mut touched = BTreeSet::new();
     for r in records {
         for w in &r.writes {

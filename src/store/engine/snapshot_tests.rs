@@ -336,3 +336,22 @@ fn space_comes_back_while_the_volume_stays_open() {
     drop(s);
     assert_clean("source", &vol);
 }
+
+#[test]
+fn a_clone_keeps_what_it_acknowledged_across_a_crash_before_its_first_checkpoint() {
+    // The clone's engine says which log records it holds (the source's
+    // last lsn); its own new log must number its records above that, or
+    // the replay after a crash skips them as held.
+    let (tmp, _vol, s) = scratch_golden();
+    let snap = s.take_snapshot("s1").unwrap();
+    s.close().unwrap();
+    drop(s);
+    let clone = tmp.path().join("clone");
+    snapshot::clone_from(&snap, &clone).unwrap();
+    let c = open(&clone);
+    commit(&c, vec![file(102, 5), write_op(102, 0, b"fresh")]);
+    c.crash();
+    let c = open(&clone);
+    assert_eq!(read(&c, 102, 0, 5), b"fresh");
+    assert_eq!(read(&c, 100, 0, 4)[..], [1u8; 4]);
+}
