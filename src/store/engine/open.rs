@@ -552,8 +552,8 @@ impl SlateStore {
             .await
             .map_err(OpenVolumeError::Replay)?;
         let (log, records) =
-            CommitLog::open(dir, size, applied + 1).map_err(OpenVolumeError::Log)?;
-        let replayed = recover::replay(db, segments.as_deref(), &records)
+            CommitLog::open(dir, size, applied.saturating_add(1)).map_err(OpenVolumeError::Log)?;
+        let replayed = recover::replay(db, segments.as_deref(), &records, applied)
             .await
             .map_err(OpenVolumeError::Replay)?;
         log.advance_tail(log.applied())

@@ -85,13 +85,14 @@ pub async fn applied_lsn(db: &Db) -> Result<u64, StoreError> {
 }
 
 /// Replay `records` (read from the log's tail) into the segments and the
-/// engine; how many batches the engine lacked.
+/// engine, whose batches up to lsn `applied` ([`applied_lsn`]) it holds
+/// already; how many batches the engine lacked.
 pub async fn replay(
     db: &Db,
     segs: Option<&Segments>,
     records: &[Record],
+    applied: u64,
 ) -> Result<usize, StoreError> {
-    let applied = applied_lsn(db).await?;
     let mut touched = BTreeSet::new();
     for r in records {
         for w in &r.writes {
