@@ -317,13 +317,14 @@ impl SlateStore {
     ) -> Result<Built, StoreError> {
         let mut counters = self.commit_lock.lock().await;
         let queued = self.checkpoint.as_ref().map(|_| &self.log_queue);
-        let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
         let next_object = || match &self.objects {
             Some(o) => o.next_ids(1),
             None => Err(StoreError::Corrupt("no data objects".into())),
         };
+        let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
         view.objects = self.objects.as_deref();
         view.chunks = Some(&self.chunks);
+        view.born = Some(&self.born);
         view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
             if view.get(&keys::applied(session, txn_id)).await?.is_some() {
@@ -340,6 +341,7 @@ impl SlateStore {
                 .await?;
         }
         view.settle_segments().await?;
+        let removed = std::mem::take(&mut view.removed);
         let reclaim = Reclaim {
             dead: std::mem::take(&mut view.dead),
             emptied: std::mem::take(&mut view.emptied),
@@ -388,6 +390,7 @@ impl SlateStore {
             }
         };
         *counters = after;
+        removed.built();
         self.used_blocks.store(after.blocks, Ordering::Release);
         self.used_inodes.store(after.inodes, Ordering::Release);
         self.used_meta_bytes

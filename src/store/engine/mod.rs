@@ -44,6 +44,7 @@
 //! unusable.
 
 mod apply;
+mod born;
 mod chunk_cache;
 mod chunk_read;
 mod codec;
@@ -77,9 +78,12 @@ mod segment;
 mod shared;
 pub mod snapshot;
 #[cfg(test)]
-mod test_writes;
+mod test_hooks;
+mod view;
 mod writer;
 
+#[cfg(test)]
+mod born_tests;
 #[cfg(test)]
 pub(crate) mod conformance;
 #[cfg(test)]
@@ -199,6 +203,9 @@ pub struct SlateStore {
     /// Recently read and written chunk records (`chunk_cache.rs`): what
     /// the engine holds, without its lookup.
     chunks: Arc<chunk_cache::ChunkCache>,
+    /// The inodes born since this instance opened, and what they own
+    /// (`born.rs`): removing one needs no range scan.
+    born: born::Born,
     /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
     /// only after every read that could name it has left.
     readers: Arc<pins::Readers>,
@@ -369,6 +376,7 @@ impl SlateStore {
         }
         let first = ids.next;
         ids.next = end;
+        self.born.reserved(end);
         Ok(first)
     }
 
@@ -456,65 +464,6 @@ impl SlateStore {
             };
         }
         Ok(want.saturating_mul(BLOCK_SIZE).max(offset))
-    }
-
-    /// Stop as a crash would: no final flush, the runtime's tasks dropped
-    /// wherever they are.
-    #[cfg(test)]
-    fn crash(self) {
-        self.closed.store(true, Ordering::Release);
-        drop(self);
-    }
-
-    #[cfg(test)]
-    fn raw_db(&self) -> &Db {
-        &self.db
-    }
-
-    /// The value stored under `key`.
-    #[cfg(test)]
-    fn raw_get_for_test(&self, key: &[u8]) -> bytes::Bytes {
-        self.block_on(self.get(key.to_vec()))
-            .expect("get")
-            .expect("a stored record")
-    }
-
-    /// Wait until the reclaimer has done what commits so far freed (a
-    /// checkpoint first hands it over).
-    #[cfg(test)]
-    fn reclaimed(&self) {
-        if let Some(cp) = &self.checkpoint {
-            self.block_on(cp.run()).expect("checkpoint");
-        }
-        if let Some(r) = &self.reclaimer {
-            r.barrier();
-        }
-    }
-
-    /// Wait until the reclaimer has done what it was handed, without a
-    /// checkpoint.
-    #[cfg(test)]
-    fn reclaimer_barrier(&self) {
-        if let Some(r) = &self.reclaimer {
-            r.barrier();
-        }
-    }
-
-    /// How many checkpoints moved the commit log's tail.
-    #[cfg(test)]
-    fn checkpoints(&self) -> u64 {
-        self.checkpoint.as_ref().map_or(0, |cp| cp.count())
-    }
-
-    /// The segment files, on a `file://` volume.
-    #[cfg(test)]
-    fn segments(&self) -> &Segments {
-        self.segments.as_deref().expect("a file:// volume")
-    }
-
-    #[cfg(test)]
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt().expect("runtime of a live store").block_on(f)
     }
 }
 

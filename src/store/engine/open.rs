@@ -12,9 +12,9 @@ use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::{
-    chunk_cache, codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover,
-    segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
-    FORMAT_VERSION, UPGRADES_FROM,
+    born, chunk_cache, codec, config, group, holder, keys, map_engine_error, pins, reclaim,
+    recover, segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore,
+    Superblock, FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
 
@@ -378,6 +378,7 @@ impl SlateStore {
             object_gc,
             readers,
             chunks: Arc::new(chunk_cache::ChunkCache::new(cfg.memory.chunk_cache_bytes)),
+            born: born::Born::new(superblock.next_id),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),

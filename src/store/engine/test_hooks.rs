@@ -1,7 +1,12 @@
-//! Test-only writes that no [`crate::store::Op`] can express: the
-//! checker's tests damage volumes with them.
+//! Test-only hooks: writes that no [`crate::store::Op`] can express (the
+//! checker's tests damage volumes with them), and ways to look inside a
+//! live engine or stop it as a crash would.
 
-use super::{codec, keys, SlateStore};
+use std::sync::atomic::Ordering;
+
+use slatedb::Db;
+
+use super::{codec, keys, Segments, SlateStore};
 use crate::store::Dirent;
 
 impl SlateStore {
@@ -58,5 +63,56 @@ impl SlateStore {
     /// The key of inode `ino`'s record.
     pub(crate) fn inode_key(ino: u64) -> Vec<u8> {
         keys::inode(ino)
+    }
+
+    /// Stop as a crash would: no final flush, the runtime's tasks dropped
+    /// wherever they are.
+    pub(super) fn crash(self) {
+        self.closed.store(true, Ordering::Release);
+        drop(self);
+    }
+
+    pub(super) fn raw_db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The value stored under `key`.
+    pub(super) fn raw_get_for_test(&self, key: &[u8]) -> bytes::Bytes {
+        self.block_on(self.get(key.to_vec()))
+            .expect("get")
+            .expect("a stored record")
+    }
+
+    /// Wait until the reclaimer has done what commits so far freed (a
+    /// checkpoint first hands it over).
+    pub(super) fn reclaimed(&self) {
+        if let Some(cp) = &self.checkpoint {
+            self.block_on(cp.run()).expect("checkpoint");
+        }
+        if let Some(r) = &self.reclaimer {
+            r.barrier();
+        }
+    }
+
+    /// Wait until the reclaimer has done what it was handed, without a
+    /// checkpoint.
+    pub(super) fn reclaimer_barrier(&self) {
+        if let Some(r) = &self.reclaimer {
+            r.barrier();
+        }
+    }
+
+    /// How many checkpoints moved the commit log's tail.
+    pub(super) fn checkpoints(&self) -> u64 {
+        self.checkpoint.as_ref().map_or(0, |cp| cp.count())
+    }
+
+    /// The segment files, on a `file://` volume.
+    pub(super) fn segments(&self) -> &Segments {
+        self.segments.as_deref().expect("a file:// volume")
+    }
+
+    pub(super) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt().expect("runtime of a live store").block_on(f)
     }
 }
