@@ -10,13 +10,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pohmelfs::store::engine::SlateStore;
 use pohmelfs::store::{Dirent, FileKind, Inode, Op, Store, Txn, ROOT_INO};
-use pohmelfs_testkit::{skip_requested, wait_until, ChildGuard, Moto, ScratchDir};
+use pohmelfs_testkit::{skip_requested, ChildGuard, Moto, ScratchDir, Steps};
 
 const POHMELFS: &str = env!("CARGO_BIN_EXE_pohmelfs");
 
@@ -222,27 +221,15 @@ fn an_s3_snapshot_through_the_control_socket_holds_every_acknowledged_commit() {
         Some(Arc::clone(&store)),
     )
     .unwrap();
-    let written = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (store, written, stop) = (Arc::clone(&store), Arc::clone(&written), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut i = 0;
-            while !stop.load(Ordering::Acquire) && i < 250 {
-                store.commit(writer_txn(i)).unwrap();
-                i += 1;
-                written.store(i, Ordering::Release);
-            }
-        })
+        let store = Arc::clone(&store);
+        Steps::spawn(250, move |i| store.commit(writer_txn(i)).unwrap())
     };
-    let at_least = |n: u64| {
-        wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
-            written.load(Ordering::Acquire) >= n
-        })
-        .is_some()
-    };
-    assert!(at_least(10), "the writer started");
-    let before = written.load(Ordering::Acquire);
+    assert!(
+        writer.reach(10, Duration::from_secs(60)),
+        "the writer started"
+    );
+    let before = writer.done();
     let out = pohmelfs(&[
         "snapshot",
         "create",
@@ -252,10 +239,12 @@ fn an_s3_snapshot_through_the_control_socket_holds_every_acknowledged_commit() {
         sock.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{out:?}");
-    let after = written.load(Ordering::Acquire);
-    assert!(at_least(after + 10) || after >= 250, "the writer went on");
-    stop.store(true, Ordering::Release);
-    writer.join().unwrap();
+    let after = writer.done();
+    assert!(
+        writer.reach(after + 10, Duration::from_secs(60)) || after >= 250,
+        "the writer went on"
+    );
+    writer.finish();
     store.sync(None).unwrap();
     drop(store);
 

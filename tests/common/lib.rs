@@ -17,6 +17,8 @@
 //!   veth pairs), where servers and daemons run as on separate hosts.
 //! - [`skip`]: [`skip_requested`] and [`skipped`], which print the `SKIPPED: <test>: <reason>`
 //!   line `scripts/test` counts.
+//! - [`steps`]: [`Steps`], numbered steps on a thread of their own (a writer that goes on while
+//!   the test does something else), counted so that the test can wait for them.
 //! - [`format_volume`]: `pohmelfs format URL`, how every test makes a `file://` or `s3://`
 //!   volume.
 //!
@@ -32,6 +34,7 @@ pub mod process;
 pub mod s3;
 pub mod scratch;
 pub mod skip;
+pub mod steps;
 pub mod store;
 pub mod wait;
 
@@ -45,6 +48,7 @@ pub use process::{log_tail, ChildGuard};
 pub use s3::{Moto, S3sFs};
 pub use scratch::ScratchDir;
 pub use skip::{skip_requested, skipped};
+pub use steps::Steps;
 pub use store::StoreServer;
 pub use wait::{wait_until, Ready};
 

@@ -6,10 +6,9 @@
 //! to what the source alone needs.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pohmelfs_testkit::{skip_requested, Moto, S3sFs, ScratchDir};
+use pohmelfs_testkit::{skip_requested, Moto, S3sFs, ScratchDir, Steps};
 
 use super::conformance::{commit, read, write_op};
 use super::lineage;
@@ -56,31 +55,23 @@ fn records_of(s: &SlateStore) -> BTreeSet<u64> {
 fn snapshot_is_at_a_transaction_boundary(url: &dyn Fn(&str) -> String) {
     let v = url("volumes/busy");
     let s = Arc::new(SlateStore::open(&v).expect("open s3 volume"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (first, started) = std::sync::mpsc::channel();
     let writer = {
-        let (s, stop) = (s.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Acquire) && i < 200 {
-                let mark = (i + 1).to_le_bytes();
-                let ops = vec![
-                    write_op(50, 8 * i, &mark),
-                    write_op(51, CHUNK as u64 * i, &pattern(i as u8, CHUNK)),
-                ];
-                s.commit(Txn { ops }).expect("commit");
-                if i == 2 {
-                    let _ = first.send(());
-                }
-                i += 1;
-            }
-            i
+        let s = s.clone();
+        Steps::spawn(200, move |i| {
+            let mark = (i + 1).to_le_bytes();
+            let ops = vec![
+                write_op(50, 8 * i, &mark),
+                write_op(51, CHUNK as u64 * i, &pattern(i as u8, CHUNK)),
+            ];
+            s.commit(Txn { ops }).expect("commit");
         })
     };
-    started.recv().expect("writer started");
+    assert!(
+        writer.reach(3, std::time::Duration::from_secs(60)),
+        "writer started"
+    );
     s.take_object_snapshot("busy").expect("take snapshot");
-    stop.store(true, Ordering::Release);
-    let written = writer.join().expect("writer");
+    let written = writer.finish();
     let ro = ReadOnlyVolume::open(&format!("{}@busy{}", base(&v), query(&v)))
         .expect("open snapshot read-only");
     let marks = read(&ro, 50, 0, 8 * written as usize);
