@@ -37,13 +37,23 @@
 //! an open of the volume removes the snapshot leftovers, a new clone to
 //! the same destination removes its own.
 //!
+//! **One command at a time.** Creating or deleting a snapshot holds an
+//! exclusive `flock` of the volume's `snapshots` directory, cloning one a
+//! shared lock (clones of one snapshot go side by side), whichever process
+//! runs them (the CLI, or a daemon serving the volume through its control
+//! socket): two creates of one name never share a staging directory, and a
+//! delete never runs under a clone. A command waits for another at most
+//! [`BUSY_WAIT`]. An open removes leftovers only when no command runs.
+//!
 //! `s3://` volumes have snapshots and clones of their own kind
 //! (`s3_snapshot.rs`); this module names both.
 //!
 //! This module owns the links and the names. It never changes a record
 //! of the source volume, and writes no record of a clone.
 
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -60,6 +70,10 @@ pub const MARKER_FILE: &str = "SNAPSHOT";
 /// The file that marks a clone not yet opened: its first open draws a new
 /// volume id (so a clone costs no engine write) and removes it.
 pub const CLONE_FILE: &str = "CLONED";
+
+/// How long a snapshot command waits while another one runs on the same
+/// volume.
+pub const BUSY_WAIT: Duration = Duration::from_secs(30);
 
 /// How many times linking is redone while the engine's manifest moves.
 pub const LINK_ATTEMPTS: usize = 20;
@@ -91,6 +105,8 @@ pub enum SnapshotError {
     NotAClone(String),
     #[error("{0} is open in another process; stop it first")]
     Held(String),
+    #[error("another snapshot command runs on {0}; try again once it is done")]
+    Busy(PathBuf),
     #[error("bad URL {0:?}: expected file:///abs/path")]
     BadUrl(String),
     #[error("bad snapshot name {0:?}: 1 to 128 of A-Z a-z 0-9 . _ - , not starting with .")]
@@ -272,6 +288,44 @@ fn link_segments(src: &Path, dst: &Path, below: u64) -> Result<(), SnapshotError
 }
 
 /// Remove `path` and everything under it, if it exists.
+/// A volume's snapshot commands, one at a time (see the module
+/// documentation): a `flock` of its snapshots directory, released on drop.
+pub struct Serial {
+    _dir: std::fs::File,
+}
+
+/// Lock the snapshots directory `sdir` (created if missing), exclusively
+/// or shared, waiting at most `wait` for a command that holds it.
+pub(super) fn serial(
+    sdir: &Path,
+    exclusive: bool,
+    wait: Duration,
+) -> Result<Serial, SnapshotError> {
+    std::fs::create_dir_all(sdir).map_err(io("create", sdir))?;
+    let dir = std::fs::File::open(sdir).map_err(io("open", sdir))?;
+    let how = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        // SAFETY: flock only reads its integer arguments; the fd is open
+        // while `dir` is.
+        if unsafe { libc::flock(dir.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+            return Ok(Serial { _dir: dir });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io("lock", sdir)(e));
+        }
+        if Instant::now() >= deadline {
+            return Err(SnapshotError::Busy(sdir.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
@@ -279,11 +333,21 @@ fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
     }
 }
 
-/// Remove what an interrupted snapshot left in the volume at `dir`. Only
-/// the process that holds the volume open may run this (nobody else
-/// creates snapshots of it meanwhile).
+/// Remove what an interrupted snapshot left in the volume at `dir`, unless
+/// a snapshot command runs on it now. Only the process that holds the
+/// volume open may run this.
 pub fn remove_leftovers(dir: &Path) -> Result<(), SnapshotError> {
     let sdir = dir.join(SNAPSHOTS_DIR);
+    if !sdir.exists() {
+        return Ok(());
+    }
+    // A command running now owns what it staged: leave it, for the next
+    // open.
+    let _serial = match serial(&sdir, true, Duration::ZERO) {
+        Ok(s) => s,
+        Err(SnapshotError::Busy(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     let entries = match std::fs::read_dir(&sdir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -323,6 +387,7 @@ impl SlateStore {
             .ok_or_else(|| SnapshotError::BadUrl(self.describe.clone()))?
             .to_path_buf();
         let target = snapshot_dir(&dir, name)?;
+        let _serial = serial(&dir.join(SNAPSHOTS_DIR), true, BUSY_WAIT)?;
         if target.exists() {
             return Err(SnapshotError::Exists(name.to_string()));
         }
@@ -403,6 +468,11 @@ pub fn delete(dir: &Path, name: &str) -> Result<(), SnapshotError> {
     if !is_snapshot(&target) {
         return Err(SnapshotError::NoSuchSnapshot(name.to_string()));
     }
+    let _serial = serial(&dir.join(SNAPSHOTS_DIR), true, BUSY_WAIT)?;
+    // Gone while this waited: deleted by another command.
+    if !is_snapshot(&target) {
+        return Err(SnapshotError::NoSuchSnapshot(name.to_string()));
+    }
     let aside = dir.join(SNAPSHOTS_DIR).join(format!(".deleting-{name}"));
     remove_tree(&aside)?;
     std::fs::rename(&target, &aside).map_err(io("rename aside", &target))?;
@@ -415,6 +485,13 @@ pub fn delete(dir: &Path, name: &str) -> Result<(), SnapshotError> {
 /// its only new file is the marker [`CLONE_FILE`], and its first open
 /// draws its own volume id.
 pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
+    if !is_snapshot(snap) {
+        return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
+    }
+    let sdir = snap
+        .parent()
+        .ok_or_else(|| SnapshotError::BadUrl(snap.display().to_string()))?;
+    let _serial = serial(sdir, false, BUSY_WAIT)?;
     if !is_snapshot(snap) {
         return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
     }
@@ -459,7 +536,6 @@ pub fn remove_clone_marker(marker: &Path) -> std::io::Result<()> {
 /// Whether another process holds the volume in `dir` open for writing
 /// (its commit log's `flock`): then a snapshot must go through it.
 pub fn held(dir: &Path) -> Result<bool, SnapshotError> {
-    use std::os::unix::io::AsRawFd;
     let path = dir.join("log").join("commit.log");
     let f = match std::fs::File::open(&path) {
         Ok(f) => f,

@@ -355,3 +355,38 @@ fn a_clone_keeps_what_it_acknowledged_across_a_crash_before_its_first_checkpoint
     assert_eq!(read(&c, 102, 0, 5), b"fresh");
     assert_eq!(read(&c, 100, 0, 4)[..], [1u8; 4]);
 }
+
+#[test]
+fn snapshot_commands_on_one_volume_run_one_at_a_time() {
+    let (tmp, vol, s) = scratch_golden();
+    let snap = s.take_snapshot("a").unwrap();
+    let sdir = vol.join(snapshot::SNAPSHOTS_DIR);
+    let now = std::time::Duration::ZERO;
+    // A clone under way holds the lock shared: another clone goes beside
+    // it, a create or delete does not.
+    let cloning = snapshot::serial(&sdir, false, now).unwrap();
+    snapshot::clone_from(&snap, &tmp.path().join("c1")).unwrap();
+    assert!(matches!(
+        snapshot::serial(&sdir, true, now),
+        Err(SnapshotError::Busy(_))
+    ));
+    // What a crashed create left stays while a command runs.
+    std::fs::create_dir(sdir.join(".tmp-b")).unwrap();
+    snapshot::remove_leftovers(&vol).unwrap();
+    assert!(sdir.join(".tmp-b").is_dir());
+    drop(cloning);
+    snapshot::remove_leftovers(&vol).unwrap();
+    assert!(!sdir.join(".tmp-b").exists());
+    // A create holds it alone.
+    let creating = snapshot::serial(&sdir, true, now).unwrap();
+    assert!(matches!(
+        snapshot::serial(&sdir, false, now),
+        Err(SnapshotError::Busy(_))
+    ));
+    drop(creating);
+    snapshot::delete(&vol, "a").unwrap();
+    assert!(snapshot::list(&vol).unwrap().is_empty());
+    s.close().unwrap();
+    drop(s);
+    assert_clean("the clone", &tmp.path().join("c1"));
+}
