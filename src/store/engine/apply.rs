@@ -339,11 +339,9 @@ async fn remove_inode(view: &mut TxnView<'_>, ino: u64) -> Result<(), StoreError
         // created is known, and read by key (`born.rs`).
         Leftovers::Known { chunks, xattrs } => {
             for index in chunks {
-                let key = keys::block(ino, index);
-                if let Some(value) = view.get(&key).await? {
-                    let old = extent::decode(&value).map_err(|e| in_chunk(e, ino, index))?;
+                if let Some(old) = chunk(view, ino, index).await? {
                     account(view, &old, &[]);
-                    view.delete(key).await?;
+                    view.delete(keys::block(ino, index)).await?;
                 }
             }
             if xattrs {
