@@ -310,19 +310,29 @@ pub(super) fn serial(
     };
     let deadline = Instant::now() + wait;
     loop {
-        // SAFETY: flock only reads its integer arguments; the fd is open
-        // while `dir` is.
-        if unsafe { libc::flock(dir.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        if try_flock(&dir, how).map_err(io("lock", sdir))? {
             return Ok(Serial { _dir: dir });
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(io("lock", sdir)(e));
         }
         if Instant::now() >= deadline {
             return Err(SnapshotError::Busy(sdir.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `flock(how)` of `f` without waiting: `false` when another open file
+/// holds a conflicting lock.
+fn try_flock(f: &std::fs::File, how: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: flock only reads its integer arguments; the fd is open while
+    // `f` is.
+    if unsafe { libc::flock(f.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
     }
 }
 
@@ -542,16 +552,7 @@ pub fn held(dir: &Path) -> Result<bool, SnapshotError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io("open", &path)(e)),
     };
-    // SAFETY: flock only reads its integer arguments; the fd is open.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc == 0 {
-        // Dropping the file releases the probe's lock.
-        return Ok(false);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(true)
-    } else {
-        Err(io("lock", &path)(e))
-    }
+    // Dropping the file releases the probe's lock.
+    let got = try_flock(&f, libc::LOCK_SH).map_err(io("lock", &path))?;
+    Ok(!got)
 }
