@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -71,6 +71,9 @@ pub struct FsBackend {
     metrics: Arc<Metrics>,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     event_idx: AtomicBool,
+    /// Whether the frontend has dirty logging on (`VHOST_F_LOG_ALL`):
+    /// QEMU turns it on when a live migration begins.
+    logging: AtomicBool,
     /// A live migration's device state transfer (`migrate.rs`).
     transfer: Transfer,
 }
@@ -89,6 +92,7 @@ impl FsBackend {
             metrics,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
+            logging: AtomicBool::new(false),
             transfer: Transfer::default(),
         }
     }
@@ -253,6 +257,19 @@ impl VhostUserBackend for FsBackend {
 
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Dirty logging turned on means a live migration began: the volume
+    /// will be let go at its stop, so the engine starts flushing now
+    /// rather than with the guest stopped (`PohmelFs::prepare_release`).
+    fn acked_features(&self, features: u64) {
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if on && !self.logging.swap(true, Ordering::AcqRel) {
+            info!("migration: dirty logging on; flushing the volume ahead of the hand-over");
+            self.requests.fs().prepare_release();
+        } else if !on {
+            self.logging.store(false, Ordering::Release);
+        }
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

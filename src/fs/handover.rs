@@ -48,6 +48,14 @@ impl PohmelFs {
         Ok(())
     }
 
+    /// A live migration began: the volume will be let go at its stop, so
+    /// start on the work that release waits for (`VolumeSlot::prepare_release`).
+    pub fn prepare_release(&self) {
+        if let Some(slot) = &self.volume {
+            slot.prepare_release();
+        }
+    }
+
     /// Let the volume go (a migration's source, once the session is out):
     /// everything the guest wrote is stored and the engine closed, so the
     /// destination may open it. On an error the volume stays open here.

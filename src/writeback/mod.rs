@@ -645,6 +645,14 @@ impl WritebackStore {
         }
     }
 
+    /// A live migration began: let the embedded engine get ahead of the
+    /// [`close`](Self::close) at the stop (`SlateStore::prepare_close`).
+    pub fn prepare_close(&self) {
+        if let Some(engine) = &self.engine {
+            engine.prepare_close();
+        }
+    }
+
     /// How many times the state lock was taken, how many of those found
     /// it held, and how long they waited in all (for tests and benchmarks).
     pub fn state_lock_contention(&self) -> (u64, u64, Duration) {

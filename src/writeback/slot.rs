@@ -34,7 +34,12 @@ use crate::store::{
     Demand, Dirent, Inode, OpenError, ReadData, Store, StoreError, StoreStats, Txn, WriteData,
 };
 
-/// How often a waiting open reads the holder record again.
+/// How long a waiting open first waits before it reads the holder record
+/// again: a migration's source lets the volume go about when the
+/// destination asks, and every millisecond here is downtime.
+const HOLDER_POLL_FIRST: Duration = Duration::from_millis(2);
+/// How long it waits at most between two reads (on `s3://` each is a
+/// request).
 const HOLDER_POLL: Duration = Duration::from_millis(20);
 
 /// Opens the volume; the argument is the orphans to spare.
@@ -184,6 +189,7 @@ impl VolumeSlot {
         }
         let started = Instant::now();
         let mut told = false;
+        let mut poll = HOLDER_POLL_FIRST;
         let opened = loop {
             let holder = match (self.opener)(spare) {
                 Err(OpenError::Held { holder, .. }) => holder.to_string(),
@@ -205,7 +211,8 @@ impl VolumeSlot {
                 info!(%holder, wait_secs = self.wait.as_secs(), "waiting for the volume's holder to let it go");
                 told = true;
             }
-            std::thread::sleep(HOLDER_POLL.min(self.wait - waited));
+            std::thread::sleep(poll.min(self.wait - waited));
+            poll = (poll * 2).min(HOLDER_POLL);
         };
         match opened {
             Ok(store) => {
@@ -221,6 +228,14 @@ impl VolumeSlot {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// A live migration began: get ahead of [`release`](Self::release)
+    /// (`WritebackStore::prepare_close`). Nothing waits for it.
+    pub fn prepare_release(&self) {
+        if let Some(store) = self.read().as_deref() {
+            store.prepare_close();
         }
     }
 

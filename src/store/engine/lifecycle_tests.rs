@@ -161,3 +161,43 @@ fn the_record_is_renewed_until_another_opener_takes_over() {
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The `.sst` tables the engine wrote under `vol/compacted`.
+fn tables(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path().join("vol/compacted"))
+        .map(|d| d.filter_map(Result::ok).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_close_prepared_ahead_flushes_in_the_background_and_loses_nothing() {
+    use super::conformance::{commit, inode};
+    use crate::store::{FileKind, Op};
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    let (checkpoints, before) = (s.checkpoints(), tables(&dir));
+    let first = s.reserve_ids(100).unwrap();
+    for ino in first..first + 100 {
+        commit(&s, vec![Op::PutInode(inode(ino, FileKind::Regular))]);
+    }
+    s.prepare_close();
+    // A checkpoint, then the memtable as a table of its own, without a
+    // close.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.checkpoints() == checkpoints || tables(&dir) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint and table after 30 s: {} checkpoints, {} tables",
+            s.checkpoints(),
+            tables(&dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    s.close().unwrap();
+    drop(s);
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    for ino in first..first + 100 {
+        assert!(s.get_inode(ino).unwrap().is_some(), "inode {ino} lost");
+    }
+}

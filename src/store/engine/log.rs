@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use thiserror::Error;
 
-use super::log_record::{decode_header, encode_header, seal, FLAG_WRAP};
+use super::log_record::{decode_header, encode_header, seal, RingBytes, FLAG_WRAP};
 pub use super::log_record::{
     encode_payload, record_bytes, scan, Position, Record, SegWrite, PAGE, RECORD_HEADER,
 };
@@ -104,6 +104,72 @@ pub fn read_unreplayed(volume_dir: &Path) -> Result<Vec<Record>, LogError> {
     let ring = &ring[..size as usize];
     let tail = decode_header(&ring[..PAGE as usize], size)?;
     Ok(scan(ring, tail)?.0)
+}
+
+/// The ring file read on demand, [`FILE_CHUNK`] bytes at a time, for the
+/// scan at open: after a clean close the records from the tail are none,
+/// and reading the whole ring (16 MiB by default) cost an open about as
+/// much as the engine's own open.
+struct FileRing<'f> {
+    file: &'f File,
+    size: u64,
+    /// The chunks read so far, by index.
+    chunks: HashMap<u64, Vec<u8>>,
+    /// A record's bytes when it spans chunks.
+    joined: Vec<u8>,
+}
+
+/// How much of the ring [`FileRing`] reads at a time.
+const FILE_CHUNK: u64 = 256 << 10;
+
+impl<'f> FileRing<'f> {
+    fn new(file: &'f File, size: u64) -> Self {
+        FileRing {
+            file,
+            size,
+            chunks: HashMap::new(),
+            joined: Vec::new(),
+        }
+    }
+
+    fn chunk(&mut self, index: u64) -> Result<&[u8], LogError> {
+        if !self.chunks.contains_key(&index) {
+            let start = index * FILE_CHUNK;
+            let mut buf = vec![0u8; FILE_CHUNK.min(self.size - start) as usize];
+            self.file.read_exact_at(&mut buf, start)?;
+            self.chunks.insert(index, buf);
+        }
+        Ok(self.chunks.get(&index).map_or(&[], Vec::as_slice))
+    }
+}
+
+impl RingBytes for FileRing<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn get(&mut self, off: u64, len: usize) -> Result<&[u8], LogError> {
+        let end = off.saturating_add(len as u64).min(self.size);
+        if off >= end {
+            return Ok(&[]);
+        }
+        let (first, last) = (off / FILE_CHUNK, (end - 1) / FILE_CHUNK);
+        if first == last {
+            let at = (off - first * FILE_CHUNK) as usize;
+            let chunk = self.chunk(first)?;
+            return Ok(&chunk[at..at + (end - off) as usize]);
+        }
+        let mut joined = std::mem::take(&mut self.joined);
+        joined.clear();
+        for index in first..=last {
+            let chunk_start = index * FILE_CHUNK;
+            let from = off.max(chunk_start) - chunk_start;
+            let to = end.min(chunk_start + FILE_CHUNK) - chunk_start;
+            joined.extend_from_slice(&self.chunk(index)?[from as usize..to as usize]);
+        }
+        self.joined = joined;
+        Ok(&self.joined)
+    }
 }
 
 /// The ring's state, under the log's lock.
@@ -304,13 +370,13 @@ impl CommitLog {
             }
         };
         let (file, direct) = file;
-        let mut ring = vec![0u8; size as usize];
-        file.read_exact_at(&mut ring, 0)?;
-        let tail = decode_header(&ring[..PAGE as usize], size)?;
-        let (records, head) = scan(&ring, tail)?;
+        let mut header = vec![0u8; PAGE as usize];
+        file.read_exact_at(&mut header, 0)?;
+        let tail = decode_header(&header, size)?;
+        let (records, head) = scan(FileRing::new(&file, size), tail)?;
         // Some file systems open O_DIRECT but refuse the writes: try one
         // (the header as it is) and write through the page cache if it fails.
-        let direct = direct.filter(|d| write_direct(d, &ring[..PAGE as usize], 0).is_ok());
+        let direct = direct.filter(|d| write_direct(d, &header, 0).is_ok());
         let log = Arc::new(CommitLog {
             fence: dir.join(FENCE_FILE),
             ring: Mutex::new(Ring {

@@ -235,10 +235,49 @@ pub fn decode_payload(lsn: u64, payload: &[u8]) -> Result<Record, LogError> {
     Ok(Record { lsn, puts, writes })
 }
 
-/// Walk `ring` (the whole file) from `from`: every good record in order,
-/// and the position after the last one.
-pub fn scan(ring: &[u8], from: Position) -> Result<(Vec<Record>, Position), LogError> {
-    let size = ring.len() as u64;
+/// The ring's bytes, as [`scan`] asks for them: the whole file in memory
+/// (`&[u8]`), or read from it on demand (`log.rs`), so that an open after a
+/// clean close reads a page, not the whole ring.
+pub trait RingBytes {
+    /// The ring's size: a multiple of [`PAGE`].
+    fn size(&self) -> u64;
+    /// The bytes from `off` on, `len` of them or up to the ring's end if
+    /// fewer are left.
+    fn get(&mut self, off: u64, len: usize) -> Result<&[u8], LogError>;
+}
+
+impl RingBytes for &[u8] {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn get(&mut self, off: u64, len: usize) -> Result<&[u8], LogError> {
+        let at = <[u8]>::get(self, off as usize..).unwrap_or_default();
+        Ok(&at[..len.min(at.len())])
+    }
+}
+
+/// The record at `pos`, if a good one is there: its header, then its
+/// payload (a length the header gives, checked against the ring).
+fn record_at(ring: &mut impl RingBytes, pos: Position) -> Result<Option<Header>, LogError> {
+    let at = ring.get(pos.off, RECORD_HEADER)?;
+    if at.len() < RECORD_HEADER || le_u32(at, 0) != RECORD_MAGIC {
+        return Ok(None);
+    }
+    let len = le_u32(at, 20) as u64;
+    if RECORD_HEADER as u64 + len > ring.size().saturating_sub(pos.off) {
+        return Ok(None);
+    }
+    Ok(check_record(
+        ring.get(pos.off, RECORD_HEADER + len as usize)?,
+        pos,
+    ))
+}
+
+/// Walk `ring` from `from`: every good record in order, and the position
+/// after the last one.
+pub fn scan(mut ring: impl RingBytes, from: Position) -> Result<(Vec<Record>, Position), LogError> {
+    let size = ring.size();
     let mut pos = from;
     let mut out = Vec::new();
     let mut walked = 0u64;
@@ -246,7 +285,7 @@ pub fn scan(ring: &[u8], from: Position) -> Result<(Vec<Record>, Position), LogE
         if pos.off >= size {
             pos.off = PAGE;
         }
-        let Some(h) = check_record(&ring[pos.off as usize..], pos) else {
+        let Some(h) = record_at(&mut ring, pos)? else {
             break;
         };
         let taken = record_bytes(h.len);
@@ -258,8 +297,9 @@ pub fn scan(ring: &[u8], from: Position) -> Result<(Vec<Record>, Position), LogE
             pos.off = PAGE;
             continue;
         }
-        let start = pos.off as usize + RECORD_HEADER;
-        out.push(decode_payload(pos.lsn, &ring[start..start + h.len])?);
+        let start = pos.off + RECORD_HEADER as u64;
+        let payload = ring.get(start, h.len)?;
+        out.push(decode_payload(pos.lsn, payload)?);
         pos = Position {
             off: pos.off + taken,
             lsn: pos.lsn + 1,

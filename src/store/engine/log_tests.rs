@@ -166,3 +166,25 @@ fn a_second_open_in_the_process_fences_the_first() {
     assert!(matches!(first.check(), Err(LogError::Fenced)));
     assert_eq!(second.append(&mut buf).unwrap(), 3);
 }
+
+#[test]
+fn an_open_reads_records_that_span_its_read_chunks_and_the_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1 << 20;
+    let open = || CommitLog::open(dir.path(), size, 1).expect("open log");
+    let (log, _) = open();
+    // Records of 6 pages: the open reads the ring 64 pages at a time, so
+    // every fourth record or so crosses from one read into the next.
+    let len = 5 * PAGE as usize + 100;
+    assert_eq!(record_bytes(len + 100), 6 * PAGE);
+    let mut want = append(&log, 1, 31, len);
+    drop(log);
+    let (log, found) = open();
+    assert_eq!(found, want);
+    // Past the tail moved near the ring's end, the records wrap.
+    log.applied_all();
+    log.advance_tail(log.applied()).unwrap();
+    want = append(&log, 31, 61, len);
+    drop(log);
+    assert_eq!(open().1, want);
+}

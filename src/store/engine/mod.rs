@@ -233,6 +233,8 @@ impl SlateStore {
             return Ok(());
         }
         let rt = self.rt()?;
+        let started = std::time::Instant::now();
+        let mut phases = open::Phases::default();
         if let Some(cp) = &self.checkpoint {
             cp.stop();
             // The next open then replays nothing.
@@ -248,13 +250,51 @@ impl SlateStore {
         if let Some(gc) = &self.object_gc {
             gc.stop();
         }
+        phases.mark("checkpoint", started);
         let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
+        phases.mark("engine", started);
         if let Some(lease) = &self.lease {
             if !self.fenced.load(Ordering::Acquire) {
                 rt.block_on(lease.release());
             }
         }
+        phases.mark("released", started);
+        tracing::info!(volume = %self.describe, ms = %phases, "closed volume");
         closed
+    }
+
+    /// A live migration began (the frontend turned dirty logging on): get
+    /// ahead of [`close`](Self::close), which the hand-over waits for
+    /// with the guest stopped. In the background, checkpoint the commit
+    /// log and flush the engine's memtable into a table, so that the close
+    /// at the stop flushes only what was written after this (a memtable of
+    /// a few hundred files' metadata took the close 48 ms, of which the
+    /// flush was most). Failures are logged: the close does it all again.
+    pub fn prepare_close(&self) {
+        let Ok(rt) = self.rt() else { return };
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let (db, checkpoint) = (self.db.clone(), self.checkpoint.clone());
+        let describe = self.describe.clone();
+        rt.spawn(async move {
+            let started = std::time::Instant::now();
+            if let Some(cp) = checkpoint {
+                if let Err(e) = cp.run().await {
+                    tracing::warn!(volume = %describe, error = %e, "checkpoint ahead of a hand-over failed");
+                    return;
+                }
+            }
+            let flushed = db
+                .flush_with_options(slatedb::config::FlushOptions {
+                    flush_type: slatedb::config::FlushType::MemTable,
+                })
+                .await;
+            match flushed {
+                Ok(()) => tracing::info!(volume = %describe, ms = started.elapsed().as_millis() as u64, "flushed ahead of a hand-over"),
+                Err(e) => tracing::warn!(volume = %describe, error = %e, "memtable flush ahead of a hand-over failed"),
+            }
+        });
     }
 
     /// Whether this instance still renews its holder record (tests).

@@ -214,6 +214,39 @@ async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, 
     })
 }
 
+impl Placement {
+    /// Where the segments go (none: data inline or in objects) and the
+    /// size that seals one, for a volume in `local_dir`.
+    fn segments(self, local_dir: Option<&std::path::Path>) -> (Option<&std::path::Path>, u64) {
+        match self {
+            Placement::Inline | Placement::Objects => (None, segment::SEGMENT_BYTES_MAX),
+            Placement::SegmentsOf(max) => (local_dir, max),
+            Placement::Default => (local_dir, segment::SEGMENT_BYTES_MAX),
+        }
+    }
+}
+
+/// Where an open spent its time: each phase's end, in milliseconds since
+/// the open began (for the log line an operator reads after a slow open).
+#[derive(Default)]
+pub(super) struct Phases(Vec<(&'static str, u128)>);
+
+impl Phases {
+    pub(super) fn mark(&mut self, phase: &'static str, since: std::time::Instant) {
+        self.0.push((phase, since.elapsed().as_millis()));
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, ms)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{phase}@{ms}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The engine on the volume's object store.
 async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
     Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
@@ -308,6 +341,8 @@ impl SlateStore {
             url: url.to_string(),
             reason: e.to_string(),
         })?;
+        let started = std::time::Instant::now();
+        let mut phases = Phases::default();
         let create = !matches!(mode, OpenMode::Existing { .. });
         let mut cfg = config::parse_with(url, create)?;
         if let Some(dir) = cfg.local_dir.as_deref() {
@@ -324,6 +359,7 @@ impl SlateStore {
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let lease = runtime.block_on(claim(&mut cfg, mode))?;
+        phases.mark("claim", started);
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
             Ok(v) => v,
             Err(e) => {
@@ -331,14 +367,8 @@ impl SlateStore {
                 return Err(e);
             }
         };
-        let local_dir = match placement {
-            Placement::Inline | Placement::Objects => None,
-            _ => cfg.local_dir.as_deref(),
-        };
-        let max = match placement {
-            Placement::SegmentsOf(max) => max,
-            _ => segment::SEGMENT_BYTES_MAX,
-        };
+        phases.mark("engine", started);
+        let (local_dir, max) = placement.segments(cfg.local_dir.as_deref());
         let readers: Arc<pins::Readers> = Arc::default();
         let files = open_objects(&cfg, placement, superblock.open_count, &readers, &runtime)
             .and_then(|objects| {
@@ -355,6 +385,7 @@ impl SlateStore {
             }
         };
         let (objects, object_gc) = objects.unzip();
+        phases.mark("files", started);
         let recovered = runtime.block_on(Self::recover_counters(&db, &cfg, &segments, &reclaimer));
         let (checkpoint, counters) = match recovered {
             Ok(v) => v,
@@ -367,6 +398,7 @@ impl SlateStore {
                 return Err(e);
             }
         };
+        phases.mark("recover", started);
         runtime.spawn(lease.renewal());
         let store = SlateStore {
             db,
@@ -398,8 +430,9 @@ impl SlateStore {
             runtime: Some(runtime),
         };
         store.tidy(cfg.local_dir.as_deref());
+        phases.mark("tidy", started);
         store.start_background(&cfg);
-        tracing::info!(volume = %store.describe, "opened volume");
+        tracing::info!(volume = %store.describe, ms = %phases, "opened volume");
         Ok(store)
     }
 
