@@ -72,6 +72,7 @@ mod reader;
 mod readonly;
 mod reclaim;
 mod recover;
+mod s3_lock;
 pub mod s3_snapshot;
 mod scan;
 mod segment;

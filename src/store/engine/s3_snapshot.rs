@@ -45,7 +45,8 @@ use object_store::ObjectStore;
 use slatedb::admin::{AdminBuilder, CloneSourceSpec};
 
 use super::lineage::{self, Kind, Lineage, LineageError, Origin};
-use super::snapshot::{check_name, SnapshotError, SNAPSHOTS_DIR};
+use super::s3_lock;
+use super::snapshot::{check_name, SnapshotError, BUSY_WAIT, SNAPSHOTS_DIR};
 use super::{config, holder, map_engine_error, SlateStore};
 
 /// The most folders a deletion walks after SlateDB's own.
@@ -152,6 +153,22 @@ pub async fn remove_leftovers(
     volume: &str,
     own: &Lineage,
 ) -> Result<usize, SnapshotError> {
+    // A snapshot command running now is not interrupted: leave its work.
+    let lock = match s3_lock::acquire(store, volume, std::time::Duration::ZERO).await {
+        Ok(lock) => lock,
+        Err(SnapshotError::Busy(_)) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let removed = remove_leftovers_locked(store, volume, own).await;
+    lock.release().await;
+    removed
+}
+
+async fn remove_leftovers_locked(
+    store: &Arc<dyn ObjectStore>,
+    volume: &str,
+    own: &Lineage,
+) -> Result<usize, SnapshotError> {
     let mine = format!("{volume}/{SNAPSHOTS_DIR}/");
     let mut removed = 0;
     for r in lineage::registrations(&**store, volume)
@@ -192,7 +209,7 @@ impl SlateStore {
         let volume = objects.db_path().to_string();
         let snap = snapshot_prefix(&volume, name)?;
         let rt = self.rt().map_err(SnapshotError::Checkpoint)?;
-        rt.block_on(async {
+        rt.block_on(locked(&store, &volume, async {
             if lineage::read(&*store, &snap)
                 .await
                 .map_err(store_err)?
@@ -237,7 +254,7 @@ impl SlateStore {
                 source: None,
             };
             lineage::write(&*store, &snap, &l).await.map_err(store_err)
-        })?;
+        }))?;
         tracing::info!(volume = %self.describe, snapshot = name, "snapshot taken");
         Ok(snap)
     }
@@ -253,6 +270,19 @@ fn open_config(url: &str) -> Result<(config::VolumeConfig, String), SnapshotErro
         .to_string();
     let cfg = config::parse_with(url, false).map_err(|e| SnapshotError::Object(e.to_string()))?;
     Ok((cfg, bucket))
+}
+
+/// Run `f` holding the snapshot lock of the volume at `volume`
+/// (`s3_lock.rs`), waiting at most [`BUSY_WAIT`] for it.
+async fn locked<T>(
+    store: &Arc<dyn ObjectStore>,
+    volume: &str,
+    f: impl std::future::Future<Output = Result<T, SnapshotError>>,
+) -> Result<T, SnapshotError> {
+    let lock = s3_lock::acquire(store, volume, BUSY_WAIT).await?;
+    let out = f.await;
+    lock.release().await;
+    out
 }
 
 fn block_on<T>(
@@ -302,7 +332,7 @@ pub fn delete(url: &str, name: &str) -> Result<Owners, SnapshotError> {
     let (cfg, _) = open_config(url)?;
     let store = cfg.object_store.clone();
     let snap = snapshot_prefix(&cfg.db_path, name)?;
-    block_on(async {
+    block_on(locked(&store, &cfg.db_path, async {
         let l = lineage::read(&*store, &snap)
             .await
             .map_err(store_err)?
@@ -316,7 +346,7 @@ pub fn delete(url: &str, name: &str) -> Result<Owners, SnapshotError> {
         }
         remove_holder(&store, &snap, &l.origins).await?;
         Ok(l.origins.into_iter().map(|o| o.prefix).collect())
-    })
+    }))
 }
 
 /// Make `dst` a clone of snapshot `name` of the volume at `src` (one
@@ -332,7 +362,7 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
     let store = scfg.object_store.clone();
     let snap = snapshot_prefix(&scfg.db_path, name)?;
     let to = dcfg.db_path.clone();
-    block_on(async {
+    block_on(locked(&store, &scfg.db_path, async {
         // Independent requests go together: a clone's time is a few
         // round trips, whatever the volume holds.
         let (l, taken, named) = tokio::join!(
@@ -389,7 +419,7 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
             .build()
             .await
             .map_err(engine_err("clone the engine"))
-    })
+    }))
 }
 
 /// Delete the clone at `url` (refused while it has snapshots, or while a
@@ -398,7 +428,7 @@ pub fn delete_clone(url: &str) -> Result<Owners, SnapshotError> {
     let (cfg, _) = open_config(url)?;
     let store = cfg.object_store.clone();
     let prefix = cfg.db_path.clone();
-    block_on(async {
+    block_on(locked(&store, &cfg.db_path, async {
         let l = lineage::read(&*store, &prefix)
             .await
             .map_err(store_err)?
@@ -423,7 +453,7 @@ pub fn delete_clone(url: &str) -> Result<Owners, SnapshotError> {
         }
         remove_holder(&store, &prefix, &l.origins).await?;
         Ok(l.origins.into_iter().map(|o| o.prefix).collect())
-    })
+    }))
 }
 
 /// The URL of the volume at `prefix`, in the bucket and with the options

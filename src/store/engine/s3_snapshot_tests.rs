@@ -269,6 +269,7 @@ fn s3_snapshots_and_clones_on_moto() {
     snapshot_is_at_a_transaction_boundary(&|p| moto.url(p));
     clones_share_objects_until_deleted(&|p| moto.url(p));
     incomplete_holders_keep_everything_below_their_bound(&|p| moto.url(p));
+    commands_take_turns(&|p| moto.url(p));
 }
 
 #[test]
@@ -283,5 +284,84 @@ fn s3_snapshots_and_clones_on_s3s_fs() {
     let server = S3sFs::start(dir.path(), BUCKET).expect("start s3s-fs");
     snapshot_is_at_a_transaction_boundary(&|p| server.url(p));
     clones_share_objects_until_deleted(&|p| server.url(p));
+    commands_take_turns(&|p| server.url(p));
     drop(server);
+}
+
+/// Snapshot commands on one volume take turns (`s3_lock.rs`): a delete
+/// waits while another command holds the lock and runs once it is let go;
+/// a lock whose holder is gone (this host) or whose lease ran out
+/// (another host) is taken over, a live one is not.
+fn commands_take_turns(url: &dyn Fn(&str) -> String) {
+    use super::holder::{self, Holder};
+    use super::s3_lock;
+    use object_store::ObjectStoreExt;
+    use std::time::Duration;
+    let s = SlateStore::open(&url("turns")).expect("open volume");
+    s.take_object_snapshot("s1").expect("snapshot");
+    let objects = s.objects.as_ref().expect("data objects");
+    let (store, volume) = (objects.store().clone(), objects.db_path().to_string());
+    let rt = s.rt().unwrap();
+    let held = rt
+        .block_on(s3_lock::acquire(&store, &volume, Duration::ZERO))
+        .expect("lock");
+    let again = rt.block_on(s3_lock::acquire(
+        &store,
+        &volume,
+        Duration::from_millis(200),
+    ));
+    assert!(
+        matches!(again, Err(super::snapshot::SnapshotError::Busy(_))),
+        "{:?}",
+        again.err()
+    );
+    let u = url("turns");
+    let delete = std::thread::spawn(move || s3_snapshot::delete(&u, "s1"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !delete.is_finished(),
+        "the delete ran while the lock was held"
+    );
+    let snap = s3_snapshot::snapshot_prefix(&volume, "s1").unwrap();
+    assert!(rt
+        .block_on(lineage::read(&*store, &snap))
+        .unwrap()
+        .is_some());
+    rt.block_on(held.release());
+    delete
+        .join()
+        .unwrap()
+        .expect("the delete once the lock was let go");
+    assert!(rt
+        .block_on(lineage::read(&*store, &snap))
+        .unwrap()
+        .is_none());
+    // Records of others: a process of this host that ended, a host whose
+    // lease ran out, a host that renewed just now.
+    let path = object_store::path::Path::from(format!("{volume}/{}", s3_lock::LOCK_NAME));
+    let mut ended = std::process::Command::new("true").spawn().unwrap();
+    let pid = ended.id();
+    ended.wait().unwrap();
+    let now = holder::now_secs();
+    let record = |host: &str, pid: u32, renewed: u64| Holder {
+        host: host.to_string(),
+        pid,
+        since: renewed,
+        renewed,
+    };
+    for (h, live) in [
+        (record(&holder::host_name(), pid, now), false),
+        (record("elsewhere", 1, now - holder::LEASE_SECS), false),
+        (record("elsewhere", 1, now), true),
+    ] {
+        rt.block_on(store.put(&path, h.encode().into_bytes().into()))
+            .unwrap();
+        let got = rt.block_on(s3_lock::acquire(&store, &volume, Duration::ZERO));
+        assert_eq!(got.is_err(), live, "{h:?}");
+        if let Ok(lock) = got {
+            rt.block_on(lock.release());
+        }
+    }
+    rt.block_on(store.delete(&path)).unwrap();
+    s.close().unwrap();
 }
