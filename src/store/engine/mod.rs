@@ -234,8 +234,7 @@ impl SlateStore {
             return Ok(());
         }
         let rt = self.rt()?;
-        let started = std::time::Instant::now();
-        let mut phases = open::Phases::default();
+        let mut phases = open::Phases::start();
         if let Some(cp) = &self.checkpoint {
             cp.stop();
             // The next open then replays nothing.
@@ -251,15 +250,15 @@ impl SlateStore {
         if let Some(gc) = &self.object_gc {
             gc.stop();
         }
-        phases.mark("checkpoint", started);
+        phases.mark("checkpoint");
         let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
-        phases.mark("engine", started);
+        phases.mark("engine");
         if let Some(lease) = &self.lease {
             if !self.fenced.load(Ordering::Acquire) {
                 rt.block_on(lease.release());
             }
         }
-        phases.mark("released", started);
+        phases.mark("released");
         tracing::info!(volume = %self.describe, ms = %phases, "closed volume");
         closed
     }

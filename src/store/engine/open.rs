@@ -228,18 +228,29 @@ impl Placement {
 
 /// Where an open spent its time: each phase's end, in milliseconds since
 /// the open began (for the log line an operator reads after a slow open).
-#[derive(Default)]
-pub(super) struct Phases(Vec<(&'static str, u128)>);
+pub(super) struct Phases {
+    started: std::time::Instant,
+    ends: Vec<(&'static str, u128)>,
+}
 
 impl Phases {
-    pub(super) fn mark(&mut self, phase: &'static str, since: std::time::Instant) {
-        self.0.push((phase, since.elapsed().as_millis()));
+    /// Start timing now.
+    pub(super) fn start() -> Phases {
+        Phases {
+            started: std::time::Instant::now(),
+            ends: Vec::new(),
+        }
+    }
+
+    /// `phase` ended now.
+    pub(super) fn mark(&mut self, phase: &'static str) {
+        self.ends.push((phase, self.started.elapsed().as_millis()));
     }
 }
 
 impl std::fmt::Display for Phases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, ms)) in self.0.iter().enumerate() {
+        for (i, (phase, ms)) in self.ends.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
             write!(f, "{sep}{phase}@{ms}")?;
         }
@@ -341,8 +352,7 @@ impl SlateStore {
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-        let started = std::time::Instant::now();
-        let mut phases = Phases::default();
+        let mut phases = Phases::start();
         let create = !matches!(mode, OpenMode::Existing { .. });
         let mut cfg = config::parse_with(url, create)?;
         if let Some(dir) = cfg.local_dir.as_deref() {
@@ -359,7 +369,7 @@ impl SlateStore {
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let lease = runtime.block_on(claim(&mut cfg, mode))?;
-        phases.mark("claim", started);
+        phases.mark("claim");
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
             Ok(v) => v,
             Err(e) => {
@@ -367,7 +377,7 @@ impl SlateStore {
                 return Err(e);
             }
         };
-        phases.mark("engine", started);
+        phases.mark("engine");
         let (local_dir, max) = placement.segments(cfg.local_dir.as_deref());
         let readers: Arc<pins::Readers> = Arc::default();
         let files = open_objects(&cfg, placement, superblock.open_count, &readers, &runtime)
@@ -385,7 +395,7 @@ impl SlateStore {
             }
         };
         let (objects, object_gc) = objects.unzip();
-        phases.mark("files", started);
+        phases.mark("files");
         let recovered = runtime.block_on(Self::recover_counters(&db, &cfg, &segments, &reclaimer));
         let (checkpoint, counters) = match recovered {
             Ok(v) => v,
@@ -398,7 +408,7 @@ impl SlateStore {
                 return Err(e);
             }
         };
-        phases.mark("recover", started);
+        phases.mark("recover");
         runtime.spawn(lease.renewal());
         let store = SlateStore {
             db,
@@ -430,7 +440,7 @@ impl SlateStore {
             runtime: Some(runtime),
         };
         store.tidy(cfg.local_dir.as_deref());
-        phases.mark("tidy", started);
+        phases.mark("tidy");
         store.start_background(&cfg);
         tracing::info!(volume = %store.describe, ms = %phases, "opened volume");
         Ok(store)
