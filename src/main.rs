@@ -28,7 +28,9 @@ use tracing::{info, warn};
 /// in the bench (docs/benchmarks.md) the daemon used about a fifth less
 /// CPU and created files 1.5 times as fast, for some 60 MiB more peak
 /// anonymous memory. mimalloc 3 did worse than glibc in the same A/B
-/// (nearly twice the CPU creating files), so it stays on 2.
+/// (nearly twice the CPU creating files), so it stays on 2. `no_thp`:
+/// with transparent huge pages each thread's first pages came in 2 MiB
+/// pieces (54 MiB anonymous at start, against 8 MiB without).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -360,23 +362,7 @@ impl VolumeArgs {
     }
 }
 
-/// Keep glibc's allocator from holding freed memory: at most two arenas
-/// (every tokio and worker thread would otherwise get its own), and a fixed
-/// mmap threshold (glibc raises it after each large free, after which
-/// 1 MiB request buffers come from arenas that are never given back).
-/// Measured on a 4 GiB write: the daemon's peak 469 → 321 MiB.
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; it is called
-    // before any other thread exists, as glibc asks.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
-    }
-}
-
 fn main() {
-    tune_allocator();
     // `pohmelfs --fd=N --shared-dir DIR …`, as libvirt starts a virtio-fs
     // backend, means `pohmelfs serve …` (src/compat.rs).
     let args = match compat::rewrite(std::env::args_os().collect()) {
