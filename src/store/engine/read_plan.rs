@@ -79,12 +79,61 @@ fn push(out: &mut Vec<ReadPiece>, p: ReadPiece) {
     }
 }
 
+/// The part of one chunk a range covers: chunk `index`, bytes `from..to`.
+struct Span {
+    index: u64,
+    from: u32,
+    to: u32,
+}
+
+/// The chunk spans of `len` bytes from `offset`, in file order, and how
+/// many bytes lie past the largest offset (read as zeros).
+fn spans(offset: u64, len: usize) -> (Vec<Span>, usize) {
+    let mut out = Vec::with_capacity(len.div_ceil(BLOCK_SIZE as usize) + 1);
+    let mut pos = offset;
+    let mut done = 0usize;
+    while done < len {
+        let from = (pos % BLOCK_SIZE) as u32;
+        let n = (len - done).min(BLOCK_SIZE as usize - from as usize);
+        out.push(Span {
+            index: pos / BLOCK_SIZE,
+            from,
+            to: from + n as u32,
+        });
+        done += n;
+        pos = match pos.checked_add(n as u64) {
+            Some(p) => p,
+            None => return (out, len - done),
+        };
+    }
+    (out, 0)
+}
+
+/// Object windows a plan still has to fetch (`s3://`), each with its slot
+/// in the plan's pieces.
+type Fetches = Vec<(usize, extent::Piece, std::ops::Range<u32>)>;
+
 impl SlateStore {
     /// The plan for reading `len` bytes of `ino` from `offset`; the pieces'
     /// lengths add up to `len`. The pages it names stay unpunched while it
     /// (or its `entered`) lives: drop it once read.
+    ///
+    /// When every chunk record of the range is in the chunk cache and the
+    /// volume keeps its data in segment files, the plan is made on the
+    /// caller's thread, without a trip through the engine's runtime.
     pub fn read_plan(&self, ino: u64, offset: u64, len: usize) -> Result<ReadPlan, StoreError> {
         let entered = self.readers.enter();
+        let (spans, tail) = spans(offset, len);
+        if self.objects.is_none() {
+            let cached: Option<Vec<Option<Bytes>>> = spans
+                .iter()
+                .map(|s| self.chunks.get(ino, s.index))
+                .collect();
+            if let Some(records) = cached {
+                let (pieces, _) = self.layout(ino, &spans, tail, &records)?;
+                return Ok(ReadPlan { pieces, entered });
+            }
+        }
         let pieces = self.rt()?.block_on(self.plan_inner(ino, offset, len))?;
         Ok(ReadPlan { pieces, entered })
     }
@@ -122,19 +171,38 @@ impl SlateStore {
         offset: u64,
         len: usize,
     ) -> Result<Vec<ReadPiece>, StoreError> {
+        let (spans, tail) = spans(offset, len);
+        let mut records = Vec::with_capacity(spans.len());
+        for s in &spans {
+            records.push(self.chunk_record(ino, s.index).await?);
+        }
+        let (mut out, fetch) = self.layout(ino, &spans, tail, &records)?;
+        if let (Some(objects), false) = (&self.objects, fetch.is_empty()) {
+            let (slots, windows): (Vec<usize>, Vec<_>) =
+                fetch.into_iter().map(|(slot, p, r)| (slot, (p, r))).unzip();
+            for (slot, bytes) in slots.into_iter().zip(objects.read_many(&windows).await?) {
+                out[slot] = ReadPiece::Bytes(bytes);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lay out the pieces of `spans` from their chunk records (one per
+    /// span), `tail` zero bytes after them. Object windows are left as
+    /// empty placeholders and returned for the caller to fetch.
+    fn layout(
+        &self,
+        ino: u64,
+        spans: &[Span],
+        tail: usize,
+        records: &[Option<Bytes>],
+    ) -> Result<(Vec<ReadPiece>, Fetches), StoreError> {
         let mut out = Vec::new();
-        // Object windows to fetch, and the place of each in `out`.
-        let mut fetch: Vec<(extent::Piece, std::ops::Range<u32>)> = Vec::new();
-        let mut slots = Vec::new();
-        let mut pos = offset;
-        let mut done = 0usize;
-        while done < len {
-            let index = pos / BLOCK_SIZE;
-            let from = (pos % BLOCK_SIZE) as u32;
-            let n = (len - done).min(BLOCK_SIZE as usize - from as usize);
-            let to = from + n as u32;
-            let list = match self.chunk_record(ino, index).await? {
-                Some(v) => extent::decode(&v).map_err(|e| match e {
+        let mut fetch = Fetches::new();
+        for (span, record) in spans.iter().zip(records) {
+            let (index, from, to) = (span.index, span.from, span.to);
+            let list = match record {
+                Some(v) => extent::decode(v).map_err(|e| match e {
                     StoreError::Corrupt(m) => {
                         StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))
                     }
@@ -155,10 +223,9 @@ impl SlateStore {
                         ReadPiece::Bytes(b.slice((s - e.start) as usize..(t - e.start) as usize)),
                     ),
                     Data::Segment(p) if self.objects.is_some() => {
-                        // Filled in below, all fetched together.
-                        slots.push(out.len());
+                        // A placeholder; the caller fetches them all together.
+                        fetch.push((out.len(), p.clone(), s..t));
                         out.push(ReadPiece::Bytes(Bytes::new()));
-                        fetch.push((p.clone(), s..t));
                     }
                     Data::Segment(p) => {
                         let segs = self.segments.as_ref().ok_or_else(|| {
@@ -181,21 +248,9 @@ impl SlateStore {
                 at = t;
             }
             push(&mut out, ReadPiece::Zeros((to - at) as usize));
-            done += n;
-            pos = match pos.checked_add(n as u64) {
-                Some(p) => p,
-                None => {
-                    push(&mut out, ReadPiece::Zeros(len - done));
-                    break;
-                }
-            };
         }
-        if let (Some(objects), false) = (&self.objects, fetch.is_empty()) {
-            for (slot, bytes) in slots.into_iter().zip(objects.read_many(&fetch).await?) {
-                out[slot] = ReadPiece::Bytes(bytes);
-            }
-        }
-        Ok(out)
+        push(&mut out, ReadPiece::Zeros(tail));
+        Ok((out, fetch))
     }
 }
 
@@ -260,6 +315,22 @@ mod tests {
             "{:?}",
             plan.pieces
         );
+        // Reopened, the cache knows no record: the plan goes through the
+        // engine's runtime and must name the same bytes.
+        drop(plan);
+        s.close().unwrap();
+        drop(s);
+        let s = temp_volume(&dir, "");
+        assert_eq!(
+            s.chunks.get(7, 0),
+            None,
+            "a reopened volume's cache is cold"
+        );
+        let cold = materialize(&s.read_plan(7, 0, 600_000).unwrap().pieces);
+        assert!(s.chunks.get(7, 0).is_some(), "the plan fills the cache");
+        let warm = materialize(&s.read_plan(7, 0, 600_000).unwrap().pieces);
+        assert_eq!(cold, warm);
+        assert_eq!(cold, read(&s, 7, 0, 600_000));
         let dir = tempfile::tempdir().unwrap();
         plans_match_reads(&SlateStore::open_for_test(
             &format!("file://{}/vol", dir.path().display()),
