@@ -1,5 +1,6 @@
 //! The `pohmelfs` command: parse arguments, call into the library.
 
+mod allocator;
 mod compat;
 mod copy;
 mod endpoint;
@@ -19,22 +20,10 @@ use pohmelfs::writeback::{MemoryBudget, OverwritePolicy, TxnConfig};
 use pohmelfs::{confine, systemd};
 use tracing::{info, warn};
 
-/// The daemon's allocator. With glibc's, allocation took 8-15% of the
-/// daemon's CPU in every bench workload (`_int_malloc`,
-/// `malloc_consolidate`, `_int_free`): the engine's iterators and records
-/// and the write-back layer's transactions are many small, short-lived
-/// allocations, often freed on another thread than the one that made
-/// them. mimalloc 2 (the `v2` feature) serves them from per-thread pages:
-/// in the bench (docs/benchmarks.md) the daemon used about a fifth less
-/// CPU and created files 1.5 times as fast. mimalloc 3 did worse than
-/// glibc in the same A/B (nearly twice the CPU creating files), so it
-/// stays on 2. `no_thp`: with transparent huge pages each thread's first
-/// pages came in 2 MiB pieces (54 MiB anonymous at start, against 8 MiB
-/// without). Memory: a 4 GiB write peaks at 204 MiB anonymous (glibc 200);
-/// 100,000 files created and forgotten leave 219 MiB (glibc 138), inside
-/// the `--cache-size` budget either way.
+/// The daemon's allocator: mimalloc for small blocks, glibc for large
+/// ones (`allocator.rs`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Split = allocator::Split;
 
 #[derive(Parser)]
 #[command(
@@ -365,6 +354,7 @@ impl VolumeArgs {
 }
 
 fn main() {
+    allocator::tune_glibc();
     // `pohmelfs --fd=N --shared-dir DIR …`, as libvirt starts a virtio-fs
     // backend, means `pohmelfs serve …` (src/compat.rs).
     let args = match compat::rewrite(std::env::args_os().collect()) {

@@ -145,10 +145,11 @@ pub(super) const TRIM_AFTER_FREED_BYTES: u64 = 16 << 20;
 /// in the middle of its heap (the pages of forgotten files, among live
 /// allocations) resident until asked: measured on the host, 20,000 files
 /// created and forgotten left the daemon at 114 MiB anonymous, 53 MiB after
-/// a `malloc_trim`. It walks the heap, so call it rarely. The daemon's own
-/// allocations come from mimalloc (`src/main.rs`), which purges free pages
-/// itself; this still returns what C code left in glibc's heap, and all of
-/// it where the library runs on the system allocator (the tests).
+/// a `malloc_trim`. It walks the heap, so call it rarely. The daemon's
+/// small allocations come from mimalloc, which purges free pages itself,
+/// and its large ones are mapped one by one (`src/allocator.rs`); this
+/// still returns what C code left in glibc's heap, and all of it where the
+/// library runs on the system allocator (the tests).
 pub(super) fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the system; it
