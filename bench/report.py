@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turns a scripts/bench result directory into Markdown tables, the goals and a chart.
 
-    bench/report.py RESULT_DIR [--docs docs/benchmarks.md] [--chart docs/benchmarks.png]
+    bench/report.py RESULT_DIR... [--docs docs/benchmarks.md] [--chart docs/benchmarks.png]
 
 RESULT_DIR holds runs.tsv (one line per guest run: case, repetition, daemon memory, CPU and
 disk writes), machine.txt, and one directory per run with the guest console (console.log),
@@ -14,7 +14,9 @@ generated block of that file (between the GENERATED markers, appended when absen
 
 Every figure is min / median / max over the repetitions; a ratio to virtiofsd is computed
 repetition by repetition (pohmelfs run i against virtiofsd run i) before taking min / median /
-max, and is oriented so that > 1 means pohmelfs did better.
+max, and is oriented so that > 1 means pohmelfs did better. Several RESULT_DIRs make one
+report (e.g. the embedded cases of one run and the remote ones of another): a run is paired
+only with the runs of its own directory, and each case's figures are taken over all of them.
 """
 
 import argparse
@@ -235,13 +237,24 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+# Repetitions of the k-th result directory are numbered from k * REP_STRIDE + 1, so that
+# pairs (a case's repetition i and virtiofsd's) never cross directories.
+REP_STRIDE = 1000
+
+
 class Results:
-    def __init__(self, directory):
-        self.dir = directory
+    def __init__(self, directories):
         self.runs = []
+        for k, directory in enumerate(directories):
+            self.load(directory, k * REP_STRIDE)
+        self.reps = sorted({int(r["rep"]) for r in self.runs})
+
+    def load(self, directory, rep_offset):
         with open(os.path.join(directory, "runs.tsv")) as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 run_dir = os.path.join(directory, row["dir"])
+                row["rep"] = str(int(row["rep"]) + rep_offset)
+                row["run_dir"] = run_dir
                 row["figures"] = parse_console(os.path.join(run_dir, "console.log"))
                 row["figures"]["run"] = run_figures(row, row["figures"])
                 row["counters"] = parse_status(os.path.join(run_dir, "status.txt"))
@@ -255,7 +268,6 @@ class Results:
                 for phase, cpu in row["phases"]:
                     row["figures"].setdefault(phase, {})["cpu_s"] = cpu
                 self.runs.append(row)
-        self.reps = sorted({int(r["rep"]) for r in self.runs})
 
     def run(self, case, rep):
         for r in self.runs:
@@ -636,7 +648,7 @@ def goals(res, cases):
         size = None
         for r in res.runs:
             if r["case"] == "rss-4g":
-                m = re.search(r"BIG_MB=(\d+)", open(os.path.join(res.dir, r["dir"], "test.sh")).read())
+                m = re.search(r"BIG_MB=(\d+)", open(os.path.join(r["run_dir"], "test.sh")).read())
                 size = int(m.group(1)) if m else None
         if anon is not None:
             rows.append([f"daemon memory, {size} MiB written, --cache-size 256M (RssAnon peak)",
@@ -779,15 +791,10 @@ def update_docs(path, text):
         f.write(new)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("results")
-    ap.add_argument("--docs")
-    ap.add_argument("--chart")
-    args = ap.parse_args()
-    res = Results(args.results)
-    machine = open(os.path.join(args.results, "machine.txt")).read()
-    delay = os.path.join(args.results, "delay-mode")
+def machine_text(directory):
+    """The run's machine.txt, and how the RTT was added when it was."""
+    machine = open(os.path.join(directory, "machine.txt")).read()
+    delay = os.path.join(directory, "delay-mode")
     if os.path.exists(delay):
         mode = open(delay).read().strip()
         machine += (
@@ -795,6 +802,17 @@ def main():
             if mode == "netem"
             else "RTT added by: bench/delay-relay in the store's namespace (this kernel has no netem)\n"
         )
+    return machine
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--docs")
+    ap.add_argument("--chart")
+    args = ap.parse_args()
+    res = Results(args.results)
+    machine = "\n".join(machine_text(d) for d in args.results)
     text = report(res, machine)
     if args.chart:
         chart(res, args.chart)
