@@ -654,8 +654,9 @@ def goals(res, cases):
             rows.append([f"daemon memory, {size} MiB written, --cache-size 256M (RssAnon peak)",
                          f"{anon:.0f} MiB", "≤ 320 MiB", verdict(anon, anon <= 320)])
         if hwm is not None:
-            rows.append(["daemon VmHWM, same run (includes mapped guest RAM)", f"{hwm:.0f} MiB",
-                         "≤ 320 MiB", verdict(hwm, hwm <= 320)])
+            # Not a goal: VmHWM counts the guest RAM the daemon touched through its mapping.
+            rows.append(["(that run's VmHWM, with the guest RAM the daemon mapped)", f"{hwm:.0f} MiB",
+                         "–", "–"])
         if written is not None:
             rows.append(["(that run's write rate)", f"{written:.0f} MiB/s", "–", "–"])
     if "rss-4g-store" in cases:
