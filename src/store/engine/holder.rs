@@ -17,13 +17,23 @@
 //!   pid exists (a crashed holder is seen at once); on another host, the
 //!   record was renewed within [`LEASE_SECS`].
 //!
+//! A taker's claim and the holder's renewal never interleave: the renewal
+//! reads the record, checks it is still its own and writes it back as one
+//! step ([`renew`]), under an exclusive `flock` of `volume.holder.lock` on
+//! `file://` (which every write of the record takes) and as a conditional
+//! put (If-Match the record it read) on `s3://`. Otherwise a renewal could
+//! write over a takeover it had not seen, and the fenced instance would
+//! go on naming itself the holder.
+//!
 //! The record is advisory: what keeps two writers from both committing is
 //! SlateDB's writer epoch and the commit log's lock, which fence the older
 //! writer whatever this record says. The record only lets the second one
 //! say whom it would cut off. This module never touches the engine.
 
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutPayload, UpdateVersion};
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
 
 /// How often an open volume renews its holder record.
 pub const RENEW_SECS: u64 = 10;
@@ -42,7 +52,17 @@ pub const LEASE_SECS: u64 = 3 * RENEW_SECS;
 /// The holder record's object, beside the engine's files (never copied into a
 /// snapshot or clone: the copy has no holder until it is opened).
 pub(crate) const HOLDER: &str = "volume.holder";
+/// The file `flock`ed around every write of the record on `file://`
+/// (never linked into a snapshot or clone either: a shared inode would
+/// share the lock).
+pub(crate) const HOLDER_LOCK: &str = "volume.holder.lock";
 const SETTINGS: &str = "volume.settings";
+/// The longest a write of the record waits for its lock: a holder keeps it
+/// for one read and one write.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many times a renewal on `s3://` starts over after its conditional
+/// put lost to another write.
+const RENEW_TRIES: usize = 5;
 
 /// Who holds a volume for writing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,28 +234,157 @@ pub async fn read_holder(
         .and_then(Holder::parse))
 }
 
-/// Write `holder` as the volume's holder record.
+/// The exclusive `flock` of [`HOLDER_LOCK`] in a `file://` volume's
+/// directory, released on drop; nothing elsewhere.
+struct RecordLock {
+    _file: Option<std::fs::File>,
+}
+
+impl RecordLock {
+    /// Take the lock of the volume at `local_dir` (`None`: not `file://`),
+    /// waiting at most [`LOCK_WAIT`].
+    async fn take(local_dir: Option<&Path>) -> object_store::Result<RecordLock> {
+        let Some(dir) = local_dir else {
+            return Ok(RecordLock { _file: None });
+        };
+        let path = dir.join(HOLDER_LOCK);
+        let failed = |e: std::io::Error| lock_error(&path, e);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(failed)?;
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock only reads its integer arguments; the fd is open.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(RecordLock { _file: Some(file) });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(failed(e));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(failed(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("held by another writer for over {LOCK_WAIT:?}"),
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn lock_error(path: &Path, e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: format!("lock {}: {e}", path.display()).into(),
+    }
+}
+
+/// Write `holder` as the volume's holder record, whatever record is there
+/// (a claim). `local_dir`: the volume's directory on `file://`.
 pub async fn write_holder(
     store: &dyn ObjectStore,
     db_path: &str,
+    local_dir: Option<&Path>,
     holder: &Holder,
 ) -> object_store::Result<()> {
+    let _lock = RecordLock::take(local_dir).await?;
+    put_holder(store, db_path, holder, PutMode::Overwrite).await
+}
+
+async fn put_holder(
+    store: &dyn ObjectStore,
+    db_path: &str,
+    holder: &Holder,
+    mode: PutMode,
+) -> object_store::Result<()> {
     store
-        .put(
+        .put_opts(
             &child(db_path, HOLDER),
             PutPayload::from(holder.encode().into_bytes()),
+            mode.into(),
         )
         .await
         .map(|_| ())
 }
 
+/// What [`renew`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// The record was this holder's (or gone) and is renewed.
+    Renewed,
+    /// Another opener's record replaced it: left as it is.
+    TakenOver(Holder),
+}
+
+/// Write `record` renewed now, unless another opener's record replaced
+/// it; the check and the write are one step against a claim (see the
+/// module documentation). A missing or unreadable record is written again.
+pub async fn renew(
+    store: &dyn ObjectStore,
+    db_path: &str,
+    local_dir: Option<&Path>,
+    record: &mut Holder,
+) -> object_store::Result<Renewal> {
+    let path = child(db_path, HOLDER);
+    for _ in 0..RENEW_TRIES {
+        let _lock = RecordLock::take(local_dir).await?;
+        let (found, version) = match store.get(&path).await {
+            Ok(got) => {
+                let version = UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let bytes = got.bytes().await?;
+                (
+                    Holder::parse(&String::from_utf8_lossy(&bytes)),
+                    Some(version),
+                )
+            }
+            Err(object_store::Error::NotFound { .. }) => (None, None),
+            Err(e) => return Err(e),
+        };
+        if let Some(h) = found.filter(|h| !h.same_holder(record)) {
+            return Ok(Renewal::TakenOver(h));
+        }
+        record.renewed = now_secs();
+        // file://: the lock orders this write after any claim, which
+        // LocalFileSystem's put could not (it has no If-Match).
+        let mode = match version {
+            _ if local_dir.is_some() => PutMode::Overwrite,
+            Some(v) => PutMode::Update(v),
+            None => PutMode::Create,
+        };
+        match put_holder(store, db_path, record, mode).await {
+            Ok(()) => return Ok(Renewal::Renewed),
+            // Another write came between the read and this one: read again.
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(object_store::Error::Generic {
+        store: "holder",
+        source: format!("the record kept changing under {RENEW_TRIES} renewals").into(),
+    })
+}
+
 /// Remove the holder record if it is still `holder`'s (a taker-over's
-/// record is left alone).
+/// record is left alone; on `s3://`, which has no conditional delete, a
+/// claim landing between the check and the delete loses its record until
+/// the taker's next renewal writes it again).
 pub async fn release(
     store: &dyn ObjectStore,
     db_path: &str,
+    local_dir: Option<&Path>,
     holder: &Holder,
 ) -> object_store::Result<()> {
+    let _lock = RecordLock::take(local_dir).await?;
     match read_holder(store, db_path).await? {
         Some(h) if h.same_holder(holder) => match store.delete(&child(db_path, HOLDER)).await {
             Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -325,5 +474,59 @@ mod tests {
         assert!(h.is_live(&me, now), "renewed a second ago");
         h.renewed = now - LEASE_SECS;
         assert!(!h.is_live(&me, now), "lease run out");
+    }
+
+    /// A claim racing a renewal, many times over: afterwards the record is
+    /// the taker's and the next renewal says so, on `file://` (the lock)
+    /// and on a store with conditional puts (If-Match).
+    fn a_claim_is_never_renewed_over(store: std::sync::Arc<dyn ObjectStore>, local: Option<&Path>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let old = Holder {
+            host: "old".into(),
+            ..Holder::this_process()
+        };
+        let taker = Holder {
+            host: "taker".into(),
+            ..Holder::this_process()
+        };
+        let local = local.map(Path::to_path_buf);
+        rt.block_on(async {
+            for round in 0..200 {
+                write_holder(&*store, "", local.as_deref(), &old)
+                    .await
+                    .unwrap();
+                let (s, l, mut o) = (store.clone(), local.clone(), old.clone());
+                let renewal =
+                    tokio::spawn(async move { renew(&*s, "", l.as_deref(), &mut o).await });
+                let (s, l, t) = (store.clone(), local.clone(), taker.clone());
+                let claim =
+                    tokio::spawn(async move { write_holder(&*s, "", l.as_deref(), &t).await });
+                renewal.await.unwrap().unwrap();
+                claim.await.unwrap().unwrap();
+                let next = renew(&*store, "", local.as_deref(), &mut old.clone()).await;
+                assert_eq!(
+                    next.unwrap(),
+                    Renewal::TakenOver(taker.clone()),
+                    "round {round}: the renewal wrote over the claim"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_claim_is_never_renewed_over_on_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        a_claim_is_never_renewed_over(std::sync::Arc::new(fs), Some(dir.path()));
+    }
+
+    #[test]
+    fn a_claim_is_never_renewed_over_with_conditional_puts() {
+        let mem = object_store::memory::InMemory::new();
+        a_claim_is_never_renewed_over(std::sync::Arc::new(mem), None);
     }
 }

@@ -38,8 +38,21 @@ fn write_holder(dir: &tempfile::TempDir, pid: u32) -> Holder {
         pid,
         ..Holder::this_process()
     };
-    std::fs::write(dir.path().join("vol/volume.holder"), h.encode()).unwrap();
+    put_record(dir, &h);
     h
+}
+
+/// Write `h` as the volume's holder record, as a claim does (under the
+/// record's lock, so never between a renewal's check and its write).
+fn put_record(dir: &tempfile::TempDir, h: &Holder) {
+    let vol = dir.path().join("vol");
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(&vol).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(super::holder::write_holder(&fs, "", Some(&vol), h))
+        .unwrap();
 }
 
 fn holder_file(dir: &tempfile::TempDir) -> Option<Holder> {
@@ -128,15 +141,13 @@ fn the_record_is_renewed_until_another_opener_takes_over() {
     let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
     // Renewed: a record set back to the epoch is written again.
     let mine = holder_file(&dir).unwrap();
-    std::fs::write(
-        dir.path().join("vol/volume.holder"),
-        Holder {
+    put_record(
+        &dir,
+        &Holder {
             renewed: 0,
             ..mine.clone()
-        }
-        .encode(),
-    )
-    .unwrap();
+        },
+    );
     let renewed =
         pohmelfs_testkit::wait_until(WAIT, POLL, || holder_file(&dir).filter(|h| h.renewed > 0));
     assert!(renewed.is_some_and(|h| h.same_holder(&mine)), "not renewed");
@@ -146,7 +157,7 @@ fn the_record_is_renewed_until_another_opener_takes_over() {
         host: "elsewhere".into(),
         ..mine
     };
-    std::fs::write(dir.path().join("vol/volume.holder"), taker.encode()).unwrap();
+    put_record(&dir, &taker);
     let stopped =
         pohmelfs_testkit::wait_until(WAIT, POLL, || (!s.renews_its_holder_record()).then_some(()));
     assert!(stopped.is_some(), "still renewing over the taker's record");

@@ -129,6 +129,8 @@ pub(super) struct Lease {
     pub(super) record: holder::Holder,
     object_store: Arc<dyn object_store::ObjectStore>,
     db_path: String,
+    /// The volume's directory on `file://`, where the record's lock is.
+    local_dir: Option<std::path::PathBuf>,
     stop: Arc<AtomicBool>,
     /// Held by a renewal from its check of `stop` to its write, and by
     /// the release: a renewal under way when the lease is released
@@ -149,6 +151,7 @@ impl Lease {
         renew(
             self.object_store.clone(),
             self.db_path.clone(),
+            self.local_dir.clone(),
             self.record.clone(),
             self.stop.clone(),
             self.turn.clone(),
@@ -159,7 +162,14 @@ impl Lease {
     pub(super) async fn release(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         let _turn = self.turn.lock().await;
-        if let Err(e) = holder::release(&*self.object_store, &self.db_path, &self.record).await {
+        if let Err(e) = holder::release(
+            &*self.object_store,
+            &self.db_path,
+            self.local_dir.as_deref(),
+            &self.record,
+        )
+        .await
+        {
             tracing::warn!(error = %e, "could not remove the volume's holder record");
         }
     }
@@ -202,13 +212,14 @@ async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, 
             tracing::warn!(volume = %cfg.describe, holder = %h, "taking the volume over: its holder is fenced");
         }
     }
-    holder::write_holder(&*store, &cfg.db_path, &me)
+    holder::write_holder(&*store, &cfg.db_path, cfg.local_dir.as_deref(), &me)
         .await
         .map_err(rec)?;
     Ok(Lease {
         record: me,
         object_store: store,
         db_path: cfg.db_path.clone(),
+        local_dir: cfg.local_dir.clone(),
         stop: Arc::default(),
         turn: Arc::default(),
     })
@@ -272,6 +283,7 @@ async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
 async fn renew(
     object_store: Arc<dyn object_store::ObjectStore>,
     db_path: String,
+    local_dir: Option<std::path::PathBuf>,
     mut record: holder::Holder,
     stop: Arc<AtomicBool>,
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -284,18 +296,14 @@ async fn renew(
         }
         // Another opener took the volume over (this instance is fenced):
         // its record stays, and this one renews no more.
-        match holder::read_holder(&*object_store, &db_path).await {
-            Ok(Some(h)) if !h.same_holder(&record) => {
+        match holder::renew(&*object_store, &db_path, local_dir.as_deref(), &mut record).await {
+            Ok(holder::Renewal::Renewed) => {}
+            Ok(holder::Renewal::TakenOver(h)) => {
                 tracing::warn!(holder = %h, "the volume was taken over; its holder record is no longer renewed here");
                 stop.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read the volume's holder record"),
-        }
-        record.renewed = holder::now_secs();
-        if let Err(e) = holder::write_holder(&*object_store, &db_path, &record).await {
-            tracing::warn!(error = %e, "could not renew the volume's holder record");
+            Err(e) => tracing::warn!(error = %e, "could not renew the volume's holder record"),
         }
     }
 }

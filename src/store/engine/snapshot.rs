@@ -81,11 +81,12 @@ pub const LINK_ATTEMPTS: usize = 20;
 /// What is not linked: the commit log (a snapshot's is empty: the
 /// checkpoint emptied it), the segments (linked by id), the snapshots,
 /// the holder record.
-const NOT_LINKED: [&str; 4] = [
+const NOT_LINKED: [&str; 5] = [
     "log",
     segment::DIR_NAME,
     SNAPSHOTS_DIR,
     super::holder::HOLDER,
+    super::holder::HOLDER_LOCK,
 ];
 
 /// Why a snapshot or clone could not be made, listed or deleted.
@@ -518,7 +519,15 @@ pub fn clone_from(snap: &Path, dst: &Path) -> Result<(), SnapshotError> {
     tmp_name.push(".clone-tmp");
     let tmp = parent.join(tmp_name);
     remove_tree(&tmp)?;
-    if !link_tree(snap, &tmp, &[MARKER_FILE, super::holder::HOLDER])? {
+    if !link_tree(
+        snap,
+        &tmp,
+        &[
+            MARKER_FILE,
+            super::holder::HOLDER,
+            super::holder::HOLDER_LOCK,
+        ],
+    )? {
         return Err(SnapshotError::NoSuchSnapshot(snap.display().to_string()));
     }
     let marker = tmp.join(CLONE_FILE);
