@@ -25,7 +25,13 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Free page buffers kept for reuse at most (4 MiB).
 pub const FREE_PAGES_MAX: usize = 1024;
 
-type Buffer = Box<[u8; PAGE]>;
+/// A page buffer, page-aligned: a segment append of whole pages may then
+/// go `O_DIRECT` straight from these buffers (`store/engine/segment.rs`).
+#[repr(C, align(4096))]
+struct PageBuf([u8; PAGE]);
+const _: () = assert!(PAGE == 4096, "PageBuf's alignment is one page");
+
+type Buffer = Box<PageBuf>;
 
 /// Buffers kept for reuse, up to a bound.
 struct FreeList {
@@ -54,7 +60,7 @@ impl FreeList {
         if let Some(buf) = self.list().pop() {
             return buf;
         }
-        Box::new([0u8; PAGE])
+        Box::new(PageBuf([0u8; PAGE]))
     }
 
     fn give_back(&self, buf: Buffer) {
@@ -69,7 +75,7 @@ impl FreeList {
         fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
     ) -> io::Result<Bytes> {
         let mut buf = self.take();
-        if let Err(e) = fill(&mut buf[..]) {
+        if let Err(e) = fill(&mut buf.0[..]) {
             self.give_back(buf);
             return Err(e);
         }
@@ -90,7 +96,7 @@ struct Recycled {
 impl AsRef<[u8]> for Recycled {
     fn as_ref(&self) -> &[u8] {
         match &self.buf {
-            Some(buf) => &buf[..],
+            Some(buf) => &buf.0[..],
             None => &[],
         }
     }

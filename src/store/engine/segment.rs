@@ -12,6 +12,15 @@
 //! Each write starts on a fresh page, at an offset congruent to its file
 //! offset modulo [`PAGE`] (see `extent.rs` for why).
 //!
+//! A large append whose buffers and offset are sector-aligned (a guest's
+//! whole pages) is written `O_DIRECT`: through the page cache, the kernel's
+//! copy into newly allocated page-cache folios was most of a sequential
+//! write's CPU (`docs/benchmarks.md`, "Direct segment writes"). The
+//! written range is then advised `WILLNEED`, so the host reads it back
+//! into its page cache by DMA, and reads of fresh data stay hot as through
+//! the page cache. Small or unaligned appends, and file systems that
+//! refuse `O_DIRECT`, go through the page cache.
+//!
 //! Durability is shared like WAL flushes in `group.rs`: committers append,
 //! then ask for their bytes to be durable; one of them runs `fdatasync` for
 //! everything appended so far and the others find themselves covered. A
@@ -28,7 +37,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::extent::PAGE;
@@ -36,6 +45,15 @@ use super::overlay::Overlay;
 
 /// A segment is sealed once it holds this many bytes.
 pub const SEGMENT_BYTES_MAX: u64 = 256 << 20;
+
+/// Appends this long or longer go `O_DIRECT` when aligned: below it the
+/// device's latency on the commit thread costs more than the copy.
+pub const DIRECT_MIN: u64 = 64 << 10;
+
+/// The alignment `O_DIRECT` asks of offsets, lengths and buffers here (a
+/// file system that wants more refuses with `EINVAL`, and appends go
+/// through the page cache from then on).
+const SECTOR: u64 = 512;
 
 /// Open read handles kept for sealed segments; past this the cache is
 /// emptied (handles in use stay open through their `Arc`).
@@ -55,7 +73,24 @@ pub struct Placed {
 struct Active {
     id: u64,
     file: Arc<File>,
+    /// The same file opened `O_DIRECT`, unless refused.
+    direct: Option<File>,
     len: u64,
+}
+
+impl Active {
+    fn new(dir: &Path, id: u64, direct: bool) -> io::Result<Active> {
+        let file = Arc::new(create(dir, id)?);
+        let direct = direct
+            .then(|| open_direct(&dir.join(file_name(id))))
+            .flatten();
+        Ok(Active {
+            id,
+            file,
+            direct,
+            len: 0,
+        })
+    }
 }
 
 /// The segments of one volume open for writing.
@@ -71,6 +106,10 @@ pub struct Segments {
     pins: Mutex<HashMap<u64, usize>>,
     /// How many `fdatasync` calls committers shared, for tests and logs.
     syncs: AtomicU64,
+    /// Bytes appended `O_DIRECT`, for tests and logs.
+    direct_bytes: AtomicU64,
+    /// Whether appends may still go `O_DIRECT` (cleared when refused).
+    direct_ok: AtomicBool,
     max_bytes: u64,
 }
 
@@ -108,6 +147,28 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
     }
     out.sort_unstable();
     Ok(out)
+}
+
+/// `path` opened again for `O_DIRECT` writes; `None` where the file
+/// system refuses it.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Whether `bufs` at `at` may go `O_DIRECT`: long enough, and every
+/// buffer, length and the offset on a sector boundary.
+fn direct_shaped(bufs: &[&[u8]], at: u64, len: u64) -> bool {
+    let sector = SECTOR as usize;
+    len >= DIRECT_MIN
+        && at % SECTOR == 0
+        && bufs
+            .iter()
+            .all(|b| b.as_ptr() as usize % sector == 0 && b.len() % sector == 0)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -176,6 +237,16 @@ pub fn write_all_at(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<
     Ok(())
 }
 
+/// Ask the kernel to read `len` bytes at `off` of `file` into its page
+/// cache in the background; advice only, so a failure is ignored.
+fn advise_willneed(file: &File, off: u64, len: u64) {
+    if let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd
+        // is open while `file` is.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
 /// Give the pages of `r` back to the filesystem, keeping the file's size.
 pub fn punch(file: &File, r: Range<u64>) -> io::Result<()> {
     let (off, len) = match (
@@ -210,14 +281,16 @@ impl Segments {
         std::fs::create_dir_all(&dir)?;
         sync_dir(volume_dir)?;
         let id = list(&dir)?.last().map_or(1, |(id, _)| id + 1);
-        let file = Arc::new(create(&dir, id)?);
+        let active = Active::new(&dir, id, true)?;
         Ok(Segments {
+            direct_ok: AtomicBool::new(active.direct.is_some()),
             dir,
-            active: Mutex::new(Active { id, file, len: 0 }),
+            active: Mutex::new(active),
             durable: Mutex::new((id, 0)),
             handles: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             syncs: AtomicU64::new(0),
+            direct_bytes: AtomicU64::new(0),
             max_bytes,
         })
     }
@@ -240,12 +313,10 @@ impl Segments {
         let mut at = a.len.div_ceil(PAGE) * PAGE + file_off % PAGE;
         if a.len > 0 && at + len > self.max_bytes {
             a.file.sync_data()?;
-            let id = a.id + 1;
-            let file = Arc::new(create(&self.dir, id)?);
-            *a = Active { id, file, len: 0 };
+            *a = Active::new(&self.dir, a.id + 1, self.direct_ok.load(Ordering::Relaxed))?;
             at = file_off % PAGE;
         }
-        write_all_at(&a.file, bufs, at)?;
+        self.write(&a, bufs, at, len)?;
         a.len = at + len;
         *lock(&self.pins).entry(a.id).or_insert(0) += 1;
         Ok(Placed {
@@ -261,10 +332,36 @@ impl Segments {
     pub fn seal(&self) -> io::Result<u64> {
         let mut a = lock(&self.active);
         a.file.sync_data()?;
-        let id = a.id + 1;
-        let file = Arc::new(create(&self.dir, id)?);
-        *a = Active { id, file, len: 0 };
-        Ok(id)
+        *a = Active::new(&self.dir, a.id + 1, self.direct_ok.load(Ordering::Relaxed))?;
+        Ok(a.id)
+    }
+
+    /// Write one append's bytes at `at` of the active segment: `O_DIRECT`
+    /// when shaped for it, then advised `WILLNEED`; else (or when the file
+    /// system refuses the shape) through the page cache.
+    fn write(&self, a: &Active, bufs: &[&[u8]], at: u64, len: u64) -> io::Result<()> {
+        if let Some(direct) = a.direct.as_ref().filter(|_| direct_shaped(bufs, at, len)) {
+            match write_all_at(direct, bufs, at) {
+                Ok(()) => {
+                    self.direct_bytes.fetch_add(len, Ordering::Relaxed);
+                    advise_willneed(&a.file, at, len);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if self.direct_ok.swap(false, Ordering::Relaxed) {
+                        tracing::info!(dir = %self.dir.display(), error = %e, "segment appends go through the page cache: the file system refuses their O_DIRECT shape");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        write_all_at(&a.file, bufs, at)
+    }
+
+    /// Bytes appended `O_DIRECT` so far.
+    #[cfg(test)]
+    pub fn direct_bytes(&self) -> u64 {
+        self.direct_bytes.load(Ordering::Relaxed)
     }
 
     /// How many directory entries name segment `seg`'s file: more than
@@ -490,4 +587,46 @@ pub fn allocated(f: &File) -> io::Result<Vec<Range<u64>>> {
         pos = hole;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(4096))]
+    struct Page([u8; 4096]);
+
+    /// Whole aligned pages go `O_DIRECT` (where the test's file system
+    /// takes it), small and misaligned appends through the page cache, and
+    /// every append reads back as written.
+    #[test]
+    fn aligned_appends_go_direct_and_every_append_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open_with_max(dir.path(), SEGMENT_BYTES_MAX).unwrap();
+        let takes_direct = open_direct(&segs.dir().join(file_name(segs.active_id()))).is_some();
+        let pages: Vec<Box<Page>> = (0..32u8).map(|i| Box::new(Page([i; 4096]))).collect();
+        let whole: Vec<&[u8]> = pages.iter().map(|p| &p.0[..]).collect();
+        let small: &[u8] = b"a few bytes";
+        let big = vec![7u8; 2 * DIRECT_MIN as usize + 1];
+        let misaligned = &big[1..];
+        let appends: [(u64, Vec<&[u8]>); 4] = [
+            (0, whole.clone()),
+            (100, vec![small]),
+            (0, vec![misaligned]),
+            (8192, whole.clone()),
+        ];
+        let mut placed = Vec::new();
+        for (file_off, bufs) in &appends {
+            placed.push(segs.append(*file_off, bufs).unwrap());
+        }
+        segs.sync_all().unwrap();
+        let direct = if takes_direct { 2 * 32 * 4096 } else { 0 };
+        assert_eq!(segs.direct_bytes(), direct, "O_DIRECT bytes");
+        for ((_, bufs), p) in appends.iter().zip(&placed) {
+            let want: Vec<u8> = bufs.concat();
+            let mut got = vec![0u8; want.len()];
+            segs.read_at(p.seg, p.seg_off, &mut got).unwrap();
+            assert!(got == want, "append at {p:?} reads back otherwise");
+        }
+    }
 }
