@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::net::credentials::Credentials;
 use crate::net::proto::msg::{ErrorCode, Request, Response, OP_DATA};
-use crate::net::proto::{read_frame, write_frame, Frame, ProtoError, MAX_PAYLOAD};
+use crate::net::proto::{read_request, write_frame, Frame, ProtoError, MAX_PAYLOAD};
 use crate::net::tls::BoxIo;
 use crate::ratelimit::{limited, Capped, LogLimit, PEER_LINES_SUPPRESSED};
 use crate::store::StoreError;
@@ -414,10 +414,7 @@ enum ConnError {
 async fn next_request<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(u64, Request)>, ProtoError> {
-    match read_frame(r, MAX_PAYLOAD).await? {
-        None => Ok(None),
-        Some(f) => Ok(Some((f.request_id, Request::from_owned_frame(f)?))),
-    }
+    read_request(r, MAX_PAYLOAD).await
 }
 
 async fn serve_connection(

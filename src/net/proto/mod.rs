@@ -213,17 +213,70 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let h = Frame::decode_header(&header, max_payload)?;
-    // Read into the buffer's spare capacity: a payload of 512 KiB is not
-    // zeroed first only to be written over.
-    let n = h.payload_len as usize;
-    let mut payload = Vec::with_capacity(n);
-    while payload.len() < n {
-        let want = (n - payload.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut payload).await? == 0 {
+    let mut payload = Vec::with_capacity(h.payload_len as usize);
+    read_payload(r, &mut payload, h.payload_len as usize).await?;
+    Frame::check(&header, h, payload).map(Some)
+}
+
+/// Read `n` more bytes into `buf`'s spare capacity: a payload of 512 KiB is
+/// not zeroed first only to be written over.
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> Result<(), ProtoError> {
+    let end = buf.len() + n;
+    while buf.len() < end {
+        let want = (end - buf.len()) as u64;
+        if (&mut *r).take(want).read_buf(buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
-    Frame::check(&header, h, payload).map(Some)
+    Ok(())
+}
+
+/// Where a stage's data starts in memory: on a page boundary, so that the
+/// server's engine appends it to a segment with `O_DIRECT`
+/// (`store/engine/segment.rs`) instead of through the page cache.
+const STAGE_DATA_ALIGN: usize = 4096;
+
+/// Read one request (a server's side of the stream). As [`read_frame`] and
+/// [`msg::Request::from_owned_frame`], except that a stage's payload is
+/// read to put its data on a page boundary ([`STAGE_DATA_ALIGN`]).
+/// `Ok(None)` on a clean end of stream between frames.
+pub async fn read_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_payload: u32,
+) -> Result<Option<(u64, msg::Request)>, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let h = Frame::decode_header(&header, max_payload)?;
+    let n = h.payload_len as usize;
+    if h.opcode != msg::OP_STAGE || n < msg::STAGE_FIXED {
+        let mut payload = Vec::with_capacity(n);
+        read_payload(r, &mut payload, n).await?;
+        let f = Frame::check(&header, h, payload)?;
+        return Ok(Some((f.request_id, msg::Request::from_owned_frame(f)?)));
+    }
+    // Pad the front so that the bytes after the fixed fields land on a
+    // boundary; the capacity covers pad and payload, so nothing moves.
+    let mut buf = Vec::with_capacity(n + STAGE_DATA_ALIGN);
+    let pad = (STAGE_DATA_ALIGN - (buf.as_ptr() as usize + msg::STAGE_FIXED) % STAGE_DATA_ALIGN)
+        % STAGE_DATA_ALIGN;
+    buf.resize(pad, 0);
+    read_payload(r, &mut buf, n).await?;
+    let payload = bytes::Bytes::from(buf).slice(pad..);
+    let crc = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
+    if crc != checksum(&header, &payload) {
+        return Err(ProtoError::BadChecksum);
+    }
+    let req = msg::Request::Stage(stage::stage_from_payload(payload)?);
+    req.validate()?;
+    Ok(Some((h.request_id, req)))
 }
 
 /// Write a [`msg::Request::Stage`] frame without copying its data: the

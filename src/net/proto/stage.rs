@@ -103,7 +103,13 @@ pub(super) fn decode_staged_txn(d: &mut Dec<'_>) -> Result<(Txn, Vec<StageRef>),
 /// [`super::msg::Request::from_frame`] checks them; validation is the
 /// caller's.
 pub(super) fn stage_from_frame(f: Frame) -> Result<Stage, ProtoError> {
-    let mut d = Dec::new(&f.payload);
+    stage_from_payload(bytes::Bytes::from(f.payload))
+}
+
+/// The [`Stage`] a payload of opcode [`OP_STAGE`] carries, its data a
+/// slice of `payload` (no copy).
+pub(super) fn stage_from_payload(payload: bytes::Bytes) -> Result<Stage, ProtoError> {
+    let mut d = Dec::new(&payload);
     let (stage_id, ino, offset) = (d.u64()?, d.u64()?, d.u64()?);
     let len = d.u32()? as usize;
     if len > MAX_STAGE as usize {
@@ -116,7 +122,7 @@ pub(super) fn stage_from_frame(f: Frame) -> Result<Stage, ProtoError> {
             "trailing bytes after message"
         }));
     }
-    let data = bytes::Bytes::from(f.payload).slice(STAGE_FIXED..);
+    let data = payload.slice(STAGE_FIXED..);
     Ok(Stage {
         stage_id,
         ino,
