@@ -5,7 +5,8 @@
 # context switches per operation (fio's reads + writes; 3 per file for meta), and with
 # LOG_LEVEL=info the daemon's counters at the end. With PERF=DIR, each workload also runs
 # under `perf record` attached to the daemon (DIR/WORKLOAD.data; PERF_CG sets the call-graph
-# option, default -g, e.g. PERF_CG="--call-graph dwarf,32768").
+# option, default -g, e.g. PERF_CG="--call-graph dwarf,32768"; the store server's in
+# DIR/WORKLOAD.store.data).
 #
 #   bench/host-cpu.sh BINARY [WORKLOAD...] [-- pohmelfs mount options...]
 #   e.g. bench/host-cpu.sh target/release/pohmelfs seqwrite seqread
@@ -20,6 +21,9 @@
 # a virtio-fs guest (requests come through /dev/fuse, the host's page cache stands in for
 # the guest's), but the daemon runs the same fs -> writeback -> store code for both. Cold
 # reads: fio invalidates the file's page cache at the start of each job (`invalidate=1`).
+#
+# STORE_SERVER=1 serves the volume from a `pohmelfs store` on loopback instead (pohmel://, as
+# scripts/bench's store-0ms case) and prints the server's CPU per workload beside the daemon's.
 #
 # Needs root (/dev/fuse, drop_caches). Leaves nothing behind.
 set -euo pipefail
@@ -39,11 +43,28 @@ SEQ_MB=${SEQ_MB:-512} RAND_S=${RAND_S:-10} META_FILES=${META_FILES:-5000} FSYNC_
 work=$(mktemp -d)
 mkdir "$work/mnt"
 mnt=$work/mnt
-"$bin" format "file://$work/vol" >/dev/null
-"$bin" mount "$mnt" --store "file://$work/vol${STORE_QUERY:+?$STORE_QUERY}" --log-level "${LOG_LEVEL:-warn}" "$@" 2>"$work/daemon.log" &
+store_pid=""
+if [ -n "${STORE_SERVER:-}" ]; then
+	mkdir "$work/srv"
+	"$bin" format "file://$work/srv/vol${STORE_QUERY:+?$STORE_QUERY}" >/dev/null
+	"$bin" store --listen 127.0.0.1:0 --data "file://$work/srv" --addr-file "$work/store.addr" \
+		--log-level warn 2>"$work/store.log" &
+	store_pid=$!
+	for _ in $(seq 100); do
+		[ -s "$work/store.addr" ] && break
+		sleep 0.1
+	done
+	[ -s "$work/store.addr" ] || { cat "$work/store.log"; exit 1; }
+	url="pohmel://$(cat "$work/store.addr")/vol"
+else
+	"$bin" format "file://$work/vol" >/dev/null
+	url="file://$work/vol${STORE_QUERY:+?$STORE_QUERY}"
+fi
+"$bin" mount "$mnt" --store "$url" --log-level "${LOG_LEVEL:-warn}" "$@" 2>"$work/daemon.log" &
 pid=$!
 cleanup() {
 	kill -TERM "$pid" 2>/dev/null && wait "$pid" || true
+	[ -z "$store_pid" ] || { kill -TERM "$store_pid" 2>/dev/null && wait "$store_pid" || true; }
 	# The daemon's counters for the whole run (with LOG_LEVEL=info).
 	grep -o 'counters=.*' "$work/daemon.log" || true
 	rm -rf "$work"
@@ -55,7 +76,7 @@ for _ in $(seq 100); do
 done
 mountpoint -q "$mnt" || { cat "$work/daemon.log"; exit 1; }
 # cpu_ticks: the daemon's utime + stime (fields 14 and 15; the name in field 2 has no spaces).
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/${1:-$pid}/stat"; }
 hz=$(getconf CLK_TCK)
 # switches: voluntary + involuntary context switches of all the daemon's threads.
 switches() { cat /proc/"$pid"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}'; }
@@ -116,18 +137,28 @@ run() {
 }
 for w in "${workloads[@]}"; do
 	case $w in seqread | randwrite | randread) need_seq ;; unlink) need_files ;; esac
-	[ -n "${PERF:-}" ] && { perf record -q -F 499 ${PERF_CG:--g} -p "$pid" -o "$PERF/$w.data" 2>/dev/null & perf_pid=$!; sleep 0.5; }
+	if [ -n "${PERF:-}" ]; then
+		perf record -q -F 499 ${PERF_CG:--g} -p "$pid" -o "$PERF/$w.data" 2>/dev/null &
+		perf_pid=$!
+		if [ -n "$store_pid" ]; then
+			perf record -q -F 499 ${PERF_CG:--g} -p "$store_pid" -o "$PERF/$w.store.data" 2>/dev/null &
+			perf_pid="$perf_pid $!"
+		fi
+		sleep 0.5
+	fi
 	echo 0 >"$work/ops"
-	c0=$(cpu_ticks) s0=$(switches)
+	c0=$(cpu_ticks) s0=$(switches) sc0=$([ -z "$store_pid" ] || cpu_ticks "$store_pid")
 	t0=$EPOCHREALTIME
 	run "$w"
 	t1=$EPOCHREALTIME
-	c1=$(cpu_ticks) s1=$(switches)
+	c1=$(cpu_ticks) s1=$(switches) sc1=$([ -z "$store_pid" ] || cpu_ticks "$store_pid")
 	ops=$(cat "$work/ops")
 	[ "$w" = meta ] && ops=$((3 * META_FILES))
 	[ "$w" = unlink ] && ops=$META_FILES
-	[ -n "${PERF:-}" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
+	# shellcheck disable=SC2086 # one or two pids
+	[ -n "${PERF:-}" ] && { kill -INT $perf_pid; wait $perf_pid || true; }
 	cpu_us=$(((c1 - c0) * 1000000 / hz))
 	echo "$w cpu_s=$(echo "scale=2; $cpu_us / 1000000" | bc) wall_s=$(echo "scale=2; ($t1 - $t0) / 1" | bc)" \
-		"ops=$ops cpu_us_per_op=$((cpu_us / (ops > 0 ? ops : 1))) switches_per_op=$(((s1 - s0) / (ops > 0 ? ops : 1)))"
+		"ops=$ops cpu_us_per_op=$((cpu_us / (ops > 0 ? ops : 1))) switches_per_op=$(((s1 - s0) / (ops > 0 ? ops : 1)))" \
+		${store_pid:+"store_cpu_s=$(echo "scale=2; ($sc1 - $sc0) / $hz" | bc)"}
 done

@@ -14,6 +14,7 @@
 //! * `tls` — TLS around the frames: the server's certificate, the client's
 //!   CA file or pinned certificate.
 
+pub mod buffers;
 pub mod client;
 #[cfg(test)]
 mod conformance_tests;

@@ -456,6 +456,9 @@ async fn serve_connection(
             if write_frame(&mut wr, &f).await.is_err() {
                 break;
             }
+            // A Read answer's payload is a pooled buffer: the next one
+            // writes over it (`net/buffers.rs`).
+            crate::net::buffers::give(f.payload);
         }
     });
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight as usize));
@@ -570,7 +573,7 @@ fn answer(served: &Served, session: u64, req: Request, id: u64) -> Frame {
         return handle(served, session, req).to_frame(id);
     };
     // `len` is within MAX_READ (checked when the request was decoded).
-    let mut payload = Vec::with_capacity(4 + len as usize);
+    let mut payload = crate::net::buffers::take(4 + len as usize);
     payload.extend_from_slice(&len.to_le_bytes());
     payload.resize(4 + len as usize, 0);
     match served.store.read(ino, offset, &mut payload[4..]) {

@@ -18,6 +18,8 @@ pub mod stage;
 mod validate;
 
 use thiserror::Error;
+
+use super::buffers;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// "POHM", little endian.
@@ -213,7 +215,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let h = Frame::decode_header(&header, max_payload)?;
-    let mut payload = Vec::with_capacity(h.payload_len as usize);
+    let mut payload = buffers::take(h.payload_len as usize);
     read_payload(r, &mut payload, h.payload_len as usize).await?;
     Frame::check(&header, h, payload).map(Some)
 }
@@ -257,19 +259,19 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     let h = Frame::decode_header(&header, max_payload)?;
     let n = h.payload_len as usize;
     if h.opcode != msg::OP_STAGE || n < msg::STAGE_FIXED {
-        let mut payload = Vec::with_capacity(n);
+        let mut payload = buffers::take(n);
         read_payload(r, &mut payload, n).await?;
         let f = Frame::check(&header, h, payload)?;
         return Ok(Some((f.request_id, msg::Request::from_owned_frame(f)?)));
     }
     // Pad the front so that the bytes after the fixed fields land on a
     // boundary; the capacity covers pad and payload, so nothing moves.
-    let mut buf = Vec::with_capacity(n + STAGE_DATA_ALIGN);
+    let mut buf = buffers::take(n + STAGE_DATA_ALIGN);
     let pad = (STAGE_DATA_ALIGN - (buf.as_ptr() as usize + msg::STAGE_FIXED) % STAGE_DATA_ALIGN)
         % STAGE_DATA_ALIGN;
     buf.resize(pad, 0);
     read_payload(r, &mut buf, n).await?;
-    let payload = bytes::Bytes::from(buf).slice(pad..);
+    let payload = buffers::into_bytes(buf).slice(pad..);
     let crc = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
     if crc != checksum(&header, &payload) {
         return Err(ProtoError::BadChecksum);

@@ -322,7 +322,12 @@ impl Request {
     pub fn from_owned_frame(f: Frame) -> Result<Request, ProtoError> {
         let r = match f.opcode {
             OP_STAGE => Request::Stage(stage_from_frame(f)?),
-            _ => return Request::from_frame(&f),
+            _ => {
+                // Decoding copied what it keeps: the buffer goes back.
+                let r = Request::from_frame(&f);
+                crate::net::buffers::give(f.payload);
+                return r;
+            }
         };
         r.validate()?;
         Ok(r)
@@ -611,13 +616,17 @@ impl Response {
     /// bytes of a [`Response::Data`] are the frame's own, not a copy.
     pub fn from_owned_frame(f: Frame) -> Result<Response, ProtoError> {
         if f.opcode != OP_DATA {
-            return Response::from_frame(&f);
+            let r = Response::from_frame(&f);
+            crate::net::buffers::give(f.payload);
+            return r;
         }
         let mut d = Dec::new(&f.payload);
         let len = d.bytes_ref(MAX_READ as usize)?.len();
         d.finish()?;
         // The byte string follows its u32 length.
-        Ok(Response::Data(Bytes::from(f.payload).slice(4..4 + len)))
+        Ok(Response::Data(
+            crate::net::buffers::into_bytes(f.payload).slice(4..4 + len),
+        ))
     }
 
     /// Decode and validate a response frame.

@@ -103,7 +103,7 @@ pub(super) fn decode_staged_txn(d: &mut Dec<'_>) -> Result<(Txn, Vec<StageRef>),
 /// [`super::msg::Request::from_frame`] checks them; validation is the
 /// caller's.
 pub(super) fn stage_from_frame(f: Frame) -> Result<Stage, ProtoError> {
-    stage_from_payload(bytes::Bytes::from(f.payload))
+    stage_from_payload(crate::net::buffers::into_bytes(f.payload))
 }
 
 /// The [`Stage`] a payload of opcode [`OP_STAGE`] carries, its data a
