@@ -5,8 +5,9 @@
 //! so each new one was faulted in and zeroed page by page by the kernel
 //! and unmapped when freed: a fifth to a quarter of `pohmelfs store`'s CPU
 //! on a sequential read or write, and a sixth of the daemon's on a read
-//! (`docs/benchmarks.md`, "Wire buffers"). A buffer given back goes to a
-//! small pool instead and is written over by the next frame.
+//! (`docs/benchmarks.md`, "Wire buffers and direct server appends"). A
+//! buffer given back goes to a small pool instead and is written over by
+//! the next frame.
 //!
 //! Bounded: at most [`POOL_BYTES_MAX`] bytes of capacity and
 //! [`POOL_BUFFERS_MAX`] buffers are kept per process (part of the fixed
