@@ -240,7 +240,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
 /// Where a stage's data starts in memory: on a page boundary, so that the
 /// server's engine appends it to a segment with `O_DIRECT`
 /// (`store/engine/segment.rs`) instead of through the page cache.
-const STAGE_DATA_ALIGN: usize = 4096;
+pub const STAGE_DATA_ALIGN: usize = 4096;
 
 /// Read one request (a server's side of the stream). As [`read_frame`] and
 /// [`msg::Request::from_owned_frame`], except that a stage's payload is
