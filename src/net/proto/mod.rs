@@ -202,18 +202,27 @@ impl Frame {
     }
 }
 
+/// Read a frame's header; `None` on a clean end of stream between frames.
+async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<[u8; HEADER_LEN]>, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read_exact(&mut header).await {
+        Ok(_) => Ok(Some(header)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Read one frame. Returns `Ok(None)` on a clean end of stream between
 /// frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max_payload: u32,
 ) -> Result<Option<Frame>, ProtoError> {
-    let mut header = [0u8; HEADER_LEN];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
+    let Some(header) = read_header(r).await? else {
+        return Ok(None);
+    };
     let h = Frame::decode_header(&header, max_payload)?;
     let mut payload = buffers::take(h.payload_len as usize);
     read_payload(r, &mut payload, h.payload_len as usize).await?;
@@ -250,12 +259,9 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     r: &mut R,
     max_payload: u32,
 ) -> Result<Option<(u64, msg::Request)>, ProtoError> {
-    let mut header = [0u8; HEADER_LEN];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
+    let Some(header) = read_header(r).await? else {
+        return Ok(None);
+    };
     let h = Frame::decode_header(&header, max_payload)?;
     let n = h.payload_len as usize;
     if h.opcode != msg::OP_STAGE || n < msg::STAGE_FIXED {
