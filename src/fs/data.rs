@@ -110,7 +110,11 @@ impl PohmelFs {
             return errno!(EISDIR);
         }
         check_access(ctx, &inode, mask)?;
-        if writes && flags & libc::O_TRUNC as u32 != 0 && inode.kind == FileKind::Regular {
+        // O_TRUNC reaches OPEN only in a session that negotiated
+        // ATOMIC_O_TRUNC (one taken over from an older daemon,
+        // `accepted_options`); the guest kernel then counts on OPEN to have
+        // truncated, whatever the access mode.
+        if flags & libc::O_TRUNC as u32 != 0 && inode.kind == FileKind::Regular {
             self.truncate(ino, 0, fuse_flags & FOPEN_IN_KILL_SUIDGID != 0)?;
         } else if writes {
             // Every write drops `security.capability` (`drop_capability`):

@@ -63,7 +63,6 @@ impl PohmelFs {
             | FsOptions::MAX_PAGES
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::ATOMIC_O_TRUNC
             | FsOptions::CACHE_SYMLINKS
             // We clear setuid/setgid and security.capability on write,
             // truncate and chown; the kernel then stops asking for
@@ -74,6 +73,19 @@ impl PohmelFs {
             want |= FsOptions::WRITEBACK_CACHE;
         }
         want
+    }
+
+    /// The options a guest session may hold to be taken over: those
+    /// offered, and ATOMIC_O_TRUNC, which daemons before it was dropped
+    /// offered and `do_open` still honours. It is no longer offered because
+    /// with it the guest kernel takes a file's size to be 0 as soon as OPEN
+    /// returns, before it checks that the file may be truncated at all: an
+    /// `open(O_RDONLY | O_TRUNC)` refused with ETXTBSY still cut a running
+    /// executable short under its process (which died of SIGBUS or SIGSEGV
+    /// while loading). Without it the kernel checks, then truncates through
+    /// SETATTR.
+    fn accepted_options(&self) -> FsOptions {
+        self.offered_options() | FsOptions::ATOMIC_O_TRUNC
     }
 
     /// The guest session as it stands, for a migration's source. Called with
@@ -106,7 +118,7 @@ impl PohmelFs {
     /// opened if it is not open yet (`--incoming`: once the source let it
     /// go, sparing the unlinked inodes the session holds).
     pub fn import_session(&self, s: SessionState) -> Result<(), SessionError> {
-        let offered = self.offered_options().bits();
+        let offered = self.accepted_options().bits();
         if s.options & !offered != 0 {
             return Err(SessionError::Options {
                 guest: s.options,
