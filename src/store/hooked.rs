@@ -1,17 +1,21 @@
 //! The unit tests' store with a hook: it passes every call through to the
-//! store it wraps, counts the reads that reach that store, and asks a
-//! closure before each commit, which may fail it (an interrupted
-//! destination, a lost connection). Tests that need one method changed
-//! build it here rather than writing a `Store` of their own.
+//! store it wraps, counts the reads that reach that store, asks a closure
+//! before each commit, which may fail it (an interrupted destination, a
+//! lost connection), and calls one after each data read, which may hold it
+//! (a store answering late). Tests that need one method changed build it
+//! here rather than writing a `Store` of their own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::store::delegate::delegate_store;
-use crate::store::{Store, StoreError, Txn};
+use crate::store::{ReadData, Store, StoreError, Txn};
 
 /// What a [`Hooked`] store asks before each commit.
 type CommitHook = Box<dyn Fn(&Txn) -> Result<(), StoreError> + Send + Sync>;
+
+/// What a [`Hooked`] store calls with the inode after each data read.
+type ReadHook = Box<dyn Fn(u64) + Send + Sync>;
 
 /// A store in front of `inner` (see the module documentation).
 pub struct Hooked<S: Store + ?Sized> {
@@ -20,6 +24,7 @@ pub struct Hooked<S: Store + ?Sized> {
     /// Reads ([`Store::read`]) that reached `inner`.
     pub reads: AtomicU64,
     before_commit: CommitHook,
+    after_read: ReadHook,
     name: &'static str,
 }
 
@@ -30,6 +35,7 @@ impl<S: Store + ?Sized> Hooked<S> {
             inner,
             reads: AtomicU64::new(0),
             before_commit: Box::new(|_| Ok(())),
+            after_read: Box::new(|_| ()),
             name,
         }
     }
@@ -43,6 +49,13 @@ impl<S: Store + ?Sized> Hooked<S> {
         self.before_commit = Box::new(hook);
         self
     }
+
+    /// Run `hook` with the inode after each [`Store::read_data`] has read
+    /// `inner` and before it returns: blocking in it holds the answer.
+    pub fn after_read(mut self, hook: impl Fn(u64) + Send + Sync + 'static) -> Hooked<S> {
+        self.after_read = Box::new(hook);
+        self
+    }
 }
 
 impl<S: Store + ?Sized> Store for Hooked<S> {
@@ -51,6 +64,13 @@ impl<S: Store + ?Sized> Store for Hooked<S> {
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.read(ino, offset, buf)
+    }
+
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        let mut buf = vec![0u8; len];
+        self.read(ino, offset, &mut buf)?;
+        (self.after_read)(ino);
+        Ok(ReadData::from(buf))
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {

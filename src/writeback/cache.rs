@@ -155,6 +155,14 @@ impl PageCache {
             .is_some_and(|p| p.known.is_some())
     }
 
+    /// A partial page's buffer and which of its bytes it holds, as they are
+    /// now: what a read that goes to the store lays over the store's bytes
+    /// even if the page leaves the cache before the store answers.
+    pub fn known_part(&self, ino: u64, idx: u64) -> Option<(Bytes, Known)> {
+        let page = self.pages.get(&(ino, idx))?;
+        page.known.clone().map(|k| (page.buf.clone(), k))
+    }
+
     /// Copy the bytes a partial page holds over `out`, the store's bytes of
     /// the same page; a whole or absent page leaves `out` alone.
     pub fn copy_known(&self, ino: u64, idx: u64, out: &mut [u8]) {

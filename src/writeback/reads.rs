@@ -15,6 +15,7 @@ use super::ahead::AHEAD_WINDOW_MIN_BYTES;
 use super::budget::{release_free_memory, TRIM_AFTER_FREED_BYTES};
 use super::cache::PAGE_SIZE;
 use super::listing::Pending;
+use super::partial::Known;
 use super::{Shared, State, WritebackStore};
 use crate::store::{
     Dirent, Inode, Op, ReadData, ReadPiece, Store, StoreError, StoreStats, Txn, WriteData,
@@ -158,7 +159,7 @@ impl Store for WritebackStore {
                 // bytes (the cache never drops a dirty page). The pieces go
                 // to the guest as the store gave them (file ranges
                 // included).
-                Seg::Missing { pages } => {
+                Seg::Missing { pages, known } => {
                     let base = pages.start * PAGE_SIZE;
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                     // A cut that retired during the read may postdate its
@@ -168,9 +169,15 @@ impl Store for WritebackStore {
                             break got;
                         }
                     };
-                    // Pages written in part since (`partial.rs`): their
-                    // bytes over the store's, and kept whole.
-                    let partial = pages.clone().any(|i| st.cache.is_partial(ino, i));
+                    // Pages written in part (`partial.rs`): their bytes
+                    // over the store's, and kept whole. First as they were
+                    // when the read was planned: the store may have read
+                    // them before it applied the transaction whose ack
+                    // then took the page out of the cache (an eviction of
+                    // the clean page, or a write's new partial page, in
+                    // the meantime). Then as they are now: newer bytes win.
+                    let partial =
+                        !known.is_empty() || pages.clone().any(|i| st.cache.is_partial(ino, i));
                     if partial {
                         let mut bytes = fetched.to_vec().map_err(StoreError::Io)?;
                         // Past the end of the file the store has zeros.
@@ -178,6 +185,9 @@ impl Store for WritebackStore {
                         for (i, idx) in pages.clone().enumerate() {
                             let at = i * PAGE_SIZE as usize;
                             if let Some(page) = bytes.get_mut(at..at + PAGE_SIZE as usize) {
+                                for (_, buf, k) in known.iter().filter(|(j, ..)| *j == idx) {
+                                    k.copy_over(buf, page);
+                                }
                                 st.cache.copy_known(ino, idx, page);
                             }
                         }
@@ -378,8 +388,12 @@ impl Store for WritebackStore {
 enum Seg {
     /// The part of a cached page the read covers (a shared reference).
     Cached(Bytes),
-    /// A run of pages the cache does not hold.
-    Missing { pages: std::ops::Range<u64> },
+    /// A run of pages the cache does not hold whole, with the bytes it
+    /// holds of those it has in part (page, buffer, which bytes).
+    Missing {
+        pages: std::ops::Range<u64>,
+        known: Vec<(u64, Bytes, Known)>,
+    },
 }
 
 /// What a read takes from the cache, what it asks the store for, and what
@@ -422,10 +436,15 @@ impl Shared {
                 }
                 None => {
                     missing_pages += 1;
+                    let part = st.cache.known_part(ino, idx).map(|(b, k)| (idx, b, k));
                     match segs.last_mut() {
-                        Some(Seg::Missing { pages }) if pages.end == idx => pages.end = idx + 1,
+                        Some(Seg::Missing { pages, known }) if pages.end == idx => {
+                            pages.end = idx + 1;
+                            known.extend(part);
+                        }
                         _ => segs.push(Seg::Missing {
                             pages: idx..idx + 1,
+                            known: part.into_iter().collect(),
                         }),
                     }
                 }
