@@ -9,6 +9,8 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::Path;
 
+use bytes::Bytes;
+
 use crate::store::BLOCK_SIZE;
 
 const HEADER_MAGIC: &[u8; 8] = b"PFSRCHDR";
@@ -90,10 +92,11 @@ pub fn encode_block(instance: &[u8; 16], ino: u64, block: u64, data: &[u8]) -> V
     v
 }
 
-/// The whole block ([`BLOCK_SIZE`] bytes) in a block file's `bytes`, if
-/// the file is the one the cache wrote for `(ino, block)` in this
-/// incarnation and its checksum holds.
-pub fn decode_block(instance: &[u8; 16], ino: u64, block: u64, bytes: &[u8]) -> Option<Vec<u8>> {
+/// The block's data in a block file's `bytes` (up to its last non-zero
+/// byte; the rest of the block reads as zeros), if the file is the one the
+/// cache wrote for `(ino, block)` in this incarnation and its checksum
+/// holds.
+pub fn decode_block(instance: &[u8; 16], ino: u64, block: u64, bytes: Vec<u8>) -> Option<Bytes> {
     let (head, data) = bytes.split_at_checked(BLOCK_HEADER_BYTES as usize)?;
     let (covered, crc) = head.split_last_chunk::<4>()?;
     let rest = covered.strip_prefix(BLOCK_MAGIC)?;
@@ -113,9 +116,8 @@ pub fn decode_block(instance: &[u8; 16], ino: u64, block: u64, bytes: &[u8]) -> 
     if sum != u32::from_le_bytes(*crc) {
         return None;
     }
-    let mut whole = vec![0u8; BLOCK_SIZE as usize];
-    whole[..len].copy_from_slice(data);
-    Some(whole)
+    // The file's own buffer, past its header: no copy.
+    Some(Bytes::from(bytes).slice(BLOCK_HEADER_BYTES as usize..))
 }
 
 /// Write `bytes` to `path` by way of `tmp` and a rename; with `durable`,

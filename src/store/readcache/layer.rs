@@ -9,7 +9,9 @@ use std::sync::Arc;
 use super::{Key, ReadCache};
 use crate::store::delegate::delegate_store;
 use crate::store::sink::{Ack, SendError, SendFuture, Sink};
-use crate::store::{Op, ReadData, Store, StoreError, Txn, WriteData, BLOCK_SIZE};
+use bytes::Bytes;
+
+use crate::store::{Op, ReadData, ReadPiece, Store, StoreError, Txn, WriteData, BLOCK_SIZE};
 
 /// The blocks of `[offset, offset + len)` (cut at 2^64), first and last;
 /// `None` when empty.
@@ -66,7 +68,9 @@ impl ReadCache {
                         b * BLOCK_SIZE >= *offset && (b + 1).saturating_mul(BLOCK_SIZE) <= end;
                     if !whole && !bases.contains_key(&(*ino, b)) {
                         if let Some(block) = self.get(*ino, b) {
-                            bases.insert((*ino, b), block);
+                            let mut whole = vec![0u8; BLOCK_SIZE as usize];
+                            whole[..block.len()].copy_from_slice(&block);
+                            bases.insert((*ino, b), whole);
                         }
                     }
                 }
@@ -182,87 +186,87 @@ impl CachedStore {
     }
 }
 
-/// Copy the overlap of block `b` (`data`) and the read `[offset, ..)` into
-/// `buf`.
-fn copy_overlap(b: u64, data: &[u8], offset: u64, buf: &mut [u8]) {
-    let start = b * BLOCK_SIZE;
-    let end = offset + buf.len() as u64;
-    let (lo, hi) = (start.max(offset), (start + data.len() as u64).min(end));
-    if lo < hi {
-        buf[(lo - offset) as usize..(hi - offset) as usize]
-            .copy_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
-    }
-}
-
 impl Store for CachedStore {
     // Metadata, waits and syncs go straight to the store; reads and
     // commits, below, pass the cache.
     delegate_store!(inner: metadata, wait_for_room, would_not_wait, sync, flush, forgotten);
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let Some((first, last)) = blocks_of(offset, buf.len() as u64) else {
-            return Ok(());
+        self.read_data(ino, offset, buf.len())?
+            .copy_to(0, buf)
+            .map_err(StoreError::Io)
+    }
+
+    /// The blocks of the range from the cache where it has them (each the
+    /// buffer its file was read into, no copy), the others fetched from the
+    /// store a run of consecutive blocks at a time and cached.
+    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
+        let Some((first, last)) = blocks_of(offset, len as u64) else {
+            return Ok(ReadData::new());
         };
         // The read and its last block must end within u64 to be cached.
         let whole_end = last.checked_add(1).and_then(|n| n.checked_mul(BLOCK_SIZE));
-        if whole_end.is_none() || offset.checked_add(buf.len() as u64).is_none() {
-            return self.inner.read(ino, offset, buf);
-        }
+        let Some(end) = whole_end.and(offset.checked_add(len as u64)) else {
+            return self.inner.read_data(ino, offset, len);
+        };
         let metrics = &self.cache.metrics;
-        let mut missing = Vec::new();
+        let mut blocks: Vec<(u64, Option<Bytes>)> = Vec::with_capacity((last - first + 1) as usize);
         for b in first..=last {
-            match self.cache.get(ino, b) {
-                Some(data) => {
-                    metrics.read_cache_hits.inc();
-                    let before = buf.len();
-                    copy_overlap(b, &data, offset, buf);
-                    let start = (b * BLOCK_SIZE).max(offset);
-                    let end = ((b + 1) * BLOCK_SIZE).min(offset + before as u64);
-                    metrics.read_cache_bytes_served.add(end - start);
+            let got = self.cache.get(ino, b);
+            if got.is_some() {
+                metrics.read_cache_hits.inc();
+                let (lo, hi) = (
+                    (b * BLOCK_SIZE).max(offset),
+                    ((b + 1) * BLOCK_SIZE).min(end),
+                );
+                metrics.read_cache_bytes_served.add(hi - lo);
+            }
+            blocks.push((b, got));
+        }
+        let missing = blocks.iter().filter(|(_, d)| d.is_none()).count();
+        if missing > 0 {
+            metrics.read_cache_misses.add(missing as u64);
+            let ticket = self.cache.ticket(ino);
+            // One fetch per run of consecutive missing blocks.
+            let mut i = 0;
+            while i < blocks.len() {
+                if blocks[i].1.is_some() {
+                    i += 1;
+                    continue;
                 }
-                None => missing.push(b),
+                let mut j = i;
+                while j + 1 < blocks.len() && blocks[j + 1].1.is_none() {
+                    j += 1;
+                }
+                let (run_first, count) = (blocks[i].0, (j - i + 1) as u64);
+                let mut fetched = vec![0u8; (count * BLOCK_SIZE) as usize];
+                self.inner.read(ino, run_first * BLOCK_SIZE, &mut fetched)?;
+                let fetched = Bytes::from(fetched);
+                for (k, (b, data)) in blocks[i..=j].iter_mut().enumerate() {
+                    let at = k * BLOCK_SIZE as usize;
+                    let block = fetched.slice(at..at + BLOCK_SIZE as usize);
+                    self.cache.fill(&ticket, *b, &block);
+                    *data = Some(block);
+                }
+                i = j + 1;
             }
         }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        metrics.read_cache_misses.add(missing.len() as u64);
-        let ticket = self.cache.ticket(ino);
-        // One fetch per run of consecutive missing blocks.
-        let mut i = 0;
-        while i < missing.len() {
-            let mut j = i;
-            while j + 1 < missing.len() && missing[j + 1] == missing[j] + 1 {
-                j += 1;
+        let mut out = ReadData::new();
+        for (b, data) in blocks {
+            let data = data.unwrap_or_default();
+            let start = b * BLOCK_SIZE;
+            let (from, to) = (
+                (start.max(offset) - start) as usize,
+                (((b + 1) * BLOCK_SIZE).min(end) - start) as usize,
+            );
+            // Past what the block holds it reads as zeros.
+            let held = data.len().clamp(from, to);
+            if held > from {
+                out.push(ReadPiece::Bytes(data.slice(from..held)));
             }
-            let (run_first, count) = (missing[i], (j - i + 1) as u64);
-            let mut fetched = vec![0u8; (count * BLOCK_SIZE) as usize];
-            self.inner.read(ino, run_first * BLOCK_SIZE, &mut fetched)?;
-            for (k, data) in fetched.chunks_exact(BLOCK_SIZE as usize).enumerate() {
-                let b = run_first + k as u64;
-                copy_overlap(b, data, offset, buf);
-                self.cache.fill(&ticket, b, data);
-            }
-            i = j + 1;
+            out.push(ReadPiece::Zeros(to - held));
         }
-        Ok(())
-    }
-
-    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        let all_cached = blocks_of(offset, len).is_some_and(|(first, last)| {
-            let idx = self.cache.lock();
-            (first..=last).all(|b| idx.entries.contains_key(&(ino, b)))
-        });
-        if all_cached {
-            return Ok(());
-        }
-        self.inner.advise(ino, offset, len)
-    }
-
-    fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
-        let mut buf = vec![0u8; len];
-        self.read(ino, offset, &mut buf)?;
-        Ok(ReadData::from(buf))
+        Ok(out)
     }
 
     /// A commit that bypasses the sink: its blocks leave the cache before

@@ -56,6 +56,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use thiserror::Error;
 use tracing::info;
 
@@ -384,16 +385,18 @@ impl ReadCache {
             .join(file::block_name(ino, block))
     }
 
-    /// The whole block `block` of `ino`, if cached and intact. A file that
-    /// fails its check is dropped, counted and logged, and `None` returned.
-    pub fn get(&self, ino: u64, block: u64) -> Option<Vec<u8>> {
+    /// Block `block` of `ino`, if cached and intact: its bytes up to the
+    /// last non-zero one (the rest of the block reads as zeros), in the
+    /// buffer the file was read into. A file that fails its check is
+    /// dropped, counted and logged, and `None` returned.
+    pub fn get(&self, ino: u64, block: u64) -> Option<Bytes> {
         let key = (ino, block);
         if !self.lock().entries.contains_key(&key) {
             return None;
         }
         let path = self.path(key);
         let problem = match fs::read(&path) {
-            Ok(bytes) => match file::decode_block(&self.instance, ino, block, &bytes) {
+            Ok(bytes) => match file::decode_block(&self.instance, ino, block, bytes) {
                 Some(data) => {
                     let mut idx = self.lock();
                     let tick = idx.next_tick;

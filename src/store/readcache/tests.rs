@@ -91,7 +91,7 @@ fn stays_within_its_bound_in_bytes_and_evicts_least_recently_used() {
     assert_eq!(cache.blocks(), 3);
     assert_eq!(metrics.read_cache_evictions.get(), 2);
     assert!(cache.get(INO, 1).is_none() && cache.get(INO, 2).is_none());
-    assert_eq!(cache.get(INO, 0), Some(pattern(BS, 0)));
+    assert_eq!(cache.get(INO, 0).as_deref(), Some(&pattern(BS, 0)[..]));
     assert!(
         !block_file(dir.path(), 1).exists(),
         "evicted file left behind"
@@ -113,6 +113,44 @@ fn a_second_read_makes_no_round_trip() {
     assert_eq!(read(&store, BLOCK_SIZE + 5, 7), data[BS + 5..BS + 12]);
     assert_eq!(inner.reads.load(Ordering::Relaxed), fetched);
     assert_eq!(metrics.read_cache_hits.get(), 5);
+}
+
+/// A cached block is kept up to its last non-zero byte: a read from the
+/// cache gives the zeros after it as well, whatever the reader's buffer
+/// held, across block boundaries and at the end of the file.
+#[test]
+fn cached_blocks_read_their_trailing_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = pattern(BS / 2, 5);
+    data.resize(BS, 0);
+    data.extend(pattern(BS + 300, 9));
+    data.resize(2 * BS + 1000, 0);
+    let inner = backing(&data);
+    let (cache, metrics) = open(dir.path(), BIG, &volume("v", 1, Continuity::Same));
+    let store = CachedStore::new(inner.clone(), cache);
+    assert_eq!(read(&store, 0, data.len()), data);
+    let fetched = inner.reads.load(Ordering::Relaxed);
+    for (offset, len) in [
+        (BS / 4, BS),
+        (0, data.len()),
+        (2 * BS + 100, 900),
+        (BS - 1, 2),
+    ] {
+        let mut buf = vec![0xffu8; len];
+        store.read(INO, offset as u64, &mut buf).unwrap();
+        assert!(
+            buf == data[offset..offset + len],
+            "read of {len} at {offset}"
+        );
+        let pieces = store.read_data(INO, offset as u64, len).unwrap();
+        assert_eq!(pieces.to_vec().unwrap(), data[offset..offset + len]);
+    }
+    assert_eq!(
+        inner.reads.load(Ordering::Relaxed),
+        fetched,
+        "all from the cache"
+    );
+    assert_eq!(metrics.read_cache_corrupt.get(), 0);
 }
 
 /// Read once, damage the cached file with `damage`, read again: the
