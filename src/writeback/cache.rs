@@ -109,9 +109,6 @@ pub struct PageCache {
     clock: u64,
     count: u64,
     max_pages: u64,
-    /// Whether a page is dropped when its last tag is acked, instead of
-    /// staying as a clean page: where the store reads from local files.
-    drop_acked: bool,
     /// Acks of pages, per bucket of inodes.
     acks: [u64; ACK_BUCKETS],
 }
@@ -131,20 +128,8 @@ impl PageCache {
             clock: 0,
             count: 0,
             max_pages: (max_bytes / PAGE_SIZE).max(16),
-            drop_acked: false,
             acks: [0; ACK_BUCKETS],
         }
-    }
-
-    /// Drop each page once its last tag is acked (`true`) rather than keep
-    /// it clean. Right where the store reads from local files (`file://`,
-    /// `mem:`): an acked page is in the store and, on `file://`, in the
-    /// host's page cache, so keeping a copy only costs memory and makes
-    /// every lookup walk a larger tree (a cold 4 KiB read spent ~6 % of
-    /// the daemon's CPU in this map's search with 256 MiB of clean pages).
-    pub fn dropping_acked(mut self, drop: bool) -> PageCache {
-        self.drop_acked = drop;
-        self
     }
 
     /// Bytes held in pages (not counting buffers only transactions pin).
@@ -358,9 +343,7 @@ impl PageCache {
             page.pinned_by = None;
         }
         let (tagged, clean) = (before == page.tags.len() + 1, page.tags.is_empty());
-        if clean && self.drop_acked {
-            self.drop_page(ino, idx);
-        } else if clean {
+        if clean {
             self.touch(ino, idx);
         }
         tagged
@@ -577,20 +560,6 @@ mod tests {
         assert!(c.untag(1, 0, 8));
         assert!(!c.untag(1, 0, 8), "the tag is gone");
         assert_eq!(c.lru.len(), 1);
-    }
-
-    #[test]
-    fn a_cache_dropping_acked_pages_keeps_only_tagged_ones() {
-        let mut c = PageCache::new(1 << 20).dropping_acked(true);
-        assert!(c.write(1, 0, 0, b"abc", 7));
-        assert!(c.write(1, 0, 3, b"d", 8));
-        assert!(c.write(1, 1, 0, b"e", 8));
-        assert!(c.untag(1, 0, 7));
-        assert!(c.contains(1, 0), "txn 8 still carries page 0");
-        assert!(c.untag(1, 0, 8));
-        assert!(c.untag(1, 1, 8));
-        assert!(!c.contains(1, 0) && !c.contains(1, 1), "acked pages stayed");
-        assert_eq!((c.bytes(), c.lru.len()), (0, 0));
     }
 
     #[test]

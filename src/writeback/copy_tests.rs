@@ -80,11 +80,8 @@ fn a_guest_write_reaches_the_sink_in_the_buffers_it_was_read_into() {
         fail_first: AtomicU64::new(0),
         attempts: Mutex::new(Vec::new()),
     });
-    // Acked pages stay as clean pages, as on a remote store (on a local
-    // one they leave the cache at their ack).
     let cfg = TxnConfig {
         ack_timeout: Duration::from_secs(3600),
-        forget_clean_pages: false,
         ..TxnConfig::default()
     };
     let metrics = Arc::new(Metrics::default());

@@ -225,8 +225,7 @@ pub struct TxnConfig {
     /// fsyncdir, syncfs and shutdown wait (what POSIX and a local disk
     /// promise).
     pub sync_on_close: bool,
-    /// Drop each page when its last transaction is acked, and an inode's
-    /// clean pages (fetched in part) when the guest forgets it. Right where
+    /// Drop an inode's clean pages when the guest forgets it. Right where
     /// the store reads from local files (`file://`: the host's page cache
     /// holds what is hot, and cold reads are not copied into pages); where
     /// every read is a round trip (`pohmel://`, `s3://`) the clean pages are
@@ -556,8 +555,7 @@ impl WritebackStore {
         let meta_shares = MetaShares::of(cfg.meta_cache_bytes);
         let shared = Arc::new(Shared {
             state: StateLock::new(State {
-                cache: PageCache::new(budget::page_buffers_within(cfg.cache_bytes))
-                    .dropping_acked(cfg.forget_clean_pages),
+                cache: PageCache::new(budget::page_buffers_within(cfg.cache_bytes)),
                 txns: BTreeMap::new(),
                 by_inode: HashMap::new(),
                 attrs: HashMap::new(),
