@@ -269,6 +269,17 @@ impl Store for CachedStore {
         Ok(out)
     }
 
+    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        let all_cached = blocks_of(offset, len).is_some_and(|(first, last)| {
+            let idx = self.cache.lock();
+            (first..=last).all(|b| idx.entries.contains_key(&(ino, b)))
+        });
+        if all_cached {
+            return Ok(());
+        }
+        self.inner.advise(ino, offset, len)
+    }
+
     /// A commit that bypasses the sink: its blocks leave the cache before
     /// and stay out (nothing is put back).
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
