@@ -147,6 +147,8 @@ fn read_file(setup: &Setup, store: &WritebackStore) -> (Vec<u8>, u64) {
     let before = setup.relay.bytes_from_server();
     let mut buf = vec![0u8; FILE_BYTES];
     for (i, part) in buf.chunks_mut(128 << 10).enumerate() {
+        // The filesystem layer asks for the inode before each read.
+        assert!(store.get_inode(INO).unwrap().is_some());
         store.read(INO, (i * (128 << 10)) as u64, part).unwrap();
     }
     (buf, setup.relay.bytes_from_server() - before)
@@ -177,6 +179,14 @@ fn acknowledged_data_is_read_back_without_a_round_trip() {
         metrics.read_cache_hits.get(),
         FILE_BYTES as u64 / BLOCK_SIZE
     );
+    // Blocks on this machine are read when asked, like segment files:
+    // neither fetched ahead nor kept as clean pages.
+    assert_eq!(
+        metrics.read_ahead.get(),
+        0,
+        "no read-ahead of cached blocks"
+    );
+    assert_eq!(metrics.cache_hits.get(), 0, "no clean pages kept");
 }
 
 #[test]

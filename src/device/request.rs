@@ -116,8 +116,9 @@ impl Requests {
     /// On a volume that is not `local` (every store read a round trip),
     /// only what the write-back layer answers from memory: a lookup in,
     /// or a create or removal of an entry of, a directory whose every
-    /// entry it holds; attributes it holds; a read of cached pages; a
-    /// write, a forget or a close as above. A request that still reaches
+    /// entry it holds; attributes it holds; a read of cached pages or of
+    /// blocks the local read cache holds; a write, a forget or a close as
+    /// above. A request that still reaches
     /// the store (a child's attributes trimmed since) holds up its queue
     /// for a round trip, never longer than the layer's bounded waits.
     pub fn is_cheap(&self, chain: &Chain, local: bool) -> bool {

@@ -151,6 +151,11 @@ macro_rules! delegate_store {
             self.$inner.would_not_wait(demand)
         }
     };
+    (@one $inner:tt reads_locally) => {
+        fn reads_locally(&self, ino: u64, offset: u64, len: u64) -> bool {
+            self.$inner.reads_locally(ino, offset, len)
+        }
+    };
     (@one $inner:tt sync) => {
         fn sync(&self, ino: Option<u64>) -> Result<(), $crate::store::StoreError> {
             self.$inner.sync(ino)

@@ -94,7 +94,9 @@ pub enum Demand {
     /// A lookup in directory `dir` (or a change of one of its entries),
     /// answered without the store: every entry of `dir` is in memory.
     Entries { dir: u64 },
-    /// A read of `len` bytes of `ino` at `offset`, answered from memory.
+    /// A read of `len` bytes of `ino` at `offset`, answered from memory
+    /// (or, where the store [reads it locally](Store::reads_locally), from
+    /// this machine's storage).
     Read { ino: u64, offset: u64, len: u64 },
 }
 
@@ -415,6 +417,16 @@ pub trait Store: Send + Sync {
     fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
         let _ = (ino, offset, len);
         Ok(())
+    }
+
+    /// Whether a read of `len` bytes of `ino` at `offset` would be served
+    /// from this machine's storage, without a round trip to a remote store
+    /// (the local read cache holds every block of it): a layer above reads
+    /// such a range when asked, neither ahead nor into clean pages.
+    /// Advisory; the default says no.
+    fn reads_locally(&self, ino: u64, offset: u64, len: u64) -> bool {
+        let _ = (ino, offset, len);
+        false
     }
 
     /// The smallest offset `>= offset` inside a stored block, if any.

@@ -162,6 +162,10 @@ impl Store for WritebackStore {
                 Seg::Missing { pages, known } => {
                     let base = pages.start * PAGE_SIZE;
                     let n = ((pages.end - pages.start) * PAGE_SIZE) as usize;
+                    // A remote volume's blocks in the local read cache are
+                    // read from there each time, like segment files.
+                    let local =
+                        !sh.cfg.forget_clean_pages && sh.store.reads_locally(ino, base, n as u64);
                     // A cut that retired during the read may postdate its
                     // bytes: read again.
                     let (mut fetched, mut st, keep) = loop {
@@ -194,10 +198,11 @@ impl Store for WritebackStore {
                         fetched = ReadData::from(bytes);
                     }
                     // Bytes in memory (remote and `mem:` stores) are kept
-                    // as clean pages. Segment ranges are not: the host page
-                    // cache keeps them hot, and copying them in would cost
-                    // a copy per cold read.
-                    if keep && (partial || !fetched.has_file_pieces()) {
+                    // as clean pages. Segment ranges and the read cache's
+                    // blocks are not: the host page cache keeps them hot,
+                    // and keeping them would cost page bookkeeping and
+                    // evictions per cold read, for no round trip saved.
+                    if keep && (partial || !(local || fetched.has_file_pieces())) {
                         sh.keep_fetched(&mut st, ino, pages.start, &fetched)?;
                     }
                     drop(st);
@@ -210,12 +215,14 @@ impl Store for WritebackStore {
         // (segment files: the store's `posix_fadvise(WILLNEED)`; where every
         // read is a round trip: chunks fetched in parallel, `ahead.rs`).
         // Never a data read inside this READ.
+        // A window the local read cache holds whole needs neither.
         if let Some(a) = plan.read_ahead {
-            sh.metrics.read_ahead.add(1);
+            let (from, len) = (a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE);
             if sh.cfg.forget_clean_pages {
-                sh.store
-                    .advise(ino, a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE)?;
-            } else {
+                sh.metrics.read_ahead.add(1);
+                sh.store.advise(ino, from, len)?;
+            } else if !sh.store.reads_locally(ino, from, len) {
+                sh.metrics.read_ahead.add(1);
                 Shared::fetch_ahead(sh, ino, a, plan.read_ahead_to_eof);
             }
         }

@@ -292,6 +292,12 @@ impl Store for VolumeSlot {
             .is_some_and(|s| s.would_not_wait(demand))
     }
 
+    fn reads_locally(&self, ino: u64, offset: u64, len: u64) -> bool {
+        self.read()
+            .as_deref()
+            .is_some_and(|s| s.reads_locally(ino, offset, len))
+    }
+
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
         self.with(|s| s.next_data(ino, offset))
     }

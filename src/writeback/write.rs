@@ -150,10 +150,16 @@ impl Shared {
             Demand::Read { ino, offset, len } => {
                 let (first, end) = (offset / PAGE_SIZE, offset.saturating_add(len));
                 let last = end.saturating_sub(1).max(offset) / PAGE_SIZE;
-                let st = lock(&self.state);
-                st.attrs.contains_key(&ino)
-                    && !st.ahead.overlaps(ino, &(first..last + 1))
-                    && (first..=last).all(|i| st.cache.contains(ino, i))
+                let (ready, cached) = {
+                    let st = lock(&self.state);
+                    (
+                        st.attrs.contains_key(&ino) && !st.ahead.overlaps(ino, &(first..last + 1)),
+                        (first..=last).all(|i| st.cache.contains(ino, i)),
+                    )
+                };
+                // Pages the cache lacks may be on this machine still (the
+                // read cache of a remote volume): asked outside the lock.
+                ready && (cached || self.store.reads_locally(ino, offset, len))
             }
         }
     }

@@ -13,6 +13,9 @@ use bytes::Bytes;
 
 use crate::store::{Op, ReadData, ReadPiece, Store, StoreError, Txn, WriteData, BLOCK_SIZE};
 
+/// The most blocks [`CachedStore::reads_locally`] looks up (64 MiB).
+const LOCAL_CHECK_BLOCKS_MAX: u64 = 1024;
+
 /// The blocks of `[offset, offset + len)` (cut at 2^64), first and last;
 /// `None` when empty.
 fn blocks_of(offset: u64, len: u64) -> Option<(u64, u64)> {
@@ -270,14 +273,25 @@ impl Store for CachedStore {
     }
 
     fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        let all_cached = blocks_of(offset, len).is_some_and(|(first, last)| {
-            let idx = self.cache.lock();
-            (first..=last).all(|b| idx.entries.contains_key(&(ino, b)))
-        });
-        if all_cached {
+        if self.reads_locally(ino, offset, len) {
             return Ok(());
         }
         self.inner.advise(ino, offset, len)
+    }
+
+    /// Every block of the range is in the cache (or the inner store is
+    /// local itself).
+    fn reads_locally(&self, ino: u64, offset: u64, len: u64) -> bool {
+        let all_cached = blocks_of(offset, len).is_some_and(|(first, last)| {
+            // A range longer than any read or read-ahead window is not
+            // looked up block by block under the lock.
+            if last - first >= LOCAL_CHECK_BLOCKS_MAX {
+                return false;
+            }
+            let idx = self.cache.lock();
+            (first..=last).all(|b| idx.entries.contains_key(&(ino, b)))
+        });
+        all_cached || self.inner.reads_locally(ino, offset, len)
     }
 
     /// A commit that bypasses the sink: its blocks leave the cache before
