@@ -1,13 +1,15 @@
 //! Read-ahead where every store read is a round trip (`pohmel://`,
 //! `s3://`): a sequential reader gets the window after its read fetched
 //! into the cache as clean pages, by several requests at once (chunks of
-//! [`AHEAD_CHUNK_PAGES`], each on a thread of its own), so that a window of
+//! [`AHEAD_CHUNK_PAGES`], each on a read-ahead thread), so that a window of
 //! at least twice the bandwidth-delay product is in flight, not one
 //! request per round trip. A guest read of pages a chunk is fetching waits
 //! for that chunk instead of asking the store again.
 //!
 //! Bounded: at most [`AHEAD_CHUNKS_MAX`] chunks in flight in the whole
-//! layer (their threads and bytes), and no page is asked for while a chunk
+//! layer (their bytes), as many threads at most ([`AheadWorkers`]: started
+//! when chunks need them, reused by the next chunks, ended after
+//! [`AHEAD_IDLE`] without work), and no page is asked for while a chunk
 //! fetches it or the cache holds it.
 //!
 //! Cheap per READ: each reader's window is walked from where the last walk
@@ -17,8 +19,10 @@
 //! It never holds the layer's lock across a store read, and never reads in
 //! a guest's READ: the chunks run beside it.
 
+use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use tracing::debug;
 
@@ -37,6 +41,102 @@ pub(super) const AHEAD_WINDOW_MIN_BYTES: u64 = 4 << 20;
 
 /// Inodes whose walk mark is remembered (the newest).
 const AHEAD_MARKS_MAX: usize = 64;
+/// How long a read-ahead thread waits for another chunk before it ends.
+pub(super) const AHEAD_IDLE: Duration = Duration::from_secs(2);
+
+/// A chunk to fetch: the layer (not kept alive by a waiting chunk), the
+/// inode, its pages.
+type Job = (Weak<Shared>, u64, Range<u64>);
+
+/// The threads that fetch read-ahead chunks: a sequential reader's chunks
+/// reuse them instead of starting a thread each (a thread start and end
+/// per 512 KiB cost more than the chunk's own bookkeeping).
+#[derive(Default)]
+pub(super) struct AheadWorkers {
+    queue: Mutex<WorkQueue>,
+    work: Condvar,
+}
+
+#[derive(Default)]
+struct WorkQueue {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    /// Threads started, ever.
+    started: u64,
+}
+
+impl AheadWorkers {
+    fn queue(&self) -> MutexGuard<'_, WorkQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a chunk; start a thread for it when no idle one will take it
+    /// (at most [`AHEAD_CHUNKS_MAX`], the bound on chunks in flight). The
+    /// jobs no thread can run are handed back, to be marked done.
+    fn submit(self: &Arc<Self>, job: Job) -> Vec<Job> {
+        let mut q = self.queue();
+        q.jobs.push_back(job);
+        self.work.notify_one();
+        if q.jobs.len() <= q.idle || q.threads >= AHEAD_CHUNKS_MAX {
+            return Vec::new();
+        }
+        q.threads += 1;
+        q.started += 1;
+        drop(q);
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("pohmelfs-ahead".into())
+            .spawn(move || me.run());
+        match spawned {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                debug!(error = %e, "read-ahead thread not started");
+                let mut q = self.queue();
+                q.threads -= 1;
+                // With no thread left, nothing would ever take them.
+                if q.threads == 0 {
+                    q.jobs.drain(..).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    /// A worker: fetch chunks until none came for [`AHEAD_IDLE`].
+    fn run(&self) {
+        let mut q = self.queue();
+        loop {
+            if let Some((shared, ino, pages)) = q.jobs.pop_front() {
+                drop(q);
+                if let Some(shared) = shared.upgrade() {
+                    shared.fetch_chunk(ino, pages);
+                }
+                q = self.queue();
+                continue;
+            }
+            q.idle += 1;
+            let (guard, waited) = self
+                .work
+                .wait_timeout(q, AHEAD_IDLE)
+                .unwrap_or_else(|e| e.into_inner());
+            q = guard;
+            q.idle -= 1;
+            if waited.timed_out() && q.jobs.is_empty() {
+                q.threads -= 1;
+                return;
+            }
+        }
+    }
+
+    /// Threads running now, and started ever (tests).
+    #[cfg(test)]
+    pub(super) fn threads(&self) -> (usize, u64) {
+        let q = self.queue();
+        (q.threads, q.started)
+    }
+}
 
 /// The chunks in flight, and where each reader's last walk stopped.
 #[derive(Default)]
@@ -125,7 +225,7 @@ impl Ahead {
 
 impl Shared {
     /// Fetch the pages of `window` of `ino` the cache lacks, in chunks on
-    /// threads of their own; returns at once.
+    /// the read-ahead threads; returns at once.
     pub(super) fn fetch_ahead(shared: &Arc<Shared>, ino: u64, window: Range<u64>, to_eof: bool) {
         let chunks = {
             let mut st = lock(&shared.state);
@@ -135,14 +235,16 @@ impl Shared {
                 .take(ino, window, |i| cache.contains(ino, i), to_eof)
         };
         for pages in chunks {
-            let sh = Arc::clone(shared);
-            let job = pages.clone();
-            let spawned = std::thread::Builder::new()
-                .name("pohmelfs-ahead".into())
-                .spawn(move || sh.fetch_chunk(ino, job));
-            if let Err(e) = spawned {
-                debug!(ino, error = %e, "read-ahead thread not started");
-                lock(&shared.state).ahead.done(ino, &pages);
+            let left = shared
+                .ahead_workers
+                .submit((Arc::downgrade(shared), ino, pages));
+            if !left.is_empty() {
+                let mut st = lock(&shared.state);
+                for (_, ino, pages) in &left {
+                    st.ahead.done(*ino, pages);
+                }
+                drop(st);
+                shared.changed.notify_all();
             }
         }
     }

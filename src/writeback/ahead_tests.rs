@@ -155,12 +155,22 @@ fn a_sequential_reader_keeps_several_chunks_in_flight() {
         );
         at += IO;
     }
+    let fetched = reads.held_reads.load(Ordering::SeqCst);
     assert!(
-        reads.held_reads.load(Ordering::SeqCst)
-            <= (8 << 20) / (AHEAD_CHUNK_PAGES * PAGE_SIZE) + chunks,
-        "pages asked for twice: {} store reads",
-        reads.held_reads.load(Ordering::SeqCst)
+        fetched <= (8 << 20) / (AHEAD_CHUNK_PAGES * PAGE_SIZE) + chunks,
+        "pages asked for twice: {fetched} store reads"
     );
+    // The chunks reused the read-ahead threads: never more than the bound,
+    // fewer than the chunks, and none left once idle.
+    let (_, started) = wb.shared.ahead_workers.threads();
+    assert!(fetched > AHEAD_CHUNKS_MAX as u64, "{fetched} chunks");
+    assert!(
+        started as usize <= AHEAD_CHUNKS_MAX,
+        "{started} threads for {fetched} chunks"
+    );
+    eventually("the idle read-ahead threads ended", || {
+        wb.shared.ahead_workers.threads().0 == 0
+    });
 }
 
 /// A store read that an ack of the inode's pages overtook may hold bytes

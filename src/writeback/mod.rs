@@ -349,6 +349,8 @@ struct Shared {
     changed: Condvar,
     /// Wakes the pump.
     pump: Notify,
+    /// The threads that fetch read-ahead chunks (remote stores).
+    ahead_workers: Arc<ahead::AheadWorkers>,
 }
 
 /// The transaction layer over a store.
@@ -595,6 +597,7 @@ impl WritebackStore {
             metrics,
             changed: Condvar::new(),
             pump: Notify::new(),
+            ahead_workers: Arc::default(),
         });
         let pumped = Arc::clone(&shared);
         let driver = std::thread::Builder::new()
