@@ -152,9 +152,11 @@ impl Shared {
                 let last = end.saturating_sub(1).max(offset) / PAGE_SIZE;
                 let (ready, cached) = {
                     let st = lock(&self.state);
+                    let ready =
+                        st.attrs.contains_key(&ino) && !st.ahead.overlaps(ino, &(first..last + 1));
                     (
-                        st.attrs.contains_key(&ino) && !st.ahead.overlaps(ino, &(first..last + 1)),
-                        (first..=last).all(|i| st.cache.contains(ino, i)),
+                        ready,
+                        ready && (first..=last).all(|i| st.cache.contains(ino, i)),
                     )
                 };
                 // Pages the cache lacks may be on this machine still (the
