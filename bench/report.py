@@ -265,6 +265,13 @@ class Results:
                 marks = parse_pairs(os.path.join(run_dir, "files.marks"), r"(start|end|dropped) [0-9.]+")
                 row["files_marks"] = {k: float(t) for k, t in marks}
                 row["phases"] = phase_cpu(run_dir)
+                # The round trip through bench/delay-relay, probed before the guest started.
+                rtt = os.path.join(run_dir, "rtt.txt")
+                if os.path.exists(rtt):
+                    m = re.search(r"p50 (\d+) p99 (\d+)", open(rtt).read())
+                    if m:
+                        row["figures"]["link"] = {"rtt_p50_ms": int(m.group(1)) / 1000,
+                                                  "rtt_p99_ms": int(m.group(2)) / 1000}
                 for phase, cpu in row["phases"]:
                     row["figures"].setdefault(phase, {})["cpu_s"] = cpu
                 self.runs.append(row)
@@ -639,7 +646,10 @@ def goals(res, cases):
         p50 = median(res.series(backend, "fsync", "p50_ms"))
         if p50 is None:
             continue
-        rows.append([f"fsync p50 of 4k appends, {backend} (RTT {rtt} ms)", f"{p50:.2f} ms",
+        # The goal counts the nominal RTT; the link as measured is shown beside it.
+        link = median(res.series(backend, "link", "rtt_p50_ms"))
+        measured = f"; {link:.2f} ms measured through the relay, p50" if link is not None else ""
+        rows.append([f"fsync p50 of 4k appends, {backend} (RTT {rtt} ms{measured})", f"{p50:.2f} ms",
                      f"≤ {rtt + 1} ms", verdict(p50, p50 <= rtt + 1)])
     if "rss-4g" in cases:
         written = median(res.series("rss-4g", "bigwrite", "mib_s"))
