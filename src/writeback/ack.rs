@@ -342,6 +342,9 @@ fn retire_overlay(st: &mut State, t: &TxnEntry) {
                 st.symlinks.remove(ino);
             }
             Op::Truncate { ino, .. } | Op::PunchHole { ino, .. } => st.holes.retire(*ino, t.id),
+            // The store's bytes changed: a read of them that this ack
+            // overtook is not kept.
+            Op::Write { ino, .. } => st.cache.note_store_change(*ino),
             _ => {}
         }
     }

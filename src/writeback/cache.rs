@@ -18,9 +18,9 @@
 //! merged in ([`PageCache::insert_clean`]); clean, it stays partial (the
 //! store has the rest) until a read merges it or it is evicted.
 //!
-//! It counts acks per bucket of inodes ([`PageCache::acks_of`]): a store
-//! read that an ack of the same inode's pages overtook may predate it, and
-//! its bytes are not kept.
+//! It counts acks per bucket of inodes ([`PageCache::acks_of`]), and the
+//! other changes of the store's bytes the layer makes: a store read that
+//! one of them overtook may predate it, and its bytes are not kept.
 //!
 //! It never talks to the store and never blocks: the transaction layer
 //! holds it under its lock.
@@ -141,10 +141,18 @@ impl PageCache {
         self.pages.contains_key(&(ino, idx))
     }
 
-    /// Acks of pages of `ino` (and of the other inodes of its bucket) so
-    /// far: a store read during which it changed may predate an ack.
+    /// Acks of pages of `ino` and other changes of its bytes in the store
+    /// (writes carried in operations, when applied and when acked), with
+    /// the other inodes of its bucket, so far: a store read during which it
+    /// changed may predate one.
     pub fn acks_of(&self, ino: u64) -> u64 {
         self.acks[(ino % ACK_BUCKETS as u64) as usize]
+    }
+
+    /// The store's bytes of `ino` change (or changed) other than by an ack
+    /// of its pages: counted with the acks.
+    pub fn note_store_change(&mut self, ino: u64) {
+        self.acks[(ino % ACK_BUCKETS as u64) as usize] += 1;
     }
 
     /// True when the page holds only some of its bytes (the rest are the
@@ -373,6 +381,7 @@ impl PageCache {
     /// write carried in a transaction's operations), leaving their tags;
     /// pinned buffers are copied first.
     pub fn overwrite(&mut self, ino: u64, offset: u64, data: &WriteData) {
+        self.note_store_change(ino);
         for (at, part) in data.parts_at() {
             let part_offset = offset.saturating_add(at as u64);
             let end = part_offset.saturating_add(part.len() as u64);

@@ -270,3 +270,81 @@ fn a_partial_page_read_while_its_transaction_is_acked_keeps_its_bytes() {
     assert!(got == want, "bytes 100..200 read {:?}", &got[98..202]);
     assert_eq!(content(&*mem, INO), want);
 }
+
+/// A store read that a write carried in a transaction's operations overtook
+/// (applied and acked while the read was on its way) is not kept as clean
+/// pages: its bytes may predate the write. Before, only acks of pages
+/// counted, and the read's older bytes stayed in the cache, answering every
+/// later read.
+#[test]
+fn a_read_overtaken_by_a_write_in_operations_is_not_kept() {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::Mutex;
+
+    use super::testkit::{create, write, FaultSink};
+    use super::{TxnConfig, WritebackStore};
+    use crate::metrics::Metrics;
+    use crate::store::hooked::Hooked;
+    use crate::store::mem::MemStore;
+    use crate::store::{Op, Txn, WriteData};
+
+    const INO: u64 = 21;
+    const PAGE: usize = 4096;
+    let mem = Arc::new(MemStore::new(1 << 30));
+    let sink = Arc::new(FaultSink::new(Arc::clone(&mem), 1, 90));
+    type Latch = (Sender<()>, Mutex<Receiver<()>>);
+    let latch: Arc<Mutex<Option<Latch>>> = Arc::new(Mutex::new(None));
+    let hook = Arc::clone(&latch);
+    let store = Hooked::new(Arc::clone(&mem), "latched").after_read(move |ino| {
+        if ino == INO {
+            if let Some((read, go)) = hook.lock().unwrap().take() {
+                read.send(()).unwrap();
+                go.lock().unwrap().recv().unwrap();
+            }
+        }
+    });
+    let config = TxnConfig {
+        ack_timeout: std::time::Duration::from_secs(3600),
+        forget_clean_pages: true,
+        ..cfg(OverwritePolicy::Cow)
+    };
+    let metrics = Arc::new(Metrics::default());
+    let wb =
+        WritebackStore::with_clock(config, Arc::new(store), sink.clone(), metrics, false).unwrap();
+    let wb = Arc::new(wb);
+    create(&*wb, INO);
+    write(&*wb, INO, 0, &[b'a'; PAGE], PAGE as u64);
+    wb.sync(Some(INO)).unwrap();
+    // No page cached: the next read asks the store.
+    wb.forgotten(INO);
+    let (read_tx, read_rx) = channel();
+    let (go_tx, go_rx) = channel();
+    *latch.lock().unwrap() = Some((read_tx, Mutex::new(go_rx)));
+    let reading = {
+        let wb = Arc::clone(&wb);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; PAGE];
+            wb.read(INO, 0, &mut buf).map(|()| buf)
+        })
+    };
+    read_rx.recv().unwrap();
+    // The store answered 'a'; a write in operations now changes the page,
+    // and returns once acked.
+    let mut txn = Txn::new();
+    txn.push(Op::Write {
+        ino: INO,
+        offset: 0,
+        data: WriteData::from(vec![b'c'; PAGE]),
+    });
+    wb.commit(txn).unwrap();
+    go_tx.send(()).unwrap();
+    let first = reading.join().unwrap().unwrap();
+    assert!(first == vec![b'a'; PAGE] || first == vec![b'c'; PAGE]);
+    let mut again = vec![0u8; PAGE];
+    wb.read(INO, 0, &mut again).unwrap();
+    assert!(
+        again == vec![b'c'; PAGE],
+        "a later read answered {:?}",
+        &again[..4]
+    );
+}
