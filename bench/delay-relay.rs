@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 const CHUNK_BYTES: usize = 256 * 1024;
 /// Chunks queued per direction at most (backpressure on the reader beyond).
 const QUEUE_CHUNKS: usize = 1024;
+/// Written chunks' buffers kept per direction for the next reads, at most (the rest are freed).
+const REUSED_BUFFERS: usize = 16;
 /// Bytes of one probe message.
 const PROBE_BYTES: usize = 64;
 /// How long a probe waits for the relay to listen.
@@ -187,7 +189,7 @@ fn relay(from: &TcpStream, to: &TcpStream, delay: Duration) {
         return;
     };
     let (tx, rx) = sync_channel(QUEUE_CHUNKS);
-    let (give_back, take_back) = sync_channel(QUEUE_CHUNKS);
+    let (give_back, take_back) = sync_channel(REUSED_BUFFERS);
     thread::spawn(move || read_side(from, tx, take_back, delay));
     thread::spawn(move || {
         tight_timers();
