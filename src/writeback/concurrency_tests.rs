@@ -16,7 +16,7 @@ use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use super::testkit::{cfg, content, eventually, held_layer, GuestBytes};
 use super::OverwritePolicy;
 use crate::fs::{FsConfig, PohmelFs};
-use crate::store::{Store, ROOT_INO};
+use crate::store::{Store, StoreError, ROOT_INO};
 
 /// A new file in the root: its inode and an open handle.
 fn new_file(fs: &PohmelFs, name: &str) -> (u64, u64) {
@@ -247,22 +247,20 @@ impl Latched {
         }
     }
 
-    /// Arm the latch for the next store read of the inode: a receiver that
-    /// hears when it has read, and a sender that lets it go.
-    fn arm(&self) -> (Receiver<()>, Sender<()>) {
+    /// Read the inode's first page through the layer on a thread of its
+    /// own, and return once that read has the store's answer: it waits
+    /// there until the sender returned here is used.
+    fn read_held(&self, ino: u64) -> (JoinHandle<Result<Vec<u8>, StoreError>>, Sender<()>) {
         let (read_tx, read_rx) = channel();
         let (go_tx, go_rx) = channel();
         *self.latch.lock().unwrap() = Some((read_tx, Mutex::new(go_rx)));
-        (read_rx, go_tx)
-    }
-
-    /// Read a page of `ino` through the layer on a thread of its own.
-    fn read_page(&self, ino: u64) -> JoinHandle<Result<Vec<u8>, crate::store::StoreError>> {
         let wb = Arc::clone(&self.wb);
-        std::thread::spawn(move || {
+        let reading = std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             wb.read(ino, 0, &mut buf).map(|()| buf)
-        })
+        });
+        read_rx.recv().unwrap();
+        (reading, go_tx)
     }
 }
 
@@ -291,9 +289,7 @@ fn a_partial_page_read_while_its_transaction_is_acked_keeps_its_bytes() {
         std::thread::spawn(move || wb.sync(Some(INO)))
     };
     eventually("the write in flight", || l.sink.gate.held() > 0);
-    let (read, go) = l.arm();
-    let reading = l.read_page(INO);
-    read.recv().unwrap();
+    let (reading, go) = l.read_held(INO);
     // The store has answered with its bytes; now the write is applied and
     // acked, and its page, clean, leaves the cache.
     l.sink.gate.open();
@@ -320,9 +316,7 @@ fn a_read_overtaken_by_a_write_in_operations_is_not_kept() {
     const PAGE: usize = 4096;
     let l = Latched::new(INO);
     let wb = &l.wb;
-    let (read, go) = l.arm();
-    let reading = l.read_page(INO);
-    read.recv().unwrap();
+    let (reading, go) = l.read_held(INO);
     // The store answered 'a'; a write in operations now changes the page,
     // and returns once acked.
     let mut txn = Txn::new();
