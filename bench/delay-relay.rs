@@ -197,17 +197,17 @@ fn relay(from: &TcpStream, to: &TcpStream, delay: Duration) {
     });
 }
 
-/// A chunk and the instant it may be written; an empty chunk marks EOF.
-type Chunk = (Instant, Vec<u8>);
+/// The instant a chunk may be written, its buffer (of `CHUNK_BYTES`) and how many bytes of it
+/// were read; 0 marks EOF.
+type Chunk = (Instant, Vec<u8>, usize);
 
 /// Reads chunks and queues each with the instant it may be written.
 fn read_side(mut from: TcpStream, tx: SyncSender<Chunk>, reuse: Receiver<Vec<u8>>, delay: Duration) {
     loop {
+        // A reused buffer is written over as it is: only its first `n` bytes go on.
         let mut buf = reuse.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK_BYTES]);
-        buf.resize(CHUNK_BYTES, 0);
         let n = from.read(&mut buf).unwrap_or(0);
-        buf.truncate(n);
-        if tx.send((Instant::now() + delay, buf)).is_err() || n == 0 {
+        if tx.send((Instant::now() + delay, buf, n)).is_err() || n == 0 {
             return;
         }
     }
@@ -217,7 +217,7 @@ fn read_side(mut from: TcpStream, tx: SyncSender<Chunk>, reuse: Receiver<Vec<u8>
 fn write_side(mut to: TcpStream, rx: Receiver<Chunk>, reuse: SyncSender<Vec<u8>>) {
     // Moving average of how late a sleep ends, in ns: sleeps aim that much early.
     let mut late_ns: u64 = 0;
-    while let Ok((due, buf)) = rx.recv() {
+    while let Ok((due, buf, n)) = rx.recv() {
         let now = Instant::now();
         let early = Duration::from_nanos(late_ns);
         if due > now + early {
@@ -228,7 +228,7 @@ fn write_side(mut to: TcpStream, rx: Receiver<Chunk>, reuse: SyncSender<Vec<u8>>
             // 1/8 weight: follows a change of load within tens of chunks.
             late_ns = late_ns - late_ns / 8 + late / 8;
         }
-        if buf.is_empty() || to.write_all(&buf).is_err() {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
             break;
         }
         let _ = reuse.try_send(buf);
