@@ -262,14 +262,29 @@ impl SlateStore {
         self.chunks.write_through(&self.db, puts).await
     }
 
-    /// The record of chunk `index` of `ino`, from the chunk cache or the
-    /// engine (which then fills the cache).
+    /// The record of chunk `index` of `ino` as far as memory knows it: a
+    /// group durable in the commit log and not yet in the engine decides
+    /// first (the engine write that ends that also refreshes the cache),
+    /// then the chunk cache. `None`: ask the engine.
+    pub(super) fn known_record(&self, ino: u64, index: u64) -> Option<Option<bytes::Bytes>> {
+        if self.log_queue.any_unapplied() {
+            if let Some(record) = self.log_queue.unapplied(&keys::block(ino, index)) {
+                return Some(record);
+            }
+        }
+        self.chunks.get(ino, index)
+    }
+
+    /// The record of chunk `index` of `ino`: from a group durable in the
+    /// commit log and not yet in the engine (whose write refreshes the
+    /// cache), else the chunk cache or the engine (which then fills the
+    /// cache).
     pub(super) async fn chunk_record(
         &self,
         ino: u64,
         index: u64,
     ) -> Result<Option<bytes::Bytes>, StoreError> {
-        if let Some(record) = self.chunks.get(ino, index) {
+        if let Some(record) = self.known_record(ino, index) {
             return Ok(record);
         }
         let stamp = self.chunks.stamp(ino, index);

@@ -1,8 +1,9 @@
 //! The commit path: a transaction's bytes to segments (made durable there
 //! unless its commit-log record carries them), then its batch built under
 //! the commit lock and queued for the commit log; a leader writes the
-//! queued batches as one record, durable with one `fdatasync`, and hands
-//! them to the engine (`log_queue.rs`). Without the log the batch is
+//! queued batches as one record, durable with one `fdatasync` (which
+//! acknowledges them), and a task of their own hands them to the engine
+//! (`log_queue.rs`). Without the log the batch is
 //! handed to the engine and waited for (`group.rs`). The segment space a
 //! commit freed goes to the reclaimer once no replay can write it again.
 //! See the module documentation of the engine for the order and why.
@@ -13,12 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use slatedb::{WriteBatch, WriteHandle};
 
 use super::apply::Puts;
 use super::log::{self, LogError};
-use super::log_queue::{self, Queued, Turn};
+use super::log_queue::{self, Need, Queued, Turn};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -263,7 +265,7 @@ impl SlateStore {
                 // The first copy may still be on its way to the medium:
                 // acknowledge the duplicate only once it has arrived.
                 match &self.checkpoint {
-                    Some(cp) => self.await_logged(cp, seq).await?,
+                    Some(cp) => self.await_logged(cp, seq, Need::Durable).await?,
                     None => self
                         .group
                         .wait_all(&self.db)
@@ -274,7 +276,7 @@ impl SlateStore {
             }
             Built::Queued(seq) => {
                 if let Some(cp) = &self.checkpoint {
-                    self.await_logged(cp, seq).await?;
+                    self.await_logged(cp, seq, Need::Durable).await?;
                 }
                 return Ok(CommitOutcome { duplicate: false });
             }
@@ -316,7 +318,7 @@ impl SlateStore {
         written: &mut bool,
     ) -> Result<Built, StoreError> {
         let mut counters = self.commit_lock.lock().await;
-        let queued = self.checkpoint.as_ref().map(|_| &self.log_queue);
+        let queued = self.checkpoint.as_ref().map(|_| &*self.log_queue);
         let next_object = || match &self.objects {
             Some(o) => o.next_ids(1),
             None => Err(StoreError::Corrupt("no data objects".into())),
@@ -403,8 +405,9 @@ impl SlateStore {
     /// queued batch before it; called under the commit lock so no later
     /// record overtakes it. The last lsn a record naming what it freed may
     /// have.
-    async fn write_direct(&self, cp: &Checkpoint, puts: Puts) -> Result<u64, StoreError> {
-        self.await_logged(cp, self.log_queue.last_seq()).await?;
+    async fn write_direct(&self, cp: &Arc<Checkpoint>, puts: Puts) -> Result<u64, StoreError> {
+        self.await_logged(cp, self.log_queue.last_seq(), Need::Applied)
+            .await?;
         if let Some(segs) = &self.segments {
             segs.sync_all().map_err(StoreError::Io)?;
         }
@@ -418,22 +421,30 @@ impl SlateStore {
     }
 
     /// Wait until the queued commit `seq` (and every one before it) is
-    /// durable in the commit log and in the engine, leading the groups
-    /// this takes when no one else is writing one.
-    pub(super) async fn await_logged(&self, cp: &Checkpoint, seq: u64) -> Result<(), StoreError> {
+    /// as far as `need` (durable in the commit log, or in the engine too),
+    /// leading the groups this takes when no one else is writing one.
+    pub(super) async fn await_logged(
+        &self,
+        cp: &Arc<Checkpoint>,
+        seq: u64,
+        need: Need,
+    ) -> Result<(), StoreError> {
         loop {
-            match self.log_queue.turn(seq, group_bytes_max(cp)).await {
+            match self.log_queue.turn(seq, group_bytes_max(cp), need).await {
                 Turn::Done(r) => return r,
                 Turn::Lead(group) => {
                     let (first, last) = match (group.first(), group.last()) {
                         (Some(f), Some(l)) => (f.seq, l.seq),
                         _ => continue,
                     };
-                    let r = self.log_group(cp, group).await;
-                    self.log_queue.finish(first, last, r.as_ref().map(|_| ()));
-                    if let Err(e) = r {
-                        if seq <= last {
-                            return Err(e);
+                    match self.log_group(cp, group).await {
+                        Ok(Some(logged)) => self.apply_behind(cp, first, last, logged),
+                        Ok(None) => self.log_queue.finish(first, last, Ok(())),
+                        Err(e) => {
+                            self.log_queue.finish(first, last, Err(&e));
+                            if seq <= last {
+                                return Err(e);
+                            }
                         }
                     }
                 }
@@ -442,14 +453,20 @@ impl SlateStore {
     }
 
     /// Write `group` (queued commits, in order) as one record of the
-    /// commit log, durable with one `fdatasync`, then hand its merged
-    /// batch to the engine and hold what the commits freed until the
-    /// tail passes the record.
-    async fn log_group(&self, cp: &Checkpoint, group: Vec<Queued>) -> Result<(), StoreError> {
+    /// commit log, durable with one `fdatasync`, and report it durable:
+    /// its commits are acknowledged from here. What is left to do, its
+    /// engine write, is returned for [`SlateStore::apply_behind`]
+    /// (`None`: the group wrote nothing, and is done).
+    async fn log_group(
+        &self,
+        cp: &Checkpoint,
+        group: Vec<Queued>,
+    ) -> Result<Option<Logged>, StoreError> {
         let log = &cp.log;
         let mut merged = BTreeMap::new();
         let mut writes = Vec::new();
         let mut freed = Vec::with_capacity(group.len());
+        let last = group.last().map_or(0, |q| q.seq);
         for q in group {
             // Later commits' values win: the record is their union.
             merged.extend(q.puts);
@@ -461,7 +478,7 @@ impl SlateStore {
             for r in freed {
                 cp.hold(lsn, r);
             }
-            return Ok(());
+            return Ok(None);
         }
         if log.half_full() {
             cp.run().await?;
@@ -483,19 +500,66 @@ impl SlateStore {
                 Err(e) => return Err(recover::map_log_error(e)),
             }
         }
-        if let Err(e) = self.write_puts(&puts).await {
-            // Durable in the log but not in this instance's engine: what
-            // reads see no longer says what is durable. Only a reopen,
-            // which replays the record, may go on.
-            log.fail();
-            return Err(map_engine_error(e));
-        }
-        log.applied_all();
-        for r in freed {
-            cp.hold(lsn, r);
-        }
-        Ok(())
+        self.log_queue.durable(last, &puts);
+        Ok(Some(Logged { lsn, puts, freed }))
     }
+
+    /// Hand a durable group's batch to the engine in a task of its own, so
+    /// that its commits' acknowledgements do not wait for it; the task
+    /// reports the group applied, which lets the next group's leader go
+    /// on (the engine takes the groups in log order) and holds what the
+    /// commits freed until the tail passes the record.
+    fn apply_behind(&self, cp: &Arc<Checkpoint>, first: u64, last: u64, logged: Logged) {
+        let (db, chunks, queue, cp) = (
+            self.db.clone(),
+            Arc::clone(&self.chunks),
+            Arc::clone(&self.log_queue),
+            Arc::clone(cp),
+        );
+        let apply = async move {
+            let Logged { lsn, puts, freed } = logged;
+            queue.before_apply().await;
+            match chunks.write_through(&db, &puts).await {
+                Ok(_) => {
+                    cp.log.applied_all();
+                    for r in freed {
+                        cp.hold(lsn, r);
+                    }
+                    queue.finish(first, last, Ok(()));
+                }
+                Err(e) => {
+                    // Durable in the log but not in this instance's
+                    // engine: what the engine says is no longer what is
+                    // durable. Only a reopen, which replays the record,
+                    // may go on.
+                    cp.log.fail();
+                    queue.finish(first, last, Err(&map_engine_error(e)));
+                }
+            }
+        };
+        // The commit path runs on the engine's runtime (`Store::commit`
+        // blocks on it), whose workers run the task.
+        tokio::spawn(apply);
+    }
+
+    /// Wait until every batch queued so far is in the engine (bounded:
+    /// one group's engine write at most, then the others queued meanwhile).
+    pub(super) async fn await_applied(&self) -> Result<(), StoreError> {
+        match &self.checkpoint {
+            Some(cp) => {
+                self.await_logged(cp, self.log_queue.last_seq(), Need::Applied)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// A group durable in the log, its engine write still to do.
+struct Logged {
+    lsn: u64,
+    puts: Puts,
+    freed: Vec<Reclaim>,
 }
 
 /// The most payload bytes of queued commits one record takes: what keeps

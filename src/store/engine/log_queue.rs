@@ -12,6 +12,17 @@
 //! commits that arrived while the record before it was written, and its
 //! record is atomic: none of them was acknowledged before it was durable.
 //!
+//! A commit is acknowledged once its record is durable ([`Need::Durable`]),
+//! not once the engine has its batch: the leader reports the group durable
+//! (`durable`), hands the engine write to a task of its own, and that task
+//! reports the group applied (`finish`), which frees the next leader (the
+//! engine takes the groups in log order). Between the two, readers outside
+//! a commit find the group's values in the unapplied overlay
+//! ([`LogQueue::unapplied`], [`LogQueue::unapplied_range`]), which holds
+//! durable values only; a writer that must follow the engine's order (a
+//! batch written to the engine directly, a close) waits for
+//! [`Need::Applied`].
+//!
 //! A batch queued here is not yet in the engine, and the commits built
 //! after it must see it: the view a commit builds on (`apply.rs`) reads
 //! the newest queued value of a key before the engine's ([`LogQueue::get`],
@@ -80,7 +91,13 @@ struct State {
     /// The newest queued value of each key (`None`: deleted), with the
     /// seq of the commit that queued it.
     overlay: BTreeMap<Vec<u8>, (u64, Option<Bytes>)>,
+    /// The newest durable value of each key of the groups durable but not
+    /// yet in the engine, with the last seq of its group: what readers
+    /// outside a commit lay over the engine.
+    unapplied: BTreeMap<Vec<u8>, (u64, Option<Bytes>)>,
     next_seq: u64,
+    /// Every commit up to this seq is durable in the log.
+    durable: u64,
     /// Every commit up to this seq is durable and in the engine.
     done: u64,
     /// A leader has taken a group and not finished it.
@@ -88,6 +105,16 @@ struct State {
     /// The first seq of the group that failed: it and every later commit
     /// fail.
     failed: Option<(u64, Failure)>,
+}
+
+/// What a waiter waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Its record is durable: enough to acknowledge a commit.
+    Durable,
+    /// Its batch is in the engine too: before writing to the engine
+    /// directly, or closing it.
+    Applied,
 }
 
 /// What a waiting commit does next.
@@ -106,6 +133,10 @@ pub struct LogQueue {
     /// there with a latch).
     #[cfg(test)]
     pub(super) before_write: Mutex<Option<std::sync::Arc<dyn Fn() + Send + Sync>>>,
+    /// Taken (a permit each) by a group's engine write before it starts
+    /// (tests hold it there by giving none).
+    #[cfg(test)]
+    pub(super) before_apply: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Default for LogQueue {
@@ -114,7 +145,9 @@ impl Default for LogQueue {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 overlay: BTreeMap::new(),
+                unapplied: BTreeMap::new(),
                 next_seq: 1,
+                durable: 0,
                 done: 0,
                 leading: false,
                 failed: None,
@@ -122,6 +155,8 @@ impl Default for LogQueue {
             wake: tokio::sync::Notify::new(),
             #[cfg(test)]
             before_write: Mutex::new(None),
+            #[cfg(test)]
+            before_apply: Mutex::new(None),
         }
     }
 }
@@ -168,6 +203,35 @@ impl LogQueue {
         self.lock().overlay.get(key).map(|(_, v)| v.clone())
     }
 
+    /// `Some(value)` when a group durable but not yet in the engine
+    /// decides `key` (`Some(None)`: deleted). Readers outside a commit
+    /// look here before the engine: a key leaves only once the engine has
+    /// it.
+    pub fn unapplied(&self, key: &[u8]) -> Option<Option<Bytes>> {
+        let s = self.lock();
+        if s.unapplied.is_empty() {
+            return None;
+        }
+        s.unapplied.get(key).map(|(_, v)| v.clone())
+    }
+
+    /// As [`LogQueue::unapplied`], for every key in `range`, in key order.
+    pub fn unapplied_range(&self, range: &Range<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)> {
+        let s = self.lock();
+        if s.unapplied.is_empty() {
+            return Vec::new();
+        }
+        s.unapplied
+            .range::<Vec<u8>, _>((Bound::Included(&range.start), Bound::Excluded(&range.end)))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Whether some group is durable and not yet in the engine.
+    pub fn any_unapplied(&self) -> bool {
+        !self.lock().unapplied.is_empty()
+    }
+
     /// The queued puts and deletes in `range`, in key order.
     pub fn range(&self, range: &Range<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)> {
         let s = self.lock();
@@ -180,11 +244,11 @@ impl LogQueue {
             .collect()
     }
 
-    /// Wait until the commit `seq` is done, or until it may lead a group
-    /// (which then holds it or commits before it): the commits from the
-    /// front, at most [`GROUP_COUNT_MAX`] and, beyond the first,
-    /// `bytes_max` payload bytes.
-    pub async fn turn(&self, seq: u64, bytes_max: usize) -> Turn {
+    /// Wait until the commit `seq` is as far as `need`, or until it may
+    /// lead a group (which then holds it or commits before it): the
+    /// commits from the front, at most [`GROUP_COUNT_MAX`] and, beyond the
+    /// first, `bytes_max` payload bytes.
+    pub async fn turn(&self, seq: u64, bytes_max: usize, need: Need) -> Turn {
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);
@@ -192,6 +256,11 @@ impl LogQueue {
             notified.as_mut().enable();
             {
                 let mut s = self.lock();
+                // Durable before failed: a group whose engine write failed
+                // after its record was durable stays acknowledged.
+                if need == Need::Durable && s.durable >= seq {
+                    return Turn::Done(Ok(()));
+                }
                 if let Some((from, f)) = &s.failed {
                     if seq >= *from {
                         return Turn::Done(Err(f.to_error()));
@@ -220,8 +289,26 @@ impl LogQueue {
         }
     }
 
+    /// The leader's group up to `last`, whose merged batch is `puts`, is
+    /// durable in the log: readers see its values from now on, and the
+    /// commits waiting for [`Need::Durable`] are woken. Its engine write
+    /// follows, then [`LogQueue::finish`].
+    pub fn durable(&self, last: u64, puts: &[(Vec<u8>, Option<Bytes>)]) {
+        let mut s = self.lock();
+        debug_assert!(s.leading, "a group made durable without a leader");
+        debug_assert!(s.durable < last, "groups are durable in order");
+        s.durable = last;
+        for (k, v) in puts {
+            s.unapplied.insert(k.clone(), (last, v.clone()));
+        }
+        drop(s);
+        self.wake.notify_waiters();
+    }
+
     /// The leader's group up to `last` is durable and in the engine
-    /// (`Ok`), or failed: wake everyone waiting.
+    /// (`Ok`), or failed: wake everyone waiting. A group that failed after
+    /// [`LogQueue::durable`] keeps its values visible to readers: its
+    /// record is durable and the next open replays it.
     pub fn finish(&self, first: u64, last: u64, result: Result<(), &StoreError>) {
         let mut s = self.lock();
         debug_assert!(s.leading, "a group finished without a leader");
@@ -230,7 +317,9 @@ impl LogQueue {
             Ok(()) => {
                 debug_assert!(s.done < first && first <= last, "groups finish in order");
                 s.done = last;
+                s.durable = s.durable.max(last);
                 s.overlay.retain(|_, (seq, _)| *seq > last);
+                s.unapplied.retain(|_, (seq, _)| *seq > last);
             }
             Err(e) => {
                 if s.failed.is_none() {
@@ -240,6 +329,23 @@ impl LogQueue {
         }
         drop(s);
         self.wake.notify_waiters();
+    }
+
+    /// Wait at the test gate before a group's engine write.
+    pub async fn before_apply(&self) {
+        #[cfg(test)]
+        {
+            let gate = self
+                .before_apply
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(gate) = gate {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+            }
+        }
     }
 
     /// Run the test hook before a record is written.

@@ -12,9 +12,10 @@
 //! On `file://` a commit is durable once its record is in the commit log
 //! (`log.rs`): its batch and the bytes of its small writes, one `pwrite`
 //! and one `fdatasync` of a preallocated file, shared by the commits that
-//! queued while the record before was written (`log_queue.rs`). Only then
-//! does the batch go to SlateDB's memtable, whose WAL follows on its
-//! timer; larger writes are synced in their segment before the record. Opening replays the log
+//! queued while the record before was written (`log_queue.rs`). It is
+//! acknowledged then; its batch goes to SlateDB's memtable behind it, in
+//! log order (reads lay the groups not yet there over the engine), and
+//! SlateDB's WAL follows on its timer; larger writes are synced in their segment before the record. Opening replays the log
 //! and checkpoints move its tail (`recover.rs`). On `s3://` (and with
 //! `log=off`) the batch goes to SlateDB once the segment bytes are
 //! durable, and commits wait for its WAL together, sharing flushes
@@ -43,6 +44,7 @@
 //! write or sync fail, the commit returns `Err` and the instance is
 //! unusable.
 
+mod acked;
 mod apply;
 mod born;
 mod chunk_cache;
@@ -84,6 +86,8 @@ mod view;
 mod writer;
 
 #[cfg(test)]
+mod apply_behind_tests;
+#[cfg(test)]
 mod born_tests;
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -113,7 +117,6 @@ mod tests;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use slatedb::config::ScanOptions;
 use slatedb::{Db, WriteBatch};
 
 use crate::store::{
@@ -200,7 +203,7 @@ pub struct SlateStore {
     checkpoint: Option<Arc<recover::Checkpoint>>,
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
-    log_queue: log_queue::LogQueue,
+    log_queue: Arc<log_queue::LogQueue>,
     /// Recently read and written chunk records (`chunk_cache.rs`): what
     /// the engine holds, without its lookup.
     chunks: Arc<chunk_cache::ChunkCache>,
@@ -221,6 +224,11 @@ pub struct SlateStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// How long a close waits for the groups acknowledged but still on their
+/// way to the engine (`commit.rs`): an engine write each, normally
+/// milliseconds.
+const CLOSE_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl SlateStore {
     /// The volume's id, random at creation.
     pub fn volume_id(&self) -> [u8; 16] {
@@ -236,6 +244,21 @@ impl SlateStore {
         let rt = self.rt()?;
         let mut phases = open::Phases::start();
         if let Some(cp) = &self.checkpoint {
+            // The groups acknowledged but still on their way to the engine
+            // go first: the checkpoint moves the tail past what it has.
+            match rt.block_on(async {
+                tokio::time::timeout(CLOSE_APPLY_WAIT, self.await_applied()).await
+            }) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if !matches!(e, StoreError::Fenced) {
+                        tracing::warn!(volume = %self.describe, error = %e, "a commit log group did not reach the engine; the next open replays it");
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(volume = %self.describe, "commit log groups still on their way to the engine after {CLOSE_APPLY_WAIT:?}; the next open replays them")
+                }
+            }
             cp.stop();
             // The next open then replays nothing.
             if let Err(e) = rt.block_on(cp.run()) {
@@ -361,34 +384,6 @@ impl SlateStore {
         r
     }
 
-    async fn get(&self, key: Vec<u8>) -> Result<Option<bytes::Bytes>, StoreError> {
-        self.db.get(key).await.map_err(map_engine_error)
-    }
-
-    /// Collect up to `max` key-value pairs of `range`.
-    async fn scan(
-        &self,
-        range: std::ops::Range<Vec<u8>>,
-        max: usize,
-    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>, StoreError> {
-        let mut out = Vec::new();
-        if max == 0 || range.is_empty() {
-            return Ok(out);
-        }
-        let mut iter = self
-            .db
-            .scan_with_options(range, &ScanOptions::default())
-            .await
-            .map_err(map_engine_error)?;
-        while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
-            out.push((kv.key, kv.value));
-            if out.len() >= max {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     async fn reserve_ids_inner(&self, count: u64) -> Result<u64, StoreError> {
         let mut ids = self.ids.lock().await;
         let end = ids
@@ -426,9 +421,7 @@ impl SlateStore {
             let serial = self.commit_lock.lock().await;
             // This writes to the engine directly: every batch built before
             // it goes first, as the log's records are in engine order.
-            if let Some(cp) = &self.checkpoint {
-                self.await_logged(cp, self.log_queue.last_seq()).await?;
-            }
+            self.await_applied().await?;
             let doomed = self
                 .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
                 .await?;
@@ -484,26 +477,6 @@ impl SlateStore {
             };
         }
         Ok(())
-    }
-
-    async fn next_hole_inner(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        let mut want = offset / BLOCK_SIZE;
-        let mut iter = self
-            .db
-            .scan(keys::blocks_from(ino, want))
-            .await
-            .map_err(map_engine_error)?;
-        while let Some(kv) = iter.next().await.map_err(map_engine_error)? {
-            let (_, index) = keys::decode_block(&kv.key)?;
-            if index != want {
-                break;
-            }
-            want = match want.checked_add(1) {
-                Some(w) => w,
-                None => return Ok(u64::MAX),
-            };
-        }
-        Ok(want.saturating_mul(BLOCK_SIZE).max(offset))
     }
 }
 

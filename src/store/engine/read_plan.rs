@@ -127,7 +127,7 @@ impl SlateStore {
         if self.objects.is_none() {
             let cached: Option<Vec<Option<Bytes>>> = spans
                 .iter()
-                .map(|s| self.chunks.get(ino, s.index))
+                .map(|s| self.known_record(ino, s.index))
                 .collect();
             if let Some(records) = cached {
                 let (pieces, _) = self.layout(ino, &spans, tail, &records)?;

@@ -517,7 +517,12 @@ impl VolumeScan for SlateStore {
 
     fn raw_scan(&self, ranges: Vec<KeyRange>) -> Result<RawScan<'_>, StoreError> {
         let runtime = self.rt()?;
-        let iters = runtime.block_on(open_iters(&self.db, ranges, &scan_options()))?;
+        // A whole-volume scan reads the engine alone: the groups already
+        // acknowledged go in first.
+        let iters = runtime.block_on(async {
+            self.await_applied().await?;
+            open_iters(&self.db, ranges, &scan_options()).await
+        })?;
         Ok(RawScan::new(runtime, iters, Vec::new()))
     }
 }

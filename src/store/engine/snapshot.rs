@@ -406,6 +406,10 @@ impl SlateStore {
         let rt = self.rt().map_err(SnapshotError::Checkpoint)?;
         rt.block_on(async {
             let _serial = self.commit_lock.lock().await;
+            // Every acknowledged commit in the engine, then checkpointed.
+            self.await_applied()
+                .await
+                .map_err(SnapshotError::Checkpoint)?;
             if let Some(cp) = &self.checkpoint {
                 cp.run().await.map_err(SnapshotError::Checkpoint)?;
             }

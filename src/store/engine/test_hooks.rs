@@ -10,32 +10,38 @@ use super::{codec, keys, Segments, SlateStore};
 use crate::store::Dirent;
 
 impl SlateStore {
+    /// Write `batch` straight to the engine, after every group
+    /// acknowledged so far is in it (else a group's engine write, still on
+    /// its way, could land on top).
+    fn raw_write(&self, batch: slatedb::WriteBatch) {
+        self.block_on(async {
+            self.await_applied().await.expect("groups applied");
+            self.db.write(batch).await.expect("raw engine write");
+        });
+    }
+
     /// Put `dirent` into the by-cookie index of `parent` only.
     pub(crate) fn raw_put_cookie_entry(&self, parent: u64, dirent: &Dirent) {
-        let db = &self.db;
-        self.rt()
-            .expect("runtime of a live store")
-            .block_on(db.put(
-                keys::dirent_by_cookie(parent, dirent.cookie),
-                codec::encode_dirent_by_cookie(dirent),
-            ))
-            .expect("put by-cookie entry");
+        let mut batch = slatedb::WriteBatch::new();
+        batch.put(
+            keys::dirent_by_cookie(parent, dirent.cookie),
+            codec::encode_dirent_by_cookie(dirent),
+        );
+        self.raw_write(batch);
     }
 
     /// Delete the by-cookie index record `(parent, cookie)` only.
     pub(crate) fn raw_delete_cookie_entry(&self, parent: u64, cookie: u64) {
-        self.rt()
-            .expect("runtime of a live store")
-            .block_on(self.db.delete(keys::dirent_by_cookie(parent, cookie)))
-            .expect("delete by-cookie entry");
+        let mut batch = slatedb::WriteBatch::new();
+        batch.delete(keys::dirent_by_cookie(parent, cookie));
+        self.raw_write(batch);
     }
 
     /// Store `value` under `key` as is.
     pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) {
-        self.rt()
-            .expect("runtime of a live store")
-            .block_on(self.db.put(key, value))
-            .expect("raw put");
+        let mut batch = slatedb::WriteBatch::new();
+        batch.put(key, value);
+        self.raw_write(batch);
     }
 
     /// Put an applied-transaction record.
@@ -87,6 +93,7 @@ impl SlateStore {
     /// checkpoint first hands it over).
     pub(super) fn reclaimed(&self) {
         if let Some(cp) = &self.checkpoint {
+            self.block_on(self.await_applied()).expect("groups applied");
             self.block_on(cp.run()).expect("checkpoint");
         }
         if let Some(r) = &self.reclaimer {

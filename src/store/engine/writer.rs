@@ -58,9 +58,7 @@ impl SlateStore {
     ) -> Result<(), StoreError> {
         self.check_writable()?;
         let serial = self.commit_lock.lock().await;
-        if let Some(cp) = &self.checkpoint {
-            self.await_logged(cp, self.log_queue.last_seq()).await?;
-        }
+        self.await_applied().await?;
         let mut batch = WriteBatch::new();
         batch.put(keys::writer(), encode(claim));
         let handle = self.db.write(batch).await.map_err(map_engine_error)?;
