@@ -54,6 +54,8 @@ COUNTERS = [
     ("txns", "txn_formed"),
     ("fsyncs", "fsync_calls"),
     ("backpressure waits", "backpressure_waits"),
+    ("read-ahead waits", "read_ahead_waits"),
+    ("read-ahead wait ms", "read_ahead_wait_us", 1e-3),
     ("cache hits", "cache_hits"),
     ("cache misses", "cache_misses"),
     ("evictions", "cache_evictions"),
@@ -544,11 +546,12 @@ def report(res, machine):
         add("lookup before each create); fsyncs count FLUSH, FSYNC and SYNCFS that reached the")
         add("transaction layer.")
         add("")
-        add("| case | " + " | ".join(c for c, _ in COUNTERS) + " |")
+        add("| case | " + " | ".join(c[0] for c in COUNTERS) + " |")
         add("|---|" + "---|" * len(COUNTERS))
         for c in pohmelfs_cases:
-            cells = [median(res.counter(c, k)) for _, k in COUNTERS]
-            add(f"| {c} | " + " | ".join("–" if v is None else f"{v:.0f}" for v in cells) + " |")
+            cells = [median(res.counter(c, k[1])) for k in COUNTERS]
+            scaled = [None if v is None else v * (k[2] if len(k) > 2 else 1) for v, k in zip(cells, COUNTERS)]
+            add(f"| {c} | " + " | ".join("–" if v is None else f"{v:.0f}" for v in scaled) + " |")
         add("")
 
     # Overwrite study.

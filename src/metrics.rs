@@ -111,6 +111,11 @@ counters! {
     /// Read-ahead hints a sequential read handed to the store (segment
     /// files: `posix_fadvise(WILLNEED)`, which does not wait for the I/O).
     read_ahead,
+    /// Guest reads that waited for a read-ahead chunk fetching their
+    /// pages (remote volumes): the window was not far enough ahead.
+    read_ahead_waits,
+    /// Microseconds guest reads spent waiting for read-ahead chunks.
+    read_ahead_wait_us,
     /// Clean pages evicted to stay within `--cache-size`.
     cache_evictions,
     /// Blocks read from the local read cache (`--cache-dir`), intact.

@@ -302,8 +302,14 @@ impl Shared {
     /// Wait until no read-ahead chunk covers `pages` of `ino` (bounded by
     /// `fsync_timeout`, as every wait of the layer).
     pub(super) fn wait_for_ahead(&self, ino: u64, pages: Range<u64>) -> Result<(), StoreError> {
-        let deadline = std::time::Instant::now() + self.cfg.fsync_timeout;
+        let started = std::time::Instant::now();
+        let deadline = started + self.cfg.fsync_timeout;
         let mut st = lock(&self.state);
+        if !st.ahead.overlaps(ino, &pages) {
+            return Ok(());
+        }
+        self.metrics.read_ahead_waits.inc();
+        let _count = Elapsed(started, &self.metrics.read_ahead_wait_us);
         while st.ahead.overlaps(ino, &pages) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -315,6 +321,16 @@ impl Shared {
             st = super::ack::wait_timeout(&self.changed, st, left);
         }
         Ok(())
+    }
+}
+
+/// Adds the microseconds since its start to a counter when dropped.
+struct Elapsed<'a>(std::time::Instant, &'a crate::metrics::Counter);
+
+impl Drop for Elapsed<'_> {
+    fn drop(&mut self) {
+        let us = self.0.elapsed().as_micros();
+        self.1.add(u64::try_from(us).unwrap_or(u64::MAX));
     }
 }
 

@@ -142,9 +142,13 @@ fn a_sequential_reader_keeps_several_chunks_in_flight() {
         let wb = Arc::clone(&wb);
         std::thread::spawn(move || read(&*wb, ino, 2 * IO, IO as usize))
     };
+    eventually("the read to wait for its chunk, counted", || {
+        wb.shared.metrics.read_ahead_waits.get() >= 1
+    });
     *reads.open.lock().unwrap() = true;
     reads.opened.notify_all();
     assert_eq!(next.join().unwrap(), data[2 * IO as usize..3 * IO as usize]);
+    assert!(wb.shared.metrics.read_ahead_wait_us.get() > 0);
     // The reader goes on through the window and beyond; every byte right.
     let mut at = 3 * IO;
     while at < 8 << 20 {
