@@ -86,15 +86,18 @@ impl Failure {
     }
 }
 
+/// Values by key, each with the seq that set it (`None`: deleted).
+type Values = BTreeMap<Vec<u8>, (u64, Option<Bytes>)>;
+
 struct State {
     queue: VecDeque<Queued>,
     /// The newest queued value of each key (`None`: deleted), with the
     /// seq of the commit that queued it.
-    overlay: BTreeMap<Vec<u8>, (u64, Option<Bytes>)>,
+    overlay: Values,
     /// The newest durable value of each key of the groups durable but not
     /// yet in the engine, with the last seq of its group: what readers
     /// outside a commit lay over the engine.
-    unapplied: BTreeMap<Vec<u8>, (u64, Option<Bytes>)>,
+    unapplied: Values,
     next_seq: u64,
     /// Every commit up to this seq is durable in the log.
     durable: u64,
@@ -217,14 +220,7 @@ impl LogQueue {
 
     /// As [`LogQueue::unapplied`], for every key in `range`, in key order.
     pub fn unapplied_range(&self, range: &Range<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)> {
-        let s = self.lock();
-        if s.unapplied.is_empty() {
-            return Vec::new();
-        }
-        s.unapplied
-            .range::<Vec<u8>, _>((Bound::Included(&range.start), Bound::Excluded(&range.end)))
-            .map(|(k, (_, v))| (k.clone(), v.clone()))
-            .collect()
+        values_in(&self.lock().unapplied, range)
     }
 
     /// Whether some group is durable and not yet in the engine.
@@ -234,14 +230,7 @@ impl LogQueue {
 
     /// The queued puts and deletes in `range`, in key order.
     pub fn range(&self, range: &Range<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)> {
-        let s = self.lock();
-        if s.overlay.is_empty() {
-            return Vec::new();
-        }
-        s.overlay
-            .range::<Vec<u8>, _>((Bound::Included(&range.start), Bound::Excluded(&range.end)))
-            .map(|(k, (_, v))| (k.clone(), v.clone()))
-            .collect()
+        values_in(&self.lock().overlay, range)
     }
 
     /// Wait until the commit `seq` is as far as `need`, or until it may
@@ -362,6 +351,17 @@ impl LogQueue {
             }
         }
     }
+}
+
+/// The values of `map` (an overlay: key to seq and value) in `range`, in
+/// key order.
+fn values_in(map: &Values, range: &Range<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)> {
+    if map.is_empty() {
+        return Vec::new();
+    }
+    map.range::<Vec<u8>, _>((Bound::Included(&range.start), Bound::Excluded(&range.end)))
+        .map(|(k, (_, v))| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// About how many payload bytes `puts` and `writes` take in a record
