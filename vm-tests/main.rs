@@ -140,5 +140,6 @@ mod pohmelfs_only {
         migration_back::store_restart_during_migration_pohmel,
         readonly::readonly_snapshot_refuses_changes,
         ci_boot::ci_boot_isolates_four_guests,
+        ci_boot::ci_boot_isolates_four_guests_s3,
     );
 }

@@ -413,6 +413,8 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
         let (registered, settings) = tokio::join!(registered, settings);
         registered?;
         settings?;
+        // Only now the engine's clone: a clone whose engine opens is
+        // registered with everything it stands on, whenever a crash comes.
         AdminBuilder::new(to.clone(), store.clone())
             .build()
             .create_clone_builder_from_source(CloneSourceSpec::new(snap.clone()))
