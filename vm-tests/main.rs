@@ -14,7 +14,8 @@
 //! - [`space`]: a full volume answers ENOSPC;
 //! - [`offline`]: writes return while the store server is paused, and only `sync` waits;
 //! - [`migration`]: a live migration between two QEMU processes with files held open, and
-//!   its downtime;
+//!   with a writer running through it (a log appended and fsynced every 50 ms, a file
+//!   rewritten at full speed), and the downtimes;
 //! - [`migration_hosts`]: the same between two daemons in network namespaces of their own
 //!   reaching one store server or S3 service (root: `ip netns`);
 //! - [`migration_back`]: between hosts on `pohmel://`, there and back to a third daemon, and
@@ -114,6 +115,8 @@ vm_tests! {
     crash::crash_guest_power_cut,
     crash::crash_daemon_kill9,
     migration::live_migration_keeps_open_files,
+    migration::live_migration_while_writing,
+    migration::live_migration_while_appending,
     rootfs::rootfs_boot_keeps_special_files,
 }
 

@@ -17,7 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
@@ -147,20 +147,36 @@ impl Transfer {
 }
 
 /// The source's half before the bytes move: drain, write back, export.
+/// The downtime's share of it is logged (`migration: drained`): the
+/// requests' drain, the write-back of what the daemon held, the export.
 fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
+    let started = Instant::now();
     let stuck = pool.drain(DRAIN_TIMEOUT);
     if stuck > 0 {
         return Err(format!(
             "{stuck} requests still running after {DRAIN_TIMEOUT:?}"
         ));
     }
+    let requests = started.elapsed();
+    let dirty = fs.dirty_bytes();
     fs.sync_all()
         .map_err(|e| format!("could not write back what the guest wrote: {e}"))?;
+    let written_back = started.elapsed();
     let session = match fs.export_session() {
         Ok(s) => s,
         // A guest that never mounted the device has no session to carry.
         Err(crate::fs::SessionError::NoSession) => SessionState::default(),
         Err(e) => return Err(e.to_string()),
     };
-    state::encode(&session).map_err(|e: StateError| e.to_string())
+    let bytes = state::encode(&session).map_err(|e: StateError| e.to_string())?;
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+    info!(
+        requests_ms = %ms(requests),
+        write_back_ms = %ms(written_back - requests),
+        total_ms = %ms(started.elapsed()),
+        dirty_bytes = dirty,
+        state_bytes = bytes.len(),
+        "migration: drained and wrote back; the state is ready"
+    );
+    Ok(bytes)
 }

@@ -211,6 +211,11 @@ impl PohmelFs {
         Ok(self.store.sync(None)?)
     }
 
+    /// Bytes of file data the daemon holds dirty or in flight.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.metrics.levels.dirty_bytes.get()
+    }
+
     /// FUSE_SYNCFS (answered by the device layer: the FUSE server does not
     /// know it): [`sync_all`](Self::sync_all) as a guest request, counted
     /// and logged like any other.
