@@ -75,10 +75,10 @@ pub fn snapshot_prefix(volume: &str, name: &str) -> Result<String, SnapshotError
 /// Whether the snapshot or clone at `prefix` is complete: its lineage and
 /// its engine's manifest are there.
 async fn complete(store: &dyn ObjectStore, prefix: &str) -> Result<Option<Lineage>, SnapshotError> {
-    let l = lineage::read(store, prefix).await.map_err(store_err)?;
-    let engine = holder::exists(store, prefix)
-        .await
-        .map_err(|e| SnapshotError::Object(e.to_string()))?;
+    // One round trip: the two reads do not depend on each other.
+    let (l, engine) = tokio::join!(lineage::read(store, prefix), holder::exists(store, prefix));
+    let l = l.map_err(store_err)?;
+    let engine = engine.map_err(|e| SnapshotError::Object(e.to_string()))?;
     Ok(l.filter(|_| engine))
 }
 
@@ -365,10 +365,11 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
     block_on(locked(&store, &scfg.db_path, async {
         // Independent requests go together: a clone's time is a few
         // round trips, whatever the volume holds.
-        let (l, taken, named) = tokio::join!(
+        let (l, taken, named, capacity) = tokio::join!(
             complete(&*store, &snap),
             holder::exists(&*store, &to),
-            lineage::read(&*store, &to)
+            lineage::read(&*store, &to),
+            holder::read_capacity(&*store, &snap)
         );
         let l = l?
             .filter(|l| l.kind == Kind::Snapshot)
@@ -402,7 +403,15 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
             let (store, to, snap) = (store.clone(), to.clone(), snap.clone());
             set.spawn(async move { lineage::mark_cloned(&*store, &to, &snap).await });
         }
-        let settings = copy_settings(&*store, &snap, &to);
+        // The capacity `format` recorded, if any, read with the checks.
+        if let Some(bytes) = capacity.map_err(|e| SnapshotError::Object(e.to_string()))? {
+            let (store, to) = (store.clone(), to.clone());
+            set.spawn(async move {
+                holder::write_capacity(&*store, &to, bytes)
+                    .await
+                    .map_err(lineage::LineageError::Store)
+            });
+        }
         let registered = async {
             while let Some(r) = set.join_next().await {
                 r.map_err(|e| SnapshotError::Object(e.to_string()))?
@@ -410,9 +419,7 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
             }
             Ok::<(), SnapshotError>(())
         };
-        let (registered, settings) = tokio::join!(registered, settings);
-        registered?;
-        settings?;
+        registered.await?;
         // Only now the engine's clone: a clone whose engine opens is
         // registered with everything it stands on, whenever a crash comes.
         AdminBuilder::new(to.clone(), store.clone())

@@ -210,6 +210,26 @@ fn clones_share_objects_until_deleted(url: &dyn Fn(&str) -> String) {
     assert!(SlateStore::open_as(&c, super::OpenMode::Existing { take_over: false }).is_err());
 }
 
+/// The capacity `format` recorded goes with a snapshot to its clones: a
+/// clone's `statfs` reports it, not the default.
+fn clones_keep_the_capacity(url: &dyn Fn(&str) -> String) {
+    const CAPACITY: u64 = 48 << 20;
+    let v = url("volumes/sized");
+    let c = url("volumes/sized-job");
+    SlateStore::format(&v, Some(CAPACITY)).expect("format with a capacity");
+    let s = SlateStore::open(&v).expect("open s3 volume");
+    let total = s.statfs().expect("statfs").capacity_bytes;
+    assert!(total <= CAPACITY, "{total}");
+    s.take_object_snapshot("sized").expect("take snapshot");
+    s3_snapshot::clone_from(&v, "sized", &c).expect("clone");
+    let cl = SlateStore::open(&c).expect("open clone");
+    assert_eq!(cl.statfs().expect("statfs").capacity_bytes, total);
+    cl.close().unwrap();
+    s3_snapshot::delete_clone(&c).expect("delete clone");
+    s3_snapshot::delete(&v, "sized").expect("delete snapshot");
+    s.close().unwrap();
+}
+
 /// A registration whose holder never became complete (a crash half
 /// way) keeps every object below its bound through the sweep, and `check`
 /// says so; once it is gone, the next sweep frees them.
@@ -270,6 +290,7 @@ fn s3_snapshots_and_clones_on_moto() {
     clones_share_objects_until_deleted(&|p| moto.url(p));
     incomplete_holders_keep_everything_below_their_bound(&|p| moto.url(p));
     commands_take_turns(&|p| moto.url(p));
+    clones_keep_the_capacity(&|p| moto.url(p));
 }
 
 #[test]
