@@ -267,10 +267,8 @@ impl SlateStore {
     /// first (the engine write that ends that also refreshes the cache),
     /// then the chunk cache. `None`: ask the engine.
     pub(super) fn known_record(&self, ino: u64, index: u64) -> Option<Option<bytes::Bytes>> {
-        if self.log_queue.any_unapplied() {
-            if let Some(record) = self.log_queue.unapplied(&keys::block(ino, index)) {
-                return Some(record);
-            }
+        if let Some(record) = self.log_queue.unapplied_at(|| keys::block(ino, index)) {
+            return Some(record);
         }
         self.chunks.get(ino, index)
     }
