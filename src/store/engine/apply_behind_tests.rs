@@ -40,7 +40,11 @@ fn commit_returns(s: &Arc<SlateStore>, ops: Vec<Op>) {
     let (tx, rx) = mpsc::channel();
     let s = Arc::clone(s);
     std::thread::spawn(move || {
-        let _ = tx.send(s.commit(Txn { ops }));
+        let committed = s.commit(Txn { ops });
+        // Dropped before the answer: a caller that takes the store back
+        // (`Arc::into_inner`) must find this clone gone.
+        drop(s);
+        let _ = tx.send(committed);
     });
     rx.recv_timeout(BOUND)
         .expect("the commit to return while its engine write is held")
