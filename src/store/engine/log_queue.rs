@@ -211,17 +211,17 @@ impl LogQueue {
     /// look here before the engine: a key leaves only once the engine has
     /// it.
     pub fn unapplied(&self, key: &[u8]) -> Option<Option<Bytes>> {
-        self.unapplied_at(|| key.to_vec())
+        self.unapplied_at(|| key)
     }
 
     /// As [`LogQueue::unapplied`], the key built only when some group is
     /// on its way to the engine (one lock either way).
-    pub fn unapplied_at(&self, key: impl FnOnce() -> Vec<u8>) -> Option<Option<Bytes>> {
+    pub fn unapplied_at<K: AsRef<[u8]>>(&self, key: impl FnOnce() -> K) -> Option<Option<Bytes>> {
         let s = self.lock();
         if s.unapplied.is_empty() {
             return None;
         }
-        s.unapplied.get(&key()).map(|(_, v)| v.clone())
+        s.unapplied.get(key().as_ref()).map(|(_, v)| v.clone())
     }
 
     /// As [`LogQueue::unapplied`], for every key in `range`, in key order.
