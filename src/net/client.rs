@@ -58,6 +58,11 @@ struct Inner {
     keeping_alive: std::sync::atomic::AtomicBool,
     /// That task, ended before the store is dropped.
     keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// [`RemoteStore::close`] began (it runs once).
+    closing: std::sync::atomic::AtomicBool,
+    /// Closed ([`RemoteStore::close`]): no new connection is made, so
+    /// nothing reaches the server after this daemon let the volume go.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A volume on remote store servers.
@@ -86,6 +91,8 @@ impl RemoteStore {
             superseded: std::sync::atomic::AtomicBool::new(false),
             keeping_alive: std::sync::atomic::AtomicBool::new(false),
             keepalive_task: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         // Fail fast at start-up when no server is reachable at all.
         let first = Arc::clone(&inner);
@@ -193,6 +200,9 @@ impl Inner {
             }
         }
         *guard = None;
+        if self.closed.load(Ordering::Acquire) {
+            return Err("the store is closed: this daemon let the volume go".into());
+        }
         let server = self.current_server();
         let conn = tokio::time::timeout(self.cfg.request_timeout, self.open(&server))
             .await

@@ -361,6 +361,9 @@ pub struct WritebackStore {
     /// The embedded engine this process opened (`file://`, `s3://`),
     /// closed by [`WritebackStore::close`].
     engine: Option<Arc<crate::store::engine::SlateStore>>,
+    /// The store servers' client (`pohmel://`), whose connection
+    /// [`WritebackStore::close`] closes.
+    remote: Option<Arc<crate::net::client::RemoteStore>>,
 }
 
 /// Open the store named by `url` behind the transaction layer: `pohmel://`
@@ -426,6 +429,7 @@ pub fn open_sparing(
         source: StoreError::Io(e),
     };
     let mut opened_engine = None;
+    let mut opened_remote = None;
     let (reads, sink, volume): (Arc<dyn Store>, Arc<dyn Sink>, _) = if url.starts_with("pohmel://")
     {
         let cfg = crate::net::client::RemoteConfig::from_url(url)?;
@@ -464,6 +468,7 @@ pub fn open_sparing(
             tracing::warn!(error = %crate::ErrorChain(&e), "the store server did not remove the orphans a crashed daemon left");
         }
         let volume = Some(volume(remote.epoch()));
+        opened_remote = Some(Arc::clone(&remote));
         (remote.clone(), Arc::new(RemoteSink::new(remote)), volume)
     } else if (url.starts_with("file:") || url.starts_with("s3:"))
         && mode == crate::store::engine::OpenMode::ReadOnly
@@ -522,6 +527,7 @@ pub fn open_sparing(
     };
     let mut layer = WritebackStore::new(cfg, reads, sink, metrics).map_err(io)?;
     layer.engine = opened_engine;
+    layer.remote = opened_remote;
     Ok(Arc::new(layer))
 }
 
@@ -607,6 +613,7 @@ impl WritebackStore {
             shared,
             driver: Some(driver),
             engine: None,
+            remote: None,
         })
     }
 
@@ -637,11 +644,18 @@ impl WritebackStore {
 
     /// Let the volume go: [`drain`](Self::drain) within `fsync_timeout`,
     /// then close the embedded engine, which removes this process's
-    /// holder record (`store/engine/holder.rs`), so that another daemon
-    /// may open the volume. On a drain error nothing is closed. Every
-    /// later call through the layer fails; drop it next.
+    /// holder record (`store/engine/holder.rs`), or the connection to the
+    /// store servers, so that another daemon may open the volume; what
+    /// the drop does after is this process's own. On a drain error
+    /// nothing is closed. Every later call through the layer fails; drop
+    /// it next.
     pub fn close(&self) -> Result<(), StoreError> {
         self.drain(self.shared.cfg.fsync_timeout)?;
+        if let Some(remote) = &self.remote {
+            // The server then no longer counts this daemon as the
+            // volume's writer, and nothing reconnects behind the close.
+            remote.close();
+        }
         match &self.engine {
             Some(engine) => engine.close(),
             None => Ok(()),

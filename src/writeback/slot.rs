@@ -252,19 +252,11 @@ impl VolumeSlot {
         let store = current.take();
         self.phase.store(Phase::Released as u8, Ordering::Release);
         drop(current);
-        // On `pohmel://` dropping the layer closes its connections to the
-        // store server, which the destination must find closed: here,
-        // before the answer.
-        let store = if self.url.starts_with("pohmel://") {
-            drop(store);
-            None
-        } else {
-            store
-        };
         info!(volume = %self.url, "volume let go: another daemon may open it");
-        // Elsewhere the engine is closed already, its holder record gone;
-        // ending the layer's threads (2-3 ms) need not hold up the
-        // hand-over, whose downtime runs until this returns.
+        // The close let the volume go (the engine closed and its holder
+        // record gone, or the store server's connection closed); ending
+        // the layer's threads (2-3 ms) need not hold up the hand-over,
+        // whose downtime runs until this returns.
         if let Some(store) = store {
             let ended = std::thread::Builder::new()
                 .name("pohmelfs-let-go".into())

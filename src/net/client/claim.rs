@@ -108,13 +108,18 @@ impl RemoteStore {
     }
 }
 
-impl Drop for RemoteStore {
+impl RemoteStore {
     /// Close the connection and wait (at most the request timeout) until
     /// the server closed it too: a daemon that lets the volume go (a
-    /// migration source) is then no longer its live writer.
-    fn drop(&mut self) {
+    /// migration source) is then no longer its live writer, and makes no
+    /// new connection (a request after this fails). Once; dropping the
+    /// store closes it too.
+    pub fn close(&self) {
         // `call` blocks on the runtime too: never inside another runtime.
         if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        if self.inner.closing.swap(true, Ordering::AcqRel) {
             return;
         }
         let inner = Arc::clone(&self.inner);
@@ -145,11 +150,23 @@ impl Drop for RemoteStore {
             {
                 let _ = tokio::time::timeout(bound, inner.keepalive()).await;
             }
-            let conn = inner.conn.lock().await.take();
-            if let Some(conn) = conn {
+            // Marked under the connection's lock: no request reconnects
+            // once the connection is taken.
+            let taken = {
+                let mut conn = inner.conn.lock().await;
+                inner.closed.store(true, Ordering::Release);
+                conn.take()
+            };
+            if let Some(conn) = taken {
                 conn.close(bound).await;
             }
         });
+    }
+}
+
+impl Drop for RemoteStore {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
