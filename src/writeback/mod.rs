@@ -643,8 +643,9 @@ impl WritebackStore {
     }
 
     /// Let the volume go: [`drain`](Self::drain) within `fsync_timeout`,
-    /// then close the embedded engine, which removes this process's
-    /// holder record (`store/engine/holder.rs`), or the connection to the
+    /// then close the embedded engine for the hand-over
+    /// (`SlateStore::hand_over`), which removes this process's holder
+    /// record (`store/engine/holder.rs`), or the connection to the
     /// store servers, so that another daemon may open the volume; what
     /// the drop does after is this process's own. On a drain error
     /// nothing is closed. Every later call through the layer fails; drop
@@ -657,7 +658,7 @@ impl WritebackStore {
             remote.close();
         }
         match &self.engine {
-            Some(engine) => engine.close(),
+            Some(engine) => engine.hand_over(),
             None => Ok(()),
         }
     }

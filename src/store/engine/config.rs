@@ -87,6 +87,13 @@ pub struct VolumeConfig {
     pub checkpoint_ms: u64,
 }
 
+impl VolumeConfig {
+    /// Whether commits go through a commit log (`file://` with one).
+    pub fn logged(&self) -> bool {
+        self.local_dir.is_some() && self.log_bytes.is_some()
+    }
+}
+
 fn bad(url: &str, reason: impl Into<String>) -> OpenVolumeError {
     OpenVolumeError::BadUrl {
         url: url.to_string(),

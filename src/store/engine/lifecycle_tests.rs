@@ -212,3 +212,55 @@ fn a_close_prepared_ahead_flushes_in_the_background_and_loses_nothing() {
         assert!(s.get_inode(ino).unwrap().is_some(), "inode {ino} lost");
     }
 }
+
+/// A live migration's hand-over leaves the dead segment pages still to
+/// punch to the next open, whose reclaimer frees them: the source's
+/// close does not punch them with the guest stopped, and nothing leaks.
+#[test]
+fn a_hand_over_leaves_its_dead_pages_to_the_next_open() {
+    use super::conformance::{commit, read, write_op};
+    use super::segment_tests::{allocated, check, file, files, root_with};
+    use super::Placement;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    // No background checkpoint: what the overwrite frees stays held
+    // until the hand-over's own.
+    let logged = format!("{}?checkpoint_ms=0", url(&dir));
+    let s = SlateStore::open_for_test(&logged, Placement::SegmentsOf(MIB));
+    s.reserve_ids(1000).unwrap();
+    commit(&s, root_with(&[100]));
+    commit(
+        &s,
+        vec![file(100, MIB), write_op(100, 0, &vec![1u8; MIB as usize])],
+    );
+    let first = files(&dir).list().unwrap()[0].0;
+    commit(&s, vec![write_op(100, 0, &vec![2u8; 256 << 10])]);
+    s.hand_over().unwrap();
+    drop(s);
+    let handed = dir
+        .path()
+        .join("vol/segments")
+        .join(super::reclaim::HANDED_FILE);
+    assert!(handed.exists(), "nothing handed over");
+    assert_eq!(allocated(&dir, first), MIB, "punched at the hand-over");
+    // Pages to punch at the next open are not leaked.
+    let report = check(&dir);
+    assert!(
+        report.is_clean() && report.warnings.is_empty(),
+        "{report:#?}"
+    );
+
+    let s = SlateStore::open_for_test(&logged, Placement::SegmentsOf(MIB));
+    s.reclaimer_barrier();
+    assert_eq!(allocated(&dir, first), MIB - (256 << 10));
+    assert!(!handed.exists(), "the list outlived its pages");
+    assert_eq!(read(&s, 100, 0, 4096), vec![2u8; 4096]);
+    assert_eq!(read(&s, 100, MIB - 4096, 4096), vec![1u8; 4096]);
+    s.close().unwrap();
+    drop(s);
+    let report = check(&dir);
+    assert!(
+        report.is_clean() && report.warnings.is_empty(),
+        "{report:#?}"
+    );
+}

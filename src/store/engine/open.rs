@@ -241,6 +241,7 @@ impl Placement {
 /// the open began (for the log line an operator reads after a slow open).
 pub(super) struct Phases {
     started: std::time::Instant,
+    /// Each phase's end, in microseconds since the start.
     ends: Vec<(&'static str, u128)>,
 }
 
@@ -255,15 +256,16 @@ impl Phases {
 
     /// `phase` ended now.
     pub(super) fn mark(&mut self, phase: &'static str) {
-        self.ends.push((phase, self.started.elapsed().as_millis()));
+        self.ends.push((phase, self.started.elapsed().as_micros()));
     }
 }
 
 impl std::fmt::Display for Phases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, ms)) in self.ends.iter().enumerate() {
+        // Milliseconds with a tenth: a hand-over's phases take one or two.
+        for (i, (phase, us)) in self.ends.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{phase}@{ms}")?;
+            write!(f, "{sep}{phase}@{}.{}", us / 1000, us % 1000 / 100)?;
         }
         Ok(())
     }
@@ -378,14 +380,14 @@ impl SlateStore {
         // Before the engine opens: opening it fences any other writer.
         let lease = runtime.block_on(claim(&mut cfg, mode))?;
         phases.mark("claim");
-        let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg)) {
+        let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg, &mut phases)) {
             Ok(v) => v,
             Err(e) => {
                 runtime.block_on(lease.release());
                 return Err(e);
             }
         };
-        phases.mark("engine");
+        phases.mark("superblock");
         let (local_dir, max) = placement.segments(cfg.local_dir.as_deref());
         let readers: Arc<pins::Readers> = Arc::default();
         let files = open_objects(&cfg, placement, superblock.open_count, &readers, &runtime)
@@ -457,8 +459,12 @@ impl SlateStore {
     /// The engine of `cfg` and its superblock, counted for this open. A
     /// clone's first open gives it a volume id of its own
     /// (`snapshot.rs`).
-    async fn open_engine(cfg: &config::VolumeConfig) -> Result<(Db, Superblock), OpenVolumeError> {
+    async fn open_engine(
+        cfg: &config::VolumeConfig,
+        phases: &mut Phases,
+    ) -> Result<(Db, Superblock), OpenVolumeError> {
         let db = build_db(cfg).await.map_err(OpenVolumeError::Engine)?;
+        phases.mark("engine");
         let cloned = cfg
             .local_dir
             .as_deref()
@@ -473,15 +479,24 @@ impl SlateStore {
         let s3_marked = matches!(s3_clone, Ok(true));
         let opened = match s3_clone {
             Err(e) => Err(e),
-            Ok(s3_clone) => Self::open_superblock(&db, cloned.is_some() || s3_clone)
-                .await
-                .and_then(|sb| match &cloned {
-                    // The new id is durable: later opens keep it.
-                    Some(marker) => super::snapshot::remove_clone_marker(marker)
-                        .map(|()| sb)
-                        .map_err(OpenVolumeError::CloneMarker),
-                    None => Ok(sb),
-                }),
+            Ok(s3_clone) => {
+                let new_id = cloned.is_some() || s3_clone;
+                // With a commit log, the replay that follows ends in a
+                // flush of the engine's WAL (`recover.rs`) before anything
+                // is served: the open count need not be flushed twice (1-2
+                // ms of a migration's downtime). A clone's new id must be
+                // durable before its marker goes.
+                let flush = new_id || !cfg.logged();
+                Self::open_superblock(&db, new_id, flush)
+                    .await
+                    .and_then(|sb| match &cloned {
+                        // The new id is durable: later opens keep it.
+                        Some(marker) => super::snapshot::remove_clone_marker(marker)
+                            .map(|()| sb)
+                            .map_err(OpenVolumeError::CloneMarker),
+                        None => Ok(sb),
+                    })
+            }
         };
         let opened = match opened {
             // The new id is durable: later opens keep it.
@@ -574,6 +589,8 @@ impl SlateStore {
         segments: &Option<Arc<Segments>>,
         reclaimer: &Option<Arc<reclaim::Reclaimer>>,
     ) -> Result<(Option<Arc<recover::Checkpoint>>, Counters), OpenVolumeError> {
+        // When `cfg.logged()`: the replay ends in a flush, which makes the
+        // open count durable (`open_superblock`).
         let checkpoint = match (&cfg.local_dir, cfg.log_bytes) {
             (Some(dir), Some(size)) => {
                 Some(Self::recover(db, dir, size, segments, reclaimer, &cfg.describe).await?)
@@ -644,9 +661,14 @@ impl SlateStore {
     }
 
     /// Read and check the superblock, or write the first one into an empty
-    /// store; either way count this open in it, durably. `new_id`: draw a
-    /// new volume id (the first open of a clone).
-    async fn open_superblock(db: &Db, new_id: bool) -> Result<Superblock, OpenVolumeError> {
+    /// store; either way count this open in it, durably if `flush` (else
+    /// the caller flushes before it serves). `new_id`: draw a new volume
+    /// id (the first open of a clone).
+    async fn open_superblock(
+        db: &Db,
+        new_id: bool,
+        flush: bool,
+    ) -> Result<Superblock, OpenVolumeError> {
         let sb_err = |e| OpenVolumeError::Superblock(map_engine_error(e));
         let superblock = match db.get(keys::superblock()).await.map_err(sb_err)? {
             Some(bytes) => {
@@ -689,7 +711,9 @@ impl SlateStore {
         db.put(keys::superblock(), codec::encode_superblock(&superblock))
             .await
             .map_err(sb_err)?;
-        db.flush().await.map_err(sb_err)?;
+        if flush {
+            db.flush().await.map_err(sb_err)?;
+        }
         Ok(superblock)
     }
 }

@@ -124,6 +124,8 @@ pub async fn replay(
         db.write(batch).await.map_err(map_engine_error)?;
         written += 1;
     }
+    // Always, even with nothing replayed: the open's superblock write
+    // (its open count) is made durable here too (`open.rs`).
     db.flush().await.map_err(map_engine_error)?;
     Ok(written)
 }
@@ -177,6 +179,17 @@ impl Checkpoint {
     /// Move the tail past every record whose batch the engine has, then
     /// hand the space those records freed to the reclaimer.
     pub async fn run(&self) -> Result<(), StoreError> {
+        let freed = self.run_keeping().await?;
+        if let Some(r) = &self.reclaimer {
+            r.send(freed);
+        }
+        Ok(())
+    }
+
+    /// [`run`](Self::run), but return what the records freed instead of
+    /// handing it to the reclaimer (a live migration's hand-over passes
+    /// it on to the next open: `reclaim.rs`).
+    pub async fn run_keeping(&self) -> Result<Reclaim, StoreError> {
         let _one = self.running.lock().await;
         let to = self.log.applied();
         if to != self.log.tail() {
@@ -190,20 +203,16 @@ impl Checkpoint {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let passed = self.log.tail().lsn;
-        let freed: Vec<Reclaim> = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            let (now, later) = std::mem::take(&mut *held)
-                .into_iter()
-                .partition(|(lsn, _)| *lsn < passed);
-            *held = later;
-            now.into_iter().map(|(_, r)| r).collect()
-        };
-        if let Some(r) = &self.reclaimer {
-            for f in freed {
-                r.send(f);
-            }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut *held)
+            .into_iter()
+            .partition(|(lsn, _)| *lsn < passed);
+        *held = later;
+        let mut freed = Reclaim::default();
+        for (_, r) in now {
+            freed.absorb(r);
         }
-        Ok(())
+        Ok(freed)
     }
 
     /// Until [`Checkpoint::stop`]: checkpoint every `every_ms` (never for

@@ -30,7 +30,7 @@
 //! This module owns the files. It never touches the engine and never
 //! decides what is live; the engine tells it what to punch and delete.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
@@ -491,6 +491,9 @@ impl Segments {
     }
 }
 
+/// Dead page ranges, by segment.
+pub type DeadPages = BTreeMap<u64, Vec<Range<u64>>>;
+
 /// Segment files opened read-only: for the volume checker, and for a
 /// volume served read-only (`readonly.rs`).
 pub struct SegmentFiles {
@@ -558,6 +561,13 @@ impl SegmentFiles {
     /// The byte ranges of `seg` that hold data (not holes), page-aligned.
     pub fn allocated(&self, seg: u64) -> io::Result<Vec<Range<u64>>> {
         allocated(&File::open(self.dir.join(file_name(seg)))?)
+    }
+
+    /// The dead pages a live migration's hand-over left for the next
+    /// open's reclaimer to punch (`reclaim.rs`), and the emptied segments
+    /// it is to delete.
+    pub fn handed(&self) -> Result<(DeadPages, Vec<u64>), String> {
+        super::reclaim::read_handed(&self.dir).map(|r| (r.dead, r.emptied))
     }
 }
 

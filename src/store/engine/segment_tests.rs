@@ -23,7 +23,7 @@ fn vol_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("vol")
 }
 
-fn files(dir: &tempfile::TempDir) -> SegmentFiles {
+pub(super) fn files(dir: &tempfile::TempDir) -> SegmentFiles {
     SegmentFiles::of_volume(&vol_dir(dir))
 }
 
@@ -33,7 +33,7 @@ fn segment_len(dir: &tempfile::TempDir) -> u64 {
 }
 
 /// Bytes of segment `seg` the filesystem holds (not holes).
-fn allocated(dir: &tempfile::TempDir, seg: u64) -> u64 {
+pub(super) fn allocated(dir: &tempfile::TempDir, seg: u64) -> u64 {
     files(dir)
         .allocated(seg)
         .unwrap()
@@ -42,7 +42,7 @@ fn allocated(dir: &tempfile::TempDir, seg: u64) -> u64 {
         .sum()
 }
 
-fn check(dir: &tempfile::TempDir) -> Report {
+pub(super) fn check(dir: &tempfile::TempDir) -> Report {
     let reader = VolumeReader::open(&url(dir)).unwrap();
     check_volume(&reader).unwrap()
 }
