@@ -19,7 +19,7 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -32,6 +32,7 @@ use vmm_sys_util::event::{
 use super::migrate::Transfer;
 use super::pool::WorkerPool;
 use super::request::{Chain, DirtyLog, Mem, Requests};
+use super::vring::{Taken, TrackedVring};
 use crate::metrics::Metrics;
 use crate::ratelimit::limited;
 
@@ -41,7 +42,8 @@ pub const TAG_MAX: usize = 36;
 /// Index of the hiprio queue.
 const HIPRIO_QUEUE: usize = 0;
 
-type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+/// Counts the chains it hands out, so that a stop waits for them (`vring.rs`).
+type Vring = TrackedVring<GuestMemoryAtomic<Mem>>;
 
 /// Settings of the device.
 #[derive(Clone, Debug)]
@@ -141,17 +143,27 @@ impl FsBackend {
                 }
             }
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.memory());
-                let Some(chain) = chain else { break };
+                let (chain, taken) = {
+                    let mut state = vring.get_mut();
+                    let q = state.get_queue_mut();
+                    if !q.ready() {
+                        // Stopped (`GET_VRING_BASE`): what is left stays
+                        // in the ring for the next start.
+                        return;
+                    }
+                    match q.pop_descriptor_chain(mem.memory()) {
+                        // Counted before the queue's lock goes, so a stop,
+                        // which takes the lock, always sees it.
+                        Some(chain) => (chain, vring.take()),
+                        None => break,
+                    }
+                };
                 self.metrics.chains.inc();
                 let requests = Arc::clone(&self.requests);
                 let vring = vring.clone();
                 let inline = self.requests.is_cheap(&chain, self.cfg.local_volume);
                 self.route(inline, move || {
-                    complete(&requests, &vring, chain, queue, event_idx)
+                    complete(&requests, &vring, chain, queue, event_idx, taken)
                 });
             }
             if !event_idx {
@@ -188,8 +200,17 @@ impl FsBackend {
     }
 }
 
-/// Serve one chain and return it to the guest with the bytes written.
-fn complete(requests: &Requests, vring: &Vring, chain: Chain, queue: usize, event_idx: bool) {
+/// Serve one chain and return it to the guest with the bytes written;
+/// `taken` goes once the guest has it (or it could not be returned).
+fn complete(
+    requests: &Requests,
+    vring: &Vring,
+    chain: Chain,
+    queue: usize,
+    event_idx: bool,
+    // Dropped on return, after the used ring and the signal.
+    _taken: Taken,
+) {
     let head = chain.head_index();
     let used_len = requests.serve(&chain, queue);
     if let Err(e) = vring.add_used(head, used_len) {

@@ -37,7 +37,7 @@ use crate::store::mem::MemStore;
 use crate::store::Store;
 
 /// The request queue the kit drives (queue 0 is hiprio).
-const QUEUE: usize = 1;
+pub(super) const QUEUE: usize = 1;
 const QUEUE_SIZE: u16 = 256;
 const AVAIL_RING: u64 = 0x20000;
 pub const USED_RING: u64 = 0x28000;
@@ -247,6 +247,15 @@ impl Kit {
     /// used ring to return it; the reply header at the first writable
     /// buffer.
     pub fn request(&mut self, h: InHeader, body: &[u8], bufs: &[(u64, u32, bool)]) -> OutHeader {
+        let idx = self.post(h, body, bufs);
+        self.wait_used(idx);
+        let reply = bufs.iter().find(|b| b.2).map(|b| b.0).unwrap();
+        self.mem.read_obj(GuestAddress(reply)).unwrap()
+    }
+
+    /// Post and kick as [`Kit::request`] does, without waiting: the avail
+    /// index the used ring reaches once the request is returned.
+    pub fn post(&mut self, h: InHeader, body: &[u8], bufs: &[(u64, u32, bool)]) -> u16 {
         self.mem.write_obj(h, GuestAddress(REQUEST)).unwrap();
         self.mem
             .write_slice(body, GuestAddress(REQUEST + h.as_slice().len() as u64))
@@ -268,9 +277,12 @@ impl Kit {
             .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
             .unwrap();
         self.kick.write(1).unwrap();
-        self.wait_used(self.avail_idx);
-        let reply = bufs.iter().find(|b| b.2).map(|b| b.0).unwrap();
-        self.mem.read_obj(GuestAddress(reply)).unwrap()
+        self.avail_idx
+    }
+
+    /// The used ring's index, as the guest reads it.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
     }
 
     /// Wait until the used ring's index reaches `idx`, woken by the call
@@ -278,8 +290,7 @@ impl Kit {
     fn wait_used(&self, idx: u16) {
         let deadline = Instant::now() + REPLY_WAIT;
         loop {
-            let used: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-            if used == idx {
+            if self.used_idx() == idx {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -332,6 +343,16 @@ impl Kit {
 
     /// WRITE `data` (at most [`BULK`]'s megabyte) at offset 0 through `fh`.
     pub fn write(&mut self, nodeid: u64, fh: u64, data: &[u8]) {
+        let idx = self.post_write(nodeid, fh, data);
+        self.wait_used(idx);
+        let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY)).unwrap();
+        assert_eq!(out.error, 0, "WRITE");
+        let written: WriteOut = self.mem.read_obj(GuestAddress(REPLY + OUT)).unwrap();
+        assert_eq!(written.size as usize, data.len());
+    }
+
+    /// Post [`Kit::write`]'s WRITE without waiting for it ([`Kit::post`]).
+    pub fn post_write(&mut self, nodeid: u64, fh: u64, data: &[u8]) -> u16 {
         self.mem.write_slice(data, GuestAddress(BULK)).unwrap();
         let size = u32::try_from(data.len()).unwrap();
         let write = WriteIn {
@@ -345,14 +366,11 @@ impl Kit {
             3,
         );
         h.nodeid = nodeid;
-        let out = self.request(
+        self.post(
             h,
             write.as_slice(),
             &[(BULK, size, false), (REPLY, 4096, true)],
-        );
-        assert_eq!(out.error, 0, "WRITE");
-        let written: WriteOut = self.mem.read_obj(GuestAddress(REPLY + OUT)).unwrap();
-        assert_eq!(written.size, size);
+        )
     }
 
     /// READ `len` bytes at offset 0 through `fh` into `buf` (a guest

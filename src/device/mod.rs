@@ -26,14 +26,18 @@ mod inline_bench;
 mod migrate;
 #[cfg(test)]
 mod migrate_tests;
+mod outstanding;
 mod pool;
 #[cfg(test)]
 mod readonly_tests;
 mod request;
 pub mod state;
 #[cfg(test)]
+mod stop_tests;
+#[cfg(test)]
 mod testkit;
 mod validate;
+mod vring;
 
 pub use backend::{DeviceConfig, FsBackend, TAG_MAX};
 pub use pool::WorkerPool;

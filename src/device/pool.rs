@@ -5,27 +5,22 @@
 //! virtqueue fills up and the guest waits, which is the backpressure we want.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::outstanding::Outstanding;
 use crate::metrics::Metrics;
 use crate::ratelimit::limited;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// Jobs submitted and not yet finished, with a condition to wait on.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-}
-
 /// The worker pool.
 pub struct WorkerPool {
     tx: Option<SyncSender<Job>>,
     workers: Vec<thread::JoinHandle<()>>,
-    in_flight: Arc<InFlight>,
+    /// Jobs submitted and not yet finished.
+    in_flight: Arc<Outstanding>,
 }
 
 impl WorkerPool {
@@ -38,7 +33,7 @@ impl WorkerPool {
     ) -> std::io::Result<WorkerPool> {
         let (tx, rx) = sync_channel::<Job>(queue_depth);
         let rx = Arc::new(Mutex::new(rx));
-        let in_flight = Arc::new(InFlight::default());
+        let in_flight = Arc::new(Outstanding::default());
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
@@ -60,55 +55,21 @@ impl WorkerPool {
     /// Queue a job, waiting while the queue is full.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let Some(tx) = &self.tx else { return };
-        *self
-            .in_flight
-            .count
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) += 1;
+        self.in_flight.add();
         if tx.send(Box::new(job)).is_err() {
             // Only possible when every worker died, which `worker` prevents.
-            self.finish_one();
+            self.in_flight.done();
         }
-    }
-
-    fn finish_one(&self) {
-        finish(&self.in_flight);
     }
 
     /// Wait until every submitted job has finished, at most `timeout`.
     /// Returns the number of jobs still running when it gave up.
     pub fn drain(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let mut count = self
-            .in_flight
-            .count
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        while *count > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            count = self
-                .in_flight
-                .idle
-                .wait_timeout(count, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        *count
+        self.in_flight.wait_zero(timeout)
     }
 }
 
-fn finish(in_flight: &InFlight) {
-    let mut count = in_flight.count.lock().unwrap_or_else(|e| e.into_inner());
-    *count = count.saturating_sub(1);
-    if *count == 0 {
-        in_flight.idle.notify_all();
-    }
-}
-
-fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &InFlight, metrics: &Metrics) {
+fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &Outstanding, metrics: &Metrics) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
@@ -127,7 +88,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, in_flight: &InFlight, metrics: &Metrics) {
                 "a request handler panicked; the worker continues"
             );
         }
-        finish(in_flight);
+        in_flight.done();
     }
 }
 
