@@ -252,13 +252,21 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn answer_control(
     conn: &mut Deadlined<UnixStream>,
     metrics: &Metrics,
-    volume: &str,
     store: Option<&dyn Store>,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new((&mut *conn).take(256)).read_line(&mut line)?;
     let reply = match (line.trim(), store) {
-        ("status" | "", _) => format!("{volume}{}", status_text(metrics)),
+        // The volume's lines as they are now: a live migration opens the
+        // volume after start (`--incoming`) or lets it go.
+        ("status" | "", _) => format!(
+            "{}{}",
+            store.map_or_else(String::new, |s| volume_text(
+                &s.describe(),
+                s.identity().as_ref()
+            )),
+            status_text(metrics)
+        ),
         ("prometheus", _) => metrics.prometheus(),
         (cmd, Some(store)) if cmd.starts_with("snapshot ") => {
             let name = cmd["snapshot ".len()..].trim();
@@ -334,9 +342,6 @@ fn spawn_control_socket_with(
     volume: Option<Arc<dyn Store>>,
     limits: Limits,
 ) -> std::io::Result<()> {
-    let text = volume.as_ref().map_or_else(String::new, |store| {
-        volume_text(&store.describe(), store.identity().as_ref())
-    });
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     info!(path = %path.display(), "control socket listening");
@@ -344,7 +349,7 @@ fn spawn_control_socket_with(
         "pohmelfs-control",
         move || Ok(listener.accept()?.0),
         limits,
-        move |c| answer_control(c, &metrics, &text, volume.as_deref()),
+        move |c| answer_control(c, &metrics, volume.as_deref()),
     )
 }
 

@@ -136,6 +136,21 @@ impl Drop for Sleeper {
     }
 }
 
+/// A control socket on `slot`, as `serve` starts one; its `status` answer.
+fn status_of(slot: &Arc<VolumeSlot>, name: &str) -> impl Fn() -> String {
+    let dir = std::env::temp_dir().join(format!("pohmelfs-status-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("daemon.sock");
+    let store: Arc<dyn crate::store::Store> = Arc::clone(slot) as _;
+    crate::control::spawn_control_socket(
+        &crate::control::control_path(&socket),
+        Arc::new(Metrics::default()),
+        Some(store),
+    )
+    .unwrap();
+    move || crate::control::query(&socket, "status").unwrap()
+}
+
 #[test]
 fn the_volume_moves_to_the_incoming_daemon_only_when_the_source_let_it_go() {
     let vol = Volume::new();
@@ -152,6 +167,9 @@ fn the_volume_moves_to_the_incoming_daemon_only_when_the_source_let_it_go() {
 
     let (dst_slot, mut dst) = vol.destination("handover-dst", WAIT);
     assert_eq!(dst_slot.phase(), Phase::Incoming);
+    let (src_status, dst_status) = (status_of(&src_slot, "src"), status_of(&dst_slot, "dst"));
+    assert!(dst_status().contains("not open yet"), "{}", dst_status());
+    assert!(src_status().contains("volume_id"), "{}", src_status());
     assert!(
         dst_slot.current().is_none(),
         "--incoming opened the volume at start"
@@ -175,6 +193,11 @@ fn the_volume_moves_to_the_incoming_daemon_only_when_the_source_let_it_go() {
 
     load(&dst, &bytes).unwrap();
     assert_eq!(dst_slot.phase(), Phase::Open);
+    // `pohmelfs status` says so now, not what it was at start.
+    let now = dst_status();
+    assert!(!now.contains("not open yet"), "{now}");
+    assert!(now.contains("holder"), "{now}");
+    assert!(src_status().contains("let go"), "{}", src_status());
     assert!(vol.holder().is_some(), "the destination holds the volume");
     // QEMU's source disconnects: the unlinked file is the destination's.
     drop(src);
