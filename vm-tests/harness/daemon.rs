@@ -41,6 +41,15 @@ const SESSION_ENDED: &str = "session ended";
 const START_MARKER: &str = "=== harness: start #";
 /// What the Rust runtime prints when a thread panics, caught or not.
 const PANIC_MARKER: &str = " panicked at ";
+/// The counters a failure report shows of a running pohmelfs daemon.
+const REPORT_COUNTERS: [&str; 6] = [
+    "connections",
+    "chains",
+    "fs_internal_errors",
+    "dirty_bytes",
+    "in_flight_txns",
+    "fsync_calls",
+];
 /// The descriptor an inherited socket reaches the daemon at ([`DaemonBuilder::inherited_socket`]).
 pub const INHERITED_FD: i32 = 40;
 
@@ -309,12 +318,34 @@ impl Daemon {
         &self.log
     }
 
-    /// The end of the daemon log, headed by its path, for failure messages.
+    /// The end of the daemon log, headed by its path, for failure messages; for a pohmelfs
+    /// daemon still running, a few of its counters first (a guest stuck with a request out
+    /// shows there: did the daemon take the chain, is anything still dirty or in flight).
+    /// Its one query is bounded by the control socket's 10 s timeout.
     pub fn log_report(&self) -> String {
+        // Not through `exit_status`: callers may hold the state lock. A daemon that is gone
+        // refuses the connection at once.
+        let counters = match self.kind {
+            DaemonKind::Pohmelfs => pohmelfs::control::query(&self.socket, "status")
+                .map(|status| {
+                    REPORT_COUNTERS
+                        .iter()
+                        .filter_map(|name| Some(format!("{name}={}", status_value(&status, name)?)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default(),
+            DaemonKind::Virtiofsd => String::new(),
+        };
         format!(
-            "--- {} log, last {LOG_TAIL_LINES} lines ({}) ---\n{}",
+            "--- {} log, last {LOG_TAIL_LINES} lines ({}) ---\n{}{}",
             self.kind,
             self.log.display(),
+            if counters.is_empty() {
+                String::new()
+            } else {
+                format!("counters now: {counters}\n")
+            },
             log_tail(&self.log, LOG_TAIL_LINES)
         )
     }
