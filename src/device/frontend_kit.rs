@@ -164,6 +164,18 @@ impl Kit {
     /// [`Kit::start`] serving `fs` (built on a volume slot: a daemon that
     /// may open its volume late or let it go), counting in `metrics`.
     pub fn start_with(name: &str, fs: Arc<PohmelFs>, metrics: Arc<Metrics>) -> Kit {
+        Kit::start_serving(name, fs, metrics, false)
+    }
+
+    /// [`Kit::start_with`]; `local_volume` as `serve` sets it for a
+    /// `file://` or `mem:` volume (cheap requests served on the queue
+    /// thread).
+    pub fn start_serving(
+        name: &str,
+        fs: Arc<PohmelFs>,
+        metrics: Arc<Metrics>,
+        local_volume: bool,
+    ) -> Kit {
         let dir = std::env::temp_dir().join(format!("pohmelfs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vhost.sock");
@@ -173,7 +185,7 @@ impl Kit {
                 tag: None,
                 request_queues: 1,
                 queue_size: usize::from(QUEUE_SIZE),
-                local_volume: false,
+                local_volume,
             },
             threads: 1,
             queue_depth: 64,
@@ -343,7 +355,12 @@ impl Kit {
 
     /// WRITE `data` (at most [`BULK`]'s megabyte) at offset 0 through `fh`.
     pub fn write(&mut self, nodeid: u64, fh: u64, data: &[u8]) {
-        let idx = self.post_write(nodeid, fh, data);
+        self.write_at(nodeid, fh, 0, data);
+    }
+
+    /// [`Kit::write`] at `offset`.
+    pub fn write_at(&mut self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) {
+        let idx = self.post_write_at(nodeid, fh, offset, data);
         self.wait_used(idx);
         let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY)).unwrap();
         assert_eq!(out.error, 0, "WRITE");
@@ -353,10 +370,16 @@ impl Kit {
 
     /// Post [`Kit::write`]'s WRITE without waiting for it ([`Kit::post`]).
     pub fn post_write(&mut self, nodeid: u64, fh: u64, data: &[u8]) -> u16 {
+        self.post_write_at(nodeid, fh, 0, data)
+    }
+
+    /// [`Kit::post_write`] at `offset`.
+    fn post_write_at(&mut self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> u16 {
         self.mem.write_slice(data, GuestAddress(BULK)).unwrap();
         let size = u32::try_from(data.len()).unwrap();
         let write = WriteIn {
             fh,
+            offset,
             size,
             ..WriteIn::default()
         };
@@ -377,8 +400,21 @@ impl Kit {
     /// address apart from the reply header's); the reply's error and the
     /// bytes.
     pub fn read(&mut self, nodeid: u64, fh: u64, buf: u64, len: u32) -> (i32, Vec<u8>) {
+        self.read_at(nodeid, fh, 0, buf, len)
+    }
+
+    /// [`Kit::read`] at `offset`.
+    pub fn read_at(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        buf: u64,
+        len: u32,
+    ) -> (i32, Vec<u8>) {
         let read = ReadIn {
             fh,
+            offset,
             size: len,
             ..ReadIn::default()
         };

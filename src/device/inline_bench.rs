@@ -24,7 +24,7 @@ const REQUESTS: u32 = 20_000;
 const FUSE_GETATTR: u32 = 3;
 
 /// CPU time of the whole process (user and system).
-fn cpu() -> Duration {
+pub(super) fn cpu() -> Duration {
     // SAFETY: getrusage fills the struct it is given; all-zero is a valid
     // rusage to start from.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };

@@ -29,6 +29,8 @@ mod migrate_tests;
 mod outstanding;
 mod pool;
 #[cfg(test)]
+mod read_bench;
+#[cfg(test)]
 mod readonly_tests;
 mod request;
 pub mod state;

@@ -296,6 +296,94 @@ impl<'a> Cursor<'a> {
 /// windows inside the chunk and inside their pieces, sorted, disjoint,
 /// non-empty, one checksum per page.
 pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
+    let views = views(bytes)?;
+    let mut out = Vec::with_capacity(views.left);
+    for v in views {
+        out.push(v?.to_extent());
+    }
+    Ok(out)
+}
+
+/// A segment piece as its record holds it: the checksums still encoded.
+#[derive(Clone, Copy, Debug)]
+pub struct PieceView<'a> {
+    pub seg: u64,
+    pub seg_off: u64,
+    pub start: u32,
+    pub len: u32,
+    /// Little-endian CRC32Cs, one per page the piece touches.
+    crcs: &'a [u8],
+}
+
+impl PieceView<'_> {
+    /// As [`Piece::seg_at`].
+    pub fn seg_at(&self, x: u32) -> u64 {
+        self.seg_off + u64::from(x - self.start)
+    }
+
+    pub fn to_piece(self) -> Piece {
+        let crcs = self.crcs.chunks_exact(4);
+        Piece {
+            seg: self.seg,
+            seg_off: self.seg_off,
+            start: self.start,
+            len: self.len,
+            crcs: crcs
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        }
+    }
+}
+
+/// Where a [`View`]'s bytes are.
+#[derive(Clone, Debug)]
+pub enum DataView<'a> {
+    Inline(Bytes),
+    Segment(PieceView<'a>),
+}
+
+/// One extent of a record, read in place: what a read plan needs, without
+/// the allocations of [`decode`]'s checksum lists.
+#[derive(Clone, Debug)]
+pub struct View<'a> {
+    pub start: u32,
+    pub len: u32,
+    pub data: DataView<'a>,
+}
+
+impl View<'_> {
+    pub fn end(&self) -> u32 {
+        self.start + self.len
+    }
+
+    pub fn to_extent(&self) -> Extent {
+        Extent {
+            start: self.start,
+            len: self.len,
+            data: match &self.data {
+                DataView::Inline(b) => Data::Inline(b.clone()),
+                DataView::Segment(p) => Data::Segment(p.to_piece()),
+            },
+        }
+    }
+}
+
+/// The extents of a chunk record in order, each checked as [`decode`]
+/// checks it; an error ends the iteration, and bytes after the last
+/// extent are one.
+pub struct Views<'a> {
+    bytes: &'a Bytes,
+    c: Cursor<'a>,
+    /// Extents still to come.
+    left: usize,
+    /// The end of the last window.
+    prev_end: u32,
+    /// An error was returned, or the trailing bytes checked.
+    done: bool,
+}
+
+/// Read `bytes`' header; its extents follow from the iterator.
+pub fn views(bytes: &Bytes) -> Result<Views<'_>, StoreError> {
     let mut c = Cursor(bytes);
     let version = c.take(1)?[0];
     if version != V1 {
@@ -306,8 +394,18 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
     if n > bytes.len() / 9 {
         return Err(corrupt(format!("claims {n} extents")));
     }
-    let mut out: Vec<Extent> = Vec::with_capacity(n);
-    for _ in 0..n {
+    Ok(Views {
+        bytes,
+        c,
+        left: n,
+        prev_end: 0,
+        done: false,
+    })
+}
+
+impl<'a> Views<'a> {
+    fn extent(&mut self) -> Result<View<'a>, StoreError> {
+        let c = &mut self.c;
         let start = c.u32()?;
         let len = c.u32()?;
         let end = start
@@ -316,14 +414,14 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
         if len == 0 || end.is_none() {
             return Err(corrupt(format!("window {start}+{len} outside the chunk")));
         }
-        if out.last().is_some_and(|p| p.end() > start) {
+        if self.prev_end > start {
             return Err(corrupt("windows overlap or are out of order"));
         }
         let data = match c.take(1)?[0] {
             KIND_INLINE => {
-                let at = bytes.len() - c.0.len();
+                let at = self.bytes.len() - c.0.len();
                 c.take(len as usize)?;
-                Data::Inline(bytes.slice(at..at + len as usize))
+                DataView::Inline(self.bytes.slice(at..at + len as usize))
             }
             KIND_SEGMENT => {
                 let (seg, seg_off) = (c.u64()?, c.u64()?);
@@ -337,35 +435,53 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<Extent>, StoreError> {
                 }
                 // The code works in whole segment pages: the piece's last
                 // page must end within u64.
-                let pages_end = seg_off
+                let pages = seg_off
                     .checked_add(u64::from(plen))
-                    .and_then(|end| pages_of(seg_off..end).end.checked_mul(PAGE));
-                if pages_end.is_none() {
-                    return Err(corrupt(format!(
-                        "piece at segment offset {seg_off} too far"
-                    )));
-                }
-                let mut p = Piece {
+                    .map(|end| pages_of(seg_off..end))
+                    .filter(|p| p.end.checked_mul(PAGE).is_some())
+                    .ok_or_else(|| corrupt(format!("piece at segment offset {seg_off} too far")))?;
+                // At most a chunk's pages (`inside`): no overflow.
+                let crcs = c.take(4 * (pages.end - pages.start) as usize)?;
+                DataView::Segment(PieceView {
                     seg,
                     seg_off,
                     start: pstart,
                     len: plen,
-                    crcs: Vec::new(),
-                };
-                let pages = p.pages();
-                for _ in pages {
-                    p.crcs.push(c.u32()?);
-                }
-                Data::Segment(p)
+                    crcs,
+                })
             }
             k => return Err(corrupt(format!("unknown extent kind {k}"))),
         };
-        out.push(Extent { start, len, data });
+        self.prev_end = start + len;
+        Ok(View { start, len, data })
     }
-    if !c.0.is_empty() {
-        return Err(corrupt(format!("{} trailing bytes", c.0.len())));
+}
+
+impl<'a> Iterator for Views<'a> {
+    type Item = Result<View<'a>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.left == 0 {
+            self.done = true;
+            return (!self.c.0.is_empty())
+                .then(|| Err(corrupt(format!("{} trailing bytes", self.c.0.len()))));
+        }
+        self.left -= 1;
+        let got = self.extent();
+        self.done = got.is_err();
+        Some(got)
     }
-    Ok(out)
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.done {
+            (0, Some(0))
+        } else {
+            (0, Some(self.left + 1))
+        }
+    }
 }
 
 /// The checksums of a piece about to be written at segment offset
@@ -472,5 +588,33 @@ mod tests {
         let outside = encode(&[seg(65530, 10, 0)]);
         assert!(decode(&Bytes::from(outside)).is_err());
         assert!(decode(&Bytes::from_static(&[1, 255, 255, 255, 255])).is_err());
+    }
+
+    /// A read plan's in-place views say what `decode` says, and a record
+    /// with bytes after its last extent ends in an error there too.
+    #[test]
+    fn views_read_what_decode_reads() {
+        let list = insert(&[seg(100, 5000, 100)], seg(6000, 10, 9000 + 6000 % 4096));
+        let mut bytes = encode(&list);
+        let record = Bytes::from(bytes.clone());
+        let read: Vec<View> = views(&record).unwrap().collect::<Result<_, _>>().unwrap();
+        let back: Vec<Extent> = read.iter().map(View::to_extent).collect();
+        assert_eq!(back, list);
+        let DataView::Segment(p) = &read[1].data else {
+            panic!("not a segment view")
+        };
+        let Data::Segment(q) = &list[1].data else {
+            panic!("not a segment extent")
+        };
+        assert_eq!(p.seg_at(6005), q.seg_at(6005));
+        bytes.push(0);
+        let bytes = Bytes::from(bytes);
+        let last = views(&bytes).unwrap().last().unwrap();
+        assert!(last.is_err(), "trailing byte read as {last:?}");
+        assert_eq!(
+            views(&bytes).unwrap().count(),
+            3,
+            "iteration ends at the error"
+        );
     }
 }

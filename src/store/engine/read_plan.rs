@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::extent::{self, Data};
+use super::extent::{self, DataView};
 use super::pins::Entered;
 use super::SlateStore;
 use crate::store::{StoreError, BLOCK_SIZE};
@@ -201,33 +201,36 @@ impl SlateStore {
         let mut fetch = Fetches::new();
         for (span, record) in spans.iter().zip(records) {
             let (index, from, to) = (span.index, span.from, span.to);
-            let list = match record {
-                Some(v) => extent::decode(v).map_err(|e| match e {
-                    StoreError::Corrupt(m) => {
-                        StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))
-                    }
-                    other => other,
-                })?,
-                None => Vec::new(),
+            let in_chunk = |e| match e {
+                StoreError::Corrupt(m) => {
+                    StoreError::Corrupt(format!("block {index} of inode {ino}: {m}"))
+                }
+                other => other,
+            };
+            // Read in place: a read needs no checksum lists.
+            let views = match record {
+                Some(v) => Some(extent::views(v).map_err(in_chunk)?),
+                None => None,
             };
             let mut at = from;
-            for e in &list {
+            for e in views.into_iter().flatten() {
+                let e = e.map_err(in_chunk)?;
                 let (s, t) = (e.start.max(at), e.end().min(to));
                 if s >= t {
                     continue;
                 }
                 push(&mut out, ReadPiece::Zeros((s - at) as usize));
                 match &e.data {
-                    Data::Inline(b) => push(
+                    DataView::Inline(b) => push(
                         &mut out,
                         ReadPiece::Bytes(b.slice((s - e.start) as usize..(t - e.start) as usize)),
                     ),
-                    Data::Segment(p) if self.objects.is_some() => {
+                    DataView::Segment(p) if self.objects.is_some() => {
                         // A placeholder; the caller fetches them all together.
-                        fetch.push((out.len(), p.clone(), s..t));
+                        fetch.push((out.len(), p.to_piece(), s..t));
                         out.push(ReadPiece::Bytes(Bytes::new()));
                     }
-                    Data::Segment(p) => {
+                    DataView::Segment(p) => {
                         let segs = self.segments.as_ref().ok_or_else(|| {
                             StoreError::Corrupt(format!(
                                 "extent in segment {} on a volume without segments",
