@@ -108,8 +108,9 @@ counters! {
     cache_hits,
     /// Page reads that went to the store.
     cache_misses,
-    /// Read-ahead hints a sequential read handed to the store (segment
-    /// files: `posix_fadvise(WILLNEED)`, which does not wait for the I/O).
+    /// Read-ahead windows a sequential reader of a remote volume started
+    /// fetching in the background (`file://` volumes are read ahead by
+    /// the host kernel).
     read_ahead,
     /// Guest reads that waited for a read-ahead chunk fetching their
     /// pages (remote volumes): the window was not far enough ahead.

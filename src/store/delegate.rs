@@ -18,7 +18,7 @@
 /// ```
 ///
 /// Every method of the trait may be named; those with a default body
-/// (`advise`, `flush`, …) then call the inner store's instead of the default.
+/// (`flush`, `would_not_wait`, …) then call the inner store's instead of the default.
 /// `metadata` names the required methods that neither read file data nor
 /// commit, sync or describe: `get_inode`, `lookup`, `readdir`, `next_data`,
 /// `next_hole`, `readlink`, `get_xattr`, `list_xattr`, `statfs` and
@@ -86,11 +86,6 @@ macro_rules! delegate_store {
             len: usize,
         ) -> Result<$crate::store::ReadData, $crate::store::StoreError> {
             self.$inner.read_data(ino, offset, len)
-        }
-    };
-    (@one $inner:tt advise) => {
-        fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), $crate::store::StoreError> {
-            self.$inner.advise(ino, offset, len)
         }
     };
     (@one $inner:tt next_data) => {

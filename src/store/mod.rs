@@ -411,14 +411,6 @@ pub trait Store: Send + Sync {
         Ok(ReadData::from(buf))
     }
 
-    /// Start reading `len` bytes of `ino` at `offset` into a cache in the
-    /// background, for a sequential reader; returns without waiting for
-    /// the data. The default does nothing.
-    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        let _ = (ino, offset, len);
-        Ok(())
-    }
-
     /// Whether a read of `len` bytes of `ino` at `offset` would be served
     /// from this machine's storage, without a round trip to a remote store
     /// (the local read cache holds every block of it): a layer above reads

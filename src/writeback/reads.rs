@@ -211,17 +211,14 @@ impl Store for WritebackStore {
                 }
             }
         }
-        // A sequential reader: what comes next is read in the background
-        // (segment files: the store's `posix_fadvise(WILLNEED)`; where every
-        // read is a round trip: chunks fetched in parallel, `ahead.rs`).
-        // Never a data read inside this READ.
-        // A window the local read cache holds whole needs neither.
+        // A sequential reader of a remote volume: what comes next is
+        // fetched in parallel in the background (`ahead.rs`), never inside
+        // this READ; a window the local read cache holds whole is not.
+        // Segment files (`file://`) are read ahead by the host kernel's own
+        // read-ahead of the segment file, as virtiofsd's files are.
         if let Some(a) = plan.read_ahead {
             let (from, len) = (a.start * PAGE_SIZE, (a.end - a.start) * PAGE_SIZE);
-            if sh.cfg.forget_clean_pages {
-                sh.metrics.read_ahead.add(1);
-                sh.store.advise(ino, from, len)?;
-            } else if !sh.store.reads_locally(ino, from, len) {
+            if !sh.store.reads_locally(ino, from, len) {
                 sh.metrics.read_ahead.add(1);
                 Shared::fetch_ahead(sh, ino, a, plan.read_ahead_to_eof);
             }
@@ -458,21 +455,20 @@ impl Shared {
             }
             pos = page_end;
         }
-        // A sequential reader that missed gets the pages after its read
-        // advised to the store, up to the file's size; where every read is a
-        // round trip (clean pages kept), one that did not miss too, and a
-        // window of at least `AHEAD_WINDOW_MIN_BYTES` is fetched, so that it
-        // keeps running ahead of the reader.
+        // A sequential reader of a remote volume (every read a round trip,
+        // clean pages kept), whether it missed or not, gets a window of at
+        // least `AHEAD_WINDOW_MIN_BYTES` after its read fetched, up to the
+        // file's size, so that it keeps running ahead of the reader. On
+        // `file://` the host's read-ahead of the segment files does it
+        // (the kernel reads ahead into large folios; advising each window
+        // cost extent lookups per READ and filled the page cache with
+        // single-page folios, `docs/benchmarks.md`, session 45).
         let next = end.div_ceil(PAGE_SIZE);
         let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
         let remote = !self.cfg.forget_clean_pages;
-        let window = if remote {
-            self.cfg.read_ahead_bytes.max(AHEAD_WINDOW_MIN_BYTES)
-        } else {
-            self.cfg.read_ahead_bytes
-        };
+        let window = self.cfg.read_ahead_bytes.max(AHEAD_WINDOW_MIN_BYTES);
         let ahead_end = (next + window / PAGE_SIZE).min(limit);
-        let read_ahead = (sequential && (missing_pages > 0 || remote) && ahead_end > next)
+        let read_ahead = (sequential && remote && ahead_end > next)
             .then_some(next..ahead_end)
             // From the end: a window the reader moves into lacks its tail.
             .filter(|r| !(r.start..r.end).rev().all(|i| st.cache.contains(ino, i)));

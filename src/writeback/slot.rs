@@ -290,10 +290,6 @@ impl Store for VolumeSlot {
         self.with(|s| s.read_data(ino, offset, len))
     }
 
-    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        self.with(|s| s.advise(ino, offset, len))
-    }
-
     /// The open volume's answer; a volume not open (yet, or any more)
     /// would make a request wait for it.
     fn would_not_wait(&self, demand: Demand) -> bool {

@@ -574,10 +574,6 @@ impl Store for SlateStore {
         self.read_pinned(ino, offset, len)
     }
 
-    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        self.advise_ranges(ino, offset, usize::try_from(len).unwrap_or(usize::MAX))
-    }
-
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
         self.rt()?.block_on(async {
             let first = self

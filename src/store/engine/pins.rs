@@ -1,7 +1,7 @@
 //! Reads by file range: [`SlateStore`]'s `read_data` hands segment extents
 //! back as [`ReadPiece::File`] ranges, which the filesystem layer reads
-//! with `preadv` straight into the guest's buffers, and `advise` starts the
-//! host's read-ahead of the segment ranges a sequential reader will want.
+//! with `preadv` straight into the guest's buffers (a sequential reader's
+//! next ranges are the host kernel's read-ahead of the segment file).
 //!
 //! Reads and reclamation meet through grace periods, not a lock: a read
 //! enters the current epoch before it looks up an extent and leaves it
@@ -25,8 +25,6 @@
 //! change through media corruption, which `check` reports.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,8 +36,6 @@ use crate::store::{ReadData, ReadPiece, ReadPin, StoreError};
 pub(super) struct Readers {
     state: Mutex<Epochs>,
     left: Condvar,
-    /// `posix_fadvise(WILLNEED)` calls made for read-ahead (tests).
-    pub(super) advised: AtomicU64,
 }
 
 #[derive(Default)]
@@ -144,43 +140,6 @@ impl SlateStore {
             });
         }
         Ok(out)
-    }
-
-    /// Ask the host to read the segment ranges behind `len` bytes of `ino`
-    /// at `offset` into its page cache in the background
-    /// (`posix_fadvise(WILLNEED)`, which returns without waiting for the
-    /// I/O). Costs the extent-map lookups, never a data read.
-    pub(super) fn advise_ranges(
-        &self,
-        ino: u64,
-        offset: u64,
-        len: usize,
-    ) -> Result<(), StoreError> {
-        let plan = self.read_plan(ino, offset, len)?;
-        for p in plan.pieces.iter() {
-            if let PlanPiece::File { file, offset, len } = p {
-                let (Ok(off), Ok(n)) =
-                    (libc::off_t::try_from(*offset), libc::off_t::try_from(*len))
-                else {
-                    continue;
-                };
-                // SAFETY: posix_fadvise only reads its integer arguments;
-                // the fd is open while `file` is.
-                let rc = unsafe {
-                    libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED)
-                };
-                if rc != 0 {
-                    tracing::debug!(error = rc, "posix_fadvise(WILLNEED) failed");
-                }
-                self.readers.advised.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    /// How many read-ahead advice calls this store made.
-    pub fn advised(&self) -> u64 {
-        self.readers.advised.load(Ordering::Relaxed)
     }
 }
 

@@ -16,9 +16,11 @@
 //! whole pages) is written `O_DIRECT`: through the page cache, the kernel's
 //! copy into newly allocated page-cache folios was most of a sequential
 //! write's CPU (`docs/benchmarks.md`, "Direct segment writes"). The
-//! written range is then advised `WILLNEED`, so the host reads it back
-//! into its page cache by DMA, and reads of fresh data stay hot as through
-//! the page cache. Small or unaligned appends, and file systems that
+//! written range is not in the host's page cache afterwards: its first
+//! read comes from the disk through the kernel's read-ahead, into large
+//! folios (advising it `WILLNEED` after the write, as before session 45,
+//! cost the writer CPU and left single-page folios that made every later
+//! read of it dearer). Small or unaligned appends, and file systems that
 //! refuse `O_DIRECT`, go through the page cache.
 //!
 //! Durability is shared like WAL flushes in `group.rs`: committers append,
@@ -237,16 +239,6 @@ pub fn write_all_at(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<
     Ok(())
 }
 
-/// Ask the kernel to read `len` bytes at `off` of `file` into its page
-/// cache in the background; advice only, so a failure is ignored.
-fn advise_willneed(file: &File, off: u64, len: u64) {
-    if let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
-        // SAFETY: posix_fadvise only reads its integer arguments; the fd
-        // is open while `file` is.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
-    }
-}
-
 /// Give the pages of `r` back to the filesystem, keeping the file's size.
 pub fn punch(file: &File, r: Range<u64>) -> io::Result<()> {
     let (off, len) = match (
@@ -337,14 +329,13 @@ impl Segments {
     }
 
     /// Write one append's bytes at `at` of the active segment: `O_DIRECT`
-    /// when shaped for it, then advised `WILLNEED`; else (or when the file
-    /// system refuses the shape) through the page cache.
+    /// when shaped for it; else (or when the file system refuses the
+    /// shape) through the page cache.
     fn write(&self, a: &Active, bufs: &[&[u8]], at: u64, len: u64) -> io::Result<()> {
         if let Some(direct) = a.direct.as_ref().filter(|_| direct_shaped(bufs, at, len)) {
             match write_all_at(direct, bufs, at) {
                 Ok(()) => {
                     self.direct_bytes.fetch_add(len, Ordering::Relaxed);
-                    advise_willneed(&a.file, at, len);
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

@@ -272,13 +272,6 @@ impl Store for CachedStore {
         Ok(out)
     }
 
-    fn advise(&self, ino: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        if self.reads_locally(ino, offset, len) {
-            return Ok(());
-        }
-        self.inner.advise(ino, offset, len)
-    }
-
     /// Every block of the range is in the cache (or the inner store is
     /// local itself).
     fn reads_locally(&self, ino: u64, offset: u64, len: u64) -> bool {
