@@ -3,8 +3,10 @@
 //! (queue, FUSE decoding, fs, write-back layer, extent map, `preadv` into
 //! guest memory), one 4 KiB READ at a time at random offsets of a file
 //! written before and acknowledged, as fio's psync random reads issue
-//! them. Prints the process's CPU and the wall time per READ; to see
-//! where the CPU goes, run the test binary under `perf record`. Ignored by
+//! them, after random 4 KiB overwrites of the file with an fsync every 32
+//! (`scripts/bench`'s randwrite, which fragments the chunks' extent
+//! lists before its randread). Prints the process's CPU and the wall time
+//! per READ; to see where the CPU goes, run the test binary under `perf record`. Ignored by
 //! default (it measures, asserts only that every read returned the bytes
 //! written); run it alone, release:
 //!
@@ -28,6 +30,9 @@ use crate::writeback::{self, TxnConfig};
 const FILE_MIB: u64 = 256;
 const CACHE_BYTES: u64 = 64 << 20;
 const READS: u32 = 200_000;
+/// As dense in the file as the guest's 20 s of randwrite before its
+/// randread (about 50,000 writes in 1 GiB).
+const OVERWRITES: u32 = 12_500;
 const PAGE: u64 = 4096;
 
 /// The byte at `offset` of the file.
@@ -74,6 +79,16 @@ fn random_4k_reads_of_acknowledged_data() {
         kit.write_at(ino, fh, base, &data);
     }
     let fsync = [0u8; 16];
+    assert_eq!(kit.call(Opcode::Fsync, ino, &fsync).0, 0, "fsync");
+    // Other pages than the reads': the same bytes again, in new extents.
+    for (i, page) in pages(OVERWRITES, FILE_MIB << 20 >> 12).skip(1).enumerate() {
+        let offset = (page ^ 0x5555) % (FILE_MIB << 20 >> 12) * PAGE;
+        let data: Vec<u8> = (0..PAGE).map(|i| pattern(offset + i)).collect();
+        kit.write_at(ino, fh, offset, &data);
+        if i % 32 == 31 {
+            assert_eq!(kit.call(Opcode::Fsync, ino, &fsync).0, 0, "fsync");
+        }
+    }
     assert_eq!(kit.call(Opcode::Fsync, ino, &fsync).0, 0, "fsync");
 
     let buf = BULK;
