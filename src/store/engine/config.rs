@@ -208,13 +208,18 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
 /// The least `memory=` accepts: below, memtables flush every few commits.
 const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
-/// How the engine spends its memory: half on writes not yet in a table
-/// (WAL buffers and memtables; writers wait beyond it), an eighth as the
-/// memtable size that starts a flush to an L0 table, an eighth on the
-/// cache of data blocks, an eighth on the cache of chunk records
+/// How the engine spends its memory: three eighths on writes not yet in a
+/// table (WAL buffers and memtables; writers wait beyond it), an eighth as
+/// the memtable size that starts a flush to an L0 table, an eighth on the
+/// cache of data blocks, a quarter on the cache of chunk records
 /// (`chunk_cache.rs`) and an eighth on the cache of indexes and bloom
 /// filters. With file data in segment files, the LSM holds metadata only,
-/// and these are metadata-sized.
+/// and these are metadata-sized. The chunk records get the most of the
+/// caches: a READ whose record is not cached walks the engine's tables.
+/// The records of a 1 GiB file after `scripts/bench`'s random writes do
+/// not fit in 8 MiB: its cold random reads then cost the daemon 3.2-4.4
+/// CPU-s, against 2.2 with 16 MiB or 64 MiB (`docs/benchmarks.md`,
+/// session 45).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EngineMemory {
     pub max_unflushed_bytes: u64,
@@ -227,10 +232,10 @@ pub struct EngineMemory {
 impl EngineMemory {
     pub fn of(bytes: u64) -> EngineMemory {
         EngineMemory {
-            max_unflushed_bytes: bytes / 2,
+            max_unflushed_bytes: bytes / 8 * 3,
             l0_sst_size_bytes: bytes / 8,
             block_cache_bytes: bytes / 8,
-            chunk_cache_bytes: bytes / 8,
+            chunk_cache_bytes: bytes / 4,
             meta_cache_bytes: bytes / 8,
         }
     }
