@@ -219,7 +219,7 @@ fn a_close_prepared_ahead_flushes_in_the_background_and_loses_nothing() {
 #[test]
 fn a_hand_over_leaves_its_dead_pages_to_the_next_open() {
     use super::conformance::{commit, read, write_op};
-    use super::segment_tests::{allocated, check, file, files, root_with};
+    use super::segment_tests::{allocated, assert_checks_clean, file, files, root_with};
     use super::Placement;
     const MIB: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
@@ -244,11 +244,7 @@ fn a_hand_over_leaves_its_dead_pages_to_the_next_open() {
     assert!(handed.exists(), "nothing handed over");
     assert_eq!(allocated(&dir, first), MIB, "punched at the hand-over");
     // Pages to punch at the next open are not leaked.
-    let report = check(&dir);
-    assert!(
-        report.is_clean() && report.warnings.is_empty(),
-        "{report:#?}"
-    );
+    assert_checks_clean(&dir);
 
     let s = SlateStore::open_for_test(&logged, Placement::SegmentsOf(MIB));
     s.reclaimer_barrier();
@@ -258,9 +254,5 @@ fn a_hand_over_leaves_its_dead_pages_to_the_next_open() {
     assert_eq!(read(&s, 100, MIB - 4096, 4096), vec![1u8; 4096]);
     s.close().unwrap();
     drop(s);
-    let report = check(&dir);
-    assert!(
-        report.is_clean() && report.warnings.is_empty(),
-        "{report:#?}"
-    );
+    assert_checks_clean(&dir);
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use super::conformance::{commit, read, write_op};
 use super::log::{self, PAGE};
-use super::recover_tests::{body, check, lose_segment_bytes, open, vol, NO_CHECKPOINTS};
+use super::recover_tests::{body, lose_segment_bytes, open, vol, NO_CHECKPOINTS};
+use super::segment_tests::check;
 use super::segment_tests::{file, root_with};
 use super::SlateStore;
 

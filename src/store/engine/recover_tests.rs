@@ -12,9 +12,8 @@ use std::path::PathBuf;
 use super::conformance::{commit, read, write_op};
 use super::log::{self, PAGE, RECORD_HEADER};
 use super::segment::SegmentFiles;
-use super::segment_tests::{file, root_with};
-use super::{SlateStore, VolumeReader};
-use crate::check::volume::{check_volume, Report};
+use super::segment_tests::{assert_checks_clean, check, file, root_with};
+use super::SlateStore;
 use crate::store::{OnceStore, Store, Txn};
 
 /// Checkpoints only when the ring is half full; the WAL flushed on its
@@ -33,11 +32,6 @@ pub(super) fn open(dir: &tempfile::TempDir, opts: &str) -> SlateStore {
     let s = SlateStore::open(&url(dir, opts)).expect("open volume");
     s.reserve_ids(1000).unwrap();
     s
-}
-
-pub(super) fn check(dir: &tempfile::TempDir) -> Report {
-    let reader = VolumeReader::open(&url(dir, "")).unwrap();
-    check_volume(&reader).unwrap()
 }
 
 /// What a power cut does to bytes written but never synced: every
@@ -225,11 +219,7 @@ fn freed_pages_are_punched_only_after_the_tail_passes_their_commit() {
     let s = open(&dir, NO_CHECKPOINTS);
     assert_eq!(read(&s, 40, 0, 4096), body(2));
     drop(s);
-    let report = check(&dir);
-    assert!(
-        report.is_clean() && report.warnings.is_empty(),
-        "{report:#?}"
-    );
+    assert_checks_clean(&dir);
 }
 
 #[test]

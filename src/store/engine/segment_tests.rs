@@ -47,6 +47,16 @@ pub(super) fn check(dir: &tempfile::TempDir) -> Report {
     check_volume(&reader).unwrap()
 }
 
+/// `pohmelfs check` of the volume in `dir` finds nothing: no problem,
+/// no warning (leaked space is one).
+pub(super) fn assert_checks_clean(dir: &tempfile::TempDir) {
+    let report = check(dir);
+    assert!(
+        report.is_clean() && report.warnings.is_empty(),
+        "{report:#?}"
+    );
+}
+
 /// A volume whose ids are reserved past every number the tests use.
 fn volume(dir: &tempfile::TempDir, placement: Placement) -> SlateStore {
     let s = SlateStore::open_for_test(&url(dir), placement);
@@ -577,11 +587,7 @@ fn opening_deletes_segments_nothing_refers_to() {
     assert!(!ids.contains(&p.seg), "{ids:?}");
     s.close().unwrap();
     drop(s);
-    let report = check(&dir);
-    assert!(
-        report.is_clean() && report.warnings.is_empty(),
-        "{report:#?}"
-    );
+    assert_checks_clean(&dir);
 }
 
 #[test]
