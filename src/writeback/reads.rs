@@ -417,11 +417,15 @@ impl Shared {
     /// ahead. Nothing is copied here: the guest copies from the pages.
     fn plan_read(&self, ino: u64, offset: u64, end: u64) -> ReadPlan {
         let mut st = lock(&self.state);
-        let sequential = st.last_read_end.get(&ino) == Some(&offset);
-        if st.last_read_end.len() > 4096 {
-            st.last_read_end.clear();
+        // Only a remote volume's reader is read ahead here (below).
+        let remote = !self.cfg.forget_clean_pages;
+        let sequential = remote && st.last_read_end.get(&ino) == Some(&offset);
+        if remote {
+            if st.last_read_end.len() > 4096 {
+                st.last_read_end.clear();
+            }
+            st.last_read_end.insert(ino, end);
         }
-        st.last_read_end.insert(ino, end);
         let size = st
             .attrs
             .get(&ino)
@@ -465,10 +469,9 @@ impl Shared {
         // single-page folios, `docs/benchmarks.md`, session 45).
         let next = end.div_ceil(PAGE_SIZE);
         let limit = size.map_or(u64::MAX, |s| s.div_ceil(PAGE_SIZE));
-        let remote = !self.cfg.forget_clean_pages;
         let window = self.cfg.read_ahead_bytes.max(AHEAD_WINDOW_MIN_BYTES);
         let ahead_end = (next + window / PAGE_SIZE).min(limit);
-        let read_ahead = (sequential && remote && ahead_end > next)
+        let read_ahead = (sequential && ahead_end > next)
             .then_some(next..ahead_end)
             // From the end: a window the reader moves into lacks its tail.
             .filter(|r| !(r.start..r.end).rev().all(|i| st.cache.contains(ino, i)));
