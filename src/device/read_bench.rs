@@ -6,9 +6,9 @@
 //! them, after random 4 KiB overwrites of the file with an fsync every 32
 //! (`scripts/bench`'s randwrite, which fragments the chunks' extent
 //! lists before its randread). Prints the process's CPU and the wall time
-//! per READ; to see where the CPU goes, run the test binary under `perf record`. Ignored by
-//! default (it measures, asserts only that every read returned the bytes
-//! written); run it alone, release:
+//! per READ; to see where the CPU goes, run the test binary under `perf
+//! record`. Ignored by default (it measures, asserts only that every read
+//! returned the bytes written); run it alone, release:
 //!
 //! ```text
 //! cargo test --release --lib device::read_bench -- --ignored --nocapture --test-threads=1
@@ -21,6 +21,7 @@ use fuse_backend_rs::abi::fuse_abi::Opcode;
 
 use super::chains::BULK;
 use super::frontend_kit::Kit;
+use crate::check::torture::rng::Rng;
 use crate::fs::{FsConfig, PohmelFs};
 use crate::metrics::Metrics;
 use crate::writeback::{self, TxnConfig};
@@ -40,15 +41,11 @@ fn pattern(offset: u64) -> u8 {
     (offset / PAGE % 251) as u8 ^ (offset % 7) as u8
 }
 
-/// A deterministic spread of page numbers (xorshift), as fio's random map.
-fn pages(n: u32, of: u64) -> impl Iterator<Item = u64> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n).map(move |_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % of
-    })
+/// `n` page numbers below `of`, spread as fio's random map spreads them;
+/// each `seed` its own sequence.
+fn pages(n: u32, of: u64, seed: u64) -> impl Iterator<Item = u64> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(move |_| rng.below(of))
 }
 
 #[test]
@@ -80,9 +77,9 @@ fn random_4k_reads_of_acknowledged_data() {
     }
     let fsync = [0u8; 16];
     assert_eq!(kit.call(Opcode::Fsync, ino, &fsync).0, 0, "fsync");
-    // Other pages than the reads': the same bytes again, in new extents.
-    for (i, page) in pages(OVERWRITES, FILE_MIB << 20 >> 12).skip(1).enumerate() {
-        let offset = (page ^ 0x5555) % (FILE_MIB << 20 >> 12) * PAGE;
+    // The same bytes again, in new extents.
+    for (i, page) in pages(OVERWRITES, FILE_MIB << 20 >> 12, 1).enumerate() {
+        let offset = page * PAGE;
         let data: Vec<u8> = (0..PAGE).map(|i| pattern(offset + i)).collect();
         kit.write_at(ino, fh, offset, &data);
         if i % 32 == 31 {
@@ -93,7 +90,7 @@ fn random_4k_reads_of_acknowledged_data() {
 
     let buf = BULK;
     let (c0, w0) = (super::inline_bench::cpu(), Instant::now());
-    for page in pages(READS, FILE_MIB << 20 >> 12) {
+    for page in pages(READS, FILE_MIB << 20 >> 12, 2) {
         let offset = page * PAGE;
         let (err, got) = kit.read_at(ino, fh, offset, buf, PAGE as u32);
         assert_eq!(err, 0, "read at {offset}");
