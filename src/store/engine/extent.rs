@@ -9,10 +9,13 @@
 //! the extents it overlaps (newest wins); no data is copied.
 //!
 //! A segment piece keeps the CRC32C of every segment page it touches, each
-//! taken over the piece's bytes in that page, as written. Trimming changes
-//! only the window, so the checksums stay valid: a page that still holds a
-//! byte of a window is never punched (see `segment_pages_dead`), so every
-//! page a window touches can still be verified.
+//! taken over the piece's bytes in that page, as written. Trimming a
+//! window cuts its piece to the pages the window still touches, with their
+//! checksums, which stay valid because each covers one page's bytes of the
+//! piece: a page that still holds a byte of a window is never punched (see
+//! `segment_pages_dead`), so every page a window touches can be verified,
+//! and a record after random overwrites does not carry the checksums of
+//! pages its windows left.
 //!
 //! Segment offsets are congruent to file offsets modulo [`PAGE`] and every
 //! write starts on a fresh segment page, so a segment page belongs to
@@ -74,6 +77,30 @@ impl Piece {
     pub fn pages(&self) -> Range<u64> {
         pages_of(self.seg_off..self.seg_off + u64::from(self.len))
     }
+
+    /// The part of the piece in the segment pages chunk range `w` (inside
+    /// the piece) touches, with those pages' checksums: each still covers
+    /// exactly the piece's bytes in its page, so a window kept after an
+    /// overwrite carries only the checksums it can be verified with.
+    fn trimmed(&self, w: Range<u32>) -> Piece {
+        let end = self.seg_off + u64::from(self.len);
+        let pages = pages_of(self.seg_range(w));
+        let from = (pages.start * PAGE).max(self.seg_off);
+        let to = (pages.end * PAGE).min(end);
+        let skip = (pages.start - self.pages().start) as usize;
+        let n = (pages.end - pages.start) as usize;
+        // A piece built with fewer checksums than pages fails its check
+        // later, as it would untrimmed; trimming does not panic on it.
+        let crcs = self.crcs.get(skip..skip + n).unwrap_or(&[]).to_vec();
+        Piece {
+            seg: self.seg,
+            seg_off: from,
+            // Within the piece: both fit the chunk's u32 offsets.
+            start: self.start + (from - self.seg_off) as u32,
+            len: (to - from) as u32,
+            crcs,
+        }
+    }
 }
 
 /// The pages a non-empty byte range touches.
@@ -118,7 +145,7 @@ impl Extent {
             Data::Inline(b) => {
                 Data::Inline(b.slice((s - self.start) as usize..(e - self.start) as usize))
             }
-            Data::Segment(p) => Data::Segment(p.clone()),
+            Data::Segment(p) => Data::Segment(p.trimmed(s..e)),
         };
         Some(Extent {
             start: s,
@@ -555,6 +582,45 @@ mod tests {
         let cut = remove_range(&back, 11..13);
         assert_eq!(cut[1].data, Data::Inline(Bytes::from_static(b"h")));
         assert_eq!(cut[2].data, Data::Inline(Bytes::from_static(b"lo")));
+    }
+
+    /// A window cut out of a piece keeps the piece's part in the pages it
+    /// touches, and exactly the checksums of those bytes.
+    #[test]
+    fn trimming_keeps_the_checksums_of_the_pages_still_touched() {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let piece = Piece {
+            seg: 3,
+            seg_off: 100,
+            start: 100,
+            len: 10_000,
+            crcs: page_crcs(100, &[&bytes]),
+        };
+        let whole = Extent {
+            start: 100,
+            len: 10_000,
+            data: Data::Segment(piece.clone()),
+        };
+        for (w, pages) in [
+            (100..200, 0..1),
+            (5000..7000, 1..2),
+            (4000..4200, 0..2),
+            (9000..10_100, 2..3),
+            (100..10_100, 0..3),
+        ] {
+            let e = whole.clip(w.clone()).unwrap();
+            let Data::Segment(t) = &e.data else {
+                panic!("not a segment extent")
+            };
+            assert_eq!(t.pages(), pages, "window {w:?}");
+            assert_eq!(t.seg_at(w.start), piece.seg_at(w.start));
+            assert!(t.start <= e.start && e.end() <= t.start + t.len);
+            let at = (t.seg_off - piece.seg_off) as usize;
+            let kept = &bytes[at..at + t.len as usize];
+            assert_eq!(t.crcs, page_crcs(t.seg_off, &[kept]), "window {w:?}");
+            let back = decode(&Bytes::from(encode(std::slice::from_ref(&e)))).unwrap();
+            assert_eq!(back, vec![e]);
+        }
     }
 
     #[test]
