@@ -225,6 +225,8 @@ async fn write(
     if offset.checked_add(total as u64).is_none() {
         return Ok(());
     }
+    // Asked before this write is noted: chunks no earlier write reached.
+    let born = view.born.and_then(|b| b.chunks_of(ino));
     if let (Some(born), true) = (view.born, total > 0) {
         born.wrote(
             ino,
@@ -256,7 +258,11 @@ async fn write(
                 None => Data::Inline(Bytes::from(parts.concat())),
             },
         };
-        let old = chunk(view, ino, index).await?.unwrap_or_default();
+        let old = if born.is_some_and(|b| !b.may_have(index)) {
+            Vec::new()
+        } else {
+            chunk(view, ino, index).await?.unwrap_or_default()
+        };
         let list = extent::insert(&old, new);
         put_chunk(view, ino, index, &old, list).await?;
         at += n;
