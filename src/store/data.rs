@@ -69,23 +69,28 @@ impl WriteData {
             parts: Vec::with_capacity(len.div_ceil(PAGE_SIZE as usize) + 1),
             len: 0,
         };
-        let mut pos = offset;
-        let mut left = len;
-        while left > 0 {
-            let n = left.min((PAGE_SIZE - pos % PAGE_SIZE) as usize);
-            if n == PAGE_SIZE as usize {
-                data.push(super::pages::read_page(src)?);
-            } else {
-                let mut buf = vec![0u8; n];
-                src.read_exact(&mut buf)?;
-                data.push(Bytes::from(buf));
-            }
-            left -= n;
-            // Only the position within a page matters: a write that ends
-            // past 2^64 (refused later, EFBIG) must not overflow here.
-            pos = pos.wrapping_add(n as u64);
+        let page = PAGE_SIZE as usize;
+        // Up to the first page boundary, the whole pages, what is left.
+        let head = ((page - (offset % PAGE_SIZE) as usize) % page).min(len);
+        let whole = (len - head) / page;
+        let tail = len - head - whole * page;
+        data.read_partial(src, head)?;
+        for p in super::pages::read_pages(src, whole)? {
+            data.push(p);
         }
+        data.read_partial(src, tail)?;
         Ok(data)
+    }
+
+    /// Read `n` bytes of part of a page from `src` into a part of their
+    /// own (none for 0).
+    fn read_partial(&mut self, src: &mut dyn io::Read, n: usize) -> io::Result<()> {
+        if n > 0 {
+            let mut buf = vec![0u8; n];
+            src.read_exact(&mut buf)?;
+            self.push(Bytes::from(buf));
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
