@@ -69,7 +69,8 @@ impl FreeList {
     /// a tenth of a sequential write's queue-thread CPU), the rest new.
     fn take_many(&self, count: usize) -> Vec<Buffer> {
         let mut out = Vec::with_capacity(count);
-        {
+        // A write within one page takes none: no lock.
+        if count > 0 {
             let mut free = self.list();
             let from = free.len().saturating_sub(count);
             out.extend(free.drain(from..));
