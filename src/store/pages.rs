@@ -63,10 +63,9 @@ impl FreeList {
         Box::new(PageBuf([0u8; PAGE]))
     }
 
-    /// `count` buffers, as many as it has from the list under one lock
-    /// (a page at a time, the lock's cache line went back and forth
-    /// between the queue thread taking and the commit thread giving back:
-    /// a tenth of a sequential write's queue-thread CPU), the rest new.
+    /// `count` buffers, as many as it has from the list under one lock,
+    /// the rest new: one lock per WRITE, not one per page, on a list the
+    /// commit thread locks too to give buffers back.
     fn take_many(&self, count: usize) -> Vec<Buffer> {
         let mut out = Vec::with_capacity(count);
         // A write within one page takes none: no lock.

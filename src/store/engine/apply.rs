@@ -226,7 +226,7 @@ async fn write(
         return Ok(());
     }
     // Asked before this write is noted: chunks no earlier write reached.
-    let born = view.born.and_then(|b| b.chunks_of(ino));
+    let reached = view.born.and_then(|b| b.chunks_of(ino));
     if let (Some(born), true) = (view.born, total > 0) {
         born.wrote(
             ino,
@@ -258,7 +258,7 @@ async fn write(
                 None => Data::Inline(Bytes::from(parts.concat())),
             },
         };
-        let old = if born.is_some_and(|b| !b.may_have(index)) {
+        let old = if reached.is_some_and(|r| !r.may_have(index)) {
             Vec::new()
         } else {
             chunk(view, ino, index).await?.unwrap_or_default()
