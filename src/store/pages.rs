@@ -57,10 +57,7 @@ impl FreeList {
 
     /// A buffer from the list, else a new (zeroed) one.
     fn take(&self) -> Buffer {
-        if let Some(buf) = self.list().pop() {
-            return buf;
-        }
-        Box::new(PageBuf([0u8; PAGE]))
+        self.list().pop().unwrap_or_else(new_buffer)
     }
 
     /// `count` buffers, as many as it has from the list under one lock,
@@ -74,8 +71,16 @@ impl FreeList {
             let from = free.len().saturating_sub(count);
             out.extend(free.drain(from..));
         }
-        out.resize_with(count, || Box::new(PageBuf([0u8; PAGE])));
+        out.resize_with(count, new_buffer);
         out
+    }
+
+    /// `buf` as the bytes of a page, back here when they are dropped.
+    fn own(&'static self, buf: Buffer) -> Bytes {
+        Bytes::from_owner(Recycled {
+            buf: Some(buf),
+            home: self,
+        })
     }
 
     fn give_back(&self, buf: Buffer) {
@@ -94,10 +99,7 @@ impl FreeList {
             self.give_back(buf);
             return Err(e);
         }
-        Ok(Bytes::from_owner(Recycled {
-            buf: Some(buf),
-            home: self,
-        }))
+        Ok(self.own(buf))
     }
 
     fn read_pages(&'static self, src: &mut dyn io::Read, count: usize) -> io::Result<Vec<Bytes>> {
@@ -111,13 +113,15 @@ impl FreeList {
                 }
                 return Err(e);
             }
-            out.push(Bytes::from_owner(Recycled {
-                buf: Some(buf),
-                home: self,
-            }));
+            out.push(self.own(buf));
         }
         Ok(out)
     }
+}
+
+/// A new buffer, zeroed (the allocator's zeroing, no copy).
+fn new_buffer() -> Buffer {
+    Box::new(PageBuf([0u8; PAGE]))
 }
 
 /// A page buffer owned by a [`Bytes`]; it goes back to its free list when
