@@ -137,10 +137,13 @@ impl Drop for Sleeper {
 }
 
 /// A control socket on `slot`, as `serve` starts one; its `status` answer.
+/// The socket's directory goes when the answer does.
 fn status_of(slot: &Arc<VolumeSlot>, name: &str) -> impl Fn() -> String {
-    let dir = std::env::temp_dir().join(format!("pohmelfs-status-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("daemon.sock");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pohmelfs-status-{name}-"))
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("daemon.sock");
     let store: Arc<dyn crate::store::Store> = Arc::clone(slot) as _;
     crate::control::spawn_control_socket(
         &crate::control::control_path(&socket),
@@ -148,7 +151,10 @@ fn status_of(slot: &Arc<VolumeSlot>, name: &str) -> impl Fn() -> String {
         Some(store),
     )
     .unwrap();
-    move || crate::control::query(&socket, "status").unwrap()
+    move || {
+        let _dir = &dir;
+        crate::control::query(&socket, "status").unwrap()
+    }
 }
 
 #[test]
