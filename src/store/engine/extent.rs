@@ -25,7 +25,7 @@
 //! This module owns only bytes and arithmetic: it never reads the engine or
 //! a segment, and decoding never panics.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -233,28 +233,64 @@ pub fn live_bytes(list: &[Extent]) -> BTreeMap<u64, u64> {
     live
 }
 
-/// The segment pages windows of `list` touch.
-fn touched_pages(list: &[Extent]) -> BTreeSet<(u64, u64)> {
-    let mut pages = BTreeSet::new();
-    for e in list {
-        if let Some((seg, r)) = e.seg_window() {
-            pages.extend(pages_of(r).map(|p| (seg, p)));
+/// The segment pages windows of `list` touch, as runs of page numbers:
+/// sorted by segment and page, disjoint, adjacent runs merged. Runs, not
+/// single pages: comparing a chunk before and after each write is on
+/// every commit's path.
+fn touched_runs(list: &[Extent]) -> Vec<(u64, Range<u64>)> {
+    let mut runs: Vec<(u64, Range<u64>)> = list
+        .iter()
+        .filter_map(Extent::seg_window)
+        .map(|(seg, r)| (seg, pages_of(r)))
+        .filter(|(_, pages)| !pages.is_empty())
+        .collect();
+    runs.sort_unstable_by_key(|(seg, pages)| (*seg, pages.start));
+    let mut out: Vec<(u64, Range<u64>)> = Vec::with_capacity(runs.len());
+    for (seg, pages) in runs {
+        match out.last_mut() {
+            Some((s, last)) if *s == seg && pages.start <= last.end => {
+                last.end = last.end.max(pages.end);
+            }
+            _ => out.push((seg, pages)),
         }
     }
-    pages
+    out
 }
 
 /// The segment byte ranges (whole pages) that `old` touched and `new` no
 /// longer does: nothing references them once `new` is durable. Exact
 /// because a segment page belongs to one chunk (see the module docs).
+/// Sorted by segment and offset, adjacent ranges merged.
 pub fn segment_pages_dead(old: &[Extent], new: &[Extent]) -> Vec<(u64, Range<u64>)> {
-    let still = touched_pages(new);
+    let still = touched_runs(new);
     let mut out: Vec<(u64, Range<u64>)> = Vec::new();
-    for (seg, page) in touched_pages(old).difference(&still) {
-        let r = page * PAGE..(page + 1) * PAGE;
+    let mut dead = |seg: u64, pages: Range<u64>| {
+        let r = pages.start * PAGE..pages.end * PAGE;
         match out.last_mut() {
-            Some((s, last)) if *s == *seg && last.end == r.start => last.end = r.end,
-            _ => out.push((*seg, r)),
+            Some((s, last)) if *s == seg && last.end == r.start => last.end = r.end,
+            _ => out.push((seg, r)),
+        }
+    };
+    // Runs of `still` wholly before the current old run are behind us.
+    let mut first = 0;
+    for (seg, mut pages) in touched_runs(old) {
+        while still
+            .get(first)
+            .is_some_and(|(s, r)| (*s, r.end) <= (seg, pages.start))
+        {
+            first += 1;
+        }
+        for (s, r) in &still[first..] {
+            if *s != seg || r.start >= pages.end {
+                break;
+            }
+            if r.start > pages.start {
+                dead(seg, pages.start..r.start);
+            }
+            pages.start = pages.start.max(r.end);
+        }
+        if pages.start < pages.end {
+            dead(seg, pages);
         }
     }
     out
@@ -582,6 +618,56 @@ mod tests {
         let cut = remove_range(&back, 11..13);
         assert_eq!(cut[1].data, Data::Inline(Bytes::from_static(b"h")));
         assert_eq!(cut[2].data, Data::Inline(Bytes::from_static(b"lo")));
+    }
+
+    /// The dead pages of random overwrites and cuts are exactly the pages
+    /// the old list touched and the new one does not, page by page.
+    #[test]
+    fn dead_pages_are_the_pages_no_window_touches_any_more() {
+        use crate::check::torture::rng::Rng;
+        use std::collections::BTreeSet;
+        fn pages(list: &[Extent]) -> BTreeSet<(u64, u64)> {
+            let mut out = BTreeSet::new();
+            for (seg, r) in list.iter().filter_map(Extent::seg_window) {
+                out.extend(pages_of(r).map(|p| (seg, p)));
+            }
+            out
+        }
+        let mut rng = Rng::new(47);
+        let block = BLOCK_SIZE as u32;
+        let mut next_off = [0u64; 3];
+        for _ in 0..200 {
+            let mut list: Vec<Extent> = Vec::new();
+            for _ in 0..rng.range(1, 12) {
+                let start = rng.below(u64::from(block)) as u32;
+                let len = rng.range(1, u64::from(block - start) + 1) as u32;
+                let s = rng.below(3) as usize;
+                // A fresh segment page, congruent to the chunk offset.
+                let seg_off = next_off[s] + u64::from(start) % PAGE;
+                next_off[s] = (seg_off + u64::from(len)).div_ceil(PAGE) * PAGE;
+                let mut e = seg(start, len, seg_off);
+                if let Data::Segment(p) = &mut e.data {
+                    p.seg = s as u64 + 1;
+                }
+                let old = list.clone();
+                list = if rng.percent(20) {
+                    remove_range(&old, start..start + len)
+                } else {
+                    insert(&old, e)
+                };
+                let dead = segment_pages_dead(&old, &list);
+                let want: Vec<(u64, u64)> =
+                    pages(&old).difference(&pages(&list)).copied().collect();
+                let got: Vec<(u64, u64)> = dead
+                    .iter()
+                    .flat_map(|(seg, r)| (r.start / PAGE..r.end / PAGE).map(move |p| (*seg, p)))
+                    .collect();
+                assert_eq!(got, want, "{old:?} -> {list:?}");
+                assert!(dead
+                    .windows(2)
+                    .all(|w| w[0].0 < w[1].0 || w[0].1.end < w[1].1.start));
+            }
+        }
     }
 
     /// A window cut out of a piece keeps the piece's part in the pages it
