@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::partial::Known;
 use crate::store::WriteData;
@@ -40,10 +41,15 @@ pub use crate::store::PAGE_SIZE;
 /// the ranges it holds when only some: only those are sent).
 pub type Pinned = (u64, u64, Bytes, Option<Known>);
 
+/// A page's tags (see [`Page`]).
+pub type Tags = SmallVec<[u64; 2]>;
+
 struct Page {
     buf: Bytes,
-    /// Transactions carrying this page, oldest first.
-    tags: Vec<u64>,
+    /// Transactions carrying this page, oldest first: inline up to two
+    /// (one, and a second while the first is in flight), so tagging a page
+    /// allocates nothing.
+    tags: Tags,
     /// Position in the LRU list while clean.
     stamp: Option<u64>,
     /// The sent transaction that holds this buffer, until its ack or
@@ -58,7 +64,7 @@ impl Page {
         debug_assert_eq!(buf.len() as u64, PAGE_SIZE);
         Page {
             buf,
-            tags: Vec::new(),
+            tags: Tags::new(),
             stamp: None,
             pinned_by: None,
             known: None,
@@ -425,7 +431,7 @@ impl PageCache {
     /// The tagged pages of `ino` from page `first` on, with their tags:
     /// what a truncate to `first * PAGE_SIZE` or less drops of what
     /// transactions carry.
-    pub fn tagged_from(&self, ino: u64, first: u64) -> Vec<(u64, Vec<u64>)> {
+    pub fn tagged_from(&self, ino: u64, first: u64) -> Vec<(u64, Tags)> {
         self.pages
             .range(span(ino, first, u64::MAX))
             .filter(|(_, page)| !page.tags.is_empty())
