@@ -172,19 +172,27 @@ impl Requests {
     /// Prometheus endpoint's request histograms).
     pub fn serve(&self, chain: &Chain, queue: usize) -> u32 {
         let start = std::time::Instant::now();
-        let used = self.serve_untimed(chain, queue);
-        if let Some(h) = first_header(chain) {
+        let (used, opcode) = self.serve_untimed(chain, queue);
+        if let Some(opcode) = opcode {
             self.metrics
                 .levels
                 .requests
-                .observe(h.opcode, start.elapsed());
+                .observe(opcode, start.elapsed());
         }
         used
     }
 
-    fn serve_untimed(&self, chain: &Chain, queue: usize) -> u32 {
+    /// As [`Requests::serve`], with the request's opcode where its header
+    /// could be read. Each walk of the descriptor chain reads every
+    /// descriptor from guest memory again: the chain is walked to check it
+    /// and to map it, and once more only when something failed.
+    fn serve_untimed(&self, chain: &Chain, queue: usize) -> (u32, Option<u32>) {
         if let Err(why) = validate::check_chain(chain) {
-            return self.refuse(chain, first_header(chain), why, queue);
+            let header = first_header(chain);
+            return (
+                self.refuse(chain, header, why, queue),
+                header.map(|h| h.opcode),
+            );
         }
         let mem = chain.memory();
         let mapped = Reader::from_descriptor_chain(mem, chain.clone())
@@ -204,13 +212,30 @@ impl Requests {
                     error = %Capped(&e),
                     "descriptor chain does not map; answered EIO where a reply fits"
                 );
-                return used;
+                return (used, header.map(|h| h.opcode));
             }
         };
         let h = match validate::check_request(&mut reader) {
             Ok(h) => h,
-            Err((header, why)) => return self.refuse(chain, header, why, queue),
+            Err((header, why)) => {
+                return (
+                    self.refuse(chain, header, why, queue),
+                    header.map(|h| h.opcode),
+                )
+            }
         };
+        (self.answer(chain, reader, writer, h, queue), Some(h.opcode))
+    }
+
+    /// Answer a checked request.
+    fn answer(
+        &self,
+        chain: &Chain,
+        reader: Reader<'_, DirtyLog>,
+        writer: VirtioFsWriter<'_, DirtyLog>,
+        h: InHeader,
+        queue: usize,
+    ) -> u32 {
         if !self.fs.volume_ready() {
             // Not open here (a migration's destination before its state,
             // or a source that could not take the volume back): logged
@@ -220,9 +245,6 @@ impl Requests {
         if h.opcode == FUSE_SYNCFS {
             return self.syncfs(writer, h);
         }
-        // Where the reply header lands, to tell afterwards whether the server
-        // replied at all.
-        let reply_addr = chain.clone().writable().next().map(|d| d.addr());
         match self
             .server
             .handle_message(reader, writer.into(), None, None)
@@ -238,10 +260,12 @@ impl Requests {
                     error = %Capped(&e),
                     "could not serve FUSE request"
                 );
-                let Some(addr) = reply_addr else {
+                // Where the reply header lands, to tell whether the server
+                // answered before it failed.
+                let Some(addr) = chain.clone().writable().next().map(|d| d.addr()) else {
                     return 0;
                 };
-                match mem.read_obj::<OutHeader>(addr) {
+                match chain.memory().read_obj::<OutHeader>(addr) {
                     // The server answered before it failed: keep its answer.
                     Ok(out) if out.unique == h.unique && h.unique != 0 => out.len,
                     // Otherwise answer EIO, so the guest's request completes.
