@@ -39,8 +39,10 @@ pub const POINT_READS_MAX: u32 = 16;
 struct Noted {
     /// Bit `i` set: a write created or changed chunk `i` (for `i < 64`).
     chunks: u64,
-    /// A write reached chunk 64 or beyond.
-    far: bool,
+    /// One past the highest chunk a write reached from chunk 64 on (0:
+    /// none): chunks from 64 on are noted by their highest, so that a
+    /// file written in order never has its next chunk read.
+    far_end: u64,
     /// An extended attribute was set.
     xattrs: bool,
 }
@@ -59,7 +61,7 @@ impl BornChunks {
         if index < 64 {
             self.0.chunks & (1 << index) != 0
         } else {
-            self.0.far
+            index < self.0.far_end
         }
     }
 }
@@ -104,7 +106,7 @@ impl Drop for Taken<'_> {
             for &(ino, n) in &self.notes {
                 born.note(ino, |m| {
                     m.chunks |= n.chunks;
-                    m.far |= n.far;
+                    m.far_end = m.far_end.max(n.far_end);
                     m.xattrs |= n.xattrs;
                 });
             }
@@ -165,7 +167,9 @@ impl Born {
             for i in first..=last.min(63) {
                 n.chunks |= 1 << i;
             }
-            n.far |= last >= 64;
+            if last >= 64 {
+                n.far_end = n.far_end.max(last.saturating_add(1));
+            }
         });
     }
 
@@ -198,7 +202,7 @@ impl Born {
             taken.born = Some(self);
             taken.notes.push((ino, n));
         }
-        if n.far || n.chunks.count_ones() > POINT_READS_MAX {
+        if n.far_end > 0 || n.chunks.count_ones() > POINT_READS_MAX {
             return Leftovers::Unknown;
         }
         Leftovers::Known {
@@ -292,9 +296,13 @@ mod tests {
         b.wrote(150, 70, 70);
         let c = b.chunks_of(150).unwrap();
         assert!(
-            c.may_have(64) && c.may_have(1000),
-            "far chunks are one note"
+            c.may_have(64) && c.may_have(70),
+            "chunks from 64 on are noted up to the highest"
         );
+        assert!(!c.may_have(71) && !c.may_have(1000));
+        b.wrote(150, 1000, 1001);
+        let c = b.chunks_of(150).unwrap();
+        assert!(c.may_have(500) && c.may_have(1001) && !c.may_have(1002));
         // Removed: the records went with it, and its note with them.
         let mut taken = Taken::default();
         b.take(150, &mut taken);
