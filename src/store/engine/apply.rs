@@ -259,6 +259,8 @@ async fn write(
             },
         };
         let old = if reached.is_some_and(|r| !r.may_have(index)) {
+            // Nor does putting the new record read it.
+            view.known_absent(&keys::block(ino, index));
             Vec::new()
         } else {
             chunk(view, ino, index).await?.unwrap_or_default()
@@ -379,8 +381,11 @@ pub async fn apply(
                 view.put(keys::orphan(inode.ino), codec::encode_bytes(&[]))
                     .await?;
             }
-            view.put(keys::inode(inode.ino), codec::encode_inode(&inode))
-                .await
+            let key = keys::inode(inode.ino);
+            if view.born.is_some_and(|b| b.first_inode_put(inode.ino)) {
+                view.known_absent(&key);
+            }
+            view.put(key, codec::encode_inode(&inode)).await
         }
         Op::RemoveInode { ino } => remove_inode(view, ino).await,
         Op::PutDirent { parent, dirent } => {

@@ -1,6 +1,6 @@
 //! What the engine knows of the inodes born since it opened, so that
-//! removing one needs no range scan, and the first write of one of its
-//! chunks no read.
+//! removing one needs no range scan, and neither the first write of one of
+//! its chunks nor the first put of its inode record a read.
 //!
 //! Removing an inode must drop its chunk records and its extended
 //! attributes, and in general only a range scan finds them: a scan builds an
@@ -12,7 +12,10 @@
 //! engine notes which chunks writes created and whether an extended
 //! attribute was set; `RemoveInode` then reads exactly those keys (or
 //! none), and a write to a chunk no write reached before finds it empty
-//! without asking the engine ([`BornChunks`]).
+//! without asking the engine ([`BornChunks`]), as does the first put of
+//! the inode's record ([`Born::first_inode_put`]). A put reads the value it
+//! replaces, to count the bytes the volume holds: for a key that cannot
+//! exist yet, that read walked every memtable and table for nothing.
 //!
 //! An op on an id no one reserved (no filesystem sends one) is noted too,
 //! but such an id is not born: it is scanned.
@@ -45,6 +48,8 @@ struct Noted {
     far_end: u64,
     /// An extended attribute was set.
     xattrs: bool,
+    /// Its inode record was put.
+    inode: bool,
 }
 
 /// The chunks a born inode may have records of: every chunk a write
@@ -108,6 +113,7 @@ impl Drop for Taken<'_> {
                     m.chunks |= n.chunks;
                     m.far_end = m.far_end.max(n.far_end);
                     m.xattrs |= n.xattrs;
+                    m.inode |= n.inode;
                 });
             }
         }
@@ -181,6 +187,22 @@ impl Born {
             return None;
         }
         Some(BornChunks(t.noted.get(&ino).copied().unwrap_or_default()))
+    }
+
+    /// The inode record of `ino` is being put: true when `ino` was born
+    /// here and this is the first put, so that there is no record yet
+    /// (nothing else creates one). Noted either way.
+    pub fn first_inode_put(&self, ino: u64) -> bool {
+        let born = {
+            let t = self.table();
+            ino >= t.born_from && ino < t.handed_out
+        };
+        let mut first = false;
+        self.note(ino, |n| {
+            first = !n.inode;
+            n.inode = true;
+        });
+        born && first
     }
 
     /// An extended attribute of `ino` was set.
@@ -308,6 +330,27 @@ mod tests {
         b.take(150, &mut taken);
         taken.built();
         assert!(!b.chunks_of(150).unwrap().may_have(2));
+    }
+
+    /// Only the first put of a born inode's record finds no record; a
+    /// removal that was not built leaves the note as it was.
+    #[test]
+    fn the_first_put_of_a_born_inode_has_no_record_before_it() {
+        let b = Born::new(100);
+        b.reserved(200);
+        assert!(!b.first_inode_put(99), "born before this open");
+        assert!(!b.first_inode_put(250), "not reserved yet");
+        b.reserved(300);
+        assert!(!b.first_inode_put(250), "noted before its reservation");
+        assert!(b.first_inode_put(150));
+        assert!(!b.first_inode_put(150), "its record is there now");
+        let mut taken = Taken::default();
+        b.take(150, &mut taken);
+        drop(taken);
+        assert!(
+            !b.first_inode_put(150),
+            "the failed removal left the record"
+        );
     }
 
     #[test]

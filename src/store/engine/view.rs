@@ -178,6 +178,23 @@ impl<'a> TxnView<'a> {
         Ok(value)
     }
 
+    /// `key` had no value before this transaction, as the caller knows
+    /// without asking the engine (`born.rs`): reading or writing it in this
+    /// transaction reads nothing. A key the transaction already holds
+    /// keeps what it has.
+    pub fn known_absent(&mut self, key: &[u8]) {
+        if !self.entries.contains_key(key) {
+            self.entries.insert(
+                key.to_vec(),
+                Entry {
+                    base_len: None,
+                    value: None,
+                    dirty: false,
+                },
+            );
+        }
+    }
+
     /// The value of `key` before this transaction: queued, else in the
     /// engine. The queue is read first: a key leaves it only once the
     /// engine has it.
