@@ -399,11 +399,12 @@ pub async fn apply(
             }
             view.put(by_name, codec::encode_dirent_by_name(&dirent))
                 .await?;
-            view.put(
-                keys::dirent_by_cookie(parent, dirent.cookie),
-                codec::encode_dirent_by_cookie(&dirent),
-            )
-            .await
+            let by_cookie = keys::dirent_by_cookie(parent, dirent.cookie);
+            if view.born.is_some_and(|b| b.first_cookie_put(dirent.cookie)) {
+                view.known_absent(&by_cookie);
+            }
+            view.put(by_cookie, codec::encode_dirent_by_cookie(&dirent))
+                .await
         }
         Op::RemoveDirent { parent, name } => {
             let by_name = keys::dirent_by_name(parent, &name);

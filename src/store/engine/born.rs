@@ -1,6 +1,7 @@
 //! What the engine knows of the inodes born since it opened, so that
 //! removing one needs no range scan, and neither the first write of one of
-//! its chunks nor the first put of its inode record a read.
+//! its chunks nor the first put of its inode record (or of a new entry's
+//! by-cookie record) a read.
 //!
 //! Removing an inode must drop its chunk records and its extended
 //! attributes, and in general only a range scan finds them: a scan builds an
@@ -13,14 +14,17 @@
 //! attribute was set; `RemoveInode` then reads exactly those keys (or
 //! none), and a write to a chunk no write reached before finds it empty
 //! without asking the engine ([`BornChunks`]), as does the first put of
-//! the inode's record ([`Born::first_inode_put`]). A put reads the value it
+//! the inode's record ([`Born::first_inode_put`]) and of a new directory
+//! entry's by-cookie record ([`Born::first_cookie_put`]: cookies are
+//! reserved as inode numbers are). A put reads the value it
 //! replaces, to count the bytes the volume holds: for a key that cannot
 //! exist yet, that read walked every memtable and table for nothing.
 //!
 //! An op on an id no one reserved (no filesystem sends one) is noted too,
 //! but such an id is not born: it is scanned.
 //!
-//! Bounded: at most [`TRACKED_MAX`] inodes are noted (about 40 bytes each).
+//! Bounded: at most [`TRACKED_MAX`] ids (inodes and cookies) are noted
+//! (about 40 bytes each).
 //! When the table is full the engine forgets it and every id handed out so
 //! far, which then scans as before; ids reserved afterwards are born.
 //! Noting more than happened costs reads, never correctness; noting less
@@ -50,6 +54,9 @@ struct Noted {
     xattrs: bool,
     /// Its inode record was put.
     inode: bool,
+    /// The id is a directory entry's cookie, and its by-cookie record was
+    /// put (cookies come from the same reservations as inode numbers).
+    cookie: bool,
 }
 
 /// The chunks a born inode may have records of: every chunk a write
@@ -114,6 +121,7 @@ impl Drop for Taken<'_> {
                     m.far_end = m.far_end.max(n.far_end);
                     m.xattrs |= n.xattrs;
                     m.inode |= n.inode;
+                    m.cookie |= n.cookie;
                 });
             }
         }
@@ -193,15 +201,24 @@ impl Born {
     /// here and this is the first put, so that there is no record yet
     /// (nothing else creates one). Noted either way.
     pub fn first_inode_put(&self, ino: u64) -> bool {
+        self.first_put(ino, |n| &mut n.inode)
+    }
+
+    /// As [`Born::first_inode_put`], for the by-cookie record of a
+    /// directory entry whose cookie is `cookie`: every entry gets a fresh
+    /// cookie, so its first put finds no record.
+    pub fn first_cookie_put(&self, cookie: u64) -> bool {
+        self.first_put(cookie, |n| &mut n.cookie)
+    }
+
+    fn first_put(&self, id: u64, flag: impl FnOnce(&mut Noted) -> &mut bool) -> bool {
         let born = {
             let t = self.table();
-            ino >= t.born_from && ino < t.handed_out
+            id >= t.born_from && id < t.handed_out
         };
         let mut first = false;
-        self.note(ino, |n| {
-            first = !n.inode;
-            n.inode = true;
-        });
+        // A full table forgotten here leaves `id` unnoted and `first` false.
+        self.note(id, |n| first = !std::mem::replace(flag(n), true));
         born && first
     }
 
@@ -344,6 +361,9 @@ mod tests {
         assert!(!b.first_inode_put(250), "noted before its reservation");
         assert!(b.first_inode_put(150));
         assert!(!b.first_inode_put(150), "its record is there now");
+        assert!(b.first_cookie_put(151));
+        assert!(!b.first_cookie_put(151));
+        assert!(b.first_inode_put(151), "a cookie's note is not an inode's");
         let mut taken = Taken::default();
         b.take(150, &mut taken);
         drop(taken);
