@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use slatedb::{WriteBatch, WriteHandle};
+use slatedb::WriteHandle;
 
 use super::apply::Puts;
 use super::log::{self, LogError};
@@ -69,13 +69,13 @@ impl SlateStore {
         };
         let active = segs.active_id();
         let mut recorded = std::collections::BTreeSet::new();
-        let mut batch = WriteBatch::new();
+        let mut puts = apply::Puts::new();
         let mut doomed = Vec::new();
         for (k, v) in self.scan(keys::segments_all(), usize::MAX).await? {
             let id = keys::decode_segment(&k)?;
             recorded.insert(id);
             if codec::decode_segment(&v)? == 0 && id < active {
-                batch.delete(&k);
+                puts.push((k.to_vec(), None));
                 doomed.push(id);
             }
         }
@@ -84,8 +84,8 @@ impl SlateStore {
                 doomed.push(id);
             }
         }
-        if !batch.is_empty() {
-            self.db.write(batch).await.map_err(map_engine_error)?;
+        if !puts.is_empty() {
+            self.write_puts(&puts).await.map_err(map_engine_error)?;
             self.db.flush().await.map_err(map_engine_error)?;
         }
         for id in doomed {
@@ -325,7 +325,7 @@ impl SlateStore {
         };
         let mut view = apply::TxnView::new(&self.db, queued, self.segments.as_deref());
         view.objects = self.objects.as_deref();
-        view.chunks = Some(&self.chunks);
+        view.records = Some(&self.records);
         view.born = Some(&self.born);
         view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
@@ -510,16 +510,16 @@ impl SlateStore {
     /// on (the engine takes the groups in log order) and holds what the
     /// commits freed until the tail passes the record.
     fn apply_behind(&self, cp: &Arc<Checkpoint>, first: u64, last: u64, logged: Logged) {
-        let (db, chunks, queue, cp) = (
+        let (db, records, queue, cp) = (
             self.db.clone(),
-            Arc::clone(&self.chunks),
+            Arc::clone(&self.records),
             Arc::clone(&self.log_queue),
             Arc::clone(cp),
         );
         let apply = async move {
             let Logged { lsn, puts, freed } = logged;
             queue.before_apply().await;
-            match chunks.write_through(&db, &puts).await {
+            match records.write_through(&db, &puts).await {
                 Ok(_) => {
                     cp.log.applied_all();
                     for r in freed {

@@ -211,11 +211,11 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 /// How the engine spends its memory: three eighths on writes not yet in a
 /// table (WAL buffers and memtables; writers wait beyond it), an eighth as
 /// the memtable size that starts a flush to an L0 table, an eighth on the
-/// cache of data blocks, a quarter on the cache of chunk records
-/// (`chunk_cache.rs`) and an eighth on the cache of indexes and bloom
-/// filters. With file data in segment files, the LSM holds metadata only,
-/// and these are metadata-sized. The chunk records get the most of the
-/// caches: a READ whose record is not cached walks the engine's tables.
+/// cache of data blocks, a quarter on the cache of chunk, inode and segment
+/// records (`record_cache.rs`) and an eighth on the cache of indexes and
+/// bloom filters. With file data in segment files, the LSM holds metadata
+/// only, and these are metadata-sized. The chunk records get the most of
+/// the caches: a READ whose record is not cached walks the engine's tables.
 /// The records of a 1 GiB file after `scripts/bench`'s random writes do
 /// not fit in 8 MiB: its cold random reads then cost the daemon 3.2-4.4
 /// CPU-s, against 2.2 with 16 MiB or 64 MiB (`docs/benchmarks.md`,
@@ -225,7 +225,7 @@ pub struct EngineMemory {
     pub max_unflushed_bytes: u64,
     pub l0_sst_size_bytes: u64,
     pub block_cache_bytes: u64,
-    pub chunk_cache_bytes: u64,
+    pub record_cache_bytes: u64,
     pub meta_cache_bytes: u64,
 }
 
@@ -235,7 +235,7 @@ impl EngineMemory {
             max_unflushed_bytes: bytes / 8 * 3,
             l0_sst_size_bytes: bytes / 8,
             block_cache_bytes: bytes / 8,
-            chunk_cache_bytes: bytes / 4,
+            record_cache_bytes: bytes / 4,
             meta_cache_bytes: bytes / 8,
         }
     }
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(c.settings.max_unflushed_bytes as u64, m.max_unflushed_bytes);
         assert_eq!(c.settings.l0_sst_size_bytes as u64, m.l0_sst_size_bytes);
         assert!(
-            m.max_unflushed_bytes + m.block_cache_bytes + m.chunk_cache_bytes + m.meta_cache_bytes
+            m.max_unflushed_bytes + m.block_cache_bytes + m.record_cache_bytes + m.meta_cache_bytes
                 <= 32 << 20,
             "{m:?} exceeds its budget"
         );

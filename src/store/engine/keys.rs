@@ -215,15 +215,6 @@ fn decode_u64_u64(expected_tag: u8, what: &str, key: &[u8]) -> Result<(u64, u64)
     }
 }
 
-/// The `(ino, index)` of `key` if it is a block key (no error to build:
-/// for sorting block keys out of others).
-pub fn as_block(key: &[u8]) -> Option<(u64, u64)> {
-    if key.first() != Some(&tag::BLOCK) {
-        return None;
-    }
-    decode_block(key).ok()
-}
-
 /// The `(ino, index)` of a block key.
 pub fn decode_block(key: &[u8]) -> Result<(u64, u64), StoreError> {
     decode_u64_u64(tag::BLOCK, "block", key)

@@ -47,7 +47,6 @@
 mod acked;
 mod apply;
 mod born;
-mod chunk_cache;
 mod chunk_read;
 mod codec;
 mod commit;
@@ -73,6 +72,7 @@ mod read_plan;
 mod reader;
 mod readonly;
 mod reclaim;
+mod record_cache;
 mod recover;
 mod s3_lock;
 pub mod s3_snapshot;
@@ -204,9 +204,9 @@ pub struct SlateStore {
     /// Batches built and waiting for their commit-log record (`file://`
     /// with the log only).
     log_queue: Arc<log_queue::LogQueue>,
-    /// Recently read and written chunk records (`chunk_cache.rs`): what
-    /// the engine holds, without its lookup.
-    chunks: Arc<chunk_cache::ChunkCache>,
+    /// Recently read and written chunk, inode and segment records
+    /// (`record_cache.rs`): what the engine holds, without its lookup.
+    records: Arc<record_cache::RecordCache>,
     /// The inodes born since this instance opened, and what they own
     /// (`born.rs`): removing one needs no range scan.
     born: born::Born,

@@ -43,11 +43,11 @@ use bytes::Bytes;
 use slatedb::Db;
 
 use super::apply::{self, TxnView};
-use super::chunk_cache::ChunkCache;
 use super::codec::{self, Counters};
 use super::extent::{self, Data, Extent, Piece};
 use super::objects::{Objects, OBJECT_BYTES_TARGET};
 use super::pins::Readers;
+use super::record_cache::RecordCache;
 use super::{keys, lineage, map_engine_error, objects as objs, SlateStore};
 use crate::store::StoreError;
 
@@ -101,7 +101,7 @@ pub struct Pass {
     pub commit_lock: Arc<tokio::sync::Mutex<Counters>>,
     pub objects: Arc<Objects>,
     pub gc: Arc<ObjectGc>,
-    pub chunks: Arc<ChunkCache>,
+    pub records: Arc<RecordCache>,
 }
 
 /// How long the deleter waits for the reads that began before a deletion
@@ -222,12 +222,12 @@ impl Pass {
         } else {
             Vec::new()
         };
-        let mut batch = slatedb::WriteBatch::new();
+        let mut puts = apply::Puts::new();
         let mut doomed = Vec::new();
         for (id, _) in listed {
             let unreferenced = match live.get(&id) {
                 Some(0) => {
-                    batch.delete(keys::segment(id));
+                    puts.push((keys::segment(id), None));
                     true
                 }
                 Some(_) => false,
@@ -237,8 +237,11 @@ impl Pass {
                 doomed.push(id);
             }
         }
-        if !batch.is_empty() {
-            self.db.write(batch).await.map_err(map_engine_error)?;
+        if !puts.is_empty() {
+            self.records
+                .write_through(&self.db, &puts)
+                .await
+                .map_err(map_engine_error)?;
             self.db.flush().await.map_err(map_engine_error)?;
         }
         let n = doomed.len() as u64;
@@ -444,7 +447,7 @@ impl Pass {
         let mut counters = self.commit_lock.lock().await;
         let mut view = TxnView::new(&self.db, None, None);
         view.objects = Some(&self.objects);
-        view.chunks = Some(&self.chunks);
+        view.records = Some(&self.records);
         for (key, moves) in by_key {
             let Some(value) = view.get(key).await? else {
                 continue;
@@ -467,7 +470,7 @@ impl Pass {
         if puts.is_empty() {
             return Ok((emptied, used));
         }
-        self.chunks
+        self.records
             .write_through(&self.db, &puts)
             .await
             .map_err(map_engine_error)?;
@@ -486,7 +489,7 @@ impl SlateStore {
             commit_lock: self.commit_lock.clone(),
             objects: self.objects.clone()?,
             gc: self.object_gc.clone()?,
-            chunks: self.chunks.clone(),
+            records: self.records.clone(),
         })
     }
 

@@ -12,7 +12,7 @@ use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::{
-    born, chunk_cache, codec, config, group, holder, keys, map_engine_error, pins, reclaim,
+    born, codec, config, group, holder, keys, map_engine_error, pins, reclaim, record_cache,
     recover, segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore,
     Superblock, FORMAT_VERSION, UPGRADES_FROM,
 };
@@ -429,7 +429,9 @@ impl SlateStore {
             objects,
             object_gc,
             readers,
-            chunks: Arc::new(chunk_cache::ChunkCache::new(cfg.memory.chunk_cache_bytes)),
+            records: Arc::new(record_cache::RecordCache::new(
+                cfg.memory.record_cache_bytes,
+            )),
             born: born::Born::new(superblock.next_id),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,

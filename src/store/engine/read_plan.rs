@@ -118,7 +118,7 @@ impl SlateStore {
     /// lengths add up to `len`. The pages it names stay unpunched while it
     /// (or its `entered`) lives: drop it once read.
     ///
-    /// When every chunk record of the range is in the chunk cache and the
+    /// When every chunk record of the range is in the record cache and the
     /// volume keeps its data in segment files, the plan is made on the
     /// caller's thread, without a trip through the engine's runtime.
     pub fn read_plan(&self, ino: u64, offset: u64, len: usize) -> Result<ReadPlan, StoreError> {
@@ -262,6 +262,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::super::conformance::{commit, read, temp_volume, write_op};
+    use super::super::record_cache::Slot;
     use super::super::{Placement, SlateStore};
     use super::ReadPiece;
     use crate::store::Op;
@@ -325,12 +326,15 @@ mod tests {
         drop(s);
         let s = temp_volume(&dir, "");
         assert_eq!(
-            s.chunks.get(7, 0),
+            s.records.get(Slot::chunk(7, 0)),
             None,
             "a reopened volume's cache is cold"
         );
         let cold = materialize(&s.read_plan(7, 0, 600_000).unwrap().pieces);
-        assert!(s.chunks.get(7, 0).is_some(), "the plan fills the cache");
+        assert!(
+            s.records.get(Slot::chunk(7, 0)).is_some(),
+            "the plan fills the cache"
+        );
         let warm = materialize(&s.read_plan(7, 0, 600_000).unwrap().pieces);
         assert_eq!(cold, warm);
         assert_eq!(cold, read(&s, 7, 0, 600_000));

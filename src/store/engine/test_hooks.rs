@@ -4,44 +4,40 @@
 
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use slatedb::Db;
 
+use super::apply::Puts;
 use super::{codec, keys, Segments, SlateStore};
 use crate::store::Dirent;
 
 impl SlateStore {
-    /// Write `batch` straight to the engine, after every group
-    /// acknowledged so far is in it (else a group's engine write, still on
-    /// its way, could land on top).
-    fn raw_write(&self, batch: slatedb::WriteBatch) {
+    /// Write `puts` straight to the engine (and the record cache), after
+    /// every group acknowledged so far is in it (else a group's engine
+    /// write, still on its way, could land on top).
+    fn raw_write(&self, puts: Puts) {
         self.block_on(async {
             self.await_applied().await.expect("groups applied");
-            self.db.write(batch).await.expect("raw engine write");
+            self.write_puts(&puts).await.expect("raw engine write");
         });
     }
 
     /// Put `dirent` into the by-cookie index of `parent` only.
     pub(crate) fn raw_put_cookie_entry(&self, parent: u64, dirent: &Dirent) {
-        let mut batch = slatedb::WriteBatch::new();
-        batch.put(
+        self.raw_write(vec![(
             keys::dirent_by_cookie(parent, dirent.cookie),
-            codec::encode_dirent_by_cookie(dirent),
-        );
-        self.raw_write(batch);
+            Some(codec::encode_dirent_by_cookie(dirent).into()),
+        )]);
     }
 
     /// Delete the by-cookie index record `(parent, cookie)` only.
     pub(crate) fn raw_delete_cookie_entry(&self, parent: u64, cookie: u64) {
-        let mut batch = slatedb::WriteBatch::new();
-        batch.delete(keys::dirent_by_cookie(parent, cookie));
-        self.raw_write(batch);
+        self.raw_write(vec![(keys::dirent_by_cookie(parent, cookie), None)]);
     }
 
     /// Store `value` under `key` as is.
     pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) {
-        let mut batch = slatedb::WriteBatch::new();
-        batch.put(key, value);
-        self.raw_write(batch);
+        self.raw_write(vec![(key.to_vec(), Some(Bytes::copy_from_slice(value)))]);
     }
 
     /// Put an applied-transaction record.

@@ -444,7 +444,7 @@ fn group_commit_latency() {
     }
 }
 
-/// The chunk cache (`chunk_cache.rs`) answers reads and commits from the
+/// The record cache (`record_cache.rs`) answers reads and commits from the
 /// records it holds: after every kind of change to cached chunks, reads
 /// (both paths: `read` and read plans) still say what the model says.
 #[test]

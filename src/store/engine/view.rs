@@ -14,12 +14,12 @@ use bytes::Bytes;
 use slatedb::{Db, WriteBatch};
 
 use super::born::{Born, Taken};
-use super::chunk_cache::ChunkCache;
 use super::codec::{self, Counters};
 use super::keys::{self, tag};
 use super::log_queue::LogQueue;
 use super::map_engine_error;
 use super::objects::Objects;
+use super::record_cache::{RecordCache, Slot};
 use super::segment::{Placed, Segments};
 use crate::store::StoreError;
 
@@ -64,8 +64,9 @@ pub struct TxnView<'a> {
     pub objects: Option<&'a Objects>,
     /// Where a chunk rewrite's object ids come from (with `objects`).
     pub object_ids: Option<&'a (dyn Fn() -> Result<u64, StoreError> + Sync)>,
-    /// The volume's chunk cache: chunk records read through it.
-    pub chunks: Option<&'a ChunkCache>,
+    /// The volume's record cache: the records it keeps are read through
+    /// it.
+    pub records: Option<&'a RecordCache>,
     /// The inodes born since the engine opened (`born.rs`): what their
     /// writes created is noted as they are applied.
     pub born: Option<&'a Born>,
@@ -118,7 +119,7 @@ impl<'a> TxnView<'a> {
             segments,
             objects: None,
             object_ids: None,
-            chunks: None,
+            records: None,
             born: None,
             removed: Taken::default(),
             dead: BTreeMap::new(),
@@ -202,15 +203,15 @@ impl<'a> TxnView<'a> {
         if let Some(v) = self.queued.and_then(|q| q.get(key)) {
             return Ok(v);
         }
-        let Some((cache, (ino, index))) = self.chunks.zip(keys::as_block(key)) else {
+        let Some((cache, slot)) = self.records.zip(Slot::of(key)) else {
             return self.db.get(key).await.map_err(map_engine_error);
         };
-        if let Some(record) = cache.get(ino, index) {
+        if let Some(record) = cache.get(slot) {
             return Ok(record);
         }
-        let stamp = cache.stamp(ino, index);
+        let stamp = cache.stamp(slot);
         let record = self.db.get(key).await.map_err(map_engine_error)?;
-        cache.offer(ino, index, stamp, record.clone());
+        cache.offer(slot, stamp, record.clone());
         Ok(record)
     }
 
