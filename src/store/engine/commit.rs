@@ -21,6 +21,7 @@ use slatedb::WriteHandle;
 use super::apply::Puts;
 use super::log::{self, LogError};
 use super::log_queue::{self, Need, Queued, Turn};
+use super::once::{Answer, Applied};
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -55,6 +56,24 @@ enum Built {
     /// The batch, too large for the log, is durable in the engine; what
     /// it freed may be named by records up to this lsn.
     Direct(u64, Reclaim),
+}
+
+/// Applied records pruned in memory (`once.rs`) that a batch being built
+/// deletes: handed back unless the batch is built.
+struct Pruned<'a>(&'a Applied, Vec<Vec<u8>>);
+
+impl Pruned<'_> {
+    fn built(mut self) {
+        self.1.clear();
+    }
+}
+
+impl Drop for Pruned<'_> {
+    fn drop(&mut self) {
+        if !self.1.is_empty() {
+            self.0.put_back(std::mem::take(&mut self.1));
+        }
+    }
 }
 
 impl SlateStore {
@@ -246,6 +265,10 @@ impl SlateStore {
         let built = self
             .build(once, txn, placed, writes, &mut appended, &mut written)
             .await;
+        if let (Err(_), true, Some((session, _))) = (&built, written, once) {
+            // Its batch may or may not be in the engine: ask it from now on.
+            self.applied.unsure(session);
+        }
         if written {
             if let Some(segs) = &self.segments {
                 for p in &appended {
@@ -329,9 +352,16 @@ impl SlateStore {
         view.born = Some(&self.born);
         view.object_ids = Some(&next_object);
         if let Some((session, txn_id)) = once {
-            if view.get(&keys::applied(session, txn_id)).await?.is_some() {
+            if self.applied_before(&mut view, session, txn_id).await? {
                 return Ok(Built::Duplicate(self.log_queue.last_seq()));
             }
+        }
+        // The applied records pruned since the last batch go with this one
+        // (`once.rs`), before its own record: a resend of a pruned
+        // transaction puts its record back.
+        let pruned = Pruned(&self.applied, self.applied.take_pruned());
+        for key in &pruned.1 {
+            view.delete(key.clone()).await?;
         }
         for (op, p) in txn.ops.into_iter().zip(placed) {
             let r = apply::apply(&mut view, op, p).await;
@@ -393,11 +423,40 @@ impl SlateStore {
         };
         *counters = after;
         removed.built();
+        pruned.built();
+        if let Some((session, txn_id)) = once {
+            self.applied.built(session, txn_id);
+        }
         self.used_blocks.store(after.blocks, Ordering::Release);
         self.used_inodes.store(after.inodes, Ordering::Release);
         self.used_meta_bytes
             .store(after.meta_bytes, Ordering::Release);
         Ok(built)
+    }
+
+    /// Whether `txn_id` of `session` was applied before: from memory for a
+    /// fresh session (`once.rs`), else its record in the view.
+    async fn applied_before(
+        &self,
+        view: &mut apply::TxnView<'_>,
+        session: u64,
+        txn_id: u64,
+    ) -> Result<bool, StoreError> {
+        match self.applied.check(session, txn_id) {
+            Answer::Applied => return Ok(true),
+            Answer::New => return Ok(false),
+            Answer::Unseen => {
+                let range = keys::applied_of(session);
+                let fresh = self.log_queue.range(&range).is_empty()
+                    && self.scan(range, 1).await?.is_empty();
+                self.applied.seen(session, fresh);
+                if fresh {
+                    return Ok(false);
+                }
+            }
+            Answer::Ask => {}
+        }
+        Ok(view.get(&keys::applied(session, txn_id)).await?.is_some())
     }
 
     /// Make `puts` (a batch too large for the ring) durable in the engine

@@ -191,6 +191,11 @@ pub fn cookies_after(parent: u64, after: u64) -> Range<Vec<u8>> {
     }
 }
 
+/// Every applied-transaction record of `session`.
+pub fn applied_of(session: u64) -> Range<Vec<u8>> {
+    prefix_range(with_u64(tag::APPLIED, session))
+}
+
 /// Applied-transaction records of `session` with `txn_id < below`.
 pub fn applied_below(session: u64, below: u64) -> Range<Vec<u8>> {
     applied(session, 0)..applied(session, below)

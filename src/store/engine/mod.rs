@@ -64,6 +64,7 @@ mod log_queue;
 mod log_record;
 mod object_gc;
 mod objects;
+mod once;
 mod open;
 mod orphans;
 mod overlay;
@@ -210,6 +211,8 @@ pub struct SlateStore {
     /// The inodes born since this instance opened, and what they own
     /// (`born.rs`): removing one needs no range scan.
     born: born::Born,
+    /// The transactions of each fresh session applied here (`once.rs`).
+    applied: once::Applied,
     /// Reads in flight by epoch (`pins.rs`): the reclaimer punches a page
     /// only after every read that could name it has left.
     readers: Arc<pins::Readers>,
@@ -445,6 +448,10 @@ impl SlateStore {
 
     async fn prune_inner(&self, session: u64, below: u64) -> Result<(), StoreError> {
         self.check_writable()?;
+        // A fresh session's records go with the next batch (`once.rs`).
+        if self.applied.prune(session, below) {
+            return Ok(());
+        }
         loop {
             let serial = self.commit_lock.lock().await;
             // This writes to the engine directly: every batch built before

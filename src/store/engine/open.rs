@@ -11,10 +11,11 @@ use slatedb::Db;
 use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
+use super::record_cache::RecordCache;
 use super::{
-    born, codec, config, group, holder, keys, map_engine_error, pins, reclaim, record_cache,
-    recover, segment, Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore,
-    Superblock, FORMAT_VERSION, UPGRADES_FROM,
+    born, codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
+    Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
+    FORMAT_VERSION, UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
 
@@ -429,10 +430,9 @@ impl SlateStore {
             objects,
             object_gc,
             readers,
-            records: Arc::new(record_cache::RecordCache::new(
-                cfg.memory.record_cache_bytes,
-            )),
+            records: Arc::new(RecordCache::new(cfg.memory.record_cache_bytes)),
             born: born::Born::new(superblock.next_id),
+            applied: Default::default(),
             capacity_bytes: cfg.capacity_bytes,
             capacity_inodes: cfg.capacity_inodes,
             describe: describe(&cfg, &superblock),
