@@ -21,7 +21,7 @@ use slatedb::WriteHandle;
 use super::apply::Puts;
 use super::log::{self, LogError};
 use super::log_queue::{self, Need, Queued, Turn};
-use super::once::{Answer, Applied};
+use super::once::Applied;
 use super::reclaim::Reclaim;
 use super::recover::{self, Checkpoint};
 use super::segment::{self, Placed};
@@ -432,31 +432,6 @@ impl SlateStore {
         self.used_meta_bytes
             .store(after.meta_bytes, Ordering::Release);
         Ok(built)
-    }
-
-    /// Whether `txn_id` of `session` was applied before: from memory for a
-    /// fresh session (`once.rs`), else its record in the view.
-    async fn applied_before(
-        &self,
-        view: &mut apply::TxnView<'_>,
-        session: u64,
-        txn_id: u64,
-    ) -> Result<bool, StoreError> {
-        match self.applied.check(session, txn_id) {
-            Answer::Applied => return Ok(true),
-            Answer::New => return Ok(false),
-            Answer::Unseen => {
-                let range = keys::applied_of(session);
-                let fresh = self.log_queue.range(&range).is_empty()
-                    && self.scan(range, 1).await?.is_empty();
-                self.applied.seen(session, fresh);
-                if fresh {
-                    return Ok(false);
-                }
-            }
-            Answer::Ask => {}
-        }
-        Ok(view.get(&keys::applied(session, txn_id)).await?.is_some())
     }
 
     /// Make `puts` (a batch too large for the ring) durable in the engine

@@ -118,7 +118,7 @@ mod tests;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use slatedb::{Db, WriteBatch};
+use slatedb::Db;
 
 use crate::store::{
     CommitOutcome, Dirent, Inode, OnceStore, ReadData, Store, StoreError, StoreStats, Txn,
@@ -145,9 +145,6 @@ use segment::Segments;
 /// for, so most `reserve_ids` calls touch no disk. A restart skips the
 /// unused rest.
 const ID_CHUNK: u64 = 4096;
-
-/// The most applied-transaction records one prune batch deletes.
-const PRUNE_BATCH_MAX: usize = 16 * 1024;
 
 /// Where file data goes; only tests choose.
 #[derive(Clone, Copy, Debug)]
@@ -444,41 +441,6 @@ impl SlateStore {
         ids.next = end;
         self.born.reserved(end);
         Ok(first)
-    }
-
-    async fn prune_inner(&self, session: u64, below: u64) -> Result<(), StoreError> {
-        self.check_writable()?;
-        // A fresh session's records go with the next batch (`once.rs`).
-        if self.applied.prune(session, below) {
-            return Ok(());
-        }
-        loop {
-            let serial = self.commit_lock.lock().await;
-            // This writes to the engine directly: every batch built before
-            // it goes first, as the log's records are in engine order.
-            self.await_applied().await?;
-            let doomed = self
-                .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
-                .await?;
-            if doomed.is_empty() {
-                return Ok(());
-            }
-            let mut batch = WriteBatch::new();
-            for (key, _) in &doomed {
-                keys::decode_applied(key)?;
-                batch.delete(key);
-            }
-            let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-            self.group.written(&handle);
-            drop(serial);
-            self.group
-                .wait(&self.db, &handle)
-                .await
-                .map_err(map_engine_error)?;
-            if doomed.len() < PRUNE_BATCH_MAX {
-                return Ok(());
-            }
-        }
     }
 
     async fn read_inner(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {

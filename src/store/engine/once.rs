@@ -27,11 +27,19 @@
 //! are asked of the engine), and the sets and the deletes waiting for a
 //! batch hold at most [`IDS_MAX`] ids together (a session that would pass
 //! it is asked of the engine from then on, its set dropped).
+//!
+//! The engine's side is here too: the resend check a commit makes under
+//! the commit lock (`SlateStore::applied_before`) and the prune
+//! (`SlateStore::prune_inner`), in memory or in the engine.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use super::keys;
+use slatedb::WriteBatch;
+
+use super::apply::TxnView;
+use super::{keys, map_engine_error, SlateStore};
+use crate::store::StoreError;
 
 /// The most sessions known at once: one per daemon that ever wrote
 /// through this instance.
@@ -180,6 +188,73 @@ impl Applied {
     #[cfg(test)]
     pub fn ids(&self) -> usize {
         self.lock().ids
+    }
+}
+
+/// The most applied-transaction records one prune batch deletes.
+const PRUNE_BATCH_MAX: usize = 16 * 1024;
+
+impl SlateStore {
+    /// Whether `txn_id` of `session` was applied before: from memory for a
+    /// fresh session (`once.rs`), else its record in the view.
+    pub(super) async fn applied_before(
+        &self,
+        view: &mut TxnView<'_>,
+        session: u64,
+        txn_id: u64,
+    ) -> Result<bool, StoreError> {
+        match self.applied.check(session, txn_id) {
+            Answer::Applied => return Ok(true),
+            Answer::New => return Ok(false),
+            Answer::Unseen => {
+                let range = keys::applied_of(session);
+                let fresh = self.log_queue.range(&range).is_empty()
+                    && self.scan(range, 1).await?.is_empty();
+                self.applied.seen(session, fresh);
+                if fresh {
+                    return Ok(false);
+                }
+            }
+            Answer::Ask => {}
+        }
+        Ok(view.get(&keys::applied(session, txn_id)).await?.is_some())
+    }
+
+    /// Prune the applied records of `session` below `below`: in memory
+    /// for a fresh session, else in the engine.
+    pub(super) async fn prune_inner(&self, session: u64, below: u64) -> Result<(), StoreError> {
+        self.check_writable()?;
+        // A fresh session's records go with the next batch (`once.rs`).
+        if self.applied.prune(session, below) {
+            return Ok(());
+        }
+        loop {
+            let serial = self.commit_lock.lock().await;
+            // This writes to the engine directly: every batch built before
+            // it goes first, as the log's records are in engine order.
+            self.await_applied().await?;
+            let doomed = self
+                .scan(keys::applied_below(session, below), PRUNE_BATCH_MAX)
+                .await?;
+            if doomed.is_empty() {
+                return Ok(());
+            }
+            let mut batch = WriteBatch::new();
+            for (key, _) in &doomed {
+                keys::decode_applied(key)?;
+                batch.delete(key);
+            }
+            let handle = self.db.write(batch).await.map_err(map_engine_error)?;
+            self.group.written(&handle);
+            drop(serial);
+            self.group
+                .wait(&self.db, &handle)
+                .await
+                .map_err(map_engine_error)?;
+            if doomed.len() < PRUNE_BATCH_MAX {
+                return Ok(());
+            }
+        }
     }
 }
 
