@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use slatedb::WriteHandle;
+use slatedb::{WriteBatch, WriteHandle};
 
 use super::apply::Puts;
 use super::log::{self, LogError};
@@ -586,6 +586,25 @@ impl SlateStore {
             }
             None => Ok(()),
         }
+    }
+
+    /// Write `batch` to the engine directly, let the commit lock go and
+    /// wait until the write is durable. The caller holds the lock
+    /// (`serial`) and has awaited every queued batch (`await_applied`):
+    /// nothing built before it lands after it, as the log's records are
+    /// in engine order, and commits built after it queue meanwhile.
+    pub(super) async fn write_behind_queue(
+        &self,
+        serial: tokio::sync::MutexGuard<'_, codec::Counters>,
+        batch: WriteBatch,
+    ) -> Result<(), StoreError> {
+        let handle = self.db.write(batch).await.map_err(map_engine_error)?;
+        self.group.written(&handle);
+        drop(serial);
+        self.group
+            .wait(&self.db, &handle)
+            .await
+            .map_err(map_engine_error)
     }
 }
 

@@ -38,7 +38,7 @@ use std::sync::{Mutex, MutexGuard};
 use slatedb::WriteBatch;
 
 use super::apply::TxnView;
-use super::{keys, map_engine_error, SlateStore};
+use super::{keys, SlateStore};
 use crate::store::StoreError;
 
 /// The most sessions known at once: one per daemon that ever wrote
@@ -244,13 +244,7 @@ impl SlateStore {
                 keys::decode_applied(key)?;
                 batch.delete(key);
             }
-            let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-            self.group.written(&handle);
-            drop(serial);
-            self.group
-                .wait(&self.db, &handle)
-                .await
-                .map_err(map_engine_error)?;
+            self.write_behind_queue(serial, batch).await?;
             if doomed.len() < PRUNE_BATCH_MAX {
                 return Ok(());
             }

@@ -7,7 +7,6 @@
 
 use slatedb::WriteBatch;
 
-use super::identity::map_engine_error;
 use super::{keys, SlateStore};
 use crate::store::{StoreError, WriterClaim};
 
@@ -61,13 +60,7 @@ impl SlateStore {
         self.await_applied().await?;
         let mut batch = WriteBatch::new();
         batch.put(keys::writer(), encode(claim));
-        let handle = self.db.write(batch).await.map_err(map_engine_error)?;
-        self.group.written(&handle);
-        drop(serial);
-        self.group
-            .wait(&self.db, &handle)
-            .await
-            .map_err(map_engine_error)
+        self.write_behind_queue(serial, batch).await
     }
 }
 
