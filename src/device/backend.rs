@@ -427,11 +427,14 @@ mod tests {
         }
         // On a volume that is not local, only what the layer answers from
         // memory (a bare store says it holds everything): GETATTR (3),
-        // LOOKUP (1), READ, WRITE, CREATE (35), FLUSH; not READDIRPLUS
-        // (44), RENAME, OPEN (14) nor a READ larger than the bound.
+        // LOOKUP (1), READ, WRITE, CREATE (35), FLUSH, GETXATTR (22),
+        // LISTXATTR (23); not READDIRPLUS (44), RENAME, OPEN (14) nor a
+        // READ larger than the bound.
         for (opcode, size, cheap) in [
             (3, 0, true),
             (1, 0, true),
+            (22, 0, true),
+            (23, 0, true),
             (15, 4096, true),
             (15, READ_FROM_MEMORY_MAX + 1, false),
             (16, 4096, true),

@@ -116,11 +116,12 @@ impl Requests {
     /// On a volume that is not `local` (every store read a round trip),
     /// only what the write-back layer answers from memory: a lookup in,
     /// or a create or removal of an entry of, a directory whose every
-    /// entry it holds; attributes it holds; a read of cached pages or of
-    /// blocks the local read cache holds; a write, a forget or a close as
-    /// above. A request that still reaches
-    /// the store (a child's attributes trimmed since) holds up its queue
-    /// for a round trip, never longer than the layer's bounded waits.
+    /// entry it holds; attributes it holds; the extended attributes of an
+    /// inode it knows has none; a read of cached pages or of blocks the
+    /// local read cache holds; a write, a forget or a close as above. A
+    /// request that still reaches the store (a child's attributes trimmed
+    /// since) holds up its queue for a round trip, never longer than the
+    /// layer's bounded waits.
     pub fn is_cheap(&self, chain: &Chain, local: bool) -> bool {
         let store = self.fs.store();
         let Some(h) = first_header(chain) else {
@@ -142,8 +143,14 @@ impl Requests {
                             })
                     })
             }
-            FUSE_READLINK | FUSE_STATFS | FUSE_GETXATTR | FUSE_LISTXATTR | FUSE_OPENDIR
-            | FUSE_READDIR | FUSE_READDIRPLUS | FUSE_RELEASEDIR | FUSE_ACCESS => local,
+            // The kernel asks for `security.capability` before a write
+            // that may have to drop it: answered from memory for a file
+            // created in this session.
+            FUSE_GETXATTR | FUSE_LISTXATTR => {
+                local || (known(h.nodeid) && store.would_not_wait(Demand::Xattrs { ino: h.nodeid }))
+            }
+            FUSE_READLINK | FUSE_STATFS | FUSE_OPENDIR | FUSE_READDIR | FUSE_READDIRPLUS
+            | FUSE_RELEASEDIR | FUSE_ACCESS => local,
             FUSE_WRITE => {
                 (local || known(h.nodeid))
                     && write_args(chain).is_some_and(|w| {

@@ -98,6 +98,10 @@ pub enum Demand {
     /// (or, where the store [reads it locally](Store::reads_locally), from
     /// this machine's storage).
     Read { ino: u64, offset: u64, len: u64 },
+    /// A read or a listing of inode `ino`'s extended attributes, answered
+    /// without the store: `ino` is known to have none (it was created in
+    /// this session and none was set since).
+    Xattrs { ino: u64 },
 }
 
 /// The longest name of a directory entry, in bytes.

@@ -193,6 +193,10 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
     assert!(wb.lookup(dir, b"nope").unwrap().is_none());
     assert_eq!(wb.lookup(dir, b"a").unwrap().map(|d| d.ino), Some(dir + 1));
     assert_eq!(wb.get_xattr(dir + 1, b"user.x").unwrap(), None);
+    assert!(wb.list_xattr(dir + 1).unwrap().is_empty());
+    let xattrs = |ino| crate::store::Demand::Xattrs { ino };
+    assert!(wb.would_not_wait(xattrs(dir + 1)));
+    assert!(!wb.would_not_wait(xattrs(99)), "not created here");
     // A change of its attributes sends reads to the store again.
     let mut t = Txn::new();
     t.push(Op::SetXattr {
@@ -201,10 +205,15 @@ fn a_directory_created_here_answers_lookups_of_new_names_itself() {
         value: b"w".to_vec(),
     });
     wb.commit(t).unwrap();
+    assert!(!wb.would_not_wait(xattrs(dir + 1)), "one was set");
     wb.sync(None).unwrap();
     assert_eq!(
         wb.get_xattr(dir + 1, b"user.x").unwrap().as_deref(),
         Some(&b"v"[..])
+    );
+    assert_eq!(
+        wb.list_xattr(dir + 1).unwrap(),
+        [b"user.x".to_vec(), b"user.y".to_vec()]
     );
     // An entry the layer never saw in a directory it did not create is the
     // store's to answer.

@@ -338,6 +338,11 @@ impl KnownXattrs {
         self.none.contains(&ino).then_some(None)
     }
 
+    /// Whether `ino` is known to have no extended attribute at all.
+    pub(super) fn has_none(&self, ino: u64) -> bool {
+        self.none.contains(&ino)
+    }
+
     /// Keep what the store answered, unless something changed since
     /// `generation` was taken (before the read).
     pub(super) fn remember(

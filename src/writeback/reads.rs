@@ -263,12 +263,22 @@ impl Store for WritebackStore {
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let overlay: Vec<(Vec<u8>, bool)> = match lock(&self.shared.state).xattrs.get(&ino) {
-            None => return self.shared.store.list_xattr(ino),
-            Some(m) => m
-                .iter()
-                .map(|(n, (v, _))| (n.clone(), v.is_some()))
-                .collect(),
+        // The lock is let go before the store is asked.
+        let overlay: Option<Vec<(Vec<u8>, bool)>> = {
+            let st = lock(&self.shared.state);
+            match st.xattrs.get(&ino) {
+                // Known to have none: only a change would have given it one.
+                None if st.known_xattrs.has_none(ino) => return Ok(Vec::new()),
+                None => None,
+                Some(m) => Some(
+                    m.iter()
+                        .map(|(n, (v, _))| (n.clone(), v.is_some()))
+                        .collect(),
+                ),
+            }
+        };
+        let Some(overlay) = overlay else {
+            return self.shared.store.list_xattr(ino);
         };
         let mut names: BTreeSet<Vec<u8>> = self.shared.store.list_xattr(ino)?.into_iter().collect();
         for (name, present) in overlay {

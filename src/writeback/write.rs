@@ -147,6 +147,7 @@ impl Shared {
             Demand::Close => !self.cfg.sync_on_close,
             Demand::Attributes { ino } => lock(&self.state).attrs.contains_key(&ino),
             Demand::Entries { dir } => lock(&self.state).complete_dirs.holds(dir),
+            Demand::Xattrs { ino } => lock(&self.state).known_xattrs.has_none(ino),
             Demand::Read { ino, offset, len } => {
                 let (first, end) = (offset / PAGE_SIZE, offset.saturating_add(len));
                 let last = end.saturating_sub(1).max(offset) / PAGE_SIZE;
