@@ -30,7 +30,9 @@ use std::time::Duration;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
-use slatedb::config::{GarbageCollectorOptions, Settings};
+use slatedb::config::{
+    CompactionWorkerOptions, CompactorOptions, GarbageCollectorOptions, Settings,
+};
 
 use super::group::CommitMode;
 use super::OpenVolumeError;
@@ -290,7 +292,31 @@ fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
             boundary_files_enabled: boundary_files,
             ..GarbageCollectorOptions::default()
         }),
+        compactor_options: Some(compactor_options()),
         ..Settings::default()
+    }
+}
+
+/// The in-process compactor, with its read-ahead bounded. SlateDB's
+/// defaults read 2 MiB ahead four times over for every input table, in up
+/// to four sub-compactions of each of four compactions at once: past
+/// 600,000 one-byte files the daemon's anonymous memory jumped from ~270
+/// MiB to ~850 MiB and stayed there; with one compaction at a time,
+/// unsplit, 256 KiB ahead per table, 800,000 files left it at ~410 MiB,
+/// created as fast (`docs/benchmarks.md`, session 49).
+fn compactor_options() -> CompactorOptions {
+    let worker = CompactionWorkerOptions {
+        max_concurrent_compactions: 1,
+        max_subcompactions: 1,
+        max_fetch_tasks: 1,
+        bytes_to_fetch: 256 << 10,
+        max_sst_size: 64 << 20,
+        ..CompactionWorkerOptions::default()
+    };
+    CompactorOptions {
+        max_concurrent_compactions: 1,
+        worker: Some(worker),
+        ..CompactorOptions::default()
     }
 }
 
