@@ -273,7 +273,9 @@ pub fn block_cache_policy() -> slatedb::BlockCachePolicy {
         .with_flush_targets(&[CacheTarget::Index, CacheTarget::Filters])
 }
 
-fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
+/// The engine's settings; `remote`: its objects are on S3 (where the
+/// garbage collector's boundary files work, and a read is a request).
+fn settings(o: &CommonOptions, remote: bool, logged: bool) -> Settings {
     let m = EngineMemory::of(o.memory_bytes);
     let flush_ms = o.flush_interval_ms.unwrap_or(match o.commit_mode {
         // Commits are durable in the commit log: the WAL's timer only
@@ -289,10 +291,10 @@ fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
         max_unflushed_bytes: m.max_unflushed_bytes as usize,
         l0_sst_size_bytes: m.l0_sst_size_bytes as usize,
         garbage_collector_options: Some(GarbageCollectorOptions {
-            boundary_files_enabled: boundary_files,
+            boundary_files_enabled: remote,
             ..GarbageCollectorOptions::default()
         }),
-        compactor_options: Some(compactor_options()),
+        compactor_options: Some(compactor_options(remote)),
         ..Settings::default()
     }
 }
@@ -303,13 +305,14 @@ fn settings(o: &CommonOptions, boundary_files: bool, logged: bool) -> Settings {
 /// 600,000 one-byte files the daemon's anonymous memory jumped from ~270
 /// MiB to ~850 MiB and stayed there; with one compaction at a time,
 /// unsplit, 256 KiB ahead per table, 800,000 files left it at ~410 MiB,
-/// created as fast (`docs/benchmarks.md`, session 49).
-fn compactor_options() -> CompactorOptions {
+/// created as fast (`docs/benchmarks.md`, session 49). On S3, where each
+/// read is a request of its own, a table is read 2 MiB at a time.
+fn compactor_options(remote: bool) -> CompactorOptions {
     let worker = CompactionWorkerOptions {
         max_concurrent_compactions: 1,
         max_subcompactions: 1,
         max_fetch_tasks: 1,
-        bytes_to_fetch: 256 << 10,
+        bytes_to_fetch: if remote { 2 << 20 } else { 256 << 10 },
         max_sst_size: 64 << 20,
         ..CompactionWorkerOptions::default()
     };
