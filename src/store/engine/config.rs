@@ -212,16 +212,23 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
 /// How the engine spends its memory: three eighths on writes not yet in a
 /// table (WAL buffers and memtables; writers wait beyond it), an eighth as
-/// the memtable size that starts a flush to an L0 table, an eighth on the
-/// cache of data blocks, a quarter on the cache of chunk, inode and segment
-/// records (`record_cache.rs`) and an eighth on the cache of indexes and
-/// bloom filters. With file data in segment files, the LSM holds metadata
-/// only, and these are metadata-sized. The chunk records get the most of
-/// the caches: a READ whose record is not cached walks the engine's tables.
-/// The records of a 1 GiB file after `scripts/bench`'s random writes do
-/// not fit in 8 MiB: its cold random reads then cost the daemon 3.2-4.4
-/// CPU-s, against 2.2 with 16 MiB or 64 MiB (`docs/benchmarks.md`,
-/// session 45).
+/// the memtable size that starts a flush to an L0 table (part of the
+/// three eighths), an eighth on the cache of data blocks, a quarter on the
+/// cache of chunk, inode and segment records (`record_cache.rs`) and a
+/// quarter on the cache of indexes and bloom filters. With file data in
+/// segment files, the LSM holds metadata only, and these are
+/// metadata-sized. The chunk records get a large share: a READ whose record
+/// is not cached walks the engine's tables. The records of a 1 GiB file
+/// after `scripts/bench`'s random writes do not fit in 8 MiB: its cold
+/// random reads then cost the daemon 3.2-4.4 CPU-s, against 2.2 with 16
+/// MiB or 64 MiB (`docs/benchmarks.md`, session 45). The indexes and
+/// filters grow with the volume's records: once the tables' no longer fit
+/// their cache, every lookup of a name not there yet (each create makes
+/// one) reads and decodes them again. With an eighth (8 MiB) and 4 KiB
+/// blocks that began at ~600,000 one-byte files: creating fell from ~9,000
+/// to ~2,000 files/s and the daemon's memory rose from ~270 to ~430 MiB;
+/// with a quarter and [`sst_block_size`]'s blocks, 1,300,000 files went at
+/// an even rate (session 50).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EngineMemory {
     pub max_unflushed_bytes: u64,
@@ -238,9 +245,18 @@ impl EngineMemory {
             l0_sst_size_bytes: bytes / 8,
             block_cache_bytes: bytes / 8,
             record_cache_bytes: bytes / 4,
-            meta_cache_bytes: bytes / 8,
+            meta_cache_bytes: bytes / 4,
         }
     }
+}
+
+/// The size of the engine's table blocks: 16 KiB. With SlateDB's default
+/// of 4 KiB a table's index (one entry per block) is the most of what its
+/// lookups need cached; 16 KiB blocks quarter it. A block read costs
+/// little more: the tables hold metadata only, and the record cache
+/// answers most point reads before them.
+pub fn sst_block_size() -> slatedb::config::SstBlockSize {
+    slatedb::config::SstBlockSize::Block16Kib
 }
 
 /// The engine's block cache: bounded, split between data and metadata so

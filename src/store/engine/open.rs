@@ -278,6 +278,7 @@ async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
         .with_settings(cfg.settings.clone())
         .with_db_cache(config::db_cache(cfg.memory), 0)
         .with_block_cache_policy(config::block_cache_policy())
+        .with_sst_block_size(config::sst_block_size())
         .build()
         .await
 }
