@@ -226,7 +226,7 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 /// their cache, every lookup of a name not there yet (each create makes
 /// one) reads and decodes them again. With an eighth (8 MiB) and 4 KiB
 /// blocks that began at ~600,000 one-byte files: creating fell from ~9,000
-/// to ~2,000 files/s and the daemon's memory rose from ~270 to ~430 MiB;
+/// to ~1,600 files/s and the daemon's memory rose from ~270 to ~440 MiB;
 /// with a quarter and [`sst_block_size`]'s blocks, 1,300,000 files went at
 /// an even rate (session 50).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
