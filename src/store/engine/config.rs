@@ -222,11 +222,11 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 /// after `scripts/bench`'s random writes do not fit in 8 MiB: its cold
 /// random reads then cost the daemon 3.2-4.4 CPU-s, against 2.2 with 16
 /// MiB or 64 MiB (`docs/benchmarks.md`, session 45). The indexes and
-/// filters grow with the volume's records: once the tables' no longer fit
-/// their cache, every lookup of a name not there yet (each create makes
-/// one) reads and decodes them again. With an eighth (8 MiB) and 4 KiB
-/// blocks that began at ~600,000 one-byte files: creating fell from ~9,000
-/// to ~1,600 files/s and the daemon's memory rose from ~270 to ~440 MiB;
+/// filters grow with the volume's records: once they no longer fit their
+/// cache, every lookup of a name not there yet (each create makes one)
+/// reads and decodes them again. With an eighth (8 MiB) and 4 KiB blocks
+/// that began at ~600,000 one-byte files: creating fell from ~9,600 to
+/// ~1,600 files/s and the daemon's memory rose from ~270 to ~440 MiB;
 /// with a quarter and [`sst_block_size`]'s blocks, 1,300,000 files went at
 /// an even rate (session 50).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
