@@ -67,8 +67,12 @@ use handles::HandleTable;
 /// Orphans removed per transaction at the end of a session.
 const ORPHANS_PER_TXN: usize = 1024;
 
-/// How many ids to reserve from the store at a time.
-const ID_BATCH: u64 = 4096;
+/// How many ids to reserve from the store at a time (a create takes two:
+/// the inode and its entry's cookie): 32,768 creates between reservations,
+/// and as many that go on while the store is unreachable once the next
+/// range is reserved ahead. Ids are 64 bits: those a daemon leaves unused
+/// when it stops cost nothing.
+const ID_BATCH: u64 = 1 << 16;
 
 /// Guest references to inodes, and the unlinked inodes they keep alive.
 #[derive(Default)]
@@ -82,6 +86,21 @@ struct Refs {
 struct IdRange {
     next: u64,
     end: u64,
+    /// The next range, reserved ahead (first, end).
+    spare: Option<(u64, u64)>,
+    ahead: Ahead,
+}
+
+/// The reservation ahead of the range in use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Ahead {
+    #[default]
+    Idle,
+    Running,
+    /// It failed: the next one is tried when this range runs out, on the
+    /// request path, and only after that succeeded does one go ahead again
+    /// (no thread per create while the store is unreachable).
+    Failed,
 }
 
 /// The filesystem served to the guest.
@@ -97,7 +116,7 @@ pub struct PohmelFs {
     /// Taken first by renames that move a directory: see `locks.rs`.
     rename_lock: Mutex<()>,
     refs: Mutex<Refs>,
-    ids: Mutex<IdRange>,
+    ids: Arc<Mutex<IdRange>>,
     handles: Mutex<HandleTable>,
     /// The options the guest's INIT negotiated; `None` outside a session.
     negotiated: Mutex<Option<FsOptions>>,
@@ -134,7 +153,7 @@ impl PohmelFs {
             locks: locks::InodeLocks::default(),
             rename_lock: Mutex::new(()),
             refs: Mutex::new(Refs::default()),
-            ids: Mutex::new(IdRange::default()),
+            ids: Arc::new(Mutex::new(IdRange::default())),
             negotiated: Mutex::new(None),
         }
     }
@@ -246,17 +265,65 @@ impl PohmelFs {
         Ok(inode)
     }
 
-    /// A fresh id from the volume's id space.
+    /// A fresh id from the volume's id space. Ids increase: each range the
+    /// store reserves lies above every earlier one. Once half of the range
+    /// in use is handed out, the next is reserved on a thread of its own,
+    /// so that a create does not wait for the store when the range runs
+    /// out (a durable commit of the volume's id limit, or a round trip),
+    /// nor fail while the store is briefly unreachable.
     fn alloc_id(&self) -> FsResult<u64> {
         let mut ids = lock(&self.ids);
         if ids.next == ids.end {
-            let first = self.store.reserve_ids(ID_BATCH)?;
+            let (first, end) = match ids.spare.take() {
+                Some(spare) => spare,
+                None => {
+                    let first = self.store.reserve_ids(ID_BATCH)?;
+                    if ids.ahead == Ahead::Failed {
+                        ids.ahead = Ahead::Idle;
+                    }
+                    (first, first + ID_BATCH)
+                }
+            };
             ids.next = first;
-            ids.end = first + ID_BATCH;
+            ids.end = end;
         }
         let id = ids.next;
         ids.next += 1;
+        if ids.spare.is_none() && ids.ahead == Ahead::Idle && ids.end - ids.next < ID_BATCH / 2 {
+            self.reserve_ahead(&mut ids);
+        }
         Ok(id)
+    }
+
+    /// Reserve the range after the one in use on a thread of its own. A
+    /// range it brings back that lies below the one in use by then (the
+    /// request path reserved one meanwhile) is dropped: its ids are never
+    /// handed out.
+    fn reserve_ahead(&self, ids: &mut IdRange) {
+        let store = Arc::clone(&self.store);
+        let shared = Arc::clone(&self.ids);
+        let spawned = std::thread::Builder::new()
+            .name("pohmelfs-ids".into())
+            .spawn(move || {
+                let reserved = store.reserve_ids(ID_BATCH);
+                let mut ids = lock(&shared);
+                match reserved {
+                    Ok(first) => {
+                        ids.ahead = Ahead::Idle;
+                        if first >= ids.end {
+                            ids.spare = Some((first, first + ID_BATCH));
+                        }
+                    }
+                    Err(e) => {
+                        ids.ahead = Ahead::Failed;
+                        tracing::warn!(error = %crate::ErrorChain(&e), "could not reserve inode ids ahead; the next create that needs them asks the store");
+                    }
+                }
+            });
+        ids.ahead = match spawned {
+            Ok(_) => Ahead::Running,
+            Err(_) => Ahead::Failed,
+        };
     }
 
     /// The reply entry for `inode`; the caller adds the lookup reference.

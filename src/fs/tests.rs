@@ -489,3 +489,7 @@ mod hardening;
 /// append and O_TRUNC, a full volume, session reset and statfs.
 #[path = "file_tests.rs"]
 mod files;
+
+/// Inode ids reserved ahead of the creates that need them.
+#[path = "ids_tests.rs"]
+mod ids;

@@ -1,9 +1,10 @@
 //! The unit tests' store with a hook: it passes every call through to the
 //! store it wraps, counts the reads that reach that store, asks a closure
-//! before each commit, which may fail it (an interrupted destination, a
-//! lost connection), and calls one after each data read, which may hold it
-//! (a store answering late). Tests that need one method changed build it
-//! here rather than writing a `Store` of their own.
+//! before each commit and each reservation of ids, which may fail it (an
+//! interrupted destination, a lost connection, an unreachable store), and
+//! calls one after each data read, which may hold it (a store answering
+//! late). Tests that need one method changed build it here rather than
+//! writing a `Store` of their own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,9 @@ type CommitHook = Box<dyn Fn(&Txn) -> Result<(), StoreError> + Send + Sync>;
 /// What a [`Hooked`] store calls with the inode after each data read.
 type ReadHook = Box<dyn Fn(u64) + Send + Sync>;
 
+/// What a [`Hooked`] store asks before each reservation of ids.
+type ReserveHook = Box<dyn Fn(u64) -> Result<(), StoreError> + Send + Sync>;
+
 /// A store in front of `inner` (see the module documentation).
 pub struct Hooked<S: Store + ?Sized> {
     /// The store every call reaches.
@@ -25,6 +29,7 @@ pub struct Hooked<S: Store + ?Sized> {
     pub reads: AtomicU64,
     before_commit: CommitHook,
     after_read: ReadHook,
+    before_reserve: ReserveHook,
     name: &'static str,
 }
 
@@ -36,6 +41,7 @@ impl<S: Store + ?Sized> Hooked<S> {
             reads: AtomicU64::new(0),
             before_commit: Box::new(|_| Ok(())),
             after_read: Box::new(|_| ()),
+            before_reserve: Box::new(|_| Ok(())),
             name,
         }
     }
@@ -56,10 +62,36 @@ impl<S: Store + ?Sized> Hooked<S> {
         self.after_read = Box::new(hook);
         self
     }
+
+    /// Run `hook` with the count before each [`Store::reserve_ids`]; an
+    /// `Err` fails the reservation without passing it on.
+    pub fn before_reserve(
+        mut self,
+        hook: impl Fn(u64) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> Hooked<S> {
+        self.before_reserve = Box::new(hook);
+        self
+    }
 }
 
 impl<S: Store + ?Sized> Store for Hooked<S> {
-    delegate_store!(inner: metadata, sync);
+    delegate_store!(
+        inner: get_inode,
+        lookup,
+        readdir,
+        next_data,
+        next_hole,
+        readlink,
+        get_xattr,
+        list_xattr,
+        statfs,
+        sync
+    );
+
+    fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
+        (self.before_reserve)(count)?;
+        self.inner.reserve_ids(count)
+    }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
