@@ -117,7 +117,9 @@ pub(super) fn page_buffers_within(share: u64) -> u64 {
 /// one control byte per bucket and at most 7 of 8 buckets full; rounded up.
 const HASH_OVERHEAD: u64 = 8;
 
-/// Bytes one remembered inode attribute set costs (`State::attrs`).
+/// Bytes one slot of the table of remembered inode attributes costs
+/// (`State::attrs`), counted over its capacity, not its entries: a table
+/// is allocated in powers of two and may be half empty.
 pub(super) const ATTR_ENTRY_BYTES: u64 =
     (size_of::<(u64, Overlay)>() as u64) * 8 / 7 + HASH_OVERHEAD;
 

@@ -1,8 +1,9 @@
 //! Issue 13 point 3 in the transaction layer: nothing a guest does can
 //! make a transaction that the wire cannot carry, metadata counts against
-//! `dirty_max_bytes`, and no wait outlasts `fsync_timeout`.
+//! `dirty_max_bytes` (its memory too), and no wait outlasts `fsync_timeout`.
 
-use std::sync::atomic::Ordering;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,6 +148,47 @@ fn metadata_bytes_count_toward_dirty_max() {
     assert_eq!(m.levels.dirty_bytes.get(), 0, "every byte returned");
     let last = format!("user.x{:04}", count - 1);
     assert!(store.get_xattr(20, last.as_bytes()).unwrap().is_some());
+}
+
+/// Small metadata changes count what they hold in memory, not only their
+/// wire bytes: with acks held, a stream of attribute changes of new inodes
+/// (100 bytes on the wire each) meets backpressure before the memory of
+/// their operations alone could pass the bound.
+#[test]
+fn small_metadata_changes_count_their_memory_toward_dirty_max() {
+    let (wb, sink, _store, m) = held_layer(OverwritePolicy::Cow, 64);
+    let wb = Arc::new(wb);
+    let dirty_max = cfg(OverwritePolicy::Cow).dirty_max_bytes;
+    create(&*wb, 20);
+    wb.sync(None).unwrap();
+    sink.gate.close();
+    // As many as wire bytes alone would let in, and more.
+    let wire = op_wire_bytes(&Op::PutInode(Inode::regular(1, 0)));
+    let count = dirty_max / wire + 1;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let setter = {
+        let (wb, accepted) = (wb.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for i in 0..count {
+                create(&*wb, 1000 + i);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    eventually("the changes to meet backpressure", || {
+        m.backpressure_waits.get() >= 1
+    });
+    let held = accepted.load(Ordering::SeqCst);
+    let memory = held * (size_of::<Op>() as u64 + wire);
+    assert!(
+        memory <= dirty_max,
+        "{held} changes let in, their operations alone hold {memory} bytes, bound {dirty_max}"
+    );
+    assert!(m.levels.dirty_bytes.get() <= dirty_max);
+    sink.gate.open();
+    setter.join().unwrap();
+    wb.sync(None).unwrap();
+    assert_eq!(m.levels.dirty_bytes.get(), 0, "every byte returned");
 }
 
 /// A transaction that no frame could carry is an error for the request

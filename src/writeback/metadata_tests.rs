@@ -2,10 +2,12 @@
 //! first write and its close are one commit; bursts of metadata join one
 //! transaction, never one already sent; what the layer answers without the
 //! store (remembered extended attributes, lookups in directories created
-//! in this session) never goes stale.
+//! in this session) never goes stale; the table of attributes holds to its
+//! share of the budget.
 
 use std::sync::Arc;
 
+use super::budget::ATTR_ENTRY_BYTES;
 use super::testkit::{content, create, create_in, eventually, layer, lingering_layer, write};
 use super::{OverwritePolicy, WritebackStore};
 use crate::store::{Dirent, FileKind, Inode, Op, Store, Txn};
@@ -416,4 +418,36 @@ fn a_join_moves_the_linger_on_within_its_span() {
     t.not_before = None;
     t.linger_on(formed + linger, linger);
     assert_eq!(t.not_before, None);
+}
+
+#[test]
+fn the_attributes_table_stays_within_its_share_by_what_it_allocates() {
+    let (wb, _sink, _store, _m) = layer(OverwritePolicy::Cow, 1, 17);
+    let share =
+        super::budget::MetaShares::of(super::testkit::cfg(OverwritePolicy::Cow).meta_cache_bytes)
+            .attrs;
+    let fits = share / ATTR_ENTRY_BYTES;
+    let mut ino = 100;
+    // Ten times what the share holds, acknowledged a batch at a time: the
+    // attributes are clean then, and the table may keep only what fits.
+    for _ in 0..20 {
+        for _ in 0..fits / 2 {
+            create(&wb, ino);
+            ino += 1;
+        }
+        wb.sync(None).unwrap();
+        let (held, slots) = {
+            let st = super::ack::lock(&wb.shared.state);
+            (st.attrs.len() as u64, st.attrs.capacity() as u64)
+        };
+        let allocated = slots * ATTR_ENTRY_BYTES;
+        assert!(
+            allocated <= share,
+            "{held} attribute sets in a table of {allocated} bytes, over the share of {share}"
+        );
+        // Still a cache: at least a quarter of what the share holds.
+        assert!(held >= fits / 4, "{held} attribute sets kept");
+    }
+    // What was evicted is read back from the store.
+    assert_eq!(wb.get_inode(100).unwrap().map(|i| i.size), Some(0));
 }

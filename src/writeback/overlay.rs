@@ -21,6 +21,7 @@ use super::budget::{
     ATTR_ENTRY_BYTES, DIR_ENTRY_BYTES, NAME_ENTRY_BYTES, NO_XATTR_ENTRY_BYTES, READ_POS_ENTRY_BYTES,
 };
 use super::cache::PAGE_SIZE;
+use super::queue::TxnEntry;
 use super::{Shared, State};
 use crate::store::{Dirent, FileKind, Inode, Op, StoreError};
 
@@ -49,7 +50,7 @@ impl State {
         self.listings.apply(op);
         match op {
             Op::PutInode(i) => {
-                self.attrs.insert(
+                self.remember_attrs(
                     i.ino,
                     Overlay {
                         inode: Some(i.clone()),
@@ -58,7 +59,7 @@ impl State {
                 );
             }
             Op::RemoveInode { ino } => {
-                self.attrs.insert(*ino, Overlay { inode: None, txn });
+                self.remember_attrs(*ino, Overlay { inode: None, txn });
                 self.cache.remove_inode(*ino);
                 self.symlinks.remove(ino);
                 // Its attributes are gone with it: the store drops them.
@@ -127,9 +128,28 @@ impl State {
         }
     }
 
-    /// Hold the remembered attributes and read positions to their shares:
-    /// over it, clean attributes (the store has them) go, in no particular
-    /// order, until a quarter of the share is free.
+    /// Remember the attributes of `ino` (`State::attrs`). The table is
+    /// held to its share by what it allocates, not by what it holds: when
+    /// it is full and growing would take it past the share, clean
+    /// attributes (the store has them) go first, a quarter of it, so that
+    /// it never doubles for them.
+    pub(super) fn remember_attrs(&mut self, ino: u64, overlay: Overlay) {
+        let cap = self.attrs.capacity();
+        if self.attrs.len() >= cap
+            && !self.attrs.contains_key(&ino)
+            && (cap.max(4) * 2) as u64 * ATTR_ENTRY_BYTES > self.meta_shares.attrs
+        {
+            let txns = &self.txns;
+            evict_clean_attrs(&mut self.attrs, txns, cap / 4 + 1);
+        }
+        self.attrs.insert(ino, overlay);
+    }
+
+    /// Hold the remembered attributes and read positions to their shares.
+    /// A table of attributes that grew past its share (it holds those of
+    /// unacknowledged transactions, which cannot go) keeps at most half
+    /// of what a table of the share's size holds, of the clean ones, and
+    /// shrinks, so that its allocation fits the share again.
     pub(super) fn trim_meta(&mut self) {
         let State {
             attrs,
@@ -138,17 +158,10 @@ impl State {
             last_read_end,
             ..
         } = self;
-        let used = attrs.len() as u64 * ATTR_ENTRY_BYTES;
-        if used > meta_shares.attrs {
-            let mut excess = (used - meta_shares.attrs * 3 / 4).div_ceil(ATTR_ENTRY_BYTES);
-            attrs.retain(|_, o| {
-                if excess == 0 || txns.contains_key(&o.txn) {
-                    return true;
-                }
-                excess -= 1;
-                false
-            });
-            attrs.shrink_to(attrs.len() * 2);
+        if attrs.capacity() as u64 * ATTR_ENTRY_BYTES > meta_shares.attrs {
+            let keep = (meta_shares.attrs / ATTR_ENTRY_BYTES / 2) as usize;
+            evict_clean_attrs(attrs, txns, attrs.len().saturating_sub(keep));
+            attrs.shrink_to(attrs.len());
         }
         if last_read_end.len() as u64 * READ_POS_ENTRY_BYTES > meta_shares.reads {
             last_read_end.clear();
@@ -157,7 +170,7 @@ impl State {
 
     /// What the metadata caches hold: accounted bytes and entries.
     pub(super) fn meta_usage(&self) -> (u64, u64) {
-        let bytes = self.attrs.len() as u64 * ATTR_ENTRY_BYTES
+        let bytes = self.attrs.capacity() as u64 * ATTR_ENTRY_BYTES
             + self.last_read_end.len() as u64 * READ_POS_ENTRY_BYTES
             + self.known_xattrs.bytes
             + self.complete_dirs.bytes
@@ -168,6 +181,23 @@ impl State {
             + self.known_names.size().1;
         (bytes, entries)
     }
+}
+
+/// Forget up to `count` remembered attribute sets that no unacknowledged
+/// transaction set, in no particular order.
+fn evict_clean_attrs(
+    attrs: &mut HashMap<u64, Overlay>,
+    txns: &BTreeMap<u64, TxnEntry>,
+    count: usize,
+) {
+    let mut excess = count;
+    attrs.retain(|_, o| {
+        if excess == 0 || txns.contains_key(&o.txn) {
+            return true;
+        }
+        excess -= 1;
+        false
+    });
 }
 
 impl State {
@@ -579,12 +609,16 @@ impl Shared {
         let inode = self.store.get_inode(ino)?;
         let mut st = lock(&self.state);
         // A newer change that raced in wins over what the store said.
-        let inode = st
-            .attrs
-            .entry(ino)
-            .or_insert(Overlay { inode, txn: 0 })
-            .inode
-            .clone();
+        if let Some(o) = st.attrs.get(&ino) {
+            return Ok(o.inode.clone());
+        }
+        st.remember_attrs(
+            ino,
+            Overlay {
+                inode: inode.clone(),
+                txn: 0,
+            },
+        );
         st.trim_meta();
         Ok(inode)
     }

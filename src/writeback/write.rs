@@ -20,7 +20,8 @@ use super::ack::{lock, wait_timeout};
 use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
 use super::queue::{
-    op_inodes, op_wire_bytes, MAX_QUEUED_TXNS, TXN_DATA_BYTES_MAX, TXN_META_BYTES_MAX, TXN_OPS_MAX,
+    op_held_bytes, op_inodes, op_wire_bytes, MAX_QUEUED_TXNS, TXN_DATA_BYTES_MAX,
+    TXN_META_BYTES_MAX, TXN_OPS_MAX,
 };
 use super::{OverwritePolicy, Shared, State};
 use crate::ratelimit::limited;
@@ -76,7 +77,7 @@ impl Shared {
         let mut st = lock(&self.state);
         let entry = Self::new_entry(&mut st, vec![Op::PutInode(inode.clone())], true);
         let id = self.enqueue(&mut st, entry);
-        st.attrs.insert(
+        st.remember_attrs(
             ino,
             Overlay {
                 inode: Some(inode),
@@ -372,7 +373,7 @@ impl Shared {
                 }
             }
         }
-        st.attrs.insert(
+        st.remember_attrs(
             ino,
             Overlay {
                 inode: Some(inode),
@@ -425,7 +426,8 @@ impl Shared {
     /// of its forming) before it is sent,
     /// so that the burst can gather; a sync sends it at once.
     ///
-    /// Metadata bytes count against `dirty_max_bytes` like pages: a change
+    /// Metadata changes count against `dirty_max_bytes` like pages (their
+    /// wire bytes and what they hold in memory, `op_held_bytes`): a change
     /// waits for room, unless the volume is full (the removal that would
     /// free space must not wait for acks that wait for space).
     /// A transaction too large for one wire frame (more than `TXN_OPS_MAX`
@@ -434,6 +436,7 @@ impl Shared {
     pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
         let wait_ack = txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
         let bytes: u64 = txn.ops.iter().map(op_wire_bytes).sum();
+        let held: u64 = txn.ops.iter().map(op_held_bytes).sum();
         if txn.ops.len() > TXN_OPS_MAX || bytes > TXN_META_BYTES_MAX {
             self.metrics.txn_oversized.inc();
             limited!(
@@ -463,7 +466,7 @@ impl Shared {
                 // that would free it must not wait behind it.
                 let no_room = !st.full
                     && st.dirty_bytes > 0
-                    && st.dirty_bytes + bytes > self.cfg.dirty_max_bytes;
+                    && st.dirty_bytes + held > self.cfg.dirty_max_bytes;
                 if st.shutdown || !(queue_full || no_room) {
                     break;
                 }
@@ -471,7 +474,7 @@ impl Shared {
                 st = self.wait_until(st, deadline, "room for metadata")?;
             }
             let id = self.metadata_txn(&mut st, txn.ops.len(), bytes, wait_ack);
-            self.append_ops(&mut st, id, &txn.ops, bytes, wait_ack);
+            self.append_ops(&mut st, id, &txn.ops, (bytes, held), wait_ack);
             for op in &txn.ops {
                 st.reflect(op, id);
             }
@@ -511,9 +514,11 @@ impl Shared {
         self.enqueue(st, entry)
     }
 
-    /// Append `ops` to the queued transaction `id`, and queue it behind
-    /// every inode they touch that it did not touch yet.
-    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], bytes: u64, wait_ack: bool) {
+    /// Append `ops` (`sizes`: their wire bytes and their held bytes) to the
+    /// queued transaction `id`, and queue it behind every inode they touch
+    /// that it did not touch yet.
+    fn append_ops(&self, st: &mut State, id: u64, ops: &[Op], sizes: (u64, u64), wait_ack: bool) {
+        let (bytes, held) = sizes;
         let mut inodes = BTreeSet::new();
         for op in ops {
             op_inodes(op, &mut inodes);
@@ -532,8 +537,8 @@ impl Shared {
             }
             Arc::make_mut(&mut t.ops).extend(ops.iter().cloned());
             t.meta_bytes += bytes;
-            t.dirty_meta_bytes += bytes;
-            *dirty_bytes += bytes;
+            t.dirty_meta_bytes += held;
+            *dirty_bytes += held;
             // Full, or waited for: no reason to linger.
             if wait_ack
                 || t.ops.len() >= self.cfg.max_txn_ops.min(TXN_OPS_MAX)
