@@ -19,15 +19,18 @@
 ///
 /// Every method of the trait may be named; those with a default body
 /// (`flush`, `would_not_wait`, …) then call the inner store's instead of the default.
-/// `metadata` names the required methods that neither read file data nor
-/// commit, sync or describe: `get_inode`, `lookup`, `readdir`, `next_data`,
-/// `next_hole`, `readlink`, `get_xattr`, `list_xattr`, `statfs` and
-/// `reserve_ids`.
+/// `metadata_reads` names the required methods that read what is not file
+/// data: `get_inode`, `lookup`, `readdir`, `next_data`, `next_hole`,
+/// `readlink`, `get_xattr`, `list_xattr` and `statfs`; `metadata` names
+/// those and `reserve_ids`.
 macro_rules! delegate_store {
     ($inner:tt: $($method:ident),+ $(,)?) => {
         $($crate::store::delegate::delegate_store!(@one $inner $method);)+
     };
     (@one $inner:tt metadata) => {
+        $crate::store::delegate::delegate_store!($inner: metadata_reads, reserve_ids);
+    };
+    (@one $inner:tt metadata_reads) => {
         $crate::store::delegate::delegate_store!(
             $inner: get_inode,
             lookup,
@@ -38,7 +41,6 @@ macro_rules! delegate_store {
             get_xattr,
             list_xattr,
             statfs,
-            reserve_ids,
         );
     };
     (@one $inner:tt get_inode) => {

@@ -75,18 +75,7 @@ impl<S: Store + ?Sized> Hooked<S> {
 }
 
 impl<S: Store + ?Sized> Store for Hooked<S> {
-    delegate_store!(
-        inner: get_inode,
-        lookup,
-        readdir,
-        next_data,
-        next_hole,
-        readlink,
-        get_xattr,
-        list_xattr,
-        statfs,
-        sync
-    );
+    delegate_store!(inner: metadata_reads, sync);
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
         (self.before_reserve)(count)?;
