@@ -10,8 +10,8 @@
 //! talks to the store: the layer holds it under its lock.
 
 use std::collections::HashMap;
+use std::mem::size_of;
 
-use super::budget::NAME_ENTRY_BYTES;
 use crate::store::{Dirent, Op};
 
 /// Entries remembered at most.
@@ -24,13 +24,29 @@ pub(super) struct KnownNames {
     /// Bumped by every change of an entry: a store lookup that raced with
     /// one is not kept.
     pub(super) generation: u64,
-    bytes: u64,
+    /// Bytes the entries' names take on the heap ([`heap_cost`]); the
+    /// table's own allocation is counted by its slots ([`table_bytes`]).
+    heap_bytes: u64,
     max_bytes: u64,
 }
 
-/// Accounted bytes of one remembered entry.
-fn cost(name: &[u8]) -> u64 {
-    NAME_ENTRY_BYTES + 2 * name.len() as u64
+/// Bytes one slot of the table costs, empty or not: key, value and the
+/// control byte.
+const SLOT_BYTES: u64 = size_of::<((u64, Vec<u8>), Option<Dirent>)>() as u64 + 1;
+
+/// Bytes a table that holds `capacity` entries has allocated: hashbrown
+/// keeps a power of two of slots, at most 7 of 8 full.
+fn table_bytes(capacity: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    (capacity as u64 * 8 / 7).next_power_of_two() * SLOT_BYTES
+}
+
+/// Heap bytes of one remembered entry's names: the key's and the entry's
+/// copy, each with its allocation's header.
+fn heap_cost(name: &[u8]) -> u64 {
+    2 * (name.len() as u64 + 16)
 }
 
 impl KnownNames {
@@ -41,9 +57,12 @@ impl KnownNames {
         }
     }
 
-    /// Accounted bytes and entries.
+    /// Accounted bytes (the table's slots and the names) and entries.
     pub(super) fn size(&self) -> (u64, u64) {
-        (self.bytes, self.names.len() as u64)
+        (
+            table_bytes(self.names.capacity()) + self.heap_bytes,
+            self.names.len() as u64,
+        )
     }
 
     /// `Some(entry)` when known (`Some(None)`: absent); `None`: ask the store.
@@ -81,18 +100,27 @@ impl KnownNames {
         }
     }
 
+    /// Over its share (counting the table as it would grow for a new
+    /// entry), everything is forgotten first.
     fn put(&mut self, parent: u64, name: &[u8], entry: Option<Dirent>) {
-        let c = cost(name);
-        if self.names.len() >= KNOWN_NAMES_MAX || self.bytes + c > self.max_bytes {
-            self.names = HashMap::new();
-            self.bytes = 0;
-        }
-        if c > self.max_bytes {
+        let key = (parent, name.to_vec());
+        if let Some(known) = self.names.get_mut(&key) {
+            *known = entry;
             return;
         }
-        if self.names.insert((parent, name.to_vec()), entry).is_none() {
-            self.bytes += c;
+        let c = heap_cost(name);
+        let (len, capacity) = (self.names.len(), self.names.capacity());
+        let slots_after = if len < capacity { capacity } else { len + 1 };
+        if len >= KNOWN_NAMES_MAX || table_bytes(slots_after) + self.heap_bytes + c > self.max_bytes
+        {
+            self.names = HashMap::new();
+            self.heap_bytes = 0;
         }
+        if table_bytes(1) + c > self.max_bytes {
+            return;
+        }
+        self.names.insert(key, entry);
+        self.heap_bytes += c;
     }
 }
 
@@ -134,15 +162,38 @@ mod tests {
 
     #[test]
     fn over_its_share_everything_is_forgotten() {
-        let mut k = KnownNames::new(3 * cost(b"n0"));
+        // A table of three entries (four slots) and their names fit.
+        let mut k = KnownNames::new(table_bytes(3) + 3 * heap_cost(b"n0"));
         for i in 0..3 {
             let g = k.generation;
             k.remember(g, 1, format!("n{i}").as_bytes(), &None);
         }
         assert_eq!(k.size().1, 3);
+        // A fourth would double the table.
         let g = k.generation;
         k.remember(g, 1, b"n3", &None);
-        assert_eq!(k.size(), (cost(b"n3"), 1));
+        assert_eq!(k.size(), (table_bytes(3) + heap_cost(b"n3"), 1));
         assert_eq!(k.get(1, b"n0"), None);
+    }
+
+    #[test]
+    fn the_table_stays_within_its_share_by_what_it_allocates() {
+        let max = 1 << 20;
+        let mut k = KnownNames::new(max);
+        let mut most = 0;
+        for i in 0..100_000u64 {
+            let g = k.generation;
+            k.remember(g, 1, format!("name{i}").as_bytes(), &None);
+            let slots = (k.names.capacity() as u64 * 8 / 7).next_power_of_two();
+            let allocated = slots * size_of::<((u64, Vec<u8>), Option<Dirent>)>() as u64;
+            assert!(
+                allocated + k.heap_bytes <= max,
+                "{} names in a table of {allocated} bytes",
+                k.names.len()
+            );
+            most = most.max(k.names.len());
+        }
+        // Still a cache: at least a quarter of what the share holds.
+        assert!(most as u64 > max / 4 / (SLOT_BYTES + heap_cost(b"name99999")));
     }
 }
