@@ -117,6 +117,22 @@ pub(super) fn page_buffers_within(share: u64) -> u64 {
 /// one control byte per bucket and at most 7 of 8 buckets full; rounded up.
 const HASH_OVERHEAD: u64 = 8;
 
+/// Bytes a hash table that holds up to `capacity` entries of `entry` bytes
+/// has allocated: hashbrown keeps a power of two of slots, at most 7 of 8
+/// full, each with a control byte.
+pub(super) fn table_bytes(capacity: usize, entry: u64) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    (capacity as u64 * 8 / 7).next_power_of_two() * (entry + 1)
+}
+
+/// Bytes a name costs on the heap, copied twice (a key, and the entry's
+/// own copy), each with its allocation's header.
+pub(super) fn name_heap_bytes(name: &[u8]) -> u64 {
+    2 * (name.len() as u64 + 16)
+}
+
 /// Bytes one slot of the table of remembered inode attributes costs
 /// (`State::attrs`), counted over its capacity, not its entries: a table
 /// is allocated in powers of two and may be half empty.
@@ -132,7 +148,7 @@ pub(super) const DIR_ENTRY_BYTES: u64 =
     (size_of::<(u64, HashMap<Vec<u8>, Dirent>)>() as u64) * 8 / 7 + HASH_OVERHEAD;
 
 /// Bytes a name entry costs besides the name's bytes (counted twice: the
-/// key, and the entry's own copy), for `CompleteDirs` and `KnownXattrs`.
+/// key, and the entry's own copy), for `KnownXattrs`.
 pub(super) const NAME_ENTRY_BYTES: u64 =
     (size_of::<(Vec<u8>, Dirent)>() as u64) * 8 / 7 + HASH_OVERHEAD + 2 * 16;
 

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::mem::size_of;
 
+use super::budget::{name_heap_bytes as heap_cost, table_bytes as slots_bytes};
 use crate::store::{Dirent, Op};
 
 /// Entries remembered at most.
@@ -30,23 +31,12 @@ pub(super) struct KnownNames {
     max_bytes: u64,
 }
 
-/// Bytes one slot of the table costs, empty or not: key, value and the
-/// control byte.
-const SLOT_BYTES: u64 = size_of::<((u64, Vec<u8>), Option<Dirent>)>() as u64 + 1;
+/// Bytes of one entry of the table: key and value.
+const ENTRY_BYTES: u64 = size_of::<((u64, Vec<u8>), Option<Dirent>)>() as u64;
 
-/// Bytes a table that holds `capacity` entries has allocated: hashbrown
-/// keeps a power of two of slots, at most 7 of 8 full.
+/// Bytes the table has allocated when it holds up to `capacity` entries.
 fn table_bytes(capacity: usize) -> u64 {
-    if capacity == 0 {
-        return 0;
-    }
-    (capacity as u64 * 8 / 7).next_power_of_two() * SLOT_BYTES
-}
-
-/// Heap bytes of one remembered entry's names: the key's and the entry's
-/// copy, each with its allocation's header.
-fn heap_cost(name: &[u8]) -> u64 {
-    2 * (name.len() as u64 + 16)
+    slots_bytes(capacity, ENTRY_BYTES)
 }
 
 impl KnownNames {
@@ -194,6 +184,6 @@ mod tests {
             most = most.max(k.names.len());
         }
         // Still a cache: at least a quarter of what the share holds.
-        assert!(most as u64 > max / 4 / (SLOT_BYTES + heap_cost(b"name99999")));
+        assert!(most as u64 > max / 4 / (ENTRY_BYTES + 1 + heap_cost(b"name99999")));
     }
 }

@@ -15,10 +15,12 @@
 //! from local files (`State::forget_cached`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::mem::size_of;
 
 use super::ack::lock;
 use super::budget::{
-    ATTR_ENTRY_BYTES, DIR_ENTRY_BYTES, NAME_ENTRY_BYTES, NO_XATTR_ENTRY_BYTES, READ_POS_ENTRY_BYTES,
+    name_heap_bytes, table_bytes, ATTR_ENTRY_BYTES, DIR_ENTRY_BYTES, NAME_ENTRY_BYTES,
+    NO_XATTR_ENTRY_BYTES, READ_POS_ENTRY_BYTES,
 };
 use super::cache::PAGE_SIZE;
 use super::queue::TxnEntry;
@@ -455,9 +457,12 @@ const COMPLETE_DIR_ENTRIES_MAX: usize = 1 << 18;
 /// Reserved id ranges remembered at most.
 const RESERVED_RANGES_MAX: usize = 1024;
 
-/// Accounted bytes of one entry of a tracked directory.
-fn dirent_cost(name: &[u8]) -> u64 {
-    NAME_ENTRY_BYTES + 2 * name.len() as u64
+/// Bytes of one entry of a tracked directory's table: key and value.
+const DIRENT_ENTRY_BYTES: u64 = size_of::<(Vec<u8>, Dirent)>() as u64;
+
+/// Bytes a tracked directory's table of `capacity` entries has allocated.
+fn dir_table_bytes(capacity: usize) -> u64 {
+    table_bytes(capacity, DIRENT_ENTRY_BYTES)
 }
 
 impl CompleteDirs {
@@ -494,7 +499,9 @@ impl CompleteDirs {
     fn drop_dir(&mut self, dir: u64) {
         if let Some(names) = self.entries.remove(&dir) {
             self.count -= names.len();
-            self.bytes -= DIR_ENTRY_BYTES + names.keys().map(|n| dirent_cost(n)).sum::<u64>();
+            self.bytes -= DIR_ENTRY_BYTES
+                + dir_table_bytes(names.capacity())
+                + names.keys().map(|n| name_heap_bytes(n)).sum::<u64>();
         }
     }
 
@@ -542,9 +549,12 @@ impl CompleteDirs {
             }
             Op::PutDirent { parent, dirent } => {
                 if let Some(dir) = self.entries.get_mut(parent) {
+                    let before = dir.capacity();
                     if dir.insert(dirent.name.clone(), dirent.clone()).is_none() {
                         self.count += 1;
-                        self.bytes += dirent_cost(&dirent.name);
+                        self.bytes += name_heap_bytes(&dirent.name)
+                            + dir_table_bytes(dir.capacity())
+                            - dir_table_bytes(before);
                     }
                 }
             }
@@ -552,7 +562,7 @@ impl CompleteDirs {
                 if let Some(dir) = self.entries.get_mut(parent) {
                     if dir.remove(name).is_some() {
                         self.count -= 1;
-                        self.bytes -= dirent_cost(name);
+                        self.bytes -= name_heap_bytes(name);
                     }
                 }
             }
@@ -625,86 +635,5 @@ impl Shared {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::Timestamp;
-
-    fn created_dir(ino: u64) -> Op {
-        Op::PutInode(Inode {
-            ino,
-            kind: FileKind::Directory,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            nlink: 2,
-            size: 0,
-            rdev: 0,
-            atime: Timestamp::default(),
-            mtime: Timestamp::default(),
-            ctime: Timestamp::default(),
-            parent: 1,
-        })
-    }
-
-    fn entry(parent: u64, name: &str, ino: u64) -> Op {
-        Op::PutDirent {
-            parent,
-            dirent: Dirent {
-                name: name.as_bytes().to_vec(),
-                ino,
-                kind: FileKind::Regular,
-                cookie: ino,
-            },
-        }
-    }
-
-    #[test]
-    fn complete_dirs_count_their_names_and_drop_the_oldest_over_budget() {
-        let names = |dir: u64| (0..10).map(move |i| format!("name-{dir}-{i}"));
-        let one_dir = DIR_ENTRY_BYTES + names(100).map(|n| dirent_cost(n.as_bytes())).sum::<u64>();
-        let mut c = CompleteDirs::new(one_dir * 2);
-        c.reserved(100, 1000);
-        for dir in [100, 101] {
-            c.apply(&created_dir(dir));
-            for (i, n) in names(dir).enumerate() {
-                c.apply(&entry(dir, &n, 200 + dir * 20 + i as u64));
-            }
-        }
-        assert_eq!(c.bytes, 2 * one_dir);
-        assert_eq!(c.size(), (2, 20));
-        assert!(c.lookup(100, b"missing").is_some(), "100 is known complete");
-        // A third directory crosses the bound: the oldest goes, for good.
-        c.apply(&created_dir(102));
-        assert_eq!(c.size(), (2, 10));
-        assert!(c.lookup(100, b"missing").is_none(), "ask the store now");
-        c.apply(&entry(100, "again", 999));
-        assert!(c.lookup(100, b"again").is_none(), "never tracked again");
-        // Removing names and directories gives their bytes back exactly.
-        c.apply(&Op::RemoveDirent {
-            parent: 101,
-            name: b"name-101-0".to_vec(),
-        });
-        c.drop_dir(101);
-        c.apply(&Op::RemoveInode { ino: 102 });
-        assert_eq!((c.bytes, c.size()), (0, (0, 0)));
-    }
-
-    #[test]
-    fn known_xattrs_stay_within_their_bytes() {
-        let value = Some(vec![7u8; 10]);
-        let cost = xattr_cost(b"user.a", &value);
-        let mut k = KnownXattrs::new(cost * 3);
-        for ino in 0..3 {
-            k.remember(0, ino, b"user.a", &value);
-        }
-        assert_eq!(k.bytes, 3 * cost);
-        k.remember(0, 3, b"user.a", &value);
-        assert!(k.bytes <= 3 * cost, "over its bound: {}", k.bytes);
-        assert_eq!(k.get(3, b"user.a"), Some(value.clone()));
-        k.drop_inode(3);
-        k.created(9);
-        assert_eq!(k.bytes, NO_XATTR_ENTRY_BYTES);
-        k.forget(9);
-        assert_eq!((k.bytes, k.entries()), (0, 0));
-    }
-}
+#[path = "overlay_tests.rs"]
+mod tests;
