@@ -439,7 +439,7 @@ pub(super) struct CompleteDirs {
     /// Id ranges reserved in this session, newest last (bounded).
     reserved: VecDeque<(u64, u64)>,
     /// Every entry of each directory created in this session.
-    entries: HashMap<u64, HashMap<Vec<u8>, Dirent>>,
+    entries: HashMap<u64, TrackedDir>,
     count: usize,
     /// Accounted bytes of `entries`, and the most they may take: over it,
     /// the directories tracked longest are dropped until a quarter is free.
@@ -456,6 +456,16 @@ pub(super) struct CompleteDirs {
 const COMPLETE_DIR_ENTRIES_MAX: usize = 1 << 18;
 /// Reserved id ranges remembered at most.
 const RESERVED_RANGES_MAX: usize = 1024;
+
+/// The entries of one directory created in this session.
+#[derive(Default)]
+struct TrackedDir {
+    names: HashMap<Vec<u8>, Dirent>,
+    /// Bytes its table was counted at: the most it allocated (a table
+    /// never shrinks here, and `capacity()` dips while removed entries
+    /// leave tombstones, so the figure is kept, not recomputed).
+    table_bytes: u64,
+}
 
 /// Bytes of one entry of a tracked directory's table: key and value.
 const DIRENT_ENTRY_BYTES: u64 = size_of::<(Vec<u8>, Dirent)>() as u64;
@@ -484,7 +494,7 @@ impl CompleteDirs {
 
     /// Start tracking `dir`, just created (so not tracked yet).
     fn track(&mut self, dir: u64) {
-        if self.entries.insert(dir, HashMap::new()).is_none() {
+        if self.entries.insert(dir, TrackedDir::default()).is_none() {
             self.bytes += DIR_ENTRY_BYTES;
         }
         // Directories dropped already linger in `order` until trimmed.
@@ -497,11 +507,15 @@ impl CompleteDirs {
 
     /// Stop tracking `dir`.
     fn drop_dir(&mut self, dir: u64) {
-        if let Some(names) = self.entries.remove(&dir) {
-            self.count -= names.len();
+        if let Some(tracked) = self.entries.remove(&dir) {
+            self.count -= tracked.names.len();
             self.bytes -= DIR_ENTRY_BYTES
-                + dir_table_bytes(names.capacity())
-                + names.keys().map(|n| name_heap_bytes(n)).sum::<u64>();
+                + tracked.table_bytes
+                + tracked
+                    .names
+                    .keys()
+                    .map(|n| name_heap_bytes(n))
+                    .sum::<u64>();
         }
     }
 
@@ -549,18 +563,24 @@ impl CompleteDirs {
             }
             Op::PutDirent { parent, dirent } => {
                 if let Some(dir) = self.entries.get_mut(parent) {
-                    let before = dir.capacity();
-                    if dir.insert(dirent.name.clone(), dirent.clone()).is_none() {
+                    if dir
+                        .names
+                        .insert(dirent.name.clone(), dirent.clone())
+                        .is_none()
+                    {
                         self.count += 1;
-                        self.bytes += name_heap_bytes(&dirent.name)
-                            + dir_table_bytes(dir.capacity())
-                            - dir_table_bytes(before);
+                        self.bytes += name_heap_bytes(&dirent.name);
+                        let table = dir_table_bytes(dir.names.capacity());
+                        if table > dir.table_bytes {
+                            self.bytes += table - dir.table_bytes;
+                            dir.table_bytes = table;
+                        }
                     }
                 }
             }
             Op::RemoveDirent { parent, name } => {
                 if let Some(dir) = self.entries.get_mut(parent) {
-                    if dir.remove(name).is_some() {
+                    if dir.names.remove(name).is_some() {
                         self.count -= 1;
                         self.bytes -= name_heap_bytes(name);
                     }
@@ -578,7 +598,9 @@ impl CompleteDirs {
     /// The entry `name` of `parent` when `parent` is a directory created in
     /// this session: `Some(None)` is known absent; `None` is "ask the store".
     pub(super) fn lookup(&self, parent: u64, name: &[u8]) -> Option<Option<Dirent>> {
-        self.entries.get(&parent).map(|dir| dir.get(name).cloned())
+        self.entries
+            .get(&parent)
+            .map(|dir| dir.names.get(name).cloned())
     }
 
     /// Whether every entry of `dir` is known (a directory created in this
@@ -593,7 +615,7 @@ impl CompleteDirs {
     /// `None`: ask the store. Linear in the directory's size, not
     /// `n log n`: only the batch returned is sorted.
     pub(super) fn readdir(&self, parent: u64, after: u64, max: usize) -> Option<Vec<Dirent>> {
-        let dir = self.entries.get(&parent)?;
+        let dir = &self.entries.get(&parent)?.names;
         let mut next: Vec<&Dirent> = dir.values().filter(|d| d.cookie > after).collect();
         if max < next.len() {
             if max == 0 {
