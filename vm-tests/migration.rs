@@ -251,25 +251,29 @@ fn migrate_under(vm: &VmTest, writer: Writer) -> Result<()> {
     Ok(())
 }
 
-/// The source's drain at the stop, from its log line (`migration: drained ...`).
+/// The source's drain at the stop, from its log lines: the early let-go's
+/// (`migration: let the volume go at the stop ...`, when the last queue
+/// stopped) and the state's (`migration: drained ...`).
 fn drain_line(source: &Daemon) -> Result<String> {
     let log = std::fs::read_to_string(source.log_path())
         .map_err(|e| Failure::new(format!("read the source's log: {e}")))?;
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("migration: drained"))
-        .ok_or_else(|| {
-            Failure::new(format!(
-                "the source logged no drain\n{}",
-                source.log_report()
-            ))
-        })?;
-    let fields: Vec<&str> = line
-        .split_whitespace()
-        .filter(|f| f.contains("_ms=") || f.contains("_bytes="))
-        .collect();
-    Ok(format!(", source's drain {}", fields.join(" ")))
+    let last = |what: &str| log.lines().rev().find(|l| l.contains(what));
+    let fields = |line: &str| {
+        line.split_whitespace()
+            .filter(|f| f.contains("_ms=") || f.contains("_bytes=") || f.contains("early="))
+            .collect::<Vec<&str>>()
+            .join(" ")
+    };
+    let line = last("migration: drained").ok_or_else(|| {
+        Failure::new(format!(
+            "the source logged no drain\n{}",
+            source.log_report()
+        ))
+    })?;
+    let early = last("migration: let the volume go at the stop")
+        .map(|l| format!(", let go at the stop: {}", fields(l)))
+        .unwrap_or_default();
+    Ok(format!(", source's drain {}{early}", fields(line)))
 }
 
 /// The destination refuses the guest (it negotiated the FUSE write-back cache, which the

@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
 use super::migrate::Transfer;
 use super::pool::WorkerPool;
 use super::request::{Chain, DirtyLog, Mem, Requests};
-use super::vring::{Taken, TrackedVring};
+use super::vring::{RingChange, RingWatch, Taken, TrackedVring};
 use crate::metrics::Metrics;
 use crate::ratelimit::limited;
 
@@ -75,9 +75,12 @@ pub struct FsBackend {
     event_idx: AtomicBool,
     /// Whether the frontend has dirty logging on (`VHOST_F_LOG_ALL`):
     /// QEMU turns it on when a live migration begins.
-    logging: AtomicBool,
+    logging: Arc<AtomicBool>,
     /// A live migration's device state transfer (`migrate.rs`).
-    transfer: Transfer,
+    transfer: Arc<Transfer>,
+    /// The connection's rings: the last one's stop with logging on is the
+    /// migration's, and lets the volume go early.
+    rings: Arc<RingWatch>,
 }
 
 impl FsBackend {
@@ -87,6 +90,19 @@ impl FsBackend {
         pool: Arc<WorkerPool>,
         metrics: Arc<Metrics>,
     ) -> FsBackend {
+        let logging = Arc::new(AtomicBool::new(false));
+        let transfer = Arc::new(Transfer::default());
+        let rings = RingWatch::new({
+            let (logging, transfer) = (Arc::clone(&logging), Arc::clone(&transfer));
+            let (fs, pool) = (Arc::clone(requests.fs()), Arc::clone(&pool));
+            move |change| match change {
+                RingChange::AllStopped if logging.load(Ordering::Acquire) => {
+                    transfer.let_go_early(&fs, &pool)
+                }
+                RingChange::AllStopped => {}
+                RingChange::Starting => transfer.settle_early(),
+            }
+        });
         FsBackend {
             cfg,
             requests,
@@ -94,9 +110,16 @@ impl FsBackend {
             metrics,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
-            logging: AtomicBool::new(false),
-            transfer: Transfer::default(),
+            logging,
+            transfer,
+            rings,
         }
+    }
+
+    /// The watch the connection's rings report to: build them under
+    /// [`super::vring::watched`] with it.
+    pub fn rings(&self) -> &Arc<RingWatch> {
+        &self.rings
     }
 
     /// Whether a migration took this connection's guest session to

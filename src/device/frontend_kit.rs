@@ -319,6 +319,24 @@ impl Kit {
         }
     }
 
+    /// Stop the request queue as QEMU does (`GET_VRING_BASE`): where it
+    /// stopped.
+    pub fn stop_queue(&self) -> u16 {
+        let base = self.frontend().get_vring_base(QUEUE).unwrap();
+        u16::try_from(base).expect("a queue index is 16 bits")
+    }
+
+    /// Start the request queue again at `base`, as QEMU does when the
+    /// guest runs on (its `call` and `kick` again: the stop took them).
+    pub fn restart_queue(&self, base: u16) {
+        let frontend = self.frontend();
+        frontend.set_vring_base(QUEUE, base).unwrap();
+        frontend.set_vring_call(QUEUE, &self.call).unwrap();
+        frontend.set_vring_kick(QUEUE, &self.kick).unwrap();
+        // A message with a reply: the daemon handled those before it.
+        frontend.get_features().unwrap();
+    }
+
     /// FUSE INIT as Linux 5.x sends it (7.31).
     pub fn init(&mut self) {
         let init = InitIn {

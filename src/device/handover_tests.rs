@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use vhost::vhost_user::VhostUserFrontend;
+
 use super::frontend_kit::Kit;
 use super::migrate_tests::{load, save, unlink};
 use crate::fs::{FsConfig, PohmelFs};
@@ -339,4 +341,69 @@ fn the_destination_waits_for_a_live_holder_and_gives_up_at_its_bound() {
     drop(dst);
     dst_slot.release().unwrap();
     assert_eq!(src_slot.phase(), Phase::Released);
+}
+
+/// With dirty logging on (a migration under way: the kit negotiates it),
+/// QEMU's stop of the last queue lets the volume go before the state is
+/// asked for, what the guest wrote stored; a queue started again instead
+/// (the migration failed before the state, or the stop was a pause) finds
+/// the volume opened again at its next request. The state then carries
+/// the session as before.
+#[test]
+fn the_last_queue_stop_of_a_migration_lets_the_volume_go_early() {
+    let vol = Volume::new();
+    let (src_slot, mut src) = vol.source("handover-early-src");
+    src.init();
+    let (ino, fh) = src.create("f");
+    let data = pattern(7, 8192);
+    src.write(ino, fh, &data);
+    let base = src.stop_queue();
+    // The let-go runs on a thread of its own; a queue's start waits for it.
+    src.restart_queue(base);
+    assert_eq!(
+        src_slot.phase(),
+        Phase::Released,
+        "the stop kept the volume"
+    );
+    assert_eq!(vol.holder(), None);
+    assert!(read_back(&mut src, ino, fh, 8192, "after the stop") == data);
+    assert_eq!(src_slot.phase(), Phase::Open);
+    assert!(vol.holder().is_some());
+
+    // The stop again, then the state: let go before CHECK_DEVICE_STATE.
+    src.stop_queue();
+    let mut stream = super::migrate_tests::start_save(&src);
+    assert_eq!(src_slot.phase(), Phase::Released);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut bytes).unwrap();
+    src.frontend().check_device_state().unwrap();
+    let (dst_slot, mut dst) = vol.destination("handover-early-dst", WAIT);
+    load(&dst, &bytes).unwrap();
+    drop(src);
+    assert!(read_back(&mut dst, ino, fh, 8192, "at the destination") == data);
+    drop(dst);
+    dst_slot.release().unwrap();
+}
+
+/// Without dirty logging (a guest paused, or reset: no migration) a queue
+/// stop leaves the volume open.
+#[test]
+fn a_queue_stop_without_a_migration_keeps_the_volume() {
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+    use vhost::VhostBackend;
+    let vol = Volume::new();
+    let (slot, mut src) = vol.source("handover-no-log");
+    src.init();
+    let (ino, fh) = src.create("f");
+    let data = pattern(8, 4096);
+    src.write(ino, fh, &data);
+    let features = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    src.frontend().set_features(features).unwrap();
+    let base = src.stop_queue();
+    src.restart_queue(base);
+    assert_eq!(slot.phase(), Phase::Open);
+    assert!(read_back(&mut src, ino, fh, 4096, "after the stop") == data);
+    drop(src);
+    slot.release().unwrap();
 }

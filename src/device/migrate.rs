@@ -8,9 +8,16 @@
 //! direction runs on a thread of its own, and `CHECK_DEVICE_STATE` joins it
 //! and reports what went wrong (`docs/migration.md`).
 //!
-//! The volume changes hands there too: once the state is out the source
-//! lets the volume go, and the destination opens it when it takes the
-//! state (waiting, bounded, for the source's release).
+//! The volume changes hands there too: the source lets it go once the
+//! state is out, and the destination opens it when it takes the state
+//! (waiting, bounded, for the source's release). With dirty logging on
+//! (a migration under way) the source lets it go earlier, as soon as QEMU
+//! has stopped the last queue ([`Transfer::let_go_early`]): QEMU spends
+//! the next milliseconds on the last pass over guest memory and the other
+//! devices, and the volume's close (3-6 ms) no longer adds to the
+//! downtime. A guest that runs on here after all (the migration failed,
+//! or the stop was a pause) has the volume opened again at its next
+//! request, as after a migration that failed past the state.
 
 use std::fs::File;
 use std::io;
@@ -40,6 +47,8 @@ pub struct Transfer {
     /// The session went out whole: at disconnect, forget it without
     /// removing the unlinked inodes it holds (the destination holds them).
     handed_off: AtomicBool,
+    /// The thread letting the volume go ahead of the state, if one runs.
+    early: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,6 +65,7 @@ impl Transfer {
         fs: &Arc<PohmelFs>,
         pool: &WorkerPool,
     ) -> io::Result<()> {
+        self.settle_early();
         if phase != VhostTransferStatePhase::STOPPED {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -144,13 +154,59 @@ impl Transfer {
     pub fn handed_off(&self) -> bool {
         self.handed_off.load(Ordering::SeqCst)
     }
+
+    /// QEMU stopped the last queue with dirty logging on: the migration's
+    /// stop. Write back what the guest wrote and let the volume go now, on
+    /// a thread of its own, while QEMU makes its last pass over guest
+    /// memory; the state's save and a queue's start wait for it
+    /// ([`Transfer::settle_early`]). Should it fail, the volume stays open
+    /// here and the save tries again (and fails the migration cleanly).
+    pub fn let_go_early(&self, fs: &Arc<PohmelFs>, pool: &Arc<WorkerPool>) {
+        self.settle_early();
+        if fs.volume_held() != Some(true) {
+            return;
+        }
+        let (fs, pool) = (Arc::clone(fs), Arc::clone(pool));
+        let spawned = std::thread::Builder::new()
+            .name("pohmelfs-let-go-early".into())
+            .spawn(move || {
+                if let Err(e) = let_go(&fs, &pool) {
+                    warn!(error = %e, "migration: could not let the volume go at the stop; the state's save tries again");
+                }
+            });
+        match spawned {
+            Ok(thread) => *lock(&self.early) = Some(thread),
+            Err(e) => {
+                warn!(error = %e, "migration: no thread to let the volume go early in; it goes with the state")
+            }
+        }
+    }
+
+    /// Wait for the early let-go, if one runs: before the state is saved,
+    /// and before a queue starts again (its requests then find the volume
+    /// let go and open it again).
+    pub fn settle_early(&self) {
+        let thread = lock(&self.early).take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                warn!("migration: the early let-go panicked; the state's save tries again");
+            }
+        }
+    }
 }
 
-/// The source's half before the bytes move: drain, write back, export.
-/// The downtime's share of it is logged (`migration: drained`): the
-/// requests' drain, the write-back of what the daemon held, the export.
-fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
-    let started = Instant::now();
+/// What a drain at the stop did: when its phases ended, and the bytes of
+/// file data the daemon held when it began.
+struct Drained {
+    requests: Duration,
+    written_back: Duration,
+    dirty: u64,
+}
+
+/// The drain at the stop (since `started`): the requests still running
+/// (the queues are stopped: nothing new arrives), then the write-back of
+/// what the daemon held.
+fn drain(fs: &PohmelFs, pool: &WorkerPool, started: Instant) -> Result<Drained, String> {
     let stuck = pool.drain(DRAIN_TIMEOUT);
     if stuck > 0 {
         return Err(format!(
@@ -161,7 +217,41 @@ fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
     let dirty = fs.dirty_bytes();
     fs.sync_all()
         .map_err(|e| format!("could not write back what the guest wrote: {e}"))?;
-    let written_back = started.elapsed();
+    Ok(Drained {
+        requests,
+        written_back: started.elapsed(),
+        dirty,
+    })
+}
+
+/// The early let-go's work: the drain, then the volume's close. Its share
+/// of the stop is logged (`migration: let the volume go at the stop`).
+fn let_go(fs: &PohmelFs, pool: &WorkerPool) -> Result<(), String> {
+    let started = Instant::now();
+    let d = drain(fs, pool, started)?;
+    fs.release_volume()
+        .map_err(|e| format!("could not let the volume go: {}", crate::ErrorChain(&e)))?;
+    info!(
+        requests_ms = %ms(d.requests),
+        write_back_ms = %ms(d.written_back - d.requests),
+        let_go_ms = %ms(started.elapsed() - d.written_back),
+        dirty_bytes = d.dirty,
+        "migration: let the volume go at the stop, ahead of the state"
+    );
+    Ok(())
+}
+
+/// Milliseconds with a tenth, for the log lines of the stop.
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+/// The source's half before the bytes move: drain, write back, export.
+/// The downtime's share of it is logged (`migration: drained`): the
+/// requests' drain, the write-back of what the daemon held, the export.
+fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
+    let started = Instant::now();
+    let d = drain(fs, pool, started)?;
     let session = match fs.export_session() {
         Ok(s) => s,
         // A guest that never mounted the device has no session to carry.
@@ -169,13 +259,13 @@ fn save(fs: &PohmelFs, pool: &WorkerPool) -> Result<Vec<u8>, String> {
         Err(e) => return Err(e.to_string()),
     };
     let bytes = state::encode(&session).map_err(|e: StateError| e.to_string())?;
-    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
     info!(
-        requests_ms = %ms(requests),
-        write_back_ms = %ms(written_back - requests),
+        requests_ms = %ms(d.requests),
+        write_back_ms = %ms(d.written_back - d.requests),
         total_ms = %ms(started.elapsed()),
-        dirty_bytes = dirty,
+        dirty_bytes = d.dirty,
         state_bytes = bytes.len(),
+        let_go_early = fs.volume_held() == Some(false),
         "migration: drained and wrote back; the state is ready"
     );
     Ok(bytes)

@@ -21,9 +21,10 @@ use crate::store::Store;
 const READ_BUF: u64 = 0x60000;
 const IN_HEADER_LEN: usize = 40;
 
-/// Save the source's state through a stream, as QEMU does: the bytes.
-pub(super) fn save(src: &Kit) -> Vec<u8> {
-    let (mut ours, theirs) = UnixStream::pair().unwrap();
+/// `SET_DEVICE_STATE_FD` for a save, as QEMU sends it: the stream the
+/// state comes out of.
+pub(super) fn start_save(src: &Kit) -> UnixStream {
+    let (ours, theirs) = UnixStream::pair().unwrap();
     let reply = src
         .frontend()
         .set_device_state_fd(
@@ -33,6 +34,12 @@ pub(super) fn save(src: &Kit) -> Vec<u8> {
         )
         .unwrap();
     assert!(reply.is_none(), "the backend asked for another fd");
+    ours
+}
+
+/// Save the source's state through a stream, as QEMU does: the bytes.
+pub(super) fn save(src: &Kit) -> Vec<u8> {
+    let mut ours = start_save(src);
     let mut bytes = Vec::new();
     ours.read_to_end(&mut bytes).unwrap();
     src.frontend().check_device_state().unwrap();

@@ -164,11 +164,13 @@ pub fn serve(
             Arc::clone(&pool),
             Arc::clone(&metrics),
         ));
-        let mut daemon = VhostUserDaemon::new(
-            "pohmelfs".to_string(),
-            Arc::clone(&backend),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
+        let mut daemon = vring::watched(backend.rings(), || {
+            VhostUserDaemon::new(
+                "pohmelfs".to_string(),
+                Arc::clone(&backend),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+        })
         .map_err(|e| DeviceError::Daemon(e.to_string()))?;
         daemon
             .start(&mut listener)

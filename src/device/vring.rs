@@ -14,14 +14,22 @@
 //! queue thread counts a chain ([`TrackedVring::take`]) before it lets the
 //! queue's lock go, and the stop takes that lock first: no chain popped
 //! before the stop escapes its count.
+//!
+//! The rings of one connection also tell the device when the last of them
+//! stopped and when one starts again ([`RingWatch`]): a live migration's
+//! source lets its volume go while QEMU finishes the migration's last pass
+//! (`migrate.rs`). `VhostUserDaemon::new` builds the rings through
+//! [`VringT::new`], which takes no argument of ours, so the watch reaches
+//! them through [`watched`].
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as VirtQueError;
+use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::GuestAddressSpace;
 
 use super::outstanding::Outstanding;
@@ -41,10 +49,78 @@ impl Drop for Taken {
     }
 }
 
-/// [`VringRwLock`], plus the count of chains taken from it and not back.
+/// What the rings of a connection tell its device ([`RingWatch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingChange {
+    /// A ring is about to start (before it takes a chain).
+    Starting,
+    /// The last running ring stopped, every chain taken from it back.
+    AllStopped,
+}
+
+/// The rings of one connection, counted as they start and stop, and what
+/// to do when one starts or the last one stops.
+pub struct RingWatch {
+    running: Mutex<usize>,
+    on_change: Box<dyn Fn(RingChange) + Send + Sync>,
+}
+
+impl RingWatch {
+    /// A watch calling `on_change` (on the thread that starts or stops the
+    /// ring: the vhost-user message loop, which waits for it).
+    pub fn new(on_change: impl Fn(RingChange) + Send + Sync + 'static) -> Arc<RingWatch> {
+        Arc::new(RingWatch {
+            running: Mutex::new(0),
+            on_change: Box::new(on_change),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn starting(&self) {
+        (self.on_change)(RingChange::Starting);
+        *self.running() += 1;
+    }
+
+    fn stopped(&self) {
+        let last = {
+            let mut n = self.running();
+            *n = n.saturating_sub(1);
+            *n == 0
+        };
+        if last {
+            (self.on_change)(RingChange::AllStopped);
+        }
+    }
+}
+
+thread_local! {
+    /// The watch of the rings being built on this thread ([`watched`]).
+    static BUILDING: RefCell<Option<Arc<RingWatch>>> = const { RefCell::new(None) };
+}
+
+/// Run `build` with the rings it builds ([`VringT::new`]) reporting to
+/// `watch`: `VhostUserDaemon::new`, which builds a connection's rings.
+pub fn watched<T>(watch: &Arc<RingWatch>, build: impl FnOnce() -> T) -> T {
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            BUILDING.with(|b| b.borrow_mut().take());
+        }
+    }
+    BUILDING.with(|b| *b.borrow_mut() = Some(Arc::clone(watch)));
+    let _unset = Unset;
+    build()
+}
+
+/// [`VringRwLock`], plus the count of chains taken from it and not back,
+/// and the watch it reports its starts and stops to.
 pub struct TrackedVring<M: GuestAddressSpace> {
     inner: VringRwLock<M>,
     out: Arc<Outstanding>,
+    watch: Option<Arc<RingWatch>>,
 }
 
 impl<M: GuestAddressSpace> Clone for TrackedVring<M> {
@@ -52,6 +128,7 @@ impl<M: GuestAddressSpace> Clone for TrackedVring<M> {
         TrackedVring {
             inner: self.inner.clone(),
             out: Arc::clone(&self.out),
+            watch: self.watch.clone(),
         }
     }
 }
@@ -83,6 +160,7 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for TrackedVring<M> {
         Ok(TrackedVring {
             inner: VringRwLock::new(mem, max_queue_size)?,
             out: Arc::default(),
+            watch: BUILDING.with(|b| b.borrow().clone()),
         })
     }
 
@@ -154,12 +232,18 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for TrackedVring<M> {
     /// Stopping (`ready` false) takes no more chains, then waits for those
     /// taken to be returned ([`STOP_WAIT`] at most), so that their replies
     /// are in the used ring, and in the dirty log, before the reply to
-    /// `GET_VRING_BASE`.
+    /// `GET_VRING_BASE`. Starting and stopping are reported to the watch.
     fn set_queue_ready(&self, ready: bool) {
-        self.inner.set_queue_ready(ready);
+        let was = self.inner.get_ref().get_queue().ready();
+        let watch = self.watch.as_deref().filter(|_| was != ready);
         if ready {
+            if let Some(w) = watch {
+                w.starting();
+            }
+            self.inner.set_queue_ready(true);
             return;
         }
+        self.inner.set_queue_ready(false);
         let (out, started) = (self.outstanding(), Instant::now());
         let left = self.out.wait_zero(STOP_WAIT);
         if out > 0 && left == 0 {
@@ -174,6 +258,9 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for TrackedVring<M> {
                 chains = left,
                 "a queue stopped with requests still being served after {STOP_WAIT:?}; their replies may never reach the guest"
             );
+        }
+        if let Some(w) = watch {
+            w.stopped();
         }
     }
 
@@ -224,6 +311,33 @@ mod tests {
         stopped.recv_timeout(STOP_WAIT).expect("the stop returned");
         t.join().unwrap();
         assert_eq!(v.outstanding(), 0);
+    }
+
+    /// Rings built under [`watched`] report their starts, and the stop of
+    /// the last one running, once each; rings built outside report nothing.
+    #[test]
+    fn the_watch_hears_of_starts_and_of_the_last_stop() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&heard);
+        let watch = RingWatch::new(move |c| log.lock().unwrap().push(c));
+        let (a, b) = watched(&watch, || (vring(), vring()));
+        let outside = vring();
+        let took = || std::mem::take(&mut *heard.lock().unwrap());
+        use RingChange::{AllStopped, Starting};
+        a.set_queue_ready(true);
+        b.set_queue_ready(true);
+        a.set_queue_ready(true);
+        outside.set_queue_ready(true);
+        assert_eq!(took(), [Starting, Starting]);
+        a.set_queue_ready(false);
+        assert_eq!(took(), [], "one ring still runs");
+        b.set_queue_ready(false);
+        b.set_queue_ready(false);
+        outside.set_queue_ready(false);
+        assert_eq!(took(), [AllStopped]);
+        b.clone().set_queue_ready(true);
+        b.set_queue_ready(false);
+        assert_eq!(took(), [Starting, AllStopped]);
     }
 
     /// The wait is bounded: it gives up and reports what is still out.
