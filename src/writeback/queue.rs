@@ -41,7 +41,7 @@ pub(super) struct TxnEntry {
     /// ([`op_wire_bytes`]): bounded by `TXN_META_BYTES_MAX`.
     pub(super) meta_bytes: u64,
     /// Bytes held against `dirty_max_bytes` for its operations of metadata
-    /// changes ([`op_held_bytes`]: wire bytes and memory). The attributes a
+    /// changes ([`held_bytes`]: wire bytes and memory). The attributes a
     /// write carries with its pages are not counted (its pages are).
     pub(super) dirty_meta_bytes: u64,
     /// Only data of one inode: later writes may merge into it until sent.
@@ -182,10 +182,11 @@ pub(super) fn op_wire_bytes(op: &Op) -> u64 {
     OP_FIXED_WIRE_BYTES + var as u64
 }
 
-/// Bytes `op` counts against `dirty_max_bytes` while its transaction is
-/// unacknowledged: its wire bytes and what it holds in memory besides.
-pub(super) fn op_held_bytes(op: &Op) -> u64 {
-    op_wire_bytes(op) + OP_HELD_BYTES
+/// Bytes `ops` operations of `wire_bytes` on the wire count against
+/// `dirty_max_bytes` while their transaction is unacknowledged: their wire
+/// bytes and what each holds in memory besides.
+pub(super) fn held_bytes(wire_bytes: u64, ops: usize) -> u64 {
+    wire_bytes + ops as u64 * OP_HELD_BYTES
 }
 
 /// Every inode an op touches.

@@ -20,8 +20,8 @@ use super::ack::{lock, wait_timeout};
 use super::cache::PAGE_SIZE;
 use super::overlay::Overlay;
 use super::queue::{
-    op_held_bytes, op_inodes, op_wire_bytes, MAX_QUEUED_TXNS, TXN_DATA_BYTES_MAX,
-    TXN_META_BYTES_MAX, TXN_OPS_MAX,
+    held_bytes, op_inodes, op_wire_bytes, MAX_QUEUED_TXNS, TXN_DATA_BYTES_MAX, TXN_META_BYTES_MAX,
+    TXN_OPS_MAX,
 };
 use super::{OverwritePolicy, Shared, State};
 use crate::ratelimit::limited;
@@ -427,7 +427,7 @@ impl Shared {
     /// so that the burst can gather; a sync sends it at once.
     ///
     /// Metadata changes count against `dirty_max_bytes` like pages (their
-    /// wire bytes and what they hold in memory, `op_held_bytes`): a change
+    /// wire bytes and what they hold in memory, `held_bytes`): a change
     /// waits for room, unless the volume is full (the removal that would
     /// free space must not wait for acks that wait for space).
     /// A transaction too large for one wire frame (more than `TXN_OPS_MAX`
@@ -436,7 +436,7 @@ impl Shared {
     pub(super) fn commit_metadata(&self, txn: Txn) -> Result<(), StoreError> {
         let wait_ack = txn.ops.iter().any(|op| matches!(op, Op::Write { .. }));
         let bytes: u64 = txn.ops.iter().map(op_wire_bytes).sum();
-        let held: u64 = txn.ops.iter().map(op_held_bytes).sum();
+        let held = held_bytes(bytes, txn.ops.len());
         if txn.ops.len() > TXN_OPS_MAX || bytes > TXN_META_BYTES_MAX {
             self.metrics.txn_oversized.inc();
             limited!(
