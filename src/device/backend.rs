@@ -117,7 +117,7 @@ impl FsBackend {
     }
 
     /// The watch the connection's rings report to: build them under
-    /// [`super::vring::watched`] with it.
+    /// `vring::watched` with it.
     pub fn rings(&self) -> &Arc<RingWatch> {
         &self.rings
     }
