@@ -26,6 +26,28 @@ fn setxattr(ino: u64, i: usize) -> Txn {
     t
 }
 
+/// With acks held (the sink's gate closed after 20 files were made
+/// durable), `commits` on a thread of their own, until they meet
+/// backpressure: the thread, to join once the gate opens.
+fn until_backpressure(
+    wb: &Arc<super::WritebackStore>,
+    sink: &super::testkit::FaultSink,
+    m: &crate::metrics::Metrics,
+    commits: impl FnOnce(&super::WritebackStore) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    create(&**wb, 20);
+    wb.sync(None).unwrap();
+    sink.gate.close();
+    let thread = {
+        let wb = Arc::clone(wb);
+        std::thread::spawn(move || commits(&wb))
+    };
+    eventually("the commits to meet backpressure", || {
+        m.backpressure_waits.get() >= 1
+    });
+    thread
+}
+
 /// `op_wire_bytes` is an upper bound of what the codec writes, for every
 /// op at its largest: the compile-time check against the frame limit
 /// (`queue.rs`) rests on it.
@@ -121,20 +143,11 @@ fn metadata_bytes_count_toward_dirty_max() {
     let (wb, sink, store, m) = held_layer(OverwritePolicy::Cow, 62);
     let wb = Arc::new(wb);
     let dirty_max = cfg(OverwritePolicy::Cow).dirty_max_bytes;
-    create(&*wb, 20);
-    wb.sync(None).unwrap();
-    sink.gate.close();
     let count = (2 * dirty_max / XATTR_VALUE_MAX as u64) as usize;
-    let setter = {
-        let wb = wb.clone();
-        std::thread::spawn(move || {
-            for i in 0..count {
-                wb.commit(setxattr(20, i)).unwrap();
-            }
-        })
-    };
-    eventually("the setxattrs to meet backpressure", || {
-        m.backpressure_waits.get() >= 1
+    let setter = until_backpressure(&wb, &sink, &m, move |wb| {
+        for i in 0..count {
+            wb.commit(setxattr(20, i)).unwrap();
+        }
     });
     let dirty = m.levels.dirty_bytes.get();
     assert!(
@@ -159,24 +172,16 @@ fn small_metadata_changes_count_their_memory_toward_dirty_max() {
     let (wb, sink, _store, m) = held_layer(OverwritePolicy::Cow, 64);
     let wb = Arc::new(wb);
     let dirty_max = cfg(OverwritePolicy::Cow).dirty_max_bytes;
-    create(&*wb, 20);
-    wb.sync(None).unwrap();
-    sink.gate.close();
     // As many as wire bytes alone would let in, and more.
     let wire = op_wire_bytes(&Op::PutInode(Inode::regular(1, 0)));
     let count = dirty_max / wire + 1;
     let accepted = Arc::new(AtomicU64::new(0));
-    let setter = {
-        let (wb, accepted) = (wb.clone(), accepted.clone());
-        std::thread::spawn(move || {
-            for i in 0..count {
-                create(&*wb, 1000 + i);
-                accepted.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
-    eventually("the changes to meet backpressure", || {
-        m.backpressure_waits.get() >= 1
+    let counted = Arc::clone(&accepted);
+    let setter = until_backpressure(&wb, &sink, &m, move |wb| {
+        for i in 0..count {
+            create(wb, 1000 + i);
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
     });
     let held = accepted.load(Ordering::SeqCst);
     let memory = held * (size_of::<Op>() as u64 + wire);

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::Timestamp;
+use crate::writeback::testkit::put_entry;
 
 fn created_dir(ino: u64) -> Op {
     Op::PutInode(Inode {
@@ -19,18 +20,6 @@ fn created_dir(ino: u64) -> Op {
         ctime: Timestamp::default(),
         parent: 1,
     })
-}
-
-fn entry(parent: u64, name: &str, ino: u64) -> Op {
-    Op::PutDirent {
-        parent,
-        dirent: Dirent {
-            name: name.as_bytes().to_vec(),
-            ino,
-            kind: FileKind::Regular,
-            cookie: ino,
-        },
-    }
 }
 
 #[test]
@@ -52,7 +41,7 @@ fn complete_dirs_count_their_names_and_drop_the_oldest_over_budget() {
     for dir in [100, 101] {
         c.apply(&created_dir(dir));
         for (i, n) in names(dir).enumerate() {
-            c.apply(&entry(dir, &n, 200 + dir * 20 + i as u64));
+            c.apply(&put_entry(dir, &n, 200 + dir * 20 + i as u64));
         }
     }
     assert_eq!(c.bytes, 2 * one_dir);
@@ -62,7 +51,7 @@ fn complete_dirs_count_their_names_and_drop_the_oldest_over_budget() {
     c.apply(&created_dir(102));
     assert_eq!(c.size(), (2, 10));
     assert!(c.lookup(100, b"missing").is_none(), "ask the store now");
-    c.apply(&entry(100, "again", 999));
+    c.apply(&put_entry(100, "again", 999));
     assert!(c.lookup(100, b"again").is_none(), "never tracked again");
     // Removing names and directories gives their bytes back exactly.
     c.apply(&Op::RemoveDirent {
@@ -122,7 +111,7 @@ fn tracked_directories_give_back_every_byte_they_counted() {
             c.apply(&Op::RemoveInode { ino: d });
         } else if r < 60 {
             let d = live[(rnd() % live.len() as u64) as usize];
-            c.apply(&entry(d, &format!("n{}", rnd() % 64), 1 << 20 | step));
+            c.apply(&put_entry(d, &format!("n{}", rnd() % 64), 1 << 20 | step));
         } else {
             let d = live[(rnd() % live.len() as u64) as usize];
             c.apply(&Op::RemoveDirent {

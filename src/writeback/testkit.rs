@@ -314,10 +314,9 @@ pub(super) fn eventually(what: &str, cond: impl FnMut() -> bool) {
     assert!(held, "timed out waiting for {what} ({WAIT:?})");
 }
 
-pub(super) fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
-    let mut t = Txn::new();
-    t.push(Op::PutInode(Inode::regular(ino, 0)));
-    t.push(Op::PutDirent {
+/// The entry `name` in `parent` for the regular file `ino`.
+pub(super) fn put_entry(parent: u64, name: &str, ino: u64) -> Op {
+    Op::PutDirent {
         parent,
         dirent: Dirent {
             name: name.as_bytes().to_vec(),
@@ -325,7 +324,13 @@ pub(super) fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
             kind: FileKind::Regular,
             cookie: ino,
         },
-    });
+    }
+}
+
+pub(super) fn create_in(s: &dyn Store, parent: u64, ino: u64, name: &str) {
+    let mut t = Txn::new();
+    t.push(Op::PutInode(Inode::regular(ino, 0)));
+    t.push(put_entry(parent, name, ino));
     s.commit(t).unwrap();
 }
 

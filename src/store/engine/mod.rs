@@ -58,6 +58,7 @@ mod group;
 pub mod holder;
 mod identity;
 mod keys;
+mod lease;
 pub mod lineage;
 mod log;
 mod log_queue;
@@ -218,7 +219,7 @@ pub struct SlateStore {
     closed: AtomicBool,
     /// The holder record this instance wrote (`holder.rs`), removed at
     /// close.
-    lease: Option<open::Lease>,
+    lease: Option<lease::Lease>,
     /// Declared last: dropped after the engine, which spawned its tasks here.
     /// `None` only inside `drop`.
     runtime: Option<tokio::runtime::Runtime>,

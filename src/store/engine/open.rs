@@ -1,21 +1,22 @@
-//! Opening a volume: the engine on its object store, the superblock (and
-//! its format version), the segment files with their reclaimer, the
-//! commit log and its replay (`recover.rs`), and the sweep of segments
-//! nothing refers to.
+//! Opening a volume: its holder record claimed (`lease.rs`), the engine
+//! on its object store, the superblock (and its format version), the
+//! segment files with their reclaimer, the commit log and its replay
+//! (`recover.rs`), and the sweep of segments nothing refers to.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use slatedb::Db;
 
+use super::lease::claim;
 use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::record_cache::RecordCache;
 use super::{
-    born, codec, config, group, holder, keys, map_engine_error, pins, reclaim, recover, segment,
-    Counters, IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock,
-    FORMAT_VERSION, UPGRADES_FROM,
+    born, codec, config, group, keys, map_engine_error, pins, reclaim, recover, segment, Counters,
+    IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock, FORMAT_VERSION,
+    UPGRADES_FROM,
 };
 use crate::store::{StoreError, FIRST_FREE_ID};
 
@@ -125,107 +126,6 @@ pub enum OpenMode {
     ReadOnly,
 }
 
-/// The holder record this instance wrote, renewed until close.
-pub(super) struct Lease {
-    pub(super) record: holder::Holder,
-    object_store: Arc<dyn object_store::ObjectStore>,
-    db_path: String,
-    /// The volume's directory on `file://`, where the record's lock is.
-    local_dir: Option<std::path::PathBuf>,
-    stop: Arc<AtomicBool>,
-    /// Held by a renewal from its check of `stop` to its write, and by
-    /// the release: a renewal under way when the lease is released
-    /// finishes before the record is removed, so none writes it again
-    /// after (a stale record would keep a migration's destination out).
-    turn: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Lease {
-    /// Whether the record is still renewed (not released, not taken over).
-    #[cfg(test)]
-    pub(super) fn renewing(&self) -> bool {
-        !self.stop.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The task that renews the record until [`Lease::release`].
-    fn renewal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        renew(
-            self.object_store.clone(),
-            self.db_path.clone(),
-            self.local_dir.clone(),
-            self.record.clone(),
-            self.stop.clone(),
-            self.turn.clone(),
-        )
-    }
-
-    /// Stop renewing and remove the record (if still ours).
-    pub(super) async fn release(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        let _turn = self.turn.lock().await;
-        if let Err(e) = holder::release(
-            &*self.object_store,
-            &self.db_path,
-            self.local_dir.as_deref(),
-            &self.record,
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "could not remove the volume's holder record");
-        }
-    }
-}
-
-/// Check the volume against `mode`, claim it for this process, and read
-/// the capacity `format` recorded (when the URL names none).
-async fn claim(cfg: &mut config::VolumeConfig, mode: OpenMode) -> Result<Lease, OpenVolumeError> {
-    let store = cfg.object_store.clone();
-    let rec = OpenVolumeError::Holder;
-    let exists = holder::exists(&*store, &cfg.db_path).await.map_err(rec)?;
-    match mode {
-        OpenMode::Existing { .. } if !exists => return Err(OpenVolumeError::NoVolume),
-        OpenMode::Format { .. } if exists => return Err(OpenVolumeError::Exists),
-        OpenMode::Format {
-            capacity_bytes: Some(bytes),
-        } => holder::write_capacity(&*store, &cfg.db_path, bytes)
-            .await
-            .map_err(rec)?,
-        _ => {}
-    }
-    if !cfg.capacity_named {
-        if let Some(bytes) = holder::read_capacity(&*store, &cfg.db_path)
-            .await
-            .map_err(rec)?
-        {
-            cfg.capacity_bytes = bytes;
-        }
-    }
-    let take_over = !matches!(mode, OpenMode::Existing { take_over: false });
-    let me = holder::Holder::this_process();
-    if let Some(h) = holder::read_holder(&*store, &cfg.db_path)
-        .await
-        .map_err(rec)?
-    {
-        if h.is_live(&me.host, me.since) {
-            if !take_over {
-                return Err(OpenVolumeError::Held(h));
-            }
-            tracing::warn!(volume = %cfg.describe, holder = %h, "taking the volume over: its holder is fenced");
-        }
-    }
-    holder::write_holder(&*store, &cfg.db_path, cfg.local_dir.as_deref(), &me)
-        .await
-        .map_err(rec)?;
-    Ok(Lease {
-        record: me,
-        object_store: store,
-        db_path: cfg.db_path.clone(),
-        local_dir: cfg.local_dir.clone(),
-        stop: Arc::default(),
-        turn: Arc::default(),
-    })
-}
-
 impl Placement {
     /// Where the segments go (none: data inline or in objects) and the
     /// size that seals one, for a volume in `local_dir`.
@@ -281,35 +181,6 @@ async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
         .with_sst_block_size(config::sst_block_size())
         .build()
         .await
-}
-
-/// Renew the holder record every [`holder::RENEW_SECS`] until released.
-async fn renew(
-    object_store: Arc<dyn object_store::ObjectStore>,
-    db_path: String,
-    local_dir: Option<std::path::PathBuf>,
-    mut record: holder::Holder,
-    stop: Arc<AtomicBool>,
-    turn: Arc<tokio::sync::Mutex<()>>,
-) {
-    loop {
-        tokio::time::sleep(holder::renew_period()).await;
-        let _turn = turn.lock().await;
-        if stop.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        // Another opener took the volume over (this instance is fenced):
-        // its record stays, and this one renews no more.
-        match holder::renew(&*object_store, &db_path, local_dir.as_deref(), &mut record).await {
-            Ok(holder::Renewal::Renewed) => {}
-            Ok(holder::Renewal::TakenOver(h)) => {
-                tracing::warn!(holder = %h, "the volume was taken over; its holder record is no longer renewed here");
-                stop.store(true, std::sync::atomic::Ordering::Release);
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "could not renew the volume's holder record"),
-        }
-    }
 }
 
 impl SlateStore {
