@@ -230,6 +230,18 @@ pub struct SlateStore {
 /// milliseconds.
 const CLOSE_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long an id reservation waits, for one under way and for the engine
+/// to make its own durable, before it fails (the create that asked gets
+/// EIO): on a full disk the engine's WAL flush retries for good, and a
+/// create must not hang with it. Short in tests.
+fn reserve_wait() -> std::time::Duration {
+    if cfg!(test) {
+        std::time::Duration::from_millis(300)
+    } else {
+        std::time::Duration::from_secs(60)
+    }
+}
+
 impl SlateStore {
     /// The volume's id, random at creation.
     pub fn volume_id(&self) -> [u8; 16] {
@@ -608,7 +620,17 @@ impl Store for SlateStore {
     }
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.note(self.rt()?.block_on(self.reserve_ids_inner(count)))
+        let bound = reserve_wait();
+        let reserved = self
+            .rt()?
+            .block_on(async { tokio::time::timeout(bound, self.reserve_ids_inner(count)).await })
+            .unwrap_or_else(|_| {
+                Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the engine did not make an id reservation durable within {bound:?} (is its disk full?)"),
+                )))
+            });
+        self.note(reserved)
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {

@@ -66,6 +66,30 @@ fn reserved_ids_never_repeat_across_reopen_or_crash() {
     assert!(d >= c + super::ID_CHUNK * 3, "{d} repeats an id below {c}+");
 }
 
+/// An id reservation that cannot go on (here: one under way holds the
+/// volume's ids; on a full disk, the engine's WAL flush that never ends)
+/// fails within its bound instead of hanging the create that asked, and
+/// the next one goes through once the way is clear.
+#[test]
+fn an_id_reservation_that_cannot_finish_fails_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(temp_volume(&dir, ""));
+    let first = s.reserve_ids(1).unwrap();
+    let held = s.ids.try_lock().expect("no reservation runs");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = Arc::clone(&s);
+    std::thread::spawn(move || tx.send(store.reserve_ids(super::ID_CHUNK * 2)).unwrap());
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the reservation still waits after 30 s");
+    match got {
+        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    drop(held);
+    assert!(s.reserve_ids(1).unwrap() > first);
+}
+
 #[test]
 fn epoch_changes_on_every_reopen() {
     let dir = tempfile::tempdir().unwrap();
