@@ -48,6 +48,7 @@ mod acked;
 mod apply;
 mod born;
 mod chunk_read;
+mod close;
 mod codec;
 mod commit;
 mod config;
@@ -225,11 +226,6 @@ pub struct SlateStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// How long a close waits for the groups acknowledged but still on their
-/// way to the engine (`commit.rs`): an engine write each, normally
-/// milliseconds.
-const CLOSE_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// How long an id reservation waits, for one under way and for the engine
 /// to make its own durable, before it fails (the create that asked gets
 /// EIO): on a full disk the engine's WAL flush retries for good, and a
@@ -247,119 +243,6 @@ impl SlateStore {
     /// The volume's id, random at creation.
     pub fn volume_id(&self) -> [u8; 16] {
         self.superblock.volume_id
-    }
-
-    /// Close the engine, flushing what it holds in memory. Later calls of
-    /// any method fail.
-    pub fn close(&self) -> Result<(), StoreError> {
-        self.close_as(false)
-    }
-
-    /// Close for a live migration's hand-over, whose destination opens the
-    /// volume at once while the guest is stopped: as [`close`](Self::close),
-    /// but the dead segment pages still to punch (2-9 ms of the downtime
-    /// after a fast writer) are handed to the destination's reclaimer
-    /// (`reclaim.rs`).
-    pub fn hand_over(&self) -> Result<(), StoreError> {
-        self.close_as(true)
-    }
-
-    fn close_as(&self, hand_over: bool) -> Result<(), StoreError> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let rt = self.rt()?;
-        let mut phases = open::Phases::start();
-        // What the final checkpoint let the reclaimer have.
-        let mut freed = reclaim::Reclaim::default();
-        if let Some(cp) = &self.checkpoint {
-            // The groups acknowledged but still on their way to the engine
-            // go first: the checkpoint moves the tail past what it has.
-            match rt.block_on(async {
-                tokio::time::timeout(CLOSE_APPLY_WAIT, self.await_applied()).await
-            }) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    if !matches!(e, StoreError::Fenced) {
-                        tracing::warn!(volume = %self.describe, error = %e, "a commit log group did not reach the engine; the next open replays it");
-                    }
-                }
-                Err(_) => {
-                    tracing::warn!(volume = %self.describe, "commit log groups still on their way to the engine after {CLOSE_APPLY_WAIT:?}; the next open replays them")
-                }
-            }
-            phases.mark("applied");
-            cp.stop();
-            // The next open then replays nothing.
-            match rt.block_on(cp.run_keeping()) {
-                Ok(r) => freed = r,
-                Err(StoreError::Fenced) => {}
-                Err(e) => {
-                    tracing::warn!(volume = %self.describe, error = %e, "final commit log checkpoint failed");
-                }
-            }
-        }
-        phases.mark("checkpoint");
-        if let Some(r) = &self.reclaimer {
-            if hand_over {
-                r.hand_over(freed);
-            } else {
-                r.send(freed);
-                r.stop();
-            }
-        }
-        if let Some(gc) = &self.object_gc {
-            gc.stop();
-        }
-        phases.mark("reclaim");
-        // Even for a hand-over the memtable goes into a table here: left
-        // in the WAL (1-3 ms less here), a fast writer's metadata took the
-        // destination's replay 5-7 ms more.
-        let closed = rt.block_on(self.db.close()).map_err(map_engine_error);
-        phases.mark("engine");
-        if let Some(lease) = &self.lease {
-            if !self.fenced.load(Ordering::Acquire) {
-                rt.block_on(lease.release());
-            }
-        }
-        phases.mark("released");
-        tracing::info!(volume = %self.describe, ms = %phases, "closed volume");
-        closed
-    }
-
-    /// A live migration began (the frontend turned dirty logging on): get
-    /// ahead of [`close`](Self::close), which the hand-over waits for
-    /// with the guest stopped. In the background, checkpoint the commit
-    /// log and flush the engine's memtable into a table (a memtable of a
-    /// few hundred files' metadata took the close 48 ms, of which the
-    /// flush was most), so that the close at the stop flushes only what
-    /// was written after this. Failures are logged: the close does it all
-    /// again.
-    pub fn prepare_close(&self) {
-        let Ok(rt) = self.rt() else { return };
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let (db, checkpoint) = (self.db.clone(), self.checkpoint.clone());
-        let describe = self.describe.clone();
-        rt.spawn(async move {
-            let started = std::time::Instant::now();
-            if let Some(cp) = checkpoint {
-                if let Err(e) = cp.run().await {
-                    tracing::warn!(volume = %describe, error = %e, "checkpoint ahead of a hand-over failed");
-                    return;
-                }
-            }
-            let flushed = db
-                .flush_with_options(slatedb::config::FlushOptions {
-                    flush_type: slatedb::config::FlushType::MemTable,
-                })
-                .await;
-            match flushed {
-                Ok(()) => tracing::info!(volume = %describe, ms = started.elapsed().as_millis() as u64, "flushed ahead of a hand-over"),
-                Err(e) => tracing::warn!(volume = %describe, error = %e, "memtable flush ahead of a hand-over failed"),
-            }
-        });
     }
 
     /// Whether this instance still renews its holder record (tests).
@@ -488,31 +371,6 @@ impl SlateStore {
             };
         }
         Ok(())
-    }
-}
-
-impl Drop for SlateStore {
-    fn drop(&mut self) {
-        // Inside another runtime's worker this thread may not block on our
-        // runtime nor wait for it to stop: close from a thread of our own,
-        // then let the runtime's threads wind down in the background.
-        let in_async = tokio::runtime::Handle::try_current().is_ok();
-        let closed = if in_async {
-            std::thread::scope(|scope| scope.spawn(|| self.close()).join())
-                .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("close panicked"))))
-        } else {
-            self.close()
-        };
-        if let Err(e) = closed {
-            if !matches!(e, StoreError::Fenced) {
-                tracing::warn!(volume = %self.describe, error = %e, "closing volume failed");
-            }
-        }
-        if in_async {
-            if let Some(runtime) = self.runtime.take() {
-                runtime.shutdown_background();
-            }
-        }
     }
 }
 

@@ -137,7 +137,7 @@ pub struct Checkpoint {
     pub log: Arc<CommitLog>,
     reclaimer: Option<Arc<Reclaimer>>,
     /// One checkpoint at a time.
-    running: tokio::sync::Mutex<()>,
+    pub(super) running: tokio::sync::Mutex<()>,
     /// What commits freed, with the last lsn a record naming it may have.
     held: Mutex<Vec<(u64, Reclaim)>>,
     stop: tokio::sync::Notify,

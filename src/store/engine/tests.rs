@@ -90,6 +90,47 @@ fn an_id_reservation_that_cannot_finish_fails_within_its_bound() {
     assert!(s.reserve_ids(1).unwrap() > first);
 }
 
+/// A close that cannot finish (here: the final checkpoint held; on a full
+/// disk, the engine's flush that retries for good) is cut at its bound
+/// instead of hanging the daemon's exit, keeps the holder record (the
+/// engine's tasks still run), and loses nothing acknowledged: the next
+/// open replays the commit log.
+#[test]
+fn a_close_that_cannot_finish_is_cut_at_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(temp_volume(&dir, ""));
+    commit(
+        &*s,
+        vec![
+            Op::PutInode(inode(25, FileKind::Regular)),
+            write_op(25, 0, b"acknowledged"),
+        ],
+    );
+    let cp = s.checkpoint.clone().expect("a commit log");
+    let held = cp.running.try_lock().expect("no checkpoint runs");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = Arc::clone(&s);
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        tx.send((store.close(), started.elapsed())).unwrap()
+    });
+    let (closed, took) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the close still waits after 30 s");
+    match closed {
+        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let holder = dir.path().join("vol").join(super::holder::HOLDER);
+    assert!(holder.exists(), "a cut close removed the holder record");
+    drop(held);
+    drop(s);
+    let s = temp_volume(&dir, "");
+    assert_eq!(s.get_inode(25).unwrap(), Some(inode(25, FileKind::Regular)));
+    assert_eq!(read(&s, 25, 0, 12), b"acknowledged");
+}
+
 #[test]
 fn epoch_changes_on_every_reopen() {
     let dir = tempfile::tempdir().unwrap();
