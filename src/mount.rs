@@ -1,6 +1,6 @@
 //! `pohmelfs mount`: the filesystem `serve` gives a guest, mounted on this
 //! host through the kernel's FUSE device instead of a guest's virtqueues, so
-//! host tools (pjdfstest, `tests/mount.rs`) exercise the very code a guest
+//! host tools (pjdfstest, `tests/mount/`) exercise the very code a guest
 //! talks to.
 //!
 //! It owns the life of one mount: mount(2) with its own options (no

@@ -26,7 +26,7 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::Errno(e) => *e,
-            FsError::Store(StoreError::NoSpace) => libc::ENOSPC,
+            FsError::Store(e) if e.is_no_space() => libc::ENOSPC,
             FsError::Store(StoreError::ReadOnly) => libc::EROFS,
             FsError::Store(_) | FsError::NoRoot => libc::EIO,
         }
@@ -38,33 +38,34 @@ impl FsError {
     /// handles, renaming `.`), rather than a sign of trouble worth a
     /// warning.
     pub fn is_routine(&self) -> bool {
-        matches!(
-            self,
-            FsError::Store(StoreError::NoSpace | StoreError::ReadOnly)
-                | FsError::Errno(
-                    libc::ENOENT
-                        | libc::EEXIST
-                        | libc::ENOTEMPTY
-                        | libc::ENODATA
-                        | libc::ERANGE
-                        | libc::EACCES
-                        | libc::EPERM
-                        | libc::ENOTDIR
-                        | libc::EISDIR
-                        | libc::ENXIO
-                        | libc::ENAMETOOLONG
-                        | libc::EINVAL
-                        | libc::EOPNOTSUPP
-                        | libc::EFBIG
-                        | libc::E2BIG
-                        | libc::EBUSY
-                        | libc::EMLINK
-                        | libc::ENFILE
-                        | libc::ENODEV
-                        | libc::ENOSPC
-                        | libc::EROFS
-                )
-        )
+        matches!(self, FsError::Store(e) if e.is_no_space())
+            || matches!(
+                self,
+                FsError::Store(StoreError::ReadOnly)
+                    | FsError::Errno(
+                        libc::ENOENT
+                            | libc::EEXIST
+                            | libc::ENOTEMPTY
+                            | libc::ENODATA
+                            | libc::ERANGE
+                            | libc::EACCES
+                            | libc::EPERM
+                            | libc::ENOTDIR
+                            | libc::EISDIR
+                            | libc::ENXIO
+                            | libc::ENAMETOOLONG
+                            | libc::EINVAL
+                            | libc::EOPNOTSUPP
+                            | libc::EFBIG
+                            | libc::E2BIG
+                            | libc::EBUSY
+                            | libc::EMLINK
+                            | libc::ENFILE
+                            | libc::ENODEV
+                            | libc::ENOSPC
+                            | libc::EROFS
+                    )
+            )
     }
 }
 

@@ -539,7 +539,7 @@ async fn serve_connection(
 fn store_error(e: &StoreError) -> Response {
     let code = match e {
         StoreError::Fenced => ErrorCode::Fenced,
-        StoreError::NoSpace => ErrorCode::NoSpace,
+        e if e.is_no_space() => ErrorCode::NoSpace,
         StoreError::Corrupt(_) => ErrorCode::Corrupt,
         _ => ErrorCode::Io,
     };

@@ -49,6 +49,7 @@ pub mod copy;
 pub mod data;
 pub(crate) mod delegate;
 pub mod engine;
+mod error;
 #[cfg(test)]
 pub(crate) mod hooked;
 pub mod import;
@@ -60,9 +61,8 @@ pub mod sink;
 
 use std::fmt;
 
-use thiserror::Error;
-
 pub use data::{ReadData, ReadPiece, ReadPin, WriteData, PAGE_SIZE};
+pub use error::StoreError;
 pub use open::{open, open_once, open_once_as, OpenError};
 
 /// The inode number of the volume's root directory.
@@ -115,29 +115,6 @@ pub const XATTR_NAME_MAX: usize = 255;
 
 /// The largest extended attribute value, in bytes (Linux's XATTR_SIZE_MAX).
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
-
-/// Errors a store reports. Callers branch on them: `NoSpace` becomes ENOSPC,
-/// everything else EIO.
-#[derive(Debug, Error)]
-pub enum StoreError {
-    /// The volume has no room for the data of a transaction.
-    #[error("volume is full")]
-    NoSpace,
-    /// The store's medium or engine failed.
-    #[error("store I/O failed")]
-    Io(#[source] std::io::Error),
-    /// The store found data it cannot decode.
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
-    /// Another writer has opened the volume; this instance may no longer
-    /// write to it.
-    #[error("volume was opened by another writer (fenced)")]
-    Fenced,
-    /// The volume is open read-only (`serve --readonly`): nothing may be
-    /// written to it.
-    #[error("volume is open read-only")]
-    ReadOnly,
-}
 
 /// The type of an inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

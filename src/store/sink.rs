@@ -95,7 +95,9 @@ pub trait Sink: Send + Sync + 'static {
 fn classify(e: &StoreError) -> SendError {
     let msg = crate::ErrorChain(e).to_string();
     match e {
+        // The medium's own ENOSPC too: retrying at once would only spin.
         StoreError::NoSpace => SendError::NoSpace(msg),
+        StoreError::Io(_) if e.is_no_space() => SendError::NoSpace(msg),
         StoreError::Corrupt(_) | StoreError::ReadOnly => SendError::Refused(msg),
         StoreError::Fenced => SendError::Elsewhere(msg),
         StoreError::Io(_) => SendError::Retry(msg),

@@ -2,7 +2,7 @@
 //! /dev/fuse, driven with ordinary system calls (std::fs and libc), stopped
 //! with SIGTERM (clean exit, mount gone), mounted again to find every byte
 //! and attribute; a snapshot mounted `--readonly`; an outside umount; and
-//! the one-line errors on bad input.
+//! the one-line errors on bad input; a full host disk (`full_disk.rs`).
 //!
 //! Needs /dev/fuse and the right to mount (root); skipped, with the line
 //! `SKIPPED: <test>: <reason>` on stderr, only when /dev/fuse is missing.
@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use pohmelfs::check::torture::rng::Rng;
 use pohmelfs_testkit::{skipped, wait_until};
+
+mod full_disk;
 
 /// How long a mount may take to appear, and a daemon to exit.
 const TIMEOUT: Duration = Duration::from_secs(60);
