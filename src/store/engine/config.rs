@@ -308,6 +308,12 @@ fn settings(o: &CommonOptions, remote: bool, logged: bool) -> Settings {
         l0_sst_size_bytes: m.l0_sst_size_bytes as usize,
         garbage_collector_options: Some(GarbageCollectorOptions {
             boundary_files_enabled: remote,
+            // The zero-byte WAL fences (one per open) stay, as SlateDB's
+            // default dry run keeps them too: deleting a fence is only safe
+            // past the longest pause of any writer. Without the dry run,
+            // its advice to change this setting is not logged every GC
+            // pass to an operator who cannot act on it.
+            wal_fence_options: None,
             ..GarbageCollectorOptions::default()
         }),
         compactor_options: Some(compactor_options(remote)),
@@ -456,6 +462,10 @@ mod tests {
         assert_eq!(c.memory, EngineMemory::of(DEFAULT_MEMORY_BYTES));
         let gc = c.settings.garbage_collector_options.unwrap();
         assert!(!gc.boundary_files_enabled);
+        assert!(
+            gc.wal_fence_options.is_none(),
+            "fences are kept, without a dry run's log"
+        );
         assert!(dir.path().join("vol").is_dir());
         // The volume directory is its owner's alone, whatever the umask.
         let mode = std::os::unix::fs::PermissionsExt::mode(
