@@ -6,23 +6,16 @@
 use std::sync::atomic::Ordering;
 
 use super::identity::map_engine_error;
-use super::{open, reclaim, SlateStore};
+use super::{durable_wait, open, reclaim, SlateStore};
 use crate::store::StoreError;
 
 /// How long a close waits, in all, for the groups acknowledged but still
 /// on their way to the engine (`commit.rs`), the final checkpoint and the
-/// engine's own close: milliseconds normally, but on a full disk the
-/// engine's flush retries for good, and a daemon asked to stop must stop.
-/// What a close cut short did not make durable is in the commit log, which
-/// the next open replays. Shorter in tests, not so short that a debug
-/// build's close on a loaded machine would be cut.
-fn close_wait() -> std::time::Duration {
-    if cfg!(test) {
-        std::time::Duration::from_secs(10)
-    } else {
-        std::time::Duration::from_secs(30)
-    }
-}
+/// engine's own close, in seconds ([`durable_wait`]): milliseconds
+/// normally, but a daemon asked to stop must stop. What a close cut short
+/// did not make durable is in the commit log, which the next open
+/// replays.
+const CLOSE_WAIT_SECS: u64 = 30;
 
 impl SlateStore {
     /// Close the engine, flushing what it holds in memory. Later calls of
@@ -46,9 +39,10 @@ impl SlateStore {
         }
         let rt = self.rt()?;
         let mut phases = open::Phases::start();
-        let deadline = tokio::time::Instant::now() + close_wait();
+        let bound = durable_wait(CLOSE_WAIT_SECS);
+        let deadline = tokio::time::Instant::now() + bound;
         let cut = |what: &str| {
-            tracing::error!(volume = %self.describe, "{what} did not finish within {:?} (a full disk?); the next open replays the commit log", close_wait());
+            tracing::error!(volume = %self.describe, "{what} did not finish within {bound:?} (a full disk?); the next open replays the commit log");
         };
         // Whether every step finished: a close cut short leaves the
         // engine's tasks running until the runtime goes, so the holder
@@ -112,7 +106,7 @@ impl SlateStore {
                     cut("the engine's close");
                     Err(StoreError::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("the engine did not close within {:?}", close_wait()),
+                        format!("the engine did not close within {bound:?}"),
                     )))
                 }
             };

@@ -226,18 +226,18 @@ pub struct SlateStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// A bound on a wait for the engine to make something durable: `secs` in
+/// service, where on a full disk its flush retries for good and nothing
+/// may hang with it; 10 s in tests, short, but not so short that a debug
+/// build's flush on a loaded machine would hit it.
+pub(super) fn durable_wait(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(if cfg!(test) { 10 } else { secs })
+}
+
 /// How long an id reservation waits, for one under way and for the engine
 /// to make its own durable, before it fails (the create that asked gets
-/// EIO): on a full disk the engine's WAL flush retries for good, and a
-/// create must not hang with it. Shorter in tests, but not so short that
-/// a debug build's flush on a loaded machine would fail a create.
-fn reserve_wait() -> std::time::Duration {
-    if cfg!(test) {
-        std::time::Duration::from_secs(10)
-    } else {
-        std::time::Duration::from_secs(60)
-    }
-}
+/// EIO), in seconds ([`durable_wait`]).
+const RESERVE_WAIT_SECS: u64 = 60;
 
 impl SlateStore {
     /// The volume's id, random at creation.
@@ -479,7 +479,7 @@ impl Store for SlateStore {
     }
 
     fn reserve_ids(&self, count: u64) -> Result<u64, StoreError> {
-        let bound = reserve_wait();
+        let bound = durable_wait(RESERVE_WAIT_SECS);
         let reserved = self
             .rt()?
             .block_on(async { tokio::time::timeout(bound, self.reserve_ids_inner(count)).await })
