@@ -38,34 +38,33 @@ impl FsError {
     /// handles, renaming `.`), rather than a sign of trouble worth a
     /// warning.
     pub fn is_routine(&self) -> bool {
-        matches!(self, FsError::Store(e) if e.is_no_space())
-            || matches!(
-                self,
-                FsError::Store(StoreError::ReadOnly)
-                    | FsError::Errno(
-                        libc::ENOENT
-                            | libc::EEXIST
-                            | libc::ENOTEMPTY
-                            | libc::ENODATA
-                            | libc::ERANGE
-                            | libc::EACCES
-                            | libc::EPERM
-                            | libc::ENOTDIR
-                            | libc::EISDIR
-                            | libc::ENXIO
-                            | libc::ENAMETOOLONG
-                            | libc::EINVAL
-                            | libc::EOPNOTSUPP
-                            | libc::EFBIG
-                            | libc::E2BIG
-                            | libc::EBUSY
-                            | libc::EMLINK
-                            | libc::ENFILE
-                            | libc::ENODEV
-                            | libc::ENOSPC
-                            | libc::EROFS
-                    )
-            )
+        // Judged by the errno: a store's full or read-only volume is routine
+        // as the guest's own ENOSPC or EROFS is; a store's other failures
+        // (EIO) are not.
+        matches!(
+            self.errno(),
+            libc::ENOENT
+                | libc::EEXIST
+                | libc::ENOTEMPTY
+                | libc::ENODATA
+                | libc::ERANGE
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENOTDIR
+                | libc::EISDIR
+                | libc::ENXIO
+                | libc::ENAMETOOLONG
+                | libc::EINVAL
+                | libc::EOPNOTSUPP
+                | libc::EFBIG
+                | libc::E2BIG
+                | libc::EBUSY
+                | libc::EMLINK
+                | libc::ENFILE
+                | libc::ENODEV
+                | libc::ENOSPC
+                | libc::EROFS
+        )
     }
 }
 
