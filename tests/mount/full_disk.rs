@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pohmelfs_testkit::skipped;
 
-use super::{have_fuse, is_mounted, pattern, Mounted};
+use super::{detach, have_fuse, is_mounted, pattern, Mounted};
 
 /// A tmpfs of `bytes` mounted at `path` for the test, detached at drop.
 struct Tmpfs(PathBuf);
@@ -28,19 +28,17 @@ impl Tmpfs {
     }
 
     fn call(path: &Path, opts: &str, flags: libc::c_ulong) {
-        let (src, fstype) = (
-            CString::new("tmpfs").unwrap(),
-            CString::new("tmpfs").unwrap(),
-        );
+        // The source and the file system type are both "tmpfs".
+        let tmpfs = CString::new("tmpfs").unwrap();
         let target = CString::new(path.as_os_str().as_bytes()).unwrap();
         let data = CString::new(opts).unwrap();
         // SAFETY: every pointer is a NUL-terminated string alive across
         // the call.
         let rc = unsafe {
             libc::mount(
-                src.as_ptr(),
+                tmpfs.as_ptr(),
                 target.as_ptr(),
-                fstype.as_ptr(),
+                tmpfs.as_ptr(),
                 flags,
                 data.as_ptr().cast(),
             )
@@ -57,9 +55,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let path = CString::new(self.0.as_os_str().as_bytes()).expect("no NUL");
-        // SAFETY: `path` is a NUL-terminated string alive across the call.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        detach(&self.0);
     }
 }
 

@@ -162,11 +162,16 @@ impl Drop for Mounted {
             let _ = self.child.wait();
         }
         if is_mounted(&self.mountpoint) {
-            let path = CString::new(self.mountpoint.as_os_str().as_bytes()).expect("no NUL");
-            // SAFETY: `path` is a NUL-terminated string alive across the call.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            detach(&self.mountpoint);
         }
     }
+}
+
+/// Detach whatever is mounted at `path` (a failing test's leftovers).
+fn detach(path: &Path) {
+    let path = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: `path` is a NUL-terminated string alive across the call.
+    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
 }
 
 /// A deterministic pseudo-random byte stream, so a corrupted or shifted
