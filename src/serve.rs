@@ -368,6 +368,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
     let vol = &args.volume;
     let wait = Duration::from_secs(args.incoming_timeout);
+    use pohmelfs::store::engine::OpenMode;
+    use pohmelfs::store::{OpenError, StoreError};
     let (url, cfg, cache, m, reopen) = (
         vol.store.clone(),
         vol.txn_config(),
@@ -380,18 +382,37 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
             _ => pohmelfs::store::engine::OpenMode::Existing { take_over: false },
         },
     );
-    let opener: Opener = Box::new(move |spare| {
-        pohmelfs::writeback::open_sparing(
+    let opener: Opener = Box::new(move |spare, standby| {
+        pohmelfs::writeback::open_from(
             &url,
             cfg.clone(),
             cache.as_ref(),
             Arc::clone(&m),
             reopen,
             spare,
+            standby,
         )
     });
     if args.incoming {
-        return Ok(VolumeSlot::incoming(&vol.store, opener, wait));
+        let slot = VolumeSlot::incoming(&vol.store, opener, wait);
+        // A destination on `file://` opens the volume as soon as the
+        // source lets it go (`writeback/standby.rs`).
+        let record = pohmelfs::store::engine::holder::record_file(&vol.store);
+        if let (Some(record), false) = (record, reopen == OpenMode::ReadOnly) {
+            let (url, cfg) = (vol.store.clone(), vol.txn_config());
+            slot.open_on_standby(
+                record,
+                Box::new(move || {
+                    // Its own thread's: the engine's threads inherit them.
+                    confine::drop_all_capabilities().map_err(|e| OpenError::Connect {
+                        url: url.clone(),
+                        source: StoreError::Io(std::io::Error::other(e)),
+                    })?;
+                    pohmelfs::writeback::open_standby(&url, &cfg)
+                }),
+            );
+        }
+        return Ok(slot);
     }
     let mode = vol.open_mode();
     // Opened in a thread without capabilities, as the engine's threads
@@ -409,8 +430,10 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
     Ok(VolumeSlot::holding(store, &vol.store, opener, wait))
 }
 
-/// Drain the volume for at most `timeout`, if it is open here.
+/// Drain the volume for at most `timeout`, if it is open here (or close
+/// it, if a destination opened it on standby only).
 fn drain(slot: &VolumeSlot, timeout: Duration) -> Result<(), pohmelfs::store::StoreError> {
+    slot.end_standby();
     match slot.current() {
         Some(store) => store.drain(timeout),
         None => Ok(()),

@@ -245,14 +245,15 @@ fn a_destination_waits_for_the_live_writer_and_opens_once_it_is_gone() {
     let mut first = s.serve("first", &[]).expect("the first daemon serves");
     let session = s.session("first");
     let url = s.url();
-    let opener: Opener = Box::new(move |spare| {
-        pohmelfs::writeback::open_sparing(
+    let opener: Opener = Box::new(move |spare, standby| {
+        pohmelfs::writeback::open_from(
             &url,
             pohmelfs::writeback::TxnConfig::default(),
             None,
             std::sync::Arc::default(),
             pohmelfs::store::engine::OpenMode::Existing { take_over: false },
             spare,
+            standby,
         )
     });
     let wait = Duration::from_secs(1);

@@ -54,14 +54,15 @@ impl Volume {
 
     fn opener(&self, metrics: &Arc<Metrics>) -> Opener {
         let (url, metrics) = (self.url(), Arc::clone(metrics));
-        Box::new(move |spare| {
-            writeback::open_sparing(
+        Box::new(move |spare, standby| {
+            writeback::open_from(
                 &url,
                 TxnConfig::default(),
                 None,
                 Arc::clone(&metrics),
                 EXISTING,
                 spare,
+                standby,
             )
         })
     }
@@ -92,6 +93,19 @@ impl Volume {
         let metrics = Arc::new(Metrics::default());
         let slot = VolumeSlot::incoming(&self.url(), self.opener(&metrics), wait);
         self.daemon(name, Arc::new(slot), metrics)
+    }
+
+    /// [`Volume::destination`] that opens the volume on standby as soon as
+    /// its holder lets it go, as `serve --incoming` does on `file://`.
+    fn destination_on_standby(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
+        let (slot, kit) = self.destination(name, WAIT);
+        let url = self.url();
+        let record = crate::store::engine::holder::record_file(&url).expect("a file:// volume");
+        slot.open_on_standby(
+            record,
+            Box::new(move || writeback::open_standby(&url, &TxnConfig::default())),
+        );
+        (slot, kit)
     }
 
     fn daemon(&self, name: &str, slot: Arc<VolumeSlot>, m: Arc<Metrics>) -> (Arc<VolumeSlot>, Kit) {
@@ -406,4 +420,114 @@ fn a_queue_stop_without_a_migration_keeps_the_volume() {
     assert!(read_back(&mut src, ino, fh, 4096, "after the stop") == data);
     drop(src);
     slot.release().unwrap();
+}
+
+/// The epoch (opens counted) of the volume open in `slot`.
+fn epoch(slot: &VolumeSlot) -> u64 {
+    use crate::store::Store as _;
+    slot.identity().expect("an open engine").epoch
+}
+
+/// Wait (bounded) until `slot` has an engine open on standby.
+fn until_on_standby(slot: &VolumeSlot) {
+    let ready = pohmelfs_testkit::wait_until(WAIT, Duration::from_millis(2), || {
+        slot.standby_ready().then_some(())
+    });
+    assert!(ready.is_some(), "no standby open after the source let go");
+}
+
+/// A destination on standby opens the volume as soon as the source lets
+/// it go at the queues' stop, before the state, and takes the state on
+/// that open: one open counted, the unlinked file spared, the record
+/// mine and no longer saying standby.
+#[test]
+fn the_destination_opens_on_standby_at_the_stop_and_takes_the_state_on_it() {
+    let vol = Volume::new();
+    let (src_slot, mut src) = vol.source("standby-src");
+    src.init();
+    let (kept, kept_fh) = src.create("kept");
+    let (gone, gone_fh) = src.create("gone");
+    let (kept_data, gone_data) = (pattern(9, 8192), pattern(10, 12288));
+    src.write(kept, kept_fh, &kept_data);
+    src.write(gone, gone_fh, &gone_data);
+    unlink(&mut src, "gone");
+    let source_epoch = epoch(&src_slot);
+    let (dst_slot, mut dst) = vol.destination_on_standby("standby-dst");
+    assert!(
+        !dst_slot.standby_ready(),
+        "opened while the source holds it"
+    );
+    assert!(vol.holder().is_some_and(|h| !h.standby));
+
+    src.stop_queue();
+    let bytes = save(&src);
+    until_on_standby(&dst_slot);
+    let standby = vol.holder().expect("the standby open's record");
+    assert!(standby.standby, "{standby:?}");
+    assert_eq!(dst_slot.phase(), Phase::Incoming);
+    // Nothing served before the state.
+    assert_eq!(dst.read(kept, kept_fh, READ_BUF, 4096).0, -libc::EIO);
+
+    load(&dst, &bytes).unwrap();
+    assert_eq!(dst_slot.phase(), Phase::Open);
+    assert_eq!(
+        epoch(&dst_slot),
+        source_epoch + 1,
+        "opened the volume twice"
+    );
+    let promoted = pohmelfs_testkit::wait_until(WAIT, Duration::from_millis(5), || {
+        vol.holder().filter(|h| !h.standby)
+    });
+    assert!(promoted.is_some_and(|h| h.same_holder(&standby)));
+    drop(src);
+    assert!(read_back(&mut dst, kept, kept_fh, 8192, "kept") == kept_data);
+    let back = read_back(&mut dst, gone, gone_fh, 12288, "the unlinked file");
+    assert!(back == gone_data, "the unlinked file changed");
+    drop(dst);
+    dst_slot.release().unwrap();
+    assert!(vol.inode_after(kept).is_some());
+    assert!(vol.inode_after(gone).is_none());
+}
+
+/// The source lets the volume go at the stop, the destination opens it on
+/// standby, and the source's guest runs on after all (a `stop` and
+/// `cont`): its next request takes the volume back. At the migration's
+/// real stop the destination finds its standby open taken over and opens
+/// the volume again.
+#[test]
+fn a_source_whose_guest_runs_on_takes_the_volume_back_from_standby() {
+    let vol = Volume::new();
+    let (src_slot, mut src) = vol.source("standby-back-src");
+    src.init();
+    let (ino, fh) = src.create("f");
+    let data = pattern(11, 8192);
+    src.write(ino, fh, &data);
+    let (dst_slot, mut dst) = vol.destination_on_standby("standby-back-dst");
+
+    let base = src.stop_queue();
+    src.restart_queue(base);
+    assert_eq!(src_slot.phase(), Phase::Released);
+    until_on_standby(&dst_slot);
+    assert!(vol.holder().is_some_and(|h| h.standby));
+    // The guest runs on at the source.
+    assert!(read_back(&mut src, ino, fh, 8192, "after the stop") == data);
+    assert_eq!(src_slot.phase(), Phase::Open);
+    assert!(vol
+        .holder()
+        .is_some_and(|h| !h.standby && h.pid == std::process::id()));
+    let more = pattern(12, 4096);
+    src.write(ino, fh, &more);
+    let back_epoch = epoch(&src_slot);
+
+    src.stop_queue();
+    let bytes = save(&src);
+    load(&dst, &bytes).unwrap();
+    assert_eq!(dst_slot.phase(), Phase::Open);
+    assert_eq!(epoch(&dst_slot), back_epoch + 1);
+    drop(src);
+    let mut want = data.clone();
+    want[..4096].copy_from_slice(&more);
+    assert!(read_back(&mut dst, ino, fh, 8192, "at the destination") == want);
+    drop(dst);
+    dst_slot.release().unwrap();
 }

@@ -119,6 +119,7 @@ mod queue;
 mod reads;
 mod sender;
 pub mod slot;
+pub mod standby;
 mod sync;
 #[cfg(test)]
 mod testkit;
@@ -141,7 +142,7 @@ use budget::MetaShares;
 pub use budget::{CacheUsage, MemoryBudget};
 use cache::PageCache;
 use names::KnownNames;
-pub use open::{open, open_as, open_sparing, open_with_cache};
+pub use open::{open, open_as, open_from, open_sparing, open_standby, open_with_cache};
 use overlay::{CompleteDirs, Holes, KnownXattrs, NameOverlay, Overlay};
 use queue::TxnEntry;
 use sender::pump;

@@ -67,6 +67,32 @@ pub fn open_sparing(
     mode: crate::store::engine::OpenMode,
     spare: &[u64],
 ) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
+    open_from(url, cfg, read_cache, metrics, mode, spare, None)
+}
+
+/// Open the engine of the `file://` or `s3://` volume at `url` on standby
+/// (`OpenMode::Standby`): a migration's destination, ahead of the guest's
+/// state. [`open_from`] finishes the open once the state is in.
+pub fn open_standby(
+    url: &str,
+    cfg: &TxnConfig,
+) -> Result<crate::store::engine::SlateStore, crate::store::OpenError> {
+    let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+    crate::store::engine::SlateStore::open_as(&engine_url, crate::store::engine::OpenMode::Standby)
+        .map_err(|e| crate::store::OpenError::volume(url, e))
+}
+
+/// As [`open_sparing`], on the engine a standby open made ready, when
+/// given (`file://` and `s3://`; its record stops saying standby).
+pub fn open_from(
+    url: &str,
+    cfg: TxnConfig,
+    read_cache: Option<&readcache::CacheConfig>,
+    metrics: Arc<Metrics>,
+    mode: crate::store::engine::OpenMode,
+    spare: &[u64],
+    standby: Option<crate::store::engine::SlateStore>,
+) -> Result<Arc<WritebackStore>, crate::store::OpenError> {
     let cfg = TxnConfig {
         forget_clean_pages: url.starts_with("file:") || url.starts_with("mem:"),
         ..cfg
@@ -132,22 +158,10 @@ pub fn open_sparing(
             None,
         )
     } else if url.starts_with("file:") || url.starts_with("s3:") {
-        let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
-        let engine = crate::store::engine::SlateStore::open_as(&engine_url, mode)
-            .map_err(|e| crate::store::OpenError::volume(url, e))?;
-        // This daemon is the volume's only writer now: orphans a crashed
-        // one left behind are nobody's (`store/engine/orphans.rs`),
-        // except those a migrated session holds.
-        engine.reclaim_orphans_except(spare).map_err(|source| {
-            crate::store::OpenError::Connect {
-                url: url.to_string(),
-                source,
-            }
-        })?;
+        let engine = open_engine(url, &cfg, mode, spare, standby)?;
         let volume = url
             .starts_with("s3:")
             .then(|| readcache::engine_identity(&engine));
-        let engine = Arc::new(engine);
         opened_engine = Some(Arc::clone(&engine));
         (
             engine.clone(),
@@ -176,4 +190,35 @@ pub fn open_sparing(
     layer.engine = opened_engine;
     layer.remote = opened_remote;
     Ok(Arc::new(layer))
+}
+
+/// The embedded engine of a `file://` or `s3://` volume: the one a standby
+/// open made ready (promoted now), or opened as `mode` says; the orphans
+/// a crashed daemon left reclaimed, except those in `spare`.
+fn open_engine(
+    url: &str,
+    cfg: &TxnConfig,
+    mode: crate::store::engine::OpenMode,
+    spare: &[u64],
+    standby: Option<crate::store::engine::SlateStore>,
+) -> Result<Arc<crate::store::engine::SlateStore>, crate::store::OpenError> {
+    let engine = match standby {
+        Some(engine) => engine,
+        None => {
+            let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
+            crate::store::engine::SlateStore::open_as(&engine_url, mode)
+                .map_err(|e| crate::store::OpenError::volume(url, e))?
+        }
+    };
+    // This daemon is the volume's only writer now: orphans a crashed
+    // one left behind are nobody's (`store/engine/orphans.rs`), except
+    // those a migrated session holds.
+    engine
+        .reclaim_orphans_except(spare)
+        .map_err(|source| crate::store::OpenError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    engine.promote();
+    Ok(Arc::new(engine))
 }

@@ -5,7 +5,10 @@
 //! * A daemon started with `--incoming` serves the vhost-user protocol
 //!   before it opens the volume: the slot is [`Phase::Incoming`] until the
 //!   migration state arrives, and then opens it ([`VolumeSlot::acquire`]),
-//!   sparing the unlinked inodes the incoming session holds.
+//!   sparing the unlinked inodes the incoming session holds. On `file://`
+//!   it opens the volume on standby as soon as the source lets it go,
+//!   before the state (`standby.rs`), and the state's arrival finishes
+//!   that open.
 //! * A migration's source lets the volume go once its state is out
 //!   ([`VolumeSlot::release`]: everything written is stored, the engine
 //!   closed and its holder record removed); the slot is then
@@ -29,7 +32,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::info;
 
+use super::standby::{Standby, StandbyOpener};
 use super::WritebackStore;
+use crate::store::engine::SlateStore;
 use crate::store::{
     Demand, Dirent, Inode, OpenError, ReadData, Store, StoreError, StoreStats, Txn, WriteData,
 };
@@ -42,8 +47,10 @@ const HOLDER_POLL_FIRST: Duration = Duration::from_millis(2);
 /// request).
 const HOLDER_POLL: Duration = Duration::from_millis(20);
 
-/// Opens the volume; the argument is the orphans to spare.
-pub type Opener = Box<dyn Fn(&[u64]) -> Result<Arc<WritebackStore>, OpenError> + Send + Sync>;
+/// Opens the volume; the arguments: the orphans to spare, and the engine
+/// a standby open made ready (`standby.rs`), if any.
+pub type Opener =
+    Box<dyn Fn(&[u64], Option<SlateStore>) -> Result<Arc<WritebackStore>, OpenError> + Send + Sync>;
 
 /// Where the slot's volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +103,9 @@ pub struct VolumeSlot {
     wait: Duration,
     /// The volume's URL, for logs while it is not open.
     url: String,
+    /// A destination's watch for the source's release, with the engine it
+    /// opened on standby ([`VolumeSlot::open_on_standby`]).
+    standby: Mutex<Option<Standby>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,7 +146,42 @@ impl VolumeSlot {
             opener,
             wait,
             url: url.to_string(),
+            standby: Mutex::new(None),
         }
+    }
+
+    /// A destination (`--incoming`, a `file://` volume whose holder record
+    /// is at `record`): open the volume on standby with `open` as soon as
+    /// its holder lets it go, so that the state's arrival finds it open
+    /// (`standby.rs`). A slot that is not waiting for a state ignores it.
+    pub fn open_on_standby(&self, record: std::path::PathBuf, open: StandbyOpener) {
+        let _turn = lock(&self.turn);
+        if self.phase() != Phase::Incoming {
+            return;
+        }
+        match Standby::watch(record, open) {
+            Ok(standby) => *lock(&self.standby) = Some(standby),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread to watch for the volume's release in; it opens when the state arrives");
+            }
+        }
+    }
+
+    /// The daemon stops: stop watching, and close an engine open on
+    /// standby (its holder record goes with it).
+    pub fn end_standby(&self) {
+        let standby = lock(&self.standby).take();
+        if let Some(engine) = standby.and_then(|s| s.take()) {
+            if let Err(e) = engine.close() {
+                tracing::warn!(error = %crate::ErrorChain(&e), "the volume opened on standby did not close cleanly");
+            }
+        }
+    }
+
+    /// Whether an engine is open on standby (tests wait for it).
+    #[cfg(test)]
+    pub fn standby_ready(&self) -> bool {
+        lock(&self.standby).as_ref().is_some_and(Standby::is_ready)
     }
 
     /// Where the volume is.
@@ -188,10 +233,12 @@ impl VolumeSlot {
             return Err(SlotError::GaveUp);
         }
         let started = Instant::now();
+        let mut ready = lock(&self.standby).take().and_then(|s| s.take());
+        let on_standby = ready.is_some();
         let mut told = false;
         let mut poll = HOLDER_POLL_FIRST;
         let opened = loop {
-            let holder = match (self.opener)(spare) {
+            let holder = match (self.opener)(spare, ready.take()) {
                 Err(OpenError::Held { holder, .. }) => holder.to_string(),
                 // A `pohmel://` volume's live writer (its claim), as the
                 // store server names it.
@@ -216,7 +263,7 @@ impl VolumeSlot {
         };
         match opened {
             Ok(store) => {
-                info!(store = %store.describe(), waited_ms = started.elapsed().as_millis() as u64, spared = spare.len(), "volume open");
+                info!(store = %store.describe(), waited_ms = started.elapsed().as_millis() as u64, spared = spare.len(), on_standby, "volume open");
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
                 self.phase.store(Phase::Open as u8, Ordering::Release);
                 self.gave_up.store(false, Ordering::Release);

@@ -10,12 +10,15 @@
 //! * `volume.settings` — `capacity_bytes=N` lines written by `format`; a
 //!   URL's own `capacity=` overrides them.
 //! * `volume.holder` — the writer holding the volume: `host`, `pid`,
-//!   `since` (unix seconds) and `renewed` (unix seconds), renewed every
-//!   [`RENEW_SECS`] while it is open and removed at a clean close. An
-//!   opener that finds a live holder refuses, naming it, unless told to
-//!   take the volume over. Live means: on this host, a process with that
-//!   pid exists (a crashed holder is seen at once); on another host, the
-//!   record was renewed within [`LEASE_SECS`].
+//!   `since` (unix seconds), `renewed` (unix seconds), `open` (which open
+//!   of that process) and, for a migration's destination that opened it
+//!   ahead of the guest's state, `standby=1`; renewed every [`RENEW_SECS`]
+//!   while it is open and removed at a clean close. An opener that finds
+//!   a live holder refuses, naming it, unless told to take the volume
+//!   over or the holder is on standby (and the opener is not). Live
+//!   means: on this host, a process with that pid exists (a crashed
+//!   holder is seen at once); on another host, the record was renewed
+//!   within [`LEASE_SECS`].
 //!
 //! A taker's claim and the holder's renewal never interleave: the renewal
 //! reads the record, checks it is still its own and writes it back as one
@@ -73,6 +76,14 @@ pub struct Holder {
     pub since: u64,
     /// Unix seconds when it last renewed the record.
     pub renewed: u64,
+    /// A migration's destination that opened the volume ahead of the
+    /// guest's state (`docs/migration.md`): any writable open that is
+    /// not itself on standby takes the volume over from it.
+    pub standby: bool,
+    /// Tells this open from another of the same process in the same
+    /// second: the clock's nanoseconds at the open (0 in the records of
+    /// builds before it).
+    pub open_id: u64,
 }
 
 impl std::fmt::Display for Holder {
@@ -135,19 +146,28 @@ impl Holder {
             pid: std::process::id(),
             since: now,
             renewed: now,
+            standby: false,
+            open_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
         }
     }
 
     pub(crate) fn encode(&self) -> String {
+        let standby = if self.standby { "standby=1\n" } else { "" };
         format!(
-            "host={}\npid={}\nsince={}\nrenewed={}\n",
-            self.host, self.pid, self.since, self.renewed
+            "host={}\npid={}\nsince={}\nrenewed={}\nopen={}\n{standby}",
+            self.host, self.pid, self.since, self.renewed, self.open_id
         )
     }
 
-    /// Whether `other` is the same open (host, pid and since agree).
+    /// Whether `other` is the same open (host, pid, since and open id
+    /// agree).
     pub fn same_holder(&self, other: &Holder) -> bool {
-        self.host == other.host && self.pid == other.pid && self.since == other.since
+        self.host == other.host
+            && self.pid == other.pid
+            && self.since == other.since
+            && self.open_id == other.open_id
     }
 
     /// The record, or `None` when it is not one (treated as no holder).
@@ -157,6 +177,8 @@ impl Holder {
             pid: 0,
             since: 0,
             renewed: 0,
+            standby: false,
+            open_id: 0,
         };
         for line in text.lines() {
             let (k, v) = line.split_once('=')?;
@@ -165,6 +187,8 @@ impl Holder {
                 "pid" => h.pid = v.parse().ok()?,
                 "since" => h.since = v.parse().ok()?,
                 "renewed" => h.renewed = v.parse().ok()?,
+                "standby" => h.standby = v == "1",
+                "open" => h.open_id = v.parse().ok()?,
                 _ => {}
             }
         }
@@ -205,6 +229,15 @@ fn child(db_path: &str, name: &str) -> ObjectPath {
     ObjectPath::from(db_path).join(name)
 }
 
+/// Where the holder record of the `file://` volume at `url` is, for a
+/// cheap look (a `stat`) at whether anyone holds it; `None` for other
+/// stores and URLs that name no volume directory.
+pub fn record_file(url: &str) -> Option<std::path::PathBuf> {
+    let (base, _) = url.split_once('?').unwrap_or((url, ""));
+    let dir = Path::new(base.strip_prefix("file://")?);
+    (dir.is_absolute() && dir.is_dir()).then(|| dir.join(HOLDER))
+}
+
 /// Whether a volume exists at `db_path`: SlateDB wrote a manifest there.
 pub async fn exists(store: &dyn ObjectStore, db_path: &str) -> object_store::Result<bool> {
     let manifests = child(db_path, "manifest");
@@ -236,14 +269,19 @@ pub async fn read_holder(
 
 /// The exclusive `flock` of [`HOLDER_LOCK`] in a `file://` volume's
 /// directory, released on drop; nothing elsewhere.
-struct RecordLock {
+pub(super) struct RecordLock {
     _file: Option<std::fs::File>,
 }
 
 impl RecordLock {
+    /// No lock (a store that has none, or a caller that needs none).
+    pub(super) fn none() -> RecordLock {
+        RecordLock { _file: None }
+    }
+
     /// Take the lock of the volume at `local_dir` (`None`: not `file://`),
     /// waiting at most [`LOCK_WAIT`].
-    async fn take(local_dir: Option<&Path>) -> object_store::Result<RecordLock> {
+    pub(super) async fn take(local_dir: Option<&Path>) -> object_store::Result<RecordLock> {
         let Some(dir) = local_dir else {
             return Ok(RecordLock { _file: None });
         };
@@ -429,12 +467,17 @@ mod tests {
 
     #[test]
     fn a_record_reads_back() {
-        let h = Holder {
+        let mut h = Holder {
             host: "h1".into(),
             pid: 42,
             since: 1_700_000_000,
             renewed: 1_700_000_010,
+            standby: false,
+            open_id: 7,
         };
+        assert_eq!(Holder::parse(&h.encode()), Some(h.clone()));
+        assert!(!h.encode().contains("standby"), "{}", h.encode());
+        h.standby = true;
         assert_eq!(Holder::parse(&h.encode()), Some(h));
         assert_eq!(Holder::parse("garbage"), None);
     }
@@ -455,6 +498,8 @@ mod tests {
             pid: 1, // init: always there
             since: now,
             renewed: 0,
+            standby: false,
+            open_id: 0,
         };
         assert!(h.is_live(&me, now), "a running process holds it");
         h.pid = std::process::id();

@@ -173,6 +173,61 @@ fn the_record_is_renewed_until_another_opener_takes_over() {
 const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// A migration's destination on standby (`OpenMode::Standby`) takes the
+/// volume from no live holder, standby or not, and any other writable
+/// open takes it from a live standby holder (the source whose guest ran
+/// on); once promoted its record says standby no more.
+#[test]
+fn a_standby_open_takes_over_nobody_and_yields_to_any_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let other = Sleeper::start();
+    // A live holder, on standby or not: a standby open is refused.
+    for standby in [false, true] {
+        let held = Holder {
+            pid: other.0.id(),
+            standby,
+            ..Holder::this_process()
+        };
+        put_record(&dir, &held);
+        match SlateStore::open_as(&url(&dir), OpenMode::Standby) {
+            Err(OpenVolumeError::Held(h)) => assert_eq!(h, held),
+            r => panic!("standby={standby}: expected the holder, got {:?}", r.err()),
+        }
+    }
+    // A live standby holder: an open that takes nobody over takes it.
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    let mine = holder_file(&dir).unwrap();
+    assert_eq!(mine.pid, std::process::id());
+    assert!(!mine.standby && !s.on_standby());
+    s.close().unwrap();
+
+    // Free: a standby open takes it, its record says so until promoted.
+    let standby = SlateStore::open_as(&url(&dir), OpenMode::Standby).unwrap();
+    let record = holder_file(&dir).unwrap();
+    assert!(record.standby && standby.on_standby(), "{record:?}");
+    assert!(standby.still_held());
+    standby.promote();
+    let promoted =
+        pohmelfs_testkit::wait_until(WAIT, POLL, || holder_file(&dir).filter(|h| !h.standby));
+    assert!(
+        promoted.is_some_and(|h| h.same_holder(&record)),
+        "the record still says standby"
+    );
+    assert!(!standby.on_standby() && standby.still_held());
+    // Taken over (here by an open of this process, which no record
+    // stops): no longer the volume's.
+    let taker = SlateStore::open_as(&url(&dir), OpenMode::Existing { take_over: true }).unwrap();
+    assert!(
+        !standby.still_held(),
+        "a standby open taken over still holds"
+    );
+    assert!(taker.still_held());
+    drop(standby);
+    taker.close().unwrap();
+    drop(other);
+}
+
 /// The `.sst` tables the engine wrote under `vol/compacted`.
 fn tables(dir: &tempfile::TempDir) -> usize {
     std::fs::read_dir(dir.path().join("vol/compacted"))

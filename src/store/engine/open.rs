@@ -115,8 +115,15 @@ pub enum OpenMode {
     /// holder: the tests' open, and a store server's with
     /// `--create-volumes`.
     Any,
-    /// The volume must exist; a live holder is refused unless `take_over`.
+    /// The volume must exist; a live holder is refused unless `take_over`
+    /// or it is on standby (taken over then).
     Existing { take_over: bool },
+    /// A migration's destination ahead of the guest's state: as
+    /// `Existing` without take-over (a holder on standby is refused too),
+    /// and the record says standby, so that any other writable open takes
+    /// the volume over (the source whose guest runs on after all). See
+    /// [`SlateStore::promote`].
+    Standby,
     /// The volume must not exist yet (`pohmelfs format`); record its
     /// capacity when given.
     Format { capacity_bytes: Option<u64> },
@@ -236,7 +243,7 @@ impl SlateStore {
             reason: e.to_string(),
         })?;
         let mut phases = Phases::start();
-        let create = !matches!(mode, OpenMode::Existing { .. });
+        let create = !matches!(mode, OpenMode::Existing { .. } | OpenMode::Standby);
         let mut cfg = config::parse_with(url, create)?;
         if let Some(dir) = cfg.local_dir.as_deref() {
             if super::snapshot::is_snapshot(dir) {
@@ -251,7 +258,7 @@ impl SlateStore {
             .map_err(OpenVolumeError::Runtime)?;
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
-        let lease = runtime.block_on(claim(&mut cfg, mode))?;
+        let (lease, claim_lock) = runtime.block_on(claim(&mut cfg, mode))?;
         phases.mark("claim");
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg, &mut phases)) {
             Ok(v) => v,
@@ -325,6 +332,8 @@ impl SlateStore {
         };
         store.tidy(cfg.local_dir.as_deref());
         phases.mark("tidy");
+        // A standby open is whole: another open may claim the volume now.
+        drop(claim_lock);
         store.start_background(&cfg);
         tracing::info!(volume = %store.describe, ms = %phases, "opened volume");
         Ok(store)

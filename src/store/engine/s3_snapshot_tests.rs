@@ -375,6 +375,8 @@ fn commands_take_turns(url: &dyn Fn(&str) -> String) {
         pid,
         since: renewed,
         renewed,
+        standby: false,
+        open_id: 0,
     };
     for (h, live) in [
         (record(&holder::host_name(), pid, now), false),
