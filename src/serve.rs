@@ -317,6 +317,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     );
     let listener = socket.listen(&args)?;
     confine::drop_all_capabilities().context("drop capabilities")?;
+    open_on_standby(&args, &slot);
     spawn_endpoints(&args, &socket, &metrics, &slot)?;
     let leftovers = socket.leftovers();
     let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
@@ -368,8 +369,6 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
     let vol = &args.volume;
     let wait = Duration::from_secs(args.incoming_timeout);
-    use pohmelfs::store::engine::OpenMode;
-    use pohmelfs::store::{OpenError, StoreError};
     let (url, cfg, cache, m, reopen) = (
         vol.store.clone(),
         vol.txn_config(),
@@ -394,25 +393,7 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
         )
     });
     if args.incoming {
-        let slot = VolumeSlot::incoming(&vol.store, opener, wait);
-        // A destination on `file://` opens the volume as soon as the
-        // source lets it go (`writeback/standby.rs`).
-        let record = pohmelfs::store::engine::holder::record_file(&vol.store);
-        if let (Some(record), false) = (record, reopen == OpenMode::ReadOnly) {
-            let (url, cfg) = (vol.store.clone(), vol.txn_config());
-            slot.open_on_standby(
-                record,
-                Box::new(move || {
-                    // Its own thread's: the engine's threads inherit them.
-                    confine::drop_all_capabilities().map_err(|e| OpenError::Connect {
-                        url: url.clone(),
-                        source: StoreError::Io(std::io::Error::other(e)),
-                    })?;
-                    pohmelfs::writeback::open_standby(&url, &cfg)
-                }),
-            );
-        }
-        return Ok(slot);
+        return Ok(VolumeSlot::incoming(&vol.store, opener, wait));
     }
     let mode = vol.open_mode();
     // Opened in a thread without capabilities, as the engine's threads
@@ -428,6 +409,25 @@ fn open_slot(args: &ServeArgs, metrics: &Arc<Metrics>) -> Result<VolumeSlot> {
         .context("open store")
     })?;
     Ok(VolumeSlot::holding(store, &vol.store, opener, wait))
+}
+
+/// A destination (`--incoming`) of a writable `file://` volume opens it as
+/// soon as the source lets it go (`writeback/standby.rs`). Started once
+/// this thread has no capabilities left: the watcher's thread, and the
+/// engine's threads after it, inherit its set.
+fn open_on_standby(args: &ServeArgs, slot: &VolumeSlot) {
+    let vol = &args.volume;
+    if !args.incoming || vol.open_mode() == pohmelfs::store::engine::OpenMode::ReadOnly {
+        return;
+    }
+    let Some(record) = pohmelfs::store::engine::holder::record_file(&vol.store) else {
+        return;
+    };
+    let (url, cfg) = (vol.store.clone(), vol.txn_config());
+    slot.open_on_standby(
+        record,
+        Box::new(move || pohmelfs::writeback::open_standby(&url, &cfg)),
+    );
 }
 
 /// Drain the volume for at most `timeout`, if it is open here (or close
