@@ -168,7 +168,7 @@ pub(super) async fn claim(
     {
         if h.is_live(&me.host, me.since) {
             if h.standby && !standby {
-                tracing::info!(volume = %cfg.describe, holder = %h, "taking the volume back from a migration destination on standby (it had not taken the guest)");
+                tracing::info!(volume = %cfg.describe, holder = %h, "taking the volume back from a migration destination on standby");
             } else if !take_over {
                 return Err(OpenVolumeError::Held(h));
             } else {
