@@ -475,12 +475,19 @@ fn the_destination_opens_on_standby_at_the_stop_and_takes_the_state_on_it() {
         source_epoch + 1,
         "opened the volume twice"
     );
+    assert!(dst_slot.unconfirmed());
+    assert!(
+        vol.holder().is_some_and(|h| h.standby),
+        "promoted before the guest ran here"
+    );
+    drop(src);
+    // The guest runs here: the record stops saying standby.
+    assert!(read_back(&mut dst, kept, kept_fh, 8192, "kept") == kept_data);
+    assert!(!dst_slot.unconfirmed());
     let promoted = pohmelfs_testkit::wait_until(WAIT, Duration::from_millis(5), || {
         vol.holder().filter(|h| !h.standby)
     });
     assert!(promoted.is_some_and(|h| h.same_holder(&standby)));
-    drop(src);
-    assert!(read_back(&mut dst, kept, kept_fh, 8192, "kept") == kept_data);
     let back = read_back(&mut dst, gone, gone_fh, 12288, "the unlinked file");
     assert!(back == gone_data, "the unlinked file changed");
     drop(dst);
@@ -530,4 +537,45 @@ fn a_source_whose_guest_runs_on_takes_the_volume_back_from_standby() {
     assert!(read_back(&mut dst, ino, fh, 8192, "at the destination") == want);
     drop(dst);
     dst_slot.release().unwrap();
+}
+
+/// The destination took the state, but its frontend went before the guest
+/// ran there (the migration failed after the state; QEMU resumes the guest
+/// at the source): it neither removes the unlinked file the guest holds
+/// nor keeps the volume, so the source takes it back at its next request,
+/// the file still there.
+#[test]
+fn a_destination_whose_guest_never_ran_hands_session_and_volume_back() {
+    let vol = Volume::new();
+    let (src_slot, mut src) = vol.source("unserved-src");
+    src.init();
+    let (gone, fh) = src.create("gone");
+    let data = pattern(13, 8192);
+    src.write(gone, fh, &data);
+    unlink(&mut src, "gone");
+    let (dst_slot, dst) = vol.destination_on_standby("unserved-dst");
+    let base = src.stop_queue();
+    let bytes = save(&src);
+    load(&dst, &bytes).unwrap();
+    assert_eq!(dst_slot.phase(), Phase::Open);
+    assert!(dst_slot.unconfirmed());
+    // QEMU's destination quits without running the guest.
+    drop(dst);
+    assert_eq!(
+        dst_slot.phase(),
+        Phase::Released,
+        "the destination kept the volume"
+    );
+    assert_eq!(vol.holder(), None);
+    // The source's guest runs on, through the same handle.
+    src.restart_queue(base);
+    let back = read_back(&mut src, gone, fh, 8192, "after the failed migration");
+    assert!(back == data, "the unlinked file changed");
+    assert_eq!(src_slot.phase(), Phase::Open);
+    drop(src);
+    src_slot.release().unwrap();
+    assert!(
+        vol.inode_after(gone).is_none(),
+        "the orphan outlived its session"
+    );
 }

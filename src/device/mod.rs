@@ -202,6 +202,15 @@ pub fn serve(
             // and the unlinked inodes they keep alive stay. (A volume open
             // again here means the migration failed: the session is ours.)
             fs.hand_off_session();
+        } else if fs.state_taken_unserved() {
+            // A destination whose guest never ran here: the migration
+            // failed after the state, and the source may resume the
+            // guest, with its unlinked files, on the volume it needs back.
+            warn!("migration: the frontend went before the guest ran here (the migration failed after the state): the session and the volume go back to the source");
+            fs.hand_off_session();
+            if let Err(e) = fs.release_volume() {
+                warn!(error = %crate::ErrorChain(&e), "could not let the volume go after the failed migration");
+            }
         } else {
             fs.reset_session();
         }

@@ -66,6 +66,15 @@ impl PohmelFs {
         }
     }
 
+    /// Whether this daemon took a migration's state and its guest never
+    /// ran here (no request since): if the frontend goes now, the
+    /// migration failed after the state and the source may resume it.
+    pub fn state_taken_unserved(&self) -> bool {
+        self.volume
+            .as_ref()
+            .is_some_and(|s| s.phase() == Phase::Open && s.unconfirmed())
+    }
+
     /// Whether this daemon holds the volume: `None` for a filesystem on a
     /// plain store, which cannot let it go.
     pub fn volume_held(&self) -> Option<bool> {
@@ -92,7 +101,10 @@ impl PohmelFs {
             return true;
         };
         match slot.phase() {
-            Phase::Open => true,
+            Phase::Open => {
+                slot.confirm();
+                true
+            }
             Phase::Incoming => {
                 limited!(
                     self.metrics.log_lines_suppressed,

@@ -479,6 +479,14 @@ impl WritebackStore {
         }
     }
 
+    /// A migration's destination runs the guest now: its engine's holder
+    /// record stops saying standby (`store/engine/lease.rs`).
+    pub fn promote_engine(&self) {
+        if let Some(engine) = &self.engine {
+            engine.promote();
+        }
+    }
+
     /// Let the volume go: [`drain`](Self::drain) within `fsync_timeout`,
     /// then close the embedded engine for the hand-over
     /// (`SlateStore::hand_over`), which removes this process's holder

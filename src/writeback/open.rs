@@ -83,7 +83,7 @@ pub fn open_standby(
 }
 
 /// As [`open_sparing`], on the engine a standby open made ready, when
-/// given (`file://` and `s3://`; its record stops saying standby).
+/// given (`file://` and `s3://`).
 pub fn open_from(
     url: &str,
     cfg: TxnConfig,
@@ -193,7 +193,8 @@ pub fn open_from(
 }
 
 /// The embedded engine of a `file://` or `s3://` volume: the one a standby
-/// open made ready (promoted now), or opened as `mode` says; the orphans
+/// open made ready (promoted once the guest runs here,
+/// `VolumeSlot::confirm`), or opened as `mode` says; the orphans
 /// a crashed daemon left reclaimed, except those in `spare`.
 fn open_engine(
     url: &str,
@@ -219,6 +220,5 @@ fn open_engine(
             url: url.to_string(),
             source,
         })?;
-    engine.promote();
     Ok(Arc::new(engine))
 }

@@ -106,6 +106,9 @@ pub struct VolumeSlot {
     /// A destination's watch for the source's release, with the engine it
     /// opened on standby ([`VolumeSlot::open_on_standby`]).
     standby: Mutex<Option<Standby>>,
+    /// Opened for a migration's state, and no guest request served since
+    /// ([`VolumeSlot::confirm`]).
+    unconfirmed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,7 +150,30 @@ impl VolumeSlot {
             wait,
             url: url.to_string(),
             standby: Mutex::new(None),
+            unconfirmed: AtomicBool::new(false),
         }
+    }
+
+    /// A guest request is served here: if the volume was opened for a
+    /// migration's state, the migration is over and its guest runs here,
+    /// so the volume is this daemon's for good (a standby open's record
+    /// stops saying standby). Cheap once done.
+    pub fn confirm(&self) {
+        if self.unconfirmed.load(Ordering::Acquire)
+            && self.unconfirmed.swap(false, Ordering::AcqRel)
+        {
+            if let Some(store) = self.read().as_deref() {
+                store.promote_engine();
+            }
+            info!("migration: the guest runs here; the volume is this daemon's");
+        }
+    }
+
+    /// Whether the volume was opened for a migration's state and no guest
+    /// request was served since (the migration failed if the frontend
+    /// goes now).
+    pub fn unconfirmed(&self) -> bool {
+        self.unconfirmed.load(Ordering::Acquire)
     }
 
     /// A destination (`--incoming`, a `file://` volume whose holder record
@@ -233,6 +259,7 @@ impl VolumeSlot {
             return Err(SlotError::GaveUp);
         }
         let started = Instant::now();
+        let for_state = self.phase() == Phase::Incoming;
         let mut ready = lock(&self.standby).take().and_then(|s| s.take());
         let on_standby = ready.is_some();
         let mut told = false;
@@ -265,6 +292,7 @@ impl VolumeSlot {
             Ok(store) => {
                 info!(store = %store.describe(), waited_ms = started.elapsed().as_millis() as u64, spared = spare.len(), on_standby, "volume open");
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+                self.unconfirmed.store(for_state, Ordering::Release);
                 self.phase.store(Phase::Open as u8, Ordering::Release);
                 self.gave_up.store(false, Ordering::Release);
                 Ok(())
@@ -297,6 +325,7 @@ impl VolumeSlot {
         };
         store.close().map_err(SlotError::Close)?;
         let store = current.take();
+        self.unconfirmed.store(false, Ordering::Release);
         self.phase.store(Phase::Released as u8, Ordering::Release);
         drop(current);
         info!(volume = %self.url, "volume let go: another daemon may open it");
