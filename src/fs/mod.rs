@@ -1,4 +1,4 @@
-//! The filesystem layer: a read-write [`FileSystem`] served to the guest,
+//! The filesystem layer: a read-write `FileSystem` (`fuse.rs`) served to the guest,
 //! built on the [`Store`] seam (never a passthrough of a host directory).
 //!
 //! It owns what only the daemon can know: the guest's lookup counts, open

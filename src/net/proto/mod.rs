@@ -14,6 +14,7 @@ pub mod auth;
 pub mod code;
 pub mod codec;
 pub mod msg;
+mod response;
 pub mod stage;
 mod validate;
 
