@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::daemon_log::{sessions_ended, status_value};
 use super::{log_tail, target_dir, wait_until, Failure, Result};
 
 /// How long a daemon may take to create its socket.
@@ -36,9 +37,9 @@ pub const LOG_TAIL_LINES: usize = 40;
 /// How long pohmelfs may take to end a session (drain, sync) after its guest went away.
 const SESSION_END_TIMEOUT: Duration = Duration::from_secs(120);
 /// The line pohmelfs logs when it has ended a guest's session.
-const SESSION_ENDED: &str = "session ended";
+pub(crate) const SESSION_ENDED: &str = "session ended";
 /// The line this harness writes into the log before each start of a daemon process.
-const START_MARKER: &str = "=== harness: start #";
+pub(crate) const START_MARKER: &str = "=== harness: start #";
 /// What the Rust runtime prints when a thread panics, caught or not.
 const PANIC_MARKER: &str = " panicked at ";
 /// The counters a failure report shows of a running pohmelfs daemon.
@@ -638,28 +639,6 @@ impl Daemon {
     }
 }
 
-/// The value of counter `name` in a `status` answer (`name  value  doc` per line).
-fn status_value(status: &str, name: &str) -> Option<u64> {
-    status.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(name))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
-}
-
-/// How many sessions the daemon process started last in `log` has ended.
-fn sessions_ended(log: &Path) -> u32 {
-    let text = fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let since_start = text.rfind(START_MARKER).map_or(&text[..], |i| &text[i..]);
-    let ended = since_start
-        .lines()
-        .filter(|l| l.contains(SESSION_ENDED))
-        .count();
-    u32::try_from(ended).unwrap_or(u32::MAX)
-}
-
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
@@ -679,36 +658,4 @@ fn is_socket(path: &Path) -> bool {
 pub(crate) fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{sessions_ended, status_value, START_MARKER};
-
-    #[test]
-    fn counters_are_read_from_the_status_answer() {
-        let status = "fs_errors                   3  Filesystem operations ...\n\
-                      fs_internal_errors          0  Filesystem operations that failed ...\n";
-        assert_eq!(status_value(status, "fs_internal_errors"), Some(0));
-        assert_eq!(status_value(status, "fs_errors"), Some(3));
-        assert_eq!(status_value(status, "fs"), None);
-    }
-
-    #[test]
-    fn sessions_are_counted_since_the_last_start() {
-        let dir = std::env::temp_dir().join(format!("pohmelfs-vm-sessions-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("pohmelfs.log");
-        std::fs::write(
-            &log,
-            format!(
-                "{START_MARKER}1: serve\nINFO session ended counters=x\nINFO session ended\n\
-                 {START_MARKER}2: serve\nINFO frontend connected\nINFO session ended\n"
-            ),
-        )
-        .unwrap();
-        assert_eq!(sessions_ended(&log), 1);
-        assert_eq!(sessions_ended(&dir.join("missing.log")), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -26,6 +26,7 @@
 
 pub mod cpio;
 pub mod daemon;
+mod daemon_log;
 pub mod image;
 pub mod initrd;
 pub mod migration;
