@@ -334,14 +334,21 @@ impl VolumeSlot {
         // the layer's threads (2-3 ms) need not hold up the hand-over,
         // whose downtime runs until this returns.
         if let Some(store) = store {
-            let ended = std::thread::Builder::new()
-                .name("pohmelfs-let-go".into())
-                .spawn(move || drop(store));
-            if let Err(e) = ended {
-                tracing::warn!(error = %e, "no thread to end the released layer's threads in; ending them here");
-            }
+            drop_aside(store, "pohmelfs-let-go");
         }
         Ok(())
+    }
+}
+
+/// Drop `what` on a thread of its own named `name` (its threads' ends or
+/// an engine's close need not hold the caller up), or here if no thread
+/// can be had.
+pub(super) fn drop_aside<T: Send + 'static>(what: T, name: &str) {
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || drop(what));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, thread = name, "no thread to drop in; dropping here");
     }
 }
 

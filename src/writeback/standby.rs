@@ -87,12 +87,7 @@ impl Standby {
             return Some(engine);
         }
         info!("the volume opened on standby was taken over meanwhile; opening it again");
-        let closed = std::thread::Builder::new()
-            .name("pohmelfs-standby-end".into())
-            .spawn(move || drop(engine));
-        if let Err(e) = closed {
-            warn!(error = %e, "no thread to close the standby engine in; closing it here");
-        }
+        super::slot::drop_aside(engine, "pohmelfs-standby-end");
         None
     }
 

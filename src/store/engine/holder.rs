@@ -233,9 +233,8 @@ fn child(db_path: &str, name: &str) -> ObjectPath {
 /// cheap look (a `stat`) at whether anyone holds it; `None` for other
 /// stores and URLs that name no volume directory.
 pub fn record_file(url: &str) -> Option<std::path::PathBuf> {
-    let (base, _) = url.split_once('?').unwrap_or((url, ""));
-    let dir = Path::new(base.strip_prefix("file://")?);
-    (dir.is_absolute() && dir.is_dir()).then(|| dir.join(HOLDER))
+    let cfg = super::config::parse_with(url, false).ok()?;
+    cfg.local_dir.map(|dir| dir.join(HOLDER))
 }
 
 /// Whether a volume exists at `db_path`: SlateDB wrote a manifest there.
