@@ -24,11 +24,18 @@ impl SlateStore {
         self.close_as(false)
     }
 
-    /// Close for a live migration's hand-over, whose destination opens the
-    /// volume at once while the guest is stopped: as [`close`](Self::close),
-    /// but the dead segment pages still to punch (2-9 ms of the downtime
-    /// after a fast writer) are handed to the destination's reclaimer
-    /// (`reclaim.rs`).
+    /// Let the volume go for a live migration's hand-over, whose
+    /// destination opens it at once while the guest is stopped: as
+    /// [`close`](Self::close) up to the final checkpoint, but the dead
+    /// segment pages still to punch (2-9 ms of the downtime after a fast
+    /// writer) are handed to the destination's reclaimer (`reclaim.rs`),
+    /// and the volume goes (commit log lock and holder record) *before*
+    /// the engine's own close, which the drop does. Everything committed
+    /// is durable by then (in the engine's WAL, or in the commit log the
+    /// destination replays); that close only stops the engine's tasks
+    /// (2-8 ms, seconds while a compaction runs) and flushes its memtable into a
+    /// table, a write the destination's open either sees or fences, as it
+    /// would a crashed writer's. Later calls of any method fail.
     pub fn hand_over(&self) -> Result<(), StoreError> {
         self.close_as(true)
     }
@@ -95,22 +102,55 @@ impl SlateStore {
             gc.stop();
         }
         phases.mark("reclaim");
-        // Even for a hand-over the memtable goes into a table here: left
-        // in the WAL (1-3 ms less here), a fast writer's metadata took the
-        // destination's replay 5-7 ms more.
-        let closed =
-            match rt.block_on(async { tokio::time::timeout_at(deadline, self.db.close()).await }) {
-                Ok(r) => r.map_err(map_engine_error),
-                Err(_) => {
-                    whole = false;
-                    cut("the engine's close");
-                    Err(StoreError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the engine did not close within {bound:?}"),
-                    )))
+        if hand_over && whole {
+            if !self.fenced.load(Ordering::Acquire) {
+                if let Some(cp) = &self.checkpoint {
+                    // Appends nothing more; the destination's open takes
+                    // the lock without asking for it.
+                    cp.log.yield_to_successor();
                 }
-            };
+                if let Some(lease) = &self.lease {
+                    rt.block_on(lease.release());
+                }
+            }
+            self.handed.store(true, Ordering::Release);
+            phases.mark("released");
+            tracing::info!(volume = %self.describe, ms = %phases, "handed over volume; the engine closes behind");
+            return Ok(());
+        }
+        self.close_engine(deadline, phases, whole)
+    }
+
+    /// The engine's own close (its memtable into a table, its tasks
+    /// stopped), then the holder record's release if the close was
+    /// `whole` and nobody fenced this instance.
+    fn close_engine(
+        &self,
+        deadline: tokio::time::Instant,
+        mut phases: open::Phases,
+        whole: bool,
+    ) -> Result<(), StoreError> {
+        let rt = self.rt()?;
+        let bound = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut whole = whole;
+        let closed = match rt
+            .block_on(async { tokio::time::timeout_at(deadline, self.db.close()).await })
+        {
+            Ok(r) => r.map_err(map_engine_error),
+            Err(_) => {
+                whole = false;
+                tracing::error!(volume = %self.describe, "the engine's close did not finish within {bound:?} (a full disk?); the next open replays the commit log");
+                Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the engine did not close within {bound:?}"),
+                )))
+            }
+        };
         phases.mark("engine");
+        if self.handed.load(Ordering::Acquire) {
+            tracing::info!(volume = %self.describe, ms = %phases, "closed the engine of a volume handed over");
+            return closed;
+        }
         if let Some(lease) = &self.lease {
             if whole && !self.fenced.load(Ordering::Acquire) {
                 rt.block_on(lease.release());
@@ -163,11 +203,20 @@ impl Drop for SlateStore {
         // runtime nor wait for it to stop: close from a thread of our own,
         // then let the runtime's threads wind down in the background.
         let in_async = tokio::runtime::Handle::try_current().is_ok();
+        // A volume handed over still has its engine open (`hand_over`).
+        let close = || {
+            if self.handed.load(Ordering::Acquire) {
+                let deadline = tokio::time::Instant::now() + durable_wait(CLOSE_WAIT_SECS);
+                self.close_engine(deadline, open::Phases::start(), true)
+            } else {
+                self.close()
+            }
+        };
         let closed = if in_async {
-            std::thread::scope(|scope| scope.spawn(|| self.close()).join())
+            std::thread::scope(|scope| scope.spawn(close).join())
                 .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("close panicked"))))
         } else {
-            self.close()
+            close()
         };
         if let Err(e) = closed {
             if !matches!(e, StoreError::Fenced) {

@@ -218,6 +218,9 @@ pub struct SlateStore {
     /// Set once the engine reports that another writer fenced this one.
     fenced: AtomicBool,
     closed: AtomicBool,
+    /// Set by a hand-over that let the volume go with the engine still
+    /// open: the drop closes it (`close.rs`).
+    handed: AtomicBool,
     /// The holder record this instance wrote (`holder.rs`), removed at
     /// close.
     lease: Option<lease::Lease>,

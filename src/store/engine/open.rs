@@ -180,6 +180,16 @@ impl std::fmt::Display for Phases {
 }
 
 /// The engine on the volume's object store.
+/// The runtime an engine's tasks run on: two workers of its own.
+fn engine_runtime() -> Result<tokio::runtime::Runtime, OpenVolumeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pohmelfs-engine")
+        .enable_all()
+        .build()
+        .map_err(OpenVolumeError::Runtime)
+}
+
 async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
     Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
         .with_settings(cfg.settings.clone())
@@ -250,12 +260,7 @@ impl SlateStore {
                 return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
             }
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pohmelfs-engine")
-            .enable_all()
-            .build()
-            .map_err(OpenVolumeError::Runtime)?;
+        let runtime = engine_runtime()?;
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let (lease, claim_lock) = runtime.block_on(claim(&mut cfg, mode))?;
@@ -327,6 +332,7 @@ impl SlateStore {
             group: group::GroupCommit::new(cfg.commit_mode),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            handed: AtomicBool::new(false),
             lease: Some(lease),
             runtime: Some(runtime),
         };
