@@ -131,12 +131,32 @@ impl SlateStore {
         whole: bool,
     ) -> Result<(), StoreError> {
         let rt = self.rt()?;
+        if self.handed.load(Ordering::Acquire) {
+            // Behind a hand-over: the destination's open on this host,
+            // which the guest waits for, goes first.
+            self.threads.lower_all();
+        }
         let bound = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut whole = whole;
-        let closed = match rt
-            .block_on(async { tokio::time::timeout_at(deadline, self.db.close()).await })
-        {
-            Ok(r) => r.map_err(map_engine_error),
+        let (db, compactor) = (self.db.clone(), self.compactor.get().cloned());
+        let describe = self.describe.clone();
+        // On the runtime's threads, whose priority a hand-over lowered,
+        // not on the caller's.
+        let closing = rt.spawn(async move {
+            let compactor = async {
+                if let Some(c) = compactor {
+                    if let Err(e) = c.stop().await {
+                        tracing::debug!(volume = %describe, error = %e, "stopping the compactor");
+                    }
+                }
+            };
+            tokio::join!(compactor, db.close()).1
+        });
+        let closed = match rt.block_on(async { tokio::time::timeout_at(deadline, closing).await }) {
+            Ok(Ok(r)) => r.map_err(map_engine_error),
+            Ok(Err(e)) => Err(StoreError::Io(std::io::Error::other(format!(
+                "the engine's close failed: {e}"
+            )))),
             Err(_) => {
                 whole = false;
                 tracing::error!(volume = %self.describe, "the engine's close did not finish within {bound:?} (a full disk?); the next open replays the commit log");

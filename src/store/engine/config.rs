@@ -67,6 +67,10 @@ const DEFAULT_LOGGED_FLUSH_MS: u64 = super::recover::CHECKPOINT_INTERVAL_MS;
 /// Everything needed to open one volume.
 pub struct VolumeConfig {
     pub object_store: Arc<dyn ObjectStore>,
+    /// Where the holder record is written (`holder.rs`): `object_store`,
+    /// but on `file://` without `fsync`, as the record speaks only of a
+    /// running process, which a crash of the host ends.
+    pub record_store: Arc<dyn ObjectStore>,
     /// The volume's path inside the object store.
     pub db_path: String,
     pub settings: Settings,
@@ -384,8 +388,10 @@ fn file(url: &str, path: &str, query: &str, create: bool) -> Result<VolumeConfig
     let fs = LocalFileSystem::new_with_prefix(&dir)
         .map_err(OpenVolumeError::ObjectStore)?
         .with_fsync(true);
+    let records = LocalFileSystem::new_with_prefix(&dir).map_err(OpenVolumeError::ObjectStore)?;
     Ok(VolumeConfig {
         object_store: Arc::new(fs),
+        record_store: Arc::new(records),
         db_path: String::new(),
         // LocalFileSystem has no conditional overwrite (If-Match), which
         // the garbage collector's boundary files need.
@@ -419,10 +425,12 @@ fn s3(url: &str, rest: &str, query: &str) -> Result<VolumeConfig, OpenVolumeErro
         }
         builder = builder.with_config(key, v);
     }
-    let store = builder.build().map_err(OpenVolumeError::ObjectStore)?;
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(builder.build().map_err(OpenVolumeError::ObjectStore)?);
     let prefix = prefix.trim_matches('/');
     Ok(VolumeConfig {
-        object_store: Arc::new(store),
+        object_store: store.clone(),
+        record_store: store,
         db_path: prefix.to_string(),
         settings: settings(&o, true, false),
         capacity_bytes: o.capacity_bytes,

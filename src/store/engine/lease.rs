@@ -125,6 +125,7 @@ pub(super) async fn claim(
     mode: OpenMode,
 ) -> Result<(Lease, holder::RecordLock), OpenVolumeError> {
     let store = cfg.object_store.clone();
+    let records = cfg.record_store.clone();
     let rec = OpenVolumeError::Holder;
     let (held, record_dir) = if mode == OpenMode::Standby {
         let lock = holder::RecordLock::take(cfg.local_dir.as_deref())
@@ -134,24 +135,35 @@ pub(super) async fn claim(
     } else {
         (holder::RecordLock::none(), cfg.local_dir.as_deref())
     };
-    let exists = holder::exists(&*store, &cfg.db_path).await.map_err(rec)?;
+    // The reads at once: each is a request, or a hop to a blocking thread.
+    let (exists, recorded, found) = tokio::join!(
+        holder::exists(&*store, &cfg.db_path),
+        async {
+            match cfg.capacity_named {
+                true => Ok(None),
+                false => holder::read_capacity(&*store, &cfg.db_path).await,
+            }
+        },
+        holder::read_holder(&*records, &cfg.db_path)
+    );
+    let exists = exists.map_err(rec)?;
     match mode {
         OpenMode::Existing { .. } if !exists => return Err(OpenVolumeError::NoVolume),
         OpenMode::Format { .. } if exists => return Err(OpenVolumeError::Exists),
         OpenMode::Format {
             capacity_bytes: Some(bytes),
-        } => holder::write_capacity(&*store, &cfg.db_path, bytes)
-            .await
-            .map_err(rec)?,
+        } => {
+            holder::write_capacity(&*store, &cfg.db_path, bytes)
+                .await
+                .map_err(rec)?;
+            if !cfg.capacity_named {
+                cfg.capacity_bytes = bytes;
+            }
+        }
         _ => {}
     }
-    if !cfg.capacity_named {
-        if let Some(bytes) = holder::read_capacity(&*store, &cfg.db_path)
-            .await
-            .map_err(rec)?
-        {
-            cfg.capacity_bytes = bytes;
-        }
+    if let Some(bytes) = recorded.map_err(rec)? {
+        cfg.capacity_bytes = bytes;
     }
     let standby = mode == OpenMode::Standby;
     let take_over = !matches!(
@@ -162,10 +174,7 @@ pub(super) async fn claim(
         standby,
         ..holder::Holder::this_process()
     };
-    if let Some(h) = holder::read_holder(&*store, &cfg.db_path)
-        .await
-        .map_err(rec)?
-    {
+    if let Some(h) = found.map_err(rec)? {
         if h.is_live(&me.host, me.since) {
             if h.standby && !standby {
                 tracing::info!(volume = %cfg.describe, holder = %h, "taking the volume back from a migration destination on standby");
@@ -176,12 +185,12 @@ pub(super) async fn claim(
             }
         }
     }
-    holder::write_holder(&*store, &cfg.db_path, record_dir, &me)
+    holder::write_holder(&*records, &cfg.db_path, record_dir, &me)
         .await
         .map_err(rec)?;
     let lease = Lease {
         record: me,
-        object_store: store,
+        object_store: records,
         db_path: cfg.db_path.clone(),
         local_dir: cfg.local_dir.clone(),
         stop: Arc::default(),

@@ -85,6 +85,7 @@ mod shared;
 pub mod snapshot;
 #[cfg(test)]
 mod test_hooks;
+mod threads;
 mod view;
 mod writer;
 
@@ -221,6 +222,10 @@ pub struct SlateStore {
     /// Set by a hand-over that let the volume go with the engine still
     /// open: the drop closes it (`close.rs`).
     handed: AtomicBool,
+    /// SlateDB's compactor, started once the volume is open (`open.rs`).
+    compactor: std::sync::OnceLock<Arc<slatedb::compactor::Compactor>>,
+    /// The runtime's threads (`threads.rs`).
+    threads: Arc<threads::EngineThreads>,
     /// The holder record this instance wrote (`holder.rs`), removed at
     /// close.
     lease: Option<lease::Lease>,

@@ -13,6 +13,7 @@ use super::log::CommitLog;
 use super::object_gc;
 use super::objects::Objects;
 use super::record_cache::RecordCache;
+use super::threads::EngineThreads;
 use super::{
     born, codec, config, group, keys, map_engine_error, pins, reclaim, recover, segment, Counters,
     IdRange, OpenVolumeError, Placement, Segments, SlateStore, Superblock, FORMAT_VERSION,
@@ -179,20 +180,31 @@ impl std::fmt::Display for Phases {
     }
 }
 
-/// The engine on the volume's object store.
-/// The runtime an engine's tasks run on: two workers of its own.
-fn engine_runtime() -> Result<tokio::runtime::Runtime, OpenVolumeError> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The runtime an engine's tasks run on: two workers of its own, and its
+/// threads, known by id (`threads.rs`).
+fn engine_runtime() -> Result<(tokio::runtime::Runtime, Arc<EngineThreads>), OpenVolumeError> {
+    let threads = Arc::new(EngineThreads::default());
+    let (start, stop) = (threads.clone(), threads.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("pohmelfs-engine")
+        .on_thread_start(move || start.started())
+        .on_thread_stop(move || stop.stopped())
         .enable_all()
         .build()
-        .map_err(OpenVolumeError::Runtime)
+        .map_err(OpenVolumeError::Runtime)?;
+    Ok((runtime, threads))
 }
 
+/// The engine on the volume's object store.
 async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
+    let mut settings = cfg.settings.clone();
+    // The compactor starts once the volume is open (`start_background`):
+    // its start fences the last one with two writes, each synced, which
+    // need not hold the open up (2 ms of a migration's downtime).
+    settings.compactor_options = None;
     Db::builder(cfg.db_path.clone(), cfg.object_store.clone())
-        .with_settings(cfg.settings.clone())
+        .with_settings(settings)
         .with_db_cache(config::db_cache(cfg.memory), 0)
         .with_block_cache_policy(config::block_cache_policy())
         .with_sst_block_size(config::sst_block_size())
@@ -260,7 +272,7 @@ impl SlateStore {
                 return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
             }
         }
-        let runtime = engine_runtime()?;
+        let (runtime, threads) = engine_runtime()?;
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let (lease, claim_lock) = runtime.block_on(claim(&mut cfg, mode))?;
@@ -333,6 +345,8 @@ impl SlateStore {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             handed: AtomicBool::new(false),
+            compactor: std::sync::OnceLock::new(),
+            threads,
             lease: Some(lease),
             runtime: Some(runtime),
         };
@@ -406,10 +420,30 @@ impl SlateStore {
         }
     }
 
-    /// Start the background tasks: the commit log's checkpoints, the data
-    /// object passes.
+    /// Start the background tasks: SlateDB's compactor, the commit log's
+    /// checkpoints, the data object passes.
     fn start_background(&self, cfg: &config::VolumeConfig) {
         let Ok(rt) = self.rt() else { return };
+        if let Some(options) = cfg.settings.compactor_options.clone() {
+            let compactor = {
+                let _in = rt.enter();
+                slatedb::CompactorBuilder::new(cfg.db_path.clone(), cfg.object_store.clone())
+                    .with_options(options)
+                    .with_sst_block_size(config::sst_block_size())
+                    .build()
+            };
+            let compactor = Arc::new(compactor);
+            let (running, describe) = (compactor.clone(), self.describe.clone());
+            rt.spawn(async move {
+                if let Err(e) = running.run().await {
+                    let fenced = slatedb::ErrorKind::Closed(slatedb::CloseReason::Fenced);
+                    if e.kind() != fenced {
+                        tracing::warn!(volume = %describe, error = %e, "the engine's compactor stopped");
+                    }
+                }
+            });
+            let _ = self.compactor.set(compactor);
+        }
         if let Some(cp) = &self.checkpoint {
             rt.spawn(
                 cp.clone()

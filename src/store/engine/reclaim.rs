@@ -215,26 +215,6 @@ fn free(
     Ok(())
 }
 
-/// The nice value of the reclaimer thread: it runs when the threads that
-/// serve the guest (and, on a shared host, the guest's vCPUs) do not
-/// need the CPU. Nothing waits for it: a commit's ack never does, and its
-/// backlog is bounded by what the commits it follows freed.
-pub const RECLAIM_NICE: libc::c_int = 19;
-
-/// Give the calling thread [`RECLAIM_NICE`] (Linux keeps a nice value per
-/// thread). A failure costs nothing but priority, so it is logged.
-fn lower_priority() {
-    // SAFETY: gettid and setpriority only read their integer arguments;
-    // the id is the calling thread's own.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, RECLAIM_NICE)
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering the reclaimer's priority failed");
-    }
-}
-
 fn run(rx: mpsc::Receiver<Job>, segs: Arc<Segments>, readers: Arc<Readers>, volume: String) {
     let mut deferred = Deferred::load(segs.dir(), &volume);
     // A batch whose grace period did not end, and the barriers behind it.
@@ -408,7 +388,9 @@ impl Reclaimer {
         let thread = std::thread::Builder::new()
             .name("pohmelfs-reclaim".into())
             .spawn(move || {
-                lower_priority();
+                // Nothing waits for it: a commit's ack never does, and its
+                // backlog is bounded by what the commits it follows freed.
+                super::threads::lower_priority(super::threads::current());
                 run(rx, segs, readers, volume)
             })?;
         Ok(Reclaimer {
@@ -501,7 +483,8 @@ mod tests {
         let nice = nice_of("pohmelfs-reclaim");
         assert!(!nice.is_empty(), "no reclaimer thread found");
         assert!(
-            nice.iter().all(|&n| n == i64::from(super::RECLAIM_NICE)),
+            nice.iter()
+                .all(|&n| n == i64::from(super::super::threads::BACKGROUND_NICE)),
             "{nice:?}"
         );
         r.stop();
