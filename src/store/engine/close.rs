@@ -29,13 +29,13 @@ impl SlateStore {
     /// [`close`](Self::close) up to the final checkpoint, but the dead
     /// segment pages still to punch (2-9 ms of the downtime after a fast
     /// writer) are handed to the destination's reclaimer (`reclaim.rs`),
-    /// and the volume goes (commit log lock and holder record) *before*
-    /// the engine's own close, which the drop does. Everything committed
-    /// is durable by then (in the engine's WAL, or in the commit log the
-    /// destination replays); that close only stops the engine's tasks
-    /// (2-8 ms, seconds while a compaction runs) and flushes its memtable into a
-    /// table, a write the destination's open either sees or fences, as it
-    /// would a crashed writer's. Later calls of any method fail.
+    /// the engine's WAL is flushed, and the volume goes (commit log lock
+    /// and holder record) *before* the engine's own close, which the drop
+    /// does. Everything the engine holds is durable by then, in its WAL
+    /// (the destination replays what no table has) or in the commit log;
+    /// that close writes nothing (its memtable is not flushed) and only
+    /// stops the engine's tasks (2-8 ms, seconds while a compaction runs),
+    /// at the lowest priority. Later calls of any method fail.
     pub fn hand_over(&self) -> Result<(), StoreError> {
         self.close_as(true)
     }
@@ -102,6 +102,27 @@ impl SlateStore {
             gc.stop();
         }
         phases.mark("reclaim");
+        if hand_over && whole && !self.fenced.load(Ordering::Acquire) {
+            // Whatever the engine holds unflushed in its WAL's buffer (a
+            // write nothing awaited) is durable before the volume goes:
+            // the destination's open fences the buffer's later flush. An
+            // empty buffer writes nothing.
+            match rt.block_on(async { tokio::time::timeout_at(deadline, self.db.flush()).await }) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let e = map_engine_error(e);
+                    if !matches!(e, StoreError::Fenced) {
+                        tracing::warn!(volume = %self.describe, error = %e, "the engine's WAL flush at the hand-over failed; the engine's close flushes it");
+                        whole = false;
+                    }
+                }
+                Err(_) => {
+                    whole = false;
+                    cut("the engine's WAL flush");
+                }
+            }
+            phases.mark("wal");
+        }
         if hand_over && whole {
             if !self.fenced.load(Ordering::Acquire) {
                 if let Some(cp) = &self.checkpoint {
@@ -131,11 +152,19 @@ impl SlateStore {
         whole: bool,
     ) -> Result<(), StoreError> {
         let rt = self.rt()?;
-        if self.handed.load(Ordering::Acquire) {
+        let handed = self.handed.load(Ordering::Acquire);
+        if handed {
             // Behind a hand-over: the destination's open on this host,
             // which the guest waits for, goes first.
             self.threads.lower_all();
         }
+        // Behind a hand-over the memtable stays in the WAL, durable since
+        // the hand-over flushed it, for the destination to replay: flushed
+        // now, into a table, it would race the destination's open, which
+        // fenced it in two runs of eight (and SlateDB logs that as errors).
+        let options = slatedb::config::CloseOptions {
+            flush_type: (!handed).then_some(slatedb::config::FlushType::MemTable),
+        };
         let bound = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut whole = whole;
         let (db, compactor) = (self.db.clone(), self.compactor.get().cloned());
@@ -150,7 +179,7 @@ impl SlateStore {
                     }
                 }
             };
-            tokio::join!(compactor, db.close()).1
+            tokio::join!(compactor, db.close_with_options(options)).1
         });
         let closed = match rt.block_on(async { tokio::time::timeout_at(deadline, closing).await }) {
             Ok(Ok(r)) => r.map_err(map_engine_error),
