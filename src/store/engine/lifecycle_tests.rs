@@ -392,3 +392,38 @@ fn hand_over_before_the_engine_closes(query: &str) {
     }
     s.close().unwrap();
 }
+
+/// SlateDB's compactor, which starts once the volume is open rather than
+/// within the engine's own open (`open.rs`), merges the tables that
+/// memtable flushes leave in L0 into a sorted run.
+#[test]
+fn the_compactor_started_after_the_open_compacts() {
+    use super::conformance::{commit, inode};
+    use crate::store::{FileKind, Op};
+    let dir = tempfile::tempdir().unwrap();
+    SlateStore::format(&url(&dir), None).unwrap();
+    let s = SlateStore::open_as(&url(&dir), EXISTING).unwrap();
+    let first = s.reserve_ids(100).unwrap();
+    for ino in first..first + 8 {
+        commit(&s, vec![Op::PutInode(inode(ino, FileKind::Regular))]);
+        let flushed = s.block_on(
+            s.raw_db()
+                .flush_with_options(slatedb::config::FlushOptions {
+                    flush_type: slatedb::config::FlushType::MemTable,
+                }),
+        );
+        assert!(flushed.is_ok(), "{:?}", flushed.err());
+    }
+    let runs = pohmelfs_testkit::wait_until(std::time::Duration::from_secs(60), POLL, || {
+        let m = s.raw_db().manifest();
+        (!m.compacted().is_empty()).then_some(m.l0().len())
+    });
+    assert!(
+        runs.is_some(),
+        "no sorted run within 60 s: the compactor does not run"
+    );
+    for ino in first..first + 8 {
+        assert!(s.get_inode(ino).unwrap().is_some(), "inode {ino}");
+    }
+    s.close().unwrap();
+}
