@@ -142,9 +142,10 @@ impl SlateStore {
         self.close_engine(deadline, phases, whole)
     }
 
-    /// The engine's own close (its memtable into a table, its tasks
-    /// stopped), then the holder record's release if the close was
-    /// `whole` and nobody fenced this instance.
+    /// The engine's own close (its memtable into a table, except behind a
+    /// hand-over; its tasks and compactor stopped), then the holder
+    /// record's release if the close was `whole`, nobody fenced this
+    /// instance and no hand-over released it already.
     fn close_engine(
         &self,
         deadline: tokio::time::Instant,

@@ -461,13 +461,8 @@ mod tests {
             if comm.trim_end() != short {
                 continue;
             }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // Field 19 (nice), counted after the ")" that ends field 2.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                if let Some(n) = rest.split_whitespace().nth(16) {
-                    out.push(n.parse().unwrap());
-                }
-            }
+            let tid = task.file_name().to_string_lossy().parse().unwrap();
+            out.extend(super::super::threads::tests::nice_of(tid));
         }
         out
     }

@@ -79,13 +79,13 @@ impl EngineThreads {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::Arc;
 
     /// The nice value of thread `tid` of this process (field 19 of its
     /// `stat`, counted after the ")" that ends field 2).
-    fn nice_of(tid: libc::pid_t) -> Option<i64> {
+    pub(in crate::store::engine) fn nice_of(tid: libc::pid_t) -> Option<i64> {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
         let rest = stat.rsplit_once(')')?.1;
         rest.split_whitespace().nth(16)?.parse().ok()
