@@ -23,6 +23,8 @@ use crate::harness::{log_tail, wait_until, Failure, Result, VmTest};
 const VIRSH_URI: &str = "qemu:///system";
 const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 const TAG: &str = "pohmelfs";
+/// Where libvirt keeps the logs of a domain's QEMU and filesystem daemon.
+const LOG_DIR: &str = "/var/log/libvirt/qemu";
 /// Bound on libvirtd's start and on one guest's life, boot to power-off, under TCG.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -194,13 +196,20 @@ fn boot(files: &Path, name: &str, volume_dir: &str, body: &str) -> Result<String
     let domain = Domain {
         name: name.to_owned(),
     };
-    // A transient domain is gone once the guest powered off (on_poweroff: destroy).
-    wait_until(GUEST_TIMEOUT, POLL, || {
-        virsh(&["domstate", &domain.name]).is_err()
+    // A transient domain is gone once the guest powered off (on_poweroff: destroy): it is
+    // no longer among the running ones. A virsh that fails says nothing of the domain.
+    let mut last_error = None;
+    wait_until(GUEST_TIMEOUT, POLL, || match virsh(&["list", "--name"]) {
+        Ok(running) => !running.lines().any(|l| l.trim() == domain.name),
+        Err(e) => {
+            last_error = Some(e);
+            false
+        }
     })
     .ok_or_else(|| {
         Failure::new(format!(
-            "domain {name} still runs after {GUEST_TIMEOUT:?}; console:\n{}",
+            "domain {name} still runs after {GUEST_TIMEOUT:?} (last virsh error: {last_error:?}); \
+             console:\n{}",
             log_tail(&console, 40)
         ))
     })?;
@@ -217,7 +226,7 @@ fn boot(files: &Path, name: &str, volume_dir: &str, body: &str) -> Result<String
 
 /// The log libvirt keeps of the filesystem daemon of domain `name`.
 fn daemon_log(name: &str) -> PathBuf {
-    PathBuf::from(format!("/var/log/libvirt/qemu/{name}-fs0-virtiofsd.log"))
+    Path::new(LOG_DIR).join(format!("{name}-fs0-virtiofsd.log"))
 }
 
 pub fn libvirtd_starts_pohmelfs_for_a_domain(vm: &VmTest) -> Result<()> {
@@ -231,8 +240,31 @@ pub fn libvirtd_starts_pohmelfs_for_a_domain(vm: &VmTest) -> Result<()> {
         .map_err(|e| Failure::new(format!("copy the guest kernel: {e}")))?;
     let _daemons = Daemons::ensure(vm.dir())?;
     let stamp = std::process::id();
-    let first = format!("pohmelfs-vm-write-{stamp}");
-    let console = boot(&files, &first, &volume_dir, WRITE)?;
+    let (first, second) = (
+        format!("pohmelfs-vm-write-{stamp}"),
+        format!("pohmelfs-vm-read-{stamp}"),
+    );
+    write_and_read_back(&files, &volume_dir, &first, &second).map_err(|e| {
+        // What libvirtd, and the QEMUs and daemons it started, said beside the failure.
+        let mut message = format!(
+            "{e}\nlibvirtd's log:\n{}",
+            log_tail(&vm.dir().join("libvirtd.log"), 10)
+        );
+        for name in [&first, &second] {
+            let qemu_log = Path::new(LOG_DIR).join(format!("{name}.log"));
+            message += &format!(
+                "\n{name}'s QEMU log:\n{}\n{name}'s daemon log:\n{}",
+                log_tail(&qemu_log, 10),
+                log_tail(&daemon_log(name), 10)
+            );
+        }
+        Failure::new(message)
+    })
+}
+
+/// The first domain writes, its daemon drains at libvirt's SIGTERM, the second domain reads.
+fn write_and_read_back(files: &Path, volume_dir: &str, first: &str, second: &str) -> Result<()> {
+    let console = boot(files, first, volume_dir, WRITE)?;
     let sums = console
         .lines()
         .rev()
@@ -240,7 +272,7 @@ pub fn libvirtd_starts_pohmelfs_for_a_domain(vm: &VmTest) -> Result<()> {
         .ok_or_else(|| Failure::new("the writing guest printed no SUMS"))?
         .to_owned();
     // libvirt stopped the daemon when the domain ended: with SIGTERM, and it drained.
-    let log = daemon_log(&first);
+    let log = daemon_log(first);
     wait_until(START_TIMEOUT, POLL, || {
         std::fs::read_to_string(&log)
             .ok()
@@ -252,7 +284,6 @@ pub fn libvirtd_starts_pohmelfs_for_a_domain(vm: &VmTest) -> Result<()> {
             log_tail(&log, 20)
         ))
     })?;
-    let second = format!("pohmelfs-vm-read-{stamp}");
-    boot(&files, &second, &volume_dir, &check_script(&sums))?;
+    boot(files, second, volume_dir, &check_script(&sums))?;
     Ok(())
 }
