@@ -10,7 +10,8 @@
 //! systemd the daemon is ready (`READY=1`, under `Type=notify`), then
 //! serve. SIGTERM and
 //! SIGINT drain the write-back layer for at most `--shutdown-timeout`, log
-//! each transaction not stored, and exit (docs/operations.md, "Stopping").
+//! each transaction not stored, let the volume go when everything was, and
+//! exit (docs/operations.md, "Stopping").
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -430,19 +431,26 @@ fn open_on_standby(args: &ServeArgs, slot: &VolumeSlot) {
     );
 }
 
-/// Drain the volume for at most `timeout`, if it is open here (or close
-/// it, if a destination opened it on standby only).
+/// Drain the volume for at most `timeout`, then let it go (its holder
+/// record removed, so that the next opener, here or on another host, need
+/// not wait for its lease), if it is open here; or close it, if a
+/// destination opened it on standby only.
 fn drain(slot: &VolumeSlot, timeout: Duration) -> Result<(), pohmelfs::store::StoreError> {
     slot.end_standby();
-    match slot.current() {
-        Some(store) => store.drain(timeout),
-        None => Ok(()),
+    let Some(store) = slot.current() else {
+        return Ok(());
+    };
+    store.drain(timeout)?;
+    // Everything is stored: what fails now only keeps the volume held.
+    if let Err(e) = store.let_go() {
+        tracing::warn!(error = %pohmelfs::ErrorChain(&e), "could not let the volume go: the next opener finds it held until its holder's lease runs out");
     }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT: drain for at most `timeout` (each transaction not
-/// stored by then is logged), remove the socket, exit 0 (1 when something
-/// was not stored).
+/// stored by then is logged) and let the volume go, remove the socket,
+/// exit 0 (1 when something was not stored).
 fn install_signal_handlers(
     store: Arc<VolumeSlot>,
     timeout: Duration,

@@ -163,7 +163,15 @@ fn libvirt_9_argv_serves_a_file_volume_on_an_inherited_socket() {
     assert!(st.contains("epoch                  2"), "{st}");
     assert!(status(&sock).contains("epoch                  2"));
 
+    // The stop lets the volume go: no holder record says it is held (on
+    // `s3://` another host's opener would wait for the record's lease).
+    let record = vol.join("volume.holder");
+    assert!(record.exists(), "no holder record while served");
     assert!(stop(child, &sock).success());
+    assert!(
+        !record.exists(),
+        "the stopped daemon's holder record stayed"
+    );
 }
 
 #[test]

@@ -497,6 +497,16 @@ impl WritebackStore {
     /// it next.
     pub fn close(&self) -> Result<(), StoreError> {
         self.drain(self.shared.cfg.fsync_timeout)?;
+        self.let_go()
+    }
+
+    /// The part of [`close`](Self::close) after the drain, for a daemon's
+    /// stop (SIGTERM) after its own [`drain`](Self::drain): the next
+    /// opener, on this host or another, finds the volume free at once (a
+    /// holder record left behind says "held" on `s3://` until its lease
+    /// runs out). The engine's own close may be left to the exit: what it
+    /// holds is durable by then, in its WAL and the commit log.
+    pub fn let_go(&self) -> Result<(), StoreError> {
         if let Some(remote) = &self.remote {
             // The server then no longer counts this daemon as the
             // volume's writer, and nothing reconnects behind the close.
