@@ -51,6 +51,7 @@ mod chunk_read;
 mod close;
 mod codec;
 mod commit;
+mod compactor;
 mod config;
 mod extent;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -222,8 +223,8 @@ pub struct SlateStore {
     /// Set by a hand-over that let the volume go with the engine still
     /// open: the drop closes it (`close.rs`).
     handed: AtomicBool,
-    /// SlateDB's compactor, started once the volume is open (`open.rs`).
-    compactor: std::sync::OnceLock<Arc<slatedb::compactor::Compactor>>,
+    /// SlateDB's compactor, started once the volume is open (`compactor.rs`).
+    compactor: std::sync::OnceLock<Arc<compactor::Compactor>>,
     /// The runtime's threads (`threads.rs`).
     threads: Arc<threads::EngineThreads>,
     /// The holder record this instance wrote (`holder.rs`), removed at

@@ -199,7 +199,7 @@ fn engine_runtime() -> Result<(tokio::runtime::Runtime, Arc<EngineThreads>), Ope
 /// The engine on the volume's object store.
 async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
     let mut settings = cfg.settings.clone();
-    // The compactor starts once the volume is open (`start_background`):
+    // The compactor starts once the volume is open (`compactor.rs`):
     // its start fences the last one with two writes, each synced, which
     // need not hold the open up (2 ms of a migration's downtime).
     settings.compactor_options = None;
@@ -425,24 +425,9 @@ impl SlateStore {
     fn start_background(&self, cfg: &config::VolumeConfig) {
         let Ok(rt) = self.rt() else { return };
         if let Some(options) = cfg.settings.compactor_options.clone() {
-            let compactor = {
-                let _in = rt.enter();
-                slatedb::CompactorBuilder::new(cfg.db_path.clone(), cfg.object_store.clone())
-                    .with_options(options)
-                    .with_sst_block_size(config::sst_block_size())
-                    .build()
-            };
-            let compactor = Arc::new(compactor);
-            let (running, describe) = (compactor.clone(), self.describe.clone());
-            rt.spawn(async move {
-                if let Err(e) = running.run().await {
-                    let fenced = slatedb::ErrorKind::Closed(slatedb::CloseReason::Fenced);
-                    if e.kind() != fenced {
-                        tracing::warn!(volume = %describe, error = %e, "the engine's compactor stopped");
-                    }
-                }
-            });
-            let _ = self.compactor.set(compactor);
+            let compactor =
+                super::compactor::Compactor::start(rt, cfg, options, self.describe.clone());
+            let _ = self.compactor.set(Arc::new(compactor));
         }
         if let Some(cp) = &self.checkpoint {
             rt.spawn(
