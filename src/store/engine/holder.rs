@@ -16,9 +16,10 @@
 //!   while it is open and removed at a clean close. An opener that finds
 //!   a live holder refuses, naming it, unless told to take the volume
 //!   over or the holder is on standby (and the opener is not). Live
-//!   means: on this host, a process with that pid exists (a crashed
-//!   holder is seen at once); on another host, the record was renewed
-//!   within [`LEASE_SECS`].
+//!   means: on this host, a process with that pid exists and started no
+//!   later than the record's `since` (a crashed holder is seen at once,
+//!   also when its pid was reused since); on another host, the record was
+//!   renewed within [`LEASE_SECS`].
 //!
 //! A taker's claim and the holder's renewal never interleave: the renewal
 //! reads the record, checks it is still its own and writes it back as one
@@ -203,10 +204,45 @@ impl Holder {
                 // record left by a former process with our pid.
                 return false;
             }
-            return process_runs(self.pid);
+            return process_runs(self.pid) && !started_after(self.pid, self.since);
         }
         now.saturating_sub(self.renewed) < LEASE_SECS
     }
+}
+
+/// Slack on comparing a process's start with a record's `since`: both are
+/// whole seconds, off clocks that round differently.
+const START_SLACK_SECS: u64 = 2;
+
+/// Whether process `pid` started after `since` (unix seconds, give or take
+/// [`START_SLACK_SECS`]): it cannot have written a record made then, so
+/// its pid is a crashed holder's, reused (pids wrap at 32768 on many
+/// hosts). `false` when the start cannot be read: a holder is never taken
+/// for gone on a guess.
+fn started_after(pid: u32, since: u64) -> bool {
+    process_start_secs(pid).is_some_and(|start| start > since.saturating_add(START_SLACK_SECS))
+}
+
+/// When process `pid` started, in unix seconds: its start in clock ticks
+/// after boot (`/proc/PID/stat`, field 22) plus the boot time
+/// (`/proc/stat`, `btime`, which follows the wall clock's steps).
+fn process_start_secs(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, the 20th after the command name (field 2, in parentheses,
+    // which may itself hold spaces or parentheses).
+    let end = stat.rfind(')')?;
+    let ticks: u64 = stat[end + 1..].split_whitespace().nth(19)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf only reads its integer argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(boot + ticks / hz)
 }
 
 /// Whether process `pid` runs (exists and is not a zombie waiting to be
@@ -518,6 +554,34 @@ mod tests {
         assert!(h.is_live(&me, now), "renewed a second ago");
         h.renewed = now - LEASE_SECS;
         assert!(!h.is_live(&me, now), "lease run out");
+    }
+
+    #[test]
+    fn a_reused_pid_holds_nothing() {
+        let me = host_name();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let now = now_secs();
+        let mut h = Holder {
+            host: me.clone(),
+            pid: child.id(),
+            since: now,
+            renewed: now,
+            standby: false,
+            open_id: 0,
+        };
+        assert!(h.is_live(&me, now), "the process that wrote the record");
+        let start = process_start_secs(child.id()).unwrap();
+        assert!(start.abs_diff(now) <= START_SLACK_SECS, "{start} vs {now}");
+        // The record was written a minute before this process started: a
+        // crashed holder's, whose pid came round again.
+        h.since = now - 60;
+        let reused = h.is_live(&me, now);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!reused, "a process started after its record holds nothing");
     }
 
     /// A claim racing a renewal, many times over: afterwards the record is
