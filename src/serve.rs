@@ -443,7 +443,7 @@ fn drain(slot: &VolumeSlot, timeout: Duration) -> Result<(), pohmelfs::store::St
     store.drain(timeout)?;
     // Everything is stored: what fails now only keeps the volume held.
     if let Err(e) = store.let_go() {
-        tracing::warn!(error = %pohmelfs::ErrorChain(&e), "could not let the volume go: the next opener finds it held until its holder's lease runs out");
+        tracing::warn!(error = %pohmelfs::ErrorChain(&e), "could not let the volume go: its holder record stays (an opener on another host waits for its lease to run out)");
     }
     Ok(())
 }
