@@ -228,10 +228,8 @@ fn started_after(pid: u32, since: u64) -> bool {
 /// (`/proc/stat`, `btime`, which follows the wall clock's steps).
 fn process_start_secs(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, the 20th after the command name (field 2, in parentheses,
-    // which may itself hold spaces or parentheses).
-    let end = stat.rfind(')')?;
-    let ticks: u64 = stat[end + 1..].split_whitespace().nth(19)?.parse().ok()?;
+    // Field 22, the 20th after the command name.
+    let ticks: u64 = fields_after_name(&stat)?.nth(19)?.parse().ok()?;
     let boot: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -251,14 +249,20 @@ fn process_start_secs(pid: u32) -> Option<u64> {
 /// holder counts as running.
 fn process_runs(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and
-        // may itself hold spaces or parentheses.
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|end| stat[end + 1..].split_whitespace().next())
+        // The state is the first field after the command name.
+        Ok(stat) => fields_after_name(&stat)
+            .and_then(|mut fields| fields.next())
             .is_some_and(|state| state != "Z"),
         Err(_) => !std::path::Path::new("/proc/self/stat").exists(),
     }
+}
+
+/// The fields of a `/proc/PID/stat` line after the command name (field 2,
+/// in parentheses, which may itself hold spaces or parentheses): field 3
+/// first.
+fn fields_after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    let end = stat.rfind(')')?;
+    Some(stat[end + 1..].split_whitespace())
 }
 
 fn child(db_path: &str, name: &str) -> ObjectPath {
