@@ -87,6 +87,10 @@ pub struct Lineage {
     /// A clone's snapshot (registered there with bound 0: it names no
     /// object of it, but the snapshot's deletion waits for it).
     pub source: Option<String>,
+    /// A snapshot's engine checkpoint that its clones start from (taken
+    /// with the snapshot, kept until its deletion): a clone then pins it
+    /// instead of writing a checkpoint of its own first.
+    pub checkpoint: Option<uuid::Uuid>,
 }
 
 /// Why a lineage or registration could not be read or written.
@@ -140,6 +144,9 @@ impl Lineage {
         if let Some(src) = &self.source {
             s.push_str(&format!("source {src}\n"));
         }
+        if let Some(id) = &self.checkpoint {
+            s.push_str(&format!("checkpoint {id}\n"));
+        }
         for o in &self.origins {
             s.push_str(&format!("origin {:016x} {}\n", o.bound, o.prefix));
         }
@@ -165,6 +172,7 @@ impl Lineage {
                 }
                 "created" => out.created = v.parse().ok()?,
                 "source" => out.source = Some(v.to_string()),
+                "checkpoint" => out.checkpoint = Some(v.parse().ok()?),
                 "origin" => {
                     let (bound, prefix) = v.split_once(' ')?;
                     let bound = u64::from_str_radix(bound, 16).ok()?;
@@ -429,6 +437,7 @@ mod tests {
             kind: Kind::Clone,
             created: 7,
             source: Some("vols/c1/snapshots/s".into()),
+            checkpoint: Some(uuid::Uuid::from_u128(0x1234_5678_9abc_def0)),
             origins: vec![
                 Origin {
                     bound: 5 << 32,
@@ -450,5 +459,9 @@ mod tests {
             None
         );
         assert_eq!(Lineage::parse("lineage"), None);
+        assert_eq!(
+            Lineage::parse("pohmelfs lineage v1\ncheckpoint not-a-uuid\n"),
+            None
+        );
     }
 }

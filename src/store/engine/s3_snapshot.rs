@@ -13,15 +13,18 @@
 //! (`lineage.rs`), and kept in memory, so from then on the deleter keeps
 //! every object below it; then SlateDB's clone pins `V`'s tables by a
 //! checkpoint in `V`'s manifest and copies only the WAL objects not yet
-//! in a table. Last, the lineage object is written: the snapshot is
-//! complete. Commits wait only for that (a few PUTs); no data object is
-//! copied.
+//! in a table. Then, with commits going on, a checkpoint of the
+//! snapshot's own engine is pinned for its clones, and last the lineage
+//! object (naming that checkpoint) is written: the snapshot is complete.
+//! Commits wait only for the flush, the registrations and SlateDB's clone
+//! (a few PUTs); no data object is copied.
 //!
 //! **Clone** `DST` of a snapshot: the lineage (`kind clone`, so a crash
 //! from here on leaves a clone `clone --delete` removes), registrations
 //! with every origin of the snapshot (and with the snapshot, bound 0),
 //! the marker that makes its first open draw a volume id of its own,
-//! then SlateDB's clone of the snapshot's engine. Its own objects go to `DST/data/`, with ids from
+//! then SlateDB's clone of the snapshot's engine from its pinned
+//! checkpoint. Its own objects go to `DST/data/`, with ids from
 //! its first open's epoch on, above every bound of its lineage.
 //!
 //! **Crashes.** A snapshot or clone is complete once it has both its
@@ -91,6 +94,32 @@ async fn copy_settings(store: &dyn ObjectStore, from: &str, to: &str) -> Result<
             .map_err(map)?;
     }
     Ok(())
+}
+
+/// The name of the checkpoint a snapshot's clones start from.
+const CLONES_CHECKPOINT: &str = "pohmelfs-clones";
+
+/// Pin the engine of the snapshot at `snap` for its clones: a checkpoint
+/// with no expiry (it goes with the snapshot). A clone started from a
+/// named checkpoint reads it where SlateDB would otherwise first write a
+/// checkpoint of the snapshot's latest state (three requests in a row
+/// saved per clone, and no short-lived checkpoint piling up in the
+/// snapshot's manifest).
+async fn pin_for_clones(
+    store: &Arc<dyn ObjectStore>,
+    snap: &str,
+) -> Result<uuid::Uuid, SnapshotError> {
+    let options = slatedb::config::CheckpointOptions {
+        lifetime: None,
+        source: None,
+        name: Some(CLONES_CHECKPOINT.to_string()),
+    };
+    let pinned = AdminBuilder::new(snap.to_string(), store.clone())
+        .build()
+        .create_detached_checkpoint(&options)
+        .await
+        .map_err(engine_err("pin the snapshot for its clones"))?;
+    Ok(pinned.id)
 }
 
 /// Delete the engine and every object under `prefix` (its own data
@@ -245,13 +274,17 @@ impl SlateStore {
                 .await
                 .map_err(engine_err("clone the engine"))?;
             drop(serial);
-            copy_settings(&*store, &volume, &snap).await?;
+            let (pin, ()) = tokio::try_join!(
+                pin_for_clones(&store, &snap),
+                copy_settings(&*store, &volume, &snap)
+            )?;
             super::snapshot::pause_for_crash_test();
             let l = Lineage {
                 kind: Kind::Snapshot,
                 origins,
                 created: now_secs(),
                 source: None,
+                checkpoint: Some(pin),
             };
             lineage::write(&*store, &snap, &l).await.map_err(store_err)
         }))?;
@@ -385,6 +418,7 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
             origins: l.origins.clone(),
             created: now_secs(),
             source: Some(snap.clone()),
+            checkpoint: None,
         };
         lineage::write(&*store, &to, &mine)
             .await
@@ -422,9 +456,16 @@ pub fn clone_from(src: &str, name: &str, dst: &str) -> Result<(), SnapshotError>
         registered.await?;
         // Only now the engine's clone: a clone whose engine opens is
         // registered with everything it stands on, whenever a crash comes.
+        // From the snapshot's pinned checkpoint (snapshots taken before
+        // there was one: from its latest state, through a checkpoint
+        // SlateDB writes first).
+        let source = match l.checkpoint {
+            Some(id) => CloneSourceSpec::with_checkpoint(snap.clone(), id),
+            None => CloneSourceSpec::new(snap.clone()),
+        };
         AdminBuilder::new(to.clone(), store.clone())
             .build()
-            .create_clone_builder_from_source(CloneSourceSpec::new(snap.clone()))
+            .create_clone_builder_from_source(source)
             .build()
             .await
             .map_err(engine_err("clone the engine"))

@@ -117,6 +117,25 @@ fn query(url: &str) -> String {
         .map_or_else(String::new, |(_, q)| format!("?{q}"))
 }
 
+/// The checkpoint the lineage of snapshot `name` of `s` names, and the
+/// checkpoints the snapshot's engine holds.
+fn checkpoints_of_snapshot(
+    s: &SlateStore,
+    name: &str,
+) -> (Option<uuid::Uuid>, Vec<slatedb::Checkpoint>) {
+    let o = s.objects.as_ref().unwrap();
+    let snap = s3_snapshot::snapshot_prefix(o.db_path(), name).unwrap();
+    s.rt().unwrap().block_on(async {
+        let l = lineage::read(&**o.store(), &snap).await.unwrap().unwrap();
+        let held = slatedb::admin::AdminBuilder::new(snap.clone(), o.store().clone())
+            .build()
+            .list_checkpoints(None)
+            .await
+            .unwrap();
+        (l.checkpoint, held)
+    })
+}
+
 /// A clone and its source written on both sides; the source overwritten
 /// and collected, reopened (swept) with the snapshot and the clone
 /// alive; then both deleted.
@@ -133,6 +152,13 @@ fn clones_share_objects_until_deleted(url: &dyn Fn(&str) -> String) {
     commit(&s, vec![write_op(12, 0, &pattern(3, CHUNK))]);
 
     s3_snapshot::clone_from(&v, "gold", &c).expect("clone");
+    // The clone started from the checkpoint the snapshot pinned: the
+    // snapshot's engine holds that one and the clone's own, and no
+    // checkpoint SlateDB would have written first to clone from.
+    let (pinned, held) = checkpoints_of_snapshot(&s, "gold");
+    let pinned = pinned.expect("the snapshot's lineage names its checkpoint");
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(held.iter().any(|c| c.id == pinned), "{held:?}");
     let cl = SlateStore::open(&c).expect("open clone");
     assert_ne!(cl.identity().volume_id, s.identity().volume_id);
     assert_eq!(read(&cl, 10, 0, CHUNK), pattern(1, CHUNK));
@@ -227,6 +253,16 @@ fn clones_keep_the_capacity(url: &dyn Fn(&str) -> String) {
     let total = s.statfs().expect("statfs").capacity_bytes;
     assert!(total <= CAPACITY, "{total}");
     s.take_object_snapshot("sized").expect("take snapshot");
+    // As a snapshot taken before snapshots pinned a checkpoint for their
+    // clones: its lineage names none, and the clone starts from its latest
+    // state.
+    let o = s.objects.as_ref().unwrap();
+    let snap = s3_snapshot::snapshot_prefix(o.db_path(), "sized").unwrap();
+    s.rt().unwrap().block_on(async {
+        let mut l = lineage::read(&**o.store(), &snap).await.unwrap().unwrap();
+        l.checkpoint = None;
+        lineage::write(&**o.store(), &snap, &l).await.unwrap();
+    });
     s3_snapshot::clone_from(&v, "sized", &c).expect("clone");
     let cl = SlateStore::open(&c).expect("open clone");
     assert_eq!(cl.statfs().expect("statfs").capacity_bytes, total);
