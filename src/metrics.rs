@@ -40,6 +40,9 @@ counters! {
     chains_malformed,
     /// FUSE requests that fuse-backend-rs could not decode or answer.
     fuse_decode_errors,
+    /// FUSE requests whose handler panicked (answered EIO; each one is
+    /// also logged, through the per-call-site limit).
+    request_panics,
     /// FUSE requests the device refused before decoding: lengths that
     /// disagree with the chain, oversized chains, short arguments, names
     /// without a NUL (answered EINVAL or EPROTO where a reply fits).

@@ -249,15 +249,21 @@ impl Requests {
             // by the filesystem.
             return reply_in_place(chain, h.unique, libc::EIO);
         }
-        if h.opcode == FUSE_SYNCFS {
-            return self.syncfs(writer, h);
-        }
-        match self
-            .server
-            .handle_message(reader, writer.into(), None, None)
-        {
-            Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
-            Err(e) => {
+        // A handler that panics (a bug) must neither take the thread
+        // serving the queue down (a chain served inline runs on it) nor
+        // leave the guest's request unanswered: caught here, it is a
+        // counter, a limited log line and EIO, as any failed request.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if h.opcode == FUSE_SYNCFS {
+                return Ok(self.syncfs(writer, h));
+            }
+            self.server
+                .handle_message(reader, writer.into(), None, None)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        }));
+        match served {
+            Ok(Ok(used)) => used,
+            Ok(Err(e)) => {
                 self.metrics.fuse_decode_errors.inc();
                 limited!(
                     self.metrics.log_lines_suppressed,
@@ -267,17 +273,18 @@ impl Requests {
                     error = %Capped(&e),
                     "could not serve FUSE request"
                 );
-                // Where the reply header lands, to tell whether the server
-                // answered before it failed.
-                let Some(addr) = chain.clone().writable().next().map(|d| d.addr()) else {
-                    return 0;
-                };
-                match chain.memory().read_obj::<OutHeader>(addr) {
-                    // The server answered before it failed: keep its answer.
-                    Ok(out) if out.unique == h.unique && h.unique != 0 => out.len,
-                    // Otherwise answer EIO, so the guest's request completes.
-                    _ => reply_in_place(chain, h.unique, libc::EIO),
-                }
+                answered_or_eio(chain, h)
+            }
+            Err(_) => {
+                self.metrics.request_panics.inc();
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    ERROR,
+                    queue,
+                    opcode = h.opcode,
+                    "a FUSE request handler panicked; answered EIO where no reply was written"
+                );
+                answered_or_eio(chain, h)
             }
         }
     }
@@ -397,6 +404,20 @@ fn out_header(unique: u64, errno: i32) -> OutHeader {
     }
 }
 
+/// The reply of a request whose handler failed: the one it wrote, if it
+/// wrote one before it failed (its header names the request), else EIO,
+/// so the guest's request completes.
+fn answered_or_eio(chain: &Chain, h: InHeader) -> u32 {
+    // Where the reply header lands.
+    let Some(addr) = chain.clone().writable().next().map(|d| d.addr()) else {
+        return 0;
+    };
+    match chain.memory().read_obj::<OutHeader>(addr) {
+        Ok(out) if out.unique == h.unique && h.unique != 0 => out.len,
+        _ => reply_in_place(chain, h.unique, libc::EIO),
+    }
+}
+
 /// Write a bare error reply straight into the chain's first writable
 /// descriptor, when it maps and a header fits; the bytes written.
 fn reply_in_place(chain: &Chain, unique: u64, errno: i32) -> u32 {
@@ -425,7 +446,8 @@ mod tests {
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
     use crate::device::testkit::{
-        guest_memory, post, reply, served_fs, NOWHERE, OUT_LEN, REPLY, REQUEST,
+        guest_memory, header, post, reply, served_fs, write_request, NOWHERE, OUT_LEN, REPLY,
+        REQUEST,
     };
 
     /// A SYNCFS request at [`REQUEST`] (header and body) with `unique`.
@@ -508,6 +530,44 @@ mod tests {
         let out = reply(&mem);
         assert_eq!((out.error, out.unique), (-libc::EIO, 8));
         assert_eq!(requests.metrics.fs_internal_errors.get(), 1);
+    }
+
+    /// A handler that panics (here, in the store's commit under MKDIR)
+    /// leaves no request unanswered and nothing broken: EIO, a counter,
+    /// and the next request on the same thread is served.
+    #[test]
+    fn a_panicking_handler_is_answered_eio() {
+        use crate::store::hooked::Hooked;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let armed = Arc::new(AtomicBool::new(false));
+        let trigger = Arc::clone(&armed);
+        let store =
+            Hooked::new(Arc::new(MemStore::new(1 << 20)), "panics").before_commit(move |_| {
+                assert!(!trigger.load(Ordering::Relaxed), "a handler bug");
+                Ok(())
+            });
+        let metrics = Arc::new(Metrics::default());
+        let fs = PohmelFs::new(Arc::new(store), FsConfig::default(), Arc::clone(&metrics)).unwrap();
+        let requests = Requests::new(Arc::new(fs), metrics);
+        let mem = guest_memory();
+        armed.store(true, Ordering::Relaxed);
+        // fuse_mkdir_in (mode, umask), then the name.
+        let mut body = 0o755u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0; 4]);
+        body.extend_from_slice(b"d\0");
+        let len = write_request(&mem, header(40 + body.len(), FUSE_MKDIR, 12), &body);
+        let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
+        assert_eq!(requests.serve(&chain, 1), OUT_LEN);
+        let out = reply(&mem);
+        assert_eq!((out.error, out.unique), (-libc::EIO, 12));
+        assert_eq!(requests.metrics.request_panics.get(), 1);
+
+        armed.store(false, Ordering::Relaxed);
+        let len = write_request(&mem, header(40 + 16, FUSE_GETATTR, 13), &[0; 16]);
+        let chain = post(&mem, &[(REQUEST, len, false), (REPLY, 256, true)]);
+        assert!(requests.serve(&chain, 1) > OUT_LEN);
+        assert_eq!((reply(&mem).error, reply(&mem).unique), (0, 13));
+        assert_eq!(requests.metrics.request_panics.get(), 1);
     }
 
     #[test]
