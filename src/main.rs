@@ -58,7 +58,7 @@ enum Command {
     Check(CheckArgs),
     /// Run seeded random file operations in a directory against an in-memory model.
     Torture(TortureArgs),
-    /// Create, list or delete read-only snapshots of a volume (file:// only).
+    /// Create, list or delete read-only snapshots of a volume (file:// or s3://).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
     /// Make a new writable volume sharing all data with a snapshot:

@@ -49,8 +49,9 @@ pub struct ServeArgs {
     /// --socket-path.
     #[arg(long, value_name = "N")]
     fd: Option<i32>,
-    /// The mount tag, served through the device config space (cloud-hypervisor
-    /// reads it there; QEMU takes it from its own `tag=`).
+    /// The mount tag, served through the device config space to a frontend
+    /// that reads it from the backend (QEMU and cloud-hypervisor take it
+    /// from their own `tag=`).
     #[arg(long)]
     tag: Option<String>,
     #[command(flatten)]

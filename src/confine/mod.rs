@@ -10,9 +10,11 @@
 //!    `CAP_NET_BIND_SERVICE` for a store port below 1024). Capabilities are
 //!    per thread, so this runs while `main` is the only thread: every thread
 //!    started later inherits the reduced sets.
-//! 2. [`drop_all_capabilities`] once the sockets are bound: `serve` calls it
-//!    before the volume opens, still single-threaded, so the daemon runs
-//!    with no capability at all. A root daemon keeps uid 0, which owns its
+//! 2. [`drop_all_capabilities`] once the sockets are bound: `serve` opened
+//!    its volume before, in a thread that dropped them first
+//!    (`lifecycle::open_without_capabilities`, whose set the engine's
+//!    threads inherit), so the daemon runs with no capability at all. A
+//!    root daemon keeps uid 0, which owns its
 //!    socket and its volume directory; ownership of guest files lives in
 //!    the volume, never on the host, so `CAP_CHOWN`, `CAP_FOWNER` and
 //!    `CAP_DAC_OVERRIDE` are not needed.

@@ -15,7 +15,7 @@
 //! caches, see [`EngineMemory`]; the daemon sets it to the engine's share
 //! of `--cache-size`). For `file://` only: `log_size=SIZE` (the commit
 //! log's ring, created at this size; default 16M), `checkpoint_ms=N`
-//! (how often the log's tail is moved; default 100, 0: only when the ring
+//! (how often the log's tail is moved; default 1000, 0: only when the ring
 //! is half full and at close) and `log=off` (commit
 //! through the engine's WAL instead: segment sync, WAL flush; for
 //! comparison).

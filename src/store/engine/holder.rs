@@ -5,8 +5,10 @@
 //! directory of `file://`, the prefix of `s3://`):
 //!
 //! * `manifest/…` — SlateDB's manifests: a volume exists once one does
-//!   (`pohmelfs format` wrote it). Nothing else creates one: an open that
-//!   finds none refuses, so a typo in a URL never makes a new empty volume.
+//!   (`pohmelfs format` wrote it, or a store server started with
+//!   `--create-volumes` at a client's first open). Nothing else creates
+//!   one: an open that finds none refuses, so a typo in a URL never makes
+//!   a new empty volume.
 //! * `volume.settings` — `capacity_bytes=N` lines written by `format`; a
 //!   URL's own `capacity=` overrides them.
 //! * `volume.holder` — the writer holding the volume: `host`, `pid`,
