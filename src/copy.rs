@@ -31,9 +31,9 @@ pub struct CopyArgs {
 
 /// Open a volume that exists, refusing one a daemon holds. A `pohmel://`
 /// volume is claimed for writing when `write` (the destination), so a
-/// daemon that had it can write no more; a source is only read.
+/// daemon that had it can write no more; a source is only read. The
+/// callers refused a secret in `url` first, as their errors name it.
 fn open(url: &str, write: bool) -> Result<Arc<dyn Store>> {
-    confine::refuse_secret_in_url(url)?;
     if url.starts_with("pohmel:") && write {
         return Ok(pohmelfs::net::open(url)?);
     }
@@ -103,6 +103,8 @@ impl Shown {
 
 pub fn run(args: CopyArgs) -> Result<()> {
     super::init_logging("warn")?;
+    confine::refuse_secret_in_url(&args.src).context("SRC")?;
+    confine::refuse_secret_in_url(&args.dst).context("DST")?;
     let src = open(&args.src, false).with_context(|| format!("open the source {}", args.src))?;
     let dst =
         open(&args.dst, true).with_context(|| format!("open the destination {}", args.dst))?;
@@ -158,6 +160,7 @@ pub fn run(args: CopyArgs) -> Result<()> {
 pub fn import(args: ImportArgs) -> Result<()> {
     use pohmelfs::store::import;
     super::init_logging("warn")?;
+    confine::refuse_secret_in_url(&args.url).context("URL")?;
     let dst = open(&args.url, true).with_context(|| format!("open the volume {}", args.url))?;
     let started = Instant::now();
     let mut shown = Shown::new("import", "entries");

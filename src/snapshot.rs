@@ -2,7 +2,8 @@
 //! command line over `store::engine::snapshot` (file:// volumes) and
 //! `store::engine::s3_snapshot` (s3:// volumes; the endpoint and
 //! credentials as the URL's options or `AWS_*` variables, as for every
-//! s3:// command).
+//! s3:// command; a secret in a URL is refused, as everywhere on the
+//! command line).
 //!
 //! A snapshot is taken by the process that holds the volume open. With
 //! `--socket-path` that is the daemon serving it, asked through its
@@ -11,6 +12,7 @@
 //! opening it would fence that daemon.
 
 use anyhow::{bail, Context as _, Result};
+use pohmelfs::confine;
 use pohmelfs::store::engine::{s3_snapshot, snapshot};
 use pohmelfs::store::engine::{OpenMode, SlateStore};
 
@@ -120,7 +122,18 @@ fn create_online(url: &str, name: &str, socket: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
+impl SnapshotCommand {
+    fn url(&self) -> &str {
+        match self {
+            SnapshotCommand::Create { url, .. }
+            | SnapshotCommand::List { url }
+            | SnapshotCommand::Delete { url, .. } => url,
+        }
+    }
+}
+
 pub fn run(cmd: SnapshotCommand) -> Result<()> {
+    confine::refuse_secret_in_url(cmd.url()).context("URL")?;
     match cmd {
         SnapshotCommand::Create {
             url,
@@ -183,6 +196,10 @@ pub fn run(cmd: SnapshotCommand) -> Result<()> {
 }
 
 pub fn clone(args: CloneArgs) -> Result<()> {
+    confine::refuse_secret_in_url(&args.source).context("SOURCE")?;
+    if let Some(destination) = &args.destination {
+        confine::refuse_secret_in_url(destination).context("DESTINATION")?;
+    }
     if args.delete {
         if !is_s3(&args.source) || args.destination.is_some() {
             bail!("--delete takes one s3:// clone (a file:// clone is deleted with rm -r)");

@@ -308,3 +308,48 @@ fn read_only_daemons_serve_a_held_volume_and_its_snapshot_without_claiming_them(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--readonly with --cache-dir"), "{err}");
 }
+
+/// Every command that takes a volume URL refuses one carrying a secret
+/// (argv is readable by every local user), names the option, and never
+/// echoes the secret.
+#[test]
+fn every_command_refuses_a_secret_in_a_url() {
+    let dir = ScratchDir::new("secret-argv").unwrap();
+    let sock = dir.join("fs.sock");
+    let sock = sock.to_str().unwrap();
+    let mnt = dir.path().to_str().unwrap();
+    let url = "s3://bucket/vol?endpoint=http://127.0.0.1:9&secret_access_key=hunter2";
+    let snap = "s3://bucket/vol@base?endpoint=http://127.0.0.1:9&secret_access_key=hunter2";
+    let plain = "s3://bucket/other?endpoint=http://127.0.0.1:9";
+    let commands: &[&[&str]] = &[
+        &["format", url],
+        &["copy", url, plain],
+        &["copy", plain, url],
+        &["import", mnt, url],
+        &["serve", "--socket-path", sock, "--store", url],
+        &["mount", "--store", url, mnt],
+        &["check", "--store", url],
+        &["bench-store", "--store", url],
+        &["store", "--listen", "127.0.0.1:0", "--data", url],
+        &["snapshot", "create", url, "base"],
+        &["snapshot", "list", url],
+        &["snapshot", "delete", url, "base"],
+        &["clone", snap, plain],
+        &[
+            "clone",
+            "s3://bucket/vol@base?endpoint=http://127.0.0.1:9",
+            url,
+        ],
+        &["clone", "--delete", url],
+    ];
+    for argv in commands {
+        let out = run(argv);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{argv:?}: {err}");
+        assert!(err.contains("secret_access_key"), "{argv:?}: {err}");
+        assert!(
+            !err.contains("hunter2"),
+            "{argv:?} echoed the secret: {err}"
+        );
+    }
+}
