@@ -272,6 +272,98 @@ fn clones_keep_the_capacity(url: &dyn Fn(&str) -> String) {
     s.close().unwrap();
 }
 
+/// Every key under `prefix` but SlateDB's manifests (each checkpoint
+/// written or stripped is a new manifest version, which only the
+/// engine's collector removes).
+fn keys_but_manifests(s: &SlateStore, prefix: &str) -> BTreeSet<String> {
+    let store = s.objects.as_ref().unwrap().store().clone();
+    s.rt().unwrap().block_on(async {
+        let mut dirs = vec![object_store::path::Path::from(prefix)];
+        let mut keys = BTreeSet::new();
+        while let Some(dir) = dirs.pop() {
+            let listed = store.list_with_delimiter(Some(&dir)).await.unwrap();
+            keys.extend(
+                listed
+                    .objects
+                    .into_iter()
+                    .map(|m| m.location.to_string())
+                    .filter(|k| !k.contains("/manifest/")),
+            );
+            dirs.extend(listed.common_prefixes);
+        }
+        keys
+    })
+}
+
+/// The ids of the checkpoints the engine at `prefix` holds.
+fn checkpoints_at(s: &SlateStore, prefix: &str) -> BTreeSet<uuid::Uuid> {
+    let store = s.objects.as_ref().unwrap().store().clone();
+    s.rt().unwrap().block_on(async {
+        slatedb::admin::AdminBuilder::new(prefix.to_string(), store)
+            .build()
+            .list_checkpoints(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    })
+}
+
+/// CI jobs, each a clone of the golden volume's snapshot opened, written,
+/// closed and deleted, leave nothing behind: the same objects in the
+/// bucket as before the first (manifest versions aside), the same
+/// checkpoints in the golden volume's engine and only the pinned one in
+/// the snapshot's, and the snapshot as the golden volume's only holder.
+fn jobs_leave_nothing_behind(url: &dyn Fn(&str) -> String) {
+    const JOBS: u8 = 6;
+    let v = url("volumes/golden-ci");
+    let s = SlateStore::open(&v).expect("open s3 volume");
+    commit(&s, vec![write_op(10, 0, &pattern(1, CHUNK))]);
+    s.take_object_snapshot("base").expect("take snapshot");
+    let o = s.objects.as_ref().unwrap();
+    let gold = o.db_path().to_string();
+    let snap = s3_snapshot::snapshot_prefix(&gold, "base").unwrap();
+    let bucket = gold.rsplit_once('/').map_or("", |(b, _)| b).to_string();
+    let before = keys_but_manifests(&s, &bucket);
+    let gold_checkpoints = checkpoints_at(&s, &gold);
+    let (pinned, _) = checkpoints_of_snapshot(&s, "base");
+    for job in 0..JOBS {
+        let c = url(&format!("volumes/job{job}"));
+        s3_snapshot::clone_from(&v, "base", &c).expect("clone");
+        let cl = SlateStore::open(&c).expect("open clone");
+        assert_eq!(read(&cl, 10, 0, CHUNK), pattern(1, CHUNK));
+        commit(&cl, vec![write_op(10, 0, &pattern(job + 2, CHUNK))]);
+        commit(&cl, vec![write_op(11, 0, &pattern(job + 3, CHUNK))]);
+        cl.close().unwrap();
+        s3_snapshot::delete_clone(&c).expect("delete clone");
+    }
+    assert_eq!(keys_but_manifests(&s, &bucket), before);
+    assert_eq!(checkpoints_at(&s, &gold), gold_checkpoints);
+    assert_eq!(
+        checkpoints_at(&s, &snap),
+        pinned.into_iter().collect::<BTreeSet<_>>()
+    );
+    let rt = s.rt().unwrap();
+    let holders = rt
+        .block_on(lineage::registrations(&**o.store(), &gold))
+        .unwrap();
+    assert_eq!(
+        holders
+            .iter()
+            .map(|r| r.holder.as_str())
+            .collect::<Vec<_>>(),
+        [snap.as_str()]
+    );
+    assert!(rt
+        .block_on(lineage::registrations(&**o.store(), &snap))
+        .unwrap()
+        .is_empty());
+    assert_eq!(read(&s, 10, 0, CHUNK), pattern(1, CHUNK));
+    s3_snapshot::delete(&v, "base").expect("delete snapshot");
+    s.close().unwrap();
+}
+
 /// A registration whose holder never became complete (a crash half
 /// way) keeps every object below its bound through the sweep, and `check`
 /// says so; once it is gone, the next sweep frees them.
@@ -333,6 +425,7 @@ fn s3_snapshots_and_clones_on_moto() {
     incomplete_holders_keep_everything_below_their_bound(&|p| moto.url(p));
     commands_take_turns(&|p| moto.url(p));
     clones_keep_the_capacity(&|p| moto.url(p));
+    jobs_leave_nothing_behind(&|p| moto.url(p));
 }
 
 #[test]
