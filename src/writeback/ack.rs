@@ -209,8 +209,8 @@ pub(super) fn on_result(
                     if servers > 1 {
                         shared.metrics.txn_failovers.inc();
                     }
-                    // Every server said no: do not spin.
-                    t.not_before = Some(now + backoff(t.attempts / servers as u32));
+                    t.not_before =
+                        elsewhere_wait(t.attempts, servers as u32).map(|wait| now + wait);
                 }
                 SendError::Refused(_) => {
                     t.not_before = Some(now + REFUSED_RETRY);
@@ -258,6 +258,16 @@ fn landed(st: &mut State, id: u64, bytes: u64) {
 /// doubling up to 1.28 s from the sixth attempt on.
 pub(super) fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(20 << attempts.min(6))
+}
+
+/// The wait before a transaction told "go elsewhere" after `attempts`
+/// attempts goes to the next of `servers`: none while it has not tried
+/// as many times as there are servers (the next one may take it at
+/// once), else a backoff, so that a transaction every server refuses
+/// does not spin.
+fn elsewhere_wait(attempts: u32, servers: u32) -> Option<Duration> {
+    let servers = servers.max(1);
+    (attempts >= servers).then(|| backoff(attempts / servers))
 }
 
 /// The store refused transaction `id` for lack of space, so none of it was
@@ -429,4 +439,22 @@ fn complete(shared: &Arc<Shared>, st: &mut State, id: u64) {
         shared.nudge(st, None);
     }
     debug!(txn = id, age = ?t.formed.elapsed(), "transaction acknowledged");
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use super::*;
+
+    #[test]
+    fn go_elsewhere_moves_at_once_until_every_server_said_no() {
+        // Two servers: the first refusal moves on at once; from the
+        // second on (both said no) the backoff doubles as before.
+        assert_eq!(elsewhere_wait(1, 2), None);
+        assert_eq!(elsewhere_wait(2, 2), Some(backoff(1)));
+        assert_eq!(elsewhere_wait(3, 2), Some(backoff(1)));
+        assert_eq!(elsewhere_wait(4, 2), Some(backoff(2)));
+        // One server: every refusal waits.
+        assert_eq!(elsewhere_wait(1, 1), Some(backoff(1)));
+        assert_eq!(elsewhere_wait(0, 0), None);
+    }
 }
