@@ -137,8 +137,8 @@ struct StoreArgs {
     /// Volumes open at most.
     #[arg(long, default_value_t = 64)]
     max_volumes: usize,
-    /// Seconds an authenticated connection may send nothing before it is
-    /// closed.
+    /// Seconds an authenticated connection may send nothing, or read none
+    /// of its replies, before it is closed.
     #[arg(long, default_value_t = 600)]
     idle_timeout_secs: u64,
     /// Seconds a connection has to finish its TLS and protocol handshakes.

@@ -388,6 +388,86 @@ fn a_client_that_stops_reading_holds_back_no_other() {
     assert!(unread(&slow.stream) >= piled);
 }
 
+/// Many clients that stop reading (more than the server's blocking
+/// threads could serve if each held its requests' threads: 10 × 64 >
+/// 512) hold none of them: a reply waits for its connection's writer
+/// without a thread, and another client is served as before.
+#[test]
+fn clients_that_stop_reading_hold_no_server_threads() {
+    const KIB: u32 = 1 << 10;
+    const SLOW: usize = 10;
+    let dir = workdir("slow-readers");
+    let server = start_server(
+        &dir,
+        "a",
+        &format!("file://{}/volumes", dir.path().display()),
+    );
+    let mut first = Raw::connect(server.addr(), SECRET, "slow").unwrap();
+    claim(&mut first);
+    let data = vec![0x3c; 1 << 20];
+    let put = first.call(&Request::Txn {
+        txn_id: 1,
+        low_water: 1,
+        txn: write_txn(300, &data),
+    });
+    assert!(matches!(put, Response::TxnAck { .. }), "{put:?}");
+    // Each slow client: more reads than its in-flight bound (64), more
+    // reply bytes than both ends' socket buffers hold.
+    let mut burst = Vec::new();
+    for i in 0..160u32 {
+        let req = Request::Read {
+            ino: 300,
+            offset: u64::from(i % 4) * 256 * u64::from(KIB),
+            len: 256 * KIB,
+        };
+        burst.extend_from_slice(&req.to_frame(u64::from(i) + 10).encode());
+    }
+    let mut slow = vec![first];
+    while slow.len() < SLOW {
+        slow.push(Raw::connect(server.addr(), SECRET, "slow").unwrap());
+    }
+    for s in &mut slow {
+        s.send_bytes(&burst);
+    }
+    for (i, s) in slow.iter().enumerate() {
+        pohmelfs_testkit::wait_until(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(10),
+            || unread(&s.stream) >= 32 << 10,
+        )
+        .unwrap_or_else(|| panic!("slow client {i} was never answered"));
+    }
+    // Every slow connection's replies are queued now, and its requests
+    // beyond them wait for its in-flight bound. (Raw's reads give up
+    // after 30 s: a server out of threads fails the test, not hangs it.)
+    let mut fast = Raw::connect(server.addr(), SECRET, "fast").unwrap();
+    claim(&mut fast);
+    for i in 0..10u64 {
+        let body = vec![i as u8; 64 << 10];
+        let ack = fast.call(&Request::Txn {
+            txn_id: i + 1,
+            low_water: i + 1,
+            txn: write_txn(400 + i, &body),
+        });
+        assert!(
+            matches!(ack, Response::TxnAck { .. }),
+            "commit {i}: {ack:?}"
+        );
+        let got = fast.call(&Request::Read {
+            ino: 400 + i,
+            offset: 0,
+            len: 64 << 10,
+        });
+        assert!(
+            matches!(&got, Response::Data(d) if *d == body),
+            "read {i} did not return what was committed"
+        );
+    }
+    for s in &slow {
+        assert!(unread(&s.stream) >= 32 << 10);
+    }
+}
+
 /// A daemon that opens a `pohmel://` volume is its only writer: the server
 /// removes the inodes a crashed daemon left unlinked but open (their
 /// orphan marks), except those the opener says a migrated guest session

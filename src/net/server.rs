@@ -29,7 +29,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::net::credentials::Credentials;
@@ -41,6 +41,7 @@ use crate::store::StoreError;
 pub use writer::WRITER_LEASE;
 use writer::{Claimed, Served};
 
+mod connection;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fuzz;
 mod handshake;
@@ -48,7 +49,6 @@ mod staging;
 mod volumes;
 mod writer;
 
-use staging::{Staging, Step};
 use volumes::Volumes;
 
 /// How long a new connection may take to finish its TLS and protocol
@@ -409,6 +409,8 @@ enum ConnError {
     Handshake(String),
     #[error("idle for {0:?}: closed")]
     Idle(Duration),
+    #[error("the peer read no reply for {0:?}: closed")]
+    NotReading(Duration),
 }
 
 async fn next_request<R: AsyncRead + Unpin>(
@@ -429,11 +431,11 @@ async fn serve_connection(
         let s = handshake::handshake(&mut rd, &mut wr, shared).await?;
         Ok::<_, ConnError>((rd, wr, s))
     };
-    let (mut rd, mut wr, session) =
-        match tokio::time::timeout(shared.cfg.handshake_timeout, started).await {
-            Err(_) => return Err(ConnError::HandshakeTimeout),
-            Ok(r) => r?,
-        };
+    let (rd, wr, session) = match tokio::time::timeout(shared.cfg.handshake_timeout, started).await
+    {
+        Err(_) => return Err(ConnError::HandshakeTimeout),
+        Ok(r) => r?,
+    };
     drop(handshaking);
     info!(
         %peer,
@@ -442,98 +444,7 @@ async fn serve_connection(
         session = format_args!("{:016x}", session.session),
         "client authenticated"
     );
-    let stored = session.stored;
-    let cfg = &shared.cfg;
-    // The session is alive while this connection is open and sends frames
-    // (the writer lease, `writer.rs`).
-    let present = session.volume.connected(stored, session.session, peer);
-
-    // Replies go through one writer task so concurrent requests interleave
-    // whole frames.
-    let (tx, mut rx) = mpsc::channel::<Frame>(cfg.max_in_flight as usize);
-    let writer = tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if write_frame(&mut wr, &f).await.is_err() {
-                break;
-            }
-            // A Read answer's payload is a pooled buffer: the next one
-            // writes over it (`net/buffers.rs`).
-            crate::net::buffers::give(f.payload);
-        }
-    });
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight as usize));
-    let mut staging = Staging::new(Arc::clone(&shared.staged_bytes));
-    let mut pruned = 0u64;
-    let result = loop {
-        // A timeout here abandons a frame half read: the connection closes
-        // either way (the replies still in flight go out first).
-        let next = match tokio::time::timeout(cfg.idle_timeout, next_request(&mut rd)).await {
-            Err(_) => break Err(ConnError::Idle(cfg.idle_timeout)),
-            Ok(n) => n,
-        };
-        let (id, req) = match next {
-            Ok(Some(r)) => {
-                present.seen();
-                r
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => {
-                // Tell the peer why before closing: a desynchronised stream
-                // cannot be trusted further.
-                let _ = tx
-                    .send(Response::error(ErrorCode::BadRequest, e.to_string()).to_frame(0))
-                    .await;
-                break Err(e.into());
-            }
-        };
-        // Stages are taken here, in frame order, before the next frame is
-        // read: a transaction finds every stage its client sent before it.
-        let req = match staging.step(req, || session.volume.is_writer(stored)) {
-            Step::Serve(req) => req,
-            Step::Answer(resp) => {
-                if tx.send(resp.to_frame(id)).await.is_err() {
-                    break Ok(());
-                }
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-            break Ok(());
-        };
-        let Ok(global) = Arc::clone(&shared.requests).acquire_owned().await else {
-            break Ok(());
-        };
-        let prune_below = match &req {
-            Request::Txn { low_water, .. } if *low_water >= pruned + 64 => {
-                pruned = *low_water;
-                Some(*low_water)
-            }
-            _ => None,
-        };
-        let (volume, tx) = (Arc::clone(&session.volume), tx.clone());
-        // Served on a blocking thread, which queues the answer itself: no
-        // task waits for it only to pass it on (a wake-up fewer per
-        // request, most of a small read's cost on these machines).
-        let _detached = tokio::task::spawn_blocking(move || {
-            if let Some(below) = prune_below {
-                if let Err(e) = volume.store.prune_applied(stored, below) {
-                    warn!(error = %crate::ErrorChain(&e), "could not prune applied records");
-                }
-            }
-            let served = std::panic::AssertUnwindSafe(|| answer(&volume, stored, req, id));
-            let resp = std::panic::catch_unwind(served).unwrap_or_else(|_| {
-                Response::error(ErrorCode::Io, "request task failed: it panicked").to_frame(id)
-            });
-            let _ = tx.blocking_send(resp);
-            drop((permit, global));
-        });
-    };
-    // The session's connection is gone from the lease before the client
-    // sees the stream end (`Conn::close` waits for that).
-    drop((tx, present));
-    let _ = writer.await;
-    drop(session);
-    result
+    connection::serve_requests(rd, wr, session, shared, peer).await
 }
 
 fn store_error(e: &StoreError) -> Response {
