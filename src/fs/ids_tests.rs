@@ -1,6 +1,7 @@
 //! Inode ids reserved ahead: a create finds the next range ready when its
 //! range runs out, ids keep increasing, and a store that cannot reserve
-//! costs one attempt ahead, not one per create.
+//! costs one attempt ahead, not one per create; a range past the end of
+//! the id space is refused.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,4 +80,39 @@ fn ids_are_reserved_ahead_and_keep_increasing() {
         Ahead::Idle,
         "reservations ahead resume"
     );
+}
+
+/// A store that reserves ids at the very end of the id space, as no honest
+/// one does.
+struct EndOfIdSpace(MemStore);
+
+impl crate::store::Store for EndOfIdSpace {
+    crate::store::delegate::delegate_store!(0: metadata_reads, read, commit, sync);
+
+    fn describe(&self) -> String {
+        "end of the id space".into()
+    }
+
+    fn reserve_ids(&self, _count: u64) -> Result<u64, StoreError> {
+        Ok(u64::MAX - 100)
+    }
+}
+
+/// A reserved range that would run past the end of the id space (a broken
+/// or hostile store server's answer) fails the create that needed it: its
+/// ids would wrap round to the root's and the reserved ones.
+#[test]
+fn a_range_past_the_end_of_the_id_space_is_refused() {
+    let fs = PohmelFs::new(
+        Arc::new(EndOfIdSpace(MemStore::new(64 << 20))),
+        FsConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let e = fs.alloc_id().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e:?}");
+        let why = crate::ErrorChain(&e).to_string();
+        assert!(why.contains("past the end of the id space"), "{why}");
+    }
 }

@@ -68,6 +68,21 @@ const ORPHANS_PER_TXN: usize = 1024;
 /// when it stops cost nothing.
 const ID_BATCH: u64 = 1 << 16;
 
+/// The ids `first..first + ID_BATCH` a store reserved, refused when they
+/// would run past the end of the id space (a store that answered so is
+/// broken or hostile: wrapped ids would name the root and reserved
+/// inodes).
+fn id_range(first: u64) -> Result<(u64, u64), crate::store::StoreError> {
+    first
+        .checked_add(ID_BATCH)
+        .map(|end| (first, end))
+        .ok_or_else(|| {
+            crate::store::StoreError::Corrupt(format!(
+                "the store reserved ids from {first}, past the end of the id space"
+            ))
+        })
+}
+
 /// Guest references to inodes, and the unlinked inodes they keep alive.
 #[derive(Default)]
 struct Refs {
@@ -271,11 +286,11 @@ impl PohmelFs {
             let (first, end) = match ids.spare.take() {
                 Some(spare) => spare,
                 None => {
-                    let first = self.store.reserve_ids(ID_BATCH)?;
+                    let range = id_range(self.store.reserve_ids(ID_BATCH)?)?;
                     if ids.ahead == Ahead::Failed {
                         ids.ahead = Ahead::Idle;
                     }
-                    (first, first + ID_BATCH)
+                    range
                 }
             };
             ids.next = first;
@@ -299,13 +314,13 @@ impl PohmelFs {
         let spawned = std::thread::Builder::new()
             .name("pohmelfs-ids".into())
             .spawn(move || {
-                let reserved = store.reserve_ids(ID_BATCH);
+                let reserved = store.reserve_ids(ID_BATCH).and_then(id_range);
                 let mut ids = lock(&shared);
                 match reserved {
-                    Ok(first) => {
+                    Ok((first, end)) => {
                         ids.ahead = Ahead::Idle;
                         if first >= ids.end {
-                            ids.spare = Some((first, first + ID_BATCH));
+                            ids.spare = Some((first, end));
                         }
                     }
                     Err(e) => {
