@@ -199,13 +199,13 @@ impl PohmelFs {
             }
             if sdir {
                 r.sinode.parent = r.newdir;
-                r.odir.nlink -= 1;
-                ndir.nlink += 1;
+                r.odir.nlink = r.odir.nlink.saturating_sub(1);
+                ndir.nlink = ndir.nlink.saturating_add(1);
             }
             if ddir {
                 dinode.parent = r.olddir;
-                ndir.nlink -= 1;
-                r.odir.nlink += 1;
+                ndir.nlink = ndir.nlink.saturating_sub(1);
+                r.odir.nlink = r.odir.nlink.saturating_add(1);
             }
         }
         r.txn.push(Op::PutDirent {
@@ -237,9 +237,10 @@ impl PohmelFs {
                     return errno!(ENOTEMPTY);
                 }
                 dinode.nlink = 0;
-                r.new_dir_mut().nlink -= 1;
+                let new_dir = r.new_dir_mut();
+                new_dir.nlink = new_dir.nlink.saturating_sub(1);
             }
-            (false, false) => dinode.nlink -= 1,
+            (false, false) => dinode.nlink = dinode.nlink.saturating_sub(1),
         }
         dinode.ctime = r.now;
         if dinode.nlink == 0 {
@@ -266,8 +267,8 @@ impl PohmelFs {
         // allowed to write it.
         check_access(ctx, &r.sinode, MAY_WRITE)?;
         r.sinode.parent = r.newdir;
-        r.odir.nlink -= 1;
-        ndir.nlink += 1;
+        r.odir.nlink = r.odir.nlink.saturating_sub(1);
+        ndir.nlink = ndir.nlink.saturating_add(1);
         Ok(())
     }
 

@@ -14,6 +14,11 @@ use super::handles::OpenFile;
 use super::{lock, PohmelFs};
 use crate::store::ROOT_INO;
 
+/// The largest lookup count and next file handle a session's state may
+/// carry: they only ever count up by one from there, so no count or
+/// handle of the session can wrap (a guest's kernel never comes near).
+const IMPORTED_MAX: u64 = u64::MAX / 2;
+
 /// A guest session, as exported by the source and imported by the
 /// destination.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -139,7 +144,11 @@ impl PohmelFs {
         }
         let mut lookups = HashMap::with_capacity(s.lookups.len());
         for &(ino, count) in &s.lookups {
-            if ino == ROOT_INO || count == 0 || lookups.insert(ino, count).is_some() {
+            if ino == ROOT_INO
+                || count == 0
+                || count > IMPORTED_MAX
+                || lookups.insert(ino, count).is_some()
+            {
                 return Err(SessionError::BadLookup(ino));
             }
         }
@@ -148,6 +157,9 @@ impl PohmelFs {
             if !lookups.contains_key(&ino) || !orphans.insert(ino) {
                 return Err(SessionError::BadOrphan(ino));
             }
+        }
+        if s.next_handle > IMPORTED_MAX {
+            return Err(SessionError::BadHandle(s.next_handle));
         }
         let mut seen = HashSet::with_capacity(s.handles.len());
         for &(h, _) in &s.handles {
@@ -273,6 +285,16 @@ mod tests {
         assert_eq!(
             dst.import_session(s),
             Err(SessionError::BadLookup(ROOT_INO))
+        );
+        // Counts and handles that could wrap as the session goes on.
+        let mut s = state(FsOptions::ASYNC_READ);
+        s.lookups[0].1 = u64::MAX;
+        assert_eq!(dst.import_session(s), Err(SessionError::BadLookup(5)));
+        let mut s = state(FsOptions::ASYNC_READ);
+        s.next_handle = u64::MAX;
+        assert_eq!(
+            dst.import_session(s),
+            Err(SessionError::BadHandle(u64::MAX))
         );
         assert_eq!(dst.export_session(), Err(SessionError::NoSession));
     }
