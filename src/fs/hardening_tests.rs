@@ -123,3 +123,76 @@ fn the_guest_holds_at_most_max_referenced_inodes() {
     let r = fs.readdirplus(&root(), ROOT_INO, 0, 4096, from, &mut |_, _| Ok(1));
     assert_eq!(errno(r), libc::ENFILE);
 }
+
+/// A store whose listing never moves on: every batch is the same entry,
+/// of an inode it does not have (a damaged volume, a hostile server).
+struct StuckListing(MemStore);
+
+impl Store for StuckListing {
+    crate::store::delegate::delegate_store!(
+        0: get_inode,
+        lookup,
+        next_data,
+        next_hole,
+        readlink,
+        get_xattr,
+        list_xattr,
+        statfs,
+        reserve_ids,
+        read,
+        commit,
+        sync,
+    );
+
+    fn readdir(
+        &self,
+        _parent: u64,
+        _after: u64,
+        _max: usize,
+    ) -> Result<Vec<crate::store::Dirent>, crate::store::StoreError> {
+        Ok(vec![crate::store::Dirent {
+            name: b"ghost".to_vec(),
+            ino: 999,
+            kind: crate::store::FileKind::Regular,
+            cookie: 100,
+        }])
+    }
+
+    fn describe(&self) -> String {
+        "stuck listing".into()
+    }
+}
+
+/// A listing whose cookies do not grow ends in EIO instead of asking the
+/// store again for ever (readdirplus skips the missing inode and would
+/// never fill its reply).
+#[test]
+fn a_listing_that_does_not_move_on_is_eio() {
+    let fs = Arc::new(
+        PohmelFs::new(
+            Arc::new(StuckListing(MemStore::new(1 << 20))),
+            FsConfig::default(),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap(),
+    );
+    for plus in [true, false] {
+        let fs = Arc::clone(&fs);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut add = |_: DirEntry, _: Entry| Ok(1);
+            let r = if plus {
+                fs.readdirplus(&root(), ROOT_INO, 0, 4096, 2, &mut add)
+            } else {
+                fs.readdir(&root(), ROOT_INO, 0, 4096, 2, &mut |d| {
+                    add(d, Entry::default())
+                })
+            };
+            let _ = tx.send(errno(r));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the listing never ended");
+        assert_eq!(got, libc::EIO, "readdirplus: {plus}");
+    }
+}

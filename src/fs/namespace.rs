@@ -12,7 +12,9 @@ use super::attr::{
 use super::error::{errno, FsError, FsResult};
 use super::handles::OpenFile;
 use super::{lock, PohmelFs};
-use crate::store::{Dirent, FileKind, Inode, Op, Timestamp, Txn, FIRST_FREE_ID, SYMLINK_MAX};
+use crate::store::{
+    Dirent, FileKind, Inode, Op, StoreError, Timestamp, Txn, FIRST_FREE_ID, SYMLINK_MAX,
+};
 
 /// The most hard links one inode may have.
 const LINK_MAX: u32 = 65_000;
@@ -386,6 +388,15 @@ impl PohmelFs {
                 return Ok(());
             }
             for d in batch {
+                // Cookies only grow: a store whose listing does not move
+                // on (damaged, or a hostile server) would keep this loop
+                // asking for ever.
+                if d.cookie <= after {
+                    return Err(FsError::Store(StoreError::Corrupt(format!(
+                        "directory {ino}: the store listed cookie {} after {after}",
+                        d.cookie
+                    ))));
+                }
                 after = d.cookie;
                 let added = if plus {
                     // A racing unlink may have removed the inode: skip it.
