@@ -286,10 +286,32 @@ pub async fn exists(store: &dyn ObjectStore, db_path: &str) -> object_store::Res
     Ok(!listed.objects.is_empty())
 }
 
+/// The most bytes of a small object this module and its neighbours read
+/// whole (holder record, settings, lineage, registrations, the snapshot
+/// lock): each is a few hundred bytes; a larger one is refused before it
+/// is read, whoever could write the bucket or directory.
+pub const SMALL_OBJECT_MAX: u64 = 1 << 20;
+
+/// The body of a small object, refused when it is over
+/// [`SMALL_OBJECT_MAX`].
+pub(super) async fn small_body(got: object_store::GetResult) -> object_store::Result<bytes::Bytes> {
+    if got.meta.size > SMALL_OBJECT_MAX {
+        return Err(object_store::Error::Generic {
+            store: "pohmelfs",
+            source: format!(
+                "{}: {} bytes, more than the {SMALL_OBJECT_MAX} such a record may have",
+                got.meta.location, got.meta.size
+            )
+            .into(),
+        });
+    }
+    got.bytes().await
+}
+
 async fn read(store: &dyn ObjectStore, path: &ObjectPath) -> object_store::Result<Option<String>> {
     match store.get(path).await {
         Ok(got) => {
-            let bytes = got.bytes().await?;
+            let bytes = small_body(got).await?;
             Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -417,7 +439,7 @@ pub async fn renew(
                     e_tag: got.meta.e_tag.clone(),
                     version: got.meta.version.clone(),
                 };
-                let bytes = got.bytes().await?;
+                let bytes = small_body(got).await?;
                 (
                     Holder::parse(&String::from_utf8_lossy(&bytes)),
                     Some(version),
@@ -521,6 +543,25 @@ mod tests {
         h.standby = true;
         assert_eq!(Holder::parse(&h.encode()), Some(h));
         assert_eq!(Holder::parse("garbage"), None);
+    }
+
+    /// A record far larger than any real one is refused before it is
+    /// read, not read whole (each lease renewal reads the record again).
+    #[test]
+    fn an_oversized_record_is_refused_unread() {
+        let store = object_store::memory::InMemory::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let huge = vec![b'x'; SMALL_OBJECT_MAX as usize + 1];
+        rt.block_on(store.put(&child("v", HOLDER), PutPayload::from(huge)))
+            .unwrap();
+        let e = rt.block_on(read_holder(&store, "v")).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        let fits = Holder::this_process().encode().into_bytes();
+        rt.block_on(store.put(&child("v", HOLDER), PutPayload::from(fits)))
+            .unwrap();
+        assert!(rt.block_on(read_holder(&store, "v")).unwrap().is_some());
     }
 
     #[test]

@@ -209,7 +209,9 @@ async fn get_text(
 ) -> Result<Option<String>, LineageError> {
     match store.get(path).await {
         Ok(got) => {
-            let bytes = got.bytes().await.map_err(LineageError::Store)?;
+            let bytes = super::holder::small_body(got)
+                .await
+                .map_err(LineageError::Store)?;
             Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),

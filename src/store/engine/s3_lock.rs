@@ -88,7 +88,7 @@ pub async fn acquire(
                             e_tag: got.meta.e_tag.clone(),
                             version: got.meta.version.clone(),
                         };
-                        let text = got.bytes().await.map_err(object_err)?;
+                        let text = holder::small_body(got).await.map_err(object_err)?;
                         let held = std::str::from_utf8(&text)
                             .ok()
                             .and_then(Holder::parse)
