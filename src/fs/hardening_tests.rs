@@ -196,3 +196,36 @@ fn a_listing_that_does_not_move_on_is_eio() {
         assert_eq!(got, libc::EIO, "readdirplus: {plus}");
     }
 }
+
+/// A guest may nest directories deeper than any fixed bound: a rename
+/// into the deepest one works (the ancestor walk has no depth limit).
+/// A parent chain that loops (a damaged volume) is EIO, not a hang.
+#[test]
+fn renames_know_deep_trees_from_loops() {
+    let (fs, store) = super::new_fs();
+    let mut dir = ROOT_INO;
+    for _ in 0..5000 {
+        dir = fs.mkdir(&root(), dir, &c("d"), 0o755, 0).unwrap().inode;
+    }
+    let x = fs.mkdir(&root(), ROOT_INO, &c("x"), 0o755, 0).unwrap();
+    fs.rename(&root(), ROOT_INO, &c("x"), dir, &c("x"), 0)
+        .unwrap();
+    assert_eq!(fs.lookup(&root(), dir, &c("x")).unwrap().inode, x.inode);
+
+    let a = fs.mkdir(&root(), ROOT_INO, &c("a"), 0o755, 0).unwrap();
+    let b = fs.mkdir(&root(), a.inode, &c("b"), 0o755, 0).unwrap();
+    fs.mkdir(&root(), ROOT_INO, &c("m"), 0o755, 0).unwrap();
+    let mut looped = store.get_inode(a.inode).unwrap().unwrap();
+    looped.parent = b.inode;
+    store
+        .commit(crate::store::Txn {
+            ops: vec![crate::store::Op::PutInode(looped)],
+        })
+        .unwrap();
+    // The daemon's cached attributes would hide the damage: a fresh one.
+    let fs = PohmelFs::new(store, FsConfig::default(), Arc::new(Metrics::default())).unwrap();
+    assert_eq!(
+        errno(fs.rename(&root(), ROOT_INO, &c("m"), b.inode, &c("m"), 0)),
+        libc::EIO
+    );
+}

@@ -36,10 +36,14 @@ impl Renaming {
 }
 
 impl PohmelFs {
-    /// True if `ancestor` is `dir` or one of its ancestors.
+    /// True if `ancestor` is `dir` or one of its ancestors. A guest may
+    /// nest directories as deep as it likes, so the walk has no depth
+    /// bound; a corrupt parent chain that loops is found instead (Brent's
+    /// cycle detection: a mark moved to the walk's position at each power
+    /// of two steps), within twice the loop's length and start.
     fn is_ancestor(&self, ancestor: u64, mut dir: u64) -> FsResult<bool> {
-        // Bounded walk: a corrupt parent chain must not loop forever.
-        for _ in 0..4096 {
+        let (mut mark, mut power, mut steps) = (dir, 1u64, 0u64);
+        loop {
             if dir == ancestor {
                 return Ok(true);
             }
@@ -47,10 +51,16 @@ impl PohmelFs {
                 return Ok(false);
             }
             dir = self.inode(dir)?.parent;
+            if dir == mark {
+                return Err(FsError::Store(crate::store::StoreError::Corrupt(format!(
+                    "directory {dir}: its parent chain loops"
+                ))));
+            }
+            steps += 1;
+            if steps == power {
+                (mark, power, steps) = (dir, power.saturating_mul(2), 0);
+            }
         }
-        Err(FsError::Store(crate::store::StoreError::Corrupt(
-            "directory parent chain does not reach the root".into(),
-        )))
     }
 
     /// rename(2) with RENAME_NOREPLACE or RENAME_EXCHANGE: validate the
