@@ -9,11 +9,9 @@ use fuse_backend_rs::api::filesystem::{Context, GetxattrReply, ListxattrReply};
 use super::attr::{check_access, is_owner, MAY_READ, MAY_WRITE};
 use super::error::{errno, FsError, FsResult};
 use super::PohmelFs;
-use crate::store::{FileKind, Inode, Op, Timestamp, Txn, XATTR_NAME_MAX, XATTR_VALUE_MAX};
-
-/// The most bytes the NUL-separated name list of one inode may take
-/// (Linux's XATTR_LIST_MAX).
-const XATTR_LIST_MAX: usize = 64 * 1024;
+use crate::store::{
+    FileKind, Inode, Op, Timestamp, Txn, XATTR_LIST_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
+};
 
 const XATTR_CREATE: u32 = 1;
 const XATTR_REPLACE: u32 = 2;

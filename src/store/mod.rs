@@ -116,6 +116,11 @@ pub const XATTR_NAME_MAX: usize = 255;
 /// The largest extended attribute value, in bytes (Linux's XATTR_SIZE_MAX).
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
 
+/// The most bytes the NUL-separated name list of one inode may take
+/// (Linux's XATTR_LIST_MAX): the filesystem refuses a name beyond it, and
+/// the embedded engine lists no more.
+pub const XATTR_LIST_MAX: usize = 64 * 1024;
+
 /// The type of an inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileKind {

@@ -44,7 +44,7 @@ impl SlateStore {
     /// Visit the key-value pairs of `range` in key order, as of every
     /// acknowledged commit (as [`SlateStore::get`]), while `visit` says to
     /// go on.
-    async fn scan_each(
+    pub(super) async fn scan_each(
         &self,
         range: std::ops::Range<Vec<u8>>,
         mut visit: impl FnMut(bytes::Bytes, bytes::Bytes) -> bool,

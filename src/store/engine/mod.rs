@@ -462,12 +462,32 @@ impl Store for SlateStore {
     }
 
     fn list_xattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        // Names only, values dropped as the scan passes them (each may be
+        // 64 KiB), and no more names than a list may hold: a store
+        // server's writer could set any number.
         self.rt()?.block_on(async {
-            self.scan(keys::xattrs_of(ino), usize::MAX)
-                .await?
-                .iter()
-                .map(|(k, _)| Ok(keys::decode_xattr(k)?.1.to_vec()))
-                .collect()
+            let (mut names, mut listed, mut bad) = (Vec::new(), 0usize, None);
+            self.scan_each(keys::xattrs_of(ino), |k, _| {
+                match keys::decode_xattr(&k) {
+                    Ok((_, name)) => {
+                        listed += name.len() + 1;
+                        names.push(name.to_vec());
+                    }
+                    Err(e) => bad = Some(e),
+                }
+                bad.is_none() && listed <= crate::store::XATTR_LIST_MAX
+            })
+            .await?;
+            if let Some(e) = bad {
+                return Err(e.into());
+            }
+            if listed > crate::store::XATTR_LIST_MAX {
+                return Err(StoreError::Corrupt(format!(
+                    "inode {ino}: more than {} bytes of extended attribute names",
+                    crate::store::XATTR_LIST_MAX
+                )));
+            }
+            Ok(names)
         })
     }
 

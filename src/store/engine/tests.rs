@@ -558,3 +558,31 @@ fn cached_chunk_records_follow_every_change() {
     model.fill(0);
     check(&model, "the inode's removal");
 }
+
+/// The names of an inode's extended attributes are listed without their
+/// values, and no more than a list may hold: a store server's writer may
+/// set any number (the filesystem refuses a name past the list's bound).
+#[test]
+fn xattr_names_are_listed_up_to_the_list_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = temp_volume(&dir, "");
+    let set = |from: usize, to: usize| -> Vec<Op> {
+        (from..to)
+            .map(|i| Op::SetXattr {
+                ino: 22,
+                name: format!("user.{i:0250}").into_bytes(),
+                value: vec![7; 4096],
+            })
+            .collect()
+    };
+    let mut ops = vec![Op::PutInode(inode(22, FileKind::Regular))];
+    // 255 bytes a name, with its NUL 256: 256 of them fill 64 KiB.
+    ops.extend(set(0, 256));
+    commit(&s, ops);
+    let names = s.list_xattr(22).unwrap();
+    assert_eq!(names.len(), 256);
+    assert_eq!(names[0], format!("user.{:0250}", 0).into_bytes());
+    commit(&s, set(256, 257));
+    let e = s.list_xattr(22).unwrap_err();
+    assert!(e.to_string().contains("extended attribute names"), "{e}");
+}
