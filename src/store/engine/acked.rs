@@ -17,6 +17,8 @@ impl SlateStore {
     /// in the commit log but not yet in the engine decides first (a key
     /// leaves that overlay only once the engine has it).
     pub(super) async fn get(&self, key: Vec<u8>) -> Result<Option<bytes::Bytes>, StoreError> {
+        #[cfg(test)]
+        let _gate = self.read_gate.read().await;
         if let Some(v) = self.log_queue.unapplied(&key) {
             return Ok(v);
         }

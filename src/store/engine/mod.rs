@@ -230,6 +230,9 @@ pub struct SlateStore {
     /// The holder record this instance wrote (`holder.rs`), removed at
     /// close.
     lease: Option<lease::Lease>,
+    /// Held for writing by a test to stall every engine read.
+    #[cfg(test)]
+    read_gate: Arc<tokio::sync::RwLock<()>>,
     /// Declared last: dropped after the engine, which spawned its tasks here.
     /// `None` only inside `drop`.
     runtime: Option<tokio::runtime::Runtime>,
@@ -243,12 +246,39 @@ pub(super) fn durable_wait(secs: u64) -> std::time::Duration {
     std::time::Duration::from_secs(if cfg!(test) { 10 } else { secs })
 }
 
+/// How long a read of the engine (a record, a listing, file data) may take
+/// before it fails with EIO, in seconds ([`durable_wait`]): SlateDB
+/// retries a failing object store for good (expired S3 credentials, an
+/// endpoint that stays down, a bad sector under `file://`), and a guest
+/// request must end.
+const READ_WAIT_SECS: u64 = 60;
+
 /// How long an id reservation waits, for one under way and for the engine
 /// to make its own durable, before it fails (the create that asked gets
 /// EIO), in seconds ([`durable_wait`]).
 const RESERVE_WAIT_SECS: u64 = 60;
 
 impl SlateStore {
+    /// Run the engine read `read` on the runtime, failing it (TimedOut)
+    /// past [`READ_WAIT_SECS`].
+    pub(super) fn bounded_read<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let wait = durable_wait(READ_WAIT_SECS);
+        self.rt()?.block_on(async {
+            tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
+                Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: a read of the engine did not end within {wait:?}",
+                        self.describe
+                    ),
+                )))
+            })
+        })
+    }
+
     /// The volume's id, random at creation.
     pub fn volume_id(&self) -> [u8; 16] {
         self.superblock.volume_id
@@ -385,7 +415,7 @@ impl SlateStore {
 
 impl Store for SlateStore {
     fn get_inode(&self, ino: u64) -> Result<Option<Inode>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             match self.get(keys::inode(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_inode(ino, &v)?)),
                 None => Ok(None),
@@ -394,7 +424,7 @@ impl Store for SlateStore {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             match self.get(keys::dirent_by_name(parent, name)).await? {
                 Some(v) => Ok(Some(codec::decode_dirent_by_name(name, &v)?)),
                 None => Ok(None),
@@ -403,7 +433,7 @@ impl Store for SlateStore {
     }
 
     fn readdir(&self, parent: u64, after: u64, max: usize) -> Result<Vec<Dirent>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             self.scan(keys::cookies_after(parent, after), max)
                 .await?
                 .iter()
@@ -417,7 +447,7 @@ impl Store for SlateStore {
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let _in = self.readers.enter();
-        self.rt()?.block_on(self.read_inner(ino, offset, buf))
+        self.bounded_read(self.read_inner(ino, offset, buf))
     }
 
     fn read_data(&self, ino: u64, offset: u64, len: usize) -> Result<ReadData, StoreError> {
@@ -425,7 +455,7 @@ impl Store for SlateStore {
     }
 
     fn next_data(&self, ino: u64, offset: u64) -> Result<Option<u64>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             let first = self
                 .scan(keys::blocks_from(ino, offset / BLOCK_SIZE), 1)
                 .await?;
@@ -440,11 +470,11 @@ impl Store for SlateStore {
     }
 
     fn next_hole(&self, ino: u64, offset: u64) -> Result<u64, StoreError> {
-        self.rt()?.block_on(self.next_hole_inner(ino, offset))
+        self.bounded_read(self.next_hole_inner(ino, offset))
     }
 
     fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             match self.get(keys::symlink(ino)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("symlink", &v)?.to_vec())),
                 None => Ok(None),
@@ -453,7 +483,7 @@ impl Store for SlateStore {
     }
 
     fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             match self.get(keys::xattr(ino, name)).await? {
                 Some(v) => Ok(Some(codec::decode_bytes("xattr", &v)?.to_vec())),
                 None => Ok(None),
@@ -465,7 +495,7 @@ impl Store for SlateStore {
         // Names only, values dropped as the scan passes them (each may be
         // 64 KiB), and no more names than a list may hold: a store
         // server's writer could set any number.
-        self.rt()?.block_on(async {
+        self.bounded_read(async {
             let (mut names, mut listed, mut bad) = (Vec::new(), 0usize, None);
             self.scan_each(keys::xattrs_of(ino), |k, _| {
                 match keys::decode_xattr(&k) {
@@ -479,7 +509,7 @@ impl Store for SlateStore {
             })
             .await?;
             if let Some(e) = bad {
-                return Err(e.into());
+                return Err(e);
             }
             if listed > crate::store::XATTR_LIST_MAX {
                 return Err(StoreError::Corrupt(format!(

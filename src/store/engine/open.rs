@@ -348,6 +348,8 @@ impl SlateStore {
             compactor: std::sync::OnceLock::new(),
             threads,
             lease: Some(lease),
+            #[cfg(test)]
+            read_gate: Arc::default(),
             runtime: Some(runtime),
         };
         store.tidy(cfg.local_dir.as_deref());

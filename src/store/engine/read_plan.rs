@@ -134,7 +134,7 @@ impl SlateStore {
                 return Ok(ReadPlan { pieces, entered });
             }
         }
-        let pieces = self.rt()?.block_on(self.plan_inner(ino, offset, len))?;
+        let pieces = self.bounded_read(self.plan_inner(ino, offset, len))?;
         Ok(ReadPlan { pieces, entered })
     }
 

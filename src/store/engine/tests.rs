@@ -90,6 +90,29 @@ fn an_id_reservation_that_cannot_finish_fails_within_its_bound() {
     assert!(s.reserve_ids(1).unwrap() > first);
 }
 
+/// A read of the engine that cannot finish (here: held by the test's gate;
+/// in service, SlateDB retrying a failing object store for good) fails
+/// within its bound instead of holding the guest's request for ever.
+#[test]
+fn an_engine_read_that_cannot_finish_fails_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(temp_volume(&dir, ""));
+    commit(&*s, vec![Op::PutInode(inode(23, FileKind::Regular))]);
+    let held = s.read_gate.try_write().expect("no read runs");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = Arc::clone(&s);
+    std::thread::spawn(move || tx.send(store.get_inode(23)).unwrap());
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read still waits after 30 s");
+    match got {
+        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    drop(held);
+    assert_eq!(s.get_inode(23).unwrap(), Some(inode(23, FileKind::Regular)));
+}
+
 /// A close that cannot finish (here: the final checkpoint held; on a full
 /// disk, the engine's flush that retries for good) is cut at its bound
 /// instead of hanging the daemon's exit, keeps the holder record (the
