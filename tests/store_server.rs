@@ -314,6 +314,34 @@ fn unread(stream: &TcpStream) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// A new client of volume `fast` at `addr` claims it, commits `n` files of
+/// 64 KiB and reads each back (Raw's reads give up after 30 s).
+fn commits_and_reads(addr: &str, n: u64) {
+    let mut fast = Raw::connect(addr, SECRET, "fast").unwrap();
+    claim(&mut fast);
+    for i in 0..n {
+        let body = vec![i as u8; 64 << 10];
+        let ack = fast.call(&Request::Txn {
+            txn_id: i + 1,
+            low_water: i + 1,
+            txn: write_txn(400 + i, &body),
+        });
+        assert!(
+            matches!(ack, Response::TxnAck { .. }),
+            "commit {i}: {ack:?}"
+        );
+        let got = fast.call(&Request::Read {
+            ino: 400 + i,
+            offset: 0,
+            len: 64 << 10,
+        });
+        assert!(
+            matches!(&got, Response::Data(d) if *d == body),
+            "read {i} did not return what was committed"
+        );
+    }
+}
+
 /// A client that sends requests and stops reading the replies (a daemon
 /// stuck, or a hostile peer) fills its own connection and holds back no
 /// other client: its requests wait on its own in-flight bound and its own
@@ -361,29 +389,7 @@ fn a_client_that_stops_reading_holds_back_no_other() {
     )
     .expect("the server never answered the slow client's reads");
 
-    let mut fast = Raw::connect(server.addr(), SECRET, "fast").unwrap();
-    claim(&mut fast);
-    for i in 0..20u64 {
-        let body = vec![i as u8; 64 << 10];
-        let ack = fast.call(&Request::Txn {
-            txn_id: i + 1,
-            low_water: i + 1,
-            txn: write_txn(400 + i, &body),
-        });
-        assert!(
-            matches!(ack, Response::TxnAck { .. }),
-            "commit {i}: {ack:?}"
-        );
-        let got = fast.call(&Request::Read {
-            ino: 400 + i,
-            offset: 0,
-            len: 64 << 10,
-        });
-        assert!(
-            matches!(&got, Response::Data(d) if *d == body),
-            "read {i} did not return what was committed"
-        );
-    }
+    commits_and_reads(server.addr(), 20);
     // The slow client was never drained: its replies still wait.
     assert!(unread(&slow.stream) >= piled);
 }
@@ -440,29 +446,7 @@ fn clients_that_stop_reading_hold_no_server_threads() {
     // Every slow connection's replies are queued now, and its requests
     // beyond them wait for its in-flight bound. (Raw's reads give up
     // after 30 s: a server out of threads fails the test, not hangs it.)
-    let mut fast = Raw::connect(server.addr(), SECRET, "fast").unwrap();
-    claim(&mut fast);
-    for i in 0..10u64 {
-        let body = vec![i as u8; 64 << 10];
-        let ack = fast.call(&Request::Txn {
-            txn_id: i + 1,
-            low_water: i + 1,
-            txn: write_txn(400 + i, &body),
-        });
-        assert!(
-            matches!(ack, Response::TxnAck { .. }),
-            "commit {i}: {ack:?}"
-        );
-        let got = fast.call(&Request::Read {
-            ino: 400 + i,
-            offset: 0,
-            len: 64 << 10,
-        });
-        assert!(
-            matches!(&got, Response::Data(d) if *d == body),
-            "read {i} did not return what was committed"
-        );
-    }
+    commits_and_reads(server.addr(), 10);
     for s in &slow {
         assert!(unread(&s.stream) >= 32 << 10);
     }
