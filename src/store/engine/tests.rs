@@ -70,22 +70,33 @@ fn reserved_ids_never_repeat_across_reopen_or_crash() {
 /// volume's ids; on a full disk, the engine's WAL flush that never ends)
 /// fails within its bound instead of hanging the create that asked, and
 /// the next one goes through once the way is clear.
+/// Run `call` on a thread of its own: it must fail with TimedOut, and
+/// within 30 s (`what` names it when it does not).
+fn times_out<T: std::fmt::Debug + Send + 'static>(
+    what: &str,
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(call()).unwrap());
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} still waits after 30 s"));
+    match got {
+        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
 #[test]
 fn an_id_reservation_that_cannot_finish_fails_within_its_bound() {
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(temp_volume(&dir, ""));
     let first = s.reserve_ids(1).unwrap();
     let held = s.ids.try_lock().expect("no reservation runs");
-    let (tx, rx) = std::sync::mpsc::channel();
     let store = Arc::clone(&s);
-    std::thread::spawn(move || tx.send(store.reserve_ids(super::ID_CHUNK * 2)).unwrap());
-    let got = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the reservation still waits after 30 s");
-    match got {
-        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
-        other => panic!("{other:?}"),
-    }
+    times_out("the reservation", move || {
+        store.reserve_ids(super::ID_CHUNK * 2)
+    });
     drop(held);
     assert!(s.reserve_ids(1).unwrap() > first);
 }
@@ -99,16 +110,8 @@ fn an_engine_read_that_cannot_finish_fails_within_its_bound() {
     let s = Arc::new(temp_volume(&dir, ""));
     commit(&*s, vec![Op::PutInode(inode(23, FileKind::Regular))]);
     let held = s.read_gate.try_write().expect("no read runs");
-    let (tx, rx) = std::sync::mpsc::channel();
     let store = Arc::clone(&s);
-    std::thread::spawn(move || tx.send(store.get_inode(23)).unwrap());
-    let got = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the read still waits after 30 s");
-    match got {
-        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
-        other => panic!("{other:?}"),
-    }
+    times_out("the read", move || store.get_inode(23));
     drop(held);
     assert_eq!(s.get_inode(23).unwrap(), Some(inode(23, FileKind::Regular)));
 }
