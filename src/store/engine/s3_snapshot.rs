@@ -102,9 +102,10 @@ const CLONES_CHECKPOINT: &str = "pohmelfs-clones";
 /// Pin the engine of the snapshot at `snap` for its clones: a checkpoint
 /// with no expiry (it goes with the snapshot). A clone started from a
 /// named checkpoint reads it where SlateDB would otherwise first write a
-/// checkpoint of the snapshot's latest state (three requests in a row
-/// saved per clone, and no short-lived checkpoint piling up in the
-/// snapshot's manifest).
+/// checkpoint of the snapshot's latest state (two requests in a row
+/// saved per clone: the write and its boundary reads, less the boundary
+/// check of the older manifest read instead; and no short-lived
+/// checkpoint piling up in the snapshot's manifest).
 async fn pin_for_clones(
     store: &Arc<dyn ObjectStore>,
     snap: &str,
