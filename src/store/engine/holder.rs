@@ -419,11 +419,19 @@ pub enum Renewal {
     Renewed,
     /// Another opener's record replaced it: left as it is.
     TakenOver(Holder),
+    /// The record is gone on `file://`, where only a release removes it,
+    /// under the record's lock: another opener took the volume and let it
+    /// go since. Left absent (written again, it would make a fenced
+    /// instance look like the volume's holder).
+    Gone,
 }
 
 /// Write `record` renewed now, unless another opener's record replaced
 /// it; the check and the write are one step against a claim (see the
-/// module documentation). A missing or unreadable record is written again.
+/// module documentation). An unreadable record is written again, and so
+/// is a missing one on `s3://` (a release there may delete a claim that
+/// landed between its check and its delete); a missing one on `file://`
+/// is [`Renewal::Gone`].
 pub async fn renew(
     store: &dyn ObjectStore,
     db_path: &str,
@@ -444,6 +452,9 @@ pub async fn renew(
                     Holder::parse(&String::from_utf8_lossy(&bytes)),
                     Some(version),
                 )
+            }
+            Err(object_store::Error::NotFound { .. }) if local_dir.is_some() => {
+                return Ok(Renewal::Gone)
             }
             Err(object_store::Error::NotFound { .. }) => (None, None),
             Err(e) => return Err(e),
@@ -670,6 +681,26 @@ mod tests {
                 );
             }
         });
+    }
+
+    /// A record gone on `file://` (another opener took the volume and let
+    /// it go) is not written again by the old holder's renewal; on a store
+    /// like `s3://`, where a release may delete a claim that raced it, it is.
+    #[test]
+    fn a_record_gone_on_file_is_not_renewed_back() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let mut me = Holder::this_process();
+        let renewed = rt.block_on(renew(&fs, "", Some(dir.path()), &mut me));
+        assert_eq!(renewed.unwrap(), Renewal::Gone);
+        assert!(rt.block_on(read_holder(&fs, "")).unwrap().is_none());
+        let mem = object_store::memory::InMemory::new();
+        let renewed = rt.block_on(renew(&mem, "", None, &mut me));
+        assert_eq!(renewed.unwrap(), Renewal::Renewed);
+        assert!(rt.block_on(read_holder(&mem, "")).unwrap().is_some());
     }
 
     #[test]

@@ -79,6 +79,11 @@ impl Lease {
             Ok(holder::Renewal::TakenOver(h)) => {
                 tracing::warn!(holder = %h, "the volume was taken over before its standby open was promoted");
             }
+            Ok(holder::Renewal::Gone) => {
+                tracing::warn!(
+                    "the volume was taken over and let go before its standby open was promoted"
+                );
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not write the volume's holder record; its next renewal will")
             }
@@ -223,6 +228,11 @@ async fn renew(
             Ok(holder::Renewal::Renewed) => {}
             Ok(holder::Renewal::TakenOver(h)) => {
                 tracing::warn!(holder = %h, "the volume was taken over; its holder record is no longer renewed here");
+                stop.store(true, Ordering::Release);
+                return;
+            }
+            Ok(holder::Renewal::Gone) => {
+                tracing::warn!("the volume was taken over and let go since; its holder record is no longer renewed here");
                 stop.store(true, Ordering::Release);
                 return;
             }
