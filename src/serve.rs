@@ -428,7 +428,7 @@ fn open_on_standby(args: &ServeArgs, slot: &VolumeSlot) {
     let (url, cfg) = (vol.store.clone(), vol.txn_config());
     slot.open_on_standby(
         record,
-        Box::new(move || pohmelfs::writeback::open_standby(&url, &cfg)),
+        Box::new(move |claimed| pohmelfs::writeback::open_standby(&url, &cfg, claimed)),
     );
 }
 

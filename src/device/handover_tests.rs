@@ -95,6 +95,45 @@ impl Volume {
         self.daemon(name, Arc::new(slot), metrics)
     }
 
+    /// [`Volume::destination_on_standby`] whose standby open, once it has
+    /// claimed the volume, says so on `claimed` and waits (bounded) for
+    /// `go` before the engine opens; `fail` makes it fail once open.
+    fn destination_held_at_claim(
+        &self,
+        name: &str,
+        claimed: std::sync::mpsc::Sender<()>,
+        go: std::sync::mpsc::Receiver<()>,
+        fail: bool,
+    ) -> (Arc<VolumeSlot>, Kit) {
+        let (slot, kit) = self.destination(name, WAIT);
+        let url = self.url();
+        let record = crate::store::engine::holder::record_file(&url).expect("a file:// volume");
+        let latch = std::sync::Mutex::new((claimed, go));
+        slot.open_on_standby(
+            record,
+            Box::new(move |on_claim| {
+                let hold = || {
+                    on_claim();
+                    let latch = latch.lock().unwrap();
+                    latch.0.send(()).unwrap();
+                    latch
+                        .1
+                        .recv_timeout(WAIT)
+                        .expect("the test let the open go on");
+                };
+                let engine = writeback::open_standby(&url, &TxnConfig::default(), &hold)?;
+                if !fail {
+                    return Ok(engine);
+                }
+                engine.close().unwrap();
+                Err(crate::store::OpenError::BadOption(
+                    "failed on purpose".into(),
+                ))
+            }),
+        );
+        (slot, kit)
+    }
+
     /// [`Volume::destination`] that opens the volume on standby as soon as
     /// its holder lets it go, as `serve --incoming` does on `file://`.
     fn destination_on_standby(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
@@ -103,7 +142,7 @@ impl Volume {
         let record = crate::store::engine::holder::record_file(&url).expect("a file:// volume");
         slot.open_on_standby(
             record,
-            Box::new(move || writeback::open_standby(&url, &TxnConfig::default())),
+            Box::new(move |claimed| writeback::open_standby(&url, &TxnConfig::default(), claimed)),
         );
         (slot, kit)
     }
@@ -556,6 +595,7 @@ fn a_destination_whose_guest_never_ran_hands_session_and_volume_back() {
     let (dst_slot, dst) = vol.destination_on_standby("unserved-dst");
     let base = src.stop_queue();
     let bytes = save(&src);
+    until_on_standby(&dst_slot);
     load(&dst, &bytes).unwrap();
     assert_eq!(dst_slot.phase(), Phase::Open);
     assert!(dst_slot.unconfirmed());
@@ -578,4 +618,85 @@ fn a_destination_whose_guest_never_ran_hands_session_and_volume_back() {
         vol.inode_after(gone).is_none(),
         "the orphan outlived its session"
     );
+}
+
+/// The state arrives while the destination's standby open is under way,
+/// past its claim of the volume (held there by a latch): the state is
+/// answered at once, the slot opening, and the guest's first request waits
+/// for the open, which spares the unlinked file the session holds; the
+/// volume was opened once.
+#[test]
+fn a_state_is_answered_before_the_claimed_open_ends_and_requests_wait_for_it() {
+    let vol = Volume::new();
+    let (src_slot, mut src) = vol.source("behind-src");
+    src.init();
+    let (kept, kept_fh) = src.create("kept");
+    let (gone, gone_fh) = src.create("gone");
+    let (kept_data, gone_data) = (pattern(14, 8192), pattern(15, 4096));
+    src.write(kept, kept_fh, &kept_data);
+    src.write(gone, gone_fh, &gone_data);
+    unlink(&mut src, "gone");
+    let source_epoch = epoch(&src_slot);
+    let (claimed_tx, claimed) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let (dst_slot, mut dst) = vol.destination_held_at_claim("behind-dst", claimed_tx, go_rx, false);
+
+    src.stop_queue();
+    let bytes = save(&src);
+    claimed
+        .recv_timeout(WAIT)
+        .expect("the standby open claimed the volume");
+    assert!(vol.holder().is_some_and(|h| h.standby));
+    // Answered with the engine still held at the latch.
+    load(&dst, &bytes).unwrap();
+    assert_eq!(dst_slot.phase(), Phase::Opening);
+    drop(src);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| read_back(&mut dst, kept, kept_fh, 8192, "kept"));
+        go.send(()).unwrap();
+        assert!(reader.join().unwrap() == kept_data);
+    });
+    assert_eq!(dst_slot.phase(), Phase::Open);
+    assert!(!dst_slot.unconfirmed());
+    assert_eq!(
+        epoch(&dst_slot),
+        source_epoch + 1,
+        "opened the volume twice"
+    );
+    let back = read_back(&mut dst, gone, gone_fh, 4096, "the unlinked file");
+    assert!(back == gone_data, "the unlinked file changed");
+    drop(dst);
+    dst_slot.release().unwrap();
+    assert!(vol.inode_after(gone).is_none());
+}
+
+/// The standby open fails after its claim, the state already answered:
+/// the open behind the state opens the volume anew, and the guest's
+/// request is served.
+#[test]
+fn a_claimed_open_that_fails_behind_the_state_is_made_again() {
+    let vol = Volume::new();
+    let (_src_slot, mut src) = vol.source("behind-fail-src");
+    src.init();
+    let (ino, fh) = src.create("f");
+    let data = pattern(16, 8192);
+    src.write(ino, fh, &data);
+    let (claimed_tx, claimed) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let (dst_slot, mut dst) =
+        vol.destination_held_at_claim("behind-fail-dst", claimed_tx, go_rx, true);
+
+    src.stop_queue();
+    let bytes = save(&src);
+    claimed
+        .recv_timeout(WAIT)
+        .expect("the standby open claimed the volume");
+    load(&dst, &bytes).unwrap();
+    assert_eq!(dst_slot.phase(), Phase::Opening);
+    drop(src);
+    go.send(()).unwrap();
+    assert!(read_back(&mut dst, ino, fh, 8192, "after the failed open") == data);
+    assert_eq!(dst_slot.phase(), Phase::Open);
+    drop(dst);
+    dst_slot.release().unwrap();
 }

@@ -48,6 +48,18 @@ impl PohmelFs {
         Ok(())
     }
 
+    /// Open the volume for a migration's state, sparing the orphans in
+    /// `spare`: as [`PohmelFs::acquire_volume`], except that a standby
+    /// open under way that has claimed the volume finishes behind the
+    /// answer (`VolumeSlot::acquire_for_state`); the guest's requests
+    /// wait for it.
+    pub fn acquire_volume_for_state(&self, spare: &[u64]) -> Result<(), SlotError> {
+        match &self.volume {
+            Some(slot) if slot.phase() == Phase::Incoming => slot.acquire_for_state(spare),
+            _ => self.acquire_volume(spare),
+        }
+    }
+
     /// A live migration began: the volume will be let go at its stop, so
     /// start on the work that release waits for (`VolumeSlot::prepare_release`).
     pub fn prepare_release(&self) {
@@ -70,9 +82,11 @@ impl PohmelFs {
     /// ran here (no request since): if the frontend goes now, the
     /// migration failed after the state and the source may resume it.
     pub fn state_taken_unserved(&self) -> bool {
-        self.volume
-            .as_ref()
-            .is_some_and(|s| s.phase() == Phase::Open && s.unconfirmed())
+        self.volume.as_ref().is_some_and(|s| match s.phase() {
+            Phase::Open => s.unconfirmed(),
+            Phase::Opening => true,
+            _ => false,
+        })
     }
 
     /// Whether this daemon holds the volume: `None` for a filesystem on a
@@ -95,11 +109,15 @@ impl PohmelFs {
     /// still waiting for a migration's state does not open it (the
     /// destination must not open the volume before the source let it go):
     /// requests are answered EIO, as they are after an open that gave up
-    /// (until the next frontend connects), with a log line.
+    /// (until the next frontend connects), with a log line. One whose
+    /// open finishes behind the state waits for it.
     pub fn volume_ready(&self) -> bool {
         let Some(slot) = &self.volume else {
             return true;
         };
+        if slot.phase() == Phase::Opening {
+            slot.settle_behind();
+        }
         match slot.phase() {
             Phase::Open => {
                 slot.confirm();
@@ -110,6 +128,14 @@ impl PohmelFs {
                     self.metrics.log_lines_suppressed,
                     WARN,
                     "a guest request before the migration state arrived (--incoming): answered EIO"
+                );
+                false
+            }
+            Phase::Opening => {
+                limited!(
+                    self.metrics.log_lines_suppressed,
+                    WARN,
+                    "a guest request while the volume's open behind the migration state had not ended: answered EIO"
                 );
                 false
             }

@@ -121,7 +121,8 @@ impl PohmelFs {
     /// the guest negotiated, and has room for the inodes and handles. The
     /// state is checked whole before anything changes; then the volume is
     /// opened if it is not open yet (`--incoming`: once the source let it
-    /// go, sparing the unlinked inodes the session holds).
+    /// go, sparing the unlinked inodes the session holds; an open under
+    /// way that has claimed the volume finishes behind the answer).
     pub fn import_session(&self, s: SessionState) -> Result<(), SessionError> {
         let offered = self.accepted_options().bits();
         if s.options & !offered != 0 {
@@ -170,7 +171,7 @@ impl PohmelFs {
         if self.has_session() {
             return Err(SessionError::Busy);
         }
-        self.acquire_volume(&s.orphans)
+        self.acquire_volume_for_state(&s.orphans)
             .map_err(|e| SessionError::Volume(crate::ErrorChain(&e).to_string()))?;
         let mut negotiated = lock(&self.negotiated);
         let mut refs = lock(&self.refs);

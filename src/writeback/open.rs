@@ -72,13 +72,15 @@ pub fn open_sparing(
 
 /// Open the engine of the `file://` or `s3://` volume at `url` on standby
 /// (`OpenMode::Standby`): a migration's destination, ahead of the guest's
-/// state. [`open_from`] finishes the open once the state is in.
+/// state; `claimed` is called once the volume is claimed for it, before
+/// the engine opens. [`open_from`] finishes the open once the state is in.
 pub fn open_standby(
     url: &str,
     cfg: &TxnConfig,
+    claimed: &dyn Fn(),
 ) -> Result<crate::store::engine::SlateStore, crate::store::OpenError> {
     let engine_url = budget::with_engine_memory(url, cfg.engine_cache_bytes);
-    crate::store::engine::SlateStore::open_as(&engine_url, crate::store::engine::OpenMode::Standby)
+    crate::store::engine::SlateStore::open_standby(&engine_url, claimed)
         .map_err(|e| crate::store::OpenError::volume(url, e))
 }
 

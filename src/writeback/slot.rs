@@ -8,7 +8,10 @@
 //!   sparing the unlinked inodes the incoming session holds. On `file://`
 //!   it opens the volume on standby as soon as the source lets it go,
 //!   before the state (`standby.rs`), and the state's arrival finishes
-//!   that open.
+//!   that open. A state that arrives while that open is under way, past
+//!   its claim of the volume, is answered without waiting for it: the
+//!   slot is [`Phase::Opening`] until the open ends, and guest requests
+//!   wait for it ([`VolumeSlot::acquire_for_state`]).
 //! * A migration's source lets the volume go once its state is out
 //!   ([`VolumeSlot::release`]: everything written is stored, the engine
 //!   closed and its holder record removed); the slot is then
@@ -27,12 +30,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tracing::info;
+use tracing::{error, info};
 
-use super::standby::{Standby, StandbyOpener};
+use super::standby::{Progress, Standby, StandbyOpener};
 use super::WritebackStore;
 use crate::store::engine::SlateStore;
 use crate::store::{
@@ -46,6 +50,10 @@ const HOLDER_POLL_FIRST: Duration = Duration::from_millis(2);
 /// How long it waits at most between two reads (on `s3://` each is a
 /// request).
 const HOLDER_POLL: Duration = Duration::from_millis(20);
+/// How long a migration's state waits for a standby open under way to
+/// claim the volume (a millisecond or two) before it waits for the whole
+/// open instead.
+const CLAIM_WAIT: Duration = Duration::from_millis(500);
 
 /// Opens the volume; the arguments: the orphans to spare, and the engine
 /// a standby open made ready (`standby.rs`), if any.
@@ -61,6 +69,9 @@ pub enum Phase {
     Incoming = 1,
     /// Let go after a migration's state went out.
     Released = 2,
+    /// A migration's state is in and answered; the open it needs is
+    /// still under way, its claim of the volume made.
+    Opening = 3,
 }
 
 impl Phase {
@@ -68,6 +79,7 @@ impl Phase {
         match v {
             0 => Phase::Open,
             1 => Phase::Incoming,
+            3 => Phase::Opening,
             _ => Phase::Released,
         }
     }
@@ -109,6 +121,9 @@ pub struct VolumeSlot {
     /// Opened for a migration's state, and no guest request served since
     /// ([`VolumeSlot::confirm`]).
     unconfirmed: AtomicBool,
+    /// The thread finishing an open behind a migration's state
+    /// ([`VolumeSlot::acquire_for_state`]). Never taken with `turn` held.
+    behind: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,6 +134,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn why_not_open(phase: Phase) -> &'static str {
     match phase {
         Phase::Incoming => "not open yet: waiting for the migration state (--incoming)",
+        Phase::Opening => "still opening: the migration state is in",
         _ => "let go: a live migration handed it to another daemon",
     }
 }
@@ -151,6 +167,7 @@ impl VolumeSlot {
             url: url.to_string(),
             standby: Mutex::new(None),
             unconfirmed: AtomicBool::new(false),
+            behind: Mutex::new(None),
         }
     }
 
@@ -196,6 +213,7 @@ impl VolumeSlot {
     /// The daemon stops: stop watching, and close an engine open on
     /// standby (its holder record goes with it).
     pub fn end_standby(&self) {
+        self.settle_behind();
         let standby = lock(&self.standby).take();
         if let Some(engine) = standby.and_then(|s| s.take()) {
             if let Err(e) = engine.close() {
@@ -259,7 +277,7 @@ impl VolumeSlot {
             return Err(SlotError::GaveUp);
         }
         let started = Instant::now();
-        let for_state = self.phase() == Phase::Incoming;
+        let for_state = matches!(self.phase(), Phase::Incoming | Phase::Opening);
         let mut ready = lock(&self.standby).take().and_then(|s| s.take());
         let on_standby = ready.is_some();
         let mut told = false;
@@ -306,6 +324,73 @@ impl VolumeSlot {
         }
     }
 
+    /// Open the volume for a migration's state (`--incoming`), sparing
+    /// the orphans in `spare`. A standby open under way that has claimed
+    /// the volume (its record written and locked: no other daemon opens it
+    /// now, and the source let it go with everything stored) is not waited
+    /// for: it finishes on a thread of its own, the slot
+    /// [`Phase::Opening`] until then, and guest requests wait for it
+    /// ([`Self::settle_behind`]). QEMU's answer to the state, and the
+    /// guest's start, need not wait for the engine's open (`docs/migration.md`).
+    /// Otherwise as [`Self::acquire`].
+    pub fn acquire_for_state(self: &Arc<Self>, spare: &[u64]) -> Result<(), SlotError> {
+        let finisher = {
+            let _turn = lock(&self.turn);
+            let claimed = self.phase() == Phase::Incoming
+                && lock(&self.standby)
+                    .as_ref()
+                    .is_some_and(|s| s.progress(CLAIM_WAIT) == Progress::Claimed);
+            if claimed {
+                let (slot, spare) = (Arc::clone(self), spare.to_vec());
+                let spawned = std::thread::Builder::new()
+                    .name("pohmelfs-open-behind".into())
+                    .spawn(move || slot.finish_behind(&spare));
+                match spawned {
+                    Ok(thread) => {
+                        self.phase.store(Phase::Opening as u8, Ordering::Release);
+                        Some(thread)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no thread to finish the open in; the state waits for it");
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        };
+        match finisher {
+            Some(thread) => {
+                *lock(&self.behind) = Some(thread);
+                info!("migration: the state is in; the volume's open, claimed, finishes behind it");
+                Ok(())
+            }
+            None => self.acquire(spare),
+        }
+    }
+
+    /// The open behind a migration's state: as [`Self::acquire`]; should
+    /// it fail, guest requests try again, as after a migration that failed
+    /// past the state ([`Phase::Released`]).
+    fn finish_behind(&self, spare: &[u64]) {
+        if let Err(e) = self.acquire(spare) {
+            self.phase.store(Phase::Released as u8, Ordering::Release);
+            error!(error = %crate::ErrorChain(&e), "migration: the volume's open behind the state failed; guest requests try it again");
+        }
+    }
+
+    /// Wait for an open behind a migration's state, if one runs (bounded
+    /// as the open is). Never called with `turn` held.
+    pub fn settle_behind(&self) {
+        let mut behind = lock(&self.behind);
+        if let Some(thread) = behind.take() {
+            if thread.join().is_err() {
+                self.phase.store(Phase::Released as u8, Ordering::Release);
+                error!("migration: the volume's open behind the state panicked; guest requests try it again");
+            }
+        }
+    }
+
     /// A live migration began: get ahead of [`release`](Self::release)
     /// (`WritebackStore::prepare_close`). Nothing waits for it.
     pub fn prepare_release(&self) {
@@ -318,6 +403,7 @@ impl VolumeSlot {
     /// layer's `fsync_timeout`), close the engine (its holder record goes)
     /// and drop the layer. On an error the volume stays open here.
     pub fn release(&self) -> Result<(), SlotError> {
+        self.settle_behind();
         let _turn = lock(&self.turn);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let Some(store) = current.as_ref() else {

@@ -17,7 +17,10 @@
 //! record stops saying standby. Otherwise it opens as before.
 //!
 //! Before the open, nothing is written (the watcher only looks). The
-//! standby engine serves nothing until the state is in. A standby open
+//! standby engine serves nothing until the state is in. A state that
+//! arrives while the open is under way need not wait for it once the
+//! volume is claimed ([`Standby::progress`]): the slot answers the state
+//! and the open finishes behind it (`slot.rs`). A standby open
 //! and a source's open racing for the freed volume are ordered by the
 //! holder record's lock, which the standby open keeps for the whole of
 //! its open (`store/engine/lease.rs`): the source, coming second, takes
@@ -25,7 +28,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,8 +41,25 @@ use crate::store::{OpenError, Store as _};
 /// µs; the source's release is seen within this.
 pub const POLL: Duration = Duration::from_millis(1);
 
-/// Opens the volume on standby (`crate::writeback::open_standby`).
-pub type StandbyOpener = Box<dyn Fn() -> Result<SlateStore, OpenError> + Send + Sync>;
+/// Opens the volume on standby (`crate::writeback::open_standby`),
+/// calling its argument once the volume is claimed for the open.
+pub type StandbyOpener = Box<dyn Fn(&dyn Fn()) -> Result<SlateStore, OpenError> + Send + Sync>;
+
+/// How far the standby open has got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Progress {
+    /// The holder has not let the volume go (or the watch has ended
+    /// without an open).
+    #[default]
+    Watching,
+    /// The holder let it go; the open has not claimed it yet.
+    Opening,
+    /// The open claimed the volume (its record written and locked); the
+    /// engine is still opening.
+    Claimed,
+    /// The engine is open on standby.
+    Open,
+}
 
 /// What the watcher and the slot share.
 #[derive(Default)]
@@ -49,6 +69,15 @@ struct Shared {
     /// way instead of racing it.
     ready: Mutex<Option<SlateStore>>,
     stop: AtomicBool,
+    progress: Mutex<Progress>,
+    moved: Condvar,
+}
+
+impl Shared {
+    fn set(&self, progress: Progress) {
+        *lock(&self.progress) = progress;
+        self.moved.notify_all();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,6 +120,26 @@ impl Standby {
         None
     }
 
+    /// How far the open has got, once it is past [`Progress::Opening`]
+    /// or `bound` has passed: a claim takes a millisecond or two.
+    pub fn progress(&self, bound: Duration) -> Progress {
+        let deadline = Instant::now() + bound;
+        let mut progress = lock(&self.shared.progress);
+        while *progress == Progress::Opening {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            progress = self
+                .shared
+                .moved
+                .wait_timeout(progress, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *progress
+    }
+
     /// Whether an engine is open on standby (tests wait for it).
     #[cfg(test)]
     pub fn is_ready(&self) -> bool {
@@ -127,20 +176,23 @@ fn watch(shared: &Shared, record: &std::path::Path, open: &StandbyOpener) {
                     return;
                 }
                 let started = Instant::now();
-                match open() {
+                shared.set(Progress::Opening);
+                match open(&|| shared.set(Progress::Claimed)) {
                     Ok(engine) => {
                         info!(
                             volume = %engine.describe(),
                             ms = started.elapsed().as_secs_f64() * 1e3,
-                            "volume opened on standby: its holder let it go; the guest's state is still to come"
+                            "volume opened on standby: its holder let it go"
                         );
                         *ready = Some(engine);
+                        shared.set(Progress::Open);
                         return;
                     }
                     // Another opener came first (its record is there again):
                     // wait for its release too.
-                    Err(OpenError::Held { .. }) => {}
+                    Err(OpenError::Held { .. }) => shared.set(Progress::Watching),
                     Err(e) => {
+                        shared.set(Progress::Watching);
                         warn!(error = %crate::ErrorChain(&e), "could not open the volume on standby; it opens when the guest's state arrives");
                         return;
                     }

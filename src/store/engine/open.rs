@@ -196,6 +196,19 @@ fn engine_runtime() -> Result<(tokio::runtime::Runtime, Arc<EngineThreads>), Ope
     Ok((runtime, threads))
 }
 
+/// The settings of the volume at `url`, to be opened as `mode` says: a
+/// snapshot's directory is refused.
+fn writable_config(url: &str, mode: OpenMode) -> Result<config::VolumeConfig, OpenVolumeError> {
+    let create = !matches!(mode, OpenMode::Existing { .. } | OpenMode::Standby);
+    let cfg = config::parse_with(url, create)?;
+    match cfg.local_dir.as_deref() {
+        Some(dir) if super::snapshot::is_snapshot(dir) => {
+            Err(OpenVolumeError::Snapshot(dir.to_path_buf()))
+        }
+        _ => Ok(cfg),
+    }
+}
+
 /// The engine on the volume's object store.
 async fn build_db(cfg: &config::VolumeConfig) -> Result<Db, slatedb::Error> {
     let mut settings = cfg.settings.clone();
@@ -216,12 +229,20 @@ impl SlateStore {
     /// Open (creating if empty) the volume named by a `file://` or `s3://`
     /// URL, taking it over from any holder.
     pub fn open(url: &str) -> Result<SlateStore, OpenVolumeError> {
-        Self::open_placing(url, Placement::Default, OpenMode::Any)
+        Self::open_placing(url, Placement::Default, OpenMode::Any, &|| {})
     }
 
     /// Open the volume named by `url` as `mode` says.
     pub fn open_as(url: &str, mode: OpenMode) -> Result<SlateStore, OpenVolumeError> {
-        Self::open_placing(url, Placement::Default, mode)
+        Self::open_placing(url, Placement::Default, mode, &|| {})
+    }
+
+    /// Open the volume named by `url` on standby (`OpenMode::Standby`): a
+    /// migration's destination, ahead of the guest's state. `claimed` is
+    /// called once the volume is claimed for this open (its holder record
+    /// written and locked), before the engine opens.
+    pub fn open_standby(url: &str, claimed: &dyn Fn()) -> Result<SlateStore, OpenVolumeError> {
+        Self::open_placing(url, Placement::Default, OpenMode::Standby, claimed)
     }
 
     /// Create the volume named by `url` (`pohmelfs format`): refused where
@@ -247,13 +268,14 @@ impl SlateStore {
             Placement::Objects => format!("{url}?log=off"),
             _ => url.to_string(),
         };
-        Self::open_placing(&url, placement, OpenMode::Any).expect("open volume")
+        Self::open_placing(&url, placement, OpenMode::Any, &|| {}).expect("open volume")
     }
 
     fn open_placing(
         url: &str,
         placement: Placement,
         mode: OpenMode,
+        claimed: &dyn Fn(),
     ) -> Result<SlateStore, OpenVolumeError> {
         if mode == OpenMode::ReadOnly {
             return Err(OpenVolumeError::ReadOnlyMode);
@@ -265,18 +287,13 @@ impl SlateStore {
             reason: e.to_string(),
         })?;
         let mut phases = Phases::start();
-        let create = !matches!(mode, OpenMode::Existing { .. } | OpenMode::Standby);
-        let mut cfg = config::parse_with(url, create)?;
-        if let Some(dir) = cfg.local_dir.as_deref() {
-            if super::snapshot::is_snapshot(dir) {
-                return Err(OpenVolumeError::Snapshot(dir.to_path_buf()));
-            }
-        }
+        let mut cfg = writable_config(url, mode)?;
         let (runtime, threads) = engine_runtime()?;
         refuse_s3_snapshot(&runtime, &cfg, url)?;
         // Before the engine opens: opening it fences any other writer.
         let (lease, claim_lock) = runtime.block_on(claim(&mut cfg, mode))?;
         phases.mark("claim");
+        claimed();
         let (db, superblock) = match runtime.block_on(Self::open_engine(&cfg, &mut phases)) {
             Ok(v) => v,
             Err(e) => {
