@@ -167,3 +167,59 @@ fn a_server_killed_with_stages_in_flight_loses_no_acked_byte() {
     assert!(out.status.success(), "check: {text}");
     assert!(text.contains(" 0 problems, 0 warnings"), "{text}");
 }
+
+/// A server stops reading (SIGSTOP) while a transaction of many small
+/// writes, each staged, is on its way: the socket fills, then the
+/// client's queue to it, and the send still fails within its timeout
+/// instead of waiting for the server. Continued, the server takes the
+/// resend on a new connection.
+#[test]
+fn a_send_to_a_server_that_reads_nothing_fails_within_its_timeout() {
+    let dir = ScratchDir::new("it-staged-stopped").unwrap();
+    let data = format!("file://{}/volumes", dir.path().display());
+    std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
+    pohmelfs_testkit::format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
+    let mut server =
+        StoreServer::start(POHMELFS, dir.path(), "a", &data, Some(SECRET)).expect("start store");
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=4000",
+        server.addr(),
+        secret_file(dir.path()).display()
+    );
+    let store =
+        std::sync::Arc::new(RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap());
+    store.claim(false).unwrap();
+    let ino = store.reserve_ids(1).unwrap();
+    // 1,600 writes of 32 KiB (the smallest staged): within the staging
+    // room, and far more frames than the socket and the queue hold.
+    let chunk = 32 << 10;
+    let txn = || {
+        let mut t = file_txn(ino, &[]);
+        for i in 0..1600u64 {
+            t.push(Op::Write {
+                ino,
+                offset: i * chunk as u64,
+                data: body(i, chunk).into(),
+            });
+        }
+        t
+    };
+
+    signal(&server, libc::SIGSTOP);
+    let (done, returned) = std::sync::mpsc::channel();
+    {
+        let (store, txn) = (std::sync::Arc::clone(&store), txn());
+        std::thread::spawn(move || done.send(send(&store, 1, 1, txn)));
+    }
+    let failed = returned.recv_timeout(Duration::from_secs(60));
+    signal(&server, libc::SIGCONT);
+    let failed = failed.expect("the send to the stopped server returned");
+    assert!(
+        matches!(failed, Err(SendError::Retry(_))),
+        "the send to the stopped server: {failed:?}"
+    );
+    let ack = send(&store, 1, 1, txn()).expect("the resend after SIGCONT");
+    assert!(!ack.duplicate, "nothing was applied while stopped");
+    drop(store);
+    server.kill9();
+}

@@ -247,7 +247,7 @@ impl Inner {
             "connected to store"
         );
         let slots = max_in_flight.min(self.cfg.max_in_flight) as usize;
-        Ok(Conn::start(server, rd, wr, slots))
+        Ok(Conn::start(server, rd, wr, slots, self.cfg.request_timeout))
     }
 
     /// Hello, challenge, proof, welcome: the server's durability epoch and

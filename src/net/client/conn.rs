@@ -1,10 +1,16 @@
 //! One authenticated connection to a store server: a task writes every
 //! request's frame, a task reads the answers and hands each to its waiter.
+//!
+//! Every wait is bounded by the request's timeout: a request queues, and
+//! is answered, within it, and a frame that the server does not take
+//! within the write bound (a server that stopped reading) ends the
+//! connection, its socket closed and the frames queued behind it
+//! dropped; the requests waiting on it are resent on another.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -58,46 +64,108 @@ pub(super) struct Conn {
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// What the writer task shares with the connection and its reader.
+struct Ends {
+    server: String,
+    alive: Arc<AtomicBool>,
+    /// [`Conn::close`]: end the stream.
+    closing: Arc<tokio::sync::Notify>,
+    /// Told when the writer gave up on a server that takes no data.
+    dead: Arc<tokio::sync::Notify>,
+}
+
+/// The writer task: every frame queued on `rx`, in order, each within
+/// `bound`; then the end of the stream.
+async fn write_out(
+    ends: Ends,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut wr: WriteHalf<BoxIo>,
+    bound: Duration,
+) {
+    let mut stalled = false;
+    loop {
+        let out = tokio::select! {
+            out = rx.recv() => out,
+            () = ends.closing.notified() => None,
+        };
+        let Some(out) = out else { break };
+        let written = tokio::time::timeout(bound, async {
+            match &out {
+                Outgoing::Frame(f) => write_frame(&mut wr, f).await,
+                Outgoing::Stage(id, stage) => write_stage(&mut wr, *id, stage).await,
+            }
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+    }
+    ends.alive.store(false, Ordering::Release);
+    // Frames queued behind are dropped with `rx`, here.
+    drop(rx);
+    if stalled {
+        limited!(
+            PEER_LINES_SUPPRESSED,
+            WARN,
+            server = %ends.server,
+            bound = ?bound,
+            "the store took no data for a frame within the bound; reconnecting"
+        );
+        ends.dead.notify_one();
+        return;
+    }
+    // The end of the stream: the server answers it by closing. A server
+    // that reads nothing cannot hold this up for long.
+    if tokio::time::timeout(bound, wr.shutdown()).await.is_err() {
+        ends.dead.notify_one();
+    }
+}
+
 impl Conn {
     /// A connection over a stream that passed the handshake: one task
     /// writes the frames of every request, one reads the answers and hands
-    /// each to its waiter; `slots` requests may be in flight.
+    /// each to its waiter; `slots` requests may be in flight. A frame not
+    /// written within `write_bound` ends the connection.
     pub(super) fn start(
         server: &str,
         mut rd: ReadHalf<BoxIo>,
-        mut wr: WriteHalf<BoxIo>,
+        wr: WriteHalf<BoxIo>,
         slots: usize,
+        write_bound: Duration,
     ) -> Conn {
         let alive = Arc::new(AtomicBool::new(true));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
-        let writer_alive = Arc::clone(&alive);
+        let (tx, rx) = mpsc::channel::<Outgoing>(256);
         let closing = Arc::new(tokio::sync::Notify::new());
-        let close = Arc::clone(&closing);
-        tokio::spawn(async move {
-            loop {
-                let out = tokio::select! {
-                    out = rx.recv() => out,
-                    () = close.notified() => None,
-                };
-                let Some(out) = out else { break };
-                let written = match &out {
-                    Outgoing::Frame(f) => write_frame(&mut wr, f).await,
-                    Outgoing::Stage(id, stage) => write_stage(&mut wr, *id, stage).await,
-                };
-                if written.is_err() {
-                    break;
-                }
-            }
-            writer_alive.store(false, Ordering::Release);
-            // The end of the stream: the server answers it by closing.
-            let _ = wr.shutdown().await;
-        });
+        // Tells the reader that the writer gave up: the socket closes.
+        let dead = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(write_out(
+            Ends {
+                server: server.to_string(),
+                alive: Arc::clone(&alive),
+                closing: Arc::clone(&closing),
+                dead: Arc::clone(&dead),
+            },
+            rx,
+            wr,
+            write_bound,
+        ));
         let (reader_alive, reader_pending, name) =
             (Arc::clone(&alive), Arc::clone(&pending), server.to_string());
         let reader = tokio::spawn(async move {
             loop {
-                match read_frame(&mut rd, MAX_PAYLOAD).await {
+                let frame = tokio::select! {
+                    frame = read_frame(&mut rd, MAX_PAYLOAD) => frame,
+                    // The writer gave up: drop the read half, and with it
+                    // (the write half gone already) the socket.
+                    () = dead.notified() => break,
+                };
+                match frame {
                     Ok(Some(f)) => match (f.request_id, Response::from_owned_frame(f)) {
                         (request_id, Ok(r)) => {
                             let waiter = reader_pending
@@ -175,44 +243,56 @@ impl Conn {
     }
 
     /// As [`Conn::request`], the request already encoded (its id is set
-    /// here).
+    /// here). Queued and answered within `timeout`.
     pub(super) async fn request_frame(
         &self,
         frame: Frame,
         timeout: Duration,
     ) -> Result<Response, Attempt> {
+        let deadline = Instant::now() + timeout;
         let sent = self
-            .submit(|id| {
+            .submit(deadline, |id| {
                 Outgoing::Frame(Frame {
                     request_id: id,
                     ..frame
                 })
             })
             .await?;
-        self.answer(sent, timeout).await
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.answer(sent, left).await
     }
 
     /// Take a slot and queue the request `make` builds for its id, in
-    /// order after every request submitted before; its answer is
-    /// [`Conn::answer`].
+    /// order after every request submitted before, by `deadline`; its
+    /// answer is [`Conn::answer`].
     pub(super) async fn submit(
         &self,
+        deadline: Instant,
         make: impl FnOnce(u64) -> Outgoing,
     ) -> Result<Submitted<'_>, Attempt> {
-        let slot = self
-            .slots
-            .acquire()
+        let slot = tokio::time::timeout_at(deadline.into(), self.slots.acquire())
             .await
+            .map_err(|_| self.not_queued())?
             .map_err(|_| Attempt::Retry("connection closed".into()))?;
-        let mut sent = self.submit_unslotted(make).await?;
+        let mut sent = self.submit_unslotted(deadline, make).await?;
         sent._slot = Some(slot);
         Ok(sent)
+    }
+
+    /// Why a request did not queue by its deadline: every slot taken, or
+    /// the writer stalled behind a server that reads nothing.
+    fn not_queued(&self) -> Attempt {
+        Attempt::Retry(format!(
+            "{} took no request within the timeout",
+            self.server
+        ))
     }
 
     /// As [`Conn::submit`], without a request slot: for requests bounded
     /// otherwise (stages, by the staging room).
     pub(super) async fn submit_unslotted(
         &self,
+        deadline: Instant,
         make: impl FnOnce(u64) -> Outgoing,
     ) -> Result<Submitted<'_>, Attempt> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -229,11 +309,16 @@ impl Conn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        if self.tx.send(out).await.is_err() {
-            return Err(Attempt::Retry(format!(
-                "connection to {} closed",
-                self.server
-            )));
+        let queued = tokio::time::timeout_at(deadline.into(), self.tx.send(out)).await;
+        if !matches!(queued, Ok(Ok(()))) {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(match queued {
+                Err(_) => self.not_queued(),
+                Ok(_) => Attempt::Retry(format!("connection to {} closed", self.server)),
+            });
         }
         Ok(Submitted {
             id,

@@ -73,7 +73,7 @@ pub(super) async fn send(
         .sum();
     // Within STAGED_BYTES_MAX (plan), so it fits a u32.
     let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
-    let _room = tokio::time::timeout(timeout, conn.staging.acquire_many(permits))
+    let _room = tokio::time::timeout_at(deadline.into(), conn.staging.acquire_many(permits))
         .await
         .map_err(|_| Attempt::Retry(format!("no staging room on {} in {timeout:?}", conn.server)))?
         .map_err(|_| Attempt::Retry("connection closed".into()))?;
@@ -93,7 +93,7 @@ pub(super) async fn send(
         // Stages take no request slot: the server answers them as it
         // reads them, and the staging room above bounds them.
         stages.push(
-            conn.submit_unslotted(|id| Outgoing::Stage(id, stage))
+            conn.submit_unslotted(deadline, |id| Outgoing::Stage(id, stage))
                 .await?,
         );
         staged.push(StageRef { op: i, stage_id });
@@ -104,7 +104,9 @@ pub(super) async fn send(
         txn,
         staged,
     };
-    let committed = conn.submit(|id| Outgoing::Frame(req.to_frame(id))).await?;
+    let committed = conn
+        .submit(deadline, |id| Outgoing::Frame(req.to_frame(id)))
+        .await?;
     // A refused stage (the server's bound) makes the transaction's answer
     // `Unstaged`, which says what to do; the stage's own answer says why.
     let mut refused = None;
