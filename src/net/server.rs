@@ -469,6 +469,7 @@ fn handle(served: &Served, session: u64, req: Request) -> Response {
                     Response::error(ErrorCode::WriterAlive, why)
                 }
                 Claimed::Refused { why, away: true } => Response::error(ErrorCode::WriterAway, why),
+                Claimed::Busy(why) => Response::error(ErrorCode::Busy, why),
             }),
         req if req.is_write() => served.write(session, |v| apply(v, session, req)),
         req => apply(&*served.store, session, req),

@@ -11,8 +11,12 @@
 //! writing: once a claim is answered, no write of the session it superseded
 //! is still being applied. A write is refused only after the claim was
 //! written again: a server that another one took the volume over from
-//! (whose claim may be stale) fails that write and answers `Fenced`.
-//!
+//! (whose claim may be stale) fails that write and answers `Fenced`. A
+//! claim waits for the writes under way at most [`CLAIM_WAIT`] (a commit
+//! that never ends, on a disk that hangs, would hold it for good) and is
+//! answered `Busy` then, which the client asks again; who holds the claim
+//! is read from a copy that never waits for that lock, so the connections'
+//! own checks (a stage from the writer only) go on meanwhile.
 //!
 //! A claim is refused while the session holding it is **alive**: it has a
 //! connection open here on which a frame arrived within the writer lease
@@ -28,7 +32,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
 use crate::store::engine::holder::{now_secs, utc};
@@ -41,6 +47,9 @@ use crate::store::{OnceStore, StoreError, WriterClaim};
 
 /// The default writer lease (`pohmelfs store --writer-lease-ms`).
 pub const WRITER_LEASE: Duration = Duration::from_secs(15);
+
+/// How long a claim waits for the writes under way to end.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(10);
 
 /// A session's connections to this volume, as the lease sees them.
 struct Presence {
@@ -56,7 +65,13 @@ struct Presence {
 /// A volume as the server serves it: the store and its writer claim.
 pub struct Served {
     pub store: Arc<dyn OnceStore>,
+    /// Writes hold it shared, a claim exclusive.
     writer: RwLock<Option<WriterClaim>>,
+    /// The claim, as [`Served::writer`] reads it without waiting: set
+    /// with `writer` held exclusive.
+    current: Mutex<Option<WriterClaim>>,
+    /// How long a claim waits for the writes under way ([`CLAIM_WAIT`]).
+    claim_wait: Duration,
     /// The sessions with a connection open, and the writer's even once
     /// its connections closed (then it is gone, not one never seen).
     presence: Mutex<HashMap<u64, Presence>>,
@@ -104,6 +119,8 @@ pub enum Claimed {
     /// only given a lease to reconnect to this server, which just opened
     /// the volume.
     Refused { why: String, away: bool },
+    /// Writes under way did not end within the claim's wait: ask again.
+    Busy(String),
 }
 
 impl Served {
@@ -113,6 +130,8 @@ impl Served {
         Ok(Served {
             store,
             writer: RwLock::new(writer),
+            current: Mutex::new(writer),
+            claim_wait: CLAIM_WAIT,
             presence: Mutex::new(HashMap::new()),
             claimed_at: Mutex::new(None),
             opened: Instant::now(),
@@ -178,9 +197,9 @@ impl Served {
         }
     }
 
-    /// The claim now (logs, tests).
+    /// The claim now; never waits for the writes under way.
     pub fn writer(&self) -> Option<WriterClaim> {
-        *self.writer.read().unwrap_or_else(|e| e.into_inner())
+        *self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `session` holds the writer claim now.
@@ -191,7 +210,20 @@ impl Served {
     /// Make `session` the volume's writer, unless another session holds
     /// the claim and is alive (and not `take_over`).
     pub fn claim(&self, session: u64, take_over: bool) -> Result<Claimed, StoreError> {
-        let mut writer = self.writer.write().unwrap_or_else(|e| e.into_inner());
+        let Some(mut writer) = self.writer.try_write_for(self.claim_wait) else {
+            let why = format!(
+                "the volume's writes under way did not end within {} ms: ask again",
+                self.claim_wait.as_millis()
+            );
+            limited!(
+                PEER_LINES_SUPPRESSED,
+                WARN,
+                session = format_args!("{session:016x}"),
+                why = %why,
+                "claim not made"
+            );
+            return Ok(Claimed::Busy(why));
+        };
         let before = *writer;
         let other = before.map(|b| b.session).filter(|&b| b != session);
         if let Some((why, away)) = other.and_then(|b| self.alive(b)) {
@@ -218,6 +250,7 @@ impl Served {
         };
         self.store.set_writer_claim(claim)?;
         *writer = Some(claim);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(claim);
         *self.claimed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now_secs());
         if let Some(b) = other {
             let mut presence = self.presence();
@@ -242,7 +275,7 @@ impl Served {
         session: u64,
         apply: impl FnOnce(&dyn OnceStore) -> Result<Response, StoreError>,
     ) -> Result<Response, StoreError> {
-        let writer = self.writer.read().unwrap_or_else(|e| e.into_inner());
+        let writer = self.writer.read();
         match *writer {
             Some(c) if c.session == session => apply(&*self.store),
             held => {
@@ -274,5 +307,107 @@ impl Served {
                 Ok(Response::error(ErrorCode::NotWriter, why))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::thread::JoinHandle;
+
+    use super::*;
+    use crate::store::mem::MemStore;
+
+    const BOUND: Duration = Duration::from_secs(30);
+
+    /// A volume whose writer is session 1, and a claim that waits
+    /// `claim_wait` for the writes under way.
+    fn served(claim_wait: Duration) -> Arc<Served> {
+        let mut s = Served::new(Arc::new(MemStore::new(1 << 20)), WRITER_LEASE).unwrap();
+        s.claim_wait = claim_wait;
+        let s = Arc::new(s);
+        assert!(matches!(s.claim(1, false), Ok(Claimed::Granted(1))));
+        s
+    }
+
+    type Write = JoinHandle<Result<Response, StoreError>>;
+
+    /// A write of session 1 that does not end until the sender says so;
+    /// returned once it is under way.
+    fn held_write(served: &Arc<Served>) -> (Write, Sender<()>) {
+        let (inside, writing) = channel();
+        let (go, held) = channel::<()>();
+        let served = Arc::clone(served);
+        let write = std::thread::spawn(move || {
+            served.write(1, |_| {
+                inside.send(()).unwrap();
+                held.recv_timeout(BOUND)
+                    .expect("the test let the write end");
+                Ok(Response::error(ErrorCode::Io, "done"))
+            })
+        });
+        writing.recv_timeout(BOUND).unwrap();
+        (write, go)
+    }
+
+    /// Session 2 takes the volume over, on a thread: its outcome.
+    fn take_over(served: &Arc<Served>) -> Receiver<Result<Claimed, StoreError>> {
+        let (done, claimed) = channel();
+        let served = Arc::clone(served);
+        std::thread::spawn(move || done.send(served.claim(2, true)));
+        claimed
+    }
+
+    /// A write that does not end (a commit on a disk that hangs) holds a
+    /// claim up for the claim's wait only: it is answered busy, and made
+    /// once the write ends.
+    #[test]
+    fn a_write_that_does_not_end_holds_a_claim_up_for_a_bounded_time() {
+        let served = served(Duration::from_millis(100));
+        let (write, go) = held_write(&served);
+        let busy = take_over(&served).recv_timeout(BOUND);
+        assert!(
+            matches!(busy, Ok(Ok(Claimed::Busy(_)))),
+            "a claim behind a write that does not end: {busy:?}"
+        );
+        assert!(served.is_writer(1));
+        go.send(()).unwrap();
+        assert!(write.join().unwrap().is_ok());
+        let granted = take_over(&served).recv_timeout(BOUND);
+        assert!(
+            matches!(granted, Ok(Ok(Claimed::Granted(2)))),
+            "{granted:?}"
+        );
+        assert!(served.is_writer(2));
+    }
+
+    /// While a claim waits for a write under way, who holds the claim is
+    /// read at once (a connection's check of a stage): it does not queue
+    /// behind the waiting claim.
+    #[test]
+    fn the_claim_is_read_while_a_claim_waits_for_a_write() {
+        let served = served(BOUND);
+        let (write, go) = held_write(&served);
+        let claimed = take_over(&served);
+        let waiting = pohmelfs_testkit::wait_until(BOUND, Duration::from_millis(1), || {
+            served.writer.try_read().is_none().then_some(())
+        });
+        assert!(waiting.is_some(), "the claim never waited for the write");
+        let (done, read) = channel();
+        {
+            let served = Arc::clone(&served);
+            std::thread::spawn(move || done.send(served.writer()));
+        }
+        let holder = read
+            .recv_timeout(BOUND)
+            .expect("the claim was read while a claim waits");
+        assert_eq!(holder.map(|c| c.session), Some(1));
+        go.send(()).unwrap();
+        assert!(write.join().unwrap().is_ok());
+        let granted = claimed.recv_timeout(BOUND);
+        assert!(
+            matches!(granted, Ok(Ok(Claimed::Granted(2)))),
+            "{granted:?}"
+        );
     }
 }
