@@ -1,8 +1,9 @@
 //! S3-compatible servers on loopback, both of which enforce the conditional puts
 //! (`If-None-Match`, `If-Match`) SlateDB relies on for fencing: `moto_server` (`pip install
 //! 'moto[server]'`, or `scripts/setup`, which installs it in `target/venv`), and `s3s-fs`, an
-//! independent implementation in Rust over a directory (`cargo install s3s-fs --features
-//! binary`, or `scripts/setup`, which installs it in `target/s3s`). One bucket, fixed
+//! independent implementation in Rust over a directory (`scripts/setup` builds it in
+//! `target/s3s` with a patch that makes its conditional puts atomic, as S3's are; the
+//! published 0.14.1 checks, then writes, and the engine's s3s-fs tests fail on it). One bucket, fixed
 //! credentials; killed on drop. Moto may also run in a network
 //! namespace of a [`crate::Network`], as a service on another host ([`Moto::start_in`]).
 
@@ -216,14 +217,15 @@ pub struct S3sFs {
     log: PathBuf,
 }
 
-/// `s3s-fs` from PATH, or from `target/s3s/bin` where `scripts/setup` installs it.
+/// `s3s-fs` from `target/s3s/bin`, where `scripts/setup` builds it patched, or else from
+/// PATH.
 fn find_s3s_fs() -> Option<PathBuf> {
     let installed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/s3s/bin");
-    std::env::var_os("PATH")
+    let path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(std::iter::once(installed))
+        .unwrap_or_default();
+    std::iter::once(installed)
+        .chain(path)
         .map(|dir| dir.join("s3s-fs"))
         .find(|p| p.is_file())
 }
@@ -234,9 +236,9 @@ impl S3sFs {
     pub fn start(dir: &Path, bucket: &str) -> Result<S3sFs> {
         let exe = find_s3s_fs().ok_or_else(|| Error::Missing {
             program: "s3s-fs".into(),
-            fix: "neither on PATH nor in target/s3s/bin; install it with `scripts/setup` or \
-                  `cargo install s3s-fs --features binary` (or set POHMELFS_SKIP_S3_TESTS=1 to \
-                  skip the S3 tests)"
+            fix: "neither in target/s3s/bin nor on PATH; build it with `scripts/setup` (which \
+                  patches its conditional puts to be atomic), or set POHMELFS_SKIP_S3_TESTS=1 \
+                  to skip the S3 tests"
                 .into(),
         })?;
         let root = dir.join("s3s-root");

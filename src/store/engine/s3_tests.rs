@@ -1,8 +1,8 @@
 //! The engine against real S3-compatible servers on loopback, two
 //! independent implementations: `moto_server` (`pip install
-//! 'moto[server]'`) and `s3s-fs` (`cargo install s3s-fs --features
-//! binary`; `scripts/setup` installs both). Both enforce the conditional
-//! puts SlateDB relies on for fencing. A read-only open reads a closed
+//! 'moto[server]'`) and `s3s-fs` (`scripts/setup` installs both, s3s-fs
+//! patched). Both enforce the conditional puts SlateDB relies on for
+//! fencing, atomically (checked first here). A read-only open reads a closed
 //! volume and a held one without fencing its writer; file data goes to
 //! data objects, which a pass rewrites and the next open sweeps. Each test
 //! starts its server on a free port and kills it when done, pass or fail
@@ -115,6 +115,41 @@ fn objects_are_collected(url: &dyn Fn(&str) -> String) {
     assert_eq!(read(&s, 12, 0, chunk), pattern(90, chunk));
 }
 
+/// The conditional writes SlateDB's manifests and our locks rely on are
+/// atomic on the server: of many creates of one object at once, exactly
+/// one succeeds. (s3s-fs 0.14.1 as published checks, then writes: two
+/// manifest writers both "won", and a snapshot lost the flush it had
+/// waited for; `scripts/setup` installs it patched.)
+fn conditional_creates_are_atomic(url: &dyn Fn(&str) -> String) {
+    use object_store::{PutMode, PutPayload};
+    let cfg = super::config::parse_with(&url("race"), true).expect("parse the URL");
+    let path = object_store::path::Path::from(format!("{}/one-winner", cfg.db_path));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let won = rt.block_on(async {
+        let racers = (0..32u8).map(|i| {
+            let (store, path) = (cfg.object_store.clone(), path.clone());
+            tokio::spawn(async move {
+                let body = PutPayload::from(vec![i; 64 << 10]);
+                store.put_opts(&path, body, PutMode::Create.into()).await
+            })
+        });
+        let mut won = 0;
+        for r in futures::future::join_all(racers).await {
+            match r.unwrap() {
+                Ok(_) => won += 1,
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => panic!("a conditional create failed otherwise: {e}"),
+            }
+        }
+        won
+    });
+    assert_eq!(won, 1, "creates of one object that all say they won");
+}
+
 #[test]
 fn s3_volume_round_trip_and_fencing() {
     if skip_requested("POHMELFS_SKIP_S3_TESTS", "the engine's S3 test") {
@@ -122,6 +157,7 @@ fn s3_volume_round_trip_and_fencing() {
     }
     let dir = ScratchDir::new("s3-engine").expect("scratch directory");
     let moto = Moto::start(dir.path(), BUCKET).expect("start moto_server");
+    conditional_creates_are_atomic(&|p| moto.url(p));
     round_trip_and_fencing(&|p| moto.url(p));
     objects_are_collected(&|p| moto.url(p));
 }
@@ -133,6 +169,7 @@ fn s3s_fs_volume_round_trip_and_fencing() {
     }
     let dir = ScratchDir::new("s3s-engine").expect("scratch directory");
     let server = S3sFs::start(dir.path(), BUCKET).expect("start s3s-fs");
+    conditional_creates_are_atomic(&|p| server.url(p));
     round_trip_and_fencing(&|p| server.url(p));
     objects_are_collected(&|p| server.url(p));
     drop(server);
