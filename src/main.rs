@@ -452,7 +452,7 @@ fn store(args: StoreArgs) -> Result<()> {
         .thread_name("pohmelfs-store")
         .build()
         .context("start runtime")?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let cfg = ServerConfig {
             credentials,
             tls,
@@ -504,7 +504,11 @@ fn store(args: StoreArgs) -> Result<()> {
         };
         server.run(shutdown).await;
         Ok::<(), anyhow::Error>(())
-    })
+    });
+    // A sync that outlived its bound (`Server::run`) runs on a blocking
+    // thread, which a plain drop of the runtime would wait for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    served
 }
 
 fn bench_store(args: BenchStoreArgs) -> Result<()> {

@@ -59,6 +59,10 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 const REFUSALS_MAX: usize = 16;
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+/// How long shutdown waits for the volumes' syncs, all of them: what was
+/// acknowledged is durable already, and a sync on a disk that hangs must
+/// not keep the server from exiting.
+const SHUTDOWN_SYNC: Duration = Duration::from_secs(30);
 
 /// Settings of the store server.
 #[derive(Clone)]
@@ -313,13 +317,21 @@ impl Server {
         if drained.is_err() {
             warn!("requests still running after the drain timeout");
         }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_SYNC;
         for (name, volume) in shared.volumes.all() {
-            match tokio::task::spawn_blocking(move || volume.store.sync(None)).await {
-                Ok(Ok(())) => info!(volume = %name, "volume synced"),
-                Ok(Err(e)) => {
+            let sync = tokio::task::spawn_blocking(move || volume.store.sync(None));
+            match tokio::time::timeout_at(deadline, sync).await {
+                Ok(Ok(Ok(()))) => info!(volume = %name, "volume synced"),
+                Ok(Ok(Err(e))) => {
                     warn!(volume = %name, error = %crate::ErrorChain(&e), "volume sync failed")
                 }
-                Err(e) => warn!(volume = %name, error = %e, "volume sync task failed"),
+                Ok(Err(e)) => warn!(volume = %name, error = %e, "volume sync task failed"),
+                Err(_) => warn!(
+                    volume = %name,
+                    bound = ?SHUTDOWN_SYNC,
+                    "volume syncs did not end within the bound (a disk that hangs?): exiting \
+                     without them; what was acknowledged is durable"
+                ),
             }
         }
     }
