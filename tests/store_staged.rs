@@ -74,6 +74,30 @@ fn signal(server: &StoreServer, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
 }
 
+/// A store server on a new volume `vol` in the scratch directory `name`,
+/// and a client of it, with `timeouts` in its URL, that claimed the
+/// volume; the server's data URL.
+fn serve_volume(
+    name: &str,
+    timeouts: &str,
+) -> (ScratchDir, StoreServer, std::sync::Arc<RemoteStore>, String) {
+    let dir = ScratchDir::new(name).unwrap();
+    let data = format!("file://{}/volumes", dir.path().display());
+    std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
+    pohmelfs_testkit::format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
+    let server =
+        StoreServer::start(POHMELFS, dir.path(), "a", &data, Some(SECRET)).expect("start store");
+    let url = format!(
+        "pohmel://{}/vol?secret_file={}&{timeouts}",
+        server.addr(),
+        secret_file(dir.path()).display()
+    );
+    let store =
+        std::sync::Arc::new(RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap());
+    store.claim(false).unwrap();
+    (dir, server, store, data)
+}
+
 fn send(store: &RemoteStore, txn_id: u64, low_water: u64, txn: Txn) -> Result<Ack, SendError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -83,21 +107,9 @@ fn send(store: &RemoteStore, txn_id: u64, low_water: u64, txn: Txn) -> Result<Ac
 
 #[test]
 fn a_server_killed_with_stages_in_flight_loses_no_acked_byte() {
-    let dir = ScratchDir::new("it-staged-kill9").unwrap();
-    let data = format!("file://{}/volumes", dir.path().display());
-    std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
-    pohmelfs_testkit::format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
-    let mut server =
-        StoreServer::start(POHMELFS, dir.path(), "a", &data, Some(SECRET)).expect("start store");
+    let (_dir, mut server, store, data) =
+        serve_volume("it-staged-kill9", "timeout_ms=30000&give_up_ms=60000");
     let port: u16 = server.addr().rsplit(':').next().unwrap().parse().unwrap();
-    let url = format!(
-        "pohmel://{}/vol?secret_file={}&timeout_ms=30000&give_up_ms=60000",
-        server.addr(),
-        secret_file(dir.path()).display()
-    );
-    let store =
-        std::sync::Arc::new(RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap());
-    store.claim(false).unwrap();
     // Transaction 1 also makes the root directory, as a daemon does on a
     // new volume.
     let mut root = Inode::regular(ROOT_INO, 0);
@@ -175,20 +187,8 @@ fn a_server_killed_with_stages_in_flight_loses_no_acked_byte() {
 /// resend on a new connection.
 #[test]
 fn a_send_to_a_server_that_reads_nothing_fails_within_its_timeout() {
-    let dir = ScratchDir::new("it-staged-stopped").unwrap();
-    let data = format!("file://{}/volumes", dir.path().display());
-    std::fs::create_dir_all(dir.path().join("volumes")).unwrap();
-    pohmelfs_testkit::format_volume(POHMELFS, &format!("{data}/vol"), &[]).unwrap();
-    let mut server =
-        StoreServer::start(POHMELFS, dir.path(), "a", &data, Some(SECRET)).expect("start store");
-    let url = format!(
-        "pohmel://{}/vol?secret_file={}&timeout_ms=2000&give_up_ms=4000",
-        server.addr(),
-        secret_file(dir.path()).display()
-    );
-    let store =
-        std::sync::Arc::new(RemoteStore::connect(RemoteConfig::from_url(&url).unwrap()).unwrap());
-    store.claim(false).unwrap();
+    let (_dir, mut server, store, _) =
+        serve_volume("it-staged-stopped", "timeout_ms=2000&give_up_ms=4000");
     let ino = store.reserve_ids(1).unwrap();
     // 1,600 writes of 32 KiB (the smallest staged): within the staging
     // room, and far more frames than the socket and the queue hold.
