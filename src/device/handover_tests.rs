@@ -4,6 +4,7 @@
 //! arrives, the source lets it go once the state is out, the destination
 //! opens it then, sparing the unlinked inodes the session holds, and a
 //! source whose migration failed opens it again (`docs/migration.md`).
+//! The destination on standby: `standby_tests.rs`, on this volume kit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,16 +21,16 @@ use crate::store::Store;
 use crate::writeback::slot::{Opener, Phase, VolumeSlot};
 use crate::writeback::{self, TxnConfig};
 
-const READ_BUF: u64 = 0x60000;
+pub(super) const READ_BUF: u64 = 0x60000;
 const EXISTING: OpenMode = OpenMode::Existing { take_over: false };
 
 /// A `file://` volume in a directory of its own.
-struct Volume {
+pub(super) struct Volume {
     dir: tempfile::TempDir,
 }
 
 impl Volume {
-    fn new() -> Volume {
+    pub(super) fn new() -> Volume {
         let dir = tempfile::tempdir().unwrap();
         let v = Volume { dir };
         let format = OpenMode::Format {
@@ -42,12 +43,12 @@ impl Volume {
         v
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("file://{}/vol", self.dir.path().display())
     }
 
     /// The holder record, if there is one.
-    fn holder(&self) -> Option<Holder> {
+    pub(super) fn holder(&self) -> Option<Holder> {
         let text = std::fs::read_to_string(self.dir.path().join("vol/volume.holder")).ok()?;
         Holder::parse(&text)
     }
@@ -68,7 +69,7 @@ impl Volume {
     }
 
     /// A daemon holding the volume, as `serve` starts: its slot and kit.
-    fn source(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
+    pub(super) fn source(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
         self.source_waiting(name, WAIT)
     }
 
@@ -89,61 +90,33 @@ impl Volume {
 
     /// A daemon started with `--incoming`, waiting at most `wait` for the
     /// volume's holder to let it go.
-    fn destination(&self, name: &str, wait: Duration) -> (Arc<VolumeSlot>, Kit) {
+    pub(super) fn destination(&self, name: &str, wait: Duration) -> (Arc<VolumeSlot>, Kit) {
         let metrics = Arc::new(Metrics::default());
         let slot = VolumeSlot::incoming(&self.url(), self.opener(&metrics), wait);
         self.daemon(name, Arc::new(slot), metrics)
     }
 
-    /// [`Volume::destination_on_standby`] whose standby open, once it has
-    /// claimed the volume, says so on `claimed` and waits (bounded) for
-    /// `go` before the engine opens; `fail` makes it fail once open.
-    fn destination_held_at_claim(
-        &self,
-        name: &str,
-        claimed: std::sync::mpsc::Sender<()>,
-        go: std::sync::mpsc::Receiver<()>,
-        fail: bool,
-    ) -> (Arc<VolumeSlot>, Kit) {
-        let (slot, kit) = self.destination(name, WAIT);
-        let url = self.url();
-        let record = crate::store::engine::holder::record_file(&url).expect("a file:// volume");
-        let latch = std::sync::Mutex::new((claimed, go));
-        slot.open_on_standby(
-            record,
-            Box::new(move |on_claim| {
-                let hold = || {
-                    on_claim();
-                    let latch = latch.lock().unwrap();
-                    latch.0.send(()).unwrap();
-                    latch
-                        .1
-                        .recv_timeout(WAIT)
-                        .expect("the test let the open go on");
-                };
-                let engine = writeback::open_standby(&url, &TxnConfig::default(), &hold)?;
-                if !fail {
-                    return Ok(engine);
-                }
-                engine.close().unwrap();
-                Err(crate::store::OpenError::BadOption(
-                    "failed on purpose".into(),
-                ))
-            }),
-        );
-        (slot, kit)
-    }
-
     /// [`Volume::destination`] that opens the volume on standby as soon as
     /// its holder lets it go, as `serve --incoming` does on `file://`.
-    fn destination_on_standby(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
-        let (slot, kit) = self.destination(name, WAIT);
+    pub(super) fn destination_on_standby(&self, name: &str) -> (Arc<VolumeSlot>, Kit) {
         let url = self.url();
-        let record = crate::store::engine::holder::record_file(&url).expect("a file:// volume");
-        slot.open_on_standby(
-            record,
+        self.destination_standing_by(
+            name,
             Box::new(move |claimed| writeback::open_standby(&url, &TxnConfig::default(), claimed)),
-        );
+        )
+    }
+
+    /// [`Volume::destination`] that opens the volume on standby with
+    /// `open` as soon as its holder lets it go.
+    pub(super) fn destination_standing_by(
+        &self,
+        name: &str,
+        open: crate::writeback::standby::StandbyOpener,
+    ) -> (Arc<VolumeSlot>, Kit) {
+        let (slot, kit) = self.destination(name, WAIT);
+        let record =
+            crate::store::engine::holder::record_file(&self.url()).expect("a file:// volume");
+        slot.open_on_standby(record, open);
         (slot, kit)
     }
 
@@ -154,7 +127,7 @@ impl Volume {
 
     /// Open the volume once more (after both daemons are gone): the inode
     /// `ino`, if it is still there.
-    fn inode_after(&self, ino: u64) -> Option<crate::store::Inode> {
+    pub(super) fn inode_after(&self, ino: u64) -> Option<crate::store::Inode> {
         let store = crate::store::engine::SlateStore::open_as(&self.url(), EXISTING).unwrap();
         let inode = store.get_inode(ino).unwrap();
         store.close().unwrap();
@@ -164,17 +137,44 @@ impl Volume {
 
 /// What a daemon waits for another's release, in the tests that do not
 /// test the bound.
-const WAIT: Duration = Duration::from_secs(30);
+pub(super) const WAIT: Duration = Duration::from_secs(30);
+
+/// A file the guest keeps and one it unlinked while holding it open,
+/// written with patterns seeded by `seed` and `seed + 1`.
+pub(super) struct TwoFiles {
+    pub(super) kept: (u64, u64),
+    pub(super) kept_data: Vec<u8>,
+    pub(super) gone: (u64, u64),
+    pub(super) gone_data: Vec<u8>,
+}
+
+/// Create and write [`TwoFiles`] through `src`, `gone_len` bytes in the
+/// unlinked one.
+pub(super) fn kept_and_gone(src: &mut Kit, seed: u8, gone_len: usize) -> TwoFiles {
+    let kept = src.create("kept");
+    let gone = src.create("gone");
+    let (kept_data, gone_data) = (pattern(seed, 8192), pattern(seed + 1, gone_len));
+    src.write(kept.0, kept.1, &kept_data);
+    src.write(gone.0, gone.1, &gone_data);
+    // Open and unlinked: only the guest's reference keeps it.
+    unlink(src, "gone");
+    TwoFiles {
+        kept,
+        kept_data,
+        gone,
+        gone_data,
+    }
+}
 
 /// A file with `len` bytes of a pattern seeded by `seed`.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
         .collect()
 }
 
 /// READ `len` bytes of `ino` through `fh`, which must succeed.
-fn read_back(kit: &mut Kit, ino: u64, fh: u64, len: u32, what: &str) -> Vec<u8> {
+pub(super) fn read_back(kit: &mut Kit, ino: u64, fh: u64, len: u32, what: &str) -> Vec<u8> {
     let (error, back) = kit.read(ino, fh, READ_BUF, len);
     assert_eq!(error, 0, "READ {what}");
     back
@@ -217,13 +217,12 @@ fn the_volume_moves_to_the_incoming_daemon_only_when_the_source_let_it_go() {
     let vol = Volume::new();
     let (src_slot, mut src) = vol.source("handover-src");
     src.init();
-    let (kept, kept_fh) = src.create("kept");
-    let (gone, gone_fh) = src.create("gone");
-    let (kept_data, gone_data) = (pattern(1, 8192), pattern(2, 12288));
-    src.write(kept, kept_fh, &kept_data);
-    src.write(gone, gone_fh, &gone_data);
-    // Open and unlinked: only the guest's reference keeps it.
-    unlink(&mut src, "gone");
+    let TwoFiles {
+        kept: (kept, kept_fh),
+        kept_data,
+        gone: (gone, gone_fh),
+        gone_data,
+    } = kept_and_gone(&mut src, 1, 12288);
     assert!(vol.holder().is_some(), "the source holds the volume");
 
     let (dst_slot, mut dst) = vol.destination("handover-dst", WAIT);
@@ -459,244 +458,4 @@ fn a_queue_stop_without_a_migration_keeps_the_volume() {
     assert!(read_back(&mut src, ino, fh, 4096, "after the stop") == data);
     drop(src);
     slot.release().unwrap();
-}
-
-/// The epoch (opens counted) of the volume open in `slot`.
-fn epoch(slot: &VolumeSlot) -> u64 {
-    use crate::store::Store as _;
-    slot.identity().expect("an open engine").epoch
-}
-
-/// Wait (bounded) until `slot` has an engine open on standby.
-fn until_on_standby(slot: &VolumeSlot) {
-    let ready = pohmelfs_testkit::wait_until(WAIT, Duration::from_millis(2), || {
-        slot.standby_ready().then_some(())
-    });
-    assert!(ready.is_some(), "no standby open after the source let go");
-}
-
-/// A destination on standby opens the volume as soon as the source lets
-/// it go at the queues' stop, before the state, and takes the state on
-/// that open: one open counted, the unlinked file spared, the record
-/// mine and no longer saying standby.
-#[test]
-fn the_destination_opens_on_standby_at_the_stop_and_takes_the_state_on_it() {
-    let vol = Volume::new();
-    let (src_slot, mut src) = vol.source("standby-src");
-    src.init();
-    let (kept, kept_fh) = src.create("kept");
-    let (gone, gone_fh) = src.create("gone");
-    let (kept_data, gone_data) = (pattern(9, 8192), pattern(10, 12288));
-    src.write(kept, kept_fh, &kept_data);
-    src.write(gone, gone_fh, &gone_data);
-    unlink(&mut src, "gone");
-    let source_epoch = epoch(&src_slot);
-    let (dst_slot, mut dst) = vol.destination_on_standby("standby-dst");
-    assert!(
-        !dst_slot.standby_ready(),
-        "opened while the source holds it"
-    );
-    assert!(vol.holder().is_some_and(|h| !h.standby));
-
-    src.stop_queue();
-    let bytes = save(&src);
-    until_on_standby(&dst_slot);
-    let standby = vol.holder().expect("the standby open's record");
-    assert!(standby.standby, "{standby:?}");
-    assert_eq!(dst_slot.phase(), Phase::Incoming);
-    // Nothing served before the state.
-    assert_eq!(dst.read(kept, kept_fh, READ_BUF, 4096).0, -libc::EIO);
-
-    load(&dst, &bytes).unwrap();
-    assert_eq!(dst_slot.phase(), Phase::Open);
-    assert_eq!(
-        epoch(&dst_slot),
-        source_epoch + 1,
-        "opened the volume twice"
-    );
-    assert!(dst_slot.unconfirmed());
-    assert!(
-        vol.holder().is_some_and(|h| h.standby),
-        "promoted before the guest ran here"
-    );
-    drop(src);
-    // The guest runs here: the record stops saying standby.
-    assert!(read_back(&mut dst, kept, kept_fh, 8192, "kept") == kept_data);
-    assert!(!dst_slot.unconfirmed());
-    let promoted = pohmelfs_testkit::wait_until(WAIT, Duration::from_millis(5), || {
-        vol.holder().filter(|h| !h.standby)
-    });
-    assert!(promoted.is_some_and(|h| h.same_holder(&standby)));
-    let back = read_back(&mut dst, gone, gone_fh, 12288, "the unlinked file");
-    assert!(back == gone_data, "the unlinked file changed");
-    drop(dst);
-    dst_slot.release().unwrap();
-    assert!(vol.inode_after(kept).is_some());
-    assert!(vol.inode_after(gone).is_none());
-}
-
-/// The source lets the volume go at the stop, the destination opens it on
-/// standby, and the source's guest runs on after all (a `stop` and
-/// `cont`): its next request takes the volume back. At the migration's
-/// real stop the destination finds its standby open taken over and opens
-/// the volume again.
-#[test]
-fn a_source_whose_guest_runs_on_takes_the_volume_back_from_standby() {
-    let vol = Volume::new();
-    let (src_slot, mut src) = vol.source("standby-back-src");
-    src.init();
-    let (ino, fh) = src.create("f");
-    let data = pattern(11, 8192);
-    src.write(ino, fh, &data);
-    let (dst_slot, mut dst) = vol.destination_on_standby("standby-back-dst");
-
-    let base = src.stop_queue();
-    src.restart_queue(base);
-    assert_eq!(src_slot.phase(), Phase::Released);
-    until_on_standby(&dst_slot);
-    assert!(vol.holder().is_some_and(|h| h.standby));
-    // The guest runs on at the source.
-    assert!(read_back(&mut src, ino, fh, 8192, "after the stop") == data);
-    assert_eq!(src_slot.phase(), Phase::Open);
-    assert!(vol
-        .holder()
-        .is_some_and(|h| !h.standby && h.pid == std::process::id()));
-    let more = pattern(12, 4096);
-    src.write(ino, fh, &more);
-    let back_epoch = epoch(&src_slot);
-
-    src.stop_queue();
-    let bytes = save(&src);
-    load(&dst, &bytes).unwrap();
-    assert_eq!(dst_slot.phase(), Phase::Open);
-    assert_eq!(epoch(&dst_slot), back_epoch + 1);
-    drop(src);
-    let mut want = data.clone();
-    want[..4096].copy_from_slice(&more);
-    assert!(read_back(&mut dst, ino, fh, 8192, "at the destination") == want);
-    drop(dst);
-    dst_slot.release().unwrap();
-}
-
-/// The destination took the state, but its frontend went before the guest
-/// ran there (the migration failed after the state; QEMU resumes the guest
-/// at the source): it neither removes the unlinked file the guest holds
-/// nor keeps the volume, so the source takes it back at its next request,
-/// the file still there.
-#[test]
-fn a_destination_whose_guest_never_ran_hands_session_and_volume_back() {
-    let vol = Volume::new();
-    let (src_slot, mut src) = vol.source("unserved-src");
-    src.init();
-    let (gone, fh) = src.create("gone");
-    let data = pattern(13, 8192);
-    src.write(gone, fh, &data);
-    unlink(&mut src, "gone");
-    let (dst_slot, dst) = vol.destination_on_standby("unserved-dst");
-    let base = src.stop_queue();
-    let bytes = save(&src);
-    until_on_standby(&dst_slot);
-    load(&dst, &bytes).unwrap();
-    assert_eq!(dst_slot.phase(), Phase::Open);
-    assert!(dst_slot.unconfirmed());
-    // QEMU's destination quits without running the guest.
-    drop(dst);
-    assert_eq!(
-        dst_slot.phase(),
-        Phase::Released,
-        "the destination kept the volume"
-    );
-    assert_eq!(vol.holder(), None);
-    // The source's guest runs on, through the same handle.
-    src.restart_queue(base);
-    let back = read_back(&mut src, gone, fh, 8192, "after the failed migration");
-    assert!(back == data, "the unlinked file changed");
-    assert_eq!(src_slot.phase(), Phase::Open);
-    drop(src);
-    src_slot.release().unwrap();
-    assert!(
-        vol.inode_after(gone).is_none(),
-        "the orphan outlived its session"
-    );
-}
-
-/// The state arrives while the destination's standby open is under way,
-/// past its claim of the volume (held there by a latch): the state is
-/// answered at once, the slot opening, and the guest's first request waits
-/// for the open, which spares the unlinked file the session holds; the
-/// volume was opened once.
-#[test]
-fn a_state_is_answered_before_the_claimed_open_ends_and_requests_wait_for_it() {
-    let vol = Volume::new();
-    let (src_slot, mut src) = vol.source("behind-src");
-    src.init();
-    let (kept, kept_fh) = src.create("kept");
-    let (gone, gone_fh) = src.create("gone");
-    let (kept_data, gone_data) = (pattern(14, 8192), pattern(15, 4096));
-    src.write(kept, kept_fh, &kept_data);
-    src.write(gone, gone_fh, &gone_data);
-    unlink(&mut src, "gone");
-    let source_epoch = epoch(&src_slot);
-    let (claimed_tx, claimed) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    let (dst_slot, mut dst) = vol.destination_held_at_claim("behind-dst", claimed_tx, go_rx, false);
-
-    src.stop_queue();
-    let bytes = save(&src);
-    claimed
-        .recv_timeout(WAIT)
-        .expect("the standby open claimed the volume");
-    assert!(vol.holder().is_some_and(|h| h.standby));
-    // Answered with the engine still held at the latch.
-    load(&dst, &bytes).unwrap();
-    assert_eq!(dst_slot.phase(), Phase::Opening);
-    drop(src);
-    std::thread::scope(|s| {
-        let reader = s.spawn(|| read_back(&mut dst, kept, kept_fh, 8192, "kept"));
-        go.send(()).unwrap();
-        assert!(reader.join().unwrap() == kept_data);
-    });
-    assert_eq!(dst_slot.phase(), Phase::Open);
-    assert!(!dst_slot.unconfirmed());
-    assert_eq!(
-        epoch(&dst_slot),
-        source_epoch + 1,
-        "opened the volume twice"
-    );
-    let back = read_back(&mut dst, gone, gone_fh, 4096, "the unlinked file");
-    assert!(back == gone_data, "the unlinked file changed");
-    drop(dst);
-    dst_slot.release().unwrap();
-    assert!(vol.inode_after(gone).is_none());
-}
-
-/// The standby open fails after its claim, the state already answered:
-/// the open behind the state opens the volume anew, and the guest's
-/// request is served.
-#[test]
-fn a_claimed_open_that_fails_behind_the_state_is_made_again() {
-    let vol = Volume::new();
-    let (_src_slot, mut src) = vol.source("behind-fail-src");
-    src.init();
-    let (ino, fh) = src.create("f");
-    let data = pattern(16, 8192);
-    src.write(ino, fh, &data);
-    let (claimed_tx, claimed) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    let (dst_slot, mut dst) =
-        vol.destination_held_at_claim("behind-fail-dst", claimed_tx, go_rx, true);
-
-    src.stop_queue();
-    let bytes = save(&src);
-    claimed
-        .recv_timeout(WAIT)
-        .expect("the standby open claimed the volume");
-    load(&dst, &bytes).unwrap();
-    assert_eq!(dst_slot.phase(), Phase::Opening);
-    drop(src);
-    go.send(()).unwrap();
-    assert!(read_back(&mut dst, ino, fh, 8192, "after the failed open") == data);
-    assert_eq!(dst_slot.phase(), Phase::Open);
-    drop(dst);
-    dst_slot.release().unwrap();
 }

@@ -33,6 +33,8 @@ mod read_bench;
 #[cfg(test)]
 mod readonly_tests;
 mod request;
+#[cfg(test)]
+mod standby_tests;
 pub mod state;
 #[cfg(test)]
 mod stop_tests;
